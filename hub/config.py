@@ -1,0 +1,73 @@
+"""Hub (board) settings: loaded once into a frozen object. Precedence: flag > env > file > default."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from security.errors import BadRequest
+
+__all__ = ["HubConfig"]
+
+ENV_PREFIX = "PANAL_HUB_"
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Every knob of a board. Units live in the names."""
+
+    host: str = "127.0.0.1"            # the address agents use (goes into the join URL and cert)
+    bind: str = "0.0.0.0"
+    port: int = 8747
+    tls: bool = True                   # plain HTTP only on loopback or with insecure=true
+    insecure: bool = False
+    lease_ttl_s: float = 30.0          # a lease not heartbeated for this long is requeued
+    max_poll_wait_s: float = 20.0      # the longest a lease request long-polls
+    max_tasks_per_lease: int = 64
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tasks_per_job: int = 10_000
+    signature_skew_s: float = 300.0    # how far a signature's created time may be from ours
+    sqlite_synchronous: str = "normal"  # normal: survives kill -9; full: also survives power loss
+    open_registration: bool = True     # any volunteer with the join URL may register an agent
+    expiry_interval_s: float = 0.5
+    retry_backoff_s: float = 1.0       # first retry delay of a failed task; doubles per attempt
+    drain_timeout_s: float = 30.0
+
+    @classmethod
+    def load(cls, path: Path | None = None, env: dict[str, str] | None = None,
+             **overrides: Any) -> HubConfig:
+        values: dict[str, Any] = {}
+        if path is not None and path.exists():
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise BadRequest(f"{path}: expected a map of settings")
+            values.update(loaded)
+        environ = os.environ if env is None else env
+        known = {f.name: f for f in fields(cls)}
+        for name, field in known.items():
+            text = environ.get(ENV_PREFIX + name.upper())
+            if text is not None:
+                values[name] = yaml.safe_load(text)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise BadRequest(f"unknown hub setting(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        for name, value in values.items():
+            default = known[name].default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise BadRequest(f"hub setting {name}: expected true or false, got {value!r}")
+            if isinstance(default, int | float) and not isinstance(default, bool):
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise BadRequest(f"hub setting {name}: expected a number, got {value!r}")
+                values[name] = type(default)(value)
+        if values.get("sqlite_synchronous", "normal") not in ("normal", "full"):
+            raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
+        return cls(**values)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

@@ -1,0 +1,91 @@
+"""Board records (rows of the store) and their states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["AgentRow", "JobRow", "JobState", "ResultRow", "TaskRow", "TaskState"]
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class AgentRow:
+    id: str
+    public_key: str
+    name: str
+    capabilities: dict[str, Any]
+    registered_at: float
+    last_seen: float = 0.0
+
+
+@dataclass
+class JobRow:
+    id: str
+    name: str
+    submitter_id: str
+    kind: str
+    priority: int
+    state: JobState
+    created_at: float
+    n_tasks: int
+    envelope: dict[str, Any]           # the submitter's signed manifest, as on the wire
+    requires: dict[str, Any]
+    timeout_s: float
+    max_attempts: int
+    deadline_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TaskRow:
+    id: str
+    job_id: str
+    idx: int
+    params: dict[str, Any]
+    state: TaskState = TaskState.QUEUED
+    attempt: int = 1
+    lease_id: str | None = None
+    agent_id: str | None = None
+    lease_expires_at: float | None = None
+    error: str | None = None
+    error_class: str | None = None
+    progress: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass
+class ResultRow:
+    task_id: str
+    job_id: str
+    attempt: int
+    agent_id: str
+    record: dict[str, Any]             # the agent's signed result, as on the wire
+    digest: str
+    accepted_at: float

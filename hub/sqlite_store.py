@@ -1,0 +1,299 @@
+"""SQLite (WAL) store with group commit.
+
+One writer thread owns the connection. Writes queue up while a commit is in progress and are then
+committed together in one transaction (one fsync for many requests), each inside its own
+savepoint so one bad write cannot undo its neighbours. Callers await a future that resolves only
+after COMMIT returned: that is the moment a board may acknowledge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgpack
+
+from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
+from hub.store import LeaseWrite
+
+__all__ = ["SqliteStore"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY, public_key TEXT NOT NULL, name TEXT NOT NULL,
+    capabilities TEXT NOT NULL, registered_at REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS submitters (
+    id TEXT PRIMARY KEY, public_key TEXT NOT NULL, name TEXT NOT NULL, added_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, submitter_id TEXT NOT NULL, kind TEXT NOT NULL,
+    priority INTEGER NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL, n_tasks INTEGER NOT NULL,
+    envelope BLOB NOT NULL, requires TEXT NOT NULL, timeout_s REAL NOT NULL, max_attempts INTEGER NOT NULL,
+    deadline_at REAL, finished_at REAL, error TEXT, labels TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL,
+    params BLOB NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, lease_id TEXT, agent_id TEXT,
+    lease_expires_at REAL, error TEXT, error_class TEXT, progress REAL NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job_id, idx);
+CREATE TABLE IF NOT EXISTS results (
+    task_id TEXT PRIMARY KEY REFERENCES tasks(id), job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+    agent_id TEXT NOT NULL, record BLOB NOT NULL, digest TEXT NOT NULL, accepted_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
+"""
+
+_STOP = object()
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+class SqliteStore:
+    """The embedded default store. ``path`` is the database file (created if missing)."""
+
+    def __init__(self, path: Path, synchronous: str = "normal") -> None:
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.executescript(SCHEMA)
+        return conn
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        self._thread = threading.Thread(target=self._writer, args=(conn,), name="panal-store", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _writer(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                batch = [self._queue.get()]
+                while True:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(item is _STOP for item in batch)
+                self._run_batch(conn, [item for item in batch if item is not _STOP])
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
+                                                                        asyncio.Future[Any]]]) -> None:
+        if not batch:
+            return
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, fn(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # one failing write must not undo the others
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            log.exception("store commit failed")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(False, exc)] * len(batch)
+        assert self._loop is not None
+        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            self._loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None:
+            raise RuntimeError("store is not open")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((fn, fut))
+        return await fut
+
+    # -- agents and submitters ------------------------------------------------------------------
+    async def upsert_agent(self, agent: AgentRow) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO agents VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "name=excluded.name, capabilities=excluded.capabilities, last_seen=excluded.last_seen",
+                (agent.id, agent.public_key, agent.name, json.dumps(agent.capabilities),
+                 agent.registered_at, agent.last_seen))
+        await self._run(op)
+
+    async def list_agents(self) -> list[AgentRow]:
+        def op(c: sqlite3.Connection) -> list[AgentRow]:
+            rows = c.execute("SELECT id, public_key, name, capabilities, registered_at, last_seen "
+                             "FROM agents").fetchall()
+            return [AgentRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+        return await self._run(op)
+
+    async def add_submitter(self, key_id: str, public_key: str, name: str) -> None:
+        await self._run(lambda c: c.execute(
+            "INSERT INTO submitters VALUES (?,?,?,?) ON CONFLICT(id) DO UPDATE SET name=excluded.name",
+            (key_id, public_key, name, time.time())))
+
+    async def remove_submitter(self, key_id: str) -> bool:
+        return await self._run(
+            lambda c: c.execute("DELETE FROM submitters WHERE id=?", (key_id,)).rowcount > 0)
+
+    async def list_submitters(self) -> list[tuple[str, str, str]]:
+        return await self._run(lambda c: [tuple(r) for r in c.execute(
+            "SELECT id, public_key, name FROM submitters ORDER BY added_at").fetchall()])
+
+    # -- jobs, tasks, results -------------------------------------------------------------------
+    async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _job_values(job))
+            c.executemany("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          [_task_values(t) for t in tasks])
+        await self._run(op)
+
+    async def save_leases(self, leases: Sequence[LeaseWrite]) -> None:
+        now = time.time()
+        await self._run(lambda c: c.executemany(
+            "UPDATE tasks SET state='leased', lease_id=?, agent_id=?, attempt=?, lease_expires_at=?, "
+            "updated_at=? WHERE id=?",
+            [(lease, agent, attempt, expires, now, task) for task, lease, agent, attempt, expires in leases]))
+
+    async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            _update_tasks(c, tasks)
+            _update_jobs(c, jobs)
+        await self._run(op)
+
+    async def accept_results(self, results: Sequence[ResultRow], tasks: Sequence[TaskRow],
+                             jobs: Sequence[JobRow]) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT INTO results VALUES (?,?,?,?,?,?,?)",
+                          [(r.task_id, r.job_id, r.attempt, r.agent_id, _pack(r.record), r.digest,
+                            r.accepted_at) for r in results])
+            _update_tasks(c, tasks)
+            _update_jobs(c, jobs)
+        await self._run(op)
+
+    async def load_active(self) -> tuple[list[JobRow], list[TaskRow]]:
+        def op(c: sqlite3.Connection) -> tuple[list[JobRow], list[TaskRow]]:
+            jobs = [_job(r) for r in c.execute(
+                f"SELECT {_JOB_COLS} FROM jobs WHERE state IN ('queued','running')").fetchall()]
+            tasks = [_task(r) for r in c.execute(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE job_id IN "
+                "(SELECT id FROM jobs WHERE state IN ('queued','running')) ORDER BY job_id, idx").fetchall()]
+            return jobs, tasks
+        return await self._run(op)
+
+    async def list_jobs(self, state: JobState | None = None, limit: int = 1000) -> list[JobRow]:
+        def op(c: sqlite3.Connection) -> list[JobRow]:
+            if state is None:
+                rows = c.execute(f"SELECT {_JOB_COLS} FROM jobs ORDER BY created_at DESC LIMIT ?",
+                                 (limit,)).fetchall()
+            else:
+                rows = c.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE state=? ORDER BY created_at DESC "
+                                 "LIMIT ?", (state.value, limit)).fetchall()
+            return [_job(r) for r in rows]
+        return await self._run(op)
+
+    async def get_job(self, job_id: str) -> JobRow | None:
+        def op(c: sqlite3.Connection) -> JobRow | None:
+            row = c.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return _job(row) if row else None
+        return await self._run(op)
+
+    async def get_tasks(self, job_id: str) -> list[TaskRow]:
+        return await self._run(lambda c: [_task(r) for r in c.execute(
+            f"SELECT {_TASK_COLS} FROM tasks WHERE job_id=? ORDER BY idx", (job_id,)).fetchall()])
+
+    async def get_results(self, job_id: str) -> list[ResultRow]:
+        return await self._run(lambda c: [
+            ResultRow(r[0], r[1], r[2], r[3], _unpack(r[4]), r[5], r[6]) for r in c.execute(
+                "SELECT task_id, job_id, attempt, agent_id, record, digest, accepted_at FROM results "
+                "WHERE job_id=? ORDER BY task_id", (job_id,)).fetchall()])
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+_JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
+             "timeout_s, max_attempts, deadline_at, finished_at, error, labels")
+_TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
+              "error_class, progress, updated_at")
+
+
+def _job_values(j: JobRow) -> tuple[Any, ...]:
+    return (j.id, j.name, j.submitter_id, j.kind, j.priority, j.state.value, j.created_at, j.n_tasks,
+            _pack(j.envelope), json.dumps(j.requires), j.timeout_s, j.max_attempts, j.deadline_at,
+            j.finished_at, j.error, json.dumps(j.labels))
+
+
+def _job(r: Sequence[Any]) -> JobRow:
+    return JobRow(id=r[0], name=r[1], submitter_id=r[2], kind=r[3], priority=r[4], state=JobState(r[5]),
+                  created_at=r[6], n_tasks=r[7], envelope=_unpack(r[8]), requires=json.loads(r[9]),
+                  timeout_s=r[10], max_attempts=r[11], deadline_at=r[12], finished_at=r[13], error=r[14],
+                  labels=json.loads(r[15]))
+
+
+def _task_values(t: TaskRow) -> tuple[Any, ...]:
+    return (t.id, t.job_id, t.idx, _pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
+            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at)
+
+
+def _task(r: Sequence[Any]) -> TaskRow:
+    return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=_unpack(r[3]), state=TaskState(r[4]),
+                   attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
+                   error_class=r[10], progress=r[11], updated_at=r[12])
+
+
+def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
+    c.executemany(
+        "UPDATE tasks SET state=?, attempt=?, lease_id=?, agent_id=?, lease_expires_at=?, error=?, "
+        "error_class=?, progress=?, updated_at=? WHERE id=?",
+        [(t.state.value, t.attempt, t.lease_id, t.agent_id, t.lease_expires_at, t.error, t.error_class,
+          t.progress, t.updated_at, t.id) for t in tasks])
+
+
+def _update_jobs(c: sqlite3.Connection, jobs: Sequence[JobRow]) -> None:
+    c.executemany("UPDATE jobs SET state=?, finished_at=?, error=? WHERE id=?",
+                  [(j.state.value, j.finished_at, j.error, j.id) for j in jobs])

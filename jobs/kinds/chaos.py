@@ -1,0 +1,41 @@
+"""``chaos``: a test-only kind that fails on purpose (crash, OOM, hang, errors).
+
+Registered only when ``PANAL_TEST_KINDS=1`` so no real board ever offers it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from jobs.errors import PermanentError, RetryableError
+from jobs.kinds.base import Kind, KindOutput, Param, RunContext
+
+MODES = ("ok", "abort", "oom", "hang", "transient", "permanent")
+
+
+class Chaos(Kind):
+    name = "chaos"
+    summary = "test-only: misbehave on purpose"
+    test_only = True
+    params = {"mode": Param(str, "ok", choices=MODES), "seconds": Param(float, 0.0, minimum=0.0)}
+
+    def run(self, params: Mapping[str, Any], ctx: RunContext) -> KindOutput:
+        mode = params["mode"]
+        time.sleep(params["seconds"])
+        if mode == "abort":
+            os.abort()
+        if mode == "oom":
+            hog = []
+            while True:  # allocate until the memory cap stops us
+                hog.append(bytearray(64 * 1024 * 1024))
+        if mode == "hang":
+            while True:
+                time.sleep(1)
+        if mode == "transient":
+            raise RetryableError("chaos: transient failure")
+        if mode == "permanent":
+            raise PermanentError("chaos: permanent failure")
+        return KindOutput(values={"mode": mode})

@@ -1,0 +1,331 @@
+"""Job manifests: YAML -> validated, typed :class:`Manifest` -> expanded task parameters.
+
+Validation is strict (unknown keys are errors) and reports every problem at once, each as
+``file:line:col: field.path: expected ..., got ...``. The same checks run in the CLI (with
+positions) and on the board (on the signed manifest, with field paths only).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from jobs.catalog import all_kinds, get_kind
+from jobs.errors import InvalidParams
+from jobs.requirements import Requirements
+from jobs.yamlpos import Document, load_documents, path_text
+from security.errors import BadRequest
+
+__all__ = ["DEFAULT_MAX_TASKS", "Manifest", "ManifestError", "load_manifests", "manifest_schema",
+           "parse_duration"]
+
+DEFAULT_MAX_TASKS = 10_000
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_SCHEMA = {"type": ["number", "string"], "pattern": _DURATION.pattern, "minimum": 0}
+
+_BASE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "panal job manifest",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "panal/v1"},
+        "kind": {"const": "Job"},
+        "metadata": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": 64},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["task"],
+            "properties": {
+                "task": {"type": "string", "description": "a catalog kind"},
+                "params": {"type": "object"},
+                "sweep": {
+                    "type": "object",
+                    "description": "cartesian product of values: one task per point",
+                    "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 100_000},
+                },
+                "requires": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "device": {"enum": ["any", "cpu", "gpu"]},
+                        "backends": {"type": "array", "items": {"enum": ["cpu", "cuda", "rocm", "mps"]}},
+                        "min_vram_gb": {"type": "number", "minimum": 0},
+                        "min_compute_capability": {"type": "string", "pattern": r"^\d+\.\d+$"},
+                        "min_memory_gb": {"type": "number", "minimum": 0},
+                        "min_gflops": {"type": "number", "minimum": 0},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                },
+                "resources": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "timeout": _DURATION_SCHEMA,
+                        "max_memory_gb": {"type": "number", "exclusiveMinimum": 0},
+                    },
+                },
+                "policy": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "priority": {"type": "integer", "minimum": -100, "maximum": 100},
+                        "retries": {"type": "integer", "minimum": 0, "maximum": 100},
+                        "deadline": _DURATION_SCHEMA,
+                        "replicas": {"type": "integer", "minimum": 1, "maximum": 16},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of a manifest, with each kind's parameters (what `panal schema` prints)."""
+    schema = json.loads(json.dumps(_BASE_SCHEMA))
+    spec = schema["properties"]["spec"]
+    spec["properties"]["task"]["enum"] = sorted(all_kinds())
+    spec["allOf"] = [
+        {"if": {"properties": {"task": {"const": name}}},
+         "then": {"properties": {"params": kind.schema()}}}
+        for name, kind in sorted(all_kinds().items())
+    ]
+    return schema
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"10m"``, ``"6h"``, ``"1d"`` -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise BadRequest(f"not a duration (expected e.g. 90s, 10m, 6h): {value!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated job manifest. ``source`` is the plain dict that the submitter signs."""
+
+    name: str
+    kind: str
+    params: dict[str, Any]
+    sweep: dict[str, list[Any]]
+    requires: Requirements
+    labels: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 3600.0
+    max_memory_gb: float | None = None
+    priority: int = 0
+    retries: int = 3
+    deadline_s: float | None = None
+    replicas: int = 1
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tasks(self) -> int:
+        points = 1
+        for values in self.sweep.values():
+            points *= len(values)
+        return points * self.replicas
+
+    def points(self) -> list[dict[str, Any]]:
+        """Parameters of each task, in a stable order (sweep points, each repeated per replica)."""
+        kind = get_kind(self.kind)
+        keys = list(self.sweep)
+        out = []
+        for combo in itertools.product(*(self.sweep[k] for k in keys)):
+            params = kind.validate({**self.params, **dict(zip(keys, combo, strict=True))})
+            out.extend([params] * self.replicas)
+        return out
+
+    @classmethod
+    def from_dict(cls, source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> Manifest:
+        """Validate a manifest dict; raise :class:`ManifestError` listing every problem."""
+        errors = validate(source, max_tasks)
+        if errors:
+            raise ManifestError([(None, path, msg) for path, msg in errors])
+        return cls._build(source)
+
+    @classmethod
+    def _build(cls, source: dict[str, Any]) -> Manifest:
+        spec = source["spec"]
+        kind = get_kind(spec["task"])
+        resources, policy = spec.get("resources", {}), spec.get("policy", {})
+        return cls(
+            name=source["metadata"]["name"],
+            labels=dict(source["metadata"].get("labels", {})),
+            kind=kind.name,
+            params=kind.validate(spec.get("params", {})),
+            sweep={k: list(v) for k, v in spec.get("sweep", {}).items()},
+            requires=Requirements.from_dict(spec.get("requires", {})),
+            timeout_s=parse_duration(resources.get("timeout", 3600)),
+            max_memory_gb=resources.get("max_memory_gb"),
+            priority=int(policy.get("priority", 0)),
+            retries=int(policy.get("retries", 3)),
+            deadline_s=parse_duration(policy["deadline"]) if "deadline" in policy else None,
+            replicas=int(policy.get("replicas", 1)),
+            source=source,
+        )
+
+
+class ManifestError(BadRequest):
+    """Every problem of a manifest: (position or None, field path, message) triples."""
+
+    code = "invalid_manifest"
+
+    def __init__(self, problems: list[tuple[tuple[str, int, int] | None, str, str]]) -> None:
+        self.problems = problems
+        lines = []
+        for where, path, msg in problems:
+            prefix = f"{where[0]}:{where[1]}:{where[2]}: " if where else ""
+            lines.append(f"{prefix}{path + ': ' if path else ''}{msg}")
+        super().__init__("\n".join(lines), details=[{"path": p, "message": m} for _, p, m in problems])
+
+
+def _expected(error: jsonschema.ValidationError) -> str:
+    v, got = error.validator, json.dumps(error.instance, default=str)[:80]
+    value = error.validator_value
+    names = {"number": "a number", "integer": "an integer", "string": "a string", "object": "a map",
+             "array": "a list", "boolean": "true or false"}
+    if v == "type":
+        types = value if isinstance(value, list) else [value]
+        return f"expected {' or '.join(names.get(t, t) for t in types)}, got {got}"
+    if v == "minimum":
+        return f"expected a number >= {value}, got {got}"
+    if v == "exclusiveMinimum":
+        return f"expected a number > {value}, got {got}"
+    if v == "maximum":
+        return f"expected a number <= {value}, got {got}"
+    if v == "enum":
+        return f"expected one of {', '.join(map(str, value))}, got {got}"
+    if v == "const":
+        return f"expected {json.dumps(value)}, got {got}"
+    if v == "pattern":
+        return f"unexpected format {got}"
+    if v == "required":
+        missing = [k for k in value if k not in error.instance]
+        return f"missing required field {', '.join(missing)}"
+    if v == "additionalProperties":
+        extra = [k for k in error.instance if k not in error.schema.get("properties", {})]
+        return f"unknown field {', '.join(map(repr, extra))}"
+    if v in ("minItems", "maxItems", "maxProperties"):
+        return f"{error.message}"
+    return error.message
+
+
+_VALIDATOR = jsonschema.Draft202012Validator(_BASE_SCHEMA)
+
+
+def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str, str]]:
+    """All problems of a manifest dict as (field path, message), empty if it is valid."""
+    if not isinstance(source, dict):
+        return [("", f"a manifest must be a map, got {json.dumps(source, default=str)[:60]}")]
+    errors: list[tuple[str, str]] = []
+    for error in sorted(_VALIDATOR.iter_errors(source), key=lambda e: list(map(str, e.absolute_path))):
+        path = ""
+        for part in error.absolute_path:
+            path = path_text(path, part)
+        if error.validator == "additionalProperties":
+            for key in error.instance:
+                if key not in error.schema.get("properties", {}):
+                    errors.append((path_text(path, key), _unknown(path, key, error.schema)))
+            continue
+        errors.append((path, _expected(error)))
+    if errors:
+        return errors
+    spec = source["spec"]
+    try:
+        kind = get_kind(spec["task"])
+    except BadRequest as exc:
+        return [("spec.task", exc.message)]
+    try:
+        base = kind.validate(spec.get("params", {}))
+    except InvalidParams as exc:
+        errors.extend(exc.errors)
+        base = {}
+    for key, values in spec.get("sweep", {}).items():
+        if key not in kind.params:
+            errors.append((f"spec.sweep.{key}", f"unknown parameter for kind {kind.name}"))
+            continue
+        for i, value in enumerate(values):
+            problem = kind.params[key].check(key, value)
+            if problem:
+                errors.append((f"spec.sweep.{key}[{i}]", problem))
+    for key in ("timeout",):
+        if key in spec.get("resources", {}):
+            _check_duration(spec["resources"][key], f"spec.resources.{key}", errors)
+    if "deadline" in spec.get("policy", {}):
+        _check_duration(spec["policy"]["deadline"], "spec.policy.deadline", errors)
+    if errors:
+        return errors
+    n = 1
+    for values in spec.get("sweep", {}).values():
+        n *= len(values)
+    n *= int(spec.get("policy", {}).get("replicas", 1))
+    if n > max_tasks:
+        errors.append(("spec.sweep", f"expands to {n:,} tasks, more than the limit of {max_tasks:,} per job; "
+                                     "split it into several jobs"))
+    elif base:
+        try:
+            Manifest._build(source).points()
+        except InvalidParams as exc:
+            errors.extend(exc.errors)
+    return errors
+
+
+def _unknown(path: str, key: str, schema: Mapping[str, Any]) -> str:
+    known = ", ".join(sorted(schema.get("properties", {})))
+    return f"unknown field {key!r}" + (f" (expected one of: {known})" if known else "")
+
+
+def _check_duration(value: Any, path: str, errors: list[tuple[str, str]]) -> None:
+    try:
+        parse_duration(value)
+    except BadRequest:
+        errors.append((path, f"expected a duration like 90s, 10m or 6h, got {json.dumps(value)}"))
+
+
+def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manifest]:
+    """Read a YAML file of one or more manifests; raise :class:`ManifestError` with positions."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError([(None, "", f"{path}: cannot read: {exc}")]) from exc
+    docs, yaml_errors = load_documents(text)
+    name = str(path)
+    problems: list[tuple[tuple[str, int, int] | None, str, str]] = [
+        ((name, e.line, e.column), "", e.message) for e in yaml_errors
+    ]
+    if not problems and not docs:
+        problems.append(((name, 1, 1), "", "file holds no manifest"))
+    manifests = []
+    for doc in docs:
+        errs = validate(doc.value, max_tasks)
+        problems.extend(((name, *_pos(doc, p)), p, m) for p, m in errs)
+        if not errs:
+            manifests.append(Manifest._build(doc.value))
+    if problems:
+        raise ManifestError(problems)
+    return manifests
+
+
+def _pos(doc: Document, path: str) -> tuple[int, int]:
+    return doc.where(path)

@@ -1,0 +1,193 @@
+"""What a task needs (``spec.requires``) and what an agent offers (its capability report).
+
+``unmet`` is the one matching function: the board uses it to pick work and to explain, clause by
+clause, why a queued task has no taker. Capabilities of a simulated fleet are just dicts, so tests
+fake a GPU by its report and the matching code never knows the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Capabilities", "Gpu", "Requirements", "explain", "unmet"]
+
+
+def _cc(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 0)
+    major, _, minor = text.partition(".")
+    try:
+        return (int(major), int(minor or 0))
+    except ValueError:
+        return (0, 0)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    backend: str            # cuda | rocm | mps
+    vram_gb: float
+    vendor: str = ""
+    compute_capability: str | None = None
+    gflops_fp32: float = 0.0
+    gflops_fp16: float = 0.0
+    index: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Gpu:
+        return cls(name=str(d.get("name", "?")), backend=str(d.get("backend", "cuda")),
+                   vram_gb=float(d.get("vram_gb", 0.0)), vendor=str(d.get("vendor", "")),
+                   compute_capability=d.get("compute_capability"),
+                   gflops_fp32=float(d.get("gflops_fp32", 0.0)), gflops_fp16=float(d.get("gflops_fp16", 0.0)),
+                   index=int(d.get("index", 0)))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """An agent's advertised capabilities (the dict on the wire, parsed once)."""
+
+    memory_gb: float = 0.0
+    cpu_cores: int = 1
+    cpu_gflops: float = 0.0
+    gpus: tuple[Gpu, ...] = ()
+    kinds: frozenset[str] = frozenset()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Capabilities:
+        cpu = d.get("cpu") or {}
+        return cls(
+            memory_gb=float(d.get("memory_gb", 0.0)),
+            cpu_cores=int(cpu.get("cores", 1)),
+            cpu_gflops=float(cpu.get("gflops_fp32", 0.0)),
+            gpus=tuple(Gpu.from_dict(g) for g in d.get("gpus") or ()),
+            kinds=frozenset(d.get("kinds") or ()),
+            labels=dict(d.get("labels") or {}),
+            raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class Requirements:
+    device: str = "any"
+    backends: tuple[str, ...] = ()
+    min_vram_gb: float = 0.0
+    min_compute_capability: str | None = None
+    min_memory_gb: float = 0.0
+    min_gflops: float = 0.0
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Requirements:
+        return cls(
+            device=str(d.get("device", "any")),
+            backends=tuple(d.get("backends", ())),
+            min_vram_gb=float(d.get("min_vram_gb", 0.0)),
+            min_compute_capability=d.get("min_compute_capability"),
+            min_memory_gb=float(d.get("min_memory_gb", 0.0)),
+            min_gflops=float(d.get("min_gflops", 0.0)),
+            labels=tuple(sorted((d.get("labels") or {}).items())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"device": self.device}
+        if self.backends:
+            out["backends"] = list(self.backends)
+        for name in ("min_vram_gb", "min_memory_gb", "min_gflops"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.min_compute_capability:
+            out["min_compute_capability"] = self.min_compute_capability
+        if self.labels:
+            out["labels"] = dict(self.labels)
+        return out
+
+    def gpu_fits(self, gpu: Gpu) -> bool:
+        return ((not self.backends or gpu.backend in self.backends)
+                and gpu.vram_gb >= self.min_vram_gb
+                and _cc(gpu.compute_capability) >= _cc(self.min_compute_capability)
+                and gpu.gflops_fp32 >= self.min_gflops)
+
+    def wants_gpu(self, caps: Capabilities) -> bool:
+        """Whether a task with these requirements would run on one of this agent's GPUs."""
+        if self.device == "cpu":
+            return False
+        return any(self.gpu_fits(g) for g in caps.gpus)
+
+
+def unmet(req: Requirements, kind: str, caps: Capabilities) -> list[str]:
+    """The clauses ``caps`` fails, by name; empty means the agent can run the task."""
+    failed = []
+    if caps.kinds and kind not in caps.kinds:
+        failed.append("kind")
+    if caps.memory_gb < req.min_memory_gb:
+        failed.append("min_memory_gb")
+    if any(caps.labels.get(k) != v for k, v in req.labels):
+        failed.append("labels")
+    if req.device == "gpu" or req.min_vram_gb or req.min_compute_capability or (
+            req.backends and "cpu" not in req.backends):
+        if req.device == "cpu":
+            return failed
+        if not caps.gpus:
+            failed.append("device")
+            return failed
+        if not any(g for g in caps.gpus if not req.backends or g.backend in req.backends):
+            failed.append("backends")
+        if not any(g.vram_gb >= req.min_vram_gb for g in caps.gpus):
+            failed.append("min_vram_gb")
+        if not any(_cc(g.compute_capability) >= _cc(req.min_compute_capability) for g in caps.gpus):
+            failed.append("min_compute_capability")
+        if not failed and not any(req.gpu_fits(g) for g in caps.gpus):
+            failed.append("gpu")  # each clause holds on some GPU, but no single GPU has them all
+        if req.min_gflops and not any(g.gflops_fp32 >= req.min_gflops for g in caps.gpus):
+            failed.append("min_gflops")
+    elif req.min_gflops and max([caps.cpu_gflops, *(g.gflops_fp32 for g in caps.gpus)]) < req.min_gflops:
+        failed.append("min_gflops")
+    return failed
+
+
+def explain(req: Requirements, kind: str, fleet: Iterable[Capabilities]) -> list[str]:
+    """Why no agent of ``fleet`` can take the task, one line per failing clause."""
+    agents = list(fleet)
+    n = len(agents)
+    if n == 0:
+        return ["no agents are connected"]
+    counts: dict[str, int] = {}
+    for caps in agents:
+        for clause in unmet(req, kind, caps):
+            counts[clause] = counts.get(clause, 0) + 1
+    lines = []
+    for clause, failing in counts.items():
+        have = n - failing
+        lines.append(f"needs {_describe(clause, req, kind)}: {have} of {n} connected agents "
+                     f"{'has' if have == 1 else 'have'} it{_largest(clause, agents)}")
+    return lines
+
+
+def _describe(clause: str, req: Requirements, kind: str) -> str:
+    return {
+        "kind": f"kind {kind}",
+        "min_memory_gb": f"min_memory_gb {req.min_memory_gb:g}",
+        "labels": "labels " + ", ".join(f"{k}={v}" for k, v in req.labels),
+        "device": "a GPU",
+        "backends": "backend " + " or ".join(req.backends),
+        "min_vram_gb": f"min_vram_gb {req.min_vram_gb:g}",
+        "min_compute_capability": f"min_compute_capability {req.min_compute_capability}",
+        "gpu": "one GPU meeting every GPU clause",
+        "min_gflops": f"min_gflops {req.min_gflops:g}",
+    }[clause]
+
+
+def _largest(clause: str, agents: list[Capabilities]) -> str:
+    if clause == "min_vram_gb":
+        best = max((g.vram_gb for c in agents for g in c.gpus), default=0.0)
+        return f" (largest: {best:.1f})"
+    if clause == "min_memory_gb":
+        return f" (largest: {max(c.memory_gb for c in agents):.1f})"
+    if clause == "min_gflops":
+        best = max((max([c.cpu_gflops, *(g.gflops_fp32 for g in c.gpus)]) for c in agents), default=0.0)
+        return f" (fastest: {best:.0f})"
+    return ""

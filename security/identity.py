@@ -1,0 +1,109 @@
+"""Ed25519 identities: every agent, submitter and hub has one; its id is a key fingerprint."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from security.errors import BadRequest
+
+__all__ = ["Identity", "PublicKey", "key_id"]
+
+PUBLIC_KEY_PREFIX = "ed25519:"
+
+
+def key_id(raw_public_key: bytes) -> str:
+    """A short, stable id for a public key: base32 of the first 15 bytes of its SHA-256 (24 chars)."""
+    digest = hashlib.sha256(raw_public_key).digest()[:15]
+    return base64.b32encode(digest).decode().lower()
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A peer's public key, as carried on the wire and printed for humans (``ed25519:<base64>``)."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != 32:
+            raise BadRequest(f"an Ed25519 public key is 32 bytes, got {len(self.raw)}")
+
+    @property
+    def id(self) -> str:
+        return key_id(self.raw)
+
+    def text(self) -> str:
+        return PUBLIC_KEY_PREFIX + base64.b64encode(self.raw).decode()
+
+    @classmethod
+    def parse(cls, text: str) -> PublicKey:
+        """Parse ``ed25519:<base64>`` (the prefix is optional)."""
+        body = text.strip().removeprefix(PUBLIC_KEY_PREFIX)
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except ValueError as exc:
+            raise BadRequest(f"not a public key (expected ed25519:<base64>): {text[:60]!r}") from exc
+        return cls(raw)
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+class Identity:
+    """A private Ed25519 key with its public half; saved as PEM with mode 0600."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        raw = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.public = PublicKey(raw)
+
+    @property
+    def id(self) -> str:
+        return self.public.id
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+    def save(self, path: Path) -> None:
+        """Write the private key; the file is created 0600 so no other user ever sees it."""
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise BadRequest(f"{path}: not an Ed25519 private key")
+        return cls(key)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Identity:
+        if path.exists():
+            return cls.load(path)
+        ident = cls.generate()
+        ident.save(path)
+        return ident

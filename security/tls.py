@@ -1,0 +1,121 @@
+"""Self-signed TLS certificates (ECDSA P-256) and SHA-256 fingerprint pinning.
+
+A board's cert is self-signed; clients pin its fingerprint from the join URL
+(``https://HOST:PORT/#sha256=<hex>``) or from a LAN peer's TXT record, so no CA is needed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from security.errors import BadRequest
+
+__all__ = ["BoardAddress", "cert_fingerprint", "make_self_signed", "server_context"]
+
+
+def make_self_signed(cert_path: Path, key_path: Path, hosts: list[str], days: int = 3650) -> str:
+    """Write a self-signed ECDSA P-256 cert for ``hosts``; return its SHA-256 fingerprint (hex)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1", socket.gethostname()]):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"panal board {hosts[0]}")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return cert_fingerprint(cert_path)
+
+
+def cert_fingerprint(cert_path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+@dataclass(frozen=True)
+class BoardAddress:
+    """Where a board is and how to trust it: its base URL and, for HTTPS, the pinned fingerprint."""
+
+    url: str
+    fingerprint: str | None = None
+
+    @property
+    def is_tls(self) -> bool:
+        return self.url.startswith("https://")
+
+    @classmethod
+    def parse(cls, text: str) -> BoardAddress:
+        """Parse a join URL ``https://host:port/#sha256=<hex>`` or a plain ``http(s)://`` URL."""
+        parts = urlsplit(text.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BadRequest(f"not a board URL (expected https://HOST:PORT/#sha256=...): {text!r}")
+        fingerprint = None
+        if parts.fragment:
+            key, _, value = parts.fragment.partition("=")
+            value = value.replace(":", "").lower()
+            if key != "sha256" or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise BadRequest(f"join URL fragment must be #sha256=<64 hex digits>, got #{parts.fragment}")
+            fingerprint = value
+        base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        return cls(base, fingerprint)
+
+    def join_url(self) -> str:
+        return f"{self.url}/#sha256={self.fingerprint}" if self.fingerprint else self.url
+
+    def check_transport(self, insecure: bool = False) -> None:
+        """Plain HTTP is allowed only to loopback or with an explicit ``--insecure``."""
+        if self.is_tls:
+            if not self.fingerprint:
+                raise BadRequest(f"{self.url}: an https board needs a pinned fingerprint (#sha256=...)")
+            return
+        host = urlsplit(self.url).hostname or ""
+        if not insecure and not _is_loopback(host):
+            raise BadRequest(f"{self.url}: plain HTTP is only allowed to loopback; use the https join "
+                             "URL or pass --insecure")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
