@@ -49,7 +49,7 @@ class HubConfig:
             values.update(loaded)
         environ = os.environ if env is None else env
         known = {f.name: f for f in fields(cls)}
-        for name, field in known.items():
+        for name in known:
             text = environ.get(ENV_PREFIX + name.upper())
             if text is not None:
                 values[name] = yaml.safe_load(text)

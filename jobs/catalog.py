@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 
 from jobs.kinds.base import Kind
+from jobs.kinds.benchmark import Benchmark
 from jobs.kinds.chaos import Chaos
+from jobs.kinds.conv2d import Conv2d
+from jobs.kinds.inference import Inference
 from jobs.kinds.matmul import Matmul
+from jobs.kinds.mlp_train import MlpTrain
 from jobs.kinds.sleep import Sleep
+from jobs.kinds.vector_add import VectorAdd
 from security.errors import BadRequest
 
 __all__ = ["all_kinds", "get_kind"]
 
-_KINDS: dict[str, Kind] = {k.name: k for k in (Matmul(), Sleep(), Chaos())}
+_KINDS: dict[str, Kind] = {k.name: k for k in (Matmul(), Sleep(), VectorAdd(), Conv2d(), MlpTrain(),
+                                                 Inference(), Benchmark(), Chaos())}
 
 
 def _enabled(kind: Kind) -> bool:

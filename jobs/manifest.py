@@ -108,7 +108,7 @@ def manifest_schema() -> dict[str, Any]:
          "then": {"properties": {"params": kind.schema()}}}
         for name, kind in sorted(all_kinds().items())
     ]
-    return schema
+    return dict(schema)
 
 
 def parse_duration(value: Any) -> float:
@@ -202,12 +202,14 @@ class ManifestError(BadRequest):
 
 def _expected(error: jsonschema.ValidationError) -> str:
     v, got = error.validator, json.dumps(error.instance, default=str)[:80]
-    value = error.validator_value
+    value: Any = error.validator_value
+    instance: Any = error.instance
+    schema: Any = error.schema
     names = {"number": "a number", "integer": "an integer", "string": "a string", "object": "a map",
              "array": "a list", "boolean": "true or false"}
     if v == "type":
         types = value if isinstance(value, list) else [value]
-        return f"expected {' or '.join(names.get(t, t) for t in types)}, got {got}"
+        return f"expected {' or '.join(names.get(t, str(t)) for t in types)}, got {got}"
     if v == "minimum":
         return f"expected a number >= {value}, got {got}"
     if v == "exclusiveMinimum":
@@ -221,14 +223,14 @@ def _expected(error: jsonschema.ValidationError) -> str:
     if v == "pattern":
         return f"unexpected format {got}"
     if v == "required":
-        missing = [k for k in value if k not in error.instance]
+        missing = [k for k in value if k not in instance]
         return f"missing required field {', '.join(missing)}"
     if v == "additionalProperties":
-        extra = [k for k in error.instance if k not in error.schema.get("properties", {})]
+        extra = [k for k in instance if k not in schema.get("properties", {})]
         return f"unknown field {', '.join(map(repr, extra))}"
     if v in ("minItems", "maxItems", "maxProperties"):
-        return f"{error.message}"
-    return error.message
+        return str(error.message)
+    return str(error.message)
 
 
 _VALIDATOR = jsonschema.Draft202012Validator(_BASE_SCHEMA)

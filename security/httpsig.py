@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from security.errors import Unauthorized
 from security.identity import Identity, PublicKey
 
-__all__ = ["SignatureParams", "content_digest", "sign_request", "verify_request"]
+__all__ = ["SignatureParams", "content_digest", "sign_request", "sign_request_digest", "verify_request"]
 
 LABEL = "panal"
 _INPUT_RE = re.compile(r'^\s*([a-z][a-z0-9_.*-]*)=\(([^)]*)\)((?:;[a-z]+=(?:"[^"]*"|-?\d+))*)\s*$')
@@ -66,7 +66,17 @@ def _signature_base(components: list[str], params_text: str, method: str, path: 
 def sign_request(identity: Identity, method: str, path: str, query: str, body: bytes,
                  now: float | None = None) -> dict[str, str]:
     """Return the headers (Content-Digest, Signature-Input, Signature) that sign this request."""
-    headers = {"content-digest": content_digest(body)}
+    return sign_request_digest(identity, method, path, query, content_digest(body), now)
+
+
+def sign_request_digest(identity: Identity, method: str, path: str, query: str, digest_header: str,
+                        now: float | None = None) -> dict[str, str]:
+    """Like :func:`sign_request`, with a precomputed ``Content-Digest`` value.
+
+    For streamed bodies (blob uploads) the client hashes the file first and signs that digest;
+    the server checks the streamed bytes against it as they arrive.
+    """
+    headers = {"content-digest": digest_header}
     components = ["@method", "@path", *(["@query"] if query else []), "content-digest"]
     created = int(now if now is not None else time.time())
     params_text = (f';created={created};keyid="{identity.id}"'
@@ -81,11 +91,14 @@ def sign_request(identity: Identity, method: str, path: str, query: str, body: b
 
 def verify_request(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes,
                    lookup_key: Callable[[str], PublicKey | None], skew_s: float,
-                   now: float | None = None) -> SignatureParams:
+                   now: float | None = None, body_digest: str | None = None) -> SignatureParams:
     """Verify a signed request; raise :class:`Unauthorized` with a specific reason if it fails.
 
     ``headers`` must be case-insensitive (aiohttp's CIMultiDict is). Replay (nonce reuse) is
     checked by the caller with the returned params, after the signature is known to be good.
+    For a streamed body pass ``body_digest`` (the ``Content-Digest`` value the body must have,
+    e.g. derived from a blob's sha256) instead of ``body``; the caller then checks the streamed
+    bytes against it.
     """
     sig_input = headers.get("signature-input")
     sig_header = headers.get("signature")
@@ -113,7 +126,8 @@ def verify_request(method: str, path: str, query: str, headers: Mapping[str, str
     if abs(current - created) > skew_s:
         raise Unauthorized(f"signature is stale: created {created}, server time {int(current)}, "
                            f"allowed skew {skew_s:g} s (check the clock)", code="stale_signature")
-    if headers.get("content-digest", "").strip() != content_digest(body):
+    expected_digest = body_digest if body_digest is not None else content_digest(body)
+    if headers.get("content-digest", "").strip() != expected_digest:
         raise Unauthorized("Content-Digest does not match the body", code="bad_digest")
     key = lookup_key(keyid)
     if key is None:

@@ -7,10 +7,10 @@ so the hub can validate manifests and estimate costs without torch installed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from jobs.errors import InvalidParams
 
@@ -96,14 +96,27 @@ class KindOutput:
 
 
 class RunContext(Protocol):
-    """What a running kind may use: its device, thread budget, a scratch dir and a progress hook."""
+    """What a running kind may use: its device, thread budget, a scratch dir and a progress hook.
+
+    ``inputs`` maps a kind's input names (see :attr:`Kind.inputs`) to local, hash-verified files;
+    read them only through :mod:`jobs.safeload`. ``devices`` lists every device this agent lets
+    the task use (``device`` first; only ``benchmark`` uses more than one). ``checkpoint(path)``
+    asks the engine to store ``path`` (a file in ``workdir``, complete when called) as this
+    task's latest checkpoint before it returns (the kind may overwrite the file afterwards); a task
+    resumed after a crash, here or on another agent, finds it again as ``inputs["checkpoint"]``.
+    """
 
     device: str          # "cpu", "cuda:0", "mps"
     threads: int
     workdir: Path
     inputs: Mapping[str, Path]
 
+    @property
+    def devices(self) -> Sequence[str]: ...
+
     def progress(self, fraction: float) -> None: ...
+
+    def checkpoint(self, path: Path) -> None: ...
 
 
 class Kind(ABC):
@@ -111,7 +124,10 @@ class Kind(ABC):
 
     name: str = ""
     summary: str = ""
-    params: Mapping[str, Param] = {}
+    params: ClassVar[Mapping[str, Param]] = {}
+    #: input files the kind reads, name -> required; a manifest's ``spec.inputs`` must give every
+    #: required one and no others (``checkpoint`` is supplied by the engine on resume, never listed).
+    inputs: ClassVar[Mapping[str, bool]] = {}
     test_only: bool = False
 
     def validate(self, params: Mapping[str, Any], prefix: str = "spec.params") -> dict[str, Any]:
@@ -142,7 +158,8 @@ class Kind(ABC):
             raise InvalidParams(errors)
         return out
 
-    def check(self, params: dict[str, Any], prefix: str, errors: list[tuple[str, str]]) -> None:
+    def check(  # noqa: B027 -- optional hook, deliberately a no-op by default
+            self, params: dict[str, Any], prefix: str, errors: list[tuple[str, str]]) -> None:
         """Cross-field checks (after each field passed on its own); append to ``errors``."""
 
     def estimate(self, params: Mapping[str, Any]) -> Cost:

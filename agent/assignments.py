@@ -1,0 +1,53 @@
+"""Checking a leased task against its submitter's signed manifest before running it.
+
+The board relays work; the agent does not have to trust it for *what* to run. The envelope's
+signature must verify, and the task's kind and parameters must be exactly what that manifest
+expands to at the task's index. A board that alters parameters gets its task refused.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from jobs.manifest import Manifest
+from security.errors import BadRequest, Forbidden, PanalError
+from security.records import SignedRecord
+
+__all__ = ["ManifestCache"]
+
+
+class ManifestCache:
+    """Verified manifests (and their expanded task parameters) by job id, bounded."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._cache: OrderedDict[str, tuple[str, Manifest, list[dict[str, Any]]]] = OrderedDict()
+
+    def check(self, assignment: dict[str, Any], trusted: set[str] | None = None) -> tuple[str, Manifest]:
+        """Raise if the task is not what its submitter signed; return the submitter's id and manifest."""
+        job_id = str(assignment.get("job_id"))
+        entry = self._cache.get(job_id)
+        if entry is None:
+            try:
+                record = SignedRecord.from_wire(assignment.get("envelope"))
+                payload = record.verify()
+                manifest = Manifest.from_dict(payload.get("manifest"))
+                entry = (record.key.id, manifest, manifest.points())
+            except PanalError as exc:
+                raise Forbidden(f"job {job_id}: the submitter's manifest does not check out: {exc.message}",
+                                code="bad_manifest") from exc
+            self._cache[job_id] = entry
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(job_id)
+        submitter, manifest, points = entry
+        if trusted is not None and submitter not in trusted:
+            raise Forbidden(f"job {job_id} is from submitter {submitter}, who is not in this agent's trust store",
+                            code="untrusted_submitter")
+        idx = assignment.get("idx")
+        if manifest.kind != assignment.get("kind") or not isinstance(idx, int) or not 0 <= idx < len(points) \
+                or points[idx] != assignment.get("params"):
+            raise BadRequest(f"task {assignment.get('task_id')} differs from what its submitter signed",
+                             code="tampered_task")
+        return submitter, manifest

@@ -1,0 +1,152 @@
+"""``panal agent ...``, ``panal up``, ``panal demo`` and ``panal bench ...``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+from typing import Any
+
+import click
+
+from agent.cli import PanalGroup, home, print_json, run, until_signalled
+from agent.client import BoardClient
+from agent.daemon import Daemon, DaemonSettings, basic_capabilities
+from hub.config import HubConfig
+from hub.server import BoardServer
+from security.errors import BadRequest
+from security.tls import BoardAddress
+
+
+def _fake_caps() -> dict[str, Any]:
+    """Capability overrides from PANAL_FAKE_CAPS (JSON): how tests and labs simulate a fleet."""
+    text = os.environ.get("PANAL_FAKE_CAPS")
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"PANAL_FAKE_CAPS is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise BadRequest("PANAL_FAKE_CAPS must be a JSON object")
+    return value
+
+
+@click.group(cls=PanalGroup)
+def agent() -> None:
+    """Lend this machine: join boards and run their work."""
+
+
+@agent.command()
+@click.argument("join_url")
+@click.option("--name", default="", help="How this machine appears on the board (default: hostname).")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP to a non-loopback board.")
+def join(join_url: str, name: str, insecure: bool) -> None:
+    """Join a board: pin its certificate from the join URL and register this agent (signed)."""
+    address = BoardAddress.parse(join_url)
+    address.check_transport(insecure)
+    h = home()
+    identity = h.agent_identity()
+    body = {"public_key": identity.public.text(), "name": name or platform.node(),
+            "capabilities": basic_capabilities(_fake_caps())}
+
+    async def go() -> dict[str, Any]:
+        async with BoardClient(address, identity, insecure=insecure, retry_for_s=10.0) as client:
+            return dict(await client.call("POST", "/v1/agents", body))
+
+    reply = run(go())
+    h.add_board(address)
+    if not h.client_settings().get("hub"):
+        h.set_client("hub", address.join_url())
+    click.echo(f"joined {address.url} as agent {reply['agent_id']}")
+
+
+@agent.command("run")
+@click.option("--slots", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Tasks run at the same time (one warm worker process each).")
+@click.option("--threads", type=int, default=0, help="CPU threads per task (default: cores / slots).")
+@click.option("--name", default="")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP to non-loopback boards.")
+@click.option("--drain", "drain_s", type=float, default=30.0, show_default=True,
+              help="On SIGTERM, seconds to let running tasks finish before handing them back.")
+def agent_run(slots: int, threads: int, name: str, insecure: bool, drain_s: float) -> None:
+    """Run the volunteer daemon until SIGTERM/SIGINT."""
+    h = home()
+    settings = DaemonSettings(slots=slots, threads=threads, name=name, insecure=insecure, drain_s=drain_s,
+                              capabilities=_fake_caps())
+    daemon = Daemon(h, h.boards(), settings)
+    click.echo(f"panal agent {daemon.identity.id} starting ({slots} slot(s))")
+    run(until_signalled(daemon.run))
+
+
+@agent.command()
+@click.option("--json", "as_json", is_flag=True)
+def info(as_json: bool) -> None:
+    """What this agent advertises to boards."""
+    caps = basic_capabilities(_fake_caps())
+    if as_json:
+        print_json(caps)
+        return
+    click.echo(f"agent id: {home().agent_identity().id}")
+    for key, value in caps.items():
+        click.echo(f"{key}: {value}")
+
+
+@click.command()
+@click.option("--port", type=int, default=8749, show_default=True, help="Port on 127.0.0.1 (0: any).")
+@click.option("--slots", type=click.IntRange(1, 256), default=1, show_default=True)
+def up(port: int, slots: int) -> None:
+    """Standalone mode: a board and an agent in one process on 127.0.0.1 (plain HTTP, loopback only)."""
+    h = home()
+    h.ensure()
+    me = h.user_identity()
+
+    async def main(stop: asyncio.Event) -> None:
+        config = HubConfig(host="127.0.0.1", bind="127.0.0.1", port=port, tls=False)
+        server = BoardServer(config, h.root / "local-board.db", None)
+        bound = await server.start()
+        await server.add_submitter(me.public, "owner")
+        address = BoardAddress(f"http://127.0.0.1:{bound}")
+        h.local_board.write_text(address.url + "\n")
+        click.echo(f"panal up: board at {address.url}; submit with `panal submit FILE` (Ctrl-C stops)")
+        daemon = Daemon(h, [address], DaemonSettings(slots=slots, capabilities=_fake_caps()))
+        try:
+            await daemon.run(stop)
+        finally:
+            h.local_board.unlink(missing_ok=True)
+            await server.stop(drain=False)
+
+    run(until_signalled(main))
+
+
+@click.command()
+@click.option("--keep", is_flag=True, help="Keep the demo directory (.demo/) afterwards.")
+def demo(keep: bool) -> None:
+    """Start a hub and two agents here, submit the matmul example, print verified results."""
+    from agent.demo import run_demo
+
+    raise SystemExit(run_demo(keep))
+
+
+@click.group(cls=PanalGroup)
+def bench() -> None:
+    """Benchmarks (figures for notes; never asserted in tests)."""
+
+
+@bench.command("dispatch")
+@click.option("--agents", type=int, default=50, show_default=True)
+@click.option("--tasks", type=int, default=20_000, show_default=True)
+@click.option("--slots", type=int, default=8, show_default=True, help="Slots per simulated agent.")
+@click.option("--latency-samples", type=int, default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as_json: bool) -> None:
+    """A real hub (TLS, signatures) and N simulated agents running `sleep 0` tasks."""
+    from agent.bench_dispatch import run_dispatch_bench
+
+    result = run_dispatch_bench(agents, tasks, slots, latency_samples)
+    if as_json:
+        print_json(result)
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value}")

@@ -1,0 +1,346 @@
+"""The volunteer daemon: pull work from every known board, run it in warm workers, return it signed.
+
+One :class:`BoardLink` per board runs three loops: lease (long-poll, carrying finished results on
+the way), heartbeat (extends the leases of running tasks and learns which were lost) and flush
+(delivers results when no lease request is about to carry them). Slots are shared by all boards;
+each board loop reserves its share before it polls. On SIGTERM the daemon stops leasing, lets
+running tasks finish for ``drain_s``, hands back the rest, and delivers what it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from agent.assignments import ManifestCache
+from agent.breaker import Breaker
+from agent.client import BoardClient
+from agent.home import AgentHome
+from agent.outbox import Outbox
+from agent.runner import Outcome, TaskRequest, WorkerPool
+from jobs.catalog import all_kinds
+from jobs.errors import FailureClass
+from security.errors import Forbidden, PanalError
+from security.identity import Identity
+from security.records import SignedRecord, decode
+from security.tls import BoardAddress
+
+__all__ = ["Daemon", "DaemonSettings", "basic_capabilities"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DaemonSettings:
+    slots: int = 1
+    threads: int = 0                 # 0: all cores divided by slots
+    name: str = ""
+    poll_wait_s: float = 20.0
+    drain_s: float = 30.0
+    insecure: bool = False
+    capabilities: dict[str, Any] = field(default_factory=dict)   # overrides of the detected report
+
+
+def basic_capabilities(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What this machine offers, without importing torch (the daemon stays light)."""
+    caps: dict[str, Any] = {
+        "os": platform.system().lower(), "arch": platform.machine(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu": {"cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+                "threads": os.cpu_count() or 1, "model": platform.processor() or platform.machine()},
+        "gpus": [], "kinds": sorted(all_kinds()), "labels": {},
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(caps.get(key), dict):
+            caps[key] = {**caps[key], **value}
+        else:
+            caps[key] = value
+    return caps
+
+
+@dataclass
+class Running:
+    assignment: dict[str, Any]
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: float = 0.0
+    lost: bool = False
+
+
+class BoardLink:
+    """Everything the daemon keeps about one board."""
+
+    def __init__(self, address: BoardAddress, client: BoardClient, outbox: Outbox) -> None:
+        self.address = address
+        self.client = client
+        self.outbox = outbox
+        self.pending: list[dict[str, Any]] = outbox.load()
+        self.running: dict[str, Running] = {}
+        self.flush = asyncio.Event()
+        self.lease_ttl_s = 30.0
+        self.registered = False
+        self.done = 0
+        self.failed = 0
+
+    def take_pending(self) -> list[dict[str, Any]]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    def settle(self, sent: list[dict[str, Any]], outcomes: list[Any]) -> None:
+        """Drop delivered results from the outbox; keep those the board did not answer for."""
+        answered = {o.get("task_id"): o for o in outcomes if isinstance(o, dict)}
+        for record in sent:
+            task_id = _record_task(record)
+            outcome = answered.get(task_id)
+            if outcome is None:
+                self.pending.append(record)
+                continue
+            if outcome.get("status") == "rejected":
+                log.warning("board %s rejected the result of task %s: %s", self.address.url, task_id,
+                            outcome.get("message"))
+            self.outbox.remove(task_id)
+
+
+def _record_task(record: dict[str, Any]) -> str:
+    try:
+        payload = decode(SignedRecord.from_wire(record).payload)
+        return str(payload.get("task_id"))
+    except PanalError:
+        return "?"
+
+
+class Daemon:
+    def __init__(self, home: AgentHome, boards: list[BoardAddress], settings: DaemonSettings) -> None:
+        if not boards:
+            raise Forbidden("this agent has joined no board: run `panal agent join JOIN_URL` first",
+                            code="no_board")
+        self.home = home
+        self.settings = settings
+        self.identity: Identity = home.agent_identity()
+        self.boards = boards
+        self.links: list[BoardLink] = []
+        self.free = settings.slots
+        self.slot_freed = asyncio.Condition()
+        self.manifests = ManifestCache()
+        self.pool = WorkerPool(settings.slots)
+        self.capabilities = basic_capabilities(settings.capabilities)
+        self.stopping = False
+        self.paused_reason: str | None = None
+        self.threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, settings.slots))
+        self._loops: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.pool.warm()
+        for address in self.boards:
+            client = BoardClient(address, self.identity, insecure=self.settings.insecure,
+                                 retry_for_s=10.0, breaker=Breaker())
+            self.links.append(BoardLink(address, client, Outbox(self.home.outbox, address.url)))
+        for link in self.links:
+            self._loops += [asyncio.create_task(self._lease_loop(link), name=f"lease {link.address.url}"),
+                            asyncio.create_task(self._heartbeat_loop(link), name="heartbeat"),
+                            asyncio.create_task(self._flush_loop(link), name="flush")]
+        log.info("agent %s running with %d slot(s) on %d board(s)", self.identity.id, self.settings.slots,
+                 len(self.links))
+        await stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop leasing; let running tasks finish for drain_s; release the rest; deliver results."""
+        self.stopping = True
+        leasers = [t for t in self._loops if t.get_name().startswith("lease")]
+        for task in leasers:
+            task.cancel()
+        await asyncio.gather(*leasers, return_exceptions=True)
+        if self._tasks:
+            log.info("draining %d running task(s) for up to %.0f s", len(self._tasks), self.settings.drain_s)
+            _, still = await asyncio.wait(self._tasks, timeout=self.settings.drain_s)
+            for link in self.links:
+                for task_id, running in list(link.running.items()):
+                    running.lost = True
+                    running.cancel.set()
+                    with contextlib.suppress(PanalError):
+                        await link.client.call("POST", f"/v1/tasks/{task_id}/release",
+                                               {"lease_id": running.assignment["lease_id"]}, retry=False,
+                                               timeout_s=5.0)
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+        for link in self.links:
+            if link.pending:
+                await self._deliver(link, retry=False)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.pool.close()
+        for link in self.links:
+            await link.client.close()
+
+    # -- slots ----------------------------------------------------------------------------------
+    async def _reserve(self) -> int:
+        async with self.slot_freed:
+            await self.slot_freed.wait_for(lambda: self.free > 0 and self.paused_reason is None)
+            share = max(1, self.free // max(1, len(self.links)))
+            self.free -= share
+            return share
+
+    async def _unreserve(self, n: int) -> None:
+        if n <= 0:
+            return
+        async with self.slot_freed:
+            self.free += n
+            self.slot_freed.notify_all()
+
+    # -- loops ----------------------------------------------------------------------------------
+    async def _register(self, link: BoardLink) -> None:
+        body = {"public_key": self.identity.public.text(), "name": self.settings.name or platform.node(),
+                "capabilities": self.capabilities}
+        while True:
+            try:
+                reply = await link.client.call("POST", "/v1/agents", body)
+                link.lease_ttl_s = float(reply.get("lease_ttl_s", 30.0))
+                link.registered = True
+                log.info("registered with %s as %s", link.address.url, self.identity.id)
+                return
+            except PanalError as exc:
+                log.warning("cannot register with %s: %s", link.address.url, exc.message)
+                await asyncio.sleep(max(1.0, link.client.breaker.retry_in()))
+
+    async def _lease_loop(self, link: BoardLink) -> None:
+        await self._register(link)
+        while not self.stopping:
+            n = await self._reserve()
+            sent = link.take_pending()
+            try:
+                reply = await link.client.call(
+                    "POST", "/v1/lease", {"slots": n, "wait_s": self.settings.poll_wait_s, "results": sent},
+                    timeout_s=self.settings.poll_wait_s + 15.0)
+            except asyncio.CancelledError:
+                link.pending[:0] = sent
+                await self._unreserve(n)
+                raise
+            except PanalError as exc:
+                link.pending[:0] = sent
+                await self._unreserve(n)
+                if exc.code == "not_registered":
+                    await self._register(link)
+                    continue
+                log.warning("lease from %s failed: %s", link.address.url, exc.message)
+                await asyncio.sleep(max(1.0, link.client.breaker.retry_in()))
+                continue
+            link.settle(sent, reply.get("results", []))
+            tasks = reply.get("tasks", [])
+            await self._unreserve(n - len(tasks))
+            for assignment in tasks:
+                task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment['task_id']}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeat_loop(self, link: BoardLink) -> None:
+        while True:
+            await asyncio.sleep(max(0.2, link.lease_ttl_s / 3))
+            if not link.running:
+                continue
+            leases = [{"task_id": tid, "lease_id": r.assignment["lease_id"], "progress": r.progress}
+                      for tid, r in link.running.items()]
+            try:
+                reply = await link.client.call("POST", "/v1/heartbeat", {"leases": leases}, timeout_s=10.0)
+            except PanalError as exc:
+                log.warning("heartbeat to %s failed: %s", link.address.url, exc.message)
+                continue
+            for lost in reply.get("lost", []):
+                running = link.running.get(lost.get("task_id"))
+                if running is not None:
+                    log.warning("task %s no longer leased to us (%s): stopping it", lost["task_id"], lost["reason"])
+                    running.lost = True
+                    running.cancel.set()
+
+    async def _flush_loop(self, link: BoardLink) -> None:
+        while True:
+            await link.flush.wait()
+            link.flush.clear()
+            await asyncio.sleep(0.005)  # a lease request about to go out will carry them
+            if link.pending:
+                await self._deliver(link, retry=True)
+
+    async def _deliver(self, link: BoardLink, retry: bool) -> None:
+        sent = link.take_pending()
+        try:
+            reply = await link.client.call("POST", "/v1/results", {"results": sent}, retry=retry, timeout_s=15.0)
+        except PanalError as exc:
+            link.pending[:0] = sent
+            log.warning("results for %s kept in the outbox: %s", link.address.url, exc.message)
+            if retry and not self.stopping:
+                asyncio.get_running_loop().call_later(max(1.0, link.client.breaker.retry_in()), link.flush.set)
+            return
+        link.settle(sent, reply.get("results", []))
+
+    # -- running a task -------------------------------------------------------------------------
+    async def _execute(self, link: BoardLink, assignment: dict[str, Any]) -> None:
+        task_id = str(assignment["task_id"])
+        running = Running(assignment)
+        link.running[task_id] = running
+        started = time.time()
+        workdir = self.home.work / task_id
+        try:
+            _, manifest = self.manifests.check(assignment)
+            request = TaskRequest(kind=manifest.kind, params=assignment["params"], timeout_s=manifest.timeout_s,
+                                  workdir=str(workdir), threads=self.threads,
+                                  max_memory_gb=manifest.max_memory_gb)
+            async with self.pool.worker() as worker:
+                outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel)
+        except PanalError as exc:
+            outcome = Outcome.failed(FailureClass.UNSUPPORTED, exc.message, started)
+        except Exception as exc:  # the daemon itself must survive anything a task does
+            log.exception("running task %s failed", task_id)
+            outcome = Outcome.failed(FailureClass.ERROR, f"agent error: {exc}", started)
+        finally:
+            link.running.pop(task_id, None)
+            shutil.rmtree(workdir, ignore_errors=True)
+        if not running.lost:
+            record = self._sign(assignment, outcome)
+            link.outbox.save(task_id, record)
+            link.pending.append(record)
+            link.flush.set()
+            if outcome.ok:
+                link.done += 1
+            else:
+                link.failed += 1
+                log.warning("task %s failed (%s): %s", task_id, outcome.error_class, outcome.error)
+        await self._unreserve(1)
+
+    def _sign(self, assignment: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "task_id": assignment["task_id"], "job_id": assignment["job_id"],
+            "lease_id": assignment["lease_id"], "attempt": assignment["attempt"], "agent_id": self.identity.id,
+            "status": "ok" if outcome.ok else "failed", "started_at": outcome.started_at,
+            "finished_at": outcome.finished_at, "metrics": outcome.metrics, "notes": outcome.notes,
+        }
+        if outcome.ok:
+            payload["values"] = outcome.values
+        else:
+            payload["error_class"] = outcome.error_class or FailureClass.ERROR.value
+            payload["error"] = outcome.error or ""
+        return SignedRecord.sign(self.identity, payload).to_wire()
+
+    # -- state, for `panal agent status` --------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.identity.id, "slots": self.settings.slots, "free": self.free,
+            "paused": self.paused_reason,
+            "boards": [{"url": link.address.url, "registered": link.registered,
+                        "breaker": link.client.breaker.state.value, "outbox": len(link.pending),
+                        "done": link.done, "failed": link.failed,
+                        "running": [{"task_id": tid, "kind": r.assignment.get("kind"), "progress": r.progress}
+                                    for tid, r in link.running.items()]}
+                       for link in self.links],
+        }
+

@@ -1,0 +1,54 @@
+"""Results waiting for a board's acknowledgement, kept on disk so a restart loses none.
+
+A finished task's signed result is written here (atomically, fsynced) before the daemon tries to
+deliver it, and deleted only after the board answered ``accepted``, ``duplicate`` or a definitive
+rejection. After a crash or a long outage the agent delivers what is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+__all__ = ["Outbox"]
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    def __init__(self, root: Path, board_url: str) -> None:
+        self.dir = root / hashlib.sha256(board_url.encode()).hexdigest()[:16]
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, task_id: str) -> Path:
+        return self.dir / f"{task_id}.result"
+
+    def save(self, task_id: str, record: dict[str, Any]) -> None:
+        path = self._path(task_id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(msgpack.packb(record, use_bin_type=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def remove(self, task_id: str) -> None:
+        self._path(task_id).unlink(missing_ok=True)
+
+    def load(self) -> list[dict[str, Any]]:
+        records = []
+        for path in sorted(self.dir.glob("*.result")):
+            try:
+                records.append(msgpack.unpackb(path.read_bytes(), raw=False))
+            except (ValueError, msgpack.ExtraData, msgpack.UnpackException):
+                log.warning("dropping unreadable outbox entry %s", path)
+                path.unlink(missing_ok=True)
+        return records
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.dir.glob("*.result"))

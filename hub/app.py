@@ -1,0 +1,240 @@
+"""The board's HTTP API (aiohttp): routes, body codec and the error mapping.
+
+Bodies are msgpack by default and JSON for clients that send or accept ``application/json``.
+Every error leaves as ``{"error": code, "message": ...}`` with the status of its exception class;
+nothing else (no traceback) ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from hub.auth import Authenticator
+from hub.board import Board, job_summary
+from hub.config import HubConfig
+from hub.records import JobState
+from jobs.wire import JSON, MSGPACK, decode_body, encode_body
+from security.errors import BadRequest, Forbidden, NotFound, PanalError, PayloadTooLarge
+from security.identity import PublicKey
+
+__all__ = ["BOARD_KEY", "create_app", "reply"]
+
+log = logging.getLogger(__name__)
+BOARD_KEY = web.AppKey("board", Board)
+AUTH_KEY = web.AppKey("auth", Authenticator)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _wants_json(request: web.Request) -> bool:
+    return JSON in request.headers.get("Accept", "") or request.content_type == JSON
+
+
+def reply(request: web.Request, value: Any, status: int = 200) -> web.Response:
+    content_type = JSON if _wants_json(request) else MSGPACK
+    return web.Response(body=encode_body(value, content_type), status=status, content_type=content_type)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except PanalError as exc:
+        return reply(request, exc.to_body(), exc.status)
+    except web.HTTPRequestEntityTooLarge as exc:
+        err = PayloadTooLarge(f"request body too large: {exc.text}", code="body_too_large")
+        return reply(request, err.to_body(), err.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body = {"error": exc.reason.lower().replace(" ", "_"), "message": exc.text or exc.reason}
+        return reply(request, body, exc.status)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return reply(request, {"error": "internal", "message": "internal error (logged on the board)"}, 500)
+
+
+async def _body(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    data = await request.read()
+    value = decode_body(data, request.content_type if request.body_exists else "")
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a map", code="malformed_body")
+    return data, value
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name, default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise BadRequest(f"{name}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _list(body: dict[str, Any], name: str) -> list[Any]:
+    value = body.get(name, [])
+    if not isinstance(value, list):
+        raise BadRequest(f"{name}: expected a list, got {type(value).__name__}")
+    return value
+
+
+class Api:
+    def __init__(self, board: Board, auth: Authenticator, config: HubConfig) -> None:
+        self.board, self.auth, self.config = board, auth, config
+
+    # -- agents ---------------------------------------------------------------------------------
+    async def register(self, request: web.Request) -> web.Response:
+        data, body = await _body(request)
+        key_text = body.get("public_key")
+        if not isinstance(key_text, str):
+            raise BadRequest("public_key: expected the agent's key as text (ed25519:...)")
+        key = PublicKey.parse(key_text)
+        await self.auth.verify(request, extra_key=key, body=data)
+        if not self.config.open_registration and key.id not in self.board.agents:
+            raise Forbidden(
+                f"registration is closed on this board; ask its admin to admit agent {key.id}",
+                code="registration_closed")
+        caps = body.get("capabilities", {})
+        if not isinstance(caps, dict):
+            raise BadRequest("capabilities: expected a map")
+        agent = await self.board.register_agent(key, str(body.get("name", "")), caps)
+        return reply(request, {"agent_id": agent.row.id, "lease_ttl_s": self.config.lease_ttl_s,
+                               "max_poll_wait_s": self.config.max_poll_wait_s,
+                               "max_tasks_per_lease": self.config.max_tasks_per_lease})
+
+    async def lease(self, request: web.Request) -> web.Response:
+        data, body = await _body(request)
+        agent_id = await self.auth.agent(request, data)
+        outcomes = await self.board.accept(agent_id, _list(body, "results"))
+        tasks = await self.board.lease(agent_id, int(_number(body, "slots", 1)),
+                                       _number(body, "wait_s", 0.0))
+        return reply(request, {"tasks": tasks, "results": [o.to_wire() for o in outcomes]})
+
+    async def results(self, request: web.Request) -> web.Response:
+        data, body = await _body(request)
+        agent_id = await self.auth.agent(request, data)
+        outcomes = await self.board.accept(agent_id, _list(body, "results"))
+        return reply(request, {"results": [o.to_wire() for o in outcomes]})
+
+    async def task_result(self, request: web.Request) -> web.Response:
+        data, body = await _body(request)
+        agent_id = await self.auth.agent(request, data)
+        [outcome] = await self.board.accept(agent_id, [body.get("result")])
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.task_id != request.match_info["task_id"]:
+            raise BadRequest("the result is for another task than the URL names")
+        return reply(request, outcome.to_wire())
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        data, body = await _body(request)
+        agent_id = await self.auth.agent(request, data)
+        return reply(request, await self.board.heartbeat(agent_id, _list(body, "leases")))
+
+    async def release(self, request: web.Request) -> web.Response:
+        data, body = await _body(request)
+        agent_id = await self.auth.agent(request, data)
+        await self.board.release(agent_id, request.match_info["task_id"], str(body.get("lease_id")))
+        return reply(request, {"released": request.match_info["task_id"]})
+
+    # -- submitters -----------------------------------------------------------------------------
+    async def submit(self, request: web.Request) -> web.Response:
+        data, body = await _body(request)
+        submitter = await self.auth.submitter(request, data)
+        job, created = await self.board.submit(body.get("envelope"), submitter)
+        view = await self.board.job_view(job.id)
+        return reply(request, {"job": view, "created": created}, 201 if created else 200)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        data = await request.read()
+        await self.auth.submitter(request, data)
+        state_text = request.query.get("state")
+        try:
+            state = JobState(state_text) if state_text else None
+        except ValueError as exc:
+            raise BadRequest(f"state: expected one of {', '.join(s.value for s in JobState)}") from exc
+        limit = _int_query(request, "limit", 200)
+        jobs = await self.board.store.list_jobs(state, limit)
+        views = []
+        for job in jobs:
+            counts = ({s.value: n for s, n in self.board.counts[job.id].items() if n}
+                      if job.id in self.board.jobs else {"done": job.n_tasks} if job.state == JobState.SUCCEEDED
+                      else {})
+            views.append(job_summary(self.board.jobs.get(job.id, job), counts))
+        return reply(request, {"jobs": views})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        await self.auth.submitter(request, await request.read())
+        job_id = request.match_info["job_id"]
+        wait_s = min(float(_int_query(request, "wait", 0)), self.config.max_poll_wait_s)
+        view = await self.board.job_view(job_id)
+        if wait_s > 0 and view["state"] in ("queued", "running"):
+            await self.board.wait_job(job_id, wait_s)
+            view = await self.board.job_view(job_id)
+        return reply(request, {"job": view})
+
+    async def job_tasks(self, request: web.Request) -> web.Response:
+        await self.auth.submitter(request, await request.read())
+        job_id = request.match_info["job_id"]
+        await self.board.job_view(job_id)
+        if job_id in self.board.jobs:
+            tasks = [self.board.tasks[f"{job_id}.{i}"] for i in range(self.board.jobs[job_id].n_tasks)]
+        else:
+            tasks = await self.board.store.get_tasks(job_id)
+        return reply(request, {"tasks": [
+            {"id": t.id, "idx": t.idx, "state": t.state.value, "attempt": t.attempt, "agent": t.agent_id,
+             "progress": t.progress, "error": t.error, "error_class": t.error_class} for t in tasks]})
+
+    async def job_results(self, request: web.Request) -> web.Response:
+        await self.auth.submitter(request, await request.read())
+        job_id = request.match_info["job_id"]
+        view = await self.board.job_view(job_id)
+        rows = await self.board.store.get_results(job_id)
+        job = self.board.jobs.get(job_id) or await self.board.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return reply(request, {"job": view, "envelope": job.envelope, "results": [
+            {"task_id": r.task_id, "attempt": r.attempt, "agent": r.agent_id, "digest": r.digest,
+             "record": r.record} for r in rows]})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        submitter = await self.auth.submitter(request, await request.read())
+        job = await self.board.cancel(request.match_info["job_id"], submitter)
+        return reply(request, {"job": await self.board.job_view(job.id)})
+
+    # -- public ---------------------------------------------------------------------------------
+    async def status(self, request: web.Request) -> web.Response:
+        return reply(request, self.board.status())
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        return max(0, int(float(text)))
+    except ValueError as exc:
+        raise BadRequest(f"query parameter {name}: expected a number, got {text!r}") from exc
+
+
+def create_app(board: Board, config: HubConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    auth = Authenticator(board, config.signature_skew_s)
+    app[BOARD_KEY] = board
+    app[AUTH_KEY] = auth
+    api = Api(board, auth, config)
+    app.router.add_post("/v1/agents", api.register)
+    app.router.add_post("/v1/lease", api.lease)
+    app.router.add_post("/v1/results", api.results)
+    app.router.add_post("/v1/heartbeat", api.heartbeat)
+    app.router.add_post("/v1/tasks/{task_id}/result", api.task_result)
+    app.router.add_post("/v1/tasks/{task_id}/release", api.release)
+    app.router.add_post("/v1/jobs", api.submit)
+    app.router.add_get("/v1/jobs", api.list_jobs)
+    app.router.add_get("/v1/jobs/{job_id}", api.get_job)
+    app.router.add_get("/v1/jobs/{job_id}/tasks", api.job_tasks)
+    app.router.add_get("/v1/jobs/{job_id}/results", api.job_results)
+    app.router.add_delete("/v1/jobs/{job_id}", api.cancel)
+    app.router.add_get("/v1/status", api.status)
+    return app

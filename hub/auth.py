@@ -1,0 +1,94 @@
+"""Who is calling: signature verification, replay protection and roles for board requests.
+
+Agents are known from registration; submitters from the store's ``submitters`` table, which the
+hub admin edits with ``panal hub submitters add`` while the board runs, so an unknown key makes
+the board re-read that table (at most once a second) before refusing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from hub.board import Board
+from security.errors import Forbidden
+from security.httpsig import SignatureParams, verify_request
+from security.identity import PublicKey
+from security.replay import ReplayCache
+
+__all__ = ["Authenticator", "Caller"]
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str
+    body: bytes
+
+
+class Authenticator:
+    def __init__(self, board: Board, skew_s: float) -> None:
+        self.board = board
+        self.skew_s = skew_s
+        self.replay = ReplayCache(skew_s)
+        self.submitters: dict[str, tuple[PublicKey, str]] = {}
+        self._loaded_at = 0.0
+
+    async def refresh_submitters(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._loaded_at < 1.0:
+            return
+        self._loaded_at = now
+        rows = await self.board.store.list_submitters()
+        self.submitters = {key_id: (PublicKey.parse(text), name) for key_id, text, name in rows}
+
+    async def verify(self, request: web.Request, extra_key: PublicKey | None = None,
+                     body: bytes | None = None) -> SignatureParams:
+        """Verify the request's signature against known keys (and ``extra_key``, for registration)."""
+        if body is None:
+            body = await request.read()
+        keyid = _keyid_hint(request)
+        if keyid and keyid not in self.board.agents and keyid not in self.submitters \
+                and (extra_key is None or extra_key.id != keyid):
+            await self.refresh_submitters()
+
+        def lookup(key_id: str) -> PublicKey | None:
+            if extra_key is not None and extra_key.id == key_id:
+                return extra_key
+            agent = self.board.agents.get(key_id)
+            if agent is not None:
+                return agent.key
+            entry = self.submitters.get(key_id)
+            return entry[0] if entry else None
+
+        params = verify_request(request.method, request.path, request.query_string, request.headers, body,
+                                lookup, self.skew_s)
+        self.replay.check(params.keyid, params.nonce)
+        return params
+
+    async def agent(self, request: web.Request, body: bytes) -> str:
+        params = await self.verify(request, body=body)
+        if params.keyid not in self.board.agents:
+            raise Forbidden(f"key {params.keyid} is not a registered agent: run `panal agent join`",
+                            code="not_registered")
+        return params.keyid
+
+    async def submitter(self, request: web.Request, body: bytes) -> str:
+        params = await self.verify(request, body=body)
+        if params.keyid not in self.submitters:
+            await self.refresh_submitters(force=True)
+        if params.keyid not in self.submitters:
+            raise Forbidden(f"key {params.keyid} is not an authorised submitter on this board: ask its admin "
+                            f"to run `panal hub submitters add {params.keyid}`", code="not_a_submitter")
+        return params.keyid
+
+
+def _keyid_hint(request: web.Request) -> str | None:
+    text = request.headers.get("signature-input", "")
+    start = text.find('keyid="')
+    if start < 0:
+        return None
+    end = text.find('"', start + 7)
+    return text[start + 7:end] if end > 0 else None
+

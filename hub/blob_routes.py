@@ -1,0 +1,71 @@
+"""``PUT|GET|HEAD /v1/blobs/{sha256}``: the blob store over HTTP, streamed both ways.
+
+Signing a streamed upload: the client hashes the file first and signs the request with
+``Content-Digest: sha-256=:<base64 of that sha256>:``. The board accepts only a digest equal to
+the sha256 in the URL, verifies the signature against it before reading the body, then the store
+checks the streamed bytes against the same sha256. GET/HEAD are signed over an empty body.
+
+Handlers raise :class:`~security.errors.PanalError`; the app's error middleware renders them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from hub.blobs import BlobStore, check_sha256, digest_header_for
+from security.errors import BadRequest, NotFound
+from security.httpsig import content_digest
+
+__all__ = ["Authorize", "Reply", "add_blob_routes"]
+
+#: ``authorize(request, body_digest)`` verifies the request's signature, taking ``body_digest``
+#: as the Content-Digest value the body has (it must not read the body), and returns the key id.
+Authorize = Callable[[web.Request, str | None], Awaitable[str]]
+#: ``reply(request, value, status)`` encodes a response body (the app's msgpack/JSON negotiation).
+Reply = Callable[[web.Request, Any, int], web.Response]
+
+EMPTY_DIGEST = content_digest(b"")
+_CACHE_CONTROL = "private, max-age=31536000, immutable"  # a name never changes its content
+
+
+def _json_reply(request: web.Request, value: Any, status: int) -> web.Response:
+    return web.json_response(value, status=status)
+
+
+def add_blob_routes(app: web.Application, store: BlobStore, authorize: Authorize, *,
+                    reply: Reply = _json_reply) -> None:
+    """Register the blob routes on ``app`` (GET also answers HEAD).
+
+    A PUT answers ``{"sha256", "size", "created"}`` with 201 when stored, 200 when the board
+    already had the blob (the bytes were still verified).
+    """
+
+    async def put_blob(request: web.Request) -> web.Response:
+        sha = check_sha256(request.match_info["sha256"])
+        expected = digest_header_for(sha)
+        claimed = request.headers.get("content-digest")
+        if claimed is not None and claimed.strip() != expected:
+            raise BadRequest(f"Content-Digest {claimed.strip()!r} does not match the blob name {sha} "
+                             f"(expected {expected!r})", code="digest_mismatch")
+        await authorize(request, expected)
+        # put() refuses a declared Content-Length over the cap before reading a byte
+        size, created = await store.put(sha, request.content, request.content_length)
+        return reply(request, {"sha256": sha, "size": size, "created": created}, 201 if created else 200)
+
+    async def get_blob(request: web.Request) -> web.StreamResponse:
+        sha = check_sha256(request.match_info["sha256"])
+        await authorize(request, EMPTY_DIGEST)
+        path = store.path(sha)
+        if not store.exists(sha):
+            raise NotFound(f"no blob {sha} on this board", code="blob_not_found")
+        return web.FileResponse(path, headers={
+            "Content-Type": "application/octet-stream",
+            "Cache-Control": _CACHE_CONTROL,
+            "Repr-Digest": digest_header_for(sha),
+        })
+
+    app.router.add_put("/v1/blobs/{sha256}", put_blob)
+    app.router.add_get("/v1/blobs/{sha256}", get_blob)

@@ -1,0 +1,61 @@
+"""Running a board: store + board + HTTP(S) server, with a graceful drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from hub.app import create_app
+from hub.board import Board
+from hub.config import HubConfig
+from hub.sqlite_store import SqliteStore
+from security.identity import PublicKey
+
+__all__ = ["BoardServer"]
+
+log = logging.getLogger(__name__)
+
+
+class BoardServer:
+    """One board served on one port. ``start`` returns the bound port (config.port may be 0)."""
+
+    def __init__(self, config: HubConfig, db_path: Path, ssl_context: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.board = Board(SqliteStore(db_path, config.sqlite_synchronous), config)
+        self.app = create_app(self.board, config)
+        self.ssl_context = ssl_context
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        await self.board.start()
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.bind, self.config.port, ssl_context=self.ssl_context,
+                           backlog=1024, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None and isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def add_submitter(self, key: PublicKey, name: str) -> None:
+        await self.board.store.add_submitter(key.id, key.text(), name)
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop leasing, give running leases time to finish (up to drain_timeout_s), then close."""
+        self.board.leasing = False
+        if drain:
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            # Leases end in several ways (result, release, expiry): polling is the simplest honest wait.
+            while time.monotonic() < deadline and any(a.running for a in self.board.agents.values()):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.board.stop()

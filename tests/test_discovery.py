@@ -1,0 +1,471 @@
+"""LAN discovery: real mDNS between processes in separate network namespaces.
+
+Each "agent" is this file run as a program (``node`` below) on a lab host: it announces and/or
+browses, prints its peer-table events as JSON lines and obeys commands on stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ifaddr
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the node runs as a plain script
+
+import netns
+from netns import NetnsLab
+
+from agent.discovery import (
+    Announcement,
+    InterfacePolicy,
+    LanAnnouncer,
+    LanBrowser,
+    Peer,
+    PeerEvent,
+    PeerState,
+    PeerTable,
+    open_zeroconf,
+    select_addresses,
+)
+from security.errors import BadRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+netns_lab, lan_lab = netns.netns_lab, netns.lan_lab  # the lab fixtures, for this module
+FP = "ab" * 32
+
+
+# ------------------------------------------------------------------ the node program
+
+
+async def _node(args: argparse.Namespace) -> None:
+    def emit(ev: str, **data: Any) -> None:
+        print(json.dumps({"ev": ev, "t": time.time(), **data}), flush=True)
+
+    policy = InterfacePolicy(allow=tuple(args.allow), allow_public=args.allow_public, ipv6=False)
+    addresses = select_addresses(policy)
+    zc = open_zeroconf(addresses)
+    announcer = None
+    if args.announce:
+        ann = Announcement(args.id, args.port, FP, tuple(args.caps.split(",")), args.slots, args.work)
+        announcer = LanAnnouncer(zc, ann, addresses, refresh_s=args.refresh)
+        await announcer.start()
+
+    async def on_change(event: PeerEvent, peer: Peer) -> None:
+        emit(str(event), peer=peer.to_dict())
+
+    table = PeerTable(ttl_s=args.ttl, max_failures=args.max_failures)
+    browser = LanBrowser(zc, self_id=args.id, table=table, on_change=on_change) if args.browse else None
+    if browser is not None:
+        await browser.start()
+    emit("ready", announced=announcer.addresses if announcer else [])
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().split():
+        cmd, rest = line[0], line[1:]
+        if cmd == "update" and announcer is not None:
+            await announcer.update(slots=int(rest[0]), work=rest[1] == "1")
+        elif cmd == "fail" and browser is not None:
+            browser.mark_failed(rest[0])
+        elif cmd == "table" and browser is not None:
+            emit("table", peers=json.loads(table.to_json()))
+        elif cmd == "close":
+            break
+        emit("done", cmd=cmd)
+    if browser is not None:
+        await browser.close()
+    if announcer is not None:
+        await announcer.close()
+    await zc.async_close()
+    emit("closed")
+
+
+def _node_main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--id", required=True)
+    p.add_argument("--port", type=int, default=7443)
+    p.add_argument("--caps", default="cpu")
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--work", action="store_true")
+    p.add_argument("--ttl", type=float, default=10.0)
+    p.add_argument("--refresh", type=float, default=3.0)
+    p.add_argument("--max-failures", type=int, default=3)
+    p.add_argument("--allow", action="append", default=[])
+    p.add_argument("--allow-public", action="store_true")
+    p.add_argument("--no-announce", dest="announce", action="store_false")
+    p.add_argument("--no-browse", dest="browse", action="store_false")
+    asyncio.run(_node(p.parse_args()))
+
+
+# ------------------------------------------------------------------ driving nodes from a test
+
+
+class Node:
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc, self.name = proc, name
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, lab: Any, host: int, node_id: str, *args: str) -> Node:
+        argv = lab.argv(host, [sys.executable, __file__, "--id", node_id, *args])
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        node = cls(proc, node_id)
+        await node.wait(lambda e: e["ev"] == "ready", 10)
+        return node
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.events.append(json.loads(line))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
+        """The first event (past or future) matching ``pred``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for event in self.events:
+                if pred(event):
+                    return event
+            if self.proc.returncode is not None and self._reader.done():
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}); events: {self.events}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.name}: no matching event in {timeout_s}s; events: {self.events}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    async def peer_event(self, kind: str, peer_id: str, timeout_s: float, after: float = 0) -> dict[str, Any]:
+        event = await self.wait(
+            lambda e: e["ev"] == kind and e["peer"]["id"] == peer_id and e["t"] >= after, timeout_s
+        )
+        return event
+
+    def saw(self, kind: str, peer_id: str, after: float = 0) -> bool:
+        return any(e["ev"] == kind and e.get("peer", {}).get("id") == peer_id and e["t"] >= after
+                   for e in self.events)
+
+    async def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def table(self) -> list[dict[str, Any]]:
+        before = len(self.events)
+        await self.send("table")
+        event = await self.wait(lambda e: e["ev"] == "table" and self.events.index(e) >= before, 5)
+        peers: list[dict[str, Any]] = event["peers"]
+        return peers
+
+    async def close(self) -> float:
+        """Graceful stop; returns when it was asked to."""
+        asked = time.time()
+        await self.send("close")
+        await self.wait(lambda e: e["ev"] == "closed", 10)
+        await self.proc.wait()
+        return asked
+
+    async def kill(self) -> float:
+        killed = time.time()
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        return killed
+
+
+@pytest.fixture
+async def nodes() -> Any:
+    started: list[Node] = []
+    yield started
+    for node in started:
+        if node.proc.returncode is None:
+            node.proc.kill()
+            await node.proc.wait()
+        node._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await node._reader
+        if node.proc.stdin is not None:
+            node.proc.stdin.close()
+
+
+async def _start(nodes: list[Node], lab: Any, host: int, node_id: str, *args: str) -> Node:
+    node = await Node.start(lab, host, node_id, *args)
+    nodes.append(node)
+    return node
+
+
+# ------------------------------------------------------------------ the lab tests
+
+
+async def test_announcers_and_browser_discover_each_other_with_txt(
+    lan_lab: NetnsLab, nodes: list[Node]
+) -> None:
+    lab = lan_lab
+    t0 = time.time()
+    a = await _start(nodes, lab, 1, "agenta", "--port", "7001", "--caps", "cpu,cuda", "--slots", "3")
+    b = await _start(nodes, lab, 2, "agentb", "--port", "7002", "--work")
+    c = await _start(nodes, lab, 3, "watcher", "--no-announce")
+
+    seen_a = (await c.peer_event("added", "agenta", 5))["peer"]
+    seen_b = (await c.peer_event("added", "agentb", 5))["peer"]
+    await a.peer_event("added", "agentb", 5)
+    await b.peer_event("added", "agenta", 5)
+    assert not c.saw("added", "watcher") and not a.saw("added", "agenta")  # no self, no ghost
+    assert seen_a["addresses"] == [lab.addr(1)] and seen_b["addresses"] == [lab.addr(2)]
+    assert (seen_a["port"], seen_a["fingerprint"], seen_a["caps"], seen_a["slots"], seen_a["work"]) == (
+        7001, FP, ["cpu", "cuda"], 3, False)
+    assert (seen_b["port"], seen_b["caps"], seen_b["slots"], seen_b["work"]) == (7002, ["cpu"], 2, True)
+    assert seen_a["version"] == "1" and seen_a["state"] == "alive"
+    took = max(seen_a["last_seen"], seen_b["last_seen"]) - t0
+    print(f"discovery of 2 peers: {took:.2f}s after the first start")
+
+    changed = time.time()
+    await a.send("update 0 1")
+    updated = (await c.peer_event("updated", "agenta", 5, after=changed))["peer"]
+    assert (updated["slots"], updated["work"]) == (0, True)
+    assert {p["id"] for p in await c.table()} == {"agenta", "agentb"}
+
+
+async def test_clean_close_removes_peer_at_once(lan_lab: NetnsLab, nodes: list[Node]) -> None:
+    lab = lan_lab
+    a = await _start(nodes, lab, 1, "agenta", "--ttl", "30")
+    b = await _start(nodes, lab, 2, "agentb", "--ttl", "30")
+    c = await _start(nodes, lab, 3, "watcher", "--no-announce", "--ttl", "30")
+    for peer in ("agenta", "agentb"):
+        await c.peer_event("added", peer, 5)
+    asked = await a.close()
+    removed = await c.peer_event("removed", "agenta", 3)
+    took = removed["t"] - asked
+    print(f"removal after goodbye: {took:.2f}s")
+    assert took < 1.5  # far below any TTL: the goodbye did it
+    assert [p["id"] for p in await c.table()] == ["agentb"]
+    assert not c.saw("removed", "agentb") and not b.saw("removed", "agentb")
+
+
+async def test_sigkilled_peer_leaves_within_ttl_and_returns_on_reannounce(
+    lan_lab: NetnsLab, nodes: list[Node]
+) -> None:
+    lab = lan_lab
+    ttl, refresh = 2.5, 0.6
+    fast = ("--ttl", str(ttl), "--refresh", str(refresh))
+    await _start(nodes, lab, 1, "agenta", *fast)
+    b = await _start(nodes, lab, 2, "agentb", *fast)
+    c = await _start(nodes, lab, 3, "watcher", "--no-announce", *fast)
+    for peer in ("agenta", "agentb"):
+        await c.peer_event("added", peer, 5)
+
+    killed = await b.kill()
+    removed = await c.peer_event("removed", "agentb", ttl + 3)
+    took = removed["t"] - killed
+    print(f"removal after SIGKILL (ttl {ttl}s, refresh {refresh}s): {took:.2f}s")
+    assert ttl - refresh - 0.3 <= took <= ttl + 1.5
+    assert removed["peer"]["state"] == "gone"
+    # the live peer, refreshed by its heartbeats, outlives the TTL several times over
+    await asyncio.sleep(ttl)
+    assert not c.saw("removed", "agenta")
+    assert [p["id"] for p in await c.table()] == ["agenta"]
+
+    # the same agent restarts: zeroconf still caches its PTR, yet the re-announcement revives it
+    restarted = time.time()
+    await _start(nodes, lab, 2, "agentb", *fast)
+    back = await c.peer_event("added", "agentb", 5, after=restarted)
+    print(f"return after restart: {back['t'] - restarted:.2f}s")
+
+
+async def test_failed_contacts_drop_peer_until_it_reannounces(lan_lab: NetnsLab, nodes: list[Node]) -> None:
+    lab = lan_lab
+    await _start(nodes, lab, 1, "agenta", "--refresh", "1.5", "--max-failures", "3")
+    c = await _start(nodes, lab, 3, "watcher", "--no-announce", "--max-failures", "3")
+    await c.peer_event("added", "agenta", 5)
+    start = time.time()
+    for _ in range(2):
+        await c.send("fail agenta")
+    suspect = await c.wait(lambda e: e["ev"] == "updated" and e["peer"]["failures"] == 2, 3)
+    assert suspect["peer"]["state"] == "suspect"
+    await c.send("fail agenta")
+    gone = await c.peer_event("removed", "agenta", 3, after=start)
+    assert gone["peer"]["state"] == "gone"
+    assert await c.table() == [] or not c.saw("added", "agenta", after=gone["t"])
+    back = await c.peer_event("added", "agenta", 4, after=gone["t"])  # its next heartbeat
+    assert back["peer"]["failures"] == 0 and back["peer"]["state"] == "alive"
+
+
+_AVAHI = shutil.which("avahi-browse") and shutil.which("avahi-daemon") and shutil.which("dbus-daemon")
+
+# A private D-Bus system bus and avahi-daemon inside the host's own mount namespace (ip netns exec
+# gives each command one), so nothing touches the machine's real /run.
+_AVAHI_SCRIPT = """
+set -e
+mount -t tmpfs none /run/dbus 2>/dev/null || { mkdir -p /run/dbus; mount -t tmpfs none /run/dbus; }
+mkdir -p /run/avahi-daemon && mount -t tmpfs none /run/avahi-daemon
+dbus-daemon --system --fork --nopidfile
+avahi-daemon --daemonize --no-drop-root --no-chroot --no-rlimits
+for i in $(seq 1 40); do avahi-daemon --check && break; sleep 0.25; done
+for i in $(seq 1 20); do
+  out=$(avahi-browse --resolve --parsable --terminate --no-db-lookup _panal._tcp || true)
+  echo "$out" | grep -q '^=' && { echo "$out"; break; }
+  sleep 0.5
+done
+avahi-daemon --kill || true
+"""
+
+
+async def test_standard_avahi_browser_resolves_the_service(lan_lab: NetnsLab, nodes: list[Node]) -> None:
+    lab = lan_lab
+    if not _AVAHI:
+        reason = "avahi-browse, avahi-daemon, dbus-daemon needed (apt-get install avahi-utils avahi-daemon)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    await _start(nodes, lab, 1, "agenta", "--port", "7001", "--caps", "cpu,rocm", "--slots", "5")
+    proc = await asyncio.create_subprocess_exec(
+        *lab.argv(4, ["sh", "-c", _AVAHI_SCRIPT]), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 40)
+    resolved = [line.split(";") for line in out.decode().splitlines() if line.startswith("=;")]
+    assert resolved, out.decode()
+    _, iface, proto, name, stype, domain, host, address, port, txt = resolved[0][:10]
+    assert (iface, proto, name, stype, domain) == ("eth0", "IPv4", "panal-agenta", "_panal._tcp", "local")
+    assert (host, address, port) == ("panal-agenta.local", lab.addr(1), "7001")
+    assert {f'"{kv}"' for kv in ("id=agenta", "v=1", "port=7001", f"fp={FP}", "caps=cpu,rocm",
+                                 "slots=5", "work=0")} == set(txt.split(" "))
+
+
+async def test_public_addresses_are_never_announced(lan_lab: NetnsLab, nodes: list[Node]) -> None:
+    lab = lan_lab
+    public = "45.79.0.10"
+    lab.sh(4, f"ip addr add {public}/24 dev eth0")
+    try:
+        watcher = await _start(nodes, lab, 3, "watcher", "--no-announce")
+        private = await _start(nodes, lab, 4, "agentd")
+        open_ = await _start(nodes, lab, 4, "agente", "--allow-public")
+        assert private.events[0]["announced"] == [lab.addr(4)]
+        assert set(open_.events[0]["announced"]) == {lab.addr(4), public}  # the check can see it
+        seen_d = (await watcher.peer_event("added", "agentd", 5))["peer"]
+        seen_e = (await watcher.peer_event("added", "agente", 5))["peer"]
+        assert seen_d["addresses"] == [lab.addr(4)]
+        assert public in seen_e["addresses"]
+        # an allow list naming only the interface still never yields the public address
+        named = await _start(nodes, lab, 4, "agentf", "--allow", "eth0")
+        assert named.events[0]["announced"] == [lab.addr(4)]
+    finally:
+        lab.sh(4, f"ip addr del {public}/24 dev eth0", check=False)
+
+
+# ------------------------------------------------------------------ fast local tests
+
+
+def _adapter(name: str, *ips: str | tuple[str, int, int]) -> ifaddr.Adapter:
+    return ifaddr.Adapter(name, name, [ifaddr.IP(ip, 24, name) for ip in ips], index=1)
+
+
+ADAPTERS = [
+    _adapter("lo", "127.0.0.1", ("::1", 0, 1)),
+    _adapter("eth0", "192.168.1.20", "8.8.4.4", ("fe80::1", 0, 2), ("fd00::5", 0, 2), ("2001:4860::1", 0, 2)),
+    _adapter("wg0", "10.8.0.2", "100.64.3.4"),
+    _adapter("wan", "81.2.69.160"),
+]
+
+
+def test_default_policy_takes_private_addresses_only() -> None:
+    chosen = select_addresses(InterfacePolicy(), ADAPTERS)
+    assert [(a.interface, a.ip) for a in chosen] == [
+        ("eth0", "192.168.1.20"), ("wg0", "10.8.0.2"), ("wg0", "100.64.3.4"),
+        ("eth0", "fe80::1"), ("eth0", "fd00::5"),
+    ]
+    assert next(a for a in chosen if a.ip == "fe80::1").scope_id == 2
+
+
+def test_allow_list_by_name_and_network() -> None:
+    by_name = select_addresses(InterfacePolicy(allow=("eth0",), ipv6=False), ADAPTERS)
+    assert [a.ip for a in by_name] == ["192.168.1.20"]
+    by_net = select_addresses(InterfacePolicy(allow=("10.8.0.0/24", "lo")), ADAPTERS)
+    assert [a.ip for a in by_net] == ["127.0.0.1", "10.8.0.2", "::1"]
+    public = select_addresses(InterfacePolicy(allow=("wan",), allow_public=True), ADAPTERS)
+    assert [a.ip for a in public] == ["81.2.69.160"]
+    assert select_addresses(InterfacePolicy(allow=("wan",)), ADAPTERS) == []
+
+
+def test_txt_round_trip_and_malformed() -> None:
+    ann = Announcement("abc", 7443, FP, ("cpu", "cuda"), 4, True)
+    assert ann.txt() == {"id": "abc", "v": "1", "port": "7443", "fp": FP, "caps": "cpu,cuda",
+                         "slots": "4", "work": "1"}
+    assert Announcement.from_txt(dict(ann.txt())) == ann
+    broken_txts: list[dict[str, str | None]] = [
+        {"v": "1", "port": "1", "fp": "x"}, {**ann.txt(), "port": "http"}, {**ann.txt(), "fp": None}]
+    for broken in broken_txts:
+        with pytest.raises(BadRequest):
+            Announcement.from_txt(dict(broken))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_peer_table_liveness_rules() -> None:
+    clock, events = _Clock(), []
+    table = PeerTable(ttl_s=10, max_failures=2, forget_s=60, clock=clock,
+                      listener=lambda ev, p: events.append((str(ev), p.id, str(p.state))))
+    ann = Announcement("p1", 1, FP)
+    table.observe(ann, ["10.0.0.1"])
+    table.observe(ann, ["10.0.0.1"])  # a refresh with nothing new is not a change
+    clock.now += 9
+    assert table.expire() == []
+    table.touch("p1")
+    clock.now += 9
+    assert table.expire() == [] and table.peers()[0].state is PeerState.ALIVE
+    clock.now += 1.5
+    assert [p.id for p in table.expire()] == ["p1"] and table.peers() == []
+    table.touch("p1")  # re-announced: back
+    table.mark_failed("p1")
+    table.mark_alive("p1")
+    table.mark_failed("p1")
+    table.mark_failed("p1")
+    dropped = table.get("p1")
+    assert dropped is not None and dropped.state is PeerState.GONE
+    again = table.mark_failed("p1")  # already gone: no second removal
+    assert again is not None and again.failures == 2
+    table.mark_alive("p1")
+    table.observe(Announcement("p1", 1, FP, slots=3), ["10.0.0.1"])
+    table.goodbye("p1")
+    table.goodbye("p1")
+    assert table.mark_alive("p1") is None and table.mark_failed("nobody") is None
+    assert events == [
+        ("added", "p1", "alive"), ("removed", "p1", "gone"), ("added", "p1", "alive"),
+        ("updated", "p1", "suspect"), ("updated", "p1", "alive"), ("updated", "p1", "suspect"),
+        ("removed", "p1", "gone"), ("added", "p1", "alive"), ("updated", "p1", "alive"),
+        ("removed", "p1", "gone"),
+    ]
+    table.observe(ann, ["10.0.0.9"])
+    table.mark_failed("p1")
+    table.mark_failed("p1")
+    clock.now += 61
+    table.expire()
+    assert table.get("p1") is None  # forgotten
+    assert json.loads(table.to_json()) == []
+
+
+if __name__ == "__main__":
+    _node_main()
