@@ -26,7 +26,6 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 console = Console()
-err_console = Console(stderr=True)
 EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 2, 3, 4
 
 
@@ -45,7 +44,11 @@ class PanalGroup(click.Group):
 
 
 def fail(message: str, status: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    """One clear message, never wrapped: lines like ``file:line:col: path: msg`` stay greppable."""
+    if "\n" in message:  # a list of problems (e.g. a manifest's), one per line
+        click.echo(message, err=True)
+    else:
+        click.echo(click.style("error:", fg="red") + " " + message, err=True)
     sys.exit(status)
 
 
@@ -102,7 +105,7 @@ def validate(files: tuple[Path, ...]) -> None:
         try:
             manifests = load_manifests(path)
         except PanalError as exc:
-            err_console.print(exc.message, highlight=False, markup=False)
+            click.echo(exc.message, err=True)
             problems += 1
             continue
         for m in manifests:

@@ -18,12 +18,14 @@ import logging
 import math
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Protocol
 
 import platformdirs
 
+from agent.home import default_home
 from security.errors import PanalError, Unavailable
 
 __all__ = [
@@ -69,10 +71,15 @@ class ControlHandler(Protocol):
 
 def default_socket_path() -> Path:
     """``$PANAL_HOME/agent.sock`` when PANAL_HOME is set (services, tests, several agents on one
-    machine), else the per-user runtime dir, which the OS keeps private and cleans at logout."""
+    machine), else the per-user runtime dir, which the OS keeps private and cleans at logout.
+    Without XDG_RUNTIME_DIR (containers, some services) platformdirs would fall back to a
+    guessable directory under /tmp that another user could create first; the agent's own
+    private home is used instead."""
     home = os.environ.get("PANAL_HOME")
     if home:
         return Path(home) / SOCKET_NAME
+    if sys.platform.startswith(("linux", "freebsd", "openbsd", "netbsd")) and not os.environ.get("XDG_RUNTIME_DIR"):
+        return default_home() / SOCKET_NAME
     return Path(platformdirs.user_runtime_dir("panal", appauthor=False)) / SOCKET_NAME
 
 
@@ -115,6 +122,10 @@ class ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not parent_existed:
             self.path.parent.chmod(0o700)
+        parent_mode = self.path.parent.stat().st_mode
+        if parent_mode & stat.S_IWOTH and not parent_mode & stat.S_ISVTX:
+            raise ControlError(f"{self.path.parent} is writable by every user, who could replace the "
+                               "control socket: choose a private directory (PANAL_HOME)")
         if self.path.exists() or self.path.is_symlink():
             if _alive(self.path):
                 raise ControlError(f"another agent is already running (its control socket is {self.path})")

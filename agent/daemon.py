@@ -147,7 +147,6 @@ class Daemon:
             self.links.append(BoardLink(address, client, Outbox(self.home.outbox, address.url)))
         for link in self.links:
             self._loops += [asyncio.create_task(self._lease_loop(link), name=f"lease {link.address.url}"),
-                            asyncio.create_task(self._heartbeat_loop(link), name="heartbeat"),
                             asyncio.create_task(self._flush_loop(link), name="flush")]
         log.info("agent %s running with %d slot(s) on %d board(s)", self.identity.id, self.settings.slots,
                  len(self.links))
@@ -216,6 +215,8 @@ class Daemon:
 
     async def _lease_loop(self, link: BoardLink) -> None:
         await self._register(link)
+        # Heartbeats start once the board has told us its lease TTL.
+        self._loops.append(asyncio.create_task(self._heartbeat_loop(link), name="heartbeat"))
         while not self.stopping:
             n = await self._reserve()
             sent = link.take_pending()
@@ -246,7 +247,7 @@ class Daemon:
 
     async def _heartbeat_loop(self, link: BoardLink) -> None:
         while True:
-            await asyncio.sleep(max(0.2, link.lease_ttl_s / 3))
+            await asyncio.sleep(max(0.2, link.lease_ttl_s / 4))
             if not link.running:
                 continue
             leases = [{"task_id": tid, "lease_id": r.assignment["lease_id"], "progress": r.progress}

@@ -10,8 +10,10 @@ kind that prints cannot corrupt the protocol.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -121,7 +123,25 @@ def _failure(failure: FailureClass, message: str, started: float) -> dict[str, A
             "finished_at": time.time()}
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker if the daemon dies (even by SIGKILL), so an
+    orphaned task never keeps running on a volunteer's machine."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def main() -> None:
+    _die_with_parent()
+    try:
+        _serve()
+    except BrokenPipeError:  # the daemon is gone: nobody to report to
+        os._exit(1)
+
+
+def _serve() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer

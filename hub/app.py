@@ -20,6 +20,7 @@ from hub.records import JobState
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, Forbidden, NotFound, PanalError, PayloadTooLarge
 from security.identity import PublicKey
+from security.records import SignedRecord
 
 __all__ = ["BOARD_KEY", "create_app", "reply"]
 
@@ -141,7 +142,8 @@ class Api:
     # -- submitters -----------------------------------------------------------------------------
     async def submit(self, request: web.Request) -> web.Response:
         data, body = await _body(request)
-        submitter = await self.auth.submitter(request, data)
+        envelope = SignedRecord.from_wire(body.get("envelope"))
+        submitter = await self.auth.submitter(request, data, extra_key=envelope.key)
         job, created = await self.board.submit(body.get("envelope"), submitter)
         view = await self.board.job_view(job.id)
         return reply(request, {"job": view, "created": created}, 201 if created else 200)

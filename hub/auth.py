@@ -74,8 +74,10 @@ class Authenticator:
                             code="not_registered")
         return params.keyid
 
-    async def submitter(self, request: web.Request, body: bytes) -> str:
-        params = await self.verify(request, body=body)
+    async def submitter(self, request: web.Request, body: bytes, extra_key: PublicKey | None = None) -> str:
+        """Verify and require an authorised submitter. ``extra_key`` (the key a submitted manifest
+        carries) lets an unknown key prove itself, so it gets a 403 naming it rather than a 401."""
+        params = await self.verify(request, extra_key=extra_key, body=body)
         if params.keyid not in self.submitters:
             await self.refresh_submitters(force=True)
         if params.keyid not in self.submitters:

@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class LocalContext:
     workdir: Path
     device: str = "cpu"
     threads: int = 1
-    inputs: dict[str, Path] = field(default_factory=dict)
+    inputs: Mapping[str, Path] = field(default_factory=dict)
     devices: tuple[str, ...] = ("cpu",)
     crash_after_checkpoints: int | None = None
     fractions: list[float] = field(default_factory=list)
@@ -60,6 +61,7 @@ def run(kind: str, params: dict[str, Any], tmp_path: Path, **ctx_args: Any) -> t
     work = tmp_path / f"work-{kind}-{len(list(tmp_path.iterdir()))}"
     work.mkdir()
     ctx = LocalContext(workdir=work, **ctx_args)
+    torch.set_num_threads(ctx.threads)   # as the engine does: xdist workers must not fight for cores
     return k.run(k.validate(params), ctx), ctx
 
 
@@ -254,7 +256,7 @@ def test_benchmark_fills_in_the_inner_kinds_defaults() -> None:
 
 @pytest.mark.parametrize(("kind", "params", "path", "message"), [
     ("matmul", {"size": 0}, "spec.params.size", "expected a number >= 1, got 0"),
-    ("vector_add", {"size": 2**40}, "spec.params.size", "expected a number <= 2147483648"),
+    ("vector_add", {"size": 2**40}, "spec.params.size", "expected a number <= 2.14748e+09"),
     ("vector_add", {"dtype": "float8"}, "spec.params.dtype", "expected one of float32"),
     ("conv2d", {"kernel": 4}, "spec.params.kernel", "expected one of 1, 3, 5, 7, got 4"),
     ("conv2d", {"batch": "many"}, "spec.params.batch", "expected an integer, got 'many'"),
@@ -276,7 +278,7 @@ def test_out_of_bound_params_are_rejected(kind: str, params: dict[str, Any], pat
 def test_every_kind_estimates_its_cost() -> None:
     for name, kind in all_kinds().items():
         cost = kind.estimate(kind.validate({}))
-        assert cost.flops > 0 or cost.bytes > 0 or name == "sleep", name
+        assert cost.flops > 0 or cost.bytes > 0 or name == "sleep" or kind.test_only, name
     matmul = get_kind("matmul")
     assert matmul.estimate(matmul.validate({"size": 100, "iterations": 3})).flops == 2 * 100**3 * 3
 

@@ -279,7 +279,8 @@ def test_broken_file_is_reported_with_its_path(tmp_path: Path) -> None:
     with pytest.raises(PreferenceError, match="expected a map"):
         load_preferences(path)
     path.write_text("idle_minutes: -3\n")
-    with pytest.raises(PreferenceError, match=r"idle_minutes: must be between 0 and 1440, got -3 .*\(in .*prefs.yaml\)"):
+    expected = r"idle_minutes: must be between 0 and 1440, got -3 .*\(in .*prefs\.yaml\)"
+    with pytest.raises(PreferenceError, match=expected):
         load_preferences(path)
 
 

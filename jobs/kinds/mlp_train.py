@@ -134,14 +134,16 @@ class MlpTrain(Kind):
                 state["loss_sum"] += float(loss.item()) * len(idx)
                 state["batch"] = b + 1
                 seen += len(idx)
-                done = state["epoch"] * per_epoch + state["batch"]
                 if state["batch"] == per_epoch:
                     state["curve"].append(state["loss_sum"] / rows)
                     state.update(epoch=state["epoch"] + 1, batch=0, loss_sum=0.0)
+                done = state["epoch"] * per_epoch + state["batch"]
                 ctx.progress(done / total)
                 if every and time.monotonic() - last_save >= every and done < total:
                     _save_checkpoint(ctx, params, model, opt, state)
                     last_save = time.monotonic()
+                if state["batch"] == 0:
+                    break  # next epoch: a new shuffle
         synchronize(device)
         seconds = max(time.perf_counter() - t0, 1e-9)
         model.eval()

@@ -1,0 +1,136 @@
+"""Shared fixtures: real hubs (in-process over TLS, or as `panal` subprocesses) and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub.config import HubConfig
+from hub.home import HubHome
+from hub.server import BoardServer
+from security.identity import Identity
+from security.tls import BoardAddress, server_context
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def panal_env(home: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PANAL_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def panal(*args: str, home: Path, timeout: float = 120, check: bool = True,
+          **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "agent", *args], env=panal_env(home, **env), text=True,
+                          capture_output=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"panal {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class Procs:
+    """Subprocesses started by a test; all are stopped (SIGTERM, then SIGKILL) at teardown."""
+
+    def __init__(self, logs: Path) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.logs = logs
+
+    def start(self, *args: str, home: Path, **env: str) -> subprocess.Popen[str]:
+        """Start `panal ARGS`; stdout is a pipe (for the first line), stderr goes to a log file
+        (a pipe nobody reads would block a chatty process)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{len(self.procs)}-{args[0]}-{home.name}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "-v", *args], env=panal_env(home, **env),
+                                text=True, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def logs_text(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
+    p = Procs(tmp_path / "logs")
+    yield p
+    p.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(p.logs_text())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, "rep_" + report.when, report)
+    return report
+
+
+def start_hub_proc(procs: Procs, tmp: Path, user_home: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    panal("hub", "init", "--dir", str(tmp / "hub"), home=user_home)
+    proc = procs.start("hub", "serve", "--dir", str(tmp / "hub"), "--port", "0", home=user_home, **env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "serving at" in line, (line, procs.logs_text())
+    return proc, line.split("serving at", 1)[1].strip()
+
+
+class InProcessHub:
+    """A BoardServer over real TLS on 127.0.0.1:0, in the test's event loop."""
+
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        self.home = HubHome(tmp / "hub")
+        self.settings = {"bind": "127.0.0.1", "port": 0, "expiry_interval_s": 0.05, **settings}
+        self.server: BoardServer | None = None
+        self.address: BoardAddress | None = None
+
+    async def start(self) -> BoardServer:
+        config = self.home.init("127.0.0.1", 0)
+        config = self.home.config(**self.settings)
+        self.server = BoardServer(config, self.home.db_path, server_context(self.home.cert_path,
+                                                                             self.home.tls_key_path))
+        port = await self.server.start()
+        self.address = self.home.address(config, port)
+        return self.server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(drain=False)
+            self.server = None
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[InProcessHub]:
+    h = InProcessHub(tmp_path)
+    await h.start()
+    yield h
+    await h.stop()
+
+
+@pytest.fixture
+def user() -> Identity:
+    return Identity.generate()
+
+
+__all__ = ["ROOT", "HubConfig", "InProcessHub", "Procs", "panal", "start_hub_proc"]

@@ -1,0 +1,183 @@
+"""The board's HTTP API over real TLS: every kind of bad input gets a specific 4xx, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+from conftest import InProcessHub
+
+from agent.client import BoardClient
+from agent.submitting import make_envelope, submit
+from jobs.manifest import Manifest
+from security.errors import BadRequest, Conflict, Forbidden, PanalError, PayloadTooLarge, Unauthorized
+from security.httpsig import sign_request
+from security.identity import Identity
+from security.records import SignedRecord
+from security.tls import BoardAddress
+
+
+def sleep_manifest(n: int = 1, seconds: float = 0.0) -> Manifest:
+    return Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "api"},
+                               "spec": {"task": "sleep", "sweep": {"seconds": [seconds] * n}}})
+
+
+async def raw(hub: InProcessHub, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    assert hub.address is not None and hub.address.fingerprint
+    connector = aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(bytes.fromhex(hub.address.fingerprint)))
+    async with aiohttp.ClientSession(hub.address.url, connector=connector) as session, \
+            session.request(method, path, data=body, headers=headers) as resp:
+        data = await resp.read()
+        return resp.status, (json.loads(data) if resp.content_type == "application/json"
+                             else msgpack.unpackb(data))
+
+
+async def registered(hub: InProcessHub) -> tuple[BoardClient, Identity]:
+    assert hub.address is not None
+    agent = Identity.generate()
+    client = BoardClient(hub.address, agent, retry_for_s=1)
+    await client.call("POST", "/v1/agents", {"public_key": agent.public.text(), "name": "a",
+                                             "capabilities": {"kinds": ["sleep"]}})
+    return client, agent
+
+
+async def submitter(hub: InProcessHub) -> BoardClient:
+    assert hub.address is not None and hub.server is not None
+    user = Identity.generate()
+    await hub.server.add_submitter(user.public, "user")
+    return BoardClient(hub.address, user, retry_for_s=1)
+
+
+def result(agent: Identity, task: dict[str, Any], **values: Any) -> dict[str, Any]:
+    return SignedRecord.sign(agent, {"task_id": task["task_id"], "job_id": task["job_id"],
+                                     "lease_id": task["lease_id"], "attempt": task["attempt"],
+                                     "agent_id": agent.id, "status": "ok", "values": values}).to_wire()
+
+
+async def test_status_is_public_and_json_on_request(hub: InProcessHub) -> None:
+    status, body = await raw(hub, "GET", "/v1/status", b"", {"Accept": "application/json"})
+    assert status == 200 and body["agents"]["registered"] == 0
+
+
+async def test_signature_failures_are_specific_401s(hub: InProcessHub) -> None:
+    client, agent = await registered(hub)
+    body = msgpack.packb({"slots": 1})
+    cases: dict[str, dict[str, str]] = {
+        "unsigned": {},
+        "bad_signature": {**sign_request(agent, "POST", "/v1/lease", "", body),
+                          "signature": "panal=:" + "A" * 86 + "==:"},
+        "unknown_key": sign_request(Identity.generate(), "POST", "/v1/lease", "", body),
+        "stale_signature": sign_request(agent, "POST", "/v1/lease", "", body, now=1_000_000),
+        "bad_digest": sign_request(agent, "POST", "/v1/lease", "", b"other"),
+    }
+    for code, headers in cases.items():
+        status, reply = await raw(hub, "POST", "/v1/lease", body, {**headers, "Content-Type": "application/msgpack"})
+        assert (status, reply["error"]) == (401, code), reply
+        assert reply["message"]
+    # Replay: the first use passes, the identical second one is refused.
+    headers = {**sign_request(agent, "POST", "/v1/lease", "", body), "Content-Type": "application/msgpack"}
+    assert (await raw(hub, "POST", "/v1/lease", body, headers))[0] == 200
+    status, reply = await raw(hub, "POST", "/v1/lease", body, headers)
+    assert (status, reply["error"]) == (401, "replay")
+    await client.close()
+
+
+async def test_malformed_and_oversized_bodies(tmp_path: Any) -> None:
+    hub = InProcessHub(tmp_path, max_body_bytes=4096)
+    await hub.start()
+    try:
+        client, agent = await registered(hub)
+        for content_type, body in (("application/msgpack", b"\xc1\xff\x00"), ("application/json", b"{nope")):
+            headers = {**sign_request(agent, "POST", "/v1/lease", "", body), "Content-Type": content_type}
+            status, reply = await raw(hub, "POST", "/v1/lease", body, headers)
+            assert (status, reply["error"]) == (400, "malformed_body"), reply
+        big = msgpack.packb({"results": ["x" * 10_000]})
+        headers = {**sign_request(agent, "POST", "/v1/lease", "", big), "Content-Type": "application/msgpack"}
+        status, reply = await raw(hub, "POST", "/v1/lease", big, headers)
+        assert (status, reply["error"]) == (413, "body_too_large")
+        with pytest.raises(PayloadTooLarge):
+            await client.call("POST", "/v1/results", {"results": ["y" * 10_000]})
+        with pytest.raises(BadRequest, match="slots"):
+            await client.call("POST", "/v1/lease", {"slots": "many"})
+        await client.close()
+    finally:
+        await hub.stop()
+
+
+async def test_submitters_must_be_authorised(hub: InProcessHub) -> None:
+    assert hub.address is not None
+    stranger = Identity.generate()
+    async with BoardClient(hub.address, stranger, retry_for_s=1) as client:
+        with pytest.raises(Forbidden, match=stranger.id) as exc:
+            await submit(client, make_envelope(stranger, sleep_manifest()))
+        assert exc.value.code == "not_a_submitter"
+    sub = await submitter(hub)
+    bad = {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "x"},
+           "spec": {"task": "sleep", "params": {"seconds": -1}}}
+    forged = SignedRecord.sign(sub.identity, {"manifest": bad, "created": 0, "nonce": "n"}).to_wire()
+    with pytest.raises(BadRequest, match=r"spec.params.seconds"):
+        await submit(sub, forged)
+    await sub.close()
+
+
+async def test_lease_results_and_conflicts_over_http(hub: InProcessHub) -> None:
+    sub = await submitter(hub)
+    a0, agent0 = await registered(hub)
+    a1, agent1 = await registered(hub)
+    job = await submit(sub, make_envelope(sub.identity, sleep_manifest(1)))
+    [task] = (await a0.call("POST", "/v1/lease", {"slots": 1, "wait_s": 1}))["tasks"]
+    # Someone else's lease.
+    with pytest.raises(Forbidden) as exc:
+        await a1.call("POST", f"/v1/tasks/{task['task_id']}/result", {"result": result(agent1, task)})
+    assert exc.value.code == "not_your_lease"
+    # The real one, then a duplicate (same digest) and a different result for the same task.
+    record = result(agent0, task)
+    ok = await a0.call("POST", f"/v1/tasks/{task['task_id']}/result", {"result": record})
+    assert ok["status"] == "accepted"
+    dup = await a0.call("POST", f"/v1/tasks/{task['task_id']}/result", {"result": record})
+    assert dup["status"] == "duplicate"
+    with pytest.raises(Conflict):
+        await a0.call("POST", f"/v1/tasks/{task['task_id']}/result", {"result": result(agent0, task, other=1)})
+    reply = await sub.call("GET", f"/v1/jobs/{job['id']}/results")
+    assert len(reply["results"]) == 1 and reply["results"][0]["digest"]
+    for c in (sub, a0, a1):
+        await c.close()
+
+
+async def test_long_poll_returns_work_as_soon_as_it_arrives(hub: InProcessHub) -> None:
+    sub = await submitter(hub)
+    a0, _ = await registered(hub)
+    poll = asyncio.create_task(a0.call("POST", "/v1/lease", {"slots": 4, "wait_s": 10}, timeout_s=20))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await submit(sub, make_envelope(sub.identity, sleep_manifest(3)))
+    reply = await poll
+    assert len(reply["tasks"]) == 3
+    assert loop.time() - t0 < 5  # woken by the submission, not by the 10 s poll timeout
+    await sub.close()
+    await a0.close()
+
+
+async def test_transport_refusals(hub: InProcessHub) -> None:
+    assert hub.address is not None
+    ident = Identity.generate()
+    wrong = BoardAddress(hub.address.url, "00" * 32)
+    async with BoardClient(wrong, ident, retry_for_s=1) as client:
+        with pytest.raises(Unauthorized) as exc:
+            await client.call("GET", "/v1/status")
+        assert exc.value.code == "fingerprint_mismatch"
+    plain = BoardAddress(hub.address.url.replace("https://", "http://"))
+    async with BoardClient(plain, ident, retry_for_s=0.5) as client:
+        with pytest.raises(PanalError) as failure:
+            await client.call("GET", "/v1/status")
+        assert failure.value.code == "unavailable"  # the TLS server drops plain HTTP
+    with pytest.raises(ssl.SSLError):  # an unpinned, verifying client refuses the self-signed cert
+        async with aiohttp.ClientSession() as session:
+            await session.get(hub.address.url + "/v1/status")

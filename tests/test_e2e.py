@@ -1,0 +1,108 @@
+"""End to end, as a user runs it: `panal hub serve` and `panal agent run` as real processes over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, Procs, panal, start_hub_proc
+
+from agent.client import BoardClient
+from security.identity import Identity
+from security.tls import BoardAddress
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_view(url: str, user_home: Path, job_id: str) -> dict[str, Any]:
+    """Poll through the API in-process (a CLI process per poll is too slow on a loaded machine)."""
+    async def go() -> dict[str, Any]:
+        async with BoardClient(BoardAddress.parse(url), Identity.load(user_home / "user.key")) as client:
+            job = (await client.call("GET", f"/v1/jobs/{job_id}"))["job"]
+            job["task_list"] = (await client.call("GET", f"/v1/jobs/{job_id}/tasks"))["tasks"]
+            return dict(job)
+    return asyncio.run(go())
+
+
+def start_agent(procs: Procs, tmp: Path, url: str, name: str, *extra: str) -> subprocess.Popen[str]:
+    home = tmp / name
+    panal("agent", "join", url, "--name", name, home=home)
+    return procs.start("agent", "run", "--name", name, *extra, home=home)
+
+
+def test_matmul_job_runs_on_two_agents_and_every_result_verifies(tmp_path: Path, procs: Procs) -> None:
+    user = tmp_path / "user"
+    _, url = start_hub_proc(procs, tmp_path, user)
+    for name in ("a1", "a2"):
+        start_agent(procs, tmp_path, url, name)
+    sub = panal("submit", str(ROOT / "configs/examples/matmul.yaml"), "--hub", url, "--wait", "--json",
+                home=user, timeout=300)
+    [job] = json.loads(sub.stdout)
+    assert job["state"] == "succeeded" and job["tasks"] == {"done": 4}
+    res = panal("results", job["id"], "--hub", url, "--verify", "--json", home=user)
+    index = json.loads(res.stdout)
+    assert len(index["results"]) == 4 and all(r["verified"] for r in index["results"])
+    sizes = sorted(r["metrics"]["gflops"] > 0 and r["values"]["dtype"] == "float32" for r in index["results"])
+    assert sizes == [True] * 4
+    listing = json.loads(panal("jobs", "--hub", url, "--json", home=user).stdout)
+    assert [j["id"] for j in listing] == [job["id"]]
+
+
+def test_sigkilled_agent_task_is_requeued_and_finished_by_the_other(tmp_path: Path, procs: Procs) -> None:
+    user = tmp_path / "user"
+    _, url = start_hub_proc(procs, tmp_path, user, PANAL_HUB_LEASE_TTL_S="3")
+    victim = start_agent(procs, tmp_path, url, "victim")
+    manifest = tmp_path / "sleep.yaml"
+    manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: sleepy}\n"
+                        "spec: {task: sleep, params: {seconds: 6}}\n")
+    [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
+    wait_for(lambda: job_view(url, user, job["id"])["task_list"][0]["state"] == "leased", 90,
+             "the victim to lease the task")
+    victim.send_signal(signal.SIGKILL)  # no goodbye, no release: only the lease TTL can tell
+    victim.wait()
+    start_agent(procs, tmp_path, url, "rescuer")
+    wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", 120, "the job to finish")
+    [task] = job_view(url, user, job["id"])["task_list"]
+    assert task["attempt"] == 2  # the first attempt died with its agent
+    rescuer_id = panal("agent", "info", "--json", home=tmp_path / "rescuer")  # prints caps, creates nothing new
+    assert rescuer_id.returncode == 0
+    res = json.loads(panal("results", job["id"], "--hub", url, "--verify", "--json", home=user).stdout)
+    [row] = res["results"]
+    assert row["verified"] and row["values"] == {"slept": 6.0}
+
+
+def test_bad_manifest_is_reported_with_position_and_nothing_is_submitted(tmp_path: Path, procs: Procs) -> None:
+    user = tmp_path / "user"
+    _, url = start_hub_proc(procs, tmp_path, user)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: x}\nspec:\n  task: matmul\n"
+                   "  params: {size: four}\n")
+    out = panal("submit", str(bad), "--hub", url, home=user, check=False)
+    assert out.returncode == 1
+    assert "bad.yaml:6:" in out.stderr and "spec.params.size" in out.stderr and "Traceback" not in out.stderr
+    assert json.loads(panal("jobs", "--hub", url, "--json", home=user).stdout) == []
+
+
+def test_unauthorised_submitter_gets_403_naming_the_key(tmp_path: Path, procs: Procs) -> None:
+    _, url = start_hub_proc(procs, tmp_path, tmp_path / "owner")
+    stranger = tmp_path / "stranger"
+    key_id = panal("keys", "show", home=stranger).stdout.strip()
+    out = panal("submit", str(ROOT / "configs/examples/sleep.yaml"), "--hub", url, home=stranger, check=False)
+    assert out.returncode == 1 and "not an authorised submitter" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert key_id.startswith("ed25519:")

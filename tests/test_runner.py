@@ -1,0 +1,71 @@
+"""The execution engine: warm worker processes, time and memory limits, classified failures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.runner import TaskRequest, Worker
+
+ENV = {"PANAL_TEST_KINDS": "1", "PANAL_WORKER_PRELOAD": "0"}
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[Worker]:
+    w = Worker(ENV)
+    await w.start()
+    yield w
+    await w.close()
+
+
+def chaos(tmp: Path, mode: str, timeout_s: float = 20, **extra: object) -> TaskRequest:
+    return TaskRequest(kind="chaos", params={"mode": mode, **extra}, timeout_s=timeout_s,
+                       workdir=str(tmp / mode))
+
+
+async def test_failures_are_classified_and_the_slot_keeps_serving(worker: Worker, tmp_path: Path) -> None:
+    crashed = await worker.run(chaos(tmp_path, "abort"))
+    assert (crashed.ok, crashed.error_class) == (False, "crashed") and "SIGABRT" in (crashed.error or "")
+    started = time.monotonic()
+    hung = await worker.run(chaos(tmp_path, "hang", timeout_s=1.0))
+    assert (hung.ok, hung.error_class) == (False, "timeout")
+    assert time.monotonic() - started < 10
+    oom = await worker.run(TaskRequest(kind="chaos", params={"mode": "oom"}, timeout_s=60,
+                                       workdir=str(tmp_path / "oom"), max_memory_gb=0.25))
+    assert (oom.ok, oom.error_class) == (False, "oom")
+    transient = await worker.run(chaos(tmp_path, "transient"))
+    permanent = await worker.run(chaos(tmp_path, "permanent"))
+    assert (transient.error_class, permanent.error_class) == ("error", "unsupported")
+    bad = await worker.run(TaskRequest(kind="chaos", params={"mode": "explode"}, timeout_s=5,
+                                       workdir=str(tmp_path / "bad")))
+    assert bad.error_class == "invalid_params" and "spec.params.mode" in (bad.error or "")
+    unknown = await worker.run(TaskRequest(kind="no-such-kind", params={}, timeout_s=5, workdir=str(tmp_path)))
+    assert unknown.error_class == "unsupported"
+    ok = await worker.run(chaos(tmp_path, "ok"))
+    assert ok.ok and ok.values == {"mode": "ok"}
+
+
+async def test_progress_flows_back_and_matmul_runs_for_real(tmp_path: Path) -> None:
+    w = Worker({"PANAL_WORKER_PRELOAD": "1"})
+    await w.start()
+    try:
+        seen: list[float] = []
+        outcome = await w.run(TaskRequest(kind="matmul", params={"size": 64, "iterations": 40}, timeout_s=60,
+                                          workdir=str(tmp_path / "m")), seen.append)
+        assert outcome.ok, outcome.error
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(64, 64, generator=gen), torch.randn(64, 64, generator=gen)
+        from jobs.kinds.torchutil import tensor_digest
+
+        assert outcome.values["digest"] == tensor_digest(torch.matmul(a, b))
+        assert outcome.metrics["gflops"] > 0 and seen and seen[-1] == 1.0
+        warm = await w.run(TaskRequest(kind="sleep", params={"seconds": 0}, timeout_s=10,
+                                       workdir=str(tmp_path / "s")))
+        assert warm.ok and warm.metrics["wall_s"] < 0.5  # no torch import per task
+    finally:
+        await w.close()
