@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.config import HubConfig
+from hub.dispatch import BoardObserver, DispatchPolicy, LeaseGate, make_policy
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import Store
 from jobs.errors import FailureClass
 from jobs.manifest import Manifest
-from jobs.requirements import Capabilities, Requirements, explain, unmet
+from jobs.requirements import Capabilities, Requirements, explain
 from security.errors import BadRequest, Conflict, Forbidden, NotFound, PanalError, Unavailable
 from security.identity import PublicKey
 from security.records import SignedRecord, decode
@@ -48,6 +49,7 @@ class AgentState:
     running: set[str] = field(default_factory=set)
     done: int = 0
     failed: int = 0
+    refused: str | None = None          # why a lease gate currently gives it no work
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class Board:
         self.digests: dict[str, str] = {}                  # task id -> accepted result digest
         self.stats: Counter[str] = Counter()
         self.listeners: list[Callable[[Event], None]] = []
+        self.policy: DispatchPolicy = make_policy(config.dispatch_policy)
+        self.observers: list[BoardObserver] = []
+        self.gates: list[LeaseGate] = []
         self._wakeup = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._pending: dict[str, asyncio.Future[None]] = {}
@@ -296,7 +301,12 @@ class Board:
         while True:
             if not self.leasing or slots == 0:
                 return []
-            picked = self._pick(agent, slots)
+            refusal = next((r for g in self.gates if (r := g.refuse(agent))), None)
+            if refusal:
+                agent.refused = refusal
+                return []
+            agent.refused = None
+            picked = self.policy.pick(self, agent, slots)
             if picked:
                 break
             left = deadline - time.monotonic()
@@ -333,23 +343,6 @@ class Board:
                 await self.store.save_tasks([], [job])
         self.stats["leases"] += len(picked)
         return [self._assignment(task) for task in picked]
-
-    def _pick(self, agent: AgentState, slots: int) -> list[TaskRow]:
-        picked: list[TaskRow] = []
-        for _, _, job_id in self.order:
-            queue = self.ready[job_id]
-            if not queue:
-                continue
-            job = self.jobs[job_id]
-            if unmet(self.requirements[job_id], job.kind, agent.caps):
-                continue
-            while queue and len(picked) < slots:
-                task = self.tasks[queue.popleft()]
-                if task.state == TaskState.QUEUED:
-                    picked.append(task)
-            if len(picked) >= slots:
-                break
-        return picked
 
     def _assignment(self, task: TaskRow) -> dict[str, Any]:
         job = self.jobs[task.job_id]
@@ -429,6 +422,7 @@ class Board:
             log.info("lease of task %s on agent %s expired (attempt %d)", task_id, task.agent_id, task.attempt)
             self.stats["expired"] += 1
             self._emit("lease_expired", task=task_id, agent=task.agent_id)
+            self._settled(task.agent_id or "?", task, False, FailureClass.AGENT_LOST.value, {})
             self._fail_attempt(task, FailureClass.AGENT_LOST, "the agent stopped heartbeating (lease expired)")
             changed.setdefault(task.job_id, []).append(task)
             woke = True
@@ -509,7 +503,7 @@ class Board:
         digest = hashlib.sha256(record.payload).hexdigest()
         task = self.tasks.get(task_id)
         if task is None or task.state in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED):
-            return self._settled(task_id, task, digest), None, None
+            return self._already_settled(task_id, task, digest), None, None
         if task.state != TaskState.LEASED or task.lease_id != lease_id:
             raise Conflict(f"lease {lease_id} on task {task_id} has expired; the task was requeued",
                            code="lease_expired")
@@ -522,6 +516,7 @@ class Board:
             self.digests[task_id] = digest
             agent.done += 1
             self.stats["results_accepted"] += 1
+            self._settled(agent.row.id, task, True, None, payload.get("metrics") or {})
             return (ResultOutcome(task_id, "accepted"), task,
                     ResultRow(task_id, task.job_id, task.attempt, agent.row.id, record.to_wire(), digest, now))
         try:
@@ -530,10 +525,19 @@ class Board:
             failure = FailureClass.ERROR
         agent.failed += 1
         self.stats["results_failed"] += 1
+        self._settled(agent.row.id, task, False, failure.value, payload.get("metrics") or {})
         self._fail_attempt(task, failure, str(payload.get("error", "failed"))[:2000])
         return ResultOutcome(task_id, "accepted"), task, None
 
-    def _settled(self, task_id: str, task: TaskRow | None, digest: str) -> ResultOutcome:
+    def _settled(self, agent_id: str, task: TaskRow, ok: bool, failure: str | None, metrics: Any) -> None:
+        job = self.jobs[task.job_id]
+        for observer in self.observers:
+            try:
+                observer.attempt_settled(agent_id, job, task, ok, failure, metrics if isinstance(metrics, dict) else {})
+            except Exception:
+                log.exception("board observer %r failed", observer)
+
+    def _already_settled(self, task_id: str, task: TaskRow | None, digest: str) -> ResultOutcome:
         """A result for a task that is already finished: a re-send (duplicate) or a conflict."""
         if task is not None and self.digests.get(task_id) == digest:
             self.stats["results_duplicate"] += 1

@@ -37,6 +37,7 @@ class HubConfig:
     expiry_interval_s: float = 0.5
     retry_backoff_s: float = 1.0       # first retry delay of a failed task; doubles per attempt
     drain_timeout_s: float = 30.0
+    dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
 
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None,

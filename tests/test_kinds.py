@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,17 @@ from jobs.kinds.mlp_train import build_mlp
 from jobs.safeload import load_pt2, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs" / "examples" / "data"))
-import make_inference_data  # noqa: E402
+
+
+def _load_script(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_inference_data = _load_script(ROOT / "configs" / "examples" / "data" / "make_inference_data.py")
 
 
 class Crash(Exception):
