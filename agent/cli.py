@@ -90,9 +90,20 @@ async def until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> N
 @click.group(cls=PanalGroup)
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.version_option(package_name="panal")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """panal: lend your GPUs and CPUs, or submit PyTorch work to machines that can run it."""
     setup_logging(verbose)
+    ctx.obj = {"home": home().root, "peers": _peers}
+
+
+def _peers() -> list[dict[str, Any]]:
+    """Discovered LAN peers, as the running agent sees them (through its control socket)."""
+    from agent.control import control_request, default_socket_path
+
+    status = control_request(default_socket_path(), "status")
+    peers: list[dict[str, Any]] = status.get("peers", [])
+    return peers
 
 
 # -- manifests -------------------------------------------------------------------------------------
@@ -157,6 +168,9 @@ def _register_subcommands() -> None:
     main.add_command(cli_agent.demo)
     for command in cli_jobs.COMMANDS:
         main.add_command(command)
+    from agent import lan_cli
+
+    lan_cli.register(main)
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:

@@ -63,8 +63,9 @@ def join(join_url: str, name: str, insecure: bool) -> None:
 
 
 @agent.command("run")
-@click.option("--slots", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Tasks run at the same time (one warm worker process each).")
+@click.option("--slots", type=click.IntRange(0, 256), default=0,
+              help="Tasks run at the same time, one warm worker each (default: the max_concurrent_tasks "
+                   "preference, 1 unless set with `panal agent set`).")
 @click.option("--threads", type=int, default=0, help="CPU threads per task (default: cores / slots).")
 @click.option("--name", default="")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP to non-loopback boards.")
@@ -76,21 +77,52 @@ def agent_run(slots: int, threads: int, name: str, insecure: bool, drain_s: floa
     settings = DaemonSettings(slots=slots, threads=threads, name=name, insecure=insecure, drain_s=drain_s,
                               capabilities=_fake_caps())
     daemon = Daemon(h, h.boards(), settings)
-    click.echo(f"panal agent {daemon.identity.id} starting ({slots} slot(s))")
+    click.echo(f"panal agent {daemon.identity.id} starting ({daemon.settings.slots} slot(s))")
     run(until_signalled(daemon.run))
 
 
 @agent.command()
 @click.option("--json", "as_json", is_flag=True)
-def info(as_json: bool) -> None:
-    """What this agent advertises to boards."""
-    caps = basic_capabilities(_fake_caps())
+@click.option("--rebench", is_flag=True, help="Re-run the GFLOPS self-test instead of using the cached figures.")
+@click.option("--no-measure", is_flag=True, help="Skip the self-test (faster).")
+def info(as_json: bool, rebench: bool, no_measure: bool) -> None:
+    """What this agent advertises to boards: devices (each checked with a tiny job), measured speed."""
+    from agent.capabilities import detect
+
+    h = home()
+    h.ensure()
+    caps = detect(measure=not no_measure, cache_path=h.root / "capabilities-cache.json", rebench=rebench)
     if as_json:
         print_json(caps)
         return
     click.echo(f"agent id: {home().agent_identity().id}")
     for key, value in caps.items():
         click.echo(f"{key}: {value}")
+
+
+@agent.command("set")
+@click.argument("key")
+@click.argument("value")
+def set_preference_cmd(key: str, value: str) -> None:
+    """Set a volunteer preference (a running agent applies it within a second), e.g.
+    `panal agent set cpu_threads 4`, `panal agent set time_windows "weekdays 19:00-08:00"`."""
+    from agent.preferences import set_preference
+
+    h = home()
+    h.ensure()
+    prefs = set_preference(h.root / "prefs.yaml", key, value)
+    click.echo(f"{key} = {prefs.to_yaml_dict()[key]}")
+
+
+def _attach_helpers() -> None:
+    from agent import control_cli, service_cli
+
+    agent.add_command(service_cli.service)
+    for command in control_cli.COMMANDS:
+        agent.add_command(command)
+
+
+_attach_helpers()
 
 
 @click.command()
@@ -110,7 +142,7 @@ def up(port: int, slots: int) -> None:
         address = BoardAddress(f"http://127.0.0.1:{bound}")
         h.local_board.write_text(address.url + "\n")
         click.echo(f"panal up: board at {address.url}; submit with `panal submit FILE` (Ctrl-C stops)")
-        daemon = Daemon(h, [address], DaemonSettings(slots=slots, capabilities=_fake_caps()))
+        daemon = Daemon(h, [address], DaemonSettings(slots=slots, capabilities=_fake_caps(), poll_wait_s=5.0))
         try:
             await daemon.run(stop)
         finally:

@@ -23,9 +23,13 @@ import psutil
 
 from agent.assignments import ManifestCache
 from agent.breaker import Breaker
+from agent.capabilities_probe import detect_capabilities
 from agent.client import BoardClient
+from agent.control import ControlServer, default_socket_path
 from agent.home import AgentHome
 from agent.outbox import Outbox
+from agent.pause_rules import PauseRules, SystemLoad
+from agent.preferences import PreferencesFile
 from agent.runner import Outcome, TaskRequest, WorkerPool
 from jobs.catalog import all_kinds
 from jobs.errors import FailureClass
@@ -41,8 +45,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DaemonSettings:
-    slots: int = 1
-    threads: int = 0                 # 0: all cores divided by slots
+    slots: int = 0                   # 0: the volunteer's max_concurrent_tasks preference
+    threads: int = 0                 # 0: the cpu_threads preference, else cores / slots
     name: str = ""
     poll_wait_s: float = 20.0
     drain_s: float = 30.0
@@ -127,20 +131,32 @@ class Daemon:
         self.identity: Identity = home.agent_identity()
         self.boards = boards
         self.links: list[BoardLink] = []
-        self.free = settings.slots
         self.slot_freed = asyncio.Condition()
         self.manifests = ManifestCache()
-        self.pool = WorkerPool(settings.slots)
+        self.prefs = PreferencesFile(home.root / "prefs.yaml")
+        self.rules = PauseRules(lambda: self.prefs.current, SystemLoad(), usage_path=home.root / "usage.json")
+        slots = settings.slots or self.prefs.current.max_concurrent_tasks
+        self.settings.slots = slots
+        self.free = slots
+        self.pool = WorkerPool(slots)
         self.capabilities = basic_capabilities(settings.capabilities)
         self.stopping = False
         self.paused_reason: str | None = None
-        self.threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, settings.slots))
+        self.threads = (settings.threads or self.prefs.current.cpu_threads
+                        or max(1, (os.cpu_count() or 1) // max(1, slots)))
         self._loops: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
         await self.pool.warm()
+        control = ControlServer(default_socket_path(), self)
+        try:
+            await control.start()
+        except PanalError as exc:
+            log.warning("control socket unavailable (`panal agent status` will not work): %s", exc.message)
+        self._loops.append(asyncio.create_task(self._volunteer_loop(), name="volunteer"))
         for address in self.boards:
             client = BoardClient(address, self.identity, insecure=self.settings.insecure,
                                  retry_for_s=10.0, breaker=Breaker())
@@ -152,6 +168,8 @@ class Daemon:
                  len(self.links))
         await stop.wait()
         await self.shutdown()
+        await control.close()
+        self.rules.flush()
 
     async def shutdown(self) -> None:
         """Stop leasing; let running tasks finish for drain_s; release the rest; deliver results."""
@@ -332,16 +350,60 @@ class Daemon:
             payload["error"] = outcome.error or ""
         return SignedRecord.sign(self.identity, payload).to_wire()
 
-    # -- state, for `panal agent status` --------------------------------------------------------
+    # -- the volunteer's rules -----------------------------------------------------------------
+    async def _volunteer_loop(self, tick_s: float = 1.0) -> None:
+        """Apply the owner's preferences: pause (and SIGSTOP running work) when a rule says so."""
+        while True:
+            self.prefs.reload_if_changed()
+            if any(link.running for link in self.links):
+                self.rules.record_compute(tick_s)
+            paused, reason = self.rules.evaluate()
+            await self._set_paused(reason if paused else None)
+            await asyncio.sleep(tick_s)
+
+    async def _set_paused(self, reason: str | None) -> None:
+        if reason == self.paused_reason:
+            return
+        was_paused, self.paused_reason = self.paused_reason is not None, reason
+        if reason is not None and not was_paused:
+            log.info("pausing: %s", reason)
+            self.pool.suspend_all()
+        elif reason is None:
+            log.info("resuming work")
+            self.pool.resume_all()
+            async with self.slot_freed:
+                self.slot_freed.notify_all()
+
+    # -- control socket (`panal agent pause|resume|status`) -------------------------------------
+    def pause(self, for_s: float | None, reason: str) -> None:
+        self.rules.pause(for_s, reason or "paused by the owner")
+        self.paused_reason = None  # re-evaluated at once below
+        paused, why = self.rules.evaluate()
+        self.paused_reason = why if paused else None
+        self.pool.suspend_all()
+
+    def resume(self) -> None:
+        self.rules.resume()
+        if not self.rules.evaluate().paused:
+            self.paused_reason = None
+            self.pool.resume_all()
+            asyncio.get_running_loop().create_task(self._notify_slots())
+
+    async def _notify_slots(self) -> None:
+        async with self.slot_freed:
+            self.slot_freed.notify_all()
+
     def status(self) -> dict[str, Any]:
         return {
-            "agent_id": self.identity.id, "slots": self.settings.slots, "free": self.free,
-            "paused": self.paused_reason,
+            "state": "paused" if self.paused_reason else ("busy" if self._tasks else "idle"),
+            "paused": self.paused_reason is not None, "reason": self.paused_reason,
+            "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
+            "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.free,
+            "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
+            "tasks": [{"id": tid, "kind": r.assignment.get("kind"), "progress": r.progress, "board": link.address.url}
+                      for link in self.links for tid, r in link.running.items()],
             "boards": [{"url": link.address.url, "registered": link.registered,
                         "breaker": link.client.breaker.state.value, "outbox": len(link.pending),
-                        "done": link.done, "failed": link.failed,
-                        "running": [{"task_id": tid, "kind": r.assignment.get("kind"), "progress": r.progress}
-                                    for tid, r in link.running.items()]}
-                       for link in self.links],
+                        "done": link.done, "failed": link.failed} for link in self.links],
         }
 

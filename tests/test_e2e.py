@@ -53,12 +53,12 @@ def test_matmul_job_runs_on_two_agents_and_every_result_verifies(tmp_path: Path,
     sub = panal("submit", str(ROOT / "configs/examples/matmul.yaml"), "--hub", url, "--wait", "--json",
                 home=user, timeout=300)
     [job] = json.loads(sub.stdout)
-    assert job["state"] == "succeeded" and job["tasks"] == {"done": 4}
+    assert job["n_tasks"] >= 2 and job["state"] == "succeeded" and job["tasks"] == {"done": job["n_tasks"]}
     res = panal("results", job["id"], "--hub", url, "--verify", "--json", home=user)
     index = json.loads(res.stdout)
-    assert len(index["results"]) == 4 and all(r["verified"] for r in index["results"])
-    sizes = sorted(r["metrics"]["gflops"] > 0 and r["values"]["dtype"] == "float32" for r in index["results"])
-    assert sizes == [True] * 4
+    assert len(index["results"]) == job["n_tasks"] and all(r["verified"] for r in index["results"])
+    assert all(r["metrics"]["gflops"] > 0 and len(r["values"]["digest"]) == 64 for r in index["results"])
+    assert len({r["agent"] for r in index["results"]}) >= 1
     listing = json.loads(panal("jobs", "--hub", url, "--json", home=user).stdout)
     assert [j["id"] for j in listing] == [job["id"]]
 
@@ -106,3 +106,28 @@ def test_unauthorised_submitter_gets_403_naming_the_key(tmp_path: Path, procs: P
     assert out.returncode == 1 and "not an authorised submitter" in out.stderr
     assert "Traceback" not in out.stderr
     assert key_id.startswith("ed25519:")
+
+
+def test_agent_is_paused_and_resumed_through_its_control_socket_mid_task(tmp_path: Path, procs: Procs) -> None:
+    import psutil
+
+    user = tmp_path / "user"
+    _, url = start_hub_proc(procs, tmp_path, user)
+    agent = start_agent(procs, tmp_path, url, "owner-machine")
+    manifest = tmp_path / "sleep.yaml"
+    manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: pausable}\n"
+                        "spec: {task: sleep, params: {seconds: 3}}\n")
+    [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
+    wait_for(lambda: job_view(url, user, job["id"])["task_list"][0]["state"] == "leased", 90, "the task to start")
+    home = tmp_path / "owner-machine"
+    panal("agent", "pause", "--reason", "owner gaming", home=home)
+    status = json.loads(panal("agent", "status", "--json", home=home).stdout)
+    assert status["paused"] and "owner gaming" in status["reason"]
+    assert [t["kind"] for t in status["tasks"]] == ["sleep"]
+    workers = psutil.Process(agent.pid).children()
+    assert workers and all(w.status() == psutil.STATUS_STOPPED for w in workers)
+    time.sleep(4)  # longer than the task: a suspended task makes no progress...
+    assert job_view(url, user, job["id"])["state"] == "running"
+    panal("agent", "resume", home=home)
+    wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", 60, "the job to finish after resume")
+    assert json.loads(panal("agent", "status", "--json", home=home).stdout)["paused"] is False
