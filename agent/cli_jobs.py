@@ -22,7 +22,16 @@ from agent.cli import (
     with_client,
 )
 from agent.client import BoardClient
-from agent.submitting import make_envelope, submit, verify_results, wait_job
+from agent.submitting import (
+    ResultCheck,
+    fetch_outputs,
+    make_envelope,
+    prepare_inputs,
+    submit,
+    upload_inputs,
+    verify_results,
+    wait_job,
+)
 from jobs.manifest import load_manifests
 
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",
@@ -50,13 +59,17 @@ def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wai
     """Validate, sign and submit manifests (several documents in a file make several jobs)."""
     manifests = [m for path in files for m in load_manifests(path)]
     identity = home().user_identity()
-    envelopes = [make_envelope(identity, m) for m in manifests]
+    prepared = [prepare_inputs(m) for m in manifests]
     address = home().default_board(hub_url)
 
     async def go(client: BoardClient) -> list[dict[str, Any]]:
         jobs = []
-        for envelope in envelopes:
-            job = await submit(client, envelope)
+        for manifest, uploads in prepared:
+            if uploads and not as_json:
+                total = sum(p.stat().st_size for _, p in uploads)
+                click.echo(f"uploading {len(uploads)} input file(s), {total / 2**20:.1f} MiB", err=True)
+            await upload_inputs(client, uploads)   # inputs first: a failed upload creates no job
+            job = await submit(client, make_envelope(identity, manifest))
             if not as_json:
                 click.echo(f"submitted {job['id']} ({job['name']}: {job['n_tasks']} task"
                            f"{'s' if job['n_tasks'] != 1 else ''})")
@@ -168,14 +181,21 @@ def cancel_cmd(job_id: str, hub_url: str | None, insecure: bool) -> None:
 def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, out_dir: Path | None,
                 as_json: bool) -> None:
     """Show a job's results (values and metrics), optionally verifying the signature chain."""
-    async def go(client: BoardClient) -> dict[str, Any]:
-        return dict(await client.call("GET", f"/v1/jobs/{job_id}/results"))
+    async def go(client: BoardClient) -> tuple[dict[str, Any], list[ResultCheck], dict[str, list[str]]]:
+        reply = dict(await client.call("GET", f"/v1/jobs/{job_id}/results"))
+        checks = verify_results(reply)
+        problems = await fetch_outputs(client, checks, out_dir) if out_dir is not None else {}
+        return reply, checks, problems
 
-    reply = run(with_client(home().default_board(hub_url), go, insecure))
-    checks = verify_results(reply)
+    reply, checks, output_problems = run(with_client(home().default_board(hub_url), go, insecure))
+    checks = [c if not output_problems.get(c.task_id) else
+              ResultCheck(c.task_id, c.agent, False, "; ".join(filter(None, [c.problem, *output_problems[c.task_id]])),
+                          c.payload) for c in checks]
     rows: list[dict[str, Any]] = [
         {"task_id": c.task_id, "agent": c.agent, "verified": c.ok, "problem": c.problem or None,
-         "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes")}
+         "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
+         "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
+                     for name, o in (c.payload.get("outputs") or {}).items()}}
         for c in checks]
     index = {"job": reply["job"], "results": rows}
     if out_dir is not None:

@@ -16,12 +16,16 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from agent.assignments import ManifestCache
+from agent.blobcache import BlobCache, download_blob
+from agent.blobupload import upload_file
 from agent.breaker import Breaker
 from agent.capabilities_probe import detect_capabilities
 from agent.client import BoardClient
@@ -33,7 +37,9 @@ from agent.preferences import PreferencesFile
 from agent.runner import Outcome, TaskRequest, WorkerPool
 from jobs.catalog import all_kinds
 from jobs.errors import FailureClass
-from security.errors import Forbidden, PanalError
+from jobs.manifest import Manifest
+from security.errors import BadRequest, Forbidden, PanalError
+from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
@@ -41,6 +47,7 @@ from security.tls import BoardAddress
 __all__ = ["Daemon", "DaemonSettings", "basic_capabilities"]
 
 log = logging.getLogger(__name__)
+UNTRUSTED_COOLDOWN_S = 30.0
 
 
 @dataclass
@@ -52,6 +59,7 @@ class DaemonSettings:
     drain_s: float = 30.0
     insecure: bool = False
     capabilities: dict[str, Any] = field(default_factory=dict)   # overrides of the detected report
+    blob_cache_bytes: int = 20 * 2**30   # inputs kept locally (LRU) so shards of one model download once
 
 
 def basic_capabilities(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -82,10 +90,14 @@ class Running:
 class BoardLink:
     """Everything the daemon keeps about one board."""
 
-    def __init__(self, address: BoardAddress, client: BoardClient, outbox: Outbox) -> None:
+    def __init__(self, address: BoardAddress, client: BoardClient, outbox: Outbox,
+                 trusted: Callable[[str], bool] | None = None) -> None:
         self.address = address
         self.client = client
         self.outbox = outbox
+        self.trusted = trusted            # None: trust the board's submitters (a WAN hub vouches)
+        self.cooldown_until = 0.0         # monotonic time before which we do not lease from it
+        self.loops: list[asyncio.Task[None]] = []
         self.pending: list[dict[str, Any]] = outbox.load()
         self.running: dict[str, Running] = {}
         self.flush = asyncio.Event()
@@ -122,8 +134,9 @@ def _record_task(record: dict[str, Any]) -> str:
 
 
 class Daemon:
-    def __init__(self, home: AgentHome, boards: list[BoardAddress], settings: DaemonSettings) -> None:
-        if not boards:
+    def __init__(self, home: AgentHome, boards: list[BoardAddress], settings: DaemonSettings,
+                 allow_no_board: bool = False) -> None:
+        if not boards and not allow_no_board:
             raise Forbidden("this agent has joined no board: run `panal agent join JOIN_URL` first",
                             code="no_board")
         self.home = home
@@ -139,6 +152,7 @@ class Daemon:
         self.settings.slots = slots
         self.free = slots
         self.pool = WorkerPool(slots)
+        self.blobs = BlobCache(home.root / "blobs", settings.blob_cache_bytes)
         self.capabilities = basic_capabilities(settings.capabilities)
         self.stopping = False
         self.paused_reason: str | None = None
@@ -146,6 +160,36 @@ class Daemon:
                         or max(1, (os.cpu_count() or 1) // max(1, slots)))
         self._loops: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Extension points (LAN mode): coroutines run once the daemon is up, and extra status fields.
+        self.on_start: list[Callable[[Daemon], Awaitable[None]]] = []
+        self.status_extras: list[Callable[[], dict[str, Any]]] = []
+
+    # -- boards come and go (LAN peers) ---------------------------------------------------------
+    def add_board(self, address: BoardAddress, trusted: Callable[[str], bool] | None = None,
+                  retry_for_s: float = 10.0) -> BoardLink:
+        """Start pulling from a board. ``trusted`` (a submitter-id check) restricts whose work runs."""
+        for link in self.links:
+            if link.address.url == address.url:
+                return link
+        client = BoardClient(address, self.identity, insecure=self.settings.insecure,
+                             retry_for_s=retry_for_s, breaker=Breaker())
+        link = BoardLink(address, client, Outbox(self.home.outbox, address.url), trusted)
+        self.links.append(link)
+        link.loops = [asyncio.create_task(self._lease_loop(link), name=f"lease {address.url}"),
+                      asyncio.create_task(self._flush_loop(link), name="flush")]
+        self._loops += link.loops
+        return link
+
+    async def remove_board(self, url: str) -> None:
+        """Stop leasing from a board (a LAN peer left). Running tasks finish; results stay in the outbox."""
+        for link in list(self.links):
+            if link.address.url == url:
+                for task in link.loops:
+                    task.cancel()
+                await asyncio.gather(*link.loops, return_exceptions=True)
+                self.links.remove(link)
+                if not link.running:
+                    await link.client.close()
 
     # -- life cycle -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -158,12 +202,9 @@ class Daemon:
             log.warning("control socket unavailable (`panal agent status` will not work): %s", exc.message)
         self._loops.append(asyncio.create_task(self._volunteer_loop(), name="volunteer"))
         for address in self.boards:
-            client = BoardClient(address, self.identity, insecure=self.settings.insecure,
-                                 retry_for_s=10.0, breaker=Breaker())
-            self.links.append(BoardLink(address, client, Outbox(self.home.outbox, address.url)))
-        for link in self.links:
-            self._loops += [asyncio.create_task(self._lease_loop(link), name=f"lease {link.address.url}"),
-                            asyncio.create_task(self._flush_loop(link), name="flush")]
+            self.add_board(address)
+        for hook in self.on_start:
+            await hook(self)
         log.info("agent %s running with %d slot(s) on %d board(s)", self.identity.id, self.settings.slots,
                  len(self.links))
         await stop.wait()
@@ -205,7 +246,7 @@ class Daemon:
     async def _reserve(self) -> int:
         async with self.slot_freed:
             await self.slot_freed.wait_for(lambda: self.free > 0 and self.paused_reason is None)
-            share = max(1, self.free // max(1, len(self.links)))
+            share = max(1, self.free // max(1, len(self.links)))  # each board gets its fair share
             self.free -= share
             return share
 
@@ -234,8 +275,13 @@ class Daemon:
     async def _lease_loop(self, link: BoardLink) -> None:
         await self._register(link)
         # Heartbeats start once the board has told us its lease TTL.
-        self._loops.append(asyncio.create_task(self._heartbeat_loop(link), name="heartbeat"))
+        heartbeat = asyncio.create_task(self._heartbeat_loop(link), name="heartbeat")
+        link.loops.append(heartbeat)
+        self._loops.append(heartbeat)
         while not self.stopping:
+            wait = link.cooldown_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             n = await self._reserve()
             sent = link.take_pending()
             try:
@@ -304,18 +350,32 @@ class Daemon:
 
     # -- running a task -------------------------------------------------------------------------
     async def _execute(self, link: BoardLink, assignment: dict[str, Any]) -> None:
+        try:
+            await self._run_and_report(link, assignment)
+        finally:
+            await self._unreserve(1)
+
+    async def _run_and_report(self, link: BoardLink, assignment: dict[str, Any]) -> None:
         task_id = str(assignment["task_id"])
         running = Running(assignment)
         link.running[task_id] = running
         started = time.time()
         workdir = self.home.work / task_id
+        outputs: dict[str, dict[str, Any]] = {}
         try:
-            _, manifest = self.manifests.check(assignment)
+            submitter, manifest = self.manifests.check(assignment)
+            if link.trusted is not None and not link.trusted(submitter):
+                await self._refuse_untrusted(link, assignment, submitter)
+                running.lost = True  # handed back: no result from us
+                return
+            inputs = await self._fetch_inputs(link, manifest)
             request = TaskRequest(kind=manifest.kind, params=assignment["params"], timeout_s=manifest.timeout_s,
-                                  workdir=str(workdir), threads=self.threads,
-                                  max_memory_gb=manifest.max_memory_gb)
+                                  workdir=str(workdir), threads=self.threads, max_memory_gb=manifest.max_memory_gb,
+                                  inputs={name: str(path) for name, path in inputs.items()})
             async with self.pool.worker() as worker:
                 outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel)
+            if outcome.ok and outcome.files and not running.lost:
+                outputs = await self._upload_outputs(link, outcome.files)
         except PanalError as exc:
             outcome = Outcome.failed(FailureClass.UNSUPPORTED, exc.message, started)
         except Exception as exc:  # the daemon itself must survive anything a task does
@@ -325,7 +385,7 @@ class Daemon:
             link.running.pop(task_id, None)
             shutil.rmtree(workdir, ignore_errors=True)
         if not running.lost:
-            record = self._sign(assignment, outcome)
+            record = self._sign(assignment, outcome, outputs)
             link.outbox.save(task_id, record)
             link.pending.append(record)
             link.flush.set()
@@ -334,9 +394,46 @@ class Daemon:
             else:
                 link.failed += 1
                 log.warning("task %s failed (%s): %s", task_id, outcome.error_class, outcome.error)
-        await self._unreserve(1)
 
-    def _sign(self, assignment: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    async def _fetch_inputs(self, link: BoardLink, manifest: Manifest) -> dict[str, Path]:
+        """Download (or find in the bounded local cache) every input blob, verified by its hash."""
+        async def fetch(sha: str, dest: Path) -> None:
+            path = f"/v1/blobs/{sha}"
+            headers = sign_request(self.identity, "GET", path, "", b"")
+            await download_blob(link.client.session(), link.address.url, sha, dest, headers)
+
+        paths = {}
+        for name, ref in manifest.inputs.items():
+            if ref.blob is None:
+                raise BadRequest(f"input {name} was not uploaded", code="input_not_uploaded")
+            paths[name] = await self.blobs.get(ref.blob, fetch)
+        return paths
+
+    async def _upload_outputs(self, link: BoardLink, files: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Upload output files as blobs; the signed result then names them by sha256."""
+        def sign(method: str, path: str, query: str, digest: str) -> dict[str, str]:
+            return sign_request_digest(self.identity, method, path, query, digest)
+
+        outputs = {}
+        for name, text in files.items():
+            path = Path(text)
+            sha = await upload_file(link.client.session(), link.address.url, path, sign)
+            size = (await asyncio.to_thread(path.stat)).st_size
+            outputs[name] = {"sha256": sha, "size": size, "name": path.name}
+        return outputs
+
+    async def _refuse_untrusted(self, link: BoardLink, assignment: dict[str, Any], submitter: str) -> None:
+        """Hand a task from an untrusted submitter back (no attempt used) and leave that board alone
+        for a while, so agents that do trust the submitter take it."""
+        log.warning("refusing job %s on %s: submitter %s is not in the trust store (`panal trust add`)",
+                    assignment.get("job_id"), link.address.url, submitter)
+        link.cooldown_until = time.monotonic() + UNTRUSTED_COOLDOWN_S
+        with contextlib.suppress(PanalError):
+            await link.client.call("POST", f"/v1/tasks/{assignment['task_id']}/release",
+                                   {"lease_id": assignment["lease_id"]}, retry=False, timeout_s=5.0)
+
+    def _sign(self, assignment: dict[str, Any], outcome: Outcome,
+              outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "task_id": assignment["task_id"], "job_id": assignment["job_id"],
             "lease_id": assignment["lease_id"], "attempt": assignment["attempt"], "agent_id": self.identity.id,
@@ -345,6 +442,7 @@ class Daemon:
         }
         if outcome.ok:
             payload["values"] = outcome.values
+            payload["outputs"] = outputs
         else:
             payload["error_class"] = outcome.error_class or FailureClass.ERROR.value
             payload["error"] = outcome.error or ""
@@ -394,7 +492,11 @@ class Daemon:
             self.slot_freed.notify_all()
 
     def status(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {}
+        for extra in self.status_extras:
+            extras.update(extra())
         return {
+            **extras,
             "state": "paused" if self.paused_reason else ("busy" if self._tasks else "idle"),
             "paused": self.paused_reason is not None, "reason": self.paused_reason,
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import hashlib
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from agent.blobcache import download_blob, hash_file
+from agent.blobupload import upload_file
 from agent.client import BoardClient
 from jobs.manifest import Manifest
-from security.errors import PanalError, Unauthorized
+from security.errors import BadRequest, PanalError, Unauthorized
+from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
 from security.records import SignedRecord
 
-__all__ = ["ResultCheck", "job_id_of", "make_envelope", "submit", "verify_results", "wait_job"]
+__all__ = ["ResultCheck", "job_id_of", "make_envelope", "prepare_inputs", "submit", "upload_inputs",
+           "verify_results", "wait_job"]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -30,6 +37,47 @@ def make_envelope(identity: Identity, manifest: Manifest) -> dict[str, Any]:
 def job_id_of(envelope: dict[str, Any]) -> str:
     """A job's id is derived from its envelope's signature: re-submitting it is idempotent."""
     return "j" + hashlib.sha256(SignedRecord.from_wire(envelope).sig).hexdigest()[:20]
+
+
+def prepare_inputs(manifest: Manifest) -> tuple[Manifest, list[tuple[str, Path]]]:
+    """Hash every local input file; return the manifest to sign (paths -> blob refs) and the files."""
+    if not manifest.inputs or all(ref.blob for ref in manifest.inputs.values()):
+        return manifest, []
+    source = copy.deepcopy(manifest.source)
+    files: list[tuple[str, Path]] = []
+    for name, ref in manifest.inputs.items():
+        if ref.path is None:
+            continue
+        path = (manifest.base_dir or Path(".")) / ref.path
+        sha, size = hash_file(path)
+        rows = _rows(path, manifest.params) if ref.shard_count else None
+        files.append((sha, path))
+        source["spec"]["inputs"][name] = dataclasses.replace(ref, blob=sha, size=size, rows=rows,
+                                                             path=Path(ref.path).name).to_source()
+    return Manifest.from_dict(source), files
+
+
+def _rows(path: Path, params: dict[str, Any]) -> int:
+    """Rows of a sharded safetensors input: dim 0 of its ``input_key`` tensor (else the first)."""
+    from jobs.safeload import check_safetensors
+
+    tensors = check_safetensors(path)
+    if not tensors:
+        raise BadRequest(f"{path}: holds no tensors to shard")
+    info = tensors.get(str(params.get("input_key", ""))) or next(iter(tensors.values()))
+    return int(info.shape[0]) if info.shape else 1
+
+
+async def upload_inputs(client: BoardClient, files: list[tuple[str, Path]],
+                        progress: Callable[[int], None] | None = None) -> None:
+    """Upload input files as blobs (skipping those the board already has), before the manifest."""
+    def sign(method: str, path: str, query: str, digest: str) -> dict[str, str]:
+        return sign_request_digest(client.identity, method, path, query, digest)
+
+    for sha, path in files:
+        uploaded = await upload_file(client.session(), client.address.url, path, sign, progress)
+        if uploaded != sha:
+            raise BadRequest(f"{path} changed while it was being submitted", code="input_changed")
 
 
 async def submit(client: BoardClient, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +101,25 @@ async def wait_job(client: BoardClient, job_id: str, timeout_s: float,
             return job
         if wait == 0:
             await asyncio.sleep(0.2)
+
+
+async def fetch_outputs(client: BoardClient, checks: list[ResultCheck], out_dir: Path) -> dict[str, list[str]]:
+    """Download each result's output files into ``out_dir/<task>/<name>`` and check them against the
+    digests the agent signed. A file already there is re-hashed instead: a modified output is reported."""
+    problems: dict[str, list[str]] = {}
+    for check in checks:
+        for name, meta in (check.payload.get("outputs") or {}).items():
+            sha = str(meta.get("sha256", ""))
+            dest = out_dir / check.task_id / name
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                headers = sign_request(client.identity, "GET", f"/v1/blobs/{sha}", "", b"")
+                await download_blob(client.session(), client.address.url, sha, dest, headers)
+            got, _ = await asyncio.to_thread(hash_file, dest)
+            if got != sha:
+                problems.setdefault(check.task_id, []).append(
+                    f"output {name} ({dest}) does not match the digest the agent signed")
+    return problems
 
 
 @dataclass(frozen=True)

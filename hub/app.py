@@ -14,6 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from hub.auth import Authenticator
+from hub.blob_routes import add_blob_routes
+from hub.blobs import BlobStore
 from hub.board import Board, job_summary
 from hub.config import HubConfig
 from hub.records import JobState
@@ -45,6 +47,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except PanalError as exc:
         return reply(request, exc.to_body(), exc.status)
+    except ConnectionError:  # the client went away mid-request (e.g. an interrupted upload)
+        raise
     except web.HTTPRequestEntityTooLarge as exc:
         err = PayloadTooLarge(f"request body too large: {exc.text}", code="body_too_large")
         return reply(request, err.to_body(), err.status)
@@ -220,9 +224,12 @@ def _int_query(request: web.Request, name: str, default: int) -> int:
         raise BadRequest(f"query parameter {name}: expected a number, got {text!r}") from exc
 
 
-def create_app(board: Board, config: HubConfig) -> web.Application:
+def create_app(board: Board, config: HubConfig, blobs: BlobStore | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
+    if blobs is not None:
+        add_blob_routes(app, blobs, auth.member, reply=reply)
+        board.blobs = blobs
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
     api = Api(board, auth, config)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from hub.board import Board
 from security.errors import Forbidden
-from security.httpsig import SignatureParams, verify_request
+from security.httpsig import SignatureParams, content_digest, verify_request
 from security.identity import PublicKey
 from security.replay import ReplayCache
 
@@ -44,10 +44,10 @@ class Authenticator:
         self.submitters = {key_id: (PublicKey.parse(text), name) for key_id, text, name in rows}
 
     async def verify(self, request: web.Request, extra_key: PublicKey | None = None,
-                     body: bytes | None = None) -> SignatureParams:
+                     body: bytes | None = None, body_digest: str | None = None) -> SignatureParams:
         """Verify the request's signature against known keys (and ``extra_key``, for registration)."""
         if body is None:
-            body = await request.read()
+            body = b"" if body_digest is not None else await request.read()
         keyid = _keyid_hint(request)
         if keyid and keyid not in self.board.agents and keyid not in self.submitters \
                 and (extra_key is None or extra_key.id != keyid):
@@ -63,7 +63,7 @@ class Authenticator:
             return entry[0] if entry else None
 
         params = verify_request(request.method, request.path, request.query_string, request.headers, body,
-                                lookup, self.skew_s)
+                                lookup, self.skew_s, body_digest=body_digest)
         self.replay.check(params.keyid, params.nonce)
         return params
 
@@ -72,6 +72,14 @@ class Authenticator:
         if params.keyid not in self.board.agents:
             raise Forbidden(f"key {params.keyid} is not a registered agent: run `panal agent join`",
                             code="not_registered")
+        return params.keyid
+
+    async def member(self, request: web.Request, body_digest: str | None) -> str:
+        """Blob transfers: any registered agent or authorised submitter (body streamed, digest signed)."""
+        params = await self.verify(request, body_digest=body_digest or content_digest(b""))
+        if params.keyid not in self.board.agents and params.keyid not in self.submitters:
+            raise Forbidden(f"key {params.keyid} is neither an agent nor a submitter on this board",
+                            code="not_a_member")
         return params.keyid
 
     async def submitter(self, request: web.Request, body: bytes, extra_key: PublicKey | None = None) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hub.blobs import BlobStore
 from hub.config import HubConfig
 from hub.dispatch import BoardObserver, DispatchPolicy, LeaseGate, make_policy
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
@@ -92,6 +93,7 @@ class Board:
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.leasing = True
+        self.blobs: BlobStore | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -175,6 +177,7 @@ class Board:
         if existing is not None:
             return existing, False
         manifest = Manifest.from_dict(payload.get("manifest"), max_tasks=self.config.max_tasks_per_job)
+        self._check_blobs(manifest)
         now = self.clock()
         job = JobRow(id=job_id, name=manifest.name, submitter_id=signer_id, kind=manifest.kind,
                      priority=manifest.priority, state=JobState.QUEUED, created_at=now,
@@ -196,6 +199,16 @@ class Board:
         self._emit("job_submitted", job=job_id, name=job.name, tasks=len(tasks))
         self._wake()
         return job, True
+
+    def _check_blobs(self, manifest: Manifest) -> None:
+        """Inputs are uploaded before the manifest: a job never exists with a missing input."""
+        for ref in manifest.inputs.values():
+            if ref.path is not None:
+                raise BadRequest(f"spec.inputs.{ref.name}: a local path reached the board; submit with "
+                                 "`panal submit`, which uploads inputs first", code="input_not_uploaded")
+            if self.blobs is not None and ref.blob is not None and not self.blobs.exists(ref.blob):
+                raise BadRequest(f"spec.inputs.{ref.name}: blob {ref.blob} is not on this board; upload it "
+                                 "first (PUT /v1/blobs/{sha256})", code="missing_blob")
 
     def _add_job(self, job: JobRow) -> None:
         self.jobs[job.id] = job

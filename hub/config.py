@@ -37,6 +37,9 @@ class HubConfig:
     expiry_interval_s: float = 0.5
     retry_backoff_s: float = 1.0       # first retry delay of a failed task; doubles per attempt
     drain_timeout_s: float = 30.0
+    max_blob_bytes: int = 4 * 2**30          # one uploaded file (model, dataset shard, output)
+    max_blobs_total_bytes: int = 0           # all blobs together; 0: no cap
+    blob_gc_grace_s: float = 24 * 3600.0     # an unreferenced blob is kept this long (a submit in flight)
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
 
     @classmethod

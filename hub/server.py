@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hub.app import create_app
+from hub.blobs import BlobStore
 from hub.board import Board
 from hub.config import HubConfig
 from hub.sqlite_store import SqliteStore
@@ -27,7 +28,8 @@ class BoardServer:
     def __init__(self, config: HubConfig, db_path: Path, ssl_context: ssl.SSLContext | None) -> None:
         self.config = config
         self.board = Board(SqliteStore(db_path, config.sqlite_synchronous), config)
-        self.app = create_app(self.board, config)
+        self.blobs = BlobStore(db_path.parent / "blobs", config.max_blob_bytes, config.max_blobs_total_bytes or None)
+        self.app = create_app(self.board, config, self.blobs)
         self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self.port = 0

@@ -7,6 +7,7 @@ positions) and on the board (on the signed manifest, with field paths only).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -19,6 +20,7 @@ import jsonschema
 
 from jobs.catalog import all_kinds, get_kind
 from jobs.errors import InvalidParams
+from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, parse_inputs, shard_points
 from jobs.requirements import Requirements
 from jobs.yamlpos import Document, load_documents, path_text
 from security.errors import BadRequest
@@ -56,6 +58,7 @@ _BASE_SCHEMA: dict[str, Any] = {
             "properties": {
                 "task": {"type": "string", "description": "a catalog kind"},
                 "params": {"type": "object"},
+                "inputs": INPUT_SCHEMA,
                 "sweep": {
                     "type": "object",
                     "description": "cartesian product of values: one task per point",
@@ -137,23 +140,28 @@ class Manifest:
     retries: int = 3
     deadline_s: float | None = None
     replicas: int = 1
+    inputs: dict[str, InputRef] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    base_dir: Path | None = None   # where relative input paths are (the manifest file's folder)
 
     @property
     def n_tasks(self) -> int:
         points = 1
         for values in self.sweep.values():
             points *= len(values)
-        return points * self.replicas
+        shards = max((r.shard_count or 1 for r in self.inputs.values()), default=1)
+        return points * shards * self.replicas
 
     def points(self) -> list[dict[str, Any]]:
         """Parameters of each task, in a stable order (sweep points, each repeated per replica)."""
         kind = get_kind(self.kind)
         keys = list(self.sweep)
         out = []
+        shards = shard_points(self.inputs)
         for combo in itertools.product(*(self.sweep[k] for k in keys)):
-            params = kind.validate({**self.params, **dict(zip(keys, combo, strict=True))})
-            out.extend([params] * self.replicas)
+            for shard in shards:
+                params = kind.validate({**self.params, **dict(zip(keys, combo, strict=True)), **shard})
+                out.extend([params] * self.replicas)
         return out
 
     @classmethod
@@ -182,6 +190,7 @@ class Manifest:
             retries=int(policy.get("retries", 3)),
             deadline_s=parse_duration(policy["deadline"]) if "deadline" in policy else None,
             replicas=int(policy.get("replicas", 1)),
+            inputs=parse_inputs(spec.get("inputs", {})),
             source=source,
         )
 
@@ -251,18 +260,23 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str,
                     errors.append((path_text(path, key), _unknown(path, key, error.schema)))
             continue
         errors.append((path, _expected(error)))
-    if errors:
+    structural = bool(errors)
+    # Keep going where the structure allows, so every problem is reported at once.
+    spec = source.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
         return errors
-    spec = source["spec"]
     try:
         kind = get_kind(spec["task"])
     except BadRequest as exc:
-        return [("spec.task", exc.message)]
-    try:
-        base = kind.validate(spec.get("params", {}))
-    except InvalidParams as exc:
-        errors.extend(exc.errors)
-        base = {}
+        return [*errors, ("spec.task", exc.message)]
+    base: dict[str, Any] = {}
+    if isinstance(spec.get("params", {}), dict):
+        try:
+            base = kind.validate(spec.get("params", {}))
+        except InvalidParams as exc:
+            errors.extend(exc.errors)
+    if structural:
+        return sorted(errors)
     for key, values in spec.get("sweep", {}).items():
         if key not in kind.params:
             errors.append((f"spec.sweep.{key}", f"unknown parameter for kind {kind.name}"))
@@ -271,6 +285,7 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str,
             problem = kind.params[key].check(key, value)
             if problem:
                 errors.append((f"spec.sweep.{key}[{i}]", problem))
+    check_inputs(kind, parse_inputs(spec.get("inputs", {})), errors)
     for key in ("timeout",):
         if key in spec.get("resources", {}):
             _check_duration(spec["resources"][key], f"spec.resources.{key}", errors)
@@ -282,6 +297,7 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str,
     for values in spec.get("sweep", {}).values():
         n *= len(values)
     n *= int(spec.get("policy", {}).get("replicas", 1))
+    n *= max((r.shard_count or 1 for r in parse_inputs(spec.get("inputs", {})).values()), default=1)
     if n > max_tasks:
         errors.append(("spec.sweep", f"expands to {n:,} tasks, more than the limit of {max_tasks:,} per job; "
                                      "split it into several jobs"))
@@ -321,12 +337,26 @@ def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manif
     manifests = []
     for doc in docs:
         errs = validate(doc.value, max_tasks)
-        problems.extend(((name, *_pos(doc, p)), p, m) for p, m in errs)
         if not errs:
-            manifests.append(Manifest._build(doc.value))
+            manifest = dataclasses.replace(Manifest._build(doc.value), base_dir=path.parent)
+            errs = _missing_files(manifest)
+            if not errs:
+                manifests.append(manifest)
+        problems.extend(sorted(((name, *_pos(doc, p)), p, m) for p, m in errs))
     if problems:
         raise ManifestError(problems)
     return manifests
+
+
+def _missing_files(manifest: Manifest) -> list[tuple[str, str]]:
+    errors = []
+    for ref in manifest.inputs.values():
+        if ref.path is not None:
+            full = (manifest.base_dir or Path(".")) / ref.path
+            if not full.is_file():
+                where = f"spec.inputs.{ref.name}" + (".path" if ref.shard_count else "")
+                errors.append((where, f"file not found: {ref.path} (looked in {full.parent})"))
+    return errors
 
 
 def _pos(doc: Document, path: str) -> tuple[int, int]:

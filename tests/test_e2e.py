@@ -131,3 +131,33 @@ def test_agent_is_paused_and_resumed_through_its_control_socket_mid_task(tmp_pat
     panal("agent", "resume", home=home)
     wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", 60, "the job to finish after resume")
     assert json.loads(panal("agent", "status", "--json", home=home).stdout)["paused"] is False
+
+
+def test_inference_inputs_upload_shard_and_outputs_verify(tmp_path: Path, procs: Procs) -> None:
+    """Inputs are uploaded as blobs, the job is sharded into tasks, outputs come back as blobs whose
+    signed digests `panal results --verify -o DIR` checks; a modified output file is detected."""
+    import torch
+    from safetensors.torch import load_file
+
+    user = tmp_path / "user"
+    _, url = start_hub_proc(procs, tmp_path, user)
+    start_agent(procs, tmp_path, url, "gpu-less")
+    example = ROOT / "configs/examples/inference.yaml"
+    sub = panal("submit", str(example), "--hub", url, "--wait", "--json", home=user, timeout=300)
+    [job] = json.loads(sub.stdout)
+    assert job["state"] == "succeeded" and job["n_tasks"] == 2
+    out = tmp_path / "out"
+    res = json.loads(panal("results", job["id"], "--hub", url, "--verify", "-o", str(out), "--json",
+                           home=user).stdout)
+    assert all(r["verified"] for r in res["results"])
+    assert json.loads((out / "results.json").read_text())["job"]["id"] == job["id"]
+    shards = sorted(res["results"], key=lambda r: r["task_id"])
+    ys = [load_file(out / r["outputs"]["outputs"]["path"])["y"] for r in shards]
+    model = torch.export.load(ROOT / "configs/examples/data/model.pt2").module()
+    x = load_file(ROOT / "configs/examples/data/inputs.safetensors")["x"]
+    assert torch.allclose(torch.cat(ys), model(x), atol=1e-5)
+    # Tamper with one downloaded output: verification now fails, naming it.
+    target = out / shards[0]["outputs"]["outputs"]["path"]
+    target.write_bytes(target.read_bytes()[:-4] + b"\0\0\0\0")
+    bad = panal("results", job["id"], "--hub", url, "--verify", "-o", str(out), home=user, check=False)
+    assert bad.returncode == 2 and "does not match the digest the agent signed" in bad.stdout + bad.stderr

@@ -18,8 +18,6 @@ from jobs.manifest import load_manifests
 from jobs.safeload import check_safetensors, load_pt2
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
-PENDING_INPUTS = pytest.mark.xfail(
-    strict=True, reason="spec.inputs is not in the manifest schema yet; remove this mark when it lands")
 
 
 @dataclass
@@ -80,7 +78,6 @@ def test_example_validates_and_runs(name: str, tmp_path: Path) -> None:
         assert outputs[0].values["results"][0]["device"] == "cpu"
 
 
-@PENDING_INPUTS
 def test_inference_example_validates_and_runs(tmp_path: Path) -> None:
     path = EXAMPLES / "inference.yaml"
     [manifest] = load_manifests(path)
