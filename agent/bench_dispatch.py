@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from agent.client import BoardClient
 from agent.demo import start_hub, stop
 from agent.submitting import make_envelope, submit, wait_job
@@ -63,7 +65,8 @@ class SimAgent:
             await self.client.call("POST", "/v1/results", {"results": results})
 
 
-async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, samples: int) -> dict[str, Any]:
+async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, samples: int,
+                 hub_pid: int | None = None) -> dict[str, Any]:
     address = BoardAddress.parse(url)
     out: dict[str, Any] = {"agents": agents, "tasks": tasks, "slots_per_agent": slots}
     async with BoardClient(address, user, retry_for_s=30.0) as submitter:
@@ -95,10 +98,18 @@ async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, 
         runners = [asyncio.create_task(a.run(stop_fleet)) for a in fleet]
         await asyncio.sleep(0.5)
         envelope = make_envelope(user, _manifest(tasks, "throughput"))
+        hub_proc = psutil.Process(hub_pid) if hub_pid else None
+        cpu0 = sum(hub_proc.cpu_times()[:2]) if hub_proc else 0.0
         t0 = time.perf_counter()
         job = await submit(submitter, envelope)
         final = await wait_job(submitter, job["id"], 600.0)
         elapsed = time.perf_counter() - t0
+        if hub_proc is not None:
+            # The load generator shares this machine's cores with the hub: the hub's own CPU time per
+            # task says what one hub process could do with a core to itself.
+            hub_ms = (sum(hub_proc.cpu_times()[:2]) - cpu0) * 1000 / tasks
+            out["hub_cpu_ms_per_task"] = round(hub_ms, 3)
+            out["hub_capacity_tasks_per_s_per_core"] = round(1000 / hub_ms, 0) if hub_ms else None
         stop_fleet.set()
         await asyncio.gather(*runners)
         for a in fleet:
@@ -115,6 +126,6 @@ def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int) -> dic
         hub, url = start_hub(Path(tmp) / "hub", user_home)
         try:
             user = Identity.load(user_home / "user.key")
-            return asyncio.run(_bench(url, user, agents, tasks, slots, samples))
+            return asyncio.run(_bench(url, user, agents, tasks, slots, samples, hub.pid))
         finally:
             stop([hub])

@@ -274,7 +274,8 @@ class Board:
         counts = self.counts[job_id]
         terminal = counts[TaskState.DONE] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
         jobs: list[JobRow] = []
-        if cancelled or terminal >= job.n_tasks:
+        finishing = cancelled or terminal >= job.n_tasks   # this call ends the job (set before any await)
+        if finishing:
             if cancelled:
                 job.state = JobState.CANCELLED
             elif counts[TaskState.FAILED]:
@@ -293,7 +294,7 @@ class Board:
             await self.store.accept_results(results, changed, jobs)
         elif changed or jobs:
             await self.store.save_tasks(changed, jobs)
-        if job.state.terminal:
+        if finishing:
             self._drop_job(job_id)
             self._finished[job_id].set()
             self._emit("job_finished", job=job_id, state=job.state.value)

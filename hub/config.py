@@ -41,6 +41,8 @@ class HubConfig:
     max_blobs_total_bytes: int = 0           # all blobs together; 0: no cap
     blob_gc_grace_s: float = 24 * 3600.0     # an unreferenced blob is kept this long (a submit in flight)
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
+    #: fair-share / adaptive: submitter id -> weight (a missing submitter weighs 1.0)
+    submitter_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None,

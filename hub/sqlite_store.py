@@ -124,7 +124,13 @@ class SqliteStore:
             for fn, _ in batch:
                 conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((True, fn(conn)))
+                    result = fn(conn)
+                    if isinstance(result, sqlite3.Cursor):
+                        # A cursor must not escape to the event loop thread: finalising it there while
+                        # this thread uses the connection is "API misuse" in SQLite.
+                        result.close()
+                        result = None
+                    outcomes.append((True, result))
                     conn.execute("RELEASE op")
                 except Exception as exc:  # one failing write must not undo the others
                     conn.execute("ROLLBACK TO op")

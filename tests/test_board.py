@@ -207,3 +207,17 @@ async def test_restart_keeps_everything_acknowledged(fx: Fixture) -> None:
     # A re-send of a result of the finished job is still recognised as a duplicate.
     [dup] = await fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], tasks[0])])
     assert dup.status == "duplicate"
+
+
+async def test_concurrent_results_finishing_a_job_settle_once(fx: Fixture) -> None:
+    """Several result batches in flight at once, the last of which ends the job (a race that once
+    dropped the job twice)."""
+    import asyncio
+
+    job_id = await fx.submit(manifest(6))
+    tasks = await fx.lease(fx.agents[0], 6)
+    outcomes = await asyncio.gather(*(fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], t)])
+                                      for t in tasks))
+    assert [o.status for [o] in outcomes] == ["accepted"] * 6
+    assert (await fx.board.job_view(job_id))["state"] == "succeeded"
+    assert len(await fx.board.store.get_results(job_id)) == 6

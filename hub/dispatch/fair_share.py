@@ -1,0 +1,119 @@
+"""``fair-share``: devices are shared between submitters in proportion to their weights.
+
+When an agent asks, the submitter furthest below its share gets the next task: fewest devices in
+use per unit of weight, then least recent use (device-seconds, decaying with a half-life, so a
+burst of short tasks counts too), then the oldest job. Within a submitter: priority, then age.
+Weights come from ``submitter_weights`` in hub.yaml (submitter id -> weight; missing = 1.0).
+A task must still be eligible (requirements, deadline, availability window: see ``predict``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hub.dispatch.predict import Predictor, candidate_jobs
+from hub.records import TaskState
+
+if TYPE_CHECKING:
+    from hub.board import AgentState, Board
+    from hub.records import JobRow, TaskRow
+
+__all__ = ["FairShare", "Usage", "fair_pick", "weight"]
+
+#: how fast past use is forgiven
+HALF_LIFE_S = 3600.0
+
+Take = Callable[[str, int], "list[TaskRow]"]
+
+
+class Usage:
+    """Device-seconds used per submitter, decaying with a half-life."""
+
+    def __init__(self, half_life_s: float = HALF_LIFE_S) -> None:
+        self.half_life_s = half_life_s
+        self._values: dict[str, tuple[float, float]] = {}   # submitter -> (value, as of)
+
+    def value(self, submitter: str, now: float) -> float:
+        value, at = self._values.get(submitter, (0.0, now))
+        return value * 0.5 ** (max(now - at, 0.0) / self.half_life_s)
+
+    def add(self, submitter: str, seconds: float, now: float) -> None:
+        self._values[submitter] = (self.value(submitter, now) + max(seconds, 0.0), now)
+
+
+def weight(board: Board, submitter: str) -> float:
+    value = board.config.submitter_weights.get(submitter, 1.0)
+    return float(value) if isinstance(value, int | float) and value > 0 else 1.0
+
+
+def fair_pick(board: Board, agent: AgentState, slots: int, usage: Usage, now: float, take: Take) -> list[TaskRow]:
+    """Fill ``slots`` one task at a time, each from the submitter furthest below its share.
+
+    ``take(job_id, limit)`` removes up to ``limit`` tasks of a job the agent may run (it applies
+    the caller's eligibility rule) and returns them; a job that gives none is passed over.
+    """
+    queues: dict[str, list[str]] = {}     # submitter -> candidate jobs, priority-fifo order
+    first: dict[str, int] = {}
+    for position, job_id in enumerate(candidate_jobs(board, agent)):
+        submitter = board.jobs[job_id].submitter_id
+        queues.setdefault(submitter, []).append(job_id)
+        first.setdefault(submitter, position)
+    if not queues:
+        return []
+    running: dict[str, int] = {}
+    for job in board.jobs.values():
+        leased = board.counts[job.id][TaskState.LEASED]
+        if leased:
+            running[job.submitter_id] = running.get(job.submitter_id, 0) + leased
+    weights = {s: weight(board, s) for s in queues}
+
+    def key(submitter: str) -> tuple[float, float, int]:
+        w = weights[submitter]
+        return running.get(submitter, 0) / w, usage.value(submitter, now) / w, first[submitter]
+
+    picked: list[TaskRow] = []
+    while queues and len(picked) < slots:
+        submitter = min(queues, key=key)
+        jobs = queues[submitter]
+        got = take(jobs[0], 1)
+        if got:
+            picked.extend(got)
+            running[submitter] = running.get(submitter, 0) + 1
+        else:
+            jobs.pop(0)
+            if not jobs:
+                del queues[submitter]
+    return picked
+
+
+class FairShare:
+    name = "fair-share"
+
+    def __init__(self) -> None:
+        self.predictor = Predictor()
+        self.usage = Usage()
+        self._now = 0.0
+
+    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
+        now = self._now = board.clock()
+        return fair_pick(board, agent, slots, self.usage, now,
+                         lambda job_id, limit: self.predictor.take(board, agent, job_id, limit, now))
+
+    def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
+                        metrics: dict[str, Any]) -> None:
+        record_usage(self.usage, self.predictor, job, task, metrics, self._now)
+        self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)
+
+
+def record_usage(usage: Usage, predictor: Predictor, job: JobRow, task: TaskRow, metrics: dict[str, Any],
+                 last_now: float) -> None:
+    """Charge the submitter for a settled attempt: its measured wall time, else the time it was leased."""
+    now = max(task.updated_at, last_now)
+    wall = metrics.get("wall_s")
+    if isinstance(wall, int | float) and not isinstance(wall, bool) and wall > 0:
+        seconds = float(wall)
+    else:
+        entry = predictor.leased.get(task.id)
+        seconds = now - entry[2] if entry is not None else 0.0
+    usage.add(job.submitter_id, seconds, now)

@@ -1,0 +1,88 @@
+"""``fastest``: each task goes where it is predicted to finish soonest.
+
+An asking agent takes a job's tasks only as far as the other connected agents could not finish
+them earlier: another agent, counted from when it is predicted to have a free slot, finishes
+``ceil((my_end - its_free_at) / its_runtime) - 1`` of them strictly before this agent would finish
+one. A slow host therefore waits while faster ones can absorb the queue, and joins in when the
+queue is longer than they can clear. Predictions learn from observed wall times (``predict``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hub.dispatch.predict import Predictor, candidate_jobs, connected
+from jobs.requirements import unmet
+
+if TYPE_CHECKING:
+    from hub.board import AgentState, Board
+    from hub.records import JobRow, TaskRow
+
+__all__ = ["Fastest", "SoonestGate"]
+
+#: an agent skipped for a job kind (e.g. by ``adaptive`` for its error rate)
+Avoid = Callable[["AgentState", str], bool]
+
+
+class SoonestGate:
+    """How many of a job's queued tasks one asking agent should take under earliest-finish-first."""
+
+    def __init__(self, board: Board, agent: AgentState, predictor: Predictor, now: float,
+                 avoid: Avoid | None = None) -> None:
+        self.board, self.agent, self.predictor, self.now = board, agent, predictor, now
+        self.avoid = avoid
+        self.others = [(b, predictor.free_at(b, now)) for b in connected(board, now)
+                       if b is not agent and b.refused is None]
+
+    def _rivals(self, job_id: str) -> list[tuple[AgentState, float]]:
+        job, req = self.board.jobs[job_id], self.board.requirements[job_id]
+        return [(b, free) for b, free in self.others
+                if not unmet(req, job.kind, b.caps) and not (self.avoid and self.avoid(b, job.kind))]
+
+    def has_rival(self, job_id: str) -> bool:
+        """Whether another connected agent could run the job at all."""
+        return bool(self._rivals(job_id))
+
+    def share(self, job_id: str) -> int:
+        job, req = self.board.jobs[job_id], self.board.requirements[job_id]
+        task = self.predictor.head(self.board, self.agent, job_id, self.now)
+        if task is None:
+            return 0
+        queued = len(self.board.ready[job_id])
+        my_end = self.now + self.predictor.predict(self.agent, job, task, req)
+        ahead = 0
+        for b, free in self._rivals(job_id):
+            if free >= my_end or self.predictor.misfit(b, job, task, req, free) is not None:
+                continue
+            runtime = self.predictor.predict(b, job, task, req)
+            if runtime <= 0:
+                continue
+            ahead += max(math.ceil((my_end - free) / runtime - 1e-9) - 1, 0)
+            if ahead >= queued:
+                return 0
+        return queued - ahead
+
+
+class Fastest:
+    name = "fastest"
+
+    def __init__(self) -> None:
+        self.predictor = Predictor()
+
+    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
+        now = board.clock()
+        gate = SoonestGate(board, agent, self.predictor, now)
+        picked: list[TaskRow] = []
+        for job_id in candidate_jobs(board, agent):
+            share = gate.share(job_id)
+            if share:
+                picked += self.predictor.take(board, agent, job_id, min(share, slots - len(picked)), now)
+            if len(picked) >= slots:
+                break
+        return picked
+
+    def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
+                        metrics: dict[str, Any]) -> None:
+        self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)

@@ -1,0 +1,209 @@
+"""Runtime prediction and the eligibility rule every capability-aware policy shares.
+
+A task's predicted runtime on an agent is the kind's cost estimate over the agent's measured speed
+(roofline: the slower of compute and memory traffic, plus the kind's fixed seconds), times a
+correction learned from what this board has observed of that agent: an exponentially weighted
+ratio of measured wall time to prediction, per (agent, kind), falling back to the agent's ratio
+over all kinds. A task is eligible for an agent when every ``requires`` clause holds
+(:func:`jobs.requirements.unmet`) and the predicted runtime fits both the job's deadline and the
+agent's availability window (``available_until`` in its capability report, epoch seconds).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from hub.records import TaskState
+from jobs.catalog import get_kind
+from jobs.kinds.base import Cost
+from jobs.requirements import Capabilities, Gpu, Requirements, unmet
+from security.errors import PanalError
+
+if TYPE_CHECKING:
+    from hub.board import AgentState, Board
+    from hub.records import JobRow, TaskRow
+
+__all__ = ["Predictor", "base_seconds", "candidate_jobs", "connected", "slots_of"]
+
+#: speeds assumed for a device that reported none (an agent without torch, a failed self-test)
+DEFAULT_CPU_GFLOPS = 50.0
+DEFAULT_GPU_GFLOPS = 2000.0
+DEFAULT_CPU_BANDWIDTH_GBPS = 20.0
+DEFAULT_GPU_BANDWIDTH_GBPS = 200.0
+#: weight of the newest observation in the per (agent, kind) correction
+ALPHA = 0.3
+#: how many queued tasks of one job a policy looks at for one that fits (deadlines differ by cost)
+SCAN = 16
+_HALF = ("float16", "bfloat16")
+_CACHE_MAX = 200_000
+
+
+def _bandwidth(raw: Any, default: float) -> float:
+    value = raw.get("memory_bandwidth_gbps") if isinstance(raw, Mapping) else None
+    return float(value) if isinstance(value, int | float) and value > 0 else default
+
+
+def _gpu_speed(gpu: Gpu, half: bool) -> float:
+    best = max(gpu.gflops_fp32, gpu.gflops_fp16) if half else gpu.gflops_fp32
+    return best if best > 0 else DEFAULT_GPU_GFLOPS
+
+
+def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapping[str, Any]) -> float:
+    """Uncorrected runtime of ``cost`` on the device of ``caps`` that the task would use."""
+    half = params.get("dtype") in _HALF
+    raw_gpus = caps.raw.get("gpus") or ()
+    gflops, bandwidth = 0.0, 0.0
+    if req.device != "cpu":
+        for i, gpu in enumerate(caps.gpus):
+            if req.gpu_fits(gpu) and _gpu_speed(gpu, half) > gflops:
+                raw = raw_gpus[i] if i < len(raw_gpus) else {}
+                gflops, bandwidth = _gpu_speed(gpu, half), _bandwidth(raw, DEFAULT_GPU_BANDWIDTH_GBPS)
+    if gflops == 0.0:  # no usable GPU: the task runs on the CPU
+        gflops = caps.cpu_gflops if caps.cpu_gflops > 0 else DEFAULT_CPU_GFLOPS
+        bandwidth = _bandwidth(caps.raw.get("cpu"), DEFAULT_CPU_BANDWIDTH_GBPS)
+    return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
+
+
+def slots_of(agent: AgentState) -> int:
+    value = agent.caps.raw.get("slots")
+    return max(int(value), 1) if isinstance(value, int | float) else 1
+
+
+def available_until(agent: AgentState) -> float | None:
+    value = agent.caps.raw.get("available_until")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def connected(board: Board, now: float) -> list[AgentState]:
+    """Agents that can take work now: seen recently or holding a lease, and not past their window."""
+    horizon = now - max(2 * board.config.max_poll_wait_s, board.config.lease_ttl_s) - 5
+    out = []
+    for agent in board.agents.values():
+        until = available_until(agent)
+        if (agent.running or agent.last_seen >= horizon) and (until is None or until > now):
+            out.append(agent)
+    return out
+
+
+def candidate_jobs(board: Board, agent: AgentState) -> Iterator[str]:
+    """Active jobs with queued tasks whose requirements ``agent`` meets, in priority-fifo order."""
+    for _, _, job_id in board.order:
+        if board.ready.get(job_id) and not unmet(board.requirements[job_id], board.jobs[job_id].kind, agent.caps):
+            yield job_id
+
+
+class Predictor:
+    """Predicts runtimes and learns, from settled attempts, how far off each agent's are."""
+
+    def __init__(self, alpha: float = ALPHA) -> None:
+        self.alpha = alpha
+        self.log_ratio: dict[tuple[str, str], float] = {}   # (agent, kind) -> log(observed / predicted)
+        self.agent_log_ratio: dict[str, float] = {}
+        self.samples: dict[tuple[str, str], int] = {}
+        self.leased: dict[str, tuple[str, float, float, float]] = {}  # task -> (agent, base s, at, end)
+        self._costs: dict[str, Cost] = {}
+        self._bases: dict[tuple[str, str], tuple[Capabilities, float]] = {}
+
+    # -- prediction -----------------------------------------------------------------------------
+    def cost(self, job: JobRow, task: TaskRow) -> Cost:
+        cost = self._costs.get(task.id)
+        if cost is None:
+            try:
+                cost = get_kind(job.kind).estimate(task.params)
+            except (PanalError, KeyError, TypeError, ValueError):
+                cost = Cost()
+            if len(self._costs) > _CACHE_MAX:
+                self._costs.clear()
+            self._costs[task.id] = cost
+        return cost
+
+    def base(self, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements) -> float:
+        key = (agent.row.id, task.id)
+        cached = self._bases.get(key)
+        if cached is not None and cached[0] is agent.caps:
+            return cached[1]
+        value = base_seconds(self.cost(job, task), agent.caps, req, task.params)
+        if len(self._bases) > _CACHE_MAX:
+            self._bases.clear()
+        self._bases[key] = (agent.caps, value)
+        return value
+
+    def factor(self, agent_id: str, kind: str) -> float:
+        """How much slower than its measured speed this agent has turned out to be (1.0: as measured)."""
+        log_ratio = self.log_ratio.get((agent_id, kind), self.agent_log_ratio.get(agent_id))
+        return 1.0 if log_ratio is None else math.exp(log_ratio)
+
+    def predict(self, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements) -> float:
+        return self.base(agent, job, task, req) * self.factor(agent.row.id, job.kind)
+
+    def misfit(self, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements, now: float) -> str | None:
+        """``"deadline"`` or ``"availability"`` when the predicted runtime does not fit; else None."""
+        until = available_until(agent)
+        if job.deadline_at is None and until is None:
+            return None
+        end = now + self.predict(agent, job, task, req)
+        if job.deadline_at is not None and end > job.deadline_at:
+            return "deadline"
+        if until is not None and end > until:
+            return "availability"
+        return None
+
+    def free_at(self, agent: AgentState, now: float) -> float:
+        """When the agent is predicted to have a free slot."""
+        if len(agent.running) < slots_of(agent):
+            return now
+        ends = [self.leased[t][3] for t in agent.running if t in self.leased]
+        return max(min(ends), now) if ends else now
+
+    # -- taking tasks ---------------------------------------------------------------------------
+    def head(self, board: Board, agent: AgentState, job_id: str, now: float) -> TaskRow | None:
+        """The first of the job's queued tasks (among the next :data:`SCAN`) that fits the agent."""
+        job, req = board.jobs[job_id], board.requirements[job_id]
+        for task_id in itertools.islice(board.ready[job_id], SCAN):
+            task = board.tasks.get(task_id)
+            if task is not None and task.state == TaskState.QUEUED and self.misfit(agent, job, task, req, now) is None:
+                return task
+        return None
+
+    def take(self, board: Board, agent: AgentState, job_id: str, limit: int, now: float) -> list[TaskRow]:
+        """Remove up to ``limit`` queued tasks of the job that fit the agent, and note them as leased."""
+        queue = board.ready[job_id]
+        job, req = board.jobs[job_id], board.requirements[job_id]
+        picked: list[TaskRow] = []
+        skipped: list[str] = []
+        scanned = 0
+        while queue and len(picked) < limit and scanned < SCAN:
+            task_id = queue.popleft()
+            task = board.tasks.get(task_id)
+            if task is None or task.state != TaskState.QUEUED:
+                continue
+            scanned += 1
+            if self.misfit(agent, job, task, req, now) is None:
+                picked.append(task)
+                base = self.base(agent, job, task, req)
+                self.leased[task.id] = (agent.row.id, base, now, now + base * self.factor(agent.row.id, job.kind))
+            else:
+                skipped.append(task_id)
+        queue.extendleft(reversed(skipped))
+        return picked
+
+    # -- learning -------------------------------------------------------------------------------
+    def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
+                        metrics: dict[str, Any]) -> None:
+        entry = self.leased.pop(task.id, None)
+        self._costs.pop(task.id, None)
+        if entry is None or entry[0] != agent_id or not ok:
+            return
+        wall, base = metrics.get("wall_s"), entry[1]
+        if not isinstance(wall, int | float) or isinstance(wall, bool) or wall <= 0 or base <= 0:
+            return
+        observed = math.log(min(max(wall / base, 1e-3), 1e3))
+        key = (agent_id, job.kind)
+        old = self.log_ratio.get(key)
+        self.log_ratio[key] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
+        self.samples[key] = self.samples.get(key, 0) + 1
+        old = self.agent_log_ratio.get(agent_id)
+        self.agent_log_ratio[agent_id] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
