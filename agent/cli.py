@@ -143,6 +143,18 @@ def keys_show() -> None:
     click.echo(identity.public.text())
 
 
+@keys.command("export")
+@click.argument("file", type=click.Path(path_type=Path), required=False)
+def keys_export(file: Path | None) -> None:
+    """Write your public key to FILE (or stdout), to send to a board admin or a LAN trust store."""
+    text = home().user_identity().public.text() + "\n"
+    if file is None:
+        click.echo(text, nl=False)
+    else:
+        file.write_text(text)
+        click.echo(f"wrote {file}", err=True)
+
+
 @main.group(cls=PanalGroup, name="config")
 def config_group() -> None:
     """Client settings (which board `panal submit` talks to)."""

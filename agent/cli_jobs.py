@@ -50,7 +50,8 @@ def _progress_line(job: dict[str, Any]) -> str:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @hub_option
 @insecure_option
-@click.option("--wait", is_flag=True, help="Wait for the jobs to finish; exit 0 only if all succeeded.")
+@click.option("--wait", "--follow", "wait", is_flag=True,
+              help="Follow the jobs' progress until they finish; exit 0 only if all succeeded.")
 @click.option("--timeout", "timeout_s", type=float, default=24 * 3600.0, show_default=True,
               help="With --wait: give up waiting after this many seconds (exit 4).")
 @click.option("--json", "as_json", is_flag=True)

@@ -95,3 +95,16 @@ def test_schema_is_published_and_validate_cli_reports(tmp_path: Path) -> None:
     bad.write_text(HEAD + "spec: {task: matmul, params: {size: four}}\n")
     out = panal("validate", str(bad), home=tmp_path, check=False)
     assert out.returncode == 1 and "spec.params.size" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_readme_manifest_section_covers_every_spec_field() -> None:
+    """The README's 'Writing a manifest' table is checked against the published schema."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Writing a manifest", 1)[1].split("\n## ", 1)[0]
+    spec = manifest_schema()["properties"]["spec"]["properties"]
+    for field in spec:
+        assert f"`spec.{field}`" in section, f"README does not document spec.{field}"
+    for field in spec["requires"]["properties"]:
+        assert f"`{field}`" in section, f"README does not document spec.requires.{field}"
+    for kind in spec["task"]["enum"]:
+        assert kind == "chaos" or f"`{kind}`" in section, f"README does not list kind {kind}"

@@ -43,7 +43,37 @@ def _priority_fifo() -> DispatchPolicy:
     return PriorityFifo()
 
 
-POLICIES: dict[str, Callable[[], DispatchPolicy]] = {"priority-fifo": _priority_fifo}
+def _fair_share() -> DispatchPolicy:
+    from hub.dispatch.fair_share import FairShare
+
+    return FairShare()
+
+
+def _best_fit() -> DispatchPolicy:
+    from hub.dispatch.best_fit import BestFit
+
+    return BestFit()
+
+
+def _fastest() -> DispatchPolicy:
+    from hub.dispatch.fastest import Fastest
+
+    return Fastest()
+
+
+def _adaptive() -> DispatchPolicy:
+    from hub.dispatch.adaptive import Adaptive
+
+    return Adaptive()
+
+
+POLICIES: dict[str, Callable[[], DispatchPolicy]] = {
+    "priority-fifo": _priority_fifo,
+    "fair-share": _fair_share,
+    "best-fit": _best_fit,
+    "fastest": _fastest,
+    "adaptive": _adaptive,
+}
 
 
 def make_policy(name: str) -> DispatchPolicy:

@@ -9,6 +9,7 @@ A task must still be eligible (requirements, deadline, availability window: see 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ class Usage:
 
     def value(self, submitter: str, now: float) -> float:
         value, at = self._values.get(submitter, (0.0, now))
-        return value * 0.5 ** (max(now - at, 0.0) / self.half_life_s)
+        return value * math.pow(0.5, max(now - at, 0.0) / self.half_life_s)
 
     def add(self, submitter: str, seconds: float, now: float) -> None:
         self._values[submitter] = (self.value(submitter, now) + max(seconds, 0.0), now)

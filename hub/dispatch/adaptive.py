@@ -1,0 +1,87 @@
+"""``adaptive``: fair-share between submitters, fastest placement within, flaky agents avoided.
+
+It learns, per agent x kind, throughput (the predictor's observed/predicted ratio) and error
+rate (an exponentially weighted failure rate that decays with a half-life, so an agent that was
+flaky an hour ago gets to try again). The submitter furthest below its share goes first (as in
+``fair-share``); of its jobs, the agent takes only what faster agents could not finish sooner (as
+in ``fastest``); and an agent whose recent error rate for a kind is above :data:`MAX_ERROR_RATE`
+gets no tasks of that kind while another connected agent could run them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from hub.dispatch.fair_share import Usage, fair_pick, record_usage
+from hub.dispatch.fastest import SoonestGate
+from hub.dispatch.predict import Predictor
+
+if TYPE_CHECKING:
+    from hub.board import AgentState, Board
+    from hub.records import JobRow, TaskRow
+
+__all__ = ["Adaptive", "ErrorRates"]
+
+#: above this recent failure rate an agent is avoided for that kind
+MAX_ERROR_RATE = 0.5
+#: no verdict on fewer attempts than this
+MIN_ATTEMPTS = 3
+#: failures that are the job's fault, not the agent's
+_NOT_THE_AGENT = frozenset({"invalid_params", "unsupported"})
+
+
+class ErrorRates:
+    """Recent failure rate per (agent, kind): an EWMA whose value halves every ``half_life_s`` idle."""
+
+    def __init__(self, alpha: float = 0.3, half_life_s: float = 1800.0) -> None:
+        self.alpha, self.half_life_s = alpha, half_life_s
+        self._rates: dict[tuple[str, str], tuple[float, int, float]] = {}   # -> (rate, attempts, as of)
+
+    def rate(self, agent_id: str, kind: str, now: float) -> float:
+        rate, attempts, at = self._rates.get((agent_id, kind), (0.0, 0, now))
+        if attempts < MIN_ATTEMPTS:
+            return 0.0
+        return rate * math.pow(0.5, max(now - at, 0.0) / self.half_life_s)
+
+    def record(self, agent_id: str, kind: str, failed: bool, now: float) -> None:
+        rate, attempts, at = self._rates.get((agent_id, kind), (0.0, 0, now))
+        rate *= math.pow(0.5, max(now - at, 0.0) / self.half_life_s)
+        rate = float(failed) if attempts == 0 else (1 - self.alpha) * rate + self.alpha * float(failed)
+        self._rates[(agent_id, kind)] = (rate, attempts + 1, now)
+
+    def high(self, agent_id: str, kind: str, now: float) -> bool:
+        return self.rate(agent_id, kind, now) > MAX_ERROR_RATE
+
+
+class Adaptive:
+    name = "adaptive"
+
+    def __init__(self) -> None:
+        self.predictor = Predictor()
+        self.usage = Usage()
+        self.errors = ErrorRates()
+        self._now = 0.0
+
+    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
+        now = self._now = board.clock()
+
+        def avoid(b: AgentState, kind: str) -> bool:
+            return self.errors.high(b.row.id, kind, now)
+
+        gate = SoonestGate(board, agent, self.predictor, now, avoid)
+
+        def take(job_id: str, limit: int) -> list[TaskRow]:
+            if avoid(agent, board.jobs[job_id].kind) and gate.has_rival(job_id):
+                return []
+            share = gate.share(job_id)
+            return self.predictor.take(board, agent, job_id, min(share, limit), now) if share else []
+
+        return fair_pick(board, agent, slots, self.usage, now, take)
+
+    def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
+                        metrics: dict[str, Any]) -> None:
+        now = max(task.updated_at, self._now)
+        record_usage(self.usage, self.predictor, job, task, metrics, self._now)
+        self.errors.record(agent_id, job.kind, not ok and failure not in _NOT_THE_AGENT, now)
+        self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)

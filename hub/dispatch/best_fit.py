@@ -1,0 +1,80 @@
+"""``best-fit``: a task goes to the least capable agent that can still run it well.
+
+Big GPUs stay free for the work only they can do. An asking agent looks at the jobs it can run,
+highest priority first and, among equals, the scarcest first (the fewest connected agents meet the
+requirements: the 40 GB job before the one any GPU can run). It leaves a job's tasks to idle, less
+capable agents that can run them well - within the deadline and availability window, and at most
+:data:`WELL_FACTOR` times slower than itself (or under :data:`WELL_S` seconds) - and takes only
+what those cannot absorb, so a big GPU never idles while a queue is longer than the small ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hub.dispatch.predict import Predictor, candidate_jobs, connected, slots_of
+from jobs.requirements import Capabilities, unmet
+
+if TYPE_CHECKING:
+    from hub.board import AgentState, Board
+    from hub.records import JobRow, TaskRow
+
+__all__ = ["BestFit", "capability"]
+
+#: "runs it well": no more than this many times slower than the asking agent ...
+WELL_FACTOR = 4.0
+#: ... or done within this many seconds anyway
+WELL_S = 60.0
+
+
+def capability(caps: Capabilities) -> tuple[float, float, float, float]:
+    """An order of agents from least to most capable: GPU or not, VRAM, GFLOPS, RAM."""
+    if caps.gpus:
+        return (1.0, max(g.vram_gb for g in caps.gpus), max(g.gflops_fp32 for g in caps.gpus), caps.memory_gb)
+    return (0.0, 0.0, caps.cpu_gflops, caps.memory_gb)
+
+
+class BestFit:
+    name = "best-fit"
+
+    def __init__(self) -> None:
+        self.predictor = Predictor()
+
+    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
+        now = board.clock()
+        fleet = connected(board, now)
+        mine = capability(agent.caps)
+        smaller = [b for b in fleet if b is not agent and b.refused is None
+                   and len(b.running) < slots_of(b) and capability(b.caps) < mine]
+        ranked = []
+        for position, job_id in enumerate(candidate_jobs(board, agent)):
+            job, req = board.jobs[job_id], board.requirements[job_id]
+            scarcity = sum(1 for b in fleet if not unmet(req, job.kind, b.caps))
+            ranked.append((-job.priority, scarcity, position, job_id))
+        ranked.sort()
+        picked: list[TaskRow] = []
+        for *_, job_id in ranked:
+            want = len(board.ready[job_id]) - self._absorbed(board, agent, job_id, smaller, now)
+            if want > 0:
+                picked += self.predictor.take(board, agent, job_id, min(want, slots - len(picked)), now)
+            if len(picked) >= slots:
+                break
+        return picked
+
+    def _absorbed(self, board: Board, agent: AgentState, job_id: str, smaller: list[AgentState],
+                  now: float) -> int:
+        """Tasks of the job that idle, less capable agents can take now and run well."""
+        if not smaller:
+            return 0
+        job, req = board.jobs[job_id], board.requirements[job_id]
+        task = self.predictor.head(board, agent, job_id, now)
+        if task is None:
+            return 0
+        well = max(WELL_FACTOR * self.predictor.predict(agent, job, task, req), WELL_S)
+        return sum(slots_of(b) - len(b.running) for b in smaller
+                   if not unmet(req, job.kind, b.caps) and self.predictor.misfit(b, job, task, req, now) is None
+                   and self.predictor.predict(b, job, task, req) <= well)
+
+    def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
+                        metrics: dict[str, Any]) -> None:
+        self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)
