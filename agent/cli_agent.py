@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import click
@@ -164,6 +165,22 @@ def demo(keep: bool) -> None:
 @click.group(cls=PanalGroup)
 def bench() -> None:
     """Benchmarks (figures for notes; never asserted in tests)."""
+
+
+@bench.command("device")
+@click.option("--chart", type=click.Path(path_type=Path), default=Path("bench-device.png"), show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_device(chart: Path, repeats: int, as_json: bool) -> None:
+    """Each kind on each device here (CPU vs GPU), engine overhead, warm and cold start-up; a PNG chart."""
+    from agent.bench_device import run_device_bench
+
+    result = run_device_bench(chart, repeats)
+    if as_json:
+        print_json(result)
+        return
+    for key, value in result.items():
+        click.echo(f"{key}: {value}")
 
 
 @bench.command("dispatch")

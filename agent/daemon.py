@@ -38,6 +38,7 @@ from agent.runner import Outcome, TaskRequest, WorkerPool
 from jobs.catalog import all_kinds
 from jobs.errors import FailureClass
 from jobs.manifest import Manifest
+from jobs.requirements import Gpu
 from security.errors import BadRequest, Forbidden, PanalError
 from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
@@ -152,6 +153,7 @@ class Daemon:
         self.settings.slots = slots
         self.free = slots
         self.pool = WorkerPool(slots)
+        self.gpus_busy: set[str] = set()
         self.blobs = BlobCache(home.root / "blobs", settings.blob_cache_bytes)
         self.capabilities = basic_capabilities(settings.capabilities)
         self.stopping = False
@@ -369,15 +371,23 @@ class Daemon:
                 running.lost = True  # handed back: no result from us
                 return
             inputs = await self._fetch_inputs(link, manifest)
+            device = self._take_device(manifest)
             request = TaskRequest(kind=manifest.kind, params=assignment["params"], timeout_s=manifest.timeout_s,
                                   workdir=str(workdir), threads=self.threads, max_memory_gb=manifest.max_memory_gb,
-                                  inputs={name: str(path) for name, path in inputs.items()})
-            async with self.pool.worker() as worker:
-                outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel)
+                                  inputs={name: str(path) for name, path in inputs.items()}, device=device,
+                                  devices=(device, *(d for d in self._devices() if d != device)),
+                                  gpu_memory_fraction=self.prefs.current.max_gpu_memory_fraction)
+            try:
+                async with self.pool.worker() as worker:
+                    outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel)
+            finally:
+                self.gpus_busy.discard(device)
             if outcome.ok and outcome.files and not running.lost:
                 outputs = await self._upload_outputs(link, outcome.files)
         except PanalError as exc:
-            outcome = Outcome.failed(FailureClass.UNSUPPORTED, exc.message, started)
+            # A busy GPU is transient (retry elsewhere); a task we must not run is permanent.
+            failure = FailureClass.DEVICE_LOST if exc.code == "no_free_gpu" else FailureClass.UNSUPPORTED
+            outcome = Outcome.failed(failure, exc.message, started)
         except Exception as exc:  # the daemon itself must survive anything a task does
             log.exception("running task %s failed", task_id)
             outcome = Outcome.failed(FailureClass.ERROR, f"agent error: {exc}", started)
@@ -394,6 +404,25 @@ class Daemon:
             else:
                 link.failed += 1
                 log.warning("task %s failed (%s): %s", task_id, outcome.error_class, outcome.error)
+
+    def _devices(self) -> list[str]:
+        """Devices this agent lends: the GPUs that passed the capability probe (and the owner allows)."""
+        allowed = self.prefs.current.gpus
+        return [str(g["device"]) for g in self.capabilities.get("gpus", [])
+                if g.get("device") and (allowed is None or int(g.get("index", -1)) in allowed)]
+
+    def _take_device(self, manifest: Manifest) -> str:
+        """One task per GPU: a GPU task gets a free GPU that meets its clauses; otherwise the CPU."""
+        if manifest.requires.device == "cpu":
+            return "cpu"
+        gpus = {str(g.get("device")): g for g in self.capabilities.get("gpus", [])}
+        for device in self._devices():
+            if device not in self.gpus_busy and manifest.requires.gpu_fits(Gpu.from_dict(gpus[device])):
+                self.gpus_busy.add(device)
+                return device
+        if manifest.requires.device == "gpu" and self._devices():
+            raise BadRequest("no free GPU meets this task's requirements right now", code="no_free_gpu")
+        return "cpu"
 
     async def _fetch_inputs(self, link: BoardLink, manifest: Manifest) -> dict[str, Path]:
         """Download (or find in the bounded local cache) every input blob, verified by its hash."""

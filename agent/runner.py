@@ -38,11 +38,13 @@ class TaskRequest:
     max_memory_gb: float | None = None
     inputs: Mapping[str, str] = field(default_factory=dict)
     devices: tuple[str, ...] = ("cpu",)
+    gpu_memory_fraction: float | None = None
 
     def frame(self) -> dict[str, Any]:
         return {"op": "run", "kind": self.kind, "params": dict(self.params), "workdir": self.workdir,
                 "device": self.device, "threads": self.threads, "max_memory_gb": self.max_memory_gb,
-                "inputs": dict(self.inputs), "devices": list(self.devices)}
+                "inputs": dict(self.inputs), "devices": list(self.devices),
+                "gpu_memory_fraction": self.gpu_memory_fraction}
 
 
 @dataclass

@@ -83,6 +83,16 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(max(1, threads))
 
 
+def _limit_gpu_memory(device: str, fraction: float | None) -> None:
+    """The volunteer's cap on GPU memory for this process (CUDA and ROCm builds alike)."""
+    if not fraction or not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    torch.cuda.set_per_process_memory_fraction(min(max(float(fraction), 0.05), 1.0), index)
+
+
 def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
     """Run one task; always returns a reply frame (failures are classified, not raised)."""
     workdir = Path(request["workdir"])
@@ -96,6 +106,7 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
         kind = get_kind(request["kind"])
         params = kind.validate(request.get("params") or {})
         _set_threads(ctx.threads)
+        _limit_gpu_memory(ctx.device, request.get("gpu_memory_fraction"))
         _limit_memory(request.get("max_memory_gb"))
         try:
             output = kind.run(params, ctx)

@@ -1,0 +1,340 @@
+"""Dispatch policies against a simulated mixed fleet: the real Board and SQLite store, virtual time.
+
+Run ``python -m hub.dispatch.simulate [--policy P ...] [--seed N]`` for a table. Agents are
+simulated (a capability report, a true speed that may differ from the advertised one, an error
+rate, an availability window); everything else is the real thing: signed manifests go through
+``Board.submit``, work through ``Board.lease`` and signed results through ``Board.accept``, on a
+store in a temporary directory. Nothing sleeps: the board's clock jumps from event to event.
+
+Figures: makespan; task turnaround (submission to accepted result) p50/p95/p99; deadline misses
+(tasks of deadline jobs not done in time, or never); failed and unfinished tasks; each
+submitter's share of devices while two or more submitters had queued work, and Jain's fairness
+index of those shares over weights (1.0 = exactly by weight); how much A100 time sat idle while
+work was queued; utilisation per device class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import math
+import random
+import secrets
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hub.board import Board
+from hub.config import HubConfig
+from hub.dispatch import POLICIES
+from hub.dispatch.predict import base_seconds
+from hub.records import TaskState
+from hub.sqlite_store import SqliteStore
+from jobs.catalog import get_kind
+from jobs.requirements import Capabilities, Requirements
+from security.identity import Identity
+from security.records import SignedRecord
+
+__all__ = ["FLEET", "Host", "format_table", "run_simulation"]
+
+T0 = 1_700_000_000.0
+WEIGHTS = {"lab": 1.0, "infer": 1.0, "bigmodel": 2.0}
+
+
+@dataclass(frozen=True)
+class Host:
+    kind: str                       # device class, for utilisation figures
+    count: int
+    caps: dict[str, Any]
+    true_speed: float = 1.0         # actual / advertised speed (a card that throttles when hot: < 1)
+    error_rate: float = 0.0         # chance an attempt fails (device lost)
+    window_h: float | None = None   # leaves for the day after this long
+
+
+def _gpu(name: str, backend: str, vram_gb: float, cc: str | None, fp32: float, fp16: float,
+         bandwidth: float) -> dict[str, Any]:
+    return {"name": name, "backend": backend, "vram_gb": vram_gb, "compute_capability": cc,
+            "gflops_fp32": fp32, "gflops_fp16": fp16, "memory_bandwidth_gbps": bandwidth}
+
+
+def _caps(gpus: Sequence[dict[str, Any]] = (), cpu_gflops: float = 200.0, memory_gb: float = 16.0) -> dict[str, Any]:
+    return {"memory_gb": memory_gb, "kinds": ["matmul"], "gpus": list(gpus),
+            "cpu": {"cores": 4, "gflops_fp32": cpu_gflops, "memory_bandwidth_gbps": 25.0}}
+
+
+_A100 = _gpu("NVIDIA A100-SXM4-40GB", "cuda", 40, "8.0", 19_500, 78_000, 1555)
+_RX580 = _gpu("Radeon RX 580", "rocm", 8, None, 6_100, 6_100, 256)
+_GTX1060 = _gpu("GeForce GTX 1060 6GB", "cuda", 6, "6.1", 4_400, 70, 192)
+
+#: a university lab, a few A100s, and volunteers' laptops - some flaky, some leaving early
+FLEET: tuple[Host, ...] = (
+    Host("A100", 2, _caps([_A100], 800, 256)),
+    Host("RX 580", 4, _caps([_RX580], 150)),
+    Host("RX 580", 2, _caps([_RX580], 150), window_h=1.5),
+    Host("GTX 1060", 5, _caps([_GTX1060], 150)),
+    Host("GTX 1060", 1, _caps([_GTX1060], 150), true_speed=0.35),
+    Host("laptop CPU", 5, _caps()),
+    Host("laptop CPU", 2, _caps(), error_rate=0.5),
+)
+
+
+def _workload(rng: random.Random) -> list[tuple[float, str, dict[str, Any]]]:
+    """(arrival, submitter, manifest): bulk training sweeps, deadline inference, a few 40 GB jobs."""
+    out: list[tuple[float, str, dict[str, Any]]] = []
+
+    def job(at: float, who: str, name: str, params: dict[str, Any], n: int, requires: dict[str, Any] | None = None,
+            deadline_s: float | None = None) -> None:
+        spec: dict[str, Any] = {"task": "matmul", "params": params, "sweep": {"seed": list(range(n))}}
+        if requires:
+            spec["requires"] = requires
+        if deadline_s:
+            spec["policy"] = {"deadline": deadline_s}
+        out.append((at, who, {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": name}, "spec": spec}))
+
+    for i in range(12):   # ~75 s per task on a GTX 1060, ~27 min on a laptop
+        job(rng.uniform(0, 3600), "lab", f"train-{i}", {"size": 8192, "iterations": 300}, 16)
+    for i in range(20):   # ~1 min per task on a mid GPU; must be done within 15 minutes of submission
+        job(rng.uniform(0, 7200), "infer", f"infer-{i}", {"size": 4096, "iterations": 2000, "dtype": "float16"}, 8,
+            deadline_s=900)
+    for i in range(3):    # only an A100 has the memory
+        job(rng.uniform(0, 7200), "bigmodel", f"big-{i}", {"size": 16384, "iterations": 1000, "dtype": "float16"},
+            6, requires={"device": "gpu", "min_vram_gb": 32})
+    for i in range(2):
+        job(rng.uniform(0, 7200), "bigmodel", f"probe-{i}", {"size": 4096, "iterations": 200}, 8)
+    return sorted(out, key=lambda item: item[0])
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class _Agent:
+    host: Host
+    identity: Identity
+    until: float | None
+    busy: str | None = None         # submitter whose task it runs
+
+    @property
+    def id(self) -> str:
+        return self.identity.id
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+async def _simulate(policy: str, seed: int, directory: Path) -> dict[str, Any]:
+    rng = random.Random(seed * 7919 + 1)
+    workload = _workload(random.Random(seed))
+    clock = _Clock()
+    config = HubConfig(dispatch_policy=policy, retry_backoff_s=0.0, expiry_interval_s=3600.0,
+                       submitter_weights=dict(WEIGHTS), max_tasks_per_lease=1)
+    board = Board(SqliteStore(directory / f"{policy}.db"), config, clock)
+    if hasattr(board.policy, "attempt_settled") and board.policy not in board.observers:
+        board.observers.append(board.policy)  # type: ignore[arg-type]  # until Board does it itself
+    await board.start()
+    try:
+        return await _run(board, clock, rng, workload, policy)
+    finally:
+        await board.stop()
+
+
+async def _run(board: Board, clock: _Clock, rng: random.Random,
+               workload: list[tuple[float, str, dict[str, Any]]], policy: str) -> dict[str, Any]:
+    agents: list[_Agent] = []
+    for host in FLEET:
+        for _ in range(host.count):
+            caps = dict(host.caps)
+            until = T0 + host.window_h * 3600 if host.window_h else None
+            if until is not None:
+                caps["available_until"] = until
+            agent = _Agent(host, Identity.generate(), until)
+            await board.register_agent(agent.identity.public, host.kind, caps)
+            agents.append(agent)
+    submitters = {name: Identity.generate() for name in WEIGHTS}
+    names = {ident.id: name for name, ident in submitters.items()}
+    events: list[tuple[float, int, str, Any]] = []
+    seq = 0
+
+    def push(at: float, what: str, data: Any) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (at, seq, what, data))
+
+    for at, who, source in workload:
+        push(T0 + at, "arrive", (who, source))
+    for agent in agents:
+        if agent.until is not None:
+            push(agent.until, "depart", agent)
+
+    arrived: dict[str, float] = {}
+    deadlines: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    total_tasks = 0
+    contended_dev: Counter[str] = Counter()
+    contended_time: Counter[str] = Counter()
+    busy_time: Counter[str] = Counter()
+    a100_idle = a100_time = 0.0
+    last = T0
+
+    while True:
+        now = clock.now
+        idle = [a for a in agents if a.busy is None and (a.until is None or a.until > now)]
+        for agent in idle:
+            board.agents[agent.id].last_seen = now   # waiting in a long poll
+        rng.shuffle(idle)
+        for agent in idle:
+            for assignment in await board.lease(agent.id, 1, 0):
+                job = board.jobs[assignment["job_id"]]
+                agent.busy = names[job.submitter_id]
+                push(*_attempt(agent, assignment, board.requirements[job.id], now, board.config.lease_ttl_s, rng))
+        if not events:
+            break
+        at, _, what, data = heapq.heappop(events)
+        # account the interval [last, at) before the clock moves
+        dt = at - last
+        queued: Counter[str] = Counter()
+        for job_id, counts in board.counts.items():
+            if counts[TaskState.QUEUED]:
+                queued[names[board.jobs[job_id].submitter_id]] += counts[TaskState.QUEUED]
+        running = Counter(a.busy for a in agents if a.busy)
+        if len(queued) >= 2:
+            for who in queued:
+                contended_time[who] += dt
+                contended_dev[who] += dt * running[who]
+        for a in agents:
+            if a.busy:
+                busy_time[a.host.kind] += dt
+            if a.host.kind == "A100" and queued:
+                a100_time += dt
+                a100_idle += dt if a.busy is None else 0.0
+        clock.now = last = max(at, last)
+        if what == "arrive":
+            who, source = data
+            envelope = SignedRecord.sign(submitters[who], {"manifest": source, "created": clock.now,
+                                                           "nonce": secrets.token_hex(8)}).to_wire()
+            job, _ = await board.submit(envelope, submitters[who].id)
+            total_tasks += job.n_tasks
+            for i in range(job.n_tasks):
+                arrived[f"{job.id}.{i}"] = clock.now
+                if job.deadline_at is not None:
+                    deadlines[f"{job.id}.{i}"] = job.deadline_at
+        elif what == "result":
+            agent, assignment, ok, wall = data
+            agent.busy = None
+            payload = {"task_id": assignment["task_id"], "job_id": assignment["job_id"],
+                       "lease_id": assignment["lease_id"], "attempt": assignment["attempt"], "agent_id": agent.id,
+                       "status": "ok" if ok else "failed", "metrics": {"wall_s": wall}}
+            if not ok:
+                payload.update(error_class="device_lost", error="simulated: the device fell off the bus")
+            await board.accept(agent.id, [SignedRecord.sign(agent.identity, payload).to_wire()])
+            if ok:
+                finished[assignment["task_id"]] = clock.now
+        elif what == "lost":
+            data.busy = None
+            await board.sweep()
+        # "depart": nothing to do but poll again (others may now be needed)
+
+    end = max(finished.values(), default=T0)
+    turnaround = [(finished[t] - arrived[t]) / 60 for t in finished]
+    misses = sum(1 for t, d in deadlines.items() if finished.get(t, math.inf) > d)
+    shares = {who: contended_dev[who] / contended_time[who] / WEIGHTS[who] if contended_time[who] else 0.0
+              for who in WEIGHTS}
+    xs = [x for x in shares.values() if x > 0]
+    jain = sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else 0.0
+    total_dev = sum(contended_dev.values()) or 1.0
+    counts = Counter()
+    for agent in agents:
+        counts[agent.host.kind] += 1
+    states: Counter[str] = Counter(t.state.value for t in await board.store.get_all_tasks()) \
+        if hasattr(board.store, "get_all_tasks") else Counter()
+    return {
+        "policy": policy,
+        "tasks": total_tasks,
+        "done": len(finished),
+        "failed": states.get("failed", 0),
+        "unfinished": total_tasks - len(finished),
+        "makespan_h": (end - T0) / 3600,
+        "p50_min": _pct(turnaround, 0.50),
+        "p95_min": _pct(turnaround, 0.95),
+        "p99_min": _pct(turnaround, 0.99),
+        "deadline_tasks": len(deadlines),
+        "deadline_misses": misses,
+        "share": {who: contended_dev[who] / total_dev for who in WEIGHTS},
+        "jain": jain,
+        "a100_idle_pct": 100 * a100_idle / a100_time if a100_time else 0.0,
+        "utilisation_pct": {kind: 100 * busy_time[kind] / ((end - T0) * n) if end > T0 else 0.0
+                            for kind, n in counts.items()},
+    }
+
+
+def _attempt(agent: _Agent, assignment: dict[str, Any], req: Requirements, now: float, lease_ttl_s: float,
+             rng: random.Random) -> tuple[float, str, Any]:
+    """The event that ends this attempt: a result, or (the agent left mid-task) a lease expiry."""
+    host = agent.host
+    cost = get_kind(assignment["kind"]).estimate(assignment["params"])
+    caps = Capabilities.from_dict(host.caps)
+    wall = base_seconds(cost, caps, req, assignment["params"]) / host.true_speed * rng.lognormvariate(0, 0.15)
+    ok = rng.random() >= host.error_rate
+    if not ok:
+        wall *= rng.uniform(0.1, 1.0)
+    if agent.until is not None and now + wall > agent.until:
+        return agent.until + lease_ttl_s + 1e-3, "lost", agent
+    return now + wall, "result", (agent, assignment, ok, wall)
+
+
+def run_simulation(policies: list[str], seed: int) -> list[dict[str, Any]]:
+    """Simulate each policy on the same fleet and workload; one dict of figures per policy."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown dispatch policy {', '.join(unknown)} (known: {', '.join(POLICIES)})")
+
+    async def all_of() -> list[dict[str, Any]]:
+        with tempfile.TemporaryDirectory(prefix="panal-sim-") as directory:
+            return [await _simulate(policy, seed, Path(directory)) for policy in policies]
+
+    return asyncio.run(all_of())
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the figures (what ``python -m hub.dispatch.simulate`` prints)."""
+    head = ["policy", "makespan h", "p50 min", "p95 min", "p99 min", "deadline misses", "failed+unfinished",
+            "Jain", "share lab/infer/big %", "A100 idle %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        share = "/".join(f"{100 * r['share'][w]:.0f}" for w in WEIGHTS)
+        lines.append(f"| {r['policy']} | {r['makespan_h']:.2f} | {r['p50_min']:.1f} | {r['p95_min']:.1f} | "
+                     f"{r['p99_min']:.1f} | {r['deadline_misses']}/{r['deadline_tasks']} | "
+                     f"{r['failed']}+{r['unfinished']} | {r['jain']:.3f} | {share} | {r['a100_idle_pct']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hub.dispatch.simulate", description=__doc__.split("\n")[0])
+    parser.add_argument("--policy", action="append", choices=sorted(POLICIES), help="repeat; default: all")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    rows = run_simulation(args.policy or list(POLICIES), args.seed)
+    print(format_table(rows))
+    fleet = ", ".join(f"{h.count} x {h.kind}" + (" (throttled)" if h.true_speed < 1 else "")
+                      + (" (flaky)" if h.error_rate else "") + (f" (leaves at {h.window_h:g} h)" if h.window_h else "")
+                      for h in FLEET)
+    print(f"\nfleet: {fleet}\nweights: {WEIGHTS}; seed {args.seed}")
+    print("utilisation %: " + "; ".join(
+        f"{r['policy']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["utilisation_pct"].items()) for r in rows))
+
+
+if __name__ == "__main__":
+    main()
