@@ -31,6 +31,7 @@ from agent.capabilities_probe import detect_capabilities
 from agent.client import BoardClient
 from agent.control import ControlServer, default_socket_path
 from agent.home import AgentHome
+from agent.kind_health import KindHealth
 from agent.outbox import Outbox
 from agent.pause_rules import PauseRules, SystemLoad
 from agent.preferences import PreferencesFile
@@ -154,6 +155,7 @@ class Daemon:
         self.free = slots
         self.pool = WorkerPool(slots)
         self.gpus_busy: set[str] = set()
+        self.kind_health = KindHealth()
         self.blobs = BlobCache(home.root / "blobs", settings.blob_cache_bytes)
         self.capabilities = basic_capabilities(settings.capabilities)
         self.stopping = False
@@ -203,6 +205,7 @@ class Daemon:
         except PanalError as exc:
             log.warning("control socket unavailable (`panal agent status` will not work): %s", exc.message)
         self._loops.append(asyncio.create_task(self._volunteer_loop(), name="volunteer"))
+        self._loops.append(asyncio.create_task(self._kind_probe_loop(), name="kind-probe"))
         for address in self.boards:
             self.add_board(address)
         for hook in self.on_start:
@@ -261,8 +264,10 @@ class Daemon:
 
     # -- loops ----------------------------------------------------------------------------------
     async def _register(self, link: BoardLink) -> None:
+        caps = dict(self.capabilities)
+        caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
         body = {"public_key": self.identity.public.text(), "name": self.settings.name or platform.node(),
-                "capabilities": self.capabilities}
+                "capabilities": caps}
         while True:
             try:
                 reply = await link.client.call("POST", "/v1/agents", body)
@@ -404,6 +409,24 @@ class Daemon:
             else:
                 link.failed += 1
                 log.warning("task %s failed (%s): %s", task_id, outcome.error_class, outcome.error)
+            kind = str(assignment.get("kind"))
+            if self.kind_health.record(kind, outcome.ok, outcome.error_class, outcome.error):
+                await self._readvertise()
+
+    async def _readvertise(self) -> None:
+        """Re-register everywhere so boards match against the kinds this agent accepts now."""
+        for link in self.links:
+            asyncio.get_running_loop().create_task(self._register(link))
+
+    async def _kind_probe_loop(self) -> None:
+        """When a disabled kind's cool-down ends, advertise it again (one task probes it)."""
+        disabled = set(self.kind_health.disabled())
+        while True:
+            await asyncio.sleep(5.0)
+            now = set(self.kind_health.disabled())
+            if now != disabled:
+                disabled = now
+                await self._readvertise()
 
     def _devices(self) -> list[str]:
         """Devices this agent lends: the GPUs that passed the capability probe (and the owner allows)."""
@@ -531,6 +554,7 @@ class Daemon:
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
             "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.free,
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
+            "disabled_kinds": self.kind_health.disabled(),
             "tasks": [{"id": tid, "kind": r.assignment.get("kind"), "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],
             "boards": [{"url": link.address.url, "registered": link.registered,

@@ -22,7 +22,7 @@ import math
 import random
 import secrets
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +128,10 @@ class _Agent:
         return self.identity.id
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -142,8 +146,9 @@ async def _simulate(policy: str, seed: int, directory: Path) -> dict[str, Any]:
     config = HubConfig(dispatch_policy=policy, retry_backoff_s=0.0, expiry_interval_s=3600.0,
                        submitter_weights=dict(WEIGHTS), max_tasks_per_lease=1)
     board = Board(SqliteStore(directory / f"{policy}.db"), config, clock)
-    if hasattr(board.policy, "attempt_settled") and board.policy not in board.observers:
-        board.observers.append(board.policy)  # type: ignore[arg-type]  # until Board does it itself
+    policy_object: Any = board.policy
+    if hasattr(policy_object, "attempt_settled") and not any(o is policy_object for o in board.observers):
+        board.observers.append(policy_object)  # until Board.__init__ does it itself
     await board.start()
     try:
         return await _run(board, clock, rng, workload, policy)
@@ -183,10 +188,11 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
     deadlines: dict[str, float] = {}
     finished: dict[str, float] = {}
     total_tasks = 0
-    job_ids: list[str] = []
-    contended_dev: Counter[str] = Counter()
-    contended_time: Counter[str] = Counter()
-    busy_time: Counter[str] = Counter()
+    job_ids: list[tuple[str, str]] = []
+    sizes: dict[str, int] = {}
+    contended_dev: defaultdict[str, float] = defaultdict(float)
+    contended_time: defaultdict[str, float] = defaultdict(float)
+    busy_time: defaultdict[str, float] = defaultdict(float)
     a100_idle, a100_time = 0.0, 0.0
     last = T0
 
@@ -228,7 +234,8 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
                                                            "nonce": secrets.token_hex(8)}).to_wire()
             job, _ = await board.submit(envelope, submitters[who].id)
             total_tasks += job.n_tasks
-            job_ids.append(job.id)
+            job_ids.append((job.id, who))
+            sizes[job.id] = job.n_tasks
             for i in range(job.n_tasks):
                 arrived[f"{job.id}.{i}"] = clock.now
                 if job.deadline_at is not None:
@@ -251,6 +258,11 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
 
     end = max(finished.values(), default=T0)
     turnaround = [(finished[t] - arrived[t]) / 60 for t in finished]
+    job_times: defaultdict[str, list[float]] = defaultdict(list)
+    for job_id, who in job_ids:
+        ends = [finished.get(f"{job_id}.{i}") for i in range(sizes[job_id])]
+        if all(e is not None for e in ends):
+            job_times[who].append((max(e for e in ends if e is not None) - arrived[f"{job_id}.0"]) / 60)
     misses = sum(1 for t, d in deadlines.items() if finished.get(t, math.inf) > d)
     shares = {who: contended_dev[who] / contended_time[who] / WEIGHTS[who] if contended_time[who] else 0.0
               for who in WEIGHTS}
@@ -259,7 +271,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
     total_dev = sum(contended_dev.values()) or 1.0
     per_class = Counter(agent.host.kind for agent in agents)
     failed = 0
-    for job_id in job_ids:
+    for job_id, _ in job_ids:
         failed += sum(1 for t in await board.store.get_tasks(job_id) if t.state == TaskState.FAILED)
     return {
         "policy": policy,
@@ -275,6 +287,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         "deadline_misses": misses,
         "share": {who: contended_dev[who] / total_dev for who in WEIGHTS},
         "jain": jain,
+        "job_mean_min": {who: _mean(job_times[who]) for who in WEIGHTS},
         "a100_idle_pct": 100 * a100_idle / a100_time if a100_time else 0.0,
         "utilisation_pct": {kind: 100 * busy_time[kind] / ((end - T0) * n) if end > T0 else 0.0
                             for kind, n in per_class.items()},
@@ -312,13 +325,14 @@ def run_simulation(policies: list[str], seed: int) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the figures (what ``python -m hub.dispatch.simulate`` prints)."""
     head = ["policy", "makespan h", "p50 min", "p95 min", "p99 min", "deadline misses", "failed+unfinished",
-            "Jain", "share lab/infer/big %", "A100 idle %"]
+            "Jain", "share lab/infer/big %", "job mean min lab/infer/big", "A100 idle %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         share = "/".join(f"{100 * r['share'][w]:.0f}" for w in WEIGHTS)
+        jobs = "/".join(f"{r['job_mean_min'][w]:.0f}" for w in WEIGHTS)
         lines.append(f"| {r['policy']} | {r['makespan_h']:.2f} | {r['p50_min']:.1f} | {r['p95_min']:.1f} | "
                      f"{r['p99_min']:.1f} | {r['deadline_misses']}/{r['deadline_tasks']} | "
-                     f"{r['failed']}+{r['unfinished']} | {r['jain']:.3f} | {share} | {r['a100_idle_pct']:.0f} |")
+                     f"{r['failed']}+{r['unfinished']} | {r['jain']:.3f} | {share} | {jobs} | {r['a100_idle_pct']:.0f} |")
     return "\n".join(lines)
 
 
