@@ -99,6 +99,7 @@ class BoardLink:
         self.outbox = outbox
         self.trusted = trusted            # None: trust the board's submitters (a WAN hub vouches)
         self.cooldown_until = 0.0         # monotonic time before which we do not lease from it
+        self.refused: str | None = None   # why the board gives us no work (quarantine), if it says
         self.loops: list[asyncio.Task[None]] = []
         self.pending: list[dict[str, Any]] = outbox.load()
         self.running: dict[str, Running] = {}
@@ -309,7 +310,15 @@ class Daemon:
                 await asyncio.sleep(max(1.0, link.client.breaker.retry_in()))
                 continue
             link.settle(sent, reply.get("results", []))
+            if reply.get("refused") != link.refused:
+                link.refused = reply.get("refused")
+                if link.refused:
+                    log.warning("%s gives this agent no work: %s", link.address.url, link.refused)
             tasks = reply.get("tasks", [])
+            if link.refused and not tasks:
+                await self._unreserve(n)
+                await asyncio.sleep(min(self.settings.poll_wait_s, 10.0))  # quarantined: don't spin
+                continue
             await self._unreserve(n - len(tasks))
             for assignment in tasks:
                 task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment['task_id']}")
@@ -559,6 +568,7 @@ class Daemon:
                       for link in self.links for tid, r in link.running.items()],
             "boards": [{"url": link.address.url, "registered": link.registered,
                         "breaker": link.client.breaker.state.value, "outbox": len(link.pending),
+                        "refused": link.refused,
                         "done": link.done, "failed": link.failed} for link in self.links],
         }
 

@@ -114,7 +114,8 @@ class Api:
         outcomes = await self.board.accept(agent_id, _list(body, "results"))
         tasks = await self.board.lease(agent_id, int(_number(body, "slots", 1)),
                                        _number(body, "wait_s", 0.0))
-        return reply(request, {"tasks": tasks, "results": [o.to_wire() for o in outcomes]})
+        refused = self.board.agents[agent_id].refused
+        return reply(request, {"tasks": tasks, "results": [o.to_wire() for o in outcomes], "refused": refused})
 
     async def results(self, request: web.Request) -> web.Response:
         data, body = await _body(request)

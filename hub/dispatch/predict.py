@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hub.records import TaskState
@@ -88,11 +88,14 @@ def connected(board: Board, now: float) -> list[AgentState]:
     return out
 
 
-def candidate_jobs(board: Board, agent: AgentState) -> Iterator[str]:
-    """Active jobs with queued tasks whose requirements ``agent`` meets, in priority-fifo order."""
-    for _, _, job_id in board.order:
-        if board.ready.get(job_id) and not unmet(board.requirements[job_id], board.jobs[job_id].kind, agent.caps):
-            yield job_id
+def candidate_jobs(board: Board, agent: AgentState) -> list[str]:
+    """Active jobs with queued tasks whose requirements ``agent`` meets: highest priority first,
+    then the earliest deadline (a job without one comes after those with one), then the oldest."""
+    jobs = [(neg_priority, board.jobs[job_id].deadline_at or math.inf, created, job_id)
+            for neg_priority, created, job_id in board.order
+            if board.ready.get(job_id) and not unmet(board.requirements[job_id], board.jobs[job_id].kind, agent.caps)]
+    jobs.sort()
+    return [job_id for *_, job_id in jobs]
 
 
 class Predictor:
