@@ -183,6 +183,17 @@ def bench_device(chart: Path, repeats: int, as_json: bool) -> None:
         click.echo(f"{key}: {value}")
 
 
+@bench.command("policies")
+@click.option("--policy", "policies", multiple=True, help="Policies to compare (default: all).")
+@click.option("--seed", type=int, default=1, show_default=True)
+def bench_policies(policies: tuple[str, ...], seed: int) -> None:
+    """Simulate a mixed fleet (A100s, RX 580s, GTX 1060s, laptops) under each dispatch policy."""
+    from hub.dispatch import POLICIES
+    from hub.dispatch.simulate import format_table, run_simulation
+
+    click.echo(format_table(run_simulation(list(policies) or sorted(POLICIES), seed)))
+
+
 @bench.command("dispatch")
 @click.option("--agents", type=int, default=50, show_default=True)
 @click.option("--tasks", type=int, default=20_000, show_default=True)

@@ -24,11 +24,12 @@ from typing import Any
 from hub.blobs import BlobStore
 from hub.config import HubConfig
 from hub.dispatch import BoardObserver, DispatchPolicy, LeaseGate, make_policy
+from hub.dispatch.explain import explain_waiting
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import Store
 from jobs.errors import FailureClass
 from jobs.manifest import Manifest
-from jobs.requirements import Capabilities, Requirements, explain
+from jobs.requirements import Capabilities, Requirements
 from security.errors import BadRequest, Conflict, Forbidden, NotFound, PanalError, Unavailable
 from security.identity import PublicKey
 from security.records import SignedRecord, decode
@@ -87,6 +88,8 @@ class Board:
         self.listeners: list[Callable[[Event], None]] = []
         self.policy: DispatchPolicy = make_policy(config.dispatch_policy)
         self.observers: list[BoardObserver] = []
+        if hasattr(self.policy, "attempt_settled"):  # policies that learn from observed speeds
+            self.observers.append(self.policy)  # type: ignore[arg-type]
         self.gates: list[LeaseGate] = []
         self._wakeup = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
@@ -427,6 +430,7 @@ class Board:
                 self.ready[task.job_id].append(task_id)
                 woke = True
         changed: dict[str, list[TaskRow]] = {}
+        self._expire_deadlines(now, changed)
         while self.expiry and self.expiry[0][0] <= now:
             _, task_id, lease_id = heapq.heappop(self.expiry)
             task = self.tasks.get(task_id)
@@ -444,6 +448,20 @@ class Board:
             await self._maybe_finish(job_id, tasks)
         if woke:
             self._wake()
+
+    def _expire_deadlines(self, now: float, changed: dict[str, list[TaskRow]]) -> None:
+        """Queued tasks of a job past its deadline fail (nobody can run them in time any more)."""
+        for job in list(self.jobs.values()):
+            if job.deadline_at is None or job.deadline_at > now or not self.ready[job.id]:
+                continue
+            for task_id in self.ready[job.id]:
+                task = self.tasks[task_id]
+                if task.state == TaskState.QUEUED:
+                    self._set_state(task, TaskState.FAILED)
+                    task.error, task.error_class, task.updated_at = "the job's deadline passed before it ran", \
+                        "deadline", now
+                    changed.setdefault(job.id, []).append(task)
+            self.ready[job.id].clear()
 
     def _fail_attempt(self, task: TaskRow, failure: FailureClass, message: str) -> None:
         """Retry a transient failure while attempts remain; otherwise fail the task."""
@@ -581,8 +599,7 @@ class Board:
             counts = dict(Counter(t.state.value for t in await self.store.get_tasks(job_id)))
         view = job_summary(job, counts)
         if job.id in self.jobs and self.ready[job.id]:
-            fleet = [a.caps for a in self.online_agents()]
-            reasons = explain(self.requirements[job.id], job.kind, fleet)
+            reasons = explain_waiting(self, job.id)
             if reasons:
                 view["waiting_because"] = reasons
         return view

@@ -221,3 +221,15 @@ async def test_concurrent_results_finishing_a_job_settle_once(fx: Fixture) -> No
     assert [o.status for [o] in outcomes] == ["accepted"] * 6
     assert (await fx.board.job_view(job_id))["state"] == "succeeded"
     assert len(await fx.board.store.get_results(job_id)) == 6
+
+
+async def test_queued_tasks_fail_when_the_deadline_passes(fx: Fixture) -> None:
+    job_id = await fx.submit(manifest(2, policy={"deadline": "5s"}))
+    [task] = await fx.lease(fx.agents[0], 1)
+    fx.clock.now += 6   # past the deadline, within the 10 s lease
+    await fx.board.sweep()
+    assert fx.board.tasks[f"{job_id}.1"].state == TaskState.FAILED
+    assert fx.board.tasks[task["task_id"]].state == TaskState.LEASED  # running work may still finish
+    await fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], task)])
+    view = await fx.board.job_view(job_id)
+    assert view["state"] == "failed" and "deadline passed" in view["error"]

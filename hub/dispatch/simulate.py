@@ -9,7 +9,8 @@ store in a temporary directory. Nothing sleeps: the board's clock jumps from eve
 Figures: makespan; task turnaround (submission to accepted result) p50/p95/p99; deadline misses
 (tasks of deadline jobs not done in time, or never); failed and unfinished tasks; each
 submitter's share of devices while two or more submitters had queued work, and Jain's fairness
-index of those shares over weights (1.0 = exactly by weight); how much A100 time sat idle while
+index of each submitter's received / entitled device-time, entitled being a weighted max-min fair
+split of the fleet capped by its demand (1.0: everyone got its fair share); how much A100 time sat idle while
 work was queued; utilisation per device class.
 """
 
@@ -129,6 +130,24 @@ class _Agent:
         return self.identity.id
 
 
+def _water_fill(demand: dict[str, int], devices: int) -> dict[str, float]:
+    """Weighted max-min fair split of ``devices`` among submitters, none above its demand."""
+    fair: dict[str, float] = {}
+    left, open_ = float(devices), dict(demand)
+    while open_ and left > 1e-9:
+        total_w = sum(WEIGHTS[w] for w in open_)
+        capped = {w: d for w, d in open_.items() if d - fair.get(w, 0.0) <= left * WEIGHTS[w] / total_w}
+        if not capped:
+            for w in open_:
+                fair[w] = fair.get(w, 0.0) + left * WEIGHTS[w] / total_w
+            break
+        for w, d in capped.items():
+            left -= d - fair.get(w, 0.0)
+            fair[w] = float(d)
+            del open_[w]
+    return fair
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -191,8 +210,8 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
     total_tasks = 0
     job_ids: list[tuple[str, str]] = []
     sizes: dict[str, int] = {}
-    contended_dev: defaultdict[str, float] = defaultdict(float)
-    contended_time: defaultdict[str, float] = defaultdict(float)
+    entitled: defaultdict[str, float] = defaultdict(float)   # device-seconds a weighted max-min share gives
+    received: defaultdict[str, float] = defaultdict(float)
     busy_time: defaultdict[str, float] = defaultdict(float)
     a100_idle, a100_time = 0.0, 0.0
     failed_attempts = 0
@@ -220,10 +239,12 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
             if counts[TaskState.QUEUED] and (deadline is None or deadline > last):  # takeable work
                 queued[names[board.jobs[job_id].submitter_id]] += counts[TaskState.QUEUED]
         running = Counter(a.busy for a in agents if a.busy)
-        if len(queued) >= 2:
-            for who in queued:
-                contended_time[who] += dt
-                contended_dev[who] += dt * running[who]
+        demand = {who: queued[who] + running[who] for who in WEIGHTS if queued[who] + running[who]}
+        if len(demand) >= 2 and queued:
+            present = sum(1 for a in agents if a.until is None or a.until > last)
+            for who, fair in _water_fill(demand, present).items():
+                entitled[who] += dt * fair
+                received[who] += dt * running[who]
         for a in agents:
             if a.busy:
                 busy_time[a.host.kind] += dt
@@ -268,11 +289,9 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         if all(e is not None for e in ends):
             job_times[who].append((max(e for e in ends if e is not None) - arrived[f"{job_id}.0"]) / 60)
     misses = sum(1 for t, d in deadlines.items() if finished.get(t, math.inf) > d)
-    shares = {who: contended_dev[who] / contended_time[who] / WEIGHTS[who] if contended_time[who] else 0.0
-              for who in WEIGHTS}
-    xs = [x for x in shares.values() if x > 0]
-    jain = sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else 0.0
-    total_dev = sum(contended_dev.values()) or 1.0
+    xs = [min(received[who] / entitled[who], 1.0) for who in WEIGHTS if entitled[who] > 0]
+    jain = sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else 1.0
+    total_dev = sum(received.values()) or 1.0
     per_class = Counter(agent.host.kind for agent in agents)
     failed = 0
     for job_id, _ in job_ids:
@@ -290,7 +309,8 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         "p99_min": _pct(turnaround, 0.99),
         "deadline_tasks": len(deadlines),
         "deadline_misses": misses,
-        "share": {who: contended_dev[who] / total_dev for who in WEIGHTS},
+        "share": {who: received[who] / total_dev for who in WEIGHTS},
+        "fair_ratio": {who: received[who] / entitled[who] if entitled[who] else math.nan for who in WEIGHTS},
         "jain": jain,
         "job_mean_min": {who: _mean(job_times[who]) for who in WEIGHTS},
         "a100_idle_pct": 100 * a100_idle / a100_time if a100_time else 0.0,
