@@ -59,10 +59,10 @@ def start_agent(home: Path, url: str, name: str) -> subprocess.Popen[str]:
 
 
 def stop(procs: list[subprocess.Popen[str]]) -> None:
-    for proc in procs:
+    """SIGTERM in reverse start order (agents drain into the hub before the hub goes)."""
+    for proc in reversed(procs):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    for proc in procs:
         try:
             proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
