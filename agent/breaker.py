@@ -7,11 +7,14 @@ call goes through; success closes the breaker, failure opens it again with a dou
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from enum import StrEnum
 
 __all__ = ["Breaker", "BreakerState"]
+
+log = logging.getLogger(__name__)
 
 
 class BreakerState(StrEnum):
@@ -22,7 +25,8 @@ class BreakerState(StrEnum):
 
 class Breaker:
     def __init__(self, threshold: int = 5, cooldown_s: float = 2.0, max_cooldown_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, name: str = "") -> None:
+        self.name = name
         self.threshold = threshold
         self.base_cooldown_s = cooldown_s
         self.cooldown_s = cooldown_s
@@ -56,6 +60,8 @@ class Breaker:
         return max(0.0, self.opened_at + self.cooldown_s - self.clock())
 
     def success(self) -> None:
+        if self.opened_at is not None and self.name:
+            log.warning("circuit breaker for %s closed: it answers again", self.name)
         self.failures = 0
         self.opened_at = None
         self.cooldown_s = self.base_cooldown_s
@@ -69,3 +75,8 @@ class Breaker:
             self.opened_at = self.clock()
         elif self.failures >= self.threshold and self.opened_at is None:
             self.opened_at = self.clock()
+        else:
+            return
+        if self.name:
+            log.warning("circuit breaker for %s open after %d failures: next try in %.0f s", self.name,
+                        self.failures, self.cooldown_s)

@@ -177,7 +177,7 @@ class Daemon:
             if link.address.url == address.url:
                 return link
         client = BoardClient(address, self.identity, insecure=self.settings.insecure,
-                             retry_for_s=retry_for_s, breaker=Breaker())
+                             retry_for_s=retry_for_s, breaker=Breaker(name=address.url))
         link = BoardLink(address, client, Outbox(self.home.outbox, address.url), trusted)
         self.links.append(link)
         link.loops = [asyncio.create_task(self._lease_loop(link), name=f"lease {address.url}"),
