@@ -18,7 +18,10 @@ from hub.blob_routes import add_blob_routes
 from hub.blobs import BlobStore
 from hub.board import Board, job_summary
 from hub.config import HubConfig
+from hub.metrics import add_metrics
+from hub.openapi import add_openapi
 from hub.records import JobState
+from hub.status_page import add_status_routes
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, Forbidden, NotFound, PanalError, PayloadTooLarge
 from security.identity import PublicKey
@@ -210,10 +213,6 @@ class Api:
         job = await self.board.cancel(request.match_info["job_id"], submitter)
         return reply(request, {"job": await self.board.job_view(job.id)})
 
-    # -- public ---------------------------------------------------------------------------------
-    async def status(self, request: web.Request) -> web.Response:
-        return reply(request, self.board.status())
-
 
 def _int_query(request: web.Request, name: str, default: int) -> int:
     text = request.query.get(name)
@@ -246,5 +245,7 @@ def create_app(board: Board, config: HubConfig, blobs: BlobStore | None = None) 
     app.router.add_get("/v1/jobs/{job_id}/tasks", api.job_tasks)
     app.router.add_get("/v1/jobs/{job_id}/results", api.job_results)
     app.router.add_delete("/v1/jobs/{job_id}", api.cancel)
-    app.router.add_get("/v1/status", api.status)
+    add_status_routes(app, board, config)   # GET /, /static, /v1/status, /v1/events, /v1/jobs/{id}/public
+    add_metrics(app, board)                  # GET /metrics and the request-timing middleware
+    add_openapi(app)                         # GET /v1/openapi.json
     return app

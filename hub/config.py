@@ -43,6 +43,14 @@ class HubConfig:
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
     #: fair-share / adaptive: submitter id -> weight (a missing submitter weighs 1.0)
     submitter_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: black-hole detection (hub/quarantine.py): the last ``quarantine_window`` settled attempts of an agent
+    #: (0: off); once it has at least ``quarantine_min_attempts`` of them and this share failed or timed out,
+    #: it gets no work for ``quarantine_base_s``, doubling on each repeat, at most ``quarantine_max_s``
+    quarantine_window: int = 10
+    quarantine_min_attempts: int = 5
+    quarantine_failure_ratio: float = 0.8
+    quarantine_base_s: float = 60.0
+    quarantine_max_s: float = 3600.0
 
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None,

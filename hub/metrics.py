@@ -1,0 +1,147 @@
+"""Prometheus metrics of one board at ``GET /metrics``, in a registry of its own (several boards share a process).
+
+Gauges and counters are read from the board at scrape time (agents and tasks by state, its ``stats``
+counters, quarantines seen by the status feed); request latency is timed by a middleware, labelled by
+route template (never by raw path: ids would explode the series); dispatch latency is the time the
+dispatch policy takes to pick tasks for one lease request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter as Tally
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from hub.board import AgentState, Board
+from hub.records import TaskRow, TaskState
+from hub.status_page import FEED_KEY, agent_state
+
+__all__ = ["METRICS_KEY", "BoardMetrics", "add_metrics"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: routes whose requests are open streams: counted, but kept out of the latency histogram
+STREAMING_ROUTES = frozenset({"/v1/events"})
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DISPATCH_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+#: board.stats key -> (counter name without _total, help)
+STAT_COUNTERS = {
+    "leases": ("panal_leases", "Tasks handed out to agents in leases."),
+    "expired": ("panal_lease_expired", "Leases that expired (agent stopped heartbeating); the task was requeued."),
+    "retries": ("panal_task_retries", "Failed or expired attempts requeued for another try."),
+}
+RESULT_STATS = {"results_accepted": "accepted", "results_failed": "failed", "results_duplicate": "duplicate",
+                "results_rejected": "rejected"}
+
+
+class _BoardCollector:
+    """Reads the board at scrape time."""
+
+    def __init__(self, board: Board, app: web.Application) -> None:
+        self.board, self.app = board, app
+
+    def collect(self) -> Iterable[Metric]:
+        board = self.board
+        online = {a.row.id for a in board.online_agents()}
+        states = Tally(agent_state(a, a.row.id in online) for a in board.agents.values())
+        agents = GaugeMetricFamily("panal_agents", "Registered agents by state (a partition).", labels=["state"])
+        for state in ("idle", "busy", "offline", "quarantined"):
+            agents.add_metric([state], states[state])
+        yield agents
+        yield GaugeMetricFamily("panal_agents_online", "Agents seen within the online horizon.", value=len(online))
+        tasks = GaugeMetricFamily("panal_tasks", "Tasks of active jobs by state.", labels=["state"])
+        totals: Tally[TaskState] = Tally()
+        for counts in board.counts.values():
+            totals.update(counts)
+        for task_state in TaskState:
+            tasks.add_metric([task_state.value], totals[task_state])
+        yield tasks
+        yield GaugeMetricFamily("panal_jobs_active", "Jobs not yet finished.", value=len(board.jobs))
+        for key, (name, text) in STAT_COUNTERS.items():
+            yield CounterMetricFamily(name, text, value=board.stats[key])
+        results = CounterMetricFamily("panal_results", "Results received, by outcome.", labels=["outcome"])
+        for key, outcome in RESULT_STATS.items():
+            results.add_metric([outcome], board.stats[key])
+        yield results
+        feed = self.app.get(FEED_KEY)
+        if feed is not None:
+            feed.observe()
+            yield CounterMetricFamily("panal_quarantines", "Times an agent entered quarantine.",
+                                      value=feed.quarantines)
+
+
+class BoardMetrics:
+    """The registry and the instruments the middleware and the dispatch timer feed."""
+
+    def __init__(self, board: Board, app: web.Application) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("panal_http_request_duration_seconds", "HTTP request latency by route.",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("panal_http_requests", "HTTP requests by route and status.",
+                                ["method", "route", "status"], registry=self.registry)
+        self.dispatch = Histogram("panal_dispatch_seconds", "Time the dispatch policy takes to pick tasks "
+                                  "for one lease request.", buckets=DISPATCH_BUCKETS, registry=self.registry)
+        self.registry.register(_BoardCollector(board, app))
+        self._time_dispatch(board)
+
+    def _time_dispatch(self, board: Board) -> None:
+        policy = board.policy
+        pick = policy.pick
+
+        def timed_pick(b: Board, agent: AgentState, slots: int) -> list[TaskRow]:
+            start = time.perf_counter()
+            try:
+                return pick(b, agent, slots)
+            finally:
+                self.dispatch.observe(time.perf_counter() - start)
+
+        setattr(policy, "pick", timed_pick)  # noqa: B010  (this instance only; the policy is otherwise untouched)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS_KEY = web.AppKey("metrics", BoardMetrics)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS_KEY]
+    route = _route(request)
+    start = time.perf_counter()
+    status = "500"
+    try:
+        response = await handler(request)
+        status = str(response.status)
+        return response
+    except web.HTTPException as exc:
+        status = str(exc.status)
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        status = "499"   # the client went away
+        raise
+    finally:
+        metrics.requests.labels(request.method, route, status).inc()
+        if route not in STREAMING_ROUTES:
+            metrics.latency.labels(request.method, route).observe(time.perf_counter() - start)
+
+
+def add_metrics(app: web.Application, board: Board) -> None:
+    """Register ``GET /metrics`` and the timing middleware (outermost: it sees the final status)."""
+    metrics = app[METRICS_KEY] = BoardMetrics(board, app)
+    app.middlewares.insert(0, metrics_middleware)
+
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+    app.router.add_get("/metrics", scrape)

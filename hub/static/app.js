@@ -1,0 +1,363 @@
+// panal status page: renders GET v1/status, live over Server-Sent Events (v1/events), falling back to
+// periodic fetches. No dependencies, no build step. Every value from the board goes in as text, never as HTML.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key === "style") node.style.cssText = value;  // CSSOM: allowed by the page's CSP
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined || !isFinite(seconds)) return "–";
+  seconds = Math.max(0, seconds);
+  if (seconds < 90) return `${Math.round(seconds)}s`;
+  if (seconds < 90 * 60) return `${Math.round(seconds / 60)}m`;
+  if (seconds < 48 * 3600) return `${(seconds / 3600).toFixed(1).replace(/\.0$/, "")}h`;
+  return `${(seconds / 86400).toFixed(1).replace(/\.0$/, "")}d`;
+}
+
+const shortId = (id) => (id ? String(id).slice(0, 12) : "–");
+const clock = (epoch) => new Date(epoch * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+
+function progressBar(fraction, label, name) {
+  const pct = Math.round(Math.max(0, Math.min(1, fraction || 0)) * 100);
+  return el("div", { class: "bar" },
+    el("div", { class: "track", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": pct,
+                "aria-label": name },
+      el("div", { class: "fill", style: `width:${pct}%` })),
+    el("span", { class: "label" }, label));
+}
+
+// -- state ----------------------------------------------------------------------------------------
+const view = { status: null, events: [], selectedJob: null, sortKey: "state", sortDir: 1 };
+
+function fill(id, value) {
+  const node = document.getElementById(id);
+  if (node) node.textContent = String(value);
+}
+
+// -- rendering ------------------------------------------------------------------------------------
+function render(status) {
+  view.status = status;
+  view.events = status.events || [];
+  const a = status.agents || {};
+  for (const key of ["online", "idle", "busy", "offline", "quarantined"]) fill(`n-${key}`, a[key] ?? 0);
+  fill("n-tflops", (status.tflops_online ?? 0).toFixed(status.tflops_online >= 10 ? 0 : 2));
+  const t = status.tasks || {};
+  for (const key of ["queued", "leased", "done", "failed"]) fill(`n-${key}`, t[key] ?? 0);
+  fill("n-jobs", (status.jobs || {}).active ?? 0);
+  renderGpus(status.gpus || []);
+  renderMap(status.agent_table || []);
+  renderJobs(status.job_table || [], status.generated_at);
+  renderAgents();
+  renderEvents();
+  drawChart();
+  if (view.selectedJob) loadJob(view.selectedJob);
+}
+
+function renderGpus(gpus) {
+  const list = $("#gpus");
+  list.replaceChildren(...(gpus.length ? gpus.map((g) => el("li", {}, `${g.count} × ${g.model}`))
+    : [el("li", { class: "muted" }, "none online")]));
+}
+
+function renderMap(agents) {
+  const online = agents.filter((x) => x.state !== "offline");
+  $("#fleet-map").replaceChildren(...(online.length ? online.map((x) => el("li", { "data-state": x.state },
+    el("strong", {}, x.name), " ", el("span", { class: `state state-${x.state}` }, x.state), el("br"),
+    x.running.length ? x.running.map((r, i) => [i ? ", " : "", `${r.job_name} #${r.idx} (${Math.round(r.progress * 100)}%)`])
+      : el("span", { class: "muted" }, x.quarantine ? x.quarantine : "no task"))) : [el("li", { class: "muted" }, "no agent online")]));
+}
+
+function jobProgressLabel(job) {
+  const c = job.tasks || {};
+  const failed = c.failed ? `, ${c.failed} failed` : "";
+  return `${c.done || 0}/${job.n_tasks}${failed}`;
+}
+
+function renderJobs(jobs, now) {
+  const body = $("#job-table tbody");
+  if (!jobs.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "no jobs yet")));
+    return;
+  }
+  body.replaceChildren(...jobs.map((job) => {
+    const open = () => selectJob(job.id);
+    return el("tr", { id: `job-${job.id}`, "data-job-id": job.id, "data-state": job.state,
+                      "aria-selected": view.selectedJob === job.id ? "true" : "false", onclick: open },
+      el("td", {}, el("button", { type: "button", class: "link", onclick: (e) => { e.stopPropagation(); open(); } },
+        job.name || job.id), el("br"), el("code", { class: "muted" }, job.id)),
+      el("td", {}, el("span", { class: `state state-${job.state}` }, job.state),
+        job.waiting_because && job.waiting_because.length ? el("span", { class: "muted" }, " (waiting)") : null),
+      el("td", {}, progressBar(job.progress, jobProgressLabel(job), `progress of ${job.name || job.id}`)),
+      el("td", { class: "wide" }, job.kind),
+      el("td", { class: "wide" }, el("code", { title: job.submitter }, shortId(job.submitter))),
+      el("td", { class: "wide" }, job.priority),
+      el("td", {}, duration((job.finished_at || now) - job.created_at)),
+      el("td", {}, job.finished_at ? "–" : duration(job.eta_s)));
+  }));
+}
+
+function devices(agent) {
+  const gpus = agent.gpus.map((g) => `${g.name} ${g.vram_gb ? `${g.vram_gb} GB` : ""} (${g.backend})`.replace("  ", " "));
+  return [...gpus, `CPU ${agent.cpu.cores} cores`].join(", ");
+}
+
+function sortValue(agent, key) {
+  if (key === "devices") return devices(agent);
+  return agent[key];
+}
+
+function renderAgents() {
+  const agents = [...((view.status && view.status.agent_table) || [])];
+  const { sortKey, sortDir } = view;
+  agents.sort((x, y) => {
+    const a = sortValue(x, sortKey), b = sortValue(y, sortKey);
+    const cmp = typeof a === "number" && typeof b === "number" ? a - b : String(a).localeCompare(String(b));
+    return cmp * sortDir || String(x.name).localeCompare(String(y.name));
+  });
+  for (const th of document.querySelectorAll("#agent-table th[data-key]")) {
+    th.setAttribute("aria-sort", th.dataset.key === sortKey ? (sortDir > 0 ? "ascending" : "descending") : "none");
+  }
+  const now = view.status ? view.status.generated_at : Date.now() / 1000;
+  const body = $("#agent-table tbody");
+  if (!agents.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "no agents registered")));
+    return;
+  }
+  body.replaceChildren(...agents.map((x) => el("tr", { "data-agent-id": x.id },
+    el("td", {}, x.name),
+    el("td", {}, el("span", { class: `state state-${x.state}`, title: x.quarantine || "" }, x.state)),
+    el("td", { class: "wide" }, devices(x)),
+    el("td", {}, x.done),
+    el("td", { class: "wide" }, `${(x.error_rate * 100).toFixed(1)}%`),
+    el("td", { class: "wide" }, x.credit_gflop_h.toFixed(x.credit_gflop_h >= 100 ? 0 : 2)),
+    el("td", {}, `${duration(now - x.last_seen)} ago`),
+    el("td", { class: "wide" }, el("code", { title: x.id }, shortId(x.id))))));
+}
+
+const EVENT_TEXT = {
+  agent_joined: (e) => `agent ${e.name || shortId(e.agent)} joined`,
+  agent_left: (e) => `agent ${e.name || shortId(e.agent)} went offline`,
+  agent_quarantined: (e) => `agent ${e.name || shortId(e.agent)} quarantined: ${e.reason || ""}`,
+  agent_released: (e) => `agent ${e.name || shortId(e.agent)} released from quarantine`,
+  job_submitted: (e) => `job ${e.name || e.job} submitted (${e.tasks} tasks)`,
+  job_finished: (e) => `job ${e.job} finished: ${e.state}`,
+  lease_expired: (e) => `lease of task ${e.task} expired on agent ${shortId(e.agent)}`,
+};
+
+function renderEvents() {
+  const recent = view.events.slice(-30).reverse();
+  $("#event-list").replaceChildren(...(recent.length ? recent.map((e) => el("li", { "data-type": e.type },
+    el("time", { datetime: new Date(e.at * 1000).toISOString() }, clock(e.at)),
+    (EVENT_TEXT[e.type] || ((x) => x.type))(e))) : [el("li", { class: "muted" }, "nothing yet")]));
+}
+
+// -- job detail -----------------------------------------------------------------------------------
+function selectJob(jobId) {
+  view.selectedJob = jobId;
+  for (const row of document.querySelectorAll("#job-table tbody tr")) {
+    row.setAttribute("aria-selected", row.dataset.jobId === jobId ? "true" : "false");
+  }
+  $("#job-detail").hidden = false;
+  loadJob(jobId);
+}
+
+async function loadJob(jobId) {
+  let detail;
+  try {
+    const resp = await fetch(`v1/jobs/${encodeURIComponent(jobId)}/public`, { headers: { Accept: "application/json" } });
+    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+    detail = await resp.json();
+  } catch (err) {
+    $("#job-waiting").replaceChildren(el("li", {}, `could not load the job: ${err.message}`));
+    return;
+  }
+  if (view.selectedJob !== jobId) return;
+  const job = detail.job;
+  $("#job-detail-h").textContent = `Job ${job.name || job.id}: ${job.state}, ${jobProgressLabel(job)}`;
+  $("#job-detail").dataset.jobId = job.id;
+  $("#job-waiting").replaceChildren(...detail.waiting_because.map((line) => el("li", {}, `waiting: ${line}`)));
+  $("#task-table tbody").replaceChildren(...detail.tasks.map((t) => el("tr", { "data-idx": t.idx, "data-state": t.state },
+    el("td", {}, t.idx),
+    el("td", {}, el("span", { class: `state state-${t.state}` }, t.state)),
+    el("td", {}, t.attempt),
+    el("td", {}, t.agent_name || shortId(t.agent)),
+    el("td", {}, progressBar(t.progress, `${Math.round(t.progress * 100)}%`, `progress of task ${t.idx}`)),
+    el("td", { class: "wide" }, t.error_class || ""))));
+  if (detail.truncated) {
+    $("#task-table tbody").append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, `first ${detail.tasks.length} of ${job.n_tasks} tasks`)));
+  }
+}
+
+// -- throughput chart (canvas, drawn by hand) -----------------------------------------------------
+function drawChart() {
+  const canvas = $("#throughput");
+  const points = (view.status && view.status.throughput) || [];
+  const css = getComputedStyle(document.documentElement);
+  const color = (name) => css.getPropertyValue(name).trim();
+  const dpr = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || 300, height = canvas.clientHeight || 160;
+  canvas.width = Math.round(width * dpr);
+  canvas.height = Math.round(height * dpr);
+  const ctx = canvas.getContext("2d");
+  if (!ctx) return;
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  const pad = { left: 34, right: 8, top: 10, bottom: 20 };
+  const w = width - pad.left - pad.right, h = height - pad.top - pad.bottom;
+  const max = Math.max(1, ...points.map((p) => p.done + p.failed));
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.fillStyle = color("--muted");
+  ctx.strokeStyle = color("--line");
+  ctx.beginPath();
+  ctx.moveTo(pad.left, pad.top + h + 0.5);
+  ctx.lineTo(pad.left + w, pad.top + h + 0.5);
+  ctx.moveTo(pad.left, pad.top + 0.5);
+  ctx.lineTo(pad.left + w, pad.top + 0.5);
+  ctx.stroke();
+  ctx.textAlign = "right";
+  ctx.fillText(String(max), pad.left - 4, pad.top + 8);
+  ctx.fillText("0", pad.left - 4, pad.top + h);
+  ctx.textAlign = "left";
+  ctx.fillText("-60m", pad.left, height - 5);
+  ctx.textAlign = "center";
+  ctx.fillText("-30m", pad.left + w / 2, height - 5);
+  ctx.textAlign = "right";
+  ctx.fillText("now", pad.left + w, height - 5);
+  const slot = w / Math.max(points.length, 1);
+  points.forEach((p, i) => {
+    const x = pad.left + i * slot + 1, bw = Math.max(1, slot - 2);
+    const hd = (p.done / max) * h, hf = (p.failed / max) * h;
+    ctx.fillStyle = color("--chart-done");
+    ctx.fillRect(x, pad.top + h - hd, bw, hd);
+    ctx.fillStyle = color("--chart-failed");
+    ctx.fillRect(x, pad.top + h - hd - hf, bw, hf);
+  });
+  const done = points.reduce((s, p) => s + p.done, 0), failed = points.reduce((s, p) => s + p.failed, 0);
+  const last = points.length ? points[points.length - 1] : { done: 0, failed: 0 };
+  const text = `Last hour: ${done} tasks finished, ${failed} failed attempts; this minute: ${last.done}; peak ${max}/min`;
+  canvas.setAttribute("aria-label", text);
+  $("#throughput-caption").textContent = text;
+}
+
+// -- live connection: SSE, with fallback to polling and a visible disconnected state -------------
+const conn = { es: null, retryMs: 1000, retryTimer: null, watchdog: null, sseFailures: 0, polls: 0, mode: "sse" };
+const MAX_RETRY_MS = 5000;
+const POLL_MS = 5000;
+
+function setConn(state, text) {
+  const node = $("#conn");
+  node.dataset.state = state;
+  node.textContent = text;
+}
+
+function armWatchdog(status) {
+  clearTimeout(conn.watchdog);
+  const limit = ((status && status.snapshot_interval_s) || 2) * 3000 + 2000;
+  conn.watchdog = setTimeout(() => { if (conn.es) { conn.es.close(); conn.es = null; } lost(); }, limit);
+}
+
+function connect() {
+  clearTimeout(conn.retryTimer);
+  if (!("EventSource" in window) || conn.mode === "poll") { poll(); return; }
+  const es = new EventSource("v1/events");
+  conn.es = es;
+  es.addEventListener("status", (e) => {
+    const status = JSON.parse(e.data);
+    conn.retryMs = 1000;
+    conn.sseFailures = 0;
+    setConn("live", "live");
+    armWatchdog(status);
+    render(status);
+  });
+  es.addEventListener("board", (e) => {
+    view.events.push(JSON.parse(e.data));
+    renderEvents();
+  });
+  es.onerror = () => {
+    es.close();
+    if (conn.es !== es) return;
+    conn.es = null;
+    clearTimeout(conn.watchdog);
+    lost();
+  };
+}
+
+function lost() {
+  clearTimeout(conn.retryTimer);
+  setConn("down", `disconnected, retrying in ${Math.round(conn.retryMs / 1000)}s…`);
+  conn.retryTimer = setTimeout(retry, conn.retryMs);
+  conn.retryMs = Math.min(conn.retryMs * 2, MAX_RETRY_MS);
+}
+
+async function fetchStatus() {
+  const resp = await fetch("v1/status", { headers: { Accept: "application/json" }, cache: "no-store" });
+  if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+  return resp.json();
+}
+
+async function retry() {
+  let status;
+  try {
+    status = await fetchStatus();
+  } catch (err) {
+    lost();
+    return;
+  }
+  render(status);
+  conn.retryMs = 1000;
+  conn.sseFailures += 1;   // the board answers, but the stream failed: after a few, poll instead
+  if (conn.sseFailures >= 3) conn.mode = "poll";
+  connect();
+}
+
+async function poll() {
+  clearTimeout(conn.retryTimer);
+  try {
+    render(await fetchStatus());
+    setConn("polling", `live stream unavailable; refreshing every ${POLL_MS / 1000}s`);
+  } catch (err) {
+    lost();
+    return;
+  }
+  conn.polls += 1;
+  if (conn.polls % 12 === 0 && "EventSource" in window) { conn.mode = "sse"; conn.sseFailures = 0; }
+  conn.retryTimer = setTimeout(connect, POLL_MS);
+}
+
+// -- wiring ---------------------------------------------------------------------------------------
+function init() {
+  for (const th of document.querySelectorAll("#agent-table th[data-key]")) {
+    th.querySelector("button").addEventListener("click", () => {
+      const key = th.dataset.key;
+      view.sortDir = view.sortKey === key ? -view.sortDir : 1;
+      view.sortKey = key;
+      renderAgents();
+    });
+  }
+  $("#job-detail-close").addEventListener("click", () => {
+    view.selectedJob = null;
+    $("#job-detail").hidden = true;
+    renderJobs((view.status && view.status.job_table) || [], view.status ? view.status.generated_at : 0);
+  });
+  window.addEventListener("resize", drawChart);
+  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", drawChart);
+  connect();
+}
+
+document.addEventListener("DOMContentLoaded", init);
