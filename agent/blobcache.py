@@ -23,16 +23,12 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from agent.client import error_from_response
 from hub.blobs import CHUNK_BYTES, check_sha256
 from security.errors import (
     BadRequest,
-    Conflict,
-    Forbidden,
-    NotFound,
     PanalError,
     PayloadTooLarge,
-    Unauthorized,
-    Unavailable,
 )
 
 __all__ = ["BlobCache", "Fetch", "download_blob", "hash_file", "response_error"]
@@ -44,10 +40,6 @@ Fetch = Callable[[str, Path], Awaitable[None]]
 
 _TMP_DIR = ".tmp"
 _MAX_ERROR_BODY = 64 * 1024
-_ERRORS: dict[int, type[PanalError]] = {
-    cls.status: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict,
-                                PayloadTooLarge, Unavailable)
-}
 
 
 def hash_file(path: Path) -> tuple[str, int]:
@@ -214,13 +206,12 @@ async def response_error(resp: aiohttp.ClientResponse) -> PanalError:
             body = json.loads(raw)
     except ValueError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        message, code = body["message"], body.get("error")
-    else:
-        message, code = raw.decode(errors="replace").strip() or resp.reason or "", None
-    cls = _ERRORS.get(resp.status, PanalError)
-    return cls(f"{resp.method} {resp.url.path}: HTTP {resp.status}: {message}",
-               code=code if isinstance(code, str) else None)
+    if not (isinstance(body, dict) and isinstance(body.get("message"), str)):
+        body = {"message": raw.decode(errors="replace").strip() or resp.reason or ""}
+    error = error_from_response(resp.status, body)
+    error.message = f"{resp.method} {resp.url.path}: HTTP {resp.status}: {error.message}"
+    error.args = (error.message,)
+    return error
 
 
 async def download_blob(session: aiohttp.ClientSession, base_url: str, sha: str, dest: Path,
