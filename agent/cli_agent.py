@@ -72,14 +72,39 @@ def join(join_url: str, name: str, insecure: bool) -> None:
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP to non-loopback boards.")
 @click.option("--drain", "drain_s", type=float, default=30.0, show_default=True,
               help="On SIGTERM, seconds to let running tasks finish before handing them back.")
-def agent_run(slots: int, threads: int, name: str, insecure: bool, drain_s: float) -> None:
+@click.option("--lan/--no-lan", "lan", default=None,
+              help="LAN mode: embed a board, find peers over mDNS and share work (default: on; "
+                   "`lan.enabled` in agent.yaml).")
+@click.option("--lan-port", type=click.IntRange(0, 65535), default=None,
+              help="Port of this agent's LAN board (default: any free one).")
+@click.option("--lan-interface", "lan_interfaces", multiple=True, metavar="NAME|CIDR",
+              help="Interfaces (or networks) LAN mode may use; repeatable (default: every private one).")
+@click.option("--lan-open", is_flag=True, default=None,
+              help="Run LAN work from ANY submitter (classrooms): the trust store is not checked.")
+def agent_run(slots: int, threads: int, name: str, insecure: bool, drain_s: float, lan: bool | None,
+              lan_port: int | None, lan_interfaces: tuple[str, ...], lan_open: bool | None) -> None:
     """Run the volunteer daemon until SIGTERM/SIGINT."""
+    from agent.lan import LanMode, LanSettings
+
     h = home()
+    lan_settings = LanSettings.load(h.root / "agent.yaml", enabled=lan, port=lan_port, interfaces=lan_interfaces,
+                                    open=lan_open)
     settings = DaemonSettings(slots=slots, threads=threads, name=name, insecure=insecure, drain_s=drain_s,
                               capabilities=_fake_caps())
-    daemon = Daemon(h, h.boards(), settings)
+    daemon = Daemon(h, h.boards(), settings, allow_no_board=lan_settings.enabled)
+    lan_mode = LanMode(h, lan_settings) if lan_settings.enabled else None
+    if lan_mode is not None:
+        daemon.on_start.append(lan_mode.start)
     click.echo(f"panal agent {daemon.identity.id} starting ({daemon.settings.slots} slot(s))")
-    run(until_signalled(daemon.run))
+
+    async def main(stop: asyncio.Event) -> None:
+        try:
+            await daemon.run(stop)
+        finally:
+            if lan_mode is not None:
+                await lan_mode.stop()
+
+    run(until_signalled(main))
 
 
 @agent.command()

@@ -320,6 +320,8 @@ class Daemon:
                 await asyncio.sleep(min(self.settings.poll_wait_s, 10.0))  # quarantined: don't spin
                 continue
             await self._unreserve(n - len(tasks))
+            if not tasks:
+                await asyncio.sleep(0)  # let other boards' loops take the slot we just gave back
             for assignment in tasks:
                 task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment['task_id']}")
                 self._tasks.add(task)

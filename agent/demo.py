@@ -54,7 +54,7 @@ def start_hub(root: Path, user_home: Path) -> tuple[subprocess.Popen[str], str]:
 
 def start_agent(home: Path, url: str, name: str) -> subprocess.Popen[str]:
     _panal("agent", "join", url, "--name", name, home=home)
-    return subprocess.Popen([sys.executable, "-m", "agent", "agent", "run", "--name", name],
+    return subprocess.Popen([sys.executable, "-m", "agent", "agent", "run", "--name", name, "--no-lan"],
                             env=_env(home), stdout=subprocess.DEVNULL, text=True)
 
 

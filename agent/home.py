@@ -38,6 +38,7 @@ class AgentHome:
         self.outbox = self.root / "outbox"
         self.work = self.root / "work"
         self.local_board = self.root / "local-board.url"   # written by `panal up` while it runs
+        self.lan_board = self.root / "lan-board.url"       # written by `panal agent run` in LAN mode
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -78,17 +79,21 @@ class AgentHome:
         self.client_path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
     def default_board(self, flag: str | None = None) -> BoardAddress:
-        """Where client commands go: --hub flag > PANAL_HUB > client.yaml > `panal up` > joined board."""
+        """Where client commands go: --hub flag > PANAL_HUB > client.yaml > `panal up` > the running
+        agent's LAN board > joined board."""
         text = flag or os.environ.get("PANAL_HUB") or self.client_settings().get("hub")
         if text:
             return BoardAddress.parse(str(text))
         if self.local_board.exists():
             return BoardAddress.parse(self.local_board.read_text().strip())
+        if self.lan_board.exists():
+            return BoardAddress.parse(self.lan_board.read_text().strip())
         boards = self.boards()
         if boards:
             return boards[0]
         raise NotFound("no board configured: pass --hub JOIN_URL, run `panal config set hub JOIN_URL`, "
-                       "or start one on this machine with `panal up`", code="no_board")
+                       "or start one on this machine with `panal up` (or `panal agent run` in LAN mode)",
+                       code="no_board")
 
 
 def _read_yaml(path: Path, default: Any) -> Any:

@@ -86,6 +86,7 @@ class Authenticator:
         """Verify and require an authorised submitter. ``extra_key`` (the key a submitted manifest
         carries) lets an unknown key prove itself, so it gets a 403 naming it rather than a 401."""
         params = await self.verify(request, extra_key=extra_key, body=body)
+        await self.refresh_submitters()  # at most once a second: a revoked key stops working within 1 s
         if params.keyid not in self.submitters:
             await self.refresh_submitters(force=True)
         if params.keyid not in self.submitters:

@@ -168,7 +168,7 @@ class Quarantine:
     def snapshot(self) -> list[dict[str, Any]]:
         """Every agent with a record, quarantined ones first: for the status page and `panal hub agents`."""
         now = self.clock()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for agent_id, record in self.records.items():
             active = now < record.until
             rows.append({
@@ -183,5 +183,5 @@ class Quarantine:
                 "recent_attempts": len(record.window),
                 "recent_failures": sum(1 for a in record.window if self._blamed(agent_id, a)),
             })
-        rows.sort(key=lambda r: (not r["quarantined"], -r["strikes"], r["agent"]))
+        rows.sort(key=lambda r: (not r["quarantined"], -int(r["strikes"]), str(r["agent"])))
         return rows

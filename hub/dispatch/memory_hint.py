@@ -14,7 +14,8 @@ the retry goes to whoever asks, and the job's retry budget ends the story. A suc
 forgets the task.
 
 :class:`MemoryAware` wraps any :class:`~hub.dispatch.DispatchPolicy` with this rule, so every
-policy gets it without knowing about it: ``board.policy = MemoryAware(board.policy, hint)``.
+policy gets it without knowing about it: ``board.policy = MemoryAware(board.policy, hint)``, after the
+board registered a learning policy as an observer (the wrapper does not expose ``attempt_settled``).
 """
 
 from __future__ import annotations
@@ -128,5 +129,8 @@ class MemoryAware:
                     queue.appendleft(task_id)
 
     def __getattr__(self, name: str) -> Any:
-        # Observers and attributes of the wrapped policy (e.g. a learning policy's attempt_settled).
+        # Attributes of the wrapped policy (its predictor, for explain_waiting) - but not its observer
+        # hook: the board registered the inner policy as an observer already, once is enough.
+        if name == "attempt_settled":
+            raise AttributeError(name)
         return getattr(self.inner, name)
