@@ -115,25 +115,28 @@ class BoardLink:
 
     def settle(self, sent: list[dict[str, Any]], outcomes: list[Any]) -> None:
         """Drop delivered results from the outbox; keep those the board did not answer for."""
-        answered = {o.get("task_id"): o for o in outcomes if isinstance(o, dict)}
-        for record in sent:
-            task_id = _record_task(record)
-            outcome = answered.get(task_id)
+        # The board answers one outcome per result, in order (two attempts of one task can travel
+        # together, so matching by task id alone would be ambiguous).
+        answers = [o if isinstance(o, dict) else None for o in outcomes] if len(outcomes) == len(sent) \
+            else [None] * len(sent)
+        for record, outcome in zip(sent, answers, strict=True):
             if outcome is None:
                 self.pending.append(record)
                 continue
+            key = outbox_key(record)
             if outcome.get("status") == "rejected":
-                log.warning("board %s rejected the result of task %s: %s", self.address.url, task_id,
-                            outcome.get("message"))
-            self.outbox.remove(task_id)
+                log.warning("board %s rejected the result of task %s: %s", self.address.url,
+                            outcome.get("task_id", key), outcome.get("message"))
+            self.outbox.remove(key)
 
 
-def _record_task(record: dict[str, Any]) -> str:
+def outbox_key(record: dict[str, Any]) -> str:
+    """A result's outbox name: task and lease, so two attempts of one task never share a file."""
     try:
         payload = decode(SignedRecord.from_wire(record).payload)
-        return str(payload.get("task_id"))
+        return f"{payload.get('task_id')}.{payload.get('lease_id')}"
     except PanalError:
-        return "?"
+        return "unreadable"
 
 
 class Daemon:
@@ -293,9 +296,12 @@ class Daemon:
             n = await self._reserve()
             sent = link.take_pending()
             try:
+                # With several boards, shorter polls: a slot held by an idle board's long-poll is a slot
+                # a busy board cannot use.
+                wait_s = self.settings.poll_wait_s if len(self.links) <= 1 else min(self.settings.poll_wait_s, 2.0)
                 reply = await link.client.call(
-                    "POST", "/v1/lease", {"slots": n, "wait_s": self.settings.poll_wait_s, "results": sent},
-                    timeout_s=self.settings.poll_wait_s + 15.0)
+                    "POST", "/v1/lease", {"slots": n, "wait_s": wait_s, "results": sent},
+                    timeout_s=wait_s + 15.0)
             except asyncio.CancelledError:
                 link.pending[:0] = sent
                 await self._unreserve(n)
@@ -412,7 +418,7 @@ class Daemon:
             shutil.rmtree(workdir, ignore_errors=True)
         if not running.lost:
             record = self._sign(assignment, outcome, outputs)
-            link.outbox.save(task_id, record)
+            link.outbox.save(outbox_key(record), record)
             link.pending.append(record)
             link.flush.set()
             if outcome.ok:

@@ -25,11 +25,12 @@ class Outbox:
         self.dir = root / hashlib.sha256(board_url.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, task_id: str) -> Path:
-        return self.dir / f"{task_id}.result"
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.result"
 
-    def save(self, task_id: str, record: dict[str, Any]) -> None:
-        path = self._path(task_id)
+    def save(self, key: str, record: dict[str, Any]) -> None:
+        """Persist a result under ``key`` (task and lease id) before any delivery attempt."""
+        path = self._path(key)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
             fh.write(msgpack.packb(record, use_bin_type=True))
@@ -37,8 +38,8 @@ class Outbox:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
 
-    def remove(self, task_id: str) -> None:
-        self._path(task_id).unlink(missing_ok=True)
+    def remove(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def load(self) -> list[dict[str, Any]]:
         records = []

@@ -25,6 +25,8 @@ from hub.blobs import BlobStore
 from hub.config import HubConfig
 from hub.dispatch import BoardObserver, DispatchPolicy, LeaseGate, make_policy
 from hub.dispatch.explain import explain_waiting
+from hub.dispatch.memory_hint import MemoryAware, MemoryHint
+from hub.quarantine import Quarantine
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import Store
 from jobs.errors import FailureClass
@@ -88,9 +90,16 @@ class Board:
         self.listeners: list[Callable[[Event], None]] = []
         self.policy: DispatchPolicy = make_policy(config.dispatch_policy)
         self.observers: list[BoardObserver] = []
+        self.gates: list[LeaseGate] = []
         if hasattr(self.policy, "attempt_settled"):  # policies that learn from observed speeds
             self.observers.append(self.policy)  # type: ignore[arg-type]
-        self.gates: list[LeaseGate] = []
+        # Black-hole detection (a gate and an observer), and OOM retries that go to a bigger machine.
+        self.quarantine = Quarantine(config, clock)
+        self.observers.append(self.quarantine)
+        self.gates.append(self.quarantine)
+        self.memory_hint = MemoryHint(self)
+        self.observers.append(self.memory_hint)
+        self.policy = MemoryAware(self.policy, self.memory_hint)
         self._wakeup = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._pending: dict[str, asyncio.Future[None]] = {}

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def panal_env(home: Path, **extra: str) -> dict[str, str]:
     # LAN mode is on by default for `panal agent run`; tests outside the netns lab keep it off so
     # they do not announce on this machine's real interfaces.
-    return {**os.environ, "PANAL_HOME": str(home), "PYTHONUNBUFFERED": "1", "PANAL_LAN_ENABLED": "0", **extra}
+    return {**os.environ, "PANAL_HOME": str(home), "PYTHONUNBUFFERED": "1", "PANAL_LAN_ENABLED": "false", **extra}
 
 
 def panal(*args: str, home: Path, timeout: float = 120, check: bool = True,

@@ -185,10 +185,14 @@ def test_frozen_agent_loses_its_lease_and_its_late_result_is_rejected(tmp_path: 
     assert task["attempt"] == 2  # the frozen agent's attempt expired
     [row] = hub.assert_done_exactly_once(job_id, 1)
     assert row["agent"] == agent_id(tmp_path, "rescuer")
-    # Thawed, the frozen agent reports its (now late) result: rejected, and it is not kept for re-sending.
+    # Thawed, the frozen agent either reports its (now late) result, which is rejected and not kept for
+    # re-sending, or first hears from its heartbeat that the lease is gone and drops the result: which
+    # one depends on which timer fires first after SIGCONT. Either way it is never counted twice.
     log = next((tmp_path / "logs").glob("*-agent-frozen.log"))
-    wait_for(lambda: "rejected the result of task" in log.read_text(), 30, "the late result to be rejected")
-    assert hub.call("GET", "/v1/status")["stats"].get("results_rejected", 0) >= 1
+    wait_for(lambda: "rejected the result of task" in log.read_text() or "no longer leased to us" in log.read_text(),
+             30, "the late result to be rejected or dropped")
+    if "rejected the result of task" in log.read_text():
+        assert hub.call("GET", "/v1/status")["stats"].get("results_rejected", 0) >= 1
     wait_for(lambda: not outbox_files(tmp_path, "frozen"), 10, "the rejected result to leave the outbox")
     hub.assert_done_exactly_once(job_id, 1)  # still exactly one
     assert frozen.poll() is None

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ def job_view(url: str, user_home: Path, job_id: str) -> dict[str, Any]:
     return asyncio.run(go())
 
 
-def start_agent(procs: Procs, tmp: Path, url: str, name: str, *extra: str) -> subprocess.Popen[str]:
-    home = tmp / name
+def start_agent(procs: Procs, tmp: Path, url: str, name: str, *extra: str,
+                home: Path | None = None) -> subprocess.Popen[str]:
+    home = home or tmp / name
     panal("agent", "join", url, "--name", name, home=home)
     return procs.start("agent", "run", "--name", name, *extra, home=home)
 
@@ -113,20 +115,21 @@ def test_agent_is_paused_and_resumed_through_its_control_socket_mid_task(tmp_pat
 
     user = tmp_path / "user"
     _, url = start_hub_proc(procs, tmp_path, user)
-    agent = start_agent(procs, tmp_path, url, "owner-machine")
+    # A short home: the control socket lives there and unix socket paths are limited to ~104 bytes.
+    home = Path(tempfile.mkdtemp(prefix="pnl-"))
+    agent = start_agent(procs, tmp_path, url, "owner-machine", home=home)
     manifest = tmp_path / "sleep.yaml"
     manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: pausable}\n"
-                        "spec: {task: sleep, params: {seconds: 3}}\n")
+                        "spec: {task: sleep, params: {seconds: 8}}\n")
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
     wait_for(lambda: job_view(url, user, job["id"])["task_list"][0]["state"] == "leased", 90, "the task to start")
-    home = tmp_path / "owner-machine"
     panal("agent", "pause", "--reason", "owner gaming", home=home)
     status = json.loads(panal("agent", "status", "--json", home=home).stdout)
     assert status["paused"] and "owner gaming" in status["reason"]
     assert [t["kind"] for t in status["tasks"]] == ["sleep"]
     workers = psutil.Process(agent.pid).children()
     assert workers and all(w.status() == psutil.STATUS_STOPPED for w in workers)
-    time.sleep(4)  # longer than the task: a suspended task makes no progress...
+    time.sleep(9)  # longer than the task: a suspended task makes no progress...
     assert job_view(url, user, job["id"])["state"] == "running"
     panal("agent", "resume", home=home)
     wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", 60, "the job to finish after resume")

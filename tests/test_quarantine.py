@@ -238,6 +238,8 @@ async def test_oom_retry_goes_to_the_agent_with_more_memory(sized: Fleet) -> Non
     await sized.report("small", other, ok=True)
     assert (await sized.board.job_view(job_id))["state"] == "succeeded"
     assert memory_hint_of(sized.board).tasks == {}
+    # The wrapper keeps the policy's name and does not offer itself as a second observer.
+    assert sized.board.policy.name == "priority-fifo" and not hasattr(sized.board.policy, "attempt_settled")
 
 
 async def test_oom_retry_is_not_held_back_when_no_bigger_agent_is_around(sized: Fleet) -> None:
