@@ -208,6 +208,24 @@ def bench_device(chart: Path, repeats: int, as_json: bool) -> None:
         click.echo(f"{key}: {value}")
 
 
+@bench.command("chaos")
+@click.option("--minutes", type=float, default=5.0, show_default=True)
+@click.option("--agents", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def bench_chaos(minutes: float, agents: int, seed: int | None, as_json: bool) -> None:
+    """A soak: random SIGKILL/SIGSTOP of agents and kill -9 of the hub under a stream of jobs; then
+    checks every task was done exactly once and every signature verifies."""
+    from agent.bench_chaos import run_chaos_bench
+
+    result = run_chaos_bench(minutes, agents, seed=seed)
+    if as_json:
+        print_json(result)
+        return
+    for key, value in result.items():
+        click.echo(f"{key}: {value}")
+
+
 @bench.command("policies")
 @click.option("--policy", "policies", multiple=True, help="Policies to compare (default: all).")
 @click.option("--seed", type=int, default=1, show_default=True)
