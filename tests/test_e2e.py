@@ -164,3 +164,20 @@ def test_inference_inputs_upload_shard_and_outputs_verify(tmp_path: Path, procs:
     target.write_bytes(target.read_bytes()[:-4] + b"\0\0\0\0")
     bad = panal("results", job["id"], "--hub", url, "--verify", "-o", str(out), home=user, check=False)
     assert bad.returncode == 2 and "does not match the digest the agent signed" in bad.stdout + bad.stderr
+
+
+def test_panal_up_is_a_board_and_an_agent_in_one_process(procs: Procs) -> None:
+    """Standalone mode: no hub, no join; `panal submit` finds the local board by itself."""
+    home = Path(tempfile.mkdtemp(prefix="pnl-up-"))
+    up = procs.start("up", "--port", "0", home=home)
+    assert up.stdout is not None
+    line = up.stdout.readline()
+    assert "board at http://127.0.0.1:" in line, procs.logs_text()
+    sub = panal("submit", str(ROOT / "configs/examples/sleep.yaml"), "--wait", "--json", home=home, timeout=120)
+    [job] = json.loads(sub.stdout)
+    assert job["state"] == "succeeded"
+    res = json.loads(panal("results", job["id"], "--verify", "--json", home=home).stdout)
+    assert len(res["results"]) == job["n_tasks"] and all(r["verified"] for r in res["results"])
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=60) == 0
+    assert not (home / "local-board.url").exists()  # a stopped board is not left as the default
