@@ -195,6 +195,7 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
     rows: list[dict[str, Any]] = [
         {"task_id": c.task_id, "agent": c.agent, "verified": c.ok, "problem": c.problem or None,
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
+         "environment": c.payload.get("environment"),
          "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
                      for name, o in (c.payload.get("outputs") or {}).items()}}
         for c in checks]

@@ -491,6 +491,14 @@ class Daemon:
             outputs[name] = {"sha256": sha, "size": size, "name": path.name}
         return outputs
 
+    def _environment(self) -> dict[str, Any]:
+        """What the result was computed with (covered by the signature): versions and devices."""
+        caps = self.capabilities
+        return {"os": caps.get("os"), "arch": caps.get("arch"), "python": caps.get("python"),
+                "torch": caps.get("torch"), "cuda": caps.get("cuda"), "rocm": caps.get("rocm"),
+                "cpu": (caps.get("cpu") or {}).get("model"),
+                "gpus": [g.get("name") for g in caps.get("gpus") or []]}
+
     async def _refuse_untrusted(self, link: BoardLink, assignment: dict[str, Any], submitter: str) -> None:
         """Hand a task from an untrusted submitter back (no attempt used) and leave that board alone
         for a while, so agents that do trust the submitter take it."""
@@ -508,6 +516,7 @@ class Daemon:
             "lease_id": assignment["lease_id"], "attempt": assignment["attempt"], "agent_id": self.identity.id,
             "status": "ok" if outcome.ok else "failed", "started_at": outcome.started_at,
             "finished_at": outcome.finished_at, "metrics": outcome.metrics, "notes": outcome.notes,
+            "environment": self._environment(),
         }
         if outcome.ok:
             payload["values"] = outcome.values

@@ -93,6 +93,24 @@ def _limit_gpu_memory(device: str, fraction: float | None) -> None:
     torch.cuda.set_per_process_memory_fraction(min(max(float(fraction), 0.05), 1.0), index)
 
 
+def _reset_device_peak(device: str) -> None:
+    if device.startswith("cuda") and "torch" in sys.modules:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def _peaks(device: str) -> dict[str, float]:
+    """Peak memory: the worker's RSS high-water mark (over its life: warm workers are reused) and,
+    on a CUDA/ROCm device, this task's peak allocation."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.startswith("cuda") and "torch" in sys.modules:
+        import torch
+
+        peaks["peak_device_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    return peaks
+
+
 def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
     """Run one task; always returns a reply frame (failures are classified, not raised)."""
     workdir = Path(request["workdir"])
@@ -108,10 +126,12 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
         _set_threads(ctx.threads)
         _limit_gpu_memory(ctx.device, request.get("gpu_memory_fraction"))
         _limit_memory(request.get("max_memory_gb"))
+        _reset_device_peak(ctx.device)
         try:
             output = kind.run(params, ctx)
         finally:
             _limit_memory(None)
+        output.metrics.update(_peaks(ctx.device))
     except InvalidParams as exc:
         return _failure(FailureClass.INVALID_PARAMS, exc.message, started)
     except BadRequest as exc:  # e.g. a kind this agent's catalog does not have

@@ -60,6 +60,7 @@ def test_matmul_job_runs_on_two_agents_and_every_result_verifies(tmp_path: Path,
     index = json.loads(res.stdout)
     assert len(index["results"]) == job["n_tasks"] and all(r["verified"] for r in index["results"])
     assert all(r["metrics"]["gflops"] > 0 and len(r["values"]["digest"]) == 64 for r in index["results"])
+    assert all(r["metrics"]["peak_rss_mb"] > 0 and r["environment"]["torch"] for r in index["results"])
     assert len({r["agent"] for r in index["results"]}) >= 1
     listing = json.loads(panal("jobs", "--hub", url, "--json", home=user).stdout)
     assert [j["id"] for j in listing] == [job["id"]]
