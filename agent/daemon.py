@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 
 from agent.assignments import ManifestCache
@@ -87,6 +88,8 @@ class Running:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     progress: float = 0.0
     lost: bool = False
+    checkpoint: str | None = None      # sha256 of the latest checkpoint uploaded to the board
+    uploads: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class BoardLink:
@@ -338,7 +341,8 @@ class Daemon:
             await asyncio.sleep(max(0.2, link.lease_ttl_s / 4))
             if not link.running:
                 continue
-            leases = [{"task_id": tid, "lease_id": r.assignment["lease_id"], "progress": r.progress}
+            leases = [{"task_id": tid, "lease_id": r.assignment["lease_id"], "progress": r.progress,
+                       **({"checkpoint": r.checkpoint} if r.checkpoint else {})}
                       for tid, r in link.running.items()]
             try:
                 reply = await link.client.call("POST", "/v1/heartbeat", {"leases": leases}, timeout_s=10.0)
@@ -393,6 +397,9 @@ class Daemon:
                 running.lost = True  # handed back: no result from us
                 return
             inputs = await self._fetch_inputs(link, manifest)
+            if assignment.get("checkpoint"):  # a previous attempt's checkpoint: resume from it
+                inputs["checkpoint"] = await self.blobs.get(str(assignment["checkpoint"]),
+                                                            self._blob_fetcher(link))
             device = self._take_device(manifest)
             request = TaskRequest(kind=manifest.kind, params=assignment["params"], timeout_s=manifest.timeout_s,
                                   workdir=str(workdir), threads=self.threads, max_memory_gb=manifest.max_memory_gb,
@@ -401,9 +408,11 @@ class Daemon:
                                   gpu_memory_fraction=self.prefs.current.max_gpu_memory_fraction)
             try:
                 async with self.pool.worker() as worker:
-                    outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel)
+                    outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel,
+                                           lambda path: self._store_checkpoint(link, running, path))
             finally:
                 self.gpus_busy.discard(device)
+                await asyncio.gather(*running.uploads, return_exceptions=True)
             if outcome.ok and outcome.files and not running.lost:
                 outputs = await self._upload_outputs(link, outcome.files)
         except PanalError as exc:
@@ -464,19 +473,38 @@ class Daemon:
             raise BadRequest("no free GPU meets this task's requirements right now", code="no_free_gpu")
         return "cpu"
 
-    async def _fetch_inputs(self, link: BoardLink, manifest: Manifest) -> dict[str, Path]:
-        """Download (or find in the bounded local cache) every input blob, verified by its hash."""
+    def _blob_fetcher(self, link: BoardLink) -> Callable[[str, Path], Awaitable[None]]:
         async def fetch(sha: str, dest: Path) -> None:
             path = f"/v1/blobs/{sha}"
             headers = sign_request(self.identity, "GET", path, "", b"")
             await download_blob(link.client.session(), link.address.url, sha, dest, headers)
+        return fetch
 
+    async def _fetch_inputs(self, link: BoardLink, manifest: Manifest) -> dict[str, Path]:
+        """Download (or find in the bounded local cache) every input blob, verified by its hash."""
         paths = {}
         for name, ref in manifest.inputs.items():
             if ref.blob is None:
                 raise BadRequest(f"input {name} was not uploaded", code="input_not_uploaded")
-            paths[name] = await self.blobs.get(ref.blob, fetch)
+            paths[name] = await self.blobs.get(ref.blob, self._blob_fetcher(link))
         return paths
+
+    def _store_checkpoint(self, link: BoardLink, running: Running, path: str) -> None:
+        """Upload a task's checkpoint as a blob; the next heartbeat tells the board, so a retry of
+        this task (here or on another agent) resumes from it."""
+        async def upload() -> None:
+            try:
+                sha = await upload_file(link.client.session(), link.address.url, Path(path),
+                                        lambda m, p, q, d: sign_request_digest(self.identity, m, p, q, d))
+                running.checkpoint = sha
+            except (PanalError, OSError, aiohttp.ClientError) as exc:
+                log.warning("checkpoint of task %s not stored: %s", running.assignment["task_id"], exc)
+            finally:
+                await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+
+        task = asyncio.get_running_loop().create_task(upload())
+        running.uploads.add(task)
+        task.add_done_callback(running.uploads.discard)
 
     async def _upload_outputs(self, link: BoardLink, files: dict[str, str]) -> dict[str, dict[str, Any]]:
         """Upload output files as blobs; the signed result then names them by sha256."""

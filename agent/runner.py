@@ -98,7 +98,8 @@ class Worker:
         self.started_at = time.monotonic()
 
     async def run(self, request: TaskRequest, on_progress: Callable[[float], None] | None = None,
-                  cancel: asyncio.Event | None = None) -> Outcome:
+                  cancel: asyncio.Event | None = None,
+                  on_checkpoint: Callable[[str], None] | None = None) -> Outcome:
         """Run one task under its time limit. Never raises for task failures."""
         if not self.alive:
             await self.start()
@@ -132,6 +133,8 @@ class Worker:
                     return await self._died(started)
                 if "progress" in frame and on_progress is not None:
                     on_progress(float(frame["progress"]))
+                elif "checkpoint" in frame and on_checkpoint is not None:
+                    on_checkpoint(str(frame["checkpoint"]))
                 elif "done" in frame:
                     self.tasks_run += 1
                     outcome = Outcome.from_reply(frame["done"])

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +42,7 @@ class WorkerContext:
     inputs: Mapping[str, Path] = field(default_factory=dict)
     devices: tuple[str, ...] = ("cpu",)
     _last: float = 0.0
+    _checkpoints: int = 0
 
     def progress(self, fraction: float) -> None:
         now = time.monotonic()
@@ -49,7 +51,12 @@ class WorkerContext:
             _send(self.out, {"progress": float(fraction)})
 
     def checkpoint(self, path: Path) -> None:
-        _send(self.out, {"checkpoint": str(path)})
+        """Hand a checkpoint to the daemon (which stores it on the board); a copy, because the kind
+        overwrites its file at the next checkpoint."""
+        self._checkpoints += 1
+        copy = self.workdir / f".checkpoint-{self._checkpoints}{path.suffix}"
+        shutil.copyfile(path, copy)
+        _send(self.out, {"checkpoint": str(copy)})
 
 
 def _send(out: IO[bytes], value: Any) -> None:

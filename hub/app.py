@@ -194,7 +194,8 @@ class Api:
             tasks = await self.board.store.get_tasks(job_id)
         return reply(request, {"tasks": [
             {"id": t.id, "idx": t.idx, "state": t.state.value, "attempt": t.attempt, "agent": t.agent_id,
-             "progress": t.progress, "error": t.error, "error_class": t.error_class} for t in tasks]})
+             "progress": t.progress, "error": t.error, "error_class": t.error_class,
+             "checkpoint": t.checkpoint} for t in tasks]})
 
     async def job_results(self, request: web.Request) -> web.Response:
         await self.auth.submitter(request, await request.read())

@@ -375,13 +375,14 @@ class Board:
         return {"task_id": task.id, "job_id": job.id, "idx": task.idx, "lease_id": task.lease_id,
                 "attempt": task.attempt, "kind": job.kind, "params": task.params,
                 "timeout_s": job.timeout_s, "lease_ttl_s": self.config.lease_ttl_s,
-                "envelope": job.envelope}
+                "envelope": job.envelope, "checkpoint": task.checkpoint}
 
     async def heartbeat(self, agent_id: str, leases: Sequence[Any]) -> dict[str, Any]:
         """Extend the caller's leases; report the ones it no longer holds so it can stop them."""
         self.agent(agent_id)
         expires = self.clock() + self.config.lease_ttl_s
         lost = []
+        checkpoints: list[TaskRow] = []
         for item in leases:
             if not isinstance(item, dict) or not isinstance(item.get("task_id"), str):
                 raise BadRequest("heartbeat leases must be maps with task_id and lease_id")
@@ -394,9 +395,16 @@ class Board:
             progress = item.get("progress")
             if isinstance(progress, int | float):
                 task.progress = min(max(float(progress), 0.0), 1.0)
+            checkpoint = item.get("checkpoint")
+            if isinstance(checkpoint, str) and checkpoint != task.checkpoint and \
+                    (self.blobs is None or self.blobs.exists(checkpoint)):
+                task.checkpoint = checkpoint
+                checkpoints.append(task)
             task.lease_expires_at = expires
             assert task.lease_id is not None
             heapq.heappush(self.expiry, (expires, task.id, task.lease_id))
+        if checkpoints:  # a checkpoint is worth a commit: it is what a retry resumes from
+            await self.store.save_tasks(checkpoints)
         return {"lease_ttl_s": self.config.lease_ttl_s, "lost": lost}
 
     async def release(self, agent_id: str, task_id: str, lease_id: str) -> None:

@@ -78,6 +78,7 @@ class TaskRow:
     error_class: str | None = None
     progress: float = 0.0
     updated_at: float = 0.0
+    checkpoint: str | None = None      # sha256 of the latest checkpoint blob (resume on requeue)
 
 
 @dataclass

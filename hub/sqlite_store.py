@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL,
     params BLOB NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, lease_id TEXT, agent_id TEXT,
     lease_expires_at REAL, error TEXT, error_class TEXT, progress REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL);
+    updated_at REAL NOT NULL, checkpoint TEXT);
 CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job_id, idx);
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT PRIMARY KEY REFERENCES tasks(id), job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
@@ -188,7 +188,7 @@ class SqliteStore:
     async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
         def op(c: sqlite3.Connection) -> None:
             c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _job_values(job))
-            c.executemany("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.executemany("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           [_task_values(t) for t in tasks])
         await self._run(op)
 
@@ -265,7 +265,7 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 _JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
              "timeout_s, max_attempts, deadline_at, finished_at, error, labels")
 _TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
-              "error_class, progress, updated_at")
+              "error_class, progress, updated_at, checkpoint")
 
 
 def _job_values(j: JobRow) -> tuple[Any, ...]:
@@ -283,21 +283,21 @@ def _job(r: Sequence[Any]) -> JobRow:
 
 def _task_values(t: TaskRow) -> tuple[Any, ...]:
     return (t.id, t.job_id, t.idx, _pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
-            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at)
+            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint)
 
 
 def _task(r: Sequence[Any]) -> TaskRow:
     return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=_unpack(r[3]), state=TaskState(r[4]),
                    attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
-                   error_class=r[10], progress=r[11], updated_at=r[12])
+                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13])
 
 
 def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
     c.executemany(
         "UPDATE tasks SET state=?, attempt=?, lease_id=?, agent_id=?, lease_expires_at=?, error=?, "
-        "error_class=?, progress=?, updated_at=? WHERE id=?",
+        "error_class=?, progress=?, updated_at=?, checkpoint=? WHERE id=?",
         [(t.state.value, t.attempt, t.lease_id, t.agent_id, t.lease_expires_at, t.error, t.error_class,
-          t.progress, t.updated_at, t.id) for t in tasks])
+          t.progress, t.updated_at, t.checkpoint, t.id) for t in tasks])
 
 
 def _update_jobs(c: sqlite3.Connection, jobs: Sequence[JobRow]) -> None:

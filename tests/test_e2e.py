@@ -182,3 +182,24 @@ def test_panal_up_is_a_board_and_an_agent_in_one_process(procs: Procs) -> None:
     up.send_signal(signal.SIGTERM)
     assert up.wait(timeout=60) == 0
     assert not (home / "local-board.url").exists()  # a stopped board is not left as the default
+
+
+def test_mlp_train_resumes_on_another_agent_from_the_checkpoint_on_the_board(tmp_path: Path, procs: Procs) -> None:
+    user = tmp_path / "user"
+    _, url = start_hub_proc(procs, tmp_path, user, PANAL_HUB_LEASE_TTL_S="3")
+    first = start_agent(procs, tmp_path, url, "first")
+    manifest = tmp_path / "train.yaml"
+    manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: resumable}\n"
+                        "spec:\n  task: mlp_train\n  params: {samples: 4096, epochs: 60, hidden_size: 256,"
+                        " checkpoint_every_s: 0.5}\n")
+    [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
+    wait_for(lambda: job_view(url, user, job["id"])["task_list"][0]["checkpoint"], 120,
+             "a checkpoint to reach the board")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    start_agent(procs, tmp_path, url, "second")
+    wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", 180, "the resumed run to finish")
+    res = json.loads(panal("results", job["id"], "--hub", url, "--verify", "--json", home=user).stdout)
+    [row] = res["results"]
+    assert row["verified"] and row["values"]["resumed_from"]["epoch"] >= 1
+    assert job_view(url, user, job["id"])["task_list"][0]["attempt"] == 2
