@@ -40,6 +40,7 @@ class HubConfig:
     max_blob_bytes: int = 4 * 2**30          # one uploaded file (model, dataset shard, output)
     max_blobs_total_bytes: int = 0           # all blobs together; 0: no cap
     blob_gc_grace_s: float = 24 * 3600.0     # an unreferenced blob is kept this long (a submit in flight)
+    blob_gc_interval_s: float = 3600.0
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
     #: fair-share / adaptive: submitter id -> weight (a missing submitter weighs 1.0)
     submitter_weights: dict[str, float] = dataclasses.field(default_factory=dict)

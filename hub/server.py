@@ -32,6 +32,7 @@ class BoardServer:
         self.app = create_app(self.board, config, self.blobs)
         self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
+        self._gc: asyncio.Task[None] | None = None
         self.port = 0
 
     async def start(self) -> int:
@@ -44,7 +45,23 @@ class BoardServer:
         server = site._server
         assert server is not None and isinstance(server, asyncio.base_events.Server)
         self.port = server.sockets[0].getsockname()[1]
+        self._gc = asyncio.create_task(self._gc_forever(), name="panal-blob-gc")
         return self.port
+
+    async def collect_garbage(self) -> list[str]:
+        """Delete blobs no job references (older than the grace period: uploads in flight stay)."""
+        deleted = await self.blobs.gc(await self.board.store.referenced_blobs(), self.config.blob_gc_grace_s)
+        if deleted:
+            log.info("blob gc: deleted %d unreferenced blob(s)", len(deleted))
+        return deleted
+
+    async def _gc_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.blob_gc_interval_s)
+            try:
+                await self.collect_garbage()
+            except Exception:
+                log.exception("blob gc failed; will retry")
 
     async def add_submitter(self, key: PublicKey, name: str) -> None:
         await self.board.store.add_submitter(key.id, key.text(), name)
@@ -52,6 +69,9 @@ class BoardServer:
     async def stop(self, drain: bool = True) -> None:
         """Stop leasing, give running leases time to finish (up to drain_timeout_s), then close."""
         self.board.leasing = False
+        if self._gc is not None:
+            self._gc.cancel()
+            await asyncio.gather(self._gc, return_exceptions=True)
         if drain:
             deadline = time.monotonic() + self.config.drain_timeout_s
             # Leases end in several ways (result, release, expiry): polling is the simplest honest wait.

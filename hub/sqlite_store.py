@@ -246,11 +246,40 @@ class SqliteStore:
         return await self._run(lambda c: [_task(r) for r in c.execute(
             f"SELECT {_TASK_COLS} FROM tasks WHERE job_id=? ORDER BY idx", (job_id,)).fetchall()])
 
+    async def referenced_blobs(self) -> set[str]:
+        """Every blob a job still needs: its inputs, its results' outputs, its tasks' checkpoints."""
+        def op(c: sqlite3.Connection) -> set[str]:
+            refs: set[str] = set()
+            for (envelope,) in c.execute("SELECT envelope FROM jobs"):
+                refs |= _envelope_blobs(_unpack(envelope))
+            for (record,) in c.execute("SELECT record FROM results"):
+                refs |= _result_blobs(_unpack(record))
+            refs |= {r[0] for r in c.execute("SELECT checkpoint FROM tasks WHERE checkpoint IS NOT NULL")}
+            return refs
+        return await self._run(op)
+
     async def get_results(self, job_id: str) -> list[ResultRow]:
         return await self._run(lambda c: [
             ResultRow(r[0], r[1], r[2], r[3], _unpack(r[4]), r[5], r[6]) for r in c.execute(
                 "SELECT task_id, job_id, attempt, agent_id, record, digest, accepted_at FROM results "
                 "WHERE job_id=? ORDER BY task_id", (job_id,)).fetchall()])
+
+
+def _envelope_blobs(envelope: Any) -> set[str]:
+    try:
+        manifest = _unpack(envelope["payload"])["manifest"]
+        inputs = manifest["spec"].get("inputs", {})
+        return {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return set()
+
+
+def _result_blobs(record: Any) -> set[str]:
+    try:
+        outputs = _unpack(record["payload"]).get("outputs") or {}
+        return {o["sha256"] for o in outputs.values() if isinstance(o, dict) and o.get("sha256")}
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return set()
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -181,3 +181,41 @@ async def test_transport_refusals(hub: InProcessHub) -> None:
     with pytest.raises(ssl.SSLError):  # an unpinned, verifying client refuses the self-signed cert
         async with aiohttp.ClientSession() as session:
             await session.get(hub.address.url + "/v1/status")
+
+
+async def test_blob_gc_keeps_what_jobs_reference_and_collects_the_rest(tmp_path: Any) -> None:
+    from agent.submitting import upload_inputs
+
+    hub = InProcessHub(tmp_path, blob_gc_grace_s=0)
+    server = await hub.start()
+    try:
+        sub = await submitter(hub)
+        files = {}
+        for name in ("model", "data", "orphan"):
+            path = tmp_path / f"{name}.bin"
+            path.write_bytes(name.encode() * 1000)
+            files[name] = path
+        from agent.blobcache import hash_file
+
+        shas = {name: hash_file(path)[0] for name, path in files.items()}
+        await upload_inputs(sub, [(shas[n], files[n]) for n in files])
+        manifest = Manifest.from_dict({
+            "apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "gc"},
+            "spec": {"task": "inference", "inputs": {
+                "model": {"blob": shas["model"], "size": 5000, "name": "model.pt2"},
+                "data": {"blob": shas["data"], "size": 4000, "name": "data.safetensors"}}}})
+        await submit(sub, make_envelope(sub.identity, manifest))
+        deleted = await server.collect_garbage()
+        assert deleted == [shas["orphan"]]
+        assert server.blobs.exists(shas["model"]) and server.blobs.exists(shas["data"])
+        # A job may not reference a blob the board does not have (inputs are uploaded first).
+        missing = dict(manifest.source)
+        missing["spec"] = {**manifest.source["spec"], "inputs": {
+            "model": {"blob": shas["orphan"], "size": 6000, "name": "m"},
+            "data": {"blob": shas["data"], "size": 4000, "name": "d"}}}
+        with pytest.raises(BadRequest) as exc:
+            await submit(sub, make_envelope(sub.identity, Manifest.from_dict(missing)))
+        assert exc.value.code == "missing_blob"
+        await sub.close()
+    finally:
+        await hub.stop()
