@@ -99,7 +99,7 @@ def run_demo(keep: bool = False, manifest: Path = MANIFEST) -> int:
             if res.returncode != 0:
                 return res.returncode
         _step("done")
-        click.echo(f"hub URL: {url}  (status: {url.split('#')[0]}v1/status)")
+        click.echo(f"hub URL: {url}  (live status page: {url.split('#')[0]}, self-signed certificate)")
         return 0
     finally:
         stop(procs)
