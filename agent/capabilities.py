@@ -41,10 +41,9 @@ SELFTEST_S = 0.15
 _CACHE_VERSION = 1
 
 
-def detect(measure: bool = True, cache_path: Path | None = None, rebench: bool = False,
-           overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The capability report of this machine, with config overrides, then ``PANAL_FAKE_CAPS``."""
-    caps: dict[str, Any] = {
+def base_report() -> dict[str, Any]:
+    """The torch-free part of the report: OS, CPU, RAM, catalog kinds (no devices, no speeds)."""
+    return {
         "os": platform.system().lower(),
         "arch": platform.machine(),
         "python": platform.python_version(),
@@ -54,6 +53,18 @@ def detect(measure: bool = True, cache_path: Path | None = None, rebench: bool =
         "torch": None, "cuda": None, "rocm": None,
         "gpus": [], "gpu_errors": [], "kinds": sorted(all_kinds()), "labels": {},
     }
+
+
+def basic(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report without importing torch (what a light process advertises before, or instead of,
+    the full probe), with config overrides, then ``PANAL_FAKE_CAPS``."""
+    return deep_merge(deep_merge(base_report(), overrides or {}), env_overrides())
+
+
+def detect(measure: bool = True, cache_path: Path | None = None, rebench: bool = False,
+           overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The capability report of this machine, with config overrides, then ``PANAL_FAKE_CAPS``."""
+    caps = base_report()
     torch = _import_torch()
     if torch is not None:
         caps["torch"] = torch.__version__
@@ -63,7 +74,7 @@ def detect(measure: bool = True, cache_path: Path | None = None, rebench: bool =
         if measure:
             _measure(torch, caps, cache_path, rebench)
     result = deep_merge(caps, overrides or {})
-    return deep_merge(result, _env_overrides())
+    return deep_merge(result, env_overrides())
 
 
 def _import_torch() -> Any:
@@ -86,7 +97,8 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def _env_overrides() -> dict[str, Any]:
+def env_overrides() -> dict[str, Any]:
+    """``PANAL_FAKE_CAPS`` (JSON): how tests and labs simulate a fleet."""
     text = os.environ.get(ENV_FAKE_CAPS, "").strip()
     if not text:
         return {}

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from agent.capabilities import deep_merge
+from agent.capabilities import basic, deep_merge
 from agent.home import AgentHome
 
 __all__ = ["detect_capabilities"]
@@ -24,8 +24,6 @@ async def detect_capabilities(home: AgentHome, overrides: dict[str, Any], timeou
     """The measured report (cached in the agent's home), with ``overrides`` merged in.
 
     Falls back to the torch-free basic report if the probe fails, saying why in the log."""
-    from agent.daemon import basic_capabilities
-
     home.ensure()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.capabilities", "--cache", str(home.root / "capabilities-cache.json"),
@@ -36,13 +34,13 @@ async def detect_capabilities(home: AgentHome, overrides: dict[str, Any], timeou
         proc.kill()
         await proc.wait()
         log.warning("capability probe timed out after %.0f s; advertising the basic report", timeout_s)
-        return basic_capabilities(overrides)
+        return basic(overrides)
     if proc.returncode != 0:
         log.warning("capability probe failed (%s); advertising the basic report", err.decode()[-500:].strip())
-        return basic_capabilities(overrides)
+        return basic(overrides)
     try:
         caps = json.loads(out)
     except ValueError:
         log.warning("capability probe printed no JSON; advertising the basic report")
-        return basic_capabilities(overrides)
+        return basic(overrides)
     return deep_merge(caps, overrides)

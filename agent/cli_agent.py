@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import click
 
+from agent import capabilities
 from agent.cli import PanalGroup, home, print_json, run, until_signalled
 from agent.client import BoardClient
-from agent.daemon import Daemon, DaemonSettings, basic_capabilities
+from agent.daemon import Daemon, DaemonSettings
 from hub.config import HubConfig
 from hub.server import BoardServer
-from security.errors import BadRequest
 from security.tls import BoardAddress
-
-
-def _fake_caps() -> dict[str, Any]:
-    """Capability overrides from PANAL_FAKE_CAPS (JSON): how tests and labs simulate a fleet."""
-    text = os.environ.get("PANAL_FAKE_CAPS")
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise BadRequest(f"PANAL_FAKE_CAPS is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise BadRequest("PANAL_FAKE_CAPS must be a JSON object")
-    return value
 
 
 @click.group(cls=PanalGroup)
@@ -50,7 +34,7 @@ def join(join_url: str, name: str, insecure: bool) -> None:
     h = home()
     identity = h.agent_identity()
     body = {"public_key": identity.public.text(), "name": name or platform.node(),
-            "capabilities": basic_capabilities(_fake_caps())}
+            "capabilities": capabilities.basic()}
 
     async def go() -> dict[str, Any]:
         async with BoardClient(address, identity, insecure=insecure, retry_for_s=10.0) as client:
@@ -89,8 +73,7 @@ def agent_run(slots: int, threads: int, name: str, insecure: bool, drain_s: floa
     h = home()
     lan_settings = LanSettings.load(h.root / "agent.yaml", enabled=lan, port=lan_port, interfaces=lan_interfaces,
                                     open=lan_open)
-    settings = DaemonSettings(slots=slots, threads=threads, name=name, insecure=insecure, drain_s=drain_s,
-                              capabilities=_fake_caps())
+    settings = DaemonSettings(slots=slots, threads=threads, name=name, insecure=insecure, drain_s=drain_s)
     daemon = Daemon(h, h.boards(), settings, allow_no_board=lan_settings.enabled)
     lan_mode = LanMode(h, lan_settings) if lan_settings.enabled else None
     if lan_mode is not None:
@@ -168,7 +151,7 @@ def up(port: int, slots: int) -> None:
         address = BoardAddress(f"http://127.0.0.1:{bound}")
         h.local_board.write_text(address.url + "\n")
         click.echo(f"panal up: board at {address.url}; submit with `panal submit FILE` (Ctrl-C stops)")
-        daemon = Daemon(h, [address], DaemonSettings(slots=slots, capabilities=_fake_caps(), poll_wait_s=5.0))
+        daemon = Daemon(h, [address], DaemonSettings(slots=slots, poll_wait_s=5.0))
         try:
             await daemon.run(stop)
         finally:
@@ -200,12 +183,7 @@ def bench_device(chart: Path, repeats: int, as_json: bool) -> None:
     """Each kind on each device here (CPU vs GPU), engine overhead, warm and cold start-up; a PNG chart."""
     from agent.bench_device import run_device_bench
 
-    result = run_device_bench(chart, repeats)
-    if as_json:
-        print_json(result)
-        return
-    for key, value in result.items():
-        click.echo(f"{key}: {value}")
+    _print_result(run_device_bench(chart, repeats), as_json)
 
 
 @bench.command("chaos")
@@ -218,12 +196,7 @@ def bench_chaos(minutes: float, agents: int, seed: int | None, as_json: bool) ->
     checks every task was done exactly once and every signature verifies."""
     from agent.bench_chaos import run_chaos_bench
 
-    result = run_chaos_bench(minutes, agents, seed=seed)
-    if as_json:
-        print_json(result)
-        return
-    for key, value in result.items():
-        click.echo(f"{key}: {value}")
+    _print_result(run_chaos_bench(minutes, agents, seed=seed), as_json)
 
 
 @bench.command("policies")
@@ -247,9 +220,12 @@ def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as
     """A real hub (TLS, signatures) and N simulated agents running `sleep 0` tasks."""
     from agent.bench_dispatch import run_dispatch_bench
 
-    result = run_dispatch_bench(agents, tasks, slots, latency_samples)
+    _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples), as_json)
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(result)
-    else:
-        for key, value in result.items():
-            click.echo(f"{key}: {value}")
+        return
+    for key, value in result.items():
+        click.echo(f"{key}: {value}")

@@ -70,10 +70,6 @@ def serve(root: Path, port: int | None, bind: str | None) -> None:
         raise NotFound(f"{hub_home.cert_path} is missing: run `panal hub init --dir {root}`")
     ssl_context = server_context(hub_home.cert_path, hub_home.tls_key_path) if config.tls else None
 
-    # The store's writer thread must get the GIL promptly when a commit is queued; the default 5 ms
-    # switch interval would add up to 5 ms to every acknowledged write under load.
-    sys.setswitchinterval(0.0005)
-
     async def main(stop: asyncio.Event) -> None:
         server = BoardServer(config, hub_home.db_path, ssl_context)
         bound = await server.start()

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 
+from agent import capabilities
 from agent.assignments import ManifestCache
 from agent.blobcache import BlobCache, download_blob
 from agent.blobupload import upload_file
@@ -37,7 +37,6 @@ from agent.outbox import Outbox
 from agent.pause_rules import PauseRules, SystemLoad
 from agent.preferences import PreferencesFile
 from agent.runner import Outcome, TaskRequest, WorkerPool
-from jobs.catalog import all_kinds
 from jobs.errors import FailureClass
 from jobs.manifest import Manifest
 from jobs.requirements import Gpu
@@ -47,7 +46,7 @@ from security.identity import Identity
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
 
-__all__ = ["Daemon", "DaemonSettings", "basic_capabilities"]
+__all__ = ["Daemon", "DaemonSettings"]
 
 log = logging.getLogger(__name__)
 UNTRUSTED_COOLDOWN_S = 30.0
@@ -63,23 +62,6 @@ class DaemonSettings:
     insecure: bool = False
     capabilities: dict[str, Any] = field(default_factory=dict)   # overrides of the detected report
     blob_cache_bytes: int = 20 * 2**30   # inputs kept locally (LRU) so shards of one model download once
-
-
-def basic_capabilities(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What this machine offers, without importing torch (the daemon stays light)."""
-    caps: dict[str, Any] = {
-        "os": platform.system().lower(), "arch": platform.machine(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "cpu": {"cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
-                "threads": os.cpu_count() or 1, "model": platform.processor() or platform.machine()},
-        "gpus": [], "kinds": sorted(all_kinds()), "labels": {},
-    }
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(caps.get(key), dict):
-            caps[key] = {**caps[key], **value}
-        else:
-            caps[key] = value
-    return caps
 
 
 @dataclass
@@ -164,7 +146,7 @@ class Daemon:
         self.gpus_busy: set[str] = set()
         self.kind_health = KindHealth()
         self.blobs = BlobCache(home.root / "blobs", settings.blob_cache_bytes)
-        self.capabilities = basic_capabilities(settings.capabilities)
+        self.capabilities = capabilities.basic(settings.capabilities)
         self.stopping = False
         self.paused_reason: str | None = None
         self.threads = (settings.threads or self.prefs.current.cpu_threads
