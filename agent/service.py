@@ -1,9 +1,10 @@
 """Install the agent as a background service: systemd (user or system), launchd, Task Scheduler.
 
 Volunteers install once and forget, so the service must start at boot or logon, restart after a
-crash, and keep GPU access. The unit files are templates in ``packaging/`` rendered with this
-machine's paths; the service runs the *exact* interpreter that ran ``install`` (``sys.executable``
-as invoked, never symlink-resolved: resolving a venv's ``python`` would escape the venv).
+crash, and keep GPU access. The unit files are templates in ``agent/service_templates/`` (package
+data, so they ship in the wheel) rendered with this machine's paths; the service runs the *exact*
+interpreter that ran ``install`` (``sys.executable`` as invoked, never symlink-resolved: resolving
+a venv's ``python`` would escape the venv).
 
 Everything is planned first as a :class:`ServicePlan` (files to write or remove, commands to run)
 and executed second, so ``--dry-run`` shows exactly what would happen and tests can render every
@@ -19,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from importlib import resources
 from pathlib import Path
 from string import Template
 from xml.sax.saxutils import escape
@@ -57,7 +59,7 @@ WINDOWS_TASK = "panal-agent"
 SERVICE_USER = "panal"
 SYSTEM_HOME = Path("/var/lib/panal")
 DEVICE_GROUPS = ("video", "render")  # own /dev/nvidia*, /dev/dri/*, /dev/kfd on common distros
-PACKAGING_DIR = Path(__file__).resolve().parent.parent / "packaging"
+TEMPLATES = "service_templates"  # a data folder inside the agent package
 LOG_LINES = 200
 
 
@@ -195,16 +197,17 @@ def detect_platform() -> Platform:
 
 
 def agent_argv(python: Path) -> list[str]:
-    """The agent's command line: the installing interpreter running the agent package's CLI."""
-    return [str(python), "-m", "agent", "agent", "run"]
+    """The agent's command line: the installing interpreter running panal's launcher (which first
+    checks that ``agent``, ``hub``... are panal's own packages, then runs the CLI)."""
+    return [str(python), "-m", "panal_launch", "agent", "run"]
 
 
 def _template(name: str) -> Template:
-    path = PACKAGING_DIR / name
+    resource = resources.files("agent") / TEMPLATES / name
     try:
-        return Template(path.read_text(encoding="utf-8"))
+        return Template(resource.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ServiceError(f"service template {path} is missing: {exc.strerror}") from exc
+        raise ServiceError(f"service template {resource} is missing: {exc.strerror}") from exc
 
 
 def _device_groups() -> list[str]:

@@ -85,7 +85,7 @@ def install(user_scope: bool | None, dry_run: bool) -> None:
     target = _target(user_scope, for_install=True)
     _carry_out(target, Action.INSTALL, dry_run)
     if not dry_run:
-        click.echo(f"installed: {target.service_file} runs {target.python} -m agent agent run")
+        click.echo(f"installed: {target.service_file} runs {target.python} -m panal_launch agent run")
 
 
 @service.command()

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ def test_unit_quotes_an_interpreter_path_with_spaces(tmp_path: Path) -> None:
     spaced.mkdir(parents=True)
     (spaced / "python").symlink_to(PYTHON)
     text = render_systemd_unit(target(tmp_path, Platform.SYSTEMD, python=spaced / "python"))
-    assert directives(text)["ExecStart"] == [f'"{spaced / "python"}" -m agent agent run']
+    assert directives(text)["ExecStart"] == [f'"{spaced / "python"}" -m panal_launch agent run']
     done = verify_unit(tmp_path, text, Scope.USER)
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
 
@@ -158,7 +159,7 @@ def test_unit_refuses_a_home_with_spaces(tmp_path: Path) -> None:
 
 
 def test_agent_command_line_is_a_real_cli_command(tmp_path: Path) -> None:
-    """What every service file runs: `python -m agent agent run` must exist."""
+    """What every service file runs: `python -m panal_launch agent run` must exist."""
     done = subprocess.run([*agent_argv(PYTHON), "--help"], capture_output=True, text=True, timeout=60,
                           cwd=ROOT, env={**os.environ, "PANAL_HOME": str(tmp_path)}, check=False)
     assert done.returncode == 0, done.stderr
@@ -242,7 +243,7 @@ def test_windows_task_parses_and_carries_the_command(tmp_path: Path) -> None:
     t = target(tmp_path, Platform.SCHTASKS, python=python, home=home)
     root = _task(render_windows_task(t, platform_home=home))
     assert root.findtext("t:Actions/t:Exec/t:Command", namespaces=TASK_NS) == str(python)
-    assert root.findtext("t:Actions/t:Exec/t:Arguments", namespaces=TASK_NS) == "-m agent agent run"
+    assert root.findtext("t:Actions/t:Exec/t:Arguments", namespaces=TASK_NS) == "-m panal_launch agent run"
     assert root.findtext("t:Triggers/t:LogonTrigger/t:UserId", namespaces=TASK_NS) == "DESKTOP\\vol"
     assert root.find("t:Settings/t:RestartOnFailure", TASK_NS) is not None
     assert root.findtext("t:Settings/t:ExecutionTimeLimit", namespaces=TASK_NS) == "PT0S"
@@ -307,13 +308,43 @@ def test_hub_image_is_slim_and_agent_image_has_a_cuda_and_a_cpu_variant() -> Non
     hub_text = " ".join(a for _, a in hub)
     assert "torch" not in hub_text and "[agent]" not in hub_text
     assert all(a.startswith("python:3.11-slim") for s, a in hub if s == "FROM")
-    assert any(s == "RUN" and "pip install" in a and a.endswith(" .") for s, a in hub)
+    assert any(s == "RUN" and "pip install" in a and "/tmp/wheels/panal-*.whl" in a for s, a in hub)
     agent = dockerfile("Dockerfile.agent")
     args = dict(a.split("=", 1) for s, a in agent if s == "ARG")
     assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu2[4-9]\.04", args["BASE_IMAGE"])
-    assert [a for s, a in agent if s == "FROM"] == ["${BASE_IMAGE}"]
+    assert [a for s, a in agent if s == "FROM"] == ["python:3.11-slim AS build", "${BASE_IMAGE}"]
     assert "cpu" in (PACKAGING / "Dockerfile.agent").read_text().split("TORCH_INDEX_URL=")[1].split()[0]
-    assert any(s == "RUN" and '".[agent]"' in a for s, a in agent)
+    assert any(s == "RUN" and '"${whl}[agent]"' in a for s, a in agent)
+
+
+def stages(name: str) -> list[list[tuple[str, str]]]:
+    """The Dockerfile's build stages, each from its FROM on."""
+    out: list[list[tuple[str, str]]] = []
+    for step in dockerfile(name):
+        if step[0] == "FROM":
+            out.append([])
+        if out:
+            out[-1].append(step)
+    return out
+
+
+def wheel_sources() -> set[str]:
+    """What the wheel is built from: pyproject's py-modules and packages, its readme, pyproject."""
+    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {p.rstrip("*") for p in setuptools_cfg["packages"]["find"]["include"]}
+    return {"pyproject.toml", "README.md", *(f"{m}.py" for m in setuptools_cfg["py-modules"]), *packages}
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.hub", "Dockerfile.agent"])
+def test_image_builds_the_wheel_from_every_source_and_installs_only_the_wheel(name: str) -> None:
+    build, final = stages(name)
+    copied = {src for s, a in build if s == "COPY" for src in a.split()[:-1]}
+    assert wheel_sources() <= copied, f"{name}: the build stage misses {wheel_sources() - copied}"
+    assert any(s == "RUN" and "pip wheel" in a and "--no-deps" in a for s, a in build)
+    final_copies = [a for s, a in final if s == "COPY"]
+    assert "--from=build /wheels /tmp/wheels" in final_copies
+    assert [a for a in final_copies if "--from=" not in a] == [
+        "--chmod=0755 packaging/docker-entrypoint.sh /usr/local/bin/panal-entrypoint"]
 
 
 def _resolve(argv: list[str]) -> click.Command:
