@@ -1,90 +1,24 @@
-"""``panal``: the command line. Friendly errors (never a traceback), ``--json`` on listings."""
+"""``panal``: the command line. Friendly errors (never a traceback), ``--json`` on listings.
+
+This module holds the top-level commands and mounts the others' groups; what they share lives in
+:mod:`agent.cli_common`, which they import instead of this module.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
-import aiohttp
 import click
-from rich.console import Console
-from rich.table import Table
 
-from agent.client import BoardClient
-from agent.home import AgentHome
+from agent import cli_agent, cli_hub, cli_jobs, lan_cli
+from agent.cli_common import PanalGroup, home, print_json, setup_logging
 from jobs.manifest import load_manifests, manifest_schema
 from security.errors import PanalError
 from security.tls import BoardAddress
 
 __all__ = ["main"]
-
-T = TypeVar("T")
-console = Console()
-EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 2, 3, 4
-
-
-class PanalGroup(click.Group):
-    """Turns every expected error into one clear line on stderr and a non-zero exit status."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except PanalError as exc:
-            fail(exc.message)
-        except aiohttp.ClientError as exc:
-            fail(f"network error: {exc}")
-        except OSError as exc:
-            fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-
-
-def fail(message: str, status: int = 1) -> NoReturn:
-    """One clear message, never wrapped: lines like ``file:line:col: path: msg`` stay greppable."""
-    if "\n" in message:  # a list of problems (e.g. a manifest's), one per line
-        click.echo(message, err=True)
-    else:
-        click.echo(click.style("error:", fg="red") + " " + message, err=True)
-    sys.exit(status)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-def home() -> AgentHome:
-    return AgentHome()
-
-
-def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
-
-
-async def with_client(address: BoardAddress, fn: Callable[[BoardClient], Awaitable[T]],
-                      insecure: bool = False, as_agent: bool = False) -> T:
-    h = home()
-    identity = h.agent_identity() if as_agent else h.user_identity()
-    async with BoardClient(address, identity, insecure=insecure, retry_for_s=10.0) as client:
-        return await fn(client)
-
-
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-async def until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` until SIGTERM/SIGINT sets ``stop``."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await main(stop)
 
 
 @click.group(cls=PanalGroup)
@@ -138,7 +72,7 @@ def keys() -> None:
 
 @keys.command("show")
 def keys_show() -> None:
-    """Print your public key (give it to a board admin: `panal hub submitters add KEY`)."""
+    """Print your public key (for a board admin: `panal hub submitters add KEY`; a LAN agent: `panal trust add KEY`)."""
     identity = home().user_identity()
     click.echo(identity.public.text())
 
@@ -170,31 +104,11 @@ def config_set(key: str, value: str) -> None:
     click.echo(f"{key} = {value}")
 
 
-def _register_subcommands() -> None:
-    from agent import cli_agent, cli_hub, cli_jobs
-
-    main.add_command(cli_hub.hub)
-    main.add_command(cli_agent.agent)
-    main.add_command(cli_agent.up)
-    main.add_command(cli_agent.bench)
-    main.add_command(cli_agent.demo)
-    for command in cli_jobs.COMMANDS:
-        main.add_command(command)
-    from agent import lan_cli
-
-    lan_cli.register(main)
-
-
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
-    table = Table(box=None)
-    for col in ("ID", "NAME", "KIND", "STATE", "TASKS", "PRIORITY"):
-        table.add_column(col)
-    for job in jobs:
-        counts = job.get("tasks", {})
-        done = counts.get("done", 0)
-        table.add_row(job["id"], job["name"], job["kind"], job["state"], f"{done}/{job['n_tasks']}",
-                      str(job["priority"]))
-    return table
-
-
-_register_subcommands()
+main.add_command(cli_hub.hub)
+main.add_command(cli_agent.agent)
+main.add_command(cli_agent.up)
+main.add_command(cli_agent.bench)
+main.add_command(cli_agent.demo)
+for _command in cli_jobs.COMMANDS:
+    main.add_command(_command)
+lan_cli.register(main)

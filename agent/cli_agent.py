@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from agent import capabilities
-from agent.cli import PanalGroup, home, print_json, run, until_signalled
+from agent import capabilities, control_cli, service_cli
+from agent.cli_common import PanalGroup, home, print_json, run, until_signalled
 from agent.client import BoardClient
 from agent.daemon import Daemon, DaemonSettings
 from hub.config import HubConfig
@@ -109,7 +109,7 @@ def info(as_json: bool, rebench: bool, no_measure: bool) -> None:
         click.echo(f"{key}: {value}")
 
 
-@agent.command("set")
+@agent.command("set", context_settings={"ignore_unknown_options": True})  # `-3` is a value to check
 @click.argument("key")
 @click.argument("value")
 def set_preference_cmd(key: str, value: str) -> None:
@@ -123,15 +123,9 @@ def set_preference_cmd(key: str, value: str) -> None:
     click.echo(f"{key} = {prefs.to_yaml_dict()[key]}")
 
 
-def _attach_helpers() -> None:
-    from agent import control_cli, service_cli
-
-    agent.add_command(service_cli.service)
-    for command in control_cli.COMMANDS:
-        agent.add_command(command)
-
-
-_attach_helpers()
+agent.add_command(service_cli.service)
+for _command in control_cli.COMMANDS:
+    agent.add_command(_command)
 
 
 @click.command()

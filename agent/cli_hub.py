@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from agent.cli import PanalGroup, home, print_json, run, until_signalled
+from agent.cli_common import PanalGroup, home, print_json, read_public_key, run, until_signalled
 from hub.home import HubHome
 from hub.server import BoardServer
 from hub.sqlite_store import SqliteStore
@@ -30,16 +29,34 @@ def hub() -> None:
 
 @hub.command()
 @dir_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address agents will use to reach the hub.")
-@click.option("--port", default=8747, show_default=True, type=int)
-@click.option("--insecure", is_flag=True, help="Plain HTTP (only sensible on loopback).")
-def init(root: Path, host: str, port: int, insecure: bool) -> None:
-    """Create the hub's identity and self-signed TLS certificate; print the join URL."""
+@click.option("--host", default=None, help="Address agents will use to reach the hub.  [default: 127.0.0.1]")
+@click.option("--port", default=None, type=click.IntRange(0, 65535),
+              help="The port agents connect to.  [default: 8747]")
+@click.option("--insecure/--tls", "insecure", default=None,
+              help="Plain HTTP (only sensible on loopback), or TLS (the default).")
+def init(root: Path, host: str | None, port: int | None, insecure: bool | None) -> None:
+    """Create the hub's identity and self-signed TLS certificate; print the join URL.
+
+    On an existing hub, set the --host, --port and --insecure/--tls given in hub.yaml, keeping its
+    keys and certificate (the join URL changes with the host and port, its fingerprint does not)."""
     hub_home = HubHome(root)
-    config = hub_home.init(host, port, tls=not insecure)
+    existed = hub_home.initialised
+    tls = None if insecure is None else not insecure
+    changes = hub_home.configure(host=host, port=port, tls=tls) if hub_home.config_path.exists() else {}
+    config = hub_home.init(host, port, tls)
     me = home().user_identity()
     run(_add_submitter(hub_home, me.public, "owner"))
-    click.echo(f"hub initialised in {root}")
+    if not existed:
+        click.echo(f"hub initialised in {root}")
+    elif changes:
+        changed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
+        click.echo(f"updated {hub_home.config_path}: {changed} (keys and certificate kept)")
+        if hub_home.serve_path.exists():
+            click.echo("the running hub keeps its old settings until `panal hub serve` is restarted")
+        if {"host", "port", "tls"} & changes.keys():
+            click.echo("agents that joined the old URL must join the new one")
+    else:
+        click.echo(f"hub in {root} already initialised: settings, keys and certificate unchanged")
     click.echo(f"your key {me.id} may submit jobs (more: `panal hub submitters add KEY`)")
     click.echo("join URL (give it to volunteers: `panal agent join URL`):")
     click.echo(hub_home.address(config).join_url())
@@ -96,8 +113,7 @@ def submitters() -> None:
 @click.option("--name", default="", help="A name to recognise the key by.")
 def submitters_add(root: Path, key: str, name: str) -> None:
     """Authorise a submitter key (text `ed25519:...` or a file containing it)."""
-    text = Path(key).read_text().strip() if os.path.isfile(key) else key
-    public = PublicKey.parse(text)
+    public = read_public_key(key)
     run(_add_submitter(HubHome(root), public, name or public.id[:12]))
     click.echo(f"authorised {public.id}")
 

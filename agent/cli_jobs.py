@@ -10,13 +10,13 @@ from typing import Any
 import click
 from rich.table import Table
 
-from agent.cli import (
+from agent.cli_common import (
     EXIT_CANCELLED,
     EXIT_FAILED,
     EXIT_TIMEOUT,
     console,
     home,
-    jobs_table,
+    plain,
     print_json,
     run,
     with_client,
@@ -37,6 +37,17 @@ from jobs.manifest import load_manifests
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",
                           help="Board join URL (default: PANAL_HUB, `panal config set hub`, `panal up`).")
 insecure_option = click.option("--insecure", is_flag=True, help="Allow plain HTTP to a non-loopback board.")
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(box=None)
+    for col in ("ID", "NAME", "KIND", "STATE", "TASKS", "PRIORITY"):
+        table.add_column(col)
+    for job in jobs:
+        done = job.get("tasks", {}).get("done", 0)
+        table.add_row(*map(plain, (job["id"], job["name"], job["kind"], job["state"], f"{done}/{job['n_tasks']}",
+                                   job["priority"])))
+    return table
 
 
 def _progress_line(job: dict[str, Any]) -> str:
@@ -153,8 +164,8 @@ def job_cmd(job_id: str, hub_url: str | None, insecure: bool, as_json: bool) -> 
     for col in ("TASK", "STATE", "ATTEMPT", "AGENT", "PROGRESS", "ERROR"):
         table.add_column(col)
     for t in job["task_list"]:
-        table.add_row(str(t["idx"]), t["state"], str(t["attempt"]), (t["agent"] or "")[:16],
-                      f"{100 * t['progress']:.0f}%", (t.get("error") or "")[:60])
+        table.add_row(*map(plain, (t["idx"], t["state"], t["attempt"], (t["agent"] or "")[:16],
+                                   f"{100 * t['progress']:.0f}%", (t.get("error") or "")[:60])))
     console.print(table)
 
 

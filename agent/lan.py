@@ -246,7 +246,7 @@ class LanMode:
                                                          **_BOARD_DEFAULTS}, sort_keys=False))
         await asyncio.to_thread(hub.init, host, s.port)
         bind = s.bind or host
-        config = hub.config(host=host, bind=bind, port=s.port, tls=True)
+        config = hub.config(host=host, bind=bind, port=s.port, tls=True, lan=True)
         context = server_context(hub.cert_path, hub.tls_key_path)
         server = BoardServer(config, hub.db_path, context)
         port = await server.start()

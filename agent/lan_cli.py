@@ -21,6 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from agent.cli_common import plain, read_public_key
 from security.errors import PanalError
 from security.truststore import TrustStore
 
@@ -51,7 +52,7 @@ def render_trust(keys: list[dict[str, Any]], as_json: bool) -> str:
     table = Table("name", "id", "key", "added")
     for k in keys:
         added = dt.datetime.fromtimestamp(k["added"]).strftime("%Y-%m-%d %H:%M") if k["added"] else ""
-        table.add_row(k["name"] or "", k["id"], k["key"], added)
+        table.add_row(*map(plain, (k["name"] or "", k["id"], k["key"], added)))
     return _table_text(table)
 
 
@@ -65,12 +66,12 @@ def render_peers(peers: list[dict[str, Any]], as_json: bool) -> str:
     now = time.time()
     for p in peers:
         addresses = ", ".join(f"{a}:{p['port']}" for a in p.get("addresses", []))
-        table.add_row(
-            p["id"], addresses, ",".join(p.get("caps", [])), str(p.get("slots", "")),
+        table.add_row(*map(plain, (  # ids, addresses and caps come from the peers' announcements
+            p["id"], addresses, ",".join(p.get("caps", [])), p.get("slots", ""),
             "yes" if p.get("work") else "no", f"{max(0.0, now - p['last_seen']):.0f}s ago",
-            str(p.get("state", "")), str(p.get("breaker", "")),
+            p.get("state", ""), p.get("breaker", ""),
             "" if p.get("trusted") is None else "yes" if p["trusted"] else "no",
-        )
+        )))
     return _table_text(table)
 
 
@@ -86,7 +87,7 @@ def trust_group() -> None:
 def trust_add(ctx: click.Context, key: str, name: str | None) -> None:
     """Trust KEY (ed25519:... text, or a file containing it)."""
     try:
-        entry = _store(ctx).add(key, name=name)
+        entry = _store(ctx).add(read_public_key(key), name=name)
     except PanalError as exc:
         raise click.ClickException(exc.message) from exc
     click.echo(f"trusted {entry.id}" + (f" ({entry.name})" if entry.name else ""))

@@ -1,8 +1,9 @@
 """Who is calling: signature verification, replay protection and roles for board requests.
 
 Agents are known from registration; submitters from the store's ``submitters`` table, which the
-hub admin edits with ``panal hub submitters add`` while the board runs, so an unknown key makes
-the board re-read that table (at most once a second) before refusing.
+hub admin edits with ``panal hub submitters add`` (on a LAN board: the agent, from its trust store)
+while the board runs, so an unknown key makes the board re-read that table (at most once a second)
+before refusing.
 """
 
 from __future__ import annotations
@@ -90,9 +91,22 @@ class Authenticator:
         if params.keyid not in self.submitters:
             await self.refresh_submitters(force=True)
         if params.keyid not in self.submitters:
-            raise Forbidden(f"key {params.keyid} is not an authorised submitter on this board: ask its admin "
-                            f"to run `panal hub submitters add {params.keyid}`", code="not_a_submitter")
+            known = extra_key if extra_key is not None and extra_key.id == params.keyid else None
+            raise Forbidden(self._not_a_submitter(params.keyid, known), code="not_a_submitter")
         return params.keyid
+
+    def _not_a_submitter(self, key_id: str, public: PublicKey | None) -> str:
+        """Who can let ``key_id`` in, and how: a LAN board's owner trusts keys on their agent."""
+        if public is not None:
+            name = key = public.text()
+            note = f" (key id {key_id})"
+        else:
+            name, key, note = key_id, "KEY", " (KEY: what the submitter's `panal keys show` prints)"
+        if self.board.config.lan:
+            return (f"key {name} is not an authorised submitter on this LAN board: ask the owner of its "
+                    f"agent to run `panal trust add {key}` there{note}")
+        return (f"key {name} is not an authorised submitter on this board: ask its admin to run "
+                f"`panal hub submitters add {key}`{note}")
 
 
 def _keyid_hint(request: web.Request) -> str | None:

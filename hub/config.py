@@ -34,6 +34,7 @@ class HubConfig:
     signature_skew_s: float = 300.0    # how far a signature's created time may be from ours
     sqlite_synchronous: str = "normal"  # normal: survives kill -9; full: also survives power loss
     open_registration: bool = True     # any volunteer with the join URL may register an agent
+    lan: bool = False                  # embedded in an agent (LAN mode): its trust store lists the submitters
     expiry_interval_s: float = 0.5
     retry_backoff_s: float = 1.0       # first retry delay of a failed task; doubles per attempt
     drain_timeout_s: float = 30.0

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from hub.config import HubConfig
+from security.errors import BadRequest
 from security.identity import Identity
 from security.tls import BoardAddress, cert_fingerprint, make_self_signed
 
@@ -30,19 +31,45 @@ class HubHome:
     def initialised(self) -> bool:
         return self.config_path.exists() and self.key_path.exists()
 
-    def init(self, host: str, port: int, tls: bool = True) -> HubConfig:
-        """Create what is missing (never overwrites keys or certs); return the settings."""
+    def init(self, host: str | None = None, port: int | None = None, tls: bool | None = None) -> HubConfig:
+        """Create what is missing (never overwrites keys, certs or settings; None: the default);
+        return the settings."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         Identity.load_or_create(self.key_path)
         if not self.config_path.exists():
-            settings = {"host": host, "port": port, "tls": tls}
-            self.config_path.write_text("# panal hub settings; every key of HubConfig may be set here.\n"
-                                        + yaml.safe_dump(settings, sort_keys=False))
+            default = HubConfig()
+            settings = {"host": host or default.host, "port": default.port if port is None else port,
+                        "tls": default.tls if tls is None else tls}
+            self._write_settings(settings)
         config = self.config()
         if config.tls and not self.cert_path.exists():
             make_self_signed(self.cert_path, self.tls_key_path, [config.host])
         return config
+
+    def configure(self, **settings: Any) -> dict[str, tuple[Any, Any]]:
+        """Set ``settings`` (None: leave as is) in ``hub.yaml``, keeping its other keys; return what
+        changed, as name -> (old, new). Keys and certificate stay: clients pin the certificate's
+        fingerprint, not its host names, so a join URL with a new host or port still trusts it."""
+        data = self._read_settings()
+        current = HubConfig.load(None, env={}, **data)
+        changes = {name: (getattr(current, name), value) for name, value in settings.items()
+                   if value is not None and getattr(current, name, None) != value}
+        if changes:
+            data.update({name: new for name, (_, new) in changes.items()})
+            HubConfig.load(None, env={}, **data)  # a bad value is refused before the file changes
+            self._write_settings(data)
+        return changes
+
+    def _read_settings(self) -> dict[str, Any]:
+        data = yaml.safe_load(self.config_path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise BadRequest(f"{self.config_path}: expected a map of settings")
+        return data
+
+    def _write_settings(self, settings: dict[str, Any]) -> None:
+        self.config_path.write_text("# panal hub settings; every key of HubConfig may be set here.\n"
+                                    + yaml.safe_dump(settings, sort_keys=False))
 
     def config(self, **overrides: Any) -> HubConfig:
         return HubConfig.load(self.config_path, **overrides)
