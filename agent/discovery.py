@@ -393,7 +393,13 @@ class LanAnnouncer:
 
 
 class _Heartbeats(RecordUpdateListener):
-    """Sees every record received, refreshes included, which the service browser does not report."""
+    """Sees every record received, refreshes included, which the service browser does not report.
+
+    Only a fresh record is a sign of life. zeroconf also calls listeners with expired ones: goodbyes
+    (TTL 0), and every record its periodic cache cleanup purges, such as a peer's previous TXT that
+    a newer one marked to expire (RFC 6762 10.2). Those say nothing about the peer being alive now;
+    counting them kept a killed peer up to one cleanup interval (10 s) longer, or brought it back.
+    """
 
     def __init__(self, on_names: Callable[[set[str]], None]) -> None:
         self._on_names = on_names
@@ -402,8 +408,8 @@ class _Heartbeats(RecordUpdateListener):
     def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
         for update in records:
             record: DNSRecord = update.new
-            if record.ttl == 0:
-                continue  # goodbyes are the browser's business
+            if record.is_expired(now):
+                continue  # a goodbye (the browser's business) or a purged record: no sign of life
             name = record.alias if isinstance(record, DNSPointer) else record.name
             if name.lower().endswith("." + SERVICE_TYPE):
                 self._names.add(name.lower())

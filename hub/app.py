@@ -1,6 +1,7 @@
 """The board's HTTP API (aiohttp): routes, body codec and the error mapping.
 
-Bodies are msgpack by default and JSON for clients that send or accept ``application/json``.
+Replies are JSON (what a person with curl reads) unless the client asks for msgpack: by ``Accept``, or,
+when it states no preference, by sending a msgpack body. Request bodies may be either.
 Every error leaves as ``{"error": code, "message": ...}`` with the status of its exception class;
 nothing else (no traceback) ever reaches a client.
 """
@@ -35,12 +36,17 @@ AUTH_KEY = web.AppKey("auth", Authenticator)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _wants_json(request: web.Request) -> bool:
-    return JSON in request.headers.get("Accept", "") or request.content_type == JSON
+def _reply_type(request: web.Request) -> str:
+    """The first of msgpack/JSON that ``Accept`` names; else what the body was sent as; else JSON."""
+    accept = request.headers.get("Accept", "")
+    named = [t for t in (MSGPACK, JSON) if t in accept]
+    if named:
+        return min(named, key=accept.index)
+    return MSGPACK if request.body_exists and request.content_type == MSGPACK else JSON
 
 
 def reply(request: web.Request, value: Any, status: int = 200) -> web.Response:
-    content_type = JSON if _wants_json(request) else MSGPACK
+    content_type = _reply_type(request)
     return web.Response(body=encode_body(value, content_type), status=status, content_type=content_type)
 
 

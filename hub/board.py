@@ -309,7 +309,7 @@ class Board:
         if finishing:
             self._drop_job(job_id)
             self._finished[job_id].set()
-            self._emit("job_finished", job=job_id, state=job.state.value)
+            self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
 
     async def wait_job(self, job_id: str, timeout_s: float) -> None:
         event = self._finished.get(job_id)

@@ -1,6 +1,6 @@
 """The board's API as OpenAPI 3.1 at ``GET /v1/openapi.json``; a test checks it against the real routes.
 
-Bodies are msgpack by default and JSON on request: every body is described under both media types
+Replies are JSON unless msgpack is asked for (Accept): every body is described under both media types
 with one schema. Signed requests carry RFC 9421 ``Signature``/``Signature-Input``/``Content-Digest``
 headers (the ``panalSignature`` security scheme).
 """
@@ -208,7 +208,8 @@ _ERROR_TEXT = {400: "malformed request", 401: "missing, bad, stale or replayed s
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "panal board API", "version": "1",
-             "description": "Bodies are msgpack by default; send and Accept application/json for JSON."},
+             "description": "Replies are JSON unless you Accept application/msgpack; request bodies may be "
+                            "either (Content-Type)."},
     "paths": PATHS,
     "components": {
         "schemas": SCHEMAS,

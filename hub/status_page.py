@@ -26,7 +26,7 @@ from aiohttp import web
 from hub.board import AgentState, Board, job_summary
 from hub.config import HubConfig
 from hub.dispatch.explain import explain_waiting
-from hub.records import JobRow, TaskRow, TaskState
+from hub.records import JobRow, JobState, TaskRow, TaskState
 
 __all__ = ["FEED_KEY", "StatusFeed", "add_status_routes", "agent_state"]
 
@@ -78,6 +78,7 @@ class StatusFeed:
         self._online: set[str] | None = None
         self._refused: dict[str, str | None] = {}
         self._recent_jobs: list[dict[str, Any]] | None = None   # finished jobs from the store; None: reload
+        self._final_counts: dict[str, dict[str, int]] = {}      # job id -> its tasks by state, once finished
         self._kick = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
 
@@ -205,7 +206,7 @@ class StatusFeed:
             "agents": {**base["agents"], "online": len(online_ids),
                        **{s: states[s] for s in ("idle", "busy", "offline", "quarantined")}},
             "gpus": [{"model": model, "count": n} for model, n in sorted(gpus.items(), key=lambda kv: (-kv[1], kv[0]))],
-            "tflops_online": round(gflops / 1000.0, 3),
+            "tflops_online": round(gflops / 1000.0, 6),   # to 1 MFLOPS: a CPU fleet is not 0
             "agent_table": [self._agent_row(a, a.row.id in online_ids) for a in board.agents.values()],
             "job_table": await self._job_rows(now),
             "throughput": self._throughput(now),
@@ -250,12 +251,21 @@ class StatusFeed:
                 row["waiting_because"] = explain_waiting(board, job_id)
             rows.append(row)
         if self._recent_jobs is None:
-            self._recent_jobs = [
-                {**public_job(job_summary(job, {"done": job.n_tasks} if job.state.value == "succeeded" else {})),
-                 "eta_s": None}
-                for job in await board.store.list_jobs(None, RECENT_JOBS) if job.state.terminal]
+            finished = [job for job in await board.store.list_jobs(None, RECENT_JOBS) if job.state.terminal]
+            self._final_counts = {job.id: await self._counts_of_finished(job) for job in finished}
+            self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None}
+                                 for job in finished]
         active = {row["id"] for row in rows}
         return rows + [row for row in self._recent_jobs if row["id"] not in active]
+
+    async def _counts_of_finished(self, job: JobRow) -> dict[str, int]:
+        """A finished job's tasks by state: they no longer change, so the store is asked once per job."""
+        if job.state == JobState.SUCCEEDED:
+            return {TaskState.DONE.value: job.n_tasks}
+        known = self._final_counts.get(job.id)
+        if known is not None:
+            return known
+        return dict(Counter(t.state.value for t in await self.board.store.get_tasks(job.id)))
 
     def _throughput(self, now: float) -> list[dict[str, Any]]:
         minute = int(now // 60)

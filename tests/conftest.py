@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from system_needs import pytest_terminal_summary  # noqa: F401  (hook: the closing line on skipped system parts)
 
 from hub.config import HubConfig
 from hub.home import HubHome
@@ -42,6 +43,7 @@ class Procs:
 
     def __init__(self, logs: Path) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        self.hubs: list[subprocess.Popen[str]] = []   # `panal hub serve` processes, stopped last
         self.logs = logs
 
     def start(self, *args: str, home: Path, **env: str) -> subprocess.Popen[str]:
@@ -53,23 +55,28 @@ class Procs:
                                 text=True, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
         log.close()
         self.procs.append(proc)
+        if args[0] == "hub":
+            self.hubs.append(proc)
         return proc
 
     def logs_text(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        """Agents first, then hubs: a stopping agent releases its tasks and delivers its results to a
+        hub that still answers, instead of retrying against a dead one until it is killed."""
+        for group in ([p for p in self.procs if p not in self.hubs], self.hubs):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
+from system_needs import require_system
 
 __all__ = ["NetnsLab", "lab_unavailable", "lan_lab", "netns_lab"]
 
@@ -129,10 +130,7 @@ def _reap_stale_labs() -> None:
 @pytest.fixture(scope="session")
 def netns_lab(worker_id: str) -> Iterator[NetnsLab]:
     reason = lab_unavailable()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"netns lab needed in CI: {reason}")
-        pytest.skip(f"netns lab unavailable: {reason}")
+    require_system(None if reason is None else f"network namespace lab ({reason})")
     _reap_stale_labs()
     worker = re.sub(r"[^a-z0-9]", "", worker_id.lower()) or "main"
     lab = NetnsLab(prefix=f"pnl-{worker}-{os.getpid()}", hosts=HOSTS)

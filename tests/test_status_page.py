@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ import aiohttp
 import pytest
 from conftest import InProcessHub
 from playwright.async_api import Browser, Page, async_playwright, expect
+from system_needs import require_system
 
 from agent.client import BoardClient
 from agent.submitting import make_envelope, submit
@@ -51,8 +53,8 @@ def fast_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("Chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+    require_system(None if chromium else "Chromium (Debian package chromium) for the status page tests")
+    assert chromium is not None
     async with async_playwright() as pw:
         b = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield b
@@ -94,11 +96,11 @@ def sleep_job(n: int, name: str = "sweep", **spec: Any) -> Manifest:
                                "spec": {"task": "sleep", "sweep": {"seconds": [SECRET_PARAM] * n}, **spec}})
 
 
-async def run_one(client: BoardClient, ident: Identity) -> str:
+async def run_one(client: BoardClient, ident: Identity, status: str = "ok") -> str:
     [task] = (await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 2}))["tasks"]
     record = SignedRecord.sign(ident, {"task_id": task["task_id"], "job_id": task["job_id"],
                                        "lease_id": task["lease_id"], "attempt": task["attempt"],
-                                       "agent_id": ident.id, "status": "ok", "values": {},
+                                       "agent_id": ident.id, "status": status, "values": {},
                                        "metrics": {"wall_s": 36.0}}).to_wire()
     await client.call("POST", f"/v1/tasks/{task['task_id']}/result", {"result": record})
     return str(task["task_id"])
@@ -113,7 +115,8 @@ async def test_page_shows_fleet_and_follows_a_job_live(hub: InProcessHub, browse
     await expect(page.locator("#agent-table")).to_contain_text("GeForce GTX 1060")
     await expect(page.locator("#agent-table")).to_contain_text("CPU 4 cores")
     await expect(page.locator("#gpus")).to_contain_text("1 × NVIDIA GeForce GTX 1060 6GB")
-    await expect(page.locator("#n-tflops")).to_have_text("4.20")     # 3800 + 200 + 200 GFLOPS
+    await expect(page.locator("#n-compute")).to_have_text("4.20")     # 3800 + 200 + 200 GFLOPS
+    await expect(page.locator("#compute-unit")).to_have_text("TFLOPS online")
     await expect(page.locator("#event-list")).to_contain_text("agent gpu-box joined")
 
     sub = await submitter(hub)
@@ -141,7 +144,7 @@ async def test_page_shows_fleet_and_follows_a_job_live(hub: InProcessHub, browse
     await expect(row).to_have_attribute("data-state", "succeeded")
     await expect(row).to_contain_text("2/2")
     await expect(detail.locator("tbody tr[data-state=done]")).to_have_count(2)
-    await expect(page.locator("#event-list")).to_contain_text(f"job {job['id']} finished: succeeded")
+    await expect(page.locator("#event-list")).to_contain_text("job sweep finished: succeeded")
     # credit: 36 s on the GTX (3800 GFLOPS) = 38 GFLOP-hours; the throughput chart counted both tasks
     await expect(page.locator("#agent-table tr", has_text="gpu-box")).to_contain_text("38.00")
     await expect(page.locator("#throughput-caption")).to_contain_text("Last hour: 2 tasks finished")
@@ -230,6 +233,89 @@ async def test_phone_width_dark_mode_has_no_horizontal_scroll(hub: InProcessHub,
     await page.screenshot(path=str(artifacts(tmp_path) / "status-phone-dark.png"), full_page=True)
     for c in [*clients, sub]:
         await c.close()
+
+
+async def test_running_now_lists_an_agents_tasks_without_stray_commas(hub: InProcessHub, browser: Browser) -> None:
+    one, _ = await agent(hub, "one-task", CPU_CAPS)
+    two, _ = await agent(hub, "two-tasks", CPU_CAPS)
+    sub = await submitter(hub)
+    await submit(sub, make_envelope(sub.identity, sleep_job(3, "page-watch")))
+    assert len((await one.call("POST", "/v1/lease", {"slots": 1, "wait_s": 2}))["tasks"]) == 1
+    assert len((await two.call("POST", "/v1/lease", {"slots": 2, "wait_s": 2}))["tasks"]) == 2
+    page = await open_page(browser, hub)
+    running = page.locator("#fleet-map li[data-state=busy]")
+    await expect(running).to_have_count(2)
+    await expect(running.filter(has_text="one-task")).to_have_text(
+        re.compile(r"busy\s*page-watch #\d \(0%\)$"), use_inner_text=True)
+    await expect(running.filter(has_text="two-tasks")).to_have_text(
+        re.compile(r"busy\s*page-watch #\d \(0%\), page-watch #\d \(0%\)$"), use_inner_text=True)
+    for c in (one, two, sub):
+        await c.close()
+
+
+async def test_work_cards_keep_counting_tasks_of_finished_jobs(hub: InProcessHub, browser: Browser) -> None:
+    a0, id0 = await agent(hub, "worker", CPU_CAPS)
+    sub = await submitter(hub)
+    page = await open_page(browser, hub)
+    done = await submit(sub, make_envelope(sub.identity, sleep_job(2, "finishes")))
+    await run_one(a0, id0)
+    await run_one(a0, id0)
+    await expect(page.locator(f"#job-{done['id']}")).to_have_attribute("data-state", "succeeded")
+    failed = await submit(sub, make_envelope(sub.identity, sleep_job(2, "fails", policy={"retries": 0})))
+    await run_one(a0, id0)
+    await run_one(a0, id0, status="failed")
+    failed_row = page.locator(f"#job-{failed['id']}")
+    await expect(failed_row).to_have_attribute("data-state", "failed")
+    await expect(failed_row).to_contain_text("1/2, 1 failed")
+    await expect(page.locator("#n-done")).to_have_text("3")
+    await expect(page.locator("#n-failed")).to_have_text("1")
+    await expect(page.locator("#n-queued")).to_have_text("0")
+    await expect(page.locator("#n-jobs")).to_have_text("0")
+    for c in (a0, sub):
+        await c.close()
+
+
+async def test_events_name_a_job_by_name_with_its_id_as_detail_and_count_in_words(hub: InProcessHub,
+                                                                               browser: Browser) -> None:
+    a0, id0 = await agent(hub, "worker", CPU_CAPS)
+    sub = await submitter(hub)
+    page = await open_page(browser, hub)
+    job = await submit(sub, make_envelope(sub.identity, sleep_job(1, "single")))
+    await run_one(a0, id0)
+    events = page.locator("#event-list li")
+    submitted, finished = events.filter(has_text="submitted"), events.filter(has_text="finished")
+    await expect(submitted).to_contain_text("job single submitted (1 task)")
+    await expect(submitted).not_to_contain_text("1 tasks")
+    await expect(finished).to_contain_text("job single finished: succeeded")
+    for line in (submitted, finished):
+        await expect(line.locator("code")).to_have_attribute("title", job["id"])
+    await expect(page.locator("#throughput-caption")).to_contain_text("Last hour: 1 task finished, 0 failed attempts")
+    for c in (a0, sub):
+        await c.close()
+
+
+async def test_compute_card_shows_a_cpu_fleets_measured_speed(hub: InProcessHub, browser: Browser) -> None:
+    slow_cpu = {**CPU_CAPS, "cpu": {"cores": 2, "model": "Slow CPU", "gflops_fp32": 1.5}}
+    clients = [(await agent(hub, f"cpu-{i}", slow_cpu))[0] for i in range(2)]
+    page = await open_page(browser, hub)
+    await expect(page.locator("#n-online")).to_have_text("2")
+    card = page.locator(".card", has=page.locator("#n-compute"))
+    await expect(card).to_have_text(re.compile(r"^GFLOPS online\s*3\.00$"), use_inner_text=True)
+    unmeasured = {**CPU_CAPS, "cpu": {"cores": 2, "model": "Unbenched", "gflops_fp32": 0.0}}
+    clients.append((await agent(hub, "unbenched", unmeasured))[0])
+    await expect(page.locator("#n-online")).to_have_text("3")
+    await expect(card).to_have_text(re.compile(r"^GFLOPS online\s*3\.00$"), use_inner_text=True)
+    for c in clients:
+        await c.close()
+
+
+async def test_compute_card_says_not_measured_rather_than_zero(hub: InProcessHub, browser: Browser) -> None:
+    unmeasured = {**CPU_CAPS, "cpu": {"cores": 2, "model": "Unbenched", "gflops_fp32": 0.0}}
+    client, _ = await agent(hub, "unbenched", unmeasured)
+    page = await open_page(browser, hub)
+    await expect(page.locator("#n-online")).to_have_text("1")
+    await expect(page.locator("#n-compute")).to_have_text("not measured")
+    await client.close()
 
 
 async def read_events(resp: aiohttp.ClientResponse, want: int) -> list[tuple[str, Any]]:

@@ -32,6 +32,34 @@ function duration(seconds) {
 
 const shortId = (id) => (id ? String(id).slice(0, 12) : "–");
 const clock = (epoch) => new Date(epoch * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+// A speed as [three significant digits, unit]: a CPU fleet reads "3.00 GFLOPS", not "0.00 TFLOPS".
+function flops(gflops) {
+  const units = ["MFLOPS", "GFLOPS", "TFLOPS", "PFLOPS", "EFLOPS"];
+  let value = gflops * 1000, unit = 0;
+  while (unit < units.length - 1 && Number(value.toPrecision(3)) >= 1000) { value /= 1000; unit += 1; }
+  return [value.toPrecision(3), units[unit]];
+}
+
+// The compute card: measured fp32 speed online, its unit in the card's title.
+function renderCompute(status) {
+  const gflops = (status.tflops_online || 0) * 1000;
+  const [value, unit] = gflops > 0 ? flops(gflops) : [(status.agents || {}).online ? "not measured" : 0, "compute"];
+  fill("compute-unit", `${unit} online`);
+  fill("n-compute", value);
+}
+
+// Task counts for the Work cards: the board's active tasks plus those of the finished jobs listed.
+const ACTIVE_JOB_STATES = new Set(["queued", "running"]);
+function workCounts(status) {
+  const counts = { ...(status.tasks || {}) };
+  for (const job of status.job_table || []) {
+    if (ACTIVE_JOB_STATES.has(job.state)) continue;   // already in status.tasks
+    for (const [state, n] of Object.entries(job.tasks || {})) counts[state] = (counts[state] || 0) + n;
+  }
+  return counts;
+}
 
 function progressBar(fraction, label, name) {
   const pct = Math.round(Math.max(0, Math.min(1, fraction || 0)) * 100);
@@ -56,8 +84,8 @@ function render(status) {
   view.events = status.events || [];
   const a = status.agents || {};
   for (const key of ["online", "idle", "busy", "offline", "quarantined"]) fill(`n-${key}`, a[key] ?? 0);
-  fill("n-tflops", (status.tflops_online ?? 0).toFixed(status.tflops_online >= 10 ? 0 : 2));
-  const t = status.tasks || {};
+  renderCompute(status);
+  const t = workCounts(status);
   for (const key of ["queued", "leased", "done", "failed"]) fill(`n-${key}`, t[key] ?? 0);
   fill("n-jobs", (status.jobs || {}).active ?? 0);
   renderGpus(status.gpus || []);
@@ -79,7 +107,7 @@ function renderMap(agents) {
   const online = agents.filter((x) => x.state !== "offline");
   $("#fleet-map").replaceChildren(...(online.length ? online.map((x) => el("li", { "data-state": x.state },
     el("strong", {}, x.name), " ", el("span", { class: `state state-${x.state}` }, x.state), el("br"),
-    x.running.length ? x.running.map((r, i) => [i ? ", " : "", `${r.job_name} #${r.idx} (${Math.round(r.progress * 100)}%)`])
+    x.running.length ? x.running.map((r) => `${r.job_name} #${r.idx} (${Math.round(r.progress * 100)}%)`).join(", ")
       : el("span", { class: "muted" }, x.quarantine ? x.quarantine : "no task"))) : [el("li", { class: "muted" }, "no agent online")]));
 }
 
@@ -150,13 +178,14 @@ function renderAgents() {
     el("td", { class: "wide" }, el("code", { title: x.id }, shortId(x.id))))));
 }
 
+// Each event reads as a sentence naming things by name; the job's id follows as a detail.
 const EVENT_TEXT = {
   agent_joined: (e) => `agent ${e.name || shortId(e.agent)} joined`,
   agent_left: (e) => `agent ${e.name || shortId(e.agent)} went offline`,
   agent_quarantined: (e) => `agent ${e.name || shortId(e.agent)} quarantined: ${e.reason || ""}`,
   agent_released: (e) => `agent ${e.name || shortId(e.agent)} released from quarantine`,
-  job_submitted: (e) => `job ${e.name || e.job} submitted (${e.tasks} tasks)`,
-  job_finished: (e) => `job ${e.job} finished: ${e.state}`,
+  job_submitted: (e) => `job ${e.name || e.job} submitted (${plural(e.tasks, "task")})`,
+  job_finished: (e) => `job ${e.name || e.job} finished: ${e.state}`,
   lease_expired: (e) => `lease of task ${e.task} expired on agent ${shortId(e.agent)}`,
 };
 
@@ -164,7 +193,9 @@ function renderEvents() {
   const recent = view.events.slice(-30).reverse();
   $("#event-list").replaceChildren(...(recent.length ? recent.map((e) => el("li", { "data-type": e.type },
     el("time", { datetime: new Date(e.at * 1000).toISOString() }, clock(e.at)),
-    (EVENT_TEXT[e.type] || ((x) => x.type))(e))) : [el("li", { class: "muted" }, "nothing yet")]));
+    (EVENT_TEXT[e.type] || ((x) => x.type))(e),
+    e.job && e.name ? [" ", el("code", { class: "muted", title: e.job }, shortId(e.job))] : null))
+    : [el("li", { class: "muted" }, "nothing yet")]));
 }
 
 // -- job detail -----------------------------------------------------------------------------------
@@ -250,7 +281,8 @@ function drawChart() {
   });
   const done = points.reduce((s, p) => s + p.done, 0), failed = points.reduce((s, p) => s + p.failed, 0);
   const last = points.length ? points[points.length - 1] : { done: 0, failed: 0 };
-  const text = `Last hour: ${done} tasks finished, ${failed} failed attempts; this minute: ${last.done}; peak ${max}/min`;
+  const text = `Last hour: ${plural(done, "task")} finished, ${plural(failed, "failed attempt")}; this minute: ${last.done}; `
+    + `peak ${max}/min`;
   canvas.setAttribute("aria-label", text);
   $("#throughput-caption").textContent = text;
 }
