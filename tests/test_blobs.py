@@ -15,6 +15,7 @@ import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestServer
+from helpers import wait_for_async
 
 from agent.blobcache import BlobCache, download_blob, response_error
 from agent.blobupload import upload_file
@@ -109,13 +110,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 def tmp_files(store: BlobStore) -> list[str]:
     return os.listdir(store.root / ".tmp")
-
-
-async def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # -- signing additions ------------------------------------------------------------------------
@@ -270,9 +264,10 @@ async def test_interrupted_upload_leaves_nothing(board: Board) -> None:
     for _ in range(3):
         writer.write(os.urandom(CHUNK_BYTES))
         await writer.drain()
-    await wait_until(lambda: bool(board.store._active_tmp))  # the upload is in progress
+    await wait_for_async(lambda: board.store._active_tmp, "the upload to be in progress")
     writer.transport.abort()  # the client dies mid-stream
-    await wait_until(lambda: not board.store._active_tmp and not tmp_files(board.store))
+    await wait_for_async(lambda: not board.store._active_tmp and not tmp_files(board.store),
+                         "the aborted upload's temporary file to be removed")
     assert not board.store.exists(blob)
     del reader
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import FakeClock
 
 from agent.submitting import make_envelope
 from hub.board import Board
@@ -19,14 +20,6 @@ from security.identity import Identity
 from security.records import SignedRecord
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def manifest(n: int = 1, retries: int = 2, **spec: Any) -> Manifest:
     return Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "t"},
                                "spec": {"task": "sleep", "sweep": {"seconds": [0.0] * n},
@@ -36,7 +29,7 @@ def manifest(n: int = 1, retries: int = 2, **spec: Any) -> Manifest:
 class Fixture:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.clock = Clock()
+        self.clock = FakeClock(1_000_000.0)
         self.config = HubConfig(lease_ttl_s=10, retry_backoff_s=0, expiry_interval_s=3600)
         self.board = Board(SqliteStore(tmp / "b.db"), self.config, self.clock)
         self.user = Identity.generate()

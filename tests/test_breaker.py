@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from helpers import FakeClock
 
 from agent.breaker import Breaker, BreakerState
 from agent.client import BoardClient
@@ -13,15 +14,8 @@ from security.identity import Identity
 from security.tls import BoardAddress
 
 
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_breaker_opens_probes_and_backs_off() -> None:
-    clock = Clock()
+    clock = FakeClock()
     b = Breaker(threshold=3, cooldown_s=2, max_cooldown_s=8, clock=clock, name="board")
     for _ in range(3):
         assert b.allow()

@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -50,9 +49,7 @@ def test_real_detection_on_this_machine() -> None:
 
 def test_measured_gflops_are_cached_and_rebench_measures_again(tmp_path: Path) -> None:
     cache = tmp_path / "caps" / "bench.json"
-    t0 = time.perf_counter()
     first = detect(cache_path=cache)
-    assert time.perf_counter() - t0 < 5
     assert first["cpu"]["gflops_fp32"] > 0
     doc = json.loads(cache.read_text())
     assert doc["results"]["cpu"]["gflops_fp32"] == first["cpu"]["gflops_fp32"]

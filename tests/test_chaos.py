@@ -14,14 +14,13 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Procs, panal
+from helpers import AGENT_START_S, scaled, wait_for
 
 from agent.client import BoardClient
 from agent.submitting import make_envelope, submit
@@ -31,10 +30,14 @@ from security.identity import Identity
 from security.records import SignedRecord
 from security.tls import BoardAddress
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+#: Each test starts a hub and agents as processes (an agent imports torch twice before it leases): on a
+#: loaded machine that alone takes tens of seconds, beyond the default per-test timeout (a hang detector).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(scaled(300))]
 
 #: a hub for chaos: fast expiry sweeps, short long-polls and drains (teardown stays quick)
 HUB_ENV = {"PANAL_HUB_EXPIRY_INTERVAL_S": "0.2", "PANAL_HUB_MAX_POLL_WAIT_S": "5", "PANAL_HUB_DRAIN_TIMEOUT_S": "1"}
+#: a probe that calls the hub while it is down (killed, restarting) raises this: not yet, try again
+HUB_DOWN = (PanalError,)
 
 
 def free_port() -> int:
@@ -45,20 +48,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll until ``predicate`` returns something truthy; PanalError (hub down) counts as not yet."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except PanalError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Hub:
@@ -132,7 +121,9 @@ def start_agent(procs: Procs, tmp: Path, url: str, name: str, *extra: str) -> su
     if not (home / "boards.yaml").exists():
         panal("agent", "join", url, "--name", name, home=home)
     # --no-lan: these scenarios are about the WAN hub; LAN peers (other tests' agents on this machine) stay out.
-    return procs.start("agent", "run", "--name", name, "--drain", "1", "--no-lan", *extra, home=home)
+    # They run only `sleep` tasks: the warm worker need not import torch (a slow start on a loaded machine).
+    return procs.start("agent", "run", "--name", name, "--drain", "1", "--no-lan", *extra, home=home,
+                       PANAL_WORKER_PRELOAD="0")
 
 
 def agent_id(tmp: Path, name: str) -> str:
@@ -154,14 +145,18 @@ def test_hub_kill_9_mid_job_agents_reconnect_and_every_task_is_done_once(tmp_pat
     def mid_job() -> bool:
         states = Counter(t["state"] for t in hub.job(job_id)["task_list"])
         return states["done"] >= 2 and states["leased"] >= 1
-    wait_for(mid_job, 45, "the job to be under way")
+    wait_for(mid_job, "the job to be under way", timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
     hub.kill()                      # with leases out and results in flight
-    time.sleep(1.0)
+    # The agents keep working: a task they held finishes while the hub is down and waits in an outbox.
+    wait_for(lambda: outbox_files(tmp_path, "a1") + outbox_files(tmp_path, "a2"), "a result made while the hub is down",
+             diagnose=procs.logs_text)
     hub.start()                     # same directory, same port: the agents find it by themselves
-    wait_for(lambda: hub.job(job_id)["state"] == "succeeded", 50, "the job to finish after the hub restart")
+    wait_for(lambda: hub.job(job_id)["state"] == "succeeded", "the job to finish after the hub restart",
+             diagnose=procs.logs_text, ignore=HUB_DOWN)
     assert all(a.poll() is None for a in agents), "no agent was restarted: they reconnected on their own"
     hub.assert_done_exactly_once(job_id, n)
-    wait_for(lambda: not outbox_files(tmp_path, "a1") + outbox_files(tmp_path, "a2"), 20, "the outboxes to drain")
+    wait_for(lambda: not outbox_files(tmp_path, "a1") + outbox_files(tmp_path, "a2"), "the outboxes to drain",
+             diagnose=procs.logs_text)
 
 
 def test_frozen_agent_loses_its_lease_and_its_late_result_is_rejected(tmp_path: Path, procs: Procs) -> None:
@@ -172,13 +167,15 @@ def test_frozen_agent_loses_its_lease_and_its_late_result_is_rejected(tmp_path: 
     hub.start()
     frozen = start_agent(procs, tmp_path, hub.url, "frozen")
     job_id = hub.submit(1, seconds=2.0)
-    wait_for(lambda: hub.job(job_id)["task_list"][0]["state"] == "leased", 45, "the frozen agent to lease the task")
+    wait_for(lambda: hub.job(job_id)["task_list"][0]["state"] == "leased", "the frozen agent to lease the task",
+             timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
     assert psutil.Process(frozen.pid).children(), "the task runs in a worker process"
     # Freeze the daemon only: its worker finishes the task, but nobody heartbeats or reports it.
     frozen.send_signal(signal.SIGSTOP)
     try:
         start_agent(procs, tmp_path, hub.url, "rescuer")
-        wait_for(lambda: hub.job(job_id)["state"] == "succeeded", 50, "the rescuer to finish the task")
+        wait_for(lambda: hub.job(job_id)["state"] == "succeeded", "the rescuer to finish the task",
+                 timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
     finally:
         frozen.send_signal(signal.SIGCONT)
     [task] = hub.job(job_id)["task_list"]
@@ -190,10 +187,11 @@ def test_frozen_agent_loses_its_lease_and_its_late_result_is_rejected(tmp_path: 
     # one depends on which timer fires first after SIGCONT. Either way it is never counted twice.
     log = next((tmp_path / "logs").glob("*-agent-frozen.log"))
     wait_for(lambda: "rejected the result of task" in log.read_text() or "no longer leased to us" in log.read_text(),
-             30, "the late result to be rejected or dropped")
+             "the late result to be rejected or dropped", diagnose=procs.logs_text)
     if "rejected the result of task" in log.read_text():
         assert hub.call("GET", "/v1/status")["stats"].get("results_rejected", 0) >= 1
-    wait_for(lambda: not outbox_files(tmp_path, "frozen"), 10, "the rejected result to leave the outbox")
+    wait_for(lambda: not outbox_files(tmp_path, "frozen"), "the rejected result to leave the outbox",
+             diagnose=procs.logs_text)
     hub.assert_done_exactly_once(job_id, 1)  # still exactly one
     assert frozen.poll() is None
 
@@ -205,19 +203,23 @@ def test_results_made_while_the_hub_is_down_survive_an_agent_restart_in_the_outb
     hub.start()
     agent = start_agent(procs, tmp_path, hub.url, "keeper")
     job_id = hub.submit(1, seconds=2.0)
-    wait_for(lambda: hub.job(job_id)["task_list"][0]["state"] == "leased", 45, "the agent to lease the task")
+    wait_for(lambda: hub.job(job_id)["task_list"][0]["state"] == "leased", "the agent to lease the task",
+             timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
     hub.kill()
-    [kept] = wait_for(lambda: outbox_files(tmp_path, "keeper"), 30, "the finished result in the outbox")
+    [kept] = wait_for(lambda: outbox_files(tmp_path, "keeper"), "the finished result in the outbox",
+                      diagnose=procs.logs_text)
     agent.send_signal(signal.SIGKILL)   # the agent dies too, with the result undelivered
     agent.wait()
     assert outbox_files(tmp_path, "keeper") == [kept]
     hub.start()
     start_agent(procs, tmp_path, hub.url, "keeper")
-    wait_for(lambda: hub.job(job_id)["state"] == "succeeded", 45, "the outbox to deliver")
+    wait_for(lambda: hub.job(job_id)["state"] == "succeeded", "the restarted agent's outbox to deliver",
+             timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
     [row] = hub.assert_done_exactly_once(job_id, 1)
     assert row["agent"] == agent_id(tmp_path, "keeper")
     assert hub.rows("SELECT attempt FROM results WHERE job_id = ?", job_id) == [(1,)]  # delivered, not re-run
-    wait_for(lambda: not outbox_files(tmp_path, "keeper"), 10, "the outbox entry to be deleted after the ack")
+    wait_for(lambda: not outbox_files(tmp_path, "keeper"), "the outbox entry to be deleted after the ack",
+             diagnose=procs.logs_text)
 
 
 def test_duplicate_delivery_storm_counts_once_even_across_a_hub_restart(tmp_path: Path, procs: Procs) -> None:

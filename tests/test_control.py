@@ -1,4 +1,4 @@
-"""The local control socket: a real unix socket, the sync client, and the click commands."""
+"""The local control socket: a real unix socket served by the real agent daemon, the client, the click commands."""
 
 from __future__ import annotations
 
@@ -8,55 +8,56 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import InProcessHub
+from helpers import wait_for_async
 
+from agent.client import BoardClient
 from agent.control import AgentNotRunning, ControlError, ControlServer, control_request, default_socket_path
 from agent.control_cli import parse_duration, pause_command, resume_command, status_command
-from agent.pause_rules import PauseRules
-from agent.preferences import Preferences
+from agent.daemon import Daemon, DaemonSettings
+from agent.home import AgentHome
+from agent.submitting import make_envelope, submit
+from jobs.manifest import Manifest
+from security.identity import Identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Load:
-    def owner_cpu_percent(self) -> float:
-        return 0.0
-
-    def seconds_since_input(self) -> float | None:
-        return None
-
-    def on_battery(self) -> bool | None:
-        return None
+@pytest.fixture
+def daemon(tmp_path: Path) -> Daemon:
+    """The agent's real daemon (not started): its status, pause and resume are what the socket serves."""
+    home = AgentHome(tmp_path / "home")
+    home.ensure()
+    (home.root / "prefs.yaml").write_text("pause_on_battery: false\n")  # this machine's power must not pause it
+    return Daemon(home, [], DaemonSettings(drain_s=0), allow_no_board=True)
 
 
-class Handler:
-    """What the agent daemon will expose: pause rules plus a task list."""
-
-    def __init__(self) -> None:
-        self.rules = PauseRules(Preferences(), Load())
-        self.calls: list[tuple[str, Any]] = []
-        self.fail_status = False
-
-    def status(self) -> dict[str, Any]:
-        if self.fail_status:
-            raise RuntimeError("status broke")
-        paused, reason = self.rules.evaluate()
-        return {"state": "paused" if paused else "running", "paused": paused, "reason": reason,
-                "tasks": [{"id": "t-1", "kind": "matmul", "progress": 0.25, "board": "https://hub:8747"}],
-                "boards": [{"url": "https://hub:8747", "breaker": "closed"}], "slots_free": 0}
-
-    def pause(self, for_s: float | None, reason: str) -> None:
-        self.calls.append(("pause", (for_s, reason)))
-        self.rules.pause(for_s, reason)
-
-    def resume(self) -> None:
-        self.calls.append(("resume", None))
-        self.rules.resume()
+@pytest.fixture
+async def busy(daemon: Daemon, hub: InProcessHub, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Daemon]:
+    """The daemon running a real ``sleep`` task (in its warm worker) that it leased from a real board."""
+    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")  # a sleep worker needs no torch
+    assert hub.server is not None and hub.address is not None
+    user = Identity.generate()
+    await hub.server.add_submitter(user.public, "user")
+    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "long"},
+                                   "spec": {"task": "sleep", "params": {"seconds": 3600}}})
+    async with BoardClient(hub.address, user) as client:
+        await submit(client, make_envelope(user, manifest))
+    daemon.add_board(hub.address)
+    try:
+        await wait_for_async(lambda: [t for t in daemon.status()["tasks"] if t["progress"] > 0],
+                             "the daemon to lease the task and run it")
+        yield daemon
+    finally:
+        await daemon.shutdown()
 
 
 def sock_path(tmp_path: Path) -> Path:
@@ -77,9 +78,9 @@ async def raw(path: Path, line: bytes) -> dict[str, Any]:
     return dict(json.loads(answer))
 
 
-async def test_socket_is_private_and_removed_on_close(tmp_path: Path) -> None:
+async def test_socket_is_private_and_removed_on_close(tmp_path: Path, daemon: Daemon) -> None:
     path = sock_path(tmp_path)
-    async with ControlServer(path, Handler()):
+    async with ControlServer(path, daemon):
         mode = path.stat().st_mode
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(mode) == 0o600
@@ -88,44 +89,50 @@ async def test_socket_is_private_and_removed_on_close(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-async def test_pause_resume_status_round_trip(tmp_path: Path) -> None:
+async def test_pause_resume_status_round_trip(tmp_path: Path, daemon: Daemon) -> None:
     path = sock_path(tmp_path)
-    handler = Handler()
-    async with ControlServer(path, handler):
+    async with ControlServer(path, daemon):
         status = await request(path, "status")
-        assert status["state"] == "running" and status["tasks"][0]["progress"] == 0.25
+        assert (status["state"], status["paused"], status["tasks"]) == ("idle", False, [])
+        assert (status["slots"], status["free_slots"], status["agent_id"]) == (1, 1, daemon.identity.id)
+        before = datetime.now().astimezone()
         paused = await request(path, "pause", for_s=7200, reason="gaming")
-        assert paused["paused"] and paused["reason"].startswith("gaming (until ")
-        assert handler.calls == [("pause", (7200.0, "gaming"))]
+        after = datetime.now().astimezone()
+        assert paused["state"] == "paused" and paused["reason"].startswith("gaming (until ")
+        until = datetime.fromisoformat(paused["paused_until"])
+        assert before + timedelta(hours=2) <= until <= after + timedelta(hours=2)
         assert (await request(path, "status"))["paused"]
         resumed = await request(path, "resume")
-        assert resumed["state"] == "running"
+        assert (resumed["state"], resumed["paused"], resumed["paused_until"]) == ("idle", False, None)
         forever = await request(path, "pause", for_s=None)
-        assert "panal agent resume" in forever["reason"]
-        assert handler.calls[-1] == ("pause", (None, "paused by the owner"))
+        assert forever["reason"] == "paused by the owner (until `panal agent resume`)"
+        assert forever["paused_until"] is None
 
 
-async def test_bad_requests_get_clear_errors_and_the_server_lives_on(tmp_path: Path) -> None:
+async def test_bad_requests_get_clear_errors_and_the_server_lives_on(tmp_path: Path, daemon: Daemon) -> None:
     path = sock_path(tmp_path)
-    handler = Handler()
-    async with ControlServer(path, handler):
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("status broke")
+
+    async with ControlServer(path, daemon):
         assert await raw(path, b"not json\n") == {"ok": False, "error": "request is not JSON"}
         assert "unknown op 'reboot'" in (await raw(path, b'{"op": "reboot"}\n'))["error"]
         assert "positive number" in (await raw(path, b'{"op": "pause", "for_s": -5}\n'))["error"]
         assert "positive number" in (await raw(path, b'{"op": "pause", "for_s": "2h"}\n'))["error"]
         with pytest.raises(ControlError, match="unknown op 'nope'"):
             await request(path, "nope")
-        handler.fail_status = True
+        daemon.status_extras.append(broken)  # an extension (LAN mode adds one) that fails
         with pytest.raises(ControlError, match="the agent failed to handle 'status': status broke"):
             await request(path, "status")
-        handler.fail_status = False
+        daemon.status_extras.remove(broken)
         too_big = b'{"op": "status", "pad": "' + b"x" * 100_000 + b'"}\n'
         assert (await raw(path, too_big))["error"] == "request too large"
-        assert (await request(path, "status"))["state"] == "running"
-        assert handler.calls == []
+        status = await request(path, "status")
+        assert (status["state"], status["paused"]) == ("idle", False)  # no bad request paused it
 
 
-async def test_no_agent_running_is_a_clear_error(tmp_path: Path) -> None:
+async def test_no_agent_running_is_a_clear_error(tmp_path: Path, daemon: Daemon) -> None:
     path = sock_path(tmp_path)
     with pytest.raises(AgentNotRunning, match=r"no agent is running .*panal agent run"):
         await request(path, "status")
@@ -137,39 +144,41 @@ async def test_no_agent_running_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(AgentNotRunning):
         await request(path, "status")
     # ...and a new agent replaces it.
-    async with ControlServer(path, Handler()):
-        assert (await request(path, "status"))["state"] == "running"
+    async with ControlServer(path, daemon):
+        assert (await request(path, "status"))["agent_id"] == daemon.identity.id
 
 
-async def test_a_second_agent_on_the_same_socket_is_refused(tmp_path: Path) -> None:
+async def test_a_second_agent_on_the_same_socket_is_refused(tmp_path: Path, daemon: Daemon) -> None:
     path = sock_path(tmp_path)
-    async with ControlServer(path, Handler()):
+    async with ControlServer(path, daemon):
         with pytest.raises(ControlError, match="another agent is already running"):
-            await ControlServer(path, Handler()).start()
-        assert (await request(path, "status"))["state"] == "running"  # the first one is untouched
+            await ControlServer(path, daemon).start()
+        assert (await request(path, "status"))["agent_id"] == daemon.identity.id  # the first one is untouched
 
 
-async def test_too_long_a_socket_path_is_explained(tmp_path: Path) -> None:
+async def test_too_long_a_socket_path_is_explained(tmp_path: Path, daemon: Daemon) -> None:
     path = tmp_path / ("d" * 120) / "agent.sock"
     with pytest.raises(ControlError, match="too long for a unix socket"):
-        await ControlServer(path, Handler()).start()
+        await ControlServer(path, daemon).start()
     with pytest.raises(ControlError, match="set PANAL_HOME to a shorter directory"):
         control_request(path, "status")
 
 
-async def test_cli_commands_against_a_running_agent(tmp_path: Path) -> None:
+async def test_cli_commands_against_an_agent_running_a_task(tmp_path: Path, busy: Daemon,
+                                                             hub: InProcessHub) -> None:
     path = sock_path(tmp_path)
-    handler = Handler()
     runner = CliRunner()
-    async with ControlServer(path, handler):
-        result = await asyncio.to_thread(runner.invoke, pause_command, ["--for", "2h", "--socket", str(path)])
-        assert result.exit_code == 0, result.output
-        assert result.output.startswith("paused for 2h")
-        assert handler.calls == [("pause", (7200.0, "paused by the owner"))]
+    assert hub.address is not None
+    async with ControlServer(path, busy):
         result = await asyncio.to_thread(runner.invoke, status_command, ["--socket", str(path)])
         assert result.exit_code == 0, result.output
-        assert "state: paused" in result.output and "t-1" in result.output and "25%" in result.output
-        assert "slots_free: 0" in result.output
+        assert "state: busy" in result.output and "sleep" in result.output
+        assert "free_slots: 0" in result.output  # the one slot is taken by the running task
+        result = await asyncio.to_thread(runner.invoke, pause_command, ["--for", "2h", "--socket", str(path)])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("paused for 2h (paused by the owner (until ")
+        result = await asyncio.to_thread(runner.invoke, status_command, ["--socket", str(path)])
+        assert "state: paused" in result.output and "reason: paused by the owner" in result.output
         result = await asyncio.to_thread(runner.invoke, resume_command, ["--socket", str(path)])
         assert (result.exit_code, result.output) == (0, "resumed\n")
         # A separate process, as a volunteer's shell would run it.
@@ -178,7 +187,11 @@ async def test_cli_commands_against_a_running_agent(tmp_path: Path) -> None:
             "--json", "--socket", str(path), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
         out, _ = await proc.communicate()
         assert proc.returncode == 0
-        assert json.loads(out)["boards"] == [{"url": "https://hub:8747", "breaker": "closed"}]
+        status = json.loads(out)
+        assert (status["state"], status["free_slots"]) == ("busy", 0)
+        assert [(t["kind"], t["board"]) for t in status["tasks"]] == [("sleep", hub.address.url)]
+        assert [(b["url"], b["breaker"], b["registered"]) for b in status["boards"]] == [
+            (hub.address.url, "closed", True)]
 
 
 def test_cli_without_an_agent_says_so_without_a_traceback(tmp_path: Path) -> None:
@@ -214,9 +227,9 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert default_socket_path() == tmp_path / "data" / "panal" / "agent.sock"
 
 
-async def test_a_world_writable_directory_is_refused(tmp_path: Path) -> None:
+async def test_a_world_writable_directory_is_refused(tmp_path: Path, daemon: Daemon) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
     with pytest.raises(ControlError, match="writable by every user"):
-        await ControlServer(shared / "agent.sock", Handler()).start()
+        await ControlServer(shared / "agent.sock", daemon).start()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import FakeClock
 
 from agent.submitting import make_envelope
 from hub.board import Board
@@ -39,17 +40,9 @@ A100 = gpu_caps("A100", 40, 19_500)
 GTX1060 = gpu_caps("GTX 1060", 6, 4_400)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Hub:
     def __init__(self, tmp: Path, policy: str, **config: Any) -> None:
-        self.clock = Clock()
+        self.clock = FakeClock(1_000_000.0)
         self.board = Board(SqliteStore(tmp / "b.db"),
                            HubConfig(dispatch_policy=policy, retry_backoff_s=0, expiry_interval_s=3600, **config),
                            self.clock)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+from helpers import FakeClock
+
 from agent.kind_health import KindHealth
 
 
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_machine_failures_disable_a_kind_until_the_cooldown_then_a_probe_decides() -> None:
-    clock = Clock()
+    clock = FakeClock()
     health = KindHealth(threshold=3, cooldown_s=60, clock=clock)
     kinds = ["matmul", "conv2d"]
     assert not health.record("conv2d", False, "crashed", "SIGSEGV")
@@ -33,7 +28,7 @@ def test_machine_failures_disable_a_kind_until_the_cooldown_then_a_probe_decides
 
 
 def test_timeouts_and_successes_of_other_kinds_do_not_disable() -> None:
-    health = KindHealth(threshold=2, cooldown_s=60, clock=Clock())
+    health = KindHealth(threshold=2, cooldown_s=60, clock=FakeClock())
     for _ in range(5):
         health.record("sleep", False, "timeout", "too slow")
         health.record("matmul", True, None, None)

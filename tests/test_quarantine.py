@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import FakeClock
 
 from agent.submitting import make_envelope
 from hub.board import Board
@@ -23,14 +24,6 @@ from security.records import SignedRecord
 
 CPU_SMALL = {"kinds": ["sleep"], "memory_gb": 4}
 CPU_BIG = {"kinds": ["sleep"], "memory_gb": 32}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def manifest(n: int, retries: int = 9, **spec: Any) -> Manifest:
@@ -52,7 +45,7 @@ def quarantine_of(board: Board) -> Quarantine:
 
 class Fleet:
     def __init__(self, tmp: Path, **settings: Any) -> None:
-        self.clock = Clock()
+        self.clock = FakeClock(1_000_000.0)
         self.config = HubConfig(lease_ttl_s=10, retry_backoff_s=0, expiry_interval_s=3600, quarantine_window=6,
                                 quarantine_min_attempts=4, quarantine_failure_ratio=0.75, quarantine_base_s=60,
                                 quarantine_max_s=200, **settings)
@@ -192,10 +185,10 @@ async def test_agent_that_keeps_losing_its_leases_is_quarantined(fleet: Fleet) -
 
 async def test_quarantine_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="quarantine_failure_ratio"):
-        Quarantine(HubConfig(quarantine_failure_ratio=1.5), Clock())
+        Quarantine(HubConfig(quarantine_failure_ratio=1.5), FakeClock(1_000_000.0))
     with pytest.raises(BadRequest, match="quarantine_min_attempts"):
-        Quarantine(HubConfig(quarantine_window=3, quarantine_min_attempts=5), Clock())
-    off = Quarantine(HubConfig(quarantine_window=0), Clock())
+        Quarantine(HubConfig(quarantine_window=3, quarantine_min_attempts=5), FakeClock(1_000_000.0))
+    off = Quarantine(HubConfig(quarantine_window=0), FakeClock(1_000_000.0))
     assert not off.enabled and off.snapshot() == []
     config = HubConfig.load(tmp_path / "none.yaml", env={"PANAL_HUB_QUARANTINE_BASE_S": "5"})
     assert config.quarantine_base_s == 5.0 and config.quarantine_max_s == 3600.0
