@@ -202,8 +202,10 @@ def test_results_made_while_the_hub_is_down_survive_an_agent_restart_in_the_outb
     hub = Hub(procs, tmp_path, user, PANAL_HUB_LEASE_TTL_S="30")
     hub.start()
     agent = start_agent(procs, tmp_path, hub.url, "keeper")
-    job_id = hub.submit(1, seconds=2.0)
-    wait_for(lambda: hub.job(job_id)["task_list"][0]["state"] == "leased", "the agent to lease the task",
+    job_id = hub.submit(1, seconds=12.0)
+    # "leased" on the hub is not enough: the lease reply may still be on its way when the hub dies.
+    # Progress arrives by heartbeat (every TTL/4 = 7.5 s), so the agent is surely running the task.
+    wait_for(lambda: hub.job(job_id)["task_list"][0]["progress"] > 0, "the agent to report progress on the task",
              timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
     hub.kill()
     [kept] = wait_for(lambda: outbox_files(tmp_path, "keeper"), "the finished result in the outbox",

@@ -199,7 +199,7 @@ def test_service_dry_run_from_the_wheel_renders_the_systemd_unit(venv: Venv) -> 
     out = _ok(venv.panal("agent", "service", "install", "--user", "--dry-run")).stdout
     unit = venv.work / "home" / ".config" / "systemd" / "user" / "panal-agent.service"
     assert f"--- write {unit}" in out
-    assert f"ExecStart={venv.root / 'bin' / 'python'} -m agent agent run" in out
+    assert f"ExecStart={venv.root / 'bin' / 'python'} -m panal_launch agent run" in out
     assert "[Service]" in out and "[Install]" in out and "${" not in out
     assert not unit.exists()  # a dry run writes nothing
 
