@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from agent.cli_common import plain
 from agent.control import control_request, default_socket_path
 from security.errors import PanalError
 
@@ -64,7 +65,7 @@ def render_status(status: dict[str, Any]) -> None:
     shown = {"state", "paused", "reason", "paused_until", "tasks", "boards"}
     state = status.get("state") or ("paused" if status.get("paused") else "running")
     colour = "yellow" if status.get("paused") or state == "paused" else "green"
-    console.print(f"state: [{colour}]{state}[/{colour}]")
+    console.print(f"state: [{colour}]{plain(state)}[/{colour}]")
     if status.get("reason"):
         console.print(f"reason: {status['reason']}", highlight=False, markup=False)
     if status.get("paused_until"):
@@ -73,8 +74,8 @@ def render_status(status: dict[str, Any]) -> None:
     if tasks:
         table = Table("task", "kind", "progress", "board", title="current tasks")
         for t in tasks:
-            table.add_row(str(t.get("id", "")), str(t.get("kind", "")), _progress(t.get("progress")),
-                          str(t.get("board", "")))
+            table.add_row(plain(t.get("id", "")), plain(t.get("kind", "")), _progress(t.get("progress")),
+                          plain(t.get("board", "")))
         console.print(table)
     else:
         console.print("no tasks running")
@@ -82,7 +83,7 @@ def render_status(status: dict[str, Any]) -> None:
     if boards:
         table = Table("board", "breaker", title="boards")
         for b in boards:
-            table.add_row(str(b.get("url", "")), str(b.get("breaker", "")))
+            table.add_row(plain(b.get("url", "")), plain(b.get("breaker", "")))
         console.print(table)
     for key, value in status.items():
         if key not in shown:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import ROOT, InProcessHub, Procs, panal
 
 from agent.client import BoardClient
+from agent.control_cli import render_status
 from agent.home import AgentHome
 from agent.lan_cli import peers_command
 from agent.submitting import make_envelope, submit
@@ -89,6 +90,14 @@ def test_peer_announcements_with_brackets_show_verbatim_in_panal_peers(tmp_path:
     result = CliRunner().invoke(peers_command, [], obj={"home": tmp_path, "peers": lambda: [peer]})
     assert result.exit_code == 0, result.output
     assert "[bold]mallory[/bold]" in result.output and "cpu,[red]gpu" in result.output
+
+
+def test_agent_status_shows_task_and_board_text_with_brackets_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    render_status({"state": "busy", "tasks": [{"id": "t1", "kind": "k[bold]x", "progress": 0.5,
+                                               "board": "https://h/[red]"}],
+                   "boards": [{"url": "https://b/[1]", "breaker": "closed"}]})
+    out = capsys.readouterr().out
+    assert "k[bold]x" in out and "https://h/[red]" in out and "https://b/[1]" in out
 
 
 def test_agent_set_a_negative_value_is_refused_by_the_preference_check(tmp_path: Path) -> None:
