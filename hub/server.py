@@ -7,11 +7,12 @@ import logging
 import ssl
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
 
-from hub.app import create_app
+from hub.app import AUTH_KEY, create_app
 from hub.blobs import BlobStore
 from hub.board import Board
 from hub.config import HubConfig
@@ -53,6 +54,13 @@ class BoardServer:
         self._gc = asyncio.create_task(self._gc_forever(), name="panal-blob-gc")
         return self.port
 
+    async def listen_also(self, host: str) -> None:
+        """Serve on one more address, on the bound port with the same TLS (LAN mode: every allowed
+        address of the machine). ``stop`` closes it with the rest."""
+        assert self._runner is not None, "listen_also before start"
+        site = web.TCPSite(self._runner, host, self.port, ssl_context=self.ssl_context, reuse_address=True)
+        await site.start()
+
     async def collect_garbage(self) -> list[str]:
         """Delete blobs no job references (older than the grace period: uploads in flight stay)."""
         deleted = await self.blobs.gc(await self.board.store.referenced_blobs(), self.config.blob_gc_grace_s)
@@ -71,6 +79,27 @@ class BoardServer:
     async def add_submitter(self, key: PublicKey, name: str) -> None:
         await self.board.store.add_submitter(key.id, key.text(), name)
 
+    async def submitter_ids(self) -> set[str]:
+        """The ids of every key allowed to submit here (from the store, not the cache)."""
+        return {row[0] for row in await self.board.store.list_submitters()}
+
+    async def remove_submitters(self, key_ids: Iterable[str]) -> None:
+        """Stop accepting these keys' submissions, at once: the cache of submitters is refreshed."""
+        removed = False
+        for key_id in key_ids:
+            await self.board.store.remove_submitter(key_id)
+            removed = True
+        if removed:  # the board caches its submitters and re-reads them only for unknown keys
+            await self.app[AUTH_KEY].refresh_submitters(force=True)
+
+    async def drain(self) -> None:
+        """Stop leasing and give running leases time to end (up to drain_timeout_s)."""
+        self.board.leasing = False
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        # Leases end in several ways (result, release, expiry): polling is the simplest honest wait.
+        while time.monotonic() < deadline and any(a.running for a in self.board.agents.values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
     async def stop(self, drain: bool = True) -> None:
         """Stop leasing, give running leases time to finish (up to drain_timeout_s), then close."""
         self.board.leasing = False
@@ -78,10 +107,7 @@ class BoardServer:
             self._gc.cancel()
             await asyncio.gather(self._gc, return_exceptions=True)
         if drain:
-            deadline = time.monotonic() + self.config.drain_timeout_s
-            # Leases end in several ways (result, release, expiry): polling is the simplest honest wait.
-            while time.monotonic() < deadline and any(a.running for a in self.board.agents.values()):  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
+            await self.drain()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -14,8 +14,8 @@ import pytest
 from conftest import InProcessHub
 from helpers import wait_for_async
 
-from agent.client import BoardClient
-from agent.submitting import make_envelope, submit
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
 from hub.metrics import METRICS_KEY
 from jobs.manifest import Manifest
 from security.errors import BadRequest, Conflict, Forbidden, PanalError, PayloadTooLarge, Unauthorized
@@ -194,7 +194,7 @@ async def test_transport_refusals(hub: InProcessHub) -> None:
 
 
 async def test_blob_gc_keeps_what_jobs_reference_and_collects_the_rest(tmp_path: Any) -> None:
-    from agent.submitting import upload_inputs
+    from agent.client.submitting import upload_inputs
 
     hub = InProcessHub(tmp_path, blob_gc_grace_s=0)
     server = await hub.start()
@@ -205,7 +205,7 @@ async def test_blob_gc_keeps_what_jobs_reference_and_collects_the_rest(tmp_path:
             path = tmp_path / f"{name}.bin"
             path.write_bytes(name.encode() * 1000)
             files[name] = path
-        from agent.blobcache import hash_file
+        from agent.client.blobcache import hash_file
 
         shas = {name: hash_file(path)[0] for name, path in files.items()}
         await upload_inputs(sub, [(shas[n], files[n]) for n in files])

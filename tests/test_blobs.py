@@ -17,8 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestServer
 from helpers import wait_for_async
 
-from agent.blobcache import BlobCache, download_blob, response_error
-from agent.blobupload import upload_file
+from agent.client.blobcache import BlobCache, download_blob, response_error
+from agent.client.blobupload import upload_file
 from hub.blob_routes import add_blob_routes
 from hub.blobs import CHUNK_BYTES, BlobStore, digest_header_for
 from security.errors import BadRequest, PanalError, PayloadTooLarge, Unauthorized

@@ -7,8 +7,8 @@ import socket
 import pytest
 from helpers import FakeClock
 
-from agent.breaker import Breaker, BreakerState
-from agent.client import BoardClient
+from agent.client.board import BoardClient
+from agent.client.breaker import Breaker, BreakerState
 from security.errors import Unavailable
 from security.identity import Identity
 from security.tls import BoardAddress

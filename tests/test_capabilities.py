@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from agent.capabilities import ENV_FAKE_CAPS, deep_merge, detect
+from agent.host.capabilities import ENV_FAKE_CAPS, deep_merge, detect
 from jobs.catalog import all_kinds
 from jobs.requirements import Capabilities, Requirements, unmet
 from security.errors import BadRequest
@@ -98,7 +98,7 @@ def test_deep_merge_replaces_lists_and_merges_maps() -> None:
 
 def test_module_prints_the_report_as_json(tmp_path: Path) -> None:
     env_caps = json.dumps({"gpus": [FAKE_GPU]})
-    out = subprocess.run([sys.executable, "-m", "agent.capabilities", "--no-measure"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "agent.host.capabilities", "--no-measure"], capture_output=True,
                          text=True, check=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
                          env={**os.environ, ENV_FAKE_CAPS: env_caps})
     caps = json.loads(out.stdout)

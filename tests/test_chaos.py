@@ -22,8 +22,8 @@ import pytest
 from conftest import Procs, panal
 from helpers import AGENT_START_S, scaled, wait_for
 
-from agent.client import BoardClient
-from agent.submitting import make_envelope, submit
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
 from jobs.manifest import Manifest
 from security.errors import PanalError
 from security.identity import Identity

@@ -13,16 +13,17 @@ import yaml
 from click.testing import CliRunner
 from conftest import ROOT, InProcessHub, Procs, panal
 
-from agent.client import BoardClient
-from agent.control_cli import render_status
-from agent.home import AgentHome
-from agent.lan_cli import peers_command
-from agent.submitting import make_envelope, submit
+from agent.cli.control import render_status
+from agent.cli.lan import peers_command
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
+from agent.host.home import AgentHome
 from jobs.manifest import Manifest
 from security.identity import Identity, PublicKey
 from security.records import SignedRecord
 
-CLI_MODULES = ["cli", "cli_common", "cli_agent", "cli_hub", "cli_jobs", "lan_cli", "service_cli", "control_cli"]
+CLI_MODULES = ["cli", "cli.root", "cli.common", "cli.agent", "cli.hub", "cli.jobs", "cli.lan", "cli.service",
+               "cli.control", "cli.tools"]
 #: what PyTorch says when a tensor does not fit in memory; rich would take the brackets for markup
 TORCH_OOM = ("RuntimeError: [enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
              "not enough memory: you tried to allocate 1099511627776 bytes.")

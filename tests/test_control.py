@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from conftest import InProcessHub
 from helpers import wait_for_async
 
-from agent.client import BoardClient
-from agent.control import AgentNotRunning, ControlError, ControlServer, control_request, default_socket_path
-from agent.control_cli import parse_duration, pause_command, resume_command, status_command
+from agent.cli.control import parse_duration, pause_command, resume_command, status_command
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
 from agent.daemon import Daemon, DaemonSettings
-from agent.home import AgentHome
-from agent.submitting import make_envelope, submit
+from agent.host.home import AgentHome
+from agent.volunteer.control import AgentNotRunning, ControlError, ControlServer, control_request, default_socket_path
 from jobs.manifest import Manifest
 from security.identity import Identity
 
@@ -183,7 +183,7 @@ async def test_cli_commands_against_an_agent_running_a_task(tmp_path: Path, busy
         assert (result.exit_code, result.output) == (0, "resumed\n")
         # A separate process, as a volunteer's shell would run it.
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from agent.control_cli import status_command; status_command()",
+            sys.executable, "-c", "from agent.cli.control import status_command; status_command()",
             "--json", "--socket", str(path), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
         out, _ = await proc.communicate()
         assert proc.returncode == 0

@@ -31,19 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the node runs as
 import netns
 from netns import NetnsLab
 
-from agent.discovery import (
-    SERVICE_TYPE,
-    Announcement,
-    InterfacePolicy,
-    LanAnnouncer,
-    LanBrowser,
-    Peer,
-    PeerEvent,
-    PeerState,
-    PeerTable,
-    open_zeroconf,
-    select_addresses,
-)
+from agent.lan.announce import SERVICE_TYPE, Announcement, LanAnnouncer
+from agent.lan.browse import LanBrowser
+from agent.lan.interfaces import InterfacePolicy, open_zeroconf, select_addresses
+from agent.lan.peers import Peer, PeerEvent, PeerState, PeerTable
 from security.errors import BadRequest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, Procs, panal, start_hub_proc
 from helpers import AGENT_START_S, scaled, wait_for
 
-from agent.client import BoardClient
+from agent.client.board import BoardClient
 from security.identity import Identity
 from security.tls import BoardAddress
 

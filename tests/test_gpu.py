@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import Procs, panal
 
-from agent.bench_device import SMALL
-from agent.capabilities import detect
-from agent.runner import TaskRequest, Worker
+from agent.engine.runner import TaskRequest, Worker
+from agent.host.capabilities import detect
+from agent.tools.bench_device import SMALL
 
 pytestmark = [
     pytest.mark.gpu,

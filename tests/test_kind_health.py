@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helpers import FakeClock
 
-from agent.kind_health import KindHealth
+from agent.daemon.kind_health import KindHealth
 
 
 def test_machine_failures_disable_a_kind_until_the_cooldown_then_a_probe_decides() -> None:

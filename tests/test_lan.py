@@ -255,7 +255,7 @@ def test_sigkilled_agent_leaves_peer_lists_and_its_task_is_redone_by_another(clu
 
 
 def test_lan_settings_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
-    from agent.lan import LanSettings
+    from agent.lan.settings import LanSettings
     from security.errors import BadRequest
 
     config = tmp_path / "agent.yaml"

@@ -10,8 +10,8 @@ import pytest
 from conftest import InProcessHub
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.client import BoardClient
-from agent.submitting import make_envelope, submit
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
 from hub.board import AgentState
 from jobs.manifest import Manifest
 from security.errors import Conflict

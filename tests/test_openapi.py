@@ -13,7 +13,7 @@ import jsonschema
 from conftest import InProcessHub
 from test_status_page import GPU_CAPS, agent, run_one, sleep_job, submitter
 
-from agent.submitting import make_envelope, submit
+from agent.client.submitting import make_envelope, submit
 from hub.openapi import SPEC
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.pause_rules import PauseRules, SystemLoad
-from agent.preferences import (
+from agent.volunteer.pause_rules import PauseRules, SystemLoad
+from agent.volunteer.preferences import (
     PreferenceError,
     Preferences,
     PreferencesFile,

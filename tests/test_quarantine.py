@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from helpers import FakeClock
 
-from agent.submitting import make_envelope
+from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
 from hub.dispatch.memory_hint import MemoryAware, MemoryHint

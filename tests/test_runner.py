@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.runner import TaskRequest, Worker
+from agent.engine.runner import TaskRequest, Worker
 
 ENV = {"PANAL_TEST_KINDS": "1", "PANAL_WORKER_PRELOAD": "0"}
 

@@ -28,23 +28,10 @@ import pytest
 import yaml
 
 from agent.cli import main as cli_main
-from agent.preferences import Preferences
-from agent.service import (
-    Action,
-    Command,
-    FileWrite,
-    Platform,
-    Scope,
-    ServiceError,
-    ServicePlan,
-    ServiceTarget,
-    agent_argv,
-    execute,
-    plan,
-    render_launchd_plist,
-    render_systemd_unit,
-    render_windows_task,
-)
+from agent.host.service import Action, Command, FileWrite, ServicePlan, execute, plan
+from agent.host.service_target import Platform, Scope, ServiceError, ServiceTarget, agent_argv
+from agent.host.service_units import render_launchd_plist, render_systemd_unit, render_windows_task
+from agent.volunteer.preferences import Preferences
 from hub.config import HubConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,8 +23,8 @@ from conftest import InProcessHub
 from playwright.async_api import Browser, Page, async_playwright, expect
 from system_needs import require_system
 
-from agent.client import BoardClient
-from agent.submitting import make_envelope, submit
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
 from hub import status_page
 from jobs.manifest import Manifest
 from security.identity import Identity

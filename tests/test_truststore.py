@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lan_cli import register, render_peers
+from agent.cli.lan import register, render_peers
 from security.errors import BadRequest, Conflict, NotFound
 from security.identity import Identity
 from security.truststore import TrustStore

@@ -146,7 +146,7 @@ def package_data_files() -> list[str]:
 def test_wheel_ships_every_data_file_of_the_packages(built: Built) -> None:
     names = set(zipfile.ZipFile(built.wheel).namelist())
     data = package_data_files()
-    assert {"agent/service_templates/panal-agent.service", "hub/static/index.html"} <= set(data)
+    assert {"agent/host/service_templates/panal-agent.service", "hub/static/index.html"} <= set(data)
     assert [f for f in data if f not in names] == []
     assert "panal_launch.py" in names and "hub/dispatch/__init__.py" in names
 

@@ -1,0 +1,118 @@
+"""The root ``panal`` group: the top-level commands (validate, schema, keys, config), and the others mounted.
+
+Friendly errors (never a traceback), ``--json`` on listings. What the command modules share lives in
+:mod:`agent.cli.common`, which they import instead of this module.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.cli.agent import agent, up
+from agent.cli.common import PanalGroup, home, print_json, setup_logging
+from agent.cli.hub import hub
+from agent.cli.jobs import COMMANDS as JOB_COMMANDS
+from agent.cli.lan import register as register_lan
+from agent.cli.tools import bench, demo
+from jobs.manifest import load_manifests, manifest_schema
+from security.errors import PanalError
+from security.tls import BoardAddress
+
+__all__ = ["main"]
+
+
+@click.group(cls=PanalGroup)
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="panal")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """panal: lend your GPUs and CPUs, or submit PyTorch work to machines that can run it."""
+    setup_logging(verbose)
+    ctx.obj = {"home": home().root, "peers": _peers}
+
+
+def _peers() -> list[dict[str, Any]]:
+    """Discovered LAN peers, as the running agent sees them (through its control socket)."""
+    from agent.volunteer.control import control_request, default_socket_path
+
+    status = control_request(default_socket_path(), "status")
+    peers: list[dict[str, Any]] = status.get("peers", [])
+    return peers
+
+
+# -- manifests -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate(files: tuple[Path, ...]) -> None:
+    """Check manifests without submitting them."""
+    problems = 0
+    for path in files:
+        try:
+            manifests = load_manifests(path)
+        except PanalError as exc:
+            click.echo(exc.message, err=True)
+            problems += 1
+            continue
+        for m in manifests:
+            click.echo(f"{path}: {m.name}: ok ({m.kind}, {m.n_tasks} task{'s' if m.n_tasks != 1 else ''})")
+    if problems:
+        sys.exit(1)
+
+
+@main.command()
+def schema() -> None:
+    """Print the manifest JSON Schema (for editors: VS Code YAML, etc.)."""
+    print_json(manifest_schema())
+
+
+@main.group(cls=PanalGroup)
+def keys() -> None:
+    """Your submitter key."""
+
+
+@keys.command("show")
+def keys_show() -> None:
+    """Print your public key (for a board admin: `panal hub submitters add KEY`; a LAN agent: `panal trust add KEY`)."""
+    identity = home().user_identity()
+    click.echo(identity.public.text())
+
+
+@keys.command("export")
+@click.argument("file", type=click.Path(path_type=Path), required=False)
+def keys_export(file: Path | None) -> None:
+    """Write your public key to FILE (or stdout), to send to a board admin or a LAN trust store."""
+    text = home().user_identity().public.text() + "\n"
+    if file is None:
+        click.echo(text, nl=False)
+    else:
+        file.write_text(text)
+        click.echo(f"wrote {file}", err=True)
+
+
+@main.group(cls=PanalGroup, name="config")
+def config_group() -> None:
+    """Client settings (which board `panal submit` talks to)."""
+
+
+@config_group.command("set")
+@click.argument("key", type=click.Choice(["hub"]))
+@click.argument("value")
+def config_set(key: str, value: str) -> None:
+    """Set a client setting, e.g. `panal config set hub JOIN_URL`."""
+    BoardAddress.parse(value)
+    home().set_client(key, value)
+    click.echo(f"{key} = {value}")
+
+
+main.add_command(hub)
+main.add_command(agent)
+main.add_command(up)
+main.add_command(bench)
+main.add_command(demo)
+for _command in JOB_COMMANDS:
+    main.add_command(_command)
+register_lan(main)

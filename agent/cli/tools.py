@@ -1,0 +1,82 @@
+"""``panal demo`` and ``panal bench device|chaos|policies|dispatch``: the tools in :mod:`agent.tools`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.cli.common import PanalGroup, print_json
+
+__all__ = ["bench", "demo"]
+
+
+@click.command()
+@click.option("--keep", is_flag=True, help="Keep the demo directory (.demo/) afterwards.")
+def demo(keep: bool) -> None:
+    """Start a hub and two agents here, submit the matmul example, print verified results."""
+    from agent.tools.demo import run_demo
+
+    raise SystemExit(run_demo(keep))
+
+
+@click.group(cls=PanalGroup)
+def bench() -> None:
+    """Benchmarks (figures for notes; never asserted in tests)."""
+
+
+@bench.command("device")
+@click.option("--chart", type=click.Path(path_type=Path), default=Path("bench-device.png"), show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_device(chart: Path, repeats: int, as_json: bool) -> None:
+    """Each kind on each device here (CPU vs GPU), engine overhead, warm and cold start-up; a PNG chart."""
+    from agent.tools.bench_device import run_device_bench
+
+    _print_result(run_device_bench(chart, repeats), as_json)
+
+
+@bench.command("chaos")
+@click.option("--minutes", type=float, default=5.0, show_default=True)
+@click.option("--agents", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def bench_chaos(minutes: float, agents: int, seed: int | None, as_json: bool) -> None:
+    """A soak: random SIGKILL/SIGSTOP of agents and kill -9 of the hub under a stream of jobs; then
+    checks every task was done exactly once and every signature verifies."""
+    from agent.tools.bench_chaos import run_chaos_bench
+
+    _print_result(run_chaos_bench(minutes, agents, seed=seed), as_json)
+
+
+@bench.command("policies")
+@click.option("--policy", "policies", multiple=True, help="Policies to compare (default: all).")
+@click.option("--seed", type=int, default=1, show_default=True)
+def bench_policies(policies: tuple[str, ...], seed: int) -> None:
+    """Simulate a mixed fleet (A100s, RX 580s, GTX 1060s, laptops) under each dispatch policy."""
+    from hub.dispatch import POLICIES
+    from hub.dispatch.simulate import format_table, run_simulation
+
+    click.echo(format_table(run_simulation(list(policies) or sorted(POLICIES), seed)))
+
+
+@bench.command("dispatch")
+@click.option("--agents", type=int, default=50, show_default=True)
+@click.option("--tasks", type=int, default=20_000, show_default=True)
+@click.option("--slots", type=int, default=8, show_default=True, help="Slots per simulated agent.")
+@click.option("--latency-samples", type=int, default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as_json: bool) -> None:
+    """A real hub (TLS, signatures) and N simulated agents running `sleep 0` tasks."""
+    from agent.tools.bench_dispatch import run_dispatch_bench
+
+    _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples), as_json)
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    for key, value in result.items():
+        click.echo(f"{key}: {value}")

@@ -1,0 +1,178 @@
+"""A signed, pinned, retrying HTTP client for one board.
+
+Every call is signed (RFC 9421) with a fresh nonce per attempt, goes over TLS pinned to the
+board's certificate fingerprint (or plain HTTP to loopback), is retried by tenacity on connection
+errors, 5xx and 429 (exponential backoff with full jitter, ``Retry-After`` honoured, capped total
+time), and passes through the board's circuit breaker. Errors come back as :class:`PanalError`
+leaves rebuilt from the board's error body, so callers and the CLI see the board's own message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay
+
+from agent.client.breaker import Breaker
+from jobs.wire import MSGPACK, decode_body, encode_body
+from security.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PanalError,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from security.httpsig import sign_request
+from security.identity import Identity
+from security.tls import BoardAddress
+
+__all__ = ["BoardClient", "HealthListener", "error_from_response"]
+
+log = logging.getLogger(__name__)
+_BY_STATUS: dict[int, type[PanalError]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
+                                          409: Conflict, 413: PayloadTooLarge}
+#: Told the outcome of every call that reached the breaker: True when the board answered (even with an
+#: error), False when it could not be reached. LAN mode keeps its peer table's liveness with it.
+HealthListener = Callable[[bool], None]
+
+
+class RetryLater(Unavailable):
+    """A 5xx/429 or a connection failure: worth another attempt, after ``retry_after_s`` if given."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message, code="unavailable")
+        self.retry_after_s = retry_after_s
+
+
+def error_from_response(status: int, body: Any) -> PanalError:
+    message = body.get("message") if isinstance(body, dict) else None
+    code = body.get("error") if isinstance(body, dict) else None
+    cls = _BY_STATUS.get(status, Unavailable if status >= 500 else BadRequest)
+    return cls(str(message or f"HTTP {status}"), code=str(code) if code else None,
+               details=body.get("details") if isinstance(body, dict) else None)
+
+
+def _wait(state: RetryCallState) -> float:
+    """Full jitter exponential backoff, unless the board said when to come back."""
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, RetryLater) and exc.retry_after_s is not None:
+        return min(exc.retry_after_s, 30.0)
+    return random.uniform(0, min(10.0, 0.1 * 2 ** state.attempt_number))
+
+
+class BoardClient:
+    """Calls to one board as one identity. Use as an async context manager (owns its session)."""
+
+    def __init__(self, address: BoardAddress, identity: Identity, *, insecure: bool = False,
+                 retry_for_s: float = 30.0, breaker: Breaker | None = None, connections: int = 16,
+                 on_health: HealthListener | None = None) -> None:
+        address.check_transport(insecure)
+        self.address = address
+        self.identity = identity
+        self.retry_for_s = retry_for_s
+        self.breaker = breaker or Breaker()
+        self.on_health = on_health
+        ssl_arg: aiohttp.Fingerprint | ssl.SSLContext | bool = True
+        if address.is_tls and address.fingerprint:
+            ssl_arg = aiohttp.Fingerprint(bytes.fromhex(address.fingerprint))
+        self._ssl = ssl_arg
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> BoardClient:
+        self.session()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections)
+            self._session = aiohttp.ClientSession(self.address.url, connector=connector)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def call(self, method: str, path: str, body: Any = None, *, query: str = "",
+                   timeout_s: float = 30.0, retry: bool = True) -> Any:
+        """One logical call: retried while transient, refused at once while the breaker is open."""
+        if not self.breaker.allow():
+            raise Unavailable(f"{self.address.url} is failing; circuit breaker open for another "
+                              f"{self.breaker.retry_in():.0f} s", code="breaker_open")
+        try:
+            if not retry:
+                result = await self._attempt(method, path, body, query, timeout_s)
+            else:
+                result = None
+                async for attempt in AsyncRetrying(retry=retry_if_exception(lambda e: isinstance(e, RetryLater)),
+                                                   wait=_wait, stop=stop_after_delay(self.retry_for_s),
+                                                   reraise=True):
+                    with attempt:
+                        result = await self._attempt(method, path, body, query, timeout_s)
+        except RetryLater:
+            self._heard(answered=False)
+            raise
+        except PanalError:
+            self._heard(answered=True)  # the board answered: it is alive, the request was wrong
+            raise
+        self._heard(answered=True)
+        return result
+
+    def _heard(self, *, answered: bool) -> None:
+        if answered:
+            self.breaker.success()
+        else:
+            self.breaker.failure()
+        if self.on_health is not None:
+            self.on_health(answered)
+
+    async def _attempt(self, method: str, path: str, body: Any, query: str, timeout_s: float) -> Any:
+        data = encode_body(body) if body is not None else b""
+        headers = sign_request(self.identity, method, path, query, data)
+        headers["Content-Type"] = MSGPACK
+        headers["Accept"] = MSGPACK
+        url = path + (f"?{query}" if query else "")
+        try:
+            async with self.session().request(method, url, data=data, headers=headers,
+                                              timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except aiohttp.ServerFingerprintMismatch as exc:
+            raise Unauthorized(f"{self.address.url}: the board's TLS certificate does not match the pinned "
+                               "fingerprint (a different server, or the hub was re-initialised: get a new "
+                               "join URL)", code="fingerprint_mismatch") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise Unauthorized(f"{self.address.url}: TLS failed: {exc}", code="tls_error") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise RetryLater(f"cannot reach board {self.address.url}: {exc or type(exc).__name__}") from exc
+        try:
+            value = decode_body(raw, resp.content_type or MSGPACK)
+        except BadRequest as exc:
+            raise RetryLater(f"board {self.address.url} sent an unreadable reply (HTTP {status})") from exc
+        if status >= 500 or status == 429:
+            raise RetryLater(str(error_from_response(status, value)), _retry_after(retry_after))
+        if status >= 400:
+            raise error_from_response(status, value)
+        return value
+
+
+def _retry_after(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        return None

@@ -1,0 +1,159 @@
+"""The submitter's side: sign manifests, submit them, follow jobs, fetch and verify results."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.client.blobcache import download_blob, hash_file
+from agent.client.blobupload import upload_file
+from agent.client.board import BoardClient
+from jobs.manifest import Manifest
+from security.errors import BadRequest, PanalError, Unauthorized
+from security.httpsig import sign_request, sign_request_digest
+from security.identity import Identity
+from security.records import SignedRecord
+
+__all__ = ["ResultCheck", "job_id_of", "make_envelope", "prepare_inputs", "submit", "upload_inputs",
+           "verify_results", "wait_job"]
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def make_envelope(identity: Identity, manifest: Manifest) -> dict[str, Any]:
+    """The submitter-signed record of a manifest: what boards store and agents re-check."""
+    value = {"manifest": manifest.source, "created": time.time(), "nonce": secrets.token_hex(8)}
+    return SignedRecord.sign(identity, value).to_wire()
+
+
+def job_id_of(envelope: dict[str, Any]) -> str:
+    """A job's id is derived from its envelope's signature: re-submitting it is idempotent."""
+    return "j" + hashlib.sha256(SignedRecord.from_wire(envelope).sig).hexdigest()[:20]
+
+
+def prepare_inputs(manifest: Manifest) -> tuple[Manifest, list[tuple[str, Path]]]:
+    """Hash every local input file; return the manifest to sign (paths -> blob refs) and the files."""
+    if not manifest.inputs or all(ref.blob for ref in manifest.inputs.values()):
+        return manifest, []
+    source = copy.deepcopy(manifest.source)
+    files: list[tuple[str, Path]] = []
+    for name, ref in manifest.inputs.items():
+        if ref.path is None:
+            continue
+        path = (manifest.base_dir or Path(".")) / ref.path
+        sha, size = hash_file(path)
+        rows = _rows(path, manifest.params) if ref.shard_count else None
+        files.append((sha, path))
+        source["spec"]["inputs"][name] = dataclasses.replace(ref, blob=sha, size=size, rows=rows,
+                                                             path=Path(ref.path).name).to_source()
+    return Manifest.from_dict(source), files
+
+
+def _rows(path: Path, params: dict[str, Any]) -> int:
+    """Rows of a sharded safetensors input: dim 0 of its ``input_key`` tensor (else the first)."""
+    from jobs.safeload import check_safetensors
+
+    tensors = check_safetensors(path)
+    if not tensors:
+        raise BadRequest(f"{path}: holds no tensors to shard")
+    info = tensors.get(str(params.get("input_key", ""))) or next(iter(tensors.values()))
+    return int(info.shape[0]) if info.shape else 1
+
+
+async def upload_inputs(client: BoardClient, files: list[tuple[str, Path]],
+                        progress: Callable[[int], None] | None = None) -> None:
+    """Upload input files as blobs (skipping those the board already has), before the manifest."""
+    def sign(method: str, path: str, query: str, digest: str) -> dict[str, str]:
+        return sign_request_digest(client.identity, method, path, query, digest)
+
+    for sha, path in files:
+        uploaded = await upload_file(client.session(), client.address.url, path, sign, progress)
+        if uploaded != sha:
+            raise BadRequest(f"{path} changed while it was being submitted", code="input_changed")
+
+
+async def submit(client: BoardClient, envelope: dict[str, Any]) -> dict[str, Any]:
+    reply = await client.call("POST", "/v1/jobs", {"envelope": envelope})
+    job: dict[str, Any] = reply["job"]
+    return job
+
+
+async def wait_job(client: BoardClient, job_id: str, timeout_s: float,
+                   on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Follow a job until it finishes or ``timeout_s`` passes; returns the last view."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        wait = max(0, min(int(left), 2 if on_update else 15))
+        reply = await client.call("GET", f"/v1/jobs/{job_id}", query=f"wait={wait}", timeout_s=wait + 30.0)
+        job: dict[str, Any] = reply["job"]
+        if on_update is not None:
+            on_update(job)
+        if job["state"] in TERMINAL or time.monotonic() >= deadline:
+            return job
+        if wait == 0:
+            await asyncio.sleep(0.2)
+
+
+async def fetch_outputs(client: BoardClient, checks: list[ResultCheck], out_dir: Path) -> dict[str, list[str]]:
+    """Download each result's output files into ``out_dir/<task>/<name>`` and check them against the
+    digests the agent signed. A file already there is re-hashed instead: a modified output is reported."""
+    problems: dict[str, list[str]] = {}
+    for check in checks:
+        for name, meta in (check.payload.get("outputs") or {}).items():
+            sha = str(meta.get("sha256", ""))
+            dest = out_dir / check.task_id / name
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                headers = sign_request(client.identity, "GET", f"/v1/blobs/{sha}", "", b"")
+                await download_blob(client.session(), client.address.url, sha, dest, headers)
+            got, _ = await asyncio.to_thread(hash_file, dest)
+            if got != sha:
+                problems.setdefault(check.task_id, []).append(
+                    f"output {name} ({dest}) does not match the digest the agent signed")
+    return problems
+
+
+@dataclass(frozen=True)
+class ResultCheck:
+    task_id: str
+    agent: str
+    ok: bool
+    problem: str
+    payload: dict[str, Any]
+
+
+def verify_results(reply: dict[str, Any]) -> list[ResultCheck]:
+    """Check offline, for every result: the agent's signature, the digest the board recorded,
+    and that the result belongs to this job; and check the job's own manifest signature."""
+    envelope = SignedRecord.from_wire(reply["envelope"])
+    envelope.verify()
+    job_id = reply["job"]["id"]
+    if job_id_of(reply["envelope"]) != job_id:
+        raise Unauthorized(f"the manifest returned for {job_id} is not the one that job was created from",
+                           code="wrong_envelope")
+    checks = []
+    for row in reply["results"]:
+        task_id, agent = row["task_id"], row["agent"]
+        try:
+            record = SignedRecord.from_wire(row["record"])
+            payload = record.verify()
+            problems = []
+            if record.key.id != agent:
+                problems.append(f"signed by {record.key.id}, board says agent {agent}")
+            if hashlib.sha256(record.payload).hexdigest() != row["digest"]:
+                problems.append("digest differs from the one the board accepted")
+            if payload.get("task_id") != task_id or payload.get("job_id") != job_id:
+                problems.append("the signed result is for another task")
+            checks.append(ResultCheck(task_id, agent, not problems, "; ".join(problems), payload))
+        except PanalError as exc:
+            checks.append(ResultCheck(task_id, agent, False, exc.message, {}))
+    return checks

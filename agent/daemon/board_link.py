@@ -1,0 +1,286 @@
+"""The daemon's link to one board: registration and three loops, and the results on their way back.
+
+Lease (long-poll for work, carrying finished results on the way), heartbeat (extends the leases of
+running tasks and learns which were lost) and flush (delivers results when no lease request is about
+to carry them). A result is in the outbox on disk before it is sent and leaves it only once the board
+answered for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.client.board import BoardClient
+from agent.client.breaker import BreakerState
+from agent.daemon.hooks import HoldOff, SubmitterCheck
+from agent.daemon.outbox import Outbox
+from agent.daemon.settings import DaemonSettings
+from agent.daemon.slots import Slots
+from security.errors import PanalError
+from security.records import SignedRecord, decode
+from security.tls import BoardAddress
+
+__all__ = ["UNTRUSTED_COOLDOWN_S", "BoardLink", "LinkOwner", "Running", "outbox_key"]
+
+log = logging.getLogger(__name__)
+#: after handing back a task from an untrusted submitter, leave that board alone this long
+UNTRUSTED_COOLDOWN_S = 30.0
+
+
+@dataclass
+class Running:
+    """A task this agent holds a lease on: what its heartbeat reports, and how to stop it."""
+
+    assignment: dict[str, Any]
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: float = 0.0
+    lost: bool = False                 # the lease is gone (or handed back): no result from us
+    checkpoint: str | None = None      # sha256 of the latest checkpoint uploaded to the board
+    uploads: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class LinkOwner(Protocol):
+    """What a board link needs from the daemon that owns it."""
+
+    @property
+    def settings(self) -> DaemonSettings: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def slots(self) -> Slots: ...
+
+    @property
+    def board_count(self) -> int: ...
+
+    def registration(self) -> dict[str, Any]:
+        """The body of ``POST /v1/agents``: key, name and the capabilities advertised now."""
+        ...
+
+    def start_task(self, link: BoardLink, assignment: dict[str, Any]) -> None:
+        """Run a leased task in the background; it gives its slot back when done."""
+        ...
+
+
+def outbox_key(record: dict[str, Any]) -> str:
+    """A result's outbox name: task and lease, so two attempts of one task never share a file."""
+    try:
+        payload = decode(SignedRecord.from_wire(record).payload)
+        return f"{payload.get('task_id')}.{payload.get('lease_id')}"
+    except PanalError:
+        return "unreadable"
+
+
+class BoardLink:
+    """Everything the daemon keeps about one board, and the loops that talk to it."""
+
+    def __init__(self, owner: LinkOwner, address: BoardAddress, client: BoardClient, outbox: Outbox, *,
+                 trusted: SubmitterCheck | None = None, hold_off: HoldOff | None = None) -> None:
+        self.owner = owner
+        self.address = address
+        self.client = client
+        self.outbox = outbox
+        self.trusted = trusted            # None: trust the board's submitters (a WAN hub vouches)
+        self.hold_off = hold_off          # None: lease again at once
+        self.cooldown_until = 0.0         # monotonic time before which we do not lease from it
+        self.refused: str | None = None   # why the board gives us no work (quarantine), if it says
+        self.pending: list[dict[str, Any]] = outbox.load()
+        self.running: dict[str, Running] = {}
+        self.flush = asyncio.Event()
+        self.lease_ttl_s = 30.0
+        self.registered = False
+        self.done = 0
+        self.failed = 0
+        self._lease: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start leasing and flushing (heartbeats start once registered)."""
+        self._lease = asyncio.create_task(self._lease_loop(), name=f"lease {self.address.url}")
+        self._loops = [self._lease, asyncio.create_task(self._flush_loop(), name="flush")]
+
+    async def stop_leasing(self) -> None:
+        """Ask for no more work; heartbeats and deliveries go on (a draining daemon)."""
+        if self._lease is not None:
+            self._lease.cancel()
+            await asyncio.gather(self._lease, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop every loop; running tasks (and their uploads) are not touched."""
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        return self.client.breaker.state
+
+    def status(self) -> dict[str, Any]:
+        """This board's row in the daemon's status."""
+        return {"url": self.address.url, "registered": self.registered, "breaker": self.breaker_state.value,
+                "outbox": len(self.pending), "refused": self.refused, "done": self.done, "failed": self.failed}
+
+    # -- tasks ------------------------------------------------------------------------------------
+    def trusts(self, submitter: str) -> bool:
+        return self.trusted is None or self.trusted(submitter)
+
+    async def release(self, assignment: dict[str, Any]) -> None:
+        """Hand a leased task back (no attempt used); best effort, once."""
+        with contextlib.suppress(PanalError):
+            await self.client.call("POST", f"/v1/tasks/{assignment['task_id']}/release",
+                                   {"lease_id": assignment["lease_id"]}, retry=False, timeout_s=5.0)
+
+    async def refuse(self, assignment: dict[str, Any], submitter: str) -> None:
+        """Hand a task from an untrusted submitter back and leave this board alone for a while, so
+        agents that do trust the submitter take it."""
+        log.warning("refusing job %s on %s: submitter %s is not in the trust store (`panal trust add`)",
+                    assignment.get("job_id"), self.address.url, submitter)
+        self.cooldown_until = time.monotonic() + UNTRUSTED_COOLDOWN_S
+        await self.release(assignment)
+
+    async def hand_back_running(self) -> None:
+        """Stop every running task and hand it back (a drain ran out of time)."""
+        for running in list(self.running.values()):
+            running.lost = True
+            running.cancel.set()
+            await self.release(running.assignment)
+
+    def queue_result(self, record: dict[str, Any], ok: bool) -> None:
+        """Keep a signed result in the outbox until the board answers for it; send it soon."""
+        self.outbox.save(outbox_key(record), record)
+        self.pending.append(record)
+        self.flush.set()
+        if ok:
+            self.done += 1
+        else:
+            self.failed += 1
+
+    def take_pending(self) -> list[dict[str, Any]]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    def settle(self, sent: list[dict[str, Any]], outcomes: list[Any]) -> None:
+        """Drop delivered results from the outbox; keep those the board did not answer for."""
+        # The board answers one outcome per result, in order (two attempts of one task can travel
+        # together, so matching by task id alone would be ambiguous).
+        answers = [o if isinstance(o, dict) else None for o in outcomes] if len(outcomes) == len(sent) \
+            else [None] * len(sent)
+        for record, outcome in zip(sent, answers, strict=True):
+            if outcome is None:
+                self.pending.append(record)
+                continue
+            key = outbox_key(record)
+            if outcome.get("status") == "rejected":
+                log.warning("board %s rejected the result of task %s: %s", self.address.url,
+                            outcome.get("task_id", key), outcome.get("message"))
+            self.outbox.remove(key)
+
+    async def deliver(self, retry: bool) -> None:
+        """Send the pending results now; on failure they stay pending (and in the outbox)."""
+        sent = self.take_pending()
+        try:
+            reply = await self.client.call("POST", "/v1/results", {"results": sent}, retry=retry, timeout_s=15.0)
+        except PanalError as exc:
+            self.pending[:0] = sent
+            log.warning("results for %s kept in the outbox: %s", self.address.url, exc.message)
+            if retry and not self.owner.stopping:
+                asyncio.get_running_loop().call_later(max(1.0, self.client.breaker.retry_in()), self.flush.set)
+            return
+        self.settle(sent, reply.get("results", []))
+
+    # -- the loops --------------------------------------------------------------------------------
+    async def register(self) -> None:
+        """Register (again) with the capabilities advertised now; retries until the board answers."""
+        while True:
+            try:
+                reply = await self.client.call("POST", "/v1/agents", self.owner.registration())
+                self.lease_ttl_s = float(reply.get("lease_ttl_s", 30.0))
+                self.registered = True
+                log.info("registered with %s as %s", self.address.url, self.client.identity.id)
+                return
+            except PanalError as exc:
+                log.warning("cannot register with %s: %s", self.address.url, exc.message)
+                await asyncio.sleep(max(1.0, self.client.breaker.retry_in()))
+
+    async def _lease_loop(self) -> None:
+        owner = self.owner
+        await self.register()
+        # Heartbeats start once the board has told us its lease TTL.
+        self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        while not owner.stopping:
+            wait = max(self.cooldown_until - time.monotonic(), self.hold_off() if self.hold_off else 0.0)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            n = await owner.slots.reserve(owner.board_count)
+            sent = self.take_pending()
+            try:
+                # With several boards, shorter polls: a slot held by an idle board's long-poll is a slot
+                # a busy board cannot use.
+                poll_wait_s = owner.settings.poll_wait_s
+                wait_s = poll_wait_s if owner.board_count <= 1 else min(poll_wait_s, 2.0)
+                reply = await self.client.call(
+                    "POST", "/v1/lease", {"slots": n, "wait_s": wait_s, "results": sent},
+                    timeout_s=wait_s + 15.0)
+            except asyncio.CancelledError:
+                self.pending[:0] = sent
+                await owner.slots.release(n)
+                raise
+            except PanalError as exc:
+                self.pending[:0] = sent
+                await owner.slots.release(n)
+                if exc.code == "not_registered":
+                    await self.register()
+                    continue
+                log.warning("lease from %s failed: %s", self.address.url, exc.message)
+                await asyncio.sleep(max(1.0, self.client.breaker.retry_in()))
+                continue
+            self.settle(sent, reply.get("results", []))
+            if reply.get("refused") != self.refused:
+                self.refused = reply.get("refused")
+                if self.refused:
+                    log.warning("%s gives this agent no work: %s", self.address.url, self.refused)
+            tasks = reply.get("tasks", [])
+            if self.refused and not tasks:
+                await owner.slots.release(n)
+                await asyncio.sleep(min(owner.settings.poll_wait_s, 10.0))  # quarantined: don't spin
+                continue
+            await owner.slots.release(n - len(tasks))
+            if not tasks:
+                await asyncio.sleep(0)  # let other boards' loops take the slot we just gave back
+            for assignment in tasks:
+                owner.start_task(self, assignment)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.2, self.lease_ttl_s / 4))
+            if not self.running:
+                continue
+            leases = [{"task_id": tid, "lease_id": r.assignment["lease_id"], "progress": r.progress,
+                       **({"checkpoint": r.checkpoint} if r.checkpoint else {})}
+                      for tid, r in self.running.items()]
+            try:
+                reply = await self.client.call("POST", "/v1/heartbeat", {"leases": leases}, timeout_s=10.0)
+            except PanalError as exc:
+                log.warning("heartbeat to %s failed: %s", self.address.url, exc.message)
+                continue
+            for lost in reply.get("lost", []):
+                running = self.running.get(lost.get("task_id"))
+                if running is not None:
+                    log.warning("task %s no longer leased to us (%s): stopping it", lost["task_id"], lost["reason"])
+                    running.lost = True
+                    running.cancel.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self.flush.wait()
+            self.flush.clear()
+            await asyncio.sleep(0.005)  # a lease request about to go out will carry them
+            if self.pending:
+                await self.deliver(retry=True)

@@ -1,0 +1,252 @@
+"""The volunteer daemon: pull work from every known board, run it in warm workers, return it signed.
+
+One :class:`~agent.daemon.board_link.BoardLink` per board runs its loops; an
+:class:`~agent.daemon.execution.Executor` runs each leased task. Slots are shared by all boards;
+each board loop reserves its share before it polls. On SIGTERM the daemon stops leasing, lets
+running tasks finish for ``drain_s``, hands back the rest, and delivers what it can.
+
+Boards come and go while it runs (LAN peers): :meth:`Daemon.add_board` takes the hooks an owner of
+a board plugs in (whose work to run, how the board's health is heard, how often to poll it), so LAN
+mode never touches a link's insides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+from typing import Any
+
+from agent.client.blobcache import BlobCache
+from agent.client.board import BoardClient
+from agent.client.breaker import Breaker
+from agent.daemon.board_link import BoardLink
+from agent.daemon.devices import Devices
+from agent.daemon.execution import Executor
+from agent.daemon.hooks import HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
+from agent.daemon.kind_health import KindHealth
+from agent.daemon.outbox import Outbox
+from agent.daemon.settings import DaemonSettings
+from agent.daemon.slots import Slots
+from agent.engine.runner import WorkerPool
+from agent.host import capabilities
+from agent.host.capabilities_probe import detect_capabilities
+from agent.host.home import AgentHome
+from agent.volunteer.control import ControlServer, default_socket_path
+from agent.volunteer.pause_rules import PauseRules, SystemLoad
+from agent.volunteer.preferences import PreferencesFile
+from security.errors import Forbidden, PanalError
+from security.identity import Identity
+from security.tls import BoardAddress
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, home: AgentHome, boards: list[BoardAddress], settings: DaemonSettings,
+                 allow_no_board: bool = False) -> None:
+        if not boards and not allow_no_board:
+            raise Forbidden("this agent has joined no board: run `panal agent join JOIN_URL` first",
+                            code="no_board")
+        self.home = home
+        self.settings = settings
+        self.identity: Identity = home.agent_identity()
+        self.boards = boards
+        self.links: list[BoardLink] = []
+        self.prefs = PreferencesFile(home.root / "prefs.yaml")
+        self.rules = PauseRules(lambda: self.prefs.current, SystemLoad(), usage_path=home.root / "usage.json")
+        self.settings.slots = settings.slots or self.prefs.current.max_concurrent_tasks
+        self.slots = Slots(self.settings.slots, lambda: self.paused_reason is None)
+        self.pool = WorkerPool(self.settings.slots)
+        self.kind_health = KindHealth()
+        self.capabilities = capabilities.basic(settings.capabilities)
+        self.executor = Executor(
+            identity=self.identity, work=home.work, pool=self.pool,
+            blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
+            devices=Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus),
+            threads=(settings.threads or self.prefs.current.cpu_threads
+                     or max(1, (os.cpu_count() or 1) // max(1, self.settings.slots))),
+            gpu_memory_fraction=lambda: self.prefs.current.max_gpu_memory_fraction,
+            capabilities=lambda: self.capabilities)
+        self.stopping = False
+        self.paused_reason: str | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Extension points (LAN mode): coroutines run once the daemon is up, and extra status fields.
+        self.on_start: list[StartHook] = []
+        self.status_extras: list[StatusSource] = []
+
+    # -- boards come and go (LAN peers) ---------------------------------------------------------
+    def add_board(self, address: BoardAddress, *, trusted: SubmitterCheck | None = None, retry_for_s: float = 10.0,
+                  on_health: HealthListener | None = None, hold_off: HoldOff | None = None) -> BoardLink:
+        """Start pulling from a board (the link already pulling from its URL, if any).
+
+        ``trusted`` (a submitter-id check) restricts whose work runs; ``on_health`` hears each call
+        to the board (answered or not); ``hold_off`` says how long to wait before each lease request.
+        """
+        for link in self.links:
+            if link.address.url == address.url:
+                return link
+        client = BoardClient(address, self.identity, insecure=self.settings.insecure, retry_for_s=retry_for_s,
+                             breaker=Breaker(name=address.url), on_health=on_health)
+        link = BoardLink(self, address, client, Outbox(self.home.outbox, address.url), trusted=trusted,
+                         hold_off=hold_off)
+        self.links.append(link)
+        link.start()
+        return link
+
+    async def remove_board(self, url: str) -> None:
+        """Stop leasing from a board (a LAN peer left). Running tasks finish; results stay in the outbox."""
+        for link in list(self.links):
+            if link.address.url == url:
+                await link.stop()
+                self.links.remove(link)
+                if not link.running:
+                    await link.client.close()
+
+    @property
+    def board_count(self) -> int:
+        return len(self.links)
+
+    @property
+    def tasks_running(self) -> int:
+        """Tasks running now, on every board."""
+        return sum(len(link.running) for link in self.links)
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
+        await self.pool.warm()
+        control = ControlServer(default_socket_path(), self)
+        try:
+            await control.start()
+        except PanalError as exc:
+            log.warning("control socket unavailable (`panal agent status` will not work): %s", exc.message)
+        self._loops.append(asyncio.create_task(self._volunteer_loop(), name="volunteer"))
+        self._loops.append(asyncio.create_task(self._kind_probe_loop(), name="kind-probe"))
+        for address in self.boards:
+            self.add_board(address)
+        for hook in self.on_start:
+            await hook(self)
+        log.info("agent %s running with %d slot(s) on %d board(s)", self.identity.id, self.settings.slots,
+                 len(self.links))
+        await stop.wait()
+        await self.shutdown()
+        await control.close()
+        self.rules.flush()
+
+    async def shutdown(self) -> None:
+        """Stop leasing; let running tasks finish for drain_s; release the rest; deliver results."""
+        self.stopping = True
+        await asyncio.gather(*(link.stop_leasing() for link in self.links))
+        if self._tasks:
+            log.info("draining %d running task(s) for up to %.0f s", len(self._tasks), self.settings.drain_s)
+            _, still = await asyncio.wait(self._tasks, timeout=self.settings.drain_s)
+            for link in self.links:
+                await link.hand_back_running()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+        for link in self.links:
+            if link.pending:
+                await link.deliver(retry=False)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, *(link.stop() for link in self.links), return_exceptions=True)
+        await self.pool.close()
+        for link in self.links:
+            await link.client.close()
+
+    # -- what the board links ask of the daemon -------------------------------------------------
+    def registration(self) -> dict[str, Any]:
+        caps = dict(self.capabilities)
+        caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
+        return {"public_key": self.identity.public.text(), "name": self.settings.name or platform.node(),
+                "capabilities": caps}
+
+    def start_task(self, link: BoardLink, assignment: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment['task_id']}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, link: BoardLink, assignment: dict[str, Any]) -> None:
+        try:
+            outcome = await self.executor.run(link, assignment)
+            if outcome is not None and self.kind_health.record(str(assignment.get("kind")), outcome.ok,
+                                                               outcome.error_class, outcome.error):
+                self._readvertise()
+        finally:
+            await self.slots.release(1)
+
+    # -- kind health ----------------------------------------------------------------------------
+    def _readvertise(self) -> None:
+        """Re-register everywhere so boards match against the kinds this agent accepts now."""
+        for link in self.links:
+            asyncio.get_running_loop().create_task(link.register())
+
+    async def _kind_probe_loop(self) -> None:
+        """When a disabled kind's cool-down ends, advertise it again (one task probes it)."""
+        disabled = set(self.kind_health.disabled())
+        while True:
+            await asyncio.sleep(5.0)
+            now = set(self.kind_health.disabled())
+            if now != disabled:
+                disabled = now
+                self._readvertise()
+
+    # -- the volunteer's rules -----------------------------------------------------------------
+    async def _volunteer_loop(self, tick_s: float = 1.0) -> None:
+        """Apply the owner's preferences: pause (and SIGSTOP running work) when a rule says so."""
+        while True:
+            self.prefs.reload_if_changed()
+            if self.tasks_running:
+                self.rules.record_compute(tick_s)
+            paused, reason = self.rules.evaluate()
+            await self._set_paused(reason if paused else None)
+            await asyncio.sleep(tick_s)
+
+    async def _set_paused(self, reason: str | None) -> None:
+        if reason == self.paused_reason:
+            return
+        was_paused, self.paused_reason = self.paused_reason is not None, reason
+        if reason is not None and not was_paused:
+            log.info("pausing: %s", reason)
+            self.pool.suspend_all()
+        elif reason is None:
+            log.info("resuming work")
+            self.pool.resume_all()
+            await self.slots.wake()
+
+    # -- control socket (`panal agent pause|resume|status`) -------------------------------------
+    def pause(self, for_s: float | None, reason: str) -> None:
+        self.rules.pause(for_s, reason or "paused by the owner")
+        self.paused_reason = None  # re-evaluated at once below
+        paused, why = self.rules.evaluate()
+        self.paused_reason = why if paused else None
+        self.pool.suspend_all()
+
+    def resume(self) -> None:
+        self.rules.resume()
+        if not self.rules.evaluate().paused:
+            self.paused_reason = None
+            self.pool.resume_all()
+            asyncio.get_running_loop().create_task(self.slots.wake())
+
+    def status(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {}
+        for extra in self.status_extras:
+            extras.update(extra())
+        return {
+            **extras,
+            "state": "paused" if self.paused_reason else ("busy" if self._tasks else "idle"),
+            "paused": self.paused_reason is not None, "reason": self.paused_reason,
+            "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
+            "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.slots.free,
+            "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
+            "disabled_kinds": self.kind_health.disabled(),
+            "tasks": [{"id": tid, "kind": r.assignment.get("kind"), "progress": r.progress, "board": link.address.url}
+                      for link in self.links for tid, r in link.running.items()],
+            "boards": [link.status() for link in self.links],
+        }

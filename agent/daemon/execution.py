@@ -1,0 +1,189 @@
+"""One leased task, from the board's assignment to a signed result in the outbox, in clear steps.
+
+1. check: the task is what its submitter signed (:mod:`agent.daemon.assignments`), and the link
+   trusts that submitter (else the task is handed back);
+2. inputs: every input blob, and a previous attempt's checkpoint, from the local cache or the board;
+3. device: a free GPU that fits, else the CPU;
+4. run: in a warm worker, reporting progress and uploading checkpoints as they come;
+5. upload: output files become blobs on the board;
+6. sign: the result names its outputs and environment under this agent's signature;
+7. queue: the result goes to the link's outbox, to be delivered.
+A task that fails in any step still gets a signed ``failed`` result, unless the board took it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent.client.blobcache import BlobCache, download_blob
+from agent.client.blobupload import upload_file
+from agent.daemon.assignments import ManifestCache
+from agent.daemon.board_link import BoardLink, Running
+from agent.daemon.devices import Devices
+from agent.engine.runner import Outcome, TaskRequest, WorkerPool
+from jobs.errors import FailureClass
+from jobs.manifest import Manifest
+from security.errors import BadRequest, PanalError
+from security.httpsig import sign_request, sign_request_digest
+from security.identity import Identity
+from security.records import SignedRecord
+
+__all__ = ["Executor"]
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Runs leased tasks for the daemon; ``run`` is one task, the other methods are its steps."""
+
+    def __init__(self, *, identity: Identity, work: Path, pool: WorkerPool, blobs: BlobCache, devices: Devices,
+                 threads: int, gpu_memory_fraction: Callable[[], float],
+                 capabilities: Callable[[], dict[str, Any]]) -> None:
+        self.identity = identity
+        self.work = work
+        self.pool = pool
+        self.blobs = blobs
+        self.devices = devices
+        self.threads = threads
+        self.manifests = ManifestCache()
+        self._gpu_memory_fraction = gpu_memory_fraction
+        self._capabilities = capabilities
+
+    async def run(self, link: BoardLink, assignment: dict[str, Any]) -> Outcome | None:
+        """Run one task and queue its signed result on ``link``; None when no result is ours to give
+        (the task was handed back, or the board took it back while it ran)."""
+        task_id = str(assignment["task_id"])
+        running = Running(assignment)
+        link.running[task_id] = running
+        started = time.time()
+        workdir = self.work / task_id
+        outputs: dict[str, dict[str, Any]] = {}
+        try:
+            submitter, manifest = self.manifests.check(assignment)
+            if not link.trusts(submitter):
+                await link.refuse(assignment, submitter)
+                running.lost = True  # handed back: no result from us
+                return None
+            inputs = await self.fetch_inputs(link, manifest, assignment)
+            device = self.devices.take(manifest.requires)
+            outcome = await self.execute(link, running, manifest, inputs, device, workdir)
+            if outcome.ok and outcome.files and not running.lost:
+                outputs = await self.upload_outputs(link, outcome.files)
+        except PanalError as exc:
+            # A busy GPU is transient (retry elsewhere); a task we must not run is permanent.
+            failure = FailureClass.DEVICE_LOST if exc.code == "no_free_gpu" else FailureClass.UNSUPPORTED
+            outcome = Outcome.failed(failure, exc.message, started)
+        except Exception as exc:  # the daemon itself must survive anything a task does
+            log.exception("running task %s failed", task_id)
+            outcome = Outcome.failed(FailureClass.ERROR, f"agent error: {exc}", started)
+        finally:
+            link.running.pop(task_id, None)
+            shutil.rmtree(workdir, ignore_errors=True)
+        if running.lost:
+            return None
+        link.queue_result(self.sign(assignment, outcome, outputs), outcome.ok)
+        if not outcome.ok:
+            log.warning("task %s failed (%s): %s", task_id, outcome.error_class, outcome.error)
+        return outcome
+
+    # -- the steps ----------------------------------------------------------------------------------
+    async def fetch_inputs(self, link: BoardLink, manifest: Manifest, assignment: dict[str, Any]) -> dict[str, Path]:
+        """Every input blob (and a previous attempt's checkpoint, to resume from), verified by its hash,
+        from the bounded local cache or the board."""
+        fetch = self._blob_fetcher(link)
+        paths = {}
+        for name, ref in manifest.inputs.items():
+            if ref.blob is None:
+                raise BadRequest(f"input {name} was not uploaded", code="input_not_uploaded")
+            paths[name] = await self.blobs.get(ref.blob, fetch)
+        if assignment.get("checkpoint"):
+            paths["checkpoint"] = await self.blobs.get(str(assignment["checkpoint"]), fetch)
+        return paths
+
+    async def execute(self, link: BoardLink, running: Running, manifest: Manifest, inputs: dict[str, Path],
+                      device: str, workdir: Path) -> Outcome:
+        """Run the task in a warm worker on ``device`` (given back afterwards)."""
+        assignment = running.assignment
+        request = TaskRequest(kind=manifest.kind, params=assignment["params"], timeout_s=manifest.timeout_s,
+                              workdir=str(workdir), threads=self.threads, max_memory_gb=manifest.max_memory_gb,
+                              inputs={name: str(path) for name, path in inputs.items()}, device=device,
+                              devices=(device, *(d for d in self.devices.lent() if d != device)),
+                              gpu_memory_fraction=self._gpu_memory_fraction())
+        try:
+            async with self.pool.worker() as worker:
+                outcome: Outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel,
+                                                    lambda path: self.store_checkpoint(link, running, path))
+                return outcome
+        finally:
+            self.devices.give_back(device)
+            await asyncio.gather(*running.uploads, return_exceptions=True)
+
+    def store_checkpoint(self, link: BoardLink, running: Running, path: str) -> None:
+        """Upload a task's checkpoint as a blob; the next heartbeat tells the board, so a retry of
+        this task (here or on another agent) resumes from it."""
+        async def upload() -> None:
+            try:
+                sha = await upload_file(link.client.session(), link.address.url, Path(path), self._sign_digest)
+                running.checkpoint = sha
+            except (PanalError, OSError, aiohttp.ClientError) as exc:
+                log.warning("checkpoint of task %s not stored: %s", running.assignment["task_id"], exc)
+            finally:
+                await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+
+        task = asyncio.get_running_loop().create_task(upload())
+        running.uploads.add(task)
+        task.add_done_callback(running.uploads.discard)
+
+    async def upload_outputs(self, link: BoardLink, files: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Upload output files as blobs; the signed result then names them by sha256."""
+        outputs = {}
+        for name, text in files.items():
+            path = Path(text)
+            sha = await upload_file(link.client.session(), link.address.url, path, self._sign_digest)
+            size = (await asyncio.to_thread(path.stat)).st_size
+            outputs[name] = {"sha256": sha, "size": size, "name": path.name}
+        return outputs
+
+    def sign(self, assignment: dict[str, Any], outcome: Outcome,
+             outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The result record, signed by this agent."""
+        payload: dict[str, Any] = {
+            "task_id": assignment["task_id"], "job_id": assignment["job_id"],
+            "lease_id": assignment["lease_id"], "attempt": assignment["attempt"], "agent_id": self.identity.id,
+            "status": "ok" if outcome.ok else "failed", "started_at": outcome.started_at,
+            "finished_at": outcome.finished_at, "metrics": outcome.metrics, "notes": outcome.notes,
+            "environment": self.environment(),
+        }
+        if outcome.ok:
+            payload["values"] = outcome.values
+            payload["outputs"] = outputs
+        else:
+            payload["error_class"] = outcome.error_class or FailureClass.ERROR.value
+            payload["error"] = outcome.error or ""
+        return SignedRecord.sign(self.identity, payload).to_wire()
+
+    def environment(self) -> dict[str, Any]:
+        """What the result was computed with (covered by the signature): versions and devices."""
+        caps = self._capabilities()
+        return {"os": caps.get("os"), "arch": caps.get("arch"), "python": caps.get("python"),
+                "torch": caps.get("torch"), "cuda": caps.get("cuda"), "rocm": caps.get("rocm"),
+                "cpu": (caps.get("cpu") or {}).get("model"),
+                "gpus": [g.get("name") for g in caps.get("gpus") or []]}
+
+    # -- signed transfers ---------------------------------------------------------------------------
+    def _blob_fetcher(self, link: BoardLink) -> Callable[[str, Path], Awaitable[None]]:
+        async def fetch(sha: str, dest: Path) -> None:
+            headers = sign_request(self.identity, "GET", f"/v1/blobs/{sha}", "", b"")
+            await download_blob(link.client.session(), link.address.url, sha, dest, headers)
+        return fetch
+
+    def _sign_digest(self, method: str, path: str, query: str, digest: str) -> dict[str, str]:
+        return sign_request_digest(self.identity, method, path, query, digest)

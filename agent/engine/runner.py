@@ -1,0 +1,221 @@
+"""Warm worker processes and the limits around them (time, memory, crash classification).
+
+The daemon never runs task code itself. Each slot owns one :class:`Worker` child process; a task
+that overruns its time limit is killed (``timeout``), one whose process dies is reported from the
+way it died (``oom`` for a SIGKILL we did not send, ``crashed`` otherwise), and the slot gets a
+fresh worker. Workers are started ahead of need so torch's import cost is paid once per slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.engine.frames import pack_frame, read_frame
+from jobs.errors import FailureClass
+
+__all__ = ["Outcome", "TaskRequest", "Worker", "WorkerPool"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskRequest:
+    kind: str
+    params: Mapping[str, Any]
+    timeout_s: float
+    workdir: str
+    device: str = "cpu"
+    threads: int = 1
+    max_memory_gb: float | None = None
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    devices: tuple[str, ...] = ("cpu",)
+    gpu_memory_fraction: float | None = None
+
+    def frame(self) -> dict[str, Any]:
+        return {"op": "run", "kind": self.kind, "params": dict(self.params), "workdir": self.workdir,
+                "device": self.device, "threads": self.threads, "max_memory_gb": self.max_memory_gb,
+                "inputs": dict(self.inputs), "devices": list(self.devices),
+                "gpu_memory_fraction": self.gpu_memory_fraction}
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    values: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    error_class: str | None = None
+    error: str | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @classmethod
+    def failed(cls, failure: FailureClass, message: str, started: float) -> Outcome:
+        return cls(False, error_class=failure.value, error=message, started_at=started, finished_at=time.time())
+
+    @classmethod
+    def from_reply(cls, reply: Mapping[str, Any]) -> Outcome:
+        return cls(bool(reply.get("ok")), dict(reply.get("values") or {}), dict(reply.get("metrics") or {}),
+                   list(reply.get("notes") or []), dict(reply.get("files") or {}), reply.get("error_class"),
+                   reply.get("error"), float(reply.get("started_at", 0.0)), float(reply.get("finished_at", 0.0)))
+
+
+class Worker:
+    """One warm child process running ``python -m agent.engine.worker``."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = dict(env) if env is not None else None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.tasks_run = 0
+        self._killed_by_us = False
+        self._paused = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        env = {**os.environ, **(self.env or {})}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.engine.worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True, limit=2**20)
+        self._killed_by_us = False
+        assert self.proc.stdout is not None
+        hello = await read_frame(self.proc.stdout)
+        if not hello.get("ready"):
+            raise RuntimeError(f"worker sent {hello!r} instead of ready")
+        self.started_at = time.monotonic()
+
+    async def run(self, request: TaskRequest, on_progress: Callable[[float], None] | None = None,
+                  cancel: asyncio.Event | None = None,
+                  on_checkpoint: Callable[[str], None] | None = None) -> Outcome:
+        """Run one task under its time limit. Never raises for task failures."""
+        if not self.alive:
+            await self.start()
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        started = time.time()
+        proc.stdin.write(pack_frame(request.frame()))
+        await proc.stdin.drain()
+        deadline = time.monotonic() + request.timeout_s
+        reader = proc.stdout
+        cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+        try:
+            while True:
+                frame_task = asyncio.ensure_future(read_frame(reader))
+                waits: set[asyncio.Future[Any]] = {frame_task}
+                if cancelled is not None:
+                    waits.add(cancelled)
+                done, _ = await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if frame_task not in done:
+                    frame_task.cancel()
+                    await self.kill()
+                    if cancelled is not None and cancelled in done:
+                        return Outcome.failed(FailureClass.AGENT_LOST, "task stopped: lease lost or cancelled",
+                                              started)
+                    return Outcome.failed(FailureClass.TIMEOUT,
+                                          f"time limit of {request.timeout_s:g} s exceeded; task killed", started)
+                try:
+                    frame = frame_task.result()
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return await self._died(started)
+                if "progress" in frame and on_progress is not None:
+                    on_progress(float(frame["progress"]))
+                elif "checkpoint" in frame and on_checkpoint is not None:
+                    on_checkpoint(str(frame["checkpoint"]))
+                elif "done" in frame:
+                    self.tasks_run += 1
+                    outcome = Outcome.from_reply(frame["done"])
+                    if outcome.error_class == FailureClass.OOM.value:
+                        await self.kill()  # a worker that hit its cap may be fragmented: start fresh
+                    return outcome
+        finally:
+            if cancelled is not None:
+                cancelled.cancel()
+
+    async def _died(self, started: float) -> Outcome:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        self.proc = None
+        if code < 0:
+            sig = signal.Signals(-code)
+            if sig == signal.SIGKILL and not self._killed_by_us:
+                return Outcome.failed(FailureClass.OOM, "worker was killed by SIGKILL (the system ran out of "
+                                      "memory)", started)
+            return Outcome.failed(FailureClass.CRASHED, f"worker process crashed ({sig.name})", started)
+        return Outcome.failed(FailureClass.CRASHED, f"worker process exited with status {code}", started)
+
+    def suspend(self) -> None:
+        """SIGSTOP the worker (the volunteer needs the machine); ``resume`` continues it."""
+        if self.alive and self.proc is not None and not self._paused:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self.alive and self.proc is not None and self._paused:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            self._paused = False
+
+    async def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self._killed_by_us = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        self.proc = None
+
+    async def close(self) -> None:
+        """Ask the worker to exit (end of input); kill it if it does not within a second."""
+        if self.proc is None:
+            return
+        if self.proc.stdin is not None and self.proc.returncode is None:
+            self.proc.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 1.0)
+        await self.kill()
+
+
+class WorkerPool:
+    """A fixed set of warm workers, one per slot."""
+
+    def __init__(self, size: int, env: Mapping[str, str] | None = None) -> None:
+        self.workers = [Worker(env) for _ in range(size)]
+        self._free: asyncio.Queue[Worker] = asyncio.Queue()
+        for worker in self.workers:
+            self._free.put_nowait(worker)
+
+    async def warm(self) -> None:
+        await asyncio.gather(*(w.start() for w in self.workers))
+
+    @contextlib.asynccontextmanager
+    async def worker(self) -> Any:
+        worker = await self._free.get()
+        try:
+            yield worker
+        finally:
+            self._free.put_nowait(worker)
+
+    def suspend_all(self) -> None:
+        for worker in self.workers:
+            worker.suspend()
+
+    def resume_all(self) -> None:
+        for worker in self.workers:
+            worker.resume()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.close() for w in self.workers))

@@ -1,0 +1,1 @@
+"""LAN mode: an embedded board per agent, mDNS announcements, peer discovery and the peer table."""

@@ -1,0 +1,1 @@
+"""Demos and benchmarks: ``panal demo`` and ``panal bench chaos|device|dispatch``."""

@@ -1,0 +1,131 @@
+"""``panal bench dispatch``: hub throughput and submit-to-result latency, with everything real.
+
+A real ``panal hub serve`` process (TLS, signed requests, SQLite) and N simulated agents in this
+process that use the real client, real signatures and real signed results, but answer ``sleep 0``
+tasks at once instead of starting workers: what is measured is the dispatch path, not torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit, wait_job
+from agent.tools.demo import start_hub, stop
+from jobs.manifest import Manifest
+from security.identity import Identity
+from security.records import SignedRecord
+from security.tls import BoardAddress
+
+__all__ = ["run_dispatch_bench"]
+
+
+def _manifest(n_tasks: int, name: str) -> Manifest:
+    return Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": name},
+                               "spec": {"task": "sleep", "sweep": {"seconds": [0.0] * n_tasks}}},
+                              max_tasks=max(n_tasks, 1))
+
+
+class SimAgent:
+    """An agent that completes every task it leases immediately, with a real signed result."""
+
+    def __init__(self, address: BoardAddress, slots: int) -> None:
+        self.identity = Identity.generate()
+        self.client = BoardClient(address, self.identity, retry_for_s=30.0, connections=2)
+        self.slots = slots
+        self.done = 0
+
+    async def register(self) -> None:
+        await self.client.call("POST", "/v1/agents", {"public_key": self.identity.public.text(),
+                                                      "name": "sim", "capabilities": {"kinds": ["sleep"]}})
+
+    def _result(self, task: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        return SignedRecord.sign(self.identity, {
+            "task_id": task["task_id"], "job_id": task["job_id"], "lease_id": task["lease_id"],
+            "attempt": task["attempt"], "agent_id": self.identity.id, "status": "ok", "values": {"slept": 0.0},
+            "metrics": {"wall_s": 0.0}, "notes": [], "started_at": now, "finished_at": now}).to_wire()
+
+    async def run(self, stop_at: asyncio.Event) -> None:
+        results: list[dict[str, Any]] = []
+        while not stop_at.is_set():
+            reply = await self.client.call("POST", "/v1/lease",
+                                           {"slots": self.slots, "wait_s": 1.0, "results": results},
+                                           timeout_s=30.0)
+            results = [self._result(t) for t in reply["tasks"]]
+            self.done += len(results)
+        if results:
+            await self.client.call("POST", "/v1/results", {"results": results})
+
+
+async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, samples: int,
+                 hub_pid: int | None = None) -> dict[str, Any]:
+    address = BoardAddress.parse(url)
+    out: dict[str, Any] = {"agents": agents, "tasks": tasks, "slots_per_agent": slots}
+    async with BoardClient(address, user, retry_for_s=30.0) as submitter:
+        # Latency: one agent, one-task jobs, submit -> result accepted -> submitter sees the job done.
+        solo = SimAgent(address, 1)
+        await solo.register()
+        stop_solo = asyncio.Event()
+        solo_task = asyncio.create_task(solo.run(stop_solo))
+        await asyncio.sleep(0.2)
+        latencies = []
+        for i in range(samples):
+            envelope = make_envelope(user, _manifest(1, f"lat-{i}"))
+            t0 = time.perf_counter()
+            job = await submit(submitter, envelope)
+            final = await wait_job(submitter, job["id"], 30.0)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            assert final["state"] == "succeeded", final
+        stop_solo.set()
+        await solo_task
+        await solo.client.close()
+        latencies.sort()
+        out["latency_ms_p50"] = round(statistics.median(latencies), 2)
+        out["latency_ms_p99"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)
+
+        # Throughput: N agents drain one job of M sleep-0 tasks.
+        fleet = [SimAgent(address, slots) for _ in range(agents)]
+        await asyncio.gather(*(a.register() for a in fleet))
+        stop_fleet = asyncio.Event()
+        runners = [asyncio.create_task(a.run(stop_fleet)) for a in fleet]
+        await asyncio.sleep(0.5)
+        envelope = make_envelope(user, _manifest(tasks, "throughput"))
+        hub_proc = psutil.Process(hub_pid) if hub_pid else None
+        cpu0 = sum(hub_proc.cpu_times()[:2]) if hub_proc else 0.0
+        t0 = time.perf_counter()
+        job = await submit(submitter, envelope)
+        final = await wait_job(submitter, job["id"], 600.0)
+        elapsed = time.perf_counter() - t0
+        if hub_proc is not None:
+            # The load generator shares this machine's cores with the hub: the hub's own CPU time per
+            # task says what one hub process could do with a core to itself.
+            hub_ms = (sum(hub_proc.cpu_times()[:2]) - cpu0) * 1000 / tasks
+            out["hub_cpu_ms_per_task"] = round(hub_ms, 3)
+            out["hub_capacity_tasks_per_s_per_core"] = round(1000 / hub_ms, 0) if hub_ms else None
+        stop_fleet.set()
+        await asyncio.gather(*runners)
+        for a in fleet:
+            await a.client.close()
+        out["throughput_state"] = final["state"]
+        out["throughput_seconds"] = round(elapsed, 2)
+        out["tasks_per_s"] = round(tasks / elapsed, 1)
+    return out
+
+
+def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="panal-bench-") as tmp:
+        user_home = Path(tmp) / "user"
+        hub, url = start_hub(Path(tmp) / "hub", user_home)
+        try:
+            user = Identity.load(user_home / "user.key")
+            return asyncio.run(_bench(url, user, agents, tasks, slots, samples, hub.pid))
+        finally:
+            stop([hub])
