@@ -213,6 +213,9 @@ def test_results_made_while_the_hub_is_down_survive_an_agent_restart_in_the_outb
     agent.send_signal(signal.SIGKILL)   # the agent dies too, with the result undelivered
     agent.wait()
     assert outbox_files(tmp_path, "keeper") == [kept]
+    # The restarted hub gives each lease one fresh TTL; a long one, so that a slow agent restart on a
+    # loaded machine cannot let the lease expire before the outbox delivers (this test is about the outbox).
+    hub.env["PANAL_HUB_LEASE_TTL_S"] = "600"
     hub.start()
     start_agent(procs, tmp_path, hub.url, "keeper")
     wait_for(lambda: hub.job(job_id)["state"] == "succeeded", "the restarted agent's outbox to deliver",
