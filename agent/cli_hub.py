@@ -13,7 +13,8 @@ import click
 from agent.cli import PanalGroup, home, print_json, run, until_signalled
 from hub.home import HubHome
 from hub.server import BoardServer
-from hub.sqlite_store import SqliteStore
+from hub.store import Store
+from hub.stores import create_store
 from security.errors import BadRequest, NotFound
 from security.identity import PublicKey
 from security.tls import server_context
@@ -38,15 +39,20 @@ def init(root: Path, host: str, port: int, insecure: bool) -> None:
     hub_home = HubHome(root)
     config = hub_home.init(host, port, tls=not insecure)
     me = home().user_identity()
-    run(_add_submitter(hub_home, me.public, "owner"))
+    run(_add_submitter(_store(hub_home), me.public, "owner"))
     click.echo(f"hub initialised in {root}")
     click.echo(f"your key {me.id} may submit jobs (more: `panal hub submitters add KEY`)")
     click.echo("join URL (give it to volunteers: `panal agent join URL`):")
     click.echo(hub_home.address(config).join_url())
 
 
-async def _add_submitter(hub_home: HubHome, key: PublicKey, name: str) -> None:
-    store = SqliteStore(hub_home.db_path)
+def _store(hub_home: HubHome) -> Store:
+    """The hub's store as its settings name it (not opened)."""
+    config = hub_home.config()
+    return create_store(config.store, hub_home.db_path, synchronous=config.sqlite_synchronous)
+
+
+async def _add_submitter(store: Store, key: PublicKey, name: str) -> None:
     await store.open()
     try:
         await store.add_submitter(key.id, key.text(), name)
@@ -98,7 +104,7 @@ def submitters_add(root: Path, key: str, name: str) -> None:
     """Authorise a submitter key (text `ed25519:...` or a file containing it)."""
     text = Path(key).read_text().strip() if os.path.isfile(key) else key
     public = PublicKey.parse(text)
-    run(_add_submitter(HubHome(root), public, name or public.id[:12]))
+    run(_add_submitter(_store(HubHome(root)), public, name or public.id[:12]))
     click.echo(f"authorised {public.id}")
 
 
@@ -107,8 +113,9 @@ def submitters_add(root: Path, key: str, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def submitters_list(root: Path, as_json: bool) -> None:
     """List authorised submitter keys."""
+    store = _store(HubHome(root))
+
     async def go() -> list[tuple[str, str, str]]:
-        store = SqliteStore(HubHome(root).db_path)
         await store.open()
         try:
             return await store.list_submitters()
@@ -128,8 +135,9 @@ def submitters_list(root: Path, as_json: bool) -> None:
 @click.argument("key_id")
 def submitters_remove(root: Path, key_id: str) -> None:
     """Revoke a submitter key by id."""
+    store = _store(HubHome(root))
+
     async def go() -> bool:
-        store = SqliteStore(HubHome(root).db_path)
         await store.open()
         try:
             return await store.remove_submitter(key_id)

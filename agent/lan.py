@@ -29,7 +29,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,10 @@ from agent.discovery import (
 )
 from agent.home import AgentHome
 from hub.app import AUTH_KEY
+from hub.background import cancel_all, run_every
 from hub.home import HubHome
 from hub.server import BoardServer
+from hub.settings import load_settings
 from security.errors import BadRequest, PanalError
 from security.identity import PublicKey
 from security.tls import BoardAddress, server_context
@@ -87,40 +89,8 @@ class LanSettings:
 
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None, **overrides: Any) -> LanSettings:
-        values: dict[str, Any] = {}
-        if path is not None and path.exists():
-            data = yaml.safe_load(path.read_text()) or {}
-            section = data.get("lan") if isinstance(data, dict) else None
-            if section is not None and not isinstance(section, dict):
-                raise BadRequest(f"{path}: 'lan' must be a map of settings")
-            values.update(section or {})
-        environ = os.environ if env is None else env
-        known = {f.name: f for f in fields(cls)}
-        for name in known:
-            text = environ.get(ENV_PREFIX + name.upper())
-            if text is not None:
-                values[name] = text.split(",") if name == "interfaces" else yaml.safe_load(text)
-        values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise BadRequest(f"unknown lan setting(s): {', '.join(unknown)} (known: {', '.join(known)})")
-        for name, value in values.items():
-            default = known[name].default
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise BadRequest(f"lan setting {name}: expected true or false, got {value!r}")
-            elif isinstance(default, int | float):
-                if not isinstance(value, int | float) or isinstance(value, bool):
-                    raise BadRequest(f"lan setting {name}: expected a number, got {value!r}")
-                values[name] = type(default)(value)
-            elif isinstance(default, tuple):
-                items = [value] if isinstance(value, str) else value
-                if not isinstance(items, list | tuple):
-                    raise BadRequest(f"lan setting {name}: expected a list, got {value!r}")
-                values[name] = tuple(str(v).strip() for v in items if str(v).strip())
-            elif not isinstance(value, str):
-                raise BadRequest(f"lan setting {name}: expected text, got {value!r}")
-        settings = cls(**values)
+        settings = load_settings(cls, what="lan", env_prefix=ENV_PREFIX, path=path, section="lan", env=env,
+                                 overrides=overrides)
         if settings.refresh_s >= settings.ttl_s:
             raise BadRequest(f"lan setting refresh_s ({settings.refresh_s}) must be below ttl_s ({settings.ttl_s})")
         return settings
@@ -204,20 +174,17 @@ class LanMode:
         self._browser = LanBrowser(self._zc, self_id=daemon.identity.id, table=self.table,
                                    on_change=self._on_peer, sweep_s=min(1.0, s.ttl_s / 4))
         await self._browser.start()
-        self._tasks = [asyncio.create_task(self._sync_loop(), name="lan-sync"),
-                       asyncio.create_task(self._watch_loop(), name="lan-watch")]
+        self._tasks = [run_every(s.sync_s, self._sync, "LAN sync"),
+                       run_every(min(0.5, s.ttl_s / 4), self._watch, "LAN peer watch")]
         log.info("LAN mode: board %s announced on %s", address.join_url(),
                  ", ".join(a.ip for a in self._addresses))
 
     async def stop(self) -> None:
         """Stop leasing, let peers finish what they hold (bounded), say goodbye, stop the board."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         if self._server is not None:
-            self._server.board.leasing = False
-            await self._drain(self._server)
+            await self._server.drain()
         self.url_path.unlink(missing_ok=True)
         if self._browser is not None:
             await self._browser.close()
@@ -228,12 +195,6 @@ class LanMode:
         if self._server is not None:
             await self._server.stop(drain=False)  # its runner stops the extra sites too
         self._server = None
-
-    async def _drain(self, server: BoardServer) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + server.config.drain_timeout_s
-        while loop.time() < deadline and any(a.running for a in server.board.agents.values()):  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
 
     async def _start_board(self, owner: PublicKey) -> None:
         s, hub = self.settings, self.hub_home
@@ -297,18 +258,13 @@ class LanMode:
             await self._server.app[AUTH_KEY].refresh_submitters(force=True)
         self._trusted_keys = wanted
 
-    async def _sync_loop(self) -> None:
+    async def _sync(self) -> None:
+        """Every ``sync_s``: follow the trust store, refresh the TXT record's free slots and work flag."""
         assert self._daemon is not None and self._announcer is not None and self._server is not None
-        while True:
-            await asyncio.sleep(self.settings.sync_s)
-            try:
-                await self._sync_trust()
-                running = sum(len(link.running) for link in self._daemon.links)
-                self._queued = int(self._server.board.status()["tasks"].get("queued", 0))
-                await self._announcer.update(slots=max(0, self._daemon.settings.slots - running),
-                                             work=self._queued > 0)
-            except Exception:
-                log.exception("LAN sync failed; will retry")
+        await self._sync_trust()
+        running = sum(len(link.running) for link in self._daemon.links)
+        self._queued = int(self._server.board.status()["tasks"].get("queued", 0))
+        await self._announcer.update(slots=max(0, self._daemon.settings.slots - running), work=self._queued > 0)
 
     # -- peers --------------------------------------------------------------------------------
     async def _on_peer(self, event: PeerEvent, peer: Peer) -> None:
@@ -345,29 +301,26 @@ class LanMode:
             return ok
         return check
 
-    async def _watch_loop(self) -> None:
-        """Feed the peer table what the daemon's links learn (answered calls, failed ones), and pace
-        the polling of boards that have no queued work."""
-        tick_s = min(0.5, self.settings.ttl_s / 4)
-        while True:
-            await asyncio.sleep(tick_s)
-            idle_until = time.monotonic() + self.settings.idle_poll_s
-            if self._own_link is not None and self._queued == 0:
-                self._own_link.cooldown_until = max(self._own_link.cooldown_until, idle_until)
-            for peer_id, entry in list(self._peers.items()):
-                breaker = entry.link.client.breaker
-                successes = breaker.successes if isinstance(breaker, _CountingBreaker) else 0
-                if successes != entry.seen_successes:
-                    entry.seen_successes = successes
-                    if breaker.failures == 0:
-                        self.table.mark_alive(peer_id)
-                new_failures = breaker.failures - entry.seen_failures if breaker.failures > 0 else 0
-                entry.seen_failures = breaker.failures
-                for _ in range(max(0, new_failures)):
-                    self.table.mark_failed(peer_id)
-                peer = self.table.get(peer_id)
-                if peer is not None and not peer.work:
-                    entry.link.cooldown_until = max(entry.link.cooldown_until, idle_until)
+    async def _watch(self) -> None:
+        """Every tick: feed the peer table what the daemon's links learn (answered calls, failed
+        ones), and pace the polling of boards that have no queued work."""
+        idle_until = time.monotonic() + self.settings.idle_poll_s
+        if self._own_link is not None and self._queued == 0:
+            self._own_link.cooldown_until = max(self._own_link.cooldown_until, idle_until)
+        for peer_id, entry in list(self._peers.items()):
+            breaker = entry.link.client.breaker
+            successes = breaker.successes if isinstance(breaker, _CountingBreaker) else 0
+            if successes != entry.seen_successes:
+                entry.seen_successes = successes
+                if breaker.failures == 0:
+                    self.table.mark_alive(peer_id)
+            new_failures = breaker.failures - entry.seen_failures if breaker.failures > 0 else 0
+            entry.seen_failures = breaker.failures
+            for _ in range(max(0, new_failures)):
+                self.table.mark_failed(peer_id)
+            peer = self.table.get(peer_id)
+            if peer is not None and not peer.work:
+                entry.link.cooldown_until = max(entry.link.cooldown_until, idle_until)
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

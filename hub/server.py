@@ -6,16 +6,16 @@ import asyncio
 import logging
 import ssl
 import sys
-import time
 from pathlib import Path
 
 from aiohttp import web
 
 from hub.app import create_app
+from hub.background import cancel_all, run_every, wait_drained
 from hub.blobs import BlobStore
 from hub.board import Board
 from hub.config import HubConfig
-from hub.sqlite_store import SqliteStore
+from hub.stores import create_store
 from security.identity import PublicKey
 
 __all__ = ["BoardServer"]
@@ -28,9 +28,10 @@ class BoardServer:
 
     def __init__(self, config: HubConfig, db_path: Path, ssl_context: ssl.SSLContext | None) -> None:
         self.config = config
-        self.board = Board(SqliteStore(db_path, config.sqlite_synchronous), config)
         self.blobs = BlobStore(db_path.parent / "blobs", config.max_blob_bytes, config.max_blobs_total_bytes or None)
-        self.app = create_app(self.board, config, self.blobs)
+        self.board = Board(create_store(config.store, db_path, synchronous=config.sqlite_synchronous), config,
+                           blobs=self.blobs)
+        self.app = create_app(self.board, config)
         self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self._gc: asyncio.Task[None] | None = None
@@ -50,7 +51,7 @@ class BoardServer:
         server = site._server
         assert server is not None and isinstance(server, asyncio.base_events.Server)
         self.port = server.sockets[0].getsockname()[1]
-        self._gc = asyncio.create_task(self._gc_forever(), name="panal-blob-gc")
+        self._gc = run_every(self.config.blob_gc_interval_s, self.collect_garbage, "blob gc")
         return self.port
 
     async def collect_garbage(self) -> list[str]:
@@ -60,28 +61,22 @@ class BoardServer:
             log.info("blob gc: deleted %d unreferenced blob(s)", len(deleted))
         return deleted
 
-    async def _gc_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.blob_gc_interval_s)
-            try:
-                await self.collect_garbage()
-            except Exception:
-                log.exception("blob gc failed; will retry")
-
     async def add_submitter(self, key: PublicKey, name: str) -> None:
         await self.board.store.add_submitter(key.id, key.text(), name)
+
+    async def drain(self) -> bool:
+        """Stop leasing and wait (up to drain_timeout_s) until no agent holds a lease; True if none does."""
+        self.board.leasing = False
+        return await wait_drained(lambda: any(a.running for a in self.board.agents.values()),
+                                  self.config.drain_timeout_s)
 
     async def stop(self, drain: bool = True) -> None:
         """Stop leasing, give running leases time to finish (up to drain_timeout_s), then close."""
         self.board.leasing = False
         if self._gc is not None:
-            self._gc.cancel()
-            await asyncio.gather(self._gc, return_exceptions=True)
+            await cancel_all([self._gc])
         if drain:
-            deadline = time.monotonic() + self.config.drain_timeout_s
-            # Leases end in several ways (result, release, expiry): polling is the simplest honest wait.
-            while time.monotonic() < deadline and any(a.running for a in self.board.agents.values()):  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
+            await self.drain()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
