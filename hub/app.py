@@ -16,8 +16,7 @@ from aiohttp import web
 
 from hub.auth import Authenticator
 from hub.blob_routes import add_blob_routes
-from hub.blobs import BlobStore
-from hub.board import Board, job_summary
+from hub.board import Board
 from hub.config import HubConfig
 from hub.metrics import add_metrics
 from hub.openapi import add_openapi
@@ -105,7 +104,7 @@ class Api:
             raise BadRequest("public_key: expected the agent's key as text (ed25519:...)")
         key = PublicKey.parse(key_text)
         await self.auth.verify(request, extra_key=key, body=data)
-        if not self.config.open_registration and key.id not in self.board.agents:
+        if not self.config.open_registration and key.id not in self.board.view.agents:
             raise Forbidden(
                 f"registration is closed on this board; ask its admin to admit agent {key.id}",
                 code="registration_closed")
@@ -123,7 +122,7 @@ class Api:
         outcomes = await self.board.accept(agent_id, _list(body, "results"))
         tasks = await self.board.lease(agent_id, int(_number(body, "slots", 1)),
                                        _number(body, "wait_s", 0.0))
-        refused = self.board.agents[agent_id].refused
+        refused = self.board.view.agents[agent_id].refused
         return reply(request, {"tasks": tasks, "results": [o.to_wire() for o in outcomes], "refused": refused})
 
     async def results(self, request: web.Request) -> web.Response:
@@ -171,14 +170,8 @@ class Api:
         except ValueError as exc:
             raise BadRequest(f"state: expected one of {', '.join(s.value for s in JobState)}") from exc
         limit = _int_query(request, "limit", 200)
-        jobs = await self.board.store.list_jobs(state, limit)
-        views = []
-        for job in jobs:
-            counts = ({s.value: n for s, n in self.board.counts[job.id].items() if n}
-                      if job.id in self.board.jobs else {"done": job.n_tasks} if job.state == JobState.SUCCEEDED
-                      else {})
-            views.append(job_summary(self.board.jobs.get(job.id, job), counts))
-        return reply(request, {"jobs": views})
+        view = self.board.view
+        return reply(request, {"jobs": [view.summary(job) for job in await view.list_jobs(state, limit)]})
 
     async def get_job(self, request: web.Request) -> web.Response:
         await self.auth.submitter(request, await request.read())
@@ -194,10 +187,7 @@ class Api:
         await self.auth.submitter(request, await request.read())
         job_id = request.match_info["job_id"]
         await self.board.job_view(job_id)
-        if job_id in self.board.jobs:
-            tasks = [self.board.tasks[f"{job_id}.{i}"] for i in range(self.board.jobs[job_id].n_tasks)]
-        else:
-            tasks = await self.board.store.get_tasks(job_id)
+        tasks = await self.board.view.tasks(job_id)
         return reply(request, {"tasks": [
             {"id": t.id, "idx": t.idx, "state": t.state.value, "attempt": t.attempt, "agent": t.agent_id,
              "progress": t.progress, "error": t.error, "error_class": t.error_class,
@@ -207,8 +197,8 @@ class Api:
         await self.auth.submitter(request, await request.read())
         job_id = request.match_info["job_id"]
         view = await self.board.job_view(job_id)
-        rows = await self.board.store.get_results(job_id)
-        job = self.board.jobs.get(job_id) or await self.board.store.get_job(job_id)
+        rows = await self.board.view.results(job_id)
+        job = await self.board.view.find_job(job_id)
         if job is None:
             raise NotFound(f"no job {job_id}")
         return reply(request, {"job": view, "envelope": job.envelope, "results": [
@@ -231,12 +221,12 @@ def _int_query(request: web.Request, name: str, default: int) -> int:
         raise BadRequest(f"query parameter {name}: expected a number, got {text!r}") from exc
 
 
-def create_app(board: Board, config: HubConfig, blobs: BlobStore | None = None) -> web.Application:
+def create_app(board: Board, config: HubConfig) -> web.Application:
+    """The board's HTTP API; the blob routes too when the board has a blob store."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
-    if blobs is not None:
-        add_blob_routes(app, blobs, auth.member, reply=reply)
-        board.blobs = blobs
+    if board.blobs is not None:
+        add_blob_routes(app, board.blobs, auth.member, reply=reply)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
     api = Api(board, auth, config)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from hub.settings import load_settings
 from security.errors import BadRequest
 
 __all__ = ["HubConfig"]
@@ -32,6 +32,9 @@ class HubConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tasks_per_job: int = 10_000
     signature_skew_s: float = 300.0    # how far a signature's created time may be from ours
+    #: where the board's state lives: sqlite:///PATH (relative: in the hub dir; hub/stores.py);
+    #: "" is the hub dir's own database file (board.db)
+    store: str = ""
     sqlite_synchronous: str = "normal"  # normal: survives kill -9; full: also survives power loss
     open_registration: bool = True     # any volunteer with the join URL may register an agent
     lan: bool = False                  # embedded in an agent (LAN mode): its trust store lists the submitters
@@ -57,33 +60,10 @@ class HubConfig:
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None,
              **overrides: Any) -> HubConfig:
-        values: dict[str, Any] = {}
-        if path is not None and path.exists():
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise BadRequest(f"{path}: expected a map of settings")
-            values.update(loaded)
-        environ = os.environ if env is None else env
-        known = {f.name: f for f in fields(cls)}
-        for name in known:
-            text = environ.get(ENV_PREFIX + name.upper())
-            if text is not None:
-                values[name] = yaml.safe_load(text)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise BadRequest(f"unknown hub setting(s): {', '.join(unknown)} (known: {', '.join(known)})")
-        for name, value in values.items():
-            default = known[name].default
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise BadRequest(f"hub setting {name}: expected true or false, got {value!r}")
-            if isinstance(default, int | float) and not isinstance(default, bool):
-                if not isinstance(value, int | float) or isinstance(value, bool):
-                    raise BadRequest(f"hub setting {name}: expected a number, got {value!r}")
-                values[name] = type(default)(value)
-        if values.get("sqlite_synchronous", "normal") not in ("normal", "full"):
+        config = load_settings(cls, what="hub", env_prefix=ENV_PREFIX, path=path, env=env, overrides=overrides)
+        if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
-        return cls(**values)
+        return config
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

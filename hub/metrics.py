@@ -1,7 +1,7 @@
 """Prometheus metrics of one board at ``GET /metrics``, in a registry of its own (several boards share a process).
 
-Gauges and counters are read from the board at scrape time (agents and tasks by state, its ``stats``
-counters, quarantines seen by the status feed); request latency is timed by a middleware, labelled by
+Gauges and counters are read from the board's read model at scrape time (agents and tasks by state,
+its ``stats`` counters, quarantines seen by the status feed); request latency is timed by a middleware, labelled by
 route template (never by raw path: ids would explode the series); dispatch latency is the time the
 dispatch policy takes to pick tasks for one lease request.
 """
@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from hub.board import AgentState, Board
-from hub.records import TaskRow, TaskState
+from hub.board import Board
+from hub.readmodel import BoardView
+from hub.records import TaskState
 from hub.status_page import FEED_KEY, agent_state
 
 __all__ = ["METRICS_KEY", "BoardMetrics", "add_metrics"]
@@ -29,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STREAMING_ROUTES = frozenset({"/v1/events"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DISPATCH_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
-#: board.stats key -> (counter name without _total, help)
+#: BoardView.stats key -> (counter name without _total, help)
 STAT_COUNTERS = {
     "leases": ("panal_leases", "Tasks handed out to agents in leases."),
     "expired": ("panal_lease_expired", "Leases that expired (agent stopped heartbeating); the task was requeued."),
@@ -40,33 +41,31 @@ RESULT_STATS = {"results_accepted": "accepted", "results_failed": "failed", "res
 
 
 class _BoardCollector:
-    """Reads the board at scrape time."""
+    """Reads the board's read model at scrape time."""
 
-    def __init__(self, board: Board, app: web.Application) -> None:
-        self.board, self.app = board, app
+    def __init__(self, view: BoardView, app: web.Application) -> None:
+        self.view, self.app = view, app
 
     def collect(self) -> Iterable[Metric]:
-        board = self.board
-        online = {a.row.id for a in board.online_agents()}
-        states = Tally(agent_state(a, a.row.id in online) for a in board.agents.values())
+        view = self.view
+        online = {a.row.id for a in view.online_agents()}
+        states = Tally(agent_state(a, a.row.id in online) for a in view.agents.values())
         agents = GaugeMetricFamily("panal_agents", "Registered agents by state (a partition).", labels=["state"])
         for state in ("idle", "busy", "offline", "quarantined"):
             agents.add_metric([state], states[state])
         yield agents
         yield GaugeMetricFamily("panal_agents_online", "Agents seen within the online horizon.", value=len(online))
         tasks = GaugeMetricFamily("panal_tasks", "Tasks of active jobs by state.", labels=["state"])
-        totals: Tally[TaskState] = Tally()
-        for counts in board.counts.values():
-            totals.update(counts)
+        totals = view.task_totals()
         for task_state in TaskState:
             tasks.add_metric([task_state.value], totals[task_state])
         yield tasks
-        yield GaugeMetricFamily("panal_jobs_active", "Jobs not yet finished.", value=len(board.jobs))
+        yield GaugeMetricFamily("panal_jobs_active", "Jobs not yet finished.", value=view.active_count())
         for key, (name, text) in STAT_COUNTERS.items():
-            yield CounterMetricFamily(name, text, value=board.stats[key])
+            yield CounterMetricFamily(name, text, value=view.stats.get(key, 0))
         results = CounterMetricFamily("panal_results", "Results received, by outcome.", labels=["outcome"])
         for key, outcome in RESULT_STATS.items():
-            results.add_metric([outcome], board.stats[key])
+            results.add_metric([outcome], view.stats.get(key, 0))
         yield results
         feed = self.app.get(FEED_KEY)
         if feed is not None:
@@ -86,21 +85,8 @@ class BoardMetrics:
                                 ["method", "route", "status"], registry=self.registry)
         self.dispatch = Histogram("panal_dispatch_seconds", "Time the dispatch policy takes to pick tasks "
                                   "for one lease request.", buckets=DISPATCH_BUCKETS, registry=self.registry)
-        self.registry.register(_BoardCollector(board, app))
-        self._time_dispatch(board)
-
-    def _time_dispatch(self, board: Board) -> None:
-        policy = board.policy
-        pick = policy.pick
-
-        def timed_pick(b: Board, agent: AgentState, slots: int) -> list[TaskRow]:
-            start = time.perf_counter()
-            try:
-                return pick(b, agent, slots)
-            finally:
-                self.dispatch.observe(time.perf_counter() - start)
-
-        setattr(policy, "pick", timed_pick)  # noqa: B010  (this instance only; the policy is otherwise untouched)
+        self.registry.register(_BoardCollector(board.view, app))
+        board.time_dispatch(self.dispatch.observe)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,7 @@
 """Black-hole detection: an agent whose recent attempts mostly fail gets no work for a while.
 
-A :class:`Quarantine` is both a :class:`~hub.dispatch.BoardObserver` (it hears every settled
-attempt, including expired leases) and a :class:`~hub.dispatch.LeaseGate` (it refuses work to a
+A :class:`Quarantine` is both a :class:`~hub.protocols.BoardObserver` (it hears every settled
+attempt, including expired leases) and a :class:`~hub.protocols.LeaseGate` (it refuses work to a
 quarantined agent). It keeps the last ``quarantine_window`` attempts of each agent; once at least
 ``quarantine_min_attempts`` are known and the share of failures reaches ``quarantine_failure_ratio``,
 the agent is quarantined for ``quarantine_base_s`` seconds, doubling with each repeat up to
@@ -28,7 +28,7 @@ from jobs.errors import FailureClass
 from security.errors import BadRequest
 
 if TYPE_CHECKING:
-    from hub.board import AgentState
+    from hub.fleet import AgentState
     from hub.records import JobRow, TaskRow
 
 __all__ = ["Quarantine"]
@@ -67,7 +67,7 @@ class _Record:
 
 
 class Quarantine:
-    """Black-hole detection for one board: ``Board.observers`` and ``Board.gates`` both hold it."""
+    """Black-hole detection for one board: registered on it as both an observer and a gate."""
 
     def __init__(self, config: HubConfig, clock: Callable[[], float]) -> None:
         if config.quarantine_window < 0 or config.quarantine_min_attempts < 1:

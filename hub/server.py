@@ -6,17 +6,17 @@ import asyncio
 import logging
 import ssl
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
 
 from hub.app import AUTH_KEY, create_app
+from hub.background import cancel_all, run_every, wait_drained
 from hub.blobs import BlobStore
 from hub.board import Board
 from hub.config import HubConfig
-from hub.sqlite_store import SqliteStore
+from hub.stores import create_store
 from security.identity import PublicKey
 
 __all__ = ["BoardServer"]
@@ -29,9 +29,10 @@ class BoardServer:
 
     def __init__(self, config: HubConfig, db_path: Path, ssl_context: ssl.SSLContext | None) -> None:
         self.config = config
-        self.board = Board(SqliteStore(db_path, config.sqlite_synchronous), config)
         self.blobs = BlobStore(db_path.parent / "blobs", config.max_blob_bytes, config.max_blobs_total_bytes or None)
-        self.app = create_app(self.board, config, self.blobs)
+        self.board = Board(create_store(config.store, db_path, synchronous=config.sqlite_synchronous), config,
+                           blobs=self.blobs)
+        self.app = create_app(self.board, config)
         self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self._gc: asyncio.Task[None] | None = None
@@ -51,7 +52,7 @@ class BoardServer:
         server = site._server
         assert server is not None and isinstance(server, asyncio.base_events.Server)
         self.port = server.sockets[0].getsockname()[1]
-        self._gc = asyncio.create_task(self._gc_forever(), name="panal-blob-gc")
+        self._gc = run_every(self.config.blob_gc_interval_s, self.collect_garbage, "blob gc")
         return self.port
 
     async def listen_also(self, host: str) -> None:
@@ -67,14 +68,6 @@ class BoardServer:
         if deleted:
             log.info("blob gc: deleted %d unreferenced blob(s)", len(deleted))
         return deleted
-
-    async def _gc_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.blob_gc_interval_s)
-            try:
-                await self.collect_garbage()
-            except Exception:
-                log.exception("blob gc failed; will retry")
 
     async def add_submitter(self, key: PublicKey, name: str) -> None:
         await self.board.store.add_submitter(key.id, key.text(), name)
@@ -92,20 +85,17 @@ class BoardServer:
         if removed:  # the board caches its submitters and re-reads them only for unknown keys
             await self.app[AUTH_KEY].refresh_submitters(force=True)
 
-    async def drain(self) -> None:
-        """Stop leasing and give running leases time to end (up to drain_timeout_s)."""
+    async def drain(self) -> bool:
+        """Stop leasing and wait (up to drain_timeout_s) until no agent holds a lease; True if none does."""
         self.board.leasing = False
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        # Leases end in several ways (result, release, expiry): polling is the simplest honest wait.
-        while time.monotonic() < deadline and any(a.running for a in self.board.agents.values()):  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+        return await wait_drained(lambda: any(a.running for a in self.board.agents.values()),
+                                  self.config.drain_timeout_s)
 
     async def stop(self, drain: bool = True) -> None:
         """Stop leasing, give running leases time to finish (up to drain_timeout_s), then close."""
         self.board.leasing = False
         if self._gc is not None:
-            self._gc.cancel()
-            await asyncio.gather(self._gc, return_exceptions=True)
+            await cancel_all([self._gc])
         if drain:
             await self.drain()
         if self._runner is not None:

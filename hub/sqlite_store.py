@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from hub.blob_refs import manifest_blobs, result_blobs
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import LeaseWrite
 
@@ -251,9 +252,9 @@ class SqliteStore:
         def op(c: sqlite3.Connection) -> set[str]:
             refs: set[str] = set()
             for (envelope,) in c.execute("SELECT envelope FROM jobs"):
-                refs |= _envelope_blobs(_unpack(envelope))
+                refs |= manifest_blobs(_unpack(envelope))
             for (record,) in c.execute("SELECT record FROM results"):
-                refs |= _result_blobs(_unpack(record))
+                refs |= result_blobs(_unpack(record))
             refs |= {r[0] for r in c.execute("SELECT checkpoint FROM tasks WHERE checkpoint IS NOT NULL")}
             return refs
         return await self._run(op)
@@ -263,23 +264,6 @@ class SqliteStore:
             ResultRow(r[0], r[1], r[2], r[3], _unpack(r[4]), r[5], r[6]) for r in c.execute(
                 "SELECT task_id, job_id, attempt, agent_id, record, digest, accepted_at FROM results "
                 "WHERE job_id=? ORDER BY task_id", (job_id,)).fetchall()])
-
-
-def _envelope_blobs(envelope: Any) -> set[str]:
-    try:
-        manifest = _unpack(envelope["payload"])["manifest"]
-        inputs = manifest["spec"].get("inputs", {})
-        return {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
-    except (KeyError, TypeError, AttributeError, ValueError):
-        return set()
-
-
-def _result_blobs(record: Any) -> set[str]:
-    try:
-        outputs = _unpack(record["payload"]).get("outputs") or {}
-        return {o["sha256"] for o in outputs.values() if isinstance(o, dict) and o.get("sha256")}
-    except (KeyError, TypeError, AttributeError, ValueError):
-        return set()
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -23,9 +23,10 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.board import AgentState, Board, job_summary
+from hub.board import Board
 from hub.config import HubConfig
-from hub.dispatch.explain import explain_waiting
+from hub.fleet import AgentState
+from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, TaskRow, TaskState
 
 __all__ = ["FEED_KEY", "StatusFeed", "add_status_routes", "agent_state"]
@@ -68,8 +69,8 @@ def _frame(event: str, data: Any) -> Frame:
 class StatusFeed:
     """What the status page shows beyond the board's own state; fans frames out to live viewers."""
 
-    def __init__(self, board: Board) -> None:
-        self.board = board
+    def __init__(self, view: BoardView) -> None:
+        self.view = view
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.history: dict[int, Counter[str]] = {}          # epoch minute -> {"done": n, "failed": n}
         self.credit_gflop_h: dict[str, float] = {}          # agent id -> compute contributed
@@ -94,21 +95,21 @@ class StatusFeed:
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
         """A BoardObserver: count the attempt in its minute, credit the agent's compute."""
-        minute = int(self.board.clock() // 60)
+        minute = int(self.view.now() // 60)
         self.history.setdefault(minute, Counter())["done" if ok else "failed"] += 1
         for old in [m for m in self.history if m <= minute - HISTORY_MINUTES]:
             del self.history[old]
         wall_s = metrics.get("wall_s")
-        agent = self.board.agents.get(agent_id)
+        agent = self.view.agents.get(agent_id)
         if ok and agent is not None and isinstance(wall_s, int | float) and wall_s > 0:
             gained = _agent_gflops(agent) * float(wall_s) / 3600.0
             self.credit_gflop_h[agent_id] = self.credit_gflop_h.get(agent_id, 0.0) + gained
 
     def observe(self) -> None:
         """Notice transitions nobody emits: agents going offline and in/out of quarantine."""
-        online = {a.row.id for a in self.board.online_agents()}
-        now = self.board.clock()
-        for agent in self.board.agents.values():
+        online = {a.row.id for a in self.view.online_agents()}
+        now = self.view.now()
+        for agent in self.view.agents.values():
             before, after = self._refused.get(agent.row.id), agent.refused
             if after and not before:
                 self.quarantines += 1
@@ -119,7 +120,7 @@ class StatusFeed:
             self._refused[agent.row.id] = after
         if self._online is not None:
             for agent_id in sorted(self._online - online):
-                left = self.board.agents.get(agent_id)
+                left = self.view.agents.get(agent_id)
                 self._note({"type": "agent_left", "at": now, "agent": agent_id,
                             "name": left.row.name if left else agent_id})
         self._online = online
@@ -155,16 +156,10 @@ class StatusFeed:
             self._end(queue)
 
     async def start(self) -> None:
-        self.board.listeners.append(self.on_event)
-        self.board.observers.append(self)
         self._ticker = asyncio.create_task(self._tick_forever(), name="panal-status-feed")
 
     async def stop(self) -> None:
         self.close_streams()
-        with contextlib.suppress(ValueError):
-            self.board.listeners.remove(self.on_event)
-        with contextlib.suppress(ValueError):
-            self.board.observers.remove(self)
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -186,15 +181,15 @@ class StatusFeed:
     # -- the summary ----------------------------------------------------------------------------
     async def summary(self) -> dict[str, Any]:
         """The JSON the page renders (a superset of ``Board.status()``)."""
-        board = self.board
+        view = self.view
         self.observe()
-        now = board.clock()
-        base = board.status()
-        online_ids = {a.row.id for a in board.online_agents()}
-        states = Counter(agent_state(a, a.row.id in online_ids) for a in board.agents.values())
+        now = view.now()
+        base = view.status()
+        online_ids = {a.row.id for a in view.online_agents()}
+        states = Counter(agent_state(a, a.row.id in online_ids) for a in view.agents.values())
         gpus: Counter[str] = Counter()
         gflops = 0.0
-        for agent in board.agents.values():
+        for agent in view.agents.values():
             if agent.row.id in online_ids:
                 gpus.update(g.name for g in agent.caps.gpus)
                 gflops += sum(g.gflops_fp32 for g in agent.caps.gpus) + agent.caps.cpu_gflops
@@ -202,12 +197,12 @@ class StatusFeed:
             **base,
             "generated_at": now,
             "snapshot_interval_s": SNAPSHOT_INTERVAL_S,
-            "policy": board.policy.name,
+            "policy": view.policy_name,
             "agents": {**base["agents"], "online": len(online_ids),
                        **{s: states[s] for s in ("idle", "busy", "offline", "quarantined")}},
             "gpus": [{"model": model, "count": n} for model, n in sorted(gpus.items(), key=lambda kv: (-kv[1], kv[0]))],
             "tflops_online": round(gflops / 1000.0, 6),   # to 1 MFLOPS: a CPU fleet is not 0
-            "agent_table": [self._agent_row(a, a.row.id in online_ids) for a in board.agents.values()],
+            "agent_table": [self._agent_row(a, a.row.id in online_ids) for a in view.agents.values()],
             "job_table": await self._job_rows(now),
             "throughput": self._throughput(now),
             "events": list(self.events),
@@ -219,8 +214,8 @@ class StatusFeed:
         cpu: dict[str, Any] = found if isinstance(found, dict) else {}
         running = []
         for task_id in sorted(agent.running):
-            task = self.board.tasks.get(task_id)
-            job = self.board.jobs.get(task.job_id) if task is not None else None
+            task = self.view.task(task_id)
+            job = self.view.job(task.job_id) if task is not None else None
             if task is not None and job is not None:
                 running.append({"task": task_id, "job": job.id, "job_name": job.name, "idx": task.idx,
                                 "progress": task.progress})
@@ -237,21 +232,18 @@ class StatusFeed:
         }
 
     async def _job_rows(self, now: float) -> list[dict[str, Any]]:
-        board = self.board
+        view = self.view
         rows = []
-        for _, _, job_id in board.order[:MAX_ACTIVE_JOBS]:
-            job = board.jobs.get(job_id)
-            if job is None:
-                continue
-            counts = {s.value: n for s, n in board.counts[job_id].items() if n}
+        for job in view.active_jobs(MAX_ACTIVE_JOBS):
+            counts = view.counts(job.id)
             row = public_job(job_summary(job, counts))
             settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
             row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
-            if board.ready.get(job_id) and not counts.get(TaskState.LEASED.value):
-                row["waiting_because"] = explain_waiting(board, job_id)
+            if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
+                row["waiting_because"] = view.waiting_because(job.id)
             rows.append(row)
         if self._recent_jobs is None:
-            finished = [job for job in await board.store.list_jobs(None, RECENT_JOBS) if job.state.terminal]
+            finished = [job for job in await view.list_jobs(None, RECENT_JOBS) if job.state.terminal]
             self._final_counts = {job.id: await self._counts_of_finished(job) for job in finished}
             self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None}
                                  for job in finished]
@@ -265,7 +257,7 @@ class StatusFeed:
         known = self._final_counts.get(job.id)
         if known is not None:
             return known
-        return dict(Counter(t.state.value for t in await self.board.store.get_tasks(job.id)))
+        return dict(Counter(t.state.value for t in await self.view.tasks(job.id)))
 
     def _throughput(self, now: float) -> list[dict[str, Any]]:
         minute = int(now // 60)
@@ -289,10 +281,13 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
     """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
     from hub.app import reply  # the app's msgpack/JSON codec (hub.app imports this module)
 
-    feed = StatusFeed(board)
+    view = board.view
+    feed = StatusFeed(view)
     app[FEED_KEY] = feed
 
     async def start(_: web.Application) -> None:
+        board.add_listener(feed.on_event)
+        board.add_observer(feed)
         await feed.start()
 
     async def shutdown(_: web.Application) -> None:  # before the server waits for open handlers
@@ -300,6 +295,8 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
 
     async def cleanup(_: web.Application) -> None:
         await feed.stop()
+        board.remove_listener(feed.on_event)
+        board.remove_observer(feed)
 
     app.on_startup.append(start)
     app.on_shutdown.append(shutdown)
@@ -334,19 +331,16 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
 
     async def public_job_view(request: web.Request) -> web.Response:
         job_id = request.match_info["job_id"]
-        view = await board.job_view(job_id)  # NotFound -> 404
-        if job_id in board.jobs:
-            tasks = [board.tasks[f"{job_id}.{i}"] for i in range(min(board.jobs[job_id].n_tasks, MAX_PUBLIC_TASKS))]
-        else:
-            tasks = (await board.store.get_tasks(job_id))[:MAX_PUBLIC_TASKS]
-        names = {a.row.id: a.row.name for a in board.agents.values()}
+        summary = await view.job_view(job_id)  # NotFound -> 404
+        tasks = await view.tasks(job_id, MAX_PUBLIC_TASKS)
+        names = {a.row.id: a.row.name for a in view.agents.values()}
         return reply(request, {
-            "job": public_job(view),
-            "waiting_because": view.get("waiting_because", []),
+            "job": public_job(summary),
+            "waiting_because": summary.get("waiting_because", []),
             "tasks": [{"idx": t.idx, "state": t.state.value, "attempt": t.attempt, "agent": t.agent_id,
                        "agent_name": names.get(t.agent_id or ""), "progress": t.progress,
                        "error_class": t.error_class, "updated_at": t.updated_at} for t in tasks],
-            "truncated": view["n_tasks"] > len(tasks),
+            "truncated": summary["n_tasks"] > len(tasks),
         })
 
     app.router.add_get("/", page)

@@ -2,7 +2,8 @@
 
 The board keeps live scheduling state in memory and writes through to the store; a write is
 acknowledged to a client only after the store has committed it, so nothing acknowledged is lost
-when the board is killed.
+when the board is killed. Stores are chosen by URL (hub/stores.py) and held to one contract
+suite (tests/test_store_contract.py); every write below is atomic: all of it or none.
 """
 
 from __future__ import annotations
@@ -19,24 +20,41 @@ LeaseWrite = tuple[str, str, str, int, float]
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
+    async def open(self) -> None:
+        """Connect, creating the schema if missing; state written before a close or crash is back."""
+    async def close(self) -> None:
+        """Finish the writes already queued, then disconnect."""
 
-    async def upsert_agent(self, agent: AgentRow) -> None: ...
+    async def upsert_agent(self, agent: AgentRow) -> None:
+        """Add an agent, or update its name, capabilities and last_seen (never its key)."""
     async def list_agents(self) -> list[AgentRow]: ...
-    async def add_submitter(self, key_id: str, public_key: str, name: str) -> None: ...
-    async def remove_submitter(self, key_id: str) -> bool: ...
-    async def list_submitters(self) -> list[tuple[str, str, str]]: ...
+    async def add_submitter(self, key_id: str, public_key: str, name: str) -> None:
+        """Authorise a key; re-adding one renames it."""
+    async def remove_submitter(self, key_id: str) -> bool:
+        """Revoke a key; False if it was not there."""
+    async def list_submitters(self) -> list[tuple[str, str, str]]:
+        """(key id, public key, name), oldest first."""
 
-    async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None: ...
-    async def save_leases(self, leases: Sequence[LeaseWrite]) -> None: ...
-    async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None: ...
+    async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
+        """Insert a job with all its tasks; an existing job id is an error and changes nothing."""
+    async def save_leases(self, leases: Sequence[LeaseWrite]) -> None:
+        """Mark tasks leased to an agent until lease_expires_at."""
+    async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
+        """Write tasks' mutable fields (state, attempt, lease, error, progress, checkpoint) and jobs'
+        state, finished_at and error."""
     async def accept_results(self, results: Sequence[ResultRow], tasks: Sequence[TaskRow],
-                             jobs: Sequence[JobRow]) -> None: ...
+                             jobs: Sequence[JobRow]) -> None:
+        """Record results with their tasks' and jobs' new state; a second result for a task is an
+        error and changes nothing (exactly one accepted result per task)."""
 
-    async def load_active(self) -> tuple[list[JobRow], list[TaskRow]]: ...
-    async def list_jobs(self, state: JobState | None = None, limit: int = 1000) -> list[JobRow]: ...
+    async def load_active(self) -> tuple[list[JobRow], list[TaskRow]]:
+        """Queued and running jobs with all their tasks (ordered by job, index): a restart's state."""
+    async def list_jobs(self, state: JobState | None = None, limit: int = 1000) -> list[JobRow]:
+        """Jobs, newest first, optionally in one state."""
     async def get_job(self, job_id: str) -> JobRow | None: ...
-    async def get_tasks(self, job_id: str) -> list[TaskRow]: ...
-    async def get_results(self, job_id: str) -> list[ResultRow]: ...
-    async def referenced_blobs(self) -> set[str]: ...
+    async def get_tasks(self, job_id: str) -> list[TaskRow]:
+        """A job's tasks by index."""
+    async def get_results(self, job_id: str) -> list[ResultRow]:
+        """A job's accepted results by task id (their digests recognise a re-sent result)."""
+    async def referenced_blobs(self) -> set[str]:
+        """Every blob a job still needs: inputs, outputs, checkpoints (hub/blob_refs.py)."""

@@ -12,7 +12,7 @@ from helpers import FakeClock
 from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
-from hub.records import JobState, TaskState
+from hub.records import JobState, TaskRow, TaskState
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
 from security.errors import Conflict, Forbidden
@@ -24,6 +24,12 @@ def manifest(n: int = 1, retries: int = 2, **spec: Any) -> Manifest:
     return Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "t"},
                                "spec": {"task": "sleep", "sweep": {"seconds": [0.0] * n},
                                         "policy": {"retries": retries}, **spec}})
+
+
+def task_of(fx: Fixture, task_id: str) -> TaskRow:
+    task = fx.board.view.task(task_id)
+    assert task is not None
+    return task
 
 
 class Fixture:
@@ -118,8 +124,8 @@ async def test_heartbeat_extends_lease_and_reports_lost_ones(fx: Fixture) -> Non
     assert reply["lost"] == []
     fx.clock.now += 8   # 16 s after the lease, 8 s after the heartbeat: still valid
     await fx.board.sweep()
-    assert fx.board.tasks[task["task_id"]].state == TaskState.LEASED
-    assert fx.board.tasks[task["task_id"]].progress == 0.5
+    assert task_of(fx, task["task_id"]).state == TaskState.LEASED
+    assert task_of(fx, task["task_id"]).progress == 0.5
     reply = await fx.board.heartbeat(fx.agents[1].id, [{"task_id": task["task_id"], "lease_id": task["lease_id"]}])
     assert reply["lost"] == [{"task_id": task["task_id"], "reason": "lost"}]
 
@@ -133,7 +139,7 @@ async def test_result_from_the_wrong_agent_is_forbidden(fx: Fixture) -> None:
     # Agent 1 claims agent 0's lease.
     [o] = await fx.board.accept(fx.agents[1].id, [fx.result(fx.agents[1], task)])
     assert o.status == "rejected" and o.error is not None and o.error.code == "not_your_lease"
-    assert fx.board.tasks[task["task_id"]].state == TaskState.LEASED
+    assert task_of(fx, task["task_id"]).state == TaskState.LEASED
 
 
 async def test_transient_failures_retry_then_fail_and_permanent_fails_at_once(fx: Fixture) -> None:
@@ -221,8 +227,8 @@ async def test_queued_tasks_fail_when_the_deadline_passes(fx: Fixture) -> None:
     [task] = await fx.lease(fx.agents[0], 1)
     fx.clock.now += 6   # past the deadline, within the 10 s lease
     await fx.board.sweep()
-    assert fx.board.tasks[f"{job_id}.1"].state == TaskState.FAILED
-    assert fx.board.tasks[task["task_id"]].state == TaskState.LEASED  # running work may still finish
+    assert task_of(fx, f"{job_id}.1").state == TaskState.FAILED
+    assert task_of(fx, task["task_id"]).state == TaskState.LEASED  # running work may still finish
     await fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], task)])
     view = await fx.board.job_view(job_id)
     assert view["state"] == "failed" and "deadline passed" in view["error"]

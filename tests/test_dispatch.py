@@ -10,12 +10,12 @@ import pytest
 from helpers import FakeClock
 
 from agent.client.submitting import make_envelope
+from agent.tools.simulate import run_simulation
 from hub.board import Board
 from hub.config import HubConfig
 from hub.dispatch import POLICIES, make_policy
-from hub.dispatch.explain import explain_waiting, human_duration
+from hub.dispatch.explain import human_duration
 from hub.dispatch.predict import Predictor
-from hub.dispatch.simulate import run_simulation
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
 from security.identity import Identity
@@ -46,9 +46,6 @@ class Hub:
         self.board = Board(SqliteStore(tmp / "b.db"),
                            HubConfig(dispatch_policy=policy, retry_backoff_s=0, expiry_interval_s=3600, **config),
                            self.clock)
-        policy: Any = self.board.policy
-        if hasattr(policy, "attempt_settled") and not any(o is policy for o in self.board.observers):
-            self.board.observers.append(policy)  # until Board.__init__ does it itself
         self.users: dict[str, Identity] = {}
 
     def user(self, name: str) -> Identity:
@@ -80,7 +77,9 @@ class Hub:
         assert outcome.status == "accepted"
 
     def submitter_of(self, task: dict[str, Any]) -> str:
-        owner = self.board.jobs[task["job_id"]].submitter_id
+        job = self.board.view.job(task["job_id"])
+        assert job is not None
+        owner = job.submitter_id
         return next(name for name, ident in self.users.items() if ident.id == owner)
 
 
@@ -157,7 +156,7 @@ async def test_fastest_prefers_the_faster_agent_and_learns_observed_speed(hubs: 
     assert await hub.lease(laptop) == []            # ~69 s here, ~0.7 s on the idle A100
     [task] = await hub.lease(a100)
     assert task["job_id"] == first
-    predictor = hub.board.policy.predictor  # type: ignore[attr-defined]
+    predictor = hub.board.policy.predictor
     assert isinstance(predictor, Predictor) and predictor.factor(a100.id, "matmul") == 1.0
     await hub.finish(a100, task, wall_s=500.0)      # the A100 is shared and slow in practice
     assert predictor.factor(a100.id, "matmul") > 100
@@ -203,7 +202,7 @@ async def test_deadline_excludes_a_slow_host(hubs: HubFactory, policy: str) -> N
     laptop = await hub.agent("laptop", cpu_caps())
     job_id = await hub.submit(1, policy={"deadline": "60s"})
     assert await hub.lease(laptop) == []
-    [line] = explain_waiting(hub.board, job_id)
+    [line] = hub.board.view.waiting_because(job_id)
     assert line.startswith("needs to finish within 59s: the fastest of 1 capable connected agents would take ~69s")
     gtx = await hub.agent("gtx", GTX1060)
     assert [t["job_id"] for t in await hub.lease(gtx)] == [job_id]
@@ -215,7 +214,7 @@ async def test_availability_window_excludes_a_host_leaving_too_soon(hubs: HubFac
     leaving = await hub.agent("leaving", cpu_caps(available_until=hub.clock.now + 30))
     job_id = await hub.submit(1)
     assert await hub.lease(leaving) == []
-    assert explain_waiting(hub.board, job_id) == [
+    assert hub.board.view.waiting_because(job_id) == [
         "needs ~69s on the fastest capable agent: all 1 capable connected agents leave sooner "
         "(longest window left: 29s)"]
     staying = await hub.agent("staying", cpu_caps(available_until=hub.clock.now + 3600))
@@ -226,10 +225,10 @@ async def test_explain_waiting_keeps_requirement_clauses(hubs: HubFactory) -> No
     hub = await hubs("best-fit")
     await hub.agent("gtx", GTX1060)
     job_id = await hub.submit(1, requires={"device": "gpu", "min_vram_gb": 16})
-    assert explain_waiting(hub.board, job_id) == [
+    assert hub.board.view.waiting_because(job_id) == [
         "needs min_vram_gb 16: 0 of 1 connected agents have it (largest: 6.0)"]
     await hub.agent("a100", A100)   # clause lines stay as jobs.requirements.explain has them; no time lines
-    assert explain_waiting(hub.board, job_id) == [
+    assert hub.board.view.waiting_because(job_id) == [
         "needs min_vram_gb 16: 1 of 2 connected agents has it (largest: 40.0)"]
 
 

@@ -113,7 +113,8 @@ async def test_quarantines_and_unmatched_routes(hub: InProcessHub) -> None:
     agent = BoardClient(hub.address, ident, retry_for_s=1)
     await agent.call("POST", "/v1/agents", {"public_key": ident.public.text(), "name": "q",
                                             "capabilities": {"kinds": ["sleep"]}})
-    hub.server.board.gates.append(Refuse(ident.id))
+    gate = Refuse(ident.id)
+    hub.server.board.add_gate(gate)
     reply = await agent.call("POST", "/v1/lease", {"slots": 1})
     assert reply["refused"] == "too many failed results"
     assert hub.address.fingerprint
@@ -125,7 +126,7 @@ async def test_quarantines_and_unmatched_routes(hub: InProcessHub) -> None:
     assert value(samples, "panal_agents", state="quarantined") == 1
     assert value(samples, "panal_quarantines_total") == 1
     assert value(samples, "panal_http_requests_total", method="GET", route="unmatched", status="404") == 1
-    hub.server.board.gates.clear()
+    hub.server.board.remove_gate(gate)
     await agent.call("POST", "/v1/lease", {"slots": 1})
     samples = await scrape(hub)
     assert value(samples, "panal_agents", state="quarantined") == 0

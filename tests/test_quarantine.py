@@ -12,7 +12,7 @@ from helpers import FakeClock
 from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
-from hub.dispatch.memory_hint import MemoryAware, MemoryHint
+from hub.dispatch.priority_fifo import PriorityFifo
 from hub.quarantine import Quarantine
 from hub.records import TaskState
 from hub.sqlite_store import SqliteStore
@@ -32,17 +32,6 @@ def manifest(n: int, retries: int = 9, **spec: Any) -> Manifest:
                                         "policy": {"retries": retries}, **spec}})
 
 
-def quarantine_of(board: Board) -> Quarantine:
-    """The board's Quarantine: the one Board.__init__ registers, or one registered the same way here."""
-    for gate in board.gates:
-        if isinstance(gate, Quarantine):
-            return gate
-    q = Quarantine(board.config, board.clock)
-    board.observers.append(q)
-    board.gates.append(q)
-    return q
-
-
 class Fleet:
     def __init__(self, tmp: Path, **settings: Any) -> None:
         self.clock = FakeClock(1_000_000.0)
@@ -50,7 +39,7 @@ class Fleet:
                                 quarantine_min_attempts=4, quarantine_failure_ratio=0.75, quarantine_base_s=60,
                                 quarantine_max_s=200, **settings)
         self.board = Board(SqliteStore(tmp / "q.db"), self.config, self.clock)
-        self.quarantine = quarantine_of(self.board)
+        self.quarantine = self.board.quarantine
         self.user = Identity.generate()
         self.agents: dict[str, Identity] = {}
 
@@ -195,22 +184,10 @@ async def test_quarantine_settings_are_checked(tmp_path: Path) -> None:
 
 
 # -- OOM-aware retries ---------------------------------------------------------------------------
-def memory_hint_of(board: Board) -> MemoryHint:
-    for observer in board.observers:
-        if isinstance(observer, MemoryHint):
-            return observer
-    hint = MemoryHint(board)
-    board.observers.append(hint)
-    if not isinstance(board.policy, MemoryAware):
-        board.policy = MemoryAware(board.policy, hint)
-    return hint
-
-
 @pytest.fixture
 async def sized(tmp_path: Path) -> AsyncIterator[Fleet]:
     f = Fleet(tmp_path)
     await f.board.start()
-    memory_hint_of(f.board)
     await f.add("small", CPU_SMALL)
     await f.add("big", CPU_BIG)
     yield f
@@ -230,9 +207,9 @@ async def test_oom_retry_goes_to_the_agent_with_more_memory(sized: Fleet) -> Non
     await sized.report("big", retry, ok=True)
     await sized.report("small", other, ok=True)
     assert (await sized.board.job_view(job_id))["state"] == "succeeded"
-    assert memory_hint_of(sized.board).tasks == {}
-    # The wrapper keeps the policy's name and does not offer itself as a second observer.
-    assert sized.board.policy.name == "priority-fifo" and not hasattr(sized.board.policy, "attempt_settled")
+    assert sized.board.memory_hint.tasks == {}
+    # The hint wraps nothing: the board's policy is the configured one, whatever the hint holds back.
+    assert isinstance(sized.board.policy, PriorityFifo)
 
 
 async def test_oom_retry_is_not_held_back_when_no_bigger_agent_is_around(sized: Fleet) -> None:
@@ -256,7 +233,7 @@ async def test_gpu_oom_compares_vram_not_ram(tmp_path: Path) -> None:
     f = Fleet(tmp_path)
     await f.board.start()
     try:
-        hint = memory_hint_of(f.board)
+        hint = f.board.memory_hint
         gpu = {"name": "g", "backend": "cuda", "vram_gb": 8}
         await f.add("gtx", {"kinds": ["sleep"], "memory_gb": 128, "gpus": [gpu]})
         await f.add("a100", {"kinds": ["sleep"], "memory_gb": 16, "gpus": [{**gpu, "vram_gb": 40}]})
@@ -271,6 +248,7 @@ async def test_gpu_oom_compares_vram_not_ram(tmp_path: Path) -> None:
         assert await f.lease("gtx") == []
         [retry] = await f.lease("a100")
         assert retry["task_id"] == task["task_id"]
-        assert f.board.tasks[task["task_id"]].state == TaskState.LEASED
+        leased = f.board.view.task(task["task_id"])
+        assert leased is not None and leased.state == TaskState.LEASED
     finally:
         await f.board.stop()

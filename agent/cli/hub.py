@@ -12,7 +12,8 @@ import click
 from agent.cli.common import PanalGroup, home, print_json, read_public_key, run, until_signalled
 from hub.home import HubHome
 from hub.server import BoardServer
-from hub.sqlite_store import SqliteStore
+from hub.store import Store
+from hub.stores import create_store
 from security.errors import BadRequest, NotFound
 from security.identity import PublicKey
 from security.tls import server_context
@@ -45,7 +46,7 @@ def init(root: Path, host: str | None, port: int | None, insecure: bool | None) 
     changes = hub_home.configure(host=host, port=port, tls=tls) if hub_home.config_path.exists() else {}
     config = hub_home.init(host, port, tls)
     me = home().user_identity()
-    run(_add_submitter(hub_home, me.public, "owner"))
+    run(_add_submitter(_store(hub_home), me.public, "owner"))
     if not existed:
         click.echo(f"hub initialised in {root}")
     elif changes:
@@ -62,8 +63,13 @@ def init(root: Path, host: str | None, port: int | None, insecure: bool | None) 
     click.echo(hub_home.address(config).join_url())
 
 
-async def _add_submitter(hub_home: HubHome, key: PublicKey, name: str) -> None:
-    store = SqliteStore(hub_home.db_path)
+def _store(hub_home: HubHome) -> Store:
+    """The hub's store as its settings name it (not opened)."""
+    config = hub_home.config()
+    return create_store(config.store, hub_home.db_path, synchronous=config.sqlite_synchronous)
+
+
+async def _add_submitter(store: Store, key: PublicKey, name: str) -> None:
     await store.open()
     try:
         await store.add_submitter(key.id, key.text(), name)
@@ -114,7 +120,7 @@ def submitters() -> None:
 def submitters_add(root: Path, key: str, name: str) -> None:
     """Authorise a submitter key (text `ed25519:...` or a file containing it)."""
     public = read_public_key(key)
-    run(_add_submitter(HubHome(root), public, name or public.id[:12]))
+    run(_add_submitter(_store(HubHome(root)), public, name or public.id[:12]))
     click.echo(f"authorised {public.id}")
 
 
@@ -123,8 +129,9 @@ def submitters_add(root: Path, key: str, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def submitters_list(root: Path, as_json: bool) -> None:
     """List authorised submitter keys."""
+    store = _store(HubHome(root))
+
     async def go() -> list[tuple[str, str, str]]:
-        store = SqliteStore(HubHome(root).db_path)
         await store.open()
         try:
             return await store.list_submitters()
@@ -144,8 +151,9 @@ def submitters_list(root: Path, as_json: bool) -> None:
 @click.argument("key_id")
 def submitters_remove(root: Path, key_id: str) -> None:
     """Revoke a submitter key by id."""
+    store = _store(HubHome(root))
+
     async def go() -> bool:
-        store = SqliteStore(HubHome(root).db_path)
         await store.open()
         try:
             return await store.remove_submitter(key_id)

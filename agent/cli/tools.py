@@ -56,7 +56,7 @@ def bench_chaos(minutes: float, agents: int, seed: int | None, as_json: bool) ->
 def bench_policies(policies: tuple[str, ...], seed: int) -> None:
     """Simulate a mixed fleet (A100s, RX 580s, GTX 1060s, laptops) under each dispatch policy."""
     from hub.dispatch import POLICIES
-    from hub.dispatch.simulate import format_table, run_simulation
+    from agent.tools.simulate import format_table, run_simulation
 
     click.echo(format_table(run_simulation(list(policies) or sorted(POLICIES), seed)))
 

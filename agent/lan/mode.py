@@ -47,6 +47,7 @@ from agent.lan.browse import LanBrowser
 from agent.lan.interfaces import InterfacePolicy, LocalAddress, open_zeroconf, select_addresses
 from agent.lan.peers import Peer, PeerEvent, PeerTable
 from agent.lan.settings import LanSettings
+from hub.background import cancel_all, run_every
 from hub.home import HubHome
 from hub.server import BoardServer
 from security.errors import BadRequest, PanalError
@@ -125,16 +126,14 @@ class LanMode:
         self._browser = LanBrowser(self._zc, self_id=daemon.identity.id, table=self.table,
                                    on_change=self._on_peer, sweep_s=min(1.0, s.ttl_s / 4))
         await self._browser.start()
-        self._tasks = [asyncio.create_task(self._sync_loop(), name="lan-sync")]
+        self._tasks = [run_every(s.sync_s, self._sync, "LAN sync")]
         log.info("LAN mode: board %s announced on %s", address.join_url(),
                  ", ".join(a.ip for a in self._addresses))
 
     async def stop(self) -> None:
         """Stop leasing, let peers finish what they hold (bounded), say goodbye, stop the board."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         if self._server is not None:
             await self._server.drain()
         self.url_path.unlink(missing_ok=True)
@@ -202,17 +201,13 @@ class LanMode:
         await server.remove_submitters(await server.submitter_ids() - set(wanted) - {self._owner})
         self._trusted_keys = wanted
 
-    async def _sync_loop(self) -> None:
+    async def _sync(self) -> None:
+        """Re-read the trust store; re-announce free slots and whether this board has queued work."""
         assert self._daemon is not None and self._announcer is not None and self._server is not None
-        while True:
-            await asyncio.sleep(self.settings.sync_s)
-            try:
-                await self._sync_trust()
-                self._queued = int(self._server.board.status()["tasks"].get("queued", 0))
-                await self._announcer.update(slots=max(0, self._daemon.settings.slots - self._daemon.tasks_running),
-                                             work=self._queued > 0)
-            except Exception:
-                log.exception("LAN sync failed; will retry")
+        await self._sync_trust()
+        self._queued = int(self._server.board.status()["tasks"].get("queued", 0))
+        await self._announcer.update(slots=max(0, self._daemon.settings.slots - self._daemon.tasks_running),
+                                     work=self._queued > 0)
 
     # -- peers --------------------------------------------------------------------------------
     async def _on_peer(self, event: PeerEvent, peer: Peer) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hub.settings import load_settings
 from security.errors import BadRequest
 
 __all__ = ["ENV_PREFIX", "LanSettings"]
@@ -36,40 +34,8 @@ class LanSettings:
 
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None, **overrides: Any) -> LanSettings:
-        values: dict[str, Any] = {}
-        if path is not None and path.exists():
-            data = yaml.safe_load(path.read_text()) or {}
-            section = data.get("lan") if isinstance(data, dict) else None
-            if section is not None and not isinstance(section, dict):
-                raise BadRequest(f"{path}: 'lan' must be a map of settings")
-            values.update(section or {})
-        environ = os.environ if env is None else env
-        known = {f.name: f for f in fields(cls)}
-        for name in known:
-            text = environ.get(ENV_PREFIX + name.upper())
-            if text is not None:
-                values[name] = text.split(",") if name == "interfaces" else yaml.safe_load(text)
-        values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise BadRequest(f"unknown lan setting(s): {', '.join(unknown)} (known: {', '.join(known)})")
-        for name, value in values.items():
-            default = known[name].default
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise BadRequest(f"lan setting {name}: expected true or false, got {value!r}")
-            elif isinstance(default, int | float):
-                if not isinstance(value, int | float) or isinstance(value, bool):
-                    raise BadRequest(f"lan setting {name}: expected a number, got {value!r}")
-                values[name] = type(default)(value)
-            elif isinstance(default, tuple):
-                items = [value] if isinstance(value, str) else value
-                if not isinstance(items, list | tuple):
-                    raise BadRequest(f"lan setting {name}: expected a list, got {value!r}")
-                values[name] = tuple(str(v).strip() for v in items if str(v).strip())
-            elif not isinstance(value, str):
-                raise BadRequest(f"lan setting {name}: expected text, got {value!r}")
-        settings = cls(**values)
+        settings = load_settings(cls, what="lan", env_prefix=ENV_PREFIX, path=path, section="lan", env=env,
+                                 overrides=overrides)
         if settings.refresh_s >= settings.ttl_s:
             raise BadRequest(f"lan setting refresh_s ({settings.refresh_s}) must be below ttl_s ({settings.ttl_s})")
         return settings

@@ -1,40 +1,17 @@
-"""Pluggable pieces around the board's lease and result paths.
+"""Dispatch policies: which queued tasks an asking agent gets, one module per policy.
 
-A :class:`DispatchPolicy` decides which queued tasks an asking agent gets (one module per policy,
-chosen by ``dispatch_policy`` in hub.yaml). :class:`BoardObserver` objects hear about every
-settled attempt (results and expired leases) - that is how policies learn observed speeds and how
-black-hole detection learns failure rates. A :class:`LeaseGate` may refuse an agent work
-(quarantine) with a reason the agent and the status page can show.
+The policy is chosen by ``dispatch_policy`` in hub.yaml; every policy implements
+:class:`~hub.protocols.DispatchPolicy` and sees the board only through a
+:class:`~hub.protocols.DispatchView`. See POLICIES.md for when to use which.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:
-    from hub.board import AgentState, Board
-    from hub.records import JobRow, TaskRow
+from hub.protocols import DispatchPolicy
 
-__all__ = ["POLICIES", "BoardObserver", "DispatchPolicy", "LeaseGate", "make_policy"]
-
-
-class DispatchPolicy(Protocol):
-    name: str
-
-    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
-        """Remove up to ``slots`` queued tasks the agent can run from the board's queues and return them."""
-
-
-class BoardObserver(Protocol):
-    def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
-                        metrics: dict[str, Any]) -> None:
-        """One attempt ended: a result (ok or failed) or an expired lease (failure "agent_lost")."""
-
-
-class LeaseGate(Protocol):
-    def refuse(self, agent: AgentState) -> str | None:
-        """A reason to give this agent no work now, or None."""
+__all__ = ["POLICIES", "make_policy"]
 
 
 def _priority_fifo() -> DispatchPolicy:

@@ -18,7 +18,8 @@ from hub.dispatch.fastest import SoonestGate
 from hub.dispatch.predict import Predictor
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
+    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
 
 __all__ = ["Adaptive", "ErrorRates"]
@@ -63,21 +64,21 @@ class Adaptive:
         self.errors = ErrorRates()
         self._now = 0.0
 
-    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
-        now = self._now = board.clock()
+    def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
+        now = self._now = view.now()
 
         def avoid(b: AgentState, kind: str) -> bool:
             return self.errors.high(b.row.id, kind, now)
 
-        gate = SoonestGate(board, agent, self.predictor, now, avoid)
+        gate = SoonestGate(view, agent, self.predictor, now, avoid)
 
         def take(job_id: str, limit: int) -> list[TaskRow]:
-            if avoid(agent, board.jobs[job_id].kind) and gate.has_rival(job_id):
+            if avoid(agent, view.queues.job(job_id).kind) and gate.has_rival(job_id):
                 return []
             share = gate.share(job_id)
-            return self.predictor.take(board, agent, job_id, min(share, limit), now) if share else []
+            return self.predictor.take(view.queues, agent, job_id, min(share, limit), now) if share else []
 
-        return fair_pick(board, agent, slots, self.usage, now, take)
+        return fair_pick(view, agent, slots, self.usage, now, take)
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:

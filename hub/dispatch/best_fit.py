@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.predict import Predictor, candidate_jobs, connected, slots_of
+from hub.dispatch.predict import Predictor, candidate_jobs, slots_of
 from jobs.requirements import Capabilities, unmet
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
+    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
 
 __all__ = ["BestFit", "capability"]
@@ -40,34 +41,34 @@ class BestFit:
     def __init__(self) -> None:
         self.predictor = Predictor()
 
-    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
-        now = board.clock()
-        fleet = connected(board, now)
+    def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
+        now, queues = view.now(), view.queues
+        fleet = view.connected()
         mine = capability(agent.caps)
         smaller = [b for b in fleet if b is not agent and b.refused is None
                    and len(b.running) < slots_of(b) and capability(b.caps) < mine]
         ranked = []
-        for position, job_id in enumerate(candidate_jobs(board, agent)):
-            job, req = board.jobs[job_id], board.requirements[job_id]
+        for position, job_id in enumerate(candidate_jobs(queues, agent)):
+            job, req = queues.job(job_id), queues.requirements(job_id)
             scarcity = sum(1 for b in fleet if not unmet(req, job.kind, b.caps))
             ranked.append((-job.priority, scarcity, position, job_id))
         ranked.sort()
         picked: list[TaskRow] = []
         for *_, job_id in ranked:
-            want = len(board.ready[job_id]) - self._absorbed(board, agent, job_id, smaller, now)
+            want = queues.queued(job_id) - self._absorbed(view, agent, job_id, smaller, now)
             if want > 0:
-                picked += self.predictor.take(board, agent, job_id, min(want, slots - len(picked)), now)
+                picked += self.predictor.take(queues, agent, job_id, min(want, slots - len(picked)), now)
             if len(picked) >= slots:
                 break
         return picked
 
-    def _absorbed(self, board: Board, agent: AgentState, job_id: str, smaller: list[AgentState],
+    def _absorbed(self, view: DispatchView, agent: AgentState, job_id: str, smaller: list[AgentState],
                   now: float) -> int:
         """Tasks of the job that idle, less capable agents can take now and run well."""
         if not smaller:
             return 0
-        job, req = board.jobs[job_id], board.requirements[job_id]
-        task = self.predictor.head(board, agent, job_id, now)
+        job, req = view.queues.job(job_id), view.queues.requirements(job_id)
+        task = self.predictor.head(view.queues, agent, job_id, now)
         if task is None:
             return 0
         well = max(WELL_FACTOR * self.predictor.predict(agent, job, task, req), WELL_S)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING
 
-from hub.dispatch.predict import Predictor, available_until, connected
-from hub.records import TaskState
+from hub.dispatch.predict import Predictor
+from hub.fleet import available_until
 from jobs.requirements import explain, unmet
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
+    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
 
 __all__ = ["explain_waiting", "human_duration"]
 
@@ -26,25 +26,24 @@ def human_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f}".removesuffix(".0") + "d"
 
 
-def explain_waiting(board: Board, job_id: str) -> list[str]:
+def explain_waiting(view: DispatchView, job_id: str, predictor: Predictor | None = None) -> list[str]:
     """One line per reason no connected agent can take the job's next queued task; empty if one can.
 
-    Uses the active policy's predictor when it has one (what it learned of each agent's speed).
+    ``predictor``: the active policy's, when it has one (what it learned of each agent's speed).
     """
-    job = board.jobs.get(job_id)
-    if job is None or not board.ready.get(job_id):
+    queues = view.queues
+    if not queues.queued(job_id):
         return []
-    now = board.clock()
-    fleet = connected(board, now)
-    req = board.requirements[job_id]
+    job = queues.job(job_id)
+    now = view.now()
+    fleet = view.connected()
+    req = queues.requirements(job_id)
     lines = explain(req, job.kind, [a.caps for a in fleet])
     capable = [a for a in fleet if not unmet(req, job.kind, a.caps)]
-    task = next((board.tasks[t] for t in itertools.islice(board.ready[job_id], 64)
-                 if t in board.tasks and board.tasks[t].state == TaskState.QUEUED), None)
+    task = next(iter(queues.peek(job_id, 1)), None)
     if not capable or task is None:
         return lines
-    found = getattr(board.policy, "predictor", None)
-    predictor = found if isinstance(found, Predictor) else Predictor()
+    predictor = predictor or Predictor()
     runtimes = sorted((predictor.predict(a, job, task, req), i) for i, a in enumerate(capable))
     if any(predictor.misfit(a, job, task, req, now) is None for a in capable):
         return lines

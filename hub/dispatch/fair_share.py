@@ -14,10 +14,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.predict import Predictor, candidate_jobs
-from hub.records import TaskState
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
+    from hub.config import HubConfig
+    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
 
 __all__ = ["FairShare", "Usage", "fair_pick", "weight"]
@@ -43,40 +44,42 @@ class Usage:
         self._values[submitter] = (self.value(submitter, now) + max(seconds, 0.0), now)
 
 
-def weight(board: Board, submitter: str) -> float:
-    value = board.config.submitter_weights.get(submitter, 1.0)
+def weight(config: HubConfig, submitter: str) -> float:
+    value = config.submitter_weights.get(submitter, 1.0)
     return float(value) if isinstance(value, int | float) and value > 0 else 1.0
 
 
-def fair_pick(board: Board, agent: AgentState, slots: int, usage: Usage, now: float, take: Take) -> list[TaskRow]:
+def fair_pick(view: DispatchView, agent: AgentState, slots: int, usage: Usage, now: float,
+              take: Take) -> list[TaskRow]:
     """Fill ``slots`` one task at a time, each from the submitter furthest below its share.
 
     ``take(job_id, limit)`` removes up to ``limit`` tasks of a job the agent may run (it applies
     the caller's eligibility rule) and returns them; a job that gives none is passed over.
     """
-    queues: dict[str, list[str]] = {}     # submitter -> candidate jobs, priority-fifo order
+    queues = view.queues
+    by_submitter: dict[str, list[str]] = {}     # submitter -> candidate jobs, priority-fifo order
     first: dict[str, int] = {}
-    for position, job_id in enumerate(candidate_jobs(board, agent)):
-        submitter = board.jobs[job_id].submitter_id
-        queues.setdefault(submitter, []).append(job_id)
+    for position, job_id in enumerate(candidate_jobs(queues, agent)):
+        submitter = queues.job(job_id).submitter_id
+        by_submitter.setdefault(submitter, []).append(job_id)
         first.setdefault(submitter, position)
-    if not queues:
+    if not by_submitter:
         return []
     running: dict[str, int] = {}
-    for job in board.jobs.values():
-        leased = board.counts[job.id][TaskState.LEASED]
+    for job in queues.jobs():
+        leased = queues.leased(job.id)
         if leased:
             running[job.submitter_id] = running.get(job.submitter_id, 0) + leased
-    weights = {s: weight(board, s) for s in queues}
+    weights = {s: weight(view.config, s) for s in by_submitter}
 
     def key(submitter: str) -> tuple[float, float, int]:
         w = weights[submitter]
         return running.get(submitter, 0) / w, usage.value(submitter, now) / w, first[submitter]
 
     picked: list[TaskRow] = []
-    while queues and len(picked) < slots:
-        submitter = min(queues, key=key)
-        jobs = queues[submitter]
+    while by_submitter and len(picked) < slots:
+        submitter = min(by_submitter, key=key)
+        jobs = by_submitter[submitter]
         got = take(jobs[0], 1)
         if got:
             picked.extend(got)
@@ -84,7 +87,7 @@ def fair_pick(board: Board, agent: AgentState, slots: int, usage: Usage, now: fl
         else:
             jobs.pop(0)
             if not jobs:
-                del queues[submitter]
+                del by_submitter[submitter]
     return picked
 
 
@@ -96,10 +99,10 @@ class FairShare:
         self.usage = Usage()
         self._now = 0.0
 
-    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
-        now = self._now = board.clock()
-        return fair_pick(board, agent, slots, self.usage, now,
-                         lambda job_id, limit: self.predictor.take(board, agent, job_id, limit, now))
+    def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
+        now = self._now = view.now()
+        return fair_pick(view, agent, slots, self.usage, now,
+                         lambda job_id, limit: self.predictor.take(view.queues, agent, job_id, limit, now))
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:

@@ -13,11 +13,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.predict import Predictor, candidate_jobs, connected
+from hub.dispatch.predict import Predictor, candidate_jobs
 from jobs.requirements import unmet
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
+    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
 
 __all__ = ["Fastest", "SoonestGate"]
@@ -29,15 +30,15 @@ Avoid = Callable[["AgentState", str], bool]
 class SoonestGate:
     """How many of a job's queued tasks one asking agent should take under earliest-finish-first."""
 
-    def __init__(self, board: Board, agent: AgentState, predictor: Predictor, now: float,
+    def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
                  avoid: Avoid | None = None) -> None:
-        self.board, self.agent, self.predictor, self.now = board, agent, predictor, now
+        self.queues, self.agent, self.predictor, self.now = view.queues, agent, predictor, now
         self.avoid = avoid
-        self.others = [(b, predictor.free_at(b, now)) for b in connected(board, now)
+        self.others = [(b, predictor.free_at(b, now)) for b in view.connected()
                        if b is not agent and b.refused is None]
 
     def _rivals(self, job_id: str) -> list[tuple[AgentState, float]]:
-        job, req = self.board.jobs[job_id], self.board.requirements[job_id]
+        job, req = self.queues.job(job_id), self.queues.requirements(job_id)
         return [(b, free) for b, free in self.others
                 if not unmet(req, job.kind, b.caps) and not (self.avoid and self.avoid(b, job.kind))]
 
@@ -46,11 +47,11 @@ class SoonestGate:
         return bool(self._rivals(job_id))
 
     def share(self, job_id: str) -> int:
-        job, req = self.board.jobs[job_id], self.board.requirements[job_id]
-        task = self.predictor.head(self.board, self.agent, job_id, self.now)
+        job, req = self.queues.job(job_id), self.queues.requirements(job_id)
+        task = self.predictor.head(self.queues, self.agent, job_id, self.now)
         if task is None:
             return 0
-        queued = len(self.board.ready[job_id])
+        queued = self.queues.queued(job_id)
         my_end = self.now + self.predictor.predict(self.agent, job, task, req)
         ahead = 0
         for b, free in self._rivals(job_id):
@@ -71,14 +72,14 @@ class Fastest:
     def __init__(self) -> None:
         self.predictor = Predictor()
 
-    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
-        now = board.clock()
-        gate = SoonestGate(board, agent, self.predictor, now)
+    def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
+        now = view.now()
+        gate = SoonestGate(view, agent, self.predictor, now)
         picked: list[TaskRow] = []
-        for job_id in candidate_jobs(board, agent):
+        for job_id in candidate_jobs(view.queues, agent):
             share = gate.share(job_id)
             if share:
-                picked += self.predictor.take(board, agent, job_id, min(share, slots - len(picked)), now)
+                picked += self.predictor.take(view.queues, agent, job_id, min(share, slots - len(picked)), now)
             if len(picked) >= slots:
                 break
         return picked

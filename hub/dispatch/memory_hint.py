@@ -1,9 +1,9 @@
 """OOM-aware retries: a task that ran out of memory is retried on an agent with more of it.
 
-:class:`MemoryHint` is a :class:`~hub.dispatch.BoardObserver`. When an attempt fails with ``oom``
+:class:`MemoryHint` is a :class:`~hub.protocols.BoardObserver`. When an attempt fails with ``oom``
 it records, for that task, how much memory the failing agent offered the task: the VRAM of the GPU
 it would run on for a GPU task (the largest of that agent's GPUs meeting the job's GPU clauses), its
-RAM otherwise. :meth:`MemoryHint.needs_more_memory` then tells a policy whether an asking agent
+RAM otherwise. :meth:`MemoryHint.needs_more_memory` then tells whether an asking agent
 would be no better: it offers no more of that kind of memory than an agent where the task already
 ran out. An agent that would run the task on the other kind of device (the CPU after a GPU OOM, or
 a GPU after a CPU OOM) is a different bet and is not held back.
@@ -13,28 +13,27 @@ that meets the job's requirements offers more. If the biggest machine around has
 the retry goes to whoever asks, and the job's retry budget ends the story. A successful attempt
 forgets the task.
 
-:class:`MemoryAware` wraps any :class:`~hub.dispatch.DispatchPolicy` with this rule, so every
-policy gets it without knowing about it: ``board.policy = MemoryAware(board.policy, hint)``, after the
-board registered a learning policy as an observer (the wrapper does not expose ``attempt_settled``).
+:class:`MemoryHint` is also a :class:`~hub.protocols.Holdback`, so every policy gets the rule without
+knowing about it: for one lease request the board takes the tasks an asking agent would fail again
+out of the queues the policy sees, and puts them back at the front afterwards.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.predict import connected
 from jobs.errors import FailureClass
 from jobs.requirements import Capabilities, Requirements, unmet
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
-    from hub.dispatch import DispatchPolicy
+    from hub.fleet import AgentState, Fleet
+    from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
 
-__all__ = ["MemoryAware", "MemoryHint", "memory_offered"]
+__all__ = ["MemoryHint", "memory_offered"]
 
 #: tasks remembered at most (the oldest OOM record is dropped first)
 _TASKS_KEPT = 100_000
@@ -56,11 +55,10 @@ class _Oom:
 
 
 class MemoryHint:
-    """Remembers where tasks ran out of memory. ``board`` supplies agent capabilities and the fleet."""
+    """Remembers where tasks ran out of memory; ``fleet`` supplies agent capabilities and who is around."""
 
-    def __init__(self, board: Board, clock: Callable[[], float] | None = None) -> None:
-        self.board = board
-        self.clock = clock or board.clock
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
         self.tasks: OrderedDict[str, _Oom] = OrderedDict()
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
@@ -70,10 +68,10 @@ class MemoryHint:
             return
         if failure != FailureClass.OOM.value:
             return
-        agent = self.board.agents.get(agent_id)
+        agent = self.fleet.agents.get(agent_id)
         if agent is None:
             return
-        req = self.board.requirements.get(job.id) or Requirements.from_dict(job.requires)
+        req = Requirements.from_dict(job.requires)
         device, amount = memory_offered(req, agent.caps)
         entry = self.tasks.get(task.id)
         if entry is None:
@@ -89,48 +87,21 @@ class MemoryHint:
         if entry is None or not self._no_better(entry, caps):
             return False
         # Hold back only while someone better is around to take it.
-        for other in connected(self.board, self.clock()):
+        for other in self.fleet.connected(self.fleet.clock()):
             if other.refused is None and not unmet(entry.req, entry.kind, other.caps) \
                     and not self._no_better(entry, other.caps):
                 return True
         return False
+
+    def held_back(self, agent: AgentState, view: DispatchView) -> Iterable[str]:
+        """The :class:`~hub.protocols.Holdback`: queued tasks that ran out of memory on agents no smaller."""
+        if not self.tasks:
+            return ()
+        return [task_id for task_id in self.tasks
+                if view.queues.is_queued(task_id) and self.needs_more_memory(task_id, agent.caps)]
 
     @staticmethod
     def _no_better(entry: _Oom, caps: Capabilities) -> bool:
         device, amount = memory_offered(entry.req, caps)
         failed = entry.failed_at.get(device)
         return failed is not None and amount <= failed
-
-
-class MemoryAware:
-    """A policy wrapper: tasks that need more memory than the asking agent has are hidden from it."""
-
-    def __init__(self, inner: DispatchPolicy, hint: MemoryHint) -> None:
-        self.inner = inner
-        self.hint = hint
-        self.name = inner.name
-
-    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
-        if not self.hint.tasks:
-            return self.inner.pick(board, agent, slots)
-        hidden: list[tuple[str, str]] = []
-        for task_id, entry in self.hint.tasks.items():
-            queue = board.ready.get(entry.job_id)
-            if queue and task_id in queue and self.hint.needs_more_memory(task_id, agent.caps):
-                queue.remove(task_id)
-                hidden.append((entry.job_id, task_id))
-        try:
-            return self.inner.pick(board, agent, slots)
-        finally:
-            # Back at the front: the next agent with more memory should take them first.
-            for job_id, task_id in reversed(hidden):
-                queue = board.ready.get(job_id)
-                if queue is not None:
-                    queue.appendleft(task_id)
-
-    def __getattr__(self, name: str) -> Any:
-        # Attributes of the wrapped policy (its predictor, for explain_waiting) - but not its observer
-        # hook: the board registered the inner policy as an observer already, once is enough.
-        if name == "attempt_settled":
-            raise AttributeError(name)
-        return getattr(self.inner, name)

@@ -11,22 +11,22 @@ agent's availability window (``available_until`` in its capability report, epoch
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from hub.records import TaskState
+from hub.fleet import available_until
 from jobs.catalog import get_kind
 from jobs.kinds.base import Cost
 from jobs.requirements import Capabilities, Gpu, Requirements, unmet
 from security.errors import PanalError
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
+    from hub.fleet import AgentState
+    from hub.protocols import QueueView
     from hub.records import JobRow, TaskRow
 
-__all__ = ["Predictor", "base_seconds", "candidate_jobs", "connected", "slots_of"]
+__all__ = ["Predictor", "base_seconds", "candidate_jobs", "slots_of"]
 
 #: speeds assumed for a device that reported none (an agent without torch, a failed self-test)
 DEFAULT_CPU_GFLOPS = 50.0
@@ -72,28 +72,14 @@ def slots_of(agent: AgentState) -> int:
     return max(int(value), 1) if isinstance(value, int | float) else 1
 
 
-def available_until(agent: AgentState) -> float | None:
-    value = agent.caps.raw.get("available_until")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def connected(board: Board, now: float) -> list[AgentState]:
-    """Agents that can take work now: seen recently or holding a lease, and not past their window."""
-    horizon = now - max(2 * board.config.max_poll_wait_s, board.config.lease_ttl_s) - 5
-    out = []
-    for agent in board.agents.values():
-        until = available_until(agent)
-        if (agent.running or agent.last_seen >= horizon) and (until is None or until > now):
-            out.append(agent)
-    return out
-
-
-def candidate_jobs(board: Board, agent: AgentState) -> list[str]:
+def candidate_jobs(queues: QueueView, agent: AgentState) -> list[str]:
     """Active jobs with queued tasks whose requirements ``agent`` meets: highest priority first,
     then the earliest deadline (a job without one comes after those with one), then the oldest."""
-    jobs = [(neg_priority, board.jobs[job_id].deadline_at or math.inf, created, job_id)
-            for neg_priority, created, job_id in board.order
-            if board.ready.get(job_id) and not unmet(board.requirements[job_id], board.jobs[job_id].kind, agent.caps)]
+    jobs = []
+    for position, job_id in enumerate(queues.waiting()):
+        job = queues.job(job_id)
+        if not unmet(queues.requirements(job_id), job.kind, agent.caps):
+            jobs.append((-job.priority, job.deadline_at or math.inf, position, job_id))
     jobs.sort()
     return [job_id for *_, job_id in jobs]
 
@@ -162,35 +148,24 @@ class Predictor:
         return max(min(ends), now) if ends else now
 
     # -- taking tasks ---------------------------------------------------------------------------
-    def head(self, board: Board, agent: AgentState, job_id: str, now: float) -> TaskRow | None:
+    def head(self, queues: QueueView, agent: AgentState, job_id: str, now: float) -> TaskRow | None:
         """The first of the job's queued tasks (among the next :data:`SCAN`) that fits the agent."""
-        job, req = board.jobs[job_id], board.requirements[job_id]
-        for task_id in itertools.islice(board.ready[job_id], SCAN):
-            task = board.tasks.get(task_id)
-            if task is not None and task.state == TaskState.QUEUED and self.misfit(agent, job, task, req, now) is None:
-                return task
-        return None
+        job, req = queues.job(job_id), queues.requirements(job_id)
+        return next((t for t in queues.peek(job_id, SCAN) if self.misfit(agent, job, t, req, now) is None), None)
 
-    def take(self, board: Board, agent: AgentState, job_id: str, limit: int, now: float) -> list[TaskRow]:
-        """Remove up to ``limit`` queued tasks of the job that fit the agent, and note them as leased."""
-        queue = board.ready[job_id]
-        job, req = board.jobs[job_id], board.requirements[job_id]
+    def take(self, queues: QueueView, agent: AgentState, job_id: str, limit: int, now: float) -> list[TaskRow]:
+        """Take up to ``limit`` of the job's next :data:`SCAN` queued tasks that fit the agent, and note
+        them as leased."""
+        job, req = queues.job(job_id), queues.requirements(job_id)
         picked: list[TaskRow] = []
-        skipped: list[str] = []
-        scanned = 0
-        while queue and len(picked) < limit and scanned < SCAN:
-            task_id = queue.popleft()
-            task = board.tasks.get(task_id)
-            if task is None or task.state != TaskState.QUEUED:
-                continue
-            scanned += 1
+        for task in queues.peek(job_id, SCAN) if limit > 0 else ():
             if self.misfit(agent, job, task, req, now) is None:
                 picked.append(task)
                 base = self.base(agent, job, task, req)
                 self.leased[task.id] = (agent.row.id, base, now, now + base * self.factor(agent.row.id, job.kind))
-            else:
-                skipped.append(task_id)
-        queue.extendleft(reversed(skipped))
+                if len(picked) >= limit:
+                    break
+        queues.take(job_id, picked)
         return picked
 
     # -- learning -------------------------------------------------------------------------------

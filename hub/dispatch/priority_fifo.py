@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from hub.records import TaskState
 from jobs.requirements import unmet
 
 if TYPE_CHECKING:
-    from hub.board import AgentState, Board
-    from hub.records import TaskRow
+    from hub.dispatch.predict import Predictor
+    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
+    from hub.records import JobRow, TaskRow
 
 
 class PriorityFifo:
     name = "priority-fifo"
+    predictor: Predictor | None = None   # no runtime prediction
 
-    def pick(self, board: Board, agent: AgentState, slots: int) -> list[TaskRow]:
+    def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
+        queues = view.queues
         picked: list[TaskRow] = []
-        for _, _, job_id in board.order:
-            queue = board.ready[job_id]
-            if not queue:
+        for job_id in queues.waiting():
+            if unmet(queues.requirements(job_id), queues.job(job_id).kind, agent.caps):
                 continue
-            job = board.jobs[job_id]
-            if unmet(board.requirements[job_id], job.kind, agent.caps):
-                continue
-            while queue and len(picked) < slots:
-                task = board.tasks[queue.popleft()]
-                if task.state == TaskState.QUEUED:
-                    picked.append(task)
+            picked += queues.take_first(job_id, slots - len(picked))
             if len(picked) >= slots:
                 break
         return picked
+
+    def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
+                        metrics: dict[str, Any]) -> None:
+        """Nothing to learn: the order does not depend on how attempts went."""

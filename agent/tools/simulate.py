@@ -1,6 +1,6 @@
 """Dispatch policies against a simulated mixed fleet: the real Board and SQLite store, virtual time.
 
-Run ``python -m hub.dispatch.simulate [--policy P ...] [--seed N]`` for a table. Agents are
+Run ``python -m agent.tools.simulate [--policy P ...] [--seed N]`` for a table. Agents are
 simulated (a capability report, a true speed that may differ from the advertised one, an error
 rate, an availability window); everything else is the real thing: signed manifests go through
 ``Board.submit``, work through ``Board.lease`` and signed results through ``Board.accept``, on a
@@ -166,9 +166,6 @@ async def _simulate(policy: str, seed: int, directory: Path) -> dict[str, Any]:
     config = HubConfig(dispatch_policy=policy, retry_backoff_s=0.0, expiry_interval_s=3600.0,
                        submitter_weights=dict(WEIGHTS), max_tasks_per_lease=1)
     board = Board(SqliteStore(directory / f"{policy}.db"), config, clock)
-    policy_object: Any = board.policy
-    if hasattr(policy_object, "attempt_settled") and not any(o is policy_object for o in board.observers):
-        board.observers.append(policy_object)  # until Board.__init__ does it itself
     await board.start()
     try:
         return await _run(board, clock, rng, workload, policy)
@@ -214,6 +211,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
     received: defaultdict[str, float] = defaultdict(float)
     busy_time: defaultdict[str, float] = defaultdict(float)
     a100_idle, a100_time = 0.0, 0.0
+    requirements: dict[str, Requirements] = {}
     failed_attempts = 0
     last = T0
 
@@ -221,23 +219,26 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         now = clock.now
         idle = [a for a in agents if a.busy is None and (a.until is None or a.until > now)]
         for agent in idle:
-            board.agents[agent.id].last_seen = now   # waiting in a long poll
+            board.agent(agent.id)   # seen now: waiting in a long poll
         rng.shuffle(idle)
         for agent in idle:
             for assignment in await board.lease(agent.id, 1, 0):
-                job = board.jobs[assignment["job_id"]]
+                job = board.view.job(assignment["job_id"])
+                assert job is not None
                 agent.busy = names[job.submitter_id]
-                push(*_attempt(agent, assignment, board.requirements[job.id], now, board.config.lease_ttl_s, rng))
+                if job.id not in requirements:
+                    requirements[job.id] = Requirements.from_dict(job.requires)
+                push(*_attempt(agent, assignment, requirements[job.id], now, board.config.lease_ttl_s, rng))
         if not events:
             break
         at, _, what, data = heapq.heappop(events)
         # account the interval [last, at) before the clock moves
         dt = at - last
         queued: Counter[str] = Counter()
-        for job_id, counts in board.counts.items():
-            deadline = board.jobs[job_id].deadline_at
-            if counts[TaskState.QUEUED] and (deadline is None or deadline > last):  # takeable work
-                queued[names[board.jobs[job_id].submitter_id]] += counts[TaskState.QUEUED]
+        for active in board.view.active_jobs():
+            waiting = board.view.counts(active.id).get(TaskState.QUEUED.value, 0)
+            if waiting and (active.deadline_at is None or active.deadline_at > last):  # takeable work
+                queued[names[active.submitter_id]] += waiting
         running = Counter(a.busy for a in agents if a.busy)
         demand = {who: queued[who] + running[who] for who in WEIGHTS if queued[who] + running[who]}
         if len(demand) >= 2 and queued:
@@ -348,7 +349,7 @@ def run_simulation(policies: list[str], seed: int) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the figures (what ``python -m hub.dispatch.simulate`` prints)."""
+    """A Markdown table of the figures (what ``python -m agent.tools.simulate`` prints)."""
     head = ["policy", "makespan h", "p50 min", "p95 min", "p99 min", "deadline misses", "failed attempts",
             "Jain", "share lab/infer/big %", "job mean min lab/infer/big", "A100 idle %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -362,7 +363,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hub.dispatch.simulate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m agent.tools.simulate", description=__doc__.split("\n")[0])
     parser.add_argument("--policy", action="append", choices=sorted(POLICIES), help="repeat; default: all")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)

@@ -1,0 +1,37 @@
+"""Which blobs a stored job or result refers to: the pure half of blob GC, shared by every store.
+
+A blob is kept while a job still names it as an input, a result names it as an output, or a task
+resumes from it (its checkpoint column). Records are read as stored (the signed wire form); an
+unreadable one refers to nothing rather than failing the whole collection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+__all__ = ["manifest_blobs", "result_blobs"]
+
+
+def manifest_blobs(envelope: Any) -> set[str]:
+    """The sha256 of every ``{blob: ...}`` input in a signed manifest envelope."""
+    try:
+        manifest = _unpack(envelope["payload"])["manifest"]
+        inputs = manifest["spec"].get("inputs", {})
+        return {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return set()
+
+
+def result_blobs(record: Any) -> set[str]:
+    """The sha256 of every output in a signed result record."""
+    try:
+        outputs = _unpack(record["payload"]).get("outputs") or {}
+        return {o["sha256"] for o in outputs.values() if isinstance(o, dict) and o.get("sha256")}
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return set()
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)

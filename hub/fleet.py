@@ -1,0 +1,99 @@
+"""The agents a board knows: what each can do, what it holds now, and who is around."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.config import HubConfig
+from hub.records import AgentRow
+from jobs.requirements import Capabilities
+from security.errors import BadRequest, Forbidden
+from security.identity import PublicKey
+
+__all__ = ["AgentState", "Fleet", "available_until"]
+
+
+@dataclass
+class AgentState:
+    """A registered agent as the board sees it now."""
+
+    row: AgentRow
+    key: PublicKey
+    caps: Capabilities
+    last_seen: float = 0.0
+    running: set[str] = field(default_factory=set)
+    done: int = 0
+    failed: int = 0
+    refused: str | None = None          # why a lease gate currently gives it no work
+
+
+def available_until(agent: AgentState) -> float | None:
+    """The end of the agent's availability window (``available_until`` in its report), if it has one."""
+    value = agent.caps.raw.get("available_until")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class Fleet:
+    """The registered agents by id; ``online`` and ``connected`` say who is around now."""
+
+    def __init__(self, config: HubConfig, clock: Callable[[], float]) -> None:
+        self.config, self.clock = config, clock
+        self._agents: dict[str, AgentState] = {}
+
+    @property
+    def agents(self) -> Mapping[str, AgentState]:
+        return self._agents
+
+    def load(self, rows: list[AgentRow]) -> None:
+        """The agents in the store at start."""
+        for row in rows:
+            self._agents[row.id] = AgentState(row, PublicKey.parse(row.public_key),
+                                              Capabilities.from_dict(row.capabilities), row.last_seen)
+
+    def admission(self, key: PublicKey, name: str, capabilities: dict[str, Any]) -> tuple[AgentRow, Capabilities]:
+        """The row to store for a (re-)registration, and its parsed capabilities (raises on a bad report)."""
+        try:
+            caps = Capabilities.from_dict(capabilities)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise BadRequest(f"malformed capability report: {exc}", code="bad_capabilities") from exc
+        now = self.clock()
+        known = self._agents.get(key.id)
+        return AgentRow(key.id, key.text(), name[:64] or key.id[:12], dict(capabilities),
+                        known.row.registered_at if known else now, now), caps
+
+    def enrol(self, key: PublicKey, row: AgentRow, caps: Capabilities) -> tuple[AgentState, bool]:
+        """Register (or update) the agent once its row is stored; whether it is new."""
+        known = self._agents.get(key.id)
+        if known is not None:
+            known.row, known.caps, known.last_seen = row, caps, row.last_seen
+            return known, False
+        state = self._agents[key.id] = AgentState(row, key, caps, row.last_seen)
+        return state, True
+
+    def seen(self, agent_id: str) -> AgentState:
+        """The registered agent, noted as seen now."""
+        state = self._agents.get(agent_id)
+        if state is None:
+            raise Forbidden(f"agent {agent_id} is not registered on this board", code="not_registered")
+        state.last_seen = self.clock()
+        return state
+
+    def _horizon(self, now: float) -> float:
+        """Seen since then: an agent in a long poll asks again within ``max_poll_wait_s``."""
+        return now - max(2 * self.config.max_poll_wait_s, self.config.lease_ttl_s) - 5
+
+    def online(self) -> list[AgentState]:
+        horizon = self._horizon(self.clock())
+        return [a for a in self._agents.values() if a.last_seen >= horizon]
+
+    def connected(self, now: float) -> list[AgentState]:
+        """Agents that can take work now: seen recently or holding a lease, and not past their window."""
+        horizon = self._horizon(now)
+        out = []
+        for agent in self._agents.values():
+            until = available_until(agent)
+            if (agent.running or agent.last_seen >= horizon) and (until is None or until > now):
+                out.append(agent)
+        return out

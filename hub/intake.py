@@ -1,0 +1,60 @@
+"""Submission intake: a submitter-signed manifest becomes a job row and its task rows.
+
+The job id is a digest of the submitter's signature, so submitting the same envelope twice names
+the same job (the board answers the first one). Inputs are uploaded before the manifest: a job
+never exists with a missing input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from hub.blobs import BlobStore
+from hub.config import HubConfig
+from hub.records import JobRow, JobState, TaskRow
+from jobs.manifest import Manifest
+from security.errors import BadRequest, Forbidden
+from security.records import SignedRecord
+
+__all__ = ["Envelope", "new_job"]
+
+
+class Envelope:
+    """A verified submitter-signed envelope and the job id it names."""
+
+    def __init__(self, wire: Any, signer_id: str) -> None:
+        record = SignedRecord.from_wire(wire)
+        if record.key.id != signer_id:
+            raise Forbidden(f"manifest is signed by {record.key.id}, request by {signer_id}",
+                            code="signer_mismatch")
+        self.payload = record.verify()
+        self.record, self.signer_id = record, signer_id
+        self.job_id = "j" + hashlib.sha256(record.sig).hexdigest()[:20]
+
+
+def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now: float) -> tuple[JobRow, list[TaskRow]]:
+    """The job and its queued tasks (raises on a bad manifest or a missing input)."""
+    manifest = Manifest.from_dict(envelope.payload.get("manifest"), max_tasks=config.max_tasks_per_job)
+    _check_blobs(manifest, blobs)
+    job_id = envelope.job_id
+    job = JobRow(id=job_id, name=manifest.name, submitter_id=envelope.signer_id, kind=manifest.kind,
+                 priority=manifest.priority, state=JobState.QUEUED, created_at=now,
+                 n_tasks=manifest.n_tasks, envelope=envelope.record.to_wire(),
+                 requires=manifest.requires.to_dict(), timeout_s=manifest.timeout_s,
+                 max_attempts=manifest.retries + 1,
+                 deadline_at=now + manifest.deadline_s if manifest.deadline_s else None,
+                 labels=manifest.labels)
+    tasks = [TaskRow(id=f"{job_id}.{i}", job_id=job_id, idx=i, params=params, updated_at=now)
+             for i, params in enumerate(manifest.points())]
+    return job, tasks
+
+
+def _check_blobs(manifest: Manifest, blobs: BlobStore | None) -> None:
+    for ref in manifest.inputs.values():
+        if ref.path is not None:
+            raise BadRequest(f"spec.inputs.{ref.name}: a local path reached the board; submit with "
+                             "`panal submit`, which uploads inputs first", code="input_not_uploaded")
+        if blobs is not None and ref.blob is not None and not blobs.exists(ref.blob):
+            raise BadRequest(f"spec.inputs.{ref.name}: blob {ref.blob} is not on this board; upload it "
+                             "first (PUT /v1/blobs/{sha256})", code="missing_blob")

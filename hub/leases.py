@@ -1,0 +1,158 @@
+"""The lease table: which agent holds which task until when, and whether an agent may have work.
+
+A lease has a TTL; a heartbeat extends it (in memory only: after a restart each lease gets one
+fresh TTL, which is as good as a heartbeat) and carries progress and the latest checkpoint. The
+sweep finds leases past their expiry. Gates (:class:`~hub.protocols.LeaseGate`) may refuse an agent
+work; this is the one place that decides how much work an agent may hold.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hub.blobs import BlobStore
+from hub.config import HubConfig
+from hub.fleet import AgentState, Fleet
+from hub.protocols import LeaseGate
+from hub.queues import JobQueues
+from hub.records import TaskRow, TaskState
+from hub.store import LeaseWrite
+from security.errors import BadRequest
+
+__all__ = ["LeaseTable"]
+
+
+class LeaseTable:
+    """Leases of the active tasks; their expiry, heartbeats and the gates in front of them."""
+
+    def __init__(self, config: HubConfig, clock: Callable[[], float], queues: JobQueues, fleet: Fleet,
+                 blobs: BlobStore | None) -> None:
+        self.config, self.clock = config, clock
+        self._queues, self._blobs = queues, blobs
+        self._agents = fleet.agents
+        self._expiry: list[tuple[float, str, str]] = []     # (expires at, task id, lease id)
+        self._gates: list[LeaseGate] = []
+
+    # -- who may have work --------------------------------------------------------------------------
+    def add_gate(self, gate: LeaseGate) -> None:
+        self._gates.append(gate)
+
+    def remove_gate(self, gate: LeaseGate) -> None:
+        if gate in self._gates:
+            self._gates.remove(gate)
+
+    def allowance(self, agent: AgentState, slots: int) -> int:
+        """How many tasks the agent may get in one lease request."""
+        return max(0, min(slots, self.config.max_tasks_per_lease))
+
+    def refusal(self, agent: AgentState) -> str | None:
+        """The first gate's reason to give the agent no work now (also noted on the agent), or None."""
+        agent.refused = next((r for g in self._gates if (r := g.refuse(agent))), None)
+        return agent.refused
+
+    # -- granting and ending ------------------------------------------------------------------------
+    def grant(self, agent: AgentState, tasks: Sequence[TaskRow], now: float) -> list[LeaseWrite]:
+        """Lease ``tasks`` to the agent; the writes to commit before anyone is told."""
+        expires = now + self.config.lease_ttl_s
+        writes = []
+        for task in tasks:
+            self.set_state(task, TaskState.LEASED)
+            task.lease_id, task.agent_id, task.lease_expires_at, task.updated_at = (
+                secrets.token_hex(8), agent.row.id, expires, now)
+            agent.running.add(task.id)
+            writes.append((task.id, task.lease_id, agent.row.id, task.attempt, expires))
+        return writes
+
+    def undo(self, tasks: Sequence[TaskRow]) -> None:
+        """The grant was not committed: put the tasks back at the front of their queues, as they were."""
+        for task in tasks:
+            self.set_state(task, TaskState.QUEUED)
+            task.lease_id = task.agent_id = task.lease_expires_at = None
+            self._queues.enqueue(task, front=True)
+
+    def commit(self, tasks: Sequence[TaskRow]) -> None:
+        """The grant is stored: start watching the leases' expiry."""
+        for task in tasks:
+            assert task.lease_id is not None and task.lease_expires_at is not None
+            heapq.heappush(self._expiry, (task.lease_expires_at, task.id, task.lease_id))
+
+    def restore(self, tasks: Sequence[TaskRow], now: float) -> None:
+        """The leases among tasks loaded at start: the outage may have outlived them, so each gets one TTL."""
+        for task in tasks:
+            if task.state != TaskState.LEASED or not task.lease_id:
+                continue
+            task.lease_expires_at = max(task.lease_expires_at or 0.0, now + self.config.lease_ttl_s)
+            heapq.heappush(self._expiry, (task.lease_expires_at, task.id, task.lease_id))
+            agent = self._agents.get(task.agent_id or "")
+            if agent is not None:
+                agent.running.add(task.id)
+
+    def set_state(self, task: TaskRow, state: TaskState) -> None:
+        """Every task state change goes through here: a task leaving LEASED leaves its agent's running set."""
+        if task.state == TaskState.LEASED:
+            self._vacate(task)
+        self._queues.set_state(task, state)
+
+    def _vacate(self, task: TaskRow) -> None:
+        agent = self._agents.get(task.agent_id or "")
+        if agent is not None:
+            agent.running.discard(task.id)
+
+    def settle(self, task: TaskRow) -> None:
+        """The agent is done with the task but its result awaits validation: end the lease, keep the task."""
+        self._vacate(task)
+        task.lease_id = task.lease_expires_at = None
+
+    def assignment(self, task: TaskRow) -> dict[str, Any]:
+        """What the agent is told of a lease it got."""
+        job = self._queues.job(task.job_id)
+        return {"task_id": task.id, "job_id": job.id, "idx": task.idx, "lease_id": task.lease_id,
+                "attempt": task.attempt, "kind": job.kind, "params": task.params,
+                "timeout_s": job.timeout_s, "lease_ttl_s": self.config.lease_ttl_s,
+                "envelope": job.envelope, "checkpoint": task.checkpoint}
+
+    def holds(self, task: TaskRow | None, agent_id: str, lease_id: object) -> bool:
+        return task is not None and task.state == TaskState.LEASED and task.lease_id == lease_id \
+            and task.agent_id == agent_id
+
+    # -- heartbeats and expiry ----------------------------------------------------------------------
+    def heartbeat(self, agent_id: str, leases: Sequence[Any]) -> tuple[list[dict[str, str]], list[TaskRow]]:
+        """Extend the caller's leases: the ones it no longer holds, and the tasks with a new checkpoint."""
+        expires = self.clock() + self.config.lease_ttl_s
+        lost = []
+        checkpoints: list[TaskRow] = []
+        for item in leases:
+            if not isinstance(item, dict) or not isinstance(item.get("task_id"), str):
+                raise BadRequest("heartbeat leases must be maps with task_id and lease_id")
+            task = self._queues.task(item["task_id"])
+            if task is None or not self.holds(task, agent_id, item.get("lease_id")):
+                reason = "cancelled" if task is not None and task.state == TaskState.CANCELLED else "lost"
+                lost.append({"task_id": item["task_id"], "reason": reason})
+                continue
+            progress = item.get("progress")
+            if isinstance(progress, int | float):
+                task.progress = min(max(float(progress), 0.0), 1.0)
+            checkpoint = item.get("checkpoint")
+            if isinstance(checkpoint, str) and checkpoint != task.checkpoint and \
+                    (self._blobs is None or self._blobs.exists(checkpoint)):
+                task.checkpoint = checkpoint
+                checkpoints.append(task)
+            task.lease_expires_at = expires
+            assert task.lease_id is not None
+            heapq.heappush(self._expiry, (expires, task.id, task.lease_id))
+        return lost, checkpoints
+
+    def expired(self, now: float) -> list[TaskRow]:
+        """Tasks whose lease has run out (not settled, re-leased or extended since)."""
+        out: dict[str, TaskRow] = {}   # a heartbeat adds an entry per extension: one task, once
+        while self._expiry and self._expiry[0][0] <= now:
+            _, task_id, lease_id = heapq.heappop(self._expiry)
+            task = self._queues.task(task_id)
+            if task is None or task.state != TaskState.LEASED or task.lease_id != lease_id \
+                    or (task.lease_expires_at or 0.0) > now:
+                continue
+            out[task_id] = task
+        return list(out.values())
