@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hub.background import cancel_all, run_every
 from hub.blobs import BlobStore
 from hub.config import HubConfig
 from hub.dispatch import make_policy
@@ -123,15 +124,14 @@ class Board:
         self._leases.restore(tasks, now)
         for job in jobs:
             await self._maybe_finish(job.id, [])
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="panal-lease-sweeper")
+        self._sweeper = run_every(self.config.expiry_interval_s, self.sweep, "lease sweep")
         log.info("board started: %d active jobs, %d tasks, %d agents", len(jobs), len(tasks), len(self.agents))
 
     async def stop(self) -> None:
         self.leasing = False
         self._dispatcher.wake()
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+            await cancel_all([self._sweeper])
         await self.store.close()
 
     def _emit(self, kind: str, **data: Any) -> None:
@@ -285,14 +285,6 @@ class Board:
         self._retries.requeue(task, count_attempt=False)
         await self.store.save_tasks([task])
         self._dispatcher.wake()
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.expiry_interval_s)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("lease sweep failed; will retry")
 
     async def sweep(self) -> None:
         """Requeue expired leases (attempt + 1) and release retry backoffs that are due."""

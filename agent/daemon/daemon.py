@@ -36,6 +36,7 @@ from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
+from hub.background import run_every
 from security.errors import Forbidden, PanalError
 from security.identity import Identity
 from security.tls import BoardAddress
@@ -43,6 +44,8 @@ from security.tls import BoardAddress
 __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
+
+KIND_PROBE_S = 5.0   # how often a kind disabled by its breaker is checked for the end of its cool-down
 
 
 class Daemon:
@@ -74,6 +77,7 @@ class Daemon:
         self.stopping = False
         self.paused_reason: str | None = None
         self._loops: list[asyncio.Task[None]] = []
+        self._disabled_kinds: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         # Extension points (LAN mode): coroutines run once the daemon is up, and extra status fields.
         self.on_start: list[StartHook] = []
@@ -126,7 +130,8 @@ class Daemon:
         except PanalError as exc:
             log.warning("control socket unavailable (`panal agent status` will not work): %s", exc.message)
         self._loops.append(asyncio.create_task(self._volunteer_loop(), name="volunteer"))
-        self._loops.append(asyncio.create_task(self._kind_probe_loop(), name="kind-probe"))
+        self._disabled_kinds = set(self.kind_health.disabled())
+        self._loops.append(run_every(KIND_PROBE_S, self._probe_kinds, "kind probe"))
         for address in self.boards:
             self.add_board(address)
         for hook in self.on_start:
@@ -186,15 +191,12 @@ class Daemon:
         for link in self.links:
             asyncio.get_running_loop().create_task(link.register())
 
-    async def _kind_probe_loop(self) -> None:
+    async def _probe_kinds(self) -> None:
         """When a disabled kind's cool-down ends, advertise it again (one task probes it)."""
-        disabled = set(self.kind_health.disabled())
-        while True:
-            await asyncio.sleep(5.0)
-            now = set(self.kind_health.disabled())
-            if now != disabled:
-                disabled = now
-                self._readvertise()
+        now = set(self.kind_health.disabled())
+        if now != self._disabled_kinds:
+            self._disabled_kinds = now
+            self._readvertise()
 
     # -- the volunteer's rules -----------------------------------------------------------------
     async def _volunteer_loop(self, tick_s: float = 1.0) -> None:
