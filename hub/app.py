@@ -1,16 +1,11 @@
-"""The board's HTTP API (aiohttp): routes, body codec and the error mapping.
+"""The board's HTTP API (aiohttp): the routes and their handlers.
 
-Replies are JSON (what a person with curl reads) unless the client asks for msgpack: by ``Accept``, or,
-when it states no preference, by sending a msgpack body. Request bodies may be either.
-Every error leaves as ``{"error": code, "message": ...}`` with the status of its exception class;
-nothing else (no traceback) ever reaches a client.
+A handler reads the body (:func:`hub.http.read_body`), authenticates the caller, and decodes the body
+into its typed record (:mod:`jobs.protocol`) once: a malformed one is a 400 naming the field, and
+everything past that line is typed. Replies, errors and bodies are :mod:`hub.http`'s.
 """
 
 from __future__ import annotations
-
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -18,78 +13,30 @@ from hub.auth import Authenticator
 from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
+from hub.http import error_middleware, int_query, read_body, reply
 from hub.metrics import add_metrics
 from hub.openapi import add_openapi
 from hub.records import JobState
 from hub.status_page import add_status_routes
-from jobs.wire import JSON, MSGPACK, decode_body, encode_body
-from security.errors import BadRequest, Forbidden, NotFound, PanalError, PayloadTooLarge
-from security.identity import PublicKey
+from jobs.protocol import (
+    Heartbeat,
+    LeaseReply,
+    LeaseRequest,
+    Registered,
+    Registration,
+    Release,
+    Released,
+    ResultsReply,
+    ResultsRequest,
+    TaskResult,
+)
+from security.errors import BadRequest, Forbidden, NotFound
 from security.records import SignedRecord
 
-__all__ = ["BOARD_KEY", "create_app", "reply"]
+__all__ = ["AUTH_KEY", "BOARD_KEY", "create_app"]
 
-log = logging.getLogger(__name__)
 BOARD_KEY = web.AppKey("board", Board)
 AUTH_KEY = web.AppKey("auth", Authenticator)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _reply_type(request: web.Request) -> str:
-    """The first of msgpack/JSON that ``Accept`` names; else what the body was sent as; else JSON."""
-    accept = request.headers.get("Accept", "")
-    named = [t for t in (MSGPACK, JSON) if t in accept]
-    if named:
-        return min(named, key=accept.index)
-    return MSGPACK if request.body_exists and request.content_type == MSGPACK else JSON
-
-
-def reply(request: web.Request, value: Any, status: int = 200) -> web.Response:
-    content_type = _reply_type(request)
-    return web.Response(body=encode_body(value, content_type), status=status, content_type=content_type)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except PanalError as exc:
-        return reply(request, exc.to_body(), exc.status)
-    except ConnectionError:  # the client went away mid-request (e.g. an interrupted upload)
-        raise
-    except web.HTTPRequestEntityTooLarge as exc:
-        err = PayloadTooLarge(f"request body too large: {exc.text}", code="body_too_large")
-        return reply(request, err.to_body(), err.status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        body = {"error": exc.reason.lower().replace(" ", "_"), "message": exc.text or exc.reason}
-        return reply(request, body, exc.status)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return reply(request, {"error": "internal", "message": "internal error (logged on the board)"}, 500)
-
-
-async def _body(request: web.Request) -> tuple[bytes, dict[str, Any]]:
-    data = await request.read()
-    value = decode_body(data, request.content_type if request.body_exists else "")
-    if not isinstance(value, dict):
-        raise BadRequest("request body must be a map", code="malformed_body")
-    return data, value
-
-
-def _number(body: dict[str, Any], name: str, default: float) -> float:
-    value = body.get(name, default)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise BadRequest(f"{name}: expected a number, got {value!r}")
-    return float(value)
-
-
-def _list(body: dict[str, Any], name: str) -> list[Any]:
-    value = body.get(name, [])
-    if not isinstance(value, list):
-        raise BadRequest(f"{name}: expected a list, got {type(value).__name__}")
-    return value
 
 
 class Api:
@@ -98,63 +45,63 @@ class Api:
 
     # -- agents ---------------------------------------------------------------------------------
     async def register(self, request: web.Request) -> web.Response:
-        data, body = await _body(request)
-        key_text = body.get("public_key")
-        if not isinstance(key_text, str):
-            raise BadRequest("public_key: expected the agent's key as text (ed25519:...)")
-        key = PublicKey.parse(key_text)
+        data, body = await read_body(request)
+        registration = Registration.decode(body)   # before the signature: it is made with this key
+        key = registration.public_key
         await self.auth.verify(request, extra_key=key, body=data)
         if not self.config.open_registration and key.id not in self.board.view.agents:
             raise Forbidden(
                 f"registration is closed on this board; ask its admin to admit agent {key.id}",
                 code="registration_closed")
-        caps = body.get("capabilities", {})
-        if not isinstance(caps, dict):
-            raise BadRequest("capabilities: expected a map")
-        agent = await self.board.register_agent(key, str(body.get("name", "")), caps)
-        return reply(request, {"agent_id": agent.row.id, "lease_ttl_s": self.config.lease_ttl_s,
-                               "max_poll_wait_s": self.config.max_poll_wait_s,
-                               "max_tasks_per_lease": self.config.max_tasks_per_lease})
+        agent = await self.board.register_agent(key, registration.name, registration.capabilities)
+        config = self.config
+        return reply(request, Registered(agent.row.id, config.lease_ttl_s, config.max_poll_wait_s,
+                                         config.max_tasks_per_lease).encode())
 
     async def lease(self, request: web.Request) -> web.Response:
-        data, body = await _body(request)
+        data, body = await read_body(request)
         agent_id = await self.auth.agent(request, data)
-        outcomes = await self.board.accept(agent_id, _list(body, "results"))
-        tasks = await self.board.lease(agent_id, int(_number(body, "slots", 1)),
-                                       _number(body, "wait_s", 0.0))
+        asked = LeaseRequest.decode(body)
+        outcomes = await self.board.accept(agent_id, asked.results)
+        tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
         refused = self.board.view.agents[agent_id].refused
-        return reply(request, {"tasks": tasks, "results": [o.to_wire() for o in outcomes], "refused": refused})
+        return reply(request, LeaseReply(tuple(tasks), tuple(outcomes), refused).encode())
 
     async def results(self, request: web.Request) -> web.Response:
-        data, body = await _body(request)
+        data, body = await read_body(request)
         agent_id = await self.auth.agent(request, data)
-        outcomes = await self.board.accept(agent_id, _list(body, "results"))
-        return reply(request, {"results": [o.to_wire() for o in outcomes]})
+        delivered = ResultsRequest.decode(body)
+        outcomes = await self.board.accept(agent_id, delivered.results)
+        return reply(request, ResultsReply(tuple(outcomes)).encode())
 
     async def task_result(self, request: web.Request) -> web.Response:
-        data, body = await _body(request)
+        data, body = await read_body(request)
         agent_id = await self.auth.agent(request, data)
-        [outcome] = await self.board.accept(agent_id, [body.get("result")])
+        delivered = TaskResult.decode(body)
+        [outcome] = await self.board.accept(agent_id, [delivered.result])
         if outcome.error is not None:
             raise outcome.error
         if outcome.task_id != request.match_info["task_id"]:
             raise BadRequest("the result is for another task than the URL names")
-        return reply(request, outcome.to_wire())
+        return reply(request, outcome.encode())
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        data, body = await _body(request)
+        data, body = await read_body(request)
         agent_id = await self.auth.agent(request, data)
-        return reply(request, await self.board.heartbeat(agent_id, _list(body, "leases")))
+        beat = Heartbeat.decode(body)
+        return reply(request, (await self.board.heartbeat(agent_id, beat.leases)).encode())
 
     async def release(self, request: web.Request) -> web.Response:
-        data, body = await _body(request)
+        data, body = await read_body(request)
         agent_id = await self.auth.agent(request, data)
-        await self.board.release(agent_id, request.match_info["task_id"], str(body.get("lease_id")))
-        return reply(request, {"released": request.match_info["task_id"]})
+        release = Release.decode(body)
+        task_id = request.match_info["task_id"]
+        await self.board.release(agent_id, task_id, release.lease_id)
+        return reply(request, Released(task_id).encode())
 
     # -- submitters -----------------------------------------------------------------------------
     async def submit(self, request: web.Request) -> web.Response:
-        data, body = await _body(request)
+        data, body = await read_body(request)
         envelope = SignedRecord.from_wire(body.get("envelope"))
         submitter = await self.auth.submitter(request, data, extra_key=envelope.key)
         job, created = await self.board.submit(body.get("envelope"), submitter)
@@ -169,14 +116,14 @@ class Api:
             state = JobState(state_text) if state_text else None
         except ValueError as exc:
             raise BadRequest(f"state: expected one of {', '.join(s.value for s in JobState)}") from exc
-        limit = _int_query(request, "limit", 200)
+        limit = int_query(request, "limit", 200)
         view = self.board.view
         return reply(request, {"jobs": [view.summary(job) for job in await view.list_jobs(state, limit)]})
 
     async def get_job(self, request: web.Request) -> web.Response:
         await self.auth.submitter(request, await request.read())
         job_id = request.match_info["job_id"]
-        wait_s = min(float(_int_query(request, "wait", 0)), self.config.max_poll_wait_s)
+        wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s)
         view = await self.board.job_view(job_id)
         if wait_s > 0 and view["state"] in ("queued", "running"):
             await self.board.wait_job(job_id, wait_s)
@@ -211,22 +158,12 @@ class Api:
         return reply(request, {"job": await self.board.job_view(job.id)})
 
 
-def _int_query(request: web.Request, name: str, default: int) -> int:
-    text = request.query.get(name)
-    if text is None:
-        return default
-    try:
-        return max(0, int(float(text)))
-    except ValueError as exc:
-        raise BadRequest(f"query parameter {name}: expected a number, got {text!r}") from exc
-
-
 def create_app(board: Board, config: HubConfig) -> web.Application:
     """The board's HTTP API; the blob routes too when the board has a blob store."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
     if board.blobs is not None:
-        add_blob_routes(app, board.blobs, auth.member, reply=reply)
+        add_blob_routes(app, board.blobs, auth.member)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
     api = Api(board, auth, config)

@@ -5,38 +5,31 @@ Signing a streamed upload: the client hashes the file first and signs the reques
 the sha256 in the URL, verifies the signature against it before reading the body, then the store
 checks the streamed bytes against the same sha256. GET/HEAD are signed over an empty body.
 
-Handlers raise :class:`~security.errors.PanalError`; the app's error middleware renders them.
+Handlers raise :class:`~security.errors.PanalError`; :func:`hub.http.error_middleware` renders them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from hub.blobs import BlobStore, check_sha256, digest_header_for
+from hub.http import reply
 from security.errors import BadRequest, NotFound
 from security.httpsig import content_digest
 
-__all__ = ["Authorize", "Reply", "add_blob_routes"]
+__all__ = ["Authorize", "add_blob_routes"]
 
 #: ``authorize(request, body_digest)`` verifies the request's signature, taking ``body_digest``
 #: as the Content-Digest value the body has (it must not read the body), and returns the key id.
 Authorize = Callable[[web.Request, str | None], Awaitable[str]]
-#: ``reply(request, value, status)`` encodes a response body (the app's msgpack/JSON negotiation).
-Reply = Callable[[web.Request, Any, int], web.Response]
 
 EMPTY_DIGEST = content_digest(b"")
 _CACHE_CONTROL = "private, max-age=31536000, immutable"  # a name never changes its content
 
 
-def _json_reply(request: web.Request, value: Any, status: int) -> web.Response:
-    return web.json_response(value, status=status)
-
-
-def add_blob_routes(app: web.Application, store: BlobStore, authorize: Authorize, *,
-                    reply: Reply = _json_reply) -> None:
+def add_blob_routes(app: web.Application, store: BlobStore, authorize: Authorize) -> None:
     """Register the blob routes on ``app`` (GET also answers HEAD).
 
     A PUT answers ``{"sha256", "size", "created"}`` with 201 when stored, 200 when the board

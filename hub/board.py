@@ -31,7 +31,7 @@ from hub.dispatcher import Dispatcher
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
 from hub.leases import LeaseTable
-from hub.ledger import AcceptAll, Outcome, Receipt, ResultLedger, ResultOutcome, Staged
+from hub.ledger import AcceptAll, Receipt, ResultLedger, Staged
 from hub.protocols import (
     BoardObserver,
     Decision,
@@ -49,10 +49,12 @@ from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.retries import Retries
 from hub.store import Store
 from jobs.errors import FailureClass
+from jobs.protocol import Assignment, HeartbeatLease, HeartbeatReply, Outcome, ResultItem, ResultOutcome
+from jobs.requirements import Capabilities
 from security.errors import Forbidden, NotFound, PanalError
 from security.identity import PublicKey
 
-__all__ = ["AgentState", "Board", "ResultOutcome"]
+__all__ = ["AgentState", "Board"]
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +155,10 @@ class Board:
     def agents(self) -> Mapping[str, AgentState]:
         return self._fleet.agents
 
-    async def register_agent(self, key: PublicKey, name: str, capabilities: dict[str, Any]) -> AgentState:
-        row, caps = self._fleet.admission(key, name, capabilities)
+    async def register_agent(self, key: PublicKey, name: str, capabilities: Capabilities) -> AgentState:
+        row = self._fleet.admission(key, name, capabilities)
         await self.store.upsert_agent(row)
-        state, joined = self._fleet.enrol(key, row, caps)
+        state, joined = self._fleet.enrol(key, row, capabilities)
         if joined:
             self._emit("agent_joined", agent=key.id, name=row.name)
         return state
@@ -249,7 +251,7 @@ class Board:
             await asyncio.wait_for(event.wait(), timeout_s)
 
     # -- leases -------------------------------------------------------------------------------------
-    async def lease(self, agent_id: str, slots: int, wait_s: float) -> list[dict[str, Any]]:
+    async def lease(self, agent_id: str, slots: int, wait_s: float) -> list[Assignment]:
         """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one."""
         agent = self.agent(agent_id)
         picked = await self._dispatcher.pick(agent, slots, wait_s)
@@ -269,13 +271,13 @@ class Board:
         self._stats["leases"] += len(picked)
         return [self._leases.assignment(task) for task in picked]
 
-    async def heartbeat(self, agent_id: str, leases: Sequence[Any]) -> dict[str, Any]:
+    async def heartbeat(self, agent_id: str, leases: Sequence[HeartbeatLease]) -> HeartbeatReply:
         """Extend the caller's leases; report the ones it no longer holds so it can stop them."""
         self.agent(agent_id)
         lost, checkpoints = self._leases.heartbeat(agent_id, leases)
         if checkpoints:  # a checkpoint is worth a commit: it is what a retry resumes from
             await self.store.save_tasks(checkpoints)
-        return {"lease_ttl_s": self.config.lease_ttl_s, "lost": lost}
+        return HeartbeatReply(self.config.lease_ttl_s, tuple(lost))
 
     async def release(self, agent_id: str, task_id: str, lease_id: str) -> None:
         """The agent gives a lease back (shutting down): requeue at once, no attempt used."""
@@ -309,18 +311,18 @@ class Board:
             self._dispatcher.wake()
 
     # -- results ------------------------------------------------------------------------------------
-    async def accept(self, agent_id: str, records: Sequence[Any]) -> list[ResultOutcome]:
+    async def accept(self, agent_id: str, records: Sequence[ResultItem]) -> list[ResultOutcome]:
         """Accept signed results exactly once; each gets its own outcome."""
         agent = self.agent(agent_id)
         outcomes: list[ResultOutcome] = []
         staged: Staged = {}
         waits: list[asyncio.Future[None]] = []
-        for wire in records:
+        for item in records:
             try:
-                receipt = self._ledger.receive(agent, wire)
+                receipt = self._ledger.receive(agent, item)
                 found = await self._ledger.lookup(agent, receipt)
             except PanalError as exc:
-                outcomes.append(self._ledger.refused(wire, exc))
+                outcomes.append(self._ledger.refused(item, exc))
                 continue
             if isinstance(found, ResultOutcome):   # seen before: a re-send waits for the original's commit
                 waits += self._ledger.in_flight(found)

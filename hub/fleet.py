@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from hub.config import HubConfig
 from hub.records import AgentRow
 from jobs.requirements import Capabilities
-from security.errors import BadRequest, Forbidden
+from security.errors import Forbidden
 from security.identity import PublicKey
 
 __all__ = ["AgentState", "Fleet", "available_until"]
@@ -52,16 +51,12 @@ class Fleet:
             self._agents[row.id] = AgentState(row, PublicKey.parse(row.public_key),
                                               Capabilities.from_dict(row.capabilities), row.last_seen)
 
-    def admission(self, key: PublicKey, name: str, capabilities: dict[str, Any]) -> tuple[AgentRow, Capabilities]:
-        """The row to store for a (re-)registration, and its parsed capabilities (raises on a bad report)."""
-        try:
-            caps = Capabilities.from_dict(capabilities)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise BadRequest(f"malformed capability report: {exc}", code="bad_capabilities") from exc
+    def admission(self, key: PublicKey, name: str, capabilities: Capabilities) -> AgentRow:
+        """The row to store for a (re-)registration (the report as the agent sent it)."""
         now = self.clock()
         known = self._agents.get(key.id)
-        return AgentRow(key.id, key.text(), name[:64] or key.id[:12], dict(capabilities),
-                        known.row.registered_at if known else now, now), caps
+        return AgentRow(key.id, key.text(), name[:64] or key.id[:12], dict(capabilities.raw),
+                        known.row.registered_at if known else now, now)
 
     def enrol(self, key: PublicKey, row: AgentRow, caps: Capabilities) -> tuple[AgentState, bool]:
         """Register (or update) the agent once its row is stored; whether it is new."""

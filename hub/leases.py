@@ -11,7 +11,6 @@ from __future__ import annotations
 import heapq
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from hub.blobs import BlobStore
 from hub.config import HubConfig
@@ -20,7 +19,8 @@ from hub.protocols import LeaseGate
 from hub.queues import JobQueues
 from hub.records import TaskRow, TaskState
 from hub.store import LeaseWrite
-from security.errors import BadRequest
+from jobs.protocol import Assignment, HeartbeatLease, LossReason, LostLease
+from security.records import SignedRecord
 
 __all__ = ["LeaseTable"]
 
@@ -106,37 +106,34 @@ class LeaseTable:
         self._vacate(task)
         task.lease_id = task.lease_expires_at = None
 
-    def assignment(self, task: TaskRow) -> dict[str, Any]:
+    def assignment(self, task: TaskRow) -> Assignment:
         """What the agent is told of a lease it got."""
         job = self._queues.job(task.job_id)
-        return {"task_id": task.id, "job_id": job.id, "idx": task.idx, "lease_id": task.lease_id,
-                "attempt": task.attempt, "kind": job.kind, "params": task.params,
-                "timeout_s": job.timeout_s, "lease_ttl_s": self.config.lease_ttl_s,
-                "envelope": job.envelope, "checkpoint": task.checkpoint}
+        assert task.lease_id is not None
+        return Assignment(task.id, job.id, task.idx, task.lease_id, task.attempt, job.kind, task.params,
+                          job.timeout_s, self.config.lease_ttl_s, SignedRecord.from_wire(job.envelope),
+                          task.checkpoint)
 
     def holds(self, task: TaskRow | None, agent_id: str, lease_id: object) -> bool:
         return task is not None and task.state == TaskState.LEASED and task.lease_id == lease_id \
             and task.agent_id == agent_id
 
     # -- heartbeats and expiry ----------------------------------------------------------------------
-    def heartbeat(self, agent_id: str, leases: Sequence[Any]) -> tuple[list[dict[str, str]], list[TaskRow]]:
+    def heartbeat(self, agent_id: str, leases: Sequence[HeartbeatLease]) -> tuple[list[LostLease], list[TaskRow]]:
         """Extend the caller's leases: the ones it no longer holds, and the tasks with a new checkpoint."""
         expires = self.clock() + self.config.lease_ttl_s
-        lost = []
+        lost: list[LostLease] = []
         checkpoints: list[TaskRow] = []
         for item in leases:
-            if not isinstance(item, dict) or not isinstance(item.get("task_id"), str):
-                raise BadRequest("heartbeat leases must be maps with task_id and lease_id")
-            task = self._queues.task(item["task_id"])
-            if task is None or not self.holds(task, agent_id, item.get("lease_id")):
-                reason = "cancelled" if task is not None and task.state == TaskState.CANCELLED else "lost"
-                lost.append({"task_id": item["task_id"], "reason": reason})
+            task = self._queues.task(item.task_id)
+            if task is None or not self.holds(task, agent_id, item.lease_id):
+                cancelled = task is not None and task.state == TaskState.CANCELLED
+                lost.append(LostLease(item.task_id, LossReason.CANCELLED if cancelled else LossReason.LOST))
                 continue
-            progress = item.get("progress")
-            if isinstance(progress, int | float):
-                task.progress = min(max(float(progress), 0.0), 1.0)
-            checkpoint = item.get("checkpoint")
-            if isinstance(checkpoint, str) and checkpoint != task.checkpoint and \
+            if item.progress is not None:
+                task.progress = min(max(float(item.progress), 0.0), 1.0)
+            checkpoint = item.checkpoint
+            if checkpoint is not None and checkpoint != task.checkpoint and \
                     (self._blobs is None or self._blobs.exists(checkpoint)):
                 task.checkpoint = checkpoint
                 checkpoints.append(task)

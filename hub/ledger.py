@@ -16,7 +16,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
 
 from hub.fleet import AgentState
@@ -25,32 +24,13 @@ from hub.queues import JobQueues
 from hub.records import JobRow, ResultRow, TaskRow, TaskState
 from hub.store import Store
 from jobs.errors import FailureClass
+from jobs.protocol import Outcome, ResultItem, ResultOutcome, UnreadableResult
 from security.errors import BadRequest, Conflict, Forbidden, PanalError, Unavailable
 from security.records import SignedRecord, decode
 
-__all__ = ["AcceptAll", "Outcome", "Receipt", "ResultLedger", "ResultOutcome", "Staged"]
+__all__ = ["AcceptAll", "Receipt", "ResultLedger", "Staged"]
 
 log = logging.getLogger(__name__)
-
-
-class Outcome(StrEnum):
-    ACCEPTED = "accepted"      # the attempt is settled (an ok result is the answer, or a failure report)
-    DUPLICATE = "duplicate"    # the same result was settled before: nothing changed
-    PENDING = "pending"        # received and held until more replicas arrive
-    REJECTED = "rejected"      # refused: see the error
-
-
-@dataclass(frozen=True)
-class ResultOutcome:
-    task_id: str
-    status: Outcome
-    error: PanalError | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"task_id": self.task_id, "status": self.status.value}
-        if self.error is not None:
-            out.update(self.error.to_body())
-        return out
 
 
 @dataclass(frozen=True)
@@ -118,9 +98,11 @@ class ResultLedger:
         self._in_flight: dict[str, asyncio.Future[None]] = {}   # task id -> its accepted result's commit
 
     # -- receiving ----------------------------------------------------------------------------------
-    def receive(self, agent: AgentState, wire: Any) -> Receipt:
+    def receive(self, agent: AgentState, item: ResultItem) -> Receipt:
         """Verify a signed result of the calling agent (raises on a bad one)."""
-        record = SignedRecord.from_wire(wire)
+        if isinstance(item, UnreadableResult):
+            raise item.error
+        record = item
         if record.key.id != agent.row.id:
             raise Forbidden(f"result is signed by {record.key.id}, not by the calling agent",
                             code="signer_mismatch")
@@ -165,9 +147,9 @@ class ResultLedger:
         raise Conflict(f"task {receipt.task_id} is not active on this board (finished, cancelled or unknown)",
                        code="task_not_active")
 
-    def refused(self, wire: Any, error: PanalError) -> ResultOutcome:
+    def refused(self, item: ResultItem, error: PanalError) -> ResultOutcome:
         self.stats["results_rejected"] += 1
-        return ResultOutcome(_task_id_of(wire), Outcome.REJECTED, error)
+        return ResultOutcome(_task_id_of(item), Outcome.REJECTED, error)
 
     def failed(self, task: TaskRow) -> ResultOutcome:
         """The agent reports a failed attempt: settled (the board retries or fails the task)."""
@@ -236,9 +218,11 @@ class ResultLedger:
             self._held.pop(f"{job.id}.{i}", None)
 
 
-def _task_id_of(wire: Any) -> str:
+def _task_id_of(item: ResultItem) -> str:
+    if not isinstance(item, SignedRecord):
+        return "?"
     try:
-        value = decode(SignedRecord.from_wire(wire).payload)
-        return str(value.get("task_id", "?")) if isinstance(value, dict) else "?"
+        value = decode(item.payload)
     except PanalError:
         return "?"
+    return str(value.get("task_id", "?")) if isinstance(value, dict) else "?"

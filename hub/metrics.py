@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -19,13 +19,13 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hub.board import Board
+from hub.http import Handler
 from hub.readmodel import BoardView
 from hub.records import TaskState
 from hub.status_page import FEED_KEY, agent_state
 
 __all__ = ["METRICS_KEY", "BoardMetrics", "add_metrics"]
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: routes whose requests are open streams: counted, but kept out of the latency histogram
 STREAMING_ROUTES = frozenset({"/v1/events"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -11,9 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
+from jobs.protocol import LossReason, Outcome
+from jobs.wire import JSON, MSGPACK
+
 __all__ = ["SPEC", "add_openapi"]
 
-MSGPACK, JSON = "application/msgpack", "application/json"
 Schema = dict[str, Any]
 
 
@@ -34,6 +36,7 @@ ANY_MAP: Schema = {"type": "object", "additionalProperties": True}
 NULLABLE_S: Schema = {"type": ["string", "null"]}
 NULLABLE_N: Schema = {"type": ["number", "null"]}
 COUNTS: Schema = {"type": "object", "additionalProperties": {"type": "integer"}}
+DETAILS: Schema = {"description": 'more about the error, e.g. {"field": "leases[2].lease_id"} for a malformed field'}
 
 
 def _content(schema: Schema) -> dict[str, Any]:
@@ -77,23 +80,26 @@ SIGNED_ERRORS = (400, 401, 403)
 TEXT = {"text/plain": {"schema": S}}
 
 SCHEMAS: dict[str, Schema] = {
-    "Error": _obj(["error", "message"], error=S, message=S),
+    "Error": _obj(["error", "message"], error=S, message=S, details=DETAILS),
     "SignedRecord": {"type": "object", "description": "payload (msgpack bytes), key (ed25519:...), sig",
                      "additionalProperties": True},
     "Registration": _obj(["public_key"], public_key=S, name=S, capabilities=ANY_MAP),
     "Registered": _obj(["agent_id"], agent_id=S, lease_ttl_s=N, max_poll_wait_s=N, max_tasks_per_lease=I),
     "LeaseRequest": _obj(slots=I, wait_s=N, results=_arr(_ref("SignedRecord"))),
     "Assignment": _obj(["task_id", "job_id", "lease_id"], task_id=S, job_id=S, idx=I, lease_id=S, attempt=I,
-                       kind=S, params=ANY_MAP, timeout_s=N, lease_ttl_s=N, envelope=_ref("SignedRecord")),
-    "ResultOutcome": _obj(["task_id", "status"], task_id=S, status={"enum": ["accepted", "duplicate", "rejected"]},
-                          error=S, message=S),
+                       kind=S, params=ANY_MAP, timeout_s=N, lease_ttl_s=N, envelope=_ref("SignedRecord"),
+                       checkpoint=NULLABLE_S),
+    "ResultOutcome": _obj(["task_id", "status"], task_id=S, status={"enum": [o.value for o in Outcome]},
+                          error=S, message=S, details=DETAILS),
     "LeaseReply": _obj(["tasks"], tasks=_arr(_ref("Assignment")), results=_arr(_ref("ResultOutcome")),
                        refused=NULLABLE_S),
     "Results": _obj(["results"], results=_arr(_ref("SignedRecord"))),
     "ResultOutcomes": _obj(["results"], results=_arr(_ref("ResultOutcome"))),
     "TaskResult": _obj(["result"], result=_ref("SignedRecord")),
-    "Heartbeat": _obj(["leases"], leases=_arr(_obj(["task_id", "lease_id"], task_id=S, lease_id=S, progress=N))),
-    "HeartbeatReply": _obj(lease_ttl_s=N, lost=_arr(_obj(task_id=S, reason=S))),
+    "Heartbeat": _obj(["leases"], leases=_arr(_obj(["task_id", "lease_id"], task_id=S, lease_id=S, progress=N,
+                                                   checkpoint=S))),
+    "HeartbeatReply": _obj(lease_ttl_s=N, lost=_arr(_obj(["task_id", "reason"], task_id=S,
+                                                         reason={"enum": [r.value for r in LossReason]}))),
     "Release": _obj(["lease_id"], lease_id=S),
     "Released": _obj(released=S),
     "Submission": _obj(["envelope"], envelope=_ref("SignedRecord")),

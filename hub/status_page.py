@@ -26,6 +26,7 @@ from aiohttp import web
 from hub.board import Board
 from hub.config import HubConfig
 from hub.fleet import AgentState
+from hub.http import reply
 from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, TaskRow, TaskState
 
@@ -279,8 +280,6 @@ FEED_KEY = web.AppKey("status_feed", StatusFeed)
 
 def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> None:
     """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
-    from hub.app import reply  # the app's msgpack/JSON codec (hub.app imports this module)
-
     view = board.view
     feed = StatusFeed(view)
     app[FEED_KEY] = feed

@@ -21,6 +21,7 @@ from agent.client.blobcache import BlobCache, download_blob, response_error
 from agent.client.blobupload import upload_file
 from hub.blob_routes import add_blob_routes
 from hub.blobs import CHUNK_BYTES, BlobStore, digest_header_for
+from hub.http import error_middleware
 from security.errors import BadRequest, PanalError, PayloadTooLarge, Unauthorized
 from security.httpsig import content_digest, sign_request, sign_request_digest, verify_request
 from security.identity import Identity
@@ -63,16 +64,7 @@ class Board:
         return params.keyid
 
     def app(self) -> web.Application:
-        @web.middleware
-        async def errors(request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
-            try:
-                return await handler(request)
-            except PanalError as exc:
-                return web.json_response(exc.to_body(), status=exc.status)
-
-        app = web.Application(middlewares=[errors])
+        app = web.Application(middlewares=[error_middleware])
         add_blob_routes(app, self.store, self.authorize)
         return app
 

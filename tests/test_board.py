@@ -15,6 +15,8 @@ from hub.config import HubConfig
 from hub.records import JobState, TaskRow, TaskState
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
+from jobs.protocol import Assignment, HeartbeatLease, LossReason, LostLease
+from jobs.requirements import Capabilities
 from security.errors import Conflict, Forbidden
 from security.identity import Identity
 from security.records import SignedRecord
@@ -51,13 +53,13 @@ class Fixture:
         assert created
         return job.id
 
-    async def lease(self, agent: Identity, slots: int = 1) -> list[dict[str, Any]]:
+    async def lease(self, agent: Identity, slots: int = 1) -> list[Assignment]:
         return await self.board.lease(agent.id, slots, 0)
 
-    def result(self, agent: Identity, task: dict[str, Any], status: str = "ok", **extra: Any) -> dict[str, Any]:
-        payload = {"task_id": task["task_id"], "job_id": task["job_id"], "lease_id": task["lease_id"],
-                   "attempt": task["attempt"], "agent_id": agent.id, "status": status, **extra}
-        return SignedRecord.sign(agent, payload).to_wire()
+    def result(self, agent: Identity, task: Assignment, status: str = "ok", **extra: Any) -> SignedRecord:
+        payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+                   "attempt": task.attempt, "agent_id": agent.id, "status": status, **extra}
+        return SignedRecord.sign(agent, payload)
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ async def fx(tmp_path: Path) -> AsyncIterator[Fixture]:
     f = Fixture(tmp_path)
     await f.board.start()
     for agent in f.agents:
-        await f.board.register_agent(agent.public, "a", {"kinds": ["sleep"]})
+        await f.board.register_agent(agent.public, "a", Capabilities.from_dict({"kinds": ["sleep"]}))
     yield f
     await f.board.stop()
 
@@ -73,7 +75,7 @@ async def fx(tmp_path: Path) -> AsyncIterator[Fixture]:
 async def test_lease_result_completes_job_exactly_once(fx: Fixture) -> None:
     job_id = await fx.submit(manifest(2))
     tasks = await fx.lease(fx.agents[0], slots=5)
-    assert [t["idx"] for t in tasks] == [0, 1]
+    assert [t.idx for t in tasks] == [0, 1]
     records = [fx.result(fx.agents[0], t) for t in tasks]
     outcomes = await fx.board.accept(fx.agents[0].id, records)
     assert [o.status for o in outcomes] == ["accepted", "accepted"]
@@ -106,7 +108,7 @@ async def test_expired_lease_is_requeued_and_late_result_rejected(fx: Fixture) -
     [row] = await fx.board.store.get_tasks(job_id)
     assert row.state == TaskState.QUEUED and row.attempt == 2 and row.error_class == "agent_lost"
     [again] = await fx.lease(fx.agents[1])
-    assert again["attempt"] == 2
+    assert again.attempt == 2
     [late] = await fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], task)])
     assert late.status == "rejected" and isinstance(late.error, Conflict) and late.error.code == "lease_expired"
     [ok] = await fx.board.accept(fx.agents[1].id, [fx.result(fx.agents[1], again)])
@@ -119,15 +121,14 @@ async def test_heartbeat_extends_lease_and_reports_lost_ones(fx: Fixture) -> Non
     await fx.submit(manifest(1))
     [task] = await fx.lease(fx.agents[0])
     fx.clock.now += 8
-    reply = await fx.board.heartbeat(fx.agents[0].id, [{"task_id": task["task_id"], "lease_id": task["lease_id"],
-                                                         "progress": 0.5}])
-    assert reply["lost"] == []
+    reply = await fx.board.heartbeat(fx.agents[0].id, [HeartbeatLease(task.task_id, task.lease_id, 0.5)])
+    assert reply.lost == ()
     fx.clock.now += 8   # 16 s after the lease, 8 s after the heartbeat: still valid
     await fx.board.sweep()
-    assert task_of(fx, task["task_id"]).state == TaskState.LEASED
-    assert task_of(fx, task["task_id"]).progress == 0.5
-    reply = await fx.board.heartbeat(fx.agents[1].id, [{"task_id": task["task_id"], "lease_id": task["lease_id"]}])
-    assert reply["lost"] == [{"task_id": task["task_id"], "reason": "lost"}]
+    assert task_of(fx, task.task_id).state == TaskState.LEASED
+    assert task_of(fx, task.task_id).progress == 0.5
+    reply = await fx.board.heartbeat(fx.agents[1].id, [HeartbeatLease(task.task_id, task.lease_id)])
+    assert reply.lost == (LostLease(task.task_id, LossReason.LOST),)
 
 
 async def test_result_from_the_wrong_agent_is_forbidden(fx: Fixture) -> None:
@@ -139,7 +140,7 @@ async def test_result_from_the_wrong_agent_is_forbidden(fx: Fixture) -> None:
     # Agent 1 claims agent 0's lease.
     [o] = await fx.board.accept(fx.agents[1].id, [fx.result(fx.agents[1], task)])
     assert o.status == "rejected" and o.error is not None and o.error.code == "not_your_lease"
-    assert task_of(fx, task["task_id"]).state == TaskState.LEASED
+    assert task_of(fx, task.task_id).state == TaskState.LEASED
 
 
 async def test_transient_failures_retry_then_fail_and_permanent_fails_at_once(fx: Fixture) -> None:
@@ -151,7 +152,7 @@ async def test_transient_failures_retry_then_fail_and_permanent_fails_at_once(fx
     assert [o.status for o in outcomes] == ["accepted", "accepted"]
     await fx.board.sweep()
     [retry] = await fx.lease(fx.agents[1], 2)
-    assert retry["idx"] == 0 and retry["attempt"] == 2
+    assert retry.idx == 0 and retry.attempt == 2
     await fx.board.accept(fx.agents[1].id, [fx.result(fx.agents[1], retry, "failed", error_class="oom", error="x")])
     view = await fx.board.job_view(job_id)
     assert view["state"] == "failed" and view["tasks"] == {"failed": 2}
@@ -164,10 +165,10 @@ async def test_requirements_are_matched_and_explained(fx: Fixture) -> None:
     view = await fx.board.job_view(job_id)
     assert any("min_vram_gb 16" in r or "a GPU" in r for r in view["waiting_because"])
     big = Identity.generate()
-    await fx.board.register_agent(big.public, "big", {"kinds": ["sleep"], "gpus": [
-        {"name": "A100", "backend": "cuda", "vram_gb": 40, "compute_capability": "8.0"}]})
+    await fx.board.register_agent(big.public, "big", Capabilities.from_dict({"kinds": ["sleep"], "gpus": [
+        {"name": "A100", "backend": "cuda", "vram_gb": 40, "compute_capability": "8.0"}]}))
     [task] = await fx.lease(big)
-    assert task["job_id"] == job_id
+    assert task.job_id == job_id
 
 
 async def test_priority_orders_jobs(fx: Fixture) -> None:
@@ -175,7 +176,7 @@ async def test_priority_orders_jobs(fx: Fixture) -> None:
     high = await fx.submit(manifest(1, policy={"priority": 5}))
     first = await fx.lease(fx.agents[0])
     second = await fx.lease(fx.agents[0])
-    assert [first[0]["job_id"], second[0]["job_id"]] == [high, low]
+    assert [first[0].job_id, second[0].job_id] == [high, low]
 
 
 async def test_cancel_only_by_owner(fx: Fixture) -> None:
@@ -228,7 +229,7 @@ async def test_queued_tasks_fail_when_the_deadline_passes(fx: Fixture) -> None:
     fx.clock.now += 6   # past the deadline, within the 10 s lease
     await fx.board.sweep()
     assert task_of(fx, f"{job_id}.1").state == TaskState.FAILED
-    assert task_of(fx, task["task_id"]).state == TaskState.LEASED  # running work may still finish
+    assert task_of(fx, task.task_id).state == TaskState.LEASED  # running work may still finish
     await fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], task)])
     view = await fx.board.job_view(job_id)
     assert view["state"] == "failed" and "deadline passed" in view["error"]

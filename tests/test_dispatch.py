@@ -18,6 +18,8 @@ from hub.dispatch.explain import human_duration
 from hub.dispatch.predict import Predictor
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
+from jobs.protocol import Assignment
+from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
 
@@ -53,7 +55,7 @@ class Hub:
 
     async def agent(self, name: str, caps: dict[str, Any]) -> Identity:
         identity = Identity.generate()
-        await self.board.register_agent(identity.public, name, caps)
+        await self.board.register_agent(identity.public, name, Capabilities.from_dict(caps))
         return identity
 
     async def submit(self, n: int = 1, user: str = "u", params: dict[str, Any] | None = None,
@@ -65,19 +67,19 @@ class Hub:
         self.clock.now += 1
         return job.id
 
-    async def lease(self, agent: Identity, slots: int = 1) -> list[dict[str, Any]]:
+    async def lease(self, agent: Identity, slots: int = 1) -> list[Assignment]:
         return await self.board.lease(agent.id, slots, 0)
 
-    async def finish(self, agent: Identity, task: dict[str, Any], wall_s: float, status: str = "ok") -> None:
-        payload = {"task_id": task["task_id"], "job_id": task["job_id"], "lease_id": task["lease_id"],
-                   "attempt": task["attempt"], "agent_id": agent.id, "status": status, "metrics": {"wall_s": wall_s}}
+    async def finish(self, agent: Identity, task: Assignment, wall_s: float, status: str = "ok") -> None:
+        payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+                   "attempt": task.attempt, "agent_id": agent.id, "status": status, "metrics": {"wall_s": wall_s}}
         if status != "ok":
             payload.update(error_class="device_lost", error="gone")
-        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload).to_wire()])
+        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
         assert outcome.status == "accepted"
 
-    def submitter_of(self, task: dict[str, Any]) -> str:
-        job = self.board.view.job(task["job_id"])
+    def submitter_of(self, task: Assignment) -> str:
+        job = self.board.view.job(task.job_id)
         assert job is not None
         owner = job.submitter_id
         return next(name for name, ident in self.users.items() if ident.id == owner)
@@ -142,11 +144,11 @@ async def test_best_fit_keeps_the_a100_for_the_40gb_task(hubs: HubFactory) -> No
     small = await hub.submit(1, requires={"device": "gpu"})
     big = await hub.submit(1, requires={"device": "gpu", "min_vram_gb": 32})
     a100, gtx = await hub.agent("a100", A100), await hub.agent("gtx", GTX1060)
-    assert [t["job_id"] for t in await hub.lease(a100)] == [big]      # the older small job waits for the 1060
+    assert [t.job_id for t in await hub.lease(a100)] == [big]      # the older small job waits for the 1060
     assert await hub.lease(a100) == []                                # the 1060 is idle and runs it well
-    assert [t["job_id"] for t in await hub.lease(gtx)] == [small]
+    assert [t.job_id for t in await hub.lease(gtx)] == [small]
     more = await hub.submit(1, requires={"device": "gpu"})
-    assert [t["job_id"] for t in await hub.lease(a100)] == [more]     # the 1060 is busy: no idling
+    assert [t.job_id for t in await hub.lease(a100)] == [more]     # the 1060 is busy: no idling
 
 
 async def test_fastest_prefers_the_faster_agent_and_learns_observed_speed(hubs: HubFactory) -> None:
@@ -155,14 +157,14 @@ async def test_fastest_prefers_the_faster_agent_and_learns_observed_speed(hubs: 
     first = await hub.submit(1)
     assert await hub.lease(laptop) == []            # ~69 s here, ~0.7 s on the idle A100
     [task] = await hub.lease(a100)
-    assert task["job_id"] == first
+    assert task.job_id == first
     predictor = hub.board.policy.predictor
     assert isinstance(predictor, Predictor) and predictor.factor(a100.id, "matmul") == 1.0
     await hub.finish(a100, task, wall_s=500.0)      # the A100 is shared and slow in practice
     assert predictor.factor(a100.id, "matmul") > 100
     second = await hub.submit(1)
     assert await hub.lease(a100) == []
-    assert [t["job_id"] for t in await hub.lease(laptop)] == [second]
+    assert [t.job_id for t in await hub.lease(laptop)] == [second]
 
 
 async def test_fastest_uses_slow_agents_when_the_queue_is_long(hubs: HubFactory) -> None:
@@ -205,7 +207,7 @@ async def test_deadline_excludes_a_slow_host(hubs: HubFactory, policy: str) -> N
     [line] = hub.board.view.waiting_because(job_id)
     assert line.startswith("needs to finish within 59s: the fastest of 1 capable connected agents would take ~69s")
     gtx = await hub.agent("gtx", GTX1060)
-    assert [t["job_id"] for t in await hub.lease(gtx)] == [job_id]
+    assert [t.job_id for t in await hub.lease(gtx)] == [job_id]
 
 
 @pytest.mark.parametrize("policy", NEW_POLICIES)

@@ -29,6 +29,8 @@ from hub.protocols import (
 from hub.records import JobRow, ResultRow, TaskRow, TaskState
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
+from jobs.protocol import Assignment
+from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
 
@@ -130,17 +132,17 @@ class Fixture:
         job, _ = await self.board.submit(make_envelope(self.user, m), self.user.id)
         return job.id
 
-    async def lease(self, name: str, slots: int = 1) -> list[dict[str, Any]]:
+    async def lease(self, name: str, slots: int = 1) -> list[Assignment]:
         return await self.board.lease(self.agents[name].id, slots, 0)
 
-    async def report(self, name: str, task: dict[str, Any], status: str = "ok") -> dict[str, Any]:
+    async def report(self, name: str, task: Assignment, status: str = "ok") -> dict[str, Any]:
         agent = self.agents[name]
-        payload = {"task_id": task["task_id"], "job_id": task["job_id"], "lease_id": task["lease_id"],
-                   "attempt": task["attempt"], "agent_id": agent.id, "status": status}
+        payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+                   "attempt": task.attempt, "agent_id": agent.id, "status": status}
         if status != "ok":
             payload.update(error_class="crashed", error="boom")
-        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload).to_wire()])
-        return outcome.to_wire()
+        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
+        return outcome.encode()
 
 
 @pytest.fixture
@@ -155,7 +157,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Any]:
         boards.append(board)
         f = Fixture(board, clock)
         for name, ident in f.agents.items():
-            await board.register_agent(ident.public, name, {"kinds": ["sleep"]})
+            await board.register_agent(ident.public, name, Capabilities.from_dict({"kinds": ["sleep"]}))
         return f
 
     yield build
@@ -168,8 +170,8 @@ async def test_a_policy_chooses_the_candidate_it_wants(make: Any) -> None:
     policy = LastFirst()
     f = await make(policy=policy)
     await f.submit(3)
-    assert [t["idx"] for t in await f.lease("a")] == [2]
-    assert [t["idx"] for t in await f.lease("b", slots=2)] == [1, 0]
+    assert [t.idx for t in await f.lease("a")] == [2]
+    assert [t.idx for t in await f.lease("b", slots=2)] == [1, 0]
     assert await f.lease("a") == []            # nothing left
     assert f.board.policy is policy
 
@@ -180,7 +182,7 @@ async def test_the_policy_hears_every_settled_attempt(make: Any) -> None:
     await f.submit(2)
     [task] = await f.lease("a")
     await f.report("a", task)
-    assert policy.settled == [task["task_id"]]
+    assert policy.settled == [task.task_id]
 
 
 async def test_a_gate_refuses_an_agent_until_it_is_removed(make: Any) -> None:
@@ -208,8 +210,8 @@ async def test_an_observer_and_a_listener_see_what_happens(make: Any) -> None:
     f.clock.now += 11
     await f.board.sweep()                      # t2's lease expires
     a = f.agents["a"].id
-    assert seen.attempts == [(a, t0["task_id"], True, None), (a, t1["task_id"], False, "crashed"),
-                             (a, t2["task_id"], False, "agent_lost")]
+    assert seen.attempts == [(a, t0.task_id, True, None), (a, t1.task_id, False, "crashed"),
+                             (a, t2.task_id, False, "agent_lost")]
     for task in await f.lease("b", slots=2):
         await f.report("b", task)
     assert (await f.board.job_view(job_id))["state"] == "succeeded"
@@ -233,12 +235,12 @@ async def test_a_validator_holds_a_result_until_a_replica_agrees(make: Any) -> N
     [second] = await f.lease("b")
     assert (await f.report("b", second))["status"] == "accepted"
     # The held result was judged again and accepted with it: both results are stored, the job is done.
-    assert validator.judged[-2:] == [(second["task_id"], "accept"), (first["task_id"], "accept")]
+    assert validator.judged[-2:] == [(second.task_id, "accept"), (first.task_id, "accept")]
     view = await f.board.job_view(job_id)
     assert view["state"] == "succeeded" and view["tasks"] == {"done": 2}
     stored = await f.board.view.results(job_id)
-    assert {(r.task_id, r.agent_id) for r in stored} == {(first["task_id"], f.agents["a"].id),
-                                                         (second["task_id"], f.agents["b"].id)}
+    assert {(r.task_id, r.agent_id) for r in stored} == {(first.task_id, f.agents["a"].id),
+                                                         (second.task_id, f.agents["b"].id)}
     assert (await f.report("a", first))["status"] == "duplicate"     # settled now, from the store
 
 
@@ -250,10 +252,10 @@ async def test_a_rejected_result_fails_the_attempt_and_the_task_runs_again(make:
     [second] = await f.lease("a")                                   # the same agent gets the replica
     rejected = await f.report("a", second)
     assert rejected["status"] == "rejected" and rejected["error"] == "result_invalid"
-    task = f.board.view.task(second["task_id"])
+    task = f.board.view.task(second.task_id)
     assert task is not None and task.state == TaskState.QUEUED and task.attempt == 2
     assert task.error is not None and "another agent" in task.error
     [retry] = await f.lease("b")
-    assert retry["task_id"] == second["task_id"] and retry["attempt"] == 2
+    assert retry.task_id == second.task_id and retry.attempt == 2
     assert (await f.report("b", retry))["status"] == "accepted"
     assert (await f.board.job_view(job_id))["state"] == "succeeded"

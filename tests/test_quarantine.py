@@ -17,6 +17,7 @@ from hub.quarantine import Quarantine
 from hub.records import TaskState
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
+from jobs.protocol import Assignment
 from jobs.requirements import Capabilities
 from security.errors import BadRequest
 from security.identity import Identity
@@ -45,24 +46,24 @@ class Fleet:
 
     async def add(self, name: str, caps: dict[str, Any]) -> Identity:
         agent = self.agents[name] = Identity.generate()
-        await self.board.register_agent(agent.public, name, caps)
+        await self.board.register_agent(agent.public, name, Capabilities.from_dict(caps))
         return agent
 
     async def submit(self, m: Manifest) -> str:
         job, _ = await self.board.submit(make_envelope(self.user, m), self.user.id)
         return job.id
 
-    async def lease(self, name: str, slots: int = 1) -> list[dict[str, Any]]:
+    async def lease(self, name: str, slots: int = 1) -> list[Assignment]:
         return await self.board.lease(self.agents[name].id, slots, 0)
 
-    async def report(self, name: str, task: dict[str, Any], ok: bool, error_class: str = "crashed") -> str:
+    async def report(self, name: str, task: Assignment, ok: bool, error_class: str = "crashed") -> str:
         agent = self.agents[name]
-        payload: dict[str, Any] = {"task_id": task["task_id"], "job_id": task["job_id"], "lease_id": task["lease_id"],
-                                   "attempt": task["attempt"], "agent_id": agent.id,
+        payload: dict[str, Any] = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+                                   "attempt": task.attempt, "agent_id": agent.id,
                                    "status": "ok" if ok else "failed"}
         if not ok:
             payload.update(error_class=error_class, error=f"simulated {error_class}")
-        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload).to_wire()])
+        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
         return outcome.status
 
     async def run(self, name: str, ok: bool, n: int = 1, error_class: str = "crashed") -> int:
@@ -200,10 +201,10 @@ async def test_oom_retry_goes_to_the_agent_with_more_memory(sized: Fleet) -> Non
     assert await sized.report("small", first, ok=False, error_class="oom") == "accepted"
     # The small agent gets the other task, never the retry of the one that ran out of memory there.
     [other] = await sized.lease("small", slots=4)
-    assert other["task_id"] != first["task_id"]
+    assert other.task_id != first.task_id
     assert await sized.lease("small", slots=4) == []
     [retry] = await sized.lease("big")
-    assert retry["task_id"] == first["task_id"] and retry["attempt"] == 2
+    assert retry.task_id == first.task_id and retry.attempt == 2
     await sized.report("big", retry, ok=True)
     await sized.report("small", other, ok=True)
     assert (await sized.board.job_view(job_id))["state"] == "succeeded"
@@ -217,7 +218,7 @@ async def test_oom_retry_is_not_held_back_when_no_bigger_agent_is_around(sized: 
     [task] = await sized.lease("big")
     await sized.report("big", task, ok=False, error_class="oom")   # the biggest machine failed: no better one
     [again] = await sized.lease("small")
-    assert again["task_id"] == task["task_id"]
+    assert again.task_id == task.task_id
     await sized.report("small", again, ok=True)
     # Once a bigger agent goes offline, the small one may try rather than the task starving.
     await sized.submit(manifest(1, retries=3))
@@ -226,7 +227,7 @@ async def test_oom_retry_is_not_held_back_when_no_bigger_agent_is_around(sized: 
     assert await sized.lease("small") == []
     sized.clock.now += 600                      # nobody heard from either agent for ten minutes ...
     [t2_again] = await sized.lease("small")     # ... and only the small one comes back
-    assert t2_again["task_id"] == t2["task_id"]
+    assert t2_again.task_id == t2.task_id
 
 
 async def test_gpu_oom_compares_vram_not_ram(tmp_path: Path) -> None:
@@ -241,14 +242,14 @@ async def test_gpu_oom_compares_vram_not_ram(tmp_path: Path) -> None:
         [task] = await f.lease("gtx")
         await f.report("gtx", task, ok=False, error_class="oom")
         gtx_caps = f.board.agents[f.agents["gtx"].id].caps
-        assert hint.needs_more_memory(task["task_id"], gtx_caps)
-        assert not hint.needs_more_memory(task["task_id"], f.board.agents[f.agents["a100"].id].caps)
+        assert hint.needs_more_memory(task.task_id, gtx_caps)
+        assert not hint.needs_more_memory(task.task_id, f.board.agents[f.agents["a100"].id].caps)
         # plenty of RAM does not help a GPU task that ran out of VRAM on the same GPU size
-        assert hint.needs_more_memory(task["task_id"], Capabilities.from_dict({"memory_gb": 512, "gpus": [gpu]}))
+        assert hint.needs_more_memory(task.task_id, Capabilities.from_dict({"memory_gb": 512, "gpus": [gpu]}))
         assert await f.lease("gtx") == []
         [retry] = await f.lease("a100")
-        assert retry["task_id"] == task["task_id"]
-        leased = f.board.view.task(task["task_id"])
+        assert retry.task_id == task.task_id
+        leased = f.board.view.task(task.task_id)
         assert leased is not None and leased.state == TaskState.LEASED
     finally:
         await f.board.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import platform
-from typing import Any
 
 import click
 
@@ -16,6 +15,8 @@ from agent.daemon import Daemon, DaemonSettings
 from agent.host import capabilities
 from hub.config import HubConfig
 from hub.server import BoardServer
+from jobs.protocol import Registered, Registration
+from jobs.requirements import Capabilities
 from security.tls import BoardAddress
 
 
@@ -34,18 +35,17 @@ def join(join_url: str, name: str, insecure: bool) -> None:
     address.check_transport(insecure)
     h = home()
     identity = h.agent_identity()
-    body = {"public_key": identity.public.text(), "name": name or platform.node(),
-            "capabilities": capabilities.basic()}
+    body = Registration(identity.public, name or platform.node(), Capabilities.from_dict(capabilities.basic()))
 
-    async def go() -> dict[str, Any]:
+    async def go() -> Registered:
         async with BoardClient(address, identity, insecure=insecure, retry_for_s=10.0) as client:
-            return dict(await client.call("POST", "/v1/agents", body))
+            return await client.post("/v1/agents", body, Registered.decode)
 
     reply = run(go())
     h.add_board(address)
     if not h.client_settings().get("hub"):
         h.set_client("hub", address.join_url())
-    click.echo(f"joined {address.url} as agent {reply['agent_id']}")
+    click.echo(f"joined {address.url} as agent {reply.agent_id}")
 
 
 @agent.command("run")

@@ -5,6 +5,8 @@ board's certificate fingerprint (or plain HTTP to loopback), is retried by tenac
 errors, 5xx and 429 (exponential backoff with full jitter, ``Retry-After`` honoured, capped total
 time), and passes through the board's circuit breaker. Errors come back as :class:`PanalError`
 leaves rebuilt from the board's error body, so callers and the CLI see the board's own message.
+:meth:`BoardClient.post` speaks the agent protocol (:mod:`jobs.protocol`): a typed record out, the
+reply decoded into its typed record here, once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay
@@ -34,7 +36,9 @@ from security.httpsig import sign_request
 from security.identity import Identity
 from security.tls import BoardAddress
 
-__all__ = ["BoardClient", "HealthListener", "error_from_response"]
+__all__ = ["BoardClient", "Encodes", "HealthListener", "error_from_response"]
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 _BY_STATUS: dict[int, type[PanalError]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
@@ -42,6 +46,12 @@ _BY_STATUS: dict[int, type[PanalError]] = {400: BadRequest, 401: Unauthorized, 4
 #: Told the outcome of every call that reached the breaker: True when the board answered (even with an
 #: error), False when it could not be reached. LAN mode keeps its peer table's liveness with it.
 HealthListener = Callable[[bool], None]
+
+
+class Encodes(Protocol):
+    """A request record of :mod:`jobs.protocol`."""
+
+    def encode(self) -> dict[str, Any]: ...
 
 
 class RetryLater(Unavailable):
@@ -129,6 +139,17 @@ class BoardClient:
             raise
         self._heard(answered=True)
         return result
+
+    async def post(self, path: str, body: Encodes, reply: Callable[[Any], R], *, timeout_s: float = 30.0,
+                   retry: bool = True) -> R:
+        """``POST`` a protocol record; its reply decoded by ``reply`` (a record's ``decode``). A reply of the
+        wrong shape is the board's fault, not ours: :class:`Unavailable` (code ``malformed_reply``)."""
+        value = await self.call("POST", path, body.encode(), timeout_s=timeout_s, retry=retry)
+        try:
+            return reply(value)
+        except BadRequest as exc:
+            raise Unavailable(f"board {self.address.url} sent a malformed reply to {path}: {exc.message}",
+                              code="malformed_reply") from exc
 
     def _heard(self, *, answered: bool) -> None:
         if answered:

@@ -11,8 +11,8 @@ from collections import OrderedDict
 from typing import Any
 
 from jobs.manifest import Manifest
+from jobs.protocol import Assignment
 from security.errors import BadRequest, Forbidden, PanalError
-from security.records import SignedRecord
 
 __all__ = ["ManifestCache"]
 
@@ -24,13 +24,13 @@ class ManifestCache:
         self.size = size
         self._cache: OrderedDict[str, tuple[str, Manifest, list[dict[str, Any]]]] = OrderedDict()
 
-    def check(self, assignment: dict[str, Any], trusted: set[str] | None = None) -> tuple[str, Manifest]:
+    def check(self, assignment: Assignment, trusted: set[str] | None = None) -> tuple[str, Manifest]:
         """Raise if the task is not what its submitter signed; return the submitter's id and manifest."""
-        job_id = str(assignment.get("job_id"))
+        job_id = assignment.job_id
         entry = self._cache.get(job_id)
         if entry is None:
             try:
-                record = SignedRecord.from_wire(assignment.get("envelope"))
+                record = assignment.envelope
                 payload = record.verify()
                 manifest = Manifest.from_dict(payload.get("manifest"))
                 entry = (record.key.id, manifest, manifest.points())
@@ -45,9 +45,8 @@ class ManifestCache:
         if trusted is not None and submitter not in trusted:
             raise Forbidden(f"job {job_id} is from submitter {submitter}, who is not in this agent's trust store",
                             code="untrusted_submitter")
-        idx = assignment.get("idx")
-        if manifest.kind != assignment.get("kind") or not isinstance(idx, int) or not 0 <= idx < len(points) \
-                or points[idx] != assignment.get("params"):
-            raise BadRequest(f"task {assignment.get('task_id')} differs from what its submitter signed",
+        idx = assignment.idx
+        if manifest.kind != assignment.kind or not 0 <= idx < len(points) or points[idx] != assignment.params:
+            raise BadRequest(f"task {assignment.task_id} differs from what its submitter signed",
                              code="tampered_task")
         return submitter, manifest

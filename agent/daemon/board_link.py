@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +22,22 @@ from agent.daemon.hooks import HoldOff, SubmitterCheck
 from agent.daemon.outbox import Outbox
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
+from jobs.protocol import (
+    Assignment,
+    Heartbeat,
+    HeartbeatLease,
+    HeartbeatReply,
+    LeaseReply,
+    LeaseRequest,
+    Outcome,
+    Registered,
+    Registration,
+    Release,
+    Released,
+    ResultOutcome,
+    ResultsReply,
+    ResultsRequest,
+)
 from security.errors import PanalError
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
@@ -36,7 +53,7 @@ UNTRUSTED_COOLDOWN_S = 30.0
 class Running:
     """A task this agent holds a lease on: what its heartbeat reports, and how to stop it."""
 
-    assignment: dict[str, Any]
+    assignment: Assignment
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     progress: float = 0.0
     lost: bool = False                 # the lease is gone (or handed back): no result from us
@@ -59,22 +76,22 @@ class LinkOwner(Protocol):
     @property
     def board_count(self) -> int: ...
 
-    def registration(self) -> dict[str, Any]:
-        """The body of ``POST /v1/agents``: key, name and the capabilities advertised now."""
+    def registration(self) -> Registration:
+        """Key, name and the capabilities advertised now."""
         ...
 
-    def start_task(self, link: BoardLink, assignment: dict[str, Any]) -> None:
+    def start_task(self, link: BoardLink, assignment: Assignment) -> None:
         """Run a leased task in the background; it gives its slot back when done."""
         ...
 
 
-def outbox_key(record: dict[str, Any]) -> str:
+def outbox_key(record: SignedRecord) -> str:
     """A result's outbox name: task and lease, so two attempts of one task never share a file."""
     try:
-        payload = decode(SignedRecord.from_wire(record).payload)
-        return f"{payload.get('task_id')}.{payload.get('lease_id')}"
+        payload = decode(record.payload)
     except PanalError:
         return "unreadable"
+    return f"{payload.get('task_id')}.{payload.get('lease_id')}" if isinstance(payload, dict) else "unreadable"
 
 
 class BoardLink:
@@ -90,7 +107,7 @@ class BoardLink:
         self.hold_off = hold_off          # None: lease again at once
         self.cooldown_until = 0.0         # monotonic time before which we do not lease from it
         self.refused: str | None = None   # why the board gives us no work (quarantine), if it says
-        self.pending: list[dict[str, Any]] = outbox.load()
+        self.pending: list[SignedRecord] = outbox.load()
         self.running: dict[str, Running] = {}
         self.flush = asyncio.Event()
         self.lease_ttl_s = 30.0
@@ -131,17 +148,17 @@ class BoardLink:
     def trusts(self, submitter: str) -> bool:
         return self.trusted is None or self.trusted(submitter)
 
-    async def release(self, assignment: dict[str, Any]) -> None:
+    async def release(self, assignment: Assignment) -> None:
         """Hand a leased task back (no attempt used); best effort, once."""
         with contextlib.suppress(PanalError):
-            await self.client.call("POST", f"/v1/tasks/{assignment['task_id']}/release",
-                                   {"lease_id": assignment["lease_id"]}, retry=False, timeout_s=5.0)
+            await self.client.post(f"/v1/tasks/{assignment.task_id}/release", Release(assignment.lease_id),
+                                   Released.decode, retry=False, timeout_s=5.0)
 
-    async def refuse(self, assignment: dict[str, Any], submitter: str) -> None:
+    async def refuse(self, assignment: Assignment, submitter: str) -> None:
         """Hand a task from an untrusted submitter back and leave this board alone for a while, so
         agents that do trust the submitter take it."""
         log.warning("refusing job %s on %s: submitter %s is not in the trust store (`panal trust add`)",
-                    assignment.get("job_id"), self.address.url, submitter)
+                    assignment.job_id, self.address.url, submitter)
         self.cooldown_until = time.monotonic() + UNTRUSTED_COOLDOWN_S
         await self.release(assignment)
 
@@ -152,7 +169,7 @@ class BoardLink:
             running.cancel.set()
             await self.release(running.assignment)
 
-    def queue_result(self, record: dict[str, Any], ok: bool) -> None:
+    def queue_result(self, record: SignedRecord, ok: bool) -> None:
         """Keep a signed result in the outbox until the board answers for it; send it soon."""
         self.outbox.save(outbox_key(record), record)
         self.pending.append(record)
@@ -162,46 +179,45 @@ class BoardLink:
         else:
             self.failed += 1
 
-    def take_pending(self) -> list[dict[str, Any]]:
+    def take_pending(self) -> list[SignedRecord]:
         taken, self.pending = self.pending, []
         return taken
 
-    def settle(self, sent: list[dict[str, Any]], outcomes: list[Any]) -> None:
+    def settle(self, sent: list[SignedRecord], outcomes: Sequence[ResultOutcome]) -> None:
         """Drop delivered results from the outbox; keep those the board did not answer for."""
         # The board answers one outcome per result, in order (two attempts of one task can travel
         # together, so matching by task id alone would be ambiguous).
-        answers = [o if isinstance(o, dict) else None for o in outcomes] if len(outcomes) == len(sent) \
-            else [None] * len(sent)
-        for record, outcome in zip(sent, answers, strict=True):
-            if outcome is None:
-                self.pending.append(record)
-                continue
+        if len(outcomes) != len(sent):
+            self.pending.extend(sent)
+            return
+        for record, outcome in zip(sent, outcomes, strict=True):
             key = outbox_key(record)
-            if outcome.get("status") == "rejected":
-                log.warning("board %s rejected the result of task %s: %s", self.address.url,
-                            outcome.get("task_id", key), outcome.get("message"))
+            if outcome.status == Outcome.REJECTED:
+                log.warning("board %s rejected the result of task %s: %s", self.address.url, outcome.task_id,
+                            outcome.error.message if outcome.error else "no reason given")
             self.outbox.remove(key)
 
     async def deliver(self, retry: bool) -> None:
         """Send the pending results now; on failure they stay pending (and in the outbox)."""
         sent = self.take_pending()
         try:
-            reply = await self.client.call("POST", "/v1/results", {"results": sent}, retry=retry, timeout_s=15.0)
+            reply = await self.client.post("/v1/results", ResultsRequest(tuple(sent)), ResultsReply.decode,
+                                           retry=retry, timeout_s=15.0)
         except PanalError as exc:
             self.pending[:0] = sent
             log.warning("results for %s kept in the outbox: %s", self.address.url, exc.message)
             if retry and not self.owner.stopping:
                 asyncio.get_running_loop().call_later(max(1.0, self.client.breaker.retry_in()), self.flush.set)
             return
-        self.settle(sent, reply.get("results", []))
+        self.settle(sent, reply.results)
 
     # -- the loops --------------------------------------------------------------------------------
     async def register(self) -> None:
         """Register (again) with the capabilities advertised now; retries until the board answers."""
         while True:
             try:
-                reply = await self.client.call("POST", "/v1/agents", self.owner.registration())
-                self.lease_ttl_s = float(reply.get("lease_ttl_s", 30.0))
+                registered = await self.client.post("/v1/agents", self.owner.registration(), Registered.decode)
+                self.lease_ttl_s = float(registered.lease_ttl_s)
                 self.registered = True
                 log.info("registered with %s as %s", self.address.url, self.client.identity.id)
                 return
@@ -225,9 +241,8 @@ class BoardLink:
                 # a busy board cannot use.
                 poll_wait_s = owner.settings.poll_wait_s
                 wait_s = poll_wait_s if owner.board_count <= 1 else min(poll_wait_s, 2.0)
-                reply = await self.client.call(
-                    "POST", "/v1/lease", {"slots": n, "wait_s": wait_s, "results": sent},
-                    timeout_s=wait_s + 15.0)
+                reply = await self.client.post("/v1/lease", LeaseRequest(n, wait_s, tuple(sent)), LeaseReply.decode,
+                                               timeout_s=wait_s + 15.0)
             except asyncio.CancelledError:
                 self.pending[:0] = sent
                 await owner.slots.release(n)
@@ -241,12 +256,12 @@ class BoardLink:
                 log.warning("lease from %s failed: %s", self.address.url, exc.message)
                 await asyncio.sleep(max(1.0, self.client.breaker.retry_in()))
                 continue
-            self.settle(sent, reply.get("results", []))
-            if reply.get("refused") != self.refused:
-                self.refused = reply.get("refused")
+            self.settle(sent, reply.results)
+            if reply.refused != self.refused:
+                self.refused = reply.refused
                 if self.refused:
                     log.warning("%s gives this agent no work: %s", self.address.url, self.refused)
-            tasks = reply.get("tasks", [])
+            tasks = reply.tasks
             if self.refused and not tasks:
                 await owner.slots.release(n)
                 await asyncio.sleep(min(owner.settings.poll_wait_s, 10.0))  # quarantined: don't spin
@@ -262,18 +277,17 @@ class BoardLink:
             await asyncio.sleep(max(0.2, self.lease_ttl_s / 4))
             if not self.running:
                 continue
-            leases = [{"task_id": tid, "lease_id": r.assignment["lease_id"], "progress": r.progress,
-                       **({"checkpoint": r.checkpoint} if r.checkpoint else {})}
-                      for tid, r in self.running.items()]
+            beat = Heartbeat(tuple(HeartbeatLease(tid, r.assignment.lease_id, r.progress, r.checkpoint or None)
+                                   for tid, r in self.running.items()))
             try:
-                reply = await self.client.call("POST", "/v1/heartbeat", {"leases": leases}, timeout_s=10.0)
+                reply = await self.client.post("/v1/heartbeat", beat, HeartbeatReply.decode, timeout_s=10.0)
             except PanalError as exc:
                 log.warning("heartbeat to %s failed: %s", self.address.url, exc.message)
                 continue
-            for lost in reply.get("lost", []):
-                running = self.running.get(lost.get("task_id"))
+            for lost in reply.lost:
+                running = self.running.get(lost.task_id)
                 if running is not None:
-                    log.warning("task %s no longer leased to us (%s): stopping it", lost["task_id"], lost["reason"])
+                    log.warning("task %s no longer leased to us (%s): stopping it", lost.task_id, lost.reason.value)
                     running.lost = True
                     running.cancel.set()
 

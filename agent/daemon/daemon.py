@@ -37,6 +37,8 @@ from agent.volunteer.control import ControlServer, default_socket_path
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
+from jobs.protocol import Assignment, Registration
+from jobs.requirements import Capabilities
 from security.errors import Forbidden, PanalError
 from security.identity import Identity
 from security.tls import BoardAddress
@@ -165,21 +167,20 @@ class Daemon:
             await link.client.close()
 
     # -- what the board links ask of the daemon -------------------------------------------------
-    def registration(self) -> dict[str, Any]:
+    def registration(self) -> Registration:
         caps = dict(self.capabilities)
         caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
-        return {"public_key": self.identity.public.text(), "name": self.settings.name or platform.node(),
-                "capabilities": caps}
+        return Registration(self.identity.public, self.settings.name or platform.node(), Capabilities.from_dict(caps))
 
-    def start_task(self, link: BoardLink, assignment: dict[str, Any]) -> None:
-        task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment['task_id']}")
+    def start_task(self, link: BoardLink, assignment: Assignment) -> None:
+        task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment.task_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, link: BoardLink, assignment: dict[str, Any]) -> None:
+    async def _execute(self, link: BoardLink, assignment: Assignment) -> None:
         try:
             outcome = await self.executor.run(link, assignment)
-            if outcome is not None and self.kind_health.record(str(assignment.get("kind")), outcome.ok,
+            if outcome is not None and self.kind_health.record(assignment.kind, outcome.ok,
                                                                outcome.error_class, outcome.error):
                 self._readvertise()
         finally:
@@ -248,7 +249,7 @@ class Daemon:
             "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.slots.free,
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
             "disabled_kinds": self.kind_health.disabled(),
-            "tasks": [{"id": tid, "kind": r.assignment.get("kind"), "progress": r.progress, "board": link.address.url}
+            "tasks": [{"id": tid, "kind": r.assignment.kind, "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],
             "boards": [link.status() for link in self.links],
         }

@@ -31,6 +31,7 @@ from agent.daemon.devices import Devices
 from agent.engine.runner import Outcome, TaskRequest, WorkerPool
 from jobs.errors import FailureClass
 from jobs.manifest import Manifest
+from jobs.protocol import Assignment
 from security.errors import BadRequest, PanalError
 from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
@@ -57,10 +58,10 @@ class Executor:
         self._gpu_memory_fraction = gpu_memory_fraction
         self._capabilities = capabilities
 
-    async def run(self, link: BoardLink, assignment: dict[str, Any]) -> Outcome | None:
+    async def run(self, link: BoardLink, assignment: Assignment) -> Outcome | None:
         """Run one task and queue its signed result on ``link``; None when no result is ours to give
         (the task was handed back, or the board took it back while it ran)."""
-        task_id = str(assignment["task_id"])
+        task_id = assignment.task_id
         running = Running(assignment)
         link.running[task_id] = running
         started = time.time()
@@ -95,7 +96,7 @@ class Executor:
         return outcome
 
     # -- the steps ----------------------------------------------------------------------------------
-    async def fetch_inputs(self, link: BoardLink, manifest: Manifest, assignment: dict[str, Any]) -> dict[str, Path]:
+    async def fetch_inputs(self, link: BoardLink, manifest: Manifest, assignment: Assignment) -> dict[str, Path]:
         """Every input blob (and a previous attempt's checkpoint, to resume from), verified by its hash,
         from the bounded local cache or the board."""
         fetch = self._blob_fetcher(link)
@@ -104,15 +105,15 @@ class Executor:
             if ref.blob is None:
                 raise BadRequest(f"input {name} was not uploaded", code="input_not_uploaded")
             paths[name] = await self.blobs.get(ref.blob, fetch)
-        if assignment.get("checkpoint"):
-            paths["checkpoint"] = await self.blobs.get(str(assignment["checkpoint"]), fetch)
+        if assignment.checkpoint:
+            paths["checkpoint"] = await self.blobs.get(assignment.checkpoint, fetch)
         return paths
 
     async def execute(self, link: BoardLink, running: Running, manifest: Manifest, inputs: dict[str, Path],
                       device: str, workdir: Path) -> Outcome:
         """Run the task in a warm worker on ``device`` (given back afterwards)."""
         assignment = running.assignment
-        request = TaskRequest(kind=manifest.kind, params=assignment["params"], timeout_s=manifest.timeout_s,
+        request = TaskRequest(kind=manifest.kind, params=assignment.params, timeout_s=manifest.timeout_s,
                               workdir=str(workdir), threads=self.threads, max_memory_gb=manifest.max_memory_gb,
                               inputs={name: str(path) for name, path in inputs.items()}, device=device,
                               devices=(device, *(d for d in self.devices.lent() if d != device)),
@@ -134,7 +135,7 @@ class Executor:
                 sha = await upload_file(link.client.session(), link.address.url, Path(path), self._sign_digest)
                 running.checkpoint = sha
             except (PanalError, OSError, aiohttp.ClientError) as exc:
-                log.warning("checkpoint of task %s not stored: %s", running.assignment["task_id"], exc)
+                log.warning("checkpoint of task %s not stored: %s", running.assignment.task_id, exc)
             finally:
                 await asyncio.to_thread(Path(path).unlink, missing_ok=True)
 
@@ -152,12 +153,11 @@ class Executor:
             outputs[name] = {"sha256": sha, "size": size, "name": path.name}
         return outputs
 
-    def sign(self, assignment: dict[str, Any], outcome: Outcome,
-             outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def sign(self, assignment: Assignment, outcome: Outcome, outputs: dict[str, dict[str, Any]]) -> SignedRecord:
         """The result record, signed by this agent."""
         payload: dict[str, Any] = {
-            "task_id": assignment["task_id"], "job_id": assignment["job_id"],
-            "lease_id": assignment["lease_id"], "attempt": assignment["attempt"], "agent_id": self.identity.id,
+            "task_id": assignment.task_id, "job_id": assignment.job_id,
+            "lease_id": assignment.lease_id, "attempt": assignment.attempt, "agent_id": self.identity.id,
             "status": "ok" if outcome.ok else "failed", "started_at": outcome.started_at,
             "finished_at": outcome.finished_at, "metrics": outcome.metrics, "notes": outcome.notes,
             "environment": self.environment(),
@@ -168,7 +168,7 @@ class Executor:
         else:
             payload["error_class"] = outcome.error_class or FailureClass.ERROR.value
             payload["error"] = outcome.error or ""
-        return SignedRecord.sign(self.identity, payload).to_wire()
+        return SignedRecord.sign(self.identity, payload)
 
     def environment(self) -> dict[str, Any]:
         """What the result was computed with (covered by the signature): versions and devices."""

@@ -11,9 +11,11 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import msgpack
+
+from security.errors import BadRequest
+from security.records import SignedRecord
 
 __all__ = ["Outbox"]
 
@@ -28,12 +30,12 @@ class Outbox:
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.result"
 
-    def save(self, key: str, record: dict[str, Any]) -> None:
+    def save(self, key: str, record: SignedRecord) -> None:
         """Persist a result under ``key`` (task and lease id) before any delivery attempt."""
         path = self._path(key)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
-            fh.write(msgpack.packb(record, use_bin_type=True))
+            fh.write(msgpack.packb(record.to_wire(), use_bin_type=True))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -41,12 +43,12 @@ class Outbox:
     def remove(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def load(self) -> list[dict[str, Any]]:
+    def load(self) -> list[SignedRecord]:
         records = []
         for path in sorted(self.dir.glob("*.result")):
             try:
-                records.append(msgpack.unpackb(path.read_bytes(), raw=False))
-            except (ValueError, msgpack.ExtraData, msgpack.UnpackException):
+                records.append(SignedRecord.from_wire(msgpack.unpackb(path.read_bytes(), raw=False)))
+            except (ValueError, msgpack.ExtraData, msgpack.UnpackException, BadRequest):
                 log.warning("dropping unreadable outbox entry %s", path)
                 path.unlink(missing_ok=True)
         return records

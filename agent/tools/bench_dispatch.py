@@ -20,6 +20,16 @@ from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, wait_job
 from agent.tools.demo import start_hub, stop
 from jobs.manifest import Manifest
+from jobs.protocol import (
+    Assignment,
+    LeaseReply,
+    LeaseRequest,
+    Registered,
+    Registration,
+    ResultsReply,
+    ResultsRequest,
+)
+from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
 from security.tls import BoardAddress
@@ -43,26 +53,25 @@ class SimAgent:
         self.done = 0
 
     async def register(self) -> None:
-        await self.client.call("POST", "/v1/agents", {"public_key": self.identity.public.text(),
-                                                      "name": "sim", "capabilities": {"kinds": ["sleep"]}})
+        caps = Capabilities.from_dict({"kinds": ["sleep"]})
+        await self.client.post("/v1/agents", Registration(self.identity.public, "sim", caps), Registered.decode)
 
-    def _result(self, task: dict[str, Any]) -> dict[str, Any]:
+    def _result(self, task: Assignment) -> SignedRecord:
         now = time.time()
         return SignedRecord.sign(self.identity, {
-            "task_id": task["task_id"], "job_id": task["job_id"], "lease_id": task["lease_id"],
-            "attempt": task["attempt"], "agent_id": self.identity.id, "status": "ok", "values": {"slept": 0.0},
-            "metrics": {"wall_s": 0.0}, "notes": [], "started_at": now, "finished_at": now}).to_wire()
+            "task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+            "attempt": task.attempt, "agent_id": self.identity.id, "status": "ok", "values": {"slept": 0.0},
+            "metrics": {"wall_s": 0.0}, "notes": [], "started_at": now, "finished_at": now})
 
     async def run(self, stop_at: asyncio.Event) -> None:
-        results: list[dict[str, Any]] = []
+        results: tuple[SignedRecord, ...] = ()
         while not stop_at.is_set():
-            reply = await self.client.call("POST", "/v1/lease",
-                                           {"slots": self.slots, "wait_s": 1.0, "results": results},
+            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, 1.0, results), LeaseReply.decode,
                                            timeout_s=30.0)
-            results = [self._result(t) for t in reply["tasks"]]
+            results = tuple(self._result(t) for t in reply.tasks)
             self.done += len(results)
         if results:
-            await self.client.call("POST", "/v1/results", {"results": results})
+            await self.client.post("/v1/results", ResultsRequest(results), ResultsReply.decode)
 
 
 async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, samples: int,

@@ -36,6 +36,7 @@ from hub.dispatch.predict import base_seconds
 from hub.records import TaskState
 from hub.sqlite_store import SqliteStore
 from jobs.catalog import get_kind
+from jobs.protocol import Assignment
 from jobs.requirements import Capabilities, Requirements
 from security.identity import Identity
 from security.records import SignedRecord
@@ -183,7 +184,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
             if until is not None:
                 caps["available_until"] = until
             agent = _Agent(host, Identity.generate(), until)
-            await board.register_agent(agent.identity.public, host.kind, caps)
+            await board.register_agent(agent.identity.public, host.kind, Capabilities.from_dict(caps))
             agents.append(agent)
     submitters = {name: Identity.generate() for name in WEIGHTS}
     names = {ident.id: name for name, ident in submitters.items()}
@@ -223,7 +224,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         rng.shuffle(idle)
         for agent in idle:
             for assignment in await board.lease(agent.id, 1, 0):
-                job = board.view.job(assignment["job_id"])
+                job = board.view.job(assignment.job_id)
                 assert job is not None
                 agent.busy = names[job.submitter_id]
                 if job.id not in requirements:
@@ -268,15 +269,15 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         elif what == "result":
             agent, assignment, ok, wall = data
             agent.busy = None
-            payload = {"task_id": assignment["task_id"], "job_id": assignment["job_id"],
-                       "lease_id": assignment["lease_id"], "attempt": assignment["attempt"], "agent_id": agent.id,
+            payload = {"task_id": assignment.task_id, "job_id": assignment.job_id,
+                       "lease_id": assignment.lease_id, "attempt": assignment.attempt, "agent_id": agent.id,
                        "status": "ok" if ok else "failed", "metrics": {"wall_s": wall}}
             if not ok:
                 failed_attempts += 1
                 payload.update(error_class="device_lost", error="simulated: the device fell off the bus")
-            await board.accept(agent.id, [SignedRecord.sign(agent.identity, payload).to_wire()])
+            await board.accept(agent.id, [SignedRecord.sign(agent.identity, payload)])
             if ok:
-                finished[assignment["task_id"]] = clock.now
+                finished[assignment.task_id] = clock.now
         elif what == "lost":
             data.busy = None
             await board.sweep()
@@ -320,13 +321,13 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
     }
 
 
-def _attempt(agent: _Agent, assignment: dict[str, Any], req: Requirements, now: float, lease_ttl_s: float,
+def _attempt(agent: _Agent, assignment: Assignment, req: Requirements, now: float, lease_ttl_s: float,
              rng: random.Random) -> tuple[float, str, Any]:
     """The event that ends this attempt: a result, or (the agent left mid-task) a lease expiry."""
     host = agent.host
-    cost = get_kind(assignment["kind"]).estimate(assignment["params"])
+    cost = get_kind(assignment.kind).estimate(assignment.params)
     caps = Capabilities.from_dict(host.caps)
-    wall = base_seconds(cost, caps, req, assignment["params"]) / host.true_speed * rng.lognormvariate(0, 0.15)
+    wall = base_seconds(cost, caps, req, assignment.params) / host.true_speed * rng.lognormvariate(0, 0.15)
     ok = rng.random() >= host.error_rate
     if not ok:
         wall *= rng.uniform(0.1, 1.0)

@@ -1,0 +1,385 @@
+"""The agent API of a board as typed records: what each request and reply between agent and board carries.
+
+Every record ``encode``s to the map the wire has always carried (the same keys in the same order, so
+agents and boards of the previous version interoperate) and ``decode``s a body once, at the edge (the
+board's handlers, the agent's client), through :class:`~jobs.fields.Fields`: a body of the wrong shape
+is one 400 naming the field (``leases[2].lease_id: expected text, got 5``). Past the edge code works
+with these records only. Signed records stay :class:`~security.records.SignedRecord`; capability
+reports are :class:`~jobs.requirements.Capabilities`.
+
+The routes, with their request and reply records: ``POST /v1/agents`` (:class:`Registration`,
+:class:`Registered`), ``POST /v1/lease`` (:class:`LeaseRequest`, :class:`LeaseReply`), ``POST /v1/results``
+(:class:`ResultsRequest`, :class:`ResultsReply`), ``POST /v1/tasks/{task_id}/result`` (:class:`TaskResult`,
+:class:`ResultOutcome`), ``POST /v1/heartbeat`` (:class:`Heartbeat`, :class:`HeartbeatReply`) and
+``POST /v1/tasks/{task_id}/release`` (:class:`Release`, :class:`Released`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from jobs.fields import Fields, field_error
+from jobs.requirements import Capabilities
+from security.errors import BadRequest, PanalError
+from security.identity import PublicKey
+from security.records import SignedRecord
+
+__all__ = [
+    "Assignment",
+    "Heartbeat",
+    "HeartbeatLease",
+    "HeartbeatReply",
+    "LeaseReply",
+    "LeaseRequest",
+    "LossReason",
+    "LostLease",
+    "Outcome",
+    "Registered",
+    "Registration",
+    "Release",
+    "Released",
+    "ResultItem",
+    "ResultOutcome",
+    "ResultsReply",
+    "ResultsRequest",
+    "TaskResult",
+    "UnreadableResult",
+]
+
+
+class Outcome(StrEnum):
+    """What the board made of a delivered result."""
+
+    ACCEPTED = "accepted"      # the attempt is settled (an ok result is the answer, or a failure report)
+    DUPLICATE = "duplicate"    # the same result was settled before: nothing changed
+    PENDING = "pending"        # received and held until more replicas arrive
+    REJECTED = "rejected"      # refused: see the error
+
+
+class LossReason(StrEnum):
+    """Why a heartbeat's lease is no longer the agent's."""
+
+    LOST = "lost"              # it expired, or another agent holds the task now
+    CANCELLED = "cancelled"    # the job was cancelled
+
+
+def _signed(value: Any, path: str) -> SignedRecord:
+    try:
+        return SignedRecord.from_wire(value)
+    except BadRequest as exc:
+        raise field_error(path, exc.message) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableResult:
+    """A delivered result that is no signed record: refused on its own, so one bad item of a batch
+    never costs the agent the batch's other results."""
+
+    raw: Any
+    error: BadRequest
+
+    def to_wire(self) -> Any:
+        return self.raw
+
+
+#: one item of a batch of delivered results
+ResultItem = SignedRecord | UnreadableResult
+
+
+def _results(fields: Fields, name: str) -> tuple[ResultItem, ...]:
+    items: list[ResultItem] = []
+    for path, raw in fields.items(name):
+        try:
+            items.append(_signed(raw, path))
+        except BadRequest as exc:
+            items.append(UnreadableResult(raw, exc))
+    return tuple(items)
+
+
+# -- registration -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """An agent's key (the request is signed with it), its name and its capability report."""
+
+    public_key: PublicKey
+    name: str = ""
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+    def encode(self) -> dict[str, Any]:
+        return {"public_key": self.public_key.text(), "name": self.name,
+                "capabilities": dict(self.capabilities.raw)}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> Registration:
+        f = Fields(value, path)
+        key_text = f.text("public_key")
+        try:
+            key = PublicKey.parse(key_text)
+        except BadRequest as exc:
+            raise field_error(f.at("public_key"), exc.message) from exc
+        report = f.mapping("capabilities")
+        try:
+            caps = Capabilities.from_dict(report)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise BadRequest(f"{f.at('capabilities')}: malformed capability report: {exc}",
+                             code="bad_capabilities", details={"field": f.at("capabilities")}) from exc
+        return cls(key, f.optional_text("name") or "", caps)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The board's answer to a registration: the agent's id and the board's pacing."""
+
+    agent_id: str
+    lease_ttl_s: float = 30.0
+    max_poll_wait_s: float = 20.0
+    max_tasks_per_lease: int = 64
+
+    def encode(self) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "lease_ttl_s": self.lease_ttl_s, "max_poll_wait_s": self.max_poll_wait_s,
+                "max_tasks_per_lease": self.max_tasks_per_lease}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> Registered:
+        f = Fields(value, path)
+        return cls(f.text("agent_id"), f.number("lease_ttl_s", 30.0), f.number("max_poll_wait_s", 20.0),
+                   f.integer("max_tasks_per_lease", 64))
+
+
+# -- leases -------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """Up to ``slots`` tasks, long-polling up to ``wait_s`` for the first; finished results ride along."""
+
+    slots: int = 1
+    wait_s: float = 0.0
+    results: tuple[ResultItem, ...] = ()
+
+    def encode(self) -> dict[str, Any]:
+        return {"slots": self.slots, "wait_s": self.wait_s, "results": [r.to_wire() for r in self.results]}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> LeaseRequest:
+        f = Fields(value, path)
+        return cls(int(f.number("slots", 1)), f.number("wait_s", 0.0), _results(f, "results"))
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A leased task as the agent is told of it. The agent checks ``kind`` and ``params`` against the
+    submitter's signed ``envelope`` before it runs anything (the board only relays the work)."""
+
+    task_id: str
+    job_id: str
+    idx: int
+    lease_id: str
+    attempt: int
+    kind: str
+    params: dict[str, Any]
+    timeout_s: float
+    lease_ttl_s: float
+    envelope: SignedRecord
+    checkpoint: str | None = None      # sha256 of a previous attempt's checkpoint blob, to resume from
+
+    def encode(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "job_id": self.job_id, "idx": self.idx, "lease_id": self.lease_id,
+                "attempt": self.attempt, "kind": self.kind, "params": self.params, "timeout_s": self.timeout_s,
+                "lease_ttl_s": self.lease_ttl_s, "envelope": self.envelope.to_wire(), "checkpoint": self.checkpoint}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> Assignment:
+        f = Fields(value, path)
+        return cls(f.text("task_id"), f.text("job_id"), f.integer("idx"), f.text("lease_id"), f.integer("attempt"),
+                   f.text("kind"), f.mapping("params", required=True), f.number("timeout_s"),
+                   f.number("lease_ttl_s"), _signed(f.raw("envelope"), f.at("envelope")),
+                   f.optional_text("checkpoint"))
+
+
+@dataclass(frozen=True, slots=True)
+class ResultOutcome:
+    """What the board made of one delivered result. A rejected one carries the board's error; on the
+    agent's side that is a plain :class:`PanalError` with the board's code and message (the wire
+    carries no error class)."""
+
+    task_id: str
+    status: Outcome
+    error: PanalError | None = None
+
+    def encode(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task_id": self.task_id, "status": self.status.value}
+        if self.error is not None:
+            out.update(self.error.to_body())
+        return out
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> ResultOutcome:
+        f = Fields(value, path)
+        code, message = f.optional_text("error"), f.optional_text("message")
+        error = None if code is None else PanalError(message or code, code=code, details=f.raw("details"))
+        return cls(f.text("task_id"), f.choice("status", Outcome), error)
+
+
+def _outcomes(f: Fields, name: str) -> tuple[ResultOutcome, ...]:
+    return tuple(ResultOutcome.decode(item, path) for path, item in f.items(name))
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReply:
+    """The tasks leased (maybe none), an outcome per result that rode along, in order, and why the
+    board gives this agent no work now (a lease gate such as quarantine), if it does not."""
+
+    tasks: tuple[Assignment, ...] = ()
+    results: tuple[ResultOutcome, ...] = ()
+    refused: str | None = None
+
+    def encode(self) -> dict[str, Any]:
+        return {"tasks": [t.encode() for t in self.tasks], "results": [o.encode() for o in self.results],
+                "refused": self.refused}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> LeaseReply:
+        f = Fields(value, path)
+        return cls(tuple(Assignment.decode(item, at) for at, item in f.items("tasks")), _outcomes(f, "results"),
+                   f.optional_text("refused"))
+
+
+# -- results ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ResultsRequest:
+    """Signed results delivered without asking for work."""
+
+    results: tuple[ResultItem, ...] = ()
+
+    def encode(self) -> dict[str, Any]:
+        return {"results": [r.to_wire() for r in self.results]}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> ResultsRequest:
+        return cls(_results(Fields(value, path), "results"))
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsReply:
+    """An outcome per delivered result, in order."""
+
+    results: tuple[ResultOutcome, ...] = ()
+
+    def encode(self) -> dict[str, Any]:
+        return {"results": [o.encode() for o in self.results]}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> ResultsReply:
+        return cls(_outcomes(Fields(value, path), "results"))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """One task's signed result (the route names the task)."""
+
+    result: SignedRecord
+
+    def encode(self) -> dict[str, Any]:
+        return {"result": self.result.to_wire()}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> TaskResult:
+        f = Fields(value, path)
+        return cls(_signed(f.raw("result"), f.at("result")))
+
+
+# -- heartbeats and releases --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class HeartbeatLease:
+    """A lease the agent still holds, with its task's progress and latest checkpoint blob."""
+
+    task_id: str
+    lease_id: str
+    progress: float | None = None
+    checkpoint: str | None = None
+
+    def encode(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task_id": self.task_id, "lease_id": self.lease_id}
+        if self.progress is not None:
+            out["progress"] = self.progress
+        if self.checkpoint is not None:
+            out["checkpoint"] = self.checkpoint
+        return out
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> HeartbeatLease:
+        f = Fields(value, path)
+        return cls(f.text("task_id"), f.text("lease_id"), f.optional_number("progress"), f.optional_text("checkpoint"))
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Extend these leases."""
+
+    leases: tuple[HeartbeatLease, ...] = ()
+
+    def encode(self) -> dict[str, Any]:
+        return {"leases": [lease.encode() for lease in self.leases]}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> Heartbeat:
+        return cls(tuple(HeartbeatLease.decode(item, at) for at, item in Fields(value, path).items("leases")))
+
+
+@dataclass(frozen=True, slots=True)
+class LostLease:
+    """A lease of a heartbeat that is not the agent's any more: it should stop the task."""
+
+    task_id: str
+    reason: LossReason
+
+    def encode(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "reason": self.reason.value}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> LostLease:
+        f = Fields(value, path)
+        return cls(f.text("task_id"), f.choice("reason", LossReason))
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    """The board's lease TTL (the next heartbeat is due well before it) and the leases lost."""
+
+    lease_ttl_s: float = 30.0
+    lost: tuple[LostLease, ...] = ()
+
+    def encode(self) -> dict[str, Any]:
+        return {"lease_ttl_s": self.lease_ttl_s, "lost": [lost.encode() for lost in self.lost]}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> HeartbeatReply:
+        f = Fields(value, path)
+        return cls(f.number("lease_ttl_s", 30.0), tuple(LostLease.decode(item, at) for at, item in f.items("lost")))
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give a lease back (the agent is shutting down): the task is requeued, no attempt used."""
+
+    lease_id: str
+
+    def encode(self) -> dict[str, Any]:
+        return {"lease_id": self.lease_id}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> Release:
+        return cls(Fields(value, path).text("lease_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    released: str      # the task id
+
+    def encode(self) -> dict[str, Any]:
+        return {"released": self.released}
+
+    @classmethod
+    def decode(cls, value: Any, path: str = "") -> Released:
+        return cls(Fields(value, path).text("released"))
