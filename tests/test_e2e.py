@@ -143,7 +143,7 @@ def test_agent_is_paused_and_resumed_through_its_control_socket_mid_task(tmp_pat
     agent = start_agent(procs, tmp_path, url, "owner-machine", home=home, **SLEEP_ONLY)
     manifest = tmp_path / "sleep.yaml"
     manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: pausable}\n"
-                        "spec: {task: sleep, params: {seconds: 8}}\n")
+                        "spec: {task: sleep, params: {seconds: 30}}\n")   # outlasts slow CLI calls under load
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
     # The agent's own view, not the hub's "leased": the lease reply may still be on its way to the agent.
     wait_for(lambda: agent_status(home)["tasks"], "the agent to run the task", timeout_s=AGENT_START_S,
