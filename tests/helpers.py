@@ -50,8 +50,18 @@ class _Waiter:
         self.deadline = time.monotonic() + self.timeout_s
         self.last_error: BaseException | None = None
 
-    def expired(self) -> bool:
-        return time.monotonic() > self.deadline
+    def probe(self, probe: Callable[[], T], ignore: tuple[type[BaseException], ...]) -> T | None:
+        """One try: the probe's value when truthy, else None; raises the failure once the deadline passed."""
+        try:
+            value = probe()
+        except ignore as exc:
+            self.last_error = exc
+        else:
+            if value:
+                return value
+        if time.monotonic() > self.deadline:
+            raise self.failure()
+        return None
 
     def failure(self) -> AssertionError:
         message = f"timed out after {self.timeout_s:.0f} s waiting for {self.what}"
@@ -71,17 +81,9 @@ def wait_for(probe: Callable[[], T], what: str, *, timeout_s: float = DEFAULT_DE
     logs of the processes involved). Exceptions in ``ignore`` (e.g. a hub that is down) count as
     "not yet"; the last one is reported if the deadline passes."""
     waiter = _Waiter(what, timeout_s, diagnose)
-    while True:
-        try:
-            value = probe()
-        except ignore as exc:
-            waiter.last_error = exc
-        else:
-            if value:
-                return value
-        if waiter.expired():
-            raise waiter.failure()
+    while not (value := waiter.probe(probe, ignore)):
         time.sleep(every_s)
+    return value
 
 
 async def wait_for_async(probe: Callable[[], T], what: str, *, timeout_s: float = DEFAULT_DEADLINE_S,
@@ -89,17 +91,9 @@ async def wait_for_async(probe: Callable[[], T], what: str, *, timeout_s: float 
                          ignore: tuple[type[BaseException], ...] = ()) -> T:
     """:func:`wait_for` inside the event loop: between probes it yields to the loop instead of blocking it."""
     waiter = _Waiter(what, timeout_s, diagnose)
-    while True:
-        try:
-            value = probe()
-        except ignore as exc:
-            waiter.last_error = exc
-        else:
-            if value:
-                return value
-        if waiter.expired():
-            raise waiter.failure()
+    while not (value := waiter.probe(probe, ignore)):
         await asyncio.sleep(every_s)
+    return value
 
 
 class FakeClock:
