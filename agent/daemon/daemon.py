@@ -170,6 +170,7 @@ class Daemon:
     def registration(self) -> Registration:
         caps = dict(self.capabilities)
         caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
+        caps["slots"] = self.settings.slots   # the board leases it at most this many tasks at once
         return Registration(self.identity.public, self.settings.name or platform.node(), Capabilities.from_dict(caps))
 
     def start_task(self, link: BoardLink, assignment: Assignment) -> None:
