@@ -48,6 +48,7 @@ from hub.readmodel import BoardView
 from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.retries import Retries
 from hub.store import Store
+from hub.submitter_faults import SubmitterFaults, is_submitter_fault
 from jobs.errors import FailureClass
 from jobs.protocol import Assignment, HeartbeatLease, HeartbeatReply, Outcome, ResultItem, ResultOutcome
 from jobs.requirements import Capabilities
@@ -85,6 +86,9 @@ class Board:
         self.memory_hint = MemoryHint(self._fleet)
         self.add_observer(self.memory_hint)
         self._dispatcher.add_holdback(self.memory_hint)
+        # A submitter fault (invalid_params, unsupported) fails a task only once different agents agree.
+        self.submitter_faults = SubmitterFaults(config.submitter_fault_confirmations)
+        self._dispatcher.add_holdback(self.submitter_faults)
         self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -238,6 +242,7 @@ class Board:
         elif changed or jobs:
             await self.store.save_tasks(changed, jobs)
         if finishing:
+            self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self._ledger.forget(self._queues.drop_job(job_id))
             self._finished.pop(job_id, asyncio.Event()).set()   # wakes its waiters, if any
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
@@ -393,11 +398,17 @@ class Board:
               staged: Staged) -> None:
         """The agent's attempt gave no answer: observers hear it, then the task is retried or fails."""
         agent = self.agents.get(agent_id)
-        if agent is not None:
-            agent.failed += 1
         self._settled(agent_id, task, False, failure.value, metrics)
-        self._retries.fail_attempt(task, failure, message)
         staged.setdefault(task.job_id, ([], []))[0].append(task)
+        if is_submitter_fault(failure):   # the work's fault, if true: never the volunteer's error rate
+            if not self.submitter_faults.report(task.id, agent_id, message):
+                self._retries.requeue(task, count_attempt=False)   # held back from the agents that reported
+                task.error, task.error_class = (f"agent {agent_id[:12]} reported {failure.value}: {message[:500]}; "
+                                                "waiting for another agent to confirm it"), failure.value
+                return
+        elif agent is not None:
+            agent.failed += 1
+        self._retries.fail_attempt(task, failure, message)
 
     def _settled(self, agent_id: str, task: TaskRow, ok: bool, failure: str | None, metrics: dict[str, Any]) -> None:
         job = self._queues.job(task.job_id)

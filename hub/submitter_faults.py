@@ -1,0 +1,64 @@
+"""Failures classified by who caused them: a submitter's fault needs a second opinion.
+
+``invalid_params`` and ``unsupported`` say the *work* can never succeed (bad parameters, a refused
+model or input): the job's fault, not the volunteer's. Taken at one agent's word, one lying volunteer
+could sink any job (fail a task at once, and with it the job) while its honest peers never saw it.
+So a task fails as a submitter fault only once ``submitter_fault_confirmations`` *different* agents
+reported one; until then it is requeued (no attempt used: the report says nothing about the work's
+luck) and held back from every agent that already reported it, so only a fresh agent can take it.
+An honest agent that then runs it settles it; a second report confirms the fault and the task fails
+with the submitter's error.
+
+Such reports never count against the reporting agent (black-hole detection ignores them and the
+public error rate counts them apart); an agent that lies this way only delays a task by one lease.
+The reports live in memory: after a hub restart a task needs fresh reports (it can only get slower
+to fail, never wrongly fail). Registered on the board as a :class:`~hub.protocols.Holdback`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hub.fleet import AgentState
+from hub.protocols import DispatchView
+from jobs.errors import FailureClass
+
+__all__ = ["SubmitterFaults", "is_submitter_fault"]
+
+
+def is_submitter_fault(failure: FailureClass) -> bool:
+    """Whether a failure says the work itself can never succeed (the submitter's doing)."""
+    return not failure.transient
+
+
+class SubmitterFaults:
+    """Reports of submitter faults per task, and the holdback that keeps a task from its reporters."""
+
+    def __init__(self, confirmations: int) -> None:
+        self.confirmations = max(1, confirmations)
+        self._reports: dict[str, dict[str, str]] = {}     # task id -> reporting agent -> its message
+        self._by_agent: dict[str, set[str]] = {}          # agent id -> tasks it reported
+
+    def report(self, task_id: str, agent_id: str, message: str) -> bool:
+        """Note the agent's report; whether the fault is now confirmed (enough different agents)."""
+        reports = self._reports.setdefault(task_id, {})
+        reports[agent_id] = message
+        self._by_agent.setdefault(agent_id, set()).add(task_id)
+        return len(reports) >= self.confirmations
+
+    def reporters(self, task_id: str) -> list[str]:
+        return list(self._reports.get(task_id, {}))
+
+    def forget(self, task_ids: Iterable[str]) -> None:
+        """The tasks are settled (or their job finished): drop their reports."""
+        for task_id in task_ids:
+            for agent_id in self._reports.pop(task_id, {}):
+                tasks = self._by_agent.get(agent_id)
+                if tasks is not None:
+                    tasks.discard(task_id)
+                    if not tasks:
+                        del self._by_agent[agent_id]
+
+    # -- Holdback -------------------------------------------------------------------------------
+    def held_back(self, agent: AgentState, view: DispatchView) -> Iterable[str]:
+        return self._by_agent.get(agent.row.id, ())
