@@ -401,10 +401,7 @@ class Board:
         self._settled(agent_id, task, False, failure.value, metrics)
         staged.setdefault(task.job_id, ([], []))[0].append(task)
         if is_submitter_fault(failure):   # the work's fault, if true: never the volunteer's error rate
-            if not self.submitter_faults.report(task.id, agent_id, message):
-                self._retries.requeue(task, count_attempt=False)   # held back from the agents that reported
-                task.error, task.error_class = (f"agent {agent_id[:12]} reported {failure.value}: {message[:500]}; "
-                                                "waiting for another agent to confirm it"), failure.value
+            if self.submitter_faults.intercept(task, agent_id, failure, message, self._retries):
                 return
         elif agent is not None:
             agent.failed += 1

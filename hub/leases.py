@@ -16,6 +16,7 @@ gets a fresh one (the outage is not the agent's fault).
 from __future__ import annotations
 
 import heapq
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 
@@ -26,10 +27,14 @@ from hub.protocols import LeaseGate
 from hub.queues import JobQueues
 from hub.records import TaskRow, TaskState
 from hub.store import LeaseWrite
+from jobs.checkpoints import verify_checkpoint
 from jobs.protocol import Assignment, HeartbeatLease, LossReason, LostLease
+from security.errors import PanalError
 from security.records import SignedRecord
 
 __all__ = ["LeaseTable"]
+
+log = logging.getLogger(__name__)
 
 
 class LeaseTable:
@@ -140,9 +145,10 @@ class LeaseTable:
         """What the agent is told of a lease it got."""
         job = self._queues.job(task.job_id)
         assert task.lease_id is not None
+        record = SignedRecord.from_wire(task.checkpoint_record) if task.checkpoint_record else None
         return Assignment(task.id, job.id, task.idx, task.lease_id, task.attempt, job.kind, task.params,
                           job.timeout_s, self.config.lease_ttl_s, SignedRecord.from_wire(job.envelope),
-                          task.checkpoint)
+                          task.checkpoint, record)
 
     def holds(self, task: TaskRow | None, agent_id: str, lease_id: object) -> bool:
         return task is not None and task.state == TaskState.LEASED and task.lease_id == lease_id \
@@ -162,16 +168,29 @@ class LeaseTable:
                 continue
             if item.progress is not None:
                 task.progress = min(max(float(item.progress), 0.0), 1.0)
-            checkpoint = item.checkpoint
-            if checkpoint is not None and checkpoint != task.checkpoint and \
-                    (self._blobs is None or self._blobs.exists(checkpoint)):
-                task.checkpoint = checkpoint
+            if item.checkpoint is not None and item.checkpoint != task.checkpoint and self._checkpoint_ok(task, item):
+                assert item.checkpoint_record is not None
+                task.checkpoint, task.checkpoint_record = item.checkpoint, item.checkpoint_record.to_wire()
                 checkpoints.append(task)
             expires = min(now + self.config.lease_ttl_s, self._hard_end.get(task.id, float("inf")))
             task.lease_expires_at = expires
             assert task.lease_id is not None
             heapq.heappush(self._expiry, (expires, task.id, task.lease_id))
         return lost, checkpoints
+
+    def _checkpoint_ok(self, task: TaskRow, item: HeartbeatLease) -> bool:
+        """A checkpoint counts only with the lessee's signed record of it, for this task and the attempt
+        it holds, naming a blob the board has (else it is ignored: the task keeps its last good one)."""
+        if item.checkpoint_record is None:
+            log.warning("task %s: checkpoint %s comes without a signed record: ignored", task.id, item.checkpoint)
+            return False
+        try:
+            verify_checkpoint(item.checkpoint_record, task.id, sha256=item.checkpoint, attempt=task.attempt,
+                              signer=task.agent_id)
+        except PanalError as exc:
+            log.warning("task %s: checkpoint refused: %s", task.id, exc.message)
+            return False
+        return self._blobs is None or self._blobs.exists(item.checkpoint or "")
 
     def expired(self, now: float) -> list[TaskRow]:
         """Tasks whose lease has run out (not settled, re-leased or extended since)."""

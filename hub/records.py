@@ -79,6 +79,8 @@ class TaskRow:
     progress: float = 0.0
     updated_at: float = 0.0
     checkpoint: str | None = None      # sha256 of the latest checkpoint blob (resume on requeue)
+    #: the lessee's signed record of that checkpoint (jobs/checkpoints.py), as on the wire
+    checkpoint_record: dict[str, Any] | None = None
 
 
 @dataclass

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL,
     params BLOB NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, lease_id TEXT, agent_id TEXT,
     lease_expires_at REAL, error TEXT, error_class TEXT, progress REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL, checkpoint TEXT);
+    updated_at REAL NOT NULL, checkpoint TEXT, checkpoint_record BLOB);
 CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job_id, idx);
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT PRIMARY KEY REFERENCES tasks(id), job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
@@ -84,6 +84,7 @@ class SqliteStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(SCHEMA)
+        _upgrade(conn)
         return conn
 
     async def open(self) -> None:
@@ -189,7 +190,7 @@ class SqliteStore:
     async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
         def op(c: sqlite3.Connection) -> None:
             c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _job_values(job))
-            c.executemany("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({','.join('?' * 15)})",
                           [_task_values(t) for t in tasks])
         await self._run(op)
 
@@ -278,7 +279,7 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 _JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
              "timeout_s, max_attempts, deadline_at, finished_at, error, labels")
 _TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
-              "error_class, progress, updated_at, checkpoint")
+              "error_class, progress, updated_at, checkpoint, checkpoint_record")
 
 
 def _job_values(j: JobRow) -> tuple[Any, ...]:
@@ -296,21 +297,39 @@ def _job(r: Sequence[Any]) -> JobRow:
 
 def _task_values(t: TaskRow) -> tuple[Any, ...]:
     return (t.id, t.job_id, t.idx, _pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
-            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint)
+            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint,
+            _pack_optional(t.checkpoint_record))
 
 
 def _task(r: Sequence[Any]) -> TaskRow:
     return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=_unpack(r[3]), state=TaskState(r[4]),
                    attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
-                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13])
+                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13],
+                   checkpoint_record=_unpack(r[14]) if r[14] is not None else None)
 
 
 def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
     c.executemany(
         "UPDATE tasks SET state=?, attempt=?, lease_id=?, agent_id=?, lease_expires_at=?, error=?, "
-        "error_class=?, progress=?, updated_at=?, checkpoint=? WHERE id=?",
+        "error_class=?, progress=?, updated_at=?, checkpoint=?, checkpoint_record=? WHERE id=?",
         [(t.state.value, t.attempt, t.lease_id, t.agent_id, t.lease_expires_at, t.error, t.error_class,
-          t.progress, t.updated_at, t.checkpoint, t.id) for t in tasks])
+          t.progress, t.updated_at, t.checkpoint, _pack_optional(t.checkpoint_record), t.id) for t in tasks])
+
+
+# -- provenance (checkpoint records): columns added to databases of earlier versions ----------------------
+_ADDED_COLUMNS = (("tasks", "checkpoint_record", "BLOB"),)
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Add the columns a database made by an earlier version lacks (its rows keep NULL there)."""
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
+def _pack_optional(value: Any) -> bytes | None:
+    return None if value is None else _pack(value)
 
 
 def _update_jobs(c: sqlite3.Connection, jobs: Sequence[JobRow]) -> None:

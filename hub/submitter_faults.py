@@ -9,6 +9,10 @@ luck) and held back from every agent that already reported it, so only a fresh a
 An honest agent that then runs it settles it; a second report confirms the fault and the task fails
 with the submitter's error.
 
+An attempt that resumed from a checkpoint and failed this way blames the checkpoint, not the job:
+the checkpoint is dropped and the task starts afresh (a lessee that signed a garbage checkpoint must
+not turn every resumer into a witness against the submitter).
+
 Such reports never count against the reporting agent (black-hole detection ignores them and the
 public error rate counts them apart); an agent that lies this way only delays a task by one lease.
 The reports live in memory: after a hub restart a task needs fresh reports (it can only get slower
@@ -21,6 +25,8 @@ from collections.abc import Iterable
 
 from hub.fleet import AgentState
 from hub.protocols import DispatchView
+from hub.records import TaskRow
+from hub.retries import Retries
 from jobs.errors import FailureClass
 
 __all__ = ["SubmitterFaults", "is_submitter_fault"]
@@ -45,6 +51,22 @@ class SubmitterFaults:
         reports[agent_id] = message
         self._by_agent.setdefault(agent_id, set()).add(task_id)
         return len(reports) >= self.confirmations
+
+    def intercept(self, task: TaskRow, agent_id: str, failure: FailureClass, message: str, retries: Retries) -> bool:
+        """Keep an unconfirmed submitter fault from failing the task: requeued (no attempt used) with
+        why it waits; False when it is confirmed and the task should fail as reported."""
+        if task.checkpoint is not None:   # it resumed: blame the checkpoint (its writer), not the job
+            task.checkpoint = task.checkpoint_record = None
+            why = f"an attempt resumed from a checkpoint failed ({failure.value}: {message[:500]}); " \
+                  "the checkpoint was dropped"
+        elif not self.report(task.id, agent_id, message):
+            why = f"agent {agent_id[:12]} reported {failure.value}: {message[:500]}; waiting for another agent " \
+                  "to confirm it"
+        else:
+            return False
+        retries.requeue(task, count_attempt=False)
+        task.error, task.error_class = why, failure.value
+        return True
 
     def reporters(self, task_id: str) -> list[str]:
         return list(self._reports.get(task_id, {}))
