@@ -66,6 +66,10 @@ class HubConfig:
     #: submitter faults (invalid_params, unsupported) fail a task only once this many different agents
     #: report one (hub/submitter_faults.py); 1 trusts the first report (a LAN board with one agent)
     submitter_fault_confirmations: int = 2
+    #: upper limits on a job's ``spec.resources`` (a submission over them is refused; ``panal validate
+    #: --hub`` reports them): the longest task timeout and the largest per-task memory cap
+    max_task_timeout_s: float = 7 * 86400.0
+    max_task_memory_gb: float = 256.0
 
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None,

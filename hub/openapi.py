@@ -83,6 +83,8 @@ SCHEMAS: dict[str, Schema] = {
     "Error": _obj(["error", "message"], error=S, message=S, details=DETAILS),
     "SignedRecord": {"type": "object", "description": "payload (msgpack bytes), key (ed25519:...), sig",
                      "additionalProperties": True},
+    "Limits": _obj(["max_task_timeout_s", "max_task_memory_gb"], max_task_timeout_s=N, max_task_memory_gb=N,
+                   default_task_memory_gb=N, max_tasks_per_job=I, max_result_bytes=I),
     "Registration": _obj(["public_key"], public_key=S, name=S, capabilities=ANY_MAP),
     "Registered": _obj(["agent_id"], agent_id=S, lease_ttl_s=N, max_poll_wait_s=N, max_tasks_per_lease=I),
     "LeaseRequest": _obj(slots=I, wait_s=N, results=_arr(_ref("SignedRecord"))),
@@ -191,6 +193,8 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/status": {"get": _op("Public summary of the board (what the status page renders)",
                               _responses("200", _ref("Status")), signed=False)},
+    "/v1/limits": {"get": _op("What this hub allows a job (resources, tasks, result size): `panal validate --hub`",
+                              _responses("200", _ref("Limits")), signed=False)},
     "/v1/events": {"get": _op("Live board events and status snapshots (Server-Sent Events)", {"200": {
         "description": "an open stream: `event: board` (an Event) and `event: status` (a Status) frames",
         "content": {"text/event-stream": {"schema": S}}}}, signed=False)},

@@ -48,7 +48,8 @@ class Executor:
 
     def __init__(self, *, identity: Identity, work: Path, pool: WorkerPool, blobs: BlobCache, devices: Devices,
                  threads: int, gpu_memory_fraction: Callable[[], float],
-                 capabilities: Callable[[], dict[str, Any]]) -> None:
+                 capabilities: Callable[[], dict[str, Any]],
+                 max_memory_gb: Callable[[], float | None] = lambda: None) -> None:
         self.identity = identity
         self.work = work
         self.pool = pool
@@ -58,6 +59,7 @@ class Executor:
         self.manifests = ManifestCache()
         self._gpu_memory_fraction = gpu_memory_fraction
         self._capabilities = capabilities
+        self._max_memory_gb = max_memory_gb
 
     async def run(self, link: BoardLink, assignment: Assignment) -> Outcome | None:
         """Run one task and queue its signed result on ``link``; None when no result is ours to give
@@ -137,7 +139,7 @@ class Executor:
         """Run the task in a warm worker on ``device`` (given back afterwards)."""
         assignment = running.assignment
         request = TaskRequest(kind=manifest.kind, params=assignment.params, timeout_s=manifest.timeout_s,
-                              workdir=str(workdir), threads=self.threads, max_memory_gb=manifest.max_memory_gb,
+                              workdir=str(workdir), threads=self.threads, max_memory_gb=self.memory_cap_gb(manifest),
                               inputs={name: str(path) for name, path in inputs.items()}, device=device,
                               devices=(device, *(d for d in self.devices.lent() if d != device)),
                               gpu_memory_fraction=self._gpu_memory_fraction())
@@ -149,6 +151,11 @@ class Executor:
         finally:
             self.devices.give_back(device)
             await asyncio.gather(*running.uploads, return_exceptions=True)
+
+    def memory_cap_gb(self, manifest: Manifest) -> float:
+        """The task's memory cap (its manifest's, else the default), within the volunteer's ceiling."""
+        ceiling = self._max_memory_gb()
+        return min(manifest.memory_cap_gb, ceiling) if ceiling else manifest.memory_cap_gb
 
     def store_checkpoint(self, link: BoardLink, running: Running, path: str) -> None:
         """Upload a task's checkpoint as a blob; the next heartbeat tells the board, so a retry of
