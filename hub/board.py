@@ -87,7 +87,7 @@ class Board:
         self.add_observer(self.memory_hint)
         self._dispatcher.add_holdback(self.memory_hint)
         # A submitter fault (invalid_params, unsupported) fails a task only once different agents agree.
-        self.submitter_faults = SubmitterFaults(config.submitter_fault_confirmations)
+        self.submitter_faults = SubmitterFaults(config.submitter_fault_confirmations, self._fleet, self._queues, clock)
         self._dispatcher.add_holdback(self.submitter_faults)
         self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
         self._sweeper: asyncio.Task[None] | None = None

@@ -4,7 +4,8 @@
 model or input): the job's fault, not the volunteer's. Taken at one agent's word, one lying volunteer
 could sink any job (fail a task at once, and with it the job) while its honest peers never saw it.
 So a task fails as a submitter fault only once ``submitter_fault_confirmations`` *different* agents
-reported one; until then it is requeued (no attempt used: the report says nothing about the work's
+reported one (or when no connected agent that has not reported it could run it: a one-agent board
+would otherwise wait forever); until then it is requeued (no attempt used: the report says nothing about the work's
 luck) and held back from every agent that already reported it, so only a fresh agent can take it.
 An honest agent that then runs it settles it; a second report confirms the fault and the task fails
 with the submitter's error.
@@ -21,13 +22,15 @@ to fail, never wrongly fail). Registered on the board as a :class:`~hub.protocol
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from hub.fleet import AgentState
+from hub.fleet import AgentState, Fleet
 from hub.protocols import DispatchView
+from hub.queues import JobQueues
 from hub.records import TaskRow
 from hub.retries import Retries
 from jobs.errors import FailureClass
+from jobs.requirements import unmet
 
 __all__ = ["SubmitterFaults", "is_submitter_fault"]
 
@@ -40,8 +43,9 @@ def is_submitter_fault(failure: FailureClass) -> bool:
 class SubmitterFaults:
     """Reports of submitter faults per task, and the holdback that keeps a task from its reporters."""
 
-    def __init__(self, confirmations: int) -> None:
+    def __init__(self, confirmations: int, fleet: Fleet, queues: JobQueues, clock: Callable[[], float]) -> None:
         self.confirmations = max(1, confirmations)
+        self._fleet, self._queues, self._clock = fleet, queues, clock
         self._reports: dict[str, dict[str, str]] = {}     # task id -> reporting agent -> its message
         self._by_agent: dict[str, set[str]] = {}          # agent id -> tasks it reported
 
@@ -59,7 +63,7 @@ class SubmitterFaults:
             task.checkpoint = task.checkpoint_record = None
             why = f"an attempt resumed from a checkpoint failed ({failure.value}: {message[:500]}); " \
                   "the checkpoint was dropped"
-        elif not self.report(task.id, agent_id, message):
+        elif not self.report(task.id, agent_id, message) and self._others_could_run(task):
             why = f"agent {agent_id[:12]} reported {failure.value}: {message[:500]}; waiting for another agent " \
                   "to confirm it"
         else:
@@ -67,6 +71,15 @@ class SubmitterFaults:
         retries.requeue(task, count_attempt=False)
         task.error, task.error_class = why, failure.value
         return True
+
+    def _others_could_run(self, task: TaskRow) -> bool:
+        """Whether a connected agent that has not reported the task could confirm it. With none (a
+        standalone `panal up`, a one-agent board) waiting would hang the job: the report stands."""
+        reported = self._reports.get(task.id, {})
+        job = self._queues.job(task.job_id)
+        req = self._queues.requirements(task.job_id)
+        return any(agent.row.id not in reported and not unmet(req, job.kind, agent.caps)
+                   for agent in self._fleet.connected(self._clock()))
 
     def reporters(self, task_id: str) -> list[str]:
         return list(self._reports.get(task_id, {}))

@@ -119,3 +119,19 @@ async def test_unsupported_is_a_submitter_fault_too_and_survives_a_restart_safel
         assert (await f.board.job_view(job_id))["state"] == "succeeded"
     finally:
         await f.board.stop()
+
+
+async def test_on_a_board_where_no_other_agent_could_run_it_the_report_stands(tmp_path: Path) -> None:
+    # A standalone `panal up` has one agent: waiting for a second opinion would hang the job forever.
+    f = Fleet(tmp_path)
+    await f.board.start()
+    try:
+        await f.board.register_agent(f.honest.public, "only", Capabilities.from_dict({"kinds": ["sleep"]}))
+        await f.board.register_agent(f.other.public, "gpu-less", Capabilities.from_dict({"kinds": ["matmul"]}))
+        job_id = await f.submit(manifest(1, retries=5))
+        [task] = await f.lease(f.honest)
+        await f.report(f.honest, task, "failed", error_class="invalid_params", error="seconds: must be >= 0")
+        view = await f.board.job_view(job_id)
+        assert view["state"] == "failed" and "seconds: must be >= 0" in view["error"]
+    finally:
+        await f.board.stop()
