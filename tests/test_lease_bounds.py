@@ -14,6 +14,7 @@ from helpers import wait_for_async
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
+from hub.metrics import METRICS_KEY
 from jobs.manifest import Manifest
 from security.errors import PayloadTooLarge
 from security.identity import Identity
@@ -124,6 +125,33 @@ async def test_an_oversized_result_record_is_refused_with_413_and_the_attempt_fa
         assert view["state"] == "failed" and "max_result_bytes" in view["error"]
         assert (await sub.call("GET", f"/v1/jobs/{job['id']}/results"))["results"] == []
     finally:
+        for c in (sub, client):
+            await c.close()
+        await hub.stop()
+
+
+async def test_concurrent_long_polls_of_one_agent_share_its_slots(tmp_path: Path) -> None:
+    hub = InProcessHub(tmp_path, max_poll_wait_s=3600)
+    await hub.start()
+    sub = await submitter(hub)
+    client, _ = await agent_client(hub, slots=3)
+    polls = [asyncio.create_task(client.call("POST", "/v1/lease", {"slots": 3, "wait_s": 3600}, timeout_s=3600))
+             for _ in range(4)]
+    try:
+        assert hub.server is not None
+        board = hub.server.board
+        dispatches = hub.server.app[METRICS_KEY].registry
+        # All four polls asked the policy once, found the board empty, and parked.
+        await wait_for_async(lambda: dispatches.get_sample_value("panal_dispatch_seconds_count") == 4,
+                             "the four polls to park")
+        await submit(sub, make_envelope(sub.identity, sleep_job(20)))
+        await wait_for_async(lambda: all(p.done() for p in polls), "every poll to answer")
+        got = sum(len(p.result()["tasks"]) for p in polls)
+        assert got == 3 and len(board.view.agents[client.identity.id].running) == 3
+    finally:
+        for p in polls:
+            p.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
         for c in (sub, client):
             await c.close()
         await hub.stop()
