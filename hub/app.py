@@ -109,8 +109,7 @@ class Api:
         return reply(request, {"job": view, "created": created}, 201 if created else 200)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        data = await request.read()
-        await self.auth.submitter(request, data)
+        caller = await self.auth.submitter(request, await request.read())
         state_text = request.query.get("state")
         try:
             state = JobState(state_text) if state_text else None
@@ -118,11 +117,28 @@ class Api:
             raise BadRequest(f"state: expected one of {', '.join(s.value for s in JobState)}") from exc
         limit = int_query(request, "limit", 200)
         view = self.board.view
-        return reply(request, {"jobs": [view.summary(job) for job in await view.list_jobs(state, limit)]})
+        if self.is_admin(caller):
+            jobs = await view.list_jobs(state, limit)
+        else:
+            jobs = await self.board.store.list_submitter_jobs(caller, state, limit)
+        return reply(request, {"jobs": [view.summary(job) for job in jobs]})
+
+    def is_admin(self, key_id: str) -> bool:
+        """An admin key (hub.yaml ``admins``) reads every submitter's jobs, results and blobs."""
+        return key_id in self.config.admins
+
+    async def own_job(self, request: web.Request) -> tuple[str, str]:
+        """Authenticate a submitter and return it and the URL's job id if the job is theirs (or they are an
+        admin). Another submitter's job is the same 404 as no job at all: its existence is not revealed."""
+        caller = await self.auth.submitter(request, await request.read())
+        job_id = request.match_info["job_id"]
+        job = await self.board.view.find_job(job_id)
+        if job is None or (job.submitter_id != caller and not self.is_admin(caller)):
+            raise NotFound(f"no job {job_id}", code="no_such_job")
+        return caller, job_id
 
     async def get_job(self, request: web.Request) -> web.Response:
-        await self.auth.submitter(request, await request.read())
-        job_id = request.match_info["job_id"]
+        _, job_id = await self.own_job(request)
         wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s)
         view = await self.board.job_view(job_id)
         if wait_s > 0 and view["state"] in ("queued", "running"):
@@ -131,8 +147,7 @@ class Api:
         return reply(request, {"job": view})
 
     async def job_tasks(self, request: web.Request) -> web.Response:
-        await self.auth.submitter(request, await request.read())
-        job_id = request.match_info["job_id"]
+        _, job_id = await self.own_job(request)
         await self.board.job_view(job_id)
         tasks = await self.board.view.tasks(job_id)
         return reply(request, {"tasks": [
@@ -141,8 +156,7 @@ class Api:
              "checkpoint": t.checkpoint} for t in tasks]})
 
     async def job_results(self, request: web.Request) -> web.Response:
-        await self.auth.submitter(request, await request.read())
-        job_id = request.match_info["job_id"]
+        _, job_id = await self.own_job(request)
         view = await self.board.job_view(job_id)
         rows = await self.board.view.results(job_id)
         job = await self.board.view.find_job(job_id)
@@ -153,8 +167,8 @@ class Api:
              "record": r.record} for r in rows]})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        submitter = await self.auth.submitter(request, await request.read())
-        job = await self.board.cancel(request.match_info["job_id"], submitter)
+        caller, job_id = await self.own_job(request)
+        job = await self.board.cancel(job_id, caller)   # an admin sees others' jobs but cancels only its own
         return reply(request, {"job": await self.board.job_view(job.id)})
 
 
