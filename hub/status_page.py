@@ -265,6 +265,7 @@ class StatusFeed:
             if agent.row.id in online_ids:
                 gpus.update(g.name for g in agent.caps.gpus)
                 gflops += sum(g.gflops_fp32 for g in agent.caps.gpus) + agent.caps.cpu_gflops
+        order = agent_order(view.agents, by_agent)   # before any await: the fleet may change meanwhile
         await self._load_recent()
         active = [job.id for job in view.active_jobs()]
         active_set = set(active)
@@ -280,7 +281,7 @@ class StatusFeed:
             "throughput": self._throughput(now),
             "events": list(self.events),
             "online_ids": online_ids,
-        }, agent_ids=agent_order(view.agents, by_agent),
+        }, agent_ids=order,
             job_ids=active + [i for i in self._recent_rows if i not in active_set],
             fingerprint=fingerprint, built_at=asyncio.get_running_loop().time())
         snap.body = await self.page(snap, Page())

@@ -13,6 +13,7 @@ offline ones in registration order (the bulk of a large fleet, left unsorted).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,11 +66,12 @@ class Snapshot:
     frame: bytes = b""                # ``body`` as an SSE ``status`` frame: sent to every viewer
 
 
-def agent_order(agents: dict[str, AgentState] | Any, states: dict[str, str]) -> list[str]:
-    """Agent ids in table order: busy, idle, quarantined (by name), then offline in registration order."""
-    active = [a for a in agents.values() if states[a.row.id] != "offline"]
-    active.sort(key=lambda a: (_STATE_RANK[states[a.row.id]], a.row.name, a.row.id))
-    return [a.row.id for a in active] + [i for i, s in states.items() if s == "offline"]
+def agent_order(agents: Mapping[str, AgentState], states: Mapping[str, str]) -> list[str]:
+    """Agent ids in table order: busy, idle, quarantined (by name), then offline in registration order.
+    ``states`` (id -> state) says which agents to list."""
+    active = [(_STATE_RANK[s], agents[i].row.name, i) for i, s in states.items() if s != "offline"]
+    active.sort()
+    return [i for _, _, i in active] + [i for i, s in states.items() if s == "offline"]
 
 
 def page_of(ids: list[str], offset: int, limit: int) -> tuple[list[str], dict[str, int]]:
