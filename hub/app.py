@@ -7,9 +7,12 @@ everything past that line is typed. Replies, errors and bodies are :mod:`hub.htt
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from hub.auth import Authenticator
+from hub.blob_access import BlobAccess
 from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
@@ -40,8 +43,8 @@ AUTH_KEY = web.AppKey("auth", Authenticator)
 
 
 class Api:
-    def __init__(self, board: Board, auth: Authenticator, config: HubConfig) -> None:
-        self.board, self.auth, self.config = board, auth, config
+    def __init__(self, board: Board, auth: Authenticator, config: HubConfig, access: BlobAccess) -> None:
+        self.board, self.auth, self.config, self.access = board, auth, config, access
 
     # -- agents ---------------------------------------------------------------------------------
     async def register(self, request: web.Request) -> web.Response:
@@ -89,6 +92,13 @@ class Api:
         data, body = await read_body(request)
         agent_id = await self.auth.agent(request, data)
         beat = Heartbeat.decode(body)
+        if any(lease.checkpoint for lease in beat.leases):
+            leases = []
+            for lease in beat.leases:   # a checkpoint must be a blob the agent uploaded: others are ignored
+                if lease.checkpoint and not await self.access.own_checkpoint(agent_id, lease.checkpoint):
+                    lease = dataclasses.replace(lease, checkpoint=None)
+                leases.append(lease)
+            beat = Heartbeat(tuple(leases))
         return reply(request, (await self.board.heartbeat(agent_id, beat.leases)).encode())
 
     async def release(self, request: web.Request) -> web.Response:
@@ -104,6 +114,8 @@ class Api:
         data, body = await read_body(request)
         envelope = SignedRecord.from_wire(body.get("envelope"))
         submitter = await self.auth.submitter(request, data, extra_key=envelope.key)
+        if self.board.blobs is not None:
+            await self.access.check_inputs(body.get("envelope"), submitter)
         job, created = await self.board.submit(body.get("envelope"), submitter)
         view = await self.board.job_view(job.id)
         return reply(request, {"job": view, "created": created}, 201 if created else 200)
@@ -176,11 +188,12 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     """The board's HTTP API; the blob routes too when the board has a blob store."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
+    access = BlobAccess(board, config)
     if board.blobs is not None:
-        add_blob_routes(app, board.blobs, auth.member)
+        add_blob_routes(app, board.blobs, auth.member, access)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
-    api = Api(board, auth, config)
+    api = Api(board, auth, config, access)
     app.router.add_post("/v1/agents", api.register)
     app.router.add_post("/v1/lease", api.lease)
     app.router.add_post("/v1/results", api.results)
