@@ -20,7 +20,7 @@ from hub.http import error_middleware, int_query, read_body, reply
 from hub.metrics import add_metrics
 from hub.openapi import add_openapi
 from hub.records import JobState
-from hub.status_page import add_status_routes
+from hub.status_routes import add_status_routes
 from jobs.protocol import (
     Heartbeat,
     LeaseReply,
