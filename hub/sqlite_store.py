@@ -322,8 +322,13 @@ class SqliteStore:
                                          (submitter_id, name)):
                 if sha256 in manifest_blobs(_unpack(envelope)):
                     return True
-            for (record,) in c.execute("SELECT r.record FROM results r JOIN jobs j ON j.id = r.job_id "
-                                       "WHERE j.submitter_id=? AND instr(r.record, ?)", (submitter_id, name)):
+            # an output counts only if the result's agent uploaded it (else an agent could name anyone's blob
+            # in a result and open it to its job's submitter); blobs from before uploads were recorded count
+            for (record,) in c.execute(
+                    "SELECT r.record FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.submitter_id=? "
+                    "AND instr(r.record, ?) AND (EXISTS (SELECT 1 FROM blob_uploads u WHERE u.sha256=? "
+                    "AND u.key_id=r.agent_id) OR NOT EXISTS (SELECT 1 FROM blob_uploads u WHERE u.sha256=?))",
+                    (submitter_id, name, sha256, sha256)):
                 if sha256 in result_blobs(_unpack(record)):
                     return True
             return False

@@ -72,4 +72,5 @@ class Store(Protocol):
     async def settle_blob_uploads(self, referenced: set[str], deleted: set[str]) -> None:
         """After a blob GC round: uploads now referenced are claimed (off quota), collected ones forgotten."""
     async def submitter_references_blob(self, sha256: str, submitter_id: str) -> bool:
-        """Whether a job of ``submitter_id`` names the blob: an input, a result's output or a checkpoint."""
+        """Whether a job of ``submitter_id`` names the blob: an input, a checkpoint, or a result's output
+        that the result's agent uploaded (or that nobody is recorded as uploading: older blobs)."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import InProcessHub
 from helpers import wait_for_async
+from test_api import sleep_manifest
 
 from agent.client.blobcache import hash_file
 from agent.client.board import BoardClient
@@ -26,6 +27,7 @@ from jobs.manifest import Manifest
 from security.errors import BadRequest
 from security.httpsig import content_digest, sign_request_digest
 from security.identity import Identity
+from security.records import SignedRecord
 
 
 def blob_file(tmp_path: Path, name: str, size: int = 1000) -> tuple[str, Path]:
@@ -142,6 +144,27 @@ async def test_only_the_uploader_the_jobs_submitter_and_the_leasing_agent_read_a
     await worker.call("POST", f"/v1/tasks/{task['task_id']}/release", {"lease_id": task["lease_id"]})
     assert (await blob_request(worker, "GET", data[0]))[0] == 404
     for client in (alice, mallory, worker, stranger):
+        await client.close()
+
+
+async def test_a_result_naming_someone_elses_blob_does_not_open_it_to_the_jobs_submitter(
+        started: InProcessHub, tmp_path: Path) -> None:
+    hub = started
+    alice, mallory = await member(hub, "submitter"), await member(hub, "submitter")
+    accomplice = await member(hub, "agent")
+    secret = blob_file(tmp_path, "secret")
+    await upload_inputs(alice, [secret])
+    job = await submit(mallory, make_envelope(mallory.identity, sleep_manifest(1)))
+    [task] = (await accomplice.call("POST", "/v1/lease", {"slots": 1, "wait_s": 2}))["tasks"]
+    record = SignedRecord.sign(accomplice.identity, {
+        "task_id": task["task_id"], "job_id": job["id"], "lease_id": task["lease_id"], "attempt": task["attempt"],
+        "agent_id": accomplice.identity.id, "status": "ok", "values": {},
+        "outputs": {"loot": {"sha256": secret[0], "size": 1000, "name": "loot.bin"}}}).to_wire()
+    await accomplice.call("POST", f"/v1/tasks/{task['task_id']}/result", {"result": record})
+    assert (await mallory.call("GET", f"/v1/jobs/{job['id']}"))["job"]["state"] == "succeeded"
+    assert (await blob_request(mallory, "GET", secret[0]))[0] == 404
+    assert (await blob_request(alice, "GET", secret[0]))[0] == 200
+    for client in (alice, mallory, accomplice):
         await client.close()
 
 

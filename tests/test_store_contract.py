@@ -266,6 +266,11 @@ async def test_a_submitter_references_its_jobs_inputs_outputs_and_checkpoints(ma
             assert await store.submitter_references_blob(sha(name), SIGNER.id), name
             assert not await store.submitter_references_blob(sha(name), "someone-else"), name
         assert not await store.submitter_references_blob(sha("unrelated"), SIGNER.id)
+        # an output someone else uploaded, named by the result's agent, opens nothing
+        await store.record_blob_upload(sha("out"), "another-agent", 10, 1.0)
+        assert not await store.submitter_references_blob(sha("out"), SIGNER.id)
+        await store.record_blob_upload(sha("out"), "agent-1", 10, 2.0)     # the result's own agent did too
+        assert await store.submitter_references_blob(sha("out"), SIGNER.id)
 
 
 # -- durability ----------------------------------------------------------------------------------
