@@ -193,7 +193,7 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/status": {"get": _op(
         "Public summary of the board (what the status page renders), from a snapshot rebuilt once per interval; "
-        "the agent and job tables are paged (agents: busy, idle, quarantined by name, then offline ones)",
+        "the agent and job tables are paged (agents: busy ones by name, then idle, quarantined, offline)",
         _responses("200", _ref("Status"), 400), signed=False, params=[
             _query("agents_offset", I, "first row of the agent table (default 0)"),
             _query("agents_limit", I, "rows of the agent table (default 50, at most 500)"),

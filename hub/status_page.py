@@ -47,6 +47,7 @@ SUBSCRIBER_QUEUE = 64          # frames a slow viewer may lag behind before it i
 #: a board with at most this many agents and active jobs together rebuilds a stale snapshot for the request
 #: that finds it (cheap: it answers with what just happened); a larger one only in the feed's own task
 INLINE_BUILD_MAX = 1000
+BUILD_CHUNK = 2000             # agents handled between two yields to the event loop while building
 BUILD_DUTY = 0.1               # the feed's task spends at most this share of the loop building snapshots
 Frame = bytes
 
@@ -118,15 +119,21 @@ class StatusFeed:
         """Notice transitions nobody emits: agents going offline and in/out of quarantine."""
         online = {a.row.id for a in self.view.online_agents()}
         now = self.view.now()
-        for agent in self.view.agents.values():
-            before, after = self._refused.get(agent.row.id), agent.refused
-            if after and not before:
-                self.quarantines += 1
-                self._note({"type": "agent_quarantined", "at": now, "agent": agent.row.id, "name": agent.row.name,
-                            "reason": after})
-            elif before and not after:
-                self._note({"type": "agent_released", "at": now, "agent": agent.row.id, "name": agent.row.name})
-            self._refused[agent.row.id] = after
+        for agent in list(self.view.agents.values()):
+            self._observe_agent(agent, now)
+        self._observe_online(online, now)
+
+    def _observe_agent(self, agent: AgentState, now: float) -> None:
+        before, after = self._refused.get(agent.row.id), agent.refused
+        if after and not before:
+            self.quarantines += 1
+            self._note({"type": "agent_quarantined", "at": now, "agent": agent.row.id, "name": agent.row.name,
+                        "reason": after})
+        elif before and not after:
+            self._note({"type": "agent_released", "at": now, "agent": agent.row.id, "name": agent.row.name})
+        self._refused[agent.row.id] = after
+
+    def _observe_online(self, online: set[str], now: float) -> None:
         if self._online is not None:
             for agent_id in sorted(self._online - online):
                 left = self.view.agents.get(agent_id)
@@ -243,19 +250,31 @@ class StatusFeed:
         started = time.perf_counter()
         view = self.view
         fingerprint = self._fingerprint()
-        self.observe()
         now = view.now()
-        base = view.status()
+        agents = list(view.agents.values())          # the fleet now: agents joining meanwhile wait for the next
         online_ids = {a.row.id for a in view.online_agents()}
-        by_agent = {a.row.id: agent_state(a, a.row.id in online_ids) for a in view.agents.values()}
-        states = Counter(by_agent.values())
+        by_agent: dict[str, str] = {}
+        busy: list[tuple[str, str]] = []
         gpus: Counter[str] = Counter()
         gflops = 0.0
-        for agent in view.agents.values():
-            if agent.row.id in online_ids:
-                gpus.update(g.name for g in agent.caps.gpus)
-                gflops += sum(g.gflops_fp32 for g in agent.caps.gpus) + agent.caps.cpu_gflops
-        order = agent_order(view.agents, by_agent)   # before any await: the fleet may change meanwhile
+        for start in range(0, len(agents), BUILD_CHUNK):
+            for agent in agents[start:start + BUILD_CHUNK]:
+                self._observe_agent(agent, now)
+                online = agent.row.id in online_ids
+                by_agent[agent.row.id] = state = agent_state(agent, online)
+                if state == "busy":
+                    busy.append((agent.row.name, agent.row.id))
+                if online:
+                    if agent.caps.gpus:
+                        gpus.update(g.name for g in agent.caps.gpus)
+                        gflops += sum(g.gflops_fp32 for g in agent.caps.gpus)
+                    gflops += agent.caps.cpu_gflops
+            await asyncio.sleep(0)                   # a big fleet: leases get through between chunks
+        self._observe_online(online_ids, now)
+        states = Counter(by_agent.values())
+        order = agent_order(by_agent, busy)
+        base = {"agents": {"registered": len(by_agent)}, "jobs": {"active": view.active_count()},
+                "tasks": {state.value: n for state, n in view.task_totals().items()}, "stats": dict(view.stats)}
         await self._load_recent()
         active = [job.id for job in view.active_jobs()]
         active_set = set(active)

@@ -7,7 +7,7 @@ only: a row is materialised for the page asked for, at most ``MAX_PAGE`` of them
 The default view (first pages) is encoded once per snapshot and served and streamed as the same bytes.
 
 Paging: ``?agents_offset=&agents_limit=&jobs_offset=&jobs_limit=``; the reply says ``agent_page`` /
-``job_page`` ``{offset, limit, total}``. Agents are listed busy, idle, quarantined (each by name), then
+``job_page`` ``{offset, limit, total}``. Agents are listed busy (by name), then idle, quarantined and
 offline ones in registration order (the bulk of a large fleet, left unsorted).
 """
 
@@ -19,7 +19,6 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.fleet import AgentState
 from hub.http import int_query
 
 __all__ = ["AGENT_PAGE", "JOB_PAGE", "MAX_PAGE", "Page", "Snapshot", "agent_order", "page_of"]
@@ -27,7 +26,6 @@ __all__ = ["AGENT_PAGE", "JOB_PAGE", "MAX_PAGE", "Page", "Snapshot", "agent_orde
 AGENT_PAGE = 50          # agents in the default view (the page and the live stream)
 JOB_PAGE = 120           # jobs in the default view: up to 100 active and the 20 recently finished
 MAX_PAGE = 500           # the most rows one request may ask for
-_STATE_RANK = {"busy": 0, "idle": 1, "quarantined": 2}
 
 
 @dataclass(frozen=True)
@@ -66,12 +64,15 @@ class Snapshot:
     frame: bytes = b""                # ``body`` as an SSE ``status`` frame: sent to every viewer
 
 
-def agent_order(agents: Mapping[str, AgentState], states: Mapping[str, str]) -> list[str]:
-    """Agent ids in table order: busy, idle, quarantined (by name), then offline in registration order.
-    ``states`` (id -> state) says which agents to list."""
-    active = [(_STATE_RANK[s], agents[i].row.name, i) for i, s in states.items() if s != "offline"]
-    active.sort()
-    return [i for _, _, i in active] + [i for i, s in states.items() if s == "offline"]
+def agent_order(states: Mapping[str, str], busy: list[tuple[str, str]]) -> list[str]:
+    """Agent ids in table order: busy ones by name (``busy``: (name, id) pairs), then idle, quarantined and
+    offline ones, each in registration order (``states``: id -> state, in registration order). Only the few
+    busy agents are sorted: a sort of the whole fleet would hold the event loop for 100k agents."""
+    groups: dict[str, list[str]] = {"idle": [], "quarantined": [], "offline": []}
+    for agent_id, state in states.items():
+        if state != "busy":
+            groups[state].append(agent_id)
+    return [i for _, i in sorted(busy)] + groups["idle"] + groups["quarantined"] + groups["offline"]
 
 
 def page_of(ids: list[str], offset: int, limit: int) -> tuple[list[str], dict[str, int]]:
