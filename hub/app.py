@@ -7,9 +7,12 @@ everything past that line is typed. Replies, errors and bodies are :mod:`hub.htt
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from hub.auth import Authenticator
+from hub.blob_access import BlobAccess
 from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
@@ -18,7 +21,7 @@ from hub.intake import hub_limits
 from hub.metrics import add_metrics
 from hub.openapi import add_openapi
 from hub.records import JobState
-from hub.status_page import add_status_routes
+from hub.status_routes import add_status_routes
 from jobs.protocol import (
     Heartbeat,
     LeaseReply,
@@ -41,8 +44,8 @@ AUTH_KEY = web.AppKey("auth", Authenticator)
 
 
 class Api:
-    def __init__(self, board: Board, auth: Authenticator, config: HubConfig) -> None:
-        self.board, self.auth, self.config = board, auth, config
+    def __init__(self, board: Board, auth: Authenticator, config: HubConfig, access: BlobAccess) -> None:
+        self.board, self.auth, self.config, self.access = board, auth, config, access
 
     # -- agents ---------------------------------------------------------------------------------
     async def register(self, request: web.Request) -> web.Response:
@@ -90,6 +93,13 @@ class Api:
         data, body = await read_body(request)
         agent_id = await self.auth.agent(request, data)
         beat = Heartbeat.decode(body)
+        if any(lease.checkpoint for lease in beat.leases):
+            leases = []
+            for lease in beat.leases:   # a checkpoint must be a blob the agent uploaded: others are ignored
+                if lease.checkpoint and not await self.access.own_checkpoint(agent_id, lease.checkpoint):
+                    lease = dataclasses.replace(lease, checkpoint=None)
+                leases.append(lease)
+            beat = Heartbeat(tuple(leases))
         return reply(request, (await self.board.heartbeat(agent_id, beat.leases)).encode())
 
     async def release(self, request: web.Request) -> web.Response:
@@ -108,13 +118,14 @@ class Api:
         data, body = await read_body(request)
         envelope = SignedRecord.from_wire(body.get("envelope"))
         submitter = await self.auth.submitter(request, data, extra_key=envelope.key)
+        if self.board.blobs is not None:
+            await self.access.check_inputs(body.get("envelope"), submitter)
         job, created = await self.board.submit(body.get("envelope"), submitter)
         view = await self.board.job_view(job.id)
         return reply(request, {"job": view, "created": created}, 201 if created else 200)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        data = await request.read()
-        await self.auth.submitter(request, data)
+        caller = await self.auth.submitter(request, await request.read())
         state_text = request.query.get("state")
         try:
             state = JobState(state_text) if state_text else None
@@ -122,11 +133,28 @@ class Api:
             raise BadRequest(f"state: expected one of {', '.join(s.value for s in JobState)}") from exc
         limit = int_query(request, "limit", 200)
         view = self.board.view
-        return reply(request, {"jobs": [view.summary(job) for job in await view.list_jobs(state, limit)]})
+        if self.is_admin(caller):
+            jobs = await view.list_jobs(state, limit)
+        else:
+            jobs = await self.board.store.list_submitter_jobs(caller, state, limit)
+        return reply(request, {"jobs": [view.summary(job) for job in jobs]})
+
+    def is_admin(self, key_id: str) -> bool:
+        """An admin key (hub.yaml ``admins``) reads every submitter's jobs, results and blobs."""
+        return key_id in self.config.admins
+
+    async def own_job(self, request: web.Request) -> tuple[str, str]:
+        """Authenticate a submitter and return it and the URL's job id if the job is theirs (or they are an
+        admin). Another submitter's job is the same 404 as no job at all: its existence is not revealed."""
+        caller = await self.auth.submitter(request, await request.read())
+        job_id = request.match_info["job_id"]
+        job = await self.board.view.find_job(job_id)
+        if job is None or (job.submitter_id != caller and not self.is_admin(caller)):
+            raise NotFound(f"no job {job_id}", code="no_such_job")
+        return caller, job_id
 
     async def get_job(self, request: web.Request) -> web.Response:
-        await self.auth.submitter(request, await request.read())
-        job_id = request.match_info["job_id"]
+        _, job_id = await self.own_job(request)
         wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s)
         view = await self.board.job_view(job_id)
         if wait_s > 0 and view["state"] in ("queued", "running"):
@@ -135,8 +163,7 @@ class Api:
         return reply(request, {"job": view})
 
     async def job_tasks(self, request: web.Request) -> web.Response:
-        await self.auth.submitter(request, await request.read())
-        job_id = request.match_info["job_id"]
+        _, job_id = await self.own_job(request)
         await self.board.job_view(job_id)
         tasks = await self.board.view.tasks(job_id)
         return reply(request, {"tasks": [
@@ -145,8 +172,7 @@ class Api:
              "checkpoint": t.checkpoint} for t in tasks]})
 
     async def job_results(self, request: web.Request) -> web.Response:
-        await self.auth.submitter(request, await request.read())
-        job_id = request.match_info["job_id"]
+        _, job_id = await self.own_job(request)
         view = await self.board.job_view(job_id)
         rows = await self.board.view.results(job_id)
         job = await self.board.view.find_job(job_id)
@@ -157,8 +183,8 @@ class Api:
              "record": r.record} for r in rows]})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        submitter = await self.auth.submitter(request, await request.read())
-        job = await self.board.cancel(request.match_info["job_id"], submitter)
+        caller, job_id = await self.own_job(request)
+        job = await self.board.cancel(job_id, caller)   # an admin sees others' jobs but cancels only its own
         return reply(request, {"job": await self.board.job_view(job.id)})
 
 
@@ -166,11 +192,12 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     """The board's HTTP API; the blob routes too when the board has a blob store."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
+    access = BlobAccess(board, config)
     if board.blobs is not None:
-        add_blob_routes(app, board.blobs, auth.member)
+        add_blob_routes(app, board.blobs, auth.member, access)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
-    api = Api(board, auth, config)
+    api = Api(board, auth, config, access)
     app.router.add_post("/v1/agents", api.register)
     app.router.add_post("/v1/lease", api.lease)
     app.router.add_post("/v1/results", api.results)

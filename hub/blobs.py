@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import re
@@ -116,6 +117,11 @@ class BlobStore:
 
     def exists(self, sha256_hex: str) -> bool:
         return self.path(sha256_hex).is_file()
+
+    def touch(self, sha256_hex: str) -> None:
+        """Renew the blob's GC grace period (its age counts from now); a blob gone meanwhile is left gone."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(sha256_hex))
 
     def size(self, sha256_hex: str) -> int:
         try:

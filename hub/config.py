@@ -42,9 +42,23 @@ class HubConfig:
     retry_backoff_s: float = 1.0       # first retry delay of a failed task; doubles per attempt
     drain_timeout_s: float = 30.0
     max_blob_bytes: int = 4 * 2**30          # one uploaded file (model, dataset shard, output)
-    max_blobs_total_bytes: int = 0           # all blobs together; 0: no cap
-    blob_gc_grace_s: float = 24 * 3600.0     # an unreferenced blob is kept this long (a submit in flight)
-    blob_gc_interval_s: float = 3600.0
+    #: all blobs together (0: no cap). 50 GiB: a dozen full-size models or data sets fit, and a small VPS disk
+    #: (80-160 GB) keeps room for the database and the OS when strangers upload what they can
+    max_blobs_total_bytes: int = 50 * 2**30
+    #: per key (agent or submitter), counting only its uploads that no job or result refers to yet (0: no
+    #: cap). 8 GiB / 1,000 blobs: two full-size inputs, or a busy agent's outputs between two GC rounds;
+    #: what a job claims stops counting, so honest use never runs into it, junk uploads do
+    blob_quota_bytes_per_key: int = 8 * 2**30
+    blob_quota_count_per_key: int = 1000
+    #: an unreferenced blob is kept this long: the time between uploading inputs and submitting the job
+    #: that names them (a HEAD by the uploader, as `panal submit` does before skipping an upload, renews it)
+    blob_gc_grace_s: float = 15 * 60.0
+    blob_gc_interval_s: float = 60.0
+    #: key ids that read every submitter's jobs, results and blobs (the hub operator's own keys)
+    admins: tuple[str, ...] = ()
+    #: live viewers of the status page (SSE streams) at once; one more gets 503 + Retry-After
+    max_status_viewers: int = 100
+    status_interval_s: float = 2.0           # the status snapshot is rebuilt this often (and on events, debounced)
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
     #: fair-share / adaptive: submitter id -> weight (a missing submitter weighs 1.0)
     submitter_weights: dict[str, float] = dataclasses.field(default_factory=dict)

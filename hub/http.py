@@ -17,7 +17,7 @@ from aiohttp import web
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, PanalError, PayloadTooLarge
 
-__all__ = ["Handler", "error_middleware", "int_query", "read_body", "reply"]
+__all__ = ["Handler", "error_middleware", "int_query", "read_body", "reply", "reply_type"]
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -30,6 +30,11 @@ def _reply_type(request: web.Request) -> str:
     if named:
         return min(named, key=accept.index)
     return MSGPACK if request.body_exists and request.content_type == MSGPACK else JSON
+
+
+def reply_type(request: web.Request) -> str:
+    """The content type :func:`reply` would answer ``request`` with (a route serving pre-encoded bytes asks)."""
+    return _reply_type(request)
 
 
 def reply(request: web.Request, value: Any, status: int = 200) -> web.Response:

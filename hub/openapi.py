@@ -133,7 +133,9 @@ SCHEMAS: dict[str, Schema] = {
         jobs=_obj(["active"], active=I), tasks=COUNTS, stats=COUNTS, generated_at=N, snapshot_interval_s=N,
         policy=S, gpus=_arr(_obj(["model", "count"], model=S, count=I)), tflops_online=N,
         agent_table=_arr(_ref("PublicAgent")), job_table=_arr(_ref("PublicJob")),
+        agent_page=_ref("TablePage"), job_page=_ref("TablePage"),
         throughput=_arr(_obj(["minute", "done", "failed"], minute=I, done=I, failed=I)), events=_arr(_ref("Event"))),
+    "TablePage": _obj(["offset", "limit", "total"], offset=I, limit=I, total=I),
     "PublicJobDetail": _obj(["job", "tasks", "waiting_because"], job=_ref("PublicJob"), waiting_because=_arr(S),
                             tasks=_arr(_obj(["idx", "state"], idx=I, state=S, attempt=I, agent=NULLABLE_S,
                                             agent_name=NULLABLE_S, progress=N, error_class=NULLABLE_S,
@@ -191,13 +193,22 @@ PATHS: dict[str, dict[str, Any]] = {
                                                                                description="no such blob")},
                    params=[SHA]),
     },
-    "/v1/status": {"get": _op("Public summary of the board (what the status page renders)",
-                              _responses("200", _ref("Status")), signed=False)},
     "/v1/limits": {"get": _op("What this hub allows a job (resources, tasks, result size): `panal validate --hub`",
                               _responses("200", _ref("Limits")), signed=False)},
+    "/v1/status": {"get": _op(
+        "Public summary of the board (what the status page renders), from a snapshot rebuilt once per interval; "
+        "the agent and job tables are paged (agents: busy ones by name, then idle, quarantined, offline)",
+        _responses("200", _ref("Status"), 400), signed=False, params=[
+            _query("agents_offset", I, "first row of the agent table (default 0)"),
+            _query("agents_limit", I, "rows of the agent table (default 50, at most 500)"),
+            _query("jobs_offset", I, "first row of the job table: active jobs by priority, then recently finished"),
+            _query("jobs_limit", I, "rows of the job table (default 120, at most 500)")])},
     "/v1/events": {"get": _op("Live board events and status snapshots (Server-Sent Events)", {"200": {
-        "description": "an open stream: `event: board` (an Event) and `event: status` (a Status) frames",
-        "content": {"text/event-stream": {"schema": S}}}}, signed=False)},
+        "description": "an open stream: `event: board` (an Event) and `event: status` (a Status, default pages) "
+                       "frames",
+        "content": {"text/event-stream": {"schema": S}}},
+        "503": {"description": "too many live viewers (hub.yaml max_status_viewers): retry after Retry-After "
+                               "seconds, or poll /v1/status", "content": _content(_ref("Error"))}}, signed=False)},
     "/v1/openapi.json": {"get": _op("This description", {"200": {
         "description": "OpenAPI 3.1", "content": {JSON: {"schema": ANY_MAP}}}}, signed=False)},
     "/metrics": {"get": _op("Prometheus metrics (text exposition format)",

@@ -64,7 +64,10 @@ class BoardServer:
 
     async def collect_garbage(self) -> list[str]:
         """Delete blobs no job references (older than the grace period: uploads in flight stay)."""
-        deleted = await self.blobs.gc(await self.board.store.referenced_blobs(), self.config.blob_gc_grace_s)
+        referenced = await self.board.store.referenced_blobs()
+        deleted = await self.blobs.gc(referenced, self.config.blob_gc_grace_s)
+        # uploads a job now names leave their uploader's quota; collected ones are forgotten
+        await self.board.store.settle_blob_uploads(referenced, set(deleted))
         if deleted:
             log.info("blob gc: deleted %d unreferenced blob(s)", len(deleted))
         return deleted

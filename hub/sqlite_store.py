@@ -53,6 +53,15 @@ CREATE TABLE IF NOT EXISTS results (
     agent_id TEXT NOT NULL, record BLOB NOT NULL, digest TEXT NOT NULL, accepted_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
 """
+#: who uploaded which blob (#16 parts 5-6): GET access for the uploader, per-key quotas on what no job
+#: claimed yet. Separate so an older hub database gains it on open.
+PRIVACY_SCHEMA = """
+CREATE INDEX IF NOT EXISTS jobs_submitter ON jobs(submitter_id, created_at);
+CREATE TABLE IF NOT EXISTS blob_uploads (
+    sha256 TEXT NOT NULL, key_id TEXT NOT NULL, size INTEGER NOT NULL, uploaded_at REAL NOT NULL,
+    claimed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (sha256, key_id));
+CREATE INDEX IF NOT EXISTS blob_uploads_key ON blob_uploads(key_id, claimed);
+"""
 
 _STOP = object()
 
@@ -85,6 +94,7 @@ class SqliteStore:
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(SCHEMA)
         _upgrade(conn)
+        conn.executescript(PRIVACY_SCHEMA)
         return conn
 
     async def open(self) -> None:
@@ -265,6 +275,65 @@ class SqliteStore:
             ResultRow(r[0], r[1], r[2], r[3], _unpack(r[4]), r[5], r[6]) for r in c.execute(
                 "SELECT task_id, job_id, attempt, agent_id, record, digest, accepted_at FROM results "
                 "WHERE job_id=? ORDER BY task_id", (job_id,)).fetchall()])
+
+    # -- privacy and blob ownership (#16 parts 5-6) --------------------------------------------------
+    async def list_submitter_jobs(self, submitter_id: str, state: JobState | None = None,
+                                  limit: int = 1000) -> list[JobRow]:
+        def op(c: sqlite3.Connection) -> list[JobRow]:
+            where, args = ("submitter_id=?", [submitter_id]) if state is None else \
+                ("submitter_id=? AND state=?", [submitter_id, state.value])
+            return [_job(r) for r in c.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE {where} "
+                                               "ORDER BY created_at DESC LIMIT ?", (*args, limit)).fetchall()]
+        return await self._run(op)
+
+    async def record_blob_upload(self, sha256: str, key_id: str, size: int, at: float) -> None:
+        await self._run(lambda c: c.execute(
+            "INSERT INTO blob_uploads (sha256, key_id, size, uploaded_at, claimed) VALUES (?, ?, ?, ?, 0) "
+            "ON CONFLICT (sha256, key_id) DO UPDATE SET size=excluded.size, uploaded_at=excluded.uploaded_at, "
+            "claimed=0", (sha256, key_id, size, at)))
+
+    async def blob_uploaded_by(self, sha256: str, key_id: str) -> bool:
+        return await self._run(lambda c: c.execute(
+            "SELECT 1 FROM blob_uploads WHERE sha256=? AND key_id=?", (sha256, key_id)).fetchone() is not None)
+
+    async def blob_usage(self, key_id: str) -> tuple[int, int]:
+        def op(c: sqlite3.Connection) -> tuple[int, int]:
+            size, count = c.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blob_uploads "
+                                    "WHERE key_id=? AND claimed=0", (key_id,)).fetchone()
+            return int(size), int(count)
+        return await self._run(op)
+
+    async def settle_blob_uploads(self, referenced: set[str], deleted: set[str]) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            unclaimed = [r[0] for r in c.execute("SELECT DISTINCT sha256 FROM blob_uploads WHERE claimed=0")]
+            c.executemany("UPDATE blob_uploads SET claimed=1 WHERE sha256=?",
+                          [(s,) for s in unclaimed if s in referenced])
+            c.executemany("DELETE FROM blob_uploads WHERE sha256=?", [(s,) for s in deleted])
+        await self._run(op)
+
+    async def submitter_references_blob(self, sha256: str, submitter_id: str) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            if c.execute("SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.checkpoint=? "
+                         "AND j.submitter_id=? LIMIT 1", (sha256, submitter_id)).fetchone():
+                return True
+            # the stored records hold the name as plain text: SQLite's instr() finds candidates at C speed,
+            # and only those are decoded to confirm (a name in a parameter is not an input)
+            name = sha256.encode()
+            for (envelope,) in c.execute("SELECT envelope FROM jobs WHERE submitter_id=? AND instr(envelope, ?)",
+                                         (submitter_id, name)):
+                if sha256 in manifest_blobs(_unpack(envelope)):
+                    return True
+            # an output counts only if the result's agent uploaded it (else an agent could name anyone's blob
+            # in a result and open it to its job's submitter); blobs from before uploads were recorded count
+            for (record,) in c.execute(
+                    "SELECT r.record FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.submitter_id=? "
+                    "AND instr(r.record, ?) AND (EXISTS (SELECT 1 FROM blob_uploads u WHERE u.sha256=? "
+                    "AND u.key_id=r.agent_id) OR NOT EXISTS (SELECT 1 FROM blob_uploads u WHERE u.sha256=?))",
+                    (submitter_id, name, sha256, sha256)):
+                if sha256 in result_blobs(_unpack(record)):
+                    return True
+            return False
+        return await self._run(op)
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -1,10 +1,15 @@
-"""The public, read-only status page: ``GET /``, its assets, ``/v1/status``, ``/v1/events`` and public job views.
+"""What the public status page shows: the :class:`StatusFeed` (its routes are :mod:`hub.status_routes`).
 
 A :class:`StatusFeed` listens to the board (its events and every settled attempt) and keeps what the
 board itself does not: recent events, tasks finished per minute over the last hour, compute credit
 per agent, and transitions it notices by looking (agent went offline, quarantined, released). Live
 viewers get board events at once and a status snapshot on every event (debounced) and every
 ``SNAPSHOT_INTERVAL_S`` (which doubles as the keepalive), as Server-Sent Events.
+
+Scale (:mod:`hub.status_snapshot`): the snapshot is built once per interval by one task, not per request
+or per viewer; every viewer gets the same encoded frame, ``/v1/status`` the same bytes, and the agent and
+job tables are paged. Live viewers are capped (``max_status_viewers``): one more gets a 503 with
+Retry-After, and the page then polls ``/v1/status`` instead.
 
 Privacy: everything here is public. It carries ids (key fingerprints), names, device models and
 counts; never keys, manifest parameters or inputs, free-text task errors (they may quote
@@ -17,35 +22,33 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import Counter, deque
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from hub.board import Board
-from hub.config import HubConfig
 from hub.fleet import AgentState
-from hub.http import reply
 from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, TaskRow, TaskState
+from hub.status_snapshot import Page, Snapshot, agent_order, page_of
+from jobs.wire import JSON, encode_body
 
-__all__ = ["FEED_KEY", "StatusFeed", "add_status_routes", "agent_state"]
+__all__ = ["FEED_KEY", "StatusFeed", "agent_state", "public_job"]
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).parent / "static"
-#: the only files served from STATIC_DIR, with their content types
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 SNAPSHOT_INTERVAL_S = 2.0      # a status snapshot to live viewers at least this often (also their keepalive)
 EVENT_DEBOUNCE_S = 0.2         # a burst of board events gives one snapshot
 RECENT_EVENTS = 50
 RECENT_JOBS = 20               # finished jobs listed beside the active ones
-MAX_ACTIVE_JOBS = 100
-MAX_PUBLIC_TASKS = 1000
 HISTORY_MINUTES = 60
 SUBSCRIBER_QUEUE = 64          # frames a slow viewer may lag behind before it is dropped (it reconnects)
-SSE_RETRY_MS = 2000
+#: a board with at most this many agents and active jobs together rebuilds a stale snapshot for the request
+#: that finds it (cheap: it answers with what just happened); a larger one only in the feed's own task
+INLINE_BUILD_MAX = 1000
+BUILD_CHUNK = 2000             # agents handled between two yields to the event loop while building
+BUILD_DUTY = 0.1               # the feed's task spends at most this share of the loop building snapshots
 Frame = bytes
 
 
@@ -70,8 +73,12 @@ def _frame(event: str, data: Any) -> Frame:
 class StatusFeed:
     """What the status page shows beyond the board's own state; fans frames out to live viewers."""
 
-    def __init__(self, view: BoardView) -> None:
+    def __init__(self, view: BoardView, max_viewers: int = 100) -> None:
         self.view = view
+        self.max_viewers = max_viewers
+        self.snapshot: Snapshot | None = None
+        self._build_lock = asyncio.Lock()
+        self._changes = 0                                    # board events and settled attempts seen
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.history: dict[int, Counter[str]] = {}          # epoch minute -> {"done": n, "failed": n}
         self.credit_gflop_h: dict[str, float] = {}          # agent id -> compute contributed
@@ -88,6 +95,7 @@ class StatusFeed:
     def on_event(self, event: dict[str, Any]) -> None:
         """A board listener: record, forward to viewers, and schedule a fresh snapshot."""
         self.events.append(event)
+        self._changes += 1
         if event.get("type") == "job_finished":
             self._recent_jobs = None
         self._broadcast(_frame("board", event))
@@ -96,6 +104,7 @@ class StatusFeed:
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
         """A BoardObserver: count the attempt in its minute, credit the agent's compute."""
+        self._changes += 1
         minute = int(self.view.now() // 60)
         self.history.setdefault(minute, Counter())["done" if ok else "failed"] += 1
         for old in [m for m in self.history if m <= minute - HISTORY_MINUTES]:
@@ -110,15 +119,21 @@ class StatusFeed:
         """Notice transitions nobody emits: agents going offline and in/out of quarantine."""
         online = {a.row.id for a in self.view.online_agents()}
         now = self.view.now()
-        for agent in self.view.agents.values():
-            before, after = self._refused.get(agent.row.id), agent.refused
-            if after and not before:
-                self.quarantines += 1
-                self._note({"type": "agent_quarantined", "at": now, "agent": agent.row.id, "name": agent.row.name,
-                            "reason": after})
-            elif before and not after:
-                self._note({"type": "agent_released", "at": now, "agent": agent.row.id, "name": agent.row.name})
-            self._refused[agent.row.id] = after
+        for agent in list(self.view.agents.values()):
+            self._observe_agent(agent, now)
+        self._observe_online(online, now)
+
+    def _observe_agent(self, agent: AgentState, now: float) -> None:
+        before, after = self._refused.get(agent.row.id), agent.refused
+        if after and not before:
+            self.quarantines += 1
+            self._note({"type": "agent_quarantined", "at": now, "agent": agent.row.id, "name": agent.row.name,
+                        "reason": after})
+        elif before and not after:
+            self._note({"type": "agent_released", "at": now, "agent": agent.row.id, "name": agent.row.name})
+        self._refused[agent.row.id] = after
+
+    def _observe_online(self, online: set[str], now: float) -> None:
         if self._online is not None:
             for agent_id in sorted(self._online - online):
                 left = self.view.agents.get(agent_id)
@@ -128,6 +143,7 @@ class StatusFeed:
 
     def _note(self, event: dict[str, Any]) -> None:
         self.events.append(event)
+        self._changes += 1
         self._broadcast(_frame("board", event))
 
     # -- live viewers ---------------------------------------------------------------------------
@@ -173,28 +189,96 @@ class StatusFeed:
                     await asyncio.sleep(EVENT_DEBOUNCE_S)
             self._kick.clear()
             try:
-                self.observe()
+                built = await self.refresh()
                 if self.subscribers:
-                    self._broadcast(_frame("status", await self.summary()))
+                    self._broadcast(built.frame)
+                # a costly build (a huge fleet) is spaced out so that building stays a small share of the loop
+                await asyncio.sleep(built.build_s * (1 / BUILD_DUTY - 1))
             except Exception:
                 log.exception("status snapshot failed; will retry")
 
-    # -- the summary ----------------------------------------------------------------------------
-    async def summary(self) -> dict[str, Any]:
-        """The JSON the page renders (a superset of ``Board.status()``)."""
+    # -- the snapshot ---------------------------------------------------------------------------
+    def _fingerprint(self) -> tuple[Any, ...]:
+        """Cheap counters that change whenever the status would: a snapshot built under others is stale."""
         view = self.view
-        self.observe()
+        return sum(view.stats.values()), len(view.agents), view.active_count(), self._changes
+
+    async def current(self) -> Snapshot:
+        """The latest snapshot; rebuilt here only when it is stale and the board is small (cheap to build)."""
+        snap = self.snapshot
+        if snap is None:
+            return await self.refresh()
+        stale = snap.fingerprint != self._fingerprint() or \
+            asyncio.get_running_loop().time() - snap.built_at >= SNAPSHOT_INTERVAL_S
+        if stale and len(self.view.agents) + self.view.active_count() <= INLINE_BUILD_MAX:
+            return await self.refresh()
+        return snap
+
+    async def refresh(self) -> Snapshot:
+        """Build a snapshot (one build at a time; a caller that waited for one gets it if still current)."""
+        seen = self.snapshot
+        async with self._build_lock:
+            if self.snapshot is not seen and self.snapshot is not None \
+                    and self.snapshot.fingerprint == self._fingerprint():
+                return self.snapshot
+            self.snapshot = await self._build()
+            return self.snapshot
+
+    async def summary(self) -> dict[str, Any]:
+        """The default view (first pages of both tables): what ``/v1/status`` answers with no parameters."""
+        return (await self.current()).body
+
+    async def page(self, snap: Snapshot, page: Page) -> dict[str, Any]:
+        """The snapshot with the asked-for pages of the agent and job tables (rows read live)."""
+        ids, agent_page = page_of(snap.agent_ids, page.agents_offset, page.agents_limit)
+        agents = self.view.agents
+        online = snap.base["online_ids"]
+        agent_rows = [self._agent_row(agents[i], i in online) for i in ids if i in agents]
+        ids, job_page = page_of(snap.job_ids, page.jobs_offset, page.jobs_limit)
+        job_rows, recent = [], self._recent_rows
+        for job_id in ids:
+            live = self.view.job(job_id)
+            row = self._active_row(live, snap.base["generated_at"]) if live is not None \
+                else recent.get(job_id)
+            if row is not None:
+                job_rows.append(row)
+        body = {k: v for k, v in snap.base.items() if k != "online_ids"}
+        return {**body, "agent_table": agent_rows, "agent_page": agent_page,
+                "job_table": job_rows, "job_page": job_page}
+
+    async def _build(self) -> Snapshot:
+        started = time.perf_counter()
+        view = self.view
+        fingerprint = self._fingerprint()
         now = view.now()
-        base = view.status()
+        agents = list(view.agents.values())          # the fleet now: agents joining meanwhile wait for the next
         online_ids = {a.row.id for a in view.online_agents()}
-        states = Counter(agent_state(a, a.row.id in online_ids) for a in view.agents.values())
+        by_agent: dict[str, str] = {}
+        busy: list[tuple[str, str]] = []
         gpus: Counter[str] = Counter()
         gflops = 0.0
-        for agent in view.agents.values():
-            if agent.row.id in online_ids:
-                gpus.update(g.name for g in agent.caps.gpus)
-                gflops += sum(g.gflops_fp32 for g in agent.caps.gpus) + agent.caps.cpu_gflops
-        return {
+        for start in range(0, len(agents), BUILD_CHUNK):
+            for agent in agents[start:start + BUILD_CHUNK]:
+                self._observe_agent(agent, now)
+                online = agent.row.id in online_ids
+                by_agent[agent.row.id] = state = agent_state(agent, online)
+                if state == "busy":
+                    busy.append((agent.row.name, agent.row.id))
+                if online:
+                    if agent.caps.gpus:
+                        gpus.update(g.name for g in agent.caps.gpus)
+                        gflops += sum(g.gflops_fp32 for g in agent.caps.gpus)
+                    gflops += agent.caps.cpu_gflops
+            await asyncio.sleep(0)                   # a big fleet: leases get through between chunks
+        self._observe_online(online_ids, now)
+        states = Counter(by_agent.values())
+        order = agent_order(by_agent, busy)
+        base = {"agents": {"registered": len(by_agent)}, "jobs": {"active": view.active_count()},
+                "tasks": {state.value: n for state, n in view.task_totals().items()}, "stats": dict(view.stats)}
+        await self._load_recent()
+        active = [job.id for job in view.active_jobs()]
+        active_set = set(active)
+        snap = Snapshot(base={
             **base,
             "generated_at": now,
             "snapshot_interval_s": SNAPSHOT_INTERVAL_S,
@@ -203,11 +287,17 @@ class StatusFeed:
                        **{s: states[s] for s in ("idle", "busy", "offline", "quarantined")}},
             "gpus": [{"model": model, "count": n} for model, n in sorted(gpus.items(), key=lambda kv: (-kv[1], kv[0]))],
             "tflops_online": round(gflops / 1000.0, 6),   # to 1 MFLOPS: a CPU fleet is not 0
-            "agent_table": [self._agent_row(a, a.row.id in online_ids) for a in view.agents.values()],
-            "job_table": await self._job_rows(now),
             "throughput": self._throughput(now),
             "events": list(self.events),
-        }
+            "online_ids": online_ids,
+        }, agent_ids=order,
+            job_ids=active + [i for i in self._recent_rows if i not in active_set],
+            fingerprint=fingerprint, built_at=asyncio.get_running_loop().time())
+        snap.body = await self.page(snap, Page())
+        snap.json = encode_body(snap.body, JSON)
+        snap.frame = b"event: status\ndata: " + snap.json + b"\n\n"
+        snap.build_s = time.perf_counter() - started
+        return snap
 
     def _agent_row(self, agent: AgentState, online: bool) -> dict[str, Any]:
         caps = agent.caps
@@ -232,24 +322,27 @@ class StatusFeed:
             "last_seen": agent.last_seen, "registered_at": agent.row.registered_at, "quarantine": agent.refused,
         }
 
-    async def _job_rows(self, now: float) -> list[dict[str, Any]]:
+    def _active_row(self, job: JobRow, now: float) -> dict[str, Any]:
         view = self.view
-        rows = []
-        for job in view.active_jobs(MAX_ACTIVE_JOBS):
-            counts = view.counts(job.id)
-            row = public_job(job_summary(job, counts))
-            settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
-            row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
-            if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
-                row["waiting_because"] = view.waiting_because(job.id)
-            rows.append(row)
+        counts = view.counts(job.id)
+        row = public_job(job_summary(job, counts))
+        settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
+        row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
+        if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
+            row["waiting_because"] = view.waiting_because(job.id)
+        return row
+
+    @property
+    def _recent_rows(self) -> dict[str, dict[str, Any]]:
+        return {row["id"]: row for row in self._recent_jobs or []}
+
+    async def _load_recent(self) -> None:
+        """The recently finished jobs' rows, from the store once per finished job (not per snapshot)."""
         if self._recent_jobs is None:
-            finished = [job for job in await view.list_jobs(None, RECENT_JOBS) if job.state.terminal]
+            finished = [job for job in await self.view.list_jobs(None, RECENT_JOBS) if job.state.terminal]
             self._final_counts = {job.id: await self._counts_of_finished(job) for job in finished}
             self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None}
                                  for job in finished]
-        active = {row["id"] for row in rows}
-        return rows + [row for row in self._recent_jobs if row["id"] not in active]
 
     async def _counts_of_finished(self, job: JobRow) -> dict[str, int]:
         """A finished job's tasks by state: they no longer change, so the store is asked once per job."""
@@ -276,79 +369,3 @@ def public_job(view: dict[str, Any]) -> dict[str, Any]:
 
 
 FEED_KEY = web.AppKey("status_feed", StatusFeed)
-
-
-def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> None:
-    """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
-    view = board.view
-    feed = StatusFeed(view)
-    app[FEED_KEY] = feed
-
-    async def start(_: web.Application) -> None:
-        board.add_listener(feed.on_event)
-        board.add_observer(feed)
-        await feed.start()
-
-    async def shutdown(_: web.Application) -> None:  # before the server waits for open handlers
-        feed.close_streams()
-
-    async def cleanup(_: web.Application) -> None:
-        await feed.stop()
-        board.remove_listener(feed.on_event)
-        board.remove_observer(feed)
-
-    app.on_startup.append(start)
-    app.on_shutdown.append(shutdown)
-    app.on_cleanup.append(cleanup)
-
-    async def page(request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC_DIR / "index.html", headers=_ASSET_HEADERS | {"Content-Type": "text/html"})
-
-    async def asset(request: web.Request) -> web.FileResponse:
-        name = request.match_info["name"]
-        if name not in ASSETS:
-            raise web.HTTPNotFound(text=f"no asset {name}")
-        return web.FileResponse(STATIC_DIR / name, headers=_ASSET_HEADERS | {"Content-Type": ASSETS[name]})
-
-    async def status(request: web.Request) -> web.Response:
-        return reply(request, await feed.summary())
-
-    async def events(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Accel-Buffering": "no"})
-        await response.prepare(request)
-        queue = feed.subscribe()
-        try:
-            await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode() + _frame("status", await feed.summary()))
-            while (frame := await queue.get()) is not None:
-                await response.write(frame)
-        except ConnectionError:  # the viewer went away
-            pass
-        finally:
-            feed.unsubscribe(queue)
-        return response
-
-    async def public_job_view(request: web.Request) -> web.Response:
-        job_id = request.match_info["job_id"]
-        summary = await view.job_view(job_id)  # NotFound -> 404
-        tasks = await view.tasks(job_id, MAX_PUBLIC_TASKS)
-        names = {a.row.id: a.row.name for a in view.agents.values()}
-        return reply(request, {
-            "job": public_job(summary),
-            "waiting_because": summary.get("waiting_because", []),
-            "tasks": [{"idx": t.idx, "state": t.state.value, "attempt": t.attempt, "agent": t.agent_id,
-                       "agent_name": names.get(t.agent_id or ""), "progress": t.progress,
-                       "error_class": t.error_class, "updated_at": t.updated_at} for t in tasks],
-            "truncated": summary["n_tasks"] > len(tasks),
-        })
-
-    app.router.add_get("/", page)
-    app.router.add_get("/static/{name}", asset)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/v1/events", events)
-    app.router.add_get("/v1/jobs/{job_id}/public", public_job_view)
-
-
-_ASSET_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
-                  "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                             "frame-ancestors 'none'"}

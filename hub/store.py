@@ -58,3 +58,19 @@ class Store(Protocol):
         """A job's accepted results by task id (their digests recognise a re-sent result)."""
     async def referenced_blobs(self) -> set[str]:
         """Every blob a job still needs: inputs, outputs, checkpoints (hub/blob_refs.py)."""
+
+    # -- privacy and blob ownership (#16 parts 5-6) --------------------------------------------------
+    async def list_submitter_jobs(self, submitter_id: str, state: JobState | None = None,
+                                  limit: int = 1000) -> list[JobRow]:
+        """One submitter's jobs, newest first, optionally in one state."""
+    async def record_blob_upload(self, sha256: str, key_id: str, size: int, at: float) -> None:
+        """Note that ``key_id`` uploaded (proved it holds) blob ``sha256``; again: refresh it, unclaimed."""
+    async def blob_uploaded_by(self, sha256: str, key_id: str) -> bool:
+        """Whether ``key_id`` has uploaded blob ``sha256`` (and it was not collected since)."""
+    async def blob_usage(self, key_id: str) -> tuple[int, int]:
+        """(bytes, count) of the key's uploads that no job or result has claimed yet: its quota use."""
+    async def settle_blob_uploads(self, referenced: set[str], deleted: set[str]) -> None:
+        """After a blob GC round: uploads now referenced are claimed (off quota), collected ones forgotten."""
+    async def submitter_references_blob(self, sha256: str, submitter_id: str) -> bool:
+        """Whether a job of ``submitter_id`` names the blob: an input, a checkpoint, or a result's output
+        that the result's agent uploaded (or that nobody is recorded as uploading: older blobs)."""

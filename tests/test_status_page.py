@@ -27,6 +27,7 @@ from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from hub import status_page
 from jobs.manifest import Manifest
+from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
 
@@ -369,3 +370,29 @@ async def test_event_stream_and_public_json_carry_no_secrets(hub: InProcessHub) 
             assert secret not in text, secret
     await a0.close()
     await sub.close()
+
+
+async def test_agent_table_pages_through_a_large_fleet(hub: InProcessHub, browser: Browser) -> None:
+    assert hub.server is not None
+    caps = Capabilities.from_dict(CPU_CAPS)
+    for i in range(120):
+        await hub.server.board.register_agent(Identity.generate().public, f"box-{i:03d}", caps)
+    page = await open_page(browser, hub)
+    await expect(page.locator("#n-online")).to_have_text("120")
+    pager = page.locator("#agent-pager")
+    await expect(pager).to_be_visible()
+    await expect(page.locator("#agents-range")).to_have_text("1–50 of 120")
+    await expect(page.locator("#agent-table tbody tr")).to_have_count(50)
+    await expect(page.locator("#agents-prev")).to_be_disabled()
+    await page.locator("#agents-next").click()
+    await expect(page.locator("#agents-range")).to_have_text("51–100 of 120")
+    await expect(page.locator("#agent-table tbody tr").first).to_contain_text("box-050")
+    await page.locator("#agents-next").click()
+    await expect(page.locator("#agents-range")).to_have_text("101–120 of 120")
+    await expect(page.locator("#agent-table tbody tr")).to_have_count(20)
+    await expect(page.locator("#agents-next")).to_be_disabled()
+    await page.locator("#agents-prev").click()
+    await page.locator("#agents-prev").click()
+    await expect(page.locator("#agents-range")).to_have_text("1–50 of 120")
+    await expect(page.locator("#agent-table tbody tr").first).to_contain_text("box-000")
+    assert page.js_errors == []  # type: ignore[attr-defined]

@@ -225,6 +225,55 @@ async def test_referenced_blobs_are_inputs_outputs_and_checkpoints(make: Callabl
         assert await store.referenced_blobs() == {sha("in"), sha("out"), sha("ckpt")}
 
 
+# -- privacy and blob ownership (#16 parts 5-6) ----------------------------------------------------------
+
+
+async def test_list_submitter_jobs_is_one_submitters_newest_first(make: Callable[[], Store]) -> None:
+    rows = [job(f"j{i}", created_at=float(i)) for i in range(3)]
+    rows.append(replace(job("other", created_at=10.0), submitter_id="someone-else"))
+    async with opened(make) as store:
+        for row in rows:
+            await store.create_job(row, tasks(row))
+        assert [j.id for j in await store.list_submitter_jobs(SIGNER.id)] == ["j2", "j1", "j0"]
+        assert [j.id for j in await store.list_submitter_jobs(SIGNER.id, JobState.QUEUED, 1)] == ["j2"]
+        assert [j.id for j in await store.list_submitter_jobs("someone-else")] == ["other"]
+        assert await store.list_submitter_jobs(SIGNER.id, JobState.FAILED) == []
+
+
+async def test_blob_uploads_count_until_claimed_and_go_when_collected(make: Callable[[], Store]) -> None:
+    async with opened(make) as store:
+        assert await store.blob_usage("k1") == (0, 0)
+        await store.record_blob_upload(sha("a"), "k1", 100, 1.0)
+        await store.record_blob_upload(sha("b"), "k1", 50, 2.0)
+        await store.record_blob_upload(sha("a"), "k2", 100, 3.0)
+        await store.record_blob_upload(sha("b"), "k1", 50, 4.0)      # again: still one row
+        assert await store.blob_usage("k1") == (150, 2) and await store.blob_usage("k2") == (100, 1)
+        assert await store.blob_uploaded_by(sha("a"), "k2") and not await store.blob_uploaded_by(sha("b"), "k2")
+        await store.settle_blob_uploads({sha("a")}, {sha("b")})       # a: claimed by a job; b: collected
+        assert await store.blob_usage("k1") == (0, 0) and await store.blob_usage("k2") == (0, 0)
+        assert await store.blob_uploaded_by(sha("a"), "k1") and not await store.blob_uploaded_by(sha("b"), "k1")
+    async with opened(make) as store:                                  # durable
+        assert await store.blob_uploaded_by(sha("a"), "k2")
+
+
+async def test_a_submitter_references_its_jobs_inputs_outputs_and_checkpoints(make: Callable[[], Store]) -> None:
+    row = job("j1", inputs={"weights": {"blob": sha("in")}})
+    t0, t1 = tasks(row)
+    async with opened(make) as store:
+        await store.create_job(row, [t0, t1])
+        await store.accept_results([result(t0, {"y": {"sha256": sha("out")}})], [done(t0)], [])
+        await store.save_tasks([replace(t1, checkpoint=sha("ckpt"))])
+        for name in ("in", "out", "ckpt"):
+            assert await store.submitter_references_blob(sha(name), SIGNER.id), name
+            assert not await store.submitter_references_blob(sha(name), "someone-else"), name
+        assert not await store.submitter_references_blob(sha("unrelated"), SIGNER.id)
+        # an output someone else uploaded, named by the result's agent, opens nothing
+        await store.record_blob_upload(sha("out"), "another-agent", 10, 1.0)
+        assert not await store.submitter_references_blob(sha("out"), SIGNER.id)
+        await store.record_blob_upload(sha("out"), "agent-1", 10, 2.0)     # the result's own agent did too
+        assert await store.submitter_references_blob(sha("out"), SIGNER.id)
+
+
 # -- durability ----------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""``panal demo`` and ``panal bench device|chaos|policies|dispatch``: the tools in :mod:`agent.tools`."""
+"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|abuse``: the tools in :mod:`agent.tools`."""
 
 from __future__ import annotations
 
@@ -72,6 +72,22 @@ def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as
     from agent.tools.bench_dispatch import run_dispatch_bench
 
     _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples), as_json)
+
+
+@bench.command("abuse")
+@click.option("--quick", is_flag=True, help="A small, fast run (a smoke test), not a measurement.")
+@click.option("--agents", type=int, default=None, help="Honest simulated agents (default 50; quick: 5).")
+@click.option("--seconds", type=float, default=None, help="Length of each phase (default 20; quick: 3).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_abuse(quick: bool, agents: int | None, seconds: float | None, as_json: bool) -> None:
+    """Honest throughput and lease latency while strangers flood the hub (registrations, idle and slowloris
+    connections, status viewers, unsigned bodies), against a baseline; hub peak RSS; what each probe saw."""
+    import dataclasses
+
+    from agent.tools.bench_abuse import AbuseSize, run_abuse_bench
+    size = AbuseSize.quick() if quick else AbuseSize()
+    size = dataclasses.replace(size, agents=agents or size.agents, seconds=seconds or size.seconds)
+    _print_result(run_abuse_bench(size), as_json)
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:

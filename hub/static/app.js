@@ -71,7 +71,8 @@ function progressBar(fraction, label, name) {
 }
 
 // -- state ----------------------------------------------------------------------------------------
-const view = { status: null, events: [], selectedJob: null, sortKey: "state", sortDir: 1 };
+const view = { status: null, events: [], selectedJob: null, sortKey: "state", sortDir: 1,
+               agentOffset: 0, agentPage: null, agentLoading: false };
 
 function fill(id, value) {
   const node = document.getElementById(id);
@@ -91,7 +92,7 @@ function render(status) {
   renderGpus(status.gpus || []);
   renderMap(status.agent_table || []);
   renderJobs(status.job_table || [], status.generated_at);
-  renderAgents();
+  if (view.agentOffset) loadAgentPage(); else { view.agentPage = null; renderAgents(); }
   renderEvents();
   drawChart();
   if (view.selectedJob) loadJob(view.selectedJob);
@@ -150,8 +151,45 @@ function sortValue(agent, key) {
   return agent[key];
 }
 
+// The agent table is paged by the board (a fleet may be 100k agents): the live stream carries the first
+// page; another page is fetched from v1/status when shown, and again on each update while it is.
+async function loadAgentPage() {
+  if (view.agentLoading) return;
+  view.agentLoading = true;
+  const limit = ((view.status && view.status.agent_page) || {}).limit || 50;
+  try {
+    const resp = await fetch(`v1/status?agents_offset=${view.agentOffset}&agents_limit=${limit}&jobs_limit=0`,
+      { headers: { Accept: "application/json" }, cache: "no-store" });
+    if (resp.ok) {
+      const page = await resp.json();
+      if (page.agent_page.offset === view.agentOffset) view.agentPage = page;
+    }
+  } finally {
+    view.agentLoading = false;
+  }
+  renderAgents();
+}
+
+function turnAgentPage(direction) {
+  const page = (view.agentPage || view.status || {}).agent_page;
+  if (!page) return;
+  view.agentOffset = Math.max(0, Math.min(view.agentOffset + direction * page.limit, Math.max(0, page.total - 1)));
+  if (view.agentOffset) loadAgentPage(); else { view.agentPage = null; renderAgents(); }
+}
+
+function renderPager(page) {
+  const pager = $("#agent-pager");
+  pager.hidden = !page || page.total <= page.limit;
+  if (pager.hidden) return;
+  fill("agents-range", `${page.offset + 1}–${Math.min(page.offset + page.limit, page.total)} of ${page.total}`);
+  $("#agents-prev").disabled = page.offset === 0;
+  $("#agents-next").disabled = page.offset + page.limit >= page.total;
+}
+
 function renderAgents() {
-  const agents = [...((view.status && view.status.agent_table) || [])];
+  const shown = view.agentOffset && view.agentPage ? view.agentPage : view.status;
+  renderPager(shown && shown.agent_page);
+  const agents = [...((shown && shown.agent_table) || [])];
   const { sortKey, sortDir } = view;
   agents.sort((x, y) => {
     const a = sortValue(x, sortKey), b = sortValue(y, sortKey);
@@ -387,6 +425,8 @@ function init() {
     $("#job-detail").hidden = true;
     renderJobs((view.status && view.status.job_table) || [], view.status ? view.status.generated_at : 0);
   });
+  $("#agents-prev").addEventListener("click", () => turnAgentPage(-1));
+  $("#agents-next").addEventListener("click", () => turnAgentPage(1));
   window.addEventListener("resize", drawChart);
   window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", drawChart);
   connect();
