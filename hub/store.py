@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
+from hub.tokens import AdmissionToken
 
 __all__ = ["LeaseWrite", "Store"]
 
@@ -58,3 +59,15 @@ class Store(Protocol):
         """A job's accepted results by task id (their digests recognise a re-sent result)."""
     async def referenced_blobs(self) -> set[str]:
         """Every blob a job still needs: inputs, outputs, checkpoints (hub/blob_refs.py)."""
+
+    # -- admission tokens (hub/tokens.py; `panal hub tokens ...`) --------------------------------
+    async def add_admission_token(self, token: AdmissionToken) -> None:
+        """Store a new token (its id is fresh; a duplicate id is an error and changes nothing)."""
+    async def list_admission_tokens(self) -> list[AdmissionToken]:
+        """Every token, revoked and expired ones too, oldest first."""
+    async def revoke_admission_token(self, token_id: str, at: float) -> bool:
+        """Revoke a token; False if there is no such token or it was already revoked."""
+    async def use_admission_token(self, token_id: str, secret_hash: str, now: float) -> bool:
+        """Count one use, atomically, only if the token exists with this secret, is not revoked,
+        not expired at ``now`` and not used up; True if it was counted. Two concurrent last uses of a
+        single-use token: exactly one is True."""
