@@ -16,6 +16,7 @@ from hub.auth import Authenticator
 from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
+from hub.connections import stream_caps
 from hub.http import BODY_TIMEOUT_KEY, decode_map, error_middleware, int_query, read_raw, reply
 from hub.intake import hub_limits
 from hub.metrics import add_metrics
@@ -187,7 +188,8 @@ class Api:
 
 def create_app(board: Board, config: HubConfig) -> web.Application:
     """The board's HTTP API; the blob routes too when the board has a blob store."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, stream_caps(config.max_long_polls, config.max_streams)],
+                          client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
     admission = Admission(board.store, config)
     app[BODY_TIMEOUT_KEY] = config.body_timeout_s
