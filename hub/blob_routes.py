@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from hub.blobs import BlobStore, check_sha256, digest_header_for
-from hub.http import reply
+from hub.blobs import CHUNK_BYTES, BlobStore, check_sha256, digest_header_for
+from hub.http import paced_body, reply
 from security.errors import BadRequest, NotFound
 from security.httpsig import content_digest
 
@@ -45,7 +45,7 @@ def add_blob_routes(app: web.Application, store: BlobStore, authorize: Authorize
                              f"(expected {expected!r})", code="digest_mismatch")
         await authorize(request, expected)
         # put() refuses a declared Content-Length over the cap before reading a byte
-        size, created = await store.put(sha, request.content, request.content_length)
+        size, created = await store.put(sha, paced_body(request, CHUNK_BYTES), request.content_length)
         return reply(request, {"sha256": sha, "size": size, "created": created}, 201 if created else 200)
 
     async def get_blob(request: web.Request) -> web.StreamResponse:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,8 +24,8 @@ from aiohttp import web
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, PanalError, PayloadTooLarge, RequestTimeout
 
-__all__ = ["BODY_TIMEOUT_KEY", "Handler", "decode_map", "error_middleware", "int_query", "read_body", "read_raw",
-           "reply"]
+__all__ = ["BODY_TIMEOUT_KEY", "Handler", "decode_map", "error_middleware", "int_query", "paced_body", "read_body",
+           "read_raw", "reply"]
 
 #: how long a request's whole body may take to arrive (the app's ``body_timeout_s``)
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
@@ -86,6 +86,22 @@ async def read_raw(request: web.Request) -> bytes:
     except TimeoutError as exc:
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s",
                              code="body_timeout") from exc
+
+
+async def paced_body(request: web.Request, chunk_bytes: int) -> AsyncIterator[bytes]:
+    """A streamed body (a blob upload: too big for one time limit) in chunks, each of which must arrive
+    within the app's ``body_timeout_s``: a stalled upload is a 408, a slow but moving one goes on."""
+    timeout_s = request.config_dict.get(BODY_TIMEOUT_KEY)
+    chunks = request.content.iter_chunked(chunk_bytes)
+    while True:
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await anext(chunks, None)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the upload stalled: no data for {timeout_s:g} s", code="body_timeout") from exc
+        if chunk is None:
+            return
+        yield chunk
 
 
 def decode_map(request: web.Request, data: bytes) -> dict[str, Any]:

@@ -48,9 +48,10 @@ class BoardServer:
         sys.setswitchinterval(0.0005)
         await self.board.start()
         # Connections go through hub/connections.py (caps, time limits, TLS); aiohttp's own keep-alive
-        # timer agrees with the idle limit.
+        # timer agrees with the idle limit, and the unread rest of a refused body (a 408, a 413) is read
+        # for at most 2 s, so its sender sees the answer, not a reset, without holding the connection.
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
-                                     keepalive_timeout=self.config.idle_timeout_s)
+                                     keepalive_timeout=self.config.idle_timeout_s, lingering_time=2.0)
         await self._runner.setup()
         site = GuardedSite(self._runner, self.config.bind, self.config.port, self.limits, self.ssl_context)
         await site.start()
