@@ -9,8 +9,11 @@ from typing import Any
 import aiohttp
 import msgpack
 from conftest import InProcessHub
-from test_api import registered
+from test_api import registered, sleep_manifest
 
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
+from security.errors import Forbidden
 from security.httpsig import sign_request
 from security.identity import Identity
 
@@ -93,11 +96,6 @@ async def test_a_non_integer_created_in_signature_input_is_a_400(hub: InProcessH
 
 async def test_an_unknown_submitter_still_gets_a_403_naming_its_key(hub: InProcessHub) -> None:
     """The manifest's key is read from the body only once the signature's digest matched."""
-    from agent.client.board import BoardClient
-    from agent.client.submitting import make_envelope, submit
-    from security.errors import Forbidden
-    from test_api import sleep_manifest
-
     assert hub.address is not None
     stranger = Identity.generate()
     async with BoardClient(hub.address, stranger, retry_for_s=1) as client:
