@@ -183,6 +183,9 @@ class BoardClient:
         try:
             value = decode_body(raw, resp.content_type or MSGPACK)
         except BadRequest as exc:
+            if status == 400 and resp.content_type == "text/plain":   # e.g. plain HTTP sent to a TLS port
+                raise BadRequest(f"{self.address.url}: {raw[:300].decode(errors='replace').strip()}",
+                                 code="wrong_protocol") from exc
             raise RetryLater(f"board {self.address.url} sent an unreadable reply (HTTP {status})") from exc
         if status >= 500 or status == 429:
             raise RetryLater(str(error_from_response(status, value)), _retry_after(retry_after))
