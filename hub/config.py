@@ -44,9 +44,9 @@ class HubConfig:
     registration: str = "auto"
     registration_rate_per_min: float = 6.0   # open registration: new agents per source address per minute
     registration_burst: int = 10             # ... and at once
-    #: connection hygiene (hub/connections.py): a new or kept-alive connection must start a request within
-    #: idle_timeout_s; once its next request's first byte (or TLS handshake) arrives, the whole head within
-    #: head_timeout_s; a request body must arrive within body_timeout_s
+    #: connection hygiene (hub/connections.py): a kept-alive or silent connection must start a request within
+    #: idle_timeout_s; from its first byte, TLS handshake + request head within head_timeout_s; a request
+    #: body within body_timeout_s (a blob upload: no stall that long)
     head_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
     body_timeout_s: float = 60.0

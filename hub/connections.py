@@ -14,7 +14,8 @@ factory (:class:`ConnectionGuard`), one :class:`GuardedConnection` per socket, i
   ``head_timeout_s`` for the handshake;
 - **time limits**: while no request is in progress, a connection must send its next request's first
   byte within ``idle_timeout_s`` (new and kept-alive connections alike), and once a byte arrived, the
-  handshake and the whole request head within ``head_timeout_s``; else it is closed. A request in
+  handshake and the whole request head within ``head_timeout_s`` (a new TLS connection's first byte is
+  its ClientHello: it must have asked within ``head_timeout_s``); else it is closed. A request in
   progress (a long-poll, an SSE stream, a big download) is never cut by these timers; its body has
   ``body_timeout_s`` (hub/http.py ``read_raw``).
 

@@ -61,8 +61,28 @@ async def closed_by_hub(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
-async def test_an_idle_tls_connection_is_closed_after_the_idle_limit(tmp_path: Path) -> None:
-    async with started(tmp_path, idle_timeout_s=0.5, head_timeout_s=5) as hub:
+async def test_a_kept_alive_connection_is_closed_after_the_idle_limit(tmp_path: Path) -> None:
+    async with started(tmp_path, idle_timeout_s=0.5, head_timeout_s=60) as hub:
+        reader, writer = await tls_connection(hub)
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: hub\r\nAccept: application/json\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        assert await closed_by_hub(reader) == b""   # nothing more asked: closed at the idle limit
+        writer.close()
+
+
+async def test_a_connection_that_never_sends_a_byte_is_closed_after_the_idle_limit(tmp_path: Path) -> None:
+    async with started(tmp_path, idle_timeout_s=0.5, head_timeout_s=60) as hub:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(hub))
+        assert await closed_by_hub(reader) == b""
+        writer.close()
+
+
+async def test_a_tls_connection_that_asks_nothing_is_closed_after_the_head_limit(tmp_path: Path) -> None:
+    """Its handshake bytes started the clock: handshake and first request head must fit in head_timeout_s."""
+    async with started(tmp_path, idle_timeout_s=60, head_timeout_s=0.5) as hub:
         reader, writer = await tls_connection(hub)
         assert await closed_by_hub(reader) == b""
         writer.close()
