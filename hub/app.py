@@ -16,7 +16,7 @@ from hub.auth import Authenticator
 from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
-from hub.connections import stream_caps
+from hub.connections import StreamCaps
 from hub.http import BODY_TIMEOUT_KEY, decode_map, error_middleware, int_query, read_raw, reply
 from hub.intake import hub_limits
 from hub.metrics import add_metrics
@@ -39,16 +39,19 @@ from security.errors import BadRequest, NotFound, Unauthorized
 from security.identity import PublicKey
 from security.records import SignedRecord
 
-__all__ = ["ADMISSION_KEY", "AUTH_KEY", "BOARD_KEY", "create_app"]
+__all__ = ["ADMISSION_KEY", "AUTH_KEY", "BOARD_KEY", "STREAMS_KEY", "create_app"]
 
 BOARD_KEY = web.AppKey("board", Board)
 AUTH_KEY = web.AppKey("auth", Authenticator)
 ADMISSION_KEY = web.AppKey("admission", Admission)
+STREAMS_KEY = web.AppKey("streams", StreamCaps)
 
 
 class Api:
-    def __init__(self, board: Board, auth: Authenticator, admission: Admission, config: HubConfig) -> None:
+    def __init__(self, board: Board, auth: Authenticator, admission: Admission, streams: StreamCaps,
+                 config: HubConfig) -> None:
         self.board, self.auth, self.admission, self.config = board, auth, admission, config
+        self.streams = streams
 
     # -- agents ---------------------------------------------------------------------------------
     async def register(self, request: web.Request) -> web.Response:
@@ -80,8 +83,9 @@ class Api:
         agent_id = await self.auth.agent(request, data)
         body = decode_map(request, data)
         asked = LeaseRequest.decode(body)
-        outcomes = await self.board.accept(agent_id, asked.results)
-        tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
+        with self.streams.hold("long_poll"):
+            outcomes = await self.board.accept(agent_id, asked.results)
+            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
         refused = self.board.view.agents[agent_id].refused
         return reply(request, LeaseReply(tuple(tasks), tuple(outcomes), refused).encode())
 
@@ -154,7 +158,8 @@ class Api:
         wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s)
         view = await self.board.job_view(job_id)
         if wait_s > 0 and view["state"] in ("queued", "running"):
-            await self.board.wait_job(job_id, wait_s)
+            with self.streams.hold("long_poll"):
+                await self.board.wait_job(job_id, wait_s)
             view = await self.board.job_view(job_id)
         return reply(request, {"job": view})
 
@@ -188,8 +193,8 @@ class Api:
 
 def create_app(board: Board, config: HubConfig) -> web.Application:
     """The board's HTTP API; the blob routes too when the board has a blob store."""
-    app = web.Application(middlewares=[error_middleware, stream_caps(config.max_long_polls, config.max_streams)],
-                          client_max_size=config.max_body_bytes)
+    streams = StreamCaps(config.max_long_polls, config.max_streams)
+    app = web.Application(middlewares=[error_middleware, streams.middleware()], client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
     admission = Admission(board.store, config)
     app[BODY_TIMEOUT_KEY] = config.body_timeout_s
@@ -198,7 +203,8 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
     app[ADMISSION_KEY] = admission
-    api = Api(board, auth, admission, config)
+    app[STREAMS_KEY] = streams
+    api = Api(board, auth, admission, streams, config)
     app.router.add_post("/v1/agents", api.register)
     app.router.add_post("/v1/lease", api.lease)
     app.router.add_post("/v1/results", api.results)

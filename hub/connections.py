@@ -19,8 +19,8 @@ factory (:class:`ConnectionGuard`), one :class:`GuardedConnection` per socket, i
   progress (a long-poll, an SSE stream, a big download) is never cut by these timers; its body has
   ``body_timeout_s`` (hub/http.py ``read_raw``).
 
-Long-polls and event streams are counted by :func:`stream_caps` (a middleware) and refused over their
-caps with a 503 and ``Retry-After``.
+Long-polls and event streams are counted by :class:`StreamCaps` and refused over their caps with a 503
+and ``Retry-After``.
 
 Two private names of aiohttp's ``RequestHandler`` are read: ``_request_in_progress`` (from the handler's
 start until the response is written: a busy connection) and ``_request_count`` (heads parsed: a head
@@ -31,11 +31,12 @@ are not cut at the head limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from asyncio.sslproto import SSLProtocol
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ from hub.config import LOOPBACK_BINDS, HubConfig
 from hub.http import Handler
 from security.errors import Unavailable
 
-__all__ = ["ConnectionGuard", "ConnectionLimits", "GuardedSite", "stream_caps"]
+__all__ = ["ConnectionGuard", "ConnectionLimits", "GuardedSite", "StreamCaps"]
 
 log = logging.getLogger(__name__)
 _TLS_HANDSHAKE = 0x16   # the first byte of a TLS record carrying a ClientHello
@@ -258,41 +259,38 @@ class GuardedSite(web.TCPSite):
             self.guard.close_all()
 
 
-def stream_caps(max_long_polls: int, max_streams: int) -> Any:
-    """A middleware counting long-polls (``POST /v1/lease``, ``GET /v1/jobs/{id}?wait=``) and event
-    streams (``GET /v1/events``) in progress; one over its cap is a 503 with ``Retry-After``."""
-    counts = {"long_poll": 0, "stream": 0}
-    caps = {"long_poll": max_long_polls, "stream": max_streams}
+class StreamCaps:
+    """Counts long-polls (lease, job wait) and event streams in progress; one over its cap is a 503 with
+    ``Retry-After``. Long-polls are counted only once their caller is authenticated (hub/app.py), so a
+    stranger's slow unsigned body cannot fill the slots honest agents wait in."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        kind = _stream_kind(request)
-        if kind is None:
-            return await handler(request)
-        if counts[kind] >= caps[kind]:
+    def __init__(self, max_long_polls: int, max_streams: int) -> None:
+        self.caps = {"long_poll": max_long_polls, "stream": max_streams}
+        self.counts = {"long_poll": 0, "stream": 0}
+
+    @contextlib.contextmanager
+    def hold(self, kind: str) -> Iterator[None]:
+        if self.counts[kind] >= self.caps[kind]:
             what = "long-polls" if kind == "long_poll" else "event streams"
-            raise _Busy(f"the board has {counts[kind]} {what} open, its limit; retry shortly",
+            raise _Busy(f"the board has {self.counts[kind]} {what} open, its limit; retry shortly",
                         code=f"too_many_{kind}s")
-        counts[kind] += 1
+        self.counts[kind] += 1
         try:
-            return await handler(request)
+            yield
         finally:
-            counts[kind] -= 1
+            self.counts[kind] -= 1
 
-    middleware.counts = counts  # type: ignore[attr-defined]
-    return middleware
+    def middleware(self) -> Any:
+        """Event streams (``GET /v1/events``, public) are counted here, around the handler."""
+        @web.middleware
+        async def count_streams(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.method != "GET" or request.path != "/v1/events":
+                return await handler(request)
+            with self.hold("stream"):
+                return await handler(request)
+        return count_streams
 
 
 class _Busy(Unavailable):
     retry_after_s = 5.0
 
-
-def _stream_kind(request: web.Request) -> str | None:
-    path = request.path
-    if request.method == "POST" and path == "/v1/lease":
-        return "long_poll"
-    if request.method == "GET" and path == "/v1/events":
-        return "stream"
-    if request.method == "GET" and path.startswith("/v1/jobs/") and request.query.get("wait"):
-        return "long_poll"
-    return None

@@ -16,6 +16,7 @@ from conftest import InProcessHub
 from helpers import scaled, wait_for_async
 from test_api import raw, registered
 
+from hub.app import STREAMS_KEY
 from hub.blobs import digest_header_for
 from security.httpsig import sign_request, sign_request_digest
 
@@ -207,18 +208,29 @@ async def test_a_long_poll_and_kept_alive_requests_outlive_the_head_limit(tmp_pa
         await client.close()
 
 
-async def test_long_polls_over_their_cap_get_a_503_with_retry_after(tmp_path: Path) -> None:
-    async with started(tmp_path, max_long_polls=1) as hub:
+async def test_long_polls_over_their_cap_get_a_503_and_unsigned_ones_take_no_slot(tmp_path: Path) -> None:
+    async with started(tmp_path, max_long_polls=1, body_timeout_s=60) as hub:
         client, agent = await registered(hub)
         first = asyncio.create_task(client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 3}, timeout_s=DEADLINE_S))
         assert hub.server is not None
-        counts = next(m for m in hub.server.app.middlewares if hasattr(m, "counts")).counts  # type: ignore
+        counts = hub.server.app[STREAMS_KEY].counts
         await wait_for_async(lambda: counts["long_poll"] == 1, "the first long-poll to be waiting")
         body = msgpack.packb({"slots": 1, "wait_s": 0})
         headers = {**sign_request(agent, "POST", "/v1/lease", "", body), "Content-Type": "application/msgpack"}
         status, reply = await raw(hub, "POST", "/v1/lease", body, headers)
         assert (status, reply["error"]) == (503, "too_many_long_polls"), reply
         assert (await first)["tasks"] == []
+        # A stranger's unsigned lease request whose body never ends holds no long-poll slot.
+        _, writer = await tls_connection(hub)
+        writer.write(b"POST /v1/lease HTTP/1.1\r\nHost: hub\r\nContent-Length: 1000\r\n\r\n\x80")
+        await writer.drain()
+        guard = hub.server.sites[0].guard
+        assert guard is not None
+        await wait_for_async(lambda: any(conn._busy() for conn in guard.open),
+                             "the stranger's request to be in its handler, reading the body")
+        reply = await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 0}, timeout_s=DEADLINE_S)
+        assert reply["tasks"] == [] and counts["long_poll"] == 0
+        writer.close()
         await client.close()
 
 
