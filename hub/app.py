@@ -1,8 +1,10 @@
 """The board's HTTP API (aiohttp): the routes and their handlers.
 
-A handler reads the body (:func:`hub.http.read_body`), authenticates the caller, and decodes the body
-into its typed record (:mod:`jobs.protocol`) once: a malformed one is a 400 naming the field, and
-everything past that line is typed. Replies, errors and bodies are :mod:`hub.http`'s.
+A handler reads the raw body (:func:`hub.http.read_raw`), authenticates the caller over those bytes
+(hub/auth.py; a new agent's registration: admission first, hub/admission.py), and only then decodes the
+body (:func:`hub.http.decode_map`, bounded) into its typed record (:mod:`jobs.protocol`) once: a
+malformed one is a 400 naming the field, and everything past that line is typed. Replies, errors and
+bodies are :mod:`hub.http`'s.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import dataclasses
 
 from aiohttp import web
 
+from hub.admission import Admission
 from hub.auth import Authenticator
 from hub.blob_access import BlobAccess
 from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
-from hub.http import error_middleware, int_query, read_body, reply
+from hub.connections import StreamCaps
+from hub.http import BODY_TIMEOUT_KEY, decode_map, error_middleware, int_query, read_raw, reply
 from hub.intake import hub_limits
 from hub.metrics import add_metrics
 from hub.openapi import add_openapi
@@ -34,53 +38,72 @@ from jobs.protocol import (
     ResultsRequest,
     TaskResult,
 )
-from security.errors import BadRequest, Forbidden, NotFound
+from security.errors import BadRequest, NotFound, Unauthorized
+from security.identity import PublicKey
 from security.records import SignedRecord
 
-__all__ = ["AUTH_KEY", "BOARD_KEY", "create_app"]
+__all__ = ["ADMISSION_KEY", "AUTH_KEY", "BOARD_KEY", "STREAMS_KEY", "create_app"]
 
 BOARD_KEY = web.AppKey("board", Board)
 AUTH_KEY = web.AppKey("auth", Authenticator)
+ADMISSION_KEY = web.AppKey("admission", Admission)
+STREAMS_KEY = web.AppKey("streams", StreamCaps)
 
 
 class Api:
-    def __init__(self, board: Board, auth: Authenticator, config: HubConfig, access: BlobAccess) -> None:
-        self.board, self.auth, self.config, self.access = board, auth, config, access
+    def __init__(self, board: Board, auth: Authenticator, admission: Admission, streams: StreamCaps,
+                 config: HubConfig, access: BlobAccess) -> None:
+        self.board, self.auth, self.admission, self.config = board, auth, admission, config
+        self.streams, self.access = streams, access
 
     # -- agents ---------------------------------------------------------------------------------
     async def register(self, request: web.Request) -> web.Response:
-        data, body = await read_body(request)
-        registration = Registration.decode(body)   # before the signature: it is made with this key
-        key = registration.public_key
-        await self.auth.verify(request, extra_key=key, body=data)
-        if not self.config.open_registration and key.id not in self.board.view.agents:
-            raise Forbidden(
-                f"registration is closed on this board; ask its admin to admit agent {key.id}",
-                code="registration_closed")
-        agent = await self.board.register_agent(key, registration.name, registration.capabilities)
+        data = await read_raw(request)
+        checked = self.auth.precheck(request, data)   # signed, fresh, digest matches: nothing decoded yet
+        known = self.board.agents.get(checked.params.keyid)
+        if known is not None:   # a known agent re-registers (new capabilities): its key is its proof
+            self.auth.finish(request, checked, known.key)
+            registration = Registration.decode(decode_map(request, data))
+            if registration.public_key.id != known.key.id:
+                raise BadRequest("public_key: an agent cannot change its key", code="key_mismatch")
+        else:                   # a new agent: admitted by token (or open, rate-limited) before decoding
+            ticket = await self.admission.check(request)
+            registration = Registration.decode(decode_map(request, data))
+            key = registration.public_key
+            if key.id != checked.params.keyid:
+                raise Unauthorized(f"the request is signed by {checked.params.keyid}, not by the key it "
+                                   f"registers ({key.id})", code="bad_signature")
+            self.auth.finish(request, checked, key)
+            await self.admission.consume(ticket)
+        agent = await self.board.register_agent(registration.public_key, registration.name,
+                                                registration.capabilities)
         config = self.config
         return reply(request, Registered(agent.row.id, config.lease_ttl_s, config.max_poll_wait_s,
                                          config.max_tasks_per_lease).encode())
 
     async def lease(self, request: web.Request) -> web.Response:
-        data, body = await read_body(request)
+        data = await read_raw(request)
         agent_id = await self.auth.agent(request, data)
+        body = decode_map(request, data)
         asked = LeaseRequest.decode(body)
-        outcomes = await self.board.accept(agent_id, asked.results)
-        tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
+        with self.streams.hold("long_poll"):
+            outcomes = await self.board.accept(agent_id, asked.results)
+            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
         refused = self.board.view.agents[agent_id].refused
         return reply(request, LeaseReply(tuple(tasks), tuple(outcomes), refused).encode())
 
     async def results(self, request: web.Request) -> web.Response:
-        data, body = await read_body(request)
+        data = await read_raw(request)
         agent_id = await self.auth.agent(request, data)
+        body = decode_map(request, data)
         delivered = ResultsRequest.decode(body)
         outcomes = await self.board.accept(agent_id, delivered.results)
         return reply(request, ResultsReply(tuple(outcomes)).encode())
 
     async def task_result(self, request: web.Request) -> web.Response:
-        data, body = await read_body(request)
+        data = await read_raw(request)
         agent_id = await self.auth.agent(request, data)
+        body = decode_map(request, data)
         delivered = TaskResult.decode(body)
         [outcome] = await self.board.accept(agent_id, [delivered.result])
         if outcome.error is not None:
@@ -90,8 +113,9 @@ class Api:
         return reply(request, outcome.encode())
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        data, body = await read_body(request)
+        data = await read_raw(request)
         agent_id = await self.auth.agent(request, data)
+        body = decode_map(request, data)
         beat = Heartbeat.decode(body)
         if any(lease.checkpoint for lease in beat.leases):
             leases = []
@@ -103,8 +127,9 @@ class Api:
         return reply(request, (await self.board.heartbeat(agent_id, beat.leases)).encode())
 
     async def release(self, request: web.Request) -> web.Response:
-        data, body = await read_body(request)
+        data = await read_raw(request)
         agent_id = await self.auth.agent(request, data)
+        body = decode_map(request, data)
         release = Release.decode(body)
         task_id = request.match_info["task_id"]
         await self.board.release(agent_id, task_id, release.lease_id)
@@ -115,9 +140,13 @@ class Api:
 
     # -- submitters -----------------------------------------------------------------------------
     async def submit(self, request: web.Request) -> web.Response:
-        data, body = await read_body(request)
-        envelope = SignedRecord.from_wire(body.get("envelope"))
-        submitter = await self.auth.submitter(request, data, extra_key=envelope.key)
+        data = await read_raw(request)
+
+        def manifest_key() -> PublicKey | None:   # asked for only when the signing key is unknown
+            return SignedRecord.from_wire(decode_map(request, data).get("envelope")).key
+
+        submitter = await self.auth.submitter(request, data, body_key=manifest_key)
+        body = decode_map(request, data)
         if self.board.blobs is not None:
             await self.access.check_inputs(body.get("envelope"), submitter)
         job, created = await self.board.submit(body.get("envelope"), submitter)
@@ -125,7 +154,7 @@ class Api:
         return reply(request, {"job": view, "created": created}, 201 if created else 200)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        caller = await self.auth.submitter(request, await request.read())
+        caller = await self.auth.submitter(request, await read_raw(request))
         state_text = request.query.get("state")
         try:
             state = JobState(state_text) if state_text else None
@@ -146,7 +175,7 @@ class Api:
     async def own_job(self, request: web.Request) -> tuple[str, str]:
         """Authenticate a submitter and return it and the URL's job id if the job is theirs (or they are an
         admin). Another submitter's job is the same 404 as no job at all: its existence is not revealed."""
-        caller = await self.auth.submitter(request, await request.read())
+        caller = await self.auth.submitter(request, await read_raw(request))
         job_id = request.match_info["job_id"]
         job = await self.board.view.find_job(job_id)
         if job is None or (job.submitter_id != caller and not self.is_admin(caller)):
@@ -158,7 +187,8 @@ class Api:
         wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s)
         view = await self.board.job_view(job_id)
         if wait_s > 0 and view["state"] in ("queued", "running"):
-            await self.board.wait_job(job_id, wait_s)
+            with self.streams.hold("long_poll"):
+                await self.board.wait_job(job_id, wait_s)
             view = await self.board.job_view(job_id)
         return reply(request, {"job": view})
 
@@ -190,14 +220,19 @@ class Api:
 
 def create_app(board: Board, config: HubConfig) -> web.Application:
     """The board's HTTP API; the blob routes too when the board has a blob store."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    streams = StreamCaps(config.max_long_polls, config.max_streams)
+    app = web.Application(middlewares=[error_middleware, streams.middleware()], client_max_size=config.max_body_bytes)
     auth = Authenticator(board, config.signature_skew_s)
     access = BlobAccess(board, config)
+    admission = Admission(board.store, config)
+    app[BODY_TIMEOUT_KEY] = config.body_timeout_s
     if board.blobs is not None:
         add_blob_routes(app, board.blobs, auth.member, access)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
-    api = Api(board, auth, config, access)
+    app[ADMISSION_KEY] = admission
+    app[STREAMS_KEY] = streams
+    api = Api(board, auth, admission, streams, config, access)
     app.router.add_post("/v1/agents", api.register)
     app.router.add_post("/v1/lease", api.lease)
     app.router.add_post("/v1/results", api.results)

@@ -4,18 +4,23 @@ Agents are known from registration; submitters from the store's ``submitters`` t
 hub admin edits with ``panal hub submitters add`` (on a LAN board: the agent, from its trust store)
 while the board runs, so an unknown key makes the board re-read that table (at most once a second)
 before refusing.
+
+Authenticate before you parse: every check here runs over the raw body bytes and the headers, and a
+handler decodes its body only after :meth:`Authenticator.agent` / :meth:`submitter` returned (or, for
+registration, after admission said yes: hub/admission.py). An unsigned 4 MB body is refused unparsed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from hub.board import Board
-from security.errors import Forbidden
-from security.httpsig import SignatureParams, content_digest, verify_request
+from security.errors import Forbidden, Unauthorized
+from security.httpsig import SignatureInput, SignatureParams, check_request, content_digest, verify_key
 from security.identity import PublicKey
 from security.replay import ReplayCache
 
@@ -44,29 +49,37 @@ class Authenticator:
         rows = await self.board.store.list_submitters()
         self.submitters = {key_id: (PublicKey.parse(text), name) for key_id, text, name in rows}
 
+    def precheck(self, request: web.Request, body: bytes, body_digest: str | None = None) -> SignatureInput:
+        """Everything but the key: signed, well-formed, fresh, and the body matches its Content-Digest."""
+        return check_request(request.method, request.path, request.query_string, request.headers, body,
+                             self.skew_s, body_digest=body_digest)
+
+    def finish(self, request: web.Request, checked: SignatureInput, key: PublicKey | None) -> SignatureParams:
+        """The signature verifies with ``key`` (None: unknown key) and its nonce is new."""
+        params = verify_key(checked, request.method, request.path, request.query_string, request.headers, key)
+        self.replay.check(params.keyid, params.nonce)
+        return params
+
     async def verify(self, request: web.Request, extra_key: PublicKey | None = None,
                      body: bytes | None = None, body_digest: str | None = None) -> SignatureParams:
         """Verify the request's signature against known keys (and ``extra_key``, for registration)."""
         if body is None:
             body = b"" if body_digest is not None else await request.read()
-        keyid = _keyid_hint(request)
-        if keyid and keyid not in self.board.agents and keyid not in self.submitters \
+        checked = self.precheck(request, body, body_digest)
+        keyid = checked.params.keyid
+        if keyid not in self.board.agents and keyid not in self.submitters \
                 and (extra_key is None or extra_key.id != keyid):
             await self.refresh_submitters()
+        return self.finish(request, checked, self._lookup(keyid, extra_key))
 
-        def lookup(key_id: str) -> PublicKey | None:
-            if extra_key is not None and extra_key.id == key_id:
-                return extra_key
-            agent = self.board.agents.get(key_id)
-            if agent is not None:
-                return agent.key
-            entry = self.submitters.get(key_id)
-            return entry[0] if entry else None
-
-        params = verify_request(request.method, request.path, request.query_string, request.headers, body,
-                                lookup, self.skew_s, body_digest=body_digest)
-        self.replay.check(params.keyid, params.nonce)
-        return params
+    def _lookup(self, key_id: str, extra_key: PublicKey | None = None) -> PublicKey | None:
+        if extra_key is not None and extra_key.id == key_id:
+            return extra_key
+        agent = self.board.agents.get(key_id)
+        if agent is not None:
+            return agent.key
+        entry = self.submitters.get(key_id)
+        return entry[0] if entry else None
 
     async def agent(self, request: web.Request, body: bytes) -> str:
         params = await self.verify(request, body=body)
@@ -83,16 +96,28 @@ class Authenticator:
                             code="not_a_member")
         return params.keyid
 
-    async def submitter(self, request: web.Request, body: bytes, extra_key: PublicKey | None = None) -> str:
-        """Verify and require an authorised submitter. ``extra_key`` (the key a submitted manifest
-        carries) lets an unknown key prove itself, so it gets a 403 naming it rather than a 401."""
-        params = await self.verify(request, extra_key=extra_key, body=body)
+    async def submitter(self, request: web.Request, body: bytes,
+                        body_key: Callable[[], PublicKey | None] | None = None) -> str:
+        """Verify and require an authorised submitter. ``body_key`` (the key a submitted manifest
+        carries, read from the body) is asked for only when the signing key is unknown: it lets an
+        unknown key prove itself, so it gets a 403 naming it rather than a 401."""
+        try:
+            params = await self.verify(request, body=body)
+        except Unauthorized as exc:
+            if exc.code != "unknown_key" or body_key is None:
+                raise
+            # The signature is well-formed, fresh and matches the body's digest: worth decoding it.
+            key = body_key()
+            if key is None:
+                raise
+            params = await self.verify(request, extra_key=key, body=body)
         await self.refresh_submitters()  # at most once a second: a revoked key stops working within 1 s
         if params.keyid not in self.submitters:
             await self.refresh_submitters(force=True)
         if params.keyid not in self.submitters:
-            known = extra_key if extra_key is not None and extra_key.id == params.keyid else None
-            raise Forbidden(self._not_a_submitter(params.keyid, known), code="not_a_submitter")
+            known = self._lookup(params.keyid) or (body_key() if body_key is not None else None)
+            raise Forbidden(self._not_a_submitter(params.keyid, known if known and known.id == params.keyid
+                                                  else None), code="not_a_submitter")
         return params.keyid
 
     def _not_a_submitter(self, key_id: str, public: PublicKey | None) -> str:
@@ -107,13 +132,3 @@ class Authenticator:
                     f"agent to run `panal trust add {key}` there{note}")
         return (f"key {name} is not an authorised submitter on this board: ask its admin to run "
                 f"`panal hub submitters add {key}`{note}")
-
-
-def _keyid_hint(request: web.Request) -> str | None:
-    text = request.headers.get("signature-input", "")
-    start = text.find('keyid="')
-    if start < 0:
-        return None
-    end = text.find('"', start + 7)
-    return text[start + 7:end] if end > 0 else None
-

@@ -19,8 +19,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from hub.blobs import BlobStore, check_sha256, digest_header_for
-from hub.http import reply
+from hub.blobs import CHUNK_BYTES, BlobStore, check_sha256, digest_header_for
+from hub.http import paced_body, reply
 from security.errors import BadRequest, NotFound
 from security.httpsig import content_digest
 
@@ -67,13 +67,14 @@ def add_blob_routes(app: web.Application, store: BlobStore, authorize: Authorize
                              f"(expected {expected!r})", code="digest_mismatch")
         key_id = await authorize(request, expected)
         declared = request.content_length
+        body = paced_body(request, CHUNK_BYTES)
         if access is None:
-            size, created = await store.put(sha, request.content, declared)
+            size, created = await store.put(sha, body, declared)
             return reply(request, {"sha256": sha, "size": size, "created": created}, 201 if created else 200)
         await access.begin_upload(key_id, declared)
         try:
             # put() refuses a declared Content-Length over the cap before reading a byte
-            size, created = await store.put(sha, request.content, declared)
+            size, created = await store.put(sha, body, declared)
             await access.uploaded(key_id, sha, size)
         finally:
             access.end_upload(key_id, declared)

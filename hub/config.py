@@ -12,9 +12,11 @@ import yaml
 from hub.settings import load_settings
 from security.errors import BadRequest
 
-__all__ = ["HubConfig"]
+__all__ = ["LOOPBACK_BINDS", "REGISTRATION_MODES", "HubConfig"]
 
 ENV_PREFIX = "PANAL_HUB_"
+REGISTRATION_MODES = ("auto", "token", "open")
+LOOPBACK_BINDS = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,22 @@ class HubConfig:
     #: "" is the hub dir's own database file (board.db)
     store: str = ""
     sqlite_synchronous: str = "normal"  # normal: survives kill -9; full: also survives power loss
-    open_registration: bool = True     # any volunteer with the join URL may register an agent
+    #: who may register a NEW agent (hub/admission.py): token (a join URL with an admission token from
+    #: `panal hub tokens create`), open (anyone with the join URL, rate-limited per source address), or
+    #: auto: open on a LAN board or a hub bound to loopback only, token otherwise (a WAN hub)
+    registration: str = "auto"
+    registration_rate_per_min: float = 6.0   # open registration: new agents per source address per minute
+    registration_burst: int = 10             # ... and at once
+    #: connection hygiene (hub/connections.py): a kept-alive or silent connection must start a request within
+    #: idle_timeout_s; from its first byte, TLS handshake + request head within head_timeout_s; a request
+    #: body within body_timeout_s (a blob upload: no stall that long)
+    head_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 4096               # open connections, all addresses together
+    max_connections_per_address: int = 64     # open connections from one source address
+    max_long_polls: int = 2048                # lease and job-wait requests waiting at once
+    max_streams: int = 64                     # status-page event streams (SSE) open at once
     lan: bool = False                  # embedded in an agent (LAN mode): its trust store lists the submitters
     expiry_interval_s: float = 0.5
     retry_backoff_s: float = 1.0       # first retry delay of a failed task; doubles per attempt
@@ -91,7 +108,17 @@ class HubConfig:
         config = load_settings(cls, what="hub", env_prefix=ENV_PREFIX, path=path, env=env, overrides=overrides)
         if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
+        if config.registration not in REGISTRATION_MODES:
+            raise BadRequest(f"hub setting registration: expected one of {', '.join(REGISTRATION_MODES)}, "
+                             f"got {config.registration!r}")
         return config
+
+    @property
+    def registration_mode(self) -> str:
+        """``token`` or ``open``: what ``registration: auto`` means for this board."""
+        if self.registration != "auto":
+            return self.registration
+        return "open" if self.lan or self.bind in LOOPBACK_BINDS else "token"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

@@ -2,22 +2,33 @@
 
 Replies are JSON (what a person with curl reads) unless the client asks for msgpack: by ``Accept``, or,
 when it states no preference, by sending a msgpack body. Request bodies may be either.
-Every error leaves as ``{"error": code, "message": ...}`` with the status of its exception class;
-nothing else (no traceback) ever reaches a client. Route modules import this module, never the app.
+Every error leaves as ``{"error": code, "message": ...}`` with the status of its exception class
+(a 429/503 with ``Retry-After`` when the error says when to come back); nothing else (no traceback)
+ever reaches a client. Route modules import this module, never the app.
+
+Bodies: :func:`read_raw` reads the bytes (within the board's ``body_timeout_s``), the caller
+authenticates them (hub/auth.py), and only then :func:`decode_map` parses them, with nesting and size
+bounds (jobs/wire.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
-from security.errors import BadRequest, PanalError, PayloadTooLarge
+from security.errors import BadRequest, PanalError, PayloadTooLarge, RequestTimeout
 
-__all__ = ["Handler", "error_middleware", "int_query", "read_body", "reply", "reply_type"]
+__all__ = ["BODY_TIMEOUT_KEY", "Handler", "decode_map", "error_middleware", "int_query", "paced_body", "read_body",
+           "read_raw", "reply", "reply_type"]
+
+#: how long a request's whole body may take to arrive (the app's ``body_timeout_s``)
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -48,7 +59,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except PanalError as exc:
-        return reply(request, exc.to_body(), exc.status)
+        response = reply(request, exc.to_body(), exc.status)
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        if isinstance(exc, RequestTimeout):
+            response.force_close()   # the rest of the body may still be on its way
+        return response
     except ConnectionError:  # the client went away mid-request (e.g. an interrupted upload)
         raise
     except web.HTTPRequestEntityTooLarge as exc:
@@ -64,14 +81,47 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return reply(request, {"error": "internal", "message": "internal error (logged on the board)"}, 500)
 
 
-async def read_body(request: web.Request) -> tuple[bytes, dict[str, Any]]:
-    """The raw body (what the signature covers) and the map it decodes to; a typed record is read from
-    that map once the caller is authenticated."""
-    data = await request.read()
+async def read_raw(request: web.Request) -> bytes:
+    """The raw body (what the signature covers), up to ``client_max_size``; a 408 if it takes longer than
+    the app's ``body_timeout_s`` (a slow-body sender holds a connection, not the board)."""
+    timeout_s = request.config_dict.get(BODY_TIMEOUT_KEY)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s",
+                             code="body_timeout") from exc
+
+
+async def paced_body(request: web.Request, chunk_bytes: int) -> AsyncIterator[bytes]:
+    """A streamed body (a blob upload: too big for one time limit) in chunks, each of which must arrive
+    within the app's ``body_timeout_s``: a stalled upload is a 408, a slow but moving one goes on."""
+    timeout_s = request.config_dict.get(BODY_TIMEOUT_KEY)
+    chunks = request.content.iter_chunked(chunk_bytes)
+    while True:
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await anext(chunks, None)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the upload stalled: no data for {timeout_s:g} s", code="body_timeout") from exc
+        if chunk is None:
+            return
+        yield chunk
+
+
+def decode_map(request: web.Request, data: bytes) -> dict[str, Any]:
+    """``data`` (an authenticated body) decoded as its Content-Type says, bounded; it must be a map."""
     value = decode_body(data, request.content_type if request.body_exists else "")
     if not isinstance(value, dict):
         raise BadRequest("request body must be a map", code="malformed_body")
-    return data, value
+    return value
+
+
+async def read_body(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and the map it decodes to, for a route that needs no signature: an authenticated
+    route calls :func:`read_raw`, authenticates, then :func:`decode_map`."""
+    data = await read_raw(request)
+    return data, decode_map(request, data)
 
 
 def int_query(request: web.Request, name: str, default: int) -> int:

@@ -144,8 +144,10 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 PATHS: dict[str, dict[str, Any]] = {
-    "/v1/agents": {"post": _op("Register an agent (self-signed with the key it registers)",
-                               _responses("200", _ref("Registered"), *SIGNED_ERRORS), body="Registration")},
+    "/v1/agents": {"post": _op("Register an agent (self-signed with the key it registers). A new agent on a hub "
+                               "with token registration sends the join URL's token in Panal-Admission-Token; "
+                               "open registration is rate-limited per address (429)",
+                               _responses("200", _ref("Registered"), *SIGNED_ERRORS, 429), body="Registration")},
     "/v1/lease": {"post": _op("Long-poll for task assignments; may carry results",
                               _responses("200", _ref("LeaseReply"), *SIGNED_ERRORS, 413, 503), body="LeaseRequest")},
     "/v1/results": {"post": _op("Deliver signed results (each gets its own outcome)",
@@ -224,6 +226,7 @@ PATHS: dict[str, dict[str, Any]] = {
 _ERROR_TEXT = {400: "malformed request", 401: "missing, bad, stale or replayed signature",
                403: "not allowed (unknown agent, not a submitter, not the owner)", 404: "not found",
                409: "conflict (lease expired, task already settled)", 413: "body too large",
+               429: "too many requests from this address; retry after Retry-After seconds",
                503: "the board cannot take it now; retry later"}
 
 SPEC: dict[str, Any] = {

@@ -16,6 +16,7 @@ from hub.background import cancel_all, run_every, wait_drained
 from hub.blobs import BlobStore
 from hub.board import Board
 from hub.config import HubConfig
+from hub.connections import ConnectionLimits, GuardedSite
 from hub.stores import create_store
 from security.identity import PublicKey
 
@@ -34,6 +35,8 @@ class BoardServer:
                            blobs=self.blobs)
         self.app = create_app(self.board, config)
         self.ssl_context = ssl_context
+        self.limits = ConnectionLimits.from_config(config)
+        self.sites: list[GuardedSite] = []
         self._runner: web.AppRunner | None = None
         self._gc: asyncio.Task[None] | None = None
         self.port = 0
@@ -44,14 +47,16 @@ class BoardServer:
         # (hub, `panal up`, LAN) acknowledges through that thread.
         sys.setswitchinterval(0.0005)
         await self.board.start()
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        # Connections go through hub/connections.py (caps, time limits, TLS); aiohttp's own keep-alive
+        # timer agrees with the idle limit, and the unread rest of a refused body (a 408, a 413) is read
+        # for at most 2 s, so its sender sees the answer, not a reset, without holding the connection.
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
+                                     keepalive_timeout=self.config.idle_timeout_s, lingering_time=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.bind, self.config.port, ssl_context=self.ssl_context,
-                           backlog=1024, reuse_address=True)
+        site = GuardedSite(self._runner, self.config.bind, self.config.port, self.limits, self.ssl_context)
         await site.start()
-        server = site._server
-        assert server is not None and isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.sites = [site]
+        self.port = site.port
         self._gc = run_every(self.config.blob_gc_interval_s, self.collect_garbage, "blob gc")
         return self.port
 
@@ -59,8 +64,9 @@ class BoardServer:
         """Serve on one more address, on the bound port with the same TLS (LAN mode: every allowed
         address of the machine). ``stop`` closes it with the rest."""
         assert self._runner is not None, "listen_also before start"
-        site = web.TCPSite(self._runner, host, self.port, ssl_context=self.ssl_context, reuse_address=True)
+        site = GuardedSite(self._runner, host, self.port, self.limits, self.ssl_context)
         await site.start()
+        self.sites.append(site)
 
     async def collect_garbage(self) -> list[str]:
         """Delete blobs no job references (older than the grace period: uploads in flight stay)."""

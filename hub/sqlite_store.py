@@ -24,6 +24,7 @@ import msgpack
 from hub.blob_refs import manifest_blobs, result_blobs
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import LeaseWrite
+from hub.tokens import AdmissionToken
 
 __all__ = ["SqliteStore"]
 
@@ -52,6 +53,9 @@ CREATE TABLE IF NOT EXISTS results (
     task_id TEXT PRIMARY KEY REFERENCES tasks(id), job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
     agent_id TEXT NOT NULL, record BLOB NOT NULL, digest TEXT NOT NULL, accepted_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
+CREATE TABLE IF NOT EXISTS admission_tokens (
+    id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, label TEXT NOT NULL, max_uses INTEGER NOT NULL,
+    uses INTEGER NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, revoked_at REAL);
 """
 #: who uploaded which blob (#16 parts 5-6): GET access for the uploader, per-key quotas on what no job
 #: claimed yet. Separate so an older hub database gains it on open.
@@ -334,6 +338,27 @@ class SqliteStore:
                     return True
             return False
         return await self._run(op)
+    # -- admission tokens (hub/tokens.py) ---------------------------------------------------------
+    async def add_admission_token(self, token: AdmissionToken) -> None:
+        await self._run(lambda c: c.execute(
+            "INSERT INTO admission_tokens VALUES (?,?,?,?,?,?,?,?)",
+            (token.id, token.secret_hash, token.label, token.max_uses, token.uses, token.created_at,
+             token.expires_at, token.revoked_at)))
+
+    async def list_admission_tokens(self) -> list[AdmissionToken]:
+        return await self._run(lambda c: [AdmissionToken(*r) for r in c.execute(
+            "SELECT id, secret_hash, label, max_uses, uses, created_at, expires_at, revoked_at "
+            "FROM admission_tokens ORDER BY created_at, id").fetchall()])
+
+    async def revoke_admission_token(self, token_id: str, at: float) -> bool:
+        return await self._run(lambda c: c.execute(
+            "UPDATE admission_tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+            (at, token_id)).rowcount > 0)
+
+    async def use_admission_token(self, token_id: str, secret_hash: str, now: float) -> bool:
+        return await self._run(lambda c: c.execute(
+            "UPDATE admission_tokens SET uses=uses+1 WHERE id=? AND secret_hash=? AND revoked_at IS NULL "
+            "AND expires_at>? AND (max_uses=0 OR uses<max_uses)", (token_id, secret_hash, now)).rowcount > 0)
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

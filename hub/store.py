@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
+from hub.tokens import AdmissionToken
 
 __all__ = ["LeaseWrite", "Store"]
 
@@ -74,3 +75,14 @@ class Store(Protocol):
     async def submitter_references_blob(self, sha256: str, submitter_id: str) -> bool:
         """Whether a job of ``submitter_id`` names the blob: an input, a checkpoint, or a result's output
         that the result's agent uploaded (or that nobody is recorded as uploading: older blobs)."""
+    # -- admission tokens (hub/tokens.py; `panal hub tokens ...`) --------------------------------
+    async def add_admission_token(self, token: AdmissionToken) -> None:
+        """Store a new token (its id is fresh; a duplicate id is an error and changes nothing)."""
+    async def list_admission_tokens(self) -> list[AdmissionToken]:
+        """Every token, revoked and expired ones too, oldest first."""
+    async def revoke_admission_token(self, token_id: str, at: float) -> bool:
+        """Revoke a token; False if there is no such token or it was already revoked."""
+    async def use_admission_token(self, token_id: str, secret_hash: str, now: float) -> bool:
+        """Count one use, atomically, only if the token exists with this secret, is not revoked,
+        not expired at ``now`` and not used up; True if it was counted. Two concurrent last uses of a
+        single-use token: exactly one is True."""

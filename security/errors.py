@@ -16,6 +16,8 @@ __all__ = [
     "NotFound",
     "PanalError",
     "PayloadTooLarge",
+    "RequestTimeout",
+    "TooManyRequests",
     "Unauthorized",
     "Unavailable",
 ]
@@ -77,6 +79,24 @@ class Conflict(PanalError):
 class PayloadTooLarge(PanalError):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(PanalError):
+    """The request's body did not arrive in time (the board closes the connection)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyRequests(PanalError):
+    """The caller (a source address) asked too often; ``retry_after_s`` says when to ask again."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(PanalError):

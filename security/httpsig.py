@@ -17,16 +17,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from security.errors import Unauthorized
+from security.errors import BadRequest, Unauthorized
 from security.identity import Identity, PublicKey
 
-__all__ = ["SignatureParams", "content_digest", "sign_request", "sign_request_digest", "verify_request"]
+__all__ = ["SignatureInput", "SignatureParams", "check_request", "content_digest", "sign_request",
+           "sign_request_digest", "verify_key", "verify_request"]
 
 LABEL = "panal"
 _INPUT_RE = re.compile(r'^\s*([a-z][a-z0-9_.*-]*)=\(([^)]*)\)((?:;[a-z]+=(?:"[^"]*"|-?\d+))*)\s*$')
 _PARAM_RE = re.compile(r';([a-z]+)=("[^"]*"|-?\d+)')
 _SIG_RE = re.compile(r"^\s*([a-z][a-z0-9_.*-]*)=:([A-Za-z0-9+/=]*):\s*$")
 REQUIRED = ("@method", "@path", "content-digest")
+_MAX_CREATED_DIGITS = 12  # a Unix time in seconds; more digits is garbage, not a timestamp
 
 
 def content_digest(body: bytes) -> str:
@@ -89,17 +91,21 @@ def sign_request_digest(identity: Identity, method: str, path: str, query: str, 
     return headers
 
 
-def verify_request(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes,
-                   lookup_key: Callable[[str], PublicKey | None], skew_s: float,
-                   now: float | None = None, body_digest: str | None = None) -> SignatureParams:
-    """Verify a signed request; raise :class:`Unauthorized` with a specific reason if it fails.
+@dataclass(frozen=True)
+class SignatureInput:
+    """A request's signature headers, parsed and checked for everything but the key: the signature
+    covers what it must, is fresh, and the body matches its ``Content-Digest``."""
 
-    ``headers`` must be case-insensitive (aiohttp's CIMultiDict is). Replay (nonce reuse) is
-    checked by the caller with the returned params, after the signature is known to be good.
-    For a streamed body pass ``body_digest`` (the ``Content-Digest`` value the body must have,
-    e.g. derived from a blob's sha256) instead of ``body``; the caller then checks the streamed
-    bytes against it.
-    """
+    params: SignatureParams
+    components: list[str]
+    params_text: str
+    signature: bytes
+
+
+def check_request(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes,
+                  skew_s: float, now: float | None = None, body_digest: str | None = None) -> SignatureInput:
+    """Everything :func:`verify_request` checks that needs no key, over the raw body bytes: the hub
+    runs this before it decodes a body, so an unsigned or mis-digested body is refused unparsed."""
     sig_input = headers.get("signature-input")
     sig_header = headers.get("signature")
     if not sig_input or not sig_header:
@@ -121,6 +127,10 @@ def verify_request(method: str, path: str, query: str, headers: Mapping[str, str
     if not keyid or not nonce or not created_text:
         raise Unauthorized("signature parameters keyid, nonce and created are required",
                            code="bad_signature")
+    created_digits = created_text.removeprefix("-")
+    if not created_digits.isascii() or not created_digits.isdigit() or len(created_digits) > _MAX_CREATED_DIGITS:
+        raise BadRequest(f"Signature-Input: created must be a Unix time in whole seconds, got {created_text[:40]!r}",
+                         code="bad_signature_input")
     created = int(created_text)
     current = now if now is not None else time.time()
     if abs(current - created) > skew_s:
@@ -129,15 +139,38 @@ def verify_request(method: str, path: str, query: str, headers: Mapping[str, str
     expected_digest = body_digest if body_digest is not None else content_digest(body)
     if headers.get("content-digest", "").strip() != expected_digest:
         raise Unauthorized("Content-Digest does not match the body", code="bad_digest")
-    key = lookup_key(keyid)
-    if key is None:
-        raise Unauthorized(f"unknown key {keyid}: register or ask the board admin to add it",
-                           code="unknown_key")
     try:
         signature = base64.b64decode(s.group(2), validate=True)
     except ValueError as exc:
         raise Unauthorized("signature is not valid base64", code="bad_signature") from exc
-    base = _signature_base(components, m.group(3), method, path, query, headers)
-    if not key.verify(signature, base):
+    return SignatureInput(SignatureParams(keyid=keyid, created=created, nonce=nonce), components, m.group(3),
+                          signature)
+
+
+def verify_key(checked: SignatureInput, method: str, path: str, query: str, headers: Mapping[str, str],
+               key: PublicKey | None) -> SignatureParams:
+    """The second half of :func:`verify_request`: the signature verifies with ``key`` (None: unknown)."""
+    keyid = checked.params.keyid
+    if key is None:
+        raise Unauthorized(f"unknown key {keyid}: register or ask the board admin to add it",
+                           code="unknown_key")
+    base = _signature_base(checked.components, checked.params_text, method, path, query, headers)
+    if not key.verify(checked.signature, base):
         raise Unauthorized(f"signature does not verify for key {keyid}", code="bad_signature")
-    return SignatureParams(keyid=keyid, created=created, nonce=nonce)
+    return checked.params
+
+
+def verify_request(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes,
+                   lookup_key: Callable[[str], PublicKey | None], skew_s: float,
+                   now: float | None = None, body_digest: str | None = None) -> SignatureParams:
+    """Verify a signed request; raise :class:`Unauthorized` with a specific reason if it fails
+    (:class:`BadRequest` for a header that is not even well-formed, e.g. a non-integer ``created``).
+
+    ``headers`` must be case-insensitive (aiohttp's CIMultiDict is). Replay (nonce reuse) is
+    checked by the caller with the returned params, after the signature is known to be good.
+    For a streamed body pass ``body_digest`` (the ``Content-Digest`` value the body must have,
+    e.g. derived from a blob's sha256) instead of ``body``; the caller then checks the streamed
+    bytes against it.
+    """
+    checked = check_request(method, path, query, headers, body, skew_s, now, body_digest)
+    return verify_key(checked, method, path, query, headers, lookup_key(checked.params.keyid))

@@ -1,7 +1,13 @@
 """Self-signed TLS certificates (ECDSA P-256) and SHA-256 fingerprint pinning.
 
 A board's cert is self-signed; clients pin its fingerprint from the join URL
-(``https://HOST:PORT/#sha256=<hex>``) or from a LAN peer's TXT record, so no CA is needed.
+(``https://HOST:PORT/#sha256=<hex>``) or from a LAN peer's TXT record, so no CA is needed. A join URL
+may also carry an admission token (``#sha256=<hex>&token=<token>``, hub/tokens.py): in the fragment,
+which HTTP clients never send, so it reaches the hub only in the registration's header.
+
+TLS 1.2 is limited to AEAD suites with forward secrecy (ECDHE + AES-GCM or ChaCha20-Poly1305): the CBC
+suites OpenSSL enables by default are refused (Lucky13-style padding oracles; no client of panal needs
+them). TLS 1.3's suites are all AEAD and stay as OpenSSL sets them.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from cryptography.x509.oid import NameOID
 
 from security.errors import BadRequest
 
-__all__ = ["BoardAddress", "cert_fingerprint", "make_self_signed", "server_context"]
+__all__ = ["TLS12_CIPHERS", "BoardAddress", "cert_fingerprint", "join_token", "make_self_signed", "server_context"]
+
+#: the TLS 1.2 suites a board offers: ECDHE key exchange, AEAD only (no CBC, no static RSA)
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def make_self_signed(cert_path: Path, key_path: Path, hosts: list[str], days: int = 3650) -> str:
@@ -66,6 +75,7 @@ def cert_fingerprint(cert_path: Path) -> str:
 def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)   # TLS 1.2 only: TLS 1.3 suites are set apart (all AEAD)
     ctx.load_cert_chain(cert_path, key_path)
     return ctx
 
@@ -87,18 +97,15 @@ class BoardAddress:
         parts = urlsplit(text.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BadRequest(f"not a board URL (expected https://HOST:PORT/#sha256=...): {text!r}")
-        fingerprint = None
-        if parts.fragment:
-            key, _, value = parts.fragment.partition("=")
-            value = value.replace(":", "").lower()
-            if key != "sha256" or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-                raise BadRequest(f"join URL fragment must be #sha256=<64 hex digits>, got #{parts.fragment}")
-            fingerprint = value
+        fingerprint = _fragment(parts.fragment).get("sha256")
         base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
         return cls(base, fingerprint)
 
-    def join_url(self) -> str:
-        return f"{self.url}/#sha256={self.fingerprint}" if self.fingerprint else self.url
+    def join_url(self, token: str | None = None) -> str:
+        """``https://HOST:PORT/#sha256=<hex>`` (and ``&token=<token>`` when given)."""
+        params = [f"sha256={self.fingerprint}"] if self.fingerprint else []
+        params += [f"token={token}"] if token else []
+        return f"{self.url}/#{'&'.join(params)}" if params else self.url
 
     def check_transport(self, insecure: bool = False) -> None:
         """Plain HTTP is allowed only to loopback or with an explicit ``--insecure``."""
@@ -110,6 +117,29 @@ class BoardAddress:
         if not insecure and not _is_loopback(host):
             raise BadRequest(f"{self.url}: plain HTTP is only allowed to loopback; use the https join "
                              "URL or pass --insecure")
+
+
+def join_token(text: str) -> str | None:
+    """The admission token a join URL carries (``#...&token=<token>``), if any."""
+    return _fragment(urlsplit(text.strip()).fragment).get("token")
+
+
+def _fragment(fragment: str) -> dict[str, str]:
+    """A join URL's fragment: ``sha256=<64 hex>`` and optionally ``token=<token>``, joined by ``&``."""
+    values: dict[str, str] = {}
+    for part in filter(None, fragment.split("&")):
+        key, _, value = part.partition("=")
+        if key == "sha256":
+            value = value.replace(":", "").lower()
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise BadRequest(f"join URL fragment must be #sha256=<64 hex digits>, got #{fragment}")
+        elif key == "token":
+            if not value or not all(c.isascii() and (c.isalnum() or c in "._-") for c in value):
+                raise BadRequest(f"join URL token must be the text `panal hub tokens create` printed, got {value!r}")
+        else:
+            raise BadRequest(f"join URL fragment must be #sha256=<64 hex digits>[&token=...], got #{fragment}")
+        values[key] = value
+    return values
 
 
 def _is_loopback(host: str) -> bool:

@@ -96,9 +96,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def start_hub_proc(procs: Procs, tmp: Path, user_home: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+def start_hub_proc(procs: Procs, tmp: Path, user_home: Path, *, bind: str = "127.0.0.1",
+                   **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`panal hub serve` on a free port; bound to loopback (registration open there) unless ``bind`` says."""
     panal("hub", "init", "--dir", str(tmp / "hub"), home=user_home)
-    proc = procs.start("hub", "serve", "--dir", str(tmp / "hub"), "--port", "0", home=user_home, **env)
+    proc = procs.start("hub", "serve", "--dir", str(tmp / "hub"), "--port", "0", "--bind", bind, home=user_home,
+                       **env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert "serving at" in line, (line, procs.logs_text())

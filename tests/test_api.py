@@ -187,7 +187,7 @@ async def test_transport_refusals(hub: InProcessHub) -> None:
     async with BoardClient(plain, ident, retry_for_s=0.5) as client:
         with pytest.raises(PanalError) as failure:
             await client.call("GET", "/v1/status")
-        assert failure.value.code == "unavailable"  # the TLS server drops plain HTTP
+        assert failure.value.code == "wrong_protocol" and "speaks HTTPS only" in failure.value.message
     with pytest.raises(ssl.SSLError):  # an unpinned, verifying client refuses the self-signed cert
         async with aiohttp.ClientSession() as session:
             await session.get(hub.address.url + "/v1/status")

@@ -63,7 +63,7 @@ class Hub:
 
     def start(self) -> None:
         self.proc = self.procs.start("hub", "serve", "--dir", str(self.dir), "--port", str(self.port),
-                                     home=self.user, **self.env)
+                                     "--bind", "127.0.0.1", home=self.user, **self.env)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert f":{self.port}" in line, (line, self.procs.logs_text())

@@ -23,6 +23,7 @@ from hub.server import BoardServer
 from hub.sqlite_store import SqliteStore
 from hub.store import Store
 from hub.stores import create_store
+from hub.tokens import new_token
 from security.errors import BadRequest
 from security.identity import Identity
 from security.records import SignedRecord
@@ -345,6 +346,43 @@ async def test_concurrent_writers_all_land_and_one_failure_spoils_none(make: Cal
     assert sorted(agents) == [f"a{w}" for w in range(writers)]
     last = max(i for i in range(per_writer) if i % 4 == 0)  # each writer's own updates land in order
     assert all((a.name, a.last_seen) == (f"agent {last}", float(last)) for a in agents.values())
+
+
+# -- admission tokens (hub/tokens.py) ---------------------------------------------------------------
+
+
+async def test_admission_tokens_survive_a_restart_are_used_up_and_revoked(make: Callable[[], Store],
+                                                                         backend: Backend) -> None:
+    single, _ = new_token("one", 1, 1000.0, 60.0)
+    multi, _ = new_token("many", 3, 1001.0, 60.0)
+    async with opened(make) as store:
+        await store.add_admission_token(single)
+        await store.add_admission_token(multi)
+        with pytest.raises(backend.conflict):
+            await store.add_admission_token(single)
+    async with opened(make) as store:  # a restart keeps them (hashed: no secret is stored)
+        assert [t.id for t in await store.list_admission_tokens()] == [single.id, multi.id]
+        assert await store.use_admission_token(single.id, "wrong-hash", 1010.0) is False
+        assert await store.use_admission_token(single.id, single.secret_hash, 1010.0) is True
+        assert await store.use_admission_token(single.id, single.secret_hash, 1010.0) is False  # used up
+        assert await store.use_admission_token(multi.id, multi.secret_hash, 1061.0) is False   # expired
+        assert await store.revoke_admission_token(multi.id, 1020.0) is True
+        assert await store.revoke_admission_token(multi.id, 1021.0) is False
+        assert await store.revoke_admission_token("00000000", 1021.0) is False
+        assert await store.use_admission_token(multi.id, multi.secret_hash, 1030.0) is False   # revoked
+        rows = {t.id: t for t in await store.list_admission_tokens()}
+        assert rows[single.id].uses == 1 and rows[single.id].refusal(1010.0) == "used_up"
+        assert rows[multi.id].revoked_at == 1020.0 and rows[multi.id].refusal(1030.0) == "revoked"
+
+
+async def test_the_last_use_of_a_single_use_token_is_counted_once_under_concurrency(
+        make: Callable[[], Store]) -> None:
+    token, _ = new_token("one", 1, 1000.0, 60.0)
+    async with opened(make) as store:
+        await store.add_admission_token(token)
+        outcomes = await asyncio.gather(*(store.use_admission_token(token.id, token.secret_hash, 1001.0)
+                                          for _ in range(20)))
+        assert outcomes.count(True) == 1
 
 
 # -- the factory -----------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from agent.cli.service import service
 from agent.client.board import BoardClient
 from agent.daemon import Daemon, DaemonSettings
 from agent.host import capabilities
+from hub.admission import TOKEN_HEADER
 from hub.config import HubConfig
 from hub.server import BoardServer
 from jobs.protocol import Registered, Registration
 from jobs.requirements import Capabilities
-from security.tls import BoardAddress
+from security.tls import BoardAddress, join_token
 
 
 @click.group(cls=PanalGroup)
@@ -30,8 +31,12 @@ def agent() -> None:
 @click.option("--name", default="", help="How this machine appears on the board (default: hostname).")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP to a non-loopback board.")
 def join(join_url: str, name: str, insecure: bool) -> None:
-    """Join a board: pin its certificate from the join URL and register this agent (signed)."""
+    """Join a board: pin its certificate from the join URL and register this agent (signed).
+
+    A hub on the internet admits new agents only with the admission token its join URL carries
+    (`panal hub tokens create` makes one); the token is sent in a header, once, and not stored."""
     address = BoardAddress.parse(join_url)
+    token = join_token(join_url)
     address.check_transport(insecure)
     h = home()
     identity = h.agent_identity()
@@ -39,7 +44,8 @@ def join(join_url: str, name: str, insecure: bool) -> None:
 
     async def go() -> Registered:
         async with BoardClient(address, identity, insecure=insecure, retry_for_s=10.0) as client:
-            return await client.post("/v1/agents", body, Registered.decode)
+            return await client.post("/v1/agents", body, Registered.decode,
+                                     headers={TOKEN_HEADER: token} if token else None)
 
     reply = run(go())
     h.add_board(address)

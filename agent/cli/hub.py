@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -14,11 +18,14 @@ from hub.home import HubHome
 from hub.server import BoardServer
 from hub.store import Store
 from hub.stores import create_store
+from hub.tokens import AdmissionToken, new_token
+from jobs.manifest import parse_duration
 from security.errors import BadRequest, NotFound
 from security.identity import PublicKey
-from security.tls import server_context
+from security.tls import BoardAddress, server_context
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 dir_option = click.option("--dir", "root", type=click.Path(path_type=Path), default=Path("hubdata"),
                           show_default=True, help="The hub's directory (config, keys, database).")
 
@@ -59,7 +66,12 @@ def init(root: Path, host: str | None, port: int | None, insecure: bool | None) 
     else:
         click.echo(f"hub in {root} already initialised: settings, keys and certificate unchanged")
     click.echo(f"your key {me.id} may submit jobs (more: `panal hub submitters add KEY`)")
-    click.echo("join URL (give it to volunteers: `panal agent join URL`):")
+    if config.registration_mode == "token":
+        click.echo("registration needs an admission token here: `panal hub tokens create` prints a join URL "
+                   "with one (give it to volunteers: `panal agent join URL`)")
+        click.echo("hub URL (no token):")
+    else:
+        click.echo("join URL (give it to volunteers: `panal agent join URL`):")
     click.echo(hub_home.address(config).join_url())
 
 
@@ -163,6 +175,82 @@ def submitters_remove(root: Path, key_id: str) -> None:
     if not run(go()):
         raise NotFound(f"no submitter {key_id}")
     click.echo(f"revoked {key_id}")
+
+
+async def _with_store(store: Store, use: Callable[[Store], Awaitable[T]]) -> T:
+    await store.open()
+    try:
+        return await use(store)
+    finally:
+        await store.close()
+
+
+@hub.group(cls=PanalGroup)
+def tokens() -> None:
+    """Admission tokens: which new agents may register (registration: token, a hub's default)."""
+
+
+@tokens.command("create")
+@dir_option
+@click.option("--uses", type=click.IntRange(0, None), default=1, show_default=True,
+              help="How many new agents it admits (0: any number until it expires).")
+@click.option("--expires", "expires", default="24h", show_default=True,
+              help="How long it admits: e.g. 90m, 24h, 7d.")
+@click.option("--label", default="", help="A note to recognise it by in `panal hub tokens list`.")
+def tokens_create(root: Path, uses: int, expires: str, label: str) -> None:
+    """Make an admission token and print the join URL that carries it (shown once: only its hash is kept)."""
+    hub_home = HubHome(root)
+    if not hub_home.initialised:
+        raise NotFound(f"{root} is not a hub directory: run `panal hub init --dir {root}` first")
+    ttl_s = parse_duration(expires)
+    if ttl_s <= 0:
+        raise BadRequest(f"--expires must be longer than zero, got {expires!r}")
+    row, text = new_token(label, uses, time.time(), ttl_s)
+    run(_with_store(_store(hub_home), lambda store: store.add_admission_token(row)))
+    config = hub_home.config()
+    if hub_home.serve_path.exists():
+        address = BoardAddress.parse(hub_home.serve_path.read_text())
+    else:
+        address = hub_home.address(config)
+    if config.registration_mode != "token":
+        click.echo(f"note: registration on this hub is {config.registration_mode}: the token is not needed",
+                   err=True)
+    admits = "any number of agents" if uses == 0 else f"{uses} agent{'s' if uses != 1 else ''}"
+    click.echo(f"token {row.id} admits {admits} until {_when(row.expires_at)}; join URL:")
+    click.echo(address.join_url(token=text))
+
+
+@tokens.command("list")
+@dir_option
+@click.option("--json", "as_json", is_flag=True)
+def tokens_list(root: Path, as_json: bool) -> None:
+    """List admission tokens (their ids and state; the secrets are not kept)."""
+    rows: list[AdmissionToken] = run(_with_store(_store(HubHome(root)), lambda store: store.list_admission_tokens()))
+    now = time.time()
+    if as_json:
+        print_json([{"id": t.id, "label": t.label, "uses": t.uses, "max_uses": t.max_uses,
+                     "created_at": t.created_at, "expires_at": t.expires_at, "revoked_at": t.revoked_at,
+                     "state": t.refusal(now) or "active"} for t in rows])
+        return
+    for t in rows:
+        limit = "unlimited" if t.max_uses == 0 else str(t.max_uses)
+        click.echo(f"{t.id}  {t.refusal(now) or 'active':8}  used {t.uses}/{limit}  expires {_when(t.expires_at)}"
+                   f"  {t.label}")
+
+
+@tokens.command("revoke")
+@dir_option
+@click.argument("token_id")
+def tokens_revoke(root: Path, token_id: str) -> None:
+    """Revoke an admission token by id (agents it already admitted stay; the running hub sees it at once)."""
+    token_id = token_id.split(".", 1)[0]   # the whole token text works too
+    if not run(_with_store(_store(HubHome(root)), lambda store: store.revoke_admission_token(token_id, time.time()))):
+        raise NotFound(f"no active admission token {token_id}")
+    click.echo(f"revoked admission token {token_id}")
+
+
+def _when(at: float) -> str:
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @hub.command("url")

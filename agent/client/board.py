@@ -116,21 +116,21 @@ class BoardClient:
             self._session = None
 
     async def call(self, method: str, path: str, body: Any = None, *, query: str = "",
-                   timeout_s: float = 30.0, retry: bool = True) -> Any:
+                   timeout_s: float = 30.0, retry: bool = True, headers: dict[str, str] | None = None) -> Any:
         """One logical call: retried while transient, refused at once while the breaker is open."""
         if not self.breaker.allow():
             raise Unavailable(f"{self.address.url} is failing; circuit breaker open for another "
                               f"{self.breaker.retry_in():.0f} s", code="breaker_open")
         try:
             if not retry:
-                result = await self._attempt(method, path, body, query, timeout_s)
+                result = await self._attempt(method, path, body, query, timeout_s, headers)
             else:
                 result = None
                 async for attempt in AsyncRetrying(retry=retry_if_exception(lambda e: isinstance(e, RetryLater)),
                                                    wait=_wait, stop=stop_after_delay(self.retry_for_s),
                                                    reraise=True):
                     with attempt:
-                        result = await self._attempt(method, path, body, query, timeout_s)
+                        result = await self._attempt(method, path, body, query, timeout_s, headers)
         except RetryLater:
             self._heard(answered=False)
             raise
@@ -141,10 +141,10 @@ class BoardClient:
         return result
 
     async def post(self, path: str, body: Encodes, reply: Callable[[Any], R], *, timeout_s: float = 30.0,
-                   retry: bool = True) -> R:
+                   retry: bool = True, headers: dict[str, str] | None = None) -> R:
         """``POST`` a protocol record; its reply decoded by ``reply`` (a record's ``decode``). A reply of the
         wrong shape is the board's fault, not ours: :class:`Unavailable` (code ``malformed_reply``)."""
-        value = await self.call("POST", path, body.encode(), timeout_s=timeout_s, retry=retry)
+        value = await self.call("POST", path, body.encode(), timeout_s=timeout_s, retry=retry, headers=headers)
         try:
             return reply(value)
         except BadRequest as exc:
@@ -159,9 +159,10 @@ class BoardClient:
         if self.on_health is not None:
             self.on_health(answered)
 
-    async def _attempt(self, method: str, path: str, body: Any, query: str, timeout_s: float) -> Any:
+    async def _attempt(self, method: str, path: str, body: Any, query: str, timeout_s: float,
+                       extra_headers: dict[str, str] | None = None) -> Any:
         data = encode_body(body) if body is not None else b""
-        headers = sign_request(self.identity, method, path, query, data)
+        headers = {**(extra_headers or {}), **sign_request(self.identity, method, path, query, data)}
         headers["Content-Type"] = MSGPACK
         headers["Accept"] = MSGPACK
         url = path + (f"?{query}" if query else "")
@@ -182,6 +183,9 @@ class BoardClient:
         try:
             value = decode_body(raw, resp.content_type or MSGPACK)
         except BadRequest as exc:
+            if status == 400 and resp.content_type == "text/plain":   # e.g. plain HTTP sent to a TLS port
+                raise BadRequest(f"{self.address.url}: {raw[:300].decode(errors='replace').strip()}",
+                                 code="wrong_protocol") from exc
             raise RetryLater(f"board {self.address.url} sent an unreadable reply (HTTP {status})") from exc
         if status >= 500 or status == 429:
             raise RetryLater(str(error_from_response(status, value)), _retry_after(retry_after))

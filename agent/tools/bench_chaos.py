@@ -114,7 +114,8 @@ class _Lab:
             self.start_agent(name)
 
     def start_hub(self) -> None:
-        self.hub = self._spawn("hub", ["hub", "serve", "--dir", str(self.root / "hub"), "--port", str(self.port)],
+        self.hub = self._spawn("hub", ["hub", "serve", "--dir", str(self.root / "hub"), "--port", str(self.port),
+                                      "--bind", "127.0.0.1"],
                                self.user, **HUB_ENV)
         assert self.hub.stdout is not None
         line = self.hub.stdout.readline()

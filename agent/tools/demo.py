@@ -42,7 +42,8 @@ def _step(text: str) -> None:
 def start_hub(root: Path, user_home: Path) -> tuple[subprocess.Popen[str], str]:
     """`panal hub init` + `panal hub serve` on a free port; returns the process and its join URL."""
     _panal("hub", "init", "--dir", str(root), "--host", "127.0.0.1", home=user_home)
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "hub", "serve", "--dir", str(root), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "hub", "serve", "--dir", str(root), "--port", "0",
+                             "--bind", "127.0.0.1"],   # local only: registration is open there
                             env=_env(user_home), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
