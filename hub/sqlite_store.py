@@ -24,6 +24,7 @@ import msgpack
 from hub.blob_refs import manifest_blobs, result_blobs
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import LeaseWrite
+from hub.trust.records import Ban, ReputationRow, TrustSnapshot, TrustWrite, ValidationRow
 
 __all__ = ["SqliteStore"]
 
@@ -53,6 +54,25 @@ CREATE TABLE IF NOT EXISTS results (
     agent_id TEXT NOT NULL, record BLOB NOT NULL, digest TEXT NOT NULL, accepted_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
 """
+
+#: result validation (hub/trust/): reputation per (agent, kind), credit per agent and owner, each
+#: settled unit's validation record, and quarantines for invalid results (kept across restarts)
+TRUST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trust_reputation (
+    agent_id TEXT NOT NULL, kind TEXT NOT NULL, consecutive_valid INTEGER NOT NULL, valid INTEGER NOT NULL,
+    invalid INTEGER NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (agent_id, kind));
+CREATE TABLE IF NOT EXISTS trust_credit (
+    holder TEXT PRIMARY KEY, credit REAL NOT NULL, results INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS trust_validations (
+    job_id TEXT NOT NULL, unit INTEGER NOT NULL, state TEXT NOT NULL, quorum INTEGER NOT NULL,
+    canonical_task TEXT, agents TEXT NOT NULL, detail BLOB NOT NULL, decided_at REAL NOT NULL,
+    PRIMARY KEY (job_id, unit));
+CREATE TABLE IF NOT EXISTS trust_bans (
+    agent_id TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL, until REAL NOT NULL);
+"""
+
+#: columns added after the first release: (table, column, declaration); an older database gets them at open
+_ADDED_COLUMNS = (("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"))
 
 _STOP = object()
 
@@ -84,6 +104,10 @@ class SqliteStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(SCHEMA)
+        for table, column, declaration in _ADDED_COLUMNS:   # upgrade a database from before the column
+            if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        conn.executescript(TRUST_SCHEMA)
         return conn
 
     async def open(self) -> None:
@@ -188,8 +212,8 @@ class SqliteStore:
     # -- jobs, tasks, results -------------------------------------------------------------------
     async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
         def op(c: sqlite3.Connection) -> None:
-            c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _job_values(job))
-            c.executemany("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.execute(f"INSERT INTO jobs ({_JOB_COLS}) VALUES ({_marks(_JOB_COLS)})", _job_values(job))
+            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({_marks(_TASK_COLS)})",
                           [_task_values(t) for t in tasks])
         await self._run(op)
 
@@ -265,6 +289,53 @@ class SqliteStore:
                 "SELECT task_id, job_id, attempt, agent_id, record, digest, accepted_at FROM results "
                 "WHERE job_id=? ORDER BY task_id", (job_id,)).fetchall()])
 
+    # -- result validation (hub/trust/) ---------------------------------------------------------
+    async def add_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow]) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({_marks(_TASK_COLS)})",
+                          [_task_values(t) for t in tasks])
+            c.executemany("UPDATE jobs SET n_tasks=? WHERE id=?", [(j.n_tasks, j.id) for j in jobs])
+        await self._run(op)
+
+    async def record_trust(self, write: TrustWrite) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO trust_validations VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(job_id, unit) DO UPDATE SET "
+                "state=excluded.state, quorum=excluded.quorum, canonical_task=excluded.canonical_task, "
+                "agents=excluded.agents, detail=excluded.detail, decided_at=excluded.decided_at",
+                [(v.job_id, v.unit, v.state, v.quorum, v.canonical_task, json.dumps(v.agents), _pack(v.detail),
+                  v.decided_at) for v in write.validations])
+            c.executemany(
+                "INSERT INTO trust_reputation VALUES (?,?,?,?,?,?) ON CONFLICT(agent_id, kind) DO UPDATE SET "
+                "consecutive_valid=excluded.consecutive_valid, valid=excluded.valid, invalid=excluded.invalid, "
+                "updated_at=excluded.updated_at",
+                [(r.agent_id, r.kind, r.consecutive_valid, r.valid, r.invalid, r.updated_at)
+                 for r in write.reputation])
+            c.executemany(
+                "INSERT INTO trust_credit VALUES (?,?,?) ON CONFLICT(holder) DO UPDATE SET "
+                "credit=credit+excluded.credit, results=results+excluded.results",
+                [(g.holder, g.credit, g.results) for g in write.credit])
+            c.executemany(
+                "INSERT INTO trust_bans VALUES (?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
+                "reason=excluded.reason, since=excluded.since, until=excluded.until",
+                [(b.agent_id, b.reason, b.since, b.until) for b in write.bans])
+        await self._run(op)
+
+    async def load_trust(self) -> TrustSnapshot:
+        def op(c: sqlite3.Connection) -> TrustSnapshot:
+            return TrustSnapshot(
+                reputation=[ReputationRow(*r) for r in c.execute(
+                    "SELECT agent_id, kind, consecutive_valid, valid, invalid, updated_at FROM trust_reputation")],
+                credit={r[0]: (r[1], r[2]) for r in c.execute("SELECT holder, credit, results FROM trust_credit")},
+                bans=[Ban(*r) for r in c.execute("SELECT agent_id, reason, since, until FROM trust_bans")])
+        return await self._run(op)
+
+    async def get_validations(self, job_id: str) -> list[ValidationRow]:
+        return await self._run(lambda c: [
+            ValidationRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), _unpack(r[6]), r[7]) for r in c.execute(
+                "SELECT job_id, unit, state, quorum, canonical_task, agents, detail, decided_at "
+                "FROM trust_validations WHERE job_id=? ORDER BY unit", (job_id,)).fetchall()])
+
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if fut.done():
@@ -276,33 +347,37 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 _JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
-             "timeout_s, max_attempts, deadline_at, finished_at, error, labels")
+             "timeout_s, max_attempts, deadline_at, finished_at, error, labels, validation")
 _TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
-              "error_class, progress, updated_at, checkpoint")
+              "error_class, progress, updated_at, checkpoint, unit")
+
+
+def _marks(columns: str) -> str:
+    return ",".join("?" * len(columns.split(",")))
 
 
 def _job_values(j: JobRow) -> tuple[Any, ...]:
     return (j.id, j.name, j.submitter_id, j.kind, j.priority, j.state.value, j.created_at, j.n_tasks,
             _pack(j.envelope), json.dumps(j.requires), j.timeout_s, j.max_attempts, j.deadline_at,
-            j.finished_at, j.error, json.dumps(j.labels))
+            j.finished_at, j.error, json.dumps(j.labels), json.dumps(j.validation))
 
 
 def _job(r: Sequence[Any]) -> JobRow:
     return JobRow(id=r[0], name=r[1], submitter_id=r[2], kind=r[3], priority=r[4], state=JobState(r[5]),
                   created_at=r[6], n_tasks=r[7], envelope=_unpack(r[8]), requires=json.loads(r[9]),
                   timeout_s=r[10], max_attempts=r[11], deadline_at=r[12], finished_at=r[13], error=r[14],
-                  labels=json.loads(r[15]))
+                  labels=json.loads(r[15]), validation=json.loads(r[16] or "{}"))
 
 
 def _task_values(t: TaskRow) -> tuple[Any, ...]:
     return (t.id, t.job_id, t.idx, _pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
-            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint)
+            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint, t.unit)
 
 
 def _task(r: Sequence[Any]) -> TaskRow:
     return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=_unpack(r[3]), state=TaskState(r[4]),
                    attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
-                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13])
+                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13], unit=r[14])
 
 
 def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:

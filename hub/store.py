@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
+from hub.trust.records import TrustSnapshot, TrustWrite, ValidationRow
 
 __all__ = ["LeaseWrite", "Store"]
 
@@ -58,3 +59,13 @@ class Store(Protocol):
         """A job's accepted results by task id (their digests recognise a re-sent result)."""
     async def referenced_blobs(self) -> set[str]:
         """Every blob a job still needs: inputs, outputs, checkpoints (hub/blob_refs.py)."""
+
+    # -- result validation (hub/trust/) ---------------------------------------------------------
+    async def add_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow]) -> None:
+        """Insert more instance rows of existing jobs and write those jobs' new ``n_tasks``."""
+    async def record_trust(self, write: TrustWrite) -> None:
+        """Upsert validation records, reputation rows and bans; add credit grants to the holders' totals."""
+    async def load_trust(self) -> TrustSnapshot:
+        """Every reputation row, credit total and ban (a restart's trust state)."""
+    async def get_validations(self, job_id: str) -> list[ValidationRow]:
+        """A job's validation records by unit."""
