@@ -449,5 +449,22 @@ class Board:
     async def job_view(self, job_id: str) -> dict[str, Any]:
         return await self.view.job_view(job_id)
 
+    async def tasks_of(self, job_id: str) -> list[TaskRow]:
+        """A job's task rows: live while it is active, else as stored."""
+        if job_id in self._queues:
+            return self._queues.job_tasks(job_id)
+        return await self.store.get_tasks(job_id)
+
+    async def trust_records(self, job_id: str) -> list[dict[str, Any]]:
+        """Each settled unit's validation record, and the live state of the units still pending."""
+        settled = {v.unit: {"unit": v.unit, "state": v.state, "quorum": v.quorum, "agents": v.agents,
+                            "canonical_task": v.canonical_task, "detail": v.detail}
+                   for v in await self.store.get_validations(job_id)}
+        for unit in self.trust.job_units(job_id):
+            if unit["unit"] not in settled:
+                settled[unit["unit"]] = {**unit, "state": "pending" if unit["state"] == "pending" else unit["state"],
+                                         "canonical_task": None, "detail": {}}
+        return [settled[k] for k in sorted(settled)]
+
     def status(self) -> dict[str, Any]:
         return self.view.status()

@@ -54,7 +54,8 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now:
     tasks = [TaskRow(id=f"{job_id}.{i}", job_id=job_id, idx=i, params=params, updated_at=now)
              for i, params in enumerate(points)]
     for _ in range(policy.initial_instances() - 1):   # a fixed quorum: every instance from the start
-        tasks += [TaskRow(id=f"{job_id}.{len(tasks)}", job_id=job_id, idx=len(tasks), params=params,
+        base = len(tasks)
+        tasks += [TaskRow(id=f"{job_id}.{base + i}", job_id=job_id, idx=base + i, params=params,
                           updated_at=now, unit=i) for i, params in enumerate(points)]
     job.n_tasks = len(tasks)
     return job, tasks
