@@ -39,8 +39,8 @@ def test_a_lying_agent_is_outvoted_by_two_honest_ones_and_earns_nothing(tmp_path
                         f"spec: {{task: sleep, sweep: {{seconds: {SECONDS}}},\n"
                         "       policy: {validation: {quorum: 2, adaptive: false}}}\n")
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
-    wait_for(lambda: any(t["agent"] == agent_id(tmp_path / "liar") for t in job_view(url, user, job["id"])["task_list"]),
-             "the liar to lease an instance", timeout_s=AGENT_START_S, diagnose=procs.logs_text)
+    liar = agent_id(tmp_path / "liar")
+    wait_for(lambda: any(t["agent"] == liar for t in job_view(url, user, job["id"])["task_list"]), "the liar to lease an instance", timeout_s=AGENT_START_S, diagnose=procs.logs_text)
     for name in ("h1", "h2"):
         start_agent(procs, tmp_path, url, name, "--slots", "1", **SLEEP_ONLY)
     wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", "the honest agents to settle every task",
@@ -48,7 +48,7 @@ def test_a_lying_agent_is_outvoted_by_two_honest_ones_and_earns_nothing(tmp_path
 
     res = panal("results", job["id"], "--hub", url, "--verify", "--json", home=user)   # exits 2 on a bad record
     index = json.loads(res.stdout)
-    liar, honest = agent_id(tmp_path / "liar"), {agent_id(tmp_path / "h1"), agent_id(tmp_path / "h2")}
+    honest = {agent_id(tmp_path / "h1"), agent_id(tmp_path / "h2")}
     assert [t["task_id"] for t in index["tasks"]] == [f"{job['id']}.{i}" for i in range(len(SECONDS))]
     for task, seconds in zip(index["tasks"], SECONDS, strict=True):
         assert task["state"] == "validated" and task["quorum"] == 2

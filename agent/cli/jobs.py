@@ -205,7 +205,8 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
               ResultCheck(c.task_id, c.agent, False, "; ".join(filter(None, [c.problem, *output_problems[c.task_id]])),
                           c.payload) for c in checks]
     rows: list[dict[str, Any]] = [
-        {"task_id": c.task_id, "agent": c.agent, "verified": c.ok, "problem": c.problem or None, "state": r.get("state"),
+        {"task_id": c.task_id, "agent": c.agent, "verified": c.ok, "problem": c.problem or None,
+         "state": r.get("state"),
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
          "environment": c.payload.get("environment"),
          "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
