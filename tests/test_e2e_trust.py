@@ -40,7 +40,8 @@ def test_a_lying_agent_is_outvoted_by_two_honest_ones_and_earns_nothing(tmp_path
                         "       policy: {validation: {quorum: 2, adaptive: false}}}\n")
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
     liar = agent_id(tmp_path / "liar")
-    wait_for(lambda: any(t["agent"] == liar for t in job_view(url, user, job["id"])["task_list"]), "the liar to lease an instance", timeout_s=AGENT_START_S, diagnose=procs.logs_text)
+    wait_for(lambda: any(t["agent"] == liar for t in job_view(url, user, job["id"])["task_list"]),
+             "the liar to lease an instance", timeout_s=AGENT_START_S, diagnose=procs.logs_text)
     for name in ("h1", "h2"):
         start_agent(procs, tmp_path, url, name, "--slots", "1", **SLEEP_ONLY)
     wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", "the honest agents to settle every task",
