@@ -290,7 +290,7 @@ class Board:
 
     async def _spot_check(self, agent: AgentState, picked: list[TaskRow], slots: int) -> list[TaskRow]:
         """Now and then give an untrusted agent an instance of a unit whose answer is known (hub/trust/)."""
-        unit = self.trust.spot_candidate(agent) if self.leasing else None
+        unit = self.trust.spot_candidate(agent) if self.leasing and agent.refused is None and slots > 0 else None
         if unit is None:
             return picked
         row = self.trust.new_instance(unit)

@@ -183,9 +183,10 @@ async def test_a_trusted_agents_work_runs_unreplicated_and_one_invalid_resets_it
     await f.report("c", tc)
     assert not trust.reputation.trusted(f.id("a"), "sleep")
     assert trust.reputation.row(f.id("a"), "sleep").consecutive_valid == 0
-    await f.submit(1)
-    await f.lease("a")
-    assert len(await f.lease("b")) == 1        # a's new unit has a second instance again
+    job_id = await f.submit(1, seconds=3.0)
+    [ta] = await f.lease("a")
+    [tb] = await f.lease("b")                  # a's new unit has a second instance again
+    assert ta.job_id == tb.job_id == job_id and tb.idx == 0 and tb.task_id != ta.task_id
 
 
 async def test_spot_checks_give_an_untrusted_agent_a_validated_unit_and_catch_a_lie(fleet: Any) -> None:
@@ -224,3 +225,22 @@ async def test_repeated_invalid_results_quarantine_the_agent_across_a_restart(fl
     assert refused is not None and "invalid" in refused
     assert f.board.trust.agent_view(f.id("a"))["credit"] == credit_a
     assert f.board.trust.agent_view(f.id("b"))["invalid_results"] == 1
+
+
+async def test_a_quarantined_agent_gets_no_spot_checks_either(fleet: Any) -> None:
+    f = await fleet(invalid_quarantine_after=1)
+    await f.submit(3, validation={"quorum": 2, "adaptive": False})
+    [ta] = await f.lease("a")
+    tc = (await f.lease("c", slots=3))[-1]
+    await f.report("a", ta)
+    await f.report("c", tc)                    # unit 0 is validated; b never ran it
+    await f.submit(1, seconds=1.0, priority=10, validation={"quorum": 2, "adaptive": False})
+    [tb] = await f.lease("b")
+    [td] = await f.lease("d")
+    await f.report("b", tb, LIE)
+    await f.report("d", td, {"slept": 1.0})
+    [ta] = await f.lease("a")
+    await f.report("a", ta, {"slept": 1.0})    # b is outvoted and quarantined
+    assert f.board.quarantine.quarantined(f.id("b"))
+    f.board.config = f.board.trust.config = HubConfig(spot_check_share=1.0, invalid_quarantine_after=1)
+    assert await f.lease("b") == []

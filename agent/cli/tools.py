@@ -1,4 +1,4 @@
-"""``panal demo`` and ``panal bench device|chaos|policies|dispatch``: the tools in :mod:`agent.tools`."""
+"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|integrity``: the tools in :mod:`agent.tools`."""
 
 from __future__ import annotations
 
@@ -72,6 +72,21 @@ def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as
     from agent.tools.bench_dispatch import run_dispatch_bench
 
     _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples), as_json)
+
+
+@bench.command("integrity")
+@click.option("--units", type=int, default=100_000, show_default=True, help="Tasks (units) per scenario.")
+@click.option("--agents", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--scenario", "scenarios", multiple=True, type=click.Choice(["mixed", "honest"]),
+              help="Scenarios to run (default: both).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_integrity(units: int, agents: int, seed: int, scenarios: tuple[str, ...], as_json: bool) -> None:
+    """Result validation against simulated cheaters (real Board + SQLite, virtual time): wrong answers
+    accepted, tasks until a cheater is caught, false rejections, compute overhead on an honest fleet."""
+    from agent.tools.bench_integrity import run_integrity_bench
+
+    _print_result(run_integrity_bench(units, agents, seed, scenarios=scenarios or ("mixed", "honest")), as_json)
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:
