@@ -1,9 +1,9 @@
 """The public, read-only status page: ``GET /``, its assets, ``/v1/status``, ``/v1/events`` and public job views.
 
 A :class:`StatusFeed` listens to the board (its events and every settled attempt) and keeps what the
-board itself does not: recent events, tasks finished per minute over the last hour, compute credit
-per agent, and transitions it notices by looking (agent went offline, quarantined, released). Live
-viewers get board events at once and a status snapshot on every event (debounced) and every
+board itself does not: recent events, tasks finished per minute over the last hour (credit per agent
+is the trust part's, hub/trust/: validated work only), and transitions it notices by looking (agent
+went offline, quarantined, released). Live viewers get board events at once and a status snapshot on every event (debounced) and every
 ``SNAPSHOT_INTERVAL_S`` (which doubles as the keepalive), as Server-Sent Events.
 
 Privacy: everything here is public. It carries ids (key fingerprints), names, device models and
@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,6 @@ def agent_state(agent: AgentState, online: bool) -> str:
     return "busy" if agent.running else "idle"
 
 
-def _agent_gflops(agent: AgentState) -> float:
-    """The fastest measured device of the agent (fp32)."""
-    return max([g.gflops_fp32 for g in agent.caps.gpus] + [agent.caps.cpu_gflops])
-
-
 def _frame(event: str, data: Any) -> Frame:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
 
@@ -70,11 +66,12 @@ def _frame(event: str, data: Any) -> Frame:
 class StatusFeed:
     """What the status page shows beyond the board's own state; fans frames out to live viewers."""
 
-    def __init__(self, view: BoardView) -> None:
+    def __init__(self, view: BoardView, standing: Callable[[str], dict[str, Any]] | None = None) -> None:
         self.view = view
+        #: an agent's credit (validated work only), invalid results and reputation (hub/trust/)
+        self.standing = standing or (lambda _agent_id: {})
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.history: dict[int, Counter[str]] = {}          # epoch minute -> {"done": n, "failed": n}
-        self.credit_gflop_h: dict[str, float] = {}          # agent id -> compute contributed
         self.quarantines = 0                                 # agents that entered quarantine
         self.subscribers: set[asyncio.Queue[Frame | None]] = set()
         self._online: set[str] | None = None
@@ -95,16 +92,11 @@ class StatusFeed:
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
-        """A BoardObserver: count the attempt in its minute, credit the agent's compute."""
+        """A BoardObserver: count the attempt in its minute (credit is the trust part's: validated work only)."""
         minute = int(self.view.now() // 60)
         self.history.setdefault(minute, Counter())["done" if ok else "failed"] += 1
         for old in [m for m in self.history if m <= minute - HISTORY_MINUTES]:
             del self.history[old]
-        wall_s = metrics.get("wall_s")
-        agent = self.view.agents.get(agent_id)
-        if ok and agent is not None and isinstance(wall_s, int | float) and wall_s > 0:
-            gained = _agent_gflops(agent) * float(wall_s) / 3600.0
-            self.credit_gflop_h[agent_id] = self.credit_gflop_h.get(agent_id, 0.0) + gained
 
     def observe(self) -> None:
         """Notice transitions nobody emits: agents going offline and in/out of quarantine."""
@@ -221,6 +213,7 @@ class StatusFeed:
                 running.append({"task": task_id, "job": job.id, "job_name": job.name, "idx": task.idx,
                                 "progress": task.progress})
         settled = agent.done + agent.failed
+        standing = self.standing(agent.row.id)
         return {
             "id": agent.row.id, "name": agent.row.name, "state": agent_state(agent, online),
             "gpus": [{"name": g.name, "backend": g.backend, "vram_gb": g.vram_gb, "gflops_fp32": g.gflops_fp32}
@@ -228,7 +221,9 @@ class StatusFeed:
             "cpu": {"model": str(cpu.get("model") or ""), "cores": caps.cpu_cores, "gflops_fp32": caps.cpu_gflops},
             "memory_gb": caps.memory_gb, "running": running, "done": agent.done, "failed": agent.failed,
             "error_rate": round(agent.failed / settled, 4) if settled else 0.0,
-            "credit_gflop_h": round(self.credit_gflop_h.get(agent.row.id, 0.0), 3),
+            "credit": round(float(standing.get("credit", 0.0)), 3),
+            "invalid_results": int(standing.get("invalid_results", 0)),
+            "speed_flag": standing.get("speed_flag"),
             "last_seen": agent.last_seen, "registered_at": agent.row.registered_at, "quarantine": agent.refused,
         }
 
@@ -238,6 +233,7 @@ class StatusFeed:
         for job in view.active_jobs(MAX_ACTIVE_JOBS):
             counts = view.counts(job.id)
             row = public_job(job_summary(job, counts))
+            row["quorum"] = int(job.validation.get("quorum", 1))
             settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
             row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
             if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
@@ -246,7 +242,8 @@ class StatusFeed:
         if self._recent_jobs is None:
             finished = [job for job in await view.list_jobs(None, RECENT_JOBS) if job.state.terminal]
             self._final_counts = {job.id: await self._counts_of_finished(job) for job in finished}
-            self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None}
+            self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None,
+                                  "quorum": int(job.validation.get("quorum", 1))}
                                  for job in finished]
         active = {row["id"] for row in rows}
         return rows + [row for row in self._recent_jobs if row["id"] not in active]
@@ -281,7 +278,7 @@ FEED_KEY = web.AppKey("status_feed", StatusFeed)
 def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> None:
     """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
     view = board.view
-    feed = StatusFeed(view)
+    feed = StatusFeed(view, board.trust.agent_view)
     app[FEED_KEY] = feed
 
     async def start(_: web.Application) -> None:

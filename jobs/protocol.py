@@ -237,8 +237,11 @@ class LeaseReply:
     standing: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
-        return {"tasks": [t.encode() for t in self.tasks], "results": [o.encode() for o in self.results],
-                "refused": self.refused, "standing": self.standing}
+        out: dict[str, Any] = {"tasks": [t.encode() for t in self.tasks],
+                               "results": [o.encode() for o in self.results], "refused": self.refused}
+        if self.standing:   # absent when empty: the map an older agent reads stays the same
+            out["standing"] = self.standing
+        return out
 
     @classmethod
     def decode(cls, value: Any, path: str = "") -> LeaseReply:

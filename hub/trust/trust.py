@@ -228,7 +228,12 @@ class Trust:
         if decided is not None:
             return decided
         unit = self._unit_of.get(task.id)
-        if unit is None or not unit.policy.enabled:
+        if unit is None:
+            return ACCEPT
+        if not unit.policy.enabled:   # a quorum of 1: the board accepts each result as it is, and credits it
+            agent = self._agents().get(result.agent_id)
+            units = cost_units(unit.kind, task.params)
+            self._write.credit += self.credit.grant(result.agent_id, owner_of(agent), units)
             return ACCEPT
         if any(a.task_id == task.id for a in unit.answers):
             return PENDING   # already judged and held: no verdict yet
