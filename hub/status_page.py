@@ -3,8 +3,8 @@
 A :class:`StatusFeed` listens to the board (its events and every settled attempt) and keeps what the
 board itself does not: recent events, tasks finished per minute over the last hour (credit per agent
 is the trust part's, hub/trust/: validated work only), and transitions it notices by looking (agent
-went offline, quarantined, released). Live viewers get board events at once and a status snapshot on every event (debounced) and every
-``SNAPSHOT_INTERVAL_S`` (which doubles as the keepalive), as Server-Sent Events.
+went offline, quarantined, released). Live viewers get board events at once and a status snapshot
+on every event (debounced) and every ``SNAPSHOT_INTERVAL_S`` (which doubles as the keepalive), as Server-Sent Events.
 
 Privacy: everything here is public. It carries ids (key fingerprints), names, device models and
 counts; never keys, manifest parameters or inputs, free-text task errors (they may quote
