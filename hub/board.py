@@ -169,6 +169,7 @@ class Board:
         row = self._fleet.admission(key, name, capabilities)
         await self.store.upsert_agent(row)
         state, joined = self._fleet.enrol(key, row, capabilities)
+        self.trust.speed.apply(state)   # a claim seen to be far above the observed speed stays capped
         if joined:
             self._emit("agent_joined", agent=key.id, name=row.name)
         return state

@@ -244,3 +244,27 @@ async def test_a_quarantined_agent_gets_no_spot_checks_either(fleet: Any) -> Non
     assert f.board.quarantine.quarantined(f.id("b"))
     f.board.config = f.board.trust.config = HubConfig(spot_check_share=1.0, invalid_quarantine_after=1)
     assert await f.lease("b") == []
+
+
+async def test_an_agent_far_slower_than_its_claim_is_placed_by_the_observed_speed_and_flagged(fleet: Any) -> None:
+    f = await fleet()
+    liar = f.agents["a"]
+    await f.board.register_agent(liar.public, "boaster", Capabilities.from_dict(
+        {"kinds": ["matmul"], "cpu": {"cores": 4, "gflops_fp32": 50_000.0}}))
+    m = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "mm"},
+                            "spec": {"task": "matmul", "params": {"size": 1024, "iterations": 10},
+                                     "sweep": {"seed": [1, 2, 3, 4]}}})
+    await f.board.submit(make_envelope(f.user, m), f.user.id)
+    clock = f.board.clock
+    assert isinstance(clock, Clock)
+    for _ in range(3):                          # 21.5 GFLOP each, 10 s from lease to result: ~2 GFLOPS
+        [task] = await f.lease("a")
+        clock.now += 10.0
+        await f.report("a", task, {"checksum": 1.0, "abs_sum": 2.0, "dtype": "float32", "digest": "0" * 64})
+    agent = f.board.view.agents[f.id("a")]
+    assert agent.caps.cpu_gflops == pytest.approx(2.147, rel=1e-2)
+    flag = f.board.trust.agent_view(f.id("a"))["speed_flag"]
+    assert flag is not None and "50000" in flag
+    await f.board.register_agent(liar.public, "boaster", Capabilities.from_dict(
+        {"kinds": ["matmul"], "cpu": {"cores": 4, "gflops_fp32": 50_000.0}}))
+    assert f.board.view.agents[f.id("a")].caps.cpu_gflops < 3     # claiming again changes nothing

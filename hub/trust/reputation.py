@@ -24,7 +24,7 @@ from hub.trust.records import CreditGrant, ReputationRow, TrustSnapshot
 from jobs.catalog import get_kind
 from security.errors import PanalError
 
-__all__ = ["CreditBook", "Reputation", "cost_units"]
+__all__ = ["CreditBook", "Reputation", "cost_gflop", "cost_units"]
 
 
 def cost_units(kind: str, params: Mapping[str, Any]) -> float:
@@ -34,6 +34,14 @@ def cost_units(kind: str, params: Mapping[str, Any]) -> float:
     except (PanalError, KeyError, TypeError, ValueError):
         return 0.0
     return round(cost.flops / 1e9 + cost.bytes / 1e9 + cost.seconds, 6)
+
+
+def cost_gflop(kind: str, params: Mapping[str, Any]) -> float:
+    """A task's estimated floating-point work in GFLOP (0 for kinds without a FLOP estimate)."""
+    try:
+        return get_kind(kind).estimate(params).flops / 1e9
+    except (PanalError, KeyError, TypeError, ValueError):
+        return 0.0
 
 
 class Reputation:

@@ -23,6 +23,7 @@ from hub.records import JobRow, ResultRow, TaskRow
 from hub.trust.policy import ValidationPolicy
 from hub.trust.records import Ban, TrustWrite, ValidationRow
 from hub.trust.reputation import CreditBook, Reputation, cost_units
+from hub.trust.speed import SpeedCheck
 from hub.trust.units import Answer, Outcome, Unit
 from jobs.requirements import unmet
 from security.records import SignedRecord
@@ -59,6 +60,7 @@ class Trust:
         self._agents, self.quarantine = agents, quarantine
         self.rng = rng or random.Random()
         self.reputation = Reputation(config.trust_after, self.rng)
+        self.speed = SpeedCheck(config.speed_claim_ratio, clock)
         self.credit = CreditBook()
         self.units: dict[tuple[str, int], Unit] = {}
         self._unit_of: dict[str, Unit] = {}                  # task id -> its unit
@@ -136,6 +138,7 @@ class Trust:
                 self._unit_of.pop(task_id, None)
                 self._contested.discard(task_id)
                 self._verdicts.pop(task_id, None)
+                self.speed.forget(task_id)
         self._validated.pop(job.id, None)
 
     # -- leasing: holdback, screening, replication, spot checks ----------------------------------------
@@ -171,6 +174,7 @@ class Trust:
     async def leased(self, agent: AgentState, tasks: Sequence[TaskRow]) -> None:
         """Tasks were leased to the agent: remember who ran what; decide replication of new units."""
         for task in tasks:
+            self.speed.leased(task.id)
             unit = self._unit_of.get(task.id)
             if unit is None:
                 continue
@@ -227,6 +231,7 @@ class Trust:
         decided = self._verdicts.pop(task.id, None)
         if decided is not None:
             return decided
+        self.speed.observed(self._agents().get(result.agent_id), job.kind, task)
         unit = self._unit_of.get(task.id)
         if unit is None:
             return ACCEPT
@@ -362,7 +367,7 @@ class Trust:
     # -- views ------------------------------------------------------------------------------------------
     def agent_view(self, agent_id: str) -> dict[str, Any]:
         return {"credit": self.credit.of_agent(agent_id), "invalid_results": self.invalid_counts.get(agent_id, 0),
-                "reputation": self.reputation.of_agent(agent_id)}
+                "reputation": self.reputation.of_agent(agent_id), "speed_flag": self.speed.flags.get(agent_id)}
 
     def job_units(self, job_id: str) -> list[dict[str, Any]]:
         """The live validation state of an active job's units."""
