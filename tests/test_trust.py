@@ -150,14 +150,15 @@ async def test_a_unit_without_consensus_fails_after_max_instances(fleet: Any) ->
 
 async def test_a_new_agents_unit_gets_a_second_instance_at_once_that_runs_in_parallel(fleet: Any) -> None:
     f = await fleet(validation_quorum=2)
-    job_id = await f.submit(1)
+    job_id = await f.submit(3)
     [ta] = await f.lease("a")                  # a has no record: its unit is replicated now, not after
-    assert (await f.board.job_view(job_id))["n_tasks"] == 2
-    [tb] = await f.lease("b")                  # runs while a's instance runs
+    assert ta.idx == 0 and (await f.board.job_view(job_id))["n_tasks"] == 4
+    [tb] = await f.lease("b")                  # first in line, ahead of units 1 and 2: runs alongside a's
     assert tb.idx == 0 and await f.state(ta.task_id) == TaskState.LEASED
     assert (await f.report("b", tb))["status"] == "pending"
     assert (await f.report("a", ta))["status"] == "accepted"
-    assert (await f.board.job_view(job_id))["state"] == "succeeded"
+    [record] = await f.board.store.get_validations(job_id)
+    assert record.unit == 0 and set(record.agents) == {f.id("a"), f.id("b")}
     assert f.board.trust.reputation.row(f.id("a"), "sleep").consecutive_valid == 1
 
 

@@ -80,13 +80,17 @@ def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(["mixed", "honest"]),
               help="Scenarios to run (default: both).")
+@click.option("--fixed-quorum", "fixed", is_flag=True,
+              help="Mixed fleet with every unit replicated (quorum 2, not adaptive), for comparison.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_integrity(units: int, agents: int, seed: int, scenarios: tuple[str, ...], as_json: bool) -> None:
+def bench_integrity(units: int, agents: int, seed: int, scenarios: tuple[str, ...], fixed: bool,
+                    as_json: bool) -> None:
     """Result validation against simulated cheaters (real Board + SQLite, virtual time): wrong answers
     accepted, tasks until a cheater is caught, false rejections, compute overhead on an honest fleet."""
     from agent.tools.bench_integrity import run_integrity_bench
 
-    _print_result(run_integrity_bench(units, agents, seed, scenarios=scenarios or ("mixed", "honest")), as_json)
+    _print_result(run_integrity_bench(units, agents, seed, scenarios=scenarios or ("mixed", "honest"), fixed=fixed),
+                  as_json)
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:

@@ -86,7 +86,9 @@ class Clock:
 
 
 class Run:
-    def __init__(self, root: Path, units: int, seed: int, config: HubConfig) -> None:
+    def __init__(self, root: Path, units: int, seed: int, config: HubConfig,
+                 validation: dict[str, Any] | None = None) -> None:
+        self.validation = validation or {}
         self.rng = random.Random(seed)
         self.clock = Clock()
         self.board = Board(SqliteStore(root / "board.db"), config, self.clock)
@@ -108,7 +110,9 @@ class Run:
             seeds = list(range(self.submitted, self.submitted + n))
             m = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": f"b{len(self.jobs)}"},
                                     "spec": {"task": "matmul", "params": {"size": 64, "iterations": 1},
-                                             "sweep": {"seed": seeds}, "policy": {"retries": 2}}},
+                                             "sweep": {"seed": seeds},
+                                             "policy": {"retries": 2, **({"validation": self.validation}
+                                                                         if self.validation else {})}}},
                                    max_tasks=UNITS_PER_JOB)
             job, _ = await self.board.submit(make_envelope(self.user, m), self.user.id)
             self.jobs.append(job.id)
@@ -136,9 +140,11 @@ class Run:
     def active(self) -> bool:
         return self.submitted < self.units or len(self.board._queues) > 0
 
-    async def canonical(self) -> tuple[int, int, int]:
-        """(units validated, wrong answers among them, units without consensus)."""
+    async def canonical(self, who: dict[str, str]) -> tuple[int, int, int, dict[str, int]]:
+        """(units validated, wrong answers among them, units without consensus, the wrong ones by who
+        agreed on them and the quorum they needed: 1 is a trusted agent's unreplicated result)."""
         validated = wrong = none = 0
+        by: Counter[str] = Counter()
         for job_id in self.jobs:
             for v in await self.board.store.get_validations(job_id):
                 if v.state != "validated":
@@ -149,12 +155,13 @@ class Run:
                 values = v.detail.get("values") or {}
                 if abs(float(values.get("checksum", 0.0)) - right["checksum"]) > 1e-4 * right["abs_sum"]:
                     wrong += 1
-        return validated, wrong, none
+                    by["+".join(sorted(who.get(a, "?") for a in v.agents)) + f" (quorum {v.quorum})"] += 1
+        return validated, wrong, none, dict(by)
 
 
-async def _mixed(root: Path, units: int, seed: int, agents: int) -> dict[str, Any]:
+async def _mixed(root: Path, units: int, seed: int, agents: int, fixed: bool) -> dict[str, Any]:
     config = HubConfig(validation_quorum=2, lease_ttl_s=1e9, expiry_interval_s=1e9, max_tasks_per_job=UNITS_PER_JOB)
-    run = Run(root, units, seed, config)
+    run = Run(root, units, seed, config, {"quorum": 2, "adaptive": False} if fixed else None)
     await run.board.start()
     cheaters = [Sim("always", "always"), Sim("stale", "stale"), Sim("collude-a", "collude"),
                 Sim("collude-b", "collude"), Sim("one-percent", "rate", 0.01), Sim("one-percent", "rate", 0.01)]
@@ -164,7 +171,7 @@ async def _mixed(root: Path, units: int, seed: int, agents: int) -> dict[str, An
     for n, sim in enumerate(sims):
         await run.join(sim, n)
     catches: list[int] = []
-    censored: list[int] = []
+    retired: list[Sim] = []
     trust = run.board.trust
     started = time.perf_counter()
     joined = len(sims)
@@ -175,6 +182,7 @@ async def _mixed(root: Path, units: int, seed: int, agents: int) -> dict[str, An
         for i, sim in enumerate(sims):
             if sim.behaviour == "rate" and sim.rate == 0.10 and trust.invalid_counts.get(sim.identity.id):
                 catches.append(sim.results)       # caught: it leaves, a new 10% cheater joins
+                retired.append(sim)
                 fresh = Sim("ten-percent", "rate", 0.10)
                 sims[i] = fresh
                 await run.join(fresh, joined)
@@ -183,15 +191,17 @@ async def _mixed(root: Path, units: int, seed: int, agents: int) -> dict[str, An
             break
     elapsed = time.perf_counter() - started
     censored = [s.results for s in sims if s.behaviour == "rate" and s.rate == 0.10]
-    validated, wrong, none = await run.canonical()
+    who = {s.identity.id: s.name for s in sims + retired}
+    validated, wrong, none, wrong_by = await run.canonical(who)
     false_rejections = sum(trust.invalid_counts.get(s.identity.id, 0) for s in honest)
     caught = sorted(catches)
     within_100 = sum(1 for c in caught if c <= 100)
     never = sum(1 for c in censored if c > 100)   # still uncaught after more than 100 tasks
     await run.board.stop()
     return {
-        "agents": agents, "units": units, "units_validated": validated, "units_no_consensus": none,
-        "results_signed": run.results, "wrong_canonical": wrong,
+        "agents": agents, "units": units, "replication": "fixed quorum 2" if fixed else "adaptive",
+        "units_validated": validated, "units_no_consensus": none,
+        "results_signed": run.results, "wrong_canonical": wrong, "wrong_canonical_by": wrong_by,
         "false_rejections_of_honest_results": false_rejections,
         "ten_percent_cheaters_caught": len(caught),
         "ten_percent_tasks_until_caught_p50": statistics.median(caught) if caught else None,
@@ -233,12 +243,12 @@ async def _honest(root: Path, units: int, seed: int, agents: int, warmup: float)
 
 
 def run_integrity_bench(units: int = 100_000, agents: int = 100, seed: int = 1, warmup: float = 0.2,
-                        scenarios: tuple[str, ...] = ("mixed", "honest")) -> dict[str, Any]:
+                        scenarios: tuple[str, ...] = ("mixed", "honest"), fixed: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for scenario in scenarios:
         with tempfile.TemporaryDirectory(prefix="panal-integrity-", dir=_fast_dir()) as tmp:
             if scenario == "mixed":
-                out["mixed"] = asyncio.run(_mixed(Path(tmp), units, seed, agents))
+                out["mixed"] = asyncio.run(_mixed(Path(tmp), units, seed, agents, fixed))
             else:
                 out["honest"] = asyncio.run(_honest(Path(tmp), units, seed, agents, warmup))
     return out

@@ -222,8 +222,11 @@ class Trust:
         return task
 
     async def add_rows(self, job: JobRow, rows: list[TaskRow]) -> None:
+        """Store new instance rows and queue them first in their job's line: a second instance should run
+        alongside the first, not after the rest of the job's units."""
         await self.store.add_tasks(rows, [job])
         self.queues.add_tasks(rows)
+        self.queues.restore(self.queues.withhold(row.id for row in rows))
 
     # -- judging ----------------------------------------------------------------------------------------
     def judge(self, job: JobRow, task: TaskRow, result: ResultRow) -> Verdict:
