@@ -128,12 +128,14 @@ class Board:
             self._queues.add_job(job)
         self._queues.add_tasks(tasks)
         self._leases.restore(tasks, now)
-        for task in tasks:   # a result held for validation lived in memory only: its instance runs again
+        await self.trust.start(jobs, tasks)   # (who ran which instance, from the rows, before the loop below)
+        # A result held for validation lives in memory only; its row stays stored as leased, so the restored
+        # lease expires and the instance runs again. A row stored while held (no lease) is requeued here.
+        for task in tasks:
             if task.state == TaskState.LEASED and not task.lease_id:
                 self._queues.set_state(task, TaskState.QUEUED)
                 task.agent_id = None
-                self._queues.enqueue(task)
-        await self.trust.start(jobs, tasks)
+                self._queues.enqueue(task, front=True)
         for job in jobs:
             await self._maybe_finish(job.id, [])
         self._sweeper = run_every(self.config.expiry_interval_s, self.sweep, "lease sweep")

@@ -269,3 +269,23 @@ async def test_an_agent_far_slower_than_its_claim_is_placed_by_the_observed_spee
     await f.board.register_agent(liar.public, "boaster", Capabilities.from_dict(
         {"kinds": ["matmul"], "cpu": {"cores": 4, "gflops_fp32": 50_000.0}}))
     assert f.board.view.agents[f.id("a")].caps.cpu_gflops < 3     # claiming again changes nothing
+
+
+async def test_an_instance_held_for_validation_runs_again_after_a_restart(fleet: Any) -> None:
+    f = await fleet()
+    job_id = await f.submit(1, validation={"quorum": 2, "adaptive": False})
+    [ta] = await f.lease("a")
+    assert (await f.report("a", ta))["status"] == "pending"     # held in memory only
+    await f.board.stop()
+    f = await fleet()
+    clock = f.board.clock
+    assert isinstance(clock, Clock)
+    clock.now += 60                            # the restored lease of a's instance runs out: requeued
+    await f.board.sweep()
+    assert await f.lease("a") == []            # a ran an instance of this unit: it gets neither again
+    [tb] = await f.lease("b")
+    [tc] = await f.lease("c")
+    assert {tb.task_id, tc.task_id} == {f"{job_id}.0", f"{job_id}.1"}
+    await f.report("b", tb)
+    assert (await f.report("c", tc))["status"] == "accepted"
+    assert (await f.board.job_view(job_id))["state"] == "succeeded"
