@@ -14,6 +14,7 @@ from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
 from hub.http import error_middleware, int_query, read_body, reply
+from hub.intake import hub_limits
 from hub.metrics import add_metrics
 from hub.openapi import add_openapi
 from hub.records import JobState
@@ -100,6 +101,9 @@ class Api:
         await self.board.release(agent_id, task_id, release.lease_id)
         return reply(request, Released(task_id).encode())
 
+    async def limits(self, request: web.Request) -> web.Response:
+        return reply(request, hub_limits(self.config))
+
     # -- submitters -----------------------------------------------------------------------------
     async def submit(self, request: web.Request) -> web.Response:
         data, body = await read_body(request)
@@ -183,6 +187,7 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}/tasks", api.job_tasks)
     app.router.add_get("/v1/jobs/{job_id}/results", api.job_results)
     app.router.add_delete("/v1/jobs/{job_id}", api.cancel)
+    app.router.add_get("/v1/limits", api.limits)   # public: what a job may ask of this hub
     add_status_routes(app, board, config)   # GET /, /static, /v1/status, /v1/events, /v1/jobs/{id}/public
     add_metrics(app, board)                  # GET /metrics and the request-timing middleware
     add_openapi(app)                         # GET /v1/openapi.json

@@ -48,11 +48,12 @@ from hub.readmodel import BoardView
 from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.retries import Retries
 from hub.store import Store
+from hub.submitter_faults import SubmitterFaults, is_submitter_fault
 from hub.trust.trust import Trust
 from jobs.errors import FailureClass
 from jobs.protocol import Assignment, HeartbeatLease, HeartbeatReply, Outcome, ResultItem, ResultOutcome
 from jobs.requirements import Capabilities
-from security.errors import Forbidden, NotFound, PanalError
+from security.errors import Forbidden, NotFound, PanalError, PayloadTooLarge
 from security.identity import PublicKey
 
 __all__ = ["AgentState", "Board"]
@@ -88,6 +89,9 @@ class Board:
         self.memory_hint = MemoryHint(self._fleet)
         self.add_observer(self.memory_hint)
         self._dispatcher.add_holdback(self.memory_hint)
+        # A submitter fault (invalid_params, unsupported) fails a task only once different agents agree.
+        self.submitter_faults = SubmitterFaults(config.submitter_fault_confirmations, self._fleet, self._queues, clock)
+        self._dispatcher.add_holdback(self.submitter_faults)
         self._dispatcher.add_holdback(self.trust)
         self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
         self._sweeper: asyncio.Task[None] | None = None
@@ -253,6 +257,7 @@ class Board:
         elif changed or jobs:
             await self.store.save_tasks(changed, jobs)
         if finishing:
+            self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
             self._finished.pop(job_id, asyncio.Event()).set()   # wakes its waiters, if any
@@ -332,11 +337,18 @@ class Board:
             task.error, task.error_class, task.updated_at = "the job's deadline passed before it ran", "deadline", now
             changed.setdefault(task.job_id, []).append(task)
         for task in self._leases.expired(now):
-            log.info("lease of task %s on agent %s expired (attempt %d)", task.id, task.agent_id, task.attempt)
+            if self._leases.timed_out(task, now):   # heartbeated, but past the task's timeout + grace
+                failure, why = FailureClass.TIMEOUT, (
+                    f"the task ran past its timeout ({self._queues.job(task.job_id).timeout_s:g} s) and the "
+                    f"hub's grace ({self.config.lease_timeout_grace_s:g} s): the board ended the lease")
+            else:
+                failure, why = FailureClass.AGENT_LOST, "the agent stopped heartbeating (lease expired)"
+            log.info("lease of task %s on agent %s ended: %s (attempt %d)", task.id, task.agent_id, failure.value,
+                     task.attempt)
             self._stats["expired"] += 1
             self._emit("lease_expired", task=task.id, agent=task.agent_id)
-            self._settled(task.agent_id or "?", task, False, FailureClass.AGENT_LOST.value, {})
-            self._retries.fail_attempt(task, FailureClass.AGENT_LOST, "the agent stopped heartbeating (lease expired)")
+            self._settled(task.agent_id or "?", task, False, failure.value, {})
+            self._retries.fail_attempt(task, failure, why)
             changed.setdefault(task.job_id, []).append(task)
             woke = True
         for job_id, tasks in changed.items():
@@ -361,6 +373,9 @@ class Board:
             if isinstance(found, ResultOutcome):   # seen before: a re-send waits for the original's commit
                 waits += self._ledger.in_flight(found)
                 outcomes.append(found)
+            elif (too_large := self._oversized(receipt)) is not None:
+                self._fail(found, agent.row.id, FailureClass.ERROR, too_large.message, {}, staged)
+                outcomes.append(self._ledger.refused(item, too_large))
             else:
                 outcomes.append(self._settle(agent, found, receipt, staged))
         await self._ledger.commit(staged, self._maybe_finish)
@@ -370,6 +385,16 @@ class Board:
         if staged:
             self._dispatcher.wake()
         return outcomes
+
+    def _oversized(self, receipt: Receipt) -> PayloadTooLarge | None:
+        """A result record past ``max_result_bytes`` (outputs belong in blobs): refused, and the attempt
+        fails (retried elsewhere), so an honest agent is not left holding a lease it cannot settle."""
+        size = len(receipt.record.get("payload") or b"")
+        if size <= self.config.max_result_bytes:
+            return None
+        return PayloadTooLarge(f"the result record of task {receipt.task_id} is {size} bytes; this hub accepts "
+                               f"at most {self.config.max_result_bytes} (max_result_bytes): outputs go through "
+                               "blobs", code="result_too_large")
 
     def _settle(self, agent: AgentState, task: TaskRow, receipt: Receipt, staged: Staged) -> ResultOutcome:
         """Apply a result for a task the agent holds: a failure report, or the validator's verdict."""
@@ -434,11 +459,14 @@ class Board:
               staged: Staged) -> None:
         """The agent's attempt gave no answer: observers hear it, then the task is retried or fails."""
         agent = self.agents.get(agent_id)
-        if agent is not None:
-            agent.failed += 1
         self._settled(agent_id, task, False, failure.value, metrics)
-        self._retries.fail_attempt(task, failure, message)
         staged.setdefault(task.job_id, ([], []))[0].append(task)
+        if is_submitter_fault(failure):   # the work's fault, if true: never the volunteer's error rate
+            if self.submitter_faults.intercept(task, agent_id, failure, message, self._retries):
+                return
+        elif agent is not None:
+            agent.failed += 1
+        self._retries.fail_attempt(task, failure, message)
 
     def _settled(self, agent_id: str, task: TaskRow, ok: bool, failure: str | None, metrics: dict[str, Any]) -> None:
         job = self._queues.job(task.job_id)

@@ -56,6 +56,20 @@ class HubConfig:
     quarantine_failure_ratio: float = 0.8
     quarantine_base_s: float = 60.0
     quarantine_max_s: float = 3600.0
+    #: lease bounds (hub/leases.py): an agent holds at most its advertised ``slots`` (capability report) and
+    #: never more than ``max_slots_per_agent``; a lease ends ``lease_timeout_grace_s`` after the task's
+    #: timeout whatever the heartbeats say (the grace covers fetching inputs and uploading outputs)
+    max_slots_per_agent: int = 64
+    lease_timeout_grace_s: float = 120.0
+    #: the largest signed result record (values, metrics, output digests); outputs go through blobs
+    max_result_bytes: int = 256 * 1024
+    #: submitter faults (invalid_params, unsupported) fail a task only once this many different agents
+    #: report one (hub/submitter_faults.py); 1 trusts the first report (a LAN board with one agent)
+    submitter_fault_confirmations: int = 2
+    #: upper limits on a job's ``spec.resources`` (a submission over them is refused; ``panal validate
+    #: --hub`` reports them): the longest task timeout and the largest per-task memory cap
+    max_task_timeout_s: float = 7 * 86400.0
+    max_task_memory_gb: float = 256.0
     #: result validation (hub/trust/): the quorum of a job whose manifest gives no policy.validation
     #: (1: each result is accepted alone, right for a private board; a public board sets 2)
     validation_quorum: int = 1

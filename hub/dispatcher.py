@@ -69,12 +69,13 @@ class Dispatcher:
 
     async def pick(self, agent: AgentState, slots: int, wait_s: float) -> list[TaskRow]:
         """Up to ``slots`` tasks for the agent, taken from the queues; waits up to ``wait_s`` for the first."""
-        slots = self._leases.allowance(agent, slots)
         deadline = time.monotonic() + min(max(wait_s, 0.0), self.config.max_poll_wait_s)
         while True:
-            if not self.leasing or slots == 0 or self._leases.refusal(agent):
+            # Asked again after each wait: a concurrent request of the same agent may have filled it.
+            allowed = self._leases.allowance(agent, slots)
+            if not self.leasing or allowed == 0 or self._leases.refusal(agent):
                 return []
-            picked = self._pick_now(agent, slots)
+            picked = self._pick_now(agent, allowed)
             if picked:
                 return picked
             left = deadline - time.monotonic()

@@ -15,11 +15,11 @@ from hub.config import HubConfig
 from hub.records import JobRow, JobState, TaskRow
 from hub.trust.policy import ValidationPolicy
 from jobs.catalog import get_kind
-from jobs.manifest import Manifest
+from jobs.manifest import DEFAULT_MEMORY_GB, Manifest
 from security.errors import BadRequest, Forbidden
 from security.records import SignedRecord
 
-__all__ = ["Envelope", "new_job"]
+__all__ = ["Envelope", "hub_limits", "new_job", "over_limits"]
 
 
 class Envelope:
@@ -38,6 +38,10 @@ class Envelope:
 def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now: float) -> tuple[JobRow, list[TaskRow]]:
     """The job and its queued tasks (raises on a bad manifest or a missing input)."""
     manifest = Manifest.from_dict(envelope.payload.get("manifest"), max_tasks=config.max_tasks_per_job)
+    over = over_limits(manifest, config)
+    if over:
+        raise BadRequest("; ".join(f"{path}: {message}" for path, message in over), code="over_hub_limit",
+                         details=[{"path": path, "message": message} for path, message in over])
     _check_blobs(manifest, blobs)
     job_id = envelope.job_id
     policy = ValidationPolicy.resolve(manifest.validation, manifest.replicas, get_kind(manifest.kind),
@@ -45,7 +49,8 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now:
     job = JobRow(id=job_id, name=manifest.name, submitter_id=envelope.signer_id, kind=manifest.kind,
                  priority=manifest.priority, state=JobState.QUEUED, created_at=now,
                  n_tasks=manifest.n_tasks, envelope=envelope.record.to_wire(),
-                 requires=manifest.requires.to_dict(), timeout_s=manifest.timeout_s,
+                 requires={**manifest.requires.to_dict(), "task_memory_gb": manifest.memory_cap_gb},
+                 timeout_s=manifest.timeout_s,
                  max_attempts=manifest.retries + 1,
                  deadline_at=now + manifest.deadline_s if manifest.deadline_s else None,
                  labels=manifest.labels)
@@ -59,6 +64,27 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now:
                           updated_at=now, unit=i) for i, params in enumerate(points)]
     job.n_tasks = len(tasks)
     return job, tasks
+
+
+def hub_limits(config: HubConfig) -> dict[str, Any]:
+    """What this hub allows a job (``GET /v1/limits``; ``panal validate --hub`` checks against it)."""
+    return {"max_task_timeout_s": config.max_task_timeout_s, "max_task_memory_gb": config.max_task_memory_gb,
+            "default_task_memory_gb": DEFAULT_MEMORY_GB, "max_tasks_per_job": config.max_tasks_per_job,
+            "max_result_bytes": config.max_result_bytes}
+
+
+def over_limits(manifest: Manifest, limits: HubConfig | dict[str, Any]) -> list[tuple[str, str]]:
+    """The ``spec.resources`` a hub's limits refuse, as (field path, message) pairs."""
+    values = hub_limits(limits) if isinstance(limits, HubConfig) else limits
+    most_s, most_gb = float(values["max_task_timeout_s"]), float(values["max_task_memory_gb"])
+    over = []
+    if manifest.timeout_s > most_s:
+        over.append(("spec.resources.timeout", f"{manifest.timeout_s:g} s is over this hub's limit of {most_s:g} s "
+                     "(max_task_timeout_s)"))
+    if manifest.memory_cap_gb > most_gb:
+        over.append(("spec.resources.max_memory_gb", f"{manifest.memory_cap_gb:g} GB is over this hub's limit of "
+                     f"{most_gb:g} GB (max_task_memory_gb)"))
+    return over
 
 
 def _check_blobs(manifest: Manifest, blobs: BlobStore | None) -> None:

@@ -4,11 +4,19 @@ A lease has a TTL; a heartbeat extends it (in memory only: after a restart each 
 fresh TTL, which is as good as a heartbeat) and carries progress and the latest checkpoint. The
 sweep finds leases past their expiry. Gates (:class:`~hub.protocols.LeaseGate`) may refuse an agent
 work; this is the one place that decides how much work an agent may hold.
+
+Bounds the board enforces whatever an agent says: an agent holds at most its advertised ``slots``
+(and never more than ``max_slots_per_agent``), counting what it holds already, so asking again and
+again gets it nothing more; and a lease ends at the task's timeout plus ``lease_timeout_grace_s``
+however often it is heartbeated (its *hard end*): an agent that heartbeats forever loses the task,
+which is retried or failed as a timeout. The hard end lives in memory: after a restart each lease
+gets a fresh one (the outage is not the agent's fault).
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 
@@ -19,10 +27,14 @@ from hub.protocols import LeaseGate
 from hub.queues import JobQueues
 from hub.records import TaskRow, TaskState
 from hub.store import LeaseWrite
+from jobs.checkpoints import verify_checkpoint
 from jobs.protocol import Assignment, HeartbeatLease, LossReason, LostLease
+from security.errors import PanalError
 from security.records import SignedRecord
 
 __all__ = ["LeaseTable"]
+
+log = logging.getLogger(__name__)
 
 
 class LeaseTable:
@@ -35,6 +47,7 @@ class LeaseTable:
         self._agents = fleet.agents
         self._expiry: list[tuple[float, str, str]] = []     # (expires at, task id, lease id)
         self._gates: list[LeaseGate] = []
+        self._hard_end: dict[str, float] = {}               # task id -> its lease ends then, heartbeats or not
 
     # -- who may have work --------------------------------------------------------------------------
     def add_gate(self, gate: LeaseGate) -> None:
@@ -44,9 +57,19 @@ class LeaseTable:
         if gate in self._gates:
             self._gates.remove(gate)
 
+    def capacity(self, agent: AgentState) -> int:
+        """How many tasks the agent may hold at once: its advertised slots, within the hub's cap."""
+        cap = max(self.config.max_slots_per_agent, 1)
+        value = agent.caps.raw.get("slots")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return max(1, min(int(value), cap))
+        return cap
+
     def allowance(self, agent: AgentState, slots: int) -> int:
-        """How many tasks the agent may get in one lease request."""
-        return max(0, min(slots, self.config.max_tasks_per_lease))
+        """How many tasks the agent may get in one lease request: what it asked, within one request's
+        cap and the free part of its capacity (what it holds already counts)."""
+        free = self.capacity(agent) - len(agent.running)
+        return max(0, min(slots, self.config.max_tasks_per_lease, free))
 
     def refusal(self, agent: AgentState) -> str | None:
         """The first gate's reason to give the agent no work now (also noted on the agent), or None."""
@@ -56,9 +79,10 @@ class LeaseTable:
     # -- granting and ending ------------------------------------------------------------------------
     def grant(self, agent: AgentState, tasks: Sequence[TaskRow], now: float) -> list[LeaseWrite]:
         """Lease ``tasks`` to the agent; the writes to commit before anyone is told."""
-        expires = now + self.config.lease_ttl_s
         writes = []
         for task in tasks:
+            hard_end = self._start_hard_end(task, now)
+            expires = min(now + self.config.lease_ttl_s, hard_end)
             self.set_state(task, TaskState.LEASED)
             task.lease_id, task.agent_id, task.lease_expires_at, task.updated_at = (
                 secrets.token_hex(8), agent.row.id, expires, now)
@@ -85,6 +109,7 @@ class LeaseTable:
             if task.state != TaskState.LEASED or not task.lease_id:
                 continue
             task.lease_expires_at = max(task.lease_expires_at or 0.0, now + self.config.lease_ttl_s)
+            self._start_hard_end(task, now)
             heapq.heappush(self._expiry, (task.lease_expires_at, task.id, task.lease_id))
             agent = self._agents.get(task.agent_id or "")
             if agent is not None:
@@ -96,7 +121,17 @@ class LeaseTable:
             self._vacate(task)
         self._queues.set_state(task, state)
 
+    def _start_hard_end(self, task: TaskRow, now: float) -> float:
+        hard_end = now + self._queues.job(task.job_id).timeout_s + self.config.lease_timeout_grace_s
+        self._hard_end[task.id] = hard_end
+        return hard_end
+
+    def timed_out(self, task: TaskRow, now: float) -> bool:
+        """Whether the task's lease ran into its hard end (the task's timeout plus the grace)."""
+        return now >= self._hard_end.get(task.id, float("inf"))
+
     def _vacate(self, task: TaskRow) -> None:
+        self._hard_end.pop(task.id, None)
         agent = self._agents.get(task.agent_id or "")
         if agent is not None:
             agent.running.discard(task.id)
@@ -111,9 +146,10 @@ class LeaseTable:
         job = self._queues.job(task.job_id)
         assert task.lease_id is not None
         # the unit's index: an agent checks the params against that point of the signed manifest
+        record = SignedRecord.from_wire(task.checkpoint_record) if task.checkpoint_record else None
         return Assignment(task.id, job.id, task.unit_idx, task.lease_id, task.attempt, job.kind, task.params,
                           job.timeout_s, self.config.lease_ttl_s, SignedRecord.from_wire(job.envelope),
-                          task.checkpoint)
+                          task.checkpoint, record)
 
     def holds(self, task: TaskRow | None, agent_id: str, lease_id: object) -> bool:
         return task is not None and task.state == TaskState.LEASED and task.lease_id == lease_id \
@@ -122,7 +158,7 @@ class LeaseTable:
     # -- heartbeats and expiry ----------------------------------------------------------------------
     def heartbeat(self, agent_id: str, leases: Sequence[HeartbeatLease]) -> tuple[list[LostLease], list[TaskRow]]:
         """Extend the caller's leases: the ones it no longer holds, and the tasks with a new checkpoint."""
-        expires = self.clock() + self.config.lease_ttl_s
+        now = self.clock()
         lost: list[LostLease] = []
         checkpoints: list[TaskRow] = []
         for item in leases:
@@ -133,15 +169,29 @@ class LeaseTable:
                 continue
             if item.progress is not None:
                 task.progress = min(max(float(item.progress), 0.0), 1.0)
-            checkpoint = item.checkpoint
-            if checkpoint is not None and checkpoint != task.checkpoint and \
-                    (self._blobs is None or self._blobs.exists(checkpoint)):
-                task.checkpoint = checkpoint
+            if item.checkpoint is not None and item.checkpoint != task.checkpoint and self._checkpoint_ok(task, item):
+                assert item.checkpoint_record is not None
+                task.checkpoint, task.checkpoint_record = item.checkpoint, item.checkpoint_record.to_wire()
                 checkpoints.append(task)
+            expires = min(now + self.config.lease_ttl_s, self._hard_end.get(task.id, float("inf")))
             task.lease_expires_at = expires
             assert task.lease_id is not None
             heapq.heappush(self._expiry, (expires, task.id, task.lease_id))
         return lost, checkpoints
+
+    def _checkpoint_ok(self, task: TaskRow, item: HeartbeatLease) -> bool:
+        """A checkpoint counts only with the lessee's signed record of it, for this task and the attempt
+        it holds, naming a blob the board has (else it is ignored: the task keeps its last good one)."""
+        if item.checkpoint_record is None:
+            log.warning("task %s: checkpoint %s comes without a signed record: ignored", task.id, item.checkpoint)
+            return False
+        try:
+            verify_checkpoint(item.checkpoint_record, task.id, sha256=item.checkpoint, attempt=task.attempt,
+                              signer=task.agent_id)
+        except PanalError as exc:
+            log.warning("task %s: checkpoint refused: %s", task.id, exc.message)
+            return False
+        return self._blobs is None or self._blobs.exists(item.checkpoint or "")
 
     def expired(self, now: float) -> list[TaskRow]:
         """Tasks whose lease has run out (not settled, re-leased or extended since)."""

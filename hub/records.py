@@ -84,6 +84,8 @@ class TaskRow:
     progress: float = 0.0
     updated_at: float = 0.0
     checkpoint: str | None = None      # sha256 of the latest checkpoint blob (resume on requeue)
+    #: the lessee's signed record of that checkpoint (jobs/checkpoints.py), as on the wire
+    checkpoint_record: dict[str, Any] | None = None
     #: the logical unit (sweep point) this row is an instance of; None: its own index. Instances of one
     #: unit share params and are compared by the board's validator (hub/trust/)
     unit: int | None = None

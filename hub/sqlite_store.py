@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL,
     params BLOB NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, lease_id TEXT, agent_id TEXT,
     lease_expires_at REAL, error TEXT, error_class TEXT, progress REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL, checkpoint TEXT);
+    updated_at REAL NOT NULL, checkpoint TEXT, checkpoint_record BLOB);
 CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job_id, idx);
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT PRIMARY KEY REFERENCES tasks(id), job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
@@ -71,8 +71,6 @@ CREATE TABLE IF NOT EXISTS trust_bans (
     agent_id TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL, until REAL NOT NULL);
 """
 
-#: columns added after the first release: (table, column, declaration); an older database gets them at open
-_ADDED_COLUMNS = (("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"))
 
 _STOP = object()
 
@@ -104,9 +102,7 @@ class SqliteStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(SCHEMA)
-        for table, column, declaration in _ADDED_COLUMNS:   # upgrade a database from before the column
-            if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        _upgrade(conn)
         conn.executescript(TRUST_SCHEMA)
         return conn
 
@@ -349,7 +345,7 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 _JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
              "timeout_s, max_attempts, deadline_at, finished_at, error, labels, validation")
 _TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
-              "error_class, progress, updated_at, checkpoint, unit")
+              "error_class, progress, updated_at, checkpoint, checkpoint_record, unit")
 
 
 def _marks(columns: str) -> str:
@@ -371,21 +367,41 @@ def _job(r: Sequence[Any]) -> JobRow:
 
 def _task_values(t: TaskRow) -> tuple[Any, ...]:
     return (t.id, t.job_id, t.idx, _pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
-            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint, t.unit)
+            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint,
+            _pack_optional(t.checkpoint_record), t.unit)
 
 
 def _task(r: Sequence[Any]) -> TaskRow:
     return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=_unpack(r[3]), state=TaskState(r[4]),
                    attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
-                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13], unit=r[14])
+                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13],
+                   checkpoint_record=_unpack(r[14]) if r[14] is not None else None, unit=r[15])
 
 
 def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
     c.executemany(
         "UPDATE tasks SET state=?, attempt=?, lease_id=?, agent_id=?, lease_expires_at=?, error=?, "
-        "error_class=?, progress=?, updated_at=?, checkpoint=? WHERE id=?",
+        "error_class=?, progress=?, updated_at=?, checkpoint=?, checkpoint_record=? WHERE id=?",
         [(t.state.value, t.attempt, t.lease_id, t.agent_id, t.lease_expires_at, t.error, t.error_class,
-          t.progress, t.updated_at, t.checkpoint, t.id) for t in tasks])
+          t.progress, t.updated_at, t.checkpoint, _pack_optional(t.checkpoint_record), t.id) for t in tasks])
+
+
+# -- provenance (checkpoint records): columns added to databases of earlier versions ----------------------
+_ADDED_COLUMNS = (("tasks", "checkpoint_record", "BLOB"),
+                  # result validation (hub/trust/): the unit a row is an instance of, a job's validation policy
+                  ("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"))
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Add the columns a database made by an earlier version lacks (its rows keep NULL there)."""
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
+def _pack_optional(value: Any) -> bytes | None:
+    return None if value is None else _pack(value)
 
 
 def _update_jobs(c: sqlite3.Connection, jobs: Sequence[JobRow]) -> None:

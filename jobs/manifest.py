@@ -25,10 +25,18 @@ from jobs.requirements import Requirements
 from jobs.yamlpos import Document, load_documents, path_text
 from security.errors import BadRequest
 
-__all__ = ["DEFAULT_MAX_TASKS", "Manifest", "ManifestError", "load_manifests", "manifest_schema",
-           "parse_duration"]
+__all__ = ["DEFAULT_MAX_TASKS", "DEFAULT_MEMORY_GB", "MAX_MEMORY_GB", "MAX_TIMEOUT_S", "Manifest", "ManifestError",
+           "load_manifests", "manifest_schema", "parse_duration"]
 
 DEFAULT_MAX_TASKS = 10_000
+#: Absolute bounds of ``spec.resources`` (a hub may set lower ones, hub.yaml): no machine a volunteer runs
+#: has 4 TiB of RAM, and no single task should hold a lease for more than 30 days (checkpoint and split it).
+MAX_MEMORY_GB = 4096.0
+MAX_TIMEOUT_S = 30 * 86400.0
+#: The memory cap of a task whose manifest names none: half of an 8 GB laptop, a quarter of a 16 GB
+#: desktop, so an undeclared task cannot take a volunteer's machine down (a matmul 32768 fp64 would grow
+#: to ~17 GB), yet enough for the kinds' default parameters. A task that needs more says so.
+DEFAULT_MEMORY_GB = 4.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _DURATION_SCHEMA = {"type": ["number", "string"], "pattern": _DURATION.pattern, "minimum": 0}
@@ -82,7 +90,7 @@ _BASE_SCHEMA: dict[str, Any] = {
                     "additionalProperties": False,
                     "properties": {
                         "timeout": _DURATION_SCHEMA,
-                        "max_memory_gb": {"type": "number", "exclusiveMinimum": 0},
+                        "max_memory_gb": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_MEMORY_GB},
                     },
                 },
                 "policy": {
@@ -158,6 +166,11 @@ class Manifest:
     inputs: dict[str, InputRef] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     base_dir: Path | None = None   # where relative input paths are (the manifest file's folder)
+
+    @property
+    def memory_cap_gb(self) -> float:
+        """The memory a task of this job may use: its ``max_memory_gb``, else :data:`DEFAULT_MEMORY_GB`."""
+        return float(self.max_memory_gb) if self.max_memory_gb else DEFAULT_MEMORY_GB
 
     @property
     def n_tasks(self) -> int:
@@ -310,7 +323,7 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str,
     check_inputs(kind, parse_inputs(spec.get("inputs", {})), errors)
     for key in ("timeout",):
         if key in spec.get("resources", {}):
-            _check_duration(spec["resources"][key], f"spec.resources.{key}", errors)
+            _check_duration(spec["resources"][key], f"spec.resources.{key}", errors, MAX_TIMEOUT_S)
     if "deadline" in spec.get("policy", {}):
         _check_duration(spec["policy"]["deadline"], "spec.policy.deadline", errors)
     validation = spec.get("policy", {}).get("validation", {})
@@ -343,11 +356,14 @@ def _unknown(path: str, key: str, schema: Mapping[str, Any]) -> str:
     return f"unknown field {key!r}" + (f" (expected one of: {known})" if known else "")
 
 
-def _check_duration(value: Any, path: str, errors: list[tuple[str, str]]) -> None:
+def _check_duration(value: Any, path: str, errors: list[tuple[str, str]], most_s: float | None = None) -> None:
     try:
-        parse_duration(value)
+        seconds = parse_duration(value)
     except BadRequest:
         errors.append((path, f"expected a duration like 90s, 10m or 6h, got {json.dumps(value)}"))
+        return
+    if most_s is not None and seconds > most_s:
+        errors.append((path, f"{json.dumps(value)} is longer than the most any hub allows ({most_s / 86400:g}d)"))
 
 
 def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manifest]:

@@ -182,19 +182,26 @@ class Assignment:
     lease_ttl_s: float
     envelope: SignedRecord
     checkpoint: str | None = None      # sha256 of a previous attempt's checkpoint blob, to resume from
+    #: its writer's signed record (jobs/checkpoints.py): the agent verifies it before resuming
+    checkpoint_record: SignedRecord | None = None
 
     def encode(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "job_id": self.job_id, "idx": self.idx, "lease_id": self.lease_id,
-                "attempt": self.attempt, "kind": self.kind, "params": self.params, "timeout_s": self.timeout_s,
-                "lease_ttl_s": self.lease_ttl_s, "envelope": self.envelope.to_wire(), "checkpoint": self.checkpoint}
+        out = {"task_id": self.task_id, "job_id": self.job_id, "idx": self.idx, "lease_id": self.lease_id,
+               "attempt": self.attempt, "kind": self.kind, "params": self.params, "timeout_s": self.timeout_s,
+               "lease_ttl_s": self.lease_ttl_s, "envelope": self.envelope.to_wire(), "checkpoint": self.checkpoint}
+        if self.checkpoint_record is not None:
+            out["checkpoint_record"] = self.checkpoint_record.to_wire()
+        return out
 
     @classmethod
     def decode(cls, value: Any, path: str = "") -> Assignment:
         f = Fields(value, path)
+        raw = f.raw("checkpoint_record")
         return cls(f.text("task_id"), f.text("job_id"), f.integer("idx"), f.text("lease_id"), f.integer("attempt"),
                    f.text("kind"), f.mapping("params", required=True), f.number("timeout_s"),
                    f.number("lease_ttl_s"), _signed(f.raw("envelope"), f.at("envelope")),
-                   f.optional_text("checkpoint"))
+                   f.optional_text("checkpoint"),
+                   _signed(raw, f.at("checkpoint_record")) if raw is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +310,8 @@ class HeartbeatLease:
     lease_id: str
     progress: float | None = None
     checkpoint: str | None = None
+    #: the lessee's signature over (task, attempt, checkpoint digest): jobs/checkpoints.py
+    checkpoint_record: SignedRecord | None = None
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_id": self.task_id, "lease_id": self.lease_id}
@@ -310,12 +319,17 @@ class HeartbeatLease:
             out["progress"] = self.progress
         if self.checkpoint is not None:
             out["checkpoint"] = self.checkpoint
+        if self.checkpoint_record is not None:
+            out["checkpoint_record"] = self.checkpoint_record.to_wire()
         return out
 
     @classmethod
     def decode(cls, value: Any, path: str = "") -> HeartbeatLease:
         f = Fields(value, path)
-        return cls(f.text("task_id"), f.text("lease_id"), f.optional_number("progress"), f.optional_text("checkpoint"))
+        raw = f.raw("checkpoint_record")
+        record = _signed(raw, f.at("checkpoint_record")) if raw is not None else None
+        return cls(f.text("task_id"), f.text("lease_id"), f.optional_number("progress"), f.optional_text("checkpoint"),
+                   record)
 
 
 @dataclass(frozen=True, slots=True)

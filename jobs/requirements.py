@@ -79,6 +79,9 @@ class Requirements:
     min_memory_gb: float = 0.0
     min_gflops: float = 0.0
     labels: tuple[tuple[str, str], ...] = ()
+    #: the task's memory cap (set by the board from ``resources.max_memory_gb`` or the default): an agent
+    #: whose volunteer allows less (``max_memory_gb`` in its report) is not sent it
+    task_memory_gb: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Requirements:
@@ -90,13 +93,14 @@ class Requirements:
             min_memory_gb=float(d.get("min_memory_gb", 0.0)),
             min_gflops=float(d.get("min_gflops", 0.0)),
             labels=tuple(sorted((d.get("labels") or {}).items())),
+            task_memory_gb=float(d.get("task_memory_gb", 0.0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device}
         if self.backends:
             out["backends"] = list(self.backends)
-        for name in ("min_vram_gb", "min_memory_gb", "min_gflops"):
+        for name in ("min_vram_gb", "min_memory_gb", "min_gflops", "task_memory_gb"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
         if self.min_compute_capability:
@@ -125,6 +129,9 @@ def unmet(req: Requirements, kind: str, caps: Capabilities) -> list[str]:
         failed.append("kind")
     if caps.memory_gb < req.min_memory_gb:
         failed.append("min_memory_gb")
+    ceiling = caps.raw.get("max_memory_gb")   # the volunteer's memory ceiling for one task, if it set one
+    if req.task_memory_gb and isinstance(ceiling, int | float) and 0 < ceiling < req.task_memory_gb:
+        failed.append("max_memory_gb")
     if any(caps.labels.get(k) != v for k, v in req.labels):
         failed.append("labels")
     if req.device == "gpu" or req.min_vram_gb or req.min_compute_capability or (
@@ -171,6 +178,7 @@ def _describe(clause: str, req: Requirements, kind: str) -> str:
     return {
         "kind": f"kind {kind}",
         "min_memory_gb": f"min_memory_gb {req.min_memory_gb:g}",
+        "max_memory_gb": f"volunteers allowing {req.task_memory_gb:g} GB per task (its memory cap)",
         "labels": "labels " + ", ".join(f"{k}={v}" for k, v in req.labels),
         "device": "a GPU",
         "backends": "backend " + " or ".join(req.backends),

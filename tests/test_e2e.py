@@ -234,4 +234,5 @@ def test_mlp_train_resumes_on_another_agent_from_the_checkpoint_on_the_board(tmp
     [row] = res["results"]
     resumed = row["values"]["resumed_from"]  # where the killed agent's last checkpoint was
     assert row["verified"] and (resumed["epoch"], resumed["batch"]) > (0, 0)
+    assert row["resumed_from"] == agent_id(tmp_path / "first")   # named under the second agent's signature
     assert job_view(url, user, job["id"])["task_list"][0]["attempt"] == 2

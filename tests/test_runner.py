@@ -71,3 +71,15 @@ async def test_progress_flows_back_and_matmul_runs_for_real(tmp_path: Path) -> N
         print(f"sleep(0) on the warm worker took {warm.metrics['wall_s']:.3f} s")
     finally:
         await w.close()
+
+
+async def test_memory_that_rlimit_data_misses_is_caught_by_the_rss_watch(worker: Worker, tmp_path: Path) -> None:
+    # Shared anonymous memory is not counted by RLIMIT_DATA: 1 GB of it under a 0.25 GB cap used to run to the end.
+    hog = await worker.run(TaskRequest(kind="chaos", params={"mode": "shared_hog", "mb": 1024}, timeout_s=120,
+                                       workdir=str(tmp_path / "hog"), max_memory_gb=0.25))
+    assert (hog.ok, hog.error_class) == (False, "oom"), hog
+    assert "memory cap of 0.25 GB exceeded" in (hog.error or "")
+    # The slot keeps serving, and a task within its cap is left alone.
+    small = await worker.run(TaskRequest(kind="chaos", params={"mode": "shared_hog", "mb": 64}, timeout_s=120,
+                                         workdir=str(tmp_path / "small"), max_memory_gb=0.25))
+    assert small.ok and small.values == {"mode": "shared_hog", "mb": 64}

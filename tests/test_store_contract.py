@@ -148,7 +148,8 @@ async def test_leases_tasks_and_job_states_are_saved(make: Callable[[], Store]) 
             TaskState.LEASED, "L1", "agent-1", 2, 5000.0)
 
         failed = replace(t1, state=TaskState.FAILED, attempt=3, error="boom", error_class="permanent",
-                         progress=0.5, updated_at=1234.0, checkpoint=sha("ckpt"))
+                         progress=0.5, updated_at=1234.0, checkpoint=sha("ckpt"),
+                         checkpoint_record=SignedRecord.sign(SIGNER, {"sha256": sha("ckpt")}).to_wire())
         running = replace(row, state=JobState.RUNNING)
         await store.save_tasks([failed], [running])
         assert (await store.get_tasks("j1"))[1] == failed
@@ -343,6 +344,28 @@ async def test_a_board_server_keeps_its_state_where_the_store_setting_says(tmp_p
     assert not (tmp_path / "board.db").exists()
     async with opened(lambda: create_store(config.store, tmp_path / "board.db")) as store:
         assert await store.list_submitters() == [(SIGNER.id, SIGNER.public.text(), "ann")]
+
+
+async def test_a_database_of_an_earlier_version_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A hub database made before checkpoint records existed opens, keeps its rows, and stores them."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE tasks (id TEXT PRIMARY KEY, job_id TEXT NOT NULL, idx INTEGER NOT NULL, params BLOB NOT NULL, "
+        "state TEXT NOT NULL, attempt INTEGER NOT NULL, lease_id TEXT, agent_id TEXT, lease_expires_at REAL, "
+        "error TEXT, error_class TEXT, progress REAL NOT NULL DEFAULT 0, updated_at REAL NOT NULL, checkpoint TEXT);")
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        row = job("j1")
+        t0, t1 = tasks(row)
+        await store.create_job(row, [t0, t1])
+        record = SignedRecord.sign(SIGNER, {"sha256": sha("c")}).to_wire()
+        await store.save_tasks([replace(t0, checkpoint=sha("c"), checkpoint_record=record)])
+        assert (await store.get_tasks("j1"))[0].checkpoint_record == record
+    finally:
+        await store.close()
 
 
 # -- result validation (hub/trust/) ------------------------------------------------------------

@@ -33,6 +33,7 @@ from agent.client.submitting import (
     wait_job,
 )
 from agent.client.validation import check_validation, unit_rows
+from jobs.checkpoints import resumed_from
 from jobs.manifest import load_manifests
 
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",
@@ -208,7 +209,7 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
         {"task_id": c.task_id, "agent": c.agent, "verified": c.ok, "problem": c.problem or None,
          "state": r.get("state"),
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
-         "environment": c.payload.get("environment"),
+         "environment": c.payload.get("environment"), "resumed_from": resumed_from(c.payload),
          "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
                      for name, o in (c.payload.get("outputs") or {}).items()}}
         for c, r in zip(checks, reply["results"], strict=True)]
@@ -231,6 +232,8 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
             click.echo(f"  {row['task_id']}  {mark}  agent {row['agent'][:16]}  {metrics}")
             if row["values"]:
                 click.echo(f"      {json.dumps(row['values'], default=str)[:200]}")
+            if row["resumed_from"]:
+                click.echo(f"      resumed from a checkpoint signed by agent {row['resumed_from'][:16]}")
     if verify:
         bad = [c for c in checks if not c.ok]
         for problem in validation_problems:

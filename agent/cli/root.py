@@ -13,11 +13,13 @@ from typing import Any
 import click
 
 from agent.cli.agent import agent, up
-from agent.cli.common import PanalGroup, home, print_json, setup_logging
+from agent.cli.common import PanalGroup, home, print_json, run, setup_logging, with_client
 from agent.cli.hub import hub
 from agent.cli.jobs import COMMANDS as JOB_COMMANDS
 from agent.cli.lan import register as register_lan
 from agent.cli.tools import bench, demo
+from agent.client.board import BoardClient
+from hub.intake import over_limits
 from jobs.manifest import load_manifests, manifest_schema
 from security.errors import PanalError
 from security.tls import BoardAddress
@@ -47,8 +49,13 @@ def _peers() -> list[dict[str, Any]]:
 # -- manifests -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def validate(files: tuple[Path, ...]) -> None:
-    """Check manifests without submitting them."""
+@click.option("--hub", "hub_url", is_flag=False, flag_value="", default=None, metavar="[URL]",
+              help="Also check against a hub's limits (timeout, memory, tasks): that hub, or the configured "
+                   "board with a bare --hub.")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP to a non-loopback board.")
+def validate(files: tuple[Path, ...], hub_url: str | None, insecure: bool) -> None:
+    """Check manifests without submitting them (and against a hub's limits with --hub)."""
+    limits = _hub_limits(hub_url or None, insecure) if hub_url is not None else None
     problems = 0
     for path in files:
         try:
@@ -58,9 +65,22 @@ def validate(files: tuple[Path, ...]) -> None:
             problems += 1
             continue
         for m in manifests:
-            click.echo(f"{path}: {m.name}: ok ({m.kind}, {m.n_tasks} task{'s' if m.n_tasks != 1 else ''})")
+            over = over_limits(m, limits) if limits is not None else []
+            for field, message in over:
+                click.echo(f"{path}: {m.name}: {field}: {message}", err=True)
+            problems += bool(over)
+            if not over:
+                click.echo(f"{path}: {m.name}: ok ({m.kind}, {m.n_tasks} task{'s' if m.n_tasks != 1 else ''}, "
+                           f"memory cap {m.memory_cap_gb:g} GB{'' if m.max_memory_gb else ' (default)'})")
     if problems:
         sys.exit(1)
+
+
+def _hub_limits(hub_url: str | None, insecure: bool) -> dict[str, Any]:
+    """The hub's published limits (``GET /v1/limits``, public)."""
+    async def go(client: BoardClient) -> dict[str, Any]:
+        return dict(await client.call("GET", "/v1/limits"))
+    return run(with_client(home().default_board(hub_url), go, insecure))
 
 
 @main.command()

@@ -16,6 +16,7 @@ from typing import Any
 from agent.client.blobcache import download_blob, hash_file
 from agent.client.blobupload import upload_file
 from agent.client.board import BoardClient
+from jobs.checkpoints import checkpoint_problem
 from jobs.manifest import Manifest
 from security.errors import BadRequest, PanalError, Unauthorized
 from security.httpsig import sign_request, sign_request_digest
@@ -153,6 +154,8 @@ def verify_results(reply: dict[str, Any]) -> list[ResultCheck]:
                 problems.append("digest differs from the one the board accepted")
             if payload.get("task_id") != task_id or payload.get("job_id") != job_id:
                 problems.append("the signed result is for another task")
+            if (resumed := checkpoint_problem(payload)) is not None:   # the checkpoint chain (provenance)
+                problems.append(resumed)
             checks.append(ResultCheck(task_id, agent, not problems, "; ".join(problems), payload))
         except PanalError as exc:
             checks.append(ResultCheck(task_id, agent, False, exc.message, {}))

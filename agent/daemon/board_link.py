@@ -58,6 +58,7 @@ class Running:
     progress: float = 0.0
     lost: bool = False                 # the lease is gone (or handed back): no result from us
     checkpoint: str | None = None      # sha256 of the latest checkpoint uploaded to the board
+    checkpoint_record: SignedRecord | None = None   # our signature over (task, attempt, that sha256)
     uploads: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -281,7 +282,8 @@ class BoardLink:
             await asyncio.sleep(max(0.2, self.lease_ttl_s / 4))
             if not self.running:
                 continue
-            beat = Heartbeat(tuple(HeartbeatLease(tid, r.assignment.lease_id, r.progress, r.checkpoint or None)
+            beat = Heartbeat(tuple(HeartbeatLease(tid, r.assignment.lease_id, r.progress, r.checkpoint or None,
+                                                  r.checkpoint_record if r.checkpoint else None)
                                    for tid, r in self.running.items()))
             try:
                 reply = await self.client.post("/v1/heartbeat", beat, HeartbeatReply.decode, timeout_s=10.0)

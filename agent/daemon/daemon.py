@@ -75,7 +75,8 @@ class Daemon:
             threads=(settings.threads or self.prefs.current.cpu_threads
                      or max(1, (os.cpu_count() or 1) // max(1, self.settings.slots))),
             gpu_memory_fraction=lambda: self.prefs.current.max_gpu_memory_fraction,
-            capabilities=lambda: self.capabilities)
+            capabilities=lambda: self.capabilities, max_memory_gb=lambda: self.prefs.current.max_memory_gb)
+        self._advertised_memory_gb = self.prefs.current.max_memory_gb
         self.stopping = False
         self.paused_reason: str | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -170,6 +171,10 @@ class Daemon:
     def registration(self) -> Registration:
         caps = dict(self.capabilities)
         caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
+        caps["slots"] = self.settings.slots   # the board leases it at most this many tasks at once
+        ceiling = self.prefs.current.max_memory_gb
+        if ceiling is not None:   # the board sends no task whose memory cap is larger
+            caps["max_memory_gb"] = ceiling
         return Registration(self.identity.public, self.settings.name or platform.node(), Capabilities.from_dict(caps))
 
     def start_task(self, link: BoardLink, assignment: Assignment) -> None:
@@ -204,6 +209,9 @@ class Daemon:
         """Apply the owner's preferences: pause (and SIGSTOP running work) when a rule says so."""
         while True:
             self.prefs.reload_if_changed()
+            if self.prefs.current.max_memory_gb != self._advertised_memory_gb:   # tell the boards
+                self._advertised_memory_gb = self.prefs.current.max_memory_gb
+                self._readvertise()
             if self.tasks_running:
                 self.rules.record_compute(tick_s)
             paused, reason = self.rules.evaluate()

@@ -30,6 +30,7 @@ from agent.daemon.assignments import ManifestCache
 from agent.daemon.board_link import BoardLink, Running
 from agent.daemon.devices import Devices
 from agent.engine.runner import Outcome, TaskRequest, WorkerPool
+from jobs.checkpoints import sign_checkpoint, verify_checkpoint
 from jobs.errors import FailureClass
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
@@ -48,7 +49,8 @@ class Executor:
 
     def __init__(self, *, identity: Identity, work: Path, pool: WorkerPool, blobs: BlobCache, devices: Devices,
                  threads: int, gpu_memory_fraction: Callable[[], float],
-                 capabilities: Callable[[], dict[str, Any]]) -> None:
+                 capabilities: Callable[[], dict[str, Any]],
+                 max_memory_gb: Callable[[], float | None] = lambda: None) -> None:
         self.identity = identity
         self.work = work
         self.pool = pool
@@ -58,6 +60,7 @@ class Executor:
         self.manifests = ManifestCache()
         self._gpu_memory_fraction = gpu_memory_fraction
         self._capabilities = capabilities
+        self._max_memory_gb = max_memory_gb
 
     async def run(self, link: BoardLink, assignment: Assignment) -> Outcome | None:
         """Run one task and queue its signed result on ``link``; None when no result is ours to give
@@ -68,13 +71,15 @@ class Executor:
         started = time.time()
         workdir = self.work / task_id
         outputs: dict[str, dict[str, Any]] = {}
+        resume: SignedRecord | None = None
         try:
             submitter, manifest = self.manifests.check(assignment)
             if not link.trusts(submitter):
                 await link.refuse(assignment, submitter)
                 running.lost = True  # handed back: no result from us
                 return None
-            inputs = await self.fetch_inputs(link, manifest, assignment)
+            resume = self.resume_point(assignment)
+            inputs = await self.fetch_inputs(link, manifest, assignment, resume)
             device = self.devices.take(manifest.requires)
             outcome = await self.execute(link, running, manifest, inputs, device, workdir)
             if outcome.ok and outcome.files and not running.lost:
@@ -91,22 +96,42 @@ class Executor:
             shutil.rmtree(workdir, ignore_errors=True)
         if running.lost:
             return None
-        link.queue_result(self.sign(assignment, outcome, outputs), outcome.ok)
+        link.queue_result(self.sign(assignment, outcome, outputs, resume), outcome.ok)
         if not outcome.ok:
             log.warning("task %s failed (%s): %s", task_id, outcome.error_class, outcome.error)
         return outcome
 
     # -- the steps ----------------------------------------------------------------------------------
-    async def fetch_inputs(self, link: BoardLink, manifest: Manifest, assignment: Assignment) -> dict[str, Path]:
-        """Every input blob (and a previous attempt's checkpoint, to resume from), verified by its hash,
-        from the bounded local cache or the board."""
+    @staticmethod
+    def resume_point(assignment: Assignment) -> SignedRecord | None:
+        """The checkpoint record to resume from, if the assignment names one that verifies: signed,
+        for this task, written by an earlier attempt, of the blob handed over. Anything else is
+        ignored (the task starts afresh): a checkpoint nobody vouches for is not worth the risk."""
+        if not assignment.checkpoint:
+            return None
+        if assignment.checkpoint_record is None:
+            log.warning("task %s: checkpoint %s has no signed record: starting afresh", assignment.task_id,
+                        assignment.checkpoint)
+            return None
+        try:
+            verify_checkpoint(assignment.checkpoint_record, assignment.task_id, sha256=assignment.checkpoint,
+                              before_attempt=assignment.attempt)
+        except PanalError as exc:
+            log.warning("task %s: checkpoint refused (%s): starting afresh", assignment.task_id, exc.message)
+            return None
+        return assignment.checkpoint_record
+
+    async def fetch_inputs(self, link: BoardLink, manifest: Manifest, assignment: Assignment,
+                           resume: SignedRecord | None = None) -> dict[str, Path]:
+        """Every input blob (and the verified checkpoint ``resume`` names, to resume from), verified by
+        its hash, from the bounded local cache or the board."""
         fetch = self._blob_fetcher(link)
         paths = {}
         for name, ref in manifest.inputs.items():
             if ref.blob is None:
                 raise BadRequest(f"input {name} was not uploaded", code="input_not_uploaded")
             paths[name] = await self.blobs.get(ref.blob, fetch)
-        if assignment.checkpoint:
+        if resume is not None and assignment.checkpoint:
             paths["checkpoint"] = await self.blobs.get(assignment.checkpoint, fetch)
         return paths
 
@@ -115,7 +140,7 @@ class Executor:
         """Run the task in a warm worker on ``device`` (given back afterwards)."""
         assignment = running.assignment
         request = TaskRequest(kind=manifest.kind, params=assignment.params, timeout_s=manifest.timeout_s,
-                              workdir=str(workdir), threads=self.threads, max_memory_gb=manifest.max_memory_gb,
+                              workdir=str(workdir), threads=self.threads, max_memory_gb=self.memory_cap_gb(manifest),
                               inputs={name: str(path) for name, path in inputs.items()}, device=device,
                               devices=(device, *(d for d in self.devices.lent() if d != device)),
                               gpu_memory_fraction=self._gpu_memory_fraction())
@@ -128,12 +153,19 @@ class Executor:
             self.devices.give_back(device)
             await asyncio.gather(*running.uploads, return_exceptions=True)
 
+    def memory_cap_gb(self, manifest: Manifest) -> float:
+        """The task's memory cap (its manifest's, else the default), within the volunteer's ceiling."""
+        ceiling = self._max_memory_gb()
+        return min(manifest.memory_cap_gb, ceiling) if ceiling else manifest.memory_cap_gb
+
     def store_checkpoint(self, link: BoardLink, running: Running, path: str) -> None:
         """Upload a task's checkpoint as a blob; the next heartbeat tells the board, so a retry of
         this task (here or on another agent) resumes from it."""
         async def upload() -> None:
             try:
                 sha = await upload_file(link.client.session(), link.address.url, Path(path), self._sign_digest)
+                a = running.assignment
+                running.checkpoint_record = sign_checkpoint(self.identity, a.task_id, a.job_id, a.attempt, sha)
                 running.checkpoint = sha
             except (PanalError, OSError, aiohttp.ClientError) as exc:
                 log.warning("checkpoint of task %s not stored: %s", running.assignment.task_id, exc)
@@ -154,8 +186,10 @@ class Executor:
             outputs[name] = {"sha256": sha, "size": size, "name": path.name}
         return outputs
 
-    def sign(self, assignment: Assignment, outcome: Outcome, outputs: dict[str, dict[str, Any]]) -> SignedRecord:
-        """The result record, signed by this agent."""
+    def sign(self, assignment: Assignment, outcome: Outcome, outputs: dict[str, dict[str, Any]],
+             resume: SignedRecord | None = None) -> SignedRecord:
+        """The result record, signed by this agent; it names the checkpoint it resumed from, if any,
+        so the chain verifies offline (``panal results --verify``)."""
         payload: dict[str, Any] = {
             "task_id": assignment.task_id, "job_id": assignment.job_id,
             "lease_id": assignment.lease_id, "attempt": assignment.attempt, "agent_id": self.identity.id,
@@ -163,6 +197,8 @@ class Executor:
             "finished_at": outcome.finished_at, "metrics": outcome.metrics, "notes": outcome.notes,
             "environment": self.environment(),
         }
+        if resume is not None:
+            payload["resumed_from"] = {"record": resume.to_wire()}
         if outcome.ok:
             payload["values"] = _altered_for_tests(outcome.values) if os.environ.get(ALTER_RESULTS_ENV) == "1" \
                 else outcome.values

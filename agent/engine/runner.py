@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.engine.frames import pack_frame, read_frame
+from agent.engine.memwatch import WATCH_S, MemoryWatch
 from jobs.errors import FailureClass
 
 __all__ = ["Outcome", "TaskRequest", "Worker", "WorkerPool"]
@@ -111,14 +112,25 @@ class Worker:
         deadline = time.monotonic() + request.timeout_s
         reader = proc.stdout
         cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+        watch = MemoryWatch(proc.pid, request.max_memory_gb) if request.max_memory_gb else None
+        frame_task: asyncio.Future[Any] | None = None
         try:
             while True:
-                frame_task = asyncio.ensure_future(read_frame(reader))
+                if frame_task is None:
+                    frame_task = asyncio.ensure_future(read_frame(reader))
                 waits: set[asyncio.Future[Any]] = {frame_task}
                 if cancelled is not None:
                     waits.add(cancelled)
-                done, _ = await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
+                left = max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait(waits, timeout=min(left, WATCH_S) if watch else left,
                                              return_when=asyncio.FIRST_COMPLETED)
+                if watch is not None and not done and left > WATCH_S:
+                    too_much = await asyncio.to_thread(watch.over)
+                    if too_much is None:
+                        continue   # still within its cap: keep reading frames
+                    frame_task.cancel()
+                    await self.kill()
+                    return Outcome.failed(FailureClass.OOM, too_much, started)
                 if frame_task not in done:
                     frame_task.cancel()
                     await self.kill()
@@ -131,6 +143,7 @@ class Worker:
                     frame = frame_task.result()
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return await self._died(started)
+                frame_task = None
                 if "progress" in frame and on_progress is not None:
                     on_progress(float(frame["progress"]))
                 elif "checkpoint" in frame and on_checkpoint is not None:

@@ -140,6 +140,7 @@ class Preferences:
     time_windows: tuple[TimeWindow, ...] = ()  # allowed hours; () = any time
     pause_on_battery: bool = True
     daily_cap_hours: float | None = None      # compute hours per local day; None = no cap
+    max_memory_gb: float | None = None        # RAM one task may use (enforced, advertised); None = no ceiling
 
     def to_yaml_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -228,6 +229,8 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "daily_cap_hours": (lambda r: _optional(r, lambda v: _to_number(v, float, low=0, high=24),
                                             ("none", "off")),
                         "hours per day (0-24), or 'none'"),
+    "max_memory_gb": (lambda r: _optional(r, lambda v: _to_number(v, float, low=0.25, high=None), ("none", "off")),
+                      "GB of RAM one task may use (at least 0.25), or 'none'"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Preferences)}
 
