@@ -55,6 +55,8 @@ def test_a_lying_agent_is_outvoted_by_two_honest_ones_and_earns_nothing(tmp_path
         assert task["state"] == "validated" and task["quorum"] == 2
         assert set(task["agents"]) == honest and task["canonical"]["agent_id"] in honest
         assert task["canonical"]["values"] == {"slept": seconds}
+    text = panal("results", job["id"], "--hub", url, home=user).stdout
+    assert text.count("validated by 2 agent(s) (quorum 2)") == len(SECONDS) and "invalid:" in text
     lies = [r for r in index["results"] if r["agent"] == liar]
     assert lies and all(r["state"] == "invalid" and r["verified"] for r in lies)
     assert all(r["state"] == "done" for r in index["results"] if r["agent"] != liar)
