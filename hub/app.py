@@ -90,7 +90,8 @@ class Api:
             outcomes = await self.board.accept(agent_id, asked.results)
             tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
         refused = self.board.view.agents[agent_id].refused
-        return reply(request, LeaseReply(tuple(tasks), tuple(outcomes), refused).encode())
+        standing = self.board.trust.agent_view(agent_id)
+        return reply(request, LeaseReply(tuple(tasks), tuple(outcomes), refused, standing).encode())
 
     async def results(self, request: web.Request) -> web.Response:
         data = await read_raw(request)
@@ -208,9 +209,12 @@ class Api:
         job = await self.board.view.find_job(job_id)
         if job is None:
             raise NotFound(f"no job {job_id}")
+        tasks = {t.id: t for t in await self.board.tasks_of(job_id)}
         return reply(request, {"job": view, "envelope": job.envelope, "results": [
             {"task_id": r.task_id, "attempt": r.attempt, "agent": r.agent_id, "digest": r.digest,
-             "record": r.record} for r in rows]})
+             "record": r.record, "unit": tasks[r.task_id].unit_idx if r.task_id in tasks else None,
+             "state": tasks[r.task_id].state.value if r.task_id in tasks else None} for r in rows],
+            "validation": {"policy": job.validation, "units": await self.board.trust_records(job_id)}})
 
     async def cancel(self, request: web.Request) -> web.Response:
         caller, job_id = await self.own_job(request)

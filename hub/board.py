@@ -31,7 +31,7 @@ from hub.dispatcher import Dispatcher
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
 from hub.leases import LeaseTable
-from hub.ledger import AcceptAll, Receipt, ResultLedger, Staged
+from hub.ledger import Receipt, ResultLedger, Staged
 from hub.protocols import (
     BoardObserver,
     Decision,
@@ -49,6 +49,7 @@ from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.retries import Retries
 from hub.store import Store
 from hub.submitter_faults import SubmitterFaults, is_submitter_fault
+from hub.trust.trust import Trust
 from jobs.errors import FailureClass
 from jobs.protocol import Assignment, HeartbeatLease, HeartbeatReply, Outcome, ResultItem, ResultOutcome
 from jobs.requirements import Capabilities
@@ -73,14 +74,16 @@ class Board:
         self._queues = JobQueues()
         self._leases = LeaseTable(config, clock, self._queues, self._fleet, blobs)
         self._retries = Retries(config, clock, self._queues, self._leases, self._stats)
-        self._ledger = ResultLedger(store, self._queues, validator or AcceptAll(), self._stats, clock)
+        # Black-hole detection (a gate and an observer), and OOM retries that wait for a bigger machine.
+        self.quarantine = Quarantine(config, clock)
+        # Results you can trust: instances, quorum, reputation, credit (the default validator, a holdback).
+        self.trust = Trust(config, clock, store, self._queues, lambda: dict(self._fleet.agents), self.quarantine)
+        self._ledger = ResultLedger(store, self._queues, validator or self.trust, self._stats, clock)
         self._dispatcher = Dispatcher(self.policy, self._queues, self._fleet, self._leases, config, clock)
         self.view = BoardView(store, clock, self._queues, self._fleet, self._stats, self._dispatcher.context,
                               self.policy)
         self._listeners: list[EventListener] = []
         self._observers: list[BoardObserver] = [self.policy]   # a policy may learn from settled attempts
-        # Black-hole detection (a gate and an observer), and OOM retries that wait for a bigger machine.
-        self.quarantine = Quarantine(config, clock)
         self.add_observer(self.quarantine)
         self.add_gate(self.quarantine)
         self.memory_hint = MemoryHint(self._fleet)
@@ -89,6 +92,7 @@ class Board:
         # A submitter fault (invalid_params, unsupported) fails a task only once different agents agree.
         self.submitter_faults = SubmitterFaults(config.submitter_fault_confirmations, self._fleet, self._queues, clock)
         self._dispatcher.add_holdback(self.submitter_faults)
+        self._dispatcher.add_holdback(self.trust)
         self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -128,6 +132,14 @@ class Board:
             self._queues.add_job(job)
         self._queues.add_tasks(tasks)
         self._leases.restore(tasks, now)
+        await self.trust.start(jobs, tasks)   # (who ran which instance, from the rows, before the loop below)
+        # A result held for validation lives in memory only; its row stays stored as leased, so the restored
+        # lease expires and the instance runs again. A row stored while held (no lease) is requeued here.
+        for task in tasks:
+            if task.state == TaskState.LEASED and not task.lease_id:
+                self._queues.set_state(task, TaskState.QUEUED)
+                task.agent_id = None
+                self._queues.enqueue(task, front=True)
         for job in jobs:
             await self._maybe_finish(job.id, [])
         self._sweeper = run_every(self.config.expiry_interval_s, self.sweep, "lease sweep")
@@ -163,6 +175,7 @@ class Board:
         row = self._fleet.admission(key, name, capabilities)
         await self.store.upsert_agent(row)
         state, joined = self._fleet.enrol(key, row, capabilities)
+        self.trust.speed.apply(state)   # a claim seen to be far above the observed speed stays capped
         if joined:
             self._emit("agent_joined", agent=key.id, name=row.name)
         return state
@@ -184,6 +197,7 @@ class Board:
         if raced is not None:  # a concurrent identical submission won the race
             return raced, False
         self._queues.add_job(job, tasks)
+        self.trust.add_job(job, tasks)
         self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))
         self._dispatcher.wake()
         return job, True
@@ -219,7 +233,8 @@ class Board:
                 await self.store.save_tasks(changed)
             return
         counts = self._queues.counts(job_id)
-        terminal = counts[TaskState.DONE] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
+        terminal = (counts[TaskState.DONE] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
+                    + counts[TaskState.INVALID])
         jobs: list[JobRow] = []
         finishing = cancelled or terminal >= job.n_tasks   # this call ends the job (set before any await)
         if finishing:
@@ -243,6 +258,7 @@ class Board:
             await self.store.save_tasks(changed, jobs)
         if finishing:
             self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
+            self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
             self._finished.pop(job_id, asyncio.Event()).set()   # wakes its waiters, if any
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
@@ -260,6 +276,9 @@ class Board:
         """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one."""
         agent = self.agent(agent_id)
         picked = await self._dispatcher.pick(agent, slots, wait_s)
+        picked, back = self.trust.screen(agent, picked)   # never two instances of one unit to one agent
+        self._queues.restore(back)
+        picked = await self._spot_check(agent, picked, slots)
         if not picked:
             return []
         try:
@@ -268,6 +287,7 @@ class Board:
             self._leases.undo(picked)  # nothing was acknowledged: put them back as they were
             raise
         self._leases.commit(picked)
+        await self.trust.leased(agent, picked)   # may queue a second instance to run in parallel
         for task in picked:
             job = self._queues.job(task.job_id)
             if job.state == JobState.QUEUED:
@@ -275,6 +295,20 @@ class Board:
                 await self.store.save_tasks([], [job])
         self._stats["leases"] += len(picked)
         return [self._leases.assignment(task) for task in picked]
+
+    async def _spot_check(self, agent: AgentState, picked: list[TaskRow], slots: int) -> list[TaskRow]:
+        """Now and then give an untrusted agent an instance of a unit whose answer is known (hub/trust/)."""
+        unit = self.trust.spot_candidate(agent) if self.leasing and agent.refused is None and slots > 0 else None
+        if unit is None:
+            return picked
+        row = self.trust.new_instance(unit)
+        job = self._queues.job(unit.job_id)
+        await self.trust.add_rows(job, [row])
+        self._queues.take(job.id, [row])
+        if len(picked) >= slots:   # it takes the place of the last task picked, which goes back first in line
+            self._queues.restore(picked[-1:])
+            picked = picked[:-1]
+        return [*picked, row]
 
     async def heartbeat(self, agent_id: str, leases: Sequence[HeartbeatLease]) -> HeartbeatReply:
         """Extend the caller's leases; report the ones it no longer holds so it can stop them."""
@@ -345,6 +379,7 @@ class Board:
             else:
                 outcomes.append(self._settle(agent, found, receipt, staged))
         await self._ledger.commit(staged, self._maybe_finish)
+        await self.trust.flush()   # instances to add, validation records, reputation, credit
         if waits:
             await asyncio.gather(*waits)
         if staged:
@@ -370,6 +405,13 @@ class Board:
         outcome = self._apply(*mine, staged)
         for held in others:   # held results of the job that this one decided
             self._apply(*held, staged)
+        now = self.clock()
+        for task_id in self.trust.take_cancels():   # instances its unit no longer needs
+            other = self._queues.task(task_id)
+            if other is not None and not other.state.terminal:
+                self._leases.set_state(other, TaskState.CANCELLED)
+                other.error, other.updated_at = "not needed: its unit was validated by other instances", now
+                staged.setdefault(other.job_id, ([], []))[0].append(other)
         return outcome
 
     def _apply(self, task: TaskRow, receipt: Receipt, result: ResultRow, verdict: Verdict,
@@ -378,6 +420,8 @@ class Board:
         if verdict.decision == Decision.PENDING:
             self._leases.settle(task)   # the agent is free; the task waits for its replicas
             return ResultOutcome(task.id, Outcome.PENDING)
+        if verdict.decision in (Decision.INVALID, Decision.FAIL):
+            return self._disqualify(task, receipt, result, verdict, staged)
         if verdict.decision == Decision.REJECT:
             self._fail(task, result.agent_id, FailureClass.ERROR, f"the result was rejected: {verdict.reason}",
                        receipt.metrics, staged)
@@ -393,6 +437,23 @@ class Board:
         outcome = self._ledger.accept(result)
         self._settled(result.agent_id, task, True, None, receipt.metrics)
         return outcome
+
+    def _disqualify(self, task: TaskRow, receipt: Receipt, result: ResultRow, verdict: Verdict,
+                    staged: Staged) -> ResultOutcome:
+        """An instance the quorum outvoted (invalid: its signed result is kept as evidence, no credit) or
+        of a unit without consensus (the task fails, not retried: more attempts would not agree either)."""
+        tasks, results = staged.setdefault(task.job_id, ([], []))
+        tasks.append(task)
+        now = self.clock()
+        if verdict.decision == Decision.INVALID:
+            self._leases.set_state(task, TaskState.INVALID)
+            task.error, task.error_class, task.updated_at = f"invalid: {verdict.reason}"[:2000], "invalid", now
+            results.append(result)
+            self._settled(result.agent_id, task, False, "invalid", receipt.metrics)
+            return self._ledger.disqualified(result, verdict)
+        self._leases.set_state(task, TaskState.FAILED)
+        task.error, task.error_class, task.updated_at = verdict.reason[:2000], "no_consensus", now
+        return self._ledger.invalid(task, verdict)
 
     def _fail(self, task: TaskRow, agent_id: str, failure: FailureClass, message: str, metrics: dict[str, Any],
               staged: Staged) -> None:
@@ -418,6 +479,23 @@ class Board:
     # -- views --------------------------------------------------------------------------------------
     async def job_view(self, job_id: str) -> dict[str, Any]:
         return await self.view.job_view(job_id)
+
+    async def tasks_of(self, job_id: str) -> list[TaskRow]:
+        """A job's task rows: live while it is active, else as stored."""
+        if job_id in self._queues:
+            return self._queues.job_tasks(job_id)
+        return await self.store.get_tasks(job_id)
+
+    async def trust_records(self, job_id: str) -> list[dict[str, Any]]:
+        """Each settled unit's validation record, and the live state of the units still pending."""
+        settled = {v.unit: {"unit": v.unit, "state": v.state, "quorum": v.quorum, "agents": v.agents,
+                            "canonical_task": v.canonical_task, "detail": v.detail}
+                   for v in await self.store.get_validations(job_id)}
+        for unit in self.trust.job_units(job_id):
+            if unit["unit"] not in settled:
+                settled[unit["unit"]] = {**unit, "state": "pending" if unit["state"] == "pending" else unit["state"],
+                                         "canonical_task": None, "detail": {}}
+        return [settled[k] for k in sorted(settled)]
 
     def status(self) -> dict[str, Any]:
         return self.view.status()

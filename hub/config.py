@@ -101,11 +101,23 @@ class HubConfig:
     #: --hub`` reports them): the longest task timeout and the largest per-task memory cap
     max_task_timeout_s: float = 7 * 86400.0
     max_task_memory_gb: float = 256.0
+    #: result validation (hub/trust/): the quorum of a job whose manifest gives no policy.validation
+    #: (1: each result is accepted alone, right for a private board; a public board sets 2)
+    validation_quorum: int = 1
+    trust_after: int = 10                 # validated results in a row before an agent may run unreplicated
+    spot_check_share: float = 0.03        # share of an untrusted agent's leases that re-run a validated unit
+    invalid_quarantine_after: int = 3     # invalid results among an agent's last 20 checked ones: quarantine
+    invalid_quarantine_s: float = 86400.0
+    #: observed speed below this share of the claimed GFLOPS: the agent is placed by the observed figure, flagged
+    speed_claim_ratio: float = 0.25
 
     @classmethod
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None,
              **overrides: Any) -> HubConfig:
         config = load_settings(cls, what="hub", env_prefix=ENV_PREFIX, path=path, env=env, overrides=overrides)
+        if config.validation_quorum < 1 or config.trust_after < 1 or not 0 <= config.spot_check_share <= 1:
+            raise BadRequest("hub settings: validation_quorum and trust_after must be >= 1, "
+                             "spot_check_share in [0, 1]")
         if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
         if config.registration not in REGISTRATION_MODES:

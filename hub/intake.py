@@ -13,6 +13,8 @@ from typing import Any
 from hub.blobs import BlobStore
 from hub.config import HubConfig
 from hub.records import JobRow, JobState, TaskRow
+from hub.trust.policy import ValidationPolicy
+from jobs.catalog import get_kind
 from jobs.manifest import DEFAULT_MEMORY_GB, Manifest
 from security.errors import BadRequest, Forbidden
 from security.records import SignedRecord
@@ -42,6 +44,8 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now:
                          details=[{"path": path, "message": message} for path, message in over])
     _check_blobs(manifest, blobs)
     job_id = envelope.job_id
+    policy = ValidationPolicy.resolve(manifest.validation, manifest.replicas, get_kind(manifest.kind),
+                                      config.validation_quorum)
     job = JobRow(id=job_id, name=manifest.name, submitter_id=envelope.signer_id, kind=manifest.kind,
                  priority=manifest.priority, state=JobState.QUEUED, created_at=now,
                  n_tasks=manifest.n_tasks, envelope=envelope.record.to_wire(),
@@ -50,8 +54,15 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now:
                  max_attempts=manifest.retries + 1,
                  deadline_at=now + manifest.deadline_s if manifest.deadline_s else None,
                  labels=manifest.labels)
+    job.validation = policy.to_dict()
+    points = manifest.points()
     tasks = [TaskRow(id=f"{job_id}.{i}", job_id=job_id, idx=i, params=params, updated_at=now)
-             for i, params in enumerate(manifest.points())]
+             for i, params in enumerate(points)]
+    for _ in range(policy.initial_instances() - 1):   # a fixed quorum: every instance from the start
+        base = len(tasks)
+        tasks += [TaskRow(id=f"{job_id}.{base + i}", job_id=job_id, idx=base + i, params=params,
+                          updated_at=now, unit=i) for i, params in enumerate(points)]
+    job.n_tasks = len(tasks)
     return job, tasks
 
 

@@ -145,8 +145,9 @@ class LeaseTable:
         """What the agent is told of a lease it got."""
         job = self._queues.job(task.job_id)
         assert task.lease_id is not None
+        # the unit's index: an agent checks the params against that point of the signed manifest
         record = SignedRecord.from_wire(task.checkpoint_record) if task.checkpoint_record else None
-        return Assignment(task.id, job.id, task.idx, task.lease_id, task.attempt, job.kind, task.params,
+        return Assignment(task.id, job.id, task.unit_idx, task.lease_id, task.attempt, job.kind, task.params,
                           job.timeout_s, self.config.lease_ttl_s, SignedRecord.from_wire(job.envelope),
                           task.checkpoint, record)
 

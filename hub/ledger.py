@@ -184,6 +184,12 @@ class ResultLedger:
         self.stats["results_accepted"] += 1
         return ResultOutcome(result.task_id, Outcome.ACCEPTED)
 
+    def disqualified(self, result: ResultRow, verdict: Verdict) -> ResultOutcome:
+        """An ok result outvoted by its unit's quorum: stored (as evidence) but not the answer."""
+        self._digests[result.task_id] = result.digest
+        self._in_flight[result.task_id] = asyncio.get_running_loop().create_future()
+        return self.invalid(self._queues.task(result.task_id) or _stub(result), verdict)
+
     def invalid(self, task: TaskRow, verdict: Verdict) -> ResultOutcome:
         self.stats["results_rejected"] += 1
         return ResultOutcome(task.id, Outcome.REJECTED,
@@ -216,6 +222,10 @@ class ResultLedger:
         for i in range(job.n_tasks):
             self._digests.pop(f"{job.id}.{i}", None)
             self._held.pop(f"{job.id}.{i}", None)
+
+
+def _stub(result: ResultRow) -> TaskRow:
+    return TaskRow(result.task_id, result.job_id, -1, {})
 
 
 def _task_id_of(item: ResultItem) -> str:

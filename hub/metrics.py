@@ -23,6 +23,7 @@ from hub.http import Handler
 from hub.readmodel import BoardView
 from hub.records import TaskState
 from hub.status_page import FEED_KEY, agent_state
+from hub.trust.trust import Trust
 
 __all__ = ["METRICS_KEY", "BoardMetrics", "add_metrics"]
 
@@ -43,8 +44,8 @@ RESULT_STATS = {"results_accepted": "accepted", "results_failed": "failed", "res
 class _BoardCollector:
     """Reads the board's read model at scrape time."""
 
-    def __init__(self, view: BoardView, app: web.Application) -> None:
-        self.view, self.app = view, app
+    def __init__(self, view: BoardView, app: web.Application, trust: Trust | None = None) -> None:
+        self.view, self.app, self.trust = view, app, trust
 
     def collect(self) -> Iterable[Metric]:
         view = self.view
@@ -67,11 +68,32 @@ class _BoardCollector:
         for key, outcome in RESULT_STATS.items():
             results.add_metric([outcome], view.stats.get(key, 0))
         yield results
+        if self.trust is not None:
+            yield from self._trust(self.trust)
         feed = self.app.get(FEED_KEY)
         if feed is not None:
             feed.observe()
             yield CounterMetricFamily("panal_quarantines", "Times an agent entered quarantine.",
                                       value=feed.quarantines)
+
+
+    def _trust(self, trust: Trust) -> Iterable[Metric]:
+        """Result validation (hub/trust/): units settled and instances run by outcome; credit per agent."""
+        units = CounterMetricFamily("panal_validation", "Result validation events since start, by outcome.",
+                                    labels=["outcome"])
+        for outcome, n in sorted(trust.stats.items()):
+            units.add_metric([outcome], n)
+        yield units
+        credit = GaugeMetricFamily("panal_agent_credit", "Credit for validated work (1 = 1 GFLOP of estimated "
+                                   "work), per agent.", labels=["agent"])
+        invalid = GaugeMetricFamily("panal_agent_invalid_results", "Results outvoted by other agents, per agent.",
+                                    labels=["agent"])
+        for agent_id in self.view.agents:
+            standing = trust.agent_view(agent_id)
+            credit.add_metric([agent_id], standing["credit"])
+            invalid.add_metric([agent_id], standing["invalid_results"])
+        yield credit
+        yield invalid
 
 
 class BoardMetrics:
@@ -85,7 +107,7 @@ class BoardMetrics:
                                 ["method", "route", "status"], registry=self.registry)
         self.dispatch = Histogram("panal_dispatch_seconds", "Time the dispatch policy takes to pick tasks "
                                   "for one lease request.", buckets=DISPATCH_BUCKETS, registry=self.registry)
-        self.registry.register(_BoardCollector(board.view, app))
+        self.registry.register(_BoardCollector(board.view, app, board.trust))
         board.time_dispatch(self.dispatch.observe)
 
     def render(self) -> bytes:

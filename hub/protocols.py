@@ -116,6 +116,8 @@ class Decision(StrEnum):
     ACCEPT = "accept"        # the result is the task's answer
     REJECT = "reject"        # the result is wrong: the attempt failed (retried while attempts remain)
     PENDING = "pending"      # no verdict yet: hold the result until more replicas arrive
+    INVALID = "invalid"      # the result disagrees with its unit's validated answer: the instance ends invalid
+    FAIL = "fail"            # the unit's instances found no consensus: the task fails, not retried
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,19 @@ class Quarantine:
             record.strikes = 0  # a full window after release without relapse: forgive the past
             record.on_probation = False
 
+    def impose(self, agent_id: str, reason: str, since: float, until: float) -> None:
+        """Quarantine an agent for another reason than failures (invalid results: hub/trust/), until
+        ``until``; the trust part stores it, so it outlives a restart."""
+        record = self.records.get(agent_id)
+        if record is None:
+            record = self.records[agent_id] = _Record(deque(maxlen=max(self.window, 1)))
+        record.strikes += 1
+        record.total_quarantines += 1
+        record.since, record.until, record.reason = since, max(until, record.until), reason
+        record.active, record.on_probation = True, False
+        record.window.clear()
+        log.warning("agent %s %s", agent_id, reason)
+
     # -- views ----------------------------------------------------------------------------------
     def quarantined(self, agent_id: str) -> bool:
         record = self.records.get(agent_id)

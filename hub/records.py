@@ -15,10 +15,13 @@ class TaskState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: an instance whose ok result disagreed with the canonical result of its unit (hub/trust/): settled,
+    #: never retried, and not a failure of the job (its unit was answered by the other instances)
+    INVALID = "invalid"
 
     @property
     def terminal(self) -> bool:
-        return self in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+        return self in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED, TaskState.INVALID)
 
 
 class JobState(StrEnum):
@@ -61,6 +64,8 @@ class JobRow:
     finished_at: float | None = None
     error: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    #: how the job's results are validated (hub/trust/policy.py ``ValidationPolicy.to_dict``); {} = none
+    validation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +86,13 @@ class TaskRow:
     checkpoint: str | None = None      # sha256 of the latest checkpoint blob (resume on requeue)
     #: the lessee's signed record of that checkpoint (jobs/checkpoints.py), as on the wire
     checkpoint_record: dict[str, Any] | None = None
+    #: the logical unit (sweep point) this row is an instance of; None: its own index. Instances of one
+    #: unit share params and are compared by the board's validator (hub/trust/)
+    unit: int | None = None
+
+    @property
+    def unit_idx(self) -> int:
+        return self.idx if self.unit is None else self.unit
 
 
 @dataclass

@@ -25,6 +25,7 @@ from hub.blob_refs import manifest_blobs, result_blobs
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import LeaseWrite
 from hub.tokens import AdmissionToken
+from hub.trust.records import Ban, ReputationRow, TrustSnapshot, TrustWrite, ValidationRow
 
 __all__ = ["SqliteStore"]
 
@@ -67,6 +68,23 @@ CREATE TABLE IF NOT EXISTS blob_uploads (
 CREATE INDEX IF NOT EXISTS blob_uploads_key ON blob_uploads(key_id, claimed);
 """
 
+#: result validation (hub/trust/): reputation per (agent, kind), credit per agent and owner, each
+#: settled unit's validation record, and quarantines for invalid results (kept across restarts)
+TRUST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trust_reputation (
+    agent_id TEXT NOT NULL, kind TEXT NOT NULL, consecutive_valid INTEGER NOT NULL, valid INTEGER NOT NULL,
+    invalid INTEGER NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (agent_id, kind));
+CREATE TABLE IF NOT EXISTS trust_credit (
+    holder TEXT PRIMARY KEY, credit REAL NOT NULL, results INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS trust_validations (
+    job_id TEXT NOT NULL, unit INTEGER NOT NULL, state TEXT NOT NULL, quorum INTEGER NOT NULL,
+    canonical_task TEXT, agents TEXT NOT NULL, detail BLOB NOT NULL, decided_at REAL NOT NULL,
+    PRIMARY KEY (job_id, unit));
+CREATE TABLE IF NOT EXISTS trust_bans (
+    agent_id TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL, until REAL NOT NULL);
+"""
+
+
 _STOP = object()
 
 
@@ -99,6 +117,7 @@ class SqliteStore:
         conn.executescript(SCHEMA)
         _upgrade(conn)
         conn.executescript(PRIVACY_SCHEMA)
+        conn.executescript(TRUST_SCHEMA)
         return conn
 
     async def open(self) -> None:
@@ -203,8 +222,8 @@ class SqliteStore:
     # -- jobs, tasks, results -------------------------------------------------------------------
     async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
         def op(c: sqlite3.Connection) -> None:
-            c.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _job_values(job))
-            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({','.join('?' * 15)})",
+            c.execute(f"INSERT INTO jobs ({_JOB_COLS}) VALUES ({_marks(_JOB_COLS)})", _job_values(job))
+            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({_marks(_TASK_COLS)})",
                           [_task_values(t) for t in tasks])
         await self._run(op)
 
@@ -359,6 +378,52 @@ class SqliteStore:
         return await self._run(lambda c: c.execute(
             "UPDATE admission_tokens SET uses=uses+1 WHERE id=? AND secret_hash=? AND revoked_at IS NULL "
             "AND expires_at>? AND (max_uses=0 OR uses<max_uses)", (token_id, secret_hash, now)).rowcount > 0)
+    # -- result validation (hub/trust/) ---------------------------------------------------------
+    async def add_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow]) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({_marks(_TASK_COLS)})",
+                          [_task_values(t) for t in tasks])
+            c.executemany("UPDATE jobs SET n_tasks=? WHERE id=?", [(j.n_tasks, j.id) for j in jobs])
+        await self._run(op)
+
+    async def record_trust(self, write: TrustWrite) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO trust_validations VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(job_id, unit) DO UPDATE SET "
+                "state=excluded.state, quorum=excluded.quorum, canonical_task=excluded.canonical_task, "
+                "agents=excluded.agents, detail=excluded.detail, decided_at=excluded.decided_at",
+                [(v.job_id, v.unit, v.state, v.quorum, v.canonical_task, json.dumps(v.agents), _pack(v.detail),
+                  v.decided_at) for v in write.validations])
+            c.executemany(
+                "INSERT INTO trust_reputation VALUES (?,?,?,?,?,?) ON CONFLICT(agent_id, kind) DO UPDATE SET "
+                "consecutive_valid=excluded.consecutive_valid, valid=excluded.valid, invalid=excluded.invalid, "
+                "updated_at=excluded.updated_at",
+                [(r.agent_id, r.kind, r.consecutive_valid, r.valid, r.invalid, r.updated_at)
+                 for r in write.reputation])
+            c.executemany(
+                "INSERT INTO trust_credit VALUES (?,?,?) ON CONFLICT(holder) DO UPDATE SET "
+                "credit=credit+excluded.credit, results=results+excluded.results",
+                [(g.holder, g.credit, g.results) for g in write.credit])
+            c.executemany(
+                "INSERT INTO trust_bans VALUES (?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
+                "reason=excluded.reason, since=excluded.since, until=excluded.until",
+                [(b.agent_id, b.reason, b.since, b.until) for b in write.bans])
+        await self._run(op)
+
+    async def load_trust(self) -> TrustSnapshot:
+        def op(c: sqlite3.Connection) -> TrustSnapshot:
+            return TrustSnapshot(
+                reputation=[ReputationRow(*r) for r in c.execute(
+                    "SELECT agent_id, kind, consecutive_valid, valid, invalid, updated_at FROM trust_reputation")],
+                credit={r[0]: (r[1], r[2]) for r in c.execute("SELECT holder, credit, results FROM trust_credit")},
+                bans=[Ban(*r) for r in c.execute("SELECT agent_id, reason, since, until FROM trust_bans")])
+        return await self._run(op)
+
+    async def get_validations(self, job_id: str) -> list[ValidationRow]:
+        return await self._run(lambda c: [
+            ValidationRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), _unpack(r[6]), r[7]) for r in c.execute(
+                "SELECT job_id, unit, state, quorum, canonical_task, agents, detail, decided_at "
+                "FROM trust_validations WHERE job_id=? ORDER BY unit", (job_id,)).fetchall()])
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -371,35 +436,39 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 _JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
-             "timeout_s, max_attempts, deadline_at, finished_at, error, labels")
+             "timeout_s, max_attempts, deadline_at, finished_at, error, labels, validation")
 _TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
-              "error_class, progress, updated_at, checkpoint, checkpoint_record")
+              "error_class, progress, updated_at, checkpoint, checkpoint_record, unit")
+
+
+def _marks(columns: str) -> str:
+    return ",".join("?" * len(columns.split(",")))
 
 
 def _job_values(j: JobRow) -> tuple[Any, ...]:
     return (j.id, j.name, j.submitter_id, j.kind, j.priority, j.state.value, j.created_at, j.n_tasks,
             _pack(j.envelope), json.dumps(j.requires), j.timeout_s, j.max_attempts, j.deadline_at,
-            j.finished_at, j.error, json.dumps(j.labels))
+            j.finished_at, j.error, json.dumps(j.labels), json.dumps(j.validation))
 
 
 def _job(r: Sequence[Any]) -> JobRow:
     return JobRow(id=r[0], name=r[1], submitter_id=r[2], kind=r[3], priority=r[4], state=JobState(r[5]),
                   created_at=r[6], n_tasks=r[7], envelope=_unpack(r[8]), requires=json.loads(r[9]),
                   timeout_s=r[10], max_attempts=r[11], deadline_at=r[12], finished_at=r[13], error=r[14],
-                  labels=json.loads(r[15]))
+                  labels=json.loads(r[15]), validation=json.loads(r[16] or "{}"))
 
 
 def _task_values(t: TaskRow) -> tuple[Any, ...]:
     return (t.id, t.job_id, t.idx, _pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
             t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint,
-            _pack_optional(t.checkpoint_record))
+            _pack_optional(t.checkpoint_record), t.unit)
 
 
 def _task(r: Sequence[Any]) -> TaskRow:
     return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=_unpack(r[3]), state=TaskState(r[4]),
                    attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
                    error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13],
-                   checkpoint_record=_unpack(r[14]) if r[14] is not None else None)
+                   checkpoint_record=_unpack(r[14]) if r[14] is not None else None, unit=r[15])
 
 
 def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
@@ -411,7 +480,9 @@ def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
 
 
 # -- provenance (checkpoint records): columns added to databases of earlier versions ----------------------
-_ADDED_COLUMNS = (("tasks", "checkpoint_record", "BLOB"),)
+_ADDED_COLUMNS = (("tasks", "checkpoint_record", "BLOB"),
+                  # result validation (hub/trust/): the unit a row is an instance of, a job's validation policy
+                  ("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"))
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:

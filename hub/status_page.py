@@ -1,10 +1,11 @@
 """What the public status page shows: the :class:`StatusFeed` (its routes are :mod:`hub.status_routes`).
 
 A :class:`StatusFeed` listens to the board (its events and every settled attempt) and keeps what the
-board itself does not: recent events, tasks finished per minute over the last hour, compute credit
-per agent, and transitions it notices by looking (agent went offline, quarantined, released). Live
-viewers get board events at once and a status snapshot on every event (debounced) and every
-``SNAPSHOT_INTERVAL_S`` (which doubles as the keepalive), as Server-Sent Events.
+board itself does not: recent events, tasks finished per minute over the last hour, and transitions it
+notices by looking (agent went offline, quarantined, released); credit per agent is the trust part's
+(hub/trust/: validated work only). Live viewers get board events at once and a status snapshot on
+every event (debounced) and every ``SNAPSHOT_INTERVAL_S`` (which doubles as the keepalive), as
+Server-Sent Events.
 
 Scale (:mod:`hub.status_snapshot`): the snapshot is built once per interval by one task, not per request
 or per viewer; every viewer gets the same encoded frame, ``/v1/status`` the same bytes, and the agent and
@@ -24,6 +25,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -61,11 +63,6 @@ def agent_state(agent: AgentState, online: bool) -> str:
     return "busy" if agent.running else "idle"
 
 
-def _agent_gflops(agent: AgentState) -> float:
-    """The fastest measured device of the agent (fp32)."""
-    return max([g.gflops_fp32 for g in agent.caps.gpus] + [agent.caps.cpu_gflops])
-
-
 def _frame(event: str, data: Any) -> Frame:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
 
@@ -73,15 +70,17 @@ def _frame(event: str, data: Any) -> Frame:
 class StatusFeed:
     """What the status page shows beyond the board's own state; fans frames out to live viewers."""
 
-    def __init__(self, view: BoardView, max_viewers: int = 100) -> None:
+    def __init__(self, view: BoardView, max_viewers: int = 100,
+                 standing: Callable[[str], dict[str, Any]] | None = None) -> None:
         self.view = view
+        #: an agent's credit (validated work only), invalid results and reputation (hub/trust/)
+        self.standing = standing or (lambda _agent_id: {})
         self.max_viewers = max_viewers
         self.snapshot: Snapshot | None = None
         self._build_lock = asyncio.Lock()
         self._changes = 0                                    # board events and settled attempts seen
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.history: dict[int, Counter[str]] = {}          # epoch minute -> {"done": n, "failed": n}
-        self.credit_gflop_h: dict[str, float] = {}          # agent id -> compute contributed
         self.quarantines = 0                                 # agents that entered quarantine
         self.subscribers: set[asyncio.Queue[Frame | None]] = set()
         self._online: set[str] | None = None
@@ -103,17 +102,12 @@ class StatusFeed:
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
-        """A BoardObserver: count the attempt in its minute, credit the agent's compute."""
+        """A BoardObserver: count the attempt in its minute (credit is the trust part's: validated work only)."""
         self._changes += 1
         minute = int(self.view.now() // 60)
         self.history.setdefault(minute, Counter())["done" if ok else "failed"] += 1
         for old in [m for m in self.history if m <= minute - HISTORY_MINUTES]:
             del self.history[old]
-        wall_s = metrics.get("wall_s")
-        agent = self.view.agents.get(agent_id)
-        if ok and agent is not None and isinstance(wall_s, int | float) and wall_s > 0:
-            gained = _agent_gflops(agent) * float(wall_s) / 3600.0
-            self.credit_gflop_h[agent_id] = self.credit_gflop_h.get(agent_id, 0.0) + gained
 
     def observe(self) -> None:
         """Notice transitions nobody emits: agents going offline and in/out of quarantine."""
@@ -311,6 +305,7 @@ class StatusFeed:
                 running.append({"task": task_id, "job": job.id, "job_name": job.name, "idx": task.idx,
                                 "progress": task.progress})
         settled = agent.done + agent.failed
+        standing = self.standing(agent.row.id)
         return {
             "id": agent.row.id, "name": agent.row.name, "state": agent_state(agent, online),
             "gpus": [{"name": g.name, "backend": g.backend, "vram_gb": g.vram_gb, "gflops_fp32": g.gflops_fp32}
@@ -318,7 +313,9 @@ class StatusFeed:
             "cpu": {"model": str(cpu.get("model") or ""), "cores": caps.cpu_cores, "gflops_fp32": caps.cpu_gflops},
             "memory_gb": caps.memory_gb, "running": running, "done": agent.done, "failed": agent.failed,
             "error_rate": round(agent.failed / settled, 4) if settled else 0.0,
-            "credit_gflop_h": round(self.credit_gflop_h.get(agent.row.id, 0.0), 3),
+            "credit": round(float(standing.get("credit", 0.0)), 3),
+            "invalid_results": int(standing.get("invalid_results", 0)),
+            "speed_flag": standing.get("speed_flag"),
             "last_seen": agent.last_seen, "registered_at": agent.row.registered_at, "quarantine": agent.refused,
         }
 
@@ -326,6 +323,7 @@ class StatusFeed:
         view = self.view
         counts = view.counts(job.id)
         row = public_job(job_summary(job, counts))
+        row["quorum"] = int(job.validation.get("quorum", 1))
         settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
         row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
         if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
@@ -341,7 +339,8 @@ class StatusFeed:
         if self._recent_jobs is None:
             finished = [job for job in await self.view.list_jobs(None, RECENT_JOBS) if job.state.terminal]
             self._final_counts = {job.id: await self._counts_of_finished(job) for job in finished}
-            self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None}
+            self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None,
+                                  "quorum": int(job.validation.get("quorum", 1))}
                                  for job in finished]
 
     async def _counts_of_finished(self, job: JobRow) -> dict[str, int]:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
 from hub.tokens import AdmissionToken
+from hub.trust.records import TrustSnapshot, TrustWrite, ValidationRow
 
 __all__ = ["LeaseWrite", "Store"]
 
@@ -86,3 +87,12 @@ class Store(Protocol):
         """Count one use, atomically, only if the token exists with this secret, is not revoked,
         not expired at ``now`` and not used up; True if it was counted. Two concurrent last uses of a
         single-use token: exactly one is True."""
+    # -- result validation (hub/trust/) ---------------------------------------------------------
+    async def add_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow]) -> None:
+        """Insert more instance rows of existing jobs and write those jobs' new ``n_tasks``."""
+    async def record_trust(self, write: TrustWrite) -> None:
+        """Upsert validation records, reputation rows and bans; add credit grants to the holders' totals."""
+    async def load_trust(self) -> TrustSnapshot:
+        """Every reputation row, credit total and ban (a restart's trust state)."""
+    async def get_validations(self, job_id: str) -> list[ValidationRow]:
+        """A job's validation records by unit."""

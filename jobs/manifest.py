@@ -100,7 +100,20 @@ _BASE_SCHEMA: dict[str, Any] = {
                         "priority": {"type": "integer", "minimum": -100, "maximum": 100},
                         "retries": {"type": "integer", "minimum": 0, "maximum": 100},
                         "deadline": _DURATION_SCHEMA,
-                        "replicas": {"type": "integer", "minimum": 1, "maximum": 16},
+                        "replicas": {"type": "integer", "minimum": 1, "maximum": 16,
+                                     "description": "shorthand for validation: {quorum: N, adaptive: false}"},
+                        "validation": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "description": "instances of each task that must agree (hub/trust/)",
+                            "properties": {
+                                "quorum": {"type": "integer", "minimum": 1, "maximum": 16},
+                                "max_instances": {"type": "integer", "minimum": 1, "maximum": 32},
+                                "adaptive": {"type": "boolean"},
+                                "compare": {"enum": ["auto", "exact", "tolerant", "none"]},
+                                "tolerance": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                            },
+                        },
                     },
                 },
             },
@@ -148,6 +161,8 @@ class Manifest:
     retries: int = 3
     deadline_s: float | None = None
     replicas: int = 1
+    #: ``policy.validation`` as written (hub/trust/policy.py resolves it with the kind's and board's defaults)
+    validation: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, InputRef] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     base_dir: Path | None = None   # where relative input paths are (the manifest file's folder)
@@ -165,8 +180,14 @@ class Manifest:
         shards = max((r.shard_count or 1 for r in self.inputs.values()), default=1)
         return points * shards * self.replicas
 
+    @property
+    def n_units(self) -> int:
+        """Distinct tasks (sweep points x shards); a board runs each as one or more instances."""
+        return self.n_tasks // self.replicas
+
     def points(self) -> list[dict[str, Any]]:
-        """Parameters of each task, in a stable order (sweep points, each repeated per replica)."""
+        """Parameters of each unit, in a stable order (sweep points x shards). Replicas are not repeated
+        here: a board runs them as instances of the unit (hub/trust/), and an assignment names its unit."""
         kind = get_kind(self.kind)
         keys = list(self.sweep)
         out = []
@@ -174,7 +195,7 @@ class Manifest:
         for combo in itertools.product(*(self.sweep[k] for k in keys)):
             for shard in shards:
                 params = kind.validate({**self.params, **dict(zip(keys, combo, strict=True)), **shard})
-                out.extend([params] * self.replicas)
+                out.append(params)
         return out
 
     @classmethod
@@ -203,6 +224,7 @@ class Manifest:
             retries=int(policy.get("retries", 3)),
             deadline_s=parse_duration(policy["deadline"]) if "deadline" in policy else None,
             replicas=int(policy.get("replicas", 1)),
+            validation=dict(policy.get("validation", {})),
             inputs=parse_inputs(spec.get("inputs", {})),
             source=source,
         )
@@ -304,6 +326,13 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str,
             _check_duration(spec["resources"][key], f"spec.resources.{key}", errors, MAX_TIMEOUT_S)
     if "deadline" in spec.get("policy", {}):
         _check_duration(spec["policy"]["deadline"], "spec.policy.deadline", errors)
+    validation = spec.get("policy", {}).get("validation", {})
+    if validation and "replicas" in spec.get("policy", {}):
+        errors.append(("spec.policy.replicas", "give either replicas or validation, not both "
+                                               "(replicas: N is validation: {quorum: N, adaptive: false})"))
+    if validation.get("max_instances", 32) < validation.get("quorum", 1):
+        errors.append(("spec.policy.validation.max_instances",
+                       f"expected at least the quorum ({validation.get('quorum')}), got {validation['max_instances']}"))
     if errors:
         return errors
     n = 1

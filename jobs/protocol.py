@@ -240,16 +240,21 @@ class LeaseReply:
     tasks: tuple[Assignment, ...] = ()
     results: tuple[ResultOutcome, ...] = ()
     refused: str | None = None
+    #: the agent's standing on this board (hub/trust/): credit, invalid results, reputation per kind
+    standing: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
-        return {"tasks": [t.encode() for t in self.tasks], "results": [o.encode() for o in self.results],
-                "refused": self.refused}
+        out: dict[str, Any] = {"tasks": [t.encode() for t in self.tasks],
+                               "results": [o.encode() for o in self.results], "refused": self.refused}
+        if self.standing:   # absent when empty: the map an older agent reads stays the same
+            out["standing"] = self.standing
+        return out
 
     @classmethod
     def decode(cls, value: Any, path: str = "") -> LeaseReply:
         f = Fields(value, path)
         return cls(tuple(Assignment.decode(item, at) for at, item in f.items("tasks")), _outcomes(f, "results"),
-                   f.optional_text("refused"))
+                   f.optional_text("refused"), f.mapping("standing"))
 
 
 # -- results ------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_example_validates_and_runs(name: str, tmp_path: Path) -> None:
         assert [o.values["dtype"] for o in outputs] == ["float32", "bfloat16"]
         assert all(o.metrics["gflops"] > 0 for o in outputs)
     elif name == "sleep":
-        assert manifest.n_tasks == 2 and outputs[0].values == {"slept": 1.0}
+        assert manifest.n_tasks == 1 and outputs[0].values == {"slept": 1.0}
     elif name == "vector_add":
         assert outputs[0].metrics["gb_per_s"] > 0
     elif name == "conv2d":

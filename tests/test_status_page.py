@@ -146,8 +146,10 @@ async def test_page_shows_fleet_and_follows_a_job_live(hub: InProcessHub, browse
     await expect(row).to_contain_text("2/2")
     await expect(detail.locator("tbody tr[data-state=done]")).to_have_count(2)
     await expect(page.locator("#event-list")).to_contain_text("job sweep finished: succeeded")
-    # credit: 36 s on the GTX (3800 GFLOPS) = 38 GFLOP-hours; the throughput chart counted both tasks
-    await expect(page.locator("#agent-table tr", has_text="gpu-box")).to_contain_text("38.00")
+    # credit is the task's cost (sleep: its seconds, 0.0123), never the claimed 3800 GFLOPS x 36 s of wall time;
+    # the throughput chart counted both tasks
+    await expect(page.locator("#agent-table tr", has_text="gpu-box")).to_contain_text("0.01")
+    await expect(page.locator("#agent-table tr", has_text="gpu-box")).not_to_contain_text("38.00")
     await expect(page.locator("#throughput-caption")).to_contain_text("Last hour: 2 tasks finished")
 
     # sortable agents table

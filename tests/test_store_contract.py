@@ -453,3 +453,64 @@ async def test_a_database_of_an_earlier_version_is_upgraded_in_place(tmp_path: P
         assert (await store.get_tasks("j1"))[0].checkpoint_record == record
     finally:
         await store.close()
+
+
+# -- result validation (hub/trust/) ------------------------------------------------------------
+async def test_instances_are_added_to_a_job_with_their_unit_and_read_back(make: Callable[[], Store]) -> None:
+    row = replace(job("j1"), validation={"quorum": 2})
+    async with opened(make) as store:
+        await store.create_job(row, tasks(row))
+        row.n_tasks = 3
+        extra = TaskRow(id="j1.2", job_id="j1", idx=2, params={"seconds": 0.0}, updated_at=1.0, unit=0)
+        await store.add_tasks([extra], [row])
+    async with opened(make) as store:
+        stored = await store.get_job("j1")
+        assert stored is not None and stored.n_tasks == 3 and stored.validation == {"quorum": 2}
+        assert [(t.id, t.unit, t.unit_idx) for t in await store.get_tasks("j1")] == [
+            ("j1.0", None, 0), ("j1.1", None, 1), ("j1.2", 0, 0)]
+
+
+async def test_trust_records_upsert_credit_adds_up_and_all_survive_a_restart(make: Callable[[], Store]) -> None:
+    from hub.trust.records import Ban, CreditGrant, ReputationRow, TrustWrite, ValidationRow
+
+    async with opened(make) as store:
+        await store.record_trust(TrustWrite(
+            validations=[ValidationRow("j1", 0, "validated", 2, "j1.0", ["a", "b"], {"values": {"x": 1}}, 5.0)],
+            reputation=[ReputationRow("a", "sleep", 3, 3, 0, 5.0)],
+            credit=[CreditGrant("agent:a", 1.5), CreditGrant("owner:alice", 1.5)],
+            bans=[Ban("z", "quarantined: lies", 1.0, 99.0)]))
+        await store.record_trust(TrustWrite(reputation=[ReputationRow("a", "sleep", 0, 3, 1, 6.0)],
+                                            credit=[CreditGrant("agent:a", 2.0)]))
+    async with opened(make) as store:
+        snap = await store.load_trust()
+        assert snap.reputation == [ReputationRow("a", "sleep", 0, 3, 1, 6.0)]
+        assert snap.credit == {"agent:a": (3.5, 2), "owner:alice": (1.5, 1)}
+        assert snap.bans == [Ban("z", "quarantined: lies", 1.0, 99.0)]
+        [v] = await store.get_validations("j1")
+        assert (v.state, v.agents, v.canonical_task) == ("validated", ["a", "b"], "j1.0")
+        assert v.detail == {"values": {"x": 1}}
+        assert await store.get_validations("j2") == []
+
+
+async def test_a_database_from_before_validation_is_upgraded_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT NOT NULL, submitter_id TEXT NOT NULL, kind TEXT NOT NULL,"
+        " priority INTEGER NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL, n_tasks INTEGER NOT NULL,"
+        " envelope BLOB NOT NULL, requires TEXT NOT NULL, timeout_s REAL NOT NULL, max_attempts INTEGER NOT NULL,"
+        " deadline_at REAL, finished_at REAL, error TEXT, labels TEXT NOT NULL DEFAULT '{}');"
+        "CREATE TABLE tasks (id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL,"
+        " params BLOB NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, lease_id TEXT, agent_id TEXT,"
+        " lease_expires_at REAL, error TEXT, error_class TEXT, progress REAL NOT NULL DEFAULT 0,"
+        " updated_at REAL NOT NULL, checkpoint TEXT);")
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        row = job("j1")
+        await store.create_job(row, tasks(row))
+        assert [t.unit for t in await store.get_tasks("j1")] == [None, None]
+        assert (await store.load_trust()).credit == {}
+    finally:
+        await store.close()

@@ -81,9 +81,11 @@ def render_status(status: dict[str, Any]) -> None:
         console.print("no tasks running")
     boards = status.get("boards") or []
     if boards:
-        table = Table("board", "breaker", title="boards")
+        table = Table("board", "breaker", "credit", "invalid results", "refused", title="boards")
         for b in boards:
-            table.add_row(plain(b.get("url", "")), plain(b.get("breaker", "")))
+            standing = b.get("standing") or {}
+            table.add_row(plain(b.get("url", "")), plain(b.get("breaker", "")), plain(str(standing.get("credit", "-"))),
+                          plain(str(standing.get("invalid_results", "-"))), plain(b.get("refused") or ""))
         console.print(table)
     for key, value in status.items():
         if key not in shown:

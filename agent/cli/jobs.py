@@ -32,6 +32,7 @@ from agent.client.submitting import (
     verify_results,
     wait_job,
 )
+from agent.client.validation import check_validation, unit_rows
 from jobs.checkpoints import resumed_from
 from jobs.manifest import load_manifests
 
@@ -206,12 +207,15 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
                           c.payload) for c in checks]
     rows: list[dict[str, Any]] = [
         {"task_id": c.task_id, "agent": c.agent, "verified": c.ok, "problem": c.problem or None,
+         "state": r.get("state"),
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
          "environment": c.payload.get("environment"), "resumed_from": resumed_from(c.payload),
          "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
                      for name, o in (c.payload.get("outputs") or {}).items()}}
-        for c in checks]
-    index = {"job": reply["job"], "results": rows}
+        for c, r in zip(checks, reply["results"], strict=True)]
+    units = unit_rows(reply, checks)
+    validation_problems = check_validation(reply, checks)
+    index = {"job": reply["job"], "results": rows, "tasks": units}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(index, indent=2, default=str))
@@ -219,6 +223,8 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
         print_json(index)
     else:
         click.echo(f"{reply['job']['id']} {reply['job']['state']}: {len(rows)} result(s)")
+        for unit in units:
+            click.echo(f"  {unit_line(unit)}")
         for row in rows:
             mark = "verified" if row["verified"] else f"NOT VERIFIED ({row['problem']})"
             metrics = ", ".join(f"{k}={v:.4g}" for k, v in (row["metrics"] or {}).items()
@@ -230,10 +236,29 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
                 click.echo(f"      resumed from a checkpoint signed by agent {row['resumed_from'][:16]}")
     if verify:
         bad = [c for c in checks if not c.ok]
-        if bad:
-            click.echo(f"{len(bad)} result(s) failed verification", err=True)
+        for problem in validation_problems:
+            click.echo(f"validation record: {problem}", err=True)
+        if bad or validation_problems:
+            click.echo(f"{len(bad)} result(s) and {len(validation_problems)} validation record(s) failed "
+                       "verification", err=True)
             sys.exit(EXIT_FAILED)
-        click.echo(f"all {len(checks)} result signature(s) verified; manifest signature verified", err=True)
+        click.echo(f"all {len(checks)} result signature(s) verified; manifest signature verified; "
+                   f"{sum(1 for u in units if u['state'] == 'validated')} validation record(s) agree with "
+                   "the signed results", err=True)
+
+
+def unit_line(unit: dict[str, Any]) -> str:
+    """One task's validation, for people."""
+    if unit["state"] == "validated":
+        text = f"{unit['task_id']}  validated by {len(unit['agents'])} agent(s) (quorum {unit['quorum']})"
+        if unit["invalid"]:
+            text += f"; {len(unit['invalid'])} invalid: " + ", ".join(
+                f"{i['agent_id'][:12]} said {json.dumps(i['values'], default=str)[:80]}" for i in unit["invalid"])
+        return text
+    if unit["state"] == "no_consensus":
+        return f"{unit['task_id']}  no_consensus: " + "; ".join(
+            f"{a['agent_id'][:12]} said {json.dumps(a['values'], default=str)[:80]}" for a in unit.get("answers", []))
+    return f"{unit['task_id']}  pending (quorum {unit['quorum']})"
 
 
 COMMANDS = [submit_cmd, jobs_cmd, job_cmd, cancel_cmd, results_cmd]

@@ -1,4 +1,5 @@
-"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|abuse``: the tools in :mod:`agent.tools`."""
+"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|abuse|integrity``: the tools in
+:mod:`agent.tools`."""
 
 from __future__ import annotations
 
@@ -88,6 +89,25 @@ def bench_abuse(quick: bool, agents: int | None, seconds: float | None, as_json:
     size = AbuseSize.quick() if quick else AbuseSize()
     size = dataclasses.replace(size, agents=agents or size.agents, seconds=seconds or size.seconds)
     _print_result(run_abuse_bench(size), as_json)
+
+
+@bench.command("integrity")
+@click.option("--units", type=int, default=100_000, show_default=True, help="Tasks (units) per scenario.")
+@click.option("--agents", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--scenario", "scenarios", multiple=True, type=click.Choice(["mixed", "honest"]),
+              help="Scenarios to run (default: both).")
+@click.option("--fixed-quorum", "fixed", is_flag=True,
+              help="Mixed fleet with every unit replicated (quorum 2, not adaptive), for comparison.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_integrity(units: int, agents: int, seed: int, scenarios: tuple[str, ...], fixed: bool,
+                    as_json: bool) -> None:
+    """Result validation against simulated cheaters (real Board + SQLite, virtual time): wrong answers
+    accepted, tasks until a cheater is caught, false rejections, compute overhead on an honest fleet."""
+    from agent.tools.bench_integrity import run_integrity_bench
+
+    _print_result(run_integrity_bench(units, agents, seed, scenarios=scenarios or ("mixed", "honest"), fixed=fixed),
+                  as_json)
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:

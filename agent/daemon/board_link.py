@@ -108,6 +108,7 @@ class BoardLink:
         self.hold_off = hold_off          # None: lease again at once
         self.cooldown_until = 0.0         # monotonic time before which we do not lease from it
         self.refused: str | None = None   # why the board gives us no work (quarantine), if it says
+        self.standing: dict[str, Any] = {}   # credit, invalid results and reputation, as the board says
         self.pending: list[SignedRecord] = outbox.load()
         self.running: dict[str, Running] = {}
         self.flush = asyncio.Event()
@@ -143,7 +144,8 @@ class BoardLink:
     def status(self) -> dict[str, Any]:
         """This board's row in the daemon's status."""
         return {"url": self.address.url, "registered": self.registered, "breaker": self.breaker_state.value,
-                "outbox": len(self.pending), "refused": self.refused, "done": self.done, "failed": self.failed}
+                "outbox": len(self.pending), "refused": self.refused, "done": self.done, "failed": self.failed,
+                "standing": self.standing}
 
     # -- tasks ------------------------------------------------------------------------------------
     def trusts(self, submitter: str) -> bool:
@@ -258,6 +260,8 @@ class BoardLink:
                 await asyncio.sleep(max(1.0, self.client.breaker.retry_in()))
                 continue
             self.settle(sent, reply.results)
+            if reply.standing:
+                self.standing = reply.standing
             if reply.refused != self.refused:
                 self.refused = reply.refused
                 if self.refused:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -199,7 +200,8 @@ class Executor:
         if resume is not None:
             payload["resumed_from"] = {"record": resume.to_wire()}
         if outcome.ok:
-            payload["values"] = outcome.values
+            payload["values"] = _altered_for_tests(outcome.values) if os.environ.get(ALTER_RESULTS_ENV) == "1" \
+                else outcome.values
             payload["outputs"] = outputs
         else:
             payload["error_class"] = outcome.error_class or FailureClass.ERROR.value
@@ -223,3 +225,17 @@ class Executor:
 
     def _sign_digest(self, method: str, path: str, query: str, digest: str) -> dict[str, str]:
         return sign_request_digest(self.identity, method, path, query, digest)
+
+
+#: TEST-ONLY: set to "1" in the environment of an agent that a test makes lie (tests/test_e2e_trust.py):
+#: it signs altered values for every task. Off unless a test sets it; never set it on a real agent.
+ALTER_RESULTS_ENV = "PANAL_TEST_ALTER_RESULTS"
+
+
+def _altered_for_tests(values: dict[str, Any]) -> dict[str, Any]:
+    """Every number shifted (a plausible-looking wrong answer), everything else as computed."""
+    def alter(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return [alter(v) for v in value] if isinstance(value, list) else value
+        return value * 1.5 + 1
+    return {k: alter(v) if not isinstance(v, dict) else _altered_for_tests(v) for k, v in values.items()}

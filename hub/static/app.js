@@ -131,7 +131,9 @@ function renderJobs(jobs, now) {
       el("td", {}, el("button", { type: "button", class: "link", onclick: (e) => { e.stopPropagation(); open(); } },
         job.name || job.id), el("br"), el("code", { class: "muted" }, job.id)),
       el("td", {}, el("span", { class: `state state-${job.state}` }, job.state),
-        job.waiting_because && job.waiting_because.length ? el("span", { class: "muted" }, " (waiting)") : null),
+        job.waiting_because && job.waiting_because.length ? el("span", { class: "muted" }, " (waiting)") : null,
+        job.quorum > 1 ? el("span", { class: "muted", title: "instances that must agree" }, ` quorum ${job.quorum}`) : null,
+        job.tasks && job.tasks.invalid ? el("span", { class: "state state-failed" }, ` ${job.tasks.invalid} invalid`) : null),
       el("td", {}, progressBar(job.progress, jobProgressLabel(job), `progress of ${job.name || job.id}`)),
       el("td", { class: "wide" }, job.kind),
       el("td", { class: "wide" }, el("code", { title: job.submitter }, shortId(job.submitter))),
@@ -202,7 +204,7 @@ function renderAgents() {
   const now = view.status ? view.status.generated_at : Date.now() / 1000;
   const body = $("#agent-table tbody");
   if (!agents.length) {
-    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "no agents registered")));
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "no agents registered")));
     return;
   }
   body.replaceChildren(...agents.map((x) => el("tr", { "data-agent-id": x.id },
@@ -211,7 +213,8 @@ function renderAgents() {
     el("td", { class: "wide" }, devices(x)),
     el("td", {}, x.done),
     el("td", { class: "wide" }, `${(x.error_rate * 100).toFixed(1)}%`),
-    el("td", { class: "wide" }, x.credit_gflop_h.toFixed(x.credit_gflop_h >= 100 ? 0 : 2)),
+    el("td", { class: "wide" }, x.credit.toFixed(x.credit >= 100 ? 0 : 2)),
+    el("td", { class: "wide" }, x.invalid_results),
     el("td", {}, `${duration(now - x.last_seen)} ago`),
     el("td", { class: "wide" }, el("code", { title: x.id }, shortId(x.id))))));
 }

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from jobs.compare import CompareSpec
 from jobs.errors import InvalidParams
 
 __all__ = ["Cost", "Kind", "KindOutput", "Param", "RunContext"]
@@ -129,6 +130,8 @@ class Kind(ABC):
     #: required one and no others (``checkpoint`` is supplied by the engine on resume, never listed).
     inputs: ClassVar[Mapping[str, bool]] = {}
     test_only: bool = False
+    #: how a board compares two results of one unit (jobs/compare.py); exact unless a kind says otherwise
+    compare: ClassVar[CompareSpec] = CompareSpec("exact")
 
     def validate(self, params: Mapping[str, Any], prefix: str = "spec.params") -> dict[str, Any]:
         """Apply defaults and bounds; raise :class:`InvalidParams` listing every problem at once."""

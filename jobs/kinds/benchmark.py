@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from jobs.compare import CompareSpec
 from jobs.errors import InvalidParams
 from jobs.kinds.base import Cost, Kind, KindOutput, Param, RunContext
 
@@ -53,6 +54,8 @@ class _OnDevice:
 
 
 class Benchmark(Kind):
+    #: measurements, not answers: instances are never compared (a quorum only shows the work ran)
+    compare = CompareSpec("none")
     name = "benchmark"
     summary = "run a kind on CPU and on each GPU here; report times and speedups"
     params: ClassVar[Mapping[str, Param]] = {

@@ -14,10 +14,11 @@ import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from jobs.compare import CompareSpec
 from jobs.errors import PermanentError
 from jobs.kinds.base import Cost, Kind, KindOutput, Param, RunContext
 from jobs.kinds.mlp_train import ARCH_KEYS, build_mlp
-from jobs.kinds.torchutil import DTYPES, synchronize, torch_device, usable_dtype
+from jobs.kinds.torchutil import DTYPES, synchronize, tensor_summary, torch_device, usable_dtype
 from jobs.safeload import check_safetensors, load_pt2, load_safetensors, read_metadata
 
 __all__ = ["Inference", "shard_rows"]
@@ -38,6 +39,8 @@ def shard_rows(total: int, count: int, index: int) -> tuple[int, int]:
 
 
 class Inference(Kind):
+    #: the outputs file is compared through the signed per-tensor summaries (jobs/compare.py says why)
+    compare = CompareSpec("tolerant")
     name = "inference"
     summary = "run a torch.export (.pt2) or catalog-architecture model over a shard of inputs"
     inputs: ClassVar[Mapping[str, bool]] = {"model": True, "data": True}
@@ -102,7 +105,8 @@ class Inference(Kind):
                   {"row_start": str(start), "row_end": str(end), "input_key": key})
         out.files["outputs"] = path
         out.values.update(row_start=start, row_end=end, rows=end - start,
-                          outputs={n: list(t.shape) for n, t in result.items()})
+                          outputs={n: list(t.shape) for n, t in result.items()},
+                          summaries={n: tensor_summary(t) for n, t in result.items()})
         return out
 
     def _mlp(self, params: Mapping[str, Any], path: Any, device: Any, out: KindOutput) -> tuple[Any, Any]:

@@ -49,6 +49,21 @@ def tensor_digest(tensor: Any) -> str:
     return hashlib.sha256(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size())).hexdigest()
 
 
+def tensor_summary(tensor: Any) -> dict[str, Any]:
+    """What a board compares of an output tensor without reading it (jobs/compare.py): shape, dtype,
+    sum and sum of |x| over the finite elements, and a digest of where the NaN/Inf elements are."""
+    import torch
+
+    data = tensor.detach().to("cpu")
+    as64 = data.double() if data.is_floating_point() else data.to(torch.float64)
+    finite = torch.isfinite(as64)
+    nonfinite = "" if bool(finite.all()) else hashlib.sha256(
+        (~finite).flatten().to(torch.uint8).numpy().tobytes()).hexdigest()
+    kept = torch.where(finite, as64, torch.zeros_like(as64))
+    return {"shape": list(data.shape), "dtype": str(data.dtype).removeprefix("torch."),
+            "sum": float(kept.sum().item()), "abs_sum": float(kept.abs().sum().item()), "nonfinite": nonfinite}
+
+
 class Timer:
     """Wall time of a block, synchronised with the device before and after."""
 
