@@ -93,6 +93,7 @@ class Board:
         self.submitter_faults = SubmitterFaults(config.submitter_fault_confirmations, self._fleet, self._queues, clock)
         self._dispatcher.add_holdback(self.submitter_faults)
         self._dispatcher.add_holdback(self.trust)
+        self.view.instance_gate = self.trust.why_waiting
         self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
         self._sweeper: asyncio.Task[None] | None = None
 

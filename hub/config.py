@@ -101,9 +101,11 @@ class HubConfig:
     #: --hub`` reports them): the longest task timeout and the largest per-task memory cap
     max_task_timeout_s: float = 7 * 86400.0
     max_task_memory_gb: float = 256.0
-    #: result validation (hub/trust/): the quorum of a job whose manifest gives no policy.validation
-    #: (1: each result is accepted alone, right for a private board; a public board sets 2)
-    validation_quorum: int = 1
+    #: result validation (hub/trust/): the quorum of a job whose manifest gives no policy.validation.
+    #: 0 (auto): 2 on a hub strangers can reach (a WAN hub: not LAN mode, not bound to loopback only),
+    #: where one lying volunteer must not decide an answer; 1 (each result accepted alone) on a LAN
+    #: board or a loopback-only hub (`panal up`, the demo), where one machine must be enough
+    validation_quorum: int = 0
     trust_after: int = 10                 # validated results in a row before an agent may run unreplicated
     spot_check_share: float = 0.03        # share of an untrusted agent's leases that re-run a validated unit
     invalid_quarantine_after: int = 3     # invalid results among an agent's last 20 checked ones: quarantine
@@ -115,22 +117,29 @@ class HubConfig:
     def load(cls, path: Path | None = None, env: dict[str, str] | None = None,
              **overrides: Any) -> HubConfig:
         config = load_settings(cls, what="hub", env_prefix=ENV_PREFIX, path=path, env=env, overrides=overrides)
-        if config.validation_quorum < 1 or config.trust_after < 1 or not 0 <= config.spot_check_share <= 1:
-            raise BadRequest("hub settings: validation_quorum and trust_after must be >= 1, "
+        if config.validation_quorum < 0 or config.trust_after < 1 or not 0 <= config.spot_check_share <= 1:
+            raise BadRequest("hub settings: validation_quorum must be >= 0 (0: auto), trust_after >= 1, "
                              "spot_check_share in [0, 1]")
         if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
         if config.registration not in REGISTRATION_MODES:
             raise BadRequest(f"hub setting registration: expected one of {', '.join(REGISTRATION_MODES)}, "
                              f"got {config.registration!r}")
+        if config.validation_quorum == 0:
+            config = dataclasses.replace(config, validation_quorum=1 if config.local_only else 2)
         return config
+
+    @property
+    def local_only(self) -> bool:
+        """Whether only this machine or a LAN reaches the board (LAN mode, or bound to loopback)."""
+        return self.lan or self.bind in LOOPBACK_BINDS
 
     @property
     def registration_mode(self) -> str:
         """``token`` or ``open``: what ``registration: auto`` means for this board."""
         if self.registration != "auto":
             return self.registration
-        return "open" if self.lan or self.bind in LOOPBACK_BINDS else "token"
+        return "open" if self.local_only else "token"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

@@ -17,6 +17,7 @@ from hub.protocols import DispatchPolicy, DispatchView
 from hub.queues import JobQueues
 from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import Store
+from jobs.requirements import unmet
 from security.errors import NotFound
 
 __all__ = ["BoardView", "job_summary"]
@@ -37,6 +38,9 @@ class BoardView:
         self._store, self._clock = store, clock
         self._queues, self._fleet, self._stats = queues, fleet, stats
         self._dispatch, self._policy = dispatch, policy
+        #: why the capable connected agents may not take a queued instance (set by the board: the trust
+        #: part's rule that one agent never answers twice for one unit), or None
+        self.instance_gate: Callable[[str, list[AgentState]], str | None] | None = None
 
     def now(self) -> float:
         return self._clock()
@@ -113,7 +117,14 @@ class BoardView:
 
     def waiting_because(self, job_id: str) -> list[str]:
         """Why no connected agent takes the job's next queued task (empty if one can)."""
-        return explain_waiting(self._dispatch, job_id, self._policy.predictor)
+        reasons = explain_waiting(self._dispatch, job_id, self._policy.predictor)
+        task = next(iter(self._queues.peek(job_id, 1)), None)
+        if reasons or task is None or self.instance_gate is None:
+            return reasons
+        job, req = self._queues.job(job_id), self._queues.requirements(job_id)
+        capable = [a for a in self._dispatch.connected() if not unmet(req, job.kind, a.caps)]
+        why = self.instance_gate(task.id, capable)
+        return [why] if why else []
 
     async def job_view(self, job_id: str) -> dict[str, Any]:
         job = await self.find_job(job_id)

@@ -289,3 +289,28 @@ async def test_an_instance_held_for_validation_runs_again_after_a_restart(fleet:
     await f.report("b", tb)
     assert (await f.report("c", tc))["status"] == "accepted"
     assert (await f.board.job_view(job_id))["state"] == "succeeded"
+
+
+async def test_a_quorum_that_one_connected_agent_cannot_meet_says_why_the_job_waits(tmp_path: Path) -> None:
+    board = Board(SqliteStore(tmp_path / "board.db"), HubConfig(lease_ttl_s=10, spot_check_share=0.0), Clock())
+    await board.start()
+    try:
+        solo = Identity.generate()
+        await board.register_agent(solo.public, "solo", Capabilities.from_dict({"kinds": ["sleep"]}))
+        f = Fleet(board, {"solo": solo})
+        job_id = await f.submit(1, validation={"quorum": 2, "adaptive": False})
+        [task] = await f.lease("solo")
+        assert (await f.report("solo", task))["status"] == "pending"
+        view = await board.job_view(job_id)
+        assert view["state"] == "running"
+        [why] = view["waiting_because"]
+        assert "needs an answer from another agent" in why and "2 agents" in why, why
+    finally:
+        await board.stop()
+
+
+def test_a_hub_strangers_can_reach_validates_by_default_and_a_local_one_does_not(tmp_path: Path) -> None:
+    assert HubConfig.load(None, env={}, bind="0.0.0.0").validation_quorum == 2
+    assert HubConfig.load(None, env={}, bind="127.0.0.1").validation_quorum == 1
+    assert HubConfig.load(None, env={}, bind="0.0.0.0", lan=True).validation_quorum == 1
+    assert HubConfig.load(None, env={}, bind="0.0.0.0", validation_quorum=3).validation_quorum == 3

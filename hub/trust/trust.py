@@ -146,6 +146,19 @@ class Trust:
         owner = owner_of(agent)
         return agent.row.id in unit.ran or (owner is not None and owner in unit.owners)
 
+    def why_waiting(self, task_id: str, capable: Sequence[AgentState]) -> str | None:
+        """Why none of the capable connected agents may take this queued instance: each already ran
+        (or its owner ran) an instance of its unit. A quorum of 2 on a board with one agent says so
+        here (the job view's ``waiting_because``) instead of waiting silently."""
+        unit = self._unit_of.get(task_id)
+        if unit is None or not unit.policy.enabled or not capable:
+            return None
+        if any(not self._excluded(unit, agent) for agent in capable):
+            return None
+        return (f"needs an answer from another agent: results are accepted when {unit.policy.quorum} agents "
+                f"(of different owners) agree, and the {len(capable)} capable connected agent(s) already ran this "
+                "task; connect another agent, or submit with policy.validation.quorum: 1 on a board you trust")
+
     def held_back(self, agent: AgentState, view: DispatchView) -> Iterable[str]:
         """Queued instances of units this agent (or its owner) already ran an instance of."""
         for task_id in list(self._contested):
