@@ -31,29 +31,28 @@ from hub.dispatcher import Dispatcher
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
 from hub.leases import LeaseTable
-from hub.ledger import Receipt, ResultLedger, Staged
+from hub.ledger import ResultLedger, Staged
 from hub.protocols import (
     BoardObserver,
-    Decision,
     DispatchPolicy,
     DispatchTimer,
     EventListener,
     LeaseGate,
     ResultValidator,
-    Verdict,
 )
 from hub.quarantine import Quarantine
 from hub.queues import JobQueues
 from hub.readmodel import BoardView
 from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.retries import Retries
+from hub.settlement import Settlement
 from hub.store import Store
-from hub.submitter_faults import SubmitterFaults, is_submitter_fault
+from hub.submitter_faults import SubmitterFaults
 from hub.trust.trust import Trust
 from jobs.errors import FailureClass
-from jobs.protocol import Assignment, HeartbeatLease, HeartbeatReply, Outcome, ResultItem, ResultOutcome
+from jobs.protocol import Assignment, HeartbeatLease, HeartbeatReply, ResultItem, ResultOutcome
 from jobs.requirements import Capabilities
-from security.errors import Forbidden, NotFound, PanalError, PayloadTooLarge
+from security.errors import Forbidden, NotFound, PanalError
 from security.identity import PublicKey
 
 __all__ = ["AgentState", "Board"]
@@ -94,6 +93,8 @@ class Board:
         self._dispatcher.add_holdback(self.submitter_faults)
         self._dispatcher.add_holdback(self.trust)
         self.view.instance_gate = self.trust.why_waiting
+        self._settlement = Settlement(config, clock, self._queues, self._leases, self._ledger, self._retries,
+                                      self.trust, self.submitter_faults, self._fleet, self._observers)
         self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -348,7 +349,7 @@ class Board:
                      task.attempt)
             self._stats["expired"] += 1
             self._emit("lease_expired", task=task.id, agent=task.agent_id)
-            self._settled(task.agent_id or "?", task, False, failure.value, {})
+            self._settlement.settled(task.agent_id or "?", task, False, failure.value, {})
             self._retries.fail_attempt(task, failure, why)
             changed.setdefault(task.job_id, []).append(task)
             woke = True
@@ -374,11 +375,11 @@ class Board:
             if isinstance(found, ResultOutcome):   # seen before: a re-send waits for the original's commit
                 waits += self._ledger.in_flight(found)
                 outcomes.append(found)
-            elif (too_large := self._oversized(receipt)) is not None:
-                self._fail(found, agent.row.id, FailureClass.ERROR, too_large.message, {}, staged)
+            elif (too_large := self._settlement.oversized(receipt)) is not None:
+                self._settlement.fail(found, agent.row.id, FailureClass.ERROR, too_large.message, {}, staged)
                 outcomes.append(self._ledger.refused(item, too_large))
             else:
-                outcomes.append(self._settle(agent, found, receipt, staged))
+                outcomes.append(self._settlement.settle(agent, found, receipt, staged))
         await self._ledger.commit(staged, self._maybe_finish)
         await self.trust.flush()   # instances to add, validation records, reputation, credit
         if waits:
@@ -386,96 +387,6 @@ class Board:
         if staged:
             self._dispatcher.wake()
         return outcomes
-
-    def _oversized(self, receipt: Receipt) -> PayloadTooLarge | None:
-        """A result record past ``max_result_bytes`` (outputs belong in blobs): refused, and the attempt
-        fails (retried elsewhere), so an honest agent is not left holding a lease it cannot settle."""
-        size = len(receipt.record.get("payload") or b"")
-        if size <= self.config.max_result_bytes:
-            return None
-        return PayloadTooLarge(f"the result record of task {receipt.task_id} is {size} bytes; this hub accepts "
-                               f"at most {self.config.max_result_bytes} (max_result_bytes): outputs go through "
-                               "blobs", code="result_too_large")
-
-    def _settle(self, agent: AgentState, task: TaskRow, receipt: Receipt, staged: Staged) -> ResultOutcome:
-        """Apply a result for a task the agent holds: a failure report, or the validator's verdict."""
-        if not receipt.ok:
-            self._fail(task, agent.row.id, receipt.failure, receipt.error, receipt.metrics, staged)
-            return self._ledger.failed(task)
-        mine, *others = self._ledger.judge(self._queues.job(task.job_id), task, receipt)
-        outcome = self._apply(*mine, staged)
-        for held in others:   # held results of the job that this one decided
-            self._apply(*held, staged)
-        now = self.clock()
-        for task_id in self.trust.take_cancels():   # instances its unit no longer needs
-            other = self._queues.task(task_id)
-            if other is not None and not other.state.terminal:
-                self._leases.set_state(other, TaskState.CANCELLED)
-                other.error, other.updated_at = "not needed: its unit was validated by other instances", now
-                staged.setdefault(other.job_id, ([], []))[0].append(other)
-        return outcome
-
-    def _apply(self, task: TaskRow, receipt: Receipt, result: ResultRow, verdict: Verdict,
-               staged: Staged) -> ResultOutcome:
-        """Carry out the validator's verdict on an ok result."""
-        if verdict.decision == Decision.PENDING:
-            self._leases.settle(task)   # the agent is free; the task waits for its replicas
-            return ResultOutcome(task.id, Outcome.PENDING)
-        if verdict.decision in (Decision.INVALID, Decision.FAIL):
-            return self._disqualify(task, receipt, result, verdict, staged)
-        if verdict.decision == Decision.REJECT:
-            self._fail(task, result.agent_id, FailureClass.ERROR, f"the result was rejected: {verdict.reason}",
-                       receipt.metrics, staged)
-            return self._ledger.invalid(task, verdict)
-        self._leases.set_state(task, TaskState.DONE)
-        task.progress, task.updated_at, task.error, task.error_class = 1.0, self.clock(), None, None
-        agent = self.agents.get(result.agent_id)
-        if agent is not None:
-            agent.done += 1
-        tasks, results = staged.setdefault(task.job_id, ([], []))
-        tasks.append(task)
-        results.append(result)
-        outcome = self._ledger.accept(result)
-        self._settled(result.agent_id, task, True, None, receipt.metrics)
-        return outcome
-
-    def _disqualify(self, task: TaskRow, receipt: Receipt, result: ResultRow, verdict: Verdict,
-                    staged: Staged) -> ResultOutcome:
-        """An instance the quorum outvoted (invalid: its signed result is kept as evidence, no credit) or
-        of a unit without consensus (the task fails, not retried: more attempts would not agree either)."""
-        tasks, results = staged.setdefault(task.job_id, ([], []))
-        tasks.append(task)
-        now = self.clock()
-        if verdict.decision == Decision.INVALID:
-            self._leases.set_state(task, TaskState.INVALID)
-            task.error, task.error_class, task.updated_at = f"invalid: {verdict.reason}"[:2000], "invalid", now
-            results.append(result)
-            self._settled(result.agent_id, task, False, "invalid", receipt.metrics)
-            return self._ledger.disqualified(result, verdict)
-        self._leases.set_state(task, TaskState.FAILED)
-        task.error, task.error_class, task.updated_at = verdict.reason[:2000], "no_consensus", now
-        return self._ledger.invalid(task, verdict)
-
-    def _fail(self, task: TaskRow, agent_id: str, failure: FailureClass, message: str, metrics: dict[str, Any],
-              staged: Staged) -> None:
-        """The agent's attempt gave no answer: observers hear it, then the task is retried or fails."""
-        agent = self.agents.get(agent_id)
-        self._settled(agent_id, task, False, failure.value, metrics)
-        staged.setdefault(task.job_id, ([], []))[0].append(task)
-        if is_submitter_fault(failure):   # the work's fault, if true: never the volunteer's error rate
-            if self.submitter_faults.intercept(task, agent_id, failure, message, self._retries):
-                return
-        elif agent is not None:
-            agent.failed += 1
-        self._retries.fail_attempt(task, failure, message)
-
-    def _settled(self, agent_id: str, task: TaskRow, ok: bool, failure: str | None, metrics: dict[str, Any]) -> None:
-        job = self._queues.job(task.job_id)
-        for observer in self._observers:
-            try:
-                observer.attempt_settled(agent_id, job, task, ok, failure, metrics)
-            except Exception:
-                log.exception("board observer %r failed", observer)
 
     # -- views --------------------------------------------------------------------------------------
     async def job_view(self, job_id: str) -> dict[str, Any]:

@@ -19,10 +19,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgpack
-
 from hub.blob_refs import manifest_blobs, result_blobs
-from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
+from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
+from hub.sqlite_rows import (
+    JOB_COLS,
+    TASK_COLS,
+    create_schema,
+    job_row,
+    job_values,
+    marks,
+    pack,
+    task_row,
+    task_values,
+    unpack,
+    update_jobs,
+    update_tasks,
+)
 from hub.store import LeaseWrite
 from hub.tokens import AdmissionToken
 from hub.trust.records import Ban, ReputationRow, TrustSnapshot, TrustWrite, ValidationRow
@@ -32,68 +44,7 @@ __all__ = ["SqliteStore"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS agents (
-    id TEXT PRIMARY KEY, public_key TEXT NOT NULL, name TEXT NOT NULL,
-    capabilities TEXT NOT NULL, registered_at REAL NOT NULL, last_seen REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS submitters (
-    id TEXT PRIMARY KEY, public_key TEXT NOT NULL, name TEXT NOT NULL, added_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, submitter_id TEXT NOT NULL, kind TEXT NOT NULL,
-    priority INTEGER NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL, n_tasks INTEGER NOT NULL,
-    envelope BLOB NOT NULL, requires TEXT NOT NULL, timeout_s REAL NOT NULL, max_attempts INTEGER NOT NULL,
-    deadline_at REAL, finished_at REAL, error TEXT, labels TEXT NOT NULL DEFAULT '{}');
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL,
-    params BLOB NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, lease_id TEXT, agent_id TEXT,
-    lease_expires_at REAL, error TEXT, error_class TEXT, progress REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL, checkpoint TEXT, checkpoint_record BLOB);
-CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job_id, idx);
-CREATE TABLE IF NOT EXISTS results (
-    task_id TEXT PRIMARY KEY REFERENCES tasks(id), job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
-    agent_id TEXT NOT NULL, record BLOB NOT NULL, digest TEXT NOT NULL, accepted_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
-CREATE TABLE IF NOT EXISTS admission_tokens (
-    id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, label TEXT NOT NULL, max_uses INTEGER NOT NULL,
-    uses INTEGER NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, revoked_at REAL);
-"""
-#: who uploaded which blob (#16 parts 5-6): GET access for the uploader, per-key quotas on what no job
-#: claimed yet. Separate so an older hub database gains it on open.
-PRIVACY_SCHEMA = """
-CREATE INDEX IF NOT EXISTS jobs_submitter ON jobs(submitter_id, created_at);
-CREATE TABLE IF NOT EXISTS blob_uploads (
-    sha256 TEXT NOT NULL, key_id TEXT NOT NULL, size INTEGER NOT NULL, uploaded_at REAL NOT NULL,
-    claimed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (sha256, key_id));
-CREATE INDEX IF NOT EXISTS blob_uploads_key ON blob_uploads(key_id, claimed);
-"""
-
-#: result validation (hub/trust/): reputation per (agent, kind), credit per agent and owner, each
-#: settled unit's validation record, and quarantines for invalid results (kept across restarts)
-TRUST_SCHEMA = """
-CREATE TABLE IF NOT EXISTS trust_reputation (
-    agent_id TEXT NOT NULL, kind TEXT NOT NULL, consecutive_valid INTEGER NOT NULL, valid INTEGER NOT NULL,
-    invalid INTEGER NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (agent_id, kind));
-CREATE TABLE IF NOT EXISTS trust_credit (
-    holder TEXT PRIMARY KEY, credit REAL NOT NULL, results INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS trust_validations (
-    job_id TEXT NOT NULL, unit INTEGER NOT NULL, state TEXT NOT NULL, quorum INTEGER NOT NULL,
-    canonical_task TEXT, agents TEXT NOT NULL, detail BLOB NOT NULL, decided_at REAL NOT NULL,
-    PRIMARY KEY (job_id, unit));
-CREATE TABLE IF NOT EXISTS trust_bans (
-    agent_id TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL, until REAL NOT NULL);
-"""
-
-
 _STOP = object()
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False)
 
 
 class SqliteStore:
@@ -114,10 +65,7 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
-        conn.executescript(SCHEMA)
-        _upgrade(conn)
-        conn.executescript(PRIVACY_SCHEMA)
-        conn.executescript(TRUST_SCHEMA)
+        create_schema(conn)
         return conn
 
     async def open(self) -> None:
@@ -222,9 +170,9 @@ class SqliteStore:
     # -- jobs, tasks, results -------------------------------------------------------------------
     async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
         def op(c: sqlite3.Connection) -> None:
-            c.execute(f"INSERT INTO jobs ({_JOB_COLS}) VALUES ({_marks(_JOB_COLS)})", _job_values(job))
-            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({_marks(_TASK_COLS)})",
-                          [_task_values(t) for t in tasks])
+            c.execute(f"INSERT INTO jobs ({JOB_COLS}) VALUES ({marks(JOB_COLS)})", job_values(job))
+            c.executemany(f"INSERT INTO tasks ({TASK_COLS}) VALUES ({marks(TASK_COLS)})",
+                          [task_values(t) for t in tasks])
         await self._run(op)
 
     async def save_leases(self, leases: Sequence[LeaseWrite]) -> None:
@@ -236,26 +184,26 @@ class SqliteStore:
 
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
         def op(c: sqlite3.Connection) -> None:
-            _update_tasks(c, tasks)
-            _update_jobs(c, jobs)
+            update_tasks(c, tasks)
+            update_jobs(c, jobs)
         await self._run(op)
 
     async def accept_results(self, results: Sequence[ResultRow], tasks: Sequence[TaskRow],
                              jobs: Sequence[JobRow]) -> None:
         def op(c: sqlite3.Connection) -> None:
             c.executemany("INSERT INTO results VALUES (?,?,?,?,?,?,?)",
-                          [(r.task_id, r.job_id, r.attempt, r.agent_id, _pack(r.record), r.digest,
+                          [(r.task_id, r.job_id, r.attempt, r.agent_id, pack(r.record), r.digest,
                             r.accepted_at) for r in results])
-            _update_tasks(c, tasks)
-            _update_jobs(c, jobs)
+            update_tasks(c, tasks)
+            update_jobs(c, jobs)
         await self._run(op)
 
     async def load_active(self) -> tuple[list[JobRow], list[TaskRow]]:
         def op(c: sqlite3.Connection) -> tuple[list[JobRow], list[TaskRow]]:
-            jobs = [_job(r) for r in c.execute(
-                f"SELECT {_JOB_COLS} FROM jobs WHERE state IN ('queued','running')").fetchall()]
-            tasks = [_task(r) for r in c.execute(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE job_id IN "
+            jobs = [job_row(r) for r in c.execute(
+                f"SELECT {JOB_COLS} FROM jobs WHERE state IN ('queued','running')").fetchall()]
+            tasks = [task_row(r) for r in c.execute(
+                f"SELECT {TASK_COLS} FROM tasks WHERE job_id IN "
                 "(SELECT id FROM jobs WHERE state IN ('queued','running')) ORDER BY job_id, idx").fetchall()]
             return jobs, tasks
         return await self._run(op)
@@ -263,39 +211,39 @@ class SqliteStore:
     async def list_jobs(self, state: JobState | None = None, limit: int = 1000) -> list[JobRow]:
         def op(c: sqlite3.Connection) -> list[JobRow]:
             if state is None:
-                rows = c.execute(f"SELECT {_JOB_COLS} FROM jobs ORDER BY created_at DESC LIMIT ?",
+                rows = c.execute(f"SELECT {JOB_COLS} FROM jobs ORDER BY created_at DESC LIMIT ?",
                                  (limit,)).fetchall()
             else:
-                rows = c.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE state=? ORDER BY created_at DESC "
+                rows = c.execute(f"SELECT {JOB_COLS} FROM jobs WHERE state=? ORDER BY created_at DESC "
                                  "LIMIT ?", (state.value, limit)).fetchall()
-            return [_job(r) for r in rows]
+            return [job_row(r) for r in rows]
         return await self._run(op)
 
     async def get_job(self, job_id: str) -> JobRow | None:
         def op(c: sqlite3.Connection) -> JobRow | None:
-            row = c.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE id=?", (job_id,)).fetchone()
-            return _job(row) if row else None
+            row = c.execute(f"SELECT {JOB_COLS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return job_row(row) if row else None
         return await self._run(op)
 
     async def get_tasks(self, job_id: str) -> list[TaskRow]:
-        return await self._run(lambda c: [_task(r) for r in c.execute(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE job_id=? ORDER BY idx", (job_id,)).fetchall()])
+        return await self._run(lambda c: [task_row(r) for r in c.execute(
+            f"SELECT {TASK_COLS} FROM tasks WHERE job_id=? ORDER BY idx", (job_id,)).fetchall()])
 
     async def referenced_blobs(self) -> set[str]:
         """Every blob a job still needs: its inputs, its results' outputs, its tasks' checkpoints."""
         def op(c: sqlite3.Connection) -> set[str]:
             refs: set[str] = set()
             for (envelope,) in c.execute("SELECT envelope FROM jobs"):
-                refs |= manifest_blobs(_unpack(envelope))
+                refs |= manifest_blobs(unpack(envelope))
             for (record,) in c.execute("SELECT record FROM results"):
-                refs |= result_blobs(_unpack(record))
+                refs |= result_blobs(unpack(record))
             refs |= {r[0] for r in c.execute("SELECT checkpoint FROM tasks WHERE checkpoint IS NOT NULL")}
             return refs
         return await self._run(op)
 
     async def get_results(self, job_id: str) -> list[ResultRow]:
         return await self._run(lambda c: [
-            ResultRow(r[0], r[1], r[2], r[3], _unpack(r[4]), r[5], r[6]) for r in c.execute(
+            ResultRow(r[0], r[1], r[2], r[3], unpack(r[4]), r[5], r[6]) for r in c.execute(
                 "SELECT task_id, job_id, attempt, agent_id, record, digest, accepted_at FROM results "
                 "WHERE job_id=? ORDER BY task_id", (job_id,)).fetchall()])
 
@@ -305,7 +253,7 @@ class SqliteStore:
         def op(c: sqlite3.Connection) -> list[JobRow]:
             where, args = ("submitter_id=?", [submitter_id]) if state is None else \
                 ("submitter_id=? AND state=?", [submitter_id, state.value])
-            return [_job(r) for r in c.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE {where} "
+            return [job_row(r) for r in c.execute(f"SELECT {JOB_COLS} FROM jobs WHERE {where} "
                                                "ORDER BY created_at DESC LIMIT ?", (*args, limit)).fetchall()]
         return await self._run(op)
 
@@ -344,7 +292,7 @@ class SqliteStore:
             name = sha256.encode()
             for (envelope,) in c.execute("SELECT envelope FROM jobs WHERE submitter_id=? AND instr(envelope, ?)",
                                          (submitter_id, name)):
-                if sha256 in manifest_blobs(_unpack(envelope)):
+                if sha256 in manifest_blobs(unpack(envelope)):
                     return True
             # an output counts only if the result's agent uploaded it (else an agent could name anyone's blob
             # in a result and open it to its job's submitter); blobs from before uploads were recorded count
@@ -353,7 +301,7 @@ class SqliteStore:
                     "AND instr(r.record, ?) AND (EXISTS (SELECT 1 FROM blob_uploads u WHERE u.sha256=? "
                     "AND u.key_id=r.agent_id) OR NOT EXISTS (SELECT 1 FROM blob_uploads u WHERE u.sha256=?))",
                     (submitter_id, name, sha256, sha256)):
-                if sha256 in result_blobs(_unpack(record)):
+                if sha256 in result_blobs(unpack(record)):
                     return True
             return False
         return await self._run(op)
@@ -381,8 +329,8 @@ class SqliteStore:
     # -- result validation (hub/trust/) ---------------------------------------------------------
     async def add_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow]) -> None:
         def op(c: sqlite3.Connection) -> None:
-            c.executemany(f"INSERT INTO tasks ({_TASK_COLS}) VALUES ({_marks(_TASK_COLS)})",
-                          [_task_values(t) for t in tasks])
+            c.executemany(f"INSERT INTO tasks ({TASK_COLS}) VALUES ({marks(TASK_COLS)})",
+                          [task_values(t) for t in tasks])
             c.executemany("UPDATE jobs SET n_tasks=? WHERE id=?", [(j.n_tasks, j.id) for j in jobs])
         await self._run(op)
 
@@ -392,7 +340,7 @@ class SqliteStore:
                 "INSERT INTO trust_validations VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(job_id, unit) DO UPDATE SET "
                 "state=excluded.state, quorum=excluded.quorum, canonical_task=excluded.canonical_task, "
                 "agents=excluded.agents, detail=excluded.detail, decided_at=excluded.decided_at",
-                [(v.job_id, v.unit, v.state, v.quorum, v.canonical_task, json.dumps(v.agents), _pack(v.detail),
+                [(v.job_id, v.unit, v.state, v.quorum, v.canonical_task, json.dumps(v.agents), pack(v.detail),
                   v.decided_at) for v in write.validations])
             c.executemany(
                 "INSERT INTO trust_reputation VALUES (?,?,?,?,?,?) ON CONFLICT(agent_id, kind) DO UPDATE SET "
@@ -421,7 +369,7 @@ class SqliteStore:
 
     async def get_validations(self, job_id: str) -> list[ValidationRow]:
         return await self._run(lambda c: [
-            ValidationRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), _unpack(r[6]), r[7]) for r in c.execute(
+            ValidationRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), unpack(r[6]), r[7]) for r in c.execute(
                 "SELECT job_id, unit, state, quorum, canonical_task, agents, detail, decided_at "
                 "FROM trust_validations WHERE job_id=? ORDER BY unit", (job_id,)).fetchall()])
 
@@ -433,70 +381,3 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
-
-
-_JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
-             "timeout_s, max_attempts, deadline_at, finished_at, error, labels, validation")
-_TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
-              "error_class, progress, updated_at, checkpoint, checkpoint_record, unit")
-
-
-def _marks(columns: str) -> str:
-    return ",".join("?" * len(columns.split(",")))
-
-
-def _job_values(j: JobRow) -> tuple[Any, ...]:
-    return (j.id, j.name, j.submitter_id, j.kind, j.priority, j.state.value, j.created_at, j.n_tasks,
-            _pack(j.envelope), json.dumps(j.requires), j.timeout_s, j.max_attempts, j.deadline_at,
-            j.finished_at, j.error, json.dumps(j.labels), json.dumps(j.validation))
-
-
-def _job(r: Sequence[Any]) -> JobRow:
-    return JobRow(id=r[0], name=r[1], submitter_id=r[2], kind=r[3], priority=r[4], state=JobState(r[5]),
-                  created_at=r[6], n_tasks=r[7], envelope=_unpack(r[8]), requires=json.loads(r[9]),
-                  timeout_s=r[10], max_attempts=r[11], deadline_at=r[12], finished_at=r[13], error=r[14],
-                  labels=json.loads(r[15]), validation=json.loads(r[16] or "{}"))
-
-
-def _task_values(t: TaskRow) -> tuple[Any, ...]:
-    return (t.id, t.job_id, t.idx, _pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
-            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint,
-            _pack_optional(t.checkpoint_record), t.unit)
-
-
-def _task(r: Sequence[Any]) -> TaskRow:
-    return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=_unpack(r[3]), state=TaskState(r[4]),
-                   attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
-                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13],
-                   checkpoint_record=_unpack(r[14]) if r[14] is not None else None, unit=r[15])
-
-
-def _update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
-    c.executemany(
-        "UPDATE tasks SET state=?, attempt=?, lease_id=?, agent_id=?, lease_expires_at=?, error=?, "
-        "error_class=?, progress=?, updated_at=?, checkpoint=?, checkpoint_record=? WHERE id=?",
-        [(t.state.value, t.attempt, t.lease_id, t.agent_id, t.lease_expires_at, t.error, t.error_class,
-          t.progress, t.updated_at, t.checkpoint, _pack_optional(t.checkpoint_record), t.id) for t in tasks])
-
-
-# -- provenance (checkpoint records): columns added to databases of earlier versions ----------------------
-_ADDED_COLUMNS = (("tasks", "checkpoint_record", "BLOB"),
-                  # result validation (hub/trust/): the unit a row is an instance of, a job's validation policy
-                  ("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"))
-
-
-def _upgrade(conn: sqlite3.Connection) -> None:
-    """Add the columns a database made by an earlier version lacks (its rows keep NULL there)."""
-    for table, column, decl in _ADDED_COLUMNS:
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-
-
-def _pack_optional(value: Any) -> bytes | None:
-    return None if value is None else _pack(value)
-
-
-def _update_jobs(c: sqlite3.Connection, jobs: Sequence[JobRow]) -> None:
-    c.executemany("UPDATE jobs SET state=?, finished_at=?, error=? WHERE id=?",
-                  [(j.state.value, j.finished_at, j.error, j.id) for j in jobs])
