@@ -198,7 +198,7 @@ class Api:
         await self.board.job_view(job_id)
         tasks = await self.board.view.tasks(job_id)
         return reply(request, {"tasks": [
-            {"id": t.id, "idx": t.idx, "state": t.state.value, "attempt": t.attempt, "agent": t.agent_id,
+            {"id": t.id, "idx": t.idx, "state": t.shown_state, "attempt": t.attempt, "agent": t.agent_id,
              "progress": t.progress, "error": t.error, "error_class": t.error_class,
              "checkpoint": t.checkpoint} for t in tasks]})
 

@@ -140,6 +140,7 @@ class LeaseTable:
         """The agent is done with the task but its result awaits validation: end the lease, keep the task."""
         self._vacate(task)
         task.lease_id = task.lease_expires_at = None
+        task.progress = 1.0   # its agent finished it
 
     def assignment(self, task: TaskRow) -> Assignment:
         """What the agent is told of a lease it got."""

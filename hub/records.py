@@ -94,6 +94,14 @@ class TaskRow:
     def unit_idx(self) -> int:
         return self.idx if self.unit is None else self.unit
 
+    @property
+    def shown_state(self) -> str:
+        """The state as users see it: a row whose agent answered and whose result awaits its unit's
+        other instances is ``validating`` (it keeps the LEASED state inside the board, with no lease)."""
+        if self.state == TaskState.LEASED and self.lease_id is None:
+            return "validating"
+        return self.state.value
+
 
 @dataclass
 class ResultRow:

@@ -98,7 +98,7 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         return reply(request, {
             "job": public_job(summary),
             "waiting_because": summary.get("waiting_because", []),
-            "tasks": [{"idx": t.idx, "state": t.state.value, "attempt": t.attempt, "agent": t.agent_id,
+            "tasks": [{"idx": t.idx, "state": t.shown_state, "attempt": t.attempt, "agent": t.agent_id,
                        "agent_name": names.get(t.agent_id or ""), "progress": t.progress,
                        "error_class": t.error_class, "updated_at": t.updated_at} for t in tasks],
             "truncated": summary["n_tasks"] > len(tasks),

@@ -314,3 +314,24 @@ def test_a_hub_strangers_can_reach_validates_by_default_and_a_local_one_does_not
     assert HubConfig.load(None, env={}, bind="127.0.0.1").validation_quorum == 1
     assert HubConfig.load(None, env={}, bind="0.0.0.0", lan=True).validation_quorum == 1
     assert HubConfig.load(None, env={}, bind="0.0.0.0", validation_quorum=3).validation_quorum == 3
+
+
+async def test_an_agent_whose_result_awaits_a_second_instance_gets_the_next_unit_not_nothing(tmp_path: Path) -> None:
+    board = Board(SqliteStore(tmp_path / "board.db"), HubConfig(lease_ttl_s=10, spot_check_share=0.0), Clock())
+    await board.start()
+    try:
+        a, b = Identity.generate(), Identity.generate()
+        for name, ident in (("a", a), ("b", b)):
+            await board.register_agent(ident.public, name, Capabilities.from_dict({"kinds": ["sleep"]}))
+        f = Fleet(board, {"a": a, "b": b})
+        await f.submit(2, validation={"quorum": 2})       # adaptive: a new agent's unit gets a second instance
+        [first] = await f.lease("a")
+        assert (await f.report("a", first))["status"] == "pending"
+        [nxt] = await f.lease("a")                         # the second instance of unit 0 waits for another agent
+        assert nxt.idx == 1, nxt
+        [row] = [t for t in await board.tasks_of(first.job_id) if t.id == first.task_id]
+        assert row.shown_state == "validating" and row.progress == 1.0
+        [other] = await f.lease("b")                       # a second instance of one of a's units
+        assert other.idx in (0, 1) and other.task_id not in (first.task_id, nxt.task_id)
+    finally:
+        await board.stop()

@@ -115,8 +115,8 @@ class Trust:
     def _index(self, unit: Unit, task: TaskRow) -> None:
         unit.instances.append(task.id)
         self._unit_of[task.id] = unit
-        if len(unit.instances) > 1:
-            self._contested.update(t for t in unit.instances if not self._terminal(t))
+        if len(unit.instances) > 1:   # the new row is not queued yet: it counts as live, not as terminal
+            self._contested.update(t for t in unit.instances if t == task.id or not self._terminal(t))
         if unit.policy.enabled and len(unit.instances) > 1:
             unit.needed = max(unit.needed, unit.policy.quorum)
 
