@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import resource
 import ssl
 import statistics
@@ -132,6 +133,36 @@ class RssWatch:
                 self.peak = max(self.peak, self.proc.memory_info().rss)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop_at.wait(), 0.2)
+
+
+class CpuWatch:
+    """CPU seconds (user + system) each process spent since the last lap: on a machine whose cores the
+    hub shares with the load generator and the attacker, they say who the cores went to."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.procs: dict[str, psutil.Process] = {}
+        self.last: dict[str, float] = {}
+        for name, pid in pids.items():
+            self.watch(name, pid)
+
+    def watch(self, name: str, pid: int | None) -> None:
+        with contextlib.suppress(psutil.Error, TypeError):
+            self.procs[name] = psutil.Process(pid)
+            self.last[name] = self._total(self.procs[name])
+
+    @staticmethod
+    def _total(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return float(times.user + times.system)
+
+    def lap(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                now = self._total(proc)
+                out[name] = round(now - self.last[name], 1)
+                self.last[name] = now
+        return out
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -331,13 +362,18 @@ async def _bench(url: str, user: Identity, hub_pid: int, size: AbuseSize, token:
         feeder = asyncio.create_task(_feed(submitter, user, fleet, size.tasks_per_job, honest_stop))
         runners = [asyncio.create_task(a.run(honest_stop)) for a in fleet]
         await asyncio.sleep(0.5)
+        cpu = CpuWatch({"hub": hub_pid, "bench": os.getpid()})
         out["baseline"] = await _phase(fleet, size.seconds, rss)
+        out["cpu_s"] = {"cores": os.cpu_count(), "baseline": cpu.lap()}
         mp = multiprocessing.get_context("spawn")
         started, attack_stop, seen = mp.Event(), mp.Event(), mp.Queue()
         attacker = mp.Process(target=_attack, args=(url, size, started, attack_stop, seen), daemon=True)
         attacker.start()
+        cpu.watch("attacker", attacker.pid)
         await asyncio.to_thread(started.wait, 120)
+        cpu.lap()
         out["attack"] = await _phase(fleet, size.seconds, rss)
+        out["cpu_s"]["attack"] = cpu.lap()
         attack_stop.set()
         out["probes"] = await asyncio.to_thread(seen.get, True, 120)
         await asyncio.to_thread(attacker.join, 30)
