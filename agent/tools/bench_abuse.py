@@ -144,6 +144,7 @@ class CpuWatch:
         self.last: dict[str, float] = {}
         for name, pid in pids.items():
             self.watch(name, pid)
+        self.last["machine"] = self._machine_busy()
 
     def watch(self, name: str, pid: int | None) -> None:
         with contextlib.suppress(psutil.Error, TypeError):
@@ -162,7 +163,16 @@ class CpuWatch:
                 now = self._total(proc)
                 out[name] = round(now - self.last[name], 1)
                 self.last[name] = now
+        # everything else on the machine (other work sharing the cores): busy CPU seconds not counted above
+        busy = self._machine_busy()
+        out["others"] = round(max(0.0, busy - self.last.get("machine", busy) - sum(out.values())), 1)
+        self.last["machine"] = busy
         return out
+
+    @staticmethod
+    def _machine_busy() -> float:
+        times = psutil.cpu_times()   # user includes guest time on Linux; steal is not this machine's work
+        return float(sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq")))
 
 
 def _tls_context() -> ssl.SSLContext:
