@@ -9,6 +9,7 @@ refused or forged request never uses one up. Known agents re-register without a 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -51,14 +52,17 @@ class Admission:
         self.limiter = RateLimiter(config.registration_rate_per_min, config.registration_burst, monotonic)
         self._tokens: dict[str, AdmissionToken] = {}
         self._loaded_at = float("-inf")
+        self._reading = asyncio.Lock()
 
     async def _token(self, token_id: str, fresh: bool = False) -> AdmissionToken | None:
         """The stored token (re-read at most once a second, or now when ``fresh``: the CLI edits the
-        table while the hub runs)."""
-        now = self.monotonic()
-        if fresh or now - self._loaded_at >= 1.0:
-            self._loaded_at = now
-            self._tokens = {t.id: t for t in await self.store.list_admission_tokens()}
+        table while the hub runs). Callers that arrive during a re-read wait for it under the lock: looking
+        in the table being replaced would refuse a token the admin has just made."""
+        async with self._reading:
+            now = self.monotonic()
+            if fresh or now - self._loaded_at >= 1.0:
+                self._tokens = {t.id: t for t in await self.store.list_admission_tokens()}
+                self._loaded_at = now
         return self._tokens.get(token_id)
 
     async def check(self, request: web.Request) -> Ticket:

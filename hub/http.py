@@ -23,6 +23,7 @@ from aiohttp import web
 
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, PanalError, PayloadTooLarge, RequestTimeout
+from security.httpsig import require_signature_headers
 
 __all__ = ["BODY_TIMEOUT_KEY", "Handler", "decode_map", "error_middleware", "int_query", "paced_body", "read_body",
            "read_raw", "reply", "reply_type"]
@@ -83,7 +84,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 async def read_raw(request: web.Request) -> bytes:
     """The raw body (what the signature covers), up to ``client_max_size``; a 408 if it takes longer than
-    the app's ``body_timeout_s`` (a slow-body sender holds a connection, not the board)."""
+    the app's ``body_timeout_s`` (a slow-body sender holds a connection, not the board). Every caller
+    authenticates the body, so a request without signature headers is a 401 before a byte of it is read."""
+    require_signature_headers(request.headers)
     timeout_s = request.config_dict.get(BODY_TIMEOUT_KEY)
     try:
         async with asyncio.timeout(timeout_s):

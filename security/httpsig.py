@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from security.errors import BadRequest, Unauthorized
 from security.identity import Identity, PublicKey
 
-__all__ = ["SignatureInput", "SignatureParams", "check_request", "content_digest", "sign_request",
-           "sign_request_digest", "verify_key", "verify_request"]
+__all__ = ["SignatureInput", "SignatureParams", "check_request", "content_digest",
+           "require_signature_headers", "sign_request", "sign_request_digest", "verify_key", "verify_request"]
 
 LABEL = "panal"
 _INPUT_RE = re.compile(r'^\s*([a-z][a-z0-9_.*-]*)=\(([^)]*)\)((?:;[a-z]+=(?:"[^"]*"|-?\d+))*)\s*$')
@@ -102,15 +102,20 @@ class SignatureInput:
     signature: bytes
 
 
+def require_signature_headers(headers: Mapping[str, str]) -> None:
+    """A 401 ``unsigned`` for a request without its signature headers: checkable from the head alone, so
+    the hub refuses an unsigned request before it reads (and decrypts) a body of up to its size limit."""
+    if not headers.get("signature-input") or not headers.get("signature"):
+        raise Unauthorized("request is not signed (Signature and Signature-Input headers required)",
+                           code="unsigned")
+
+
 def check_request(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes,
                   skew_s: float, now: float | None = None, body_digest: str | None = None) -> SignatureInput:
     """Everything :func:`verify_request` checks that needs no key, over the raw body bytes: the hub
     runs this before it decodes a body, so an unsigned or mis-digested body is refused unparsed."""
-    sig_input = headers.get("signature-input")
-    sig_header = headers.get("signature")
-    if not sig_input or not sig_header:
-        raise Unauthorized("request is not signed (Signature and Signature-Input headers required)",
-                           code="unsigned")
+    require_signature_headers(headers)
+    sig_input, sig_header = headers["signature-input"], headers["signature"]
     m = _INPUT_RE.match(sig_input)
     s = _SIG_RE.match(sig_header)
     if not m or not s or m.group(1) != s.group(1):

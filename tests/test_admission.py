@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -121,5 +122,20 @@ async def test_open_registration_is_rate_limited_per_address_with_retry_after(tm
                 session.post("/v1/agents", data=body, headers=sign_request(agent, "POST", "/v1/agents", "", body)) \
                 as resp:
             assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 30
+    finally:
+        await hub.stop()
+
+
+async def test_concurrent_registrations_with_a_new_token_all_see_it(tmp_path: Path) -> None:
+    """While one registration re-reads the token table, the others wait for that read rather than look the
+    token up in the stale (here: empty) table and get a 403 `token_unknown` for a token the admin just made
+    (found by `panal bench abuse`: 50 agents joining at once with one fresh token)."""
+    hub = InProcessHub(tmp_path, registration="token")
+    server = await hub.start()
+    try:
+        row, text = new_token("fleet", 0, time.time(), 3600)
+        await server.board.store.add_admission_token(row)
+        replies = await asyncio.gather(*(register(hub, Identity.generate(), text) for _ in range(20)))
+        assert [status for status, _ in replies] == [200] * 20, [reply for _, reply in replies]
     finally:
         await hub.stop()

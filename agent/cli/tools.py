@@ -79,15 +79,29 @@ def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as
 @click.option("--quick", is_flag=True, help="A small, fast run (a smoke test), not a measurement.")
 @click.option("--agents", type=int, default=None, help="Honest simulated agents (default 50; quick: 5).")
 @click.option("--seconds", type=float, default=None, help="Length of each phase (default 20; quick: 3).")
+@click.option("--probes", default=None, metavar="NAME,...",
+              help="Only these attacks (registration_flood, idle, slowloris, sse_viewers, unsigned_body_flood; "
+                   "default: all at once): what each one costs the hub.")
+@click.option("--open-registration", is_flag=True,
+              help="Measure a hub with `registration: open` (rate-limited per address) instead of token "
+                   "registration.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_abuse(quick: bool, agents: int | None, seconds: float | None, as_json: bool) -> None:
-    """Honest throughput and lease latency while strangers flood the hub (registrations, idle and slowloris
-    connections, status viewers, unsigned bodies), against a baseline; hub peak RSS; what each probe saw."""
+def bench_abuse(quick: bool, agents: int | None, seconds: float | None, probes: str | None,
+                open_registration: bool, as_json: bool) -> None:
+    """Honest throughput and lease latency while strangers flood a WAN-configured hub (registrations, idle and
+    slowloris connections, status viewers, unsigned bodies), against a baseline; hub peak RSS; what each
+    probe saw. The hub serves on 127.0.0.2 (token registration, per-address connection caps); each honest
+    agent connects from its own loopback address, the attacker from one other."""
     import dataclasses
 
-    from agent.tools.bench_abuse import AbuseSize, run_abuse_bench
+    from agent.tools.bench_abuse import PROBES, AbuseSize, run_abuse_bench
     size = AbuseSize.quick() if quick else AbuseSize()
-    size = dataclasses.replace(size, agents=agents or size.agents, seconds=seconds or size.seconds)
+    chosen = tuple(p.strip() for p in probes.split(",") if p.strip()) if probes is not None else PROBES
+    unknown = sorted(set(chosen) - set(PROBES))
+    if unknown or not chosen:
+        raise click.BadParameter(f"expected some of {', '.join(PROBES)}, got {probes!r}", param_hint="--probes")
+    size = dataclasses.replace(size, agents=agents or size.agents, seconds=seconds or size.seconds,
+                               probes=chosen, open_registration=open_registration)
     _print_result(run_abuse_bench(size), as_json)
 
 

@@ -83,7 +83,9 @@ class BoardClient:
 
     def __init__(self, address: BoardAddress, identity: Identity, *, insecure: bool = False,
                  retry_for_s: float = 30.0, breaker: Breaker | None = None, connections: int = 16,
-                 on_health: HealthListener | None = None) -> None:
+                 on_health: HealthListener | None = None, local_address: str | None = None) -> None:
+        """``local_address``: the source address to connect from (None: the system's choice); a bench
+        gives each simulated agent its own, as real agents come from their own addresses."""
         address.check_transport(insecure)
         self.address = address
         self.identity = identity
@@ -95,6 +97,7 @@ class BoardClient:
             ssl_arg = aiohttp.Fingerprint(bytes.fromhex(address.fingerprint))
         self._ssl = ssl_arg
         self._connections = connections
+        self._local_addr = (local_address, 0) if local_address else None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> BoardClient:
@@ -106,7 +109,8 @@ class BoardClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections)
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections,
+                                             local_addr=self._local_addr)
             self._session = aiohttp.ClientSession(self.address.url, connector=connector)
         return self._session
 

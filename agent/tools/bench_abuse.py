@@ -7,6 +7,13 @@ connections (a request head sent one header every few seconds), live status view
 of unsigned 4 MB msgpack bodies. It reports honest throughput and lease latency in both phases, the
 hub's peak RSS, and what each probe observed: refused, closed by the hub, or still open at the end.
 It reports what it sees; it does not judge a hub by what it is supposed to do.
+
+The hub is configured as on the internet, on loopback: it serves on 127.0.0.2, which is not one of the
+local-only binds (hub/config.py ``LOOPBACK_BINDS``), so registration needs an admission token and one
+source address gets at most ``max_connections_per_address`` connections. Linux routes all of 127/8 to
+``lo``, so every honest agent connects from its own address (127.1.x.y, as volunteers come from their
+own machines), the submitter from 127.0.3.1 and the attacker from 127.0.2.1, with no token.
+``--open-registration`` measures ``registration: open`` instead (no token, rate-limited per address).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import resource
 import ssl
 import statistics
@@ -32,15 +40,25 @@ import psutil
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from agent.tools.bench_dispatch import SimAgent, _manifest
-from agent.tools.demo import start_hub, stop
+from agent.tools.demo import panal_cli, start_hub, stop
 from jobs.protocol import LeaseReply, LeaseRequest, Registration, ResultsReply, ResultsRequest
 from jobs.requirements import Capabilities
 from jobs.wire import MSGPACK, encode_body
 from security.httpsig import sign_request
 from security.identity import Identity
-from security.tls import BoardAddress
+from security.tls import BoardAddress, join_token
 
-__all__ = ["AbuseSize", "run_abuse_bench"]
+__all__ = ["PROBES", "AbuseSize", "run_abuse_bench"]
+
+PROBES = ("registration_flood", "idle", "slowloris", "sse_viewers", "unsigned_body_flood")
+HUB_HOST = "127.0.0.2"        # loopback, but not a local-only bind: the hub applies its WAN defaults
+SUBMITTER_ADDRESS = "127.0.3.1"
+ATTACKER_ADDRESS = "127.0.2.1"
+
+
+def honest_address(i: int) -> str:
+    """Honest agent ``i``'s own source address (127.1.0.1, 127.1.0.2, ...)."""
+    return f"127.1.{i // 250}.{i % 250 + 1}"
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,8 @@ class AbuseSize:
     body_flooders: int = 4          # concurrent senders of unsigned 4 MB bodies
     body_bytes: int = 4 * 1024 * 1024
     tasks_per_job: int = 10_000
+    probes: tuple[str, ...] = PROBES
+    open_registration: bool = False  # hub.yaml `registration: open` (rate-limited per address), not token
 
     @classmethod
     def quick(cls) -> AbuseSize:
@@ -66,8 +86,8 @@ class AbuseSize:
 class TimedAgent(SimAgent):
     """A :class:`SimAgent` that times every lease round trip that brought work."""
 
-    def __init__(self, address: BoardAddress, slots: int) -> None:
-        super().__init__(address, slots)
+    def __init__(self, address: BoardAddress, slots: int, local_address: str, token: str | None) -> None:
+        super().__init__(address, slots, local_address=local_address, token=token)
         self.lease_ms: list[float] = []
         self.total = 0      # tasks done since start (``done`` is reset per phase)
 
@@ -115,6 +135,46 @@ class RssWatch:
                 await asyncio.wait_for(stop_at.wait(), 0.2)
 
 
+class CpuWatch:
+    """CPU seconds (user + system) each process spent since the last lap: on a machine whose cores the
+    hub shares with the load generator and the attacker, they say who the cores went to."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.procs: dict[str, psutil.Process] = {}
+        self.last: dict[str, float] = {}
+        for name, pid in pids.items():
+            self.watch(name, pid)
+        self.last["machine"] = self._machine_busy()
+
+    def watch(self, name: str, pid: int | None) -> None:
+        with contextlib.suppress(psutil.Error, TypeError):
+            self.procs[name] = psutil.Process(pid)
+            self.last[name] = self._total(self.procs[name])
+
+    @staticmethod
+    def _total(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return float(times.user + times.system)
+
+    def lap(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                now = self._total(proc)
+                out[name] = round(now - self.last[name], 1)
+                self.last[name] = now
+        # everything else on the machine (other work sharing the cores): busy CPU seconds not counted above
+        busy = self._machine_busy()
+        out["others"] = round(max(0.0, busy - self.last.get("machine", busy) - sum(out.values())), 1)
+        self.last["machine"] = busy
+        return out
+
+    @staticmethod
+    def _machine_busy() -> float:
+        times = psutil.cpu_times()   # user includes guest time on Linux; steal is not this machine's work
+        return float(sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq")))
+
+
 def _tls_context() -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE   # probes need no pinning
@@ -135,8 +195,9 @@ def _tls() -> ssl.SSLContext:
 class Probes:
     """The attackers; each writes what it saw into ``seen``."""
 
-    def __init__(self, address: BoardAddress, size: AbuseSize) -> None:
+    def __init__(self, address: BoardAddress, size: AbuseSize, source: str) -> None:
         self.address, self.size = address, size
+        self.local_addr = (source, 0)   # every probe connects from the attacker's one address
         parts = urlsplit(address.url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 443
         self.seen: dict[str, Any] = {}
@@ -152,7 +213,7 @@ class Probes:
             async with gate:
                 try:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(self.host, self.port, ssl=_tls()), 30)
+                        asyncio.open_connection(self.host, self.port, ssl=_tls(), local_addr=self.local_addr), 30)
                 except (OSError, TimeoutError, ssl.SSLError) as exc:
                     refused[type(exc).__name__] += 1
                     return
@@ -178,7 +239,7 @@ class Probes:
     async def registrations(self, stop_at: asyncio.Event) -> None:
         statuses: Counter[int] = Counter()
         caps = Capabilities.from_dict({"kinds": ["sleep"]})
-        connector = aiohttp.TCPConnector(ssl=_tls(), limit=32)
+        connector = aiohttp.TCPConnector(ssl=_tls(), limit=32, local_addr=self.local_addr)
         t0 = time.perf_counter()
         async with aiohttp.ClientSession(self.address.url, connector=connector) as session:
             todo = iter(range(self.size.registrations))
@@ -205,7 +266,7 @@ class Probes:
     async def viewers(self, stop_at: asyncio.Event) -> None:
         statuses: Counter[int] = Counter()
         received = [0]
-        connector = aiohttp.TCPConnector(ssl=_tls(), limit=0)
+        connector = aiohttp.TCPConnector(ssl=_tls(), limit=0, local_addr=self.local_addr)
         async with aiohttp.ClientSession(self.address.url, connector=connector) as session:
             async def one() -> None:
                 try:
@@ -229,7 +290,8 @@ class Probes:
         body = b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n
         statuses: Counter[int] = Counter()
         reply_ms: list[float] = []
-        connector = aiohttp.TCPConnector(ssl=_tls(), limit=self.size.body_flooders)
+        connector = aiohttp.TCPConnector(ssl=_tls(), limit=self.size.body_flooders,
+                                         local_addr=self.local_addr)
         async with aiohttp.ClientSession(self.address.url, connector=connector) as session:
             async def worker() -> None:
                 while not stop_at.is_set():
@@ -256,11 +318,13 @@ def _attack(url: str, size: AbuseSize, started: Any, stop_at: Any, out: Any) -> 
     """The attack, in its own process: its CPU (key generation, TLS handshakes) must not slow the honest
     agents' own event loop, or the bench would measure itself rather than the hub."""
     async def main() -> dict[str, Any]:
-        probes = Probes(BoardAddress.parse(url), size)
+        probes = Probes(BoardAddress.parse(url), size, ATTACKER_ADDRESS)
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(c) for c in (
-            probes.connections("idle", size.idle, stop), probes.connections("slowloris", size.slowloris, stop),
-            probes.registrations(stop), probes.viewers(stop), probes.bodies(stop))]
+        chosen = {"idle": lambda: probes.connections("idle", size.idle, stop),
+                  "slowloris": lambda: probes.connections("slowloris", size.slowloris, stop),
+                  "registration_flood": lambda: probes.registrations(stop),
+                  "sse_viewers": lambda: probes.viewers(stop), "unsigned_body_flood": lambda: probes.bodies(stop)}
+        tasks = [asyncio.create_task(chosen[name]()) for name in size.probes]
         started.set()
         await asyncio.to_thread(stop_at.wait)
         stop.set()
@@ -292,26 +356,34 @@ async def _phase(fleet: list[TimedAgent], seconds: float, rss: RssWatch) -> dict
             "lease_ms_p99": _pct(lease_ms, 0.99), "hub_peak_rss_mb": round(rss.peak / 2**20, 1)}
 
 
-async def _bench(url: str, user: Identity, hub_pid: int, size: AbuseSize) -> dict[str, Any]:
+async def _bench(url: str, user: Identity, hub_pid: int, size: AbuseSize, token: str | None) -> dict[str, Any]:
     address = BoardAddress.parse(url)
-    out: dict[str, Any] = {"size": dataclasses.asdict(size)}
+    out: dict[str, Any] = {"size": dataclasses.asdict(size), "hub": {
+        "url": url.split("#")[0], "registration": "open" if size.open_registration else "token",
+        "honest_sources": f"{honest_address(0)}..{honest_address(size.agents - 1)}",
+        "submitter_source": SUBMITTER_ADDRESS, "attacker_source": ATTACKER_ADDRESS}}
     stop_all = asyncio.Event()
     rss = RssWatch(hub_pid)
     watcher = asyncio.create_task(rss.run(stop_all))
-    async with BoardClient(address, user, retry_for_s=60.0) as submitter:
-        fleet = [TimedAgent(address, 4) for _ in range(size.agents)]
+    async with BoardClient(address, user, retry_for_s=60.0, local_address=SUBMITTER_ADDRESS) as submitter:
+        fleet = [TimedAgent(address, 4, honest_address(i), token) for i in range(size.agents)]
         await asyncio.gather(*(a.register() for a in fleet))
         honest_stop = asyncio.Event()
         feeder = asyncio.create_task(_feed(submitter, user, fleet, size.tasks_per_job, honest_stop))
         runners = [asyncio.create_task(a.run(honest_stop)) for a in fleet]
         await asyncio.sleep(0.5)
+        cpu = CpuWatch({"hub": hub_pid, "bench": os.getpid()})
         out["baseline"] = await _phase(fleet, size.seconds, rss)
+        out["cpu_s"] = {"cores": os.cpu_count(), "baseline": cpu.lap()}
         mp = multiprocessing.get_context("spawn")
         started, attack_stop, seen = mp.Event(), mp.Event(), mp.Queue()
         attacker = mp.Process(target=_attack, args=(url, size, started, attack_stop, seen), daemon=True)
         attacker.start()
+        cpu.watch("attacker", attacker.pid)
         await asyncio.to_thread(started.wait, 120)
+        cpu.lap()
         out["attack"] = await _phase(fleet, size.seconds, rss)
+        out["cpu_s"]["attack"] = cpu.lap()
         attack_stop.set()
         out["probes"] = await asyncio.to_thread(seen.get, True, 120)
         await asyncio.to_thread(attacker.join, 30)
@@ -329,15 +401,28 @@ async def _bench(url: str, user: Identity, hub_pid: int, size: AbuseSize) -> dic
     return out
 
 
+def _admission_token(hub_dir: Path, user_home: Path) -> str:
+    """A token for every honest agent, made as an admin makes one: `panal hub tokens create`."""
+    made = panal_cli("hub", "tokens", "create", "--dir", str(hub_dir), "--uses", "0", "--expires", "2h",
+                  "--label", "bench", home=user_home)
+    token = join_token(made.stdout.strip().splitlines()[-1])
+    if token is None:
+        raise RuntimeError(f"`panal hub tokens create` printed no join URL with a token: {made.stdout!r}")
+    return token
+
+
 def run_abuse_bench(size: AbuseSize) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 2 * (size.idle + size.slowloris) + 4 * size.agents + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))   # the hub inherits it: a fair fight
     with tempfile.TemporaryDirectory(prefix="panal-bench-abuse-") as tmp:
         user_home = Path(tmp) / "user"
-        hub, url = start_hub(Path(tmp) / "hub", user_home)
+        hub_dir = Path(tmp) / "hub"
+        hub, url = start_hub(hub_dir, user_home, HUB_HOST,
+                             {"registration": "open"} if size.open_registration else None)
         try:
+            token = None if size.open_registration else _admission_token(hub_dir, user_home)
             user = Identity.load(user_home / "user.key")
-            return asyncio.run(_bench(url, user, hub.pid, size))
+            return asyncio.run(_bench(url, user, hub.pid, size, token))
         finally:
             stop([hub])

@@ -19,6 +19,7 @@ import psutil
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, wait_job
 from agent.tools.demo import start_hub, stop
+from hub.admission import TOKEN_HEADER
 from jobs.manifest import Manifest
 from jobs.protocol import (
     Assignment,
@@ -46,15 +47,19 @@ def _manifest(n_tasks: int, name: str) -> Manifest:
 class SimAgent:
     """An agent that completes every task it leases immediately, with a real signed result."""
 
-    def __init__(self, address: BoardAddress, slots: int) -> None:
+    def __init__(self, address: BoardAddress, slots: int, *, local_address: str | None = None,
+                 token: str | None = None) -> None:
         self.identity = Identity.generate()
-        self.client = BoardClient(address, self.identity, retry_for_s=30.0, connections=2)
+        self.client = BoardClient(address, self.identity, retry_for_s=30.0, connections=2,
+                                  local_address=local_address)
         self.slots = slots
+        self.token = token      # the admission token `panal agent join` would send (a token-registration hub)
         self.done = 0
 
     async def register(self) -> None:
         caps = Capabilities.from_dict({"kinds": ["sleep"]})
-        await self.client.post("/v1/agents", Registration(self.identity.public, "sim", caps), Registered.decode)
+        await self.client.post("/v1/agents", Registration(self.identity.public, "sim", caps), Registered.decode,
+                               headers={TOKEN_HEADER: self.token} if self.token else None)
 
     def _result(self, task: Assignment) -> SignedRecord:
         now = time.time()

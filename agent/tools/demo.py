@@ -14,10 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
-__all__ = ["run_demo"]
+from hub.home import HubHome
+
+__all__ = ["panal_cli", "run_demo", "start_hub", "stop"]
 
 DEMO_DIR = Path(".demo")
 MANIFEST = Path("configs/examples/matmul.yaml")
@@ -27,7 +30,7 @@ def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "PANAL_HOME": str(home.resolve()), "PYTHONUNBUFFERED": "1"}
 
 
-def _panal(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def panal_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "agent", *args], env=_env(home), text=True,
                           capture_output=True, timeout=600)
     if check and proc.returncode != 0:
@@ -39,11 +42,18 @@ def _step(text: str) -> None:
     click.secho(f"==> {text}", fg="cyan", bold=True)
 
 
-def start_hub(root: Path, user_home: Path) -> tuple[subprocess.Popen[str], str]:
-    """`panal hub init` + `panal hub serve` on a free port; returns the process and its join URL."""
-    _panal("hub", "init", "--dir", str(root), "--host", "127.0.0.1", home=user_home)
+def start_hub(root: Path, user_home: Path, host: str = "127.0.0.1",
+              settings: dict[str, Any] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """`panal hub init` + `panal hub serve` on a free port; returns the process and its join URL.
+
+    On 127.0.0.1 the hub is a local-only board (open registration, no per-address connection cap); any
+    other address, even another loopback one such as 127.0.0.2, gets the WAN defaults (token registration,
+    per-address caps): what a bench of a hub on the internet must measure. ``settings`` go into hub.yaml."""
+    panal_cli("hub", "init", "--dir", str(root), "--host", host, home=user_home)
+    if settings:
+        HubHome(root).configure(**settings)
     proc = subprocess.Popen([sys.executable, "-m", "agent", "hub", "serve", "--dir", str(root), "--port", "0",
-                             "--bind", "127.0.0.1"],   # local only: registration is open there
+                             "--bind", host],
                             env=_env(user_home), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -54,7 +64,7 @@ def start_hub(root: Path, user_home: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 def start_agent(home: Path, url: str, name: str) -> subprocess.Popen[str]:
-    _panal("agent", "join", url, "--name", name, home=home)
+    panal_cli("agent", "join", url, "--name", name, home=home)
     return subprocess.Popen([sys.executable, "-m", "agent", "agent", "run", "--name", name, "--no-lan"],
                             env=_env(home), stdout=subprocess.DEVNULL, text=True)
 
@@ -86,7 +96,7 @@ def run_demo(keep: bool = False, manifest: Path = MANIFEST) -> int:
             procs.append(start_agent(DEMO_DIR / name, url, name))
         _step(f"panal submit {manifest} --wait")
         started = time.monotonic()
-        sub = _panal("submit", str(manifest), "--hub", url, "--wait", "--json", home=user, check=False)
+        sub = panal_cli("submit", str(manifest), "--hub", url, "--wait", "--json", home=user, check=False)
         if sub.returncode != 0:
             click.echo(sub.stderr, err=True)
             return sub.returncode
@@ -94,7 +104,7 @@ def run_demo(keep: bool = False, manifest: Path = MANIFEST) -> int:
         click.echo(f"{len(jobs)} job(s) finished in {time.monotonic() - started:.1f} s")
         for job in jobs:
             _step(f"panal results {job['id']} --verify")
-            res = _panal("results", job["id"], "--hub", url, "--verify", home=user, check=False)
+            res = panal_cli("results", job["id"], "--hub", url, "--verify", home=user, check=False)
             click.echo(res.stdout.rstrip())
             click.echo(res.stderr.rstrip())
             if res.returncode != 0:
