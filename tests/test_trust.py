@@ -314,3 +314,25 @@ def test_a_hub_strangers_can_reach_validates_by_default_and_a_local_one_does_not
     assert HubConfig.load(None, env={}, bind="127.0.0.1").validation_quorum == 1
     assert HubConfig.load(None, env={}, bind="0.0.0.0", lan=True).validation_quorum == 1
     assert HubConfig.load(None, env={}, bind="0.0.0.0", validation_quorum=3).validation_quorum == 3
+
+
+async def test_a_trusted_agents_unreplicated_unit_is_replicated_again_when_a_new_agent_takes_it_over(
+        tmp_path: Path, fleet: Any) -> None:
+    """Review finding: replication was decided once, for the first lessee. When a trusted agent's lease
+    ended (released, expired, a retry) the next lessee, a brand-new stranger, answered alone and its
+    answer became canonical."""
+    f = await fleet(validation_quorum=2)
+    await f.board.store.record_trust(TrustWrite(reputation=[ReputationRow(f.id("a"), "sleep", 10**9, 10**9, 0)]))
+    await f.board.stop()
+    f = await fleet(validation_quorum=2)
+    job_id = await f.submit(1)
+    [ta] = await f.lease("a")
+    assert (await f.board.job_view(job_id))["n_tasks"] == 1          # trusted: unreplicated
+    await f.board.release(f.id("a"), ta.task_id, ta.lease_id)        # a stops; the task is requeued
+    [tb] = await f.lease("b")                                        # b has no record at all
+    assert tb.task_id == ta.task_id
+    assert (await f.report("b", tb, LIE))["status"] == "pending"     # alone it decides nothing
+    assert (await f.board.job_view(job_id))["n_tasks"] == 2          # a second instance was added
+    [tc] = await f.lease("c")
+    assert (await f.report("c", tc))["status"] == "pending"          # they disagree: a third instance decides
+    assert await f.state(tb.task_id) != TaskState.DONE and await f.board.store.get_validations(job_id) == []
