@@ -266,3 +266,19 @@ async def test_a_strangers_big_signed_body_is_refused_undecoded(hub: InProcessHu
     headers = {**sign_request(stranger, "POST", "/v1/jobs", "", body), "Content-Type": "application/msgpack"}
     status, reply = await raw(hub, "POST", "/v1/jobs", body, headers)
     assert (status, reply["error"]) == (401, "unknown_key") and decoded == []
+
+
+async def test_a_heartbeat_listing_one_lease_many_times_extends_it_once(hub: InProcessHub) -> None:
+    """Review finding: 20 heartbeats each listing one lease 60,000 times left 1.2 M expiry entries (+170 MB)."""
+    assert hub.server is not None
+    client, agent = await registered(hub)
+    sub = await submitter(hub)
+    await submit(sub, make_envelope(sub.identity, sleep_manifest(1, 60)))
+    [task] = (await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 0}))["tasks"]
+    expiry = hub.server.board._leases._expiry
+    before = len(expiry)
+    await client.call("POST", "/v1/heartbeat", {"leases": [{"task_id": task["task_id"],
+                                                            "lease_id": task["lease_id"]}] * 5000})
+    assert len(expiry) - before <= 1
+    await client.close()
+    await sub.close()
