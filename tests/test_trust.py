@@ -316,6 +316,16 @@ def test_a_hub_strangers_can_reach_validates_by_default_and_a_local_one_does_not
     assert HubConfig.load(None, env={}, bind="0.0.0.0", validation_quorum=3).validation_quorum == 3
 
 
+def test_a_loopback_bound_hub_behind_a_proxy_is_treated_as_reachable_by_strangers() -> None:
+    """Review finding: a WAN hub behind a reverse proxy (bind 127.0.0.1, host the public name, as the README's
+    advice to put a proxy in front leads to) registered strangers without a token, unlimited, and accepted
+    each result alone (quorum 1)."""
+    proxied = HubConfig.load(None, env={}, bind="127.0.0.1", host="hub.example.org")
+    assert proxied.validation_quorum == 2 and proxied.registration_mode == "token"
+    local = HubConfig.load(None, env={}, bind="127.0.0.1", host="127.0.0.1")   # `panal up`, the demo
+    assert local.validation_quorum == 1 and local.registration_mode == "open"
+
+
 async def test_a_trusted_agents_unreplicated_unit_is_replicated_again_when_a_new_agent_takes_it_over(
         tmp_path: Path, fleet: Any) -> None:
     """Review finding: replication was decided once, for the first lessee. When a trusted agent's lease
