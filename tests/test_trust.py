@@ -346,3 +346,22 @@ async def test_a_trusted_agents_unreplicated_unit_is_replicated_again_when_a_new
     [tc] = await f.lease("c")
     assert (await f.report("c", tc))["status"] == "pending"          # they disagree: a third instance decides
     assert await f.state(tb.task_id) != TaskState.DONE and await f.board.store.get_validations(job_id) == []
+
+
+async def test_a_spot_check_never_takes_an_agent_past_its_advertised_slots(fleet: Any) -> None:
+    """Review finding: a spot check was added to what the agent *asked* for, not what its capacity left:
+    an agent with slots: 1 already holding a task got a spot check on top (2 leases held)."""
+    from jobs.requirements import Capabilities
+    f = await fleet()
+    await f.submit(3, validation={"quorum": 2, "adaptive": False})
+    [ta] = await f.lease("a")
+    tb = (await f.lease("b", slots=3))[-1]
+    await f.report("a", ta)
+    await f.report("b", tb)                    # unit 0 is validated: a spot-check candidate
+    c = f.agents["c"]
+    await f.board.register_agent(c.public, "c", Capabilities.from_dict({"kinds": ["sleep"], "slots": 1}))
+    assert len(await f.lease("c")) == 1
+    f.board.config = f.board.trust.config = HubConfig(spot_check_share=1.0)
+    for _ in range(3):
+        assert await f.lease("c") == []
+    assert len(f.board.view.agents[c.id].running) == 1
