@@ -46,7 +46,8 @@ class Admission:
         self.mode = config.registration_mode
         # `registration: auto` on a hub bound to loopback only: every caller is this machine's own process
         # (`panal up`, the demo, tests, benches), not a stranger; an explicit `open` is always rate-limited.
-        self.unlimited = config.registration == "auto" and config.bind in LOOPBACK_BINDS
+        self.unlimited = (config.registration == "auto" and config.bind in LOOPBACK_BINDS
+                          and config.host in LOOPBACK_BINDS)
         self.clock = clock
         self.monotonic = monotonic
         self.limiter = RateLimiter(config.registration_rate_per_min, config.registration_burst, monotonic)

@@ -50,6 +50,11 @@ ADMISSION_KEY = web.AppKey("admission", Admission)
 STREAMS_KEY = web.AppKey("streams", StreamCaps)
 
 
+#: the largest body of an unknown key that POST /v1/jobs decodes to name the key in its 403 (a bigger one
+#: gets the 401 ``unknown_key``, undecoded)
+UNKNOWN_KEY_BODY_BYTES = 64 * 1024
+
+
 class Api:
     def __init__(self, board: Board, auth: Authenticator, admission: Admission, streams: StreamCaps,
                  config: HubConfig, access: BlobAccess) -> None:
@@ -144,6 +149,10 @@ class Api:
         data = await read_raw(request)
 
         def manifest_key() -> PublicKey | None:   # asked for only when the signing key is unknown
+            # A stranger's body is decoded only when small: any fresh key can sign a 4 MB body of empty
+            # maps, and decoding it is what "authenticate before you parse" keeps from strangers.
+            if len(data) > UNKNOWN_KEY_BODY_BYTES:
+                return None
             return SignedRecord.from_wire(decode_map(request, data).get("envelope")).key
 
         submitter = await self.auth.submitter(request, data, body_key=manifest_key)

@@ -28,7 +28,7 @@ from hub.board import Board
 from hub.config import HubConfig
 from security.errors import BadRequest, PanalError
 
-__all__ = ["BlobAccess", "QuotaExceeded"]
+__all__ = ["BlobAccess", "LengthRequired", "QuotaExceeded"]
 
 
 class QuotaExceeded(PanalError):
@@ -36,6 +36,14 @@ class QuotaExceeded(PanalError):
 
     status = 429
     code = "blob_quota_exceeded"
+
+
+class LengthRequired(PanalError):
+    """An upload without Content-Length: with per-key byte quotas the size must be declared up front (a
+    chunked upload counted as 0 bytes let one key hold any number of 4 GiB uploads in flight)."""
+
+    status = 411
+    code = "length_required"
 
 
 class BlobAccess:
@@ -52,6 +60,9 @@ class BlobAccess:
     async def begin_upload(self, key_id: str, declared: int | None) -> None:
         """Refuse an upload past the key's quota (with its uploads in flight); else count it in flight."""
         config = self.config
+        if declared is None and config.blob_quota_bytes_per_key:
+            raise LengthRequired("a blob upload must declare its size (Content-Length): this board has a "
+                                 "per-key byte quota (blob_quota_bytes_per_key)")
         used_bytes, used_count = await self.board.store.blob_usage(key_id)
         used_bytes += self._uploading[key_id]
         used_count += self._uploads[key_id]

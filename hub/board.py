@@ -300,14 +300,15 @@ class Board:
 
     async def _spot_check(self, agent: AgentState, picked: list[TaskRow], slots: int) -> list[TaskRow]:
         """Now and then give an untrusted agent an instance of a unit whose answer is known (hub/trust/)."""
-        unit = self.trust.spot_candidate(agent) if self.leasing and agent.refused is None and slots > 0 else None
+        room = self._leases.allowance(agent, slots)   # what it may get now: its capacity counts, not what it asked
+        unit = self.trust.spot_candidate(agent) if self.leasing and agent.refused is None and room > 0 else None
         if unit is None:
             return picked
         row = self.trust.new_instance(unit)
         job = self._queues.job(unit.job_id)
         await self.trust.add_rows(job, [row])
         self._queues.take(job.id, [row])
-        if len(picked) >= slots:   # it takes the place of the last task picked, which goes back first in line
+        if len(picked) >= room:   # it takes the place of the last task picked, which goes back first in line
             self._queues.restore(picked[-1:])
             picked = picked[:-1]
         return [*picked, row]

@@ -162,7 +162,11 @@ class LeaseTable:
         now = self.clock()
         lost: list[LostLease] = []
         checkpoints: list[TaskRow] = []
+        seen: set[str] = set()
         for item in leases:
+            if item.task_id in seen:   # one lease listed 60,000 times must not push 60,000 expiry entries
+                continue
+            seen.add(item.task_id)
             task = self._queues.task(item.task_id)
             if task is None or not self.holds(task, agent_id, item.lease_id):
                 cancelled = task is not None and task.state == TaskState.CANCELLED

@@ -28,6 +28,8 @@ _INPUT_RE = re.compile(r'^\s*([a-z][a-z0-9_.*-]*)=\(([^)]*)\)((?:;[a-z]+=(?:"[^"
 _PARAM_RE = re.compile(r';([a-z]+)=("[^"]*"|-?\d+)')
 _SIG_RE = re.compile(r"^\s*([a-z][a-z0-9_.*-]*)=:([A-Za-z0-9+/=]*):\s*$")
 REQUIRED = ("@method", "@path", "content-digest")
+#: the longest nonce (and key id) a signature may carry (ours: 22 and 24 characters)
+MAX_NONCE_CHARS = 128
 _MAX_CREATED_DIGITS = 12  # a Unix time in seconds; more digits is garbage, not a timestamp
 
 
@@ -132,6 +134,10 @@ def check_request(method: str, path: str, query: str, headers: Mapping[str, str]
     if not keyid or not nonce or not created_text:
         raise Unauthorized("signature parameters keyid, nonce and created are required",
                            code="bad_signature")
+    if len(nonce) > MAX_NONCE_CHARS or len(keyid) > MAX_NONCE_CHARS:
+        # the replay cache keeps every nonce for twice the skew: 7 KB nonces let one key hold gigabytes
+        raise BadRequest(f"Signature-Input: nonce and keyid may be at most {MAX_NONCE_CHARS} characters",
+                         code="bad_signature_input")
     created_digits = created_text.removeprefix("-")
     if not created_digits.isascii() or not created_digits.isdigit() or len(created_digits) > _MAX_CREATED_DIGITS:
         raise BadRequest(f"Signature-Input: created must be a Unix time in whole seconds, got {created_text[:40]!r}",

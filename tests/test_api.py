@@ -252,3 +252,34 @@ async def test_gets_answer_json_unless_msgpack_is_asked_for(hub: InProcessHub) -
             assert resp.content_type == "application/msgpack"
             assert msgpack.unpackb(await resp.read())["jobs"]["active"] == 1
     await sub.close()
+
+
+async def test_a_strangers_big_signed_body_is_refused_undecoded(hub: InProcessHub, monkeypatch: Any) -> None:
+    """Review finding: any fresh key could make POST /v1/jobs decode a 4 MB body (hub RSS 63 -> 360 MB)."""
+    import hub.app as app_module
+    decoded: list[int] = []
+    real = app_module.decode_map
+    monkeypatch.setattr(app_module, "decode_map",
+                        lambda request, data: decoded.append(len(data)) or real(request, data))
+    per = 99_000
+    body = b"\x81\xa8envelope" + b"\xdd" + per.to_bytes(4, "big") + b"\x80" * per
+    stranger = Identity.generate()
+    headers = {**sign_request(stranger, "POST", "/v1/jobs", "", body), "Content-Type": "application/msgpack"}
+    status, reply = await raw(hub, "POST", "/v1/jobs", body, headers)
+    assert (status, reply["error"]) == (401, "unknown_key") and decoded == []
+
+
+async def test_a_heartbeat_listing_one_lease_many_times_extends_it_once(hub: InProcessHub) -> None:
+    """Review finding: 20 heartbeats each listing one lease 60,000 times left 1.2 M expiry entries (+170 MB)."""
+    assert hub.server is not None
+    client, _ = await registered(hub)
+    sub = await submitter(hub)
+    await submit(sub, make_envelope(sub.identity, sleep_manifest(1, 60)))
+    [task] = (await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 0}))["tasks"]
+    expiry = hub.server.board._leases._expiry
+    before = len(expiry)
+    await client.call("POST", "/v1/heartbeat", {"leases": [{"task_id": task["task_id"],
+                                                            "lease_id": task["lease_id"]}] * 5000})
+    assert len(expiry) - before <= 1
+    await client.close()
+    await sub.close()

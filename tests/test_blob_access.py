@@ -224,3 +224,28 @@ async def test_the_board_collects_unreferenced_uploads_on_its_own(tmp_path: Path
         await sub.close()
     finally:
         await hub.stop()
+
+
+@pytest.mark.parametrize("started", [{"blob_quota_bytes_per_key": 1_000_000}], indirect=True)
+async def test_an_upload_without_content_length_cannot_bypass_the_byte_quota(started: InProcessHub) -> None:
+    """Review finding: chunked uploads were counted as 0 bytes; six concurrent 900 KB uploads under a 1 MB
+    quota were all stored (6.3 MB)."""
+    import asyncio
+    import hashlib
+    agent = await member(started, "agent")
+
+    async def chunked(data: bytes) -> int:
+        sha = hashlib.sha256(data).hexdigest()
+        path = f"/v1/blobs/{sha}"
+        headers = sign_request_digest(agent.identity, "PUT", path, "", digest_header_for(sha))
+
+        async def gen() -> Any:
+            for i in range(0, len(data), 65536):
+                yield data[i:i + 65536]
+        async with agent.session().put(agent.address.url + path, data=gen(), headers=headers) as resp:
+            return resp.status
+
+    statuses = await asyncio.gather(*(chunked(os.urandom(900_000)) for _ in range(4)))
+    used_bytes, _ = await started.server.board.store.blob_usage(agent.identity.id)  # type: ignore[union-attr]
+    assert used_bytes <= 1_000_000 and set(statuses) == {411}, statuses
+    await agent.close()

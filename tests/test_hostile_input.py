@@ -105,3 +105,25 @@ async def test_an_unknown_submitter_still_gets_a_403_naming_its_key(hub: InProce
             assert stranger.public.text() in exc.message and exc.code == "not_a_submitter"
         else:
             raise AssertionError("an unknown submitter was let in")
+
+
+def test_a_signature_with_a_huge_nonce_is_refused_before_the_replay_cache_keeps_it() -> None:
+    """Review finding: a registered agent's heartbeats with 7 KB nonces left 33 MB in the replay cache in
+    6 s (each kept 2 x skew: gigabytes at that rate); a nonce is now at most 128 characters."""
+    import base64
+    import time
+
+    import pytest
+
+    import security.httpsig as hs
+    from security.errors import BadRequest
+    agent = Identity.generate()
+    body = b"{}"
+    headers = {"content-digest": hs.content_digest(body)}
+    components = ["@method", "@path", "content-digest"]
+    params = f';created={int(time.time())};keyid="{agent.id}";nonce="{"n" * 7000}";alg="ed25519"'
+    base = hs._signature_base(components, params, "POST", "/v1/heartbeat", "", headers)
+    headers["signature-input"] = f'panal=("@method" "@path" "content-digest"){params}'
+    headers["signature"] = "panal=:" + base64.b64encode(agent.sign(base)).decode() + ":"
+    with pytest.raises(BadRequest, match="nonce"):
+        hs.check_request("POST", "/v1/heartbeat", "", headers, body, 300.0)

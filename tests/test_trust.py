@@ -335,3 +335,54 @@ async def test_an_agent_whose_result_awaits_a_second_instance_gets_the_next_unit
         assert other.idx in (0, 1) and other.task_id not in (first.task_id, nxt.task_id)
     finally:
         await board.stop()
+
+
+def test_a_loopback_bound_hub_behind_a_proxy_is_treated_as_reachable_by_strangers() -> None:
+    """Review finding: a WAN hub behind a reverse proxy (bind 127.0.0.1, host the public name, as the README's
+    advice to put a proxy in front leads to) registered strangers without a token, unlimited, and accepted
+    each result alone (quorum 1)."""
+    proxied = HubConfig.load(None, env={}, bind="127.0.0.1", host="hub.example.org")
+    assert proxied.validation_quorum == 2 and proxied.registration_mode == "token"
+    local = HubConfig.load(None, env={}, bind="127.0.0.1", host="127.0.0.1")   # `panal up`, the demo
+    assert local.validation_quorum == 1 and local.registration_mode == "open"
+
+
+async def test_a_trusted_agents_unreplicated_unit_is_replicated_again_when_a_new_agent_takes_it_over(
+        tmp_path: Path, fleet: Any) -> None:
+    """Review finding: replication was decided once, for the first lessee. When a trusted agent's lease
+    ended (released, expired, a retry) the next lessee, a brand-new stranger, answered alone and its
+    answer became canonical."""
+    f = await fleet(validation_quorum=2)
+    await f.board.store.record_trust(TrustWrite(reputation=[ReputationRow(f.id("a"), "sleep", 10**9, 10**9, 0)]))
+    await f.board.stop()
+    f = await fleet(validation_quorum=2)
+    job_id = await f.submit(1)
+    [ta] = await f.lease("a")
+    assert (await f.board.job_view(job_id))["n_tasks"] == 1          # trusted: unreplicated
+    await f.board.release(f.id("a"), ta.task_id, ta.lease_id)        # a stops; the task is requeued
+    [tb] = await f.lease("b")                                        # b has no record at all
+    assert tb.task_id == ta.task_id
+    assert (await f.report("b", tb, LIE))["status"] == "pending"     # alone it decides nothing
+    assert (await f.board.job_view(job_id))["n_tasks"] == 2          # a second instance was added
+    [tc] = await f.lease("c")
+    assert (await f.report("c", tc))["status"] == "pending"          # they disagree: a third instance decides
+    assert await f.state(tb.task_id) != TaskState.DONE and await f.board.store.get_validations(job_id) == []
+
+
+async def test_a_spot_check_never_takes_an_agent_past_its_advertised_slots(fleet: Any) -> None:
+    """Review finding: a spot check was added to what the agent *asked* for, not what its capacity left:
+    an agent with slots: 1 already holding a task got a spot check on top (2 leases held)."""
+    from jobs.requirements import Capabilities
+    f = await fleet()
+    await f.submit(3, validation={"quorum": 2, "adaptive": False})
+    [ta] = await f.lease("a")
+    tb = (await f.lease("b", slots=3))[-1]
+    await f.report("a", ta)
+    await f.report("b", tb)                    # unit 0 is validated: a spot-check candidate
+    c = f.agents["c"]
+    await f.board.register_agent(c.public, "c", Capabilities.from_dict({"kinds": ["sleep"], "slots": 1}))
+    assert len(await f.lease("c")) == 1
+    f.board.config = f.board.trust.config = HubConfig(spot_check_share=1.0)
+    for _ in range(3):
+        assert await f.lease("c") == []
+    assert len(f.board.view.agents[c.id].running) == 1

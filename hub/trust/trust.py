@@ -191,8 +191,14 @@ class Trust:
             unit = self._unit_of.get(task.id)
             if unit is None:
                 continue
+            newcomer = agent.row.id not in unit.ran
             self._ran(unit, agent.row.id)
-            if unit.decided or unit.settled or not unit.policy.enabled:
+            if unit.settled or not unit.policy.enabled:
+                continue
+            # Replication is decided for the agent that runs the unit: a unit left unreplicated for a trusted
+            # agent is decided again when another agent takes it over (a released or expired lease, a retry),
+            # else a stranger's lone answer would be accepted on the first lessee's reputation.
+            if unit.decided and not (newcomer and unit.needed < unit.policy.quorum):
                 continue
             unit.decided = True
             if self.reputation.replicate(agent.row.id, unit.kind):
