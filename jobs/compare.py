@@ -42,24 +42,28 @@ class CompareSpec:
     #: top-level value -> the value that is its scale: |a-b| <= bound * max(|scale_a|, |scale_b|)
     scaled: Mapping[str, str] = field(default_factory=dict)
     tolerance: float | None = None      # the bound, overriding the dtype's
+    #: float32 results may come from TF32 on a CUDA device (cuDNN convolutions: on by default in torch);
+    #: False for kinds whose float32 math never uses it (torch matmul keeps TF32 off by default), so an
+    #: agent's own claim to have run on a GPU cannot loosen their bound
+    tf32: bool = False
 
     def bound(self, values: Mapping[str, Any], on_gpu: bool) -> float:
         if self.tolerance is not None:
             return self.tolerance
         dtype = str(values.get("dtype", "float32"))
-        if dtype == "float32" and on_gpu:
+        if dtype == "float32" and on_gpu and self.tf32:
             dtype = "tf32"
         return TOLERANCES.get(dtype, TOLERANCES["float32"])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "ignore": list(self.ignore), "scaled": dict(self.scaled),
+        return {"mode": self.mode, "ignore": list(self.ignore), "scaled": dict(self.scaled), "tf32": self.tf32,
                 "tolerance": self.tolerance}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompareSpec:
         tolerance = data.get("tolerance")
         return cls(str(data.get("mode", "exact")), tuple(data.get("ignore", ())), dict(data.get("scaled", {})),
-                   float(tolerance) if tolerance is not None else None)
+                   float(tolerance) if tolerance is not None else None, bool(data.get("tf32", False)))
 
 
 def disagreement(spec: CompareSpec, ref: Mapping[str, Any], other: Mapping[str, Any],
@@ -101,10 +105,11 @@ def _abs(value: Any) -> float:
 
 def _scaled(a: float, b: float, scale_a: float, scale_b: float, bound: float) -> str | None:
     if math.isnan(a) or math.isnan(b) or math.isinf(a) or math.isinf(b):
-        return None if _canonical(a) == _canonical(b) else f"non-finite mismatch ({a} vs {b})"
-    scale = max(scale_a, scale_b) or max(abs(a), abs(b))
-    if abs(a - b) > bound * scale + 1e-300:
-        return f"{a!r} vs {b!r}: off by {abs(a - b) / (scale or 1.0):.3g} of the scale (bound {bound:g})"
+        return None if _canonical(a) == _canonical(b) else "non-finite mismatch"
+    # the smaller positive scale: an answer cannot widen its own tolerance by claiming a large scale
+    scale = min([s for s in (scale_a, scale_b) if s > 0] or [max(abs(a), abs(b))])
+    if abs(a - b) > bound * scale + 1e-300:   # (no values in the reason: it goes back to the outvoted agent)
+        return f"off by {abs(a - b) / (scale or 1.0):.3g} of the scale (bound {bound:g})"
     return None
 
 
@@ -138,7 +143,7 @@ def _tolerant(a: Any, b: Any, bound: float) -> str | None:
         return None
     if (isinstance(a, float) and _is_number(b)) or (isinstance(b, float) and _is_number(a)):
         return _tensor([a], [b], bound)
-    return None if _canonical(a) == _canonical(b) else f"{_short(a)} vs {_short(b)}"
+    return None if _canonical(a) == _canonical(b) else "values differ"
 
 
 def _tensor(a: list[Any], b: list[Any], bound: float) -> str | None:
@@ -148,17 +153,13 @@ def _tensor(a: list[Any], b: list[Any], bound: float) -> str | None:
         x, y = float(x), float(y)
         if not (math.isfinite(x) and math.isfinite(y)):
             if _canonical(x) != _canonical(y):
-                return f"non-finite mismatch at [{i}] ({x} vs {y})"
+                return f"non-finite mismatch at [{i}]"
             continue
         worst = max(worst, abs(x - y))
         total += abs(x)
         n += 1
     mean = total / n if n else 0.0
     if worst > bound * (mean if mean > 0 else 1.0):
-        return f"max|a-b| = {worst:.3g} is over {bound:g} x mean|ref| ({mean:.3g})"
+        return f"max|a-b| is {worst / (mean if mean > 0 else 1.0):.3g} x mean|ref|, over the bound {bound:g}"
     return None
 
-
-def _short(value: Any) -> str:
-    text = _canonical(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -22,7 +22,17 @@ def test_fp32_checksums_agree_within_the_bound_of_the_sum_of_magnitudes() -> Non
     far = {**ref, "checksum": 12.5 + 500.0}                            # 5e-4: over fp32's 1e-4
     assert disagreement(MATMUL, ref, close) is None
     assert disagreement(MATMUL, ref, far) is not None
-    assert disagreement(MATMUL, ref, far, on_gpu=True) is None        # TF32 may be on: 5e-3
+    # torch matmul keeps TF32 off: an agent's claim to have run on a GPU does not loosen the bound
+    assert disagreement(MATMUL, ref, far, on_gpu=True) is not None
+    conv = CompareSpec("tolerant", ignore=("digest",), scaled={"checksum": "abs_sum"}, tf32=True)
+    assert disagreement(conv, ref, far, on_gpu=True) is None           # cuDNN convolutions may use TF32: 5e-3
+
+
+def test_an_answer_cannot_widen_its_tolerance_with_a_large_scale_nor_learn_the_reference() -> None:
+    ref = {"checksum": 12.5, "abs_sum": 1e6, "digest": "a" * 64, "dtype": "float32"}
+    liar = {**ref, "checksum": 0.0, "abs_sum": 1e9}   # a checksum it never computed, a scale it made up
+    why = disagreement(MATMUL, ref, liar)
+    assert why is not None and "12.5" not in why and "1e+06" not in why, why
 
 
 def test_the_bound_follows_the_dtype() -> None:

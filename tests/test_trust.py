@@ -386,3 +386,15 @@ async def test_a_spot_check_never_takes_an_agent_past_its_advertised_slots(fleet
     for _ in range(3):
         assert await f.lease("c") == []
     assert len(f.board.view.agents[c.id].running) == 1
+
+
+async def test_results_nobody_compared_earn_no_credit(fleet: Any) -> None:
+    f = await fleet()
+    job_id = await f.submit(1, seconds=2.0, validation={"quorum": 2, "adaptive": False, "compare": "none"})
+    [ta] = await f.lease("a")
+    [tb] = await f.lease("b")
+    await f.report("a", ta, {"slept": 2.0})
+    await f.report("b", tb, {"slept": 99.0})        # anything "agrees" when nothing is compared
+    assert (await f.board.job_view(job_id))["state"] == "succeeded"
+    for name in ("a", "b"):
+        assert f.board.trust.agent_view(f.id(name))["credit"] == 0.0

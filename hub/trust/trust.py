@@ -336,6 +336,8 @@ class Trust:
 
     def _valid(self, unit: Unit, answer: Answer, *, credit: bool, counts: bool = True) -> None:
         now = self.clock()
+        if unit.policy.compare.mode == "none":   # nothing was checked: no credit, no reputation from it
+            credit = counts = False
         if counts:
             self._write.reputation.append(self.reputation.valid(answer.agent_id, unit.kind, now))
         self._recent.setdefault(answer.agent_id, deque(maxlen=_RECENT)).append(False)

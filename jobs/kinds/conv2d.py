@@ -22,7 +22,7 @@ class Conv2d(Kind):
     name = "conv2d"
     summary = "batched 2D convolutions like a CNN layer stack; reports images/s"
     #: the product differs in its last bits across CPUs/GPUs: compare the checksum against the sum of |c|
-    compare = CompareSpec("tolerant", ignore=("digest",), scaled={"checksum": "abs_sum"})
+    compare = CompareSpec("tolerant", ignore=("digest",), scaled={"checksum": "abs_sum"}, tf32=True)
     params: ClassVar[Mapping[str, Param]] = {
         "batch": Param(int, 32, minimum=1, maximum=4096, doc="images per batch"),
         "image_size": Param(int, 64, minimum=4, maximum=2048, doc="height = width in pixels"),
