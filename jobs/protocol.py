@@ -22,6 +22,7 @@ from typing import Any
 
 from jobs.fields import Fields, field_error
 from jobs.requirements import Capabilities
+from jobs.wire import MSGPACK, encode_body
 from security.errors import BadRequest, PanalError
 from security.identity import PublicKey
 from security.records import SignedRecord
@@ -99,6 +100,11 @@ def _results(fields: Fields, name: str) -> tuple[ResultItem, ...]:
 
 
 # -- registration -------------------------------------------------------------------------------------
+#: bounds on what a registration stores (a name is shown on the status page; the report is kept per agent)
+MAX_AGENT_NAME = 128
+MAX_CAPABILITIES_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Registration:
     """An agent's key (the request is signed with it), its name and its capability report."""
@@ -120,12 +126,18 @@ class Registration:
         except BadRequest as exc:
             raise field_error(f.at("public_key"), exc.message) from exc
         report = f.mapping("capabilities")
+        if len(encode_body(report, MSGPACK)) > MAX_CAPABILITIES_BYTES:   # stored, re-sent with every re-registration
+            raise BadRequest(f"{f.at('capabilities')}: a capability report is at most {MAX_CAPABILITIES_BYTES} bytes",
+                             code="bad_capabilities", details={"field": f.at("capabilities")})
         try:
             caps = Capabilities.from_dict(report)
         except (TypeError, ValueError, AttributeError) as exc:
             raise BadRequest(f"{f.at('capabilities')}: malformed capability report: {exc}",
                              code="bad_capabilities", details={"field": f.at("capabilities")}) from exc
-        return cls(key, f.optional_text("name") or "", caps)
+        name = f.optional_text("name") or ""
+        if len(name) > MAX_AGENT_NAME:
+            raise field_error(f.at("name"), f"an agent name is at most {MAX_AGENT_NAME} characters")
+        return cls(key, name, caps)
 
 
 @dataclass(frozen=True, slots=True)

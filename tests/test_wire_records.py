@@ -166,6 +166,8 @@ def test_a_decoded_body_keeps_what_the_previous_version_left_out() -> None:
     (HeartbeatReply.decode, {"lost": [{"task_id": "t", "reason": None}]}, "lost[0].reason: expected text, got null"),
     (Registration.decode, {"public_key": 5}, "public_key: expected text, got 5"),
     (Registration.decode, {"public_key": "ed25519:AAAA"}, "public_key: an Ed25519 public key is 32 bytes"),
+    (Registration.decode, {"public_key": AGENT.public.text(), "name": "x" * 1_000_000},
+     "name: an agent name is at most 128 characters"),
     (Release.decode, {}, "lease_id: expected text, got nothing"),
     (TaskResult.decode, {"result": [1]}, "result: a signed record must be a map"),
     (Fields, [], "body: expected a map, got a list"),
@@ -175,6 +177,12 @@ def test_a_malformed_body_names_the_field(decode: Callable[[Any], Any], body: An
         decode(body)
     assert exc.value.message.startswith(message), exc.value.message
     assert exc.value.code == "bad_field" and exc.value.details == {"field": message.partition(":")[0]}
+
+
+def test_an_oversized_capability_report_is_refused_before_it_is_stored() -> None:
+    with pytest.raises(BadRequest) as exc:
+        Registration.decode({"public_key": AGENT.public.text(), "capabilities": {"junk": "x" * 2_000_000}})
+    assert exc.value.code == "bad_capabilities" and "at most 65536 bytes" in exc.value.message
 
 
 def test_a_bad_capability_report_is_a_bad_capabilities_400() -> None:
