@@ -10,9 +10,10 @@ luck) and held back from every agent that already reported it, so only a fresh a
 An honest agent that then runs it settles it; a second report confirms the fault and the task fails
 with the submitter's error.
 
-An attempt that resumed from a checkpoint and failed this way blames the checkpoint, not the job:
-the checkpoint is dropped and the task starts afresh (a lessee that signed a garbage checkpoint must
-not turn every resumer into a witness against the submitter).
+An attempt that resumed from a checkpoint and failed this way blames the checkpoint, not the job (a
+lessee that signed a garbage checkpoint must not turn every resumer into a witness against the
+submitter); but one agent's word does not wipe another's progress either: the checkpoint is dropped
+(and the task starts afresh) only once a second agent also failed from it, or no other could try.
 
 Such reports never count against the reporting agent (black-hole detection ignores them and the
 public error rate counts them apart); an agent that lies this way only delays a task by one lease.
@@ -59,10 +60,15 @@ class SubmitterFaults:
     def intercept(self, task: TaskRow, agent_id: str, failure: FailureClass, message: str, retries: Retries) -> bool:
         """Keep an unconfirmed submitter fault from failing the task: requeued (no attempt used) with
         why it waits; False when it is confirmed and the task should fail as reported."""
-        if task.checkpoint is not None:   # it resumed: blame the checkpoint (its writer), not the job
-            task.checkpoint = task.checkpoint_record = None
-            why = f"an attempt resumed from a checkpoint failed ({failure.value}: {message[:500]}); " \
-                  "the checkpoint was dropped"
+        if task.checkpoint is not None:   # it resumed: the checkpoint (its writer) is suspect, not the job
+            if self.report(task.id, agent_id, message) or not self._others_could_run(task):
+                task.checkpoint = task.checkpoint_record = None
+                self.forget([task.id])   # the fresh start gets fresh reports
+                why = f"attempts resumed from a checkpoint failed ({failure.value}: {message[:500]}); " \
+                      "the checkpoint was dropped"
+            else:                        # one agent's word must not wipe another's progress
+                why = f"agent {agent_id[:12]} reported {failure.value} after resuming from a checkpoint: " \
+                      f"{message[:500]}; waiting for another agent to try it"
         elif not self.report(task.id, agent_id, message) and self._others_could_run(task):
             why = f"agent {agent_id[:12]} reported {failure.value}: {message[:500]}; waiting for another agent " \
                   "to confirm it"

@@ -90,18 +90,29 @@ async def test_a_checkpoint_counts_only_with_the_lessees_record_for_its_task_and
     assert resumed.checkpoint_record.key.id == fx.lessee.id
 
 
-async def test_a_resumed_attempt_failing_as_invalid_drops_the_checkpoint_not_the_job(fx: Fx) -> None:
+def _failed(agent: Identity, task: Assignment) -> SignedRecord:
+    return SignedRecord.sign(agent, {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+                                     "attempt": task.attempt, "agent_id": agent.id, "status": "failed",
+                                     "error_class": "unsupported", "error": "not an mlp_train checkpoint"})
+
+
+async def test_a_checkpoint_is_dropped_only_when_two_agents_fail_from_it_never_the_job(fx: Fx) -> None:
     job, _ = await fx.board.submit(make_envelope(fx.user, manifest()), fx.user.id)
     [task] = await fx.board.lease(fx.lessee.id, 1, 0)
     await fx.beat(fx.lessee, task, CKPT, sign_checkpoint(fx.lessee, task.task_id, job.id, task.attempt, CKPT))
     await fx.board.release(fx.lessee.id, task.task_id, task.lease_id)
     [resumed] = await fx.board.lease(fx.next.id, 1, 0)
-    failure = SignedRecord.sign(fx.next, {"task_id": resumed.task_id, "job_id": job.id, "lease_id": resumed.lease_id,
-                                          "attempt": resumed.attempt, "agent_id": fx.next.id, "status": "failed",
-                                          "error_class": "unsupported", "error": "not an mlp_train checkpoint"})
-    await fx.board.accept(fx.next.id, [failure])
-    assert fx.checkpoint_of(task.task_id) is None
-    [fresh] = await fx.board.lease(fx.next.id, 1, 0)     # the same honest agent may run it afresh
+    await fx.board.accept(fx.next.id, [_failed(fx.next, resumed)])
+    # One agent's word (a liar's, perhaps) does not wipe the progress: kept, and that agent is held back.
+    assert fx.checkpoint_of(task.task_id) == CKPT
+    assert await fx.board.lease(fx.next.id, 1, 0) == []
+    third = Identity.generate()
+    await fx.board.register_agent(third.public, "c", Capabilities.from_dict({"kinds": ["sleep"]}))
+    [again] = await fx.board.lease(third.id, 1, 0)
+    assert again.checkpoint == CKPT
+    await fx.board.accept(third.id, [_failed(third, again)])
+    assert fx.checkpoint_of(task.task_id) is None        # two agents failed from it: it goes, not the job
+    [fresh] = await fx.board.lease(fx.next.id, 1, 0)     # a fresh start, open to everyone again
     assert fresh.checkpoint is None and fresh.checkpoint_record is None
     assert (await fx.board.job_view(job.id))["state"] == "running"
 
