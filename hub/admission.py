@@ -37,6 +37,7 @@ class Ticket:
 
     token_id: str | None = None
     secret_hash: str = ""
+    owner: str = ""                # the token's owner, given to the agent it admits
 
 
 class Admission:
@@ -87,7 +88,7 @@ class Admission:
         if parts is None or token is None or not token.matches(parts[1]):
             raise Forbidden(f"the admission token is not one this board issued: {_ASK}", code="token_unknown")
         self._refuse_if_unusable(token)
-        return Ticket(token.id, hash_secret(parts[1]))
+        return Ticket(token.id, hash_secret(parts[1]), token.owner)
 
     async def consume(self, ticket: Ticket) -> None:
         """Count the ticket's token once (atomic in the store); a 403 if it stopped admitting meanwhile."""

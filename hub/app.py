@@ -71,8 +71,10 @@ class Api:
             registration = Registration.decode(decode_map(request, data))
             if registration.public_key.id != known.key.id:
                 raise BadRequest("public_key: an agent cannot change its key", code="key_mismatch")
+            owner = None
         else:                   # a new agent: admitted by token (or open, rate-limited) before decoding
             ticket = await self.admission.check(request)
+            owner = ticket.owner or None
             registration = Registration.decode(decode_map(request, data))
             key = registration.public_key
             if key.id != checked.params.keyid:
@@ -81,7 +83,7 @@ class Api:
             self.auth.finish(request, checked, key)
             await self.admission.consume(ticket)
         agent = await self.board.register_agent(registration.public_key, registration.name,
-                                                registration.capabilities)
+                                                registration.capabilities, owner=owner)
         config = self.config
         return reply(request, Registered(agent.row.id, config.lease_ttl_s, config.max_poll_wait_s,
                                          config.max_tasks_per_lease).encode())

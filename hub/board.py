@@ -173,8 +173,10 @@ class Board:
     def agents(self) -> Mapping[str, AgentState]:
         return self._fleet.agents
 
-    async def register_agent(self, key: PublicKey, name: str, capabilities: Capabilities) -> AgentState:
-        row = self._fleet.admission(key, name, capabilities)
+    async def register_agent(self, key: PublicKey, name: str, capabilities: Capabilities,
+                             owner: str | None = None) -> AgentState:
+        """Register or update an agent; ``owner`` (from its admission token) counts only for a new one."""
+        row = self._fleet.admission(key, name, capabilities, owner)
         await self.store.upsert_agent(row)
         state, joined = self._fleet.enrol(key, row, capabilities)
         self.trust.speed.apply(state)   # a claim seen to be far above the observed speed stays capped

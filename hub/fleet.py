@@ -51,12 +51,13 @@ class Fleet:
             self._agents[row.id] = AgentState(row, PublicKey.parse(row.public_key),
                                               Capabilities.from_dict(row.capabilities), row.last_seen)
 
-    def admission(self, key: PublicKey, name: str, capabilities: Capabilities) -> AgentRow:
-        """The row to store for a (re-)registration (the report as the agent sent it)."""
+    def admission(self, key: PublicKey, name: str, capabilities: Capabilities, owner: str | None = None) -> AgentRow:
+        """The row to store for a (re-)registration (the report as the agent sent it; a known agent keeps
+        its owner)."""
         now = self.clock()
         known = self._agents.get(key.id)
         return AgentRow(key.id, key.text(), name[:64] or key.id[:12], dict(capabilities.raw),
-                        known.row.registered_at if known else now, now)
+                        known.row.registered_at if known else now, now, known.row.owner if known else owner)
 
     def enrol(self, key: PublicKey, row: AgentRow, caps: Capabilities) -> tuple[AgentState, bool]:
         """Register (or update) the agent once its row is stored; whether it is new."""

@@ -44,6 +44,9 @@ class AgentRow:
     capabilities: dict[str, Any]
     registered_at: float
     last_seen: float = 0.0
+    #: who the agent belongs to, as the admission token that admitted it says (``tokens create --owner``);
+    #: never the agent's own claim. None: unknown (each such agent counts as its own owner)
+    owner: str | None = None
 
 
 @dataclass

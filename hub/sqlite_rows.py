@@ -128,7 +128,9 @@ def update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
 # -- provenance (checkpoint records): columns added to databases of earlier versions ----------------------
 _ADDED_COLUMNS = (("tasks", "checkpoint_record", "BLOB"),
                   # result validation (hub/trust/): the unit a row is an instance of, a job's validation policy
-                  ("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"))
+                  ("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"),
+                  # owners (hub/trust/ keeps one owner's machines apart): set by the admission token
+                  ("agents", "owner", "TEXT"), ("admission_tokens", "owner", "TEXT NOT NULL DEFAULT ''"))
 
 
 def create_schema(conn: sqlite3.Connection) -> None:

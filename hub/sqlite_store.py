@@ -141,17 +141,18 @@ class SqliteStore:
     async def upsert_agent(self, agent: AgentRow) -> None:
         def op(c: sqlite3.Connection) -> None:
             c.execute(
-                "INSERT INTO agents VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "INSERT INTO agents (id, public_key, name, capabilities, registered_at, last_seen, owner) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "   # (never its key nor its owner)
                 "name=excluded.name, capabilities=excluded.capabilities, last_seen=excluded.last_seen",
                 (agent.id, agent.public_key, agent.name, json.dumps(agent.capabilities),
-                 agent.registered_at, agent.last_seen))
+                 agent.registered_at, agent.last_seen, agent.owner))
         await self._run(op)
 
     async def list_agents(self) -> list[AgentRow]:
         def op(c: sqlite3.Connection) -> list[AgentRow]:
-            rows = c.execute("SELECT id, public_key, name, capabilities, registered_at, last_seen "
+            rows = c.execute("SELECT id, public_key, name, capabilities, registered_at, last_seen, owner "
                              "FROM agents").fetchall()
-            return [AgentRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+            return [AgentRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
         return await self._run(op)
 
     async def add_submitter(self, key_id: str, public_key: str, name: str) -> None:
@@ -308,13 +309,14 @@ class SqliteStore:
     # -- admission tokens (hub/tokens.py) ---------------------------------------------------------
     async def add_admission_token(self, token: AdmissionToken) -> None:
         await self._run(lambda c: c.execute(
-            "INSERT INTO admission_tokens VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO admission_tokens (id, secret_hash, label, max_uses, uses, created_at, expires_at, "
+            "revoked_at, owner) VALUES (?,?,?,?,?,?,?,?,?)",
             (token.id, token.secret_hash, token.label, token.max_uses, token.uses, token.created_at,
-             token.expires_at, token.revoked_at)))
+             token.expires_at, token.revoked_at, token.owner)))
 
     async def list_admission_tokens(self) -> list[AdmissionToken]:
         return await self._run(lambda c: [AdmissionToken(*r) for r in c.execute(
-            "SELECT id, secret_hash, label, max_uses, uses, created_at, expires_at, revoked_at "
+            "SELECT id, secret_hash, label, max_uses, uses, created_at, expires_at, revoked_at, owner "
             "FROM admission_tokens ORDER BY created_at, id").fetchall()])
 
     async def revoke_admission_token(self, token_id: str, at: float) -> bool:

@@ -42,6 +42,7 @@ class AdmissionToken:
     created_at: float
     expires_at: float
     revoked_at: float | None = None
+    owner: str = ""            # the owner of the agents it admits ("": none): see AgentRow.owner
 
     def matches(self, secret: str) -> bool:
         return hmac.compare_digest(self.secret_hash, hash_secret(secret))
@@ -57,9 +58,11 @@ class AdmissionToken:
         return None
 
 
-def new_token(label: str, max_uses: int, created_at: float, ttl_s: float) -> tuple[AdmissionToken, str]:
+def new_token(label: str, max_uses: int, created_at: float, ttl_s: float,
+              owner: str = "") -> tuple[AdmissionToken, str]:
     """A fresh token row and the text to hand out (``<id>.<secret>``: shown once, stored hashed)."""
     token_id = secrets.token_hex(4)
     secret = secrets.token_urlsafe(24)
-    row = AdmissionToken(token_id, hash_secret(secret), label, max_uses, 0, created_at, created_at + ttl_s)
+    row = AdmissionToken(token_id, hash_secret(secret), label, max_uses, 0, created_at, created_at + ttl_s,
+                         owner=owner)
     return row, f"{token_id}.{secret}"

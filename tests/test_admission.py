@@ -106,6 +106,21 @@ async def test_a_forged_registration_does_not_use_up_the_token(tmp_path: Path) -
         await hub.stop()
 
 
+async def test_the_token_names_the_owner_of_the_agents_it_admits(tmp_path: Path) -> None:
+    hub = InProcessHub(tmp_path, registration="token")
+    server = await hub.start()
+    try:
+        row, text = new_token("alice's machines", 0, time.time(), 3600, owner="alice")
+        await server.board.store.add_admission_token(row)
+        agent = Identity.generate()
+        assert (await register(hub, agent, text))[0] == 200
+        assert (await register(hub, agent, None))[0] == 200          # re-registration: no token, same owner
+        assert server.board.agents[agent.id].row.owner == "alice"
+        assert {r.id: r.owner for r in await server.board.store.list_agents()}[agent.id] == "alice"
+    finally:
+        await hub.stop()
+
+
 async def test_open_registration_is_rate_limited_per_address_with_retry_after(tmp_path: Path) -> None:
     hub = InProcessHub(tmp_path, registration="open", registration_burst=2, registration_rate_per_min=1)
     await hub.start()

@@ -95,16 +95,18 @@ def done(task: TaskRow) -> TaskRow:
 # -- every method ------------------------------------------------------------------------------
 
 
-async def test_agents_are_added_then_updated_but_keep_their_key(make: Callable[[], Store]) -> None:
+async def test_agents_are_added_then_updated_but_keep_their_key_and_owner(make: Callable[[], Store]) -> None:
     async with opened(make) as store:
         assert await store.list_agents() == []
-        first = AgentRow("a1", "ed25519:one", "box", {"cpu": {"cores": 4}}, registered_at=10.0, last_seen=10.0)
+        first = AgentRow("a1", "ed25519:one", "box", {"cpu": {"cores": 4}}, registered_at=10.0, last_seen=10.0,
+                         owner="alice")
         await store.upsert_agent(first)
         await store.upsert_agent(AgentRow("a2", "ed25519:two", "other", {}, registered_at=11.0, last_seen=11.0))
-        again = AgentRow("a1", "ed25519:forged", "renamed", {"cpu": {"cores": 8}}, registered_at=99.0, last_seen=20.0)
+        again = AgentRow("a1", "ed25519:forged", "renamed", {"cpu": {"cores": 8}}, registered_at=99.0, last_seen=20.0,
+                         owner="mallory")
         await store.upsert_agent(again)
         agents = {a.id: a for a in await store.list_agents()}
-    assert agents["a1"] == AgentRow("a1", "ed25519:one", "renamed", {"cpu": {"cores": 8}}, 10.0, 20.0)
+    assert agents["a1"] == AgentRow("a1", "ed25519:one", "renamed", {"cpu": {"cores": 8}}, 10.0, 20.0, "alice")
     assert agents["a2"].name == "other" and len(agents) == 2
 
 

@@ -82,8 +82,8 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Any]:
         await board.start()
         boards.append(board)
         for name, ident in identities.items():
-            caps = {"kinds": ["sleep"], **({"owner": owners[name]} if owners and name in owners else {})}
-            await board.register_agent(ident.public, name, Capabilities.from_dict(caps))
+            await board.register_agent(ident.public, name, Capabilities.from_dict({"kinds": ["sleep"]}),
+                                       owner=(owners or {}).get(name))
         return Fleet(board, identities)
 
     yield build
@@ -398,3 +398,18 @@ async def test_results_nobody_compared_earn_no_credit(fleet: Any) -> None:
     assert (await f.board.job_view(job_id))["state"] == "succeeded"
     for name in ("a", "b"):
         assert f.board.trust.agent_view(f.id(name))["credit"] == 0.0
+
+
+async def test_an_owner_comes_from_the_admission_token_never_from_the_agents_own_claim(fleet: Any) -> None:
+    f = await fleet(owners={"a": "alice"})
+    b = f.agents["b"]
+    # b claims to be alice's (to keep her machines off the units it runs): the claim counts for nothing
+    await f.board.register_agent(b.public, "b", Capabilities.from_dict({"kinds": ["sleep"], "owner": "alice"}))
+    # a re-registers without a token (as known agents do) and keeps the owner its token gave it
+    await f.board.register_agent(f.agents["a"].public, "a", Capabilities.from_dict({"kinds": ["sleep"]}))
+    assert f.board.view.agents[f.id("a")].row.owner == "alice" and f.board.view.agents[f.id("b")].row.owner is None
+    await f.submit(1, replicas=2)
+    await f.lease("b")
+    assert len(await f.lease("a")) == 1        # alice's machine may still check b's work
+    [row] = [r for r in await f.board.store.list_agents() if r.id == f.id("a")]
+    assert row.owner == "alice"                # stored: a restart keeps it

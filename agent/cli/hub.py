@@ -197,7 +197,9 @@ def tokens() -> None:
 @click.option("--expires", "expires", default="24h", show_default=True,
               help="How long it admits: e.g. 90m, 24h, 7d.")
 @click.option("--label", default="", help="A note to recognise it by in `panal hub tokens list`.")
-def tokens_create(root: Path, uses: int, expires: str, label: str) -> None:
+@click.option("--owner", default="", help="Whose machines it admits (e.g. one volunteer): instances of one task never "
+                                         "run on two machines of one owner, so they cannot vouch for each other.")
+def tokens_create(root: Path, uses: int, expires: str, label: str, owner: str) -> None:
     """Make an admission token and print the join URL that carries it (shown once: only its hash is kept)."""
     hub_home = HubHome(root)
     if not hub_home.initialised:
@@ -205,7 +207,7 @@ def tokens_create(root: Path, uses: int, expires: str, label: str) -> None:
     ttl_s = parse_duration(expires)
     if ttl_s <= 0:
         raise BadRequest(f"--expires must be longer than zero, got {expires!r}")
-    row, text = new_token(label, uses, time.time(), ttl_s)
+    row, text = new_token(label, uses, time.time(), ttl_s, owner=owner.strip()[:64])
     run(_with_store(_store(hub_home), lambda store: store.add_admission_token(row)))
     config = hub_home.config()
     if hub_home.serve_path.exists():
@@ -228,14 +230,14 @@ def tokens_list(root: Path, as_json: bool) -> None:
     rows: list[AdmissionToken] = run(_with_store(_store(HubHome(root)), lambda store: store.list_admission_tokens()))
     now = time.time()
     if as_json:
-        print_json([{"id": t.id, "label": t.label, "uses": t.uses, "max_uses": t.max_uses,
+        print_json([{"id": t.id, "label": t.label, "owner": t.owner, "uses": t.uses, "max_uses": t.max_uses,
                      "created_at": t.created_at, "expires_at": t.expires_at, "revoked_at": t.revoked_at,
                      "state": t.refusal(now) or "active"} for t in rows])
         return
     for t in rows:
         limit = "unlimited" if t.max_uses == 0 else str(t.max_uses)
         click.echo(f"{t.id}  {t.refusal(now) or 'active':8}  used {t.uses}/{limit}  expires {_when(t.expires_at)}"
-                   f"  {t.label}")
+                   f"  {'owner ' + t.owner + '  ' if t.owner else ''}{t.label}")
 
 
 @tokens.command("revoke")

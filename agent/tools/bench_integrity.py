@@ -99,8 +99,9 @@ class Run:
         self.results = 0
 
     async def join(self, sim: Sim, n: int) -> None:
-        caps = {"kinds": ["matmul"], "owner": f"owner-{sim.name}-{n}", "cpu": {"cores": 4, "gflops_fp32": 100.0}}
-        await self.board.register_agent(sim.identity.public, f"{sim.name}-{n}", Capabilities.from_dict(caps))
+        caps = {"kinds": ["matmul"], "cpu": {"cores": 4, "gflops_fp32": 100.0}}
+        await self.board.register_agent(sim.identity.public, f"{sim.name}-{n}", Capabilities.from_dict(caps),
+                                        owner=f"owner-{sim.name}-{n}")   # as an admission token would set it
 
     async def feed(self) -> None:
         """Keep two jobs' worth of units queued until ``units`` have been submitted."""

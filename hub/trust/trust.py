@@ -45,11 +45,9 @@ _RECENT = 20
 
 
 def owner_of(agent: AgentState | None) -> str | None:
-    """The owner an agent declared at registration (``owner`` in its report), if any."""
-    if agent is None:
-        return None
-    value = agent.caps.raw.get("owner")
-    return value[:64] if isinstance(value, str) and value else None
+    """The agent's owner as its admission token says (``panal hub tokens create --owner``), if any: never
+    what the agent claims of itself (a liar would claim none, or a victim's name)."""
+    return agent.row.owner if agent is not None else None
 
 
 class Trust:
