@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from hub.config import LOOPBACK_BINDS, HubConfig
+from hub.config import HubConfig
 from hub.ratelimit import RateLimiter
 from hub.store import Store
 from hub.tokens import AdmissionToken, hash_secret, split_token
@@ -47,8 +47,7 @@ class Admission:
         self.mode = config.registration_mode
         # `registration: auto` on a hub bound to loopback only: every caller is this machine's own process
         # (`panal up`, the demo, tests, benches), not a stranger; an explicit `open` is always rate-limited.
-        self.unlimited = (config.registration == "auto" and config.bind in LOOPBACK_BINDS
-                          and config.host in LOOPBACK_BINDS)
+        self.unlimited = config.registration == "auto" and config.loopback_only
         self.clock = clock
         self.monotonic = monotonic
         self.limiter = RateLimiter(config.registration_rate_per_min, config.registration_burst, monotonic)

@@ -134,7 +134,12 @@ class HubConfig:
         """Whether only this machine or a LAN reaches the board (LAN mode, or bound to loopback with a
         loopback ``host``). A loopback bind with a public ``host`` (the name in the join URL) is a hub behind
         a reverse proxy or tunnel: strangers reach it, so it gets a WAN hub's defaults."""
-        return self.lan or (self.bind in LOOPBACK_BINDS and self.host in LOOPBACK_BINDS)
+        return self.lan or self.loopback_only
+
+    @property
+    def loopback_only(self) -> bool:
+        """Bound to loopback and named by a loopback ``host``: only this machine's processes reach it."""
+        return self.bind in LOOPBACK_BINDS and self.host in LOOPBACK_BINDS
 
     @property
     def registration_mode(self) -> str:

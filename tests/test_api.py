@@ -40,12 +40,13 @@ async def raw(hub: InProcessHub, method: str, path: str, body: bytes, headers: d
                              else msgpack.unpackb(data))
 
 
-async def registered(hub: InProcessHub) -> tuple[BoardClient, Identity]:
+async def registered(hub: InProcessHub, **caps: Any) -> tuple[BoardClient, Identity]:
+    """A new agent registered over TLS (a sleep runner; ``caps`` add to its capability report)."""
     assert hub.address is not None
     agent = Identity.generate()
     client = BoardClient(hub.address, agent, retry_for_s=1)
     await client.call("POST", "/v1/agents", {"public_key": agent.public.text(), "name": "a",
-                                             "capabilities": {"kinds": ["sleep"]}})
+                                             "capabilities": {"kinds": ["sleep"], **caps}})
     return client, agent
 
 

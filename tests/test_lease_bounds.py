@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from conftest import InProcessHub
 from helpers import wait_for_async
+from test_api import registered, submitter
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from hub.metrics import METRICS_KEY
 from jobs.manifest import Manifest
 from security.errors import PayloadTooLarge
-from security.identity import Identity
 from security.records import SignedRecord
 
 
@@ -25,22 +25,6 @@ def sleep_job(n: int, timeout: str = "1h", retries: int = 0) -> Manifest:
     return Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "bounds"},
                                "spec": {"task": "sleep", "sweep": {"seconds": [0.0] * n},
                                         "resources": {"timeout": timeout}, "policy": {"retries": retries}}})
-
-
-async def agent_client(hub: InProcessHub, **caps: Any) -> tuple[BoardClient, Identity]:
-    assert hub.address is not None
-    agent = Identity.generate()
-    client = BoardClient(hub.address, agent, retry_for_s=1)
-    await client.call("POST", "/v1/agents", {"public_key": agent.public.text(), "name": "a",
-                                             "capabilities": {"kinds": ["sleep"], **caps}})
-    return client, agent
-
-
-async def submitter(hub: InProcessHub) -> BoardClient:
-    assert hub.address is not None and hub.server is not None
-    user = Identity.generate()
-    await hub.server.add_submitter(user.public, "user")
-    return BoardClient(hub.address, user, retry_for_s=1)
 
 
 async def held_after_asking(client: BoardClient, times: int, slots: int) -> int:
@@ -54,9 +38,9 @@ async def test_an_agent_holds_at_most_its_advertised_slots_and_the_hubs_cap(tmp_
     hub = InProcessHub(tmp_path, max_slots_per_agent=6)
     await hub.start()
     sub = await submitter(hub)
-    four, _ = await agent_client(hub, slots=4)
-    liar, _ = await agent_client(hub, slots=64)     # advertises more than the hub allows
-    silent, _ = await agent_client(hub)             # advertises nothing
+    four, _ = await registered(hub, slots=4)
+    liar, _ = await registered(hub, slots=64)     # advertises more than the hub allows
+    silent, _ = await registered(hub)             # advertises nothing
     try:
         await submit(sub, make_envelope(sub.identity, sleep_job(100)))
         # Asking for 64 again and again: what it holds already counts.
@@ -75,7 +59,7 @@ async def test_a_lease_heartbeated_forever_ends_at_the_task_timeout_plus_grace(t
     hub = InProcessHub(tmp_path, lease_ttl_s=1.0, lease_timeout_grace_s=0.5)
     await hub.start()
     sub = await submitter(hub)
-    client, _ = await agent_client(hub, slots=1)
+    client, _ = await registered(hub, slots=1)
     try:
         job = await submit(sub, make_envelope(sub.identity, sleep_job(1, timeout="1s", retries=0)))
         [task] = (await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 1}))["tasks"]
@@ -110,7 +94,7 @@ async def test_an_oversized_result_record_is_refused_with_413_and_the_attempt_fa
     hub = InProcessHub(tmp_path)   # the default cap (256 KiB) against a 3.5 MB result of a sleep task
     await hub.start()
     sub = await submitter(hub)
-    client, agent = await agent_client(hub, slots=1)
+    client, agent = await registered(hub, slots=1)
     try:
         job = await submit(sub, make_envelope(sub.identity, sleep_job(1, retries=0)))
         [task] = (await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 1}))["tasks"]
@@ -134,7 +118,7 @@ async def test_concurrent_long_polls_of_one_agent_share_its_slots(tmp_path: Path
     hub = InProcessHub(tmp_path, max_poll_wait_s=3600)
     await hub.start()
     sub = await submitter(hub)
-    client, _ = await agent_client(hub, slots=3)
+    client, _ = await registered(hub, slots=3)
     polls = [asyncio.create_task(client.call("POST", "/v1/lease", {"slots": 3, "wait_s": 3600}, timeout_s=3600))
              for _ in range(4)]
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import FakeClock
 
 from agent.client.submitting import make_envelope
 from hub.board import Board
@@ -24,14 +25,7 @@ from security.records import SignedRecord
 
 HONEST = {"slept": 0.0}
 LIE = {"slept": 42.0}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+T0 = 1_000_000.0   # the boards' virtual start time
 
 
 class Fleet:
@@ -78,7 +72,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Any]:
     async def build(owners: dict[str, str] | None = None, **settings: Any) -> Fleet:
         config = HubConfig(lease_ttl_s=10, retry_backoff_s=0, expiry_interval_s=3600, spot_check_share=0.0,
                            **settings)
-        board = Board(SqliteStore(tmp_path / "board.db"), config, Clock())
+        board = Board(SqliteStore(tmp_path / "board.db"), config, FakeClock(T0))
         await board.start()
         boards.append(board)
         for name, ident in identities.items():
@@ -257,7 +251,7 @@ async def test_an_agent_far_slower_than_its_claim_is_placed_by_the_observed_spee
                                      "sweep": {"seed": [1, 2, 3, 4]}}})
     await f.board.submit(make_envelope(f.user, m), f.user.id)
     clock = f.board.clock
-    assert isinstance(clock, Clock)
+    assert isinstance(clock, FakeClock)
     for _ in range(3):                          # 21.5 GFLOP each, 10 s from lease to result: ~2 GFLOPS
         [task] = await f.lease("a")
         clock.now += 10.0
@@ -279,7 +273,7 @@ async def test_an_instance_held_for_validation_runs_again_after_a_restart(fleet:
     await f.board.stop()
     f = await fleet()
     clock = f.board.clock
-    assert isinstance(clock, Clock)
+    assert isinstance(clock, FakeClock)
     clock.now += 60                            # the restored lease of a's instance runs out: requeued
     await f.board.sweep()
     assert await f.lease("a") == []            # a ran an instance of this unit: it gets neither again
@@ -292,7 +286,7 @@ async def test_an_instance_held_for_validation_runs_again_after_a_restart(fleet:
 
 
 async def test_a_quorum_that_one_connected_agent_cannot_meet_says_why_the_job_waits(tmp_path: Path) -> None:
-    board = Board(SqliteStore(tmp_path / "board.db"), HubConfig(lease_ttl_s=10, spot_check_share=0.0), Clock())
+    board = Board(SqliteStore(tmp_path / "board.db"), HubConfig(lease_ttl_s=10, spot_check_share=0.0), FakeClock(T0))
     await board.start()
     try:
         solo = Identity.generate()
@@ -317,7 +311,7 @@ def test_a_hub_strangers_can_reach_validates_by_default_and_a_local_one_does_not
 
 
 async def test_an_agent_whose_result_awaits_a_second_instance_gets_the_next_unit_not_nothing(tmp_path: Path) -> None:
-    board = Board(SqliteStore(tmp_path / "board.db"), HubConfig(lease_ttl_s=10, spot_check_share=0.0), Clock())
+    board = Board(SqliteStore(tmp_path / "board.db"), HubConfig(lease_ttl_s=10, spot_check_share=0.0), FakeClock(T0))
     await board.start()
     try:
         a, b = Identity.generate(), Identity.generate()
