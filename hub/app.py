@@ -28,6 +28,7 @@ from hub.records import JobState
 from hub.status_routes import add_status_routes
 from jobs.protocol import (
     Heartbeat,
+    HeartbeatLease,
     LeaseReply,
     LeaseRequest,
     Registered,
@@ -124,15 +125,21 @@ class Api:
         data = await read_raw(request)
         agent_id = await self.auth.agent(request, data)
         body = decode_map(request, data)
-        beat = Heartbeat.decode(body)
-        if any(lease.checkpoint for lease in beat.leases):
-            leases = []
-            for lease in beat.leases:   # a checkpoint must be a blob the agent uploaded: others are ignored
-                if lease.checkpoint and not await self.access.own_checkpoint(agent_id, lease.checkpoint):
-                    lease = dataclasses.replace(lease, checkpoint=None)
-                leases.append(lease)
-            beat = Heartbeat(tuple(leases))
-        return reply(request, (await self.board.heartbeat(agent_id, beat.leases)).encode())
+        leases = await self._own_checkpoints(agent_id, Heartbeat.decode(body).leases)
+        return reply(request, (await self.board.heartbeat(agent_id, leases)).encode())
+
+    async def _own_checkpoints(self, agent_id: str, leases: tuple[HeartbeatLease, ...]) -> tuple[HeartbeatLease, ...]:
+        """A heartbeat may name a *new* checkpoint only if the agent uploaded that blob (else it is ignored).
+        One the task already records was checked when it was recorded: no store query per heartbeat."""
+        out = []
+        for lease in leases:
+            task = self.board.view.task(lease.task_id)
+            sha = lease.checkpoint
+            new = bool(sha) and (task is None or task.checkpoint != sha)
+            if sha and new and not await self.access.own_checkpoint(agent_id, sha):
+                lease = dataclasses.replace(lease, checkpoint=None)
+            out.append(lease)
+        return tuple(out)
 
     async def release(self, request: web.Request) -> web.Response:
         data = await read_raw(request)
