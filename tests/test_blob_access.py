@@ -176,7 +176,8 @@ async def test_admins_read_every_blob(tmp_path: Path) -> None:
         alice = await member(hub, "submitter")
         await server.add_submitter(admin_key.public, "admin")
         await server.app[AUTH_KEY].refresh_submitters(force=True)
-        admin = BoardClient(hub.address, admin_key, retry_for_s=1)   # type: ignore[arg-type]
+        assert hub.address is not None
+        admin = BoardClient(hub.address, admin_key, retry_for_s=1)
         model = blob_file(tmp_path, "model")
         await upload_inputs(alice, [model])
         assert (await blob_request(admin, "GET", model[0]))[0] == 200
@@ -246,6 +247,7 @@ async def test_an_upload_without_content_length_cannot_bypass_the_byte_quota(sta
             return resp.status
 
     statuses = await asyncio.gather(*(chunked(os.urandom(900_000)) for _ in range(4)))
-    used_bytes, _ = await started.server.board.store.blob_usage(agent.identity.id)  # type: ignore[union-attr]
+    assert started.server is not None
+    used_bytes, _ = await started.server.board.store.blob_usage(agent.identity.id)
     assert used_bytes <= 1_000_000 and set(statuses) == {411}, statuses
     await agent.close()

@@ -70,7 +70,8 @@ async def test_one_volunteer_answering_invalid_params_cannot_sink_a_job(fleet: F
         == "accepted"
     view = await fleet.board.job_view(job_id)
     assert view["state"] in ("queued", "running") and view["tasks"] == {"queued": 1}
-    assert "waiting for another agent to confirm" in str(fleet.board.view.task(task.task_id).error)  # type: ignore[union-attr]
+    held = fleet.board.view.task(task.task_id)
+    assert held is not None and "waiting for another agent to confirm" in str(held.error)
     # The liar cannot confirm its own report: the task is held back from it.
     assert await fleet.lease(fleet.liar) == []
     [again] = await fleet.lease(fleet.honest)
