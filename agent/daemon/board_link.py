@@ -60,6 +60,8 @@ class Running:
     checkpoint: str | None = None      # sha256 of the latest checkpoint uploaded to the board
     checkpoint_record: SignedRecord | None = None   # our signature over (task, attempt, that sha256)
     uploads: set[asyncio.Task[None]] = field(default_factory=set)
+    device: str = "cpu"                # where it runs (a GPU pause stops only the tasks on that GPU)
+    worker: Any = None                 # the warm worker running it, once it has one (to stop and continue)
 
 
 class LinkOwner(Protocol):
@@ -171,6 +173,24 @@ class BoardLink:
             running.lost = True
             running.cancel.set()
             await self.release(running.assignment)
+
+    async def hand_back(self, task_id: str) -> None:
+        """Give a running task back with its latest checkpoint, so another agent continues it (a long
+        pause): the checkpoint on its way is uploaded and told to the board first, then the lease is
+        released (no attempt used) and the task stopped here."""
+        running = self.running.get(task_id)
+        if running is None or running.lost:
+            return
+        running.lost = True   # no result from us, whatever the worker does now
+        await asyncio.gather(*list(running.uploads), return_exceptions=True)
+        if running.checkpoint:
+            a = running.assignment
+            beat = Heartbeat((HeartbeatLease(task_id, a.lease_id, running.progress, running.checkpoint,
+                                             running.checkpoint_record),))
+            with contextlib.suppress(PanalError):
+                await self.client.post("/v1/heartbeat", beat, HeartbeatReply.decode, timeout_s=10.0)
+        await self.release(running.assignment)
+        running.cancel.set()
 
     def queue_result(self, record: SignedRecord, ok: bool) -> None:
         """Keep a signed result in the outbox until the board answers for it; send it soon."""

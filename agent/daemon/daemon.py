@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import platform
+import time
 from typing import Any
 
 from agent.client.blobcache import BlobCache
@@ -27,6 +28,7 @@ from agent.daemon.execution import Executor
 from agent.daemon.hooks import HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
 from agent.daemon.kind_health import KindHealth
 from agent.daemon.outbox import Outbox
+from agent.daemon.pausing import PauseTracker, Plan, gpu_pauses
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from agent.engine.runner import WorkerPool
@@ -34,6 +36,7 @@ from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
+from agent.volunteer.gpu_use import GpuSource, busy_gpus, detect_gpu_source
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
@@ -68,15 +71,23 @@ class Daemon:
         self.pool = WorkerPool(self.settings.slots)
         self.kind_health = KindHealth()
         self.capabilities = capabilities.basic(settings.capabilities)
+        # GPU use by other programs (None: no NVML / rocm-smi here, GPU work never pauses for it)
+        self.gpu_source: GpuSource | None = None
+        self.gpu_paused: dict[str, str] = {}     # device -> why GPU work there stands aside
+        self.pausing = PauseTracker()
+        self.plan = Plan()
+        self._handing_back: set[str] = set()
+        self.devices = Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus,
+                               lambda: self.prefs.current.exclude_gpus, lambda: self.gpu_paused)
         self.executor = Executor(
             identity=self.identity, work=home.work, pool=self.pool,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
-            devices=Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus),
+            devices=self.devices,
             threads=(settings.threads or self.prefs.current.cpu_threads
                      or max(1, (os.cpu_count() or 1) // max(1, self.settings.slots))),
             gpu_memory_fraction=lambda: self.prefs.current.max_gpu_memory_fraction,
             capabilities=lambda: self.capabilities, max_memory_gb=lambda: self.prefs.current.max_memory_gb)
-        self._advertised_memory_gb = self.prefs.current.max_memory_gb
+        self._advertised = self._advertised_prefs()
         self.stopping = False
         self.paused_reason: str | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -126,6 +137,8 @@ class Daemon:
     # -- life cycle -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
+        if self.capabilities.get("gpus"):
+            self.gpu_source = await asyncio.to_thread(detect_gpu_source)
         await self.pool.warm()
         control = ControlServer(default_socket_path(), self)
         try:
@@ -172,6 +185,8 @@ class Daemon:
         caps = dict(self.capabilities)
         caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
         caps["slots"] = self.settings.slots   # the board leases it at most this many tasks at once
+        # only the GPUs the volunteer lends, and never their UUIDs (a stable hardware fingerprint)
+        caps["gpus"] = [{k: v for k, v in g.items() if k != "uuid"} for g in self.devices.advertised()]
         ceiling = self.prefs.current.max_memory_gb
         if ceiling is not None:   # the board sends no task whose memory cap is larger
             caps["max_memory_gb"] = ceiling
@@ -207,16 +222,72 @@ class Daemon:
     # -- the volunteer's rules -----------------------------------------------------------------
     async def _volunteer_loop(self, tick_s: float = 1.0) -> None:
         """Apply the owner's preferences: pause (and SIGSTOP running work) when a rule says so."""
+        last = time.monotonic()
         while True:
-            self.prefs.reload_if_changed()
-            if self.prefs.current.max_memory_gb != self._advertised_memory_gb:   # tell the boards
-                self._advertised_memory_gb = self.prefs.current.max_memory_gb
-                self._readvertise()
-            if self.tasks_running:
-                self.rules.record_compute(tick_s)
-            paused, reason = self.rules.evaluate()
-            await self._set_paused(reason if paused else None)
+            now = time.monotonic()
+            await self.volunteer_tick(now - last)
+            last = now
             await asyncio.sleep(tick_s)
+
+    def _advertised_prefs(self) -> tuple[Any, ...]:
+        prefs = self.prefs.current
+        return prefs.max_memory_gb, prefs.gpus, prefs.exclude_gpus
+
+    async def volunteer_tick(self, elapsed_s: float) -> None:
+        """One look at the rules: count the compute of the last ``elapsed_s`` (only if a task ran, not
+        stood still), decide what pauses, stop and continue workers, hand back tasks of a long pause."""
+        self.prefs.reload_if_changed()
+        if self._advertised_prefs() != self._advertised:   # tell the boards what we lend now
+            self._advertised = self._advertised_prefs()
+            self._readvertise()
+        if self.plan.running:
+            self.rules.record_compute(elapsed_s)
+        paused, reason = self.rules.evaluate()
+        self.gpu_paused = await self._gpu_pauses()
+        prefs = self.prefs.current
+        tasks = {tid: r.device for link in self.links for tid, r in link.running.items() if not r.lost}
+        self.plan = self.pausing.plan(tasks, all_work=reason if paused else None, expected_s=self.rules.expected_s,
+                                      gpu=self.gpu_paused, handback_s=prefs.handback_minutes * 60)
+        await self._set_paused(reason if paused else None)
+        self._apply_plan()
+
+    async def _gpu_pauses(self) -> dict[str, str]:
+        if not self.devices.lent():
+            return {}
+        owner = self.rules.evaluate_gpu()
+        readings = []
+        if self.gpu_source is not None and not owner.paused:
+            own = {os.getpid(), *(w.proc.pid for w in self.pool.workers if w.proc is not None)}
+            readings = await asyncio.to_thread(self.gpu_source.read, own)
+        busy = busy_gpus(readings, self.prefs.current)
+        return gpu_pauses(self.devices.advertised(), readings, busy, owner.reason if owner.paused else None)
+
+    def _apply_plan(self) -> None:
+        """Stop the workers of stopped tasks, continue the others; start handing back the long-paused."""
+        for link in self.links:
+            for tid, running in link.running.items():
+                worker = running.worker
+                if worker is None:
+                    continue
+                if tid in self.plan.stopped:
+                    worker.suspend()
+                elif self.paused_reason is None:
+                    worker.resume()
+        for tid, why in self.plan.hand_back.items():
+            holder = next((k for k in self.links if tid in k.running), None)
+            if holder is None or tid in self._handing_back:
+                continue
+            self._handing_back.add(tid)
+            log.info("handing task %s back to %s: %s (a long pause)", tid, holder.address.url, why)
+            task = asyncio.get_running_loop().create_task(self._hand_back(holder, tid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _hand_back(self, link: BoardLink, task_id: str) -> None:
+        try:
+            await link.hand_back(task_id)
+        finally:
+            self._handing_back.discard(task_id)
 
     async def _set_paused(self, reason: str | None) -> None:
         if reason == self.paused_reason:
@@ -227,8 +298,16 @@ class Daemon:
             self.pool.suspend_all()
         elif reason is None:
             log.info("resuming work")
-            self.pool.resume_all()
+            self._resume_workers()
             await self.slots.wake()
+
+    def _resume_workers(self) -> None:
+        """Continue every worker but those a GPU pause still holds."""
+        held = {id(r.worker) for link in self.links for tid, r in link.running.items()
+                if tid in self.plan.stopped and r.device in self.gpu_paused}
+        for worker in self.pool.workers:
+            if id(worker) not in held:
+                worker.resume()
 
     # -- control socket (`panal agent pause|resume|status`) -------------------------------------
     def pause(self, for_s: float | None, reason: str) -> None:
@@ -242,7 +321,7 @@ class Daemon:
         self.rules.resume()
         if not self.rules.evaluate().paused:
             self.paused_reason = None
-            self.pool.resume_all()
+            self._resume_workers()
             asyncio.get_running_loop().create_task(self.slots.wake())
 
     def status(self) -> dict[str, Any]:
