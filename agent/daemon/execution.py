@@ -106,7 +106,8 @@ class Executor:
     def resume_point(assignment: Assignment) -> SignedRecord | None:
         """The checkpoint record to resume from, if the assignment names one that verifies: signed,
         for this task, written by this attempt (a lease given back uses none) or an earlier one, of the
-        blob handed over. Anything else is ignored (the task starts afresh): a checkpoint nobody vouches for is not worth the risk."""
+        blob handed over. Anything else is ignored (the task starts afresh): a checkpoint nobody vouches
+        for is not worth the risk."""
         if not assignment.checkpoint:
             return None
         if assignment.checkpoint_record is None:
