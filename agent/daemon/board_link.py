@@ -168,11 +168,8 @@ class BoardLink:
         await self.release(assignment)
 
     async def hand_back_running(self) -> None:
-        """Stop every running task and hand it back (a drain ran out of time)."""
-        for running in list(self.running.values()):
-            running.lost = True
-            running.cancel.set()
-            await self.release(running.assignment)
+        """Stop every running task and hand it back with its latest checkpoint (a drain ran out of time)."""
+        await asyncio.gather(*(self.hand_back(task_id) for task_id in list(self.running)))
 
     async def hand_back(self, task_id: str) -> None:
         """Give a running task back with its latest checkpoint, so another agent continues it (a long

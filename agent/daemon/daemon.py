@@ -335,6 +335,7 @@ class Daemon:
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
             "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.slots.free,
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
+            "gpu_paused": dict(self.gpu_paused),   # device -> why GPU work there stands aside (CPU work goes on)
             "disabled_kinds": self.kind_health.disabled(),
             "tasks": [{"id": tid, "kind": r.assignment.kind, "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],
