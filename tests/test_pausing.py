@@ -4,9 +4,10 @@ counting no compute while paused (a real board, a real warm worker)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from agent.daemon import Daemon, DaemonSettings
 from agent.daemon.devices import Devices
+from agent.daemon.pausing import PauseTracker
 from agent.host.home import AgentHome
 from agent.volunteer.exclusive_apps import running_exclusive
+from agent.volunteer.gpu_use import GpuReading
 from agent.volunteer.pause_rules import PauseRules
 from agent.volunteer.preferences import PreferenceError, Preferences, load_preferences, set_preference
 from jobs.manifest import Manifest
@@ -244,3 +247,54 @@ async def test_a_short_pause_keeps_the_lease_and_a_time_window_hands_the_task_ba
     await wait_for_async(lambda: not busy.status()["tasks"], "the task to be handed back and stopped here")
     assert await _lessee(hub) is None                  # back in the queue, for another agent
     assert busy.rules.compute_today_s == 0.0
+
+
+async def test_workers_run_at_the_lowest_cpu_priority(busy: Daemon) -> None:
+    """CPU work may go on beside the owner (``idle_only`` is off by default) because it takes only
+    the cycles nobody else wants."""
+    await busy.volunteer_tick(0.0)
+    pids = [w.proc.pid for w in busy.pool.workers if w.proc is not None]
+    assert pids and all(os.getpriority(os.PRIO_PROCESS, pid) == 19 for pid in pids)
+
+
+class InjectedGpuSource:
+    """Stands in for NVML (no GPU here): fixed readings; remembers which pids the agent called its own."""
+
+    def __init__(self) -> None:
+        self.readings: list[GpuReading] = []
+        self.own: set[int] = set()
+
+    def read(self, own_pids: Collection[int]) -> list[GpuReading]:
+        self.own = set(own_pids)
+        return list(self.readings)
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_program_busy_on_one_gpu_pauses_gpu_work_there_and_a_long_one_withdraws_that_gpu(
+        daemon: Daemon) -> None:
+    daemon.capabilities = {**daemon.capabilities, "gpus": GPUS}
+    set_preference(daemon.prefs.path, "gpu_while_in_use", "true")   # this machine's own load must not pause the GPU
+    daemon.prefs.reload_if_changed()
+    source, clock = InjectedGpuSource(), Ticks()
+    daemon.gpu_source, daemon.gpu_tracker = source, PauseTracker(clock)
+    # NVML numbers the GPUs the other way round from torch: its GPU 0 is torch's cuda:1 (by UUID).
+    source.readings = [GpuReading(0, UUID1, 8 * 2**30, 0, 90.0, ("game",)), GpuReading(1, UUID0, 8 * 2**30, 0, 0.0)]
+    await daemon.volunteer_tick(0.0)
+    assert list(daemon.gpu_paused) == ["cuda:1"] and "game" in daemon.gpu_paused["cuda:1"]
+    assert daemon.status()["gpu_paused"] == daemon.gpu_paused and not daemon.status()["paused"]   # CPU work goes on
+    assert os.getpid() in source.own
+    assert daemon.devices.take(Requirements()) == "cuda:0"
+    assert [g.index for g in daemon.registration().capabilities.gpus] == [0, 1]   # a short pause: still lent
+    clock.now = 600.0
+    await daemon.volunteer_tick(1.0)
+    assert [g.index for g in daemon.registration().capabilities.gpus] == [0]      # a game session: withdrawn
+    source.readings = [GpuReading(0, UUID1, 8 * 2**30, 0, 3.0), GpuReading(1, UUID0, 8 * 2**30, 0, 0.0)]
+    await daemon.volunteer_tick(1.0)
+    assert daemon.gpu_paused == {} and [g.index for g in daemon.registration().capabilities.gpus] == [0, 1]

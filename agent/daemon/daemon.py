@@ -50,6 +50,8 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
 
+#: workers' CPU priority: the lowest, so CPU work beside the owner takes only cycles nobody else wants
+WORKER_NICE = 19
 KIND_PROBE_S = 5.0   # how often a kind disabled by its breaker is checked for the end of its cool-down
 
 
@@ -77,6 +79,9 @@ class Daemon:
         self.pausing = PauseTracker()
         self.plan = Plan()
         self._handing_back: set[str] = set()
+        self.gpu_tracker = PauseTracker()        # since when each GPU stands aside...
+        self.gpu_withdrawn: set[str] = set()     # ...and those paused so long that boards are not told of them
+        self._niced: set[int] = set()
         self.devices = Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus,
                                lambda: self.prefs.current.exclude_gpus, lambda: self.gpu_paused)
         self.executor = Executor(
@@ -186,7 +191,8 @@ class Daemon:
         caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
         caps["slots"] = self.settings.slots   # the board leases it at most this many tasks at once
         # only the GPUs the volunteer lends, and never their UUIDs (a stable hardware fingerprint)
-        caps["gpus"] = [{k: v for k, v in g.items() if k != "uuid"} for g in self.devices.advertised()]
+        caps["gpus"] = [{k: v for k, v in g.items() if k != "uuid"} for g in self.devices.advertised()
+                        if g.get("device") not in self.gpu_withdrawn]
         ceiling = self.prefs.current.max_memory_gb
         if ceiling is not None:   # the board sends no task whose memory cap is larger
             caps["max_memory_gb"] = ceiling
@@ -245,6 +251,13 @@ class Daemon:
         paused, reason = self.rules.evaluate()
         self.gpu_paused = await self._gpu_pauses()
         prefs = self.prefs.current
+        # A GPU paused past the hand-back threshold (a game session) is not advertised until it is free,
+        # or its boards would send its GPU work straight back to an agent that cannot run it.
+        withdrawn = set(self.gpu_tracker.plan({d: d for d in self.devices.lent()}, all_work=None, expected_s=0.0,
+                                              gpu=self.gpu_paused, handback_s=prefs.handback_minutes * 60).hand_back)
+        if withdrawn != self.gpu_withdrawn:
+            self.gpu_withdrawn = withdrawn
+            self._readvertise()
         tasks = {tid: r.device for link in self.links for tid, r in link.running.items() if not r.lost}
         self.plan = self.pausing.plan(tasks, all_work=reason if paused else None, expected_s=self.rules.expected_s,
                                       gpu=self.gpu_paused, handback_s=prefs.handback_minutes * 60)
@@ -262,8 +275,19 @@ class Daemon:
         busy = busy_gpus(readings, self.prefs.current)
         return gpu_pauses(self.devices.advertised(), readings, busy, owner.reason if owner.paused else None)
 
+    def _lower_priority(self) -> None:
+        """Every worker (its whole process group) at :data:`WORKER_NICE`, once per worker process."""
+        live = {w.proc.pid for w in self.pool.workers if w.proc is not None and w.proc.returncode is None}
+        for pid in live - self._niced:
+            try:
+                os.setpriority(os.PRIO_PGRP, pid, WORKER_NICE)   # a worker leads its own session and group
+            except OSError as exc:
+                log.debug("cannot lower the priority of worker %d: %s", pid, exc)
+        self._niced = live
+
     def _apply_plan(self) -> None:
         """Stop the workers of stopped tasks, continue the others; start handing back the long-paused."""
+        self._lower_priority()
         for link in self.links:
             for tid, running in link.running.items():
                 worker = running.worker

@@ -136,7 +136,7 @@ class Preferences:
     # Half, not 0.9: a stopped task keeps its GPU memory, so the owner's game must fit beside it.
     max_gpu_memory_fraction: float = 0.5      # of each lent GPU's memory
     # BOINC's "use GPU while computer is in use", off: a GPU has no priorities, so a task beside a game
-    # takes its frames; CPU work runs niced and may go on (``idle_only`` stops that too).
+    # takes its frames; CPU work runs at nice 19 and may go on (``idle_only`` stops that too).
     gpu_while_in_use: bool = False
     gpu_pause_percent: float = 20.0           # another program's GPU use above this pauses GPU work there
     gpu_pause_memory_fraction: float = 0.25   # another program's share of a GPU's memory above this, too
