@@ -97,6 +97,19 @@ def test_an_exclusive_app_pauses_all_work_while_it_runs(game: subprocess.Popen[b
     assert rules.evaluate() == (False, "") and rules.expected_s == 0.0
 
 
+def test_a_program_with_a_name_longer_than_the_kernel_keeps_is_matched_by_its_command(tmp_path: Path) -> None:
+    binary = tmp_path / "pnl-game-with-a-long-name"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", binary)
+    proc = subprocess.Popen([str(binary), "60"])
+    try:
+        wait_for(lambda: Path(f"/proc/{proc.pid}/comm").read_text().strip() == "pnl-game-with-a", "it to start")
+        assert running_exclusive(["pnl-game-with-a-long-name"]) == "pnl-game-with-a-long-name"
+        assert running_exclusive(["pnl-game-with-a-different-name"]) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_exclusive_apps_never_match_the_agents_own_pids(game: subprocess.Popen[bytes]) -> None:
     assert running_exclusive(["pnl-game"], exclude={game.pid}) is None
     assert running_exclusive([]) is None
