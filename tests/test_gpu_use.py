@@ -8,13 +8,21 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from agent.daemon.pausing import PauseTracker, gpu_pauses
-from agent.volunteer.gpu_use import GpuReading, NvmlSource, busy_gpus, normalize_uuid, parse_rocm_smi
+from agent.volunteer.gpu_use import (
+    GpuReading,
+    NvmlSource,
+    RocmSmiSource,
+    busy_gpus,
+    normalize_uuid,
+    parse_rocm_smi,
+)
 from agent.volunteer.preferences import Preferences
 
 GIB = 2**30
@@ -207,3 +215,18 @@ def test_a_short_pause_keeps_tasks_and_a_long_one_hands_them_back_at_once() -> N
     clock.now += 600
     assert fresh.plan(tasks, all_work="owner active", expected_s=None, gpu={}, handback_s=600).hand_back == {
         "t": "owner active"}
+
+
+def test_rocm_smi_runs_as_a_program_and_at_most_every_few_seconds(tmp_path: Path) -> None:
+    """An executable standing in for rocm-smi (there is no AMD GPU here) prints what rocm-smi prints."""
+    runs = tmp_path / "runs"
+    tool = tmp_path / "rocm-smi"
+    tool.write_text(f"#!/bin/sh\necho x >> {runs}\n"
+                    "echo '{\"card0\": {\"GPU use (%)\": \"91\", \"VRAM Total Memory (B)\": \"1000\","
+                    " \"VRAM Total Used Memory (B)\": \"10\"}}'\n")
+    tool.chmod(0o755)
+    source = RocmSmiSource(str(tool))
+    [r] = source.read(set())
+    assert (r.other_percent, r.other_memory, r.memory_total) == (91.0, 10, 1000)
+    assert busy_gpus([r], Preferences()).keys() == {0}
+    assert source.read(set()) == [r] and runs.read_text().count("x") == 1   # the cached reading

@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ __all__ = ["GpuReading", "GpuSource", "NvmlSource", "RocmSmiSource", "busy_gpus"
 log = logging.getLogger(__name__)
 
 ROCM_SMI_TIMEOUT_S = 3.0
+#: rocm-smi is a Python program (a few hundred ms of CPU a run): read at most this often, not every tick
+ROCM_SMI_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class RocmSmiSource:
 
     def __init__(self, rocm_smi: str) -> None:
         self._argv = [rocm_smi, "--showuse", "--showmeminfo", "vram", "--showuniqueid", "--showpids", "--json"]
+        self._last: tuple[float, list[GpuReading]] | None = None
 
     @classmethod
     def open(cls) -> RocmSmiSource | None:
@@ -173,6 +177,13 @@ class RocmSmiSource:
         return cls(path) if path else None
 
     def read(self, own_pids: Collection[int]) -> list[GpuReading]:
+        if self._last is not None and time.monotonic() - self._last[0] < ROCM_SMI_EVERY_S:
+            return self._last[1]
+        readings = self._run(own_pids)
+        self._last = (time.monotonic(), readings)
+        return readings
+
+    def _run(self, own_pids: Collection[int]) -> list[GpuReading]:
         try:
             done = subprocess.run(self._argv, capture_output=True, text=True, timeout=ROCM_SMI_TIMEOUT_S, check=False)
             data = json.loads(done.stdout)
