@@ -23,6 +23,7 @@ from agent.client.submitting import make_envelope, submit
 from agent.daemon import Daemon, DaemonSettings
 from agent.daemon.devices import Devices
 from agent.daemon.pausing import PauseTracker
+from agent.engine.runner import Worker
 from agent.host.home import AgentHome
 from agent.volunteer.exclusive_apps import running_exclusive
 from agent.volunteer.gpu_use import GpuReading
@@ -311,3 +312,31 @@ async def test_a_program_busy_on_one_gpu_pauses_gpu_work_there_and_a_long_one_wi
     source.readings = [GpuReading(0, UUID1, 8 * 2**30, 0, 3.0), GpuReading(1, UUID0, 8 * 2**30, 0, 0.0)]
     await daemon.volunteer_tick(1.0)
     assert daemon.gpu_paused == {} and [g.index for g in daemon.registration().capabilities.gpus] == [0, 1]
+
+
+async def test_a_manual_pause_for_the_evening_hands_the_task_back_at_once(busy: Daemon, hub: InProcessHub) -> None:
+    busy.pause(2 * 3600, "out for the evening")         # longer than handback_minutes (10)
+    await busy.volunteer_tick(1.0)
+    assert busy.plan.hand_back
+    await wait_for_async(lambda: not busy.status()["tasks"], "the task to be handed back and stopped here")
+    assert await _lessee(hub) is None
+
+
+async def test_a_worker_killed_while_stopped_is_stopped_again_by_the_next_pause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hand-back kills the stopped worker; the next worker process must not inherit "already stopped"."""
+    import psutil
+
+    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")
+    worker = Worker()
+    await worker.start()
+    try:
+        worker.suspend()
+        await worker.kill()
+        await worker.start()
+        worker.suspend()
+        assert worker.proc is not None
+        await wait_for_async(lambda: psutil.Process(worker.proc.pid).status() == psutil.STATUS_STOPPED,  # type: ignore[union-attr]
+                             "the new worker to be stopped")
+    finally:
+        await worker.kill()
