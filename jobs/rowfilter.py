@@ -223,7 +223,7 @@ def parse_sort(text: str) -> list[SortKey]:
     for part in text.split(","):
         part = part.strip()
         descending = part.startswith("-")
-        name = part.lstrip("+-").strip()
+        name = part[1:].strip() if part.startswith(("-", "+")) else part
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", name):
             raise FilterError(f"sort: expected a name such as -val_acc or loss (comma-separated), got {part!r}")
         keys.append(SortKey(name, descending))
