@@ -228,7 +228,7 @@ def columns(rows: list[dict[str, Any]], sweep: Sweep, selection: Selection | Non
     wanted += [sweep.report.metric] if sweep.report else []
     have = {h for h, _ in out} | {n for _, n in out}
     for name in dict.fromkeys(wanted):
-        if name not in have and name not in _FIXED:
+        if name not in have and name not in _FIXED and not any(n.endswith("." + name) for n in have):
             out.append((name, name))
     return out
 
