@@ -11,8 +11,10 @@ import pytest
 from conftest import InProcessHub
 
 from agent.client.board import BoardClient
-from agent.client.submitting import make_envelope, submit
+from agent.client.submitting import make_envelope, submit, verify_results
+from agent.client.sweep import check_params, sweep_of, sweep_rows
 from jobs.manifest import Manifest, ManifestError
+from security.errors import BadRequest
 from security.identity import Identity
 from security.records import SignedRecord
 
@@ -155,3 +157,48 @@ def test_bad_report_specs_are_refused_with_the_field(report: Any, message: str) 
         Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "x"},
                             "spec": {"task": "sleep", "report": report}})
     assert message in err.value.message
+
+
+async def test_the_board_refuses_a_result_signed_with_other_params_than_its_task(hub: InProcessHub,
+                                                                                user: Identity) -> None:
+    """An agent that claims its value came from other params (or another unit) is refused: it never
+    becomes the best, and the task runs again."""
+    liar, sub = await agent(hub, "liar"), await submitter(hub, user)
+    job = await submit(sub, make_envelope(user, sweep(2, {"metric": "val_acc", "mode": "max"})))
+    for change in ({"params": {"seconds": 9.0}}, {"idx": 7}):
+        task = await lease(liar)
+        with pytest.raises(BadRequest) as err:
+            await answer(liar, {**task, **change}, {"val_acc": 0.99})
+        assert err.value.code == "wrong_params" and "names other params or another unit" in err.value.message
+        await liar.call("POST", f"/v1/tasks/{task['task_id']}/release", {"lease_id": task["lease_id"]})
+    assert await best_of(sub, job["id"]) is None
+    for c in (liar, sub):
+        await c.close()
+
+
+async def test_results_take_params_from_the_signed_manifest_and_catch_a_board_misplacing_them(
+        hub: InProcessHub, user: Identity) -> None:
+    """`panal results` rows: params from the submitter's own manifest; `--verify` flags a result the board
+    files under another unit than its agent signed; a failed task shows its error class."""
+    worker, sub = await agent(hub, "honest"), await submitter(hub, user)
+    job = await submit(sub, make_envelope(user, sweep(3, {"metric": "val_acc", "mode": "max"}, retries=0)))
+    await answer(worker, await lease(worker), {"val_acc": 0.5})
+    await answer(worker, await lease(worker), {"val_acc": 0.99})
+    await answer(worker, await lease(worker), {}, status="failed")
+    reply = dict(await sub.call("GET", f"/v1/jobs/{job['id']}/results"))
+    tasks = (await sub.call("GET", f"/v1/jobs/{job['id']}/tasks"))["tasks"]
+    view = sweep_of(reply)
+    checks = check_params(verify_results(reply), reply, view)
+    assert all(c.ok for c in checks)
+    rows = sweep_rows(reply, checks, tasks, view)
+    assert [(r["unit"], r["state"], r["params"], r["verified"]) for r in rows] == [
+        (0, "done", {"seconds": 0.001}, True), (1, "done", {"seconds": 0.002}, True),
+        (2, "failed", {"seconds": 0.003}, None)]
+    assert rows[1]["values"] == {"val_acc": 0.99}
+    assert rows[2]["error_class"] == "crashed" and rows[2]["values"] == {} and rows[2]["error"] == "boom"
+
+    lying = {**reply, "results": [{**r, "unit": 2 if r["unit"] == 1 else r["unit"]} for r in reply["results"]]}
+    [_, moved] = check_params(verify_results(lying), lying, view)   # a board filing unit 1's value under unit 2
+    assert not moved.ok and "the agent signed unit 1, the board says unit 2" in moved.problem
+    for c in (worker, sub):
+        await c.close()

@@ -4,15 +4,22 @@ TLS, a swept job with ``spec.report``, then `panal job` (best task) and `panal r
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Procs, panal, start_hub_proc
 from helpers import AGENT_START_S, scaled, wait_for
 from test_e2e import polling, start_agent
+
+from agent.client.board import BoardClient
+from security.identity import Identity
+from security.records import SignedRecord
+from security.tls import BoardAddress
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(scaled(300))]
 
@@ -37,6 +44,15 @@ spec:
 """
 
 
+def signed_payloads(url: str, user_home: Path, job_id: str) -> list[dict[str, Any]]:
+    """The agents' signed result payloads as the board stores them (signatures checked here)."""
+    async def go() -> list[dict[str, Any]]:
+        async with BoardClient(BoardAddress.parse(url), Identity.load(user_home / "user.key")) as client:
+            reply = await client.call("GET", f"/v1/jobs/{job_id}/results")
+            return [SignedRecord.from_wire(r["record"]).verify() for r in reply["results"]]
+    return asyncio.run(go())
+
+
 def data_lines(text: str) -> list[list[str]]:
     """The table's rows (header first), split into cells."""
     return [line.split() for line in text.strip().splitlines()]
@@ -53,6 +69,11 @@ def test_sweep_results_read_as_a_table_csv_and_json_with_the_best_task(tmp_path:
                              timeout=200, **ENV).stdout)
     assert job["state"] == "succeeded"
     assert job["best"]["unit"] == 1 and job["best"]["value"] == 0.3 and job["best"]["params"] == {"seconds": 0.3}
+
+    # the agent signed what it ran (unit and params) with what came of it
+    signed = {p["unit"]: (p["params"], p["values"]) for p in signed_payloads(url, user, job["id"])}
+    assert signed == {0: ({"seconds": 0.05}, {"slept": 0.05}), 1: ({"seconds": 0.3}, {"slept": 0.3}),
+                      2: ({"seconds": 0.1}, {"slept": 0.1})}
 
     shown = panal("job", job["id"], "--hub", url, home=user, **ENV).stdout
     assert "best: task 1 (slept=0.3, max of the accepted results)  seconds=0.3" in shown

@@ -58,7 +58,7 @@ def sweep_of(reply: dict[str, Any]) -> Sweep:
 
 
 def _shard_keys(manifest: Manifest) -> list[str]:
-    return ["shard_index"] if any(r.shard_count for r in manifest.inputs.values()) else []
+    return ["row_start", "row_end"] if any(r.shard_count for r in manifest.inputs.values()) else []
 
 
 def check_params(checks: Sequence[ResultCheck], reply: dict[str, Any], sweep: Sweep) -> list[ResultCheck]:
