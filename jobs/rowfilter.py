@@ -236,10 +236,10 @@ def sort_rows(rows: Sequence[Row], keys: Sequence[SortKey]) -> list[Row]:
     check_names([k.name for k in keys], rows, "--sort")
     out = list(rows)
     for key in reversed(keys):   # stable sorts, least significant key first
-        present = [r for r in out if _sortable(lookup(r, key.name)) is not None]
-        missing = [r for r in out if _sortable(lookup(r, key.name)) is None]
-        present.sort(key=lambda r: _sortable(lookup(r, key.name)) or (0, 0.0, ""), reverse=key.descending)
-        out = present + missing
+        keyed = [(_sortable(lookup(r, key.name)), r) for r in out]
+        present = [(k, r) for k, r in keyed if k is not None]
+        present.sort(key=lambda kr: kr[0] or (0, 0.0, ""), reverse=key.descending)
+        out = [r for _, r in present] + [r for k, r in keyed if k is None]
     return out
 
 

@@ -401,8 +401,8 @@ async def test_agent_table_pages_through_a_large_fleet(hub: InProcessHub, browse
     assert page.js_errors == []  # type: ignore[attr-defined]
 
 
-async def test_a_jobs_best_task_shows_in_its_row_and_detail_without_its_params(hub: InProcessHub,
-                                                                              browser: Browser) -> None:
+async def test_a_jobs_best_task_shows_in_its_row_and_detail_without_its_params(hub: InProcessHub, browser: Browser,
+                                                                              tmp_path: Path) -> None:
     """spec.report: the board ranks accepted results; the page shows the best task's index, metric and value
     (live, in the job's row and its task table) and never the params that produced it."""
     a0, id0 = await agent(hub, "gpu-box", GPU_CAPS)
@@ -423,6 +423,7 @@ async def test_a_jobs_best_task_shows_in_its_row_and_detail_without_its_params(h
     await expect(detail.locator("tbody tr[data-best]")).to_have_attribute("data-idx", "1")
     html = await page.content()
     assert str(SECRET_PARAM) not in html and "params" not in html
+    await page.screenshot(path=str(artifacts(tmp_path) / "status-best-task.png"), full_page=True)
     assert page.js_errors == []  # type: ignore[attr-defined]
     await a0.close()
     await sub.close()
