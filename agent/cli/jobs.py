@@ -34,7 +34,8 @@ from agent.client.submitting import (
 )
 from agent.client.validation import check_validation, unit_rows
 from jobs.checkpoints import resumed_from
-from jobs.manifest import load_manifests
+from jobs.manifest import ManifestError, load_manifests
+from jobs.precheck import check_local_inputs
 
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",
                           help="Board join URL (default: PANAL_HUB, `panal config set hub`, `panal up`).")
@@ -71,7 +72,11 @@ def _progress_line(job: dict[str, Any]) -> str:
 def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wait: bool, timeout_s: float,
                as_json: bool) -> None:
     """Validate, sign and submit manifests (several documents in a file make several jobs)."""
-    manifests = [m for path in files for m in load_manifests(path)]
+    pairs = [(path, m) for path in files for m in load_manifests(path)]
+    refused = [(None, f"{path}: {m.name}: {field}", why) for path, m in pairs for field, why in check_local_inputs(m)]
+    if refused:   # what an agent would refuse is refused here, before anything is uploaded
+        raise ManifestError(refused)
+    manifests = [m for _, m in pairs]
     identity = home().user_identity()
     prepared = [prepare_inputs(m) for m in manifests]
     address = home().default_board(hub_url)
