@@ -22,10 +22,12 @@ from agent.cli.common import (
     with_client,
 )
 from agent.client.board import BoardClient
+from agent.client.merge import merge_outputs
 from agent.client.submitting import (
     ResultCheck,
     fetch_outputs,
     make_envelope,
+    output_file_name,
     prepare_inputs,
     submit,
     upload_inputs,
@@ -196,10 +198,14 @@ def cancel_cmd(job_id: str, hub_url: str | None, insecure: bool) -> None:
 @click.option("--verify", is_flag=True, help="Check every result's signature and digest; exit 2 on a bad one.")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Write results.json (and outputs) into this directory.")
+@click.option("--merge", is_flag=True, help="With -o: join a row-sharded job's outputs into one file per output "
+                                            "(rows in input order); refused unless every shard is validated.")
 @click.option("--json", "as_json", is_flag=True)
 def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, out_dir: Path | None,
-                as_json: bool) -> None:
+                merge: bool, as_json: bool) -> None:
     """Show a job's results (values and metrics), optionally verifying the signature chain."""
+    if merge and out_dir is None:
+        raise click.UsageError("--merge writes the merged files into the -o DIR folder: give -o DIR")
     async def go(client: BoardClient) -> tuple[dict[str, Any], list[ResultCheck], dict[str, list[str]]]:
         reply = dict(await client.call("GET", f"/v1/jobs/{job_id}/results"))
         checks = verify_results(reply)
@@ -215,7 +221,7 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
          "state": r.get("state"),
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
          "environment": c.payload.get("environment"), "resumed_from": resumed_from(c.payload),
-         "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
+         "outputs": {name: {**o, "path": f"{c.task_id}/{output_file_name(name, o)}"}
                      for name, o in (c.payload.get("outputs") or {}).items()}}
         for c, r in zip(checks, reply["results"], strict=True)]
     units = unit_rows(reply, checks)
@@ -224,6 +230,10 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(index, indent=2, default=str))
+    if merge and out_dir is not None:
+        index["merged"] = {k: str(p) for k, p in merge_outputs(reply, checks, units, out_dir, validation_problems).items()}
+        if not as_json:
+            click.echo("merged: " + ", ".join(index["merged"].values()), err=True)
     if as_json:
         print_json(index)
     else:
