@@ -34,7 +34,8 @@ def test_merged_outputs_equal_the_model_on_the_whole_input_and_agents_log_no_pt2
     manifest = tmp_path / "job.yaml"
     manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: merged}\n"
                         "spec:\n  task: inference\n  params: {arch: export, input_key: x, batch_size: 64}\n"
-                        "  inputs:\n    model: model.pt2\n    data: {path: rows.safetensors, shard: {by: rows, count: 3}}\n")
+                        "  inputs:\n    model: model.pt2\n"
+                        "    data: {path: rows.safetensors, shard: {by: rows, count: 3}}\n")
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--wait", "--json", home=user, timeout=300).stdout)
     assert job["state"] == "succeeded" and job["n_tasks"] == 3
     out = tmp_path / "out"

@@ -315,7 +315,7 @@ def test_every_kind_estimates_its_cost() -> None:
 
 def test_input_declarations() -> None:
     assert get_kind("inference").inputs == {"model": True, "data": True}
-    assert get_kind("mlp_train").inputs == {"data": False}
+    assert get_kind("mlp_train").inputs == {"data": False, "val_data": False}
     assert get_kind("matmul").inputs == {}
 
 

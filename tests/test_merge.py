@@ -85,7 +85,7 @@ def test_merge_concatenates_every_tensor_in_input_order_byte_for_byte(tmp_path: 
 
 def test_a_missing_shard_is_refused_naming_it_and_its_rows(tmp_path: Path) -> None:
     reply, out = signed_job(tmp_path, skip=(1,))
-    with pytest.raises(MergeError, match=r"1 of 3 shard\(s\).*\n  shard 1 \(rows 4\.\.7, task j\w+\.1\): no result yet"):
+    with pytest.raises(MergeError, match=r"1 of 3 shard\(s\).*\n  shard 1 \(rows 4\.\.7, task j\w+\.1\): no result"):
         merge(reply, out)
     assert not (out / "outputs.safetensors").exists()
 

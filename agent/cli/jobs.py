@@ -75,7 +75,8 @@ def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wai
                as_json: bool) -> None:
     """Validate, sign and submit manifests (several documents in a file make several jobs)."""
     pairs = [(path, m) for path in files for m in load_manifests(path)]
-    refused = [(None, f"{path}: {m.name}: {field}", why) for path, m in pairs for field, why in check_local_inputs(m)]
+    refused: list[tuple[tuple[str, int, int] | None, str, str]] = [
+        (None, f"{path}: {m.name}: {field}", why) for path, m in pairs for field, why in check_local_inputs(m)]
     if refused:   # what an agent would refuse is refused here, before anything is uploaded
         raise ManifestError(refused)
     manifests = [m for _, m in pairs]
@@ -231,7 +232,8 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(index, indent=2, default=str))
     if merge and out_dir is not None:
-        index["merged"] = {k: str(p) for k, p in merge_outputs(reply, checks, units, out_dir, validation_problems).items()}
+        merged = merge_outputs(reply, checks, units, out_dir, validation_problems)   # refuses unless all shards are in
+        index["merged"] = {name: str(path) for name, path in merged.items()}
         if not as_json:
             click.echo("merged: " + ", ".join(index["merged"].values()), err=True)
     if as_json:
