@@ -139,3 +139,16 @@ async def test_an_agent_refusal_names_the_input_not_its_digest(tmp_path: Path, m
     error = outcome.error or ""
     assert "input 'model' (spec.inputs.model) refused" in error and "torch.export.save" in error, error
     assert cached["model"].name not in error
+
+
+def test_validate_checks_a_training_set_against_the_model_sizes_before_upload(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(20, 5), "y": torch.zeros(20, dtype=torch.int64)}, str(tmp_path / "train.safetensors"))
+    save_file({"x": torch.zeros(4, 6), "y": torch.zeros(4)}, str(tmp_path / "val.safetensors"))
+    path = tmp_path / "train.yaml"
+    path.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: train}\n"
+                    "spec:\n  task: mlp_train\n  params: {input_size: 6, output_size: 2}\n"
+                    "  inputs: {data: train.safetensors, val_data: val.safetensors}\n")
+    out = panal("validate", str(path), home=tmp_path / "home", check=False)
+    assert out.returncode == 1
+    assert "spec.inputs.data: train.safetensors: dataset x has 5 columns but input_size is 6" in out.stderr
+    assert "spec.inputs.val_data: val.safetensors: validation dataset y must be 1-D integer labels" in out.stderr
