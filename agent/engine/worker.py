@@ -26,6 +26,8 @@ from typing import IO, Any
 from agent.engine.frames import pack_frame, read_frame_sync
 from jobs.catalog import get_kind
 from jobs.errors import FailureClass, InvalidParams, PermanentError, RetryableError
+from jobs.precheck import explain_refusal
+from jobs.safeload import UnsafeInput
 from security.errors import BadRequest
 
 _PROGRESS_INTERVAL_S = 0.2
@@ -143,6 +145,8 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
         return _failure(FailureClass.INVALID_PARAMS, exc.message, started)
     except BadRequest as exc:  # e.g. a kind this agent's catalog does not have
         return _failure(FailureClass.UNSUPPORTED, exc.message, started)
+    except UnsafeInput as exc:   # named as the manifest names the input: its file here is named by digest
+        return _failure(exc.failure, _refusal(exc, ctx.inputs), started)
     except (RetryableError, PermanentError) as exc:
         return _failure(exc.failure, str(exc), started)
     except Exception as exc:
@@ -154,6 +158,14 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
     return {"ok": True, "values": output.values, "metrics": {**output.metrics, "wall_s": finished - started},
             "notes": output.notes, "files": {k: str(v) for k, v in output.files.items()},
             "started_at": started, "finished_at": finished}
+
+
+def _refusal(exc: UnsafeInput, inputs: Mapping[str, Path]) -> str:
+    """An unsafe input's refusal, naming the input (``model``, not the blob digest) and how to fix it."""
+    for name, path in inputs.items():
+        if str(path) == exc.path:
+            return explain_refusal(name, exc, path)
+    return str(exc)
 
 
 def _failure(failure: FailureClass, message: str, started: float) -> dict[str, Any]:
