@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agent.client.merge import MergeError, merge_outputs
-from agent.client.submitting import job_id_of, make_envelope, output_file_name, verify_results
+from agent.client.submitting import job_id_of, make_envelope, output_file_name, task_dir_name, verify_results
 from agent.client.validation import unit_rows
 from jobs.manifest import Manifest
 from security.identity import Identity
@@ -119,3 +119,23 @@ def test_output_files_keep_their_extension_and_never_become_a_path() -> None:
     assert output_file_name("outputs", {"name": "evil/../../x"}) == "outputs"
     hostile = output_file_name("../../.bashrc", {"name": "a.sh"})
     assert "/" not in hostile and hostile.startswith("output-") and hostile.endswith(".sh")
+
+
+def test_a_task_id_that_is_not_plain_never_becomes_a_folder_path() -> None:
+    assert task_dir_name("j0123456789abcdef0123.7") == "j0123456789abcdef0123.7"
+    hostile = task_dir_name("../../home/user/.config")
+    assert "/" not in hostile and hostile.startswith("task-")
+    assert task_dir_name("..").startswith("task-")
+
+
+def test_a_signed_result_under_a_task_id_outside_its_job_fails_verification(tmp_path: Path) -> None:
+    reply, _ = signed_job(tmp_path)
+    agent = Identity.generate()
+    job_id = reply["job"]["id"]
+    payload = {"task_id": "../../etc", "job_id": job_id, "agent_id": agent.id, "status": "ok", "values": {}}
+    record = SignedRecord.sign(agent, payload)
+    reply["results"].append({"task_id": "../../etc", "agent": agent.id, "record": record.to_wire(),
+                             "digest": hashlib.sha256(record.payload).hexdigest(), "unit": 9, "state": "done"})
+    checks = {c.task_id: c for c in verify_results(reply)}
+    assert not checks["../../etc"].ok and "is not one of job" in checks["../../etc"].problem
+    assert all(c.ok for tid, c in checks.items() if tid != "../../etc")

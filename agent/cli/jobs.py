@@ -30,6 +30,7 @@ from agent.client.submitting import (
     output_file_name,
     prepare_inputs,
     submit,
+    task_dir_name,
     upload_inputs,
     verify_results,
     wait_job,
@@ -222,7 +223,7 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
          "state": r.get("state"),
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
          "environment": c.payload.get("environment"), "resumed_from": resumed_from(c.payload),
-         "outputs": {name: {**o, "path": f"{c.task_id}/{output_file_name(name, o)}"}
+         "outputs": {name: {**o, "path": f"{task_dir_name(c.task_id)}/{output_file_name(name, o)}"}
                      for name, o in (c.payload.get("outputs") or {}).items()}}
         for c, r in zip(checks, reply["results"], strict=True)]
     units = unit_rows(reply, checks)

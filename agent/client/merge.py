@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.client.submitting import ResultCheck, output_file_name
+from agent.client.submitting import ResultCheck, output_file_name, task_dir_name
 from jobs.manifest import Manifest
 from jobs.safeload import UnsafeInput, check_safetensors, read_metadata
 from security.errors import BadRequest
@@ -116,7 +116,7 @@ def _shard(unit: int, start: int, end: int, row: dict[str, Any] | None, checks: 
                       f"not the manifest's {start}..{end}")
     files = {}
     for name, meta in (chosen.payload.get("outputs") or {}).items():
-        path = out_dir / chosen.task_id / output_file_name(str(name), meta)
+        path = out_dir / task_dir_name(chosen.task_id) / output_file_name(str(name), meta)
         if not path.is_file():
             return None, f"output {name} was not downloaded to {path}"
         files[str(name)] = path

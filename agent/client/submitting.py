@@ -30,6 +30,7 @@ __all__ = ["ResultCheck", "job_id_of", "make_envelope", "output_file_name", "pre
 TERMINAL = ("succeeded", "failed", "cancelled")
 _EXTENSION = re.compile(r"^\.[A-Za-z0-9]{1,16}$")
 _OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{1,9}$")   # "<job id>.<index>" (hub/intake.py)
 
 
 def make_envelope(identity: Identity, manifest: Manifest) -> dict[str, Any]:
@@ -114,7 +115,7 @@ async def fetch_outputs(client: BoardClient, checks: list[ResultCheck], out_dir:
     for check in checks:
         for name, meta in (check.payload.get("outputs") or {}).items():
             sha = str(meta.get("sha256", ""))
-            dest = out_dir / check.task_id / output_file_name(name, meta)
+            dest = out_dir / task_dir_name(check.task_id) / output_file_name(name, meta)
             if not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 headers = sign_request(client.identity, "GET", f"/v1/blobs/{sha}", "", b"")
@@ -124,6 +125,12 @@ async def fetch_outputs(client: BoardClient, checks: list[ResultCheck], out_dir:
                 problems.setdefault(check.task_id, []).append(
                     f"output {name} ({dest}) does not match the digest the agent signed")
     return problems
+
+
+def task_dir_name(task_id: str) -> str:
+    """The local folder of a task's outputs: its id when it is a plain task id, else a hash of it, so a
+    board (with an agent signing along) that names a task ``../../x`` never chooses a path."""
+    return task_id if _TASK_ID.match(task_id) else "task-" + hashlib.sha256(task_id.encode()).hexdigest()[:16]
 
 
 def output_file_name(name: str, meta: dict[str, Any]) -> str:
@@ -167,6 +174,8 @@ def verify_results(reply: dict[str, Any]) -> list[ResultCheck]:
                 problems.append("digest differs from the one the board accepted")
             if payload.get("task_id") != task_id or payload.get("job_id") != job_id:
                 problems.append("the signed result is for another task")
+            if not str(task_id).startswith(f"{job_id}.") or not _TASK_ID.match(str(task_id)):
+                problems.append(f"task id {task_id!r} is not one of job {job_id}'s")
             if (resumed := checkpoint_problem(payload)) is not None:   # the checkpoint chain (provenance)
                 problems.append(resumed)
             problems.extend(f"output name {name!r} is not a plain name" for name in payload.get("outputs") or {}
