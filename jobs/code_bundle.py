@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 
 from security.errors import BadRequest
 
-__all__ = ["DEFAULT_FUNCTION", "ENTRY_FILE", "MAX_BUNDLE_BYTES", "MAX_FILES", "CodeProblem", "check_tree",
-           "default_entry", "pack", "parse_entry", "unpack"]
+__all__ = ["DEFAULT_FUNCTION", "ENTRY_FILE", "ENTRY_PATTERN", "MAX_BUNDLE_BYTES", "MAX_FILES", "CodeProblem",
+           "check_tree", "default_entry", "pack", "parse_entry", "unpack"]
 
 #: the member holding ``{"entry": "module:function"}``; a file of that name in the user's tree is left out
 ENTRY_FILE = "panal-bundle.json"
@@ -37,7 +37,7 @@ SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_
                           ".ruff_cache", ".ipynb_checkpoints"})
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_ENTRY = re.compile(rf"^({_IDENT}(?:\.{_IDENT})*):({_IDENT})$")
+ENTRY_PATTERN = re.compile(rf"^({_IDENT}(?:\.{_IDENT})*):({_IDENT})$")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class CodeProblem:
 
 def parse_entry(entry: str) -> tuple[str, str]:
     """``"pkg.module:function"`` -> ``("pkg.module", "function")``; BadRequest on anything else."""
-    m = _ENTRY.match(entry) if isinstance(entry, str) else None
+    m = ENTRY_PATTERN.match(entry) if isinstance(entry, str) else None
     if m is None:
         raise BadRequest(f"entry point must look like module:function (e.g. train:run), got {entry!r}",
                          code="invalid_params")
