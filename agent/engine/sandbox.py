@@ -35,6 +35,8 @@ __all__ = ["MAX_PROCESSES", "SandboxStatus", "bwrap_argv", "pids_cgroup", "probe
 
 #: processes (threads count too) the code may have at once; a fork bomb stops here
 MAX_PROCESSES = 256
+#: each of the private /tmp and /dev/shm (memory the RSS watch does not see until mapped)
+TMPFS_BYTES = 1 << 30
 #: set inside the sandbox: the worker applies ``RLIMIT_NPROC`` itself and classifies refusals
 SANDBOX_ENV = "PANAL_SANDBOXED"
 NPROC_ENV = "PANAL_SANDBOX_NPROC"
@@ -94,7 +96,8 @@ def bwrap_argv(root: Path, *, gpu: bool, exclude: Iterable[Path] = (), bwrap: st
     """The bubblewrap command line (up to the program) for a sandbox whose private directory is
     ``root``: ``root`` is writable inside at the same path, ``root/inputs`` read-only."""
     argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--clearenv", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+            "--clearenv", "--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
+            "--size", str(TMPFS_BYTES), "--tmpfs", "/dev/shm"]
     for d in _SYSTEM_DIRS:
         if os.path.islink(d):
             argv += ["--symlink", os.readlink(d), d]
@@ -119,7 +122,7 @@ def bwrap_argv(root: Path, *, gpu: bool, exclude: Iterable[Path] = (), bwrap: st
                 SANDBOX_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"})
     for key, value in sorted(env.items()):
         argv += ["--setenv", key, value]
-    argv += ["--chdir", str(root / "work")]
+    argv += ["--remount-ro", "/", "--chdir", str(root / "work")]   # the sandbox's own root: no scratch there
     return argv
 
 

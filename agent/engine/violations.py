@@ -5,7 +5,8 @@ Inside the sandbox the host's files are simply not there (``ENOENT``), the syste
 ``fork`` fails with ``EAGAIN`` at the process limit. Code that hits one of these tried to leave its
 sandbox, and the submitter should read that, not a bare traceback: ``sandbox_violation: read of
 /root/.local/share/panal/agent.key refused: not visible in the sandbox``. A missing file *inside*
-the work dir or inputs is the code's own bug and stays an ordinary ``error``.
+the work dir or inputs is the code's own bug and stays an ordinary ``error`` (a missing file in its private ``/tmp`` counts as a
+violation: the host's ``/tmp`` is one of the places it may not see).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _inside(path: Path, ctx: Any) -> bool:
-    roots = [Path(ctx.workdir), Path("/tmp"), *(Path(p).parent for p in ctx.inputs.values())]
+    roots = [Path(ctx.workdir), *(Path(p).parent for p in ctx.inputs.values())]
     try:
         resolved = path if path.is_absolute() else Path(ctx.workdir) / path
     except (TypeError, ValueError):
