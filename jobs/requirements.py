@@ -11,12 +11,38 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ANY_SUBMITTER", "MAX_CODE_KEYS", "Capabilities", "Gpu", "Requirements", "explain", "unmet"]
+__all__ = ["ANY_SUBMITTER", "MAX_CODE_KEYS", "Capabilities", "Gpu", "Requirements", "explain",
+           "torch_range_problem", "unmet"]
 
 #: ``code_from`` entry meaning "any submitter this board authorises"
 ANY_SUBMITTER = "*"
 #: at most this many submitter keys in one report's ``code_from``
 MAX_CODE_KEYS = 256
+
+
+def torch_range_problem(text: Any) -> str | None:
+    """Why ``text`` is not a version range like ``>=2.1,<3`` (None when it is one)."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        SpecifierSet(str(text))
+    except InvalidSpecifier:
+        return f"expected a version range like \">=2.1,<3\", got {text!r}"
+    return None
+
+
+def _torch_fits(wanted: str, caps: Capabilities) -> bool:
+    """Whether the agent's torch (``packages.torch`` of its report, else ``torch``) is in ``wanted``;
+    pre-releases and local builds (``2.4.0a0+git``, ``2.3.1+cu121``) count as their version."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    packages = caps.raw.get("packages")
+    have = (packages.get("torch") if isinstance(packages, Mapping) else None) or caps.raw.get("torch")
+    try:
+        return bool(have) and SpecifierSet(wanted).contains(Version(str(have)), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return False
 
 
 def _cc(text: str | None) -> tuple[int, int]:
@@ -95,6 +121,8 @@ class Requirements:
     min_memory_gb: float = 0.0
     min_gflops: float = 0.0
     labels: tuple[tuple[str, str], ...] = ()
+    #: a version range of torch the agent must have (``>=2.1,<3``), for code of the ``python`` kind
+    torch: str | None = None
     #: the task's memory cap (set by the board from ``resources.max_memory_gb`` or the default): an agent
     #: whose volunteer allows less (``max_memory_gb`` in its report) is not sent it
     task_memory_gb: float = 0.0
@@ -114,6 +142,7 @@ class Requirements:
             labels=tuple(sorted((d.get("labels") or {}).items())),
             task_memory_gb=float(d.get("task_memory_gb", 0.0)),
             code_from=d.get("code_from") or None,
+            torch=str(d["torch"]) if d.get("torch") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +158,8 @@ class Requirements:
             out["labels"] = dict(self.labels)
         if self.code_from:
             out["code_from"] = self.code_from
+        if self.torch:
+            out["torch"] = self.torch
         return out
 
     def gpu_fits(self, gpu: Gpu) -> bool:
@@ -158,6 +189,8 @@ def unmet(req: Requirements, kind: str, caps: Capabilities) -> list[str]:
         failed.append("labels")
     if req.code_from and not caps.accepts_code(req.code_from):
         failed.append("code")
+    if req.torch and not _torch_fits(req.torch, caps):
+        failed.append("torch")
     if req.device == "gpu" or req.min_vram_gb or req.min_compute_capability or (
             req.backends and "cpu" not in req.backends):
         if req.device == "cpu":
@@ -209,6 +242,7 @@ def _describe(clause: str, req: Requirements, kind: str) -> str:
         "min_memory_gb": f"min_memory_gb {req.min_memory_gb:g}",
         "max_memory_gb": f"volunteers allowing {req.task_memory_gb:g} GB per task (its memory cap)",
         "labels": "labels " + ", ".join(f"{k}={v}" for k, v in req.labels),
+        "torch": f"torch {req.torch}",
         "device": "a GPU",
         "backends": "backend " + " or ".join(req.backends),
         "min_vram_gb": f"min_vram_gb {req.min_vram_gb:g}",

@@ -76,7 +76,8 @@ async def test_reading_the_agent_key_or_any_host_file_is_a_sandbox_violation(
         assert_violation(outcome, f"access of {path} refused", "not visible in the sandbox")
 
 
-async def test_its_inputs_and_work_dir_are_readable_and_the_outputs_come_back(pool: SandboxPool, tmp_path: Path) -> None:
+async def test_its_inputs_and_work_dir_are_readable_and_the_outputs_come_back(pool: SandboxPool,
+                                                                              tmp_path: Path) -> None:
     data = tmp_path / "data.bin"
     data.write_text("input-bytes")
     outcome = await run_code(pool, tmp_path, """

@@ -5,8 +5,8 @@ Inside the sandbox the host's files are simply not there (``ENOENT``), the syste
 ``fork`` fails with ``EAGAIN`` at the process limit. Code that hits one of these tried to leave its
 sandbox, and the submitter should read that, not a bare traceback: ``sandbox_violation: read of
 /root/.local/share/panal/agent.key refused: not visible in the sandbox``. A missing file *inside*
-the work dir or inputs is the code's own bug and stays an ordinary ``error`` (a missing file in its private ``/tmp`` counts as a
-violation: the host's ``/tmp`` is one of the places it may not see).
+the work dir or inputs is the code's own bug and stays an ordinary ``error`` (a missing file in its
+private ``/tmp`` counts as a violation: the host's ``/tmp`` is one of the places it may not see).
 """
 
 from __future__ import annotations
