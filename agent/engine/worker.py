@@ -148,7 +148,10 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
         return _failure(FailureClass.INVALID_PARAMS, exc.message, started)
     except BadRequest as exc:  # e.g. a kind this agent's catalog does not have
         return _failure(FailureClass.UNSUPPORTED, exc.message, started)
-    except (RetryableError, PermanentError) as exc:
+    except (RetryableError, PermanentError) as exc:   # the python kind wraps the code's own exception
+        violation = sandbox_violation(exc, ctx) if os.environ.get(SANDBOX_ENV) == "1" else None
+        if violation is not None:
+            return _failure(FailureClass.SANDBOX_VIOLATION, violation, started)
         return _failure(exc.failure, str(exc), started)
     except Exception as exc:
         violation = sandbox_violation(exc, ctx) if os.environ.get(SANDBOX_ENV) == "1" else None
