@@ -13,13 +13,14 @@ from jobs.kinds.matmul import Matmul
 from jobs.kinds.mlp_train import MlpTrain
 from jobs.kinds.python_code import PythonCode
 from jobs.kinds.sleep import Sleep
+from jobs.kinds.untrusted import Untrusted
 from jobs.kinds.vector_add import VectorAdd
 from security.errors import BadRequest
 
 __all__ = ["all_kinds", "get_kind"]
 
 _KINDS: dict[str, Kind] = {k.name: k for k in (Matmul(), Sleep(), VectorAdd(), Conv2d(), MlpTrain(),
-                                                 Inference(), Benchmark(), Chaos(), PythonCode())}
+                                                 Inference(), Benchmark(), Chaos(), PythonCode(), Untrusted())}
 
 
 def _enabled(kind: Kind) -> bool:

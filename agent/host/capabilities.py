@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from agent.engine.sandbox import probe as probe_sandbox
 from jobs.catalog import all_kinds
 from security.errors import BadRequest
 
@@ -54,9 +55,25 @@ def base_report() -> dict[str, Any]:
         "cpu": {"cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
                 "threads": os.cpu_count() or 1, "model": cpu_model(), "gflops_fp32": 0.0},
         "torch": None, "cuda": None, "rocm": None,
-        "gpus": [], "gpu_errors": [], "kinds": sorted(all_kinds()), "labels": {},
-        "packages": package_versions(),
+        "gpus": [], "gpu_errors": [], "kinds": advertised_kinds(), "labels": {},
+        "sandbox": sandbox_report(), "packages": package_versions(),
     }
+
+
+def advertised_kinds() -> list[str]:
+    """The catalog's kinds this agent can run: a kind that runs submitter code (``Kind.sandboxed``)
+    only where the sandbox works (there is no unsandboxed fallback)."""
+    sandbox = probe_sandbox().available
+    return sorted(name for name, kind in all_kinds().items() if sandbox or not kind.sandboxed)
+
+
+def sandbox_report() -> dict[str, Any]:
+    """Whether submitter code can run here, and if not why and how to enable it (`panal agent info`)."""
+    status = probe_sandbox()
+    report: dict[str, Any] = {"available": status.available, "tool": status.tool}
+    if not status.available:
+        report.update(reason=status.reason, fix=status.fix)
+    return report
 
 
 def package_versions() -> dict[str, str | None]:
