@@ -140,3 +140,9 @@ def test_run_local_prints_params_and_values_per_task_and_json(tmp_path: Path) ->
     assert rows[0][:5] == ["TASK", "x", "y", "tag", "SECONDS"]
     assert rows[1][:4] == ["0", "1", "10", "ok"] and rows[2][:4] == ["1", "4", "2.5", "ok"]
     assert rows[3][:2] == ["2", "0"] and "invalid_params: ZeroDivisionError" in table.stdout
+    # a catalog kind runs the same way
+    sleep = tmp_path / "sleep.yaml"
+    sleep.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: s}\n"
+                     "spec: {task: sleep, sweep: {seconds: [0, 0.1]}}\n")
+    slept = json.loads(panal("run-local", str(sleep), "--json", home=tmp_path / "home", **env).stdout)
+    assert [t["values"] for t in slept["tasks"]] == [{"slept": 0.0}, {"slept": 0.1}]

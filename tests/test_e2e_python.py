@@ -1,5 +1,6 @@
-"""The python kind end to end: `panal submit` packs and uploads the code, a real agent runs it, the
-results equal `panal run-local`'s for the same params; a bundle altered on the board never runs."""
+"""The python kind end to end: `panal submit` packs and uploads the code, a real agent runs it in its
+sandbox, the results equal `panal run-local`'s (no sandbox) for the same params; a bundle altered on
+the board never runs."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 from conftest import Procs, panal, start_hub_proc
 from helpers import AGENT_START_S, scaled, wait_for
-from test_e2e import job_view, polling, start_agent
+from test_e2e import job_view, polling
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(scaled(300))]
 
 TRAIN = '''
+import os
+
 import torch
 
 
@@ -33,8 +36,16 @@ def run(params, ctx):
         ctx.progress(step / 40)
     ctx.output("model", model.state_dict())
     scale = float(ctx.inputs["scale"].read_text())
-    return {"loss": loss.item() * scale, "weights": model.weight.flatten().tolist()}
+    hidden = not os.path.exists(params["probe"]) if params.get("probe") else None
+    return {"loss": loss.item() * scale, "weights": model.weight.flatten().tolist(), "hidden": hidden}
 '''
+
+
+def start_code_agent(procs: Procs, tmp: Path, url: str, name: str) -> None:
+    """An agent that accepts code from this board's submitters (``--allow-code``): it runs the python
+    kind in its bubblewrap sandbox, one torch thread per task (as run-local below)."""
+    panal("agent", "join", url, "--name", name, "--allow-code", home=tmp / name)
+    procs.start("agent", "run", "--name", name, "--threads", "1", home=tmp / name)
 
 
 def write_job(tmp: Path, extra_params: str = "") -> Path:
@@ -52,8 +63,9 @@ def write_job(tmp: Path, extra_params: str = "") -> Path:
 def test_submitted_code_runs_on_an_agent_and_matches_run_local_exactly(tmp_path: Path, procs: Procs) -> None:
     user = tmp_path / "user"
     _, url = start_hub_proc(procs, tmp_path, user)
-    start_agent(procs, tmp_path, url, "a1")   # --threads 1, as run-local below
-    path = write_job(tmp_path)
+    start_code_agent(procs, tmp_path, url, "a1")
+    # the code also looks for the agent's key: there for run-local (no sandbox), hidden from it on the agent
+    path = write_job(tmp_path, f", probe: {str(tmp_path / 'a1' / 'agent.key')!r}")
     local = json.loads(panal("run-local", str(path), "--threads", "1", "--json", home=user, timeout=300).stdout)
     wait_for(lambda: polling(tmp_path / "a1"), "agent a1 to register and poll", timeout_s=AGENT_START_S,
              diagnose=procs.logs_text)
@@ -63,10 +75,11 @@ def test_submitted_code_runs_on_an_agent_and_matches_run_local_exactly(tmp_path:
     res = json.loads(panal("results", job["id"], "--hub", url, "--verify", "-o", str(tmp_path / "out"), "--json",
                            home=user).stdout)
     assert len(res["results"]) == 2 and all(r["verified"] for r in res["results"])
-    by_lr = {task["params"]["lr"]: task["values"] for task in local["tasks"]}
-    remote = {r["values"]["weights"][0]: r["values"] for r in res["results"]}
+    here = sorted((t["values"] for t in local["tasks"]), key=lambda v: v["loss"])
+    there = sorted((r["values"] for r in res["results"]), key=lambda v: v["loss"])
+    assert [v.pop("hidden") for v in here] == [False, False] and [v.pop("hidden") for v in there] == [True, True]
     # the same seed, params and thread count on a CPU: identical values, bit for bit
-    assert sorted(remote.values(), key=lambda v: v["loss"]) == sorted(by_lr.values(), key=lambda v: v["loss"])
+    assert there == here and here[0]["loss"] != here[1]["loss"]
     assert all(set(r["outputs"]) == {"model"} for r in res["results"])
 
 
@@ -80,7 +93,7 @@ def test_a_bundle_altered_on_the_board_is_refused_before_any_of_it_runs(tmp_path
     [blob] = [p for p in (tmp_path / "hub").rglob("*") if p.is_file() and len(p.name) == 64
               and b"fit.py" in p.read_bytes()]
     blob.write_bytes(blob.read_bytes().replace(b"torch.manual_seed", b"torch.manual_seeX"))
-    start_agent(procs, tmp_path, url, "a1")
+    start_code_agent(procs, tmp_path, url, "a1")
 
     def refused() -> list[dict[str, object]]:
         return [t for t in job_view(url, user, job["id"])["task_list"] if "hashes to" in str(t.get("error"))]
