@@ -133,6 +133,10 @@ class Kind(ABC):
     #: required one and no others (``checkpoint`` is supplied by the engine on resume, never listed).
     inputs: ClassVar[Mapping[str, bool]] = {}
     test_only: bool = False
+    #: runs submitter code: only in the OS sandbox (agent/engine/sandbox.py), never in a plain warm
+    #: worker; an agent without a working sandbox does not advertise it, and the board sends it only to
+    #: agents that accept code from the job's submitter
+    sandboxed: ClassVar[bool] = False
     #: how a board compares two results of one unit (jobs/compare.py); exact unless a kind says otherwise
     compare: ClassVar[CompareSpec] = CompareSpec("exact")
 
