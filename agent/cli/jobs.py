@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ from agent.client.submitting import (
     upload_inputs,
     wait_job,
 )
-from jobs.manifest import load_manifests
+from jobs.code_spec import bundle_manifest
+from jobs.manifest import ManifestError, load_manifests
+from jobs.precheck import check_local_inputs
 
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",
                           help="Board join URL (default: PANAL_HUB, `panal config set hub`, `panal up`).")
@@ -65,9 +69,13 @@ def _progress_line(job: dict[str, Any]) -> str:
 def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wait: bool, timeout_s: float,
                as_json: bool) -> None:
     """Validate, sign and submit manifests (several documents in a file make several jobs)."""
-    manifests = [m for path in files for m in load_manifests(path)]
+    pairs = [(path, m) for path in files for m in load_manifests(path)]   # code checked here: before uploads
+    refused: list[tuple[tuple[str, int, int] | None, str, str]] = [
+        (None, f"{path}: {m.name}: {field}", why) for path, m in pairs for field, why in check_local_inputs(m)]
+    if refused:   # what an agent would refuse is refused here, before anything is uploaded
+        raise ManifestError(refused)
+    manifests = [m for _, m in pairs]
     identity = home().user_identity()
-    prepared = [prepare_inputs(m) for m in manifests]
     address = home().default_board(hub_url)
 
     async def go(client: BoardClient) -> list[dict[str, Any]]:
@@ -97,7 +105,13 @@ def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wai
             return finals
         return jobs
 
-    views = run(with_client(address, go, insecure))
+    bundles = Path(tempfile.mkdtemp(prefix="panal-code-"))
+    try:
+        # spec.code -> a reproducible bundle, named as input ``code`` and uploaded like any input
+        prepared = [prepare_inputs(bundle_manifest(m, bundles)[0]) for m in manifests]
+        views = run(with_client(address, go, insecure))
+    finally:
+        shutil.rmtree(bundles, ignore_errors=True)
     if as_json:
         print_json(views)
     if wait:

@@ -27,7 +27,8 @@ from rich.table import Table
 from agent.cli.common import EXIT_FAILED, console, home, plain, print_json, run, with_client
 from agent.cli.jobs import hub_option, insecure_option
 from agent.client.board import BoardClient
-from agent.client.submitting import ResultCheck, fetch_outputs, verify_results
+from agent.client.merge import merge_outputs
+from agent.client.submitting import ResultCheck, fetch_outputs, output_file_name, task_dir_name, verify_results
 from agent.client.sweep import Sweep, check_params, sweep_of, sweep_rows
 from agent.client.validation import check_validation, unit_rows
 from jobs.checkpoints import resumed_from
@@ -85,7 +86,7 @@ def read(fetched: Fetched, selection: Selection) -> tuple[dict[str, Any], list[R
          "params": _params(sweep, r.get("unit"), c.payload),
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
          "environment": c.payload.get("environment"), "resumed_from": resumed_from(c.payload),
-         "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
+         "outputs": {name: {**o, "path": f"{task_dir_name(c.task_id)}/{output_file_name(name, o)}"}
                      for name, o in (c.payload.get("outputs") or {}).items()}}
         for c, r in zip(checks, reply["results"], strict=True)]
     rows = select(sweep_rows(reply, checks, fetched.tasks, sweep), selection, sweep)
@@ -116,6 +117,8 @@ def select(rows: list[dict[str, Any]], selection: Selection, sweep: Sweep) -> li
 @click.option("--verify", is_flag=True, help="Check every result's signature and digest; exit 2 on a bad one.")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Write results.json (and outputs) into this directory.")
+@click.option("--merge", is_flag=True, help="With -o: join a row-sharded job's outputs into one file per output "
+                                            "(rows in input order); refused unless every shard is validated.")
 @click.option("--json", "as_json", is_flag=True, help="Everything as JSON (the sweep's rows under `rows`).")
 @click.option("--table", "as_table", is_flag=True, help="One row per task: its params, state and values.")
 @click.option("--csv", "as_csv", is_flag=True, help="The table's rows as CSV (every param, value and metric).")
@@ -125,19 +128,26 @@ def select(rows: list[dict[str, Any]], selection: Selection, sweep: Sweep) -> li
               help="Keep rows that match, e.g. 'lr>=0.01 and state==\"done\"' (== != < <= > >=, and/or/not).")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="At most N rows (after sort and filter).")
 def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, out_dir: Path | None,
-                as_json: bool, as_table: bool, as_csv: bool, sort_text: str | None, filter_text: str | None,
-                limit: int | None) -> None:
+                merge: bool, as_json: bool, as_table: bool, as_csv: bool, sort_text: str | None,
+                filter_text: str | None, limit: int | None) -> None:
     """Show a job's results (params, values and metrics per task), optionally verifying the signature chain."""
     # expressions are checked before anything is fetched: a typo costs no round trip
     selection = Selection(parse_filter(filter_text) if filter_text is not None else None,
                           parse_sort(sort_text) if sort_text is not None else None, limit)
     if as_json + as_table + as_csv > 1:
         raise click.UsageError("choose one of --json, --table and --csv")
+    if merge and out_dir is None:
+        raise click.UsageError("--merge writes the merged files into the -o DIR folder: give -o DIR")
     fetched = run(with_client(home().default_board(hub_url), lambda c: fetch(c, job_id, out_dir), insecure))
     index, checks, validation_problems, sweep = read(fetched, selection)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(index, indent=2, default=str))
+    if merge and out_dir is not None:   # refused unless every shard is in, verified and validated
+        merged = merge_outputs(fetched.reply, checks, index["tasks"], out_dir, validation_problems)
+        index["merged"] = {name: str(path) for name, path in merged.items()}
+        if not as_json:
+            click.echo("merged: " + ", ".join(index["merged"].values()), err=True)
     if as_json:
         print_json(index)
     elif as_csv:
