@@ -423,6 +423,11 @@ async def test_a_jobs_best_task_shows_in_its_row_and_detail_without_its_params(h
     await expect(detail.locator("tbody tr[data-best]")).to_have_attribute("data-idx", "1")
     html = await page.content()
     assert str(SECRET_PARAM) not in html and "params" not in html
+    for url in (f"v1/jobs/{job['id']}/public", "v1/status"):   # the public JSON the page reads
+        text = await page.evaluate("(url) => fetch(url, {headers: {Accept: 'application/json'}}).then(r => r.text())",
+                                   url)
+        assert '"best":{"unit":1,"metric":"val_acc","mode":"max","value":0.875}' in text.replace(" ", "")
+        assert "params" not in text and str(SECRET_PARAM) not in text
     await page.screenshot(path=str(artifacts(tmp_path) / "status-best-task.png"), full_page=True)
     assert page.js_errors == []  # type: ignore[attr-defined]
     await a0.close()
