@@ -25,18 +25,20 @@ from agent.client.breaker import Breaker
 from agent.daemon.board_link import BoardLink
 from agent.daemon.devices import Devices
 from agent.daemon.execution import Executor
-from agent.daemon.hooks import HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
+from agent.daemon.hooks import CodeConsent, HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
 from agent.daemon.kind_health import KindHealth
 from agent.daemon.outbox import Outbox
 from agent.daemon.pausing import PauseTracker, Plan, gpu_pauses
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from agent.engine.runner import WorkerPool
+from agent.engine.sandbox import probe as probe_sandbox
+from agent.engine.sandboxed import SandboxPool
 from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
-from agent.volunteer.gpu_use import GpuSource, busy_gpus, detect_gpu_source
+from agent.volunteer.gpu_use import GpuSource, busy_gpus, detect_gpu_source, own_descendants
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
@@ -71,6 +73,8 @@ class Daemon:
         self.settings.slots = settings.slots or self.prefs.current.max_concurrent_tasks
         self.slots = Slots(self.settings.slots, lambda: self.paused_reason is None)
         self.pool = WorkerPool(self.settings.slots)
+        # submitter code runs only here, one fresh sandbox per task (None: no working sandbox)
+        self.sandboxes = SandboxPool(home.work, exclude=[home.root]) if probe_sandbox().available else None
         self.kind_health = KindHealth()
         self.capabilities = capabilities.basic(settings.capabilities)
         # GPU use by other programs (None: no NVML / rocm-smi here, GPU work never pauses for it)
@@ -85,7 +89,7 @@ class Daemon:
         self.devices = Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus,
                                lambda: self.prefs.current.exclude_gpus, lambda: self.gpu_paused)
         self.executor = Executor(
-            identity=self.identity, work=home.work, pool=self.pool,
+            identity=self.identity, work=home.work, pool=self.pool, sandboxes=self.sandboxes,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
             devices=self.devices,
             threads=(settings.threads or self.prefs.current.cpu_threads
@@ -104,19 +108,25 @@ class Daemon:
 
     # -- boards come and go (LAN peers) ---------------------------------------------------------
     def add_board(self, address: BoardAddress, *, trusted: SubmitterCheck | None = None, retry_for_s: float = 10.0,
-                  on_health: HealthListener | None = None, hold_off: HoldOff | None = None) -> BoardLink:
+                  on_health: HealthListener | None = None, hold_off: HoldOff | None = None,
+                  code: CodeConsent | None = None) -> BoardLink:
         """Start pulling from a board (the link already pulling from its URL, if any).
 
         ``trusted`` (a submitter-id check) restricts whose work runs; ``on_health`` hears each call
-        to the board (answered or not); ``hold_off`` says how long to wait before each lease request.
+        to the board (answered or not); ``hold_off`` says how long to wait before each lease request;
+        ``code`` whose own code runs (default: the board's submitters if it was joined ``--allow-code``).
         """
         for link in self.links:
             if link.address.url == address.url:
                 return link
         client = BoardClient(address, self.identity, insecure=self.settings.insecure, retry_for_s=retry_for_s,
                              breaker=Breaker(name=address.url), on_health=on_health)
+        if code is None:
+            code = CodeConsent(any_submitter=address.url in self.home.code_boards())
         link = BoardLink(self, address, client, Outbox(self.home.outbox, address.url), trusted=trusted,
-                         hold_off=hold_off)
+                         hold_off=hold_off, code=code)
+        if self.sandboxes is not None and (code.any_submitter or code.keys()):
+            self.sandboxes.prewarm()   # code may come: have a sandbox started before it does
         self.links.append(link)
         link.start()
         return link
@@ -182,6 +192,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._loops, *(link.stop() for link in self.links), return_exceptions=True)
         await self.pool.close()
+        if self.sandboxes is not None:
+            await self.sandboxes.close()
         for link in self.links:
             await link.client.close()
 
@@ -213,6 +225,10 @@ class Daemon:
             await self.slots.release(1)
 
     # -- kind health ----------------------------------------------------------------------------
+    def readvertise(self) -> None:
+        """Tell every board again what this agent accepts (e.g. the owner trusted a key for code)."""
+        self._readvertise()
+
     def _readvertise(self) -> None:
         """Re-register everywhere so boards match against the kinds this agent accepts now."""
         for link in self.links:
@@ -270,14 +286,14 @@ class Daemon:
         owner = self.rules.evaluate_gpu()
         readings = []
         if self.gpu_source is not None and not owner.paused:
-            own = {os.getpid(), *(w.proc.pid for w in self.pool.workers if w.proc is not None)}
+            own = {os.getpid(), *own_descendants()}   # sandboxed workers too, under their outside pids
             readings = await asyncio.to_thread(self.gpu_source.read, own)
         busy = busy_gpus(readings, self.prefs.current)
         return gpu_pauses(self.devices.advertised(), readings, busy, owner.reason if owner.paused else None)
 
     def _lower_priority(self) -> None:
         """Every worker (its whole process group) at :data:`WORKER_NICE`, once per worker process."""
-        live = {w.proc.pid for w in self.pool.workers if w.proc is not None and w.proc.returncode is None}
+        live = {w.proc.pid for w in self._task_workers() if w.proc is not None and w.proc.returncode is None}
         for pid in live - self._niced:
             try:
                 os.setpriority(os.PRIO_PGRP, pid, WORKER_NICE)   # a worker leads its own session and group
@@ -320,16 +336,23 @@ class Daemon:
         if reason is not None and not was_paused:
             log.info("pausing: %s", reason)
             self.pool.suspend_all()
+            if self.sandboxes is not None:
+                self.sandboxes.suspend_all()
         elif reason is None:
             log.info("resuming work")
             self._resume_workers()
             await self.slots.wake()
 
+    def _task_workers(self) -> list[Any]:
+        """Every worker process this agent has: the warm pool's, and the sandboxes running tasks."""
+        running = [r.worker for link in self.links for r in link.running.values() if r.worker is not None]
+        return [*self.pool.workers, *(w for w in running if w not in self.pool.workers)]
+
     def _resume_workers(self) -> None:
         """Continue every worker but those a GPU pause still holds."""
         held = {id(r.worker) for link in self.links for tid, r in link.running.items()
                 if tid in self.plan.stopped and r.device in self.gpu_paused}
-        for worker in self.pool.workers:
+        for worker in self._task_workers():
             if id(worker) not in held:
                 worker.resume()
 
@@ -340,6 +363,8 @@ class Daemon:
         paused, why = self.rules.evaluate()
         self.paused_reason = why if paused else None
         self.pool.suspend_all()
+        if self.sandboxes is not None:
+            self.sandboxes.suspend_all()
 
     def resume(self) -> None:
         self.rules.resume()

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from agent.volunteer.preferences import Preferences
 
 __all__ = ["GpuReading", "GpuSource", "NvmlSource", "RocmSmiSource", "busy_gpus", "detect_gpu_source",
-           "normalize_uuid"]
+           "normalize_uuid", "own_descendants"]
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,14 @@ def parse_rocm_smi(data: dict[str, Any], own_pids: Collection[int]) -> list[GpuR
         readings.append(GpuReading(int(key[4:]), normalize_uuid(str(uuid)) if uuid else None, total,
                                    max(0, used - own_vram), percent))
     return readings
+
+
+def own_descendants() -> set[int]:
+    """Pids of every process this one started, at any depth (warm workers, sandboxes and what runs in them)."""
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
 
 
 def detect_gpu_source() -> GpuSource | None:
