@@ -241,7 +241,7 @@ async def test_paused_time_is_never_counted_as_compute(busy: Daemon) -> None:
     await busy.volunteer_tick(1.0)
     await busy.volunteer_tick(600.0)                   # ten paused minutes
     assert busy.rules.compute_today_s == 61.0          # the tick that saw it stop counts; the pause does not
-    assert busy.status()["tasks"] and busy.plan.stopped and not busy.plan.hand_back
+    assert busy.status()["tasks"] and busy.pause_control.plan.stopped and not busy.pause_control.plan.hand_back
     busy.resume()
     await busy.volunteer_tick(1.0)                     # the tick that sees it run again: stopped until then
     await busy.volunteer_tick(30.0)
@@ -253,7 +253,7 @@ async def test_a_short_pause_keeps_the_lease_and_a_time_window_hands_the_task_ba
     me = busy.identity.id
     busy.pause(120, "two minutes")
     await busy.volunteer_tick(1.0)
-    assert busy.plan.stopped and not busy.plan.hand_back and await _lessee(hub) == me
+    assert busy.pause_control.plan.stopped and not busy.pause_control.plan.hand_back and await _lessee(hub) == me
     busy.resume()
     set_preference(busy.prefs.path, "time_windows", _window_elsewhere())
     await busy.volunteer_tick(1.0)
@@ -297,12 +297,13 @@ async def test_a_program_busy_on_one_gpu_pauses_gpu_work_there_and_a_long_one_wi
     set_preference(daemon.prefs.path, "gpu_while_in_use", "true")   # this machine's own load must not pause the GPU
     daemon.prefs.reload_if_changed()
     source, clock = InjectedGpuSource(), Ticks()
-    daemon.gpu_source, daemon.gpu_tracker = source, PauseTracker(clock)
+    daemon.pause_control.gpu_source, daemon.pause_control.gpu_tracker = source, PauseTracker(clock)
     # NVML numbers the GPUs the other way round from torch: its GPU 0 is torch's cuda:1 (by UUID).
     source.readings = [GpuReading(0, UUID1, 8 * 2**30, 0, 90.0, ("game",)), GpuReading(1, UUID0, 8 * 2**30, 0, 0.0)]
     await daemon.volunteer_tick(0.0)
-    assert list(daemon.gpu_paused) == ["cuda:1"] and "game" in daemon.gpu_paused["cuda:1"]
-    assert daemon.status()["gpu_paused"] == daemon.gpu_paused and not daemon.status()["paused"]   # CPU work goes on
+    paused = daemon.pause_control.gpu_paused
+    assert list(paused) == ["cuda:1"] and "game" in paused["cuda:1"]
+    assert daemon.status()["gpu_paused"] == paused and not daemon.status()["paused"]   # CPU work goes on
     assert os.getpid() in source.own
     assert daemon.devices.take(Requirements()) == "cuda:0"
     assert [g.index for g in daemon.registration().capabilities.gpus] == [0, 1]   # a short pause: still lent
@@ -311,13 +312,14 @@ async def test_a_program_busy_on_one_gpu_pauses_gpu_work_there_and_a_long_one_wi
     assert [g.index for g in daemon.registration().capabilities.gpus] == [0]      # a game session: withdrawn
     source.readings = [GpuReading(0, UUID1, 8 * 2**30, 0, 3.0), GpuReading(1, UUID0, 8 * 2**30, 0, 0.0)]
     await daemon.volunteer_tick(1.0)
-    assert daemon.gpu_paused == {} and [g.index for g in daemon.registration().capabilities.gpus] == [0, 1]
+    assert daemon.pause_control.gpu_paused == {}
+    assert [g.index for g in daemon.registration().capabilities.gpus] == [0, 1]
 
 
 async def test_a_manual_pause_for_the_evening_hands_the_task_back_at_once(busy: Daemon, hub: InProcessHub) -> None:
     busy.pause(2 * 3600, "out for the evening")         # longer than handback_minutes (10)
     await busy.volunteer_tick(1.0)
-    assert busy.plan.hand_back
+    assert busy.pause_control.plan.hand_back
     await wait_for_async(lambda: not busy.status()["tasks"], "the task to be handed back and stopped here")
     assert await _lessee(hub) is None
 

@@ -28,7 +28,7 @@ from agent.daemon.execution import Executor
 from agent.daemon.hooks import CodeConsent, HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
 from agent.daemon.kind_health import KindHealth
 from agent.daemon.outbox import Outbox
-from agent.daemon.pausing import PauseTracker, Plan, gpu_pauses
+from agent.daemon.pause_control import PauseControl
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from agent.engine.runner import WorkerPool
@@ -38,7 +38,7 @@ from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
-from agent.volunteer.gpu_use import GpuSource, busy_gpus, detect_gpu_source, own_descendants
+from agent.volunteer.gpu_use import detect_gpu_source
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
@@ -52,8 +52,6 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
 
-#: workers' CPU priority: the lowest, so CPU work beside the owner takes only cycles nobody else wants
-WORKER_NICE = 19
 KIND_PROBE_S = 5.0   # how often a kind disabled by its breaker is checked for the end of its cool-down
 
 
@@ -77,17 +75,9 @@ class Daemon:
         self.sandboxes = SandboxPool(home.work, exclude=[home.root]) if probe_sandbox().available else None
         self.kind_health = KindHealth()
         self.capabilities = capabilities.basic(settings.capabilities)
-        # GPU use by other programs (None: no NVML / rocm-smi here, GPU work never pauses for it)
-        self.gpu_source: GpuSource | None = None
-        self.gpu_paused: dict[str, str] = {}     # device -> why GPU work there stands aside
-        self.pausing = PauseTracker()
-        self.plan = Plan()
-        self._handing_back: set[str] = set()
-        self.gpu_tracker = PauseTracker()        # since when each GPU stands aside...
-        self.gpu_withdrawn: set[str] = set()     # ...and those paused so long that boards are not told of them
-        self._niced: set[int] = set()
+        self.pause_control = PauseControl(self)   # the rules applied each tick: stop, continue, hand back
         self.devices = Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus,
-                               lambda: self.prefs.current.exclude_gpus, lambda: self.gpu_paused)
+                               lambda: self.prefs.current.exclude_gpus, lambda: self.pause_control.gpu_paused)
         self.executor = Executor(
             identity=self.identity, work=home.work, pool=self.pool, sandboxes=self.sandboxes,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
@@ -153,7 +143,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
         if self.capabilities.get("gpus"):
-            self.gpu_source = await asyncio.to_thread(detect_gpu_source)
+            self.pause_control.gpu_source = await asyncio.to_thread(detect_gpu_source)
         await self.pool.warm()
         control = ControlServer(default_socket_path(), self)
         try:
@@ -204,7 +194,7 @@ class Daemon:
         caps["slots"] = self.settings.slots   # the board leases it at most this many tasks at once
         # only the GPUs the volunteer lends, and never their UUIDs (a stable hardware fingerprint)
         caps["gpus"] = [{k: v for k, v in g.items() if k != "uuid"} for g in self.devices.advertised()
-                        if g.get("device") not in self.gpu_withdrawn]
+                        if g.get("device") not in self.pause_control.gpu_withdrawn]
         ceiling = self.prefs.current.max_memory_gb
         if ceiling is not None:   # the board sends no task whose memory cap is larger
             caps["max_memory_gb"] = ceiling
@@ -256,78 +246,20 @@ class Daemon:
         return prefs.max_memory_gb, prefs.gpus, prefs.exclude_gpus
 
     async def volunteer_tick(self, elapsed_s: float) -> None:
-        """One look at the rules: count the compute of the last ``elapsed_s`` (only if a task ran, not
-        stood still), decide what pauses, stop and continue workers, hand back tasks of a long pause."""
+        """One look at the rules (:mod:`agent.daemon.pause_control`): count the compute of the last
+        ``elapsed_s``, pause or resume, stop and continue workers, hand back the tasks of a long pause."""
         self.prefs.reload_if_changed()
         if self._advertised_prefs() != self._advertised:   # tell the boards what we lend now
             self._advertised = self._advertised_prefs()
             self._readvertise()
-        if self.plan.running:
-            self.rules.record_compute(elapsed_s)
-        paused, reason = self.rules.evaluate()
-        self.gpu_paused = await self._gpu_pauses()
-        prefs = self.prefs.current
-        # A GPU paused past the hand-back threshold (a game session) is not advertised until it is free,
-        # or its boards would send its GPU work straight back to an agent that cannot run it.
-        withdrawn = set(self.gpu_tracker.plan({d: d for d in self.devices.lent()}, all_work=None, expected_s=0.0,
-                                              gpu=self.gpu_paused, handback_s=prefs.handback_minutes * 60).hand_back)
-        if withdrawn != self.gpu_withdrawn:
-            self.gpu_withdrawn = withdrawn
-            self._readvertise()
-        tasks = {tid: r.device for link in self.links for tid, r in link.running.items() if not r.lost}
-        self.plan = self.pausing.plan(tasks, all_work=reason if paused else None, expected_s=self.rules.expected_s,
-                                      gpu=self.gpu_paused, handback_s=prefs.handback_minutes * 60)
-        await self._set_paused(reason if paused else None)
-        self._apply_plan()
+        reason = await self.pause_control.decide(elapsed_s)
+        await self._set_paused(reason)
+        self.pause_control.apply()
 
-    async def _gpu_pauses(self) -> dict[str, str]:
-        if not self.devices.lent():
-            return {}
-        owner = self.rules.evaluate_gpu()
-        readings = []
-        if self.gpu_source is not None and not owner.paused:
-            own = {os.getpid(), *own_descendants()}   # sandboxed workers too, under their outside pids
-            readings = await asyncio.to_thread(self.gpu_source.read, own)
-        busy = busy_gpus(readings, self.prefs.current)
-        return gpu_pauses(self.devices.advertised(), readings, busy, owner.reason if owner.paused else None)
-
-    def _lower_priority(self) -> None:
-        """Every worker (its whole process group) at :data:`WORKER_NICE`, once per worker process."""
-        live = {w.proc.pid for w in self._task_workers() if w.proc is not None and w.proc.returncode is None}
-        for pid in live - self._niced:
-            try:
-                os.setpriority(os.PRIO_PGRP, pid, WORKER_NICE)   # a worker leads its own session and group
-            except OSError as exc:
-                log.debug("cannot lower the priority of worker %d: %s", pid, exc)
-        self._niced = live
-
-    def _apply_plan(self) -> None:
-        """Stop the workers of stopped tasks, continue the others; start handing back the long-paused."""
-        self._lower_priority()
-        for link in self.links:
-            for tid, running in link.running.items():
-                worker = running.worker
-                if worker is None:
-                    continue
-                if tid in self.plan.stopped:
-                    worker.suspend()
-                elif self.paused_reason is None:
-                    worker.resume()
-        for tid, why in self.plan.hand_back.items():
-            holder = next((k for k in self.links if tid in k.running), None)
-            if holder is None or tid in self._handing_back:
-                continue
-            self._handing_back.add(tid)
-            log.info("handing task %s back to %s: %s (a long pause)", tid, holder.address.url, why)
-            task = asyncio.get_running_loop().create_task(self._hand_back(holder, tid))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _hand_back(self, link: BoardLink, task_id: str) -> None:
-        try:
-            await link.hand_back(task_id)
-        finally:
-            self._handing_back.discard(task_id)
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a background task of this daemon's work (a shutdown waits for it)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _set_paused(self, reason: str | None) -> None:
         if reason == self.paused_reason:
@@ -340,21 +272,8 @@ class Daemon:
                 self.sandboxes.suspend_all()
         elif reason is None:
             log.info("resuming work")
-            self._resume_workers()
+            self.pause_control.resume_workers()
             await self.slots.wake()
-
-    def _task_workers(self) -> list[Any]:
-        """Every worker process this agent has: the warm pool's, and the sandboxes running tasks."""
-        running = [r.worker for link in self.links for r in link.running.values() if r.worker is not None]
-        return [*self.pool.workers, *(w for w in running if w not in self.pool.workers)]
-
-    def _resume_workers(self) -> None:
-        """Continue every worker but those a GPU pause still holds."""
-        held = {id(r.worker) for link in self.links for tid, r in link.running.items()
-                if tid in self.plan.stopped and r.device in self.gpu_paused}
-        for worker in self._task_workers():
-            if id(worker) not in held:
-                worker.resume()
 
     # -- control socket (`panal agent pause|resume|status`) -------------------------------------
     def pause(self, for_s: float | None, reason: str) -> None:
@@ -370,7 +289,7 @@ class Daemon:
         self.rules.resume()
         if not self.rules.evaluate().paused:
             self.paused_reason = None
-            self._resume_workers()
+            self.pause_control.resume_workers()
             asyncio.get_running_loop().create_task(self.slots.wake())
 
     def status(self) -> dict[str, Any]:
@@ -384,7 +303,7 @@ class Daemon:
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
             "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.slots.free,
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
-            "gpu_paused": dict(self.gpu_paused),   # device -> why GPU work there stands aside (CPU work goes on)
+            "gpu_paused": dict(self.pause_control.gpu_paused),   # device -> why GPU work there waits
             "disabled_kinds": self.kind_health.disabled(),
             "tasks": [{"id": tid, "kind": r.assignment.kind, "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],
