@@ -12,6 +12,7 @@ and the real :class:`SystemLoad` (psutil, logind) is a thin adapter tested on it
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -233,13 +234,21 @@ class PauseRules:
 
 def _until_open(windows: tuple[TimeWindow, ...], now: datetime) -> float:
     """Seconds until one of ``windows`` opens (minute steps), inf when none does within two days."""
+    opens = _next_open(windows, now.replace(second=0, microsecond=0))
+    return float("inf") if opens is None else (opens - now).total_seconds()
+
+
+@functools.lru_cache(maxsize=8)
+def _next_open(windows: tuple[TimeWindow, ...], minute: datetime) -> datetime | None:
+    """The first whole minute after ``minute`` in one of ``windows``; cached: a paused agent asks every
+    second, and a search of two days of minutes costs milliseconds."""
     step = timedelta(minutes=1)
-    moment = now.replace(second=0, microsecond=0) + step
+    moment = minute + step
     for _ in range(int(WINDOW_LOOKAHEAD_S // 60)):
         if any(w.contains(moment) for w in windows):
-            return (moment - now).total_seconds()
+            return moment
         moment += step
-    return float("inf")
+    return None
 
 
 def _ago(seconds: float) -> str:
