@@ -117,17 +117,21 @@ def test_exclusive_apps_never_match_the_agents_own_pids(game: subprocess.Popen[b
 
 
 # -- separate CPU and GPU rules --------------------------------------------------------------------------
-def test_gpu_work_waits_while_the_owner_uses_the_machine_and_cpu_work_goes_on() -> None:
-    clock, load = FakeClock(), FakeLoad(cpu=60.0)
+def test_gpu_work_waits_while_the_owner_is_at_the_machine_and_cpu_work_goes_on() -> None:
+    clock, load = FakeClock(), FakeLoad(input_ago=20.0)
     rules = PauseRules(Preferences(), load, clock)
-    assert rules.evaluate() == (False, "")                       # CPU work runs (niced) beside the owner
+    assert rules.evaluate() == (False, "")                       # CPU work runs (at nice 19) beside the owner
     gpu = rules.evaluate_gpu()
-    assert gpu.paused and gpu.reason.startswith("GPU work waits: the owner is using the machine")
-    load.cpu = 0.0
-    clock.advance(minutes=5)
+    assert gpu.paused and gpu.reason.startswith("GPU work waits: the owner is at the machine (input 20 s ago")
+    load.input_ago = 5 * 60.0
     assert not rules.evaluate_gpu().paused                       # idle long enough: the GPU is lent again
-    allowed = PauseRules(Preferences(gpu_while_in_use=True), FakeLoad(cpu=90.0), clock)
+    allowed = PauseRules(Preferences(gpu_while_in_use=True), FakeLoad(input_ago=1.0), clock)
     assert not allowed.evaluate_gpu().paused
+
+
+def test_a_server_without_a_graphical_session_lends_its_gpu_at_once_whatever_its_cpu_load() -> None:
+    rules = PauseRules(Preferences(), FakeLoad(cpu=95.0, input_ago=None), FakeClock())
+    assert rules.evaluate_gpu() == (False, "")
 
 
 # -- how long a pause is expected to last -------------------------------------------------------------

@@ -206,13 +206,20 @@ class PauseRules:
         return RUNNING, 0.0
 
     def evaluate_gpu(self) -> PauseDecision:
-        """Whether GPU work must stand aside while all other work may run: the owner is using the
-        machine and the volunteer did not allow the GPU then (``gpu_while_in_use``)."""
+        """Whether GPU work must stand aside while all other work may run: the owner is at the machine
+        (keyboard or mouse within ``idle_minutes``) and did not lend the GPU then (``gpu_while_in_use``).
+
+        Input only, as BOINC's "in use": the owner's CPU load says nothing about the GPU (the GPU rules
+        of :mod:`agent.volunteer.gpu_use` see a game), and a server with no graphical session (no input
+        to tell) lends its GPUs at once instead of waiting out an idle period after every start."""
         prefs = self._prefs()
         if prefs.gpu_while_in_use or prefs.idle_only:   # idle_only already stops everything
             return RUNNING
-        decision = self._idle_decision(prefs, self._clock.now())
-        return PauseDecision(True, f"GPU work waits: {decision.reason}") if decision.paused else RUNNING
+        since_input = self._load.seconds_since_input()
+        if since_input is not None and since_input < prefs.idle_minutes * 60:
+            return PauseDecision(True, f"GPU work waits: the owner is at the machine (input {_ago(since_input)} "
+                                       f"ago; waiting for {prefs.idle_minutes:g} min idle)")
+        return RUNNING
 
     def _idle_decision(self, prefs: Preferences, now: datetime) -> PauseDecision:
         wait_s = prefs.idle_minutes * 60
