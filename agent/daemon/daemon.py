@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import platform
 from typing import Any
 
 from agent.client.blobcache import BlobCache
@@ -34,6 +33,7 @@ from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
+from agent.volunteer.naming import agent_name
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
@@ -59,6 +59,7 @@ class Daemon:
         self.home = home
         self.settings = settings
         self.identity: Identity = home.agent_identity()
+        self.name = agent_name(home.root, self.identity.id, settings.name)   # never the hostname
         self.boards = boards
         self.links: list[BoardLink] = []
         self.prefs = PreferencesFile(home.root / "prefs.yaml")
@@ -175,7 +176,7 @@ class Daemon:
         ceiling = self.prefs.current.max_memory_gb
         if ceiling is not None:   # the board sends no task whose memory cap is larger
             caps["max_memory_gb"] = ceiling
-        return Registration(self.identity.public, self.settings.name or platform.node(), Capabilities.from_dict(caps))
+        return Registration(self.identity.public, self.name, Capabilities.from_dict(caps))
 
     def start_task(self, link: BoardLink, assignment: Assignment) -> None:
         task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment.task_id}")
