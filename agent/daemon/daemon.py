@@ -28,6 +28,7 @@ from agent.daemon.kind_health import KindHealth
 from agent.daemon.outbox import Outbox
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
+from agent.daemon.status_summary import summary
 from agent.engine.runner import WorkerPool
 from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
@@ -255,10 +256,13 @@ class Daemon:
             "state": "paused" if self.paused_reason else ("busy" if self._tasks else "idle"),
             "paused": self.paused_reason is not None, "reason": self.paused_reason,
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
-            "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.slots.free,
+            # A slot reserved by a board's long poll is still free for work: count only running tasks.
+            "agent_id": self.identity.id, "slots": self.settings.slots,
+            "free_slots": max(0, self.settings.slots - len(self._tasks)),
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
             "disabled_kinds": self.kind_health.disabled(),
             "tasks": [{"id": tid, "kind": r.assignment.kind, "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],
             "boards": [link.status() for link in self.links],
+            **summary(self.links, running=len(self._tasks), paused_reason=self.paused_reason, name=self.name),
         }
