@@ -49,6 +49,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 KIND_PROBE_S = 5.0   # how often a kind disabled by its breaker is checked for the end of its cool-down
+WORKER_RETIRE_CHECK_S = 2.0   # how often idle workers are looked at (worker_idle_minutes)
 
 
 class Daemon:
@@ -128,7 +129,9 @@ class Daemon:
     # -- life cycle -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
-        await self.pool.warm()
+        if self.prefs.current.worker_idle_minutes is None:   # the volunteer keeps workers warm
+            await self.pool.warm()
+        self._loops.append(run_every(WORKER_RETIRE_CHECK_S, self._retire_idle_workers, "idle workers"))
         control = ControlServer(default_socket_path(), self)
         try:
             await control.start()
@@ -192,6 +195,12 @@ class Daemon:
                 self._readvertise()
         finally:
             await self.slots.release(1)
+
+    async def _retire_idle_workers(self) -> None:
+        """A warm worker that waited ``worker_idle_minutes`` without work exits: an idle agent is its daemon."""
+        minutes = self.prefs.current.worker_idle_minutes
+        if minutes is not None:
+            await self.pool.retire_idle(minutes * 60)
 
     # -- kind health ----------------------------------------------------------------------------
     def _readvertise(self) -> None:
@@ -257,7 +266,7 @@ class Daemon:
             "paused": self.paused_reason is not None, "reason": self.paused_reason,
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
             # A slot reserved by a board's long poll is still free for work: count only running tasks.
-            "agent_id": self.identity.id, "slots": self.settings.slots,
+            "agent_id": self.identity.id, "slots": self.settings.slots, "workers": self.pool.alive,
             "free_slots": max(0, self.settings.slots - len(self._tasks)),
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
             "disabled_kinds": self.kind_health.disabled(),
