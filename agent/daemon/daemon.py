@@ -29,6 +29,7 @@ from agent.daemon.outbox import Outbox
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from agent.daemon.status_summary import summary
+from agent.daemon.threads import lent_threads
 from agent.engine.runner import WorkerPool
 from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
@@ -75,8 +76,8 @@ class Daemon:
             identity=self.identity, work=home.work, pool=self.pool,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
             devices=Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus),
-            threads=(settings.threads or self.prefs.current.cpu_threads
-                     or max(1, (os.cpu_count() or 1) // max(1, self.settings.slots))),
+            threads=lent_threads(settings.threads, self.prefs.current.cpu_threads, os.cpu_count() or 1,
+                                 self.settings.slots),
             gpu_memory_fraction=lambda: self.prefs.current.max_gpu_memory_fraction,
             capabilities=lambda: self.capabilities, max_memory_gb=lambda: self.prefs.current.max_memory_gb)
         self._advertised_memory_gb = self.prefs.current.max_memory_gb
