@@ -29,7 +29,8 @@ from cryptography.x509.oid import NameOID
 
 from security.errors import BadRequest
 
-__all__ = ["TLS12_CIPHERS", "BoardAddress", "cert_dns_names", "cert_fingerprint", "join_token", "make_self_signed", "server_context"]
+__all__ = ["TLS12_CIPHERS", "BoardAddress", "cert_dns_names", "cert_fingerprint", "join_token", "make_self_signed",
+           "server_context"]
 
 #: the TLS 1.2 suites a board offers: ECDHE key exchange, AEAD only (no CBC, no static RSA)
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"

@@ -9,7 +9,7 @@ thread count, so a slowdown can be placed:
   pipe and the worker's limits;
 - ``agent``: a job of ``--tasks`` such tasks submitted to ``panal hub serve`` and run by
   ``panal agent run --slots 1 --threads N``: adds leasing, inputs, signing, uploading weights and
-  results. ``task_wall_s`` is the mean wall time inside the worker (its ``wall_s``); ``per_task_s`` the
+  results. ``task_wall_s`` is the median wall time inside the worker (its ``wall_s``); ``per_task_s`` the
   job's wall time divided by its tasks (what a submitter sees).
 
 Output: one JSON object; ``samples_per_s`` is the kind's own metric (training steps only). Numbers depend
@@ -91,7 +91,7 @@ def _panal(home: Path, *args: str) -> str:
 def _polling(home: Path) -> bool:
     done = subprocess.run([sys.executable, "-m", "agent", "agent", "status", "--json"], env=_env(home), text=True,
                           capture_output=True, cwd=ROOT, check=False)
-    boards = json.loads(done.stdout).get("boards") if done.returncode == 0 else None
+    boards: list[dict[str, Any]] = json.loads(done.stdout).get("boards") or [] if done.returncode == 0 else []
     return bool(boards) and all(b.get("registered") for b in boards)
 
 
@@ -125,8 +125,8 @@ def agent(threads: int, epochs: int, tasks: int, tmp: Path, url: str, user: Path
             proc.kill()
     rates = [float(r["metrics"]["samples_per_s"]) for r in results]
     walls = [float(r["metrics"]["wall_s"]) for r in results]
-    return {"samples_per_s": round(statistics.median(rates)), "task_wall_s": round(statistics.mean(walls), 3),
-            "per_task_s": round(wall / len(results), 3)}
+    return {"samples_per_s": round(statistics.median(rates)), "task_wall_s": round(statistics.median(walls), 3),
+            "slowest_task_wall_s": round(max(walls), 3), "per_task_s": round(wall / len(results), 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
