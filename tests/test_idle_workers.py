@@ -53,6 +53,21 @@ async def test_an_idle_worker_is_retired_and_a_busy_one_is_not(tmp_path: Path) -
         await pool.close()
 
 
+async def test_a_worker_started_while_the_agent_is_paused_waits_stopped(tmp_path: Path) -> None:
+    pool = WorkerPool(1, ENV)
+    try:
+        pool.suspend_all()   # paused before any worker exists
+        async with pool.worker() as worker:
+            assert worker.proc is not None
+            pid = worker.proc.pid
+            await wait_for_async(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED,
+                                 "the new worker to be stopped like the paused agent's others")
+            pool.resume_all()
+            assert (await worker.run(sleep_request(tmp_path, 0))).ok
+    finally:
+        await pool.close()
+
+
 def test_worker_idle_minutes_is_a_validated_preference(tmp_path: Path) -> None:
     prefs = tmp_path / "prefs.yaml"
     assert set_preference(prefs, "worker_idle_minutes", "never").worker_idle_minutes is None

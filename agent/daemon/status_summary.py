@@ -51,7 +51,7 @@ def _why(links: Sequence[LinkView], running: int, paused_reason: str | None) -> 
     if running:
         return f"running {running} task(s)"
     if not links:
-        return "no board joined: `panal agent join JOIN_URL`"
+        return "no board yet: join one with `panal agent join JOIN_URL` (LAN mode adds its peers as they appear)"
     reachable = [link for link in links if link.breaker_state is not BreakerState.OPEN]
     if not reachable:
         return "no board is reachable; retrying"

@@ -213,6 +213,7 @@ class WorkerPool:
     def __init__(self, size: int, env: Mapping[str, str] | None = None) -> None:
         self.workers = [Worker(env) for _ in range(size)]
         self._free: asyncio.Queue[Worker] = asyncio.Queue()
+        self._suspended = False   # the agent is paused: a worker started now is stopped at once
         for worker in self.workers:
             self._free.put_nowait(worker)
 
@@ -223,7 +224,11 @@ class WorkerPool:
     async def worker(self) -> Any:
         worker = await self._free.get()
         try:
-            async with worker.lock:   # waits out a retirement in progress; the run then starts it afresh
+            async with worker.lock:   # waits out a retirement in progress
+                if not worker.alive:
+                    await worker.start()   # work arrived: start its process
+                if self._suspended:
+                    worker.suspend()   # started while the agent is paused: it waits like the others
                 yield worker
         finally:
             worker.last_used = time.monotonic()
@@ -252,10 +257,12 @@ class WorkerPool:
         return retired
 
     def suspend_all(self) -> None:
+        self._suspended = True
         for worker in self.workers:
             worker.suspend()
 
     def resume_all(self) -> None:
+        self._suspended = False
         for worker in self.workers:
             worker.resume()
 
