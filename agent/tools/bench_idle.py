@@ -95,7 +95,7 @@ def _submit_sleep(user: Path, url: str, manifest: Path) -> float:
     return round(time.perf_counter() - started, 2)
 
 
-def measure(tmp: Path, idle_s: float, worker_idle_minutes: float | None) -> dict[str, Any]:
+def measure(tmp: Path, idle_s: float, worker_idle_minutes: str | None) -> dict[str, Any]:
     user, agent_home, hub_dir = tmp / "user", tmp / "agent", tmp / "hub"
     _panal(user, "hub", "init", "--dir", str(hub_dir))
     hub = subprocess.Popen([sys.executable, "-m", "agent", "hub", "serve", "--dir", str(hub_dir), "--port", "0",
@@ -149,7 +149,7 @@ def measure(tmp: Path, idle_s: float, worker_idle_minutes: float | None) -> dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle-s", type=float, default=60.0)
-    parser.add_argument("--worker-idle-minutes", type=float, default=None)
+    parser.add_argument("--worker-idle-minutes", default=None, help="minutes, or never (the old always-warm worker)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="panal-idle-") as tmp:
         print(json.dumps(measure(Path(tmp), args.idle_s, args.worker_idle_minutes), indent=2))
