@@ -49,12 +49,14 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now:
     job = JobRow(id=job_id, name=manifest.name, submitter_id=envelope.signer_id, kind=manifest.kind,
                  priority=manifest.priority, state=JobState.QUEUED, created_at=now,
                  n_tasks=manifest.n_tasks, envelope=envelope.record.to_wire(),
-                 requires={**manifest.requires.to_dict(), "task_memory_gb": manifest.memory_cap_gb},
+                 requires={**manifest.requires.to_dict(), "task_memory_gb": manifest.memory_cap_gb,
+                           **({"code_from": envelope.signer_id} if get_kind(manifest.kind).sandboxed else {})},
                  timeout_s=manifest.timeout_s,
                  max_attempts=manifest.retries + 1,
                  deadline_at=now + manifest.deadline_s if manifest.deadline_s else None,
                  labels=manifest.labels)
     job.validation = policy.to_dict()
+    job.report = manifest.report.to_dict() if manifest.report else {}
     points = manifest.points()
     tasks = [TaskRow(id=f"{job_id}.{i}", job_id=job_id, idx=i, params=params, updated_at=now)
              for i, params in enumerate(points)]

@@ -15,7 +15,7 @@ from typing import Any
 
 from jobs.kinds.base import Kind
 
-__all__ = ["INPUT_SCHEMA", "InputRef", "check_inputs", "parse_inputs", "shard_points"]
+__all__ = ["INPUT_SCHEMA", "InputRef", "check_inputs", "parse_inputs", "shard_count_problem", "shard_points"]
 
 _SHARD = {"type": "object", "additionalProperties": False, "required": ["by", "count"],
           "properties": {"by": {"const": "rows"}, "count": {"type": "integer", "minimum": 1, "maximum": 100_000}}}
@@ -82,11 +82,24 @@ def check_inputs(kind: Kind, refs: Mapping[str, InputRef], errors: list[tuple[st
                 errors.append((f"{where}.shard", f"kind {kind.name} cannot be sharded by rows"))
             if ref.blob is not None and ref.rows is None:
                 errors.append((f"{where}.rows", "an uploaded sharded input needs its row count"))
+            if ref.rows is not None and (why := shard_count_problem(ref.shard_count, ref.rows)) is not None:
+                errors.append((f"{where}.shard.count", why))
     for name, required in declared.items():
         if required and name not in refs:
             errors.append((f"spec.inputs.{name}", f"kind {kind.name} needs input {name!r}"))
     if sum(1 for r in refs.values() if r.shard_count) > 1:
         errors.append(("spec.inputs", "only one input may be sharded"))
+
+
+def shard_count_problem(count: int, rows: int) -> str | None:
+    """Why ``count`` shards cannot split ``rows`` rows (None: they can). Refused, not clamped: the
+    signed manifest then says exactly how many tasks the job has, and no shard is ever empty."""
+    if rows == 0:
+        return "the sharded tensor has no rows: there is nothing to split"
+    if count > rows:
+        return (f"count {count} is more shards than the {rows} rows to split (each shard needs a row); "
+                f"use a count of at most {rows}")
+    return None
 
 
 def shard_points(refs: Mapping[str, InputRef]) -> list[dict[str, int]]:
