@@ -1,7 +1,7 @@
 """How many CPU threads a task gets: what its manifest asks (``spec.resources.threads``), within what
 the volunteer lends (``--threads``, the ``cpu_threads`` preference, else cores / slots).
 
-Measured with ``python -m agent.tools.bench_threads`` on a busy 2-core machine (small ``mlp_train``):
+Measured with ``benchmarks/bench_threads.py`` on a busy 2-core machine (small ``mlp_train``):
 with OpenMP's default *active* wait policy, 2 threads ran ~100x slower than 1 (911 vs 97,667
 samples/s), because a waiting thread spins on a core another process needs; with
 ``OMP_WAIT_POLICY=PASSIVE`` (set by the worker, :mod:`agent.engine.worker`) 2 threads ran as fast as

@@ -1,8 +1,8 @@
 """How heavy an idle agent is, and how long its first task waits after a quiet spell.
 
-``python -m agent.tools.bench_idle [--idle-s 60] [--worker-idle-minutes 0.25]`` starts a real hub
-(``panal hub serve``) and a real agent (``panal agent run --slots 1``, LAN off) in a temporary home,
-waits until the agent polls its board, then measures:
+``PYTHONPATH=. .venv/bin/python benchmarks/bench_idle.py [--idle-s 60] [--worker-idle-minutes 0.25]``
+starts a real hub (``panal hub serve``) and a real agent (``panal agent run --slots 1``, LAN off) in
+a temporary home, waits until the agent polls its board, then measures:
 
 - idle RSS of the agent's process tree (daemon + workers), and of the daemon alone;
 - idle CPU: CPU seconds the tree used over ``--idle-s`` seconds, scaled to one hour;
@@ -31,7 +31,7 @@ import psutil
 
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(home: Path) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Small-model throughput by torch thread count: a local loop, a warm worker, and a whole agent.
 
-``python -m agent.tools.bench_threads [--threads 1,2] [--tasks 4] [--epochs 10]`` measures one small
-``mlp_train`` task (the kind's defaults: 16-64-4 MLP, 1024 samples, batch 64) three ways for each
-thread count, so a slowdown can be placed:
+``PYTHONPATH=. .venv/bin/python benchmarks/bench_threads.py [--threads 1,2] [--tasks 4] [--epochs 10]``
+measures one small ``mlp_train`` task (the kind's defaults: 16-64-4 MLP, 1024 samples, batch 64) three
+ways for each thread count, so a slowdown can be placed:
 
 - ``local``: the kind run in this process (no worker, no agent): the kernel throughput;
 - ``worker``: the same task in a real warm worker process (``agent/engine/runner.py``): adds the
@@ -34,7 +34,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params(epochs: int, seed: int = 0) -> dict[str, Any]:
