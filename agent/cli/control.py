@@ -67,7 +67,7 @@ def render_status(status: dict[str, Any]) -> None:
     fields show up without a CLI change."""
     console = Console()
     shown = {"state", "paused", "reason", "why", "paused_until", "tasks", "boards", "name", "agent_id", "slots",
-             "free_slots", "compute_today_h", "done", "failed", "credit", "commands", "disabled_kinds"}
+             "free_slots", "workers", "compute_today_h", "done", "failed", "credit", "commands", "disabled_kinds"}
     state = status.get("state") or ("paused" if status.get("paused") else "running")
     colour = "yellow" if status.get("paused") or state == "paused" else "green"
     why = status.get("why") or status.get("reason")
@@ -77,8 +77,9 @@ def render_status(status: dict[str, Any]) -> None:
     if status.get("name") or status.get("agent_id"):
         console.print(f"agent: {status.get('name', '')} ({status.get('agent_id', '')})", highlight=False, markup=False)
     if "slots" in status:
-        console.print(f"free slots: {status.get('free_slots', '?')} of {status['slots']}", highlight=False,
-                      markup=False)
+        console.print(f"free slots: {status.get('free_slots', '?')} of {status['slots']}"
+                      + (f"; worker processes: {status['workers']}" if "workers" in status else ""),
+                      highlight=False, markup=False)
     if "compute_today_h" in status:
         console.print(f"compute today: {status['compute_today_h']} h", highlight=False, markup=False)
     if "done" in status or "failed" in status:
