@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import platform
 import time
 from typing import Any
 
@@ -31,6 +30,8 @@ from agent.daemon.outbox import Outbox
 from agent.daemon.pause_control import PauseControl
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
+from agent.daemon.status_summary import summary
+from agent.daemon.threads import lent_threads
 from agent.engine.runner import WorkerPool
 from agent.engine.sandbox import probe as probe_sandbox
 from agent.engine.sandboxed import SandboxPool
@@ -39,6 +40,7 @@ from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
 from agent.volunteer.gpu_use import detect_gpu_source
+from agent.volunteer.naming import agent_name
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
@@ -53,6 +55,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 KIND_PROBE_S = 5.0   # how often a kind disabled by its breaker is checked for the end of its cool-down
+WORKER_RETIRE_CHECK_S = 2.0   # how often idle workers are looked at (worker_idle_minutes)
 
 
 class Daemon:
@@ -64,6 +67,7 @@ class Daemon:
         self.home = home
         self.settings = settings
         self.identity: Identity = home.agent_identity()
+        self.name = agent_name(home.root, self.identity.id, settings.name)   # never the hostname
         self.boards = boards
         self.links: list[BoardLink] = []
         self.prefs = PreferencesFile(home.root / "prefs.yaml")
@@ -82,8 +86,8 @@ class Daemon:
             identity=self.identity, work=home.work, pool=self.pool, sandboxes=self.sandboxes,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
             devices=self.devices,
-            threads=(settings.threads or self.prefs.current.cpu_threads
-                     or max(1, (os.cpu_count() or 1) // max(1, self.settings.slots))),
+            threads=lent_threads(settings.threads, self.prefs.current.cpu_threads, os.cpu_count() or 1,
+                                 self.settings.slots),
             gpu_memory_fraction=lambda: self.prefs.current.max_gpu_memory_fraction,
             capabilities=lambda: self.capabilities, max_memory_gb=lambda: self.prefs.current.max_memory_gb)
         self._advertised = self._advertised_prefs()
@@ -144,7 +148,9 @@ class Daemon:
         self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
         if self.capabilities.get("gpus"):
             self.pause_control.gpu_source = await asyncio.to_thread(detect_gpu_source)
-        await self.pool.warm()
+        if self.prefs.current.worker_idle_minutes is None:   # the volunteer keeps workers warm
+            await self.pool.warm()
+        self._loops.append(run_every(WORKER_RETIRE_CHECK_S, self._retire_idle_workers, "idle workers"))
         control = ControlServer(default_socket_path(), self)
         try:
             await control.start()
@@ -198,7 +204,7 @@ class Daemon:
         ceiling = self.prefs.current.max_memory_gb
         if ceiling is not None:   # the board sends no task whose memory cap is larger
             caps["max_memory_gb"] = ceiling
-        return Registration(self.identity.public, self.settings.name or platform.node(), Capabilities.from_dict(caps))
+        return Registration(self.identity.public, self.name, Capabilities.from_dict(caps))
 
     def start_task(self, link: BoardLink, assignment: Assignment) -> None:
         task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment.task_id}")
@@ -213,6 +219,12 @@ class Daemon:
                 self._readvertise()
         finally:
             await self.slots.release(1)
+
+    async def _retire_idle_workers(self) -> None:
+        """A warm worker that waited ``worker_idle_minutes`` without work exits: an idle agent is its daemon."""
+        minutes = self.prefs.current.worker_idle_minutes
+        if minutes is not None:
+            await self.pool.retire_idle(minutes * 60)
 
     # -- kind health ----------------------------------------------------------------------------
     def readvertise(self) -> None:
@@ -301,11 +313,14 @@ class Daemon:
             "state": "paused" if self.paused_reason else ("busy" if self._tasks else "idle"),
             "paused": self.paused_reason is not None, "reason": self.paused_reason,
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
-            "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.slots.free,
+            # A slot reserved by a board's long poll is still free for work: count only running tasks.
+            "agent_id": self.identity.id, "slots": self.settings.slots, "workers": self.pool.alive,
+            "free_slots": max(0, self.settings.slots - len(self._tasks)),
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
             "gpu_paused": dict(self.pause_control.gpu_paused),   # device -> why GPU work there waits
             "disabled_kinds": self.kind_health.disabled(),
             "tasks": [{"id": tid, "kind": r.assignment.kind, "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],
             "boards": [link.status() for link in self.links],
+            **summary(self.links, running=len(self._tasks), paused_reason=self.paused_reason, name=self.name),
         }
