@@ -116,7 +116,13 @@ class PauseControl:
                 worker.resume()
 
     def _lower_priority(self) -> None:
-        """Every worker (its whole process group) at :data:`WORKER_NICE`, once per worker process."""
+        """Every worker (its whole process group) at :data:`WORKER_NICE`, once per worker process.
+
+        Not done: where the kernel's autogroups are on (``/proc/sys/kernel/sched_autogroup_enabled``,
+        most desktops), a worker's new session is its own group and nice ranks it only among its own
+        processes; lowering the group too (``/proc/PID/autogroup``) would make it yield to the owner's
+        programs, and is the next step (it starves test agents on a loaded CI machine, so it wants a
+        setting first)."""
         live = {w.proc.pid for w in self.task_workers() if w.proc is not None and w.proc.returncode is None}
         for pid in live - self._niced:
             try:
