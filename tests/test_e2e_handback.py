@@ -17,7 +17,7 @@ from test_e2e import agent_id, agent_status, job_view, start_agent
 
 from agent.volunteer.preferences import set_preference
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(scaled(300))]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(scaled(420))]
 
 
 def _closed_window() -> str:
@@ -30,13 +30,13 @@ def _closed_window() -> str:
 def test_an_agent_paused_by_its_time_window_hands_the_task_to_another_that_resumes_it(tmp_path: Path,
                                                                                      procs: Procs) -> None:
     user = tmp_path / "user"
-    _, url = start_hub_proc(procs, tmp_path, user)
+    _, url = start_hub_proc(procs, tmp_path, user, PANAL_HUB_LEASE_TTL_S="10")   # checkpoints reach it sooner
     # A short home: the control socket lives there and unix socket paths are limited to ~104 bytes.
     first = Path(tempfile.mkdtemp(prefix="pnl-"))
     start_agent(procs, tmp_path, url, "first", home=first)
     manifest = tmp_path / "train.yaml"
     manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: resumable}\n"
-                        "spec:\n  task: mlp_train\n  params: {samples: 4096, epochs: 200, hidden_size: 256,"
+                        "spec:\n  task: mlp_train\n  params: {samples: 4096, epochs: 300, hidden_size: 256,"
                         " checkpoint_every_s: 0.5}\n")
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
     wait_for(lambda: job_view(url, user, job["id"])["task_list"][0]["checkpoint"], "a checkpoint to reach the board",
@@ -57,7 +57,7 @@ def test_an_agent_paused_by_its_time_window_hands_the_task_to_another_that_resum
     second = tmp_path / "second"
     start_agent(procs, tmp_path, url, "second", home=second)
     wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", "the second agent to finish it",
-             timeout_s=180, diagnose=procs.logs_text)
+             timeout_s=scaled(240), diagnose=procs.logs_text)
     res = json.loads(panal("results", job["id"], "--hub", url, "--verify", "--json", home=user).stdout)
     [row] = res["results"]
     resumed = row["values"]["resumed_from"]             # where the first agent's last checkpoint was
