@@ -22,7 +22,7 @@ from system_needs import require_system
 
 from agent.engine.runner import Outcome, TaskRequest, Worker
 from agent.engine.sandbox import MAX_PROCESSES, bwrap_argv, probe, python_paths
-from agent.engine.sandboxed import TAIL_BYTES, SandboxedWorker, SandboxPool
+from agent.engine.sandboxed import ERROR_TAIL_CHARS, SandboxedWorker, SandboxPool
 
 SECRET = "not-for-submitters-0123456789"
 
@@ -195,8 +195,8 @@ async def test_printing_megabytes_keeps_only_a_bounded_tail_in_the_error(pool: S
     assert (outcome.ok, outcome.error_class) == (False, "error")
     error = outcome.error or ""
     assert "gave up after printing" in error and "line 49999" in error
-    assert "of 5" in error and "bytes of the task's output" in error   # ~5.5 MB printed, counted
-    assert len(error) < TAIL_BYTES
+    assert "characters of the task's output (5" in error   # ~5.5 MB printed, counted, the tail kept
+    assert len(error) < ERROR_TAIL_CHARS + 200
 
 
 async def test_hanging_past_its_timeout_is_a_timeout(pool: SandboxPool, tmp_path: Path) -> None:

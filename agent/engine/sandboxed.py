@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: how much of the task's stdout/stderr is kept (the end of it)
 TAIL_BYTES = 8 * 1024
+#: how much of that tail a failure's message carries to the submitter
+ERROR_TAIL_CHARS = 1000
 #: a sandboxed task's reply frame (values, metrics) is bounded far below a trusted worker's
 SANDBOX_MAX_FRAME = 32 * 2**20
 
@@ -140,9 +142,10 @@ class SandboxedWorker(Worker):
         finally:
             await self.kill()   # nothing of the task may run on while its files are read
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.crowded:
-            outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"process limit reached: the task ran "
-                                     f"{self._watch.crowded} processes at once (a fork bomb?); the sandbox allows "
-                                     f"{MAX_PROCESSES}; task killed", outcome.started_at)
+            outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"process limit: the task ran "
+                                     f"{self._watch.crowded} processes at once (a fork bomb?) and went past its "
+                                     f"memory cap; the sandbox allows {MAX_PROCESSES} processes; task killed",
+                                     outcome.started_at)
         if self._drain is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drain, 2.0)
@@ -215,10 +218,10 @@ class SandboxedWorker(Worker):
                                   "not regular files: " + ", ".join(refused[:5]), outcome.started_at)
         outcome.files = files
         if not outcome.ok:
-            tail = self.tail().strip()
-            if tail:
-                outcome.error = (f"{outcome.error}\n--- last {min(TAIL_BYTES, self.output_bytes)} of "
-                                 f"{self.output_bytes} bytes of the task's output ---\n{tail[-2000:]}")
+            shown = self.tail().strip()[-ERROR_TAIL_CHARS:]
+            if shown:
+                outcome.error = (f"{outcome.error}\n--- the last {len(shown)} characters of the task's output "
+                                 f"({self.output_bytes} bytes in all) ---\n{shown}")
         return outcome
 
     def remove(self) -> None:
@@ -257,6 +260,10 @@ class SandboxedWorker(Worker):
         await asyncio.to_thread(self.remove)
 
 
+#: processes at once that make a memory overrun a fork bomb (a DataLoader's workers are a handful)
+CROWD = MAX_PROCESSES // 8
+
+
 class _ProcessCountingWatch(MemoryWatch):
     """The memory watch, also noting a crowd of processes: forked copies share their pages, so a
     fork bomb looks like a huge resident set; it is a process-limit violation, not an OOM."""
@@ -268,7 +275,7 @@ class _ProcessCountingWatch(MemoryWatch):
         if why is not None:
             with contextlib.suppress(psutil.Error):
                 count = 1 + len(psutil.Process(self.pid).children(recursive=True))
-                if count >= MAX_PROCESSES // 2:
+                if count >= CROWD:
                     self.crowded = count
         return why
 
