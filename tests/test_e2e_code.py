@@ -16,13 +16,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import Procs, panal, start_hub_proc
-from helpers import AGENT_START_S, scaled, wait_for
+from conftest import InProcessHub, Procs, panal, start_hub_proc
+from helpers import AGENT_START_S, scaled, wait_for, wait_for_async
 from system_needs import require_system
 from test_e2e import polling, start_agent
 
 from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit
 from agent.engine.sandbox import probe
+from jobs.manifest import Manifest
+from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.tls import BoardAddress
 
@@ -123,3 +126,45 @@ def test_code_goes_only_to_a_consenting_agent_and_hostile_code_is_contained(tmp_
     again = panal("submit", str(write_job(tmp_path, ["ok"])), "--hub", url, "--wait", "--json", home=user,
                   timeout=300)
     assert '"succeeded"' in again.stdout, again.stdout
+
+
+async def test_the_agent_hands_back_code_a_lying_hub_sends_without_its_consent(
+        tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
+    status = probe()
+    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
+    monkeypatch.setenv("PANAL_TEST_KINDS", "1")   # the board (in this process) knows the sandboxed test kind
+    hub = InProcessHub(tmp_path)
+    server = await hub.start()
+    try:
+        assert hub.address is not None
+        user = Identity.generate()
+        await server.add_submitter(user.public, "user")
+        home = tmp_path / "coder"   # joined WITHOUT --allow-code
+        await asyncio.to_thread(panal, "agent", "join", hub.address.join_url(), "--name", "coder", home=home)
+        procs.start("agent", "run", "--name", "coder", "--threads", "1", home=home, PANAL_TEST_KINDS="1",
+                    PANAL_WORKER_PRELOAD="0")
+        agent = Identity.load(home / "agent.key").public
+        board = server.board
+
+        def registered() -> bool:   # by the running daemon (`join` registers too, without code_from)
+            return agent.id in board.agents and "code_from" in board.agents[agent.id].caps.raw
+        await wait_for_async(registered, "the running agent to register", timeout_s=AGENT_START_S,
+                             diagnose=procs.logs_text)
+        state = board.agents[agent.id]
+        assert state.caps.code_from == frozenset()   # what the agent told the board: nobody's code
+        # the lying hub: it records consent the agent never gave
+        await board.register_agent(agent, "coder", Capabilities.from_dict({**state.caps.raw, "code_from": ["*"]}))
+        manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "sneaky"},
+                                       "spec": {"task": "untrusted", "params": {"source": "result['ran'] = 1"}}})
+        async with BoardClient(hub.address, user, retry_for_s=5) as client:
+            job = await submit(client, make_envelope(user, manifest))
+
+        def log_says_refused() -> bool:
+            return "refusing job" in procs.logs_text() and "does not accept" in procs.logs_text()
+        await wait_for_async(log_says_refused, "the agent to hand the task back", timeout_s=scaled(60),
+                             diagnose=procs.logs_text)
+        [task] = await board.tasks_of(job["id"])
+        assert task.state.value in ("queued", "leased") and task.error_class is None   # handed back, never run
+        assert "failed (" not in procs.logs_text() and "result" not in str(task.error or "")
+    finally:
+        await hub.stop()
