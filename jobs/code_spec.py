@@ -28,14 +28,14 @@ if TYPE_CHECKING:
 __all__ = ["CODE_SCHEMA", "bundle_manifest", "code_problems", "code_source", "with_code"]
 
 CODE_SCHEMA: dict[str, Any] = {
-    "description": "your code for task: python: a .py file or a folder, packed and uploaded on submit",
-    "anyOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "object", "additionalProperties": False, "required": ["path"],
-         "properties": {"path": {"type": "string", "minLength": 1},
-                        "entry": {"type": "string", "pattern": ENTRY_PATTERN.pattern,
-                                  "description": "module:function (default: <file>:run, or main:run)"}}},
-    ],
+    # one schema for both forms (not anyOf), so a bad entry is reported at its own field path
+    "description": "your code for task: python: a .py file or a folder (or {path, entry}), packed and "
+                   "uploaded on submit",
+    "type": ["string", "object"], "minLength": 1,
+    "additionalProperties": False, "required": ["path"],
+    "properties": {"path": {"type": "string", "minLength": 1},
+                   "entry": {"type": "string", "pattern": ENTRY_PATTERN.pattern,
+                             "description": "module:function (default: <file>:run, or main:run)"}},
 }
 
 

@@ -168,3 +168,26 @@ def test_free_form_params_are_bounded_and_named_clearly() -> None:
         kind.validate({"x": deep})
     with pytest.raises(InvalidParams, match="over 64 KiB"):
         kind.validate({"x": ["y" * 60_000, "z" * 10_000]})
+
+
+async def test_a_resumed_task_finds_its_checkpoint_as_ctx_resume_and_not_among_inputs(
+        worker: Worker, tmp_path: Path) -> None:
+    code = bundle(tmp_path, {"train.py": "def run(p, ctx):\n"
+                                         "    return {'from': ctx.resume.read_text() if ctx.resume else None,\n"
+                                         "            'suffix': ctx.resume.suffix, 'inputs': sorted(ctx.inputs)}\n"})
+    saved = tmp_path / "ckpt.safetensors"
+    saved.write_text("epoch 3")
+    out = await worker.run(request(tmp_path, code, {}, checkpoint=saved))
+    assert out.ok and out.values == {"from": "epoch 3", "suffix": ".safetensors", "inputs": []}
+
+
+async def test_an_output_outside_the_work_dir_or_a_bad_name_is_the_codes_fault(worker: Worker, tmp_path: Path) -> None:
+    outside = bundle(tmp_path, {"train.py": "def run(p, ctx):\n    ctx.output('hosts', '/etc/hostname')\n"
+                                            "    return {}\n"}, name="o")
+    badname = bundle(tmp_path, {"train.py": "def run(p, ctx):\n    ctx.output('../x', {})\n    return {}\n"},
+                     name="n")
+    a = await worker.run(request(tmp_path, outside, {}, "o"))
+    b = await worker.run(request(tmp_path, badname, {}, "n"))
+    assert a.error_class == "invalid_params"
+    assert "output /etc/hostname is outside the task's work dir" in (a.error or "")
+    assert b.error_class == "invalid_params" and "output name must match" in (b.error or "")
