@@ -298,3 +298,16 @@ def test_without_bwrap_the_probe_says_why_and_how_to_enable_it(monkeypatch: pyte
     finally:
         probe.cache_clear()
         monkeypatch.undo()
+
+
+def test_agent_info_says_why_code_is_not_advertised_and_how_to_enable_it(tmp_path: Path) -> None:
+    from conftest import panal
+
+    out = panal("agent", "info", "--no-measure", home=tmp_path / "agent", PATH="/nonexistent").stdout
+    assert "sandbox: unavailable: bubblewrap (bwrap) is not installed" in out
+    assert "to enable: install the `bubblewrap` package" in out
+    kinds = next(line for line in out.splitlines() if line.startswith("kinds:"))
+    assert "'python'" not in kinds and "'matmul'" in kinds
+    here = panal("agent", "info", "--no-measure", home=tmp_path / "agent").stdout
+    assert "sandbox: bwrap: submitter code (the python kind) can run here" in here
+    assert "'python'" in next(line for line in here.splitlines() if line.startswith("kinds:"))
