@@ -168,3 +168,16 @@ async def test_the_agent_hands_back_code_a_lying_hub_sends_without_its_consent(
         assert "failed (" not in procs.logs_text() and "result" not in str(task.error or "")
     finally:
         await hub.stop()
+
+
+def test_panal_up_runs_its_owners_own_code_in_the_sandbox(tmp_path: Path, procs: Procs) -> None:
+    status = probe()
+    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
+    home = tmp_path / "me"
+    up = procs.start("up", "--port", "0", home=home, PANAL_WORKER_PRELOAD="0")
+    assert up.stdout is not None and "board at http://127.0.0.1:" in up.stdout.readline(), procs.logs_text()
+    sub = panal("submit", str(write_job(tmp_path, ["ok", "key"], key=str(home / "agent.key"))), "--wait", "--json",
+                home=home, timeout=300, check=False)
+    [job] = json.loads(sub.stdout)
+    assert job["tasks"] == {"done": 1, "failed": 1}, job   # its own code ran, and stayed in the sandbox
+    assert (home / "agent.key").read_text() not in sub.stdout + sub.stderr
