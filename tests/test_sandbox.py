@@ -172,6 +172,20 @@ async def test_killing_or_tracing_its_parent_does_nothing_to_the_agent(pool: San
     assert psutil.Process().is_running()
 
 
+async def test_the_code_has_no_capabilities_no_new_privileges_and_no_network_interfaces(
+        pool: SandboxPool, tmp_path: Path) -> None:
+    outcome = await run_code(pool, tmp_path, """
+        import os, socket
+        status = dict(line.split(':', 1) for line in open('/proc/self/status'))
+        result['caps'] = status['CapEff'].strip()
+        result['nnp'] = status['NoNewPrivs'].strip()
+        result['ifaces'] = sorted(name for _, name in socket.if_nameindex())
+        result['home'] = os.path.exists(os.path.expanduser('~/.local/share/panal'))
+    """)
+    assert outcome.ok, outcome.error
+    assert outcome.values == {"caps": "0000000000000000", "nnp": "1", "ifaces": ["lo"], "home": False}
+
+
 async def test_a_shell_it_spawns_is_inside_the_sandbox_too(pool: SandboxPool, agent_home: Path, tmp_path: Path) -> None:
     outcome = await run_code(pool, tmp_path, f"""
         import subprocess
