@@ -15,11 +15,15 @@ __all__ = ["manifest_blobs", "result_blobs"]
 
 
 def manifest_blobs(envelope: Any) -> set[str]:
-    """The sha256 of every ``{blob: ...}`` input in a signed manifest envelope."""
+    """The sha256 of every ``{blob: ...}`` input and every shard blob in a signed manifest envelope."""
     try:
         manifest = _unpack(envelope["payload"])["manifest"]
         inputs = manifest["spec"].get("inputs", {})
-        return {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
+        found = {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
+        for ref in inputs.values():   # an input split in shard blobs (jobs/inputs.py) names each shard
+            if isinstance(ref, dict) and isinstance(ref.get("shards"), list):
+                found |= {s["blob"] for s in ref["shards"] if isinstance(s, dict) and isinstance(s.get("blob"), str)}
+        return found
     except (KeyError, TypeError, AttributeError, ValueError):
         return set()
 

@@ -20,7 +20,7 @@ import jsonschema
 
 from jobs.catalog import all_kinds, get_kind
 from jobs.errors import InvalidParams
-from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, parse_inputs, shard_points
+from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, missing_paths, parse_inputs, shard_points
 from jobs.requirements import Requirements
 from jobs.yamlpos import Document, load_documents, path_text
 from security.errors import BadRequest
@@ -396,6 +396,7 @@ def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manif
 def _missing_files(manifest: Manifest) -> list[tuple[str, str]]:
     errors = []
     for ref in manifest.inputs.values():
+        errors += missing_paths(ref, manifest.base_dir or Path("."))
         if ref.path is not None:
             full = (manifest.base_dir or Path(".")) / ref.path
             if not full.is_file():
