@@ -137,6 +137,7 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
             procs.append(_panal(ahome, "agent", "run", "--name", f"a{i}", "--slots", "1", "--threads", "1",
                                 popen=True, log=workdir / f"agent{i}.log"))
         user = Identity.generate()
+        await server.add_submitter(user.public, "bench")
 
         async with BoardClient(BoardAddress.parse(url), user) as client:
             t0 = time.perf_counter()
