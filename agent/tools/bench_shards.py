@@ -93,8 +93,8 @@ def _panal(home: Path, *args: str, popen: bool = False, log: Path | None = None)
     env = {**os.environ, "PANAL_HOME": str(home), "PYTHONUNBUFFERED": "1", "PANAL_LAN_ENABLED": "false"}
     cmd = [sys.executable, "-m", "agent", *args]
     if popen:
-        out = open(log or os.devnull, "w")  # noqa: SIM115  (closed by the caller through the process)
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=_ROOT)
+        with open(log or os.devnull, "w") as out:   # the child keeps its own copy of the descriptor
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=_ROOT)
     return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=_ROOT, timeout=120)
 
 
@@ -151,18 +151,26 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
             view = await wait_job(client, job["id"], timeout_s)
             t_run = time.perf_counter() - t1
             results = (await client.call("GET", f"/v1/jobs/{job['id']}/results"))["results"]
+        inputs = prepared.source["spec"]["inputs"]
+        needed_by_row = _data_blobs(inputs["data"])
         per_agent: dict[str, dict[str, Any]] = {}
+        needed: dict[str, set[str]] = {}
         for row in results:
             name = ids.get(row["agent"], row["agent"][:8])
             entry = per_agent.setdefault(name, {"tasks": 0, "peak_rss_mb": []})
             entry["tasks"] += 1
             payload = _payload(row["record"])
             entry["peak_rss_mb"].append(round(float(payload.get("metrics", {}).get("peak_rss_mb", 0)), 1))
+            start = int(payload.get("values", {}).get("row_start", 0))
+            needed.setdefault(name, {inputs["model"]["blob"]}).add(needed_by_row.get(start, needed_by_row.get(0, "")))
         for key, name in ids.items():
             entry = per_agent.setdefault(name, {"tasks": 0, "peak_rss_mb": []})
-            entry["downloaded_mb"] = round(reads.bytes[key] / 2**20, 1)
-            entry["blobs_fetched"] = len(reads.blobs.get(key, []))
+            entry["downloaded_mb"] = round(reads.bytes[key] / 2**20, 2)
+            entry["downloaded_bytes"] = reads.bytes[key]
+            entry["fetched"] = sorted(reads.blobs.get(key, []))
+            entry["needed"] = sorted(needed.get(name, set()))
         return {"data_mb": data_mb, "rows": rows, "shards": shards, "agents": agents, "state": view["state"],
+                "data_file_bytes": data.stat().st_size,
                 "upload_files": len(files), "prepare_s": round(t_prepare, 2), "submit_s": round(t_submit, 2),
                 "run_s": round(t_run, 2), "per_agent": per_agent}
     finally:
@@ -174,6 +182,17 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
             except subprocess.TimeoutExpired:
                 proc.kill()
         await server.stop(drain=False)
+
+
+def _data_blobs(ref: dict[str, Any]) -> dict[int, str]:
+    """Row where each data blob starts -> its sha256: the shards' (split in blobs) or the one whole file."""
+    if "shards" not in ref:
+        return {0: str(ref["blob"])}
+    out, start = {}, 0
+    for shard in ref["shards"]:
+        out[start] = str(shard["blob"])
+        start += int(shard["rows"])
+    return out
 
 
 def _agent_id(home: Path) -> str:
