@@ -49,8 +49,8 @@ def add_upload_routes(app: web.Application, sessions: UploadSessions, authorize:
         if size < 0:
             raise BadRequest("give the blob's size: ?size=N (bytes)", code="bad_size")
         key_id = await authorize(request, EMPTY_DIGEST)
-        session = await sessions.open(key_id, sha, size)
-        return reply(request, session.view(), 201 if session.received == 0 else 200)
+        session, new = await sessions.open(key_id, sha, size)
+        return reply(request, session.view(), 201 if new else 200)
 
     async def show_upload(request: web.Request) -> web.Response:
         key_id = await authorize(request, EMPTY_DIGEST)

@@ -97,8 +97,9 @@ class UploadSessions:
                    begin=access.begin_upload if access is not None else None,
                    end=access.end_upload if access is not None else None)
 
-    async def open(self, key_id: str, sha: str, size: int) -> UploadSession:
-        """The key's session for blob ``sha`` (the one it already has, to resume; else a new one)."""
+    async def open(self, key_id: str, sha: str, size: int) -> tuple[UploadSession, bool]:
+        """The key's session for blob ``sha`` (the one it already has, to resume; else a new one) and
+        whether it is new."""
         self.expire()
         for s in self.sessions.values():
             if s.key_id == key_id and s.sha256 == sha:
@@ -106,7 +107,7 @@ class UploadSessions:
                     raise Conflict(f"an upload of {sha} with {s.size} bytes is open; this one says {size}",
                                    code="upload_size_conflict")
                 s.touched = self._clock()
-                return s
+                return s, False
         if size > self.store.max_blob_bytes:
             raise self.store.too_large(size)
         mine = sum(1 for s in self.sessions.values() if s.key_id == key_id)
@@ -127,7 +128,7 @@ class UploadSessions:
                                 self.store.part_path(sha), touched=self._clock())
         session.part.touch()
         self.sessions[session.id] = session
-        return session
+        return session, True
 
     def get(self, key_id: str, upload_id: str) -> UploadSession:
         """A key's own session (another key's is as missing as an expired one)."""

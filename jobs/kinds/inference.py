@@ -90,7 +90,8 @@ class Inference(Kind):
         start = params["row_start"]
         end = total if params["row_end"] == -1 else params["row_end"]
         if end > total or start > total or start < offset:
-            raise PermanentError(f"rows {start}..{end} are outside the rows {offset}..{total} of {key!r}")
+            held = f"rows {offset}..{total} of this shard" if offset else f"{total} rows"
+            raise PermanentError(f"rows {start}..{end} are outside the {held} of {key!r}")
         if start == end:
             raise PermanentError(f"the shard {start}..{end} holds no rows")
         x = read_rows(data_path, key, start - offset, end - offset)
