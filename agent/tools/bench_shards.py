@@ -38,7 +38,6 @@ __all__ = ["BlobReads", "make_data", "make_model", "run_shard_bench"]
 
 FEATURES = 64
 _KEYID = re.compile(r'keyid="([^"]+)"')
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BlobReads:
@@ -91,11 +90,14 @@ def make_model(path: Path) -> None:
 
 def _panal(home: Path, *args: str, popen: bool = False, log: Path | None = None) -> Any:
     env = {**os.environ, "PANAL_HOME": str(home), "PYTHONUNBUFFERED": "1", "PANAL_LAN_ENABLED": "false"}
+    import agent  # the checkout whose code runs here (PYTHONPATH may name an older one): agents run it too
+
+    root = Path(agent.__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "agent", *args]
     if popen:
         with open(log or os.devnull, "w") as out:   # the child keeps its own copy of the descriptor
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=_ROOT)
-    return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=_ROOT, timeout=120)
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+    return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=root, timeout=120)
 
 
 async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int, timeout_s: float = 1800,
