@@ -79,7 +79,7 @@ def test_the_signed_manifest_binds_each_shard_digest_to_its_rows_and_a_task_pick
     assert [(p["row_start"], p["row_end"], p["data_offset"]) for p in points] == [(0, 4, 0), (4, 7, 4), (7, 10, 7)]
     assert [input_blob(ref, p) for p in points] == [s.blob for s in ref.shards]
     # a task whose rows are not one shard's gets no blob (a board that mixes them up is caught)
-    with pytest.raises(BadRequest, match="no shard holds rows 4..10"):
+    with pytest.raises(BadRequest, match=r"no shard holds rows 4\.\.10"):
         input_blob(ref, {**points[1], "row_end": 10})
     # the shard list must add up, and match the count
     source = json.loads(json.dumps(prepared.source))
@@ -112,7 +112,7 @@ def test_a_list_of_files_is_the_shard_set_in_sorted_order(tmp_path: Path) -> Non
     (tmp_path / "job.yaml").write_text(HEAD + "  inputs:\n    model: model.pt2\n"
                                        "    data: {paths: ['part-*.safetensors']}\n")
     [manifest] = load_manifests(tmp_path / "job.yaml")
-    prepared, files = prepare_inputs(manifest)
+    prepared, _ = prepare_inputs(manifest)
     ref = prepared.inputs["data"]
     assert ref.shards is not None and [s.rows for s in ref.shards] == [3, 2, 4]   # part-a, part-b, part-c
     assert [s.blob for s in ref.shards] == [hash_file(tmp_path / f"{n}.safetensors")[0]
