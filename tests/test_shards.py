@@ -134,3 +134,15 @@ def test_each_agent_downloads_only_the_shards_of_its_own_tasks(tmp_path: Path) -
     for agent in figures["per_agent"].values():
         assert agent["fetched"] == agent["needed"]            # its shards and the model, each once, nothing else
     assert sum(a["downloaded_bytes"] for a in ran) < figures["data_file_bytes"] * 1.1 + 2 * 10**5
+
+
+def test_every_shard_blob_is_referenced_by_the_job_so_gc_and_reading_rights_cover_it(tmp_path: Path) -> None:
+    from agent.client.submitting import make_envelope
+    from hub.blob_refs import manifest_blobs
+    from security.identity import Identity
+
+    prepared, _ = prepare_inputs(sharded_manifest(tmp_path, 10, 3))
+    ref = prepared.inputs["data"]
+    assert ref.shards is not None
+    envelope = make_envelope(Identity.generate(), prepared)
+    assert manifest_blobs(envelope) == {s.blob for s in ref.shards} | {prepared.inputs["model"].blob}

@@ -138,6 +138,8 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
             ids[_agent_id(ahome)] = f"a{i}"
             procs.append(_panal(ahome, "agent", "run", "--name", f"a{i}", "--slots", "1", "--threads", "1",
                                 popen=True, log=workdir / f"agent{i}.log"))
+        for i in range(agents):   # every agent polls before the job exists, so the tasks spread over them
+            await _wait_polling(workdir / f"agent{i}", deadline=time.monotonic() + 300)
         user = Identity.generate()
         await server.add_submitter(user.public, "bench")
 
@@ -184,6 +186,25 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
             except subprocess.TimeoutExpired:
                 proc.kill()
         await server.stop(drain=False)
+
+
+async def _wait_polling(home: Path, deadline: float) -> None:
+    """Until the agent says over its control socket that it registered with its board (it polls from then)."""
+    while time.monotonic() < deadline:
+        out = await asyncio.to_thread(_panal_status, home)
+        if out and all(b.get("registered") for b in out.get("boards", [])) and out.get("boards"):
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"agent {home.name} did not start polling")
+
+
+def _panal_status(home: Path) -> dict[str, Any] | None:
+    try:
+        done = _panal(home, "agent", "status", "--json")
+    except subprocess.CalledProcessError:
+        return None
+    value: dict[str, Any] = json.loads(done.stdout)
+    return value
 
 
 def _data_blobs(ref: dict[str, Any]) -> dict[int, str]:
