@@ -128,9 +128,9 @@ class HubConfig:
             raise BadRequest("hub settings: validation_quorum must be >= 0 (0: auto), trust_after >= 1, "
                              "spot_check_share in [0, 1]")
         if config.upload_chunk_bytes < 64 * 1024 or config.upload_sessions_per_key < 1 \
-                or config.upload_sessions_max < 1:
+                or config.upload_sessions_max < 1 or config.upload_session_ttl_s <= 0:
             raise BadRequest("hub settings: upload_chunk_bytes must be >= 65536, upload_sessions_per_key and "
-                             "upload_sessions_max >= 1")
+                             "upload_sessions_max >= 1, upload_session_ttl_s > 0")
         if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
         if config.registration not in REGISTRATION_MODES:

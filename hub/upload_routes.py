@@ -13,9 +13,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from hub.background import cancel_all, run_every
 from hub.blob_routes import EMPTY_DIGEST, Authorize, BlobPolicy
 from hub.blobs import CHUNK_BYTES, check_sha256
 from hub.http import int_query, paced_body, reply
@@ -74,6 +76,16 @@ def add_upload_routes(app: web.Application, sessions: UploadSessions, authorize:
             await access.uploaded(key_id, session.sha256, size)
         return reply(request, {"sha256": session.sha256, "size": size, "created": created}, 201 if created else 200)
 
+    async def sweep(app: web.Application) -> AsyncIterator[None]:
+        """Idle sessions end on time even when no upload request comes to notice them."""
+        async def expire() -> None:
+            sessions.expire()
+
+        task = run_every(max(1.0, min(sessions.ttl_s / 4, 60.0)), expire, "upload session expiry")
+        yield
+        await cancel_all([task])
+
+    app.cleanup_ctx.append(sweep)
     app.router.add_post("/v1/uploads", open_upload)
     app.router.add_get("/v1/uploads/{upload_id}", show_upload)
     app.router.add_put("/v1/uploads/{upload_id}/{index}", put_chunk)

@@ -151,3 +151,12 @@ async def test_an_idle_session_expires_with_its_part_file_its_space_and_its_quot
     assert sessions.expire() == [idle]
     assert not idle.part.exists() and counted["stranger"] == 0 and live.id in sessions.sessions
     await sessions.open("honest", "b" * 64, 200_000)                    # the space is free again
+
+
+def test_upload_settings_that_would_never_expire_or_spin_are_refused() -> None:
+    from hub.config import HubConfig
+    from security.errors import BadRequest
+
+    for bad in ({"upload_session_ttl_s": 0}, {"upload_chunk_bytes": 1000}, {"upload_sessions_per_key": 0}):
+        with pytest.raises(BadRequest, match="upload_"):
+            HubConfig.load(None, env={}, **bad)
