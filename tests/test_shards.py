@@ -133,6 +133,7 @@ def test_each_agent_downloads_only_the_shards_of_its_own_tasks(tmp_path: Path) -
     assert sum(a["tasks"] for a in ran) == 4
     for agent in figures["per_agent"].values():
         assert agent["fetched"] == agent["needed"]            # its shards and the model, each once, nothing else
+        assert len(agent["fetched"]) == (agent["tasks"] + 1 if agent["tasks"] else 0)   # one shard per task
     assert sum(a["downloaded_bytes"] for a in ran) < figures["data_file_bytes"] * 1.1 + 2 * 10**5
 
 
@@ -146,3 +147,14 @@ def test_every_shard_blob_is_referenced_by_the_job_so_gc_and_reading_rights_cove
     assert ref.shards is not None
     envelope = make_envelope(Identity.generate(), prepared)
     assert manifest_blobs(envelope) == {s.blob for s in ref.shards} | {prepared.inputs["model"].blob}
+
+
+def test_a_manifest_signed_before_shard_blobs_still_runs_from_the_whole_file() -> None:
+    old = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "old"}, "spec": {
+        "task": "inference", "inputs": {
+            "model": {"blob": "a" * 64, "size": 10, "name": "model.pt2"},
+            "data": {"blob": "b" * 64, "size": 99, "name": "data.safetensors", "rows": 10,
+                     "shard": {"by": "rows", "count": 3}}}}})
+    points = old.points()
+    assert [(p["row_start"], p["row_end"], p["data_offset"]) for p in points] == [(0, 4, 0), (4, 7, 0), (7, 10, 0)]
+    assert {input_blob(old.inputs["data"], p) for p in points} == {"b" * 64}
