@@ -221,9 +221,10 @@ class BlobStore:
     def end_part(self, path: Path) -> None:
         self._active_tmp.discard(path)
 
-    async def reserve(self, nbytes: int) -> None:
-        """Hold ``nbytes`` of the store's space for an upload in progress (Unavailable when full)."""
-        await self._reserve(nbytes)
+    async def reserve(self, nbytes: int, check_only: bool = False) -> None:
+        """Hold ``nbytes`` of the store's space for an upload in progress (Unavailable when full), or
+        only check that they would fit."""
+        await self._reserve(nbytes, check_only)
 
     def release(self, nbytes: int) -> None:
         """Give back what :meth:`reserve` held."""

@@ -9,10 +9,12 @@ chunk is in, the whole file's sha256 (hashed chunk by chunk, never re-read) must
 and the file moves into the store like any upload.
 
 Bounds, so that a stranger cannot fill the disk with sessions it never finishes: the blob's size is
-declared up front (within ``max_blob_bytes``) and counted against the key's quota (hub/blob_access.py)
-and the store's free space until the session ends; a key holds at most ``upload_sessions_per_key``
-sessions, the board ``upload_sessions_max``; a session idle for ``upload_session_ttl_s`` is dropped with
-its part file. Sessions live in this process: after a hub restart a client starts its upload again.
+declared up front (within ``max_blob_bytes`` and the store's free space) and counted against the key's
+quota (hub/blob_access.py) until the session ends; the store's space is held as verified chunks arrive
+(as a plain PUT holds it); a key holds at most ``upload_sessions_per_key`` sessions, the board
+``upload_sessions_max``; a session that gets no verified chunk for ``upload_session_ttl_s`` (asking
+about it does not count) is dropped with its part file. Sessions live in this process: after a hub
+restart a client starts its upload again.
 """
 
 from __future__ import annotations
@@ -106,7 +108,6 @@ class UploadSessions:
                 if s.size != size:
                     raise Conflict(f"an upload of {sha} with {s.size} bytes is open; this one says {size}",
                                    code="upload_size_conflict")
-                s.touched = self._clock()
                 return s, False
         if size > self.store.max_blob_bytes:
             raise self.store.too_large(size)
@@ -116,14 +117,9 @@ class UploadSessions:
                                   f"finish them, or they expire after {self.ttl_s:.0f} s idle")
         if len(self.sessions) >= self.most:
             raise Unavailable("too many uploads in progress on this board; retry later", code="uploads_busy")
+        await self.store.reserve(size, check_only=True)
         if self._begin is not None:
             await self._begin(key_id, size)
-        try:
-            await self.store.reserve(size)
-        except BaseException:
-            if self._end is not None:
-                self._end(key_id, size)
-            raise
         session = UploadSession(secrets.token_urlsafe(16), key_id, sha, size, self.chunk_bytes,
                                 self.store.part_path(sha), touched=self._clock())
         session.part.touch()
@@ -137,7 +133,6 @@ class UploadSessions:
         if session is None or session.key_id != key_id:
             raise NotFound(f"no upload {upload_id} (finished, expired after {self.ttl_s:.0f} s idle, or the "
                            "board restarted): open it again", code="upload_not_found")
-        session.touched = self._clock()
         return session
 
     async def put_chunk(self, session: UploadSession, index: int, chunk_sha: str,
@@ -154,7 +149,9 @@ class UploadSessions:
             raise BadRequest(f"chunk {index} must be {want} bytes, not {length}", code="size_mismatch")
         if session.busy:
             raise Conflict(f"chunk {index} of upload {session.id} is already being received", code="chunk_busy")
+        await self.store.reserve(want)    # disk is held as bytes arrive, as a PUT holds it
         session.busy = True
+        kept = False
         try:
             got = await self._receive(session, body, want)
             if got[0] != want or got[1].hexdigest() != chunk_sha:
@@ -164,9 +161,12 @@ class UploadSessions:
                 raise BadRequest(f"chunk {index} hashes to {got[1].hexdigest()}, not {chunk_sha}: resend it",
                                  code="digest_mismatch")
             session.hash, session.received = got[2], session.received + want
-            session.touched = self._clock()
+            session.touched = self._clock()   # only a verified chunk keeps a session alive
+            kept = True
         finally:
             session.busy = False
+            if not kept:
+                self.store.release(want)
         if session.received < session.size:
             return None
         self._close(session, keep_part=True)
@@ -222,7 +222,7 @@ class UploadSessions:
 
     def _close(self, session: UploadSession, keep_part: bool) -> None:
         self.sessions.pop(session.id, None)
-        self.store.release(session.size)
+        self.store.release(session.received)
         self.store.end_part(session.part)
         if not keep_part:
             session.part.unlink(missing_ok=True)

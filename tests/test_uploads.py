@@ -142,15 +142,22 @@ async def test_an_idle_session_expires_with_its_part_file_its_space_and_its_quot
     sessions = UploadSessions(store, chunk_bytes=CHUNK, ttl_s=60, per_key=4, most=8, begin=begin, end=end,
                               clock=clock)
     idle, _ = await sessions.open("stranger", "a" * 64, 900_000)
-    with pytest.raises(Unavailable, match="blob store is full"):          # its declared size is held
-        await sessions.open("honest", "b" * 64, 200_000)
+    chunk = b"c" * CHUNK
+    await sessions.put_chunk(idle, 0, hashlib.sha256(chunk).hexdigest(), _once(chunk), CHUNK)
+    with pytest.raises(Unavailable, match="blob store is full"):          # its verified bytes hold space
+        await sessions.open("honest", "b" * 64, 10**6 - 1000)
     clock.now = 59
     live, _ = await sessions.open("honest", "c" * 64, 50_000)
+    sessions.get("stranger", idle.id)                                   # asking does not keep it alive
     assert idle.part.exists() and counted == {"stranger": 900_000, "honest": 50_000}
     clock.now = 61
     assert sessions.expire() == [idle]
     assert not idle.part.exists() and counted["stranger"] == 0 and live.id in sessions.sessions
-    await sessions.open("honest", "b" * 64, 200_000)                    # the space is free again
+    await sessions.open("honest", "b" * 64, 10**6 - 1000)                # the space is free again
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def test_upload_settings_that_would_never_expire_or_spin_are_refused() -> None:
