@@ -158,3 +158,30 @@ def test_a_manifest_signed_before_shard_blobs_still_runs_from_the_whole_file() -
     points = old.points()
     assert [(p["row_start"], p["row_end"], p["data_offset"]) for p in points] == [(0, 4, 0), (4, 7, 0), (7, 10, 0)]
     assert {input_blob(old.inputs["data"], p) for p in points} == {"b" * 64}
+
+
+async def test_an_agent_leasing_a_task_may_read_its_shard_and_no_other(tmp_path: Path) -> None:
+    from conftest import InProcessHub
+    from test_blob_access import blob_request, member
+
+    from agent.client.submitting import make_envelope, submit, upload_inputs
+
+    hub = InProcessHub(tmp_path / "board", blob_gc_interval_s=3600)
+    await hub.start()
+    try:
+        sub, worker = await member(hub, "submitter"), await member(hub, "agent")
+        prepared, files = prepare_inputs(sharded_manifest(tmp_path, 10, 3))
+        await upload_inputs(sub, files)
+        await submit(sub, make_envelope(sub.identity, prepared))
+        [task] = (await worker.call("POST", "/v1/lease", {"slots": 1, "wait_s": 2}))["tasks"]
+        ref = prepared.inputs["data"]
+        assert ref.shards is not None
+        mine = input_blob(ref, task["params"])
+        assert (await blob_request(worker, "GET", mine))[0] == 200
+        assert (await blob_request(worker, "GET", prepared.inputs["model"].blob or ""))[0] == 200
+        for other in {s.blob for s in ref.shards} - {mine}:
+            assert (await blob_request(worker, "GET", other))[0] == 404
+        for client in (sub, worker):
+            await client.close()
+    finally:
+        await hub.stop()
