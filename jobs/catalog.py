@@ -11,14 +11,16 @@ from jobs.kinds.conv2d import Conv2d
 from jobs.kinds.inference import Inference
 from jobs.kinds.matmul import Matmul
 from jobs.kinds.mlp_train import MlpTrain
+from jobs.kinds.python_code import PythonCode
 from jobs.kinds.sleep import Sleep
+from jobs.kinds.untrusted import Untrusted
 from jobs.kinds.vector_add import VectorAdd
 from security.errors import BadRequest
 
 __all__ = ["all_kinds", "get_kind"]
 
 _KINDS: dict[str, Kind] = {k.name: k for k in (Matmul(), Sleep(), VectorAdd(), Conv2d(), MlpTrain(),
-                                                 Inference(), Benchmark(), Chaos())}
+                                                 Inference(), Benchmark(), Chaos(), PythonCode(), Untrusted())}
 
 
 def _enabled(kind: Kind) -> bool:

@@ -23,10 +23,13 @@ class FailureClass(StrEnum):
     INVALID_PARAMS = "invalid_params"
     UNSUPPORTED = "unsupported"
     ERROR = "error"
+    #: submitter code tried what its sandbox forbids (a file outside its work dir and inputs, the
+    #: network, more processes than allowed): the same code would do it on any agent, so not retried
+    SANDBOX_VIOLATION = "sandbox_violation"
 
     @property
     def transient(self) -> bool:
-        return self not in (FailureClass.INVALID_PARAMS, FailureClass.UNSUPPORTED)
+        return self not in (FailureClass.INVALID_PARAMS, FailureClass.UNSUPPORTED, FailureClass.SANDBOX_VIOLATION)
 
 
 class RetryableError(Exception):

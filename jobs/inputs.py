@@ -25,8 +25,8 @@ from typing import Any
 from jobs.kinds.base import Kind
 from security.errors import BadRequest
 
-__all__ = ["INPUT_SCHEMA", "InputRef", "ShardRef", "check_inputs", "input_blob", "missing_paths", "parse_inputs",
-           "shard_points"]
+__all__ = ["INPUT_SCHEMA", "InputRef", "ShardRef", "check_inputs", "expand_paths", "input_blob", "missing_paths",
+           "parse_inputs", "shard_count_problem", "shard_points"]
 
 MAX_SHARDS = 100_000
 
@@ -148,6 +148,9 @@ def _check_ref(kind: Kind, ref: InputRef, where: str, errors: list[tuple[str, st
         errors.append((f"{where}.shard", "a list of files is already the shard set: give paths or shard, not both"))
     if ref.blob is not None and ref.rows is None:
         errors.append((f"{where}.rows", "an uploaded sharded input needs its row count"))
+    if ref.shard_count is not None and ref.rows is not None \
+            and (why := shard_count_problem(ref.shard_count, ref.rows)) is not None:
+        errors.append((f"{where}.shard.count", why))
     if ref.shards is not None:
         if "data_offset" not in kind.params:
             errors.append((f"{where}.shards", f"kind {kind.name} cannot read a shard blob"))
@@ -156,6 +159,20 @@ def _check_ref(kind: Kind, ref: InputRef, where: str, errors: list[tuple[str, st
         if ref.rows != sum(s.rows for s in ref.shards):
             errors.append((f"{where}.rows", f"the shards hold {sum(s.rows for s in ref.shards)} rows, "
                                             f"not {ref.rows}"))
+        empty = [i for i, s in enumerate(ref.shards) if s.rows == 0]
+        if empty:
+            errors.append((f"{where}.shards[{empty[0]}]", "a shard holds no rows (each task needs at least one)"))
+
+
+def shard_count_problem(count: int, rows: int) -> str | None:
+    """Why ``count`` shards cannot split ``rows`` rows (None: they can). Refused, not clamped: the
+    signed manifest then says exactly how many tasks the job has, and no shard is ever empty."""
+    if rows == 0:
+        return "the sharded tensor has no rows: there is nothing to split"
+    if count > rows:
+        return (f"count {count} is more shards than the {rows} rows to split (each shard needs a row); "
+                f"use a count of at most {rows}")
+    return None
 
 
 def input_blob(ref: InputRef, params: Mapping[str, Any]) -> str:
@@ -187,6 +204,19 @@ def shard_points(refs: Mapping[str, InputRef]) -> list[dict[str, int]]:
             return [dict(zip(("row_start", "row_end"), shard_rows(total, ref.shard_count, i), strict=True))
                     for i in range(ref.shard_count)]
     return [{}]
+
+
+def expand_paths(patterns: tuple[str, ...], base_dir: Path) -> list[Path]:
+    """The files a ``paths`` list names, in order: each pattern's matches sorted (a file named twice is
+    one shard once); a pattern that matches nothing is an error naming it."""
+    found: list[Path] = []
+    for pattern in patterns:
+        full = Path(pattern) if Path(pattern).is_absolute() else base_dir / pattern
+        matches = sorted(Path(p) for p in glob.glob(str(full)) if Path(p).is_file())
+        if not matches:
+            raise BadRequest(f"no file matches {pattern!r} (looked in {full.parent})", code="file_not_found")
+        found.extend(m for m in matches if m not in found)
+    return found
 
 
 def missing_paths(ref: InputRef, base_dir: Path) -> list[tuple[str, str]]:

@@ -19,9 +19,10 @@ from typing import Any
 import jsonschema
 
 from jobs.catalog import all_kinds, get_kind
+from jobs.code_spec import CODE_SCHEMA, code_problems, with_code
 from jobs.errors import InvalidParams
 from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, missing_paths, parse_inputs, shard_points
-from jobs.requirements import Requirements
+from jobs.requirements import Requirements, torch_range_problem
 from jobs.yamlpos import Document, load_documents, path_text
 from security.errors import BadRequest
 
@@ -67,6 +68,7 @@ _BASE_SCHEMA: dict[str, Any] = {
                 "task": {"type": "string", "description": "a catalog kind"},
                 "params": {"type": "object"},
                 "inputs": INPUT_SCHEMA,
+                "code": CODE_SCHEMA,
                 "sweep": {
                     "type": "object",
                     "description": "cartesian product of values: one task per point",
@@ -83,6 +85,7 @@ _BASE_SCHEMA: dict[str, Any] = {
                         "min_memory_gb": {"type": "number", "minimum": 0},
                         "min_gflops": {"type": "number", "minimum": 0},
                         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "torch": {"type": "string", "description": "a version range, e.g. \">=2.1,<3\""},
                     },
                 },
                 "resources": {
@@ -320,7 +323,9 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str,
             problem = kind.params[key].check(key, value)
             if problem:
                 errors.append((f"spec.sweep.{key}[{i}]", problem))
-    check_inputs(kind, parse_inputs(spec.get("inputs", {})), errors)
+    check_inputs(kind, with_code(spec, kind, parse_inputs(spec.get("inputs", {})), errors), errors)
+    if "torch" in spec.get("requires", {}) and (problem := torch_range_problem(spec["requires"]["torch"])):
+        errors.append(("spec.requires.torch", problem))
     for key in ("timeout",):
         if key in spec.get("resources", {}):
             _check_duration(spec["resources"][key], f"spec.resources.{key}", errors, MAX_TIMEOUT_S)
@@ -384,7 +389,7 @@ def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manif
         errs = validate(doc.value, max_tasks)
         if not errs:
             manifest = dataclasses.replace(Manifest._build(doc.value), base_dir=path.parent)
-            errs = _missing_files(manifest)
+            errs = _missing_files(manifest) + code_problems(manifest)
             if not errs:
                 manifests.append(manifest)
         problems.extend(sorted(((name, *_pos(doc, p)), p, m) for p, m in errs))

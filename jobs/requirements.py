@@ -11,7 +11,38 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Capabilities", "Gpu", "Requirements", "explain", "unmet"]
+__all__ = ["ANY_SUBMITTER", "MAX_CODE_KEYS", "Capabilities", "Gpu", "Requirements", "explain",
+           "torch_range_problem", "unmet"]
+
+#: ``code_from`` entry meaning "any submitter this board authorises"
+ANY_SUBMITTER = "*"
+#: at most this many submitter keys in one report's ``code_from``
+MAX_CODE_KEYS = 256
+
+
+def torch_range_problem(text: Any) -> str | None:
+    """Why ``text`` is not a version range like ``>=2.1,<3`` (None when it is one)."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        SpecifierSet(str(text))
+    except InvalidSpecifier:
+        return f"expected a version range like \">=2.1,<3\", got {text!r}"
+    return None
+
+
+def _torch_fits(wanted: str, caps: Capabilities) -> bool:
+    """Whether the agent's torch (``packages.torch`` of its report, else ``torch``) is in ``wanted``;
+    pre-releases and local builds (``2.4.0a0+git``, ``2.3.1+cu121``) count as their version."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    packages = caps.raw.get("packages")
+    have = (packages.get("torch") if isinstance(packages, Mapping) else None) or caps.raw.get("torch")
+    try:
+        return bool(have) and SpecifierSet(wanted).contains(Version(str(have)), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return False
 
 
 def _cc(text: str | None) -> tuple[int, int]:
@@ -54,11 +85,21 @@ class Capabilities:
     gpus: tuple[Gpu, ...] = ()
     kinds: frozenset[str] = frozenset()
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: whose code (sandboxed kinds) this agent runs from this board: submitter key ids, or ``*`` for
+    #: any submitter the board authorises (joined with ``--allow-code``); empty: nobody's
+    code_from: frozenset[str] = frozenset()
     raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def accepts_code(self, submitter: str) -> bool:
+        return ANY_SUBMITTER in self.code_from or submitter in self.code_from
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Capabilities:
         cpu = d.get("cpu") or {}
+        code_from = d.get("code_from") or []
+        if not isinstance(code_from, list) or len(code_from) > MAX_CODE_KEYS or not all(
+                isinstance(k, str) and 0 < len(k) <= 128 for k in code_from):
+            raise ValueError(f"code_from: expected a list of at most {MAX_CODE_KEYS} key ids")
         return cls(
             memory_gb=float(d.get("memory_gb", 0.0)),
             cpu_cores=int(cpu.get("cores", 1)),
@@ -66,6 +107,7 @@ class Capabilities:
             gpus=tuple(Gpu.from_dict(g) for g in d.get("gpus") or ()),
             kinds=frozenset(d.get("kinds") or ()),
             labels=dict(d.get("labels") or {}),
+            code_from=frozenset(code_from),
             raw=d,
         )
 
@@ -79,9 +121,14 @@ class Requirements:
     min_memory_gb: float = 0.0
     min_gflops: float = 0.0
     labels: tuple[tuple[str, str], ...] = ()
+    #: a version range of torch the agent must have (``>=2.1,<3``), for code of the ``python`` kind
+    torch: str | None = None
     #: the task's memory cap (set by the board from ``resources.max_memory_gb`` or the default): an agent
     #: whose volunteer allows less (``max_memory_gb`` in its report) is not sent it
     task_memory_gb: float = 0.0
+    #: the submitter whose code the task runs (set by the board for a sandboxed kind such as
+    #: ``python``): only an agent that accepts code from it is sent the task
+    code_from: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Requirements:
@@ -94,6 +141,8 @@ class Requirements:
             min_gflops=float(d.get("min_gflops", 0.0)),
             labels=tuple(sorted((d.get("labels") or {}).items())),
             task_memory_gb=float(d.get("task_memory_gb", 0.0)),
+            code_from=d.get("code_from") or None,
+            torch=str(d["torch"]) if d.get("torch") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +156,10 @@ class Requirements:
             out["min_compute_capability"] = self.min_compute_capability
         if self.labels:
             out["labels"] = dict(self.labels)
+        if self.code_from:
+            out["code_from"] = self.code_from
+        if self.torch:
+            out["torch"] = self.torch
         return out
 
     def gpu_fits(self, gpu: Gpu) -> bool:
@@ -134,6 +187,10 @@ def unmet(req: Requirements, kind: str, caps: Capabilities) -> list[str]:
         failed.append("max_memory_gb")
     if any(caps.labels.get(k) != v for k, v in req.labels):
         failed.append("labels")
+    if req.code_from and not caps.accepts_code(req.code_from):
+        failed.append("code")
+    if req.torch and not _torch_fits(req.torch, caps):
+        failed.append("torch")
     if req.device == "gpu" or req.min_vram_gb or req.min_compute_capability or (
             req.backends and "cpu" not in req.backends):
         if req.device == "cpu":
@@ -169,6 +226,11 @@ def explain(req: Requirements, kind: str, fleet: Iterable[Capabilities]) -> list
     lines = []
     for clause, failing in counts.items():
         have = n - failing
+        if clause == "code":
+            lines.append(f"{have} of {n} connected agents {'accepts' if have == 1 else 'accept'} code from you "
+                         "(a volunteer consents with `panal trust add KEY --code` or "
+                         "`panal agent join URL --allow-code`)")
+            continue
         lines.append(f"needs {_describe(clause, req, kind)}: {have} of {n} connected agents "
                      f"{'has' if have == 1 else 'have'} it{_largest(clause, agents)}")
     return lines
@@ -180,12 +242,14 @@ def _describe(clause: str, req: Requirements, kind: str) -> str:
         "min_memory_gb": f"min_memory_gb {req.min_memory_gb:g}",
         "max_memory_gb": f"volunteers allowing {req.task_memory_gb:g} GB per task (its memory cap)",
         "labels": "labels " + ", ".join(f"{k}={v}" for k, v in req.labels),
+        "torch": f"torch {req.torch}",
         "device": "a GPU",
         "backends": "backend " + " or ".join(req.backends),
         "min_vram_gb": f"min_vram_gb {req.min_vram_gb:g}",
         "min_compute_capability": f"min_compute_capability {req.min_compute_capability}",
         "gpu": "one GPU meeting every GPU clause",
         "min_gflops": f"min_gflops {req.min_gflops:g}",
+        "code": "an agent that accepts code from this submitter",
     }[clause]
 
 

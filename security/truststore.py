@@ -29,6 +29,8 @@ class TrustedKey:
     key: str  # ``ed25519:<base64>``
     name: str | None = None
     added: float = 0.0  # epoch seconds
+    #: also run this submitter's own code (sandboxed kinds such as ``python``), not only catalog kinds
+    code: bool = False
 
     def public_key(self) -> PublicKey:
         return PublicKey.parse(self.key)
@@ -50,6 +52,10 @@ class TrustStore:
     def is_trusted(self, key_id: str) -> bool:
         return any(k.id == key_id for k in self._load())
 
+    def code_ids(self) -> builtins.list[str]:
+        """Ids of the keys whose code this agent runs (``panal trust add KEY --code``)."""
+        return [k.id for k in self._load() if k.code]
+
     def get(self, ref: str) -> TrustedKey:
         """The entry whose id or name is ``ref``; :class:`NotFound` otherwise."""
         matches = [k for k in self._load() if ref in (k.id, k.name)]
@@ -57,8 +63,9 @@ class TrustStore:
             raise NotFound(f"no trusted key with id or name {ref!r} in {self.path}")
         return matches[0]
 
-    def add(self, key: str | PublicKey, *, name: str | None = None) -> TrustedKey:
-        """Trust ``key``: a :class:`PublicKey`, its text ``ed25519:...``, or a path to a file holding it.
+    def add(self, key: str | PublicKey, *, name: str | None = None, code: bool = False) -> TrustedKey:
+        """Trust ``key``: a :class:`PublicKey`, its text ``ed25519:...``, or a path to a file holding it;
+        ``code``: run its own code too. Adding ``code`` to a key already trusted without it upgrades it.
 
         Raises :class:`BadRequest` for a malformed key or name, :class:`Conflict` for a key or name
         already present."""
@@ -69,12 +76,16 @@ class TrustStore:
                 raise BadRequest(f"a key name is one word, got {name!r}")
         keys = self._load()
         for existing in keys:
+            if existing.id == public.id and code and not existing.code:
+                upgraded = TrustedKey(existing.id, existing.key, existing.name, existing.added, code=True)
+                self._save([upgraded if k.id == existing.id else k for k in keys])
+                return upgraded
             if existing.id == public.id:
                 label = f" as {existing.name!r}" if existing.name else ""
                 raise Conflict(f"key {public.id} is already trusted{label}", details={"id": public.id})
             if name is not None and (existing.name == name or existing.id == name):
                 raise Conflict(f"the name {name!r} is already used by key {existing.id}")
-        entry = TrustedKey(public.id, public.text(), name, round(time.time(), 3))
+        entry = TrustedKey(public.id, public.text(), name, round(time.time(), 3), code=code)
         self._save([*keys, entry])
         return entry
 

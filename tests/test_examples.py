@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.catalog import all_kinds, get_kind
+from jobs.code_spec import bundle_manifest
 from jobs.kinds.inference import shard_rows
 from jobs.manifest import load_manifests
 from jobs.safeload import check_safetensors, load_pt2
@@ -95,3 +96,17 @@ def test_inference_example_validates_and_runs(tmp_path: Path) -> None:
     with torch.no_grad():
         want = load_pt2(model).module()(load_file(str(data))["x"])
     assert torch.allclose(torch.cat(results), want, atol=1e-6)
+
+
+def test_python_example_validates_and_its_cnn_learns_the_shapes(tmp_path: Path) -> None:
+    [manifest] = load_manifests(EXAMPLES / "python.yaml")
+    assert manifest.kind == "python" and manifest.n_tasks == 6
+    assert {tuple(sorted(p)) for p in manifest.points()} == {("batch_size", "epochs", "lr", "samples", "seed",
+                                                             "width")}
+    bundled, code = bundle_manifest(manifest, tmp_path / "bundle")
+    assert code is not None and "code" in bundled.inputs
+    # the sweep's best corner, shortened: the held-out accuracy is far above chance (0.25)
+    params = {**manifest.points()[-1], "epochs": 2, "samples": 1500}
+    [out] = run_points("python", [params], tmp_path, code=code)
+    assert out.values["val_acc"] > 0.5 and out.values["parameters"] > 0
+    assert out.files["model"].name == "model.safetensors" and set(load_file(str(out.files["model"])))

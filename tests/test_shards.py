@@ -185,3 +185,19 @@ async def test_an_agent_leasing_a_task_may_read_its_shard_and_no_other(tmp_path:
             await client.close()
     finally:
         await hub.stop()
+
+
+def test_submit_time_checks_read_every_file_of_a_shard_set_and_name_it(tmp_path: Path) -> None:
+    from jobs.precheck import check_local_inputs
+
+    save_file({"x": torch.randn(3, 4)}, str(tmp_path / "part-a.safetensors"))
+    save_file({"features": torch.randn(3, 4)}, str(tmp_path / "part-b.safetensors"))
+    save_file({"x": torch.randn(0, 4)}, str(tmp_path / "part-c.safetensors"))
+    make_model(tmp_path / "model.pt2")
+    (tmp_path / "job.yaml").write_text(HEAD + "  inputs:\n    model: model.pt2\n"
+                                       "    data: {paths: ['part-*.safetensors']}\n")
+    [manifest] = load_manifests(tmp_path / "job.yaml")
+    problems = check_local_inputs(manifest)
+    assert [(where, text.split(":")[0]) for where, text in problems] == [
+        ("spec.inputs.data", "part-b.safetensors"), ("spec.inputs.data", "part-c.safetensors")]
+    assert "has no tensor 'x'" in problems[0][1] and "no rows" in problems[1][1]

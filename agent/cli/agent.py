@@ -30,7 +30,9 @@ def agent() -> None:
 @click.argument("join_url")
 @click.option("--name", default="", help="How this machine appears on the board (default: hostname).")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP to a non-loopback board.")
-def join(join_url: str, name: str, insecure: bool) -> None:
+@click.option("--allow-code", is_flag=True, help="Run code from this board's authorised submitters (the `python` "
+              "kind, in the sandbox): the board vouches for them. Off unless given.")
+def join(join_url: str, name: str, insecure: bool, allow_code: bool) -> None:
     """Join a board: pin its certificate from the join URL and register this agent (signed).
 
     A hub on the internet admits new agents only with the admission token its join URL carries
@@ -48,10 +50,11 @@ def join(join_url: str, name: str, insecure: bool) -> None:
                                      headers={TOKEN_HEADER: token} if token else None)
 
     reply = run(go())
-    h.add_board(address)
+    h.add_board(address, allow_code=allow_code)
     if not h.client_settings().get("hub"):
         h.set_client("hub", address.join_url())
-    click.echo(f"joined {address.url} as agent {reply.agent_id}")
+    click.echo(f"joined {address.url} as agent {reply.agent_id}"
+               + (": accepting code from its submitters" if allow_code else ""))
 
 
 @agent.command("run")
@@ -114,7 +117,15 @@ def info(as_json: bool, rebench: bool, no_measure: bool) -> None:
         return
     click.echo(f"agent id: {home().agent_identity().id}")
     for key, value in caps.items():
-        click.echo(f"{key}: {value}")
+        if key != "sandbox":
+            click.echo(f"{key}: {value}")
+    sandbox = caps.get("sandbox") or {}
+    if sandbox.get("available"):
+        click.echo(f"sandbox: {sandbox.get('tool')}: submitter code (the python kind) can run here, with consent "
+                   "(`panal trust add KEY --code`, `panal agent join URL --allow-code`)")
+    else:
+        click.echo(f"sandbox: unavailable: {sandbox.get('reason')}: submitter code (the python kind) is not "
+                   f"advertised\n  to enable: {sandbox.get('fix')}")
 
 
 @agent.command("set", context_settings={"ignore_unknown_options": True})  # `-3` is a value to check

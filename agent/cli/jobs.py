@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +24,24 @@ from agent.cli.common import (
     with_client,
 )
 from agent.client.board import BoardClient
+from agent.client.merge import merge_outputs
 from agent.client.submitting import (
     ResultCheck,
     fetch_outputs,
     make_envelope,
+    output_file_name,
     prepare_inputs,
     submit,
+    task_dir_name,
     upload_inputs,
     verify_results,
     wait_job,
 )
 from agent.client.validation import check_validation, unit_rows
 from jobs.checkpoints import resumed_from
-from jobs.manifest import load_manifests
+from jobs.code_spec import bundle_manifest
+from jobs.manifest import ManifestError, load_manifests
+from jobs.precheck import check_local_inputs
 
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",
                           help="Board join URL (default: PANAL_HUB, `panal config set hub`, `panal up`).")
@@ -71,9 +78,13 @@ def _progress_line(job: dict[str, Any]) -> str:
 def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wait: bool, timeout_s: float,
                as_json: bool) -> None:
     """Validate, sign and submit manifests (several documents in a file make several jobs)."""
-    manifests = [m for path in files for m in load_manifests(path)]
+    pairs = [(path, m) for path in files for m in load_manifests(path)]   # code checked here: before uploads
+    refused: list[tuple[tuple[str, int, int] | None, str, str]] = [
+        (None, f"{path}: {m.name}: {field}", why) for path, m in pairs for field, why in check_local_inputs(m)]
+    if refused:   # what an agent would refuse is refused here, before anything is uploaded
+        raise ManifestError(refused)
+    manifests = [m for _, m in pairs]
     identity = home().user_identity()
-    prepared = [prepare_inputs(m) for m in manifests]
     address = home().default_board(hub_url)
 
     async def go(client: BoardClient) -> list[dict[str, Any]]:
@@ -103,7 +114,13 @@ def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wai
             return finals
         return jobs
 
-    views = run(with_client(address, go, insecure))
+    bundles = Path(tempfile.mkdtemp(prefix="panal-code-"))
+    try:
+        # spec.code -> a reproducible bundle, named as input ``code`` and uploaded like any input
+        prepared = [prepare_inputs(bundle_manifest(m, bundles)[0]) for m in manifests]
+        views = run(with_client(address, go, insecure))
+    finally:
+        shutil.rmtree(bundles, ignore_errors=True)
     if as_json:
         print_json(views)
     if wait:
@@ -191,10 +208,14 @@ def cancel_cmd(job_id: str, hub_url: str | None, insecure: bool) -> None:
 @click.option("--verify", is_flag=True, help="Check every result's signature and digest; exit 2 on a bad one.")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Write results.json (and outputs) into this directory.")
+@click.option("--merge", is_flag=True, help="With -o: join a row-sharded job's outputs into one file per output "
+                                            "(rows in input order); refused unless every shard is validated.")
 @click.option("--json", "as_json", is_flag=True)
 def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, out_dir: Path | None,
-                as_json: bool) -> None:
+                merge: bool, as_json: bool) -> None:
     """Show a job's results (values and metrics), optionally verifying the signature chain."""
+    if merge and out_dir is None:
+        raise click.UsageError("--merge writes the merged files into the -o DIR folder: give -o DIR")
     async def go(client: BoardClient) -> tuple[dict[str, Any], list[ResultCheck], dict[str, list[str]]]:
         reply = dict(await client.call("GET", f"/v1/jobs/{job_id}/results"))
         checks = verify_results(reply)
@@ -210,7 +231,7 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
          "state": r.get("state"),
          "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
          "environment": c.payload.get("environment"), "resumed_from": resumed_from(c.payload),
-         "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
+         "outputs": {name: {**o, "path": f"{task_dir_name(c.task_id)}/{output_file_name(name, o)}"}
                      for name, o in (c.payload.get("outputs") or {}).items()}}
         for c, r in zip(checks, reply["results"], strict=True)]
     units = unit_rows(reply, checks)
@@ -219,6 +240,11 @@ def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, 
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(index, indent=2, default=str))
+    if merge and out_dir is not None:
+        merged = merge_outputs(reply, checks, units, out_dir, validation_problems)   # refuses unless all shards are in
+        index["merged"] = {name: str(path) for name, path in merged.items()}
+        if not as_json:
+            click.echo("merged: " + ", ".join(index["merged"].values()), err=True)
     if as_json:
         print_json(index)
     else:

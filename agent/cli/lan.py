@@ -49,10 +49,10 @@ def render_trust(keys: list[dict[str, Any]], as_json: bool) -> str:
         return json.dumps(keys, indent=2)
     if not keys:
         return "no trusted keys"
-    table = Table("name", "id", "key", "added")
+    table = Table("name", "id", "key", "added", "code")
     for k in keys:
         added = dt.datetime.fromtimestamp(k["added"]).strftime("%Y-%m-%d %H:%M") if k["added"] else ""
-        table.add_row(*map(plain, (k["name"] or "", k["id"], k["key"], added)))
+        table.add_row(*map(plain, (k["name"] or "", k["id"], k["key"], added, "yes" if k.get("code") else "no")))
     return _table_text(table)
 
 
@@ -83,14 +83,17 @@ def trust_group() -> None:
 @trust_group.command("add")
 @click.argument("key")
 @click.option("--name", help="a short name to refer to the key by")
+@click.option("--code", is_flag=True, help="also run this submitter's own code (the `python` kind), in the "
+              "sandbox; off unless given")
 @click.pass_context
-def trust_add(ctx: click.Context, key: str, name: str | None) -> None:
+def trust_add(ctx: click.Context, key: str, name: str | None, code: bool) -> None:
     """Trust KEY (ed25519:... text, or a file containing it)."""
     try:
-        entry = _store(ctx).add(read_public_key(key), name=name)
+        entry = _store(ctx).add(read_public_key(key), name=name, code=code)
     except PanalError as exc:
         raise click.ClickException(exc.message) from exc
-    click.echo(f"trusted {entry.id}" + (f" ({entry.name})" if entry.name else ""))
+    click.echo(f"trusted {entry.id}" + (f" ({entry.name})" if entry.name else "")
+               + (": its code too (runs in the sandbox)" if entry.code else ""))
 
 
 @trust_group.command("list")

@@ -11,31 +11,16 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import glob
 import shutil
 import tempfile
 from pathlib import Path
 
 from agent.client.blobcache import hash_file
-from jobs.inputs import InputRef, ShardRef
+from jobs.inputs import InputRef, ShardRef, expand_paths
 from jobs.kinds.inference import shard_rows
 from jobs.shardfiles import file_rows, split_rows
-from security.errors import BadRequest
 
-__all__ = ["expand_paths", "shard_input"]
-
-
-def expand_paths(patterns: tuple[str, ...], base_dir: Path) -> list[Path]:
-    """The files a ``paths`` list names, in order: each pattern's matches sorted (a file named twice is
-    one shard once); a pattern that matches nothing is an error naming it."""
-    found: list[Path] = []
-    for pattern in patterns:
-        full = pattern if Path(pattern).is_absolute() else str(base_dir / pattern)
-        matches = sorted(Path(p) for p in glob.glob(full) if Path(p).is_file())
-        if not matches:
-            raise BadRequest(f"no file matches {pattern!r} (looked in {Path(full).parent})", code="file_not_found")
-        found.extend(m for m in matches if m not in found)
-    return found
+__all__ = ["shard_input"]
 
 
 def shard_input(ref: InputRef, base_dir: Path, scratch: Path | None = None) -> tuple[InputRef, list[tuple[str, Path]]]:

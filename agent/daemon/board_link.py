@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from agent.client.board import BoardClient
 from agent.client.breaker import BreakerState
-from agent.daemon.hooks import HoldOff, SubmitterCheck
+from agent.daemon.hooks import CodeConsent, HoldOff, SubmitterCheck
 from agent.daemon.outbox import Outbox
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
@@ -38,6 +38,7 @@ from jobs.protocol import (
     ResultsReply,
     ResultsRequest,
 )
+from jobs.requirements import Capabilities
 from security.errors import PanalError
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
@@ -99,13 +100,15 @@ class BoardLink:
     """Everything the daemon keeps about one board, and the loops that talk to it."""
 
     def __init__(self, owner: LinkOwner, address: BoardAddress, client: BoardClient, outbox: Outbox, *,
-                 trusted: SubmitterCheck | None = None, hold_off: HoldOff | None = None) -> None:
+                 trusted: SubmitterCheck | None = None, hold_off: HoldOff | None = None,
+                 code: CodeConsent | None = None) -> None:
         self.owner = owner
         self.address = address
         self.client = client
         self.outbox = outbox
         self.trusted = trusted            # None: trust the board's submitters (a WAN hub vouches)
         self.hold_off = hold_off          # None: lease again at once
+        self.code = code or CodeConsent()  # whose own code (sandboxed kinds) runs from this board: nobody's
         self.cooldown_until = 0.0         # monotonic time before which we do not lease from it
         self.refused: str | None = None   # why the board gives us no work (quarantine), if it says
         self.standing: dict[str, Any] = {}   # credit, invalid results and reputation, as the board says
@@ -151,6 +154,12 @@ class BoardLink:
     def trusts(self, submitter: str) -> bool:
         return self.trusted is None or self.trusted(submitter)
 
+    def registration(self) -> Registration:
+        """The daemon's registration, with whose code this agent accepts from this board."""
+        reg = self.owner.registration()
+        caps = {**reg.capabilities.raw, "code_from": self.code.report()}
+        return Registration(reg.public_key, reg.name, Capabilities.from_dict(caps))
+
     async def release(self, assignment: Assignment) -> None:
         """Hand a leased task back (no attempt used); best effort, once."""
         with contextlib.suppress(PanalError):
@@ -161,6 +170,15 @@ class BoardLink:
         """Hand a task from an untrusted submitter back and leave this board alone for a while, so
         agents that do trust the submitter take it."""
         log.warning("refusing job %s on %s: submitter %s is not in the trust store (`panal trust add`)",
+                    assignment.job_id, self.address.url, submitter)
+        self.cooldown_until = time.monotonic() + UNTRUSTED_COOLDOWN_S
+        await self.release(assignment)
+
+    async def refuse_code(self, assignment: Assignment, submitter: str) -> None:
+        """Hand back a task running a submitter's own code that this agent did not consent to (a
+        board that ignored our ``code_from``), and leave the board alone for a while."""
+        log.warning("refusing job %s on %s: it runs code from %s, which this agent does not accept "
+                    "(`panal trust add KEY --code` or `panal agent join URL --allow-code`)",
                     assignment.job_id, self.address.url, submitter)
         self.cooldown_until = time.monotonic() + UNTRUSTED_COOLDOWN_S
         await self.release(assignment)
@@ -219,7 +237,7 @@ class BoardLink:
         """Register (again) with the capabilities advertised now; retries until the board answers."""
         while True:
             try:
-                registered = await self.client.post("/v1/agents", self.owner.registration(), Registered.decode)
+                registered = await self.client.post("/v1/agents", self.registration(), Registered.decode)
                 self.lease_ttl_s = float(registered.lease_ttl_s)
                 self.registered = True
                 log.info("registered with %s as %s", self.address.url, self.client.identity.id)

@@ -24,12 +24,14 @@ from agent.client.breaker import Breaker
 from agent.daemon.board_link import BoardLink
 from agent.daemon.devices import Devices
 from agent.daemon.execution import Executor
-from agent.daemon.hooks import HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
+from agent.daemon.hooks import CodeConsent, HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
 from agent.daemon.kind_health import KindHealth
 from agent.daemon.outbox import Outbox
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from agent.engine.runner import WorkerPool
+from agent.engine.sandbox import probe as probe_sandbox
+from agent.engine.sandboxed import SandboxPool
 from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
@@ -66,10 +68,12 @@ class Daemon:
         self.settings.slots = settings.slots or self.prefs.current.max_concurrent_tasks
         self.slots = Slots(self.settings.slots, lambda: self.paused_reason is None)
         self.pool = WorkerPool(self.settings.slots)
+        # submitter code runs only here, one fresh sandbox per task (None: no working sandbox)
+        self.sandboxes = SandboxPool(home.work, exclude=[home.root]) if probe_sandbox().available else None
         self.kind_health = KindHealth()
         self.capabilities = capabilities.basic(settings.capabilities)
         self.executor = Executor(
-            identity=self.identity, work=home.work, pool=self.pool,
+            identity=self.identity, work=home.work, pool=self.pool, sandboxes=self.sandboxes,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
             devices=Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus),
             threads=(settings.threads or self.prefs.current.cpu_threads
@@ -88,19 +92,25 @@ class Daemon:
 
     # -- boards come and go (LAN peers) ---------------------------------------------------------
     def add_board(self, address: BoardAddress, *, trusted: SubmitterCheck | None = None, retry_for_s: float = 10.0,
-                  on_health: HealthListener | None = None, hold_off: HoldOff | None = None) -> BoardLink:
+                  on_health: HealthListener | None = None, hold_off: HoldOff | None = None,
+                  code: CodeConsent | None = None) -> BoardLink:
         """Start pulling from a board (the link already pulling from its URL, if any).
 
         ``trusted`` (a submitter-id check) restricts whose work runs; ``on_health`` hears each call
-        to the board (answered or not); ``hold_off`` says how long to wait before each lease request.
+        to the board (answered or not); ``hold_off`` says how long to wait before each lease request;
+        ``code`` whose own code runs (default: the board's submitters if it was joined ``--allow-code``).
         """
         for link in self.links:
             if link.address.url == address.url:
                 return link
         client = BoardClient(address, self.identity, insecure=self.settings.insecure, retry_for_s=retry_for_s,
                              breaker=Breaker(name=address.url), on_health=on_health)
+        if code is None:
+            code = CodeConsent(any_submitter=address.url in self.home.code_boards())
         link = BoardLink(self, address, client, Outbox(self.home.outbox, address.url), trusted=trusted,
-                         hold_off=hold_off)
+                         hold_off=hold_off, code=code)
+        if self.sandboxes is not None and (code.any_submitter or code.keys()):
+            self.sandboxes.prewarm()   # code may come: have a sandbox started before it does
         self.links.append(link)
         link.start()
         return link
@@ -164,6 +174,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._loops, *(link.stop() for link in self.links), return_exceptions=True)
         await self.pool.close()
+        if self.sandboxes is not None:
+            await self.sandboxes.close()
         for link in self.links:
             await link.client.close()
 
@@ -192,6 +204,10 @@ class Daemon:
             await self.slots.release(1)
 
     # -- kind health ----------------------------------------------------------------------------
+    def readvertise(self) -> None:
+        """Tell every board again what this agent accepts (e.g. the owner trusted a key for code)."""
+        self._readvertise()
+
     def _readvertise(self) -> None:
         """Re-register everywhere so boards match against the kinds this agent accepts now."""
         for link in self.links:
@@ -225,9 +241,13 @@ class Daemon:
         if reason is not None and not was_paused:
             log.info("pausing: %s", reason)
             self.pool.suspend_all()
+            if self.sandboxes is not None:
+                self.sandboxes.suspend_all()
         elif reason is None:
             log.info("resuming work")
             self.pool.resume_all()
+            if self.sandboxes is not None:
+                self.sandboxes.resume_all()
             await self.slots.wake()
 
     # -- control socket (`panal agent pause|resume|status`) -------------------------------------
@@ -237,12 +257,16 @@ class Daemon:
         paused, why = self.rules.evaluate()
         self.paused_reason = why if paused else None
         self.pool.suspend_all()
+        if self.sandboxes is not None:
+            self.sandboxes.suspend_all()
 
     def resume(self) -> None:
         self.rules.resume()
         if not self.rules.evaluate().paused:
             self.paused_reason = None
             self.pool.resume_all()
+            if self.sandboxes is not None:
+                self.sandboxes.resume_all()
             asyncio.get_running_loop().create_task(self.slots.wake())
 
     def status(self) -> dict[str, Any]:

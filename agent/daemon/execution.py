@@ -1,10 +1,11 @@
 """One leased task, from the board's assignment to a signed result in the outbox, in clear steps.
 
 1. check: the task is what its submitter signed (:mod:`agent.daemon.assignments`), and the link
-   trusts that submitter (else the task is handed back);
+   trusts that submitter (else the task is handed back), for its code too if the kind runs code;
 2. inputs: every input blob, and a previous attempt's checkpoint, from the local cache or the board;
 3. device: a free GPU that fits, else the CPU;
-4. run: in a warm worker, reporting progress and uploading checkpoints as they come;
+4. run: in a warm worker (a fresh sandboxed one for a kind that runs submitter code), reporting
+   progress and uploading checkpoints as they come;
 5. upload: output files become blobs on the board;
 6. sign: the result names its outputs and environment under this agent's signature;
 7. queue: the result goes to the link's outbox, to be delivered.
@@ -14,6 +15,7 @@ A task that fails in any step still gets a signed ``failed`` result, unless the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -29,13 +31,16 @@ from agent.client.blobupload import upload_file
 from agent.daemon.assignments import ManifestCache
 from agent.daemon.board_link import BoardLink, Running
 from agent.daemon.devices import Devices
-from agent.engine.runner import Outcome, TaskRequest, WorkerPool
+from agent.engine.runner import Outcome, TaskRequest, Worker, WorkerPool
+from agent.engine.sandbox import probe as probe_sandbox
+from agent.engine.sandboxed import SandboxPool
+from jobs.catalog import get_kind
 from jobs.checkpoints import sign_checkpoint, verify_checkpoint
 from jobs.errors import FailureClass
 from jobs.inputs import input_blob
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
-from security.errors import PanalError
+from security.errors import BadRequest, PanalError
 from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
 from security.records import SignedRecord
@@ -51,10 +56,12 @@ class Executor:
     def __init__(self, *, identity: Identity, work: Path, pool: WorkerPool, blobs: BlobCache, devices: Devices,
                  threads: int, gpu_memory_fraction: Callable[[], float],
                  capabilities: Callable[[], dict[str, Any]],
-                 max_memory_gb: Callable[[], float | None] = lambda: None) -> None:
+                 max_memory_gb: Callable[[], float | None] = lambda: None,
+                 sandboxes: SandboxPool | None = None) -> None:
         self.identity = identity
         self.work = work
         self.pool = pool
+        self.sandboxes = sandboxes   # the only place a sandboxed kind runs; None: it runs nowhere here
         self.blobs = blobs
         self.devices = devices
         self.threads = threads
@@ -78,6 +85,10 @@ class Executor:
             if not link.trusts(submitter):
                 await link.refuse(assignment, submitter)
                 running.lost = True  # handed back: no result from us
+                return None
+            if _runs_code(manifest.kind) and not link.code.accepts(submitter):
+                await link.refuse_code(assignment, submitter)   # a board that ignored our consent
+                running.lost = True
                 return None
             resume = self.resume_point(assignment)
             inputs = await self.fetch_inputs(link, manifest, assignment, resume)
@@ -144,13 +155,22 @@ class Executor:
                               devices=(device, *(d for d in self.devices.lent() if d != device)),
                               gpu_memory_fraction=self._gpu_memory_fraction())
         try:
-            async with self.pool.worker() as worker:
+            async with self._worker(manifest.kind, device) as worker:
                 outcome: Outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel,
                                                     lambda path: self.store_checkpoint(link, running, path))
                 return outcome
         finally:
             self.devices.give_back(device)
             await asyncio.gather(*running.uploads, return_exceptions=True)
+
+    def _worker(self, kind: str, device: str) -> contextlib.AbstractAsyncContextManager[Worker]:
+        """A warm worker, or for a kind that runs submitter code a fresh sandbox: never a fallback."""
+        if not _runs_code(kind):
+            return self.pool.worker()
+        if self.sandboxes is None:
+            raise BadRequest(f"kind {kind} runs submitter code and this agent has no sandbox: "
+                             f"{probe_sandbox().describe()}", code="no_sandbox")
+        return self.sandboxes.worker(gpu=device != "cpu")
 
     def memory_cap_gb(self, manifest: Manifest) -> float:
         """The task's memory cap (its manifest's, else the default), within the volunteer's ceiling."""
@@ -224,6 +244,13 @@ class Executor:
 
     def _sign_digest(self, method: str, path: str, query: str, digest: str) -> dict[str, str]:
         return sign_request_digest(self.identity, method, path, query, digest)
+
+
+def _runs_code(kind: str) -> bool:
+    try:
+        return get_kind(kind).sandboxed
+    except PanalError:
+        return False   # a kind this agent does not know fails in the worker as `unsupported`
 
 
 #: TEST-ONLY: set to "1" in the environment of an agent that a test makes lie (tests/test_e2e_trust.py):

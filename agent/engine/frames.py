@@ -19,11 +19,12 @@ def pack_frame(value: Any) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    """Read one frame; raises ``asyncio.IncompleteReadError`` when the other side is gone."""
+async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> Any:
+    """Read one frame; raises ``asyncio.IncompleteReadError`` when the other side is gone and
+    ``ValueError`` for a frame over ``max_size`` or one that is not msgpack."""
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes exceeds the {MAX_FRAME} byte limit")
+    if size > max_size:
+        raise ValueError(f"frame of {size} bytes exceeds the {max_size} byte limit")
     return msgpack.unpackb(await reader.readexactly(size), raw=False)
 
 

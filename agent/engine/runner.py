@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.engine.frames import pack_frame, read_frame
+from agent.engine.frames import MAX_FRAME, pack_frame, read_frame
 from agent.engine.memwatch import WATCH_S, MemoryWatch
 from jobs.errors import FailureClass
 
@@ -86,17 +86,23 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    #: the largest reply frame accepted from this worker
+    max_frame = MAX_FRAME
+
     async def start(self) -> None:
-        env = {**os.environ, **(self.env or {})}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.engine.worker", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True, limit=2**20)
+        self.proc = await self._spawn({**os.environ, **(self.env or {})})
         self._killed_by_us = False
         assert self.proc.stdout is not None
-        hello = await read_frame(self.proc.stdout)
+        hello = await read_frame(self.proc.stdout, self.max_frame)
         if not hello.get("ready"):
             raise RuntimeError(f"worker sent {hello!r} instead of ready")
         self.started_at = time.monotonic()
+
+    async def _spawn(self, env: dict[str, str]) -> asyncio.subprocess.Process:
+        """Start the worker program (a sandboxed worker starts it inside bubblewrap)."""
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.engine.worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True, limit=2**20)
 
     async def run(self, request: TaskRequest, on_progress: Callable[[float], None] | None = None,
                   cancel: asyncio.Event | None = None,
@@ -112,12 +118,12 @@ class Worker:
         deadline = time.monotonic() + request.timeout_s
         reader = proc.stdout
         cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
-        watch = MemoryWatch(proc.pid, request.max_memory_gb) if request.max_memory_gb else None
+        watch = self._memory_watch(proc.pid, request.max_memory_gb) if request.max_memory_gb else None
         frame_task: asyncio.Future[Any] | None = None
         try:
             while True:
                 if frame_task is None:
-                    frame_task = asyncio.ensure_future(read_frame(reader))
+                    frame_task = asyncio.ensure_future(read_frame(reader, self.max_frame))
                 waits: set[asyncio.Future[Any]] = {frame_task}
                 if cancelled is not None:
                     waits.add(cancelled)
@@ -143,6 +149,9 @@ class Worker:
                     frame = frame_task.result()
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return await self._died(started)
+                except ValueError as exc:   # an oversized or garbled frame: the task wrote to our pipe
+                    await self.kill()
+                    return Outcome.failed(FailureClass.CRASHED, f"worker sent a malformed reply ({exc})", started)
                 frame_task = None
                 if "progress" in frame and on_progress is not None:
                     on_progress(float(frame["progress"]))
@@ -158,9 +167,12 @@ class Worker:
             if cancelled is not None:
                 cancelled.cancel()
 
+    def _memory_watch(self, pid: int, cap_gb: float) -> MemoryWatch:
+        return MemoryWatch(pid, cap_gb)
+
     async def _died(self, started: float) -> Outcome:
         assert self.proc is not None
-        code = await self.proc.wait()
+        code = self._exit_signal(await self.proc.wait())
         self.proc = None
         if code < 0:
             sig = signal.Signals(-code)
@@ -169,6 +181,11 @@ class Worker:
                                       "memory)", started)
             return Outcome.failed(FailureClass.CRASHED, f"worker process crashed ({sig.name})", started)
         return Outcome.failed(FailureClass.CRASHED, f"worker process exited with status {code}", started)
+
+    @staticmethod
+    def _exit_signal(code: int) -> int:
+        """The worker's exit status as ``Popen.returncode`` reports it (negative: a signal)."""
+        return code
 
     def suspend(self) -> None:
         """SIGSTOP the worker (the volunteer needs the machine); ``resume`` continues it."""

@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.engine.frames import pack_frame, read_frame_sync
+from agent.engine.sandbox import NPROC_ENV, SANDBOX_ENV
+from agent.engine.violations import sandbox_violation
 from jobs.catalog import get_kind
 from jobs.errors import FailureClass, InvalidParams, PermanentError, RetryableError
+from jobs.precheck import explain_refusal
+from jobs.safeload import UnsafeInput
 from security.errors import BadRequest
 
 _PROGRESS_INTERVAL_S = 0.2
@@ -127,6 +131,7 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
                         inputs={k: Path(v) for k, v in (request.get("inputs") or {}).items()},
                         devices=tuple(request.get("devices") or ("cpu",)))
     started = time.time()
+    me = os.getpid()
     try:
         kind = get_kind(request["kind"])
         params = kind.validate(request.get("params") or {})
@@ -137,15 +142,25 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
         try:
             output = kind.run(params, ctx)
         finally:
+            if os.getpid() != me:   # a process the task forked is unwinding: it must not reply
+                os._exit(0)
             _limit_memory(None)
         output.metrics.update(_peaks(ctx.device))
     except InvalidParams as exc:
         return _failure(FailureClass.INVALID_PARAMS, exc.message, started)
     except BadRequest as exc:  # e.g. a kind this agent's catalog does not have
         return _failure(FailureClass.UNSUPPORTED, exc.message, started)
-    except (RetryableError, PermanentError) as exc:
+    except UnsafeInput as exc:   # named as the manifest names the input: its file here is named by digest
+        return _failure(exc.failure, _refusal(exc, ctx.inputs), started)
+    except (RetryableError, PermanentError) as exc:   # the python kind wraps the code's own exception
+        violation = sandbox_violation(exc, ctx) if os.environ.get(SANDBOX_ENV) == "1" else None
+        if violation is not None:
+            return _failure(FailureClass.SANDBOX_VIOLATION, violation, started)
         return _failure(exc.failure, str(exc), started)
     except Exception as exc:
+        violation = sandbox_violation(exc, ctx) if os.environ.get(SANDBOX_ENV) == "1" else None
+        if violation is not None:
+            return _failure(FailureClass.SANDBOX_VIOLATION, violation, started)
         if _is_oom(exc):
             return _failure(FailureClass.OOM, f"out of memory: {str(exc)[:300]}", started)
         tail = traceback.format_exception_only(type(exc), exc)[-1].strip()
@@ -154,6 +169,14 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
     return {"ok": True, "values": output.values, "metrics": {**output.metrics, "wall_s": finished - started},
             "notes": output.notes, "files": {k: str(v) for k, v in output.files.items()},
             "started_at": started, "finished_at": finished}
+
+
+def _refusal(exc: UnsafeInput, inputs: Mapping[str, Path]) -> str:
+    """An unsafe input's refusal, naming the input (``model``, not the blob digest) and how to fix it."""
+    for name, path in inputs.items():
+        if str(path) == exc.path:
+            return explain_refusal(name, exc, path)
+    return str(exc)
 
 
 def _failure(failure: FailureClass, message: str, started: float) -> dict[str, Any]:
@@ -167,7 +190,8 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        if os.getppid() == 1 and os.environ.get(SANDBOX_ENV) != "1":  # the parent died before prctl took effect
+            # (in the sandbox, pid 1 is bubblewrap's init, which --die-with-parent ties to the daemon)
             os._exit(1)
 
 
@@ -180,6 +204,9 @@ def main() -> None:
 
 
 def _serve() -> None:
+    if os.environ.get(NPROC_ENV):   # inside the sandbox's own user namespace: counted per namespace
+        limit = int(os.environ[NPROC_ENV])
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer

@@ -14,6 +14,7 @@ torch is imported only inside :func:`detect`; the daemon runs it in a child proc
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from agent.engine.sandbox import probe as probe_sandbox
 from jobs.catalog import all_kinds
 from security.errors import BadRequest
 
@@ -39,6 +41,8 @@ ENV_FAKE_CAPS = "PANAL_FAKE_CAPS"
 #: seconds each self-test keeps multiplying; the report is the best rate seen.
 SELFTEST_S = 0.15
 _CACHE_VERSION = 1
+#: the packages whose versions the report lists (``requires.torch`` of a python job is matched on them)
+CODE_PACKAGES = ("torch", "numpy", "safetensors")
 
 
 def base_report() -> dict[str, Any]:
@@ -51,8 +55,37 @@ def base_report() -> dict[str, Any]:
         "cpu": {"cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
                 "threads": os.cpu_count() or 1, "model": cpu_model(), "gflops_fp32": 0.0},
         "torch": None, "cuda": None, "rocm": None,
-        "gpus": [], "gpu_errors": [], "kinds": sorted(all_kinds()), "labels": {},
+        "gpus": [], "gpu_errors": [], "kinds": advertised_kinds(), "labels": {},
+        "sandbox": sandbox_report(), "packages": package_versions(),
     }
+
+
+def advertised_kinds() -> list[str]:
+    """The catalog's kinds this agent can run: a kind that runs submitter code (``Kind.sandboxed``)
+    only where the sandbox works (there is no unsandboxed fallback)."""
+    sandbox = probe_sandbox().available
+    return sorted(name for name, kind in all_kinds().items() if sandbox or not kind.sandboxed)
+
+
+def sandbox_report() -> dict[str, Any]:
+    """Whether submitter code can run here, and if not why and how to enable it (`panal agent info`)."""
+    status = probe_sandbox()
+    report: dict[str, Any] = {"available": status.available, "tool": status.tool}
+    if not status.available:
+        report.update(reason=status.reason, fix=status.fix)
+    return report
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of what submitted code (the python kind) imports most, read from the installed
+    distributions' metadata without importing them; None where one is missing."""
+    found: dict[str, str | None] = {}
+    for name in CODE_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def basic(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

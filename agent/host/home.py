@@ -59,11 +59,20 @@ class AgentHome:
             raise BadRequest(f"{self.boards_path}: expected a list of boards")
         return [BoardAddress(str(b["url"]), b.get("fingerprint")) for b in data]
 
-    def add_board(self, address: BoardAddress) -> None:
+    def add_board(self, address: BoardAddress, *, allow_code: bool = False) -> None:
+        """Remember a joined board; ``allow_code``: run code from its submitters (joined ``--allow-code``)."""
+        code = self.code_boards() - {address.url} | ({address.url} if allow_code else set())
         boards = [b for b in self.boards() if b.url != address.url] + [address]
         self.ensure()
         self.boards_path.write_text(yaml.safe_dump(
-            [{"url": b.url, "fingerprint": b.fingerprint} for b in boards], sort_keys=False))
+            [{"url": b.url, "fingerprint": b.fingerprint, **({"allow_code": True} if b.url in code else {})}
+             for b in boards], sort_keys=False))
+
+    def code_boards(self) -> set[str]:
+        """URLs of the joined boards whose submitters' code this agent runs (``--allow-code``)."""
+        data = _read_yaml(self.boards_path, [])
+        return {str(b["url"]) for b in data if isinstance(b, dict) and b.get("allow_code") is True} \
+            if isinstance(data, list) else set()
 
     # -- client settings ------------------------------------------------------------------------
     def client_settings(self) -> dict[str, Any]:

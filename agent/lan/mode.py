@@ -40,7 +40,7 @@ import yaml
 
 from agent.daemon import Daemon
 from agent.daemon.board_link import BoardLink
-from agent.daemon.hooks import HealthListener, HoldOff, SubmitterCheck
+from agent.daemon.hooks import CodeConsent, HealthListener, HoldOff, SubmitterCheck
 from agent.host.home import AgentHome
 from agent.lan.announce import Announcement, LanAnnouncer
 from agent.lan.browse import LanBrowser
@@ -88,6 +88,8 @@ class LanMode:
         self._addresses: list[LocalAddress] = []
         self._owner = ""
         self._trusted_keys: dict[str, PublicKey] = {}
+        self._code_keys: frozenset[str] = frozenset()   # trusted for their code too (`trust add --code`)
+        self._code = CodeConsent(keys=lambda: self._code_keys)
         self._trust_stamp: tuple[int, int] | None = None
         self._peers: dict[str, _PeerLink] = {}
         self._queued = 0
@@ -115,7 +117,8 @@ class LanMode:
         address = self.address
         assert address is not None and self._server is not None
         await asyncio.to_thread(self.url_path.write_text, address.join_url() + "\n")
-        daemon.add_board(address, trusted=None if s.open else self._trusts, hold_off=self._own_hold_off)
+        daemon.add_board(address, trusted=None if s.open else self._trusts, hold_off=self._own_hold_off,
+                         code=self._code)
         daemon.status_extras.append(self.status)
 
         self._zc = open_zeroconf(self._addresses)
@@ -190,6 +193,12 @@ class LanMode:
             return
         self._trust_stamp = stamp
         wanted = {k.id: k.public_key() for k in keys}
+        code = frozenset(k.id for k in keys if k.code)
+        if code != self._code_keys:
+            self._code_keys = code
+            log.info("LAN trust store: code accepted from %d key(s)", len(code))
+            if self._daemon is not None:
+                self._daemon.readvertise()
         if wanted.keys() != self._trusted_keys.keys():
             log.info("LAN trust store: %d trusted submitter key(s)", len(wanted))
         server = self._server
@@ -231,7 +240,7 @@ class LanMode:
         link = self._daemon.add_board(address, trusted=None if self.settings.open else self._peer_check(peer.id),
                                       retry_for_s=self.settings.peer_retry_for_s,
                                       on_health=self._peer_health(peer.id, address.url),
-                                      hold_off=self._peer_hold_off(peer.id))
+                                      hold_off=self._peer_hold_off(peer.id), code=self._code)
         self._peers[peer.id] = _PeerLink(address.url, link, trusted=True if self.settings.open else None)
         log.info("LAN peer %s joined: pulling from %s", peer.id, address.url)
 

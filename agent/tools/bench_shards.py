@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -144,12 +145,14 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
         await server.add_submitter(user.public, "bench")
 
         async with BoardClient(BoardAddress.parse(url), user) as client:
+            start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             t0 = time.perf_counter()
             [manifest] = load_manifests(spec)
             prepared, files = await asyncio.to_thread(prepare_inputs, manifest)
             t_prepare = time.perf_counter() - t0
             await upload_inputs(client, files)
             t_submit = time.perf_counter() - t0
+            submit_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # hub included: same process
             job = await submit(client, make_envelope(user, prepared))
             t1 = time.perf_counter()
             view = await wait_job(client, job["id"], timeout_s)
@@ -176,7 +179,8 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
         return {"data_mb": data_mb, "rows": rows, "shards": shards, "agents": agents, "state": view["state"],
                 "data_file_bytes": data.stat().st_size,
                 "upload_files": len(files), "prepare_s": round(t_prepare, 2), "submit_s": round(t_submit, 2),
-                "run_s": round(t_run, 2), "per_agent": per_agent}
+                "run_s": round(t_run, 2), "submit_peak_rss_mb": round(submit_rss, 1),
+                "rss_before_submit_mb": round(start_rss, 1), "per_agent": per_agent}
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)

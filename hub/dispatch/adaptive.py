@@ -29,7 +29,7 @@ MAX_ERROR_RATE = 0.5
 #: no verdict on fewer attempts than this
 MIN_ATTEMPTS = 3
 #: failures that are the job's fault, not the agent's
-_NOT_THE_AGENT = frozenset({"invalid_params", "unsupported"})
+_NOT_THE_AGENT = frozenset({"invalid_params", "unsupported", "sandbox_violation"})
 
 
 class ErrorRates:

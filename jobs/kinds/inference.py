@@ -21,7 +21,7 @@ from jobs.errors import PermanentError
 from jobs.kinds.base import Cost, Kind, KindOutput, Param, RunContext
 from jobs.kinds.mlp_train import ARCH_KEYS, build_mlp
 from jobs.kinds.torchutil import DTYPES, synchronize, tensor_summary, torch_device, usable_dtype
-from jobs.safeload import check_safetensors, load_pt2, load_safetensors, read_metadata
+from jobs.safeload import TensorInfo, check_safetensors, load_pt2, load_safetensors, read_metadata
 from jobs.shardfiles import read_rows
 
 __all__ = ["Inference", "shard_rows"]
@@ -68,6 +68,20 @@ class Inference(Kind):
             errors.append((f"{prefix}.row_end", f"expected -1 or a row >= row_start "
                                                 f"({params['row_start']}), got {params['row_end']}"))
 
+    def input_format(self, name: str, params: Mapping[str, Any]) -> str | None:
+        return "pt2" if name == "model" and params["arch"] == "export" else "safetensors"
+
+    def check_input(self, name: str, tensors: Mapping[str, TensorInfo], params: Mapping[str, Any]) -> list[str]:
+        key = params["input_key"]
+        if name != "data":
+            return []
+        if key not in tensors:
+            return [f"data has no tensor {key!r} (has: {', '.join(sorted(tensors)) or 'none'}); "
+                    "set params.input_key to the tensor to run over"]
+        if not tensors[key].shape:
+            return [f"data tensor {key!r} is a scalar; rows need at least one dimension"]
+        return []
+
     def estimate(self, params: Mapping[str, Any]) -> Cost:
         rows = max(params["row_end"] - params["row_start"], 1) if params["row_end"] >= 0 else 1
         sizes = [params[k] or 64 for k in ARCH_KEYS]
@@ -81,10 +95,9 @@ class Inference(Kind):
         data_path, model_path = ctx.inputs["data"], ctx.inputs["model"]
         info = check_safetensors(data_path)
         key = params["input_key"]
-        if key not in info:
-            raise PermanentError(f"data has no tensor {key!r} (has: {', '.join(sorted(info)) or 'none'})")
-        if not info[key].shape:
-            raise PermanentError(f"data tensor {key!r} is a scalar; rows need at least one dimension")
+        problems = self.check_input("data", info, params)
+        if problems:
+            raise PermanentError(problems[0])
         offset = params["data_offset"]   # a shard blob holds rows offset.. of the whole input
         total = offset + info[key].shape[0]
         start = params["row_start"]

@@ -1,0 +1,355 @@
+"""Single-use workers inside the sandbox, started ahead of need, for kinds that run submitter code.
+
+Same worker program and frame protocol as a warm worker (:mod:`agent.engine.runner`), but started
+inside bubblewrap (:mod:`agent.engine.sandbox`) and used for exactly one task: no state (imported
+modules, files, threads) passes from one submitter's code to the next. To keep the start cost off
+the task's path (torch's import takes seconds), :class:`SandboxPool` keeps one started sandbox ready
+per placement (CPU, or GPU with the device nodes bound) and starts the next as one is taken.
+
+Each sandbox owns a private directory ``root`` under the agent's work dir, bound at the same path
+inside, so the request's paths are valid on both sides: ``root/work`` (writable, the task's work
+dir) and ``root/inputs`` (read-only inside; the task's inputs are hard-linked in, or copied across
+file systems, when the task arrives). What comes back out is confined: a checkpoint or output file
+must be a regular file directly written by the task under ``root/work`` (a symlink to the agent's
+key is refused), read only after the sandbox is dead. The worker's stdout/stderr keep a bounded
+tail, reported with a failure, so printing megabytes cannot flood the volunteer's log or disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.engine.memwatch import MemoryWatch
+from agent.engine.runner import Outcome, TaskRequest, Worker
+from agent.engine.sandbox import MAX_PROCESSES, NPROC_ENV, PidsCgroup, bwrap_argv, pids_cgroup, probe
+from jobs.errors import FailureClass
+from security.errors import PanalError
+
+__all__ = ["SandboxPool", "SandboxedWorker"]
+
+log = logging.getLogger(__name__)
+
+#: how much of the task's stdout/stderr is kept (the end of it)
+TAIL_BYTES = 8 * 1024
+#: a sandboxed task's reply frame (values, metrics) is bounded far below a trusted worker's
+SANDBOX_MAX_FRAME = 32 * 2**20
+
+
+class SandboxedWorker(Worker):
+    """One worker inside bubblewrap, for one task."""
+
+    max_frame = SANDBOX_MAX_FRAME
+
+    def __init__(self, base: Path, *, gpu: bool, exclude: Iterable[Path] = ()) -> None:
+        super().__init__()
+        self.gpu = gpu
+        self.root = base / f".sandbox-{uuid.uuid4().hex[:12]}"
+        self.exclude = [*exclude, Path.home()]
+        self.output_bytes = 0
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+        self._drain: asyncio.Task[None] | None = None
+        self._cgroup: PidsCgroup | None = None
+        self.used = False
+        self._watch: _ProcessCountingWatch | None = None
+
+    async def _spawn(self, env: dict[str, str]) -> asyncio.subprocess.Process:
+        status = probe()
+        if not status.available:
+            raise PanalError(f"no sandbox: {status.reason}", code="no_sandbox")
+        (self.root / "work").mkdir(parents=True)
+        (self.root / "inputs").mkdir()
+        argv = bwrap_argv(self.root, gpu=self.gpu, exclude=self.exclude)
+        if status.process_limit == "cgroup":
+            self._cgroup = pids_cgroup(MAX_PROCESSES)
+            if self._cgroup is None:
+                raise PanalError("no sandbox: the pids cgroup for its process limit could not be made",
+                                 code="no_sandbox")
+        else:
+            argv += ["--setenv", NPROC_ENV, str(MAX_PROCESSES)]
+        group = self._cgroup
+        proc = await asyncio.create_subprocess_exec(
+            *argv, _python(), "-m", "agent.engine.worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            limit=2**20, preexec_fn=group.enter if group is not None else None)
+        assert proc.stderr is not None
+        self._drain = asyncio.ensure_future(self._keep_tail(proc.stderr))
+        return proc
+
+    async def start(self) -> None:
+        """Start the sandbox and its worker; a sandbox that dies on the way is a clear error."""
+        try:
+            await super().start()
+        except (asyncio.IncompleteReadError, ConnectionError, RuntimeError) as exc:
+            await self.kill()
+            if self._drain is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._drain, 2.0)
+            raise PanalError(f"the sandbox did not start: {self.tail().strip()[-500:] or exc}",
+                             code="no_sandbox") from exc
+
+    async def _keep_tail(self, stream: asyncio.StreamReader) -> None:
+        """Read the task's output as it comes, keeping only its last ``TAIL_BYTES``."""
+        while chunk := await stream.read(65536):
+            self.output_bytes += len(chunk)
+            self._tail.append(chunk)
+            self._tail_size += len(chunk)
+            while self._tail_size - len(self._tail[0]) >= TAIL_BYTES:
+                self._tail_size -= len(self._tail.popleft())
+
+    def tail(self) -> str:
+        return b"".join(self._tail)[-TAIL_BYTES:].decode(errors="replace")
+
+    @staticmethod
+    def _exit_signal(code: int) -> int:
+        """bwrap exits with 128 + N when its child was killed by signal N."""
+        return -(code - 128) if 128 < code < 128 + 65 else code
+
+    def _memory_watch(self, pid: int, cap_gb: float) -> MemoryWatch:
+        self._watch = _ProcessCountingWatch(pid, cap_gb)
+        return self._watch
+
+    async def run(self, request: TaskRequest, on_progress: Callable[[float], None] | None = None,
+                  cancel: asyncio.Event | None = None,
+                  on_checkpoint: Callable[[str], None] | None = None) -> Outcome:
+        """Run ``request`` in this sandbox, then end the sandbox; files come back to ``request.workdir``."""
+        if self.used:
+            raise RuntimeError("a sandboxed worker runs one task only")
+        self.used = True
+        if not self.alive:
+            await self.start()
+        inner = replace(request, workdir=str(self.root / "work"), inputs=await asyncio.to_thread(
+            self._place_inputs, request.inputs))
+        checkpoint = None if on_checkpoint is None else self._confined_checkpoint(on_checkpoint, request.workdir)
+        try:
+            outcome = await super().run(inner, on_progress, cancel, checkpoint)
+        finally:
+            await self.kill()   # nothing of the task may run on while its files are read
+        if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.crowded:
+            outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"process limit reached: the task ran "
+                                     f"{self._watch.crowded} processes at once (a fork bomb?); the sandbox allows "
+                                     f"{MAX_PROCESSES}; task killed", outcome.started_at)
+        if self._drain is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain, 2.0)
+        return await asyncio.to_thread(self._finish, outcome, Path(request.workdir))
+
+    def _place_inputs(self, inputs: dict[str, str] | Any) -> dict[str, str]:
+        """Hard-link (else copy) each input into the read-only ``inputs`` dir; paths as seen inside."""
+        placed = {}
+        for name, path in dict(inputs).items():
+            dest = self.root / "inputs" / name
+            try:
+                os.link(path, dest)
+            except OSError:
+                shutil.copyfile(path, dest)
+            placed[name] = str(dest)
+        return placed
+
+    def _confined_checkpoint(self, on_checkpoint: Callable[[str], None], workdir: str) -> Callable[[str], None]:
+        """A checkpoint frame names a file; the code is still running, so it is copied out (not
+        followed through a link) before the daemon stores it."""
+        out_dir = Path(workdir)
+
+        def take(path: str) -> None:
+            copy = out_dir / f"checkpoint-{uuid.uuid4().hex[:8]}"
+            if self._copy_regular(Path(path), copy):
+                on_checkpoint(str(copy))
+            else:
+                log.warning("sandboxed task named checkpoint %s outside its work dir: ignored", path)
+        return take
+
+    def _copy_regular(self, path: Path, dest: Path) -> bool:
+        """Copy ``path`` if it is a regular file directly in ``root/work`` (no link followed)."""
+        if path.parent != self.root / "work":
+            return False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                return False
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+        return True
+
+    def _finish(self, outcome: Outcome, workdir: Path) -> Outcome:
+        """Move the task's work dir to ``workdir`` (the sandbox is dead), keep only output files that
+        are regular files inside it, add the output tail to a failure, and remove the sandbox."""
+        work = self.root / "work"
+        files: dict[str, str] = {}
+        refused: list[str] = []
+        try:
+            workdir.parent.mkdir(parents=True, exist_ok=True)
+            if workdir.exists():
+                for child in work.iterdir():
+                    os.replace(child, workdir / child.name)
+            else:
+                os.replace(work, workdir)
+            for name, text in outcome.files.items():
+                path = workdir / Path(text).relative_to(work) if Path(text).is_relative_to(work) else None
+                if path is None or not _regular_inside(path, workdir):
+                    refused.append(f"{name} ({text})")
+                    continue
+                files[name] = str(path)
+        finally:
+            self.remove()
+        if refused:
+            return Outcome.failed(FailureClass.SANDBOX_VIOLATION, "output files outside the task's work dir or "
+                                  "not regular files: " + ", ".join(refused[:5]), outcome.started_at)
+        outcome.files = files
+        if not outcome.ok:
+            tail = self.tail().strip()
+            if tail:
+                outcome.error = (f"{outcome.error}\n--- last {min(TAIL_BYTES, self.output_bytes)} of "
+                                 f"{self.output_bytes} bytes of the task's output ---\n{tail[-2000:]}")
+        return outcome
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self._cgroup is not None:
+            self._cgroup.remove()
+
+    def _tree(self) -> list[psutil.Process]:
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def suspend(self) -> None:
+        """SIGSTOP every process of the sandbox (it runs in its own session, out of our group's reach)."""
+        if self.alive and not self._paused:
+            for proc in self._tree():
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self.alive and self._paused:
+            for proc in self._tree():
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGCONT)
+            self._paused = False
+
+    async def close(self) -> None:
+        await super().close()
+        if self._drain is not None:
+            self._drain.cancel()
+        await asyncio.to_thread(self.remove)
+
+
+class _ProcessCountingWatch(MemoryWatch):
+    """The memory watch, also noting a crowd of processes: forked copies share their pages, so a
+    fork bomb looks like a huge resident set; it is a process-limit violation, not an OOM."""
+
+    crowded = 0
+
+    def over(self) -> str | None:
+        why = super().over()
+        if why is not None:
+            with contextlib.suppress(psutil.Error):
+                count = 1 + len(psutil.Process(self.pid).children(recursive=True))
+                if count >= MAX_PROCESSES // 2:
+                    self.crowded = count
+        return why
+
+
+def _regular_inside(path: Path, workdir: Path) -> bool:
+    try:
+        real = Path(os.path.realpath(path))
+        return real.is_relative_to(os.path.realpath(workdir)) and stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
+
+
+class SandboxPool:
+    """One started sandbox ready per placement (CPU / GPU); each is used once and replaced."""
+
+    def __init__(self, base: Path, exclude: Iterable[Path] = ()) -> None:
+        self.base = base
+        self.exclude = list(exclude)
+        self._ready: dict[bool, asyncio.Task[SandboxedWorker]] = {}
+        self._running: set[SandboxedWorker] = set()
+
+    def prewarm(self, gpu: bool = False) -> None:
+        """Start a sandbox for the next task of this placement, if none is ready or starting."""
+        if gpu not in self._ready:
+            self._ready[gpu] = asyncio.ensure_future(self._start(gpu))
+
+    async def _start(self, gpu: bool) -> SandboxedWorker:
+        worker = SandboxedWorker(self.base, gpu=gpu, exclude=self.exclude)
+        try:
+            await worker.start()
+        except BaseException:
+            await worker.close()
+            raise
+        return worker
+
+    async def _take(self, gpu: bool) -> SandboxedWorker:
+        ready = self._ready.pop(gpu, None)
+        self.prewarm(gpu)
+        if ready is not None:
+            try:
+                worker = await ready
+                if worker.alive:
+                    return worker
+                await worker.close()
+            except PanalError:
+                raise
+            except Exception as exc:   # the prestarted one failed: say so and start one now
+                log.warning("a prestarted sandbox failed: %s", exc)
+        return await self._start(gpu)
+
+    @contextlib.asynccontextmanager
+    async def worker(self, gpu: bool = False) -> AsyncIterator[SandboxedWorker]:
+        """A started sandbox for one task; closed (and removed) afterwards, the next one starting."""
+        worker = await self._take(gpu)
+        self._running.add(worker)
+        try:
+            yield worker
+        finally:
+            self._running.discard(worker)
+            await worker.close()
+
+    def suspend_all(self) -> None:
+        for worker in self._running:
+            worker.suspend()
+
+    def resume_all(self) -> None:
+        for worker in self._running:
+            worker.resume()
+
+    async def close(self) -> None:
+        ready = list(self._ready.values())
+        self._ready.clear()
+        for task in ready:
+            task.cancel()
+        for result in await asyncio.gather(*ready, return_exceptions=True):
+            if isinstance(result, SandboxedWorker):
+                await result.close()
+        await asyncio.gather(*(w.close() for w in list(self._running)), return_exceptions=True)
