@@ -218,8 +218,8 @@ class Api:
         await self.board.job_view(job_id)
         tasks = await self.board.view.tasks(job_id)
         return reply(request, {"tasks": [
-            {"id": t.id, "idx": t.idx, "state": t.shown_state, "attempt": t.attempt, "agent": t.agent_id,
-             "progress": t.progress, "error": t.error, "error_class": t.error_class,
+            {"id": t.id, "idx": t.idx, "unit": t.unit_idx, "state": t.shown_state, "attempt": t.attempt,
+             "agent": t.agent_id, "progress": t.progress, "error": t.error, "error_class": t.error_class,
              "checkpoint": t.checkpoint} for t in tasks]})
 
     async def job_results(self, request: web.Request) -> web.Response:

@@ -56,6 +56,7 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now:
                  deadline_at=now + manifest.deadline_s if manifest.deadline_s else None,
                  labels=manifest.labels)
     job.validation = policy.to_dict()
+    job.report = manifest.report.to_dict() if manifest.report else {}
     points = manifest.points()
     tasks = [TaskRow(id=f"{job_id}.{i}", job_id=job_id, idx=i, params=params, updated_at=now)
              for i, params in enumerate(points)]

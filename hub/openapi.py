@@ -36,6 +36,11 @@ ANY_MAP: Schema = {"type": "object", "additionalProperties": True}
 NULLABLE_S: Schema = {"type": ["string", "null"]}
 NULLABLE_N: Schema = {"type": ["number", "null"]}
 COUNTS: Schema = {"type": "object", "additionalProperties": {"type": "integer"}}
+#: a job's best task by its manifest's spec.report (hub/best.py); the public page omits params and agent
+BEST: Schema = {**_obj(["unit", "metric", "mode", "value"], task_id=S, unit=I, instance=S, metric=S,
+                       mode={"enum": ["max", "min"]}, value=N, agent=NULLABLE_S, params=ANY_MAP),
+                "type": ["object", "null"]}
+REPORT: Schema = {**_obj(["metric", "mode"], metric=S, mode={"enum": ["max", "min"]}), "type": ["object", "null"]}
 DETAILS: Schema = {"description": 'more about the error, e.g. {"field": "leases[2].lease_id"} for a malformed field'}
 
 
@@ -109,11 +114,11 @@ SCHEMAS: dict[str, Schema] = {
     "Submission": _obj(["envelope"], envelope=_ref("SignedRecord")),
     "JobView": _obj(["id", "state"], id=S, name=S, kind=S, state=S, submitter=S, priority=I, created_at=N,
                     finished_at=NULLABLE_N, n_tasks=I, tasks=COUNTS, error=NULLABLE_S, labels=ANY_MAP,
-                    waiting_because=_arr(S)),
+                    waiting_because=_arr(S), report=REPORT, best=BEST),
     "Submitted": _obj(["job", "created"], job=_ref("JobView"), created=B),
     "Job": _obj(["job"], job=_ref("JobView")),
     "JobList": _obj(["jobs"], jobs=_arr(_ref("JobView"))),
-    "TaskList": _obj(["tasks"], tasks=_arr(_obj(id=S, idx=I, state=S, attempt=I, agent=NULLABLE_S, progress=N,
+    "TaskList": _obj(["tasks"], tasks=_arr(_obj(id=S, idx=I, unit=I, state=S, attempt=I, agent=NULLABLE_S, progress=N,
                                                 error=NULLABLE_S, error_class=NULLABLE_S))),
     "JobResults": _obj(["job", "results"], job=_ref("JobView"), envelope=_ref("SignedRecord"),
                        results=_arr(_obj(task_id=S, attempt=I, agent=S, digest=S, record=_ref("SignedRecord")))),
@@ -122,7 +127,7 @@ SCHEMAS: dict[str, Schema] = {
                    next_chunk=I, received=I),
     "PublicJob": _obj(["id", "state", "n_tasks", "tasks", "progress"], id=S, name=S, kind=S, state=S, submitter=S,
                       priority=I, created_at=N, finished_at=NULLABLE_N, n_tasks=I, tasks=COUNTS, progress=N,
-                      eta_s=NULLABLE_N, waiting_because=_arr(S), quorum=I),
+                      eta_s=NULLABLE_N, waiting_because=_arr(S), quorum=I, report=REPORT, best=BEST),
     "PublicAgent": _obj(["id", "name", "state"], id=S, name=S,
                         state={"enum": ["idle", "busy", "offline", "quarantined"]},
                         gpus=_arr(_obj(name=S, backend=S, vram_gb=N, gflops_fp32=N)),

@@ -22,6 +22,7 @@ from jobs.catalog import all_kinds, get_kind
 from jobs.code_spec import CODE_SCHEMA, code_problems, with_code
 from jobs.errors import InvalidParams
 from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, missing_paths, parse_inputs, shard_points
+from jobs.report import REPORT_SCHEMA, ReportSpec
 from jobs.requirements import Requirements, torch_range_problem
 from jobs.yamlpos import Document, load_documents, path_text
 from security.errors import BadRequest
@@ -68,6 +69,7 @@ _BASE_SCHEMA: dict[str, Any] = {
                 "task": {"type": "string", "description": "a catalog kind"},
                 "params": {"type": "object"},
                 "inputs": INPUT_SCHEMA,
+                "report": REPORT_SCHEMA,   # jobs/report.py: which metric ranks the tasks (the best task)
                 "code": CODE_SCHEMA,
                 "sweep": {
                     "type": "object",
@@ -167,6 +169,7 @@ class Manifest:
     #: ``policy.validation`` as written (hub/trust/policy.py resolves it with the kind's and board's defaults)
     validation: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, InputRef] = field(default_factory=dict)
+    report: ReportSpec | None = None
     source: dict[str, Any] = field(default_factory=dict)
     base_dir: Path | None = None   # where relative input paths are (the manifest file's folder)
 
@@ -229,6 +232,7 @@ class Manifest:
             replicas=int(policy.get("replicas", 1)),
             validation=dict(policy.get("validation", {})),
             inputs=parse_inputs(spec.get("inputs", {})),
+            report=ReportSpec.from_dict(spec.get("report")),
             source=source,
         )
 

@@ -17,6 +17,7 @@ from agent.cli.common import PanalGroup, home, print_json, run, setup_logging, w
 from agent.cli.hub import hub
 from agent.cli.jobs import COMMANDS as JOB_COMMANDS
 from agent.cli.lan import register as register_lan
+from agent.cli.results import results_cmd
 from agent.cli.runlocal import run_local_cmd
 from agent.cli.tools import bench, demo
 from agent.client.board import BoardClient
@@ -141,4 +142,5 @@ main.add_command(demo)
 main.add_command(run_local_cmd)
 for _command in JOB_COMMANDS:
     main.add_command(_command)
+main.add_command(results_cmd)
 register_lan(main)

@@ -215,6 +215,9 @@ class Executor:
             "status": "ok" if outcome.ok else "failed", "started_at": outcome.started_at,
             "finished_at": outcome.finished_at, "metrics": outcome.metrics, "notes": outcome.notes,
             "environment": self.environment(),
+            # what was run, under the same signature as what came of it (checked against the submitter's
+            # manifest before running: agent/daemon/assignments.py), so a sweep's rows need no board's word
+            "unit": assignment.idx, "params": assignment.params,
         }
         if resume is not None:
             payload["resumed_from"] = {"record": resume.to_wire()}
