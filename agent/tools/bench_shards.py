@@ -48,11 +48,14 @@ class BlobReads:
         self.size_of = size_of
         self.bytes: Counter[str] = Counter()
         self.blobs: dict[str, list[str]] = {}
+        self.uploads: Counter[str] = Counter()   # "chunk" (resumable) / "put" (one request per file)
 
     @web.middleware
     async def middleware(self, request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         response = await handler(request)
+        if request.method == "PUT" and response.status in (200, 201):
+            self.uploads["chunk" if request.path.startswith("/v1/uploads/") else "put"] += 1
         if request.method == "GET" and request.path.startswith("/v1/blobs/") and response.status == 200:
             found = _KEYID.search(request.headers.get("Signature-Input", ""))
             key = found.group(1) if found else "?"
@@ -180,7 +183,8 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
                 "data_file_bytes": data.stat().st_size,
                 "upload_files": len(files), "prepare_s": round(t_prepare, 2), "submit_s": round(t_submit, 2),
                 "run_s": round(t_run, 2), "submit_peak_rss_mb": round(submit_rss, 1),
-                "rss_before_submit_mb": round(start_rss, 1), "per_agent": per_agent}
+                "rss_before_submit_mb": round(start_rss, 1), "upload_requests": dict(reads.uploads),
+                "per_agent": per_agent}
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
