@@ -105,7 +105,7 @@ def _panal(home: Path, *args: str, popen: bool = False, log: Path | None = None)
 
 
 async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int, timeout_s: float = 1800,
-                          batch_size: int = 65536) -> dict[str, Any]:
+                          batch_size: int = 65536, chunk_mb: int = 0) -> dict[str, Any]:
     """Run one sharded inference job over ``data_mb`` MiB on ``agents`` agents; return the figures."""
     from agent.client.board import BoardClient
     from agent.client.submitting import make_envelope, prepare_inputs, submit, upload_inputs, wait_job
@@ -127,7 +127,8 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
                     "  resources: {timeout: 30m, max_memory_gb: 16}\n")
     home = HubHome(workdir / "hub")
     home.init("127.0.0.1", 0)
-    config = home.config(bind="127.0.0.1", port=0, body_timeout_s=600.0)
+    settings: dict[str, Any] = {"upload_chunk_bytes": chunk_mb * 2**20} if chunk_mb else {}
+    config = home.config(bind="127.0.0.1", port=0, body_timeout_s=600.0, **settings)
     server = BoardServer(config, home.db_path, server_context(home.cert_path, home.tls_key_path))
     reads = BlobReads(server.blobs.size)
     server.app.middlewares.insert(0, reads.middleware)
@@ -244,11 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-mb", type=int, default=512)
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--agents", type=int, default=2)
+    p.add_argument("--chunk-mb", type=int, default=0, help="the hub's upload_chunk_bytes in MiB (0: its default)")
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="panal-shard-bench-", dir=args.dir))
     try:
-        print(json.dumps(asyncio.run(run_shard_bench(work, args.data_mb, args.shards, args.agents)), indent=1))
+        print(json.dumps(asyncio.run(run_shard_bench(work, args.data_mb, args.shards, args.agents,
+                                                              chunk_mb=args.chunk_mb)), indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
