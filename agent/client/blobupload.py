@@ -101,7 +101,8 @@ async def _upload_resumable(session: aiohttp.ClientSession, base_url: str, path:
                     f.seek(index * chunk_bytes)
                     data = await asyncio.to_thread(f.read, min(chunk_bytes, size - index * chunk_bytes))
                     url = yarl.URL(base + f"/v1/uploads/{upload_id}/{index}")
-                    headers = sign("PUT", url.path, url.query_string, content_digest(data))
+                    digest = await asyncio.to_thread(content_digest, data)   # 16 MiB: off the event loop
+                    headers = sign("PUT", url.path, url.query_string, digest)
                     headers.update({"Content-Type": "application/octet-stream", "Accept": "application/json"})
                     async with session.put(url, data=data, headers=headers) as resp:
                         if resp.status not in (200, 201):
