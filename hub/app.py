@@ -89,7 +89,8 @@ class Api:
                                                 registration.capabilities, owner=owner)
         config = self.config
         return reply(request, Registered(agent.row.id, config.lease_ttl_s, config.max_poll_wait_s,
-                                         config.max_tasks_per_lease).encode())
+                                         config.max_tasks_per_lease,
+                                         self.board.trust.agent_view(agent.row.id)).encode())
 
     async def lease(self, request: web.Request) -> web.Response:
         data = await read_raw(request)

@@ -35,6 +35,7 @@ DEFAULT_MAX_TASKS = 10_000
 #: has 4 TiB of RAM, and no single task should hold a lease for more than 30 days (checkpoint and split it).
 MAX_MEMORY_GB = 4096.0
 MAX_TIMEOUT_S = 30 * 86400.0
+MAX_THREADS = 1024   # ``spec.resources.threads``: more than any volunteer's machine has cores
 #: The memory cap of a task whose manifest names none: half of an 8 GB laptop, a quarter of a 16 GB
 #: desktop, so an undeclared task cannot take a volunteer's machine down (a matmul 32768 fp64 would grow
 #: to ~17 GB), yet enough for the kinds' default parameters. A task that needs more says so.
@@ -96,6 +97,7 @@ _BASE_SCHEMA: dict[str, Any] = {
                     "properties": {
                         "timeout": _DURATION_SCHEMA,
                         "max_memory_gb": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_MEMORY_GB},
+                        "threads": {"type": "integer", "minimum": 1, "maximum": MAX_THREADS},
                     },
                 },
                 "policy": {
@@ -162,6 +164,7 @@ class Manifest:
     labels: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 3600.0
     max_memory_gb: float | None = None
+    threads: int | None = None   # CPU threads a task asks for; the agent bounds it by what its volunteer lends
     priority: int = 0
     retries: int = 3
     deadline_s: float | None = None
@@ -226,6 +229,7 @@ class Manifest:
             requires=Requirements.from_dict(spec.get("requires", {})),
             timeout_s=parse_duration(resources.get("timeout", 3600)),
             max_memory_gb=resources.get("max_memory_gb"),
+            threads=resources.get("threads"),
             priority=int(policy.get("priority", 0)),
             retries=int(policy.get("retries", 3)),
             deadline_s=parse_duration(policy["deadline"]) if "deadline" in policy else None,

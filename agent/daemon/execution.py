@@ -31,6 +31,7 @@ from agent.client.blobupload import upload_file
 from agent.daemon.assignments import ManifestCache
 from agent.daemon.board_link import BoardLink, Running
 from agent.daemon.devices import Devices
+from agent.daemon.threads import task_threads
 from agent.engine.runner import Outcome, TaskRequest, Worker, WorkerPool
 from agent.engine.sandbox import probe as probe_sandbox
 from agent.engine.sandboxed import SandboxPool
@@ -150,7 +151,8 @@ class Executor:
         """Run the task in a warm worker on ``device`` (given back afterwards)."""
         assignment = running.assignment
         request = TaskRequest(kind=manifest.kind, params=assignment.params, timeout_s=manifest.timeout_s,
-                              workdir=str(workdir), threads=self.threads, max_memory_gb=self.memory_cap_gb(manifest),
+                              workdir=str(workdir), threads=task_threads(manifest.threads, self.threads),
+                              max_memory_gb=self.memory_cap_gb(manifest),
                               inputs={name: str(path) for name, path in inputs.items()}, device=device,
                               devices=(device, *(d for d in self.devices.lent() if d != device)),
                               gpu_memory_fraction=self._gpu_memory_fraction())

@@ -92,6 +92,8 @@ def _set_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
+    else:   # not preloaded: the kind's own import of torch reads it
+        os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
 
 
 def _limit_gpu_memory(device: str, fraction: float | None) -> None:
@@ -210,6 +212,10 @@ def _serve() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
+    # Before torch loads OpenMP: a waiting thread sleeps instead of spinning on a core that the
+    # volunteer's own programs need (spinning made 2 threads ~100x slower than 1 on a busy machine,
+    # agent/daemon/threads.py). An explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("PANAL_WORKER_PRELOAD", "1") == "1":
         with contextlib.suppress(ImportError):
             import torch  # noqa: F401  -- warm start: import once, before the first task
