@@ -26,6 +26,8 @@ from hub.metrics import add_metrics
 from hub.openapi import add_openapi
 from hub.records import JobState
 from hub.status_routes import add_status_routes
+from hub.upload_routes import add_upload_routes
+from hub.uploads import UploadSessions
 from jobs.protocol import (
     Heartbeat,
     HeartbeatLease,
@@ -87,7 +89,8 @@ class Api:
                                                 registration.capabilities, owner=owner)
         config = self.config
         return reply(request, Registered(agent.row.id, config.lease_ttl_s, config.max_poll_wait_s,
-                                         config.max_tasks_per_lease).encode())
+                                         config.max_tasks_per_lease,
+                                         self.board.trust.agent_view(agent.row.id)).encode())
 
     async def lease(self, request: web.Request) -> web.Response:
         data = await read_raw(request)
@@ -216,8 +219,8 @@ class Api:
         await self.board.job_view(job_id)
         tasks = await self.board.view.tasks(job_id)
         return reply(request, {"tasks": [
-            {"id": t.id, "idx": t.idx, "state": t.shown_state, "attempt": t.attempt, "agent": t.agent_id,
-             "progress": t.progress, "error": t.error, "error_class": t.error_class,
+            {"id": t.id, "idx": t.idx, "unit": t.unit_idx, "state": t.shown_state, "attempt": t.attempt,
+             "agent": t.agent_id, "progress": t.progress, "error": t.error, "error_class": t.error_class,
              "checkpoint": t.checkpoint} for t in tasks]})
 
     async def job_results(self, request: web.Request) -> web.Response:
@@ -250,6 +253,7 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     app[BODY_TIMEOUT_KEY] = config.body_timeout_s
     if board.blobs is not None:
         add_blob_routes(app, board.blobs, auth.member, access)
+        add_upload_routes(app, UploadSessions.for_board(board.blobs, config, access), auth.member, access)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
     app[ADMISSION_KEY] = admission

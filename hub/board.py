@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hub.background import cancel_all, run_every
+from hub.best import BestTasks
 from hub.blobs import BlobStore
 from hub.config import HubConfig
 from hub.dispatch import make_policy
@@ -93,8 +94,9 @@ class Board:
         self._dispatcher.add_holdback(self.submitter_faults)
         self._dispatcher.add_holdback(self.trust)
         self.view.instance_gate = self.trust.why_waiting
+        self.best = BestTasks()   # each job's best task by its manifest's spec.report, written with the job row
         self._settlement = Settlement(config, clock, self._queues, self._leases, self._ledger, self._retries,
-                                      self.trust, self.submitter_faults, self._fleet, self._observers)
+                                      self.trust, self.submitter_faults, self._fleet, self._observers, self.best)
         self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -255,6 +257,8 @@ class Board:
             jobs.append(job)
         elif job.state == JobState.QUEUED and counts[TaskState.LEASED] + counts[TaskState.DONE]:
             job.state = JobState.RUNNING
+            jobs.append(job)
+        if self.best.changed(job_id) and job not in jobs:   # a new best task is committed with its result
             jobs.append(job)
         if results:
             await self.store.accept_results(results, changed, jobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import yaml
 from hub.config import HubConfig
 from security.errors import BadRequest
 from security.identity import Identity
-from security.tls import BoardAddress, cert_fingerprint, make_self_signed
+from security.tls import BoardAddress, cert_dns_names, cert_fingerprint, make_self_signed
 
 __all__ = ["HubHome"]
 
@@ -31,9 +32,11 @@ class HubHome:
     def initialised(self) -> bool:
         return self.config_path.exists() and self.key_path.exists()
 
-    def init(self, host: str | None = None, port: int | None = None, tls: bool | None = None) -> HubConfig:
+    def init(self, host: str | None = None, port: int | None = None, tls: bool | None = None,
+             publish_hostname: bool = True) -> HubConfig:
         """Create what is missing (never overwrites keys, certs or settings; None: the default);
-        return the settings."""
+        return the settings. ``publish_hostname=False`` (a volunteer's LAN board) keeps the machine's
+        hostname out of the certificate, replacing one an older version made with it."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         Identity.load_or_create(self.key_path)
@@ -43,8 +46,11 @@ class HubHome:
                         "tls": default.tls if tls is None else tls}
             self._write_settings(settings)
         config = self.config()
+        if config.tls and self.cert_path.exists() and not publish_hostname \
+                and socket.gethostname() in cert_dns_names(self.cert_path):
+            self.cert_path.unlink()
         if config.tls and not self.cert_path.exists():
-            make_self_signed(self.cert_path, self.tls_key_path, [config.host])
+            make_self_signed(self.cert_path, self.tls_key_path, [config.host], include_hostname=publish_hostname)
         return config
 
     def configure(self, **settings: Any) -> dict[str, tuple[Any, Any]]:

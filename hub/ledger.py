@@ -136,6 +136,10 @@ class ResultLedger:
                            code="lease_expired")
         if task.agent_id != agent.row.id:
             raise Forbidden(f"task {task_id} is leased to another agent", code="not_your_lease")
+        signed = receipt.payload.get("params")   # what the agent says it ran (agents of older versions: absent)
+        if signed is not None and (signed != task.params or receipt.payload.get("unit") != task.unit_idx):
+            raise BadRequest(f"the result of task {task_id} names other params or another unit than the task's: "
+                             "a value must come with the params that produced it", code="wrong_params")
         return task
 
     async def _settled_in_store(self, receipt: Receipt) -> ResultOutcome:

@@ -27,7 +27,7 @@ def job_summary(job: JobRow, counts: dict[str, int]) -> dict[str, Any]:
     return {"id": job.id, "name": job.name, "kind": job.kind, "state": job.state.value,
             "submitter": job.submitter_id, "priority": job.priority, "created_at": job.created_at,
             "finished_at": job.finished_at, "n_tasks": job.n_tasks, "tasks": counts, "error": job.error,
-            "labels": job.labels}
+            "labels": job.labels, "report": job.report or None, "best": job.best}
 
 
 class BoardView:

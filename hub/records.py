@@ -69,6 +69,10 @@ class JobRow:
     labels: dict[str, str] = field(default_factory=dict)
     #: how the job's results are validated (hub/trust/policy.py ``ValidationPolicy.to_dict``); {} = none
     validation: dict[str, Any] = field(default_factory=dict)
+    #: the manifest's ``spec.report`` ({metric, mode}, jobs/report.py); {} = none
+    report: dict[str, Any] = field(default_factory=dict)
+    #: the best accepted task so far by that metric (hub/best.py ``BestTasks``), stored with the job
+    best: dict[str, Any] | None = None
 
 
 @dataclass

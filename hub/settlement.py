@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from hub.best import BestTasks
 from hub.config import HubConfig
 from hub.fleet import AgentState, Fleet
 from hub.leases import LeaseTable
@@ -40,12 +41,13 @@ class Settlement:
 
     def __init__(self, config: HubConfig, clock: Callable[[], float], queues: JobQueues, leases: LeaseTable,
                  ledger: ResultLedger, retries: Retries, trust: Trust, submitter_faults: SubmitterFaults,
-                 fleet: Fleet, observers: list[BoardObserver]) -> None:
+                 fleet: Fleet, observers: list[BoardObserver], best: BestTasks | None = None) -> None:
         self.config, self.clock = config, clock
         self._queues, self._leases, self._ledger, self._retries = queues, leases, ledger, retries
         self.trust, self.submitter_faults = trust, submitter_faults
         self._fleet = fleet
         self._observers = observers   # the board's list: observers added later are heard too
+        self.best = best or BestTasks()   # a job's best task by its spec.report metric (accepted results only)
 
     @property
     def agents(self) -> Mapping[str, AgentState]:
@@ -99,6 +101,7 @@ class Settlement:
         tasks, results = staged.setdefault(task.job_id, ([], []))
         tasks.append(task)
         results.append(result)
+        self.best.offer(self._queues.job(task.job_id), task, receipt.payload)
         outcome = self._ledger.accept(result)
         self.settled(result.agent_id, task, True, None, receipt.metrics)
         return outcome

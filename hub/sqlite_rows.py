@@ -82,7 +82,7 @@ def unpack(data: bytes) -> Any:
 
 
 JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
-             "timeout_s, max_attempts, deadline_at, finished_at, error, labels, validation")
+             "timeout_s, max_attempts, deadline_at, finished_at, error, labels, validation, report, best")
 TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
               "error_class, progress, updated_at, checkpoint, checkpoint_record, unit")
 
@@ -94,14 +94,16 @@ def marks(columns: str) -> str:
 def job_values(j: JobRow) -> tuple[Any, ...]:
     return (j.id, j.name, j.submitter_id, j.kind, j.priority, j.state.value, j.created_at, j.n_tasks,
             pack(j.envelope), json.dumps(j.requires), j.timeout_s, j.max_attempts, j.deadline_at,
-            j.finished_at, j.error, json.dumps(j.labels), json.dumps(j.validation))
+            j.finished_at, j.error, json.dumps(j.labels), json.dumps(j.validation), json.dumps(j.report),
+            _json_optional(j.best))
 
 
 def job_row(r: Sequence[Any]) -> JobRow:
     return JobRow(id=r[0], name=r[1], submitter_id=r[2], kind=r[3], priority=r[4], state=JobState(r[5]),
                   created_at=r[6], n_tasks=r[7], envelope=unpack(r[8]), requires=json.loads(r[9]),
                   timeout_s=r[10], max_attempts=r[11], deadline_at=r[12], finished_at=r[13], error=r[14],
-                  labels=json.loads(r[15]), validation=json.loads(r[16] or "{}"))
+                  labels=json.loads(r[15]), validation=json.loads(r[16] or "{}"), report=json.loads(r[17] or "{}"),
+                  best=json.loads(r[18]) if r[18] else None)
 
 
 def task_values(t: TaskRow) -> tuple[Any, ...]:
@@ -130,7 +132,9 @@ _ADDED_COLUMNS = (("tasks", "checkpoint_record", "BLOB"),
                   # result validation (hub/trust/): the unit a row is an instance of, a job's validation policy
                   ("tasks", "unit", "INTEGER"), ("jobs", "validation", "TEXT NOT NULL DEFAULT '{}'"),
                   # owners (hub/trust/ keeps one owner's machines apart): set by the admission token
-                  ("agents", "owner", "TEXT"), ("admission_tokens", "owner", "TEXT NOT NULL DEFAULT ''"))
+                  ("agents", "owner", "TEXT"), ("admission_tokens", "owner", "TEXT NOT NULL DEFAULT ''"),
+                  # reading sweeps (hub/best.py): the manifest's spec.report and the best task so far
+                  ("jobs", "report", "TEXT NOT NULL DEFAULT '{}'"), ("jobs", "best", "TEXT"))
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -153,6 +157,10 @@ def pack_optional(value: Any) -> bytes | None:
     return None if value is None else pack(value)
 
 
+def _json_optional(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
 def update_jobs(c: sqlite3.Connection, jobs: Sequence[JobRow]) -> None:
-    c.executemany("UPDATE jobs SET state=?, finished_at=?, error=? WHERE id=?",
-                  [(j.state.value, j.finished_at, j.error, j.id) for j in jobs])
+    c.executemany("UPDATE jobs SET state=?, finished_at=?, error=?, best=? WHERE id=?",
+                  [(j.state.value, j.finished_at, j.error, _json_optional(j.best), j.id) for j in jobs])

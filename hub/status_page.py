@@ -360,8 +360,12 @@ class StatusFeed:
 
 
 def public_job(view: dict[str, Any]) -> dict[str, Any]:
-    """A job summary without free text that may quote parameters (error) or private metadata (labels)."""
+    """A job summary without free text that may quote parameters (error), private metadata (labels), or the
+    best task's parameters (its index, metric and value are shown: the submitter chose to name a metric)."""
     out = {k: v for k, v in view.items() if k not in ("error", "labels")}
+    best = view.get("best")
+    if best:
+        out["best"] = {k: best.get(k) for k in ("unit", "metric", "mode", "value")}
     done = view["tasks"].get("done", 0)
     out["progress"] = done / view["n_tasks"] if view["n_tasks"] else 1.0
     return out

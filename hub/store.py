@@ -43,7 +43,7 @@ class Store(Protocol):
         """Mark tasks leased to an agent until lease_expires_at."""
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
         """Write tasks' mutable fields (state, attempt, lease, error, progress, checkpoint) and jobs'
-        state, finished_at and error."""
+        state, finished_at, error and best task (hub/best.py)."""
     async def accept_results(self, results: Sequence[ResultRow], tasks: Sequence[TaskRow],
                              jobs: Sequence[JobRow]) -> None:
         """Record results with their tasks' and jobs' new state; a second result for a task is an

@@ -21,7 +21,8 @@ import jsonschema
 from jobs.catalog import all_kinds, get_kind
 from jobs.code_spec import CODE_SCHEMA, code_problems, with_code
 from jobs.errors import InvalidParams
-from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, parse_inputs, shard_points
+from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, missing_paths, parse_inputs, shard_points
+from jobs.report import REPORT_SCHEMA, ReportSpec
 from jobs.requirements import Requirements, torch_range_problem
 from jobs.yamlpos import Document, load_documents, path_text
 from security.errors import BadRequest
@@ -34,6 +35,7 @@ DEFAULT_MAX_TASKS = 10_000
 #: has 4 TiB of RAM, and no single task should hold a lease for more than 30 days (checkpoint and split it).
 MAX_MEMORY_GB = 4096.0
 MAX_TIMEOUT_S = 30 * 86400.0
+MAX_THREADS = 1024   # ``spec.resources.threads``: more than any volunteer's machine has cores
 #: The memory cap of a task whose manifest names none: half of an 8 GB laptop, a quarter of a 16 GB
 #: desktop, so an undeclared task cannot take a volunteer's machine down (a matmul 32768 fp64 would grow
 #: to ~17 GB), yet enough for the kinds' default parameters. A task that needs more says so.
@@ -68,6 +70,7 @@ _BASE_SCHEMA: dict[str, Any] = {
                 "task": {"type": "string", "description": "a catalog kind"},
                 "params": {"type": "object"},
                 "inputs": INPUT_SCHEMA,
+                "report": REPORT_SCHEMA,   # jobs/report.py: which metric ranks the tasks (the best task)
                 "code": CODE_SCHEMA,
                 "sweep": {
                     "type": "object",
@@ -94,6 +97,7 @@ _BASE_SCHEMA: dict[str, Any] = {
                     "properties": {
                         "timeout": _DURATION_SCHEMA,
                         "max_memory_gb": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_MEMORY_GB},
+                        "threads": {"type": "integer", "minimum": 1, "maximum": MAX_THREADS},
                     },
                 },
                 "policy": {
@@ -160,6 +164,7 @@ class Manifest:
     labels: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 3600.0
     max_memory_gb: float | None = None
+    threads: int | None = None   # CPU threads a task asks for; the agent bounds it by what its volunteer lends
     priority: int = 0
     retries: int = 3
     deadline_s: float | None = None
@@ -167,6 +172,7 @@ class Manifest:
     #: ``policy.validation`` as written (hub/trust/policy.py resolves it with the kind's and board's defaults)
     validation: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, InputRef] = field(default_factory=dict)
+    report: ReportSpec | None = None
     source: dict[str, Any] = field(default_factory=dict)
     base_dir: Path | None = None   # where relative input paths are (the manifest file's folder)
 
@@ -223,12 +229,14 @@ class Manifest:
             requires=Requirements.from_dict(spec.get("requires", {})),
             timeout_s=parse_duration(resources.get("timeout", 3600)),
             max_memory_gb=resources.get("max_memory_gb"),
+            threads=resources.get("threads"),
             priority=int(policy.get("priority", 0)),
             retries=int(policy.get("retries", 3)),
             deadline_s=parse_duration(policy["deadline"]) if "deadline" in policy else None,
             replicas=int(policy.get("replicas", 1)),
             validation=dict(policy.get("validation", {})),
             inputs=parse_inputs(spec.get("inputs", {})),
+            report=ReportSpec.from_dict(spec.get("report")),
             source=source,
         )
 
@@ -401,6 +409,7 @@ def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manif
 def _missing_files(manifest: Manifest) -> list[tuple[str, str]]:
     errors = []
     for ref in manifest.inputs.values():
+        errors += missing_paths(ref, manifest.base_dir or Path("."))
         if ref.path is not None:
             full = (manifest.base_dir or Path(".")) / ref.path
             if not full.is_file():

@@ -142,22 +142,27 @@ class Registration:
 
 @dataclass(frozen=True, slots=True)
 class Registered:
-    """The board's answer to a registration: the agent's id and the board's pacing."""
+    """The board's answer to a registration: the agent's id and the board's pacing, and the agent's
+    standing (as in :class:`LeaseReply`), so an agent that starts paused still knows its credit."""
 
     agent_id: str
     lease_ttl_s: float = 30.0
     max_poll_wait_s: float = 20.0
     max_tasks_per_lease: int = 64
+    standing: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
-        return {"agent_id": self.agent_id, "lease_ttl_s": self.lease_ttl_s, "max_poll_wait_s": self.max_poll_wait_s,
-                "max_tasks_per_lease": self.max_tasks_per_lease}
+        out: dict[str, Any] = {"agent_id": self.agent_id, "lease_ttl_s": self.lease_ttl_s,
+                               "max_poll_wait_s": self.max_poll_wait_s, "max_tasks_per_lease": self.max_tasks_per_lease}
+        if self.standing:   # absent when empty, as in LeaseReply
+            out["standing"] = self.standing
+        return out
 
     @classmethod
     def decode(cls, value: Any, path: str = "") -> Registered:
         f = Fields(value, path)
         return cls(f.text("agent_id"), f.number("lease_ttl_s", 30.0), f.number("max_poll_wait_s", 20.0),
-                   f.integer("max_tasks_per_lease", 64))
+                   f.integer("max_tasks_per_lease", 64), f.mapping("standing"))
 
 
 # -- leases -------------------------------------------------------------------------------------------

@@ -337,6 +337,10 @@ def load_pt2(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Any:
     import torch
 
     try:
-        return torch.export.load(str(path))
+        # An open file, not the path: blob-cache files are named by digest, without the ``.pt2`` ending that
+        # torch's loader otherwise warns about ("Unable to load package. f must be ... ending in .pt2") on
+        # every task; a seekable file is what it accepts without a warning, and nothing else is hidden.
+        with path.open("rb") as f:
+            return torch.export.load(f)
     except Exception as exc:
         raise UnsafeInput(path, f"torch.export.load failed: {exc}") from exc

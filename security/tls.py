@@ -29,17 +29,24 @@ from cryptography.x509.oid import NameOID
 
 from security.errors import BadRequest
 
-__all__ = ["TLS12_CIPHERS", "BoardAddress", "cert_fingerprint", "join_token", "make_self_signed", "server_context"]
+__all__ = ["TLS12_CIPHERS", "BoardAddress", "cert_dns_names", "cert_fingerprint", "join_token", "make_self_signed",
+           "server_context"]
 
 #: the TLS 1.2 suites a board offers: ECDHE key exchange, AEAD only (no CBC, no static RSA)
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def make_self_signed(cert_path: Path, key_path: Path, hosts: list[str], days: int = 3650) -> str:
-    """Write a self-signed ECDSA P-256 cert for ``hosts``; return its SHA-256 fingerprint (hex)."""
+def make_self_signed(cert_path: Path, key_path: Path, hosts: list[str], days: int = 3650,
+                     include_hostname: bool = True) -> str:
+    """Write a self-signed ECDSA P-256 cert for ``hosts``; return its SHA-256 fingerprint (hex).
+
+    ``include_hostname=False`` leaves this machine's hostname out: a volunteer's LAN board shows its
+    certificate to every peer, and a hostname often carries its owner's name (clients pin the
+    fingerprint, so no client needs the name)."""
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
-    for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1", socket.gethostname()]):
+    local = [socket.gethostname()] if include_hostname else []
+    for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1", *local]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
@@ -65,6 +72,16 @@ def make_self_signed(cert_path: Path, key_path: Path, hosts: list[str], days: in
         fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                    serialization.NoEncryption()))
     return cert_fingerprint(cert_path)
+
+
+def cert_dns_names(cert_path: Path) -> list[str]:
+    """The DNS names a certificate's subjectAltName lists (what it tells anyone who connects)."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(alt.get_values_for_type(x509.DNSName))
 
 
 def cert_fingerprint(cert_path: Path) -> str:

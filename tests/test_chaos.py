@@ -169,7 +169,8 @@ def test_frozen_agent_loses_its_lease_and_its_late_result_is_rejected(tmp_path: 
     job_id = hub.submit(1, seconds=2.0)
     wait_for(lambda: hub.job(job_id)["task_list"][0]["state"] == "leased", "the frozen agent to lease the task",
              timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
-    assert psutil.Process(frozen.pid).children(), "the task runs in a worker process"
+    # The task runs in a worker process (started once the lease reply reaches the agent).
+    wait_for(lambda: psutil.Process(frozen.pid).children(), "the task's worker to start", diagnose=procs.logs_text)
     # Freeze the daemon only: its worker finishes the task, but nobody heartbeats or reports it.
     frozen.send_signal(signal.SIGSTOP)
     try:

@@ -23,7 +23,7 @@ from security.identity import Identity, PublicKey
 from security.records import SignedRecord
 
 CLI_MODULES = ["cli", "cli.root", "cli.common", "cli.agent", "cli.hub", "cli.jobs", "cli.lan", "cli.service",
-               "cli.control", "cli.tools"]
+               "cli.control", "cli.tools", "cli.results"]
 #: what PyTorch says when a tensor does not fit in memory; rich would take the brackets for markup
 TORCH_OOM = ("RuntimeError: [enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
              "not enough memory: you tried to allocate 1099511627776 bytes.")

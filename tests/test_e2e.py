@@ -146,7 +146,9 @@ def test_agent_is_paused_and_resumed_through_its_control_socket_mid_task(tmp_pat
                         "spec: {task: sleep, params: {seconds: 30}}\n")   # outlasts slow CLI calls under load
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
     # The agent's own view, not the hub's "leased": the lease reply may still be on its way to the agent.
-    wait_for(lambda: agent_status(home)["tasks"], "the agent to run the task", timeout_s=AGENT_START_S,
+    # Progress comes from the task's worker, which starts when the work arrives.
+    wait_for(lambda: [t for t in agent_status(home)["tasks"] if t["progress"] > 0], "the agent to run the task",
+             timeout_s=AGENT_START_S,
              diagnose=procs.logs_text, ignore=(AssertionError,))   # its control socket may not be up yet
     panal("agent", "pause", "--reason", "owner gaming", home=home)
     status = agent_status(home)

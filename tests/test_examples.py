@@ -16,6 +16,7 @@ from jobs.catalog import all_kinds, get_kind
 from jobs.code_spec import bundle_manifest
 from jobs.kinds.inference import shard_rows
 from jobs.manifest import load_manifests
+from jobs.report import metric_value
 from jobs.safeload import check_safetensors, load_pt2
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
@@ -75,6 +76,9 @@ def test_example_validates_and_runs(name: str, tmp_path: Path) -> None:
             curve = out.values["loss_curve"]
             assert len(curve) == 5 and curve[-1] < curve[0]
             assert out.files["weights"].stat().st_size > 0
+        # its spec.report names a value the kind really returns: the board can rank the sweep's tasks
+        assert manifest.report is not None
+        assert all(metric_value({"values": o.values}, manifest.report.metric) is not None for o in outputs)
     elif name == "benchmark":
         assert outputs[0].values["results"][0]["device"] == "cpu"
 

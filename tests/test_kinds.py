@@ -21,7 +21,7 @@ from jobs.catalog import all_kinds, get_kind
 from jobs.errors import InvalidParams, PermanentError
 from jobs.kinds.budget import fit_count
 from jobs.kinds.inference import shard_rows
-from jobs.kinds.mlp_train import build_mlp
+from jobs.kinds.mlp_train import build_mlp, split_rows
 from jobs.safeload import load_pt2, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,8 @@ def test_mlp_train_loss_decreases_and_weights_reproduce_accuracy(tmp_path: Path)
     curve = out.values["loss_curve"]
     assert len(curve) == 12
     assert curve[-1] < 0.5 * curve[0]
-    assert out.values["accuracy"] > 0.85
+    assert out.values["train_acc"] > 0.85 and out.values["val_acc"] > 0.75
+    assert (out.values["rows"], out.values["val_rows"]) == (231, 25)   # val_fraction 0.1 of 256 held out
     assert ctx.fractions[-1] == 1.0
     weights = out.files["weights"]
     meta = read_metadata(weights)
@@ -156,9 +157,12 @@ def test_mlp_train_loss_decreases_and_weights_reproduce_accuracy(tmp_path: Path)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(256, 8, generator=gen)
     y = (x @ torch.randn(8, 3, generator=gen)).argmax(dim=1)
+    train, val = split_rows(256, 0.1, 1)
+    assert not set(train.tolist()) & set(val.tolist())
     with torch.no_grad():
-        accuracy = float((model(x).argmax(dim=1) == y).float().mean())
-    assert accuracy == pytest.approx(out.values["accuracy"])
+        for rows, name in ((train, "train_acc"), (val, "val_acc")):
+            accuracy = float((model(x[rows]).argmax(dim=1) == y[rows]).float().mean())
+            assert accuracy == pytest.approx(out.values[name])
 
 
 def test_mlp_train_resumes_from_a_checkpoint_to_the_same_weights(tmp_path: Path) -> None:
@@ -195,14 +199,30 @@ def test_mlp_train_on_a_dataset_file(tmp_path: Path) -> None:
     save_file({"x": x, "y": y}, str(data))
     params = {**MLP, "input_size": 6, "output_size": 2, "epochs": 15}
     out, _ = run("mlp_train", params, tmp_path, inputs={"data": data})
-    assert out.values["rows"] == 200
-    assert out.values["accuracy"] > 0.9
+    assert (out.values["rows"], out.values["val_rows"]) == (180, 20)
+    assert out.values["train_acc"] > 0.9 and out.values["val_acc"] > 0.8
     assert any("given dataset" in n for n in out.notes)
     with pytest.raises(PermanentError, match="x has 6 columns but input_size is 5"):
         run("mlp_train", {**params, "input_size": 5}, tmp_path, inputs={"data": data})
     save_file({"x": x, "y": y + 5}, str(data))
     with pytest.raises(PermanentError, match=r"labels span 5\.\.6, outside 0\.\.1"):
         run("mlp_train", params, tmp_path, inputs={"data": data})
+
+
+def test_mlp_train_reports_val_acc_on_a_second_file_it_never_trains_on(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(240, 6, generator=gen)
+    data, held = tmp_path / "train.safetensors", tmp_path / "val.safetensors"
+    save_file({"x": x[:200], "y": (x[:200, 0] > 0).long()}, str(data))
+    # labels the opposite way: a model trained on `data` is wrong on almost all of them
+    save_file({"x": x[200:], "y": (x[200:, 0] <= 0).long()}, str(held))
+    params = {**MLP, "input_size": 6, "output_size": 2, "epochs": 15}
+    out, _ = run("mlp_train", params, tmp_path, inputs={"data": data, "val_data": held})
+    assert (out.values["rows"], out.values["val_rows"]) == (200, 40)   # all of data trained on
+    assert out.values["train_acc"] > 0.9 and out.values["val_acc"] < 0.2
+    alone, _ = run("mlp_train", {**params, "val_fraction": 0.0}, tmp_path, inputs={"data": data})
+    assert alone.values["val_acc"] is None and alone.values["val_rows"] == 0
+    assert any("val_acc is null" in n for n in alone.notes)
 
 
 def test_inference_pt2_outputs_equal_the_model_run_locally(tmp_path: Path) -> None:
@@ -295,7 +315,7 @@ def test_every_kind_estimates_its_cost() -> None:
 
 def test_input_declarations() -> None:
     assert get_kind("inference").inputs == {"model": True, "data": True}
-    assert get_kind("mlp_train").inputs == {"data": False}
+    assert get_kind("mlp_train").inputs == {"data": False, "val_data": False}
     assert get_kind("matmul").inputs == {}
 
 

@@ -265,7 +265,7 @@ async def test_a_plain_warm_worker_keeps_serving_while_a_sandbox_is_killed(pool:
         hostile = asyncio.ensure_future(run_code(pool, tmp_path, "import os\nwhile True: os.fork()"))
         ok = await plain.run(TaskRequest(kind="chaos", params={"mode": "ok"}, timeout_s=30,
                                          workdir=str(tmp_path / "plain")))
-        assert ok.ok and ok.values == {"mode": "ok"}
+        assert ok.ok and ok.values["mode"] == "ok"
         assert (await hostile).error_class == "sandbox_violation"
         again = await plain.run(TaskRequest(kind="chaos", params={"mode": "ok"}, timeout_s=30,
                                             workdir=str(tmp_path / "plain2")))

@@ -124,7 +124,7 @@ def test_user_unit_has_no_system_only_settings(tmp_path: Path) -> None:
     d = directives(text)
     for key in ("User", "SupplementaryGroups", "ProtectSystem", "PrivateTmp", "StateDirectory"):
         assert key not in d, key
-    assert "#(system only) User=panal" in text  # still documented in the file
+    assert "system only" not in text and "User=" not in text   # only what applies to a user unit
     assert d["NoNewPrivileges"] == ["yes"]
     assert d["WantedBy"] == ["default.target"]
     assert d["Environment"][0] == f"PANAL_HOME={t.panal_home}"

@@ -97,11 +97,12 @@ def sleep_job(n: int, name: str = "sweep", **spec: Any) -> Manifest:
                                "spec": {"task": "sleep", "sweep": {"seconds": [SECRET_PARAM] * n}, **spec}})
 
 
-async def run_one(client: BoardClient, ident: Identity, status: str = "ok") -> str:
+async def run_one(client: BoardClient, ident: Identity, status: str = "ok",
+                  values: dict[str, Any] | None = None) -> str:
     [task] = (await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 2}))["tasks"]
     record = SignedRecord.sign(ident, {"task_id": task["task_id"], "job_id": task["job_id"],
                                        "lease_id": task["lease_id"], "attempt": task["attempt"],
-                                       "agent_id": ident.id, "status": status, "values": {},
+                                       "agent_id": ident.id, "status": status, "values": values or {},
                                        "metrics": {"wall_s": 36.0}}).to_wire()
     await client.call("POST", f"/v1/tasks/{task['task_id']}/result", {"result": record})
     return str(task["task_id"])
@@ -398,3 +399,36 @@ async def test_agent_table_pages_through_a_large_fleet(hub: InProcessHub, browse
     await expect(page.locator("#agents-range")).to_have_text("1–50 of 120")
     await expect(page.locator("#agent-table tbody tr").first).to_contain_text("box-000")
     assert page.js_errors == []  # type: ignore[attr-defined]
+
+
+async def test_a_jobs_best_task_shows_in_its_row_and_detail_without_its_params(hub: InProcessHub, browser: Browser,
+                                                                              tmp_path: Path) -> None:
+    """spec.report: the board ranks accepted results; the page shows the best task's index, metric and value
+    (live, in the job's row and its task table) and never the params that produced it."""
+    a0, id0 = await agent(hub, "gpu-box", GPU_CAPS)
+    page = await open_page(browser, hub)
+    sub = await submitter(hub)
+    job = await submit(sub, make_envelope(sub.identity, sleep_job(3, report={"metric": "val_acc", "mode": "max"})))
+    row = page.locator(f"#job-{job['id']}")
+    await expect(row).to_have_attribute("data-state", "queued")
+    await expect(row.locator(".best")).to_have_count(0)                       # nothing accepted yet
+    for val_acc in (0.61, 0.875, 0.7):
+        await run_one(a0, id0, values={"val_acc": val_acc})
+    await expect(row).to_have_attribute("data-state", "succeeded")
+    await expect(row.locator(".best")).to_have_text("best #1: val_acc 0.875 (max)")
+    await row.locator("button").click()
+    detail = page.locator("#job-detail")
+    await expect(detail.locator("#job-best")).to_have_text("best #1: val_acc 0.875 (max)")
+    await expect(detail.locator("tbody tr[data-best]")).to_have_count(1)
+    await expect(detail.locator("tbody tr[data-best]")).to_have_attribute("data-idx", "1")
+    html = await page.content()
+    assert str(SECRET_PARAM) not in html and "params" not in html
+    for url in (f"v1/jobs/{job['id']}/public", "v1/status"):   # the public JSON the page reads
+        text = await page.evaluate("(url) => fetch(url, {headers: {Accept: 'application/json'}}).then(r => r.text())",
+                                   url)
+        assert '"best":{"unit":1,"metric":"val_acc","mode":"max","value":0.875}' in text.replace(" ", "")
+        assert "params" not in text and str(SECRET_PARAM) not in text
+    await page.screenshot(path=str(artifacts(tmp_path) / "status-best-task.png"), full_page=True)
+    assert page.js_errors == []  # type: ignore[attr-defined]
+    await a0.close()
+    await sub.close()

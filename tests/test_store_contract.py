@@ -516,3 +516,44 @@ async def test_a_database_from_before_validation_is_upgraded_at_open(tmp_path: P
         assert (await store.load_trust()).credit == {}
     finally:
         await store.close()
+
+
+# -- reading sweeps (hub/best.py) --------------------------------------------------------------
+async def test_a_jobs_report_and_best_task_are_written_with_its_results_and_read_back(
+        make: Callable[[], Store]) -> None:
+    row = replace(job("j1"), report={"metric": "val_acc", "mode": "max"})
+    t0, t1 = tasks(row)
+    async with opened(make) as store:
+        await store.create_job(row, [t0, t1])
+        row.best = {"task_id": "j1.0", "unit": 0, "metric": "val_acc", "mode": "max", "value": 0.5, "params": {}}
+        await store.accept_results([result(t0)], [replace(t0, state=TaskState.DONE)], [row])
+    async with opened(make) as store:
+        [active], _ = await store.load_active()
+        assert active.report == {"metric": "val_acc", "mode": "max"} and active.best == row.best
+        row.best = {**row.best, "task_id": "j1.1", "unit": 1, "value": 0.75}
+        row.state = JobState.SUCCEEDED
+        await store.save_tasks([replace(t1, state=TaskState.DONE)], [row])
+    async with opened(make) as store:
+        stored = await store.get_job("j1")
+        assert stored is not None and stored.best == row.best and stored.state == JobState.SUCCEEDED
+
+
+async def test_a_job_stored_before_reports_existed_reads_back_with_none(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT NOT NULL, submitter_id TEXT NOT NULL, kind TEXT NOT NULL,"
+        " priority INTEGER NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL, n_tasks INTEGER NOT NULL,"
+        " envelope BLOB NOT NULL, requires TEXT NOT NULL, timeout_s REAL NOT NULL, max_attempts INTEGER NOT NULL,"
+        " deadline_at REAL, finished_at REAL, error TEXT, labels TEXT NOT NULL DEFAULT '{}',"
+        " validation TEXT NOT NULL DEFAULT '{}');"
+        "INSERT INTO jobs VALUES ('j0', 'old', 'k', 'sleep', 0, 'succeeded', 1.0, 1, x'80', '{}', 60.0, 1, NULL,"
+        " 2.0, NULL, '{}', '{}');")
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        old = await store.get_job("j0")
+        assert old is not None and old.report == {} and old.best is None
+    finally:
+        await store.close()

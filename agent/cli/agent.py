@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import platform
 
 import click
 
@@ -14,11 +13,13 @@ from agent.client.board import BoardClient
 from agent.daemon import Daemon, DaemonSettings
 from agent.daemon.hooks import CodeConsent
 from agent.host import capabilities
+from agent.volunteer.naming import agent_name, save_name
 from hub.admission import TOKEN_HEADER
 from hub.config import HubConfig
 from hub.server import BoardServer
 from jobs.protocol import Registered, Registration
 from jobs.requirements import Capabilities
+from security.errors import PanalError
 from security.tls import BoardAddress, join_token
 
 
@@ -29,7 +30,8 @@ def agent() -> None:
 
 @agent.command()
 @click.argument("join_url")
-@click.option("--name", default="", help="How this machine appears on the board (default: hostname).")
+@click.option("--name", default="", help="How this agent appears on boards, kept for later runs (default: a name "
+              "generated from its key, like swift-otter-0412; never the hostname).")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP to a non-loopback board.")
 @click.option("--allow-code", is_flag=True, help="Run code from this board's authorised submitters (the `python` "
               "kind, in the sandbox): the board vouches for them. Off unless given.")
@@ -43,7 +45,13 @@ def join(join_url: str, name: str, insecure: bool, allow_code: bool) -> None:
     address.check_transport(insecure)
     h = home()
     identity = h.agent_identity()
-    body = Registration(identity.public, name or platform.node(), Capabilities.from_dict(capabilities.basic()))
+    try:
+        if name:
+            save_name(h.root, name)
+        shown = agent_name(h.root, identity.id)
+    except PanalError as exc:
+        raise click.BadParameter(exc.message, param_hint="--name") from exc
+    body = Registration(identity.public, shown, Capabilities.from_dict(capabilities.basic()))
 
     async def go() -> Registered:
         async with BoardClient(address, identity, insecure=insecure, retry_for_s=10.0) as client:
@@ -54,7 +62,8 @@ def join(join_url: str, name: str, insecure: bool, allow_code: bool) -> None:
     h.add_board(address, allow_code=allow_code)
     if not h.client_settings().get("hub"):
         h.set_client("hub", address.join_url())
-    click.echo(f"joined {address.url} as agent {reply.agent_id}"
+    click.echo(f"joined {address.url} as agent {reply.agent_id} (shown as {shown!r}; "
+               "change it with `panal agent join URL --name NAME`)"
                + (": accepting code from its submitters" if allow_code else ""))
 
 
@@ -63,7 +72,8 @@ def join(join_url: str, name: str, insecure: bool, allow_code: bool) -> None:
               help="Tasks run at the same time, one warm worker each (default: the max_concurrent_tasks "
                    "preference, 1 unless set with `panal agent set`).")
 @click.option("--threads", type=int, default=0, help="CPU threads per task (default: cores / slots).")
-@click.option("--name", default="")
+@click.option("--name", default="", help="How this agent appears on boards for this run (default: the name "
+              "given to `panal agent join --name`, else one generated from its key).")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP to non-loopback boards.")
 @click.option("--drain", "drain_s", type=float, default=30.0, show_default=True,
               help="On SIGTERM, seconds to let running tasks finish before handing them back.")

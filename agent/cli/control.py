@@ -57,19 +57,39 @@ def _progress(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+_HEALTH = {"closed": "ok", "half_open": "recovering", "open": "unreachable"}
+
+
 def render_status(status: dict[str, Any]) -> None:
-    """Print the agent's status. Known keys get a layout (``state``, ``paused``, ``reason``,
-    ``paused_until``, ``tasks``: [{id, kind, progress, board}], ``boards``: [{url, breaker}]);
-    anything else is listed as key: value, so new fields show up without a CLI change."""
+    """Print the agent's status for a person: state and why, today's compute, totals and credit,
+    current tasks with progress, boards with their health, and the commands to pause, stop and
+    uninstall. Fields without a layout (LAN mode's, newer agents') are listed as key: value, so new
+    fields show up without a CLI change."""
     console = Console()
-    shown = {"state", "paused", "reason", "paused_until", "tasks", "boards"}
+    shown = {"state", "paused", "reason", "why", "paused_until", "tasks", "boards", "name", "agent_id", "slots",
+             "free_slots", "workers", "compute_today_h", "done", "failed", "credit", "commands", "disabled_kinds"}
     state = status.get("state") or ("paused" if status.get("paused") else "running")
     colour = "yellow" if status.get("paused") or state == "paused" else "green"
-    console.print(f"state: [{colour}]{plain(state)}[/{colour}]")
-    if status.get("reason"):
-        console.print(f"reason: {status['reason']}", highlight=False, markup=False)
+    why = status.get("why") or status.get("reason")
+    console.print(f"state: [{colour}]{plain(state)}[/{colour}]" + (f" ({plain(str(why))})" if why else ""))
     if status.get("paused_until"):
         console.print(f"paused until: {status['paused_until']}", highlight=False, markup=False)
+    if status.get("name") or status.get("agent_id"):
+        console.print(f"agent: {status.get('name', '')} ({status.get('agent_id', '')})", highlight=False, markup=False)
+    if "slots" in status:
+        console.print(f"free slots: {status.get('free_slots', '?')} of {status['slots']}"
+                      + (f"; worker processes: {status['workers']}" if "workers" in status else ""),
+                      highlight=False, markup=False)
+    if "compute_today_h" in status:
+        console.print(f"compute today: {status['compute_today_h']} h", highlight=False, markup=False)
+    if "done" in status or "failed" in status:
+        console.print(f"tasks since start: {status.get('done', 0)} done, {status.get('failed', 0)} failed",
+                      highlight=False, markup=False)
+    if "credit" in status:
+        console.print(f"credit earned: {status['credit']} (as the boards count it)", highlight=False, markup=False)
+    if status.get("disabled_kinds"):
+        console.print(f"kinds switched off after failures: {status['disabled_kinds']}", highlight=False,
+                      markup=False)
     tasks = status.get("tasks") or []
     if tasks:
         table = Table("task", "kind", "progress", "board", title="current tasks")
@@ -81,15 +101,24 @@ def render_status(status: dict[str, Any]) -> None:
         console.print("no tasks running")
     boards = status.get("boards") or []
     if boards:
-        table = Table("board", "breaker", "credit", "invalid results", "refused", title="boards")
+        table = Table("board", "health", "done", "failed", "credit", "invalid results", "refused", title="boards")
         for b in boards:
             standing = b.get("standing") or {}
-            table.add_row(plain(b.get("url", "")), plain(b.get("breaker", "")), plain(str(standing.get("credit", "-"))),
+            health = _HEALTH.get(str(b.get("breaker", "")), str(b.get("breaker", "")))
+            if not b.get("registered", True):
+                health += " (not registered yet)"
+            table.add_row(plain(b.get("url", "")), plain(health), plain(str(b.get("done", "-"))),
+                          plain(str(b.get("failed", "-"))), plain(str(standing.get("credit", "-"))),
                           plain(str(standing.get("invalid_results", "-"))), plain(b.get("refused") or ""))
         console.print(table)
     for key, value in status.items():
         if key not in shown:
             console.print(f"{key}: {value}", highlight=False, markup=False)
+    commands = status.get("commands") or {}
+    if isinstance(commands, dict) and commands:
+        console.print("commands:")
+        for what, command in commands.items():
+            console.print(f"  {what:<10} {command}", highlight=False, markup=False)
 
 
 @click.command("pause")

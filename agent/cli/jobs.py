@@ -1,8 +1,7 @@
-"""``panal submit / jobs / job / cancel / results``: the submitter's commands."""
+"""``panal submit / jobs / job / cancel``: the submitter's commands (``results`` is agent/cli/results.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -25,19 +24,15 @@ from agent.cli.common import (
 )
 from agent.client.board import BoardClient
 from agent.client.submitting import (
-    ResultCheck,
-    fetch_outputs,
     make_envelope,
     prepare_inputs,
     submit,
     upload_inputs,
-    verify_results,
     wait_job,
 )
-from agent.client.validation import check_validation, unit_rows
-from jobs.checkpoints import resumed_from
 from jobs.code_spec import bundle_manifest
-from jobs.manifest import load_manifests
+from jobs.manifest import ManifestError, load_manifests
+from jobs.precheck import check_local_inputs
 
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",
                           help="Board join URL (default: PANAL_HUB, `panal config set hub`, `panal up`).")
@@ -74,7 +69,12 @@ def _progress_line(job: dict[str, Any]) -> str:
 def submit_cmd(files: tuple[Path, ...], hub_url: str | None, insecure: bool, wait: bool, timeout_s: float,
                as_json: bool) -> None:
     """Validate, sign and submit manifests (several documents in a file make several jobs)."""
-    manifests = [m for path in files for m in load_manifests(path)]   # code checked here: before uploads
+    pairs = [(path, m) for path in files for m in load_manifests(path)]   # code checked here: before uploads
+    refused: list[tuple[tuple[str, int, int] | None, str, str]] = [
+        (None, f"{path}: {m.name}: {field}", why) for path, m in pairs for field, why in check_local_inputs(m)]
+    if refused:   # what an agent would refuse is refused here, before anything is uploaded
+        raise ManifestError(refused)
+    manifests = [m for _, m in pairs]
     identity = home().user_identity()
     address = home().default_board(hub_url)
 
@@ -168,6 +168,8 @@ def job_cmd(job_id: str, hub_url: str | None, insecure: bool, as_json: bool) -> 
     click.echo(f"{job['id']}  {job['name']}  kind={job['kind']}  state={job['state']}  priority={job['priority']}")
     if job.get("error"):
         click.echo(f"error: {job['error']}")
+    if job.get("best"):
+        click.echo(best_line(job["best"]))
     for reason in job.get("waiting_because", []):
         click.echo(f"waiting: {reason}")
     table = Table(box=None)
@@ -177,6 +179,13 @@ def job_cmd(job_id: str, hub_url: str | None, insecure: bool, as_json: bool) -> 
         table.add_row(*map(plain, (t["idx"], t["state"], t["attempt"], (t["agent"] or "")[:16],
                                    f"{100 * t['progress']:.0f}%", (t.get("error") or "")[:60])))
     console.print(table)
+
+
+def best_line(best: dict[str, Any]) -> str:
+    """The job's best task so far by its manifest's ``spec.report`` (hub/best.py), for people."""
+    params = ", ".join(f"{k}={v}" for k, v in (best.get("params") or {}).items())
+    return (f"best: task {best['unit']} ({best['metric']}={best['value']:.6g}, {best['mode']} of the accepted "
+            f"results)" + (f"  {params[:160]}" if params else ""))
 
 
 @click.command("cancel")
@@ -192,81 +201,4 @@ def cancel_cmd(job_id: str, hub_url: str | None, insecure: bool) -> None:
     click.echo(f"{job['id']}: {job['state']}")
 
 
-@click.command("results")
-@click.argument("job_id")
-@hub_option
-@insecure_option
-@click.option("--verify", is_flag=True, help="Check every result's signature and digest; exit 2 on a bad one.")
-@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Write results.json (and outputs) into this directory.")
-@click.option("--json", "as_json", is_flag=True)
-def results_cmd(job_id: str, hub_url: str | None, insecure: bool, verify: bool, out_dir: Path | None,
-                as_json: bool) -> None:
-    """Show a job's results (values and metrics), optionally verifying the signature chain."""
-    async def go(client: BoardClient) -> tuple[dict[str, Any], list[ResultCheck], dict[str, list[str]]]:
-        reply = dict(await client.call("GET", f"/v1/jobs/{job_id}/results"))
-        checks = verify_results(reply)
-        problems = await fetch_outputs(client, checks, out_dir) if out_dir is not None else {}
-        return reply, checks, problems
-
-    reply, checks, output_problems = run(with_client(home().default_board(hub_url), go, insecure))
-    checks = [c if not output_problems.get(c.task_id) else
-              ResultCheck(c.task_id, c.agent, False, "; ".join(filter(None, [c.problem, *output_problems[c.task_id]])),
-                          c.payload) for c in checks]
-    rows: list[dict[str, Any]] = [
-        {"task_id": c.task_id, "agent": c.agent, "verified": c.ok, "problem": c.problem or None,
-         "state": r.get("state"),
-         "values": c.payload.get("values"), "metrics": c.payload.get("metrics"), "notes": c.payload.get("notes"),
-         "environment": c.payload.get("environment"), "resumed_from": resumed_from(c.payload),
-         "outputs": {name: {**o, "path": f"{c.task_id}/{name}"}
-                     for name, o in (c.payload.get("outputs") or {}).items()}}
-        for c, r in zip(checks, reply["results"], strict=True)]
-    units = unit_rows(reply, checks)
-    validation_problems = check_validation(reply, checks)
-    index = {"job": reply["job"], "results": rows, "tasks": units}
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(index, indent=2, default=str))
-    if as_json:
-        print_json(index)
-    else:
-        click.echo(f"{reply['job']['id']} {reply['job']['state']}: {len(rows)} result(s)")
-        for unit in units:
-            click.echo(f"  {unit_line(unit)}")
-        for row in rows:
-            mark = "verified" if row["verified"] else f"NOT VERIFIED ({row['problem']})"
-            metrics = ", ".join(f"{k}={v:.4g}" for k, v in (row["metrics"] or {}).items()
-                                if isinstance(v, int | float))
-            click.echo(f"  {row['task_id']}  {mark}  agent {row['agent'][:16]}  {metrics}")
-            if row["values"]:
-                click.echo(f"      {json.dumps(row['values'], default=str)[:200]}")
-            if row["resumed_from"]:
-                click.echo(f"      resumed from a checkpoint signed by agent {row['resumed_from'][:16]}")
-    if verify:
-        bad = [c for c in checks if not c.ok]
-        for problem in validation_problems:
-            click.echo(f"validation record: {problem}", err=True)
-        if bad or validation_problems:
-            click.echo(f"{len(bad)} result(s) and {len(validation_problems)} validation record(s) failed "
-                       "verification", err=True)
-            sys.exit(EXIT_FAILED)
-        click.echo(f"all {len(checks)} result signature(s) verified; manifest signature verified; "
-                   f"{sum(1 for u in units if u['state'] == 'validated')} validation record(s) agree with "
-                   "the signed results", err=True)
-
-
-def unit_line(unit: dict[str, Any]) -> str:
-    """One task's validation, for people."""
-    if unit["state"] == "validated":
-        text = f"{unit['task_id']}  validated by {len(unit['agents'])} agent(s) (quorum {unit['quorum']})"
-        if unit["invalid"]:
-            text += f"; {len(unit['invalid'])} invalid: " + ", ".join(
-                f"{i['agent_id'][:12]} said {json.dumps(i['values'], default=str)[:80]}" for i in unit["invalid"])
-        return text
-    if unit["state"] == "no_consensus":
-        return f"{unit['task_id']}  no_consensus: " + "; ".join(
-            f"{a['agent_id'][:12]} said {json.dumps(a['values'], default=str)[:80]}" for a in unit.get("answers", []))
-    return f"{unit['task_id']}  pending (quorum {unit['quorum']})"
-
-
-COMMANDS = [submit_cmd, jobs_cmd, job_cmd, cancel_cmd, results_cmd]
+COMMANDS = [submit_cmd, jobs_cmd, job_cmd, cancel_cmd]

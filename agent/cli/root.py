@@ -17,11 +17,13 @@ from agent.cli.common import PanalGroup, home, print_json, run, setup_logging, w
 from agent.cli.hub import hub
 from agent.cli.jobs import COMMANDS as JOB_COMMANDS
 from agent.cli.lan import register as register_lan
+from agent.cli.results import results_cmd
 from agent.cli.runlocal import run_local_cmd
 from agent.cli.tools import bench, demo
 from agent.client.board import BoardClient
 from hub.intake import over_limits
 from jobs.manifest import load_manifests, manifest_schema
+from jobs.precheck import check_local_inputs
 from security.errors import PanalError
 from security.tls import BoardAddress
 
@@ -55,7 +57,10 @@ def _peers() -> list[dict[str, Any]]:
                    "board with a bare --hub.")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP to a non-loopback board.")
 def validate(files: tuple[Path, ...], hub_url: str | None, insecure: bool) -> None:
-    """Check manifests without submitting them (and against a hub's limits with --hub)."""
+    """Check manifests without submitting them (and against a hub's limits with --hub).
+
+    Local input files get the checks an agent runs before loading them (headers and archive
+    listings only: nothing is loaded or run), and a row shard's count is checked against the rows."""
     limits = _hub_limits(hub_url or None, insecure) if hub_url is not None else None
     problems = 0
     for path in files:
@@ -66,7 +71,7 @@ def validate(files: tuple[Path, ...], hub_url: str | None, insecure: bool) -> No
             problems += 1
             continue
         for m in manifests:
-            over = over_limits(m, limits) if limits is not None else []
+            over = check_local_inputs(m) + (over_limits(m, limits) if limits is not None else [])
             for field, message in over:
                 click.echo(f"{path}: {m.name}: {field}: {message}", err=True)
             problems += bool(over)
@@ -137,4 +142,5 @@ main.add_command(demo)
 main.add_command(run_local_cmd)
 for _command in JOB_COMMANDS:
     main.add_command(_command)
+main.add_command(results_cmd)
 register_lan(main)

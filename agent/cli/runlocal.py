@@ -12,6 +12,7 @@ import click
 from rich.table import Table
 
 from agent.cli.common import EXIT_FAILED, console, plain, print_json, run
+from agent.daemon.threads import lent_threads, task_threads
 from agent.engine.local import LocalTask, run_local
 from jobs.manifest import load_manifests
 
@@ -21,7 +22,8 @@ __all__ = ["run_local_cmd"]
 @click.command("run-local")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads per task (default: all cores, as an agent with one slot uses).")
+              help="CPU threads lent to a task (default: all cores, as an agent with one slot lends); a task "
+                   "asking `resources.threads` gets that many within it, as on an agent.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda:0, mps ...")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Keep each task's output files in DIR/task-N/.")
@@ -43,7 +45,8 @@ def run_local_cmd(file: Path, threads: int | None, device: str, out_dir: Path | 
                            err=True)
 
         sub = out_dir / manifest.name if out_dir is not None and len(manifests) > 1 else out_dir
-        tasks = run(run_local(manifest, threads=threads or os.cpu_count() or 1, device=device, out_dir=sub,
+        lent = lent_threads(threads or 0, None, os.cpu_count() or 1, 1)
+        tasks = run(run_local(manifest, threads=task_threads(manifest.threads, lent), device=device, out_dir=sub,
                               on_done=show))
         failed = failed or any(not t.outcome.ok for t in tasks)
         if as_json:

@@ -6,6 +6,7 @@ print it (``--dry-run``) or carry it out. Errors are one clear line, never a tra
 
 from __future__ import annotations
 
+import getpass
 import os
 import sys
 from collections.abc import Callable
@@ -13,8 +14,9 @@ from typing import Any
 
 import click
 
-from agent.host.service import Action, ServicePlan, execute, installed_scope, plan
-from agent.host.service_target import Scope, ServiceTarget
+from agent.host.home import AgentHome
+from agent.host.service import Action, InstallChoices, ServicePlan, execute, installed_scope, linger_enabled, plan
+from agent.host.service_target import SERVICE_USER, Platform, Scope, ServiceTarget
 from security.errors import PanalError
 
 __all__ = ["service"]
@@ -47,9 +49,9 @@ def _show(service_plan: ServicePlan) -> None:
 
 
 def _carry_out(target: ServiceTarget, action: Action, dry_run: bool, *, follow: bool = False,
-               lines: int = 200) -> None:
+               lines: int = 200, choices: InstallChoices | None = None) -> None:
     try:
-        service_plan = plan(target, action, follow=follow, lines=lines)
+        service_plan = plan(target, action, follow=follow, lines=lines, choices=choices)
         if dry_run:
             _show(service_plan)
             return
@@ -70,22 +72,57 @@ def service() -> None:
     """Run the agent in the background: at boot (systemd), at login (launchd, Task Scheduler)."""
 
 
+def _linger(target: ServiceTarget, flag: bool | None) -> InstallChoices:
+    """Lingering (a user service that starts at boot, without a login) only when asked: the flag,
+    else a question on a terminal, else no."""
+    if target.platform is not Platform.SYSTEMD or target.scope is not Scope.USER:
+        return InstallChoices()
+    user = getpass.getuser()
+    already = linger_enabled(user)
+    if flag is None:
+        flag = already or (sys.stdin.isatty() and click.confirm(
+            "Start the agent at boot, without you logging in? (runs `loginctl enable-linger`)", default=False))
+    return InstallChoices(linger=flag, linger_already=already)
+
+
+def _warn_without_board(target: ServiceTarget) -> None:
+    """A service that joined no board only finds work from LAN peers: say so at install."""
+    try:
+        joined = AgentHome(target.panal_home).boards()
+    except (PanalError, OSError):
+        return   # unreadable (the system service's home, without root): nothing to say
+    if joined:
+        return
+    join = "panal agent join JOIN_URL"
+    if target.scope is Scope.SYSTEM:
+        join = (f"sudo -u {SERVICE_USER} env PANAL_HOME={target.panal_home} {target.python} "
+                "-m panal_launch agent join JOIN_URL")
+    click.echo(f"warning: this agent has joined no board, so it gets work only from LAN peers (if LAN "
+               f"mode is on); join one with `{join}`", err=True)
+
+
 @service.command()
 @_scope_option("Default: --user.")
+@click.option("--linger/--no-linger", default=None,
+              help="User service: start it at boot without a login (`loginctl enable-linger`). "
+                   "Default: ask on a terminal, else no.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written and run; change nothing.")
-def install(user_scope: bool | None, dry_run: bool) -> None:
+def install(user_scope: bool | None, linger: bool | None, dry_run: bool) -> None:
     """Install and start the service, using this Python interpreter and PANAL_HOME."""
     target = _target(user_scope, for_install=True)
-    _carry_out(target, Action.INSTALL, dry_run)
+    _warn_without_board(target)
+    _carry_out(target, Action.INSTALL, dry_run, choices=_linger(target, False if dry_run and linger is None
+                                                                else linger))
     if not dry_run:
         click.echo(f"installed: {target.service_file} runs {target.python} -m panal_launch agent run")
+        click.echo("see what it does with `panal agent status`; remove it with `panal agent service uninstall`")
 
 
 @service.command()
 @_scope_option("Default: whichever is installed.")
 @click.option("--dry-run", is_flag=True, help="Print what would be removed and run; change nothing.")
 def uninstall(user_scope: bool | None, dry_run: bool) -> None:
-    """Stop and remove the service (the agent's keys and data stay)."""
+    """Stop and remove the service and what its install turned on (lingering); the agent's keys and data stay."""
     _carry_out(_target(user_scope, for_install=False), Action.UNINSTALL, dry_run)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import dataclasses
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 from agent.client.blobcache import download_blob, hash_file
 from agent.client.blobupload import upload_file
 from agent.client.board import BoardClient
+from agent.client.sharding import shard_input
 from jobs.checkpoints import checkpoint_problem
 from jobs.manifest import Manifest
 from security.errors import BadRequest, PanalError, Unauthorized
@@ -23,10 +25,13 @@ from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
 from security.records import SignedRecord
 
-__all__ = ["ResultCheck", "job_id_of", "make_envelope", "prepare_inputs", "submit", "upload_inputs",
-           "verify_results", "wait_job"]
+__all__ = ["ResultCheck", "job_id_of", "make_envelope", "output_file_name", "prepare_inputs", "submit",
+           "upload_inputs", "verify_results", "wait_job"]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+_EXTENSION = re.compile(r"^\.[A-Za-z0-9]{1,16}$")
+_OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{1,9}$")   # "<job id>.<index>" (hub/intake.py)
 
 
 def make_envelope(identity: Identity, manifest: Manifest) -> dict[str, Any]:
@@ -42,31 +47,25 @@ def job_id_of(envelope: dict[str, Any]) -> str:
 
 def prepare_inputs(manifest: Manifest) -> tuple[Manifest, list[tuple[str, Path]]]:
     """Hash every local input file; return the manifest to sign (paths -> blob refs) and the files."""
-    if not manifest.inputs or all(ref.blob for ref in manifest.inputs.values()):
+    if not manifest.inputs or all(ref.blob or ref.shards for ref in manifest.inputs.values()):
         return manifest, []
     source = copy.deepcopy(manifest.source)
     files: list[tuple[str, Path]] = []
+    base_dir = manifest.base_dir or Path(".")
     for name, ref in manifest.inputs.items():
+        if ref.shard_count or ref.paths is not None:   # one blob per shard (agent/client/sharding.py)
+            ref, uploads = shard_input(ref, base_dir)
+            files.extend(uploads)
+            source["spec"]["inputs"][name] = ref.to_source()
+            continue
         if ref.path is None:
             continue
-        path = (manifest.base_dir or Path(".")) / ref.path
+        path = base_dir / ref.path
         sha, size = hash_file(path)
-        rows = _rows(path, manifest.params) if ref.shard_count else None
         files.append((sha, path))
-        source["spec"]["inputs"][name] = dataclasses.replace(ref, blob=sha, size=size, rows=rows,
+        source["spec"]["inputs"][name] = dataclasses.replace(ref, blob=sha, size=size,
                                                              path=Path(ref.path).name).to_source()
     return Manifest.from_dict(source), files
-
-
-def _rows(path: Path, params: dict[str, Any]) -> int:
-    """Rows of a sharded safetensors input: dim 0 of its ``input_key`` tensor (else the first)."""
-    from jobs.safeload import check_safetensors
-
-    tensors = check_safetensors(path)
-    if not tensors:
-        raise BadRequest(f"{path}: holds no tensors to shard")
-    info = tensors.get(str(params.get("input_key", ""))) or next(iter(tensors.values()))
-    return int(info.shape[0]) if info.shape else 1
 
 
 async def upload_inputs(client: BoardClient, files: list[tuple[str, Path]],
@@ -111,7 +110,7 @@ async def fetch_outputs(client: BoardClient, checks: list[ResultCheck], out_dir:
     for check in checks:
         for name, meta in (check.payload.get("outputs") or {}).items():
             sha = str(meta.get("sha256", ""))
-            dest = out_dir / check.task_id / name
+            dest = out_dir / task_dir_name(check.task_id) / output_file_name(name, meta)
             if not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 headers = sign_request(client.identity, "GET", f"/v1/blobs/{sha}", "", b"")
@@ -121,6 +120,22 @@ async def fetch_outputs(client: BoardClient, checks: list[ResultCheck], out_dir:
                 problems.setdefault(check.task_id, []).append(
                     f"output {name} ({dest}) does not match the digest the agent signed")
     return problems
+
+
+def task_dir_name(task_id: str) -> str:
+    """The local folder of a task's outputs: its id when it is a plain task id, else a hash of it, so a
+    board (with an agent signing along) that names a task ``../../x`` never chooses a path."""
+    return task_id if _TASK_ID.match(task_id) else "task-" + hashlib.sha256(task_id.encode()).hexdigest()[:16]
+
+
+def output_file_name(name: str, meta: dict[str, Any]) -> str:
+    """The local file name of output ``name``: the name plus the extension of the file the agent wrote
+    (``outputs`` -> ``outputs.safetensors``), so tools recognise it. Only a plain extension is taken from
+    the agent's signed ``name`` (letters and digits after a dot): never a path."""
+    if not _OUTPUT_NAME.match(name):   # a lying agent's "../../.bashrc" never becomes a path (verify_results flags it)
+        name = "output-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    suffix = Path(str(meta.get("name") or "")).suffix
+    return name + suffix if _EXTENSION.match(suffix) and not name.endswith(suffix) else name
 
 
 @dataclass(frozen=True)
@@ -154,8 +169,12 @@ def verify_results(reply: dict[str, Any]) -> list[ResultCheck]:
                 problems.append("digest differs from the one the board accepted")
             if payload.get("task_id") != task_id or payload.get("job_id") != job_id:
                 problems.append("the signed result is for another task")
+            if not str(task_id).startswith(f"{job_id}.") or not _TASK_ID.match(str(task_id)):
+                problems.append(f"task id {task_id!r} is not one of job {job_id}'s")
             if (resumed := checkpoint_problem(payload)) is not None:   # the checkpoint chain (provenance)
                 problems.append(resumed)
+            problems.extend(f"output name {name!r} is not a plain name" for name in payload.get("outputs") or {}
+                            if not _OUTPUT_NAME.match(str(name)))
             checks.append(ResultCheck(task_id, agent, not problems, "; ".join(problems), payload))
         except PanalError as exc:
             checks.append(ResultCheck(task_id, agent, False, exc.message, {}))

@@ -239,6 +239,8 @@ class BoardLink:
             try:
                 registered = await self.client.post("/v1/agents", self.registration(), Registered.decode)
                 self.lease_ttl_s = float(registered.lease_ttl_s)
+                if registered.standing:
+                    self.standing = registered.standing
                 self.registered = True
                 log.info("registered with %s as %s", self.address.url, self.client.identity.id)
                 return

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import platform
 from typing import Any
 
 from agent.client.blobcache import BlobCache
@@ -29,6 +28,8 @@ from agent.daemon.kind_health import KindHealth
 from agent.daemon.outbox import Outbox
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
+from agent.daemon.status_summary import summary
+from agent.daemon.threads import lent_threads
 from agent.engine.runner import WorkerPool
 from agent.engine.sandbox import probe as probe_sandbox
 from agent.engine.sandboxed import SandboxPool
@@ -36,6 +37,7 @@ from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
+from agent.volunteer.naming import agent_name
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
@@ -50,6 +52,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 KIND_PROBE_S = 5.0   # how often a kind disabled by its breaker is checked for the end of its cool-down
+WORKER_RETIRE_CHECK_S = 2.0   # how often idle workers are looked at (worker_idle_minutes)
 
 
 class Daemon:
@@ -61,6 +64,7 @@ class Daemon:
         self.home = home
         self.settings = settings
         self.identity: Identity = home.agent_identity()
+        self.name = agent_name(home.root, self.identity.id, settings.name)   # never the hostname
         self.boards = boards
         self.links: list[BoardLink] = []
         self.prefs = PreferencesFile(home.root / "prefs.yaml")
@@ -76,8 +80,8 @@ class Daemon:
             identity=self.identity, work=home.work, pool=self.pool, sandboxes=self.sandboxes,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
             devices=Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus),
-            threads=(settings.threads or self.prefs.current.cpu_threads
-                     or max(1, (os.cpu_count() or 1) // max(1, self.settings.slots))),
+            threads=lent_threads(settings.threads, self.prefs.current.cpu_threads, os.cpu_count() or 1,
+                                 self.settings.slots),
             gpu_memory_fraction=lambda: self.prefs.current.max_gpu_memory_fraction,
             capabilities=lambda: self.capabilities, max_memory_gb=lambda: self.prefs.current.max_memory_gb)
         self._advertised_memory_gb = self.prefs.current.max_memory_gb
@@ -138,7 +142,9 @@ class Daemon:
     # -- life cycle -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
-        await self.pool.warm()
+        if self.prefs.current.worker_idle_minutes is None:   # the volunteer keeps workers warm
+            await self.pool.warm()
+        self._loops.append(run_every(WORKER_RETIRE_CHECK_S, self._retire_idle_workers, "idle workers"))
         control = ControlServer(default_socket_path(), self)
         try:
             await control.start()
@@ -189,7 +195,7 @@ class Daemon:
         ceiling = self.prefs.current.max_memory_gb
         if ceiling is not None:   # the board sends no task whose memory cap is larger
             caps["max_memory_gb"] = ceiling
-        return Registration(self.identity.public, self.settings.name or platform.node(), Capabilities.from_dict(caps))
+        return Registration(self.identity.public, self.name, Capabilities.from_dict(caps))
 
     def start_task(self, link: BoardLink, assignment: Assignment) -> None:
         task = asyncio.create_task(self._execute(link, assignment), name=f"task {assignment.task_id}")
@@ -204,6 +210,12 @@ class Daemon:
                 self._readvertise()
         finally:
             await self.slots.release(1)
+
+    async def _retire_idle_workers(self) -> None:
+        """A warm worker that waited ``worker_idle_minutes`` without work exits: an idle agent is its daemon."""
+        minutes = self.prefs.current.worker_idle_minutes
+        if minutes is not None:
+            await self.pool.retire_idle(minutes * 60)
 
     # -- kind health ----------------------------------------------------------------------------
     def readvertise(self) -> None:
@@ -280,10 +292,13 @@ class Daemon:
             "state": "paused" if self.paused_reason else ("busy" if self._tasks else "idle"),
             "paused": self.paused_reason is not None, "reason": self.paused_reason,
             "paused_until": self.rules.manual_until.isoformat() if self.rules.manual_until else None,
-            "agent_id": self.identity.id, "slots": self.settings.slots, "free_slots": self.slots.free,
+            # A slot reserved by a board's long poll is still free for work: count only running tasks.
+            "agent_id": self.identity.id, "slots": self.settings.slots, "workers": self.pool.alive,
+            "free_slots": max(0, self.settings.slots - len(self._tasks)),
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
             "disabled_kinds": self.kind_health.disabled(),
             "tasks": [{"id": tid, "kind": r.assignment.kind, "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],
             "boards": [link.status() for link in self.links],
+            **summary(self.links, running=len(self._tasks), paused_reason=self.paused_reason, name=self.name),
         }

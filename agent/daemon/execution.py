@@ -31,12 +31,14 @@ from agent.client.blobupload import upload_file
 from agent.daemon.assignments import ManifestCache
 from agent.daemon.board_link import BoardLink, Running
 from agent.daemon.devices import Devices
+from agent.daemon.threads import task_threads
 from agent.engine.runner import Outcome, TaskRequest, Worker, WorkerPool
 from agent.engine.sandbox import probe as probe_sandbox
 from agent.engine.sandboxed import SandboxPool
 from jobs.catalog import get_kind
 from jobs.checkpoints import sign_checkpoint, verify_checkpoint
 from jobs.errors import FailureClass
+from jobs.inputs import input_blob
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
 from security.errors import BadRequest, PanalError
@@ -138,10 +140,8 @@ class Executor:
         its hash, from the bounded local cache or the board."""
         fetch = self._blob_fetcher(link)
         paths = {}
-        for name, ref in manifest.inputs.items():
-            if ref.blob is None:
-                raise BadRequest(f"input {name} was not uploaded", code="input_not_uploaded")
-            paths[name] = await self.blobs.get(ref.blob, fetch)
+        for name, ref in manifest.inputs.items():   # a split input: only this task's shard (jobs/inputs.py)
+            paths[name] = await self.blobs.get(input_blob(ref, assignment.params), fetch)
         if resume is not None and assignment.checkpoint:
             paths["checkpoint"] = await self.blobs.get(assignment.checkpoint, fetch)
         return paths
@@ -151,7 +151,8 @@ class Executor:
         """Run the task in a warm worker on ``device`` (given back afterwards)."""
         assignment = running.assignment
         request = TaskRequest(kind=manifest.kind, params=assignment.params, timeout_s=manifest.timeout_s,
-                              workdir=str(workdir), threads=self.threads, max_memory_gb=self.memory_cap_gb(manifest),
+                              workdir=str(workdir), threads=task_threads(manifest.threads, self.threads),
+                              max_memory_gb=self.memory_cap_gb(manifest),
                               inputs={name: str(path) for name, path in inputs.items()}, device=device,
                               devices=(device, *(d for d in self.devices.lent() if d != device)),
                               gpu_memory_fraction=self._gpu_memory_fraction())
@@ -216,6 +217,9 @@ class Executor:
             "status": "ok" if outcome.ok else "failed", "started_at": outcome.started_at,
             "finished_at": outcome.finished_at, "metrics": outcome.metrics, "notes": outcome.notes,
             "environment": self.environment(),
+            # what was run, under the same signature as what came of it (checked against the submitter's
+            # manifest before running: agent/daemon/assignments.py), so a sweep's rows need no board's word
+            "unit": assignment.idx, "params": assignment.params,
         }
         if resume is not None:
             payload["resumed_from"] = {"record": resume.to_wire()}

@@ -78,6 +78,8 @@ class Worker:
         self.env = dict(env) if env is not None else None
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
+        self.last_used = 0.0     # monotonic: when it was started or last finished a task
+        self.lock = asyncio.Lock()   # held while it runs a task, or while the pool retires it
         self.tasks_run = 0
         self._killed_by_us = False
         self._paused = False
@@ -92,11 +94,12 @@ class Worker:
     async def start(self) -> None:
         self.proc = await self._spawn({**os.environ, **(self.env or {})})
         self._killed_by_us = False
+        self._paused = False
         assert self.proc.stdout is not None
         hello = await read_frame(self.proc.stdout, self.max_frame)
         if not hello.get("ready"):
             raise RuntimeError(f"worker sent {hello!r} instead of ready")
-        self.started_at = time.monotonic()
+        self.started_at = self.last_used = time.monotonic()
 
     async def _spawn(self, env: dict[str, str]) -> asyncio.subprocess.Process:
         """Start the worker program (a sandboxed worker starts it inside bubblewrap)."""
@@ -220,11 +223,14 @@ class Worker:
 
 
 class WorkerPool:
-    """A fixed set of warm workers, one per slot."""
+    """One worker per slot. A worker process starts when its slot first gets a task (or at ``warm``)
+    and stays warm for the next; :meth:`retire_idle` ends those that waited too long, so an idle
+    agent is its daemon alone (a warm worker holds torch: ~200 MB)."""
 
     def __init__(self, size: int, env: Mapping[str, str] | None = None) -> None:
         self.workers = [Worker(env) for _ in range(size)]
         self._free: asyncio.Queue[Worker] = asyncio.Queue()
+        self._suspended = False   # the agent is paused: a worker started now is stopped at once
         for worker in self.workers:
             self._free.put_nowait(worker)
 
@@ -235,15 +241,45 @@ class WorkerPool:
     async def worker(self) -> Any:
         worker = await self._free.get()
         try:
-            yield worker
+            async with worker.lock:   # waits out a retirement in progress
+                if not worker.alive:
+                    await worker.start()   # work arrived: start its process
+                if self._suspended:
+                    worker.suspend()   # started while the agent is paused: it waits like the others
+                yield worker
         finally:
+            worker.last_used = time.monotonic()
             self._free.put_nowait(worker)
 
+    @property
+    def alive(self) -> int:
+        """Worker processes running now."""
+        return sum(1 for w in self.workers if w.alive)
+
+    async def retire_idle(self, idle_s: float) -> int:
+        """End every worker process that has not run a task for ``idle_s`` seconds; returns how many.
+        A worker in use is never touched (its lock is held)."""
+        now = time.monotonic()
+        retired = 0
+        for worker in self.workers:
+            if not worker.alive or worker.lock.locked() or now - worker.last_used < idle_s:
+                continue
+            async with worker.lock:
+                if worker.alive:
+                    worker.resume()   # a stopped (paused) process cannot read the end of its input
+                    await worker.close()
+                    retired += 1
+        if retired:
+            log.info("retired %d idle worker(s) after %.0f s without work", retired, idle_s)
+        return retired
+
     def suspend_all(self) -> None:
+        self._suspended = True
         for worker in self.workers:
             worker.suspend()
 
     def resume_all(self) -> None:
+        self._suspended = False
         for worker in self.workers:
             worker.resume()
 

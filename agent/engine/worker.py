@@ -28,6 +28,8 @@ from agent.engine.sandbox import NPROC_ENV, SANDBOX_ENV
 from agent.engine.violations import sandbox_violation
 from jobs.catalog import get_kind
 from jobs.errors import FailureClass, InvalidParams, PermanentError, RetryableError
+from jobs.precheck import explain_refusal
+from jobs.safeload import UnsafeInput
 from security.errors import BadRequest
 
 _PROGRESS_INTERVAL_S = 0.2
@@ -90,6 +92,8 @@ def _set_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
+    else:   # not preloaded: the kind's own import of torch reads it
+        os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
 
 
 def _limit_gpu_memory(device: str, fraction: float | None) -> None:
@@ -148,6 +152,8 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
         return _failure(FailureClass.INVALID_PARAMS, exc.message, started)
     except BadRequest as exc:  # e.g. a kind this agent's catalog does not have
         return _failure(FailureClass.UNSUPPORTED, exc.message, started)
+    except UnsafeInput as exc:   # named as the manifest names the input: its file here is named by digest
+        return _failure(exc.failure, _refusal(exc, ctx.inputs), started)
     except (RetryableError, PermanentError) as exc:   # the python kind wraps the code's own exception
         violation = sandbox_violation(exc, ctx) if os.environ.get(SANDBOX_ENV) == "1" else None
         if violation is not None:
@@ -165,6 +171,14 @@ def run_task(request: Mapping[str, Any], out: IO[bytes]) -> dict[str, Any]:
     return {"ok": True, "values": output.values, "metrics": {**output.metrics, "wall_s": finished - started},
             "notes": output.notes, "files": {k: str(v) for k, v in output.files.items()},
             "started_at": started, "finished_at": finished}
+
+
+def _refusal(exc: UnsafeInput, inputs: Mapping[str, Path]) -> str:
+    """An unsafe input's refusal, naming the input (``model``, not the blob digest) and how to fix it."""
+    for name, path in inputs.items():
+        if str(path) == exc.path:
+            return explain_refusal(name, exc, path)
+    return str(exc)
 
 
 def _failure(failure: FailureClass, message: str, started: float) -> dict[str, Any]:
@@ -198,6 +212,10 @@ def _serve() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
+    # Before torch loads OpenMP: a waiting thread sleeps instead of spinning on a core that the
+    # volunteer's own programs need (spinning made 2 threads ~100x slower than 1 on a busy machine,
+    # agent/daemon/threads.py). An explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("PANAL_WORKER_PRELOAD", "1") == "1":
         with contextlib.suppress(ImportError):
             import torch  # noqa: F401  -- warm start: import once, before the first task

@@ -33,9 +33,17 @@ from agent.host.service_target import (
     agent_argv,
     detect_platform,
 )
-from agent.host.service_units import render_launchd_plist, render_systemd_unit, render_windows_task
+from agent.host.service_units import (
+    DEVICE_GROUPS,
+    installed_extras,
+    missing_device_groups,
+    render_launchd_plist,
+    render_systemd_unit,
+    render_windows_task,
+)
 
-__all__ = ["Action", "Command", "FileWrite", "ServicePlan", "execute", "installed_scope", "plan"]
+__all__ = ["Action", "Command", "FileWrite", "InstallChoices", "ServicePlan", "execute", "installed_scope",
+           "linger_enabled", "plan"]
 
 LOG_LINES = 200
 
@@ -80,6 +88,7 @@ class ServicePlan:
     commands: tuple[Command, ...] = ()
     removes: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
+    after: tuple[Command, ...] = ()   # run once the files are removed (systemd's daemon-reload)
 
     def describe(self) -> str:
         """Human-readable text of the plan, for ``--dry-run``."""
@@ -91,6 +100,7 @@ class ServicePlan:
             lines.append(f"--- end of {w.path.name} ---")
         lines += [f"run   {c}" for c in self.commands]
         lines += [f"rm    {p}" for p in self.removes]
+        lines += [f"run   {c}" for c in self.after]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -100,12 +110,23 @@ def _systemctl(target: ServiceTarget, *args: str, check: bool = True, interactiv
     return Command(("systemctl", *scope, *args), check=check, interactive=interactive)
 
 
-def _plan_systemd(target: ServiceTarget, action: Action, *, follow: bool, lines: int) -> ServicePlan:
+@dataclass(frozen=True)
+class InstallChoices:
+    """What the volunteer decided for an install (the CLI asks or reads flags; tests pass them)."""
+
+    linger: bool = False            # start the user's manager at boot, so the agent runs without a login
+    linger_already: bool = False    # lingering was on before: uninstall leaves it on
+    groups: tuple[str, ...] | None = None   # the device groups present (None: look them up)
+
+
+def _plan_systemd(target: ServiceTarget, action: Action, *, follow: bool, lines: int,
+                  choices: InstallChoices) -> ServicePlan:
     unit = target.service_file
     system = target.scope is Scope.SYSTEM
     if action is Action.INSTALL:
         notes: list[str] = []
         commands: list[Command] = []
+        installed: list[str] = []
         if system:
             commands.append(Command(("sh", "-c", f"getent passwd {SERVICE_USER} >/dev/null || useradd "
                                      f"--system --user-group --home-dir {SYSTEM_HOME} --no-create-home "
@@ -115,21 +136,47 @@ def _plan_systemd(target: ServiceTarget, action: Action, *, follow: bool, lines:
             if str(target.python).startswith(("/home/", "/root/")):
                 notes.append(f"{target.python} is under a home directory: the '{SERVICE_USER}' user must be "
                              "able to read it; a system-wide venv such as /opt/panal is safer")
+            groups = list(choices.groups) if choices.groups is not None else None
+            missing = [g for g in DEVICE_GROUPS if g not in groups] if groups is not None else missing_device_groups()
+            if "render" in missing:
+                notes.append(f"this machine has no 'render' group, so the '{SERVICE_USER}' user cannot be given "
+                             "access to AMD and Intel GPUs (/dev/dri/renderD*, /dev/kfd, owned by that group on "
+                             "most distros); NVIDIA GPUs (/dev/nvidia*) are not affected. If a GPU should be lent, "
+                             "create the group (`groupadd --system render`), let udev give it the render nodes, "
+                             "and install again; or install with --user, which uses your own access")
             notes.append(f"join a hub as the service user: sudo -u {SERVICE_USER} env PANAL_HOME="
                          f"{target.panal_home} {shlex.join(str(a) for a in agent_argv(target.python)[:3])}"
                          " agent join URL")
-        else:
+        elif choices.linger:
             # Lingering starts the user's manager at boot, so the agent runs without a login.
-            commands.append(Command(("loginctl", "enable-linger"), check=False))
+            if not choices.linger_already:
+                commands.append(Command(("loginctl", "enable-linger")))
+                installed.append("enable-linger")
+        else:
+            notes.append("the agent runs while you are logged in; to start it at boot without a login, "
+                         "install with --linger (it runs `loginctl enable-linger`)")
         commands += [_systemctl(target, "daemon-reload"),
                      _systemctl(target, "enable", "--now", SYSTEMD_UNIT)]
         return ServicePlan(action, mkdirs=(unit.parent,) + (() if system else (target.panal_home,)),
-                           writes=(FileWrite(unit, render_systemd_unit(target)),),
+                           writes=(FileWrite(unit, render_systemd_unit(target, groups=choices.groups,
+                                                                      installed=installed)),),
                            commands=tuple(commands), notes=tuple(notes))
     if action is Action.UNINSTALL:
-        disable = _systemctl(target, "disable", "--now", SYSTEMD_UNIT, check=False)
-        return ServicePlan(action, commands=(disable,), removes=(unit,),
-                           notes=(f"the agent's data in {target.panal_home} is kept",))
+        try:
+            extras = installed_extras(unit.read_text(encoding="utf-8"))
+        except OSError:
+            extras = []
+        commands = [_systemctl(target, "disable", "--now", SYSTEMD_UNIT, check=False)]
+        if "enable-linger" in extras:   # only what this install turned on
+            commands.append(Command(("loginctl", "disable-linger"), check=False))
+        notes = [f"the agent's data (its key, joined boards, preferences) in {target.panal_home} is kept: "
+                 f"remove that directory too to forget this agent"]
+        if system:
+            notes.append(f"the '{SERVICE_USER}' user is kept (it may own files elsewhere): "
+                         f"`userdel {SERVICE_USER}` removes it")
+        return ServicePlan(action, commands=tuple(commands), removes=(unit,), notes=tuple(notes),
+                           after=(_systemctl(target, "daemon-reload", check=False),
+                                  _systemctl(target, "reset-failed", SYSTEMD_UNIT, check=False)))
     if action is Action.LOGS:
         scope = ("--user",) if not system else ()
         argv = ("journalctl", *scope, "--unit", SYSTEMD_UNIT, "--lines", str(lines), "--no-pager",
@@ -196,10 +243,12 @@ def _plan_schtasks(target: ServiceTarget, action: Action, *, follow: bool, lines
 
 
 def plan(target: ServiceTarget, action: Action, *, follow: bool = False,
-         lines: int = LOG_LINES) -> ServicePlan:
-    """What ``action`` does for ``target``; nothing is touched."""
-    planner = {Platform.SYSTEMD: _plan_systemd, Platform.LAUNCHD: _plan_launchd,
-               Platform.SCHTASKS: _plan_schtasks}[target.platform]
+         lines: int = LOG_LINES, choices: InstallChoices | None = None) -> ServicePlan:
+    """What ``action`` does for ``target``; nothing is touched (an uninstall reads the installed unit
+    to learn what its install added)."""
+    if target.platform is Platform.SYSTEMD:
+        return _plan_systemd(target, action, follow=follow, lines=lines, choices=choices or InstallChoices())
+    planner = {Platform.LAUNCHD: _plan_launchd, Platform.SCHTASKS: _plan_schtasks}[target.platform]
     return planner(target, action, follow=follow, lines=lines)
 
 
@@ -219,6 +268,34 @@ def installed_scope(user_home: Path | None = None) -> Scope | None:
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
+def _run_commands(commands: tuple[Command, ...], runner: Runner, echo: Callable[[str], None]) -> int:
+    """Run ``commands`` in order; the exit status of the last interactive one, else 0."""
+    status = 0
+    for cmd in commands:
+        try:
+            if cmd.interactive:
+                status = runner(list(cmd.argv), check=False).returncode
+                continue
+            done = runner(list(cmd.argv), check=False, capture_output=True, text=True)
+        except FileNotFoundError as exc:
+            if not cmd.check:
+                continue
+            raise ServiceError(f"`{cmd.argv[0]}` is not installed or not on PATH "
+                               f"(needed for: {cmd})") from exc
+        if done.returncode != 0 and cmd.check:
+            detail = (done.stderr or done.stdout or "").strip()
+            raise ServiceError(f"`{cmd}` failed with exit status {done.returncode}"
+                               + (f": {detail}" if detail else ""))
+        if done.returncode != 0:
+            echo(f"warning: `{cmd}` exited with {done.returncode}; continuing")
+    return status
+
+
+def linger_enabled(user: str) -> bool:
+    """Whether systemd already keeps ``user``'s manager running without a login."""
+    return Path("/var/lib/systemd/linger", user).exists()
+
+
 def execute(service_plan: ServicePlan, *, runner: Runner = subprocess.run,
             echo: Callable[[str], None] = print) -> int:
     """Carry out a plan. Returns the exit status of the last interactive command (status/logs),
@@ -236,30 +313,14 @@ def execute(service_plan: ServicePlan, *, runner: Runner = subprocess.run,
         raise ServiceError(f"permission denied writing {exc.filename}: a system service needs sudo") from exc
     except OSError as exc:
         raise ServiceError(f"cannot write {exc.filename}: {exc.strerror}") from exc
-    status = 0
-    for cmd in service_plan.commands:
-        try:
-            if cmd.interactive:
-                status = runner(list(cmd.argv), check=False).returncode
-                continue
-            done = runner(list(cmd.argv), check=False, capture_output=True, text=True)
-        except FileNotFoundError as exc:
-            if not cmd.check:
-                continue
-            raise ServiceError(f"`{cmd.argv[0]}` is not installed or not on PATH "
-                               f"(needed for: {cmd})") from exc
-        if done.returncode != 0 and cmd.check:
-            detail = (done.stderr or done.stdout or "").strip()
-            raise ServiceError(f"`{cmd}` failed with exit status {done.returncode}"
-                               + (f": {detail}" if detail else ""))
-        if done.returncode != 0:
-            echo(f"warning: `{cmd}` exited with {done.returncode}; continuing")
+    status = _run_commands(service_plan.commands, runner, echo)
     for path in service_plan.removes:
         try:
             path.unlink(missing_ok=True)
             echo(f"removed {path}")
         except OSError as exc:
             raise ServiceError(f"cannot remove {path}: {exc.strerror}") from exc
+    _run_commands(service_plan.after, runner, echo)
     for note in service_plan.notes:
         echo(f"note: {note}")
     return status

@@ -26,10 +26,12 @@ from agent.host.service_target import (
     agent_argv,
 )
 
-__all__ = ["DEVICE_GROUPS", "render_launchd_plist", "render_systemd_unit", "render_windows_task"]
+__all__ = ["DEVICE_GROUPS", "installed_extras", "missing_device_groups", "render_launchd_plist",
+           "render_systemd_unit", "render_windows_task"]
 
 DEVICE_GROUPS = ("video", "render")  # own /dev/nvidia*, /dev/dri/*, /dev/kfd on common distros
 TEMPLATES = "service_templates"  # a data folder inside the agent.host package
+INSTALLED_MARK = "# panal-installed: "
 
 
 def _template(name: str) -> Template:
@@ -60,10 +62,13 @@ def _systemd_quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_systemd_unit(target: ServiceTarget, *, groups: Sequence[str] | None = None) -> str:
-    """The unit text for ``target``: user units skip the system-only user, groups and sandbox."""
+def render_systemd_unit(target: ServiceTarget, *, groups: Sequence[str] | None = None,
+                        installed: Sequence[str] = ()) -> str:
+    """The unit text for ``target``: a user unit leaves out the system-only user, groups and sandbox.
+    ``installed`` names what the install changed beyond the unit (``enable-linger``), recorded in
+    the unit as ``# panal-installed: ...`` lines so uninstall undoes exactly that."""
     system = target.scope is Scope.SYSTEM
-    off = "" if system else "#(system only) "
+    off = "" if system else "#(system only) "   # marks the lines dropped below
     if system:
         groups = _device_groups() if groups is None else list(groups)
         groups_line = (f"SupplementaryGroups={' '.join(groups)}" if groups
@@ -77,7 +82,7 @@ def render_systemd_unit(target: ServiceTarget, *, groups: Sequence[str] | None =
     # ProtectHome=yes would hide an interpreter or venv under /home or /root from the service.
     under_home = any(str(p).startswith(("/home/", "/root/", "/run/user/"))
                      for p in (target.python, target.panal_home))
-    return _template("panal-agent.service").substitute(
+    text = _template("panal-agent.service").substitute(
         system_only=off,
         exec_start=" ".join(_systemd_quote(w) for w in agent_argv(target.python))
         .replace("%", "%%").replace("$", "$$"),
@@ -87,6 +92,20 @@ def render_systemd_unit(target: ServiceTarget, *, groups: Sequence[str] | None =
         protect_home="read-only" if under_home else "yes",
         wanted_by="multi-user.target" if system else "default.target",
     )
+    if not system:
+        text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith(off))
+    return text + "".join(f"{INSTALLED_MARK}{what}\n" for what in installed)
+
+
+def installed_extras(unit_text: str) -> list[str]:
+    """What an install recorded in its unit beyond the unit itself (see ``render_systemd_unit``)."""
+    return [line[len(INSTALLED_MARK):].strip() for line in unit_text.splitlines() if line.startswith(INSTALLED_MARK)]
+
+
+def missing_device_groups() -> list[str]:
+    """The GPU device groups this machine lacks (the system service cannot join them)."""
+    present = _device_groups()
+    return [name for name in DEVICE_GROUPS if name not in present]
 
 
 def render_launchd_plist(target: ServiceTarget) -> str:

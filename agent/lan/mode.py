@@ -159,7 +159,7 @@ class LanMode:
                                        "may be set here, env PANAL_HUB_* overrides\n"
                                        + yaml.safe_dump({"host": host, "port": s.port, "tls": True,
                                                          **_BOARD_DEFAULTS}, sort_keys=False))
-        await asyncio.to_thread(hub.init, host, s.port)
+        await asyncio.to_thread(hub.init, host, s.port, None, False)   # no hostname in the certificate
         bind = s.bind or host
         config = hub.config(host=host, bind=bind, port=s.port, tls=True, lan=True)
         context = server_context(hub.cert_path, hub.tls_key_path)

@@ -141,6 +141,7 @@ class Preferences:
     pause_on_battery: bool = True
     daily_cap_hours: float | None = None      # compute hours per local day; None = no cap
     max_memory_gb: float | None = None        # RAM one task may use (enforced, advertised); None = no ceiling
+    worker_idle_minutes: float | None = 3.0   # a warm worker (~200 MB) exits after this long without work; None = never
 
     def to_yaml_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -231,6 +232,9 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
                         "hours per day (0-24), or 'none'"),
     "max_memory_gb": (lambda r: _optional(r, lambda v: _to_number(v, float, low=0.25, high=None), ("none", "off")),
                       "GB of RAM one task may use (at least 0.25), or 'none'"),
+    "worker_idle_minutes": (lambda r: _optional(r, lambda v: _to_number(v, float, low=0, high=24 * 60),
+                                                ("never", "none", "off")),
+                            "minutes a warm worker waits for work before it exits (0-1440), or 'never'"),
 }
 assert set(_PARSERS) == {f.name for f in fields(Preferences)}
 

@@ -118,6 +118,11 @@ function jobProgressLabel(job) {
   return `${c.done || 0}/${job.n_tasks}${failed}`;
 }
 
+// A job's best task by the metric its manifest names (spec.report): index, metric and value, never params.
+function bestLabel(best) {
+  return `best #${best.unit}: ${best.metric} ${Number(Number(best.value).toPrecision(4))} (${best.mode})`;
+}
+
 function renderJobs(jobs, now) {
   const body = $("#job-table tbody");
   if (!jobs.length) {
@@ -129,7 +134,8 @@ function renderJobs(jobs, now) {
     return el("tr", { id: `job-${job.id}`, "data-job-id": job.id, "data-state": job.state,
                       "aria-selected": view.selectedJob === job.id ? "true" : "false", onclick: open },
       el("td", {}, el("button", { type: "button", class: "link", onclick: (e) => { e.stopPropagation(); open(); } },
-        job.name || job.id), el("br"), el("code", { class: "muted" }, job.id)),
+        job.name || job.id), el("br"), el("code", { class: "muted" }, job.id),
+        job.best ? [el("br"), el("span", { class: "best", "data-best-unit": job.best.unit }, bestLabel(job.best))] : null),
       el("td", {}, el("span", { class: `state state-${job.state}` }, job.state),
         job.waiting_because && job.waiting_because.length ? el("span", { class: "muted" }, " (waiting)") : null,
         job.quorum > 1 ? el("span", { class: "muted", title: "instances that must agree" }, ` quorum ${job.quorum}`) : null,
@@ -264,8 +270,12 @@ async function loadJob(jobId) {
   $("#job-detail-h").textContent = `Job ${job.name || job.id}: ${job.state}, ${jobProgressLabel(job)}`;
   $("#job-detail").dataset.jobId = job.id;
   $("#job-waiting").replaceChildren(...detail.waiting_because.map((line) => el("li", {}, `waiting: ${line}`)));
-  $("#task-table tbody").replaceChildren(...detail.tasks.map((t) => el("tr", { "data-idx": t.idx, "data-state": t.state },
-    el("td", {}, t.idx),
+  const best = job.best;
+  $("#job-best").hidden = !best;
+  $("#job-best").textContent = best ? bestLabel(best) : "";
+  $("#task-table tbody").replaceChildren(...detail.tasks.map((t) => el("tr", { "data-idx": t.idx, "data-state": t.state,
+                                                                               "data-best": best && best.unit === t.idx },
+    el("td", {}, t.idx, best && best.unit === t.idx ? el("span", { class: "best" }, " best") : null),
     el("td", {}, el("span", { class: `state state-${t.state}` }, t.state)),
     el("td", {}, t.attempt),
     el("td", {}, t.agent_name || shortId(t.agent)),

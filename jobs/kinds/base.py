@@ -10,10 +10,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jobs.compare import CompareSpec
 from jobs.errors import InvalidParams
+
+if TYPE_CHECKING:
+    from jobs.safeload import TensorInfo
 
 __all__ = ["Cost", "Kind", "KindOutput", "Param", "RunContext"]
 
@@ -171,6 +174,17 @@ class Kind(ABC):
 
     def estimate(self, params: Mapping[str, Any]) -> Cost:
         return Cost()
+
+    def input_format(self, name: str, params: Mapping[str, Any]) -> str | None:
+        """The file format ``run`` reads input ``name`` as (``"safetensors"`` or ``"pt2"``), so that
+        ``panal validate``/``submit`` run the agent's safe-loading checks on it (jobs/precheck.py);
+        None: not checked before upload."""
+        return None
+
+    def check_input(self, name: str, tensors: Mapping[str, TensorInfo], params: Mapping[str, Any]) -> list[str]:
+        """What ``run`` would refuse in safetensors input ``name``, judged from its header alone (names,
+        dtypes, shapes): the same words at submit time as on the agent."""
+        return []
 
     @abstractmethod
     def run(self, params: Mapping[str, Any], ctx: RunContext) -> KindOutput:

@@ -48,4 +48,6 @@ class Chaos(Kind):
             raise RetryableError("chaos: transient failure")
         if mode == "permanent":
             raise PermanentError("chaos: permanent failure")
-        return KindOutput(values={"mode": mode})
+        # What the worker gave the task (tests of spec.resources.threads and the OpenMP wait policy).
+        return KindOutput(values={"mode": mode, "threads": ctx.threads,
+                                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})

@@ -1,8 +1,11 @@
-"""``mlp_train``: train a small MLP classifier with Adam; returns the loss curve, accuracy and weights.
+"""``mlp_train``: train a small MLP classifier with Adam; returns the loss curve, ``train_acc``, ``val_acc``
+and the weights.
 
 The data is a synthetic, learnable set made from the seed (inputs ~ N(0, 1), labels the argmax of
 a random linear "teacher"), or a safetensors file given as input ``data`` with tensors ``x``
-(float, rows x input_size) and ``y`` (integer class per row). Training is deterministic for a given
+(float, rows x input_size) and ``y`` (integer class per row). ``val_fraction`` of the rows (a split
+drawn from the seed) is held out and never trained on; ``val_acc`` is the accuracy on them (or on a
+second file, input ``val_data``, when given). Training is deterministic for a given
 seed: each epoch's shuffle comes from (seed, epoch), so a run resumed from a checkpoint (written
 every ``checkpoint_every_s`` seconds and handed back as input ``checkpoint``) ends with the same
 weights as one that never stopped. Checkpoints and weights are safetensors; nothing is pickled.
@@ -23,9 +26,9 @@ from jobs.errors import PermanentError
 from jobs.kinds.base import Cost, Kind, KindOutput, Param, RunContext
 from jobs.kinds.budget import fit_count, free_bytes
 from jobs.kinds.torchutil import synchronize, torch_device
-from jobs.safeload import check_safetensors, load_safetensors, read_metadata
+from jobs.safeload import TensorInfo, check_safetensors, load_safetensors, read_metadata
 
-__all__ = ["ARCH_KEYS", "MlpTrain", "build_mlp", "mlp_param_count"]
+__all__ = ["ARCH_KEYS", "MlpTrain", "build_mlp", "dataset_problems", "mlp_param_count", "split_rows"]
 
 #: the parameters that define the architecture (stored in the weights' metadata).
 ARCH_KEYS = ("input_size", "hidden_size", "hidden_layers", "output_size")
@@ -68,8 +71,8 @@ class MlpTrain(Kind):
     #: loss curves and final metrics within 1e-2 (training amplifies rounding differences); weights unchecked
     compare = CompareSpec("tolerant", ignore=("resumed_from",), tolerance=1e-2)
     name = "mlp_train"
-    summary = "train a small MLP classifier (Adam); returns loss curve, accuracy and weights"
-    inputs: ClassVar[Mapping[str, bool]] = {"data": False}
+    summary = "train a small MLP classifier (Adam); returns loss curve, train_acc, val_acc and weights"
+    inputs: ClassVar[Mapping[str, bool]] = {"data": False, "val_data": False}
     params: ClassVar[Mapping[str, Param]] = {
         "input_size": Param(int, 16, minimum=1, maximum=65_536),
         "hidden_size": Param(int, 64, minimum=1, maximum=65_536),
@@ -81,6 +84,9 @@ class MlpTrain(Kind):
         "batch_size": Param(int, 64, minimum=1, maximum=65_536),
         "lr": Param(float, 1e-3, minimum=1e-7, maximum=10.0, doc="Adam learning rate"),
         "seed": Param(int, 0, minimum=0, maximum=2**62),
+        "val_fraction": Param(float, 0.1, minimum=0.0, maximum=0.5,
+                              doc="share of the rows held out for val_acc (split from the seed); "
+                                  "ignored with a val_data input"),
         "checkpoint_every_s": Param(float, 0.0, minimum=0.0, maximum=86_400.0,
                                     doc="seconds between checkpoints; 0 = none"),
     }
@@ -90,6 +96,12 @@ class MlpTrain(Kind):
         if n > _MAX_PARAMS:
             errors.append((f"{prefix}.hidden_size", f"the model would have {n:,} parameters, "
                                                     f"more than the limit of {_MAX_PARAMS:,}"))
+
+    def input_format(self, name: str, params: Mapping[str, Any]) -> str | None:
+        return "safetensors"
+
+    def check_input(self, name: str, tensors: Mapping[str, TensorInfo], params: Mapping[str, Any]) -> list[str]:
+        return dataset_problems(tensors, params, "validation dataset" if name == "val_data" else "dataset")
 
     def estimate(self, params: Mapping[str, Any]) -> Cost:
         weights = mlp_param_count(params)
@@ -103,6 +115,11 @@ class MlpTrain(Kind):
         out = KindOutput()
         device = torch_device(ctx.device)
         x, y = self._dataset(params, ctx, out)
+        if "val_data" in ctx.inputs:
+            x_val, y_val = self._dataset(params, ctx, out, "val_data")
+        else:
+            train, val = split_rows(x.shape[0], params["val_fraction"], params["seed"])
+            x, y, x_val, y_val = x[train], y[train], x[val], y[val]
         rows = x.shape[0]
         row_bytes = 4.0 * (params["input_size"] + params["hidden_size"] * params["hidden_layers"] * 3
                            + params["output_size"] * 2)
@@ -150,50 +167,81 @@ class MlpTrain(Kind):
         synchronize(device)
         seconds = max(time.perf_counter() - t0, 1e-9)
         model.eval()
-        correct = 0
-        with torch.inference_mode():
-            for start in range(0, rows, 4096):
-                logits = model(x[start:start + 4096].to(device))
-                correct += int((logits.argmax(dim=1) == y[start:start + 4096].to(device)).sum().item())
+        val_acc = _accuracy(model, x_val, y_val, device) if len(y_val) else None
+        if val_acc is None:
+            out.notes.append("no rows held out for validation: val_acc is null (raise val_fraction)")
         weights = ctx.workdir / "weights.safetensors"
         _save(weights, {k: v for k, v in model.state_dict().items()}, _arch_meta(params))
         out.files["weights"] = weights
         out.values.update(loss_curve=state["curve"], final_loss=state["curve"][-1],
-                          accuracy=correct / rows, rows=rows, batch_size=batch)
+                          train_acc=_accuracy(model, x, y, device), val_acc=val_acc, rows=rows,
+                          val_rows=len(y_val), batch_size=batch)
         out.metrics["seconds"] = seconds
         out.metrics["samples_per_s"] = seen / seconds
         return out
 
-    def _dataset(self, params: Mapping[str, Any], ctx: RunContext, out: KindOutput) -> tuple[Any, Any]:
+    def _dataset(self, params: Mapping[str, Any], ctx: RunContext, out: KindOutput,
+                 name: str = "data") -> tuple[Any, Any]:
         import torch
 
-        path = ctx.inputs.get("data")
+        path = ctx.inputs.get(name)
         if path is None:
             gen = torch.Generator().manual_seed(params["seed"])
             x = torch.randn(params["samples"], params["input_size"], generator=gen)
             teacher = torch.randn(params["input_size"], params["output_size"], generator=gen)
             return x, (x @ teacher).argmax(dim=1)
-        info = check_safetensors(path)
-        if set(info) != {"x", "y"}:
-            raise PermanentError(f"dataset must hold exactly tensors x and y, found {sorted(info)}")
-        xi, yi = info["x"], info["y"]
-        if xi.dtype not in ("F32", "F16", "BF16", "F64") or len(xi.shape) != 2:
-            raise PermanentError(f"dataset x must be a 2-D float tensor, got {xi.dtype} {list(xi.shape)}")
-        if xi.shape[1] != params["input_size"]:
-            raise PermanentError(f"dataset x has {xi.shape[1]} columns but input_size is "
-                                 f"{params['input_size']}")
-        if yi.dtype not in ("I64", "I32", "I16", "I8", "U8") or yi.shape != (xi.shape[0],):
-            raise PermanentError(f"dataset y must be 1-D integer labels, one per row of x; got {yi.dtype} "
-                                 f"{list(yi.shape)} for {xi.shape[0]} rows")
-        if xi.shape[0] == 0:
-            raise PermanentError("dataset is empty")
+        what = "validation dataset" if name == "val_data" else "dataset"
+        problems = dataset_problems(check_safetensors(path), params, what)
+        if problems:
+            raise PermanentError(problems[0])
         tensors = load_safetensors(path)
         x, y = tensors["x"].float(), tensors["y"].long()
         if int(y.min()) < 0 or int(y.max()) >= params["output_size"]:
-            raise PermanentError(f"dataset labels span {int(y.min())}..{int(y.max())}, outside "
+            raise PermanentError(f"{what} labels span {int(y.min())}..{int(y.max())}, outside "
                                  f"0..{params['output_size'] - 1} (output_size)")
-        out.notes.append(f"trained on the given dataset ({xi.shape[0]} rows); samples ignored")
+        out.notes.append(f"{'validated' if name == 'val_data' else 'trained'} on the given {what} "
+                         f"({x.shape[0]} rows){'' if name == 'val_data' else '; samples ignored'}")
         return x, y
+
+
+def dataset_problems(info: Mapping[str, TensorInfo], params: Mapping[str, Any], what: str = "dataset") -> list[str]:
+    """Why a dataset file's header does not fit ``params`` (empty: it fits); checked on the agent before
+    loading and by ``panal validate`` before upload (jobs/precheck.py)."""
+    if set(info) != {"x", "y"}:
+        return [f"{what} must hold exactly tensors x and y, found {sorted(info)}"]
+    xi, yi = info["x"], info["y"]
+    if xi.dtype not in ("F32", "F16", "BF16", "F64") or len(xi.shape) != 2:
+        return [f"{what} x must be a 2-D float tensor, got {xi.dtype} {list(xi.shape)}"]
+    if xi.shape[1] != params["input_size"]:
+        return [f"{what} x has {xi.shape[1]} columns but input_size is {params['input_size']}"]
+    if yi.dtype not in ("I64", "I32", "I16", "I8", "U8") or yi.shape != (xi.shape[0],):
+        return [f"{what} y must be 1-D integer labels, one per row of x; got {yi.dtype} "
+                f"{list(yi.shape)} for {xi.shape[0]} rows"]
+    if xi.shape[0] == 0:
+        return [f"{what} is empty"]
+    return []
+
+
+def split_rows(rows: int, fraction: float, seed: int) -> tuple[Any, Any]:
+    """(train, validation) row indices, each ascending: ``int(rows * fraction)`` rows drawn from the seed
+    are held out. The same seed and rows give the same split, so a resumed run trains on the same rows."""
+    import torch
+
+    n_val = min(int(rows * fraction), rows - 1)
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed((seed * 7919 + 17) % 2**63))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def _accuracy(model: Any, x: Any, y: Any, device: Any) -> float:
+    """The share of rows whose argmax is their label, in blocks (a large set never sits on the device whole)."""
+    import torch
+
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(y), 4096):
+            logits = model(x[start:start + 4096].to(device))
+            correct += int((logits.argmax(dim=1) == y[start:start + 4096].to(device)).sum().item())
+    return correct / max(len(y), 1)
 
 
 def _arch_meta(params: Mapping[str, Any]) -> dict[str, str]:
