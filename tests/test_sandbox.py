@@ -127,6 +127,7 @@ async def test_a_socket_to_the_hub_on_loopback_or_anywhere_is_a_sandbox_violatio
 
 async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(pool: SandboxPool, tmp_path: Path) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
+    groups = set(Path("/sys/fs/cgroup").glob("**/panal-sandbox-*"))
     outcome = await run_code(pool, tmp_path, """
         import os, time
         while True:
@@ -136,6 +137,7 @@ async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(pool: Sa
     await pool.close()   # the sandbox started ahead for the next task, too
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not left, f"processes left behind: {left}"
+    assert set(Path("/sys/fs/cgroup").glob("**/panal-sandbox-*")) <= groups   # process-limit groups removed
 
 
 async def test_exhausting_memory_is_an_oom(pool: SandboxPool, tmp_path: Path) -> None:
