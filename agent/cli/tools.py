@@ -38,6 +38,18 @@ def bench_device(chart: Path, repeats: int, as_json: bool) -> None:
     _print_result(run_device_bench(chart, repeats), as_json)
 
 
+@bench.command("sandbox")
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--nsjail", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="an nsjail binary, to measure its start beside bubblewrap's")
+@click.option("--json", "as_json", is_flag=True)
+def bench_sandbox(repeats: int, nsjail: str | None, as_json: bool) -> None:
+    """The sandbox's cost per task (a sandbox started ahead vs a warm worker), its cold start, bwrap vs nsjail."""
+    from agent.tools.bench_sandbox import run_sandbox_bench
+
+    _print_result(run_sandbox_bench(repeats, nsjail), as_json)
+
+
 @bench.command("chaos")
 @click.option("--minutes", type=float, default=5.0, show_default=True)
 @click.option("--agents", type=int, default=3, show_default=True)
