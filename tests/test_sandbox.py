@@ -337,3 +337,14 @@ def test_agent_info_says_why_code_is_not_advertised_and_how_to_enable_it(tmp_pat
     here = panal("agent", "info", "--no-measure", home=tmp_path / "agent").stdout
     assert "sandbox: bwrap: submitter code (the python kind) can run here" in here
     assert "'python'" in next(line for line in here.splitlines() if line.startswith("kinds:"))
+
+
+async def test_a_sandbox_started_ahead_is_closed_when_no_task_takes_it_for_the_idle_period(pool: SandboxPool) -> None:
+    pool.prewarm()
+    await pool.ready()
+    started = [p.pid for p in psutil.Process().children(recursive=True)]
+    assert started, "the sandbox started ahead has processes"
+    assert await pool.retire_idle(3600) == 0   # not idle long enough: kept for the next task
+    assert await pool.retire_idle(0) == 1
+    assert not [pid for pid in started if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "its processes exited"

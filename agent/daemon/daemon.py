@@ -216,6 +216,8 @@ class Daemon:
         minutes = self.prefs.current.worker_idle_minutes
         if minutes is not None:
             await self.pool.retire_idle(minutes * 60)
+            if self.sandboxes is not None:
+                await self.sandboxes.retire_idle(minutes * 60)
 
     # -- kind health ----------------------------------------------------------------------------
     def readvertise(self) -> None:
