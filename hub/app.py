@@ -26,6 +26,8 @@ from hub.metrics import add_metrics
 from hub.openapi import add_openapi
 from hub.records import JobState
 from hub.status_routes import add_status_routes
+from hub.upload_routes import add_upload_routes
+from hub.uploads import UploadSessions
 from jobs.protocol import (
     Heartbeat,
     HeartbeatLease,
@@ -251,6 +253,7 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     app[BODY_TIMEOUT_KEY] = config.body_timeout_s
     if board.blobs is not None:
         add_blob_routes(app, board.blobs, auth.member, access)
+        add_upload_routes(app, UploadSessions.for_board(board.blobs, config, access), auth.member, access)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
     app[ADMISSION_KEY] = admission

@@ -5,7 +5,8 @@ knowing a name grants nothing. A key may read a blob when
 
 - it uploaded it (it proved it holds the bytes; the store keeps who uploaded what),
 - it is the submitter of a job that names it (an input, a result's output, a task's checkpoint),
-- it is an agent whose current lease names it (its task's inputs, or the checkpoint it resumes from),
+- it is an agent whose current lease names it (its task's inputs, of an input split in shard blobs only
+  its task's shard, or the checkpoint it resumes from),
 - or it is an admin key (hub.yaml ``admins``).
 
 Anyone else gets the same 404 as for a blob the board does not have: existence is not revealed. A job may
@@ -23,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from hub.blob_refs import manifest_blobs
+from hub.blob_refs import manifest_blobs, task_blobs
 from hub.board import Board
 from hub.config import HubConfig
 from security.errors import BadRequest, PanalError
@@ -102,7 +103,7 @@ class BlobAccess:
         return await store.submitter_references_blob(sha, key_id)
 
     def leased_blobs(self, agent_id: str) -> set[str]:
-        """Every blob the agent's current leases name: their jobs' inputs and their tasks' checkpoints."""
+        """Every blob the agent's current leases name: their tasks' inputs and checkpoints."""
         agent = self.board.view.agents.get(agent_id)
         found: set[str] = set()
         for task_id in list(agent.running) if agent is not None else []:
@@ -110,7 +111,7 @@ class BlobAccess:
             job = self.board.view.job(task.job_id) if task is not None else None
             if task is None or job is None:
                 continue
-            found |= manifest_blobs(job.envelope)
+            found |= task_blobs(job.envelope, task.params)   # of a split input, only the task's shard
             if task.checkpoint:
                 found.add(task.checkpoint)
         return found

@@ -11,15 +11,42 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["manifest_blobs", "result_blobs"]
+__all__ = ["manifest_blobs", "result_blobs", "task_blobs"]
 
 
 def manifest_blobs(envelope: Any) -> set[str]:
-    """The sha256 of every ``{blob: ...}`` input in a signed manifest envelope."""
+    """The sha256 of every ``{blob: ...}`` input and every shard blob in a signed manifest envelope."""
     try:
         manifest = _unpack(envelope["payload"])["manifest"]
         inputs = manifest["spec"].get("inputs", {})
-        return {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
+        found = {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
+        for ref in inputs.values():   # an input split in shard blobs (jobs/inputs.py) names each shard
+            if isinstance(ref, dict) and isinstance(ref.get("shards"), list):
+                found |= {s["blob"] for s in ref["shards"] if isinstance(s, dict) and isinstance(s.get("blob"), str)}
+        return found
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return set()
+
+
+def task_blobs(envelope: Any, params: Any) -> set[str]:
+    """The blobs one task of a job reads: every input's, but of an input split in shard blobs only the
+    shard whose rows are the task's ``row_start``..``row_end`` (what an agent leasing it may download)."""
+    try:
+        inputs = _unpack(envelope["payload"])["manifest"]["spec"].get("inputs", {})
+        rows = (params.get("row_start"), params.get("row_end"))
+        found: set[str] = set()
+        for ref in inputs.values():
+            if not isinstance(ref, dict):
+                continue
+            if ref.get("blob"):
+                found.add(ref["blob"])
+            start = 0
+            for shard in ref.get("shards") or ():
+                end = start + int(shard["rows"])
+                if (start, end) == rows:
+                    found.add(shard["blob"])
+                start = end
+        return found
     except (KeyError, TypeError, AttributeError, ValueError):
         return set()
 

@@ -210,6 +210,53 @@ class BlobStore:
             _fsync_dir(final.parent)
         return created
 
+    # -- resumable uploads (hub/uploads.py: the session writes the part file, chunk by chunk) -------
+
+    def part_path(self, sha256_hex: str) -> Path:
+        """A new temp file name for a resumable upload of the blob; GC leaves it until :meth:`end_part`."""
+        path = self._tmp / f"{check_sha256(sha256_hex)}.{secrets.token_hex(8)}.part"
+        self._active_tmp.add(path)
+        return path
+
+    def end_part(self, path: Path) -> None:
+        self._active_tmp.discard(path)
+
+    async def reserve(self, nbytes: int, check_only: bool = False) -> None:
+        """Hold ``nbytes`` of the store's space for an upload in progress (Unavailable when full), or
+        only check that they would fit."""
+        await self._reserve(nbytes, check_only)
+
+    def release(self, nbytes: int) -> None:
+        """Give back what :meth:`reserve` held."""
+        if self.max_total_bytes is not None:
+            self._pending -= nbytes
+
+    async def commit_part(self, sha256_hex: str, part: Path, size: int) -> bool:
+        """Move a verified part file into place as blob ``sha256_hex``; return whether it is new."""
+        final = self.path(sha256_hex)
+
+        def commit() -> bool:
+            if self.fsync:
+                fd = os.open(part, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            final.parent.mkdir(exist_ok=True)
+            created = not final.exists()
+            os.replace(part, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+            return created
+
+        created = await _in_thread(commit)
+        if created and self._total is not None:
+            self._total += size
+        return created
+
+    def too_large(self, size: int | None = None) -> PayloadTooLarge:
+        return self._too_large(size)
+
     def _too_large(self, size: int | None = None) -> PayloadTooLarge:
         """``size`` is the declared size; None when the stream ran past the cap."""
         what = f"{size} bytes" if size is not None else f"more than {self.max_blob_bytes} bytes"

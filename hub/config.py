@@ -69,6 +69,13 @@ class HubConfig:
     blob_quota_count_per_key: int = 1000
     #: an unreferenced blob is kept this long: the time between uploading inputs and submitting the job
     #: that names them (a HEAD by the uploader, as `panal submit` does before skipping an upload, renews it)
+    #: resumable uploads (hub/uploads.py): a big file goes up in chunks of this size, each verified as it
+    #: arrives; an unfinished session holds its declared size against the key's quota until it is idle
+    #: upload_session_ttl_s; a key keeps at most upload_sessions_per_key open, the board upload_sessions_max
+    upload_chunk_bytes: int = 16 * 2**20
+    upload_session_ttl_s: float = 10 * 60.0
+    upload_sessions_per_key: int = 4
+    upload_sessions_max: int = 256
     blob_gc_grace_s: float = 15 * 60.0
     blob_gc_interval_s: float = 60.0
     #: key ids that read every submitter's jobs, results and blobs (the hub operator's own keys)
@@ -120,6 +127,10 @@ class HubConfig:
         if config.validation_quorum < 0 or config.trust_after < 1 or not 0 <= config.spot_check_share <= 1:
             raise BadRequest("hub settings: validation_quorum must be >= 0 (0: auto), trust_after >= 1, "
                              "spot_check_share in [0, 1]")
+        if config.upload_chunk_bytes < 64 * 1024 or config.upload_sessions_per_key < 1 \
+                or config.upload_sessions_max < 1 or config.upload_session_ttl_s <= 0:
+            raise BadRequest("hub settings: upload_chunk_bytes must be >= 65536, upload_sessions_per_key and "
+                             "upload_sessions_max >= 1, upload_session_ttl_s > 0")
         if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
         if config.registration not in REGISTRATION_MODES:

@@ -72,7 +72,8 @@ def hub_limits(config: HubConfig) -> dict[str, Any]:
     """What this hub allows a job (``GET /v1/limits``; ``panal validate --hub`` checks against it)."""
     return {"max_task_timeout_s": config.max_task_timeout_s, "max_task_memory_gb": config.max_task_memory_gb,
             "default_task_memory_gb": DEFAULT_MEMORY_GB, "max_tasks_per_job": config.max_tasks_per_job,
-            "max_result_bytes": config.max_result_bytes}
+            "max_result_bytes": config.max_result_bytes, "max_blob_bytes": config.max_blob_bytes,
+            "upload_chunk_bytes": config.upload_chunk_bytes}
 
 
 def over_limits(manifest: Manifest, limits: HubConfig | dict[str, Any]) -> list[tuple[str, str]]:

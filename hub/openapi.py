@@ -81,6 +81,7 @@ def _query(name: str, schema: Schema, description: str) -> dict[str, Any]:
 JOB_ID = _path_param("job_id", "a job id (j + 20 hex digits)")
 TASK_ID = _path_param("task_id", "a task id (job id + '.' + index)")
 SHA = _path_param("sha256", "the blob's SHA-256, 64 hex digits")
+UPLOAD_ID = _path_param("upload_id", "an upload session's id (POST /v1/uploads)")
 SIGNED_ERRORS = (400, 401, 403)
 TEXT = {"text/plain": {"schema": S}}
 
@@ -89,7 +90,8 @@ SCHEMAS: dict[str, Schema] = {
     "SignedRecord": {"type": "object", "description": "payload (msgpack bytes), key (ed25519:...), sig",
                      "additionalProperties": True},
     "Limits": _obj(["max_task_timeout_s", "max_task_memory_gb"], max_task_timeout_s=N, max_task_memory_gb=N,
-                   default_task_memory_gb=N, max_tasks_per_job=I, max_result_bytes=I),
+                   default_task_memory_gb=N, max_tasks_per_job=I, max_result_bytes=I, max_blob_bytes=I,
+                   upload_chunk_bytes=I),
     "Registration": _obj(["public_key"], public_key=S, name=S, capabilities=ANY_MAP),
     "Registered": _obj(["agent_id"], agent_id=S, lease_ttl_s=N, max_poll_wait_s=N, max_tasks_per_lease=I,
                        standing=ANY_MAP),
@@ -122,6 +124,8 @@ SCHEMAS: dict[str, Schema] = {
     "JobResults": _obj(["job", "results"], job=_ref("JobView"), envelope=_ref("SignedRecord"),
                        results=_arr(_obj(task_id=S, attempt=I, agent=S, digest=S, record=_ref("SignedRecord")))),
     "BlobStored": _obj(["sha256", "size"], sha256=S, size=I, created=B),
+    "Upload": _obj(["upload_id", "next_chunk"], upload_id=S, sha256=S, size=I, chunk_bytes=I, chunks=I,
+                   next_chunk=I, received=I),
     "PublicJob": _obj(["id", "state", "n_tasks", "tasks", "progress"], id=S, name=S, kind=S, state=S, submitter=S,
                       priority=I, created_at=N, finished_at=NULLABLE_N, n_tasks=I, tasks=COUNTS, progress=N,
                       eta_s=NULLABLE_N, waiting_because=_arr(S), quorum=I, report=REPORT, best=BEST),
@@ -202,6 +206,20 @@ PATHS: dict[str, dict[str, Any]] = {
                                                                                description="no such blob")},
                    params=[SHA]),
     },
+    "/v1/uploads": {"post": _op(
+        "Open a resumable upload of a blob, or get the caller's open one for it (what to send next)",
+        _responses("201", _ref("Upload"), *SIGNED_ERRORS, 409, 413, 429), params=[
+            {**_query("sha256", S, "the blob's SHA-256"), "required": True},
+            {**_query("size", I, "the blob's size in bytes"), "required": True}])},
+    "/v1/uploads/{upload_id}": {"get": _op("An open upload: the next chunk the board needs",
+                                           _responses("200", _ref("Upload"), *SIGNED_ERRORS, 404),
+                                           params=[UPLOAD_ID])},
+    "/v1/uploads/{upload_id}/{index}": {"put": {**_op(
+        "One chunk, signed over its own Content-Digest and checked on arrival; after the last one the blob is stored",
+        _responses("200", _ref("Upload"), *SIGNED_ERRORS, 404, 409), params=[
+            UPLOAD_ID, _path_param("index", "the chunk's number, from 0")]),
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {
+            "type": "string", "format": "binary"}}}}}},
     "/v1/limits": {"get": _op("What this hub allows a job (resources, tasks, result size): `panal validate --hub`",
                               _responses("200", _ref("Limits")), signed=False)},
     "/v1/status": {"get": _op(

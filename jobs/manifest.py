@@ -21,7 +21,7 @@ import jsonschema
 from jobs.catalog import all_kinds, get_kind
 from jobs.code_spec import CODE_SCHEMA, code_problems, with_code
 from jobs.errors import InvalidParams
-from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, parse_inputs, shard_points
+from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, missing_paths, parse_inputs, shard_points
 from jobs.report import REPORT_SCHEMA, ReportSpec
 from jobs.requirements import Requirements, torch_range_problem
 from jobs.yamlpos import Document, load_documents, path_text
@@ -409,6 +409,7 @@ def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manif
 def _missing_files(manifest: Manifest) -> list[tuple[str, str]]:
     errors = []
     for ref in manifest.inputs.values():
+        errors += missing_paths(ref, manifest.base_dir or Path("."))
         if ref.path is not None:
             full = (manifest.base_dir or Path(".")) / ref.path
             if not full.is_file():

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.catalog import get_kind
-from jobs.inputs import shard_count_problem
+from jobs.inputs import expand_paths, shard_count_problem
 from jobs.safeload import TensorInfo, UnsafeInput, check_pt2, check_safetensors
+from security.errors import BadRequest
 
 if TYPE_CHECKING:
     from jobs.manifest import Manifest
@@ -43,27 +44,36 @@ def check_local_inputs(manifest: Manifest) -> list[tuple[str, str]]:
     kind = get_kind(manifest.kind)
     param_sets = list(_distinct_params(manifest))
     problems: list[tuple[str, str]] = []
+    base = manifest.base_dir or Path(".")
     for name, ref in manifest.inputs.items():
-        if ref.path is None:
+        if ref.path is not None:
+            files = [(base / ref.path, ref.path)]
+        elif ref.paths is not None:   # a data set already split: every file is one shard
+            try:
+                files = [(p, str(p.relative_to(base)) if p.is_relative_to(base) else str(p))
+                         for p in expand_paths(ref.paths, base)]
+            except BadRequest:
+                continue   # a pattern matching nothing: load_manifests names it
+        else:
             continue
-        path = (manifest.base_dir or Path(".")) / ref.path
         where = f"spec.inputs.{name}"
         formats = {kind.input_format(name, params) for params in param_sets} - {None}
-        try:
-            if "pt2" in formats:
-                check_pt2(path)
-            if "safetensors" in formats or ref.shard_count:
-                tensors = check_safetensors(path)
-                found = {why for params in param_sets for why in kind.check_input(name, tensors, params)}
-                problems.extend((where, f"{ref.path}: {why}") for why in sorted(found))
-                if ref.shard_count and not found:
+        for path, shown in files:
+            try:
+                if "pt2" in formats:
+                    check_pt2(path)
+                if "safetensors" in formats or ref.shard_count or ref.paths is not None:
+                    tensors = check_safetensors(path)
+                    found = {why for params in param_sets for why in kind.check_input(name, tensors, params)}
+                    problems.extend((where, f"{shown}: {why}") for why in sorted(found))
                     rows = shard_rows_of(tensors, manifest.params)
-                    why = shard_count_problem(ref.shard_count, rows)
+                    why = shard_count_problem(ref.shard_count or 1, rows) if not found and \
+                        (ref.shard_count or ref.paths is not None) else None
                     if why is not None:
-                        problems.append((f"{where}.shard.count", f"{ref.path}: {why}"))
-        except UnsafeInput as exc:
-            problems.append((where, f"{ref.path}: {exc.reason}; {model_fix(path, exc.reason)}"
-                             if "pt2" in formats else f"{ref.path}: {exc.reason}"))
+                        problems.append((f"{where}.shard.count" if ref.shard_count else where, f"{shown}: {why}"))
+            except UnsafeInput as exc:
+                problems.append((where, f"{shown}: {exc.reason}; {model_fix(path, exc.reason)}"
+                                 if "pt2" in formats else f"{shown}: {exc.reason}"))
     return problems
 
 
@@ -123,7 +133,7 @@ def _distinct_params(manifest: Manifest) -> Iterator[dict[str, Any]]:
     parameters a sweep changes (``input_key``, ``arch``, ``input_size``)."""
     seen: set[str] = set()
     for params in manifest.points():
-        rest = {k: v for k, v in params.items() if k not in ("row_start", "row_end")}
+        rest = {k: v for k, v in params.items() if k not in ("row_start", "row_end", "data_offset")}
         key = json.dumps(rest, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)

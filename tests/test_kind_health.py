@@ -33,3 +33,10 @@ def test_timeouts_and_successes_of_other_kinds_do_not_disable() -> None:
         health.record("sleep", False, "timeout", "too slow")
         health.record("matmul", True, None, None)
     assert health.disabled() == {}
+
+
+def test_a_hostile_submitters_crashes_do_not_switch_off_the_python_kind() -> None:
+    health = KindHealth(threshold=2, cooldown_s=60, clock=FakeClock())
+    for failure in ("crashed", "oom", "error", "crashed"):
+        assert health.record("python", False, failure, "the submitter's code") is False
+    assert "python" not in health.disabled() and health.advertised(["python", "sleep"]) == ["python", "sleep"]

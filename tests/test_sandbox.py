@@ -20,9 +20,10 @@ import psutil
 import pytest
 from system_needs import require_system
 
+from agent.engine import sandbox, sandboxed
 from agent.engine.runner import Outcome, TaskRequest, Worker
 from agent.engine.sandbox import MAX_PROCESSES, bwrap_argv, probe, python_paths
-from agent.engine.sandboxed import TAIL_BYTES, SandboxedWorker, SandboxPool
+from agent.engine.sandboxed import ERROR_TAIL_CHARS, SandboxedWorker, SandboxPool
 
 SECRET = "not-for-submitters-0123456789"
 
@@ -125,8 +126,18 @@ async def test_a_socket_to_the_hub_on_loopback_or_anywhere_is_a_sandbox_violatio
         hub.close()
 
 
-async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(pool: SandboxPool, tmp_path: Path) -> None:
+async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(
+        pool: SandboxPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
+    made: list[Path] = []   # the process-limit groups this test's sandboxes make (other xdist workers make theirs)
+
+    def recording(limit: int = sandbox.MAX_PROCESSES) -> sandbox.PidsCgroup | None:
+        group = sandbox.pids_cgroup(limit)
+        if group is not None:
+            made.append(group.path)
+        return group
+
+    monkeypatch.setattr(sandboxed, "pids_cgroup", recording)
     outcome = await run_code(pool, tmp_path, """
         import os, time
         while True:
@@ -136,6 +147,7 @@ async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(pool: Sa
     await pool.close()   # the sandbox started ahead for the next task, too
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not left, f"processes left behind: {left}"
+    assert not [g for g in made if g.exists()], "process-limit groups left behind"
 
 
 async def test_exhausting_memory_is_an_oom(pool: SandboxPool, tmp_path: Path) -> None:
@@ -172,6 +184,20 @@ async def test_killing_or_tracing_its_parent_does_nothing_to_the_agent(pool: San
     assert psutil.Process().is_running()
 
 
+async def test_the_code_has_no_capabilities_no_new_privileges_and_no_network_interfaces(
+        pool: SandboxPool, tmp_path: Path) -> None:
+    outcome = await run_code(pool, tmp_path, """
+        import os, socket
+        status = dict(line.split(':', 1) for line in open('/proc/self/status'))
+        result['caps'] = status['CapEff'].strip()
+        result['nnp'] = status['NoNewPrivs'].strip()
+        result['ifaces'] = sorted(name for _, name in socket.if_nameindex())
+        result['home'] = os.path.exists(os.path.expanduser('~/.local/share/panal'))
+    """)
+    assert outcome.ok, outcome.error
+    assert outcome.values == {"caps": "0000000000000000", "nnp": "1", "ifaces": ["lo"], "home": False}
+
+
 async def test_a_shell_it_spawns_is_inside_the_sandbox_too(pool: SandboxPool, agent_home: Path, tmp_path: Path) -> None:
     outcome = await run_code(pool, tmp_path, f"""
         import subprocess
@@ -195,8 +221,8 @@ async def test_printing_megabytes_keeps_only_a_bounded_tail_in_the_error(pool: S
     assert (outcome.ok, outcome.error_class) == (False, "error")
     error = outcome.error or ""
     assert "gave up after printing" in error and "line 49999" in error
-    assert "of 5" in error and "bytes of the task's output" in error   # ~5.5 MB printed, counted
-    assert len(error) < TAIL_BYTES
+    assert "characters of the task's output (5" in error   # ~5.5 MB printed, counted, the tail kept
+    assert len(error) < ERROR_TAIL_CHARS + 200
 
 
 async def test_hanging_past_its_timeout_is_a_timeout(pool: SandboxPool, tmp_path: Path) -> None:
@@ -298,3 +324,27 @@ def test_without_bwrap_the_probe_says_why_and_how_to_enable_it(monkeypatch: pyte
     finally:
         probe.cache_clear()
         monkeypatch.undo()
+
+
+def test_agent_info_says_why_code_is_not_advertised_and_how_to_enable_it(tmp_path: Path) -> None:
+    from conftest import panal
+
+    out = panal("agent", "info", "--no-measure", home=tmp_path / "agent", PATH="/nonexistent").stdout
+    assert "sandbox: unavailable: bubblewrap (bwrap) is not installed" in out
+    assert "to enable: install the `bubblewrap` package" in out
+    kinds = next(line for line in out.splitlines() if line.startswith("kinds:"))
+    assert "'python'" not in kinds and "'matmul'" in kinds
+    here = panal("agent", "info", "--no-measure", home=tmp_path / "agent").stdout
+    assert "sandbox: bwrap: submitter code (the python kind) can run here" in here
+    assert "'python'" in next(line for line in here.splitlines() if line.startswith("kinds:"))
+
+
+async def test_a_sandbox_started_ahead_is_closed_when_no_task_takes_it_for_the_idle_period(pool: SandboxPool) -> None:
+    pool.prewarm()
+    await pool.ready()
+    started = [p.pid for p in psutil.Process().children(recursive=True)]
+    assert started, "the sandbox started ahead has processes"
+    assert await pool.retire_idle(3600) == 0   # not idle long enough: kept for the next task
+    assert await pool.retire_idle(0) == 1
+    assert not [pid for pid in started if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "its processes exited"

@@ -11,6 +11,7 @@ from agent.cli.control import COMMANDS as CONTROL_COMMANDS
 from agent.cli.service import service
 from agent.client.board import BoardClient
 from agent.daemon import Daemon, DaemonSettings
+from agent.daemon.hooks import CodeConsent
 from agent.host import capabilities
 from agent.volunteer.naming import agent_name, save_name
 from hub.admission import TOKEN_HEADER
@@ -175,6 +176,8 @@ def up(port: int, slots: int) -> None:
         h.local_board.write_text(address.url + "\n")
         click.echo(f"panal up: board at {address.url}; submit with `panal submit FILE` (Ctrl-C stops)")
         daemon = Daemon(h, [address], DaemonSettings(slots=slots, poll_wait_s=5.0))
+        owner = frozenset({me.id})
+        daemon.board_code[address.url] = CodeConsent(keys=lambda: owner)   # your own code, in the sandbox
         try:
             await daemon.run(stop)
         finally:

@@ -1,4 +1,4 @@
-"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|abuse|integrity``: the tools in
+"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|abuse|integrity|shards``: the tools in
 :mod:`agent.tools`."""
 
 from __future__ import annotations
@@ -36,6 +36,18 @@ def bench_device(chart: Path, repeats: int, as_json: bool) -> None:
     from agent.tools.bench_device import run_device_bench
 
     _print_result(run_device_bench(chart, repeats), as_json)
+
+
+@bench.command("sandbox")
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--nsjail", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="an nsjail binary, to measure its start beside bubblewrap's")
+@click.option("--json", "as_json", is_flag=True)
+def bench_sandbox(repeats: int, nsjail: str | None, as_json: bool) -> None:
+    """The sandbox's cost per task (a sandbox started ahead vs a warm worker), its cold start, bwrap vs nsjail."""
+    from agent.tools.bench_sandbox import run_sandbox_bench
+
+    _print_result(run_sandbox_bench(repeats, nsjail), as_json)
 
 
 @bench.command("chaos")
@@ -122,6 +134,27 @@ def bench_integrity(units: int, agents: int, seed: int, scenarios: tuple[str, ..
 
     _print_result(run_integrity_bench(units, agents, seed, scenarios=scenarios or ("mixed", "honest"), fixed=fixed),
                   as_json)
+
+
+@bench.command("shards")
+@click.option("--data-mb", type=int, default=512, show_default=True, help="Size of the data set (MiB).")
+@click.option("--shards", type=int, default=16, show_default=True)
+@click.option("--agents", type=int, default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_shards(data_mb: int, shards: int, agents: int, as_json: bool) -> None:
+    """Sharded inference on local agents: bytes each agent downloaded (counted at the hub), peak RSS per
+    task, submit (split + upload) and run time. Needs about 4x the data size of free disk in TMPDIR."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    from agent.tools.bench_shards import run_shard_bench
+
+    work = Path(tempfile.mkdtemp(prefix="panal-shard-bench-"))
+    try:
+        _print_result(asyncio.run(run_shard_bench(work, data_mb, shards, agents)), as_json)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:

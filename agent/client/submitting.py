@@ -17,6 +17,7 @@ from typing import Any
 from agent.client.blobcache import download_blob, hash_file
 from agent.client.blobupload import upload_file
 from agent.client.board import BoardClient
+from agent.client.sharding import shard_input
 from jobs.checkpoints import checkpoint_problem
 from jobs.manifest import Manifest
 from security.errors import BadRequest, PanalError, Unauthorized
@@ -46,31 +47,25 @@ def job_id_of(envelope: dict[str, Any]) -> str:
 
 def prepare_inputs(manifest: Manifest) -> tuple[Manifest, list[tuple[str, Path]]]:
     """Hash every local input file; return the manifest to sign (paths -> blob refs) and the files."""
-    if not manifest.inputs or all(ref.blob for ref in manifest.inputs.values()):
+    if not manifest.inputs or all(ref.blob or ref.shards for ref in manifest.inputs.values()):
         return manifest, []
     source = copy.deepcopy(manifest.source)
     files: list[tuple[str, Path]] = []
+    base_dir = manifest.base_dir or Path(".")
     for name, ref in manifest.inputs.items():
+        if ref.shard_count or ref.paths is not None:   # one blob per shard (agent/client/sharding.py)
+            ref, uploads = shard_input(ref, base_dir)
+            files.extend(uploads)
+            source["spec"]["inputs"][name] = ref.to_source()
+            continue
         if ref.path is None:
             continue
-        path = (manifest.base_dir or Path(".")) / ref.path
+        path = base_dir / ref.path
         sha, size = hash_file(path)
-        rows = _rows(path, manifest.params) if ref.shard_count else None
         files.append((sha, path))
-        source["spec"]["inputs"][name] = dataclasses.replace(ref, blob=sha, size=size, rows=rows,
+        source["spec"]["inputs"][name] = dataclasses.replace(ref, blob=sha, size=size,
                                                              path=Path(ref.path).name).to_source()
     return Manifest.from_dict(source), files
-
-
-def _rows(path: Path, params: dict[str, Any]) -> int:
-    """Rows of a sharded safetensors input: dim 0 of its ``input_key`` tensor (else the first)."""
-    from jobs.safeload import check_safetensors
-
-    tensors = check_safetensors(path)
-    if not tensors:
-        raise BadRequest(f"{path}: holds no tensors to shard")
-    info = tensors.get(str(params.get("input_key", ""))) or next(iter(tensors.values()))
-    return int(info.shape[0]) if info.shape else 1
 
 
 async def upload_inputs(client: BoardClient, files: list[tuple[str, Path]],

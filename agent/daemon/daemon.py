@@ -98,6 +98,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         # Extension points (LAN mode): coroutines run once the daemon is up, and extra status fields.
         self.on_start: list[StartHook] = []
+        # whose code runs from a board given at start, by URL (`panal up`: its owner's); else joined --allow-code
+        self.board_code: dict[str, CodeConsent] = {}
         self.status_extras: list[StatusSource] = []
 
     # -- boards come and go (LAN peers) ---------------------------------------------------------
@@ -116,7 +118,7 @@ class Daemon:
         client = BoardClient(address, self.identity, insecure=self.settings.insecure, retry_for_s=retry_for_s,
                              breaker=Breaker(name=address.url), on_health=on_health)
         if code is None:
-            code = CodeConsent(any_submitter=address.url in self.home.code_boards())
+            code = self.board_code.get(address.url) or CodeConsent(any_submitter=address.url in self.home.code_boards())
         link = BoardLink(self, address, client, Outbox(self.home.outbox, address.url), trusted=trusted,
                          hold_off=hold_off, code=code)
         if self.sandboxes is not None and (code.any_submitter or code.keys()):
@@ -225,6 +227,8 @@ class Daemon:
         minutes = self.prefs.current.worker_idle_minutes
         if minutes is not None:
             await self.pool.retire_idle(minutes * 60)
+            if self.sandboxes is not None:
+                await self.sandboxes.retire_idle(minutes * 60)
 
     # -- kind health ----------------------------------------------------------------------------
     def readvertise(self) -> None:

@@ -38,6 +38,7 @@ from agent.engine.sandboxed import SandboxPool
 from jobs.catalog import get_kind
 from jobs.checkpoints import sign_checkpoint, verify_checkpoint
 from jobs.errors import FailureClass
+from jobs.inputs import input_blob
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
 from security.errors import BadRequest, PanalError
@@ -140,10 +141,8 @@ class Executor:
         its hash, from the bounded local cache or the board."""
         fetch = self._blob_fetcher(link)
         paths = {}
-        for name, ref in manifest.inputs.items():
-            if ref.blob is None:
-                raise BadRequest(f"input {name} was not uploaded", code="input_not_uploaded")
-            paths[name] = await self.blobs.get(ref.blob, fetch)
+        for name, ref in manifest.inputs.items():   # a split input: only this task's shard (jobs/inputs.py)
+            paths[name] = await self.blobs.get(input_blob(ref, assignment.params), fetch)
         if resume is not None and assignment.checkpoint:
             paths["checkpoint"] = await self.blobs.get(assignment.checkpoint, fetch)
         return paths

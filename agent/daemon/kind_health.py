@@ -12,13 +12,22 @@ import time
 from collections.abc import Callable
 
 from agent.client.breaker import Breaker, BreakerState
+from jobs.catalog import get_kind
 from jobs.errors import FailureClass
+from security.errors import PanalError
 
 __all__ = ["KindHealth"]
 
 log = logging.getLogger(__name__)
 MACHINE_FAILURES = {FailureClass.CRASHED.value, FailureClass.DEVICE_LOST.value, FailureClass.ERROR.value,
                     FailureClass.OOM.value}
+
+
+def _runs_code(kind: str) -> bool:
+    try:
+        return get_kind(kind).sandboxed
+    except PanalError:
+        return False
 
 
 class KindHealth:
@@ -29,7 +38,12 @@ class KindHealth:
         self.reasons: dict[str, str] = {}
 
     def record(self, kind: str, ok: bool, failure: str | None, message: str | None) -> bool:
-        """Record an outcome; True when the set of kinds this agent should advertise changed."""
+        """Record an outcome; True when the set of kinds this agent should advertise changed.
+
+        A kind that runs submitter code is not judged by its tasks: their crashes and OOMs are the
+        code's, and one hostile submitter must not switch the kind off for every other submitter."""
+        if _runs_code(kind):
+            return False
         breaker = self.breakers.setdefault(kind, Breaker(self.threshold, self.cooldown_s, 3600.0, self.clock))
         before = breaker.state
         if ok:

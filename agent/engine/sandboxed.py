@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: how much of the task's stdout/stderr is kept (the end of it)
 TAIL_BYTES = 8 * 1024
+#: how much of that tail a failure's message carries to the submitter
+ERROR_TAIL_CHARS = 1000
 #: a sandboxed task's reply frame (values, metrics) is bounded far below a trusted worker's
 SANDBOX_MAX_FRAME = 32 * 2**20
 
@@ -138,15 +141,26 @@ class SandboxedWorker(Worker):
         try:
             outcome = await super().run(inner, on_progress, cancel, checkpoint)
         finally:
-            await self.kill()   # nothing of the task may run on while its files are read
+            self._kill_now()   # nothing of the task may run on once it has answered
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.crowded:
-            outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"process limit reached: the task ran "
-                                     f"{self._watch.crowded} processes at once (a fork bomb?); the sandbox allows "
-                                     f"{MAX_PROCESSES}; task killed", outcome.started_at)
+            outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"process limit: the task ran "
+                                     f"{self._watch.crowded} processes at once (a fork bomb?) and went past its "
+                                     f"memory cap; the sandbox allows {MAX_PROCESSES} processes; task killed",
+                                     outcome.started_at)
+        if outcome.ok and not outcome.files:
+            return outcome   # nothing to read back: the sandbox is reaped and removed off the task's path
+        await self.kill()    # its files are read only once every process of it is gone
         if self._drain is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drain, 2.0)
         return await asyncio.to_thread(self._finish, outcome, Path(request.workdir))
+
+    def _kill_now(self) -> None:
+        """SIGKILL the sandbox (bwrap; its processes follow through --die-with-parent); reaped later."""
+        if self.proc is not None and self.proc.returncode is None:
+            self._killed_by_us = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
     def _place_inputs(self, inputs: dict[str, str] | Any) -> dict[str, str]:
         """Hard-link (else copy) each input into the read-only ``inputs`` dir; paths as seen inside."""
@@ -215,10 +229,10 @@ class SandboxedWorker(Worker):
                                   "not regular files: " + ", ".join(refused[:5]), outcome.started_at)
         outcome.files = files
         if not outcome.ok:
-            tail = self.tail().strip()
-            if tail:
-                outcome.error = (f"{outcome.error}\n--- last {min(TAIL_BYTES, self.output_bytes)} of "
-                                 f"{self.output_bytes} bytes of the task's output ---\n{tail[-2000:]}")
+            shown = self.tail().strip()[-ERROR_TAIL_CHARS:]
+            if shown:
+                outcome.error = (f"{outcome.error}\n--- the last {len(shown)} characters of the task's output "
+                                 f"({self.output_bytes} bytes in all) ---\n{shown}")
         return outcome
 
     def remove(self) -> None:
@@ -257,6 +271,10 @@ class SandboxedWorker(Worker):
         await asyncio.to_thread(self.remove)
 
 
+#: processes at once that make a memory overrun a fork bomb (a DataLoader's workers are a handful)
+CROWD = MAX_PROCESSES // 8
+
+
 class _ProcessCountingWatch(MemoryWatch):
     """The memory watch, also noting a crowd of processes: forked copies share their pages, so a
     fork bomb looks like a huge resident set; it is a process-limit violation, not an OOM."""
@@ -268,7 +286,7 @@ class _ProcessCountingWatch(MemoryWatch):
         if why is not None:
             with contextlib.suppress(psutil.Error):
                 count = 1 + len(psutil.Process(self.pid).children(recursive=True))
-                if count >= MAX_PROCESSES // 2:
+                if count >= CROWD:
                     self.crowded = count
         return why
 
@@ -288,18 +306,40 @@ def _python() -> str:
 
 
 class SandboxPool:
-    """One started sandbox ready per placement (CPU / GPU); each is used once and replaced."""
+    """One started sandbox ready per placement (CPU / GPU); each is used once and replaced once its
+    task ends (a second task arriving while the first runs starts its own, paying the cold start)."""
 
     def __init__(self, base: Path, exclude: Iterable[Path] = ()) -> None:
         self.base = base
         self.exclude = list(exclude)
         self._ready: dict[bool, asyncio.Task[SandboxedWorker]] = {}
+        self._ready_since: dict[bool, float] = {}
         self._running: set[SandboxedWorker] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def prewarm(self, gpu: bool = False) -> None:
         """Start a sandbox for the next task of this placement, if none is ready or starting."""
         if gpu not in self._ready:
             self._ready[gpu] = asyncio.ensure_future(self._start(gpu))
+            self._ready_since[gpu] = time.monotonic()
+
+    async def retire_idle(self, idle_s: float) -> int:
+        """Close every sandbox started ahead that no task took for ``idle_s`` seconds (a volunteer's
+        idle agent is its daemon alone, as for warm workers); the next task starts one cold."""
+        now = time.monotonic()
+        stale = [gpu for gpu, task in self._ready.items()
+                 if task.done() and now - self._ready_since.get(gpu, now) >= idle_s]
+        for gpu in stale:
+            task = self._ready.pop(gpu)
+            if not task.cancelled() and task.exception() is None:
+                await task.result().close()
+        return len(stale)
+
+    async def ready(self, gpu: bool = False) -> None:
+        """Wait until the sandbox started ahead for this placement is up (benchmarks, tests)."""
+        task = self._ready.get(gpu)
+        if task is not None:
+            await asyncio.wait({task})
 
     async def _start(self, gpu: bool) -> SandboxedWorker:
         worker = SandboxedWorker(self.base, gpu=gpu, exclude=self.exclude)
@@ -312,18 +352,29 @@ class SandboxPool:
 
     async def _take(self, gpu: bool) -> SandboxedWorker:
         ready = self._ready.pop(gpu, None)
-        self.prewarm(gpu)
         if ready is not None:
             try:
-                worker = await ready
+                worker = await asyncio.shield(ready)   # a cancelled task leaves the sandbox starting
                 if worker.alive:
                     return worker
                 await worker.close()
+            except asyncio.CancelledError:
+                if self._ready.setdefault(gpu, ready) is not ready:   # back for the next task, or closed
+                    self._reap(ready)
+                raise
             except PanalError:
                 raise
             except Exception as exc:   # the prestarted one failed: say so and start one now
                 log.warning("a prestarted sandbox failed: %s", exc)
         return await self._start(gpu)
+
+    def _reap(self, starting: asyncio.Task[SandboxedWorker]) -> None:
+        async def reap() -> None:
+            with contextlib.suppress(Exception):
+                await (await starting).close()
+        closing = asyncio.ensure_future(reap())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     @contextlib.asynccontextmanager
     async def worker(self, gpu: bool = False) -> AsyncIterator[SandboxedWorker]:
@@ -334,7 +385,10 @@ class SandboxPool:
             yield worker
         finally:
             self._running.discard(worker)
-            await worker.close()
+            closing = asyncio.ensure_future(worker.close())   # reaped off the task's path
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            self.prewarm(gpu)   # the next task's sandbox starts now, off this task's path
 
     def suspend_all(self) -> None:
         for worker in self._running:
@@ -347,9 +401,9 @@ class SandboxPool:
     async def close(self) -> None:
         ready = list(self._ready.values())
         self._ready.clear()
-        for task in ready:
-            task.cancel()
+        # a starting sandbox is let finish, then closed: cancelling asyncio's process start midway
+        # can leave it waiting forever for a child it has not yet watched
         for result in await asyncio.gather(*ready, return_exceptions=True):
             if isinstance(result, SandboxedWorker):
                 await result.close()
-        await asyncio.gather(*(w.close() for w in list(self._running)), return_exceptions=True)
+        await asyncio.gather(*(w.close() for w in list(self._running)), *self._closing, return_exceptions=True)

@@ -230,6 +230,9 @@ def _serve() -> None:
             reply = {"ok": True}
         else:
             reply = {"ok": False, "error_class": "error", "error": f"unknown op {request.get('op')!r}"}
+        for stream in (sys.stdout, sys.stderr):   # the task's prints reach the log before its reply
+            with contextlib.suppress(Exception):
+                stream.flush()
         _send(out, {"done": reply})
 
 

@@ -4,8 +4,10 @@ The model is input ``model``: a ``torch.export`` archive (``arch: export``, load
 :func:`jobs.safeload.load_pt2`) or safetensors weights of a catalog architecture (``arch: mlp``,
 sizes from the weights' metadata as :mod:`mlp_train` writes them, or from params). The data is input
 ``data``, a safetensors file whose tensor ``input_key`` is split along its first dimension; rows
-``row_start`` to ``row_end`` (exclusive, -1 = the end) are run in batches and written as tensor
-``y`` (or ``y0``, ``y1``, ... for several outputs) of the output file ``outputs``.
+``row_start`` to ``row_end`` (exclusive, -1 = the end; the file's first row is ``data_offset``, nonzero
+when the data is one shard blob of a split input, jobs/inputs.py) are read alone (never the whole
+file), run in batches and written as tensor ``y`` (or ``y0``, ``y1``, ... for several outputs) of the
+output file ``outputs``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jobs.kinds.base import Cost, Kind, KindOutput, Param, RunContext
 from jobs.kinds.mlp_train import ARCH_KEYS, build_mlp
 from jobs.kinds.torchutil import DTYPES, synchronize, tensor_summary, torch_device, usable_dtype
 from jobs.safeload import TensorInfo, check_safetensors, load_pt2, load_safetensors, read_metadata
+from jobs.shardfiles import read_rows
 
 __all__ = ["Inference", "shard_rows"]
 
@@ -50,6 +53,8 @@ class Inference(Kind):
         "input_key": Param(str, "x", doc="name of the input tensor in the data file"),
         "row_start": Param(int, 0, minimum=0, maximum=2**62, doc="first row of this shard"),
         "row_end": Param(int, -1, minimum=-1, maximum=2**62, doc="row after the last one; -1 = the end"),
+        "data_offset": Param(int, 0, minimum=0, maximum=2**62,
+                             doc="the row the data file starts at: a shard blob's first row (set by the board)"),
         "batch_size": Param(int, 256, minimum=1, maximum=1 << 20),
         "dtype": Param(str, "float32", choices=DTYPES, doc="compute dtype (mlp only; export keeps its own)"),
         "input_size": Param(int, 0, minimum=0, maximum=65_536, doc="mlp sizes; 0 = from the weights"),
@@ -93,14 +98,16 @@ class Inference(Kind):
         problems = self.check_input("data", info, params)
         if problems:
             raise PermanentError(problems[0])
-        total = info[key].shape[0]
+        offset = params["data_offset"]   # a shard blob holds rows offset.. of the whole input
+        total = offset + info[key].shape[0]
         start = params["row_start"]
         end = total if params["row_end"] == -1 else params["row_end"]
-        if end > total or start > total:
-            raise PermanentError(f"rows {start}..{end} are outside the {total} rows of {key!r}")
+        if end > total or start > total or start < offset:
+            held = f"rows {offset}..{total} of this shard" if offset else f"{total} rows"
+            raise PermanentError(f"rows {start}..{end} are outside the {held} of {key!r}")
         if start == end:
             raise PermanentError(f"the shard {start}..{end} holds no rows")
-        x = load_safetensors(data_path)[key][start:end]
+        x = read_rows(data_path, key, start - offset, end - offset)
         if params["arch"] == "mlp":
             model, dtype = self._mlp(params, model_path, device, out)
             if info[key].dtype in _FLOAT:
