@@ -102,4 +102,12 @@ class SubmitterFaults:
 
     # -- Holdback -------------------------------------------------------------------------------
     def held_back(self, agent: AgentState, view: DispatchView) -> Iterable[str]:
-        return self._by_agent.get(agent.row.id, ())
+        """The tasks this agent reported, while another connected agent could still settle them. A hold
+        nobody else can lift (the only other capable agent left, e.g. the lessee that signed a garbage
+        checkpoint and went away) ends: the reporter runs the task again and its second report stands
+        (``intercept``: the checkpoint is dropped, or the fault confirmed), instead of a wait forever."""
+        held = self._by_agent.get(agent.row.id)
+        if not held:
+            return ()
+        return [task_id for task_id in held
+                if (task := self._queues.task(task_id)) is None or self._others_could_run(task)]

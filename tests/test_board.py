@@ -162,6 +162,23 @@ async def test_transient_failures_retry_then_fail_and_permanent_fails_once_confi
     assert "2 of 2 tasks failed" in view["error"]
 
 
+async def test_a_held_back_report_is_run_again_by_its_reporter_once_no_other_agent_is_connected(
+        fx: Fixture) -> None:
+    job_id = await fx.submit(manifest(1))
+    [task] = await fx.lease(fx.agents[0])
+    await fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], task, "failed", error_class="invalid_params",
+                                                      error="bad")])
+    await fx.board.sweep()
+    assert await fx.lease(fx.agents[0]) == []   # held back: agent 1 (connected) could confirm it
+    fx.clock.now += 3600                        # agent 1 went away without ever asking for work
+    [again] = await fx.lease(fx.agents[0])      # nobody else can lift the hold: the reporter runs it again
+    assert again.task_id == task.task_id
+    await fx.board.accept(fx.agents[0].id, [fx.result(fx.agents[0], again, "failed", error_class="invalid_params",
+                                                      error="bad")])
+    view = await fx.board.job_view(job_id)
+    assert view["state"] == "failed" and view["tasks"] == {"failed": 1}
+
+
 async def test_requirements_are_matched_and_explained(fx: Fixture) -> None:
     job_id = await fx.submit(manifest(1, requires={"device": "gpu", "min_vram_gb": 16}))
     assert await fx.lease(fx.agents[0]) == []

@@ -222,7 +222,8 @@ def test_mlp_train_resumes_on_another_agent_from_the_checkpoint_on_the_board(tmp
     first = start_agent(procs, tmp_path, url, "first")
     manifest = tmp_path / "train.yaml"
     manifest.write_text("apiVersion: panal/v1\nkind: Job\nmetadata: {name: resumable}\n"
-                        "spec:\n  task: mlp_train\n  params: {samples: 4096, epochs: 60, hidden_size: 256,"
+                        # long enough (~25 s of one core) to be running when its first checkpoint lands
+                        "spec:\n  task: mlp_train\n  params: {samples: 4096, epochs: 1500, hidden_size: 256,"
                         " checkpoint_every_s: 0.5}\n")
     [job] = json.loads(panal("submit", str(manifest), "--hub", url, "--json", home=user).stdout)
     wait_for(lambda: job_view(url, user, job["id"])["task_list"][0]["checkpoint"], "a checkpoint to reach the board",
@@ -231,7 +232,7 @@ def test_mlp_train_resumes_on_another_agent_from_the_checkpoint_on_the_board(tmp
     first.wait()
     start_agent(procs, tmp_path, url, "second")
     wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", "the resumed run to finish",
-             timeout_s=180, diagnose=procs.logs_text)
+             timeout_s=600, diagnose=procs.logs_text)
     res = json.loads(panal("results", job["id"], "--hub", url, "--verify", "--json", home=user).stdout)
     [row] = res["results"]
     resumed = row["values"]["resumed_from"]  # where the killed agent's last checkpoint was
