@@ -121,7 +121,7 @@ class Worker:
         deadline = time.monotonic() + request.timeout_s
         reader = proc.stdout
         cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
-        watch = self._memory_watch(proc.pid, request.max_memory_gb) if request.max_memory_gb else None
+        watch = self._task_watch(proc.pid, request.max_memory_gb)
         frame_task: asyncio.Future[Any] | None = None
         try:
             while True:
@@ -170,8 +170,9 @@ class Worker:
             if cancelled is not None:
                 cancelled.cancel()
 
-    def _memory_watch(self, pid: int, cap_gb: float) -> MemoryWatch:
-        return MemoryWatch(pid, cap_gb)
+    def _task_watch(self, pid: int, cap_gb: float | None) -> MemoryWatch | None:
+        """What the run loop checks every ``WATCH_S``: the memory cap (a sandbox adds its disk cap)."""
+        return MemoryWatch(pid, cap_gb) if cap_gb else None
 
     async def _died(self, started: float) -> Outcome:
         assert self.proc is not None
