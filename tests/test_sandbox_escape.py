@@ -204,3 +204,16 @@ async def test_a_nested_user_namespace_cannot_make_its_inputs_writable(pool: San
     assert blob.read_text() == "cached"
     assert outcome.values.get("write") != "ok", outcome.values
     assert outcome.values.get("unshare") == -1, outcome.values   # no user namespace inside the sandbox
+
+
+async def test_a_flood_of_checkpoints_keeps_one_copy_at_a_time_outside_the_sandbox(
+        small_disk_pool: SandboxPool, tmp_path: Path) -> None:
+    stored: list[str] = []
+    outcome = await run_code(small_disk_pool, tmp_path / "task", """
+        from agent.engine.frames import pack_frame
+        (ctx.workdir / 'ck').write_bytes(b'x' * 2**20)
+        for _ in range(200):   # 200 MiB of copies on the agent's disk if each were taken
+            ctx.out.write(pack_frame({'checkpoint': str(ctx.workdir / 'ck')})); ctx.out.flush()
+    """, on_checkpoint=stored)
+    assert outcome.ok, outcome.error
+    assert 1 <= len(stored) < 200   # nobody stored (uploaded and deleted) the first: the rest were skipped

@@ -67,6 +67,8 @@ class SandboxedWorker(Worker):
         self.disk_bytes = disk_bytes
         self._work_id: tuple[int, int] | None = None   # (st_dev, st_ino) of root/work as the agent made it
         self._tree_pids: list[psutil.Process] = []
+        self._ck_task: asyncio.Future[None] | None = None   # the checkpoint copy under way
+        self._ck_last: Path | None = None                    # its file, until the daemon has stored it
         self.root = base / f".sandbox-{uuid.uuid4().hex[:12]}"
         self.exclude = [*exclude, Path.home()]
         self.output_bytes = 0
@@ -153,6 +155,8 @@ class SandboxedWorker(Worker):
             outcome = await super().run(inner, on_progress, cancel, checkpoint)
         finally:
             self._kill_now()   # nothing of the task may run on once it has answered
+            if self._ck_task is not None:
+                await asyncio.gather(self._ck_task, return_exceptions=True)
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.disk_violation:
             outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, self._watch.disk_violation, outcome.started_at)
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.crowded:
@@ -220,12 +224,25 @@ class SandboxedWorker(Worker):
         followed through a link) before the daemon stores it."""
         out_dir = Path(workdir)
 
-        def take(path: str) -> None:
-            copy = out_dir / f"checkpoint-{uuid.uuid4().hex[:8]}"
-            if self._copy_regular(Path(path), copy):
+        async def store(path: str, copy: Path) -> None:
+            if await asyncio.to_thread(self._copy_regular, Path(path), copy):
                 on_checkpoint(str(copy))
             else:
-                log.warning("sandboxed task named checkpoint %s outside its work dir: ignored", path)
+                await asyncio.to_thread(copy.unlink, missing_ok=True)
+                log.warning("sandboxed task named checkpoint %s: not a regular file of its work dir, or over "
+                            "its disk cap: ignored", path)
+
+        def take(path: str) -> None:
+            # one copy at a time, off the event loop: the code may name its largest file in frame
+            # after frame, and each copy lands outside the sandbox's disk cap until it is uploaded
+            # (the daemon deletes it then); a checkpoint named meanwhile is skipped
+            if (self._ck_task is not None and not self._ck_task.done()) or (
+                    self._ck_last is not None and self._ck_last.exists()):
+                log.warning("sandboxed task named checkpoint %s while its last one is still being stored: "
+                            "skipped", path)
+                return
+            self._ck_last = out_dir / f"checkpoint-{uuid.uuid4().hex[:8]}"
+            self._ck_task = asyncio.ensure_future(store(path, self._ck_last))
         return take
 
     def _copy_regular(self, path: Path, dest: Path) -> bool:
@@ -246,7 +263,12 @@ class SandboxedWorker(Worker):
                 return False
             dest.parent.mkdir(parents=True, exist_ok=True)
             with open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
+                left = self.disk_bytes
+                while chunk := src.read(min(2**20, left + 1)):
+                    left -= len(chunk)
+                    if left < 0:
+                        return False
+                    out.write(chunk)
         return True
 
     def _finish(self, outcome: Outcome, workdir: Path) -> Outcome:
