@@ -8,7 +8,6 @@ expands to at the task's index. A board that alters parameters gets its task ref
 from __future__ import annotations
 
 import hashlib
-
 from collections import OrderedDict
 from typing import Any
 
