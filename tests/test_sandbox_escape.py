@@ -217,3 +217,20 @@ async def test_a_flood_of_checkpoints_keeps_one_copy_at_a_time_outside_the_sandb
     """, on_checkpoint=stored)
     assert outcome.ok, outcome.error
     assert 1 <= len(stored) < 200   # nobody stored (uploaded and deleted) the first: the rest were skipped
+
+
+@pytest.mark.parametrize("frame", ["{'progress': float('nan')}", "{'progress': 'abc'}", "5",
+                                   "{'done': 'x'}", "{'done': {'ok': True, 'files': {'a': 5}}}",
+                                   "{'done': {'ok': False, 'error_class': ['x']}}"])
+async def test_a_forged_frame_from_the_code_is_classified_and_never_raises_in_the_agent(
+        pool: SandboxPool, tmp_path: Path, frame: str) -> None:
+    progress: list[float] = []
+    async with pool.worker() as worker:
+        outcome = await worker.run(TaskRequest(kind="untrusted", params={"source": textwrap.dedent(f"""
+            import time
+            from agent.engine.frames import pack_frame
+            ctx.out.write(pack_frame({frame})); ctx.out.flush()
+            time.sleep(0.5)
+        """)}, timeout_s=30, workdir=str(tmp_path / "task")), on_progress=progress.append)
+    assert all(0.0 <= p <= 1.0 for p in progress), progress
+    assert outcome.ok or outcome.error_class == "crashed", outcome.error
