@@ -9,6 +9,7 @@ the agent's event loop. Files past the disk cap end the task as a classified vio
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -234,3 +235,38 @@ async def test_a_forged_frame_from_the_code_is_classified_and_never_raises_in_th
         """)}, timeout_s=30, workdir=str(tmp_path / "task")), on_progress=progress.append)
     assert all(0.0 <= p <= 1.0 for p in progress), progress
     assert outcome.ok or outcome.error_class == "crashed", outcome.error
+
+
+async def test_no_process_of_the_sandbox_outlives_the_task_when_its_files_are_read(pool: SandboxPool,
+                                                                                   tmp_path: Path) -> None:
+    import psutil
+
+    marker = f"panal-review-{os.getpid()}-{id(tmp_path)}"
+    outcome = await run_code(pool, tmp_path / "task", f"""
+        import os, subprocess, sys, time
+        for _ in range(3):   # daemonised grandchildren, in new sessions, that would go on writing
+            subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(0.01)  # {marker}'],
+                             start_new_session=True)
+        (ctx.workdir / 'out.txt').write_text('made here')
+        files['out'] = str(ctx.workdir / 'out.txt')
+    """)
+    assert outcome.ok, outcome.error
+    left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert left == [], left
+
+
+@pytest.mark.parametrize("forged", ["{'ok': True, 'values': {'x': 'v' * (5 * 2**20)}}",
+                                    "{'ok': False, 'error_class': 'error', 'error': 'e' * (5 * 2**20)}"])
+async def test_a_forged_reply_too_big_for_a_signed_result_is_refused_or_cut(pool: SandboxPool, tmp_path: Path,
+                                                                           forged: str) -> None:
+    """A result over the board's 4 MiB body limit would be refused, and with it every result batched
+    with it, for ever: the code must not get one signed by forging its worker's reply frame."""
+    async with pool.worker() as worker:
+        outcome = await worker.run(TaskRequest(kind="untrusted", params={"source": textwrap.dedent(f"""
+            import os
+            from agent.engine.frames import pack_frame
+            ctx.out.write(pack_frame({{'done': {forged}}})); ctx.out.flush()
+            os._exit(0)
+        """)}, timeout_s=30, workdir=str(tmp_path / "task")))
+    assert not outcome.ok
+    assert len(str(outcome.values)) + len(outcome.error or "") < 2**20, len(outcome.error or "")

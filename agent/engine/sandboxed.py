@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil
 
 from agent.engine.memwatch import MemoryWatch
@@ -50,6 +51,12 @@ TAIL_BYTES = 8 * 1024
 ERROR_TAIL_CHARS = 1000
 #: a sandboxed task's reply frame (values, metrics) is bounded far below a trusted worker's
 SANDBOX_MAX_FRAME = 32 * 2**20
+#: what of a sandboxed task's reply goes into its signed result (values, metrics, notes, error): the
+#: code can forge the reply frame past the python kind's own 1 MiB check, and a result over the
+#: board's body limit (4 MiB by default) would be refused with every result batched with it, for ever
+REPLY_BYTES = 1 * 2**20 + 64 * 2**10
+#: a failure's message (the code may forge one of any length)
+ERROR_CHARS = 4000
 #: what a sandbox's files may take on the volunteer's disk, all together (and any one file)
 DISK_BYTES = 8 * 2**30
 #: how long the agent waits for every process of a killed sandbox to be gone before reading its files
@@ -157,6 +164,7 @@ class SandboxedWorker(Worker):
             self._kill_now()   # nothing of the task may run on once it has answered
             if self._ck_task is not None:
                 await asyncio.gather(self._ck_task, return_exceptions=True)
+        outcome = _bounded(outcome)
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.disk_violation:
             outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, self._watch.disk_violation, outcome.started_at)
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.crowded:
@@ -351,6 +359,24 @@ def _regular_inside(path: Path, workdir: Path) -> bool:
         return real.is_relative_to(os.path.realpath(workdir)) and stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _bounded(outcome: Outcome) -> Outcome:
+    """The outcome, if what it would put in the signed result is within ``REPLY_BYTES``; else a
+    violation naming its size. A failure's message is cut to ``ERROR_CHARS``."""
+    if outcome.error is not None and len(outcome.error) > ERROR_CHARS:
+        outcome.error = outcome.error[:ERROR_CHARS] + " [cut]"
+    try:
+        size = len(msgpack.packb([outcome.values, outcome.metrics, outcome.notes, outcome.error_class,
+                                  outcome.error], use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"the task's reply is not plain data ({exc})",
+                              outcome.started_at)
+    if size > REPLY_BYTES:
+        return Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"the task's reply (values, metrics, notes) is "
+                              f"{size / 2**20:.1f} MiB; at most {REPLY_BYTES // 2**10} KiB goes back to the "
+                              f"submitter: write large results with ctx.output", outcome.started_at)
+    return outcome
 
 
 def _zombie(proc: psutil.Process) -> bool:
