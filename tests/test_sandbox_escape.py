@@ -270,3 +270,44 @@ async def test_a_forged_reply_too_big_for_a_signed_result_is_refused_or_cut(pool
         """)}, timeout_s=30, workdir=str(tmp_path / "task")))
     assert not outcome.ok
     assert len(str(outcome.values)) + len(outcome.error or "") < 2**20, len(outcome.error or "")
+
+
+async def test_files_hidden_too_deep_for_the_host_to_list_end_the_task(small_disk_pool: SandboxPool,
+                                                                       tmp_path: Path) -> None:
+    outcome = await run_code(small_disk_pool, tmp_path / "task", """
+        import itertools, os
+        os.chdir(ctx.workdir)
+        for _ in range(40):   # 40 x 200 bytes: a path the host cannot open, made relative to a deep cwd
+            os.mkdir('d' * 200)
+            os.chdir('d' * 200)
+        for i in itertools.count():
+            with open(f'f{i}', 'wb') as fh:
+                fh.write(b'x' * 2**20)
+    """, timeout_s=120)
+    assert (outcome.ok, outcome.error_class) == (False, "sandbox_violation"), outcome.error
+    assert "disk limit" in (outcome.error or "")
+
+
+async def test_a_tree_thousands_of_levels_deep_leaves_nothing_on_the_disk(agent_home: Path, tmp_path: Path) -> None:
+    base = agent_home / "work"
+    sandboxes = SandboxPool(base, exclude=[agent_home])
+    try:
+        outcome = await run_code(sandboxes, tmp_path / "task", """
+            import os
+            os.chdir(ctx.workdir)
+            for _ in range(2000):   # past Python's recursion limit
+                os.mkdir('d')
+                os.chdir('d')
+            files['deep'] = str(ctx.workdir / 'd')   # refused (not a regular file): the files path reads back
+        """)
+    finally:
+        await sandboxes.close()
+    assert outcome.error_class == "sandbox_violation", outcome.error
+    assert list(base.iterdir()) == [], list(base.iterdir())   # nothing of the sandbox left on the disk
+    import shutil
+
+    from agent.engine.sandbox_watch import remove_tree
+    with pytest.raises(RecursionError):   # what the daemon did before: the tree stayed on the disk
+        shutil.rmtree(tmp_path / "task", ignore_errors=True)
+    remove_tree(tmp_path / "task")   # what the daemon does with the task's work dir now
+    assert not (tmp_path / "task").exists()

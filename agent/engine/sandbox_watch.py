@@ -14,25 +14,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import psutil
 
 from agent.engine.memwatch import MemoryWatch, tree_rss
 
-__all__ = ["DISK_EVERY", "MAX_FILES", "SandboxWatch"]
+__all__ = ["DISK_EVERY", "MAX_FILES", "SandboxWatch", "remove_tree"]
 
 #: the disk walk runs on every this-many-th memory check (one per second at WATCH_S = 0.25)
 DISK_EVERY = 4
 #: files and directories the work dir may hold; a walk stops here
 MAX_FILES = 20_000
+#: the longest path (bytes) under the work dir the walk accounts for: deeper ones (made relative to a
+#: deep cwd inside) could not be listed from the host, so their files would go uncounted
+MAX_PATH = 3072
 #: processes at once that make a memory overrun a fork bomb (a DataLoader's workers are a handful)
 CROWD = 32
 
 
-def dir_usage(root: Path, max_entries: int = MAX_FILES) -> tuple[int, int]:
-    """(bytes allocated, entries) under ``root``, links not followed; stops past ``max_entries``."""
+def dir_usage(root: Path, max_entries: int = MAX_FILES) -> tuple[int, int, bool]:
+    """(bytes allocated, entries, whether a path went past ``MAX_PATH``) under ``root``, links not
+    followed; stops past ``max_entries`` or at the first path too deep."""
     total, entries = 0, 0
     stack = [str(root)]
     while stack and entries <= max_entries:
@@ -44,10 +50,12 @@ def dir_usage(root: Path, max_entries: int = MAX_FILES) -> tuple[int, int]:
                         st = entry.stat(follow_symlinks=False)
                         total += max(st.st_blocks * 512, st.st_size if stat.S_ISREG(st.st_mode) else 0)
                         if stat.S_ISDIR(st.st_mode):
+                            if len(os.fsencode(entry.path)) > MAX_PATH:
+                                return total, entries, True
                             stack.append(entry.path)
         except OSError:
             continue
-    return total, entries
+    return total, entries, False
 
 
 def tmpfs_usage(pid: int) -> int:
@@ -81,8 +89,11 @@ class SandboxWatch(MemoryWatch):
     def over(self) -> str | None:
         self._ticks += 1
         if self._ticks % DISK_EVERY == 0:
-            used, entries = dir_usage(self.work)
-            if entries > MAX_FILES:
+            used, entries, deep = dir_usage(self.work)
+            if deep:
+                self.disk_violation = (f"disk limit: the task made paths over {MAX_PATH} bytes long in its work "
+                                       f"dir (too deep to account for); task killed")
+            elif entries > MAX_FILES:
                 self.disk_violation = (f"disk limit: the task made more than {MAX_FILES} files and directories "
                                        f"in its work dir; task killed")
             elif used > self.disk_bytes:
@@ -102,3 +113,15 @@ class SandboxWatch(MemoryWatch):
         return (f"memory cap of {self.cap_gb:g} GB exceeded: the task's processes held {rss / 2**30:.2f} GB "
                 f"resident and {shm / 2**30:.2f} GB in its /tmp and /dev/shm ({self.baseline / 2**30:.2f} GB "
                 f"before it began); task killed")
+
+
+def remove_tree(path: Path | str) -> None:
+    """Remove a directory tree a sandboxed task wrote, however deep: ``shutil.rmtree`` recurses per
+    level (a tree thousands of levels deep, made in a second relative to a deep cwd, raises
+    RecursionError and stays on the disk), so what it leaves goes to ``rm -rf``, which does not."""
+    with contextlib.suppress(RecursionError):
+        shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True, timeout=600,
+                           check=False)

@@ -37,7 +37,7 @@ import psutil
 from agent.engine.memwatch import MemoryWatch
 from agent.engine.runner import Outcome, TaskRequest, Worker
 from agent.engine.sandbox import FSIZE_ENV, MAX_PROCESSES, NPROC_ENV, PidsCgroup, bwrap_argv, pids_cgroup, probe
-from agent.engine.sandbox_watch import SandboxWatch
+from agent.engine.sandbox_watch import SandboxWatch, remove_tree
 from jobs.errors import FailureClass
 from security.errors import PanalError
 
@@ -318,7 +318,7 @@ class SandboxedWorker(Worker):
         return outcome
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)
         if self._cgroup is not None:
             self._cgroup.remove()
 
