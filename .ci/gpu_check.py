@@ -1,6 +1,7 @@
 """`make gpu-check`: everything that needs CUDA, in one run of a few minutes, and one report.
 
-Runs the tests marked ``gpu``, ``panal agent info --json`` and ``panal bench device --json``, then writes
+Runs the tests marked ``gpu`` (NVML's view of other programs included: tests/test_gpu_nvml.py),
+``panal agent info --json``, ``panal bench device --json`` and one NVML reading, then writes
 ``gpu-check.json`` and ``gpu-check.md`` (devices, GFLOPS fp32/fp16, per-kind CPU vs GPU times, every
 failure) into ``$OUT`` when set (the device machine's output folder), else ``artifacts/gpu-check``.
 Exits non-zero when there is no CUDA device or anything failed.
@@ -35,6 +36,14 @@ def _cuda() -> dict[str, Any]:
 
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "available": torch.cuda.is_available(),
             "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+
+
+#: what the agent's GPU-use source (agent/volunteer/gpu_use.py) reads on this machine, as JSON
+_NVML_READING = ("import dataclasses, json, os\n"
+                 "from agent.volunteer.gpu_use import NvmlSource\n"
+                 "source = NvmlSource.open()\n"
+                 "assert source is not None, 'NVML did not open (is the gpu extra, nvidia-ml-py, installed?)'\n"
+                 "print(json.dumps([dataclasses.asdict(r) for r in source.read({os.getpid()})]))\n")
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -76,6 +85,13 @@ def main() -> int:
         if report[key] is None:
             report["failures"].append(f"panal {' '.join(argv)} -> exit {code}: {err.strip()[-500:]}")
         report[f"{key}_seconds"] = round(secs, 1)
+    code, out, err, _ = _run([sys.executable, "-c", _NVML_READING], 60, env)
+    try:
+        report["nvml"] = json.loads(out) if code == 0 else None
+    except json.JSONDecodeError:
+        report["nvml"] = None
+    if not report["nvml"]:
+        report["failures"].append(f"NVML reading (the agent's GPU-use source) -> exit {code}: {err.strip()[-500:]}")
     (out_dir / "gpu-check.json").write_text(json.dumps(report, indent=2))
     (out_dir / "gpu-check.md").write_text(_markdown(report))
     print(_markdown(report))

@@ -7,8 +7,10 @@ wrote it, over ``(task, job, attempt, sha256)``:
 * the board accepts one only from the task's current lessee, for the attempt it holds
   (``hub/leases.py``), and keeps the record with the task;
 * a resuming agent verifies it before it loads anything (``agent/daemon/execution.py``): a record
-  that is missing, forged, for another task, not from an earlier attempt, or naming another blob
-  than the one handed over is ignored and the task starts afresh;
+  that is missing, forged, for another task, from a later attempt, or naming another blob than the
+  one handed over is ignored and the task starts afresh. A record of the *same* attempt is fine: a
+  lease given back (a long pause, a drained agent) requeues the task without using an attempt, so
+  the next lessee holds the attempt number its predecessor wrote the checkpoint under;
 * a result that resumed from a checkpoint names the record in its own signed payload
   (``resumed_from``), so ``panal results --verify`` checks the whole chain offline and shows whose
   checkpoint the answer depends on.
@@ -67,7 +69,7 @@ def verify_checkpoint(record: SignedRecord, task_id: str, *, sha256: str | None 
 
 def checkpoint_problem(result: dict[str, Any]) -> str | None:
     """For ``panal results --verify``: what is wrong with the checkpoint a signed result says it resumed
-    from (None when it names none, or a valid one for its task and an earlier attempt)."""
+    from (None when it names none, or a valid one for its task, of its attempt or an earlier one)."""
     resumed = result.get("resumed_from")
     if resumed is None:
         return None
@@ -75,7 +77,7 @@ def checkpoint_problem(result: dict[str, Any]) -> str | None:
         record = SignedRecord.from_wire(resumed.get("record") if isinstance(resumed, dict) else None)
         attempt = result.get("attempt")
         verify_checkpoint(record, str(result.get("task_id")),
-                          before_attempt=attempt if isinstance(attempt, int) else None)
+                          before_attempt=attempt + 1 if isinstance(attempt, int) else None)
     except PanalError as exc:
         return f"the checkpoint it resumed from does not verify: {exc.message}"
     return None

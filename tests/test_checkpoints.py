@@ -128,11 +128,19 @@ def test_a_resuming_agent_refuses_a_checkpoint_it_cannot_verify(case: str) -> No
     writer = Identity.generate()
     record = {"unsigned": None,
               "other_task": sign_checkpoint(writer, "j1.1", "j1", 1, CKPT),
-              "later_attempt": sign_checkpoint(writer, "j1.0", "j1", 2, CKPT),
+              "later_attempt": sign_checkpoint(writer, "j1.0", "j1", 3, CKPT),
               "other_blob": sign_checkpoint(writer, "j1.0", "j1", 1, OTHER)}[case]
     assert Executor.resume_point(_assignment("j1.0", 2, CKPT, record)) is None
     good = sign_checkpoint(writer, "j1.0", "j1", 1, CKPT)
     assert Executor.resume_point(_assignment("j1.0", 2, CKPT, good)) == good
+
+
+def test_a_checkpoint_of_a_lease_given_back_is_resumed_under_the_same_attempt() -> None:
+    """A lease given back (a long pause) requeues the task without using an attempt: the next lessee
+    holds the attempt its predecessor wrote the checkpoint under, and must resume from it."""
+    writer = Identity.generate()
+    same = sign_checkpoint(writer, "j1.0", "j1", 2, CKPT)
+    assert Executor.resume_point(_assignment("j1.0", 2, CKPT, same)) == same
 
 
 def test_verify_names_the_checkpoint_a_result_resumed_from_and_refuses_a_forged_one() -> None:
@@ -153,7 +161,7 @@ def test_verify_names_the_checkpoint_a_result_resumed_from_and_refuses_a_forged_
     tampered = dict(good.to_wire(), payload=sign_checkpoint(writer, f"{job_id}.0", job_id, 1, OTHER).payload)
     for bad in ({"record": tampered},                                                    # a forged signature
                 {"record": sign_checkpoint(writer, f"{job_id}.1", job_id, 1, CKPT).to_wire()},   # another task
-                {"record": sign_checkpoint(writer, f"{job_id}.0", job_id, 2, CKPT).to_wire()},   # not earlier
+                {"record": sign_checkpoint(writer, f"{job_id}.0", job_id, 3, CKPT).to_wire()},   # a later one
                 {"record": "nonsense"}):
         [check] = verify_results(signed(bad))
         assert not check.ok and "checkpoint it resumed from" in check.problem

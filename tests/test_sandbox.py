@@ -20,6 +20,7 @@ import psutil
 import pytest
 from system_needs import require_system
 
+from agent.engine import sandbox, sandboxed
 from agent.engine.runner import Outcome, TaskRequest, Worker
 from agent.engine.sandbox import MAX_PROCESSES, bwrap_argv, probe, python_paths
 from agent.engine.sandboxed import ERROR_TAIL_CHARS, SandboxedWorker, SandboxPool
@@ -125,9 +126,18 @@ async def test_a_socket_to_the_hub_on_loopback_or_anywhere_is_a_sandbox_violatio
         hub.close()
 
 
-async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(pool: SandboxPool, tmp_path: Path) -> None:
+async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(
+        pool: SandboxPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    groups = set(Path("/sys/fs/cgroup").glob("**/panal-sandbox-*"))
+    made: list[Path] = []   # the process-limit groups this test's sandboxes make (other xdist workers make theirs)
+
+    def recording(limit: int = sandbox.MAX_PROCESSES) -> sandbox.PidsCgroup | None:
+        group = sandbox.pids_cgroup(limit)
+        if group is not None:
+            made.append(group.path)
+        return group
+
+    monkeypatch.setattr(sandboxed, "pids_cgroup", recording)
     outcome = await run_code(pool, tmp_path, """
         import os, time
         while True:
@@ -137,7 +147,7 @@ async def test_a_fork_bomb_hits_the_process_limit_and_leaves_no_process(pool: Sa
     await pool.close()   # the sandbox started ahead for the next task, too
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not left, f"processes left behind: {left}"
-    assert set(Path("/sys/fs/cgroup").glob("**/panal-sandbox-*")) <= groups   # process-limit groups removed
+    assert not [g for g in made if g.exists()], "process-limit groups left behind"
 
 
 async def test_exhausting_memory_is_an_oom(pool: SandboxPool, tmp_path: Path) -> None:
@@ -327,3 +337,14 @@ def test_agent_info_says_why_code_is_not_advertised_and_how_to_enable_it(tmp_pat
     here = panal("agent", "info", "--no-measure", home=tmp_path / "agent").stdout
     assert "sandbox: bwrap: submitter code (the python kind) can run here" in here
     assert "'python'" in next(line for line in here.splitlines() if line.startswith("kinds:"))
+
+
+async def test_a_sandbox_started_ahead_is_closed_when_no_task_takes_it_for_the_idle_period(pool: SandboxPool) -> None:
+    pool.prewarm()
+    await pool.ready()
+    started = [p.pid for p in psutil.Process().children(recursive=True)]
+    assert started, "the sandbox started ahead has processes"
+    assert await pool.retire_idle(3600) == 0   # not idle long enough: kept for the next task
+    assert await pool.retire_idle(0) == 1
+    assert not [pid for pid in started if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "its processes exited"

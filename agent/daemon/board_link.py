@@ -61,6 +61,8 @@ class Running:
     checkpoint: str | None = None      # sha256 of the latest checkpoint uploaded to the board
     checkpoint_record: SignedRecord | None = None   # our signature over (task, attempt, that sha256)
     uploads: set[asyncio.Task[None]] = field(default_factory=set)
+    device: str = "cpu"                # where it runs (a GPU pause stops only the tasks on that GPU)
+    worker: Any = None                 # the warm worker running it, once it has one (to stop and continue)
 
 
 class LinkOwner(Protocol):
@@ -184,11 +186,26 @@ class BoardLink:
         await self.release(assignment)
 
     async def hand_back_running(self) -> None:
-        """Stop every running task and hand it back (a drain ran out of time)."""
-        for running in list(self.running.values()):
-            running.lost = True
-            running.cancel.set()
-            await self.release(running.assignment)
+        """Stop every running task and hand it back with its latest checkpoint (a drain ran out of time)."""
+        await asyncio.gather(*(self.hand_back(task_id) for task_id in list(self.running)))
+
+    async def hand_back(self, task_id: str) -> None:
+        """Give a running task back with its latest checkpoint, so another agent continues it (a long
+        pause): the checkpoint on its way is uploaded and told to the board first, then the lease is
+        released (no attempt used) and the task stopped here."""
+        running = self.running.get(task_id)
+        if running is None or running.lost:
+            return
+        running.lost = True   # no result from us, whatever the worker does now
+        await asyncio.gather(*list(running.uploads), return_exceptions=True)
+        if running.checkpoint:
+            a = running.assignment
+            beat = Heartbeat((HeartbeatLease(task_id, a.lease_id, running.progress, running.checkpoint,
+                                             running.checkpoint_record),))
+            with contextlib.suppress(PanalError):
+                await self.client.post("/v1/heartbeat", beat, HeartbeatReply.decode, timeout_s=10.0)
+        await self.release(running.assignment)
+        running.cancel.set()
 
     def queue_result(self, record: SignedRecord, ok: bool) -> None:
         """Keep a signed result in the outbox until the board answers for it; send it soon."""

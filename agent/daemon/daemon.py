@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 from agent.client.blobcache import BlobCache
@@ -26,6 +27,7 @@ from agent.daemon.execution import Executor
 from agent.daemon.hooks import CodeConsent, HealthListener, HoldOff, StartHook, StatusSource, SubmitterCheck
 from agent.daemon.kind_health import KindHealth
 from agent.daemon.outbox import Outbox
+from agent.daemon.pause_control import PauseControl
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from agent.daemon.status_summary import summary
@@ -37,6 +39,7 @@ from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome
 from agent.volunteer.control import ControlServer, default_socket_path
+from agent.volunteer.gpu_use import detect_gpu_source
 from agent.volunteer.naming import agent_name
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
@@ -76,15 +79,18 @@ class Daemon:
         self.sandboxes = SandboxPool(home.work, exclude=[home.root]) if probe_sandbox().available else None
         self.kind_health = KindHealth()
         self.capabilities = capabilities.basic(settings.capabilities)
+        self.pause_control = PauseControl(self)   # the rules applied each tick: stop, continue, hand back
+        self.devices = Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus,
+                               lambda: self.prefs.current.exclude_gpus, lambda: self.pause_control.gpu_paused)
         self.executor = Executor(
             identity=self.identity, work=home.work, pool=self.pool, sandboxes=self.sandboxes,
             blobs=BlobCache(home.root / "blobs", settings.blob_cache_bytes),
-            devices=Devices(lambda: list(self.capabilities.get("gpus", [])), lambda: self.prefs.current.gpus),
+            devices=self.devices,
             threads=lent_threads(settings.threads, self.prefs.current.cpu_threads, os.cpu_count() or 1,
                                  self.settings.slots),
             gpu_memory_fraction=lambda: self.prefs.current.max_gpu_memory_fraction,
             capabilities=lambda: self.capabilities, max_memory_gb=lambda: self.prefs.current.max_memory_gb)
-        self._advertised_memory_gb = self.prefs.current.max_memory_gb
+        self._advertised = self._advertised_prefs()
         self.stopping = False
         self.paused_reason: str | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -142,6 +148,8 @@ class Daemon:
     # -- life cycle -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.capabilities = await detect_capabilities(self.home, self.settings.capabilities)
+        if self.capabilities.get("gpus"):
+            self.pause_control.gpu_source = await asyncio.to_thread(detect_gpu_source)
         if self.prefs.current.worker_idle_minutes is None:   # the volunteer keeps workers warm
             await self.pool.warm()
         self._loops.append(run_every(WORKER_RETIRE_CHECK_S, self._retire_idle_workers, "idle workers"))
@@ -192,6 +200,9 @@ class Daemon:
         caps = dict(self.capabilities)
         caps["kinds"] = self.kind_health.advertised(list(caps.get("kinds") or []))
         caps["slots"] = self.settings.slots   # the board leases it at most this many tasks at once
+        # only the GPUs the volunteer lends, and never their UUIDs (a stable hardware fingerprint)
+        caps["gpus"] = [{k: v for k, v in g.items() if k != "uuid"} for g in self.devices.advertised()
+                        if g.get("device") not in self.pause_control.gpu_withdrawn]
         ceiling = self.prefs.current.max_memory_gb
         if ceiling is not None:   # the board sends no task whose memory cap is larger
             caps["max_memory_gb"] = ceiling
@@ -216,6 +227,8 @@ class Daemon:
         minutes = self.prefs.current.worker_idle_minutes
         if minutes is not None:
             await self.pool.retire_idle(minutes * 60)
+            if self.sandboxes is not None:
+                await self.sandboxes.retire_idle(minutes * 60)
 
     # -- kind health ----------------------------------------------------------------------------
     def readvertise(self) -> None:
@@ -237,16 +250,32 @@ class Daemon:
     # -- the volunteer's rules -----------------------------------------------------------------
     async def _volunteer_loop(self, tick_s: float = 1.0) -> None:
         """Apply the owner's preferences: pause (and SIGSTOP running work) when a rule says so."""
+        last = time.monotonic()
         while True:
-            self.prefs.reload_if_changed()
-            if self.prefs.current.max_memory_gb != self._advertised_memory_gb:   # tell the boards
-                self._advertised_memory_gb = self.prefs.current.max_memory_gb
-                self._readvertise()
-            if self.tasks_running:
-                self.rules.record_compute(tick_s)
-            paused, reason = self.rules.evaluate()
-            await self._set_paused(reason if paused else None)
+            now = time.monotonic()
+            await self.volunteer_tick(now - last)
+            last = now
             await asyncio.sleep(tick_s)
+
+    def _advertised_prefs(self) -> tuple[Any, ...]:
+        prefs = self.prefs.current
+        return prefs.max_memory_gb, prefs.gpus, prefs.exclude_gpus
+
+    async def volunteer_tick(self, elapsed_s: float) -> None:
+        """One look at the rules (:mod:`agent.daemon.pause_control`): count the compute of the last
+        ``elapsed_s``, pause or resume, stop and continue workers, hand back the tasks of a long pause."""
+        self.prefs.reload_if_changed()
+        if self._advertised_prefs() != self._advertised:   # tell the boards what we lend now
+            self._advertised = self._advertised_prefs()
+            self._readvertise()
+        reason = await self.pause_control.decide(elapsed_s)
+        await self._set_paused(reason)
+        self.pause_control.apply()
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a background task of this daemon's work (a shutdown waits for it)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _set_paused(self, reason: str | None) -> None:
         if reason == self.paused_reason:
@@ -259,9 +288,7 @@ class Daemon:
                 self.sandboxes.suspend_all()
         elif reason is None:
             log.info("resuming work")
-            self.pool.resume_all()
-            if self.sandboxes is not None:
-                self.sandboxes.resume_all()
+            self.pause_control.resume_workers()
             await self.slots.wake()
 
     # -- control socket (`panal agent pause|resume|status`) -------------------------------------
@@ -278,9 +305,7 @@ class Daemon:
         self.rules.resume()
         if not self.rules.evaluate().paused:
             self.paused_reason = None
-            self.pool.resume_all()
-            if self.sandboxes is not None:
-                self.sandboxes.resume_all()
+            self.pause_control.resume_workers()
             asyncio.get_running_loop().create_task(self.slots.wake())
 
     def status(self) -> dict[str, Any]:
@@ -296,6 +321,7 @@ class Daemon:
             "agent_id": self.identity.id, "slots": self.settings.slots, "workers": self.pool.alive,
             "free_slots": max(0, self.settings.slots - len(self._tasks)),
             "compute_today_h": round(self.rules.compute_today_s / 3600, 3),
+            "gpu_paused": dict(self.pause_control.gpu_paused),   # device -> why GPU work there waits
             "disabled_kinds": self.kind_health.disabled(),
             "tasks": [{"id": tid, "kind": r.assignment.kind, "progress": r.progress, "board": link.address.url}
                       for link in self.links for tid, r in link.running.items()],

@@ -118,8 +118,9 @@ class Executor:
     @staticmethod
     def resume_point(assignment: Assignment) -> SignedRecord | None:
         """The checkpoint record to resume from, if the assignment names one that verifies: signed,
-        for this task, written by an earlier attempt, of the blob handed over. Anything else is
-        ignored (the task starts afresh): a checkpoint nobody vouches for is not worth the risk."""
+        for this task, written by this attempt (a lease given back uses none) or an earlier one, of the
+        blob handed over. Anything else is ignored (the task starts afresh): a checkpoint nobody vouches
+        for is not worth the risk."""
         if not assignment.checkpoint:
             return None
         if assignment.checkpoint_record is None:
@@ -128,7 +129,7 @@ class Executor:
             return None
         try:
             verify_checkpoint(assignment.checkpoint_record, assignment.task_id, sha256=assignment.checkpoint,
-                              before_attempt=assignment.attempt)
+                              before_attempt=assignment.attempt + 1)
         except PanalError as exc:
             log.warning("task %s: checkpoint refused (%s): starting afresh", assignment.task_id, exc.message)
             return None
@@ -158,6 +159,7 @@ class Executor:
                               gpu_memory_fraction=self._gpu_memory_fraction())
         try:
             async with self._worker(manifest.kind, device) as worker:
+                running.device, running.worker = device, worker   # what a pause stops (agent/daemon/pausing.py)
                 outcome: Outcome = await worker.run(request, lambda f: setattr(running, "progress", f), running.cancel,
                                                     lambda path: self.store_checkpoint(link, running, path))
                 return outcome

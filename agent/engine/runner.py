@@ -231,6 +231,7 @@ class Worker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             await self.proc.wait()
         self.proc = None
+        self._paused = False   # the next process starts running: a later pause must stop it again
 
     async def close(self) -> None:
         """Ask the worker to exit (end of input); kill it if it does not within a second."""

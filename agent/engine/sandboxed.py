@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -401,6 +402,7 @@ class SandboxPool:
         self.exclude = list(exclude)
         self.disk_bytes = disk_bytes
         self._ready: dict[bool, asyncio.Task[SandboxedWorker]] = {}
+        self._ready_since: dict[bool, float] = {}
         self._running: set[SandboxedWorker] = set()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -408,6 +410,19 @@ class SandboxPool:
         """Start a sandbox for the next task of this placement, if none is ready or starting."""
         if gpu not in self._ready:
             self._ready[gpu] = asyncio.ensure_future(self._start(gpu))
+            self._ready_since[gpu] = time.monotonic()
+
+    async def retire_idle(self, idle_s: float) -> int:
+        """Close every sandbox started ahead that no task took for ``idle_s`` seconds (a volunteer's
+        idle agent is its daemon alone, as for warm workers); the next task starts one cold."""
+        now = time.monotonic()
+        stale = [gpu for gpu, task in self._ready.items()
+                 if task.done() and now - self._ready_since.get(gpu, now) >= idle_s]
+        for gpu in stale:
+            task = self._ready.pop(gpu)
+            if not task.cancelled() and task.exception() is None:
+                await task.result().close()
+        return len(stale)
 
     async def ready(self, gpu: bool = False) -> None:
         """Wait until the sandbox started ahead for this placement is up (benchmarks, tests)."""

@@ -183,6 +183,8 @@ def _probe_gpus(torch: Any, memory_gb: float) -> tuple[list[dict[str, Any]], lis
                "compute_capability": f"{props.major}.{props.minor}"}
         if hip and getattr(props, "gcnArchName", ""):
             gpu["arch"] = props.gcnArchName
+        if getattr(props, "uuid", None):   # how a volunteer names one GPU for good (indices can change)
+            gpu["uuid"] = str(props.uuid).lower().removeprefix("gpu-")
         candidates.append((f"cuda:{i}", gpu))
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():

@@ -2,13 +2,17 @@
 
 The agent asks :meth:`PauseRules.evaluate` before taking new work (and to decide whether to
 suspend running work); it answers ``(paused, reason)`` with the first rule that applies, in this
-order: manual pause, battery, time windows, daily compute cap, owner activity. The clock and the
-load source are injected so the rules are tested with a fake clock and fake load, and the real
-:class:`SystemLoad` (psutil, logind) is a thin adapter tested on its own.
+order: manual pause, battery, time windows, daily compute cap, an exclusive app running, owner
+activity. With the decision it keeps :attr:`PauseRules.expected_s`, how long the pause is expected
+to last, so a long one hands its tasks back (:mod:`agent.daemon.pausing`). GPU work has one more
+rule of its own, :meth:`PauseRules.evaluate_gpu` (BOINC's "use GPU while computer is in use").
+The clock and the load source are injected so the rules are tested with a fake clock and fake load,
+and the real :class:`SystemLoad` (psutil, logind) is a thin adapter tested on its own.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,13 +27,16 @@ from typing import NamedTuple, Protocol
 
 import psutil
 
-from agent.volunteer.preferences import Preferences
+from agent.volunteer.exclusive_apps import running_exclusive
+from agent.volunteer.preferences import Preferences, TimeWindow
 
 __all__ = ["Clock", "LoadSource", "PauseDecision", "PauseRules", "SystemClock", "SystemLoad"]
 
 log = logging.getLogger(__name__)
 
 USAGE_SAVE_INTERVAL_S = 60.0
+#: how far ahead the time windows are searched for the next opening (a pause this long is "long")
+WINDOW_LOOKAHEAD_S = 2 * 24 * 3600.0
 LOGINCTL_TIMEOUT_S = 2.0
 
 
@@ -82,8 +89,13 @@ class PauseRules:
     The daily compute used is kept in ``usage_path`` (when given) so a restart does not reset it."""
 
     def __init__(self, prefs: Callable[[], Preferences] | Preferences, load: LoadSource,
-                 clock: Clock | None = None, *, usage_path: Path | None = None) -> None:
+                 clock: Clock | None = None, *, usage_path: Path | None = None,
+                 exclusive: Callable[[tuple[str, ...]], str | None] = running_exclusive) -> None:
         self._prefs = prefs if callable(prefs) else (lambda: prefs)
+        self._exclusive = exclusive
+        #: how long the last pause decision is expected to last, in seconds: inf for "until someone acts"
+        #: or "for days", None when nobody can tell (the owner's activity, a running app); 0 when running
+        self.expected_s: float | None = 0.0
         self._load = load
         self._clock = clock or SystemClock()
         self._manual: _ManualPause | None = None
@@ -158,27 +170,55 @@ class PauseRules:
 
     # -- the rules -------------------------------------------------------------------------------
     def evaluate(self) -> PauseDecision:
-        """(paused, reason): the first rule that says stop, or (False, "")."""
+        """(paused, reason): the first rule that says stop, or (False, ""); sets :attr:`expected_s`."""
+        decision, self.expected_s = self._evaluate()
+        return decision
+
+    def _evaluate(self) -> tuple[PauseDecision, float | None]:
         prefs = self._prefs()
         now = self._clock.now()
         if self._manual is not None:
-            if self._manual.until is None:
-                return PauseDecision(True, f"{self._manual.reason} (until `panal agent resume`)")
+            if self._manual.until is None:   # nobody can tell when the owner resumes
+                return PauseDecision(True, f"{self._manual.reason} (until `panal agent resume`)"), None
             if now < self._manual.until:
                 until = f"{self._manual.until:%Y-%m-%d %H:%M}"
-                return PauseDecision(True, f"{self._manual.reason} (until {until})")
+                left = (self._manual.until - now).total_seconds()
+                return PauseDecision(True, f"{self._manual.reason} (until {until})"), left
             self._manual = None
         if prefs.pause_on_battery and self._load.on_battery():
-            return PauseDecision(True, "on battery power")
+            return PauseDecision(True, "on battery power"), float("inf")   # a laptop on the move
         if prefs.time_windows and not any(w.contains(now) for w in prefs.time_windows):
             allowed = "; ".join(str(w) for w in prefs.time_windows)
-            return PauseDecision(True, f"outside the allowed hours ({allowed})")
+            return PauseDecision(True, f"outside the allowed hours ({allowed})"), \
+                _until_open(prefs.time_windows, now)
         if prefs.daily_cap_hours is not None and self.compute_today_s >= prefs.daily_cap_hours * 3600:
             if self._usage_s != self._usage_saved_s:
                 self._save_usage()  # so a crash-and-restart cannot run past the cap
-            return PauseDecision(True, f"daily compute cap of {prefs.daily_cap_hours:g} h reached")
+            midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), now.tzinfo)
+            return PauseDecision(True, f"daily compute cap of {prefs.daily_cap_hours:g} h reached"), \
+                (midnight - now).total_seconds()
+        app = self._exclusive(prefs.exclusive_apps) if prefs.exclusive_apps else None
+        if app is not None:
+            return PauseDecision(True, f"{app} is running (an exclusive app)"), None
         if prefs.idle_only:
-            return self._idle_decision(prefs, now)
+            decision = self._idle_decision(prefs, now)
+            return decision, (None if decision.paused else 0.0)
+        return RUNNING, 0.0
+
+    def evaluate_gpu(self) -> PauseDecision:
+        """Whether GPU work must stand aside while all other work may run: the owner is at the machine
+        (keyboard or mouse within ``idle_minutes``) and did not lend the GPU then (``gpu_while_in_use``).
+
+        Input only, as BOINC's "in use": the owner's CPU load says nothing about the GPU (the GPU rules
+        of :mod:`agent.volunteer.gpu_use` see a game), and a server with no graphical session (no input
+        to tell) lends its GPUs at once instead of waiting out an idle period after every start."""
+        prefs = self._prefs()
+        if prefs.gpu_while_in_use or prefs.idle_only:   # idle_only already stops everything
+            return RUNNING
+        since_input = self._load.seconds_since_input()
+        if since_input is not None and since_input < prefs.idle_minutes * 60:
+            return PauseDecision(True, f"GPU work waits: the owner is at the machine (input {_ago(since_input)} "
+                                       f"ago; waiting for {prefs.idle_minutes:g} min idle)")
         return RUNNING
 
     def _idle_decision(self, prefs: Preferences, now: datetime) -> PauseDecision:
@@ -197,6 +237,25 @@ class PauseRules:
             return PauseDecision(True, f"waiting for {prefs.idle_minutes:g} min idle "
                                        f"(idle for {_ago(idle_s)})")
         return RUNNING
+
+
+def _until_open(windows: tuple[TimeWindow, ...], now: datetime) -> float:
+    """Seconds until one of ``windows`` opens (minute steps), inf when none does within two days."""
+    opens = _next_open(windows, now.replace(second=0, microsecond=0))
+    return float("inf") if opens is None else (opens - now).total_seconds()
+
+
+@functools.lru_cache(maxsize=8)
+def _next_open(windows: tuple[TimeWindow, ...], minute: datetime) -> datetime | None:
+    """The first whole minute after ``minute`` in one of ``windows``; cached: a paused agent asks every
+    second, and a search of two days of minutes costs milliseconds."""
+    step = timedelta(minutes=1)
+    moment = minute + step
+    for _ in range(int(WINDOW_LOOKAHEAD_S // 60)):
+        if any(w.contains(moment) for w in windows):
+            return moment
+        moment += step
+    return None
 
 
 def _ago(seconds: float) -> str:

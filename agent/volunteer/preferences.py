@@ -131,8 +131,17 @@ class Preferences:
     """What the volunteer lends. ``None`` means "no limit" / "all"."""
 
     cpu_threads: int | None = None            # threads a task may use; None = all cores
-    gpus: tuple[int, ...] | None = None       # GPU indices to lend; None = all, () = none
-    max_gpu_memory_fraction: float = 0.9      # of each lent GPU's memory
+    gpus: tuple[int | str, ...] | None = None  # GPUs to lend (indices or UUIDs); None = all, () = none
+    exclude_gpus: tuple[int | str, ...] = ()  # GPUs never lent (indices or UUIDs), whatever ``gpus`` says
+    # Half, not 0.9: a stopped task keeps its GPU memory, so the owner's game must fit beside it.
+    max_gpu_memory_fraction: float = 0.5      # of each lent GPU's memory
+    # BOINC's "use GPU while computer is in use", off: a GPU has no priorities, so a task beside a game
+    # takes its frames; CPU work runs at nice 19 and may go on (``idle_only`` stops that too).
+    gpu_while_in_use: bool = False
+    gpu_pause_percent: float = 20.0           # another program's GPU use above this pauses GPU work there
+    gpu_pause_memory_fraction: float = 0.25   # another program's share of a GPU's memory above this, too
+    exclusive_apps: tuple[str, ...] = ()      # programs that pause all work while they run (process names)
+    handback_minutes: float = 10.0            # a pause expected to last (or lasting) longer hands tasks back
     max_concurrent_tasks: int = 1
     idle_only: bool = False                   # run only when the owner is not using the machine
     idle_cpu_percent: float = 25.0            # owner CPU use above this counts as "in use"
@@ -147,7 +156,7 @@ class Preferences:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "gpus" and value is not None:
+            if f.name in ("gpus", "exclude_gpus", "exclusive_apps") and value is not None:
                 value = list(value)
             elif f.name == "time_windows":
                 value = [str(w) for w in value]
@@ -190,22 +199,52 @@ def _optional(raw: Any, parse: Callable[[Any], Any], none_words: tuple[str, ...]
     return parse(raw)
 
 
-def _to_gpus(raw: Any) -> tuple[int, ...] | None:
+_UUID_RE = re.compile(r"^(?:gpu-)?[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}$")
+
+
+def _to_gpus(raw: Any) -> tuple[int | str, ...] | None:
     if raw is None or (isinstance(raw, str) and raw.strip().lower() == "all"):
         return None
-    if isinstance(raw, str) and raw.strip().lower() in ("none", ""):
+    return _to_gpu_list(raw)
+
+
+def _to_gpu_list(raw: Any) -> tuple[int | str, ...]:
+    """GPU indices (0, 1) or UUIDs (``GPU-4f...`` as nvidia-smi -L prints them; stored lower case,
+    without the prefix, the form torch reports); ``none`` or nothing is the empty list."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "")):
         return ()
     items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
-    indices = []
+    picked: set[int | str] = set()
     for item in items:
+        text = str(item).strip().lower()
+        if _UUID_RE.match(text):
+            picked.add(text.removeprefix("gpu-"))
+            continue
         try:
-            index = int(str(item).strip())
+            index = int(text)
         except ValueError:
-            raise ValueError(f"expected 'all', 'none' or GPU indices like 0,1; got {raw!r}") from None
+            raise ValueError(f"expected 'all', 'none' or GPU indices like 0,1 or UUIDs like "
+                             f"GPU-8c3e1a52-...; got {raw!r}") from None
         if index < 0:
             raise ValueError(f"GPU indices start at 0, got {index}")
-        indices.append(index)
-    return tuple(sorted(set(indices)))
+        picked.add(index)
+    return tuple(sorted(picked, key=lambda g: (isinstance(g, str), str(g).zfill(4))))
+
+
+def _to_names(raw: Any) -> tuple[str, ...]:
+    """Program names (as ``ps -e`` shows them), comma-separated or a list."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "")):
+        return ()
+    items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
+    names = []
+    for item in items:
+        name = str(item).strip()
+        if not name:
+            continue
+        if "/" in name or len(name) > 255:
+            raise ValueError(f"expected program names like steam,blender (no paths); got {item!r}")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
 
 
 def _to_windows(raw: Any) -> tuple[TimeWindow, ...]:
@@ -218,9 +257,16 @@ def _to_windows(raw: Any) -> tuple[TimeWindow, ...]:
 _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "cpu_threads": (lambda r: _optional(r, lambda v: _to_number(v, int, low=1, high=None), ("all", "auto")),
                     "a number of threads, or 'all'"),
-    "gpus": (_to_gpus, "'all', 'none' or GPU indices like 0,1"),
+    "gpus": (_to_gpus, "'all', 'none' or GPU indices like 0,1 or UUIDs"),
+    "exclude_gpus": (_to_gpu_list, "'none' or GPU indices like 1 or UUIDs"),
     "max_gpu_memory_fraction": (lambda r: _to_number(r, float, low=0.05, high=1.0),
                                 "a fraction between 0.05 and 1, e.g. 0.8"),
+    "gpu_while_in_use": (_to_bool, "true or false"),
+    "gpu_pause_percent": (lambda r: _to_number(r, float, low=1, high=100), "a percentage, e.g. 20"),
+    "gpu_pause_memory_fraction": (lambda r: _to_number(r, float, low=0.01, high=1.0),
+                                  "a fraction between 0.01 and 1, e.g. 0.25"),
+    "exclusive_apps": (_to_names, "program names like steam,blender, or 'none'"),
+    "handback_minutes": (lambda r: _to_number(r, float, low=0, high=24 * 60), "minutes, e.g. 10"),
     "max_concurrent_tasks": (lambda r: _to_number(r, int, low=1, high=256), "a whole number >= 1"),
     "idle_only": (_to_bool, "true or false"),
     "idle_cpu_percent": (lambda r: _to_number(r, float, low=1, high=100), "a percentage, e.g. 25"),
