@@ -20,7 +20,7 @@ from aiohttp import web
 from hub.background import cancel_all, run_every
 from hub.blob_routes import EMPTY_DIGEST, Authorize, BlobPolicy
 from hub.blobs import CHUNK_BYTES, check_sha256
-from hub.http import int_query, paced_body, reply
+from hub.http import paced_body, reply
 from hub.uploads import UploadSessions
 from security.errors import BadRequest
 
@@ -47,9 +47,11 @@ def add_upload_routes(app: web.Application, sessions: UploadSessions, authorize:
 
     async def open_upload(request: web.Request) -> web.Response:
         sha = check_sha256(request.query.get("sha256", ""))
-        size = int_query(request, "size", -1)
-        if size < 0:
-            raise BadRequest("give the blob's size: ?size=N (bytes)", code="bad_size")
+        text = request.query.get("size", "")
+        if not (text.isascii() and text.isdigit()) or len(text) > 20:   # int_query would make "-5" a 0
+            raise BadRequest(f"give the blob's size in bytes as a whole number: ?size=N, not {text[:40]!r}",
+                             code="bad_size")
+        size = int(text)
         key_id = await authorize(request, EMPTY_DIGEST)
         session, new = await sessions.open(key_id, sha, size)
         return reply(request, session.view(), 201 if new else 200)
@@ -63,10 +65,10 @@ def add_upload_routes(app: web.Application, sessions: UploadSessions, authorize:
         digest = chunk_sha(claimed)
         key_id = await authorize(request, (claimed or "").strip())
         session = sessions.get(key_id, request.match_info["upload_id"])
-        try:
-            index = int(request.match_info["index"])
-        except ValueError:
-            raise BadRequest("a chunk index is a number", code="bad_chunk_index") from None
+        text = request.match_info["index"]
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:   # int() takes "١", " 1", "1_0"
+            raise BadRequest(f"a chunk index is a whole number, not {text[:40]!r}", code="bad_chunk_index")
+        index = int(text)
         done = await sessions.put_chunk(session, index, digest, paced_body(request, CHUNK_BYTES),
                                         request.content_length)
         if done is None:

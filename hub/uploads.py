@@ -149,8 +149,12 @@ class UploadSessions:
             raise BadRequest(f"chunk {index} must be {want} bytes, not {length}", code="size_mismatch")
         if session.busy:
             raise Conflict(f"chunk {index} of upload {session.id} is already being received", code="chunk_busy")
-        await self.store.reserve(want)    # disk is held as bytes arrive, as a PUT holds it
-        session.busy = True
+        session.busy = True   # before any await: a second copy of this chunk must not pass the check meanwhile
+        try:
+            await self.store.reserve(want)    # disk is held as bytes arrive, as a PUT holds it
+        except BaseException:
+            session.busy = False
+            raise
         kept = False
         try:
             got = await self._receive(session, body, want)

@@ -7,6 +7,7 @@ expands to at the task's index. A board that alters parameters gets its task ref
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Any
 
@@ -27,7 +28,10 @@ class ManifestCache:
     def check(self, assignment: Assignment, trusted: set[str] | None = None) -> tuple[str, Manifest]:
         """Raise if the task is not what its submitter signed; return the submitter's id and manifest."""
         job_id = assignment.job_id
-        entry = self._cache.get(job_id)
+        # keyed by the envelope itself, not the job id a board names: boards choose their ids, and
+        # one board naming another's job id must not get its own (or that board's) manifest reused
+        key = hashlib.sha256(assignment.envelope.sig + assignment.envelope.payload).hexdigest()
+        entry = self._cache.get(key)
         if entry is None:
             try:
                 record = assignment.envelope
@@ -37,10 +41,10 @@ class ManifestCache:
             except PanalError as exc:
                 raise Forbidden(f"job {job_id}: the submitter's manifest does not check out: {exc.message}",
                                 code="bad_manifest") from exc
-            self._cache[job_id] = entry
+            self._cache[key] = entry
             if len(self._cache) > self.size:
                 self._cache.popitem(last=False)
-        self._cache.move_to_end(job_id)
+        self._cache.move_to_end(key)
         submitter, manifest, points = entry
         if trusted is not None and submitter not in trusted:
             raise Forbidden(f"job {job_id} is from submitter {submitter}, who is not in this agent's trust store",

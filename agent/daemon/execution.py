@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from agent.daemon.devices import Devices
 from agent.daemon.threads import task_threads
 from agent.engine.runner import Outcome, TaskRequest, Worker, WorkerPool
 from agent.engine.sandbox import probe as probe_sandbox
+from agent.engine.sandbox_watch import remove_tree
 from agent.engine.sandboxed import SandboxPool
 from jobs.catalog import get_kind
 from jobs.checkpoints import sign_checkpoint, verify_checkpoint
@@ -106,7 +106,7 @@ class Executor:
             outcome = Outcome.failed(FailureClass.ERROR, f"agent error: {exc}", started)
         finally:
             link.running.pop(task_id, None)
-            shutil.rmtree(workdir, ignore_errors=True)
+            await asyncio.to_thread(remove_tree, workdir)   # as deep as a sandboxed task made it
         if running.lost:
             return None
         link.queue_result(self.sign(assignment, outcome, outputs, resume), outcome.ok)

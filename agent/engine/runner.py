@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -66,6 +67,13 @@ class Outcome:
 
     @classmethod
     def from_reply(cls, reply: Mapping[str, Any]) -> Outcome:
+        """The worker's ``done`` frame (TypeError/ValueError when it is not one: the task may forge it)."""
+        if not isinstance(reply, Mapping) or not all(isinstance(k, str) for k in reply.get("files") or {}) or \
+                not all(isinstance(v, str) for v in (reply.get("files") or {}).values()):
+            raise TypeError("a reply is a map whose files are names and paths")
+        error_class, error = reply.get("error_class"), reply.get("error")
+        if not isinstance(error_class, str | None) or not isinstance(error, str | None):
+            raise TypeError("a reply's error and error_class are text")
         return cls(bool(reply.get("ok")), dict(reply.get("values") or {}), dict(reply.get("metrics") or {}),
                    list(reply.get("notes") or []), dict(reply.get("files") or {}), reply.get("error_class"),
                    reply.get("error"), float(reply.get("started_at", 0.0)), float(reply.get("finished_at", 0.0)))
@@ -121,7 +129,7 @@ class Worker:
         deadline = time.monotonic() + request.timeout_s
         reader = proc.stdout
         cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
-        watch = self._memory_watch(proc.pid, request.max_memory_gb) if request.max_memory_gb else None
+        watch = self._task_watch(proc.pid, request.max_memory_gb)
         frame_task: asyncio.Future[Any] | None = None
         try:
             while True:
@@ -156,13 +164,25 @@ class Worker:
                     await self.kill()
                     return Outcome.failed(FailureClass.CRASHED, f"worker sent a malformed reply ({exc})", started)
                 frame_task = None
-                if "progress" in frame and on_progress is not None:
-                    on_progress(float(frame["progress"]))
-                elif "checkpoint" in frame and on_checkpoint is not None:
-                    on_checkpoint(str(frame["checkpoint"]))
+                # the task's code shares the worker process and may write any frame to our pipe:
+                # nothing in one may raise here or reach the heartbeat as NaN
+                if not isinstance(frame, dict):
+                    await self.kill()
+                    return Outcome.failed(FailureClass.CRASHED, "worker sent a malformed reply (not a map)", started)
+                if "progress" in frame:
+                    value = frame["progress"]
+                    if on_progress is not None and isinstance(value, int | float) and math.isfinite(value):
+                        on_progress(min(max(float(value), 0.0), 1.0))
+                elif "checkpoint" in frame:
+                    if on_checkpoint is not None and isinstance(frame["checkpoint"], str):
+                        on_checkpoint(frame["checkpoint"])
                 elif "done" in frame:
                     self.tasks_run += 1
-                    outcome = Outcome.from_reply(frame["done"])
+                    try:
+                        outcome = Outcome.from_reply(frame["done"])
+                    except (TypeError, ValueError, AttributeError) as exc:
+                        await self.kill()
+                        return Outcome.failed(FailureClass.CRASHED, f"worker sent a malformed reply ({exc})", started)
                     if outcome.error_class == FailureClass.OOM.value:
                         await self.kill()  # a worker that hit its cap may be fragmented: start fresh
                     return outcome
@@ -170,8 +190,9 @@ class Worker:
             if cancelled is not None:
                 cancelled.cancel()
 
-    def _memory_watch(self, pid: int, cap_gb: float) -> MemoryWatch:
-        return MemoryWatch(pid, cap_gb)
+    def _task_watch(self, pid: int, cap_gb: float | None) -> MemoryWatch | None:
+        """What the run loop checks every ``WATCH_S``: the memory cap (a sandbox adds its disk cap)."""
+        return MemoryWatch(pid, cap_gb) if cap_gb else None
 
     async def _died(self, started: float) -> Outcome:
         assert self.proc is not None

@@ -42,6 +42,8 @@ TMPFS_BYTES = 1 << 30
 #: set inside the sandbox: the worker applies ``RLIMIT_NPROC`` itself and classifies refusals
 SANDBOX_ENV = "PANAL_SANDBOXED"
 NPROC_ENV = "PANAL_SANDBOX_NPROC"
+#: set inside the sandbox: the worker caps any one file's size (``RLIMIT_FSIZE``) at the disk cap
+FSIZE_ENV = "PANAL_SANDBOX_FSIZE"
 
 #: system directories bound read-only when they exist (merged-/usr systems have symlinks instead)
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/opt")
@@ -97,7 +99,8 @@ def python_paths(exclude: Iterable[Path] = ()) -> list[Path]:
 def bwrap_argv(root: Path, *, gpu: bool, exclude: Iterable[Path] = (), bwrap: str = "bwrap") -> list[str]:
     """The bubblewrap command line (up to the program) for a sandbox whose private directory is
     ``root``: ``root`` is writable inside at the same path, ``root/inputs`` read-only."""
-    argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    argv = [bwrap, "--unshare-all", *_no_nested_userns(bwrap), "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL",
             "--clearenv", "--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
             "--size", str(TMPFS_BYTES), "--tmpfs", "/dev/shm"]
     for d in _SYSTEM_DIRS:
@@ -126,6 +129,20 @@ def bwrap_argv(root: Path, *, gpu: bool, exclude: Iterable[Path] = (), bwrap: st
         argv += ["--setenv", key, value]
     argv += ["--remount-ro", "/", "--chdir", str(root / "work")]   # the sandbox's own root: no scratch there
     return argv
+
+
+@functools.cache
+def _no_nested_userns(bwrap: str) -> tuple[str, ...]:
+    """``--disable-userns`` where bubblewrap has it (0.8+): without it the code may make a user
+    namespace of its own and, privileged there, mount tmpfs after tmpfs (memory that no watch sees)
+    or reach kernel code unprivileged users otherwise cannot. ``--unshare-user`` (which it needs) is
+    forced for an agent running as root too, where ``--unshare-all`` alone would leave the code the
+    host's real uid 0 (capabilities dropped, but the owner of every root-owned file it can see)."""
+    try:
+        helptext = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return ("--unshare-user", "--disable-userns") if "--disable-userns" in helptext else ()
 
 
 class PidsCgroup:

@@ -32,11 +32,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil
 
 from agent.engine.memwatch import MemoryWatch
 from agent.engine.runner import Outcome, TaskRequest, Worker
-from agent.engine.sandbox import MAX_PROCESSES, NPROC_ENV, PidsCgroup, bwrap_argv, pids_cgroup, probe
+from agent.engine.sandbox import FSIZE_ENV, MAX_PROCESSES, NPROC_ENV, PidsCgroup, bwrap_argv, pids_cgroup, probe
+from agent.engine.sandbox_watch import SandboxWatch, remove_tree
 from jobs.errors import FailureClass
 from security.errors import PanalError
 
@@ -50,6 +52,16 @@ TAIL_BYTES = 8 * 1024
 ERROR_TAIL_CHARS = 1000
 #: a sandboxed task's reply frame (values, metrics) is bounded far below a trusted worker's
 SANDBOX_MAX_FRAME = 32 * 2**20
+#: what of a sandboxed task's reply goes into its signed result (values, metrics, notes, error): the
+#: code can forge the reply frame past the python kind's own 1 MiB check, and a result over the
+#: board's body limit (4 MiB by default) would be refused with every result batched with it, for ever
+REPLY_BYTES = 1 * 2**20 + 64 * 2**10
+#: a failure's message (the code may forge one of any length)
+ERROR_CHARS = 4000
+#: what a sandbox's files may take on the volunteer's disk, all together (and any one file)
+DISK_BYTES = 8 * 2**30
+#: how long the agent waits for every process of a killed sandbox to be gone before reading its files
+REAP_S = 10.0
 
 
 class SandboxedWorker(Worker):
@@ -57,9 +69,14 @@ class SandboxedWorker(Worker):
 
     max_frame = SANDBOX_MAX_FRAME
 
-    def __init__(self, base: Path, *, gpu: bool, exclude: Iterable[Path] = ()) -> None:
+    def __init__(self, base: Path, *, gpu: bool, exclude: Iterable[Path] = (), disk_bytes: int = DISK_BYTES) -> None:
         super().__init__()
         self.gpu = gpu
+        self.disk_bytes = disk_bytes
+        self._work_id: tuple[int, int] | None = None   # (st_dev, st_ino) of root/work as the agent made it
+        self._tree_pids: list[psutil.Process] = []
+        self._ck_task: asyncio.Future[None] | None = None   # the checkpoint copy under way
+        self._ck_last: Path | None = None                    # its file, until the daemon has stored it
         self.root = base / f".sandbox-{uuid.uuid4().hex[:12]}"
         self.exclude = [*exclude, Path.home()]
         self.output_bytes = 0
@@ -68,7 +85,7 @@ class SandboxedWorker(Worker):
         self._drain: asyncio.Task[None] | None = None
         self._cgroup: PidsCgroup | None = None
         self.used = False
-        self._watch: _ProcessCountingWatch | None = None
+        self._watch: SandboxWatch | None = None
 
     async def _spawn(self, env: dict[str, str]) -> asyncio.subprocess.Process:
         status = probe()
@@ -76,7 +93,10 @@ class SandboxedWorker(Worker):
             raise PanalError(f"no sandbox: {status.reason}", code="no_sandbox")
         (self.root / "work").mkdir(parents=True)
         (self.root / "inputs").mkdir()
+        work = os.lstat(self.root / "work")
+        self._work_id = (work.st_dev, work.st_ino)
         argv = bwrap_argv(self.root, gpu=self.gpu, exclude=self.exclude)
+        argv += ["--setenv", FSIZE_ENV, str(self.disk_bytes)]
         if status.process_limit == "cgroup":
             self._cgroup = pids_cgroup(MAX_PROCESSES)
             if self._cgroup is None:
@@ -122,8 +142,8 @@ class SandboxedWorker(Worker):
         """bwrap exits with 128 + N when its child was killed by signal N."""
         return -(code - 128) if 128 < code < 128 + 65 else code
 
-    def _memory_watch(self, pid: int, cap_gb: float) -> MemoryWatch:
-        self._watch = _ProcessCountingWatch(pid, cap_gb)
+    def _task_watch(self, pid: int, cap_gb: float | None) -> MemoryWatch | None:
+        self._watch = SandboxWatch(pid, cap_gb, self.root / "work", self.disk_bytes)
         return self._watch
 
     async def run(self, request: TaskRequest, on_progress: Callable[[float], None] | None = None,
@@ -138,10 +158,16 @@ class SandboxedWorker(Worker):
         inner = replace(request, workdir=str(self.root / "work"), inputs=await asyncio.to_thread(
             self._place_inputs, request.inputs))
         checkpoint = None if on_checkpoint is None else self._confined_checkpoint(on_checkpoint, request.workdir)
+        self._tree_pids = self._tree()   # bwrap's init among them: its end is the pid namespace's end
         try:
             outcome = await super().run(inner, on_progress, cancel, checkpoint)
         finally:
             self._kill_now()   # nothing of the task may run on once it has answered
+            if self._ck_task is not None:
+                await asyncio.gather(self._ck_task, return_exceptions=True)
+        outcome = _bounded(outcome)
+        if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.disk_violation:
+            outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, self._watch.disk_violation, outcome.started_at)
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.crowded:
             outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"process limit: the task ran "
                                      f"{self._watch.crowded} processes at once (a fork bomb?) and went past its "
@@ -150,6 +176,10 @@ class SandboxedWorker(Worker):
         if outcome.ok and not outcome.files:
             return outcome   # nothing to read back: the sandbox is reaped and removed off the task's path
         await self.kill()    # its files are read only once every process of it is gone
+        if not await asyncio.to_thread(self._all_gone):
+            self.remove()
+            return Outcome.failed(FailureClass.SANDBOX_VIOLATION, "the sandbox's processes did not end when "
+                                  "killed; its files were not read", outcome.started_at)
         if self._drain is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drain, 2.0)
@@ -161,6 +191,30 @@ class SandboxedWorker(Worker):
             self._killed_by_us = True
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def _all_gone(self) -> bool:
+        """Wait until every process the sandbox had when killed is gone (or a zombie). bubblewrap's
+        init is one of them, and the kernel ends a pid namespace's init only after every other process
+        in it, so a grandchild forked later cannot outlive this: nothing writes while the agent reads."""
+        procs = self._tree_pids
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        _, alive = psutil.wait_procs(procs, timeout=REAP_S)
+        return all(_zombie(p) for p in alive)
+
+    def _work_fd(self) -> int | None:
+        """An open descriptor of ``root/work`` if it is still the directory the agent made (the code
+        may rename it and leave a symlink to the agent's home in its place), else None."""
+        try:
+            fd = os.open(self.root / "work", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self._work_id:
+            os.close(fd)
+            return None
+        return fd
 
     def _place_inputs(self, inputs: dict[str, str] | Any) -> dict[str, str]:
         """Hard-link (else copy) each input into the read-only ``inputs`` dir; paths as seen inside."""
@@ -179,28 +233,51 @@ class SandboxedWorker(Worker):
         followed through a link) before the daemon stores it."""
         out_dir = Path(workdir)
 
-        def take(path: str) -> None:
-            copy = out_dir / f"checkpoint-{uuid.uuid4().hex[:8]}"
-            if self._copy_regular(Path(path), copy):
+        async def store(path: str, copy: Path) -> None:
+            if await asyncio.to_thread(self._copy_regular, Path(path), copy):
                 on_checkpoint(str(copy))
             else:
-                log.warning("sandboxed task named checkpoint %s outside its work dir: ignored", path)
+                await asyncio.to_thread(copy.unlink, missing_ok=True)
+                log.warning("sandboxed task named checkpoint %s: not a regular file of its work dir, or over "
+                            "its disk cap: ignored", path)
+
+        def take(path: str) -> None:
+            # one copy at a time, off the event loop: the code may name its largest file in frame
+            # after frame, and each copy lands outside the sandbox's disk cap until it is uploaded
+            # (the daemon deletes it then); a checkpoint named meanwhile is skipped
+            if (self._ck_task is not None and not self._ck_task.done()) or (
+                    self._ck_last is not None and self._ck_last.exists()):
+                log.warning("sandboxed task named checkpoint %s while its last one is still being stored: "
+                            "skipped", path)
+                return
+            self._ck_last = out_dir / f"checkpoint-{uuid.uuid4().hex[:8]}"
+            self._ck_task = asyncio.ensure_future(store(path, self._ck_last))
         return take
 
     def _copy_regular(self, path: Path, dest: Path) -> bool:
         """Copy ``path`` if it is a regular file directly in ``root/work`` (no link followed)."""
         if path.parent != self.root / "work":
             return False
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        work = self._work_fd()
+        if work is None:
+            return False
+        try:   # by name in the pinned directory; O_NONBLOCK: a FIFO must not block the agent's loop
+            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=work)
         except OSError:
             return False
+        finally:
+            os.close(work)
         with os.fdopen(fd, "rb") as src:
             if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
                 return False
             dest.parent.mkdir(parents=True, exist_ok=True)
             with open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
+                left = self.disk_bytes
+                while chunk := src.read(min(2**20, left + 1)):
+                    left -= len(chunk)
+                    if left < 0:
+                        return False
+                    out.write(chunk)
         return True
 
     def _finish(self, outcome: Outcome, workdir: Path) -> Outcome:
@@ -209,6 +286,12 @@ class SandboxedWorker(Worker):
         work = self.root / "work"
         files: dict[str, str] = {}
         refused: list[str] = []
+        fd = self._work_fd()
+        if fd is None:
+            self.remove()
+            return Outcome.failed(FailureClass.SANDBOX_VIOLATION, "the task replaced its work dir (with a link "
+                                  "out of the sandbox?); nothing of it was read", outcome.started_at)
+        os.close(fd)
         try:
             workdir.parent.mkdir(parents=True, exist_ok=True)
             if workdir.exists():
@@ -236,7 +319,7 @@ class SandboxedWorker(Worker):
         return outcome
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)
         if self._cgroup is not None:
             self._cgroup.remove()
 
@@ -271,32 +354,37 @@ class SandboxedWorker(Worker):
         await asyncio.to_thread(self.remove)
 
 
-#: processes at once that make a memory overrun a fork bomb (a DataLoader's workers are a handful)
-CROWD = MAX_PROCESSES // 8
-
-
-class _ProcessCountingWatch(MemoryWatch):
-    """The memory watch, also noting a crowd of processes: forked copies share their pages, so a
-    fork bomb looks like a huge resident set; it is a process-limit violation, not an OOM."""
-
-    crowded = 0
-
-    def over(self) -> str | None:
-        why = super().over()
-        if why is not None:
-            with contextlib.suppress(psutil.Error):
-                count = 1 + len(psutil.Process(self.pid).children(recursive=True))
-                if count >= CROWD:
-                    self.crowded = count
-        return why
-
-
 def _regular_inside(path: Path, workdir: Path) -> bool:
     try:
         real = Path(os.path.realpath(path))
         return real.is_relative_to(os.path.realpath(workdir)) and stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _bounded(outcome: Outcome) -> Outcome:
+    """The outcome, if what it would put in the signed result is within ``REPLY_BYTES``; else a
+    violation naming its size. A failure's message is cut to ``ERROR_CHARS``."""
+    if outcome.error is not None and len(outcome.error) > ERROR_CHARS:
+        outcome.error = outcome.error[:ERROR_CHARS] + " [cut]"
+    try:
+        size = len(msgpack.packb([outcome.values, outcome.metrics, outcome.notes, outcome.error_class,
+                                  outcome.error], use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"the task's reply is not plain data ({exc})",
+                              outcome.started_at)
+    if size > REPLY_BYTES:
+        return Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"the task's reply (values, metrics, notes) is "
+                              f"{size / 2**20:.1f} MiB; at most {REPLY_BYTES // 2**10} KiB goes back to the "
+                              f"submitter: write large results with ctx.output", outcome.started_at)
+    return outcome
+
+
+def _zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 def _python() -> str:
@@ -309,9 +397,10 @@ class SandboxPool:
     """One started sandbox ready per placement (CPU / GPU); each is used once and replaced once its
     task ends (a second task arriving while the first runs starts its own, paying the cold start)."""
 
-    def __init__(self, base: Path, exclude: Iterable[Path] = ()) -> None:
+    def __init__(self, base: Path, exclude: Iterable[Path] = (), disk_bytes: int = DISK_BYTES) -> None:
         self.base = base
         self.exclude = list(exclude)
+        self.disk_bytes = disk_bytes
         self._ready: dict[bool, asyncio.Task[SandboxedWorker]] = {}
         self._ready_since: dict[bool, float] = {}
         self._running: set[SandboxedWorker] = set()
@@ -342,7 +431,7 @@ class SandboxPool:
             await asyncio.wait({task})
 
     async def _start(self, gpu: bool) -> SandboxedWorker:
-        worker = SandboxedWorker(self.base, gpu=gpu, exclude=self.exclude)
+        worker = SandboxedWorker(self.base, gpu=gpu, exclude=self.exclude, disk_bytes=self.disk_bytes)
         try:
             await worker.start()
         except BaseException:

@@ -51,6 +51,10 @@ def sandbox_violation(exc: BaseException, ctx: Any) -> str | None:
             return "process limit reached: the sandbox allows a bounded number of processes (fork refused)"
         if not isinstance(err, OSError):
             continue
+        if err.errno == errno.EFBIG:
+            return "disk limit: a file grew past the sandbox's size limit (write refused)"
+        if err.errno == errno.ENOSPC:
+            return "disk limit: no space left where the task wrote (its /tmp and /dev/shm are small tmpfs)"
         if err.errno in _NET_ERRNOS:
             return f"network access refused: the sandbox has no network ({err.strerror})"
         if err.errno in _FS_ERRNOS and err.filename is not None:

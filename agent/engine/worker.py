@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.engine.frames import pack_frame, read_frame_sync
-from agent.engine.sandbox import NPROC_ENV, SANDBOX_ENV
+from agent.engine.sandbox import FSIZE_ENV, NPROC_ENV, SANDBOX_ENV
 from agent.engine.violations import sandbox_violation
 from jobs.catalog import get_kind
 from jobs.errors import FailureClass, InvalidParams, PermanentError, RetryableError
@@ -209,6 +209,9 @@ def _serve() -> None:
     if os.environ.get(NPROC_ENV):   # inside the sandbox's own user namespace: counted per namespace
         limit = int(os.environ[NPROC_ENV])
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    if os.environ.get(FSIZE_ENV):   # a write past it fails with EFBIG (Python ignores SIGXFSZ)
+        size = int(os.environ[FSIZE_ENV])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
