@@ -26,6 +26,7 @@ class AgentState:
     done: int = 0
     failed: int = 0
     refused: str | None = None          # why a lease gate currently gives it no work
+    quiet_until: float = 0.0            # told to pause its polls until then (hub/pacing.py): still around
 
 
 def available_until(agent: AgentState) -> float | None:
@@ -81,8 +82,9 @@ class Fleet:
         return now - max(2 * self.config.max_poll_wait_s, self.config.lease_ttl_s) - 5
 
     def online(self) -> list[AgentState]:
-        horizon = self._horizon(self.clock())
-        return [a for a in self._agents.values() if a.last_seen >= horizon]
+        now = self.clock()
+        horizon = self._horizon(now)
+        return [a for a in self._agents.values() if a.last_seen >= horizon or a.quiet_until >= now]
 
     def connected(self, now: float) -> list[AgentState]:
         """Agents that can take work now: seen recently or holding a lease, and not past their window."""
@@ -90,6 +92,7 @@ class Fleet:
         out = []
         for agent in self._agents.values():
             until = available_until(agent)
-            if (agent.running or agent.last_seen >= horizon) and (until is None or until > now):
+            if (agent.running or agent.last_seen >= horizon or agent.quiet_until >= now) and (
+                    until is None or until > now):
                 out.append(agent)
         return out
