@@ -35,7 +35,7 @@ class HubConfig:
     #: and half of ``max_long_polls`` at most wait at once; never longer than ``max_poll_interval_s``, never
     #: shorter than ``min_poll_interval_s`` (0: a small fleet asks again at once), with +-25% jitter
     idle_polls_per_s: float = 100.0
-    max_poll_interval_s: float = 120.0
+    max_poll_interval_s: float = 300.0
     min_poll_interval_s: float = 0.0
     max_tasks_per_lease: int = 64
     max_body_bytes: int = 4 * 1024 * 1024
