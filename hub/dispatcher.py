@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from hub.config import HubConfig
+from hub.dispatch.capable import CapableIndex
 from hub.dispatch.classes import CapClass, capability_class
 from hub.fleet import AgentState, Fleet
 from hub.leases import LeaseTable
@@ -32,6 +33,7 @@ class DispatchContext:
 
     def __init__(self, queues: JobQueues, fleet: Fleet, config: HubConfig, clock: Callable[[], float]) -> None:
         self._queues, self._fleet, self._config, self._clock = queues, fleet, config, clock
+        self._capable = CapableIndex(queues, lambda: fleet.agents)
 
     @property
     def queues(self) -> JobQueues:
@@ -45,7 +47,12 @@ class DispatchContext:
         return self._clock()
 
     def connected(self) -> list[AgentState]:
-        return self._fleet.connected(self._clock())
+        agents = self._fleet.connected(self._clock())
+        self._capable.sync(agents)
+        return agents
+
+    def capable(self, job_id: str) -> set[str]:
+        return self._capable.capable(job_id)
 
 
 class Dispatcher:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.predict import Predictor, candidate_jobs
-from jobs.requirements import unmet
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
@@ -32,15 +31,15 @@ class SoonestGate:
 
     def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
                  avoid: Avoid | None = None) -> None:
-        self.queues, self.agent, self.predictor, self.now = view.queues, agent, predictor, now
+        self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
         self.avoid = avoid
-        self.others = [(b, predictor.free_at(b, now)) for b in view.connected()
-                       if b is not agent and b.refused is None]
+        self.others = [b for b in view.connected() if b is not agent and b.refused is None]
 
     def _rivals(self, job_id: str) -> list[tuple[AgentState, float]]:
-        job, req = self.queues.job(job_id), self.queues.requirements(job_id)
-        return [(b, free) for b, free in self.others
-                if not unmet(req, job.kind, b.caps) and not (self.avoid and self.avoid(b, job.kind))]
+        kind, capable, avoid = self.queues.job(job_id).kind, self.view.capable(job_id), self.avoid
+        free_at, now = self.predictor.free_at, self.now
+        return [(b, free_at(b, now)) for b in self.others
+                if b.row.id in capable and not (avoid and avoid(b, kind))]
 
     def has_rival(self, job_id: str) -> bool:
         """Whether another connected agent could run the job at all."""
