@@ -23,7 +23,7 @@ from hub.pacing import PollPacing
 from hub.protocols import DispatchPolicy, DispatchTimer, Holdback
 from hub.queues import JobQueues
 from hub.records import TaskRow
-from hub.wakeups import Arrival, WakeIndex, Waiter
+from hub.wakeups import Arrival, Waiter, WakeIndex
 
 __all__ = ["DispatchContext", "Dispatcher"]
 
@@ -82,7 +82,7 @@ class Dispatcher:
             return None
         pause = self.pacing.retry_after()
         if pause is not None:
-            agent.quiet_until = self.clock() + pause + self.config.max_poll_wait_s
+            agent.quiet_until = self.clock() + pause
         return pause
 
     def add_holdback(self, holdback: Holdback) -> None:

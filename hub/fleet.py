@@ -26,7 +26,7 @@ class AgentState:
     done: int = 0
     failed: int = 0
     refused: str | None = None          # why a lease gate currently gives it no work
-    quiet_until: float = 0.0            # told to pause its polls until then (hub/pacing.py): still around
+    quiet_until: float = 0.0            # told not to ask again before then (hub/pacing.py): around, not free
 
 
 def available_until(agent: AgentState) -> float | None:
@@ -84,15 +84,17 @@ class Fleet:
     def online(self) -> list[AgentState]:
         now = self.clock()
         horizon = self._horizon(now)
-        return [a for a in self._agents.values() if a.last_seen >= horizon or a.quiet_until >= now]
+        back = now - self.config.max_poll_wait_s
+        return [a for a in self._agents.values() if a.last_seen >= horizon or a.quiet_until >= back]
 
     def connected(self, now: float) -> list[AgentState]:
         """Agents that can take work now: seen recently or holding a lease, and not past their window."""
         horizon = self._horizon(now)
+        back = now - self.config.max_poll_wait_s   # a paused agent asks again by quiet_until, then long-polls
         out = []
         for agent in self._agents.values():
             until = available_until(agent)
-            if (agent.running or agent.last_seen >= horizon or agent.quiet_until >= now) and (
+            if (agent.running or agent.last_seen >= horizon or agent.quiet_until >= back) and (
                     until is None or until > now):
                 out.append(agent)
         return out

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from hub.dispatch.classes import CapClass
 from hub.fleet import AgentState
 
-__all__ = ["HANDOFFS", "Arrival", "WakeIndex", "Waiter"]
+__all__ = ["HANDOFFS", "Arrival", "Waiter", "WakeIndex"]
 
 #: waiters an arrival may be handed on to beyond those it first woke (bounds the cost of work that
 #: nobody waiting will take, e.g. one a policy keeps for a faster agent that is not waiting)

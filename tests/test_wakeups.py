@@ -292,3 +292,45 @@ async def test_the_agent_keeps_the_pause_its_board_names(tmp_path: Path, monkeyp
         await link.stop()
         await client.close()
         await hub.stop()
+
+
+async def test_only_an_agent_the_board_has_nothing_for_is_paused(tmp_path: Path) -> None:
+    clock = FakeClock(1_000_000.0)
+    board = Board(SqliteStore(tmp_path / "b.db"), HubConfig(min_poll_interval_s=30), clock)
+    await board.start()
+    try:
+        cpu = Identity.generate()
+        await board.register_agent(cpu.public, "cpu", Capabilities.from_dict({"kinds": ["sleep"]}))
+        user = Identity.generate()
+        await board.submit(make_envelope(user, sleep_job(1, requires={"device": "gpu"})), user.id)
+        assert await board.lease(cpu.id, 1, 0) == []
+        pause = board.retry_after(cpu.id)            # a GPU task waits, but not for this agent
+        assert pause is not None and 30 <= pause <= 37.5
+        assert board.agents[cpu.id].quiet_until == clock.now + pause
+        assert cpu.id in {a.row.id for a in board._dispatcher.context.connected()}   # paused, still around
+        await board.submit(make_envelope(user, sleep_job(1)), user.id)
+        assert board.retry_after(cpu.id) is None     # work its class may run waits: ask again at once
+    finally:
+        await board.stop()
+
+
+async def test_fastest_does_not_count_a_paused_agent_as_free_now(tmp_path: Path) -> None:
+    clock = FakeClock(1_000_000.0)
+    board = Board(SqliteStore(tmp_path / "b.db"), HubConfig(dispatch_policy="fastest"), clock)
+    await board.start()
+    try:
+        laptop, gpu = Identity.generate(), Identity.generate()
+        await board.register_agent(laptop.public, "laptop", Capabilities.from_dict(
+            {"kinds": ["matmul"], "cpu": {"cores": 4, "gflops_fp32": 200.0}}))
+        await board.register_agent(gpu.public, "a100", Capabilities.from_dict(
+            {"kinds": ["matmul"], "gpus": [{"name": "A100", "backend": "cuda", "vram_gb": 40,
+                                            "gflops_fp32": 19_500}]}))
+        board.agent(gpu.id).quiet_until = clock.now + 3600   # told to come back in an hour
+        user = Identity.generate()
+        manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "m"},
+                                       "spec": {"task": "matmul", "params": {"size": 4096, "iterations": 100}}})
+        await board.submit(make_envelope(user, manifest), user.id)
+        # ~69 s on the laptop now beats ~0.7 s on the A100 in an hour
+        assert len(await board.lease(laptop.id, 1, 0)) == 1
+    finally:
+        await board.stop()

@@ -43,7 +43,7 @@ class FleetFileError(ValueError):
 
 
 def _need(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise FleetFileError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
     return value
 

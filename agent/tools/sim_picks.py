@@ -59,9 +59,9 @@ def _reports(fleet_file: Path, n: int, rng: random.Random) -> list[dict[str, Any
     weights = [float(h.get("count", 1)) for h in hosts]
     out = []
     for host in rng.choices(hosts, weights, k=n):
+        cpu = float(host.get("cpu_gflops", 200)) * rng.uniform(0.9, 1.1)
         caps: dict[str, Any] = {"memory_gb": float(host.get("memory_gb", 16)), "kinds": ["matmul"],
-                                "cpu": {"cores": 8, "gflops_fp32": float(host.get("cpu_gflops", 200)) * rng.uniform(0.9, 1.1)},
-                                "gpus": []}
+                                "cpu": {"cores": 8, "gflops_fp32": cpu}, "gpus": []}
         if host.get("gpu"):
             gpu = {"name": host["gpu"], **gpus[host["gpu"]]}
             gpu["gflops_fp32"] = gpu["gflops_fp32"] * rng.uniform(0.9, 1.1)   # measured: no two alike

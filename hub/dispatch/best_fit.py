@@ -45,7 +45,7 @@ class BestFit:
         now, queues = view.now(), view.queues
         fleet = view.connected()
         mine = capability(agent.caps)
-        smaller = [b for b in fleet if b is not agent and b.refused is None
+        smaller = [b for b in fleet if b is not agent and b.refused is None and b.quiet_until <= now
                    and len(b.running) < slots_of(b) and capability(b.caps) < mine]
         ranked = []
         around = {b.row.id for b in fleet}

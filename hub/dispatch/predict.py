@@ -141,9 +141,9 @@ class Predictor:
         return None
 
     def free_at(self, agent: AgentState, now: float) -> float:
-        """When the agent is predicted to have a free slot."""
+        """When the agent is predicted to have a free slot (an idle agent told to pause: when it asks again)."""
         if len(agent.running) < slots_of(agent):
-            return now
+            return max(now, agent.quiet_until)
         ends = [self.leased[t][3] for t in agent.running if t in self.leased]
         return max(min(ends), now) if ends else now
 
