@@ -52,9 +52,9 @@ def _host(item: Any, gpus: Mapping[str, Any], scale: float, where: str) -> Host:
     item = _need(item, dict, where)
     count = _need(item.get("count", 1), int, f"{where}.count")
     caps: dict[str, Any] = {
-        "memory_gb": float(_need(item.get("memory_gb", 16), int | float, f"{where}.memory_gb")),
+        "memory_gb": float(_need(item.get("memory_gb", 16), (int, float), f"{where}.memory_gb")),
         "kinds": list(item.get("kinds", ["matmul"])),
-        "cpu": {"cores": 4, "gflops_fp32": float(_need(item.get("cpu_gflops", 200), int | float,
+        "cpu": {"cores": 4, "gflops_fp32": float(_need(item.get("cpu_gflops", 200), (int, float),
                                                           f"{where}.cpu_gflops")),
                 "memory_bandwidth_gbps": 25.0},
         "gpus": [],
