@@ -78,7 +78,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, fleet_file: Path, seed: int,
-                   directory: Path) -> dict[str, Any]:
+                   directory: Path, fill: float = 1.0) -> dict[str, Any]:
     rng = random.Random(seed)
     clock = _Clock()
     per_job = math.ceil(tasks / jobs)
@@ -116,7 +116,7 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
         held: dict[str, Any] = {}    # agent id -> its assignment
         order = list(range(agents))
         rng.shuffle(order)
-        for i in order:                # fill the fleet through the policy itself
+        for i in order[:round(fill * agents)]:   # fill the fleet (or a share of it) through the policy itself
             got = await board.lease(idents[i].id, 1, 0)
             if got:
                 held[idents[i].id] = got[0]
@@ -152,11 +152,13 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
 
 
 def measure_picks(policies: list[str], agents: int, tasks: int, jobs: int, picks: int, fleet_file: Path,
-                  seed: int = 1) -> list[dict[str, Any]]:
-    """One row per policy: fill-phase and steady-state pick times (ms)."""
+                  seed: int = 1, fill: float = 1.0) -> list[dict[str, Any]]:
+    """One row per policy: fill-phase and steady-state pick times (ms); ``fill``: the share of agents given
+    work (through the policy) before measuring."""
     async def all_of() -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="panal-picks-") as directory:
-            return [await _measure(p, agents, tasks, jobs, picks, fleet_file, seed, Path(directory)) for p in policies]
+            return [await _measure(p, agents, tasks, jobs, picks, fleet_file, seed, Path(directory), fill)
+                    for p in policies]
     return asyncio.run(all_of())
 
 
@@ -169,11 +171,12 @@ def main() -> None:
     parser.add_argument("--picks", type=int, default=2000)
     parser.add_argument("--fleet", type=Path, default=Path("configs/sim/gaming-community.yaml"))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fill", type=float, default=1.0, help="share of agents given work before measuring")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     from hub.dispatch import POLICIES
     for row in measure_picks(args.policy or list(POLICIES), args.agents, args.tasks, args.jobs, args.picks,
-                             args.fleet, args.seed):
+                             args.fleet, args.seed, args.fill):
         print(json.dumps({"label": args.label, **{k: round(v, 3) if isinstance(v, float) else v
                                                    for k, v in row.items()}}), flush=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.predict import Predictor, candidate_jobs, slots_of
+from hub.fleet import derived
 from jobs.requirements import Capabilities
 
 if TYPE_CHECKING:
@@ -44,9 +45,9 @@ class BestFit:
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now, queues = view.now(), view.queues
         fleet = view.connected()
-        mine = capability(agent.caps)
+        mine = derived(agent, "capability", capability)
         smaller = [b for b in fleet if b is not agent and b.refused is None and b.quiet_until <= now
-                   and len(b.running) < slots_of(b) and capability(b.caps) < mine]
+                   and len(b.running) < slots_of(b) and derived(b, "capability", capability) < mine]
         ranked = []
         around = {b.row.id for b in fleet}
         for position, job_id in enumerate(candidate_jobs(queues, agent)):
