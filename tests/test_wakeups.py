@@ -334,3 +334,11 @@ async def test_fastest_does_not_count_a_paused_agent_as_free_now(tmp_path: Path)
         assert len(await board.lease(laptop.id, 1, 0)) == 1
     finally:
         await board.stop()
+
+
+def test_the_pause_travels_in_the_lease_reply_and_is_absent_when_none() -> None:
+    from jobs.protocol import LeaseReply
+
+    assert "retry_after_s" not in LeaseReply().encode()   # an older agent reads the same map
+    assert LeaseReply.decode(LeaseReply(retry_after_s=42.5).encode()).retry_after_s == 42.5
+    assert LeaseReply.decode({"tasks": [], "results": []}).retry_after_s is None
