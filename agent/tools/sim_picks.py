@@ -120,8 +120,9 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
             got = await board.lease(idents[i].id, 1, 0)
             if got:
                 held[idents[i].id] = got[0]
-        fill = list(timings)
+        filled = list(timings)
         timings.clear()
+        busy = len(held)
         by_id = {ident.id: ident for ident in idents}
         measured = taken = 0
         while measured < picks:
@@ -143,8 +144,8 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
                 held[agent_id] = got[0]
                 taken += 1
         return {"policy": policy, "agents": agents, "tasks": per_job * jobs, "jobs": jobs, "setup_s": setup_s,
-                "fill_busy": len(fill) and sum(1 for _ in held), "fill_p50_ms": 1000 * _pct(fill, 0.5),
-                "fill_p99_ms": 1000 * _pct(fill, 0.99), "picks": len(timings), "taken": taken,
+                "fill_busy": busy, "fill_p50_ms": 1000 * _pct(filled, 0.5),
+                "fill_p99_ms": 1000 * _pct(filled, 0.99), "picks": len(timings), "taken": taken,
                 "p50_ms": 1000 * _pct(timings, 0.5), "p99_ms": 1000 * _pct(timings, 0.99),
                 "max_ms": 1000 * max(timings, default=0.0)}
     finally:
