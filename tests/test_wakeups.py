@@ -342,3 +342,20 @@ def test_the_pause_travels_in_the_lease_reply_and_is_absent_when_none() -> None:
     assert "retry_after_s" not in LeaseReply().encode()   # an older agent reads the same map
     assert LeaseReply.decode(LeaseReply(retry_after_s=42.5).encode()).retry_after_s == 42.5
     assert LeaseReply.decode({"tasks": [], "results": []}).retry_after_s is None
+
+
+def test_adaptive_error_rates_flag_exactly_the_agents_above_the_limit() -> None:
+    import random
+
+    from hub.dispatch.adaptive import MAX_ERROR_RATE, ErrorRates
+
+    rng = random.Random(3)
+    rates, now = ErrorRates(half_life_s=600.0), 0.0
+    agents = [f"a{i}" for i in range(30)]
+    for _ in range(2000):
+        now += rng.uniform(0, 60)
+        agent = rng.choice(agents)
+        rates.record(agent, "matmul", failed=rng.random() < (0.9 if agent < "a1" else 0.3), now=now)
+        probe = now + rng.uniform(0, 3600)
+        for other in agents:   # the fast path answers as the full rate would
+            assert rates.high(other, "matmul", probe) == (rates.rate(other, "matmul", probe) > MAX_ERROR_RATE)
