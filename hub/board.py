@@ -204,8 +204,7 @@ class Board:
             return raced, False
         self._queues.add_job(job, tasks)
         self.trust.add_job(job, tasks)
-        self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))
-        self._dispatcher.wake()
+        self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))   # (queued: waiters wake)
         return job, True
 
     async def cancel(self, job_id: str, requester: str) -> JobRow:
@@ -285,7 +284,7 @@ class Board:
         agent = self.agent(agent_id)
         picked = await self._dispatcher.pick(agent, slots, wait_s)
         picked, back = self.trust.screen(agent, picked)   # never two instances of one unit to one agent
-        self._queues.restore(back)
+        self._queues.restore(back, ready=True)
         picked = await self._spot_check(agent, picked, slots)
         if not picked:
             return []
@@ -304,6 +303,11 @@ class Board:
         self._stats["leases"] += len(picked)
         return [self._leases.assignment(task) for task in picked]
 
+    def retry_after(self, agent_id: str) -> float | None:
+        """How long an agent a lease request found nothing for should wait before asking again (hub/pacing.py)."""
+        agent = self._fleet.agents.get(agent_id)
+        return self._dispatcher.retry_after(agent) if agent is not None else None
+
     async def _spot_check(self, agent: AgentState, picked: list[TaskRow], slots: int) -> list[TaskRow]:
         """Now and then give an untrusted agent an instance of a unit whose answer is known (hub/trust/)."""
         room = self._leases.allowance(agent, slots)   # what it may get now: its capacity counts, not what it asked
@@ -315,7 +319,7 @@ class Board:
         await self.trust.add_rows(job, [row])
         self._queues.take(job.id, [row])
         if len(picked) >= room:   # it takes the place of the last task picked, which goes back first in line
-            self._queues.restore(picked[-1:])
+            self._queues.restore(picked[-1:], ready=True)
             picked = picked[:-1]
         return [*picked, row]
 
@@ -334,12 +338,11 @@ class Board:
             return
         self._retries.requeue(task, count_attempt=False)
         await self.store.save_tasks([task])
-        self._dispatcher.wake()
 
     async def sweep(self) -> None:
         """Requeue expired leases (attempt + 1) and release retry backoffs that are due."""
         now = self.clock()
-        woke = self._queues.release_due(now)
+        self._queues.release_due(now)   # (queued again: the queue index wakes who may run them)
         changed: dict[str, list[TaskRow]] = {}
         for task in self._queues.past_deadline(now):   # nobody can run them in time any more
             self._leases.set_state(task, TaskState.FAILED)
@@ -359,11 +362,8 @@ class Board:
             self._settlement.settled(task.agent_id or "?", task, False, failure.value, {})
             self._retries.fail_attempt(task, failure, why)
             changed.setdefault(task.job_id, []).append(task)
-            woke = True
         for job_id, tasks in changed.items():
             await self._maybe_finish(job_id, tasks)
-        if woke:
-            self._dispatcher.wake()
 
     # -- results ------------------------------------------------------------------------------------
     async def accept(self, agent_id: str, records: Sequence[ResultItem]) -> list[ResultOutcome]:
@@ -391,8 +391,6 @@ class Board:
         await self.trust.flush()   # instances to add, validation records, reputation, credit
         if waits:
             await asyncio.gather(*waits)
-        if staged:
-            self._dispatcher.wake()
         return outcomes
 
     # -- views --------------------------------------------------------------------------------------
