@@ -162,6 +162,12 @@ class Board:
             listener(event)
 
     @property
+    def lease_wakeups(self) -> int:
+        """Parked lease requests woken so far (all time; ``panal_lease_wakeups_total``): per dispatched
+        task, what new work costs the fleet's waiting requests."""
+        return self._dispatcher.waiters.woken
+
+    @property
     def leasing(self) -> bool:
         """False once the board stops handing out work (it is shutting down)."""
         return self._dispatcher.leasing
