@@ -211,8 +211,8 @@ class Api:
         view = await self.board.job_view(job_id)
         if wait_s > 0 and view["state"] in ("queued", "running"):
             with self.streams.hold("long_poll"):
-                await self.board.wait_job(job_id, wait_s)
-            view = await self.board.job_view(job_id)
+                final = await self.board.wait_job(job_id, wait_s)
+            view = final if final is not None else await self.board.job_view(job_id)
         return reply(request, {"job": view})
 
     async def job_tasks(self, request: web.Request) -> web.Response:

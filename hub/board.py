@@ -43,7 +43,7 @@ from hub.protocols import (
 )
 from hub.quarantine import Quarantine
 from hub.queues import JobQueues
-from hub.readmodel import BoardView
+from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.retries import Retries
 from hub.settlement import Settlement
@@ -97,7 +97,8 @@ class Board:
         self.best = BestTasks()   # each job's best task by its manifest's spec.report, written with the job row
         self._settlement = Settlement(config, clock, self._queues, self._leases, self._ledger, self._retries,
                                       self.trust, self.submitter_faults, self._fleet, self._observers, self.best)
-        self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
+        #: active job id -> its final view, set when it finishes (for waiters: no store read behind the next commit)
+        self._finished: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- registration -------------------------------------------------------------------------------
@@ -270,19 +271,27 @@ class Board:
         elif changed or jobs:
             await self.store.save_tasks(changed, jobs)
         if finishing:
+            waiting = self._finished.pop(job_id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(job_summary(job, self.view.counts(job_id)))   # as committed just above
             self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
-            self._finished.pop(job_id, asyncio.Event()).set()   # wakes its waiters, if any
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
 
-    async def wait_job(self, job_id: str, timeout_s: float) -> None:
-        """Return when the job finishes, or after ``timeout_s``."""
+    async def wait_job(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
+        """The job's final view when it finishes within ``timeout_s`` (None: it did not, or was not active).
+
+        The view is the one committed as the job finished, handed over from memory: a waiter reading it
+        from the store instead would queue behind the commits that follow (trust records, the next job)."""
         if job_id not in self._queues or timeout_s <= 0:
-            return
-        event = self._finished.setdefault(job_id, asyncio.Event())
+            return None
+        final = self._finished.get(job_id)
+        if final is None:
+            final = self._finished[job_id] = asyncio.get_running_loop().create_future()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(final), timeout_s)
+        return None
 
     # -- leases -------------------------------------------------------------------------------------
     async def lease(self, agent_id: str, slots: int, wait_s: float) -> list[Assignment]:

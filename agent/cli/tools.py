@@ -67,12 +67,14 @@ def bench_policies(policies: tuple[str, ...], seed: int) -> None:
 @click.option("--tasks", type=int, default=20_000, show_default=True)
 @click.option("--slots", type=int, default=8, show_default=True, help="Slots per simulated agent.")
 @click.option("--latency-samples", type=int, default=200, show_default=True)
+@click.option("--latency-only", is_flag=True, help="Only single-task submit-to-result latency (and its steps).")
 @click.option("--json", "as_json", is_flag=True)
-def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as_json: bool) -> None:
+def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, latency_only: bool,
+                   as_json: bool) -> None:
     """A real hub (TLS, signatures) and N simulated agents running `sleep 0` tasks."""
     from agent.tools.bench_dispatch import run_dispatch_bench
 
-    _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples), as_json)
+    _print_result(run_dispatch_bench(agents, 0 if latency_only else tasks, slots, latency_samples), as_json)
 
 
 @bench.command("fleet")

@@ -291,5 +291,9 @@ def run_fleet_bench(size: FleetSize) -> dict[str, Any]:
                 proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
+            for conn in loads:
+                conn.close()
             with contextlib.suppress(Exception):
                 stop([hub])
+            if hub.stdout is not None:
+                hub.stdout.close()
