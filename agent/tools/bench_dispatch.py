@@ -157,3 +157,5 @@ def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int) -> dic
             return asyncio.run(_bench(url, user, agents, tasks, slots, samples, hub.pid))
         finally:
             stop([hub])
+            if hub.stdout is not None:
+                hub.stdout.close()
