@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -303,20 +304,31 @@ class Board:
         picked = await self._spot_check(agent, picked, slots)
         if not picked:
             return []
+        writes = self._leases.grant(agent, picked, self.clock())
+        starting = list({task.job_id: self._queues.job(task.job_id) for task in picked}.values())
+        # Queued in the same turn, a job's start rides in the leases' group commit: one commit, not two in a row.
+        lease_write = asyncio.ensure_future(self.store.save_leases(writes))
+        start_write = asyncio.ensure_future(self._save_started(starting))
         try:
-            await self.store.save_leases(self._leases.grant(agent, picked, self.clock()))
+            await lease_write
         except Exception:
             self._leases.undo(picked)  # nothing was acknowledged: put them back as they were
+            await asyncio.gather(start_write, return_exceptions=True)
             raise
         self._leases.commit(picked)
         await self.trust.leased(agent, picked)   # may queue a second instance to run in parallel
-        for task in picked:
-            job = self._queues.job(task.job_id)
+        await start_write
+        for job in starting:
             if job.state == JobState.QUEUED:
                 job.state = JobState.RUNNING
-                await self.store.save_tasks([], [job])
         self._stats["leases"] += len(picked)
         return [self._leases.assignment(task) for task in picked]
+
+    async def _save_started(self, jobs: list[JobRow]) -> None:
+        """Store as running the jobs still queued now (a job cancelled meanwhile keeps its state)."""
+        rows = [dataclasses.replace(job, state=JobState.RUNNING) for job in jobs if job.state == JobState.QUEUED]
+        if rows:
+            await self.store.save_tasks([], rows)
 
     def retry_after(self, agent_id: str) -> float | None:
         """How long an agent a lease request found nothing for should wait before asking again (hub/pacing.py)."""

@@ -85,3 +85,19 @@ async def test_a_job_still_running_at_the_deadline_gives_its_waiter_nothing(shor
     await short.run_all()
     assert await short.board.wait_job(job_id, 5) is None     # already finished: the caller reads the view
     assert (await short.board.job_view(job_id))["state"] == "succeeded"
+
+
+async def test_a_jobs_first_lease_commits_the_lease_and_the_jobs_start_together(short: Short) -> None:
+    job_id = await short.submit(2)
+    store = short.board.store
+    assert isinstance(store, SqliteStore)
+    before = store.commits
+    [task] = await short.board.lease(short.agent.id, 1, 0)
+    assert store.commits == before + 1          # one group commit: the lease and the job's start
+    assert (await short.board.job_view(job_id))["state"] == "running"
+    # both are durable: a fresh board reads them back
+    await short.board.stop()
+    short.board = Board(SqliteStore(short.tmp / "b.db"), short.config, short.clock)
+    await short.board.start()
+    assert (await short.board.job_view(job_id))["state"] == "running"
+    assert (await short.board.store.get_tasks(job_id))[task.idx].lease_id == task.lease_id
