@@ -7,8 +7,9 @@ of a real agent (``poll_wait_s`` 20 s, capped by the board; a ``retry_after_s`` 
 riding on their next lease request. Phases, one after the other:
 
 1. idle: every agent connected, no work, for ``idle_s``: the hub's CPU share of one core and its RSS per agent;
-2. drain: one job of ``tasks`` ``sleep 0`` tasks: time to drain, lease round trip p50/p99 (leases that
-   brought work), hub CPU per task, lease wake-ups per dispatched task (``panal_lease_wakeups_total``);
+2. drain: one job of ``tasks`` ``sleep 0`` tasks: time to drain, lease round trip p50/p99 (of busy agents:
+   requests that carried results and brought work), hub CPU per task, lease wake-ups per dispatched task
+   (``panal_lease_wakeups_total``);
 3. mixed: a share of the agents report a (fake) GPU; a job that needs one and a job any agent can run are
    submitted together: the same figures, and how many GPU tasks went to an agent without one.
 
@@ -71,7 +72,9 @@ class FleetAgent(SimAgent):
         self.client = BoardClient(address, self.identity, retry_for_s=120.0, connections=1)
         self.gpu = gpu
         self.poll_wait_s = POLL_WAIT_S
-        self.leases: list[tuple[float, float]] = []     # (wall time, round trip ms) of leases that brought work
+        #: (wall time, round trip ms) of a busy agent's leases: they carried results and brought work. A request
+        #: parked before work appeared is left out: its round trip is mostly the wait, not the hub's service.
+        self.leases: list[tuple[float, float]] = []
         self.leased: list[str] = []                     # task ids, in order
         self.jobs: Counter[str] = Counter()             # tasks leased per job
         self.outcomes: Counter[str] = Counter()
@@ -93,7 +96,8 @@ class FleetAgent(SimAgent):
                                            LeaseReply.decode, timeout_s=self.poll_wait_s + 60.0)
             self.outcomes.update(o.status.value for o in reply.results)
             if reply.tasks:
-                self.leases.append((time.time(), (time.perf_counter() - t0) * 1000))
+                if results:
+                    self.leases.append((time.time(), (time.perf_counter() - t0) * 1000))
                 self.leased.extend(t.task_id for t in reply.tasks)
                 self.jobs.update(t.job_id for t in reply.tasks)
             elif reply.retry_after_s:
