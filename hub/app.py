@@ -102,7 +102,8 @@ class Api:
             tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
         refused = self.board.view.agents[agent_id].refused
         standing = self.board.trust.agent_view(agent_id)
-        return reply(request, LeaseReply(tuple(tasks), tuple(outcomes), refused, standing).encode())
+        pause = self.board.retry_after(agent_id) if not tasks and refused is None else None
+        return reply(request, LeaseReply(tuple(tasks), tuple(outcomes), refused, standing, pause).encode())
 
     async def results(self, request: web.Request) -> web.Response:
         data = await read_raw(request)
@@ -210,8 +211,8 @@ class Api:
         view = await self.board.job_view(job_id)
         if wait_s > 0 and view["state"] in ("queued", "running"):
             with self.streams.hold("long_poll"):
-                await self.board.wait_job(job_id, wait_s)
-            view = await self.board.job_view(job_id)
+                final = await self.board.wait_job(job_id, wait_s)
+            view = final if final is not None else await self.board.job_view(job_id)
         return reply(request, {"job": view})
 
     async def job_tasks(self, request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ from hub.protocols import (
 )
 from hub.quarantine import Quarantine
 from hub.queues import JobQueues
-from hub.readmodel import BoardView
+from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.retries import Retries
 from hub.settlement import Settlement
@@ -97,7 +98,8 @@ class Board:
         self.best = BestTasks()   # each job's best task by its manifest's spec.report, written with the job row
         self._settlement = Settlement(config, clock, self._queues, self._leases, self._ledger, self._retries,
                                       self.trust, self.submitter_faults, self._fleet, self._observers, self.best)
-        self._finished: dict[str, asyncio.Event] = {}   # active job id -> set when it finishes (for waiters)
+        #: active job id -> its final view, set when it finishes (for waiters: no store read behind the next commit)
+        self._finished: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- registration -------------------------------------------------------------------------------
@@ -162,6 +164,12 @@ class Board:
             listener(event)
 
     @property
+    def lease_wakeups(self) -> int:
+        """Parked lease requests woken so far (all time; ``panal_lease_wakeups_total``): per dispatched
+        task, what new work costs the fleet's waiting requests."""
+        return self._dispatcher.waiters.woken
+
+    @property
     def leasing(self) -> bool:
         """False once the board stops handing out work (it is shutting down)."""
         return self._dispatcher.leasing
@@ -204,8 +212,7 @@ class Board:
             return raced, False
         self._queues.add_job(job, tasks)
         self.trust.add_job(job, tasks)
-        self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))
-        self._dispatcher.wake()
+        self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))   # (queued: waiters wake)
         return job, True
 
     async def cancel(self, job_id: str, requester: str) -> JobRow:
@@ -265,19 +272,27 @@ class Board:
         elif changed or jobs:
             await self.store.save_tasks(changed, jobs)
         if finishing:
+            waiting = self._finished.pop(job_id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(job_summary(job, self.view.counts(job_id)))   # as committed just above
             self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
-            self._finished.pop(job_id, asyncio.Event()).set()   # wakes its waiters, if any
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
 
-    async def wait_job(self, job_id: str, timeout_s: float) -> None:
-        """Return when the job finishes, or after ``timeout_s``."""
+    async def wait_job(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
+        """The job's final view when it finishes within ``timeout_s`` (None: it did not, or was not active).
+
+        The view is the one committed as the job finished, handed over from memory: a waiter reading it
+        from the store instead would queue behind the commits that follow (trust records, the next job)."""
         if job_id not in self._queues or timeout_s <= 0:
-            return
-        event = self._finished.setdefault(job_id, asyncio.Event())
+            return None
+        final = self._finished.get(job_id)
+        if final is None:
+            final = self._finished[job_id] = asyncio.get_running_loop().create_future()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(final), timeout_s)
+        return None
 
     # -- leases -------------------------------------------------------------------------------------
     async def lease(self, agent_id: str, slots: int, wait_s: float) -> list[Assignment]:
@@ -285,24 +300,40 @@ class Board:
         agent = self.agent(agent_id)
         picked = await self._dispatcher.pick(agent, slots, wait_s)
         picked, back = self.trust.screen(agent, picked)   # never two instances of one unit to one agent
-        self._queues.restore(back)
+        self._queues.restore(back, ready=True)
         picked = await self._spot_check(agent, picked, slots)
         if not picked:
             return []
+        writes = self._leases.grant(agent, picked, self.clock())
+        starting = list({task.job_id: self._queues.job(task.job_id) for task in picked}.values())
+        # Queued in the same turn, a job's start rides in the leases' group commit: one commit, not two in a row.
+        lease_write = asyncio.ensure_future(self.store.save_leases(writes))
+        start_write = asyncio.ensure_future(self._save_started(starting))
         try:
-            await self.store.save_leases(self._leases.grant(agent, picked, self.clock()))
+            await lease_write
         except Exception:
             self._leases.undo(picked)  # nothing was acknowledged: put them back as they were
+            await asyncio.gather(start_write, return_exceptions=True)
             raise
         self._leases.commit(picked)
         await self.trust.leased(agent, picked)   # may queue a second instance to run in parallel
-        for task in picked:
-            job = self._queues.job(task.job_id)
+        await start_write
+        for job in starting:
             if job.state == JobState.QUEUED:
                 job.state = JobState.RUNNING
-                await self.store.save_tasks([], [job])
         self._stats["leases"] += len(picked)
         return [self._leases.assignment(task) for task in picked]
+
+    async def _save_started(self, jobs: list[JobRow]) -> None:
+        """Store as running the jobs still queued now (a job cancelled meanwhile keeps its state)."""
+        rows = [dataclasses.replace(job, state=JobState.RUNNING) for job in jobs if job.state == JobState.QUEUED]
+        if rows:
+            await self.store.save_tasks([], rows)
+
+    def retry_after(self, agent_id: str) -> float | None:
+        """How long an agent a lease request found nothing for should wait before asking again (hub/pacing.py)."""
+        agent = self._fleet.agents.get(agent_id)
+        return self._dispatcher.retry_after(agent) if agent is not None else None
 
     async def _spot_check(self, agent: AgentState, picked: list[TaskRow], slots: int) -> list[TaskRow]:
         """Now and then give an untrusted agent an instance of a unit whose answer is known (hub/trust/)."""
@@ -315,7 +346,7 @@ class Board:
         await self.trust.add_rows(job, [row])
         self._queues.take(job.id, [row])
         if len(picked) >= room:   # it takes the place of the last task picked, which goes back first in line
-            self._queues.restore(picked[-1:])
+            self._queues.restore(picked[-1:], ready=True)
             picked = picked[:-1]
         return [*picked, row]
 
@@ -334,12 +365,11 @@ class Board:
             return
         self._retries.requeue(task, count_attempt=False)
         await self.store.save_tasks([task])
-        self._dispatcher.wake()
 
     async def sweep(self) -> None:
         """Requeue expired leases (attempt + 1) and release retry backoffs that are due."""
         now = self.clock()
-        woke = self._queues.release_due(now)
+        self._queues.release_due(now)   # (queued again: the queue index wakes who may run them)
         changed: dict[str, list[TaskRow]] = {}
         for task in self._queues.past_deadline(now):   # nobody can run them in time any more
             self._leases.set_state(task, TaskState.FAILED)
@@ -359,11 +389,8 @@ class Board:
             self._settlement.settled(task.agent_id or "?", task, False, failure.value, {})
             self._retries.fail_attempt(task, failure, why)
             changed.setdefault(task.job_id, []).append(task)
-            woke = True
         for job_id, tasks in changed.items():
             await self._maybe_finish(job_id, tasks)
-        if woke:
-            self._dispatcher.wake()
 
     # -- results ------------------------------------------------------------------------------------
     async def accept(self, agent_id: str, records: Sequence[ResultItem]) -> list[ResultOutcome]:
@@ -391,8 +418,6 @@ class Board:
         await self.trust.flush()   # instances to add, validation records, reputation, credit
         if waits:
             await asyncio.gather(*waits)
-        if staged:
-            self._dispatcher.wake()
         return outcomes
 
     # -- views --------------------------------------------------------------------------------------

@@ -30,6 +30,13 @@ class HubConfig:
     insecure: bool = False
     lease_ttl_s: float = 30.0          # a lease not heartbeated for this long is requeued
     max_poll_wait_s: float = 20.0      # the longest a lease request long-polls
+    #: pacing of idle agents (hub/pacing.py): an agent the board had nothing for is told to wait before it
+    #: asks again, so that the agents with nothing to do send about ``idle_polls_per_s`` requests a second
+    #: and half of ``max_long_polls`` at most wait at once; never longer than ``max_poll_interval_s``, never
+    #: shorter than ``min_poll_interval_s`` (0: a small fleet asks again at once), with +-25% jitter
+    idle_polls_per_s: float = 100.0
+    max_poll_interval_s: float = 300.0
+    min_poll_interval_s: float = 0.0
     max_tasks_per_lease: int = 64
     max_body_bytes: int = 4 * 1024 * 1024
     max_tasks_per_job: int = 10_000

@@ -2,8 +2,10 @@
 
 Before the policy looks, the lease table may refuse the agent (its gates) and holdbacks may keep
 particular tasks from it for this one request (they return to the front of their queues after).
-A waiting request wakes whenever work may have appeared: a submission, a requeue, a released
-backoff, results that finished tasks.
+A request that finds nothing parks in the :class:`~hub.wakeups.WakeIndex` under its agent's capability
+class. When tasks become ready (a submission, a requeue, a released backoff, a new instance of a unit:
+the queue index tells the dispatcher, once per job per turn of the event loop), only waiters that may
+run them are woken, about as many as the tasks can use; a woken waiter hands on what it did not take.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import time
 from collections.abc import Callable
 
 from hub.config import HubConfig
+from hub.dispatch.capable import CapableIndex
+from hub.dispatch.classes import CapClass, capability_class
 from hub.fleet import AgentState, Fleet
 from hub.leases import LeaseTable
+from hub.pacing import PollPacing
 from hub.protocols import DispatchPolicy, DispatchTimer, Holdback
 from hub.queues import JobQueues
 from hub.records import TaskRow
+from hub.wakeups import Arrival, Waiter, WakeIndex
 
 __all__ = ["DispatchContext", "Dispatcher"]
 
@@ -27,6 +33,7 @@ class DispatchContext:
 
     def __init__(self, queues: JobQueues, fleet: Fleet, config: HubConfig, clock: Callable[[], float]) -> None:
         self._queues, self._fleet, self._config, self._clock = queues, fleet, config, clock
+        self._capable = CapableIndex(queues, lambda: fleet.agents)
 
     @property
     def queues(self) -> JobQueues:
@@ -40,7 +47,12 @@ class DispatchContext:
         return self._clock()
 
     def connected(self) -> list[AgentState]:
-        return self._fleet.connected(self._clock())
+        agents = self._fleet.connected(self._clock())
+        self._capable.sync(agents)
+        return agents
+
+    def capable(self, job_id: str) -> set[str]:
+        return self._capable.capable(job_id)
 
 
 class Dispatcher:
@@ -53,8 +65,25 @@ class Dispatcher:
         self._queues, self._leases = queues, leases
         self._holdbacks: list[Holdback] = []
         self._timers: list[DispatchTimer] = []
-        self._wakeup = asyncio.Event()
+        self.waiters = WakeIndex(self._may_run)
+        self._classes: dict[str, tuple[object, CapClass]] = {}   # agent id -> (its caps, their class)
+        self._arrived: dict[str, int] = {}                         # job id -> tasks ready since the last flush
+        self._flush_handle: asyncio.Handle | None = None
         self.leasing = True
+        queues.on_ready = self.work_arrived
+        self.pacing = PollPacing(config, lambda: len(fleet.online()), clock)
+
+    def retry_after(self, agent: AgentState) -> float | None:
+        """The pause to ask of an agent a lease request found nothing for (None: ask again at once).
+
+        An agent whose class may run queued work is not paused: a policy kept that work for another agent
+        this time, and may give it to this one when asked again."""
+        if self.has_work_for(agent):
+            return None
+        pause = self.pacing.retry_after()
+        if pause is not None:
+            agent.quiet_until = self.clock() + pause
+        return pause
 
     def add_holdback(self, holdback: Holdback) -> None:
         self._holdbacks.append(holdback)
@@ -63,29 +92,89 @@ class Dispatcher:
         self._timers.append(timer)
 
     def wake(self) -> None:
-        """Work may have appeared: waiting requests look again."""
-        self._wakeup.set()
-        self._wakeup = asyncio.Event()
+        """Every waiting request looks again (the board stops leasing)."""
+        self.waiters.wake_all()
 
+    # -- who to wake ------------------------------------------------------------------------------
+    def class_of(self, agent: AgentState) -> CapClass:
+        """The agent's capability class (recomputed only when it re-registers with a new report)."""
+        cached = self._classes.get(agent.row.id)
+        if cached is not None and cached[0] is agent.caps:
+            return cached[1]
+        cls = capability_class(agent.caps)
+        self._classes[agent.row.id] = (agent.caps, cls)
+        return cls
+
+    def _may_run(self, job_id: str, cls: CapClass) -> bool:
+        job = self._queues.get_job(job_id)
+        return job is not None and cls.may_run(self._queues.requirements(job_id), job.kind)
+
+    def has_work_for(self, agent: AgentState) -> bool:
+        """Whether queued work exists that the agent's class may run (a policy may still keep it for another)."""
+        cls = self.class_of(agent)
+        return any(self.waiters.matches(job_id, cls) for job_id in self._queues.waiting())
+
+    def work_arrived(self, job_id: str, tasks: int) -> None:
+        """The queue index says: ``tasks`` of the job became ready. Waiters are woken once per loop turn."""
+        self._arrived[job_id] = self._arrived.get(job_id, 0) + tasks
+        if self._flush_handle is None:
+            try:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:   # no loop (a board being built): nobody can be waiting
+                self._arrived.clear()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        arrived, self._arrived = self._arrived, {}
+        for job_id, tasks in arrived.items():
+            queued = self._queues.queued(job_id)
+            if queued:
+                self.waiters.wake_for(Arrival(job_id), min(tasks, queued))
+
+    def _hand_on(self, waiter: Waiter | None, picked: list[TaskRow]) -> None:
+        """A woken waiter is done with its share: what it did not take goes to a waiter that has not tried."""
+        if waiter is None or waiter.arrival is None:
+            return
+        arrival = waiter.arrival
+        unused = waiter.share - sum(1 for task in picked if task.job_id == arrival.job_id)
+        queued = self._queues.queued(arrival.job_id)
+        if unused > 0 and queued and arrival.handoffs_left > 0:
+            arrival.handoffs_left -= self.waiters.wake_for(arrival, min(unused, queued, arrival.handoffs_left))
+
+    # -- picking ----------------------------------------------------------------------------------
     async def pick(self, agent: AgentState, slots: int, wait_s: float) -> list[TaskRow]:
         """Up to ``slots`` tasks for the agent, taken from the queues; waits up to ``wait_s`` for the first."""
         deadline = time.monotonic() + min(max(wait_s, 0.0), self.config.max_poll_wait_s)
-        while True:
-            # Asked again after each wait: a concurrent request of the same agent may have filled it.
-            allowed = self._leases.allowance(agent, slots)
-            if not self.leasing or allowed == 0 or self._leases.refusal(agent):
-                return []
-            picked = self._pick_now(agent, allowed)
-            if picked:
-                return picked
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), left)
-            except TimeoutError:
-                return []
-            agent.last_seen = self.clock()
+        woken: Waiter | None = None
+        picked: list[TaskRow] = []
+        try:
+            while True:
+                # Asked again after each wait: a concurrent request of the same agent may have filled it.
+                allowed = self._leases.allowance(agent, slots)
+                if not self.leasing or allowed == 0 or self._leases.refusal(agent):
+                    return []
+                picked = self._pick_now(agent, allowed)
+                self._hand_on(woken, picked)
+                woken = None
+                if picked:
+                    if self._leases.capacity(agent) - len(agent.running) <= len(picked):
+                        self.waiters.wake_agent(agent.row.id)   # its other polls have no room left: they answer
+                    return picked
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                waiter = self.waiters.park(agent, allowed, self.class_of(agent))
+                try:
+                    await asyncio.wait_for(waiter.woken.wait(), left)
+                except TimeoutError:
+                    return []
+                finally:
+                    self.waiters.unpark(waiter)
+                    if waiter.woken.is_set():
+                        woken = waiter
+                agent.last_seen = self.clock()
+        finally:
+            self._hand_on(woken, [])   # cancelled, stopped or refused after a wake-up: its share goes on
 
     def _pick_now(self, agent: AgentState, slots: int) -> list[TaskRow]:
         start = time.perf_counter()

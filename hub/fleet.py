@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from hub.config import HubConfig
 from hub.records import AgentRow
@@ -11,7 +12,9 @@ from jobs.requirements import Capabilities
 from security.errors import Forbidden
 from security.identity import PublicKey
 
-__all__ = ["AgentState", "Fleet", "available_until"]
+__all__ = ["AgentState", "Fleet", "available_until", "derived"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,12 +29,31 @@ class AgentState:
     done: int = 0
     failed: int = 0
     refused: str | None = None          # why a lease gate currently gives it no work
+    quiet_until: float = 0.0            # told not to ask again before then (hub/pacing.py): around, not free
+    #: facts computed from the current report (``derived``): name -> (the report they were computed from, value)
+    memo: dict[str, tuple[Capabilities, Any]] = field(default_factory=dict, repr=False, compare=False)
+
+
+def derived(agent: AgentState, name: str, compute: Callable[[Capabilities], T]) -> T:
+    """``compute(agent.caps)``, computed once per report: policies ask for the same facts of 10,000 agents
+    on every pick. A new report (registering again, the speed check) is a new object, so it is recomputed."""
+    hit = agent.memo.get(name)
+    if hit is not None and hit[0] is agent.caps:
+        value: T = hit[1]
+        return value
+    value = compute(agent.caps)
+    agent.memo[name] = (agent.caps, value)
+    return value
+
+
+def _until(caps: Capabilities) -> float | None:
+    value = caps.raw.get("available_until")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def available_until(agent: AgentState) -> float | None:
     """The end of the agent's availability window (``available_until`` in its report), if it has one."""
-    value = agent.caps.raw.get("available_until")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return derived(agent, "available_until", _until)
 
 
 class Fleet:
@@ -81,15 +103,19 @@ class Fleet:
         return now - max(2 * self.config.max_poll_wait_s, self.config.lease_ttl_s) - 5
 
     def online(self) -> list[AgentState]:
-        horizon = self._horizon(self.clock())
-        return [a for a in self._agents.values() if a.last_seen >= horizon]
+        now = self.clock()
+        horizon = self._horizon(now)
+        back = now - self.config.max_poll_wait_s
+        return [a for a in self._agents.values() if a.last_seen >= horizon or a.quiet_until >= back]
 
     def connected(self, now: float) -> list[AgentState]:
         """Agents that can take work now: seen recently or holding a lease, and not past their window."""
         horizon = self._horizon(now)
+        back = now - self.config.max_poll_wait_s   # a paused agent asks again by quiet_until, then long-polls
         out = []
         for agent in self._agents.values():
             until = available_until(agent)
-            if (agent.running or agent.last_seen >= horizon) and (until is None or until > now):
+            if (agent.running or agent.last_seen >= horizon or agent.quiet_until >= back) and (
+                    until is None or until > now):
                 out.append(agent)
         return out

@@ -3,7 +3,7 @@
 Gauges and counters are read from the board's read model at scrape time (agents and tasks by state,
 its ``stats`` counters, quarantines seen by the status feed); request latency is timed by a middleware, labelled by
 route template (never by raw path: ids would explode the series); dispatch latency is the time the
-dispatch policy takes to pick tasks for one lease request.
+dispatch policy takes to pick tasks for one lease request; lease wake-ups count waiting lease requests woken.
 """
 
 from __future__ import annotations
@@ -96,6 +96,17 @@ class _BoardCollector:
         yield invalid
 
 
+class _WakeupCollector:
+    """Lease long-polls woken by new work: divided by tasks dispatched, what a submission costs the fleet."""
+
+    def __init__(self, board: Board) -> None:
+        self.board = board
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily("panal_lease_wakeups", "Waiting lease requests woken because work may have "
+                                  "appeared.", value=self.board.lease_wakeups)
+
+
 class BoardMetrics:
     """The registry and the instruments the middleware and the dispatch timer feed."""
 
@@ -108,6 +119,7 @@ class BoardMetrics:
         self.dispatch = Histogram("panal_dispatch_seconds", "Time the dispatch policy takes to pick tasks "
                                   "for one lease request.", buckets=DISPATCH_BUCKETS, registry=self.registry)
         self.registry.register(_BoardCollector(board.view, app, board.trust))
+        self.registry.register(_WakeupCollector(board))
         board.time_dispatch(self.dispatch.observe)
 
     def render(self) -> bytes:

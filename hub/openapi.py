@@ -102,7 +102,7 @@ SCHEMAS: dict[str, Schema] = {
     "ResultOutcome": _obj(["task_id", "status"], task_id=S, status={"enum": [o.value for o in Outcome]},
                           error=S, message=S, details=DETAILS),
     "LeaseReply": _obj(["tasks"], tasks=_arr(_ref("Assignment")), results=_arr(_ref("ResultOutcome")),
-                       refused=NULLABLE_S),
+                       refused=NULLABLE_S, retry_after_s=N),
     "Results": _obj(["results"], results=_arr(_ref("SignedRecord"))),
     "ResultOutcomes": _obj(["results"], results=_arr(_ref("ResultOutcome"))),
     "TaskResult": _obj(["result"], result=_ref("SignedRecord")),

@@ -93,6 +93,10 @@ class DispatchView(Protocol):
     def connected(self) -> list[AgentState]:
         """Agents that can take work now: seen recently or holding a lease, and not past their window."""
 
+    def capable(self, job_id: str) -> set[str]:
+        """Ids of the registered agents meeting the active job's requirements (``unmet`` is empty), kept up to
+        date for the agents :meth:`connected` returned; read it, do not change it."""
+
 
 class DispatchPolicy(BoardObserver, Protocol):
     """Chooses the tasks an agent gets; hears every settled attempt (a policy may learn from them)."""

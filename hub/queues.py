@@ -4,7 +4,8 @@ Jobs are ordered by priority, then age; each job has a FIFO of its queued task i
 retry backoff waits in a heap until it is due. Policies see this through the query half of
 :class:`JobQueues` (:class:`~hub.protocols.QueueView`): they *ask* (``waiting``, ``peek``,
 ``queued``) and *take* what they choose (``take``, ``take_first``); only the board changes task
-states (``set_state`` keeps the per-job counts in step).
+states (``set_state`` keeps the per-job counts in step). Whoever sets ``on_ready`` hears of every task
+that becomes ready (the dispatcher wakes waiting agents with it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, ValuesView
 
 from hub.records import JobRow, TaskRow, TaskState
 from jobs.requirements import Requirements
@@ -31,6 +32,12 @@ class JobQueues:
         self._ready: dict[str, deque[str]] = {}             # job id -> queued task ids
         self._order: list[tuple[int, float, str]] = []      # (-priority, created, job id), sorted
         self._delayed: list[tuple[float, str]] = []         # (ready at, task id): retry backoff
+        #: told (job id, how many) whenever tasks join a queue: new, requeued, released from backoff, put back
+        self.on_ready: Callable[[str, int], None] | None = None
+
+    def _ready_now(self, job_id: str, n: int = 1) -> None:
+        if self.on_ready is not None and n:
+            self.on_ready(job_id, n)
 
     # -- the index --------------------------------------------------------------------------------
     def add_job(self, job: JobRow, tasks: Iterable[TaskRow] = ()) -> None:
@@ -43,11 +50,15 @@ class JobQueues:
         self.add_tasks(tasks)
 
     def add_tasks(self, tasks: Iterable[TaskRow]) -> None:
+        ready: Counter[str] = Counter()
         for task in tasks:
             self._tasks[task.id] = task
             self._counts[task.job_id][task.state] += 1
             if task.state == TaskState.QUEUED:
                 self._ready[task.job_id].append(task.id)
+                ready[task.job_id] += 1
+        for job_id, n in ready.items():
+            self._ready_now(job_id, n)
 
     def drop_job(self, job_id: str) -> JobRow:
         """Forget a finished job and its tasks."""
@@ -98,6 +109,7 @@ class JobQueues:
             self._ready[task.job_id].appendleft(task.id)
         else:
             self._ready[task.job_id].append(task.id)
+        self._ready_now(task.job_id)
 
     def delay(self, task: TaskRow, ready_at: float) -> None:
         heapq.heappush(self._delayed, (ready_at, task.id))
@@ -110,6 +122,7 @@ class JobQueues:
             task = self._tasks.get(task_id)
             if task is not None and task.state == TaskState.QUEUED:
                 self._ready[task.job_id].append(task_id)
+                self._ready_now(task.job_id)
                 released = True
         return released
 
@@ -139,11 +152,15 @@ class JobQueues:
                 out.append(task)
         return out
 
-    def restore(self, withheld: Sequence[TaskRow]) -> None:
+    def restore(self, withheld: Sequence[TaskRow], ready: bool = False) -> None:
+        """Put tasks back at the front of their queues; ``ready``: others may take them now (tell ``on_ready``),
+        not just a holdback's moment out of one agent's sight."""
         for task in reversed(withheld):
             queue = self._ready.get(task.job_id)
             if queue is not None:
                 queue.appendleft(task.id)
+                if ready:
+                    self._ready_now(task.job_id)
 
     # -- QueueView: what policies ask and take ------------------------------------------------------
     def waiting(self) -> Iterator[str]:

@@ -259,19 +259,23 @@ class LeaseReply:
     refused: str | None = None
     #: the agent's standing on this board (hub/trust/): credit, invalid results, reputation per kind
     standing: dict[str, Any] = field(default_factory=dict)
+    #: no work here for this agent now: wait this long before asking again (hub/pacing.py); None: at once
+    retry_after_s: float | None = None
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tasks": [t.encode() for t in self.tasks],
                                "results": [o.encode() for o in self.results], "refused": self.refused}
         if self.standing:   # absent when empty: the map an older agent reads stays the same
             out["standing"] = self.standing
+        if self.retry_after_s is not None:   # likewise
+            out["retry_after_s"] = self.retry_after_s
         return out
 
     @classmethod
     def decode(cls, value: Any, path: str = "") -> LeaseReply:
         f = Fields(value, path)
         return cls(tuple(Assignment.decode(item, at) for at, item in f.items("tasks")), _outcomes(f, "results"),
-                   f.optional_text("refused"), f.mapping("standing"))
+                   f.optional_text("refused"), f.mapping("standing"), f.optional_number("retry_after_s"))
 
 
 # -- results ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,29 @@ async def test_each_board_has_its_own_registry(hub: InProcessHub, tmp_path: Path
                      status="200") == 0
     finally:
         await other.stop()
+
+
+async def test_lease_wakeups_count_parked_requests_woken_by_new_work(hub: InProcessHub) -> None:
+    """``panal_lease_wakeups_total`` (what ``panal bench fleet`` divides by tasks): a lease request parked
+    with nothing to do and woken by a submission counts once; a request that found work at once does not."""
+    assert hub.address is not None and hub.server is not None
+    ident = Identity.generate()
+    agent = BoardClient(hub.address, ident, retry_for_s=1)
+    await agent.call("POST", "/v1/agents", {"public_key": ident.public.text(), "name": "w",
+                                            "capabilities": {"kinds": ["sleep"]}})
+    user = Identity.generate()
+    await hub.server.add_submitter(user.public, "u")
+    sub = BoardClient(hub.address, user, retry_for_s=1)
+    assert value(await scrape(hub), "panal_lease_wakeups_total") == 0
+    poll = asyncio.create_task(agent.call("POST", "/v1/lease", {"slots": 1, "wait_s": 15}))
+    while len(hub.server.board._dispatcher.waiters) == 0:   # the request is parked, waiting for work
+        await asyncio.sleep(0.01)
+    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "w"},
+                                   "spec": {"task": "sleep", "sweep": {"seconds": [0.0, 0.0]}}})
+    await submit(sub, make_envelope(user, manifest))
+    assert len((await poll)["tasks"]) == 1
+    assert value(await scrape(hub), "panal_lease_wakeups_total") == 1
+    assert len((await agent.call("POST", "/v1/lease", {"slots": 1, "wait_s": 15}))["tasks"]) == 1  # no wait
+    assert value(await scrape(hub), "panal_lease_wakeups_total") == 1
+    await agent.close()
+    await sub.close()

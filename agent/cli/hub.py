@@ -267,3 +267,34 @@ def hub_url(root: Path) -> None:
 
 
 __all__ = ["hub"]
+
+
+@hub.command("sim")
+@click.option("--fleet", "fleet_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A fleet file (hosts and workload; see configs/sim/). Default: the built-in mixed fleet.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Multiply the fleet file's host and job counts (0.05: a twentieth, same shape).")
+@click.option("--policy", "policies", multiple=True, help="Policies to compare (default: all).")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def sim(fleet_file: Path | None, scale: float, policies: tuple[str, ...], seed: int, as_json: bool) -> None:
+    """Simulate the dispatch policies on a fleet (the real board and store, virtual time): makespan,
+    deadline misses, Jain fairness, and how long each pick took."""
+    from agent.tools.sim_fleets import FleetFileError, load_scenario
+    from agent.tools.simulate import BUILTIN, describe, format_table, run_simulation
+    from hub.dispatch import POLICIES
+
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        raise BadRequest(f"unknown dispatch policy {', '.join(unknown)} (known: {', '.join(sorted(POLICIES))})")
+    try:
+        scenario = load_scenario(fleet_file, scale) if fleet_file is not None else BUILTIN
+    except FleetFileError as exc:
+        raise BadRequest(f"fleet file: {exc}") from None
+    rows = run_simulation(list(policies) or list(POLICIES), seed, scenario)
+    if as_json:
+        print_json(rows)
+        return
+    click.echo(f"{scenario.name}: {sum(h.count for h in scenario.hosts)} agents; seed {seed}")
+    click.echo(format_table(rows))
+    click.echo(f"\nfleet: {describe(scenario)}")

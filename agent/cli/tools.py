@@ -1,4 +1,4 @@
-"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|abuse|integrity|shards``: the tools in
+"""``panal demo`` and ``panal bench device|chaos|policies|dispatch|fleet|abuse|integrity|shards``: the tools in
 :mod:`agent.tools`."""
 
 from __future__ import annotations
@@ -79,12 +79,36 @@ def bench_policies(policies: tuple[str, ...], seed: int) -> None:
 @click.option("--tasks", type=int, default=20_000, show_default=True)
 @click.option("--slots", type=int, default=8, show_default=True, help="Slots per simulated agent.")
 @click.option("--latency-samples", type=int, default=200, show_default=True)
+@click.option("--latency-only", is_flag=True, help="Only single-task submit-to-result latency (and its steps).")
 @click.option("--json", "as_json", is_flag=True)
-def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, as_json: bool) -> None:
+def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, latency_only: bool,
+                   as_json: bool) -> None:
     """A real hub (TLS, signatures) and N simulated agents running `sleep 0` tasks."""
     from agent.tools.bench_dispatch import run_dispatch_bench
 
-    _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples), as_json)
+    _print_result(run_dispatch_bench(agents, 0 if latency_only else tasks, slots, latency_samples), as_json)
+
+
+@bench.command("fleet")
+@click.option("--agents", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--idle-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="How long the fleet idles, connected, before any work.")
+@click.option("--tasks", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Tasks of the one big sleep-0 job.")
+@click.option("--mixed-tasks", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Tasks of each mixed-fleet job (one needs a GPU, one does not).")
+@click.option("--gpu-share", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Share of agents that report a (simulated) GPU.")
+@click.option("--slots", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--procs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Load processes the agents are spread over.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_fleet(agents: int, idle_s: float, tasks: int, mixed_tasks: int, gpu_share: float, slots: int,
+                procs: int, as_json: bool) -> None:
+    """A real hub and N light simulated agents (real TLS, signatures, long-polls): idle, a big job, a mixed fleet."""
+    from agent.tools.bench_fleet import FleetSize, run_fleet_bench
+
+    _print_result(run_fleet_bench(FleetSize(agents, idle_s, tasks, mixed_tasks, gpu_share, slots, procs)), as_json)
 
 
 @bench.command("abuse")

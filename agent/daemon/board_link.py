@@ -43,11 +43,13 @@ from security.errors import PanalError
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
 
-__all__ = ["UNTRUSTED_COOLDOWN_S", "BoardLink", "LinkOwner", "Running", "outbox_key"]
+__all__ = ["MAX_BOARD_PAUSE_S", "UNTRUSTED_COOLDOWN_S", "BoardLink", "LinkOwner", "Running", "outbox_key"]
 
 log = logging.getLogger(__name__)
 #: after handing back a task from an untrusted submitter, leave that board alone this long
 UNTRUSTED_COOLDOWN_S = 30.0
+#: the longest pause a board's ``retry_after_s`` can ask for (a board that had nothing for us, hub/pacing.py)
+MAX_BOARD_PAUSE_S = 600.0
 
 
 @dataclass
@@ -118,6 +120,7 @@ class BoardLink:
         self.running: dict[str, Running] = {}
         self.flush = asyncio.Event()
         self.lease_ttl_s = 30.0
+        self.max_poll_wait_s = 20.0       # the board's longest long-poll (it says so at registration)
         self.registered = False
         self.done = 0
         self.failed = 0
@@ -258,6 +261,7 @@ class BoardLink:
                 self.lease_ttl_s = float(registered.lease_ttl_s)
                 if registered.standing:
                     self.standing = registered.standing
+                self.max_poll_wait_s = float(registered.max_poll_wait_s)
                 self.registered = True
                 log.info("registered with %s as %s", self.address.url, self.client.identity.id)
                 return
@@ -279,7 +283,7 @@ class BoardLink:
             try:
                 # With several boards, shorter polls: a slot held by an idle board's long-poll is a slot
                 # a busy board cannot use.
-                poll_wait_s = owner.settings.poll_wait_s
+                poll_wait_s = min(owner.settings.poll_wait_s, self.max_poll_wait_s)
                 wait_s = poll_wait_s if owner.board_count <= 1 else min(poll_wait_s, 2.0)
                 reply = await self.client.post("/v1/lease", LeaseRequest(n, wait_s, tuple(sent)), LeaseReply.decode,
                                                timeout_s=wait_s + 15.0)
@@ -309,6 +313,9 @@ class BoardLink:
                 await asyncio.sleep(min(owner.settings.poll_wait_s, 10.0))  # quarantined: don't spin
                 continue
             await owner.slots.release(n - len(tasks))
+            if not tasks and reply.retry_after_s:   # nothing here for us: the board names the pause
+                self.cooldown_until = max(self.cooldown_until,
+                                          time.monotonic() + min(reply.retry_after_s, MAX_BOARD_PAUSE_S))
             if not tasks:
                 await asyncio.sleep(0)  # let other boards' loops take the slot we just gave back
             for assignment in tasks:

@@ -55,6 +55,7 @@ class SimAgent:
         self.slots = slots
         self.token = token      # the admission token `panal agent join` would send (a token-registration hub)
         self.done = 0
+        self.leased_at = 0.0    # perf_counter() when a lease last brought work (the latency steps)
 
     async def register(self) -> None:
         caps = Capabilities.from_dict({"kinds": ["sleep"]})
@@ -73,6 +74,8 @@ class SimAgent:
         while not stop_at.is_set():
             reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, 1.0, results), LeaseReply.decode,
                                            timeout_s=30.0)
+            if reply.tasks:
+                self.leased_at = time.perf_counter()
             results = tuple(self._result(t) for t in reply.tasks)
             self.done += len(results)
         if results:
@@ -91,19 +94,30 @@ async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, 
         solo_task = asyncio.create_task(solo.run(stop_solo))
         await asyncio.sleep(0.2)
         latencies = []
+        steps: dict[str, list[float]] = {"submit": [], "to_lease": [], "to_done": []}
         for i in range(samples):
             envelope = make_envelope(user, _manifest(1, f"lat-{i}"))
             t0 = time.perf_counter()
             job = await submit(submitter, envelope)
+            t1 = time.perf_counter()
             final = await wait_job(submitter, job["id"], 30.0)
-            latencies.append((time.perf_counter() - t0) * 1000)
+            t3 = time.perf_counter()
+            latencies.append((t3 - t0) * 1000)
             assert final["state"] == "succeeded", final
+            # where the time went: the submit round trip; its reply -> the agent holds the task (wake-up,
+            # pick, lease commit, reply); the agent holds it -> the submitter sees the job done (signed
+            # result on the next lease request, its commit, the job's end, the waiting GET's reply)
+            for name, ms in (("submit", t1 - t0), ("to_lease", solo.leased_at - t1), ("to_done", t3 - solo.leased_at)):
+                steps[name].append(ms * 1000)
         stop_solo.set()
         await solo_task
         await solo.client.close()
         latencies.sort()
         out["latency_ms_p50"] = round(statistics.median(latencies), 2)
         out["latency_ms_p99"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)
+        out["latency_steps_ms_p50"] = {name: round(statistics.median(v), 2) for name, v in steps.items()}
+        if tasks <= 0:      # --latency-only
+            return out
 
         # Throughput: N agents drain one job of M sleep-0 tasks.
         fleet = [SimAgent(address, slots) for _ in range(agents)]
@@ -143,3 +157,5 @@ def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int) -> dic
             return asyncio.run(_bench(url, user, agents, tasks, slots, samples, hub.pid))
         finally:
             stop([hub])
+            if hub.stdout is not None:
+                hub.stdout.close()

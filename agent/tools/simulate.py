@@ -11,7 +11,8 @@ Figures: makespan; task turnaround (submission to accepted result) p50/p95/p99; 
 submitter's share of devices while two or more submitters had queued work, and Jain's fairness
 index of each submitter's received / entitled device-time, entitled being a weighted max-min fair
 split of the fleet capped by its demand (1.0: everyone got its fair share); how much A100 time sat idle while
-work was queued; utilisation per device class.
+work was queued; utilisation per device class; how long each dispatch decision took (pick p50/p99).
+Other fleets and workloads come from fleet files (``agent/tools/sim_fleets.py``, ``configs/sim/``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import math
 import random
 import secrets
 import tempfile
+import time
+from bisect import bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from typing import Any
 from hub.board import Board
 from hub.config import HubConfig
 from hub.dispatch import POLICIES
+from hub.dispatch.classes import CapClass, capability_class
 from hub.dispatch.predict import base_seconds
 from hub.records import TaskState
 from hub.sqlite_store import SqliteStore
@@ -41,10 +45,12 @@ from jobs.requirements import Capabilities, Requirements
 from security.identity import Identity
 from security.records import SignedRecord
 
-__all__ = ["FLEET", "Host", "format_table", "run_simulation"]
+__all__ = ["FLEET", "WEIGHTS", "Host", "Scenario", "Workload", "builtin_workload", "format_table", "run_simulation"]
 
 T0 = 1_700_000_000.0
 WEIGHTS = {"lab": 1.0, "infer": 1.0, "bigmodel": 2.0}
+#: (arrival s after the start, submitter, manifest)
+Workload = list[tuple[float, str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ FLEET: tuple[Host, ...] = (
 )
 
 
-def _workload(rng: random.Random) -> list[tuple[float, str, dict[str, Any]]]:
+def builtin_workload(rng: random.Random) -> Workload:
     """(arrival, submitter, manifest): bulk training sweeps, deadline inference, a few 40 GB jobs."""
     out: list[tuple[float, str, dict[str, Any]]] = []
 
@@ -111,6 +117,20 @@ def _workload(rng: random.Random) -> list[tuple[float, str, dict[str, Any]]]:
     return sorted(out, key=lambda item: item[0])
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """A fleet, its submitters' weights and the work they send (a fleet file: ``agent/tools/sim_fleets.py``)."""
+
+    name: str
+    hosts: tuple[Host, ...]
+    weights: Mapping[str, float]
+    workload: Callable[[random.Random], Workload]
+    watch: str | None = None          # a device class whose idle time (while work waits) is reported
+
+
+BUILTIN = Scenario("built-in mixed fleet", FLEET, WEIGHTS, builtin_workload, "A100")
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = T0
@@ -124,6 +144,7 @@ class _Agent:
     host: Host
     identity: Identity
     until: float | None
+    order: int = 0                  # place in the fleet (agents poll in a shuffle of this order)
     busy: str | None = None         # submitter whose task it runs
 
     @property
@@ -131,16 +152,16 @@ class _Agent:
         return self.identity.id
 
 
-def _water_fill(demand: dict[str, int], devices: int) -> dict[str, float]:
+def _water_fill(demand: dict[str, int], devices: int, weights: Mapping[str, float] = WEIGHTS) -> dict[str, float]:
     """Weighted max-min fair split of ``devices`` among submitters, none above its demand."""
     fair: dict[str, float] = {}
     left, open_ = float(devices), dict(demand)
     while open_ and left > 1e-9:
-        total_w = sum(WEIGHTS[w] for w in open_)
-        capped = {w: d for w, d in open_.items() if d - fair.get(w, 0.0) <= left * WEIGHTS[w] / total_w}
+        total_w = sum(weights[w] for w in open_)
+        capped = {w: d for w, d in open_.items() if d - fair.get(w, 0.0) <= left * weights[w] / total_w}
         if not capped:
             for w in open_:
-                fair[w] = fair.get(w, 0.0) + left * WEIGHTS[w] / total_w
+                fair[w] = fair.get(w, 0.0) + left * weights[w] / total_w
             break
         for w, d in capped.items():
             left -= d - fair.get(w, 0.0)
@@ -160,33 +181,47 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-async def _simulate(policy: str, seed: int, directory: Path) -> dict[str, Any]:
+async def _simulate(policy: str, seed: int, directory: Path, scenario: Scenario = BUILTIN) -> dict[str, Any]:
     rng = random.Random(seed * 7919 + 1)
-    workload = _workload(random.Random(seed))
+    workload = scenario.workload(random.Random(seed))
     clock = _Clock()
     config = HubConfig(dispatch_policy=policy, retry_backoff_s=0.0, expiry_interval_s=3600.0,
-                       submitter_weights=dict(WEIGHTS), max_tasks_per_lease=1)
+                       submitter_weights=dict(scenario.weights), max_tasks_per_lease=1)
     board = Board(SqliteStore(directory / f"{policy}.db"), config, clock)
     await board.start()
     try:
-        return await _run(board, clock, rng, workload, policy)
+        return await _run(board, clock, rng, workload, policy, scenario)
     finally:
         await board.stop()
 
 
-async def _run(board: Board, clock: _Clock, rng: random.Random,
-               workload: list[tuple[float, str, dict[str, Any]]], policy: str) -> dict[str, Any]:
+async def _register(board: Board, scenario: Scenario) -> list[_Agent]:
     agents: list[_Agent] = []
-    for host in FLEET:
+    for host in scenario.hosts:
         for _ in range(host.count):
-            caps = dict(host.caps)
             until = T0 + host.window_h * 3600 if host.window_h else None
-            if until is not None:
-                caps["available_until"] = until
-            agent = _Agent(host, Identity.generate(), until)
-            await board.register_agent(agent.identity.public, host.kind, Capabilities.from_dict(caps))
-            agents.append(agent)
-    submitters = {name: Identity.generate() for name in WEIGHTS}
+            agents.append(_Agent(host, Identity.generate(), until, len(agents)))
+
+    async def one(agent: _Agent) -> None:
+        caps = dict(agent.host.caps)
+        if agent.until is not None:
+            caps["available_until"] = agent.until
+        await board.register_agent(agent.identity.public, agent.host.kind, Capabilities.from_dict(caps))
+
+    for i in range(0, len(agents), 512):   # together: the store commits them in groups
+        await asyncio.gather(*(one(agent) for agent in agents[i:i + 512]))
+    return agents
+
+
+async def _run(board: Board, clock: _Clock, rng: random.Random, workload: Workload, policy: str,
+               scenario: Scenario = BUILTIN) -> dict[str, Any]:
+    weights = scenario.weights
+    agents = await _register(board, scenario)
+    classes: dict[str, CapClass] = {a.id: capability_class(board.agents[a.id].caps) for a in agents}
+    may_run: dict[tuple[str, str], bool] = {}
+    picks: list[float] = []
+    board.time_dispatch(picks.append)
+    submitters = {name: Identity.generate() for name in weights}
     names = {ident.id: name for name, ident in submitters.items()}
     events: list[tuple[float, int, str, Any]] = []
     seq = 0
@@ -201,6 +236,20 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
     for agent in agents:
         if agent.until is not None:
             push(agent.until, "depart", agent)
+    departures = sorted(a.until for a in agents if a.until is not None)
+    stay = len(agents) - len(departures)
+
+    def runnable(agent: _Agent, waiting: list[tuple[str, Requirements, str]]) -> bool:
+        """Whether the agent's class may run some queued job (else a lease would find nothing)."""
+        cls = classes[agent.id]
+        for job_id, req, kind in waiting:
+            key = (job_id, cls.key)
+            hit = may_run.get(key)
+            if hit is None:
+                hit = may_run[key] = cls.may_run(req, kind)
+            if hit:
+                return True
+        return False
 
     arrived: dict[str, float] = {}
     deadlines: dict[str, float] = {}
@@ -211,22 +260,42 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
     entitled: defaultdict[str, float] = defaultdict(float)   # device-seconds a weighted max-min share gives
     received: defaultdict[str, float] = defaultdict(float)
     busy_time: defaultdict[str, float] = defaultdict(float)
-    a100_idle, a100_time = 0.0, 0.0
+    busy_kinds: Counter[str] = Counter()      # device class -> busy agents now
+    running: Counter[str] = Counter()         # submitter -> busy agents now
+    watched = sum(1 for a in agents if a.host.kind == scenario.watch)
+    watch_idle, watch_time = 0.0, 0.0
     requirements: dict[str, Requirements] = {}
     failed_attempts = 0
     last = T0
+    idle_set = {a.id: a for a in agents}
+
+    def set_busy(agent: _Agent, who: str | None) -> None:
+        if agent.busy is not None:
+            running[agent.busy] -= 1
+            busy_kinds[agent.host.kind] -= 1
+            idle_set[agent.id] = agent
+        agent.busy = who
+        if who is not None:
+            running[who] += 1
+            busy_kinds[agent.host.kind] += 1
+            idle_set.pop(agent.id, None)
 
     while True:
         now = clock.now
-        idle = [a for a in agents if a.busy is None and (a.until is None or a.until > now)]
+        idle = [a for a in idle_set.values() if a.until is None or a.until > now]
+        idle.sort(key=lambda a: a.order)
         for agent in idle:
             board.agent(agent.id)   # seen now: waiting in a long poll
         rng.shuffle(idle)
-        for agent in idle:
+        waiting = [(j.id, requirements.get(j.id) or Requirements.from_dict(j.requires), j.kind)
+                   for j in board.view.active_jobs() if board.view.counts(j.id).get(TaskState.QUEUED.value, 0)]
+        for agent in idle if waiting else ():
+            if not runnable(agent, waiting):
+                continue
             for assignment in await board.lease(agent.id, 1, 0):
                 job = board.view.job(assignment.job_id)
                 assert job is not None
-                agent.busy = names[job.submitter_id]
+                set_busy(agent, names[job.submitter_id])
                 if job.id not in requirements:
                     requirements[job.id] = Requirements.from_dict(job.requires)
                 push(*_attempt(agent, assignment, requirements[job.id], now, board.config.lease_ttl_s, rng))
@@ -237,22 +306,20 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         dt = at - last
         queued: Counter[str] = Counter()
         for active in board.view.active_jobs():
-            waiting = board.view.counts(active.id).get(TaskState.QUEUED.value, 0)
-            if waiting and (active.deadline_at is None or active.deadline_at > last):  # takeable work
-                queued[names[active.submitter_id]] += waiting
-        running = Counter(a.busy for a in agents if a.busy)
-        demand = {who: queued[who] + running[who] for who in WEIGHTS if queued[who] + running[who]}
+            waiting_n = board.view.counts(active.id).get(TaskState.QUEUED.value, 0)
+            if waiting_n and (active.deadline_at is None or active.deadline_at > last):  # takeable work
+                queued[names[active.submitter_id]] += waiting_n
+        demand = {who: queued[who] + running[who] for who in weights if queued[who] + running[who]}
         if len(demand) >= 2 and queued:
-            present = sum(1 for a in agents if a.until is None or a.until > last)
-            for who, fair in _water_fill(demand, present).items():
+            present = stay + len(departures) - bisect_right(departures, last)
+            for who, fair in _water_fill(demand, present, weights).items():
                 entitled[who] += dt * fair
                 received[who] += dt * running[who]
-        for a in agents:
-            if a.busy:
-                busy_time[a.host.kind] += dt
-            if a.host.kind == "A100" and queued:
-                a100_time += dt
-                a100_idle += dt if a.busy is None else 0.0
+        for kind, n in busy_kinds.items():
+            busy_time[kind] += dt * n
+        if watched and queued:
+            watch_time += dt * watched
+            watch_idle += dt * (watched - busy_kinds[scenario.watch or ""])
         clock.now = last = max(at, last)
         if what == "arrive":
             who, source = data
@@ -268,7 +335,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
                     deadlines[f"{job.id}.{i}"] = job.deadline_at
         elif what == "result":
             agent, assignment, ok, wall = data
-            agent.busy = None
+            set_busy(agent, None)
             payload = {"task_id": assignment.task_id, "job_id": assignment.job_id,
                        "lease_id": assignment.lease_id, "attempt": assignment.attempt, "agent_id": agent.id,
                        "status": "ok" if ok else "failed", "metrics": {"wall_s": wall}}
@@ -279,7 +346,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
             if ok:
                 finished[assignment.task_id] = clock.now
         elif what == "lost":
-            data.busy = None
+            set_busy(data, None)
             await board.sweep()
         # "depart": nothing to do but poll again (others may now be needed)
 
@@ -291,7 +358,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         if all(e is not None for e in ends):
             job_times[who].append((max(e for e in ends if e is not None) - arrived[f"{job_id}.0"]) / 60)
     misses = sum(1 for t, d in deadlines.items() if finished.get(t, math.inf) > d)
-    xs = [min(received[who] / entitled[who], 1.0) for who in WEIGHTS if entitled[who] > 0]
+    xs = [min(received[who] / entitled[who], 1.0) for who in weights if entitled[who] > 0]
     jain = sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else 1.0
     total_dev = sum(received.values()) or 1.0
     per_class = Counter(agent.host.kind for agent in agents)
@@ -300,6 +367,8 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         failed += sum(1 for t in await board.store.get_tasks(job_id) if t.state == TaskState.FAILED)
     return {
         "policy": policy,
+        "scenario": scenario.name,
+        "agents": len(agents),
         "tasks": total_tasks,
         "done": len(finished),
         "failed": failed,
@@ -311,13 +380,17 @@ async def _run(board: Board, clock: _Clock, rng: random.Random,
         "p99_min": _pct(turnaround, 0.99),
         "deadline_tasks": len(deadlines),
         "deadline_misses": misses,
-        "share": {who: received[who] / total_dev for who in WEIGHTS},
-        "fair_ratio": {who: received[who] / entitled[who] if entitled[who] else math.nan for who in WEIGHTS},
+        "share": {who: received[who] / total_dev for who in weights},
+        "fair_ratio": {who: received[who] / entitled[who] if entitled[who] else math.nan for who in weights},
         "jain": jain,
-        "job_mean_min": {who: _mean(job_times[who]) for who in WEIGHTS},
-        "a100_idle_pct": 100 * a100_idle / a100_time if a100_time else 0.0,
+        "job_mean_min": {who: _mean(job_times[who]) for who in weights},
+        "watch": scenario.watch,
+        "a100_idle_pct": 100 * watch_idle / watch_time if watch_time else 0.0,
         "utilisation_pct": {kind: 100 * busy_time[kind] / ((end - T0) * n) if end > T0 else 0.0
                             for kind, n in per_class.items()},
+        "picks": len(picks),
+        "pick_p50_ms": 1000 * _pct(picks, 0.50),
+        "pick_p99_ms": 1000 * _pct(picks, 0.99),
     }
 
 
@@ -336,7 +409,7 @@ def _attempt(agent: _Agent, assignment: Assignment, req: Requirements, now: floa
     return now + wall, "result", (agent, assignment, ok, wall)
 
 
-def run_simulation(policies: list[str], seed: int) -> list[dict[str, Any]]:
+def run_simulation(policies: list[str], seed: int, scenario: Scenario = BUILTIN) -> list[dict[str, Any]]:
     """Simulate each policy on the same fleet and workload; one dict of figures per policy."""
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -344,23 +417,39 @@ def run_simulation(policies: list[str], seed: int) -> list[dict[str, Any]]:
 
     async def all_of() -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="panal-sim-") as directory:
-            return [await _simulate(policy, seed, Path(directory)) for policy in policies]
+            out = []
+            for policy in policies:
+                started = time.perf_counter()
+                row = await _simulate(policy, seed, Path(directory), scenario)
+                out.append({**row, "wall_s": time.perf_counter() - started})
+            return out
 
     return asyncio.run(all_of())
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the figures (what ``python -m agent.tools.simulate`` prints)."""
+    who = list(rows[0]["share"]) if rows else list(WEIGHTS)
+    short = "/".join(w[:5] for w in who)
+    watch = rows[0].get("watch") if rows else "A100"
     head = ["policy", "makespan h", "p50 min", "p95 min", "p99 min", "deadline misses", "failed attempts",
-            "Jain", "share lab/infer/big %", "job mean min lab/infer/big", "A100 idle %"]
+            "Jain", f"share {short} %", f"job mean min {short}", f"{watch or '-'} idle %", "pick p50/p99 ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        share = "/".join(f"{100 * r['share'][w]:.0f}" for w in WEIGHTS)
-        jobs = "/".join(f"{r['job_mean_min'][w]:.0f}" for w in WEIGHTS)
+        share = "/".join(f"{100 * r['share'][w]:.0f}" for w in who)
+        jobs = "/".join(f"{r['job_mean_min'][w]:.0f}" for w in who)
         lines.append(f"| {r['policy']} | {r['makespan_h']:.2f} | {r['p50_min']:.1f} | {r['p95_min']:.1f} | "
                      f"{r['p99_min']:.1f} | {r['deadline_misses']}/{r['deadline_tasks']} | "
-                     f"{r['failed_attempts']} | {r['jain']:.3f} | {share} | {jobs} | {r['a100_idle_pct']:.0f} |")
+                     f"{r['failed_attempts']} | {r['jain']:.3f} | {share} | {jobs} | {r['a100_idle_pct']:.0f} | "
+                     f"{r['pick_p50_ms']:.2f}/{r['pick_p99_ms']:.2f} |")
     return "\n".join(lines)
+
+
+def describe(scenario: Scenario) -> str:
+    """The fleet in one line: count x class, with how its hosts misbehave."""
+    return ", ".join(f"{h.count} x {h.kind}" + (" (throttled)" if h.true_speed < 1 else "")
+                     + (" (flaky)" if h.error_rate else "") + (f" (leaves at {h.window_h:g} h)" if h.window_h else "")
+                     for h in scenario.hosts if h.count)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -370,10 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = run_simulation(args.policy or list(POLICIES), args.seed)
     print(format_table(rows))
-    fleet = ", ".join(f"{h.count} x {h.kind}" + (" (throttled)" if h.true_speed < 1 else "")
-                      + (" (flaky)" if h.error_rate else "") + (f" (leaves at {h.window_h:g} h)" if h.window_h else "")
-                      for h in FLEET)
-    print(f"\nfleet: {fleet}\nweights: {WEIGHTS}; seed {args.seed}")
+    print(f"\nfleet: {describe(BUILTIN)}\nweights: {WEIGHTS}; seed {args.seed}")
     print("utilisation %: " + "; ".join(
         f"{r['policy']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["utilisation_pct"].items()) for r in rows))
 

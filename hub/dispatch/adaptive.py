@@ -38,6 +38,9 @@ class ErrorRates:
     def __init__(self, alpha: float = 0.3, half_life_s: float = 1800.0) -> None:
         self.alpha, self.half_life_s = alpha, half_life_s
         self._rates: dict[tuple[str, str], tuple[float, int, float]] = {}   # -> (rate, attempts, as of)
+        #: kind -> agents whose rate was above the limit when last recorded: a rate only decays between
+        #: records, so no other agent can be above it now (``high`` asks the 10,000 others nothing)
+        self._flagged: dict[str, set[str]] = {}
 
     def rate(self, agent_id: str, kind: str, now: float) -> float:
         rate, attempts, at = self._rates.get((agent_id, kind), (0.0, 0, now))
@@ -50,9 +53,14 @@ class ErrorRates:
         rate *= math.pow(0.5, max(now - at, 0.0) / self.half_life_s)
         rate = float(failed) if attempts == 0 else (1 - self.alpha) * rate + self.alpha * float(failed)
         self._rates[(agent_id, kind)] = (rate, attempts + 1, now)
+        if attempts + 1 >= MIN_ATTEMPTS and rate > MAX_ERROR_RATE:
+            self._flagged.setdefault(kind, set()).add(agent_id)
+        else:
+            self._flagged.get(kind, set()).discard(agent_id)
 
     def high(self, agent_id: str, kind: str, now: float) -> bool:
-        return self.rate(agent_id, kind, now) > MAX_ERROR_RATE
+        flagged = self._flagged.get(kind)
+        return flagged is not None and agent_id in flagged and self.rate(agent_id, kind, now) > MAX_ERROR_RATE
 
 
 class Adaptive:

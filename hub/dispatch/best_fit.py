@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.predict import Predictor, candidate_jobs, slots_of
-from jobs.requirements import Capabilities, unmet
+from hub.fleet import derived
+from jobs.requirements import Capabilities
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
@@ -44,13 +45,14 @@ class BestFit:
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now, queues = view.now(), view.queues
         fleet = view.connected()
-        mine = capability(agent.caps)
-        smaller = [b for b in fleet if b is not agent and b.refused is None
-                   and len(b.running) < slots_of(b) and capability(b.caps) < mine]
+        mine = derived(agent, "capability", capability)
+        smaller = [b for b in fleet if b is not agent and b.refused is None and b.quiet_until <= now
+                   and len(b.running) < slots_of(b) and derived(b, "capability", capability) < mine]
         ranked = []
+        around = {b.row.id for b in fleet}
         for position, job_id in enumerate(candidate_jobs(queues, agent)):
-            job, req = queues.job(job_id), queues.requirements(job_id)
-            scarcity = sum(1 for b in fleet if not unmet(req, job.kind, b.caps))
+            job = queues.job(job_id)
+            scarcity = len(around.intersection(view.capable(job_id)))
             ranked.append((-job.priority, scarcity, position, job_id))
         ranked.sort()
         picked: list[TaskRow] = []
@@ -72,8 +74,9 @@ class BestFit:
         if task is None:
             return 0
         well = max(WELL_FACTOR * self.predictor.predict(agent, job, task, req), WELL_S)
+        capable = view.capable(job_id)
         return sum(slots_of(b) - len(b.running) for b in smaller
-                   if not unmet(req, job.kind, b.caps) and self.predictor.misfit(b, job, task, req, now) is None
+                   if b.row.id in capable and self.predictor.misfit(b, job, task, req, now) is None
                    and self.predictor.predict(b, job, task, req) <= well)
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,

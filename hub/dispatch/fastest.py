@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.predict import Predictor, candidate_jobs
-from jobs.requirements import unmet
+from hub.fleet import available_until
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
@@ -32,15 +32,14 @@ class SoonestGate:
 
     def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
                  avoid: Avoid | None = None) -> None:
-        self.queues, self.agent, self.predictor, self.now = view.queues, agent, predictor, now
+        self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
         self.avoid = avoid
-        self.others = [(b, predictor.free_at(b, now)) for b in view.connected()
-                       if b is not agent and b.refused is None]
+        free_at = predictor.free_at
+        self.others = [(b, free_at(b, now)) for b in view.connected() if b is not agent and b.refused is None]
 
     def _rivals(self, job_id: str) -> list[tuple[AgentState, float]]:
-        job, req = self.queues.job(job_id), self.queues.requirements(job_id)
-        return [(b, free) for b, free in self.others
-                if not unmet(req, job.kind, b.caps) and not (self.avoid and self.avoid(b, job.kind))]
+        kind, capable, avoid = self.queues.job(job_id).kind, self.view.capable(job_id), self.avoid
+        return [(b, free) for b, free in self.others if b.row.id in capable and not (avoid and avoid(b, kind))]
 
     def has_rival(self, job_id: str) -> bool:
         """Whether another connected agent could run the job at all."""
@@ -54,13 +53,21 @@ class SoonestGate:
         queued = self.queues.queued(job_id)
         my_end = self.now + self.predictor.predict(self.agent, job, task, req)
         ahead = 0
+        predict, deadline = self.predictor.predict, job.deadline_at
         for b, free in self._rivals(job_id):
-            if free >= my_end or self.predictor.misfit(b, job, task, req, free) is not None:
+            if free >= my_end:
                 continue
-            runtime = self.predictor.predict(b, job, task, req)
+            runtime = predict(b, job, task, req)
             if runtime <= 0:
                 continue
-            ahead += max(math.ceil((my_end - free) / runtime - 1e-9) - 1, 0)
+            n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+            if n <= 0:
+                continue   # finishes none before this agent would: whether it fits does not matter
+            # Predictor.misfit, with the runtime already known: must finish by the deadline and its window
+            end, until = free + runtime, available_until(b)
+            if (deadline is not None and end > deadline) or (until is not None and end > until):
+                continue
+            ahead += n
             if ahead >= queued:
                 return 0
         return queued - ahead

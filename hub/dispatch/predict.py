@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from hub.fleet import available_until
+from hub.fleet import available_until, derived
 from jobs.catalog import get_kind
 from jobs.kinds.base import Cost
 from jobs.requirements import Capabilities, Gpu, Requirements, unmet
@@ -67,9 +67,13 @@ def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapp
     return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
 
 
-def slots_of(agent: AgentState) -> int:
-    value = agent.caps.raw.get("slots")
+def _slots(caps: Capabilities) -> int:
+    value = caps.raw.get("slots")
     return max(int(value), 1) if isinstance(value, int | float) else 1
+
+
+def slots_of(agent: AgentState) -> int:
+    return derived(agent, "slots", _slots)
 
 
 def candidate_jobs(queues: QueueView, agent: AgentState) -> list[str]:
@@ -141,9 +145,9 @@ class Predictor:
         return None
 
     def free_at(self, agent: AgentState, now: float) -> float:
-        """When the agent is predicted to have a free slot."""
+        """When the agent is predicted to have a free slot (an idle agent told to pause: when it asks again)."""
         if len(agent.running) < slots_of(agent):
-            return now
+            return max(now, agent.quiet_until)
         ends = [self.leased[t][3] for t in agent.running if t in self.leased]
         return max(min(ends), now) if ends else now
 

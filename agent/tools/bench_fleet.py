@@ -1,0 +1,303 @@
+"""``panal bench fleet``: what a big fleet of connected agents costs one hub process.
+
+A real ``panal hub serve`` process (TLS, signed requests, SQLite) and N light simulated agents spread
+over a few load processes, each agent with its own key, its own pinned TLS connection and the long-poll
+of a real agent (``poll_wait_s`` 20 s, capped by the board; a ``retry_after_s`` pause honoured, as
+``agent/daemon/board_link.py`` does). Agents answer ``sleep 0`` tasks at once with real signed results
+riding on their next lease request. Phases, one after the other:
+
+1. idle: every agent connected, no work, for ``idle_s``: the hub's CPU share of one core and its RSS per agent;
+2. drain: one job of ``tasks`` ``sleep 0`` tasks: time to drain, lease round trip p50/p99 (of busy agents:
+   requests that carried results and brought work), hub CPU per task, lease wake-ups per dispatched task
+   (``panal_lease_wakeups_total``);
+3. mixed: a share of the agents report a (fake) GPU; a job that needs one and a job any agent can run are
+   submitted together: the same figures, and how many GPU tasks went to an agent without one.
+
+Every task id leased is reported back, so a run also says whether any task was leased twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import resource
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.client.board import BoardClient
+from agent.client.submitting import make_envelope, submit, wait_job
+from agent.tools.bench_dispatch import SimAgent
+from agent.tools.demo import start_hub, stop
+from jobs.manifest import Manifest
+from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
+from jobs.requirements import Capabilities
+from security.identity import Identity
+from security.tls import BoardAddress
+
+__all__ = ["FleetSize", "run_fleet_bench"]
+
+POLL_WAIT_S = 20.0     # agent/daemon/settings.py DaemonSettings.poll_wait_s: a real agent's long-poll
+FAKE_GPU = {"name": "Simulated RTX 3060", "backend": "cuda", "vram_gb": 12.0, "gflops_fp32": 12_000.0}
+
+
+@dataclass(frozen=True)
+class FleetSize:
+    """How big a fleet, and how long each phase."""
+
+    agents: int = 1000
+    idle_s: float = 60.0
+    tasks: int = 100_000
+    mixed_tasks: int = 10_000        # each of the two mixed jobs
+    gpu_share: float = 0.25          # agents that report a GPU
+    slots: int = 4                   # per agent
+    procs: int = 2                   # load processes the agents are spread over
+
+
+class FleetAgent(SimAgent):
+    """A :class:`SimAgent` on one connection, long-polling as a real agent does, recording what it leased."""
+
+    def __init__(self, address: BoardAddress, slots: int, gpu: bool) -> None:
+        super().__init__(address, slots)
+        self.client = BoardClient(address, self.identity, retry_for_s=120.0, connections=1)
+        self.gpu = gpu
+        self.poll_wait_s = POLL_WAIT_S
+        #: (wall time, round trip ms) of a busy agent's leases: they carried results and brought work. A request
+        #: parked before work appeared is left out: its round trip is mostly the wait, not the hub's service.
+        self.leases: list[tuple[float, float]] = []
+        self.leased: list[str] = []                     # task ids, in order
+        self.jobs: Counter[str] = Counter()             # tasks leased per job
+        self.outcomes: Counter[str] = Counter()
+
+    async def register(self) -> None:
+        caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots}
+        if self.gpu:
+            caps["gpus"] = [FAKE_GPU]
+        registered = await self.client.post("/v1/agents", Registration(self.identity.public, "sim",
+                                                                       Capabilities.from_dict(caps)),
+                                            Registered.decode)
+        self.poll_wait_s = min(POLL_WAIT_S, float(registered.max_poll_wait_s))
+
+    async def run(self, stop_at: asyncio.Event) -> None:
+        results: tuple[Any, ...] = ()
+        while not stop_at.is_set():
+            t0 = time.perf_counter()
+            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results),
+                                           LeaseReply.decode, timeout_s=self.poll_wait_s + 60.0)
+            self.outcomes.update(o.status.value for o in reply.results)
+            if reply.tasks:
+                if results:
+                    self.leases.append((time.time(), (time.perf_counter() - t0) * 1000))
+                self.leased.extend(t.task_id for t in reply.tasks)
+                self.jobs.update(t.job_id for t in reply.tasks)
+            elif reply.retry_after_s:
+                await asyncio.sleep(reply.retry_after_s)
+            results = tuple(self._result(t) for t in reply.tasks)
+
+
+async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection) -> None:
+    address = BoardAddress.parse(url)
+    agents = [FleetAgent(address, slots, gpu=i < gpus) for i in range(count)]
+    gate = asyncio.Semaphore(64)    # registrations in flight from this process
+
+    async def register(agent: FleetAgent) -> None:
+        async with gate:
+            await agent.register()
+
+    await asyncio.gather(*(register(a) for a in agents))
+    stop_at = asyncio.Event()
+    runners = [asyncio.create_task(a.run(stop_at)) for a in agents]
+    conn.send("registered")
+    told = asyncio.Event()
+    asyncio.get_running_loop().add_reader(conn.fileno(), told.set)
+    await told.wait()               # the main process says stop once every job is done
+    stop_at.set()
+    failed = [r.exception() for r in runners if r.done() and not r.cancelled() and r.exception()]
+    for runner in runners:
+        runner.cancel()
+    await asyncio.gather(*runners, return_exceptions=True)
+    for agent in agents:
+        await agent.client.close()
+    conn.send([{"gpu": a.gpu, "leases": a.leases, "leased": a.leased, "jobs": dict(a.jobs),
+                "outcomes": dict(a.outcomes)} for a in agents]
+              + [{"error": f"{type(e).__name__}: {e}"} for e in failed])
+
+
+def _load_process(url: str, count: int, gpus: int, slots: int, conn: Connection) -> None:
+    """A load process: ``count`` agents (the first ``gpus`` with a GPU) until the main process says stop."""
+    _raise_fd_limit()
+    asyncio.run(_load(url, count, gpus, slots, conn))
+
+
+def _raise_fd_limit() -> None:
+    """Every agent holds a connection (and the hub one per agent): lift the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _manifest(n_tasks: int, name: str, gpu: bool = False) -> Manifest:
+    spec: dict[str, Any] = {"task": "sleep", "sweep": {"seconds": [0.0] * n_tasks}}
+    if gpu:
+        spec["requires"] = {"device": "gpu"}
+    return Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": name}, "spec": spec},
+                              max_tasks=max(n_tasks, 1))
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 2)
+
+
+class Hub:
+    """The hub process as this machine sees it: CPU seconds, RSS and its ``/metrics`` counters."""
+
+    def __init__(self, pid: int, client: BoardClient) -> None:
+        self.proc, self.client = psutil.Process(pid), client
+
+    def cpu_s(self) -> float:
+        times = self.proc.cpu_times()
+        return float(times.user + times.system)
+
+    def rss_mb(self) -> float:
+        return round(self.proc.memory_info().rss / 2**20, 1)
+
+    async def counter(self, name: str) -> float:
+        async with self.client.session().get(self.client.address.url + "/metrics") as response:
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise RuntimeError(f"{name} is not in the hub's /metrics")
+
+
+@dataclass
+class Window:
+    """One phase's clocks and counters, read at its start and its end."""
+
+    wall: float = 0.0
+    t0: float = 0.0
+    cpu: float = 0.0
+    wakeups: float = 0.0
+
+    @classmethod
+    async def start(cls, hub: Hub) -> Window:
+        return cls(time.time(), time.perf_counter(), hub.cpu_s(), await hub.counter("panal_lease_wakeups_total"))
+
+    async def figures(self, hub: Hub, tasks: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t0
+        cpu = hub.cpu_s() - self.cpu
+        wakeups = await hub.counter("panal_lease_wakeups_total") - self.wakeups
+        return {"seconds": round(elapsed, 2), "tasks_per_s": round(tasks / elapsed, 1) if tasks else None,
+                "hub_cpu_share_of_core": round(cpu / elapsed, 3),
+                "hub_cpu_ms_per_task": round(cpu * 1000 / tasks, 3) if tasks else None,
+                "wakeups_per_task": round(wakeups / tasks, 3) if tasks else None, "wakeups": int(wakeups),
+                "window": (self.wall, time.time())}
+
+
+async def _phases(url: str, user: Identity, hub_pid: int, rss0: float, size: FleetSize,
+                  loads: list[Connection]) -> dict[str, Any]:
+    out: dict[str, Any] = {"size": dataclasses.asdict(size), "load_before": os.getloadavg()}
+    async with BoardClient(BoardAddress.parse(url), user, retry_for_s=120.0) as submitter:
+        hub = Hub(hub_pid, submitter)
+        out["hub_rss_mb_no_agents"] = rss0
+        t0 = time.perf_counter()
+        for conn in loads:
+            await asyncio.to_thread(conn.recv)      # "registered"
+        out["register_seconds"] = round(time.perf_counter() - t0, 2)
+
+        idle = await Window.start(hub)
+        await asyncio.sleep(size.idle_s)
+        out["idle"] = await idle.figures(hub, 0)
+        out["idle"]["hub_rss_mb"] = rss1 = hub.rss_mb()
+        out["idle"]["hub_rss_kb_per_agent"] = round((rss1 - rss0) * 1024 / max(size.agents, 1), 1)
+
+        drain = await Window.start(hub)
+        job = await submit(submitter, make_envelope(user, _manifest(size.tasks, "fleet-drain")))
+        final = await wait_job(submitter, job["id"], 3600.0)
+        out["drain"] = await drain.figures(hub, size.tasks) | {"state": final["state"], "job": job["id"]}
+
+        mixed = await Window.start(hub)
+        jobs = [await submit(submitter, make_envelope(user, _manifest(size.mixed_tasks, f"fleet-{kind}", gpu)))
+                for kind, gpu in (("gpu", True), ("cpu", False))]
+        finals = [await wait_job(submitter, j["id"], 3600.0) for j in jobs]
+        out["mixed"] = await mixed.figures(hub, 2 * size.mixed_tasks) | {
+            "states": [f["state"] for f in finals], "gpu_job": jobs[0]["id"]}
+        out["hub_rss_mb_end"] = hub.rss_mb()
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def _combine(out: dict[str, Any], reports: list[dict[str, Any]], gpu_job: str) -> dict[str, Any]:
+    """The agents' side: lease round trips per phase, tasks leased twice, GPU tasks on CPU-only agents."""
+    out["agent_errors"] = [r["error"] for r in reports if "error" in r][:10]
+    reports = [r for r in reports if "error" not in r]
+    leased = Counter(task for r in reports for task in r["leased"])
+    out["tasks_leased"] = len(leased)
+    out["tasks_leased_twice"] = sum(1 for n in leased.values() if n > 1)
+    out["outcomes"] = dict(sum((Counter(r["outcomes"]) for r in reports), Counter()))
+    out["gpu_tasks_on_cpu_agents"] = sum(r["jobs"].get(gpu_job, 0) for r in reports if not r["gpu"])
+    for phase in ("drain", "mixed"):
+        lo, hi = out[phase].pop("window")
+        times = [ms for r in reports for at, ms in r["leases"] if lo <= at <= hi]
+        out[phase]["lease_ms_p50"] = round(statistics.median(times), 2) if times else None
+        out[phase]["lease_ms_p99"] = _pct(times, 0.99)
+    out["idle"].pop("window")
+    return out
+
+
+def run_fleet_bench(size: FleetSize) -> dict[str, Any]:
+    if size.agents < 1 or size.procs < 1 or size.tasks < 1:
+        raise ValueError("agents, procs and tasks must be at least 1")
+    _raise_fd_limit()
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="panal-fleet-") as tmp:
+        user_home = Path(tmp) / "user"
+        headroom = 2 * size.agents + 256
+        hub, url = start_hub(Path(tmp) / "hub", user_home, settings={
+            "max_tasks_per_job": max(size.tasks, size.mixed_tasks, 10_000),
+            "max_connections": max(4096, headroom), "max_long_polls": max(2048, headroom)})
+        rss0 = round(psutil.Process(hub.pid).memory_info().rss / 2**20, 1)
+        procs: list[Any] = []
+        loads: list[Connection] = []
+        try:
+            per = [size.agents // size.procs + (i < size.agents % size.procs) for i in range(size.procs)]
+            gpus = round(size.agents * size.gpu_share)
+            for i, count in enumerate(per):
+                mine, theirs = ctx.Pipe()
+                share = min(count, max(0, gpus - sum(per[:i])))
+                proc = ctx.Process(target=_load_process, args=(url, count, share, size.slots, theirs), daemon=True)
+                proc.start()
+                theirs.close()      # a load process that dies then ends our recv with EOFError, not a hang
+                procs.append(proc)
+                loads.append(mine)
+            user = Identity.load(user_home / "user.key")
+            out = asyncio.run(_phases(url, user, hub.pid, rss0, size, loads))
+            reports: list[dict[str, Any]] = []
+            for conn in loads:
+                conn.send("stop")
+                reports.extend(conn.recv())
+            return _combine(out, reports, out["mixed"]["gpu_job"])
+        finally:
+            for proc in procs:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+            for conn in loads:
+                conn.close()
+            with contextlib.suppress(Exception):
+                stop([hub])
+            if hub.stdout is not None:
+                hub.stdout.close()

@@ -1,0 +1,25 @@
+"""``panal bench fleet`` in a small configuration: a real hub, real load processes, every phase. Outcomes only
+(every task leased exactly once, jobs done, GPU work only on GPU agents, every figure reported), never timing."""
+
+from __future__ import annotations
+
+from agent.tools.bench_fleet import FleetSize, run_fleet_bench
+
+
+def test_fleet_bench_runs_every_phase_and_does_each_task_once() -> None:
+    size = FleetSize(agents=8, idle_s=0.5, tasks=300, mixed_tasks=100, gpu_share=0.25, slots=2, procs=2)
+    report = run_fleet_bench(size)
+
+    assert report["agent_errors"] == []
+    assert report["drain"]["state"] == "succeeded"
+    assert report["mixed"]["states"] == ["succeeded", "succeeded"]
+    assert report["tasks_leased"] == size.tasks + 2 * size.mixed_tasks
+    assert report["tasks_leased_twice"] == 0
+    assert report["gpu_tasks_on_cpu_agents"] == 0
+    for field in ("hub_cpu_share_of_core", "hub_rss_mb", "hub_rss_kb_per_agent"):
+        assert isinstance(report["idle"][field], float | int), field
+    for phase in ("drain", "mixed"):
+        for field in ("seconds", "tasks_per_s", "hub_cpu_ms_per_task", "wakeups_per_task", "lease_ms_p50",
+                      "lease_ms_p99"):
+            assert isinstance(report[phase][field], float | int), (phase, field)
+    assert {"load_before", "load_after", "hub_rss_mb_no_agents", "hub_rss_mb_end", "register_seconds"} <= set(report)
