@@ -10,7 +10,7 @@ queue is longer than they can clear. Predictions learn from observed wall times 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.predict import Predictor, candidate_jobs
@@ -37,13 +37,14 @@ class SoonestGate:
         free_at = predictor.free_at
         self.others = [(b, free_at(b, now)) for b in view.connected() if b is not agent and b.refused is None]
 
-    def _rivals(self, job_id: str) -> list[tuple[AgentState, float]]:
+    def _rivals(self, job_id: str) -> Iterator[tuple[AgentState, float]]:
+        """Lazily: ``share`` usually stops long before the last of 10,000 agents."""
         kind, capable, avoid = self.queues.job(job_id).kind, self.view.capable(job_id), self.avoid
-        return [(b, free) for b, free in self.others if b.row.id in capable and not (avoid and avoid(b, kind))]
+        return ((b, free) for b, free in self.others if b.row.id in capable and not (avoid and avoid(b, kind)))
 
     def has_rival(self, job_id: str) -> bool:
         """Whether another connected agent could run the job at all."""
-        return bool(self._rivals(job_id))
+        return next(self._rivals(job_id), None) is not None
 
     def share(self, job_id: str) -> int:
         job, req = self.queues.job(job_id), self.queues.requirements(job_id)
