@@ -14,17 +14,22 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.predict import Predictor, candidate_jobs
-from hub.fleet import available_until
+from hub.fleet import available_until, derived
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
     from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
+    from jobs.requirements import Capabilities
 
 __all__ = ["Fastest", "SoonestGate"]
 
 #: an agent skipped for a job kind (e.g. by ``adaptive`` for its error rate)
 Avoid = Callable[["AgentState", str], bool]
+
+
+def _speed(caps: Capabilities) -> float:
+    return max([caps.cpu_gflops, *(g.gflops_fp32 for g in caps.gpus)])
 
 
 class SoonestGate:
@@ -35,7 +40,10 @@ class SoonestGate:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
         self.avoid = avoid
         free_at = predictor.free_at
-        self.others = [(b, free_at(b, now)) for b in view.connected() if b is not agent and b.refused is None]
+        # Fastest devices first: ``share`` adds what each rival finishes first and stops once they cover the
+        # queue; the sum does not depend on the order, only how soon it stops does.
+        self.others = sorted(((b, free_at(b, now)) for b in view.connected() if b is not agent and b.refused is None),
+                             key=lambda item: -derived(item[0], "speed", _speed))
 
     def _rivals(self, job_id: str) -> Iterator[tuple[AgentState, float]]:
         """Lazily: ``share`` usually stops long before the last of 10,000 agents."""
