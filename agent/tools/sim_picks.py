@@ -176,8 +176,9 @@ def main() -> None:
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     from hub.dispatch import POLICIES
-    for row in measure_picks(args.policy or list(POLICIES), args.agents, args.tasks, args.jobs, args.picks,
-                             args.fleet, args.seed, args.fill):
+    for policy in args.policy or list(POLICIES):   # one at a time: each row is out as soon as it is measured
+        [row] = measure_picks([policy], args.agents, args.tasks, args.jobs, args.picks, args.fleet, args.seed,
+                              args.fill)
         print(json.dumps({"label": args.label, **{k: round(v, 3) if isinstance(v, float) else v
                                                    for k, v in row.items()}}), flush=True)
 
