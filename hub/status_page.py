@@ -9,7 +9,9 @@ Server-Sent Events.
 
 Scale (:mod:`hub.status_snapshot`): the snapshot is built once per interval by one task, not per request
 or per viewer; every viewer gets the same encoded frame, ``/v1/status`` the same bytes, and the agent and
-job tables are paged. Live viewers are capped (``max_status_viewers``): one more gets a 503 with
+job tables are paged and searched over the snapshot. Per kind (:mod:`hub.status_kinds`): backlog, tasks in
+progress, recent run times and failure rate, and why work waits (:mod:`hub.status_waiting`, bounded per
+snapshot); a 24-hour history in 10-minute buckets is kept in the store (:mod:`hub.status_history`). Live viewers are capped (``max_status_viewers``): one more gets a 503 with
 Retry-After, and the page then polls ``/v1/status`` instead.
 
 Privacy: everything here is public. It carries ids (key fingerprints), names, device models and
@@ -33,7 +35,11 @@ from aiohttp import web
 from hub.fleet import AgentState
 from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, TaskRow, TaskState
+from hub.status_history import BUCKET_S, StatusHistory
+from hub.status_kinds import KindStats
 from hub.status_snapshot import Page, Snapshot, agent_order, page_of
+from hub.status_waiting import WaitingExplainer
+from hub.store import Store
 from jobs.wire import JSON, encode_body
 
 __all__ = ["FEED_KEY", "StatusFeed", "agent_state", "public_job"]
@@ -71,8 +77,11 @@ class StatusFeed:
     """What the status page shows beyond the board's own state; fans frames out to live viewers."""
 
     def __init__(self, view: BoardView, max_viewers: int = 100,
-                 standing: Callable[[str], dict[str, Any]] | None = None) -> None:
+                 standing: Callable[[str], dict[str, Any]] | None = None, store: Store | None = None) -> None:
         self.view = view
+        self.kinds = KindStats()                             # recent attempts per kind
+        self.day = StatusHistory(store)                      # 24 hours in 10-minute buckets, kept in the store
+        self.waiting = WaitingExplainer(view.waiting_because)
         #: an agent's credit (validated work only), invalid results and reputation (hub/trust/)
         self.standing = standing or (lambda _agent_id: {})
         self.max_viewers = max_viewers
@@ -104,6 +113,8 @@ class StatusFeed:
                         metrics: dict[str, Any]) -> None:
         """A BoardObserver: count the attempt in its minute (credit is the trust part's: validated work only)."""
         self._changes += 1
+        self.kinds.settled(job, ok, metrics)
+        self.day.count(self.view.now(), ok)
         minute = int(self.view.now() // 60)
         self.history.setdefault(minute, Counter())["done" if ok else "failed"] += 1
         for old in [m for m in self.history if m <= minute - HISTORY_MINUTES]:
@@ -167,6 +178,10 @@ class StatusFeed:
             self._end(queue)
 
     async def start(self) -> None:
+        try:
+            await self.day.load(self.view.now())
+        except Exception:
+            log.exception("could not read the status history; it starts empty")
         self._ticker = asyncio.create_task(self._tick_forever(), name="panal-status-feed")
 
     async def stop(self) -> None:
@@ -174,6 +189,10 @@ class StatusFeed:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        try:
+            await self.day.flush(self.view.now(), force=True)
+        except Exception:
+            log.exception("could not write the status history")
 
     async def _tick_forever(self) -> None:
         while True:
@@ -224,11 +243,11 @@ class StatusFeed:
 
     async def page(self, snap: Snapshot, page: Page) -> dict[str, Any]:
         """The snapshot with the asked-for pages of the agent and job tables (rows read live)."""
-        ids, agent_page = page_of(snap.agent_ids, page.agents_offset, page.agents_limit)
+        ids, agent_page = page_of(snap.agents_matching(*page.agent_search), page.agents_offset, page.agents_limit)
         agents = self.view.agents
         online = snap.base["online_ids"]
         agent_rows = [self._agent_row(agents[i], i in online) for i in ids if i in agents]
-        ids, job_page = page_of(snap.job_ids, page.jobs_offset, page.jobs_limit)
+        ids, job_page = page_of(snap.jobs_matching(*page.job_search), page.jobs_offset, page.jobs_limit)
         job_rows, recent = [], self._recent_rows
         for job_id in ids:
             live = self.view.job(job_id)
@@ -270,8 +289,10 @@ class StatusFeed:
         base = {"agents": {"registered": len(by_agent)}, "jobs": {"active": view.active_count()},
                 "tasks": {state.value: n for state, n in view.task_totals().items()}, "stats": dict(view.stats)}
         await self._load_recent()
-        active = [job.id for job in view.active_jobs()]
+        active_jobs = view.active_jobs()
+        active = [job.id for job in active_jobs]
         active_set = set(active)
+        kinds = await self._work(active_jobs, now)
         snap = Snapshot(base={
             **base,
             "generated_at": now,
@@ -283,10 +304,16 @@ class StatusFeed:
             "tflops_online": round(gflops / 1000.0, 6),   # to 1 MFLOPS: a CPU fleet is not 0
             "throughput": self._throughput(now),
             "events": list(self.events),
+            "kinds": kinds,
+            "history": self._history(now),
             "online_ids": online_ids,
         }, agent_ids=order,
             job_ids=active + [i for i in self._recent_rows if i not in active_set],
-            fingerprint=fingerprint, built_at=asyncio.get_running_loop().time())
+            fingerprint=fingerprint, built_at=asyncio.get_running_loop().time(),
+            agent_index={a.row.id: (f"{a.row.name} {a.row.id}".lower(), by_agent[a.row.id]) for a in agents},
+            job_index={**{r["id"]: (f"{r['name']} {r['id']}".lower(), r["state"], r["kind"])
+                          for r in self._recent_jobs or []},
+                       **{j.id: (f"{j.name} {j.id}".lower(), j.state.value, j.kind) for j in active_jobs}})
         snap.body = await self.page(snap, Page())
         snap.json = encode_body(snap.body, JSON)
         snap.frame = b"event: status\ndata: " + snap.json + b"\n\n"
@@ -327,7 +354,7 @@ class StatusFeed:
         settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
         row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
         if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
-            row["waiting_because"] = view.waiting_because(job.id)
+            row["waiting_because"] = self.waiting.job_lines(job.id)
         return row
 
     @property
@@ -351,6 +378,35 @@ class StatusFeed:
         if known is not None:
             return known
         return dict(Counter(t.state.value for t in await self.view.tasks(job.id)))
+
+    async def _work(self, active: list[JobRow], now: float) -> list[dict[str, Any]]:
+        """The per-kind table with why work waits (explained per group of jobs, bounded), and the history's
+        sample of the fleet and backlog."""
+        view, waiting = self.view, self.waiting
+        waiting.begin()
+        connected = view.connected_agents()
+        for start in range(0, len(connected), BUILD_CHUNK):
+            waiting.fold(connected[start:start + BUILD_CHUNK])
+            await asyncio.sleep(0)
+        counted = [(job, view.task_counts(job.id)) for job in active]
+        for job, counts in counted:
+            if counts.get(TaskState.QUEUED):
+                waiting.add_job(job, view.requirements(job.id), counts[TaskState.QUEUED])
+        waiting.explain(now)
+        kinds = {row["kind"] for row in self.kinds.table(counted, {})}
+        table = self.kinds.table(counted, {kind: waiting.kind_lines(kind) for kind in kinds})
+        self.day.sample(now, len(connected), sum(counts.get(TaskState.QUEUED, 0) for _, counts in counted))
+        try:
+            await self.day.flush(now)
+        except Exception:
+            log.exception("could not write the status history; will retry")
+        return table
+
+    def _history(self, now: float) -> dict[str, Any]:
+        """The last day as columns (144 buckets: a few KB in every frame)."""
+        rows = self.day.rows(now)
+        return {"bucket_s": BUCKET_S, "start": rows[0]["start"],
+                **{key: [r[key] for r in rows] for key in ("done", "failed", "agents", "backlog")}}
 
     def _throughput(self, now: float) -> list[dict[str, Any]]:
         minute = int(now // 60)
