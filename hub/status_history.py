@@ -48,7 +48,7 @@ class StatusHistory:
             mine = self.buckets.get(start)
             self.buckets[start] = stored if mine is None else dataclasses.replace(
                 stored, done=stored.done + mine.done, failed=stored.failed + mine.failed,
-                agents=max(stored.agents, mine.agents), backlog=mine.backlog)
+                agents=max(stored.agents, mine.agents), backlog=mine.backlog or stored.backlog)
 
     def count(self, now: float, ok: bool) -> None:
         """One settled attempt."""

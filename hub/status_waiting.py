@@ -6,7 +6,7 @@ agent). The status page has thousands of jobs and 10k agents, so explaining each
 cost of a page. Here the connected agents are folded into capability classes once per snapshot (an agent's
 class is computed again only when it re-registers), queued jobs are grouped by (kind, requirements), and
 each group is explained with :func:`jobs.requirements.explain_counts` over the classes. A group's lines are
-kept for ``EXPLAIN_TTL_S``; each snapshot explains at most ``EXPLAIN_BUDGET`` (group x class) pairs, stalest
+kept while the fleet's classes stay as they were (and at most ``EXPLAIN_TTL_S``); each snapshot explains at most ``EXPLAIN_BUDGET`` (group x class) pairs, stalest
 groups first, so the cost per snapshot is bounded whatever the board holds. Beyond the requirement clauses
 it says what BOINC's page never did: every capable agent busy, capable agents quarantined, and, on a small
 fleet, the job-level reasons (deadlines, availability windows, one agent per unit) of the group's first job.
@@ -56,7 +56,7 @@ class WaitingExplainer:
     def __init__(self, job_reasons: Callable[[str], list[str]]) -> None:
         self.job_reasons = job_reasons             # the per-job explanation (BoardView.waiting_because)
         self._class_key: dict[str, tuple[Capabilities, str]] = {}     # agent id -> (its caps, their key)
-        self._cache: dict[tuple[str, str], tuple[float, list[str]]] = {}  # group key -> (when, lines)
+        self._cache: dict[tuple[str, str], tuple[float, int, list[str]]] = {}  # group -> (when, fleet, lines)
         self.classes: dict[str, CapClass] = {}
         self.groups: dict[tuple[str, str], WaitGroup] = {}
         self.by_job: dict[str, tuple[str, str]] = {}
@@ -90,16 +90,19 @@ class WaitingExplainer:
     def explain(self, now: float) -> None:
         """Explain the largest groups, reusing fresh cached lines, within the budget."""
         ranked = sorted(self.groups.items(), key=lambda kv: -kv[1].queued)[:MAX_GROUPS]
-        stale = sorted((self._cache.get(key, (float("-inf"), []))[0], i) for i, (key, _) in enumerate(ranked))
+        fleet = hash(tuple(sorted((k, c.connected, c.busy, c.quarantined) for k, c in self.classes.items())))
+        never: tuple[float, int, list[str]] = (float("-inf"), 0, [])
+        stale = sorted((self._cache.get(key, never)[0], i) for i, (key, _) in enumerate(ranked)
+                       if (cached := self._cache.get(key, never))[1] != fleet or now - cached[0] >= EXPLAIN_TTL_S)
         spent = 0
-        for at, i in stale:
+        for _, i in stale:
             key, group = ranked[i]
-            if now - at < EXPLAIN_TTL_S or spent + len(self.classes) > max(EXPLAIN_BUDGET, len(self.classes)):
-                continue
+            if spent + len(self.classes) > max(EXPLAIN_BUDGET, len(self.classes)):
+                break
             spent += len(self.classes)
-            self._cache[key] = (now, self._explain(group))
+            self._cache[key] = (now, fleet, self._explain(group))
         for key, group in ranked:
-            group.lines = self._cache.get(key, (0.0, []))[1]
+            group.lines = self._cache.get(key, never)[2]
         live = set(self.groups)
         for key in [k for k in self._cache if k not in live]:
             del self._cache[key]
@@ -117,8 +120,9 @@ class WaitingExplainer:
             lines.append(f"{quarantined} of {n} capable connected agents {'is' if quarantined == 1 else 'are'} "
                          "quarantined")
         if n and busy + quarantined >= n:
-            lines.append(f"all {n} capable connected agents are busy" if not quarantined
-                         else "every other capable connected agent is busy")
+            lines.append("every other capable connected agent is busy" if quarantined
+                         else "the one capable connected agent is busy" if n == 1
+                         else f"all {n} capable connected agents are busy")
         elif sum(c.connected for c in classes) <= JOB_LEVEL_FLEET_MAX:
             lines.extend(self.job_reasons(group.jobs[0]))
         return lines
