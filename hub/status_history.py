@@ -77,6 +77,12 @@ class StatusHistory:
                          "backlog": b.backlog})
         return rows
 
+    def columns(self, now: float) -> dict[str, Any]:
+        """The last day as columns, as the page reads it (144 buckets: a few KB in every frame)."""
+        rows = self.rows(now)
+        return {"bucket_s": BUCKET_S, "start": rows[0]["start"],
+                **{key: [r[key] for r in rows] for key in ("done", "failed", "agents", "backlog")}}
+
     async def flush(self, now: float, force: bool = False) -> None:
         """Write the changed buckets, at most once per FLUSH_S unless forced (a clean stop)."""
         if self.store is None or not self._dirty or (not force and now - self._flushed_at < FLUSH_S):

@@ -18,7 +18,7 @@ from typing import Any
 
 from hub.records import JobRow, TaskState
 
-__all__ = ["KindStats", "WINDOW"]
+__all__ = ["WINDOW", "KindStats"]
 
 WINDOW = 500            # recent attempts per kind behind the run-time percentiles and failure rate
 MAX_KINDS = 64          # kinds tracked (the catalog has far fewer; a bound against anything odd)

@@ -9,10 +9,11 @@ Server-Sent Events.
 
 Scale (:mod:`hub.status_snapshot`): the snapshot is built once per interval by one task, not per request
 or per viewer; every viewer gets the same encoded frame, ``/v1/status`` the same bytes, and the agent and
-job tables are paged and searched over the snapshot. Per kind (:mod:`hub.status_kinds`): backlog, tasks in
-progress, recent run times and failure rate, and why work waits (:mod:`hub.status_waiting`, bounded per
-snapshot); a 24-hour history in 10-minute buckets is kept in the store (:mod:`hub.status_history`). Live viewers are capped (``max_status_viewers``): one more gets a 503 with
-Retry-After, and the page then polls ``/v1/status`` instead.
+job tables are paged and searched over the snapshot. Per kind (:mod:`hub.status_kinds`): backlog, tasks
+in progress, recent run times and failure rate, and why work waits (:mod:`hub.status_waiting`, bounded
+per snapshot); a 24-hour history in 10-minute buckets is kept in the store (:mod:`hub.status_history`).
+Live viewers are capped (``max_status_viewers``): one more gets a 503 with Retry-After, and the page then
+polls ``/v1/status`` instead.
 
 Privacy: everything here is public. It carries ids (key fingerprints), names, device models and
 counts; never keys, manifest parameters or inputs, free-text task errors (they may quote
@@ -35,8 +36,9 @@ from aiohttp import web
 from hub.fleet import AgentState
 from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, TaskRow, TaskState
-from hub.status_history import BUCKET_S, StatusHistory
+from hub.status_history import StatusHistory
 from hub.status_kinds import KindStats
+from hub.status_rows import agent_state, public_job
 from hub.status_snapshot import Page, Snapshot, agent_order, page_of
 from hub.status_waiting import WaitingExplainer
 from hub.store import Store
@@ -58,15 +60,6 @@ INLINE_BUILD_MAX = 1000
 BUILD_CHUNK = 2000             # agents handled between two yields to the event loop while building
 BUILD_DUTY = 0.1               # the feed's task spends at most this share of the loop building snapshots
 Frame = bytes
-
-
-def agent_state(agent: AgentState, online: bool) -> str:
-    """One of quarantined, offline, busy, idle (a partition of the registered agents)."""
-    if agent.refused:
-        return "quarantined"
-    if not online:
-        return "offline"
-    return "busy" if agent.running else "idle"
 
 
 def _frame(event: str, data: Any) -> Frame:
@@ -305,7 +298,7 @@ class StatusFeed:
             "throughput": self._throughput(now),
             "events": list(self.events),
             "kinds": kinds,
-            "history": self._history(now),
+            "history": self.day.columns(now),
             "online_ids": online_ids,
         }, agent_ids=order,
             job_ids=active + [i for i in self._recent_rows if i not in active_set],
@@ -402,29 +395,11 @@ class StatusFeed:
             log.exception("could not write the status history; will retry")
         return table
 
-    def _history(self, now: float) -> dict[str, Any]:
-        """The last day as columns (144 buckets: a few KB in every frame)."""
-        rows = self.day.rows(now)
-        return {"bucket_s": BUCKET_S, "start": rows[0]["start"],
-                **{key: [r[key] for r in rows] for key in ("done", "failed", "agents", "backlog")}}
-
     def _throughput(self, now: float) -> list[dict[str, Any]]:
         minute = int(now // 60)
         return [{"minute": m * 60, "done": self.history.get(m, Counter())["done"],
                  "failed": self.history.get(m, Counter())["failed"]}
                 for m in range(minute - HISTORY_MINUTES + 1, minute + 1)]
-
-
-def public_job(view: dict[str, Any]) -> dict[str, Any]:
-    """A job summary without free text that may quote parameters (error), private metadata (labels), or the
-    best task's parameters (its index, metric and value are shown: the submitter chose to name a metric)."""
-    out = {k: v for k, v in view.items() if k not in ("error", "labels")}
-    best = view.get("best")
-    if best:
-        out["best"] = {k: best.get(k) for k in ("unit", "metric", "mode", "value")}
-    done = view["tasks"].get("done", 0)
-    out["progress"] = done / view["n_tasks"] if view["n_tasks"] else 1.0
-    return out
 
 
 FEED_KEY = web.AppKey("status_feed", StatusFeed)

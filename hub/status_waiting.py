@@ -5,11 +5,12 @@ requirements, over capability classes of the connected fleet, bounded per snapsh
 agent). The status page has thousands of jobs and 10k agents, so explaining each job row per view was the
 cost of a page. Here the connected agents are folded into capability classes once per snapshot (an agent's
 class is computed again only when it re-registers), queued jobs are grouped by (kind, requirements), and
-each group is explained with :func:`jobs.requirements.explain_counts` over the classes. A group's lines are
-kept while the fleet's classes stay as they were (and at most ``EXPLAIN_TTL_S``); each snapshot explains at most ``EXPLAIN_BUDGET`` (group x class) pairs, stalest
-groups first, so the cost per snapshot is bounded whatever the board holds. Beyond the requirement clauses
-it says what BOINC's page never did: every capable agent busy, capable agents quarantined, and, on a small
-fleet, the job-level reasons (deadlines, availability windows, one agent per unit) of the group's first job.
+each group is explained with :func:`jobs.requirements.explain_counts` over the classes. A group's lines
+are kept while the fleet's classes stay as they were (and at most ``EXPLAIN_TTL_S``); each snapshot
+explains at most ``EXPLAIN_BUDGET`` (group x class) pairs, stalest groups first, so the cost per snapshot
+is bounded whatever the board holds. Beyond the requirement clauses it says what BOINC's page never did:
+every capable agent busy, capable agents quarantined, and, on a small fleet, the job-level reasons
+(deadlines, availability windows, one agent per unit) of the group's first job.
 """
 
 from __future__ import annotations
