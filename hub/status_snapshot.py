@@ -34,7 +34,7 @@ __all__ = ["AGENT_PAGE", "AGENT_STATES", "JOB_PAGE", "MAX_PAGE", "MAX_QUERY", "P
            "page_of"]
 
 AGENT_PAGE = 50          # agents in the default view (the page and the live stream)
-JOB_PAGE = 120           # jobs in the default view: up to 100 active and the 20 recently finished
+JOB_PAGE = 50            # jobs in the default view (active ones first, then the 20 recently finished)
 MAX_PAGE = 500           # the most rows one request may ask for
 MAX_QUERY = 64           # the longest search text
 SEARCH_CACHE = 32        # searches remembered per snapshot

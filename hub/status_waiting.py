@@ -110,17 +110,17 @@ class WaitingExplainer:
 
     def _explain(self, group: WaitGroup) -> list[str]:
         classes = list(self.classes.values())
-        lines = explain_counts(group.requirements, group.kind, [(c.caps, c.connected) for c in classes])
-        if lines:
-            return lines
         capable = [c for c in classes if not unmet(group.requirements, group.kind, c.caps)]
+        if not capable:     # the requirement clauses nobody connected meets, with how many meet each
+            return explain_counts(group.requirements, group.kind, [(c.caps, c.connected) for c in classes])
+        lines = []
         n = sum(c.connected for c in capable)
         quarantined = sum(c.quarantined for c in capable)
         busy = sum(c.busy for c in capable)
         if quarantined:
             lines.append(f"{quarantined} of {n} capable connected agents {'is' if quarantined == 1 else 'are'} "
                          "quarantined")
-        if n and busy + quarantined >= n:
+        if busy + quarantined >= n:
             lines.append("every other capable connected agent is busy" if quarantined
                          else "the one capable connected agent is busy" if n == 1
                          else f"all {n} capable connected agents are busy")

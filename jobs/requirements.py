@@ -231,6 +231,8 @@ def explain_counts(req: Requirements, kind: str, classes: Sequence[tuple[Capabil
     agents = [caps for caps, weight in classes if weight]
     lines = []
     for clause, failing in counts.items():
+        if clause in _GPU_CLAUSES:     # an agent without a GPU fails every GPU clause (unmet names only "device")
+            failing += counts.get("device", 0)
         have = n - failing
         if clause == "code":
             lines.append(f"{have} of {n} connected agents {'accepts' if have == 1 else 'accept'} code from you "
@@ -240,6 +242,9 @@ def explain_counts(req: Requirements, kind: str, classes: Sequence[tuple[Capabil
         lines.append(f"needs {_describe(clause, req, kind)}: {have} of {n} connected agents "
                      f"{'has' if have == 1 else 'have'} it{_largest(clause, agents)}")
     return lines
+
+
+_GPU_CLAUSES = frozenset({"backends", "min_vram_gb", "min_compute_capability", "gpu"})
 
 
 def _describe(clause: str, req: Requirements, kind: str) -> str:
