@@ -116,7 +116,7 @@ async def run(agents: int, jobs: int, requests: int) -> dict[str, Any]:
                     "snapshot_build_ms_median": round(statistics.median(builds) * 1000, 1),
                     "frame_bytes": len(snap.frame), "views": views,
                     "kinds": [{k: r[k] for k in ("kind", "jobs", "queued", "waiting_because")}
-                              for r in snap.body["kinds"]]}
+                              for r in snap.body.get("kinds", [])]}
         finally:
             await server.stop(drain=False)
 

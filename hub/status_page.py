@@ -75,6 +75,7 @@ class StatusFeed:
         self.kinds = KindStats()                             # recent attempts per kind
         self.day = StatusHistory(store)                      # 24 hours in 10-minute buckets, kept in the store
         self.waiting = WaitingExplainer(view.waiting_because)
+        self._searchable: dict[str, tuple[str, str]] = {}    # agent id -> (its name, its search text)
         #: an agent's credit (validated work only), invalid results and reputation (hub/trust/)
         self.standing = standing or (lambda _agent_id: {})
         self.max_viewers = max_viewers
@@ -303,7 +304,7 @@ class StatusFeed:
         }, agent_ids=order,
             job_ids=active + [i for i in self._recent_rows if i not in active_set],
             fingerprint=fingerprint, built_at=asyncio.get_running_loop().time(),
-            agent_index={a.row.id: (f"{a.row.name} {a.row.id}".lower(), by_agent[a.row.id]) for a in agents},
+            agent_states=by_agent, agent_text=self._search_text,
             job_index={**{r["id"]: (f"{r['name']} {r['id']}".lower(), r["state"], r["kind"])
                           for r in self._recent_jobs or []},
                        **{j.id: (f"{j.name} {j.id}".lower(), j.state.value, j.kind) for j in active_jobs}})
@@ -372,6 +373,16 @@ class StatusFeed:
             return known
         return dict(Counter(t.state.value for t in await self.view.tasks(job.id)))
 
+    def _search_text(self, agent_id: str) -> str:
+        """What an agent search looks in: its name and id, lowercased (kept until it is renamed)."""
+        agent = self.view.agents.get(agent_id)
+        if agent is None:
+            return ""
+        known = self._searchable.get(agent_id)
+        if known is None or known[0] != agent.row.name:
+            known = self._searchable[agent.row.id] = (agent.row.name, f"{agent.row.name} {agent.row.id}".lower())
+        return known[1]
+
     async def _work(self, active: list[JobRow], now: float) -> list[dict[str, Any]]:
         """The per-kind table with why work waits (explained per group of jobs, bounded), and the history's
         sample of the fleet and backlog."""
@@ -386,7 +397,7 @@ class StatusFeed:
             if counts.get(TaskState.QUEUED):
                 waiting.add_job(job, view.requirements(job.id), counts[TaskState.QUEUED])
         waiting.explain(now)
-        kinds = {row["kind"] for row in self.kinds.table(counted, {})}
+        kinds = set(self.kinds.kinds) | {job.kind for job, _ in counted}
         table = self.kinds.table(counted, {kind: waiting.kind_lines(kind) for kind in kinds})
         self.day.sample(now, len(connected), sum(counts.get(TaskState.QUEUED, 0) for _, counts in counted))
         try:

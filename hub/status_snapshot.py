@@ -115,7 +115,8 @@ class Snapshot:
     body: dict[str, Any] = field(default_factory=dict)   # the default view, tables included
     json: bytes = b""                 # ``body`` as JSON: served as is to /v1/status
     frame: bytes = b""                # ``body`` as an SSE ``status`` frame: sent to every viewer
-    agent_index: dict[str, tuple[str, str]] = field(default_factory=dict)   # id -> (lowercase "name id", state)
+    agent_states: dict[str, str] = field(default_factory=dict)          # id -> state, at the build
+    agent_text: Callable[[str], str] = lambda _agent_id: ""             # id -> lowercase "name id" (searched)
     job_index: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # id -> ("name id", state, kind)
     searches: dict[tuple[str, ...], list[str]] = field(default_factory=dict)  # recent searches' results
 
@@ -124,8 +125,7 @@ class Snapshot:
         if not q and not state:
             return self.agent_ids
         return self._cached(("a", q, state), lambda: [
-            i for i in self.agent_ids if (entry := self.agent_index.get(i)) is not None
-            and (not state or entry[1] == state) and q in entry[0]])
+            i for i in self.agent_ids if (not state or self.agent_states.get(i) == state) and q in self.agent_text(i)])
 
     def jobs_matching(self, q: str, state: str, kind: str) -> list[str]:
         """Job ids in table order matching name/id text, state and kind (each if given)."""

@@ -61,6 +61,7 @@ class WaitingExplainer:
         self.classes: dict[str, CapClass] = {}
         self.groups: dict[tuple[str, str], WaitGroup] = {}
         self.by_job: dict[str, tuple[str, str]] = {}
+        self._job_key: dict[str, tuple[str, str]] = {}    # job id -> its group key (requirements never change)
 
     def fold(self, agents: Iterable[AgentState]) -> None:
         """The connected agents as capability classes (call once per snapshot, in chunks if need be)."""
@@ -80,7 +81,9 @@ class WaitingExplainer:
         self.classes, self.groups, self.by_job = {}, {}, {}
 
     def add_job(self, job: JobRow, requirements: Requirements, queued: int) -> None:
-        key = (job.kind, json.dumps(requirements.to_dict(), sort_keys=True, default=str))
+        key = self._job_key.get(job.id)
+        if key is None:
+            key = self._job_key[job.id] = (job.kind, json.dumps(requirements.to_dict(), sort_keys=True, default=str))
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = WaitGroup(job.kind, requirements)
@@ -107,6 +110,8 @@ class WaitingExplainer:
         live = set(self.groups)
         for key in [k for k in self._cache if k not in live]:
             del self._cache[key]
+        for job_id in [j for j in self._job_key if j not in self.by_job]:   # finished or no longer queued
+            del self._job_key[job_id]
 
     def _explain(self, group: WaitGroup) -> list[str]:
         classes = list(self.classes.values())
