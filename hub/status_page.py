@@ -286,7 +286,7 @@ class StatusFeed:
         active_jobs = view.active_jobs()
         active = [job.id for job in active_jobs]
         active_set = set(active)
-        kinds = await self._work(active_jobs, now)
+        kinds = await self._work(active_jobs, online_ids, now)
         snap = Snapshot(base={
             **base,
             "generated_at": now,
@@ -383,23 +383,24 @@ class StatusFeed:
             known = self._searchable[agent.row.id] = (agent.row.name, f"{agent.row.name} {agent.row.id}".lower())
         return known[1]
 
-    async def _work(self, active: list[JobRow], now: float) -> list[dict[str, Any]]:
+    async def _work(self, active: list[JobRow], online: set[str], now: float) -> list[dict[str, Any]]:
         """The per-kind table with why work waits (explained per group of jobs, bounded), and the history's
         sample of the fleet and backlog."""
         view, waiting = self.view, self.waiting
         waiting.begin()
-        connected = view.connected_agents()
-        for start in range(0, len(connected), BUILD_CHUNK):
-            waiting.fold(connected[start:start + BUILD_CHUNK])
-            await asyncio.sleep(0)
         counted = [(job, view.task_counts(job.id)) for job in active]
         for job, counts in counted:
             if counts.get(TaskState.QUEUED):
                 waiting.add_job(job, view.requirements(job.id), counts[TaskState.QUEUED])
-        waiting.explain(now)
+        if waiting.groups:                    # nothing queued: no pass over the fleet
+            connected = view.connected_agents()
+            for start in range(0, len(connected), BUILD_CHUNK):
+                waiting.fold(connected[start:start + BUILD_CHUNK])
+                await asyncio.sleep(0)
+            waiting.explain(now)
         kinds = set(self.kinds.kinds) | {job.kind for job, _ in counted}
         table = self.kinds.table(counted, {kind: waiting.kind_lines(kind) for kind in kinds})
-        self.day.sample(now, len(connected), sum(counts.get(TaskState.QUEUED, 0) for _, counts in counted))
+        self.day.sample(now, len(online), sum(counts.get(TaskState.QUEUED, 0) for _, counts in counted))
         try:
             await self.day.flush(now)
         except Exception:
