@@ -268,3 +268,61 @@ def test_kind_run_times_are_a_bounded_window_with_median_p90_and_failure_rate() 
     assert table["recent_attempts"] == WINDOW and table["failure_rate"] == pytest.approx(1 / WINDOW)
     assert table["run_s_median"] in (4.0, 5.0) and table["run_s_p90"] == 9.0   # no 1000 s (100 s cap) left
     assert table["waiting_because"] == ["why"] and json.dumps(table)
+
+
+def _fleet(n: int, caps: dict[str, Any], busy: int = 0, quarantined: int = 0) -> list[Any]:
+    from hub.fleet import AgentState
+    from hub.records import AgentRow
+    out = []
+    for i in range(n):
+        ident = Identity.generate()
+        state = AgentState(AgentRow(ident.id, ident.public.text(), f"a{i}", caps, 0.0), ident.public,
+                           Capabilities.from_dict(caps))
+        if i < busy:
+            state.running.add(f"t{i}")
+        elif i < busy + quarantined:
+            state.refused = "quarantined: invalid results"
+        out.append(state)
+    return out
+
+
+def _job_row(job_id: str, requires: dict[str, Any]) -> Any:
+    from hub.records import JobRow, JobState
+    return JobRow(id=job_id, name=job_id, submitter_id="s", kind="sleep", priority=0, state=JobState.QUEUED,
+                  created_at=0.0, n_tasks=5, envelope={}, requires=requires, timeout_s=60.0, max_attempts=3)
+
+
+def test_why_work_waits_names_busy_and_quarantined_capable_agents_and_stays_within_its_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hub import status_waiting
+    from jobs.requirements import Requirements
+    asked: list[str] = []
+    explainer = status_waiting.WaitingExplainer(lambda job_id: asked.append(job_id) or [])
+    gpu16 = {**CPU, "gpus": [{**GTX, "vram_gb": 16.0}]}
+    explainer.begin()
+    explainer.fold(_fleet(3, CPU) + _fleet(4, gpu16, busy=3, quarantined=1))
+    assert len(explainer.classes) == 2                   # seven agents, two capability classes
+    big = {"device": "gpu", "min_vram_gb": 16}
+    for i in range(3):
+        explainer.add_job(_job_row(f"big{i}", big), Requirements.from_dict(big), 5)
+    explainer.add_job(_job_row("huge", {"min_vram_gb": 80, "device": "gpu"}),
+                      Requirements.from_dict({"min_vram_gb": 80, "device": "gpu"}), 2)
+    explainer.explain(now=100.0)
+    assert explainer.kind_lines("sleep") == [
+        "15 tasks of 3 jobs wait: 1 of 4 capable connected agents is quarantined; "
+        "every other capable connected agent is busy",
+        "2 tasks wait: needs a GPU: 4 of 7 connected agents have it; "
+        "needs min_vram_gb 80: 0 of 7 connected agents have it (largest: 16.0)"]
+    assert explainer.job_lines("big1") == explainer.job_lines("big0") and asked == []
+
+    # a fleet of many classes: each snapshot explains only what its budget allows, the rest on later ones
+    monkeypatch.setattr(status_waiting, "EXPLAIN_BUDGET", 4)
+    explainer.begin()
+    explainer.fold(_fleet(2, CPU) + _fleet(2, gpu16))
+    for i in range(5):
+        req = {"min_memory_gb": i + 1}
+        explainer.add_job(_job_row(f"m{i}", req), Requirements.from_dict(req), 1)
+    explainer.explain(now=200.0)
+    assert len(asked) == 2                               # 2 classes per group, budget 4: two groups this time
+    explainer.explain(now=200.5)
+    assert len(asked) == 4
