@@ -347,8 +347,8 @@ class StatusFeed:
         row["quorum"] = int(job.validation.get("quorum", 1))
         settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
         row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
-        if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
-            row["waiting_because"] = self.waiting.job_lines(job.id)
+        if view.queued(job.id) and (lines := self.waiting.job_lines(job.id)):
+            row["waiting_because"] = lines
         return row
 
     @property

@@ -326,3 +326,25 @@ def test_why_work_waits_names_busy_and_quarantined_capable_agents_and_stays_with
     assert len(asked) == 2                               # 2 classes per group, budget 4: two groups this time
     explainer.explain(now=200.5)
     assert len(asked) == 4
+
+
+async def test_work_waiting_for_a_second_agent_to_validate_says_so(hub: InProcessHub,
+                                                                  session: aiohttp.ClientSession) -> None:
+    client, ident = await agent(hub, "lonely", CPU)
+    sub = await submitter(hub)
+    made = await submit(sub, make_envelope(sub.identity, job(1, "checked", policy={"replicas": 2})))
+    await run_one(client, ident)                      # one instance answered; its twin may not go to the same agent
+    assert hub.server is not None
+    feed = hub.server.app[status_page.FEED_KEY]
+
+    def lines() -> list[str] | None:
+        snap = feed.snapshot
+        rows = [r for r in (snap.base["kinds"] if snap else []) if r["kind"] == "sleep"]
+        return rows[0]["waiting_because"] if rows and rows[0]["waiting_because"] else None
+
+    [line] = await wait_for_async(lines, "a why-waiting line for the unvalidated unit")
+    assert line.startswith("1 task wait: needs an answer from another agent")
+    [row] = (await status(session, f"?jobs_q={made['id']}"))["job_table"]
+    assert row["waiting_because"][0].startswith("needs an answer from another agent")
+    await client.close()
+    await sub.close()

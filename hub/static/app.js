@@ -195,8 +195,8 @@ async function loadAgentPage() {
   } finally {
     view.agentLoading = false;
   }
-  if (view.agentAgain) { view.agentAgain = false; loadAgentPage(); return; }
-  renderAgents();
+  renderAgents();   // always: a page that arrives is shown, even while updates keep asking for newer ones
+  if (view.agentAgain) { view.agentAgain = false; loadAgentPage(); }
 }
 
 function turnAgentPage(direction) {
@@ -232,8 +232,8 @@ async function loadJobPage() {
   } finally {
     view.jobLoading = false;
   }
-  if (view.jobAgain) { view.jobAgain = false; loadJobPage(); return; }
   renderJobsView();
+  if (view.jobAgain) { view.jobAgain = false; loadJobPage(); }
 }
 
 function turnJobPage(direction) {
