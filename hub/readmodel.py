@@ -17,7 +17,7 @@ from hub.protocols import DispatchPolicy, DispatchView
 from hub.queues import JobQueues
 from hub.records import JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.store import Store
-from jobs.requirements import unmet
+from jobs.requirements import Requirements, unmet
 from security.errors import NotFound
 
 __all__ = ["BoardView", "job_summary"]
@@ -107,6 +107,18 @@ class BoardView:
 
     async def results(self, job_id: str) -> list[ResultRow]:
         return await self._store.get_results(job_id)
+
+    def task_counts(self, job_id: str) -> Mapping[TaskState, int]:
+        """An active job's tasks by state (the queue index's counters)."""
+        return self._queues.counts(job_id)
+
+    def requirements(self, job_id: str) -> Requirements:
+        """An active job's requirements, as dispatch reads them."""
+        return self._queues.requirements(job_id)
+
+    def connected_agents(self) -> list[AgentState]:
+        """Agents that can take work now (dispatch's view: seen recently, within their window)."""
+        return self._dispatch.connected()
 
     def task_totals(self) -> Counter[TaskState]:
         """Tasks of the active jobs by state."""

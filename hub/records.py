@@ -119,3 +119,15 @@ class ResultRow:
     record: dict[str, Any]             # the agent's signed result, as on the wire
     digest: str
     accepted_at: float
+
+
+@dataclass(frozen=True)
+class HistoryBucket:
+    """One interval of the status page's 24-hour history (hub/status_history.py): attempts settled in it,
+    and the fleet and backlog as last seen in it. Stored so that the history survives a hub restart."""
+
+    start: float          # epoch seconds at the interval's start (a multiple of its length)
+    done: int = 0         # attempts that ended done in the interval
+    failed: int = 0       # attempts that ended failed (or invalid)
+    agents: int = 0       # agents connected: the most seen in the interval
+    backlog: int = 0      # queued tasks: the last look in the interval

@@ -72,6 +72,14 @@ CREATE TABLE IF NOT EXISTS trust_bans (
     agent_id TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL, until REAL NOT NULL);
 """
 
+#: the status page's 24-hour history (hub/status_history.py): one row per interval; an older hub database
+#: gains the table when it opens
+STATUS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS status_history (
+    start REAL PRIMARY KEY, done INTEGER NOT NULL, failed INTEGER NOT NULL, agents INTEGER NOT NULL,
+    backlog INTEGER NOT NULL);
+"""
+
 
 def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
@@ -143,6 +151,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     _upgrade(conn)
     conn.executescript(PRIVACY_SCHEMA)
     conn.executescript(TRUST_SCHEMA)
+    conn.executescript(STATUS_SCHEMA)
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:

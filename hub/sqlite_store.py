@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hub.blob_refs import manifest_blobs, result_blobs
-from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
+from hub.records import AgentRow, HistoryBucket, JobRow, JobState, ResultRow, TaskRow
 from hub.sqlite_rows import (
     JOB_COLS,
     TASK_COLS,
@@ -374,6 +374,19 @@ class SqliteStore:
             ValidationRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), unpack(r[6]), r[7]) for r in c.execute(
                 "SELECT job_id, unit, state, quorum, canonical_task, agents, detail, decided_at "
                 "FROM trust_validations WHERE job_id=? ORDER BY unit", (job_id,)).fetchall()])
+
+    # -- the status page's history (hub/status_history.py) ----------------------------------------------
+    async def save_status_history(self, buckets: Sequence[HistoryBucket], keep_since: float) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT OR REPLACE INTO status_history (start, done, failed, agents, backlog) "
+                          "VALUES (?,?,?,?,?)", [(b.start, b.done, b.failed, b.agents, b.backlog) for b in buckets])
+            c.execute("DELETE FROM status_history WHERE start<?", (keep_since,))
+        await self._run(op)
+
+    async def load_status_history(self, since: float) -> list[HistoryBucket]:
+        return await self._run(lambda c: [HistoryBucket(*r) for r in c.execute(
+            "SELECT start, done, failed, agents, backlog FROM status_history WHERE start>=? ORDER BY start",
+            (since,)).fetchall()])
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -9,8 +9,11 @@ Server-Sent Events.
 
 Scale (:mod:`hub.status_snapshot`): the snapshot is built once per interval by one task, not per request
 or per viewer; every viewer gets the same encoded frame, ``/v1/status`` the same bytes, and the agent and
-job tables are paged. Live viewers are capped (``max_status_viewers``): one more gets a 503 with
-Retry-After, and the page then polls ``/v1/status`` instead.
+job tables are paged and searched over the snapshot. Per kind (:mod:`hub.status_kinds`): backlog, tasks
+in progress, recent run times and failure rate, and why work waits (:mod:`hub.status_waiting`, bounded
+per snapshot); a 24-hour history in 10-minute buckets is kept in the store (:mod:`hub.status_history`).
+Live viewers are capped (``max_status_viewers``): one more gets a 503 with Retry-After, and the page then
+polls ``/v1/status`` instead.
 
 Privacy: everything here is public. It carries ids (key fingerprints), names, device models and
 counts; never keys, manifest parameters or inputs, free-text task errors (they may quote
@@ -33,7 +36,12 @@ from aiohttp import web
 from hub.fleet import AgentState
 from hub.readmodel import BoardView, job_summary
 from hub.records import JobRow, JobState, TaskRow, TaskState
+from hub.status_history import StatusHistory
+from hub.status_kinds import KindStats
+from hub.status_rows import agent_state, public_job
 from hub.status_snapshot import Page, Snapshot, agent_order, page_of
+from hub.status_waiting import WaitingExplainer
+from hub.store import Store
 from jobs.wire import JSON, encode_body
 
 __all__ = ["FEED_KEY", "StatusFeed", "agent_state", "public_job"]
@@ -54,15 +62,6 @@ BUILD_DUTY = 0.1               # the feed's task spends at most this share of th
 Frame = bytes
 
 
-def agent_state(agent: AgentState, online: bool) -> str:
-    """One of quarantined, offline, busy, idle (a partition of the registered agents)."""
-    if agent.refused:
-        return "quarantined"
-    if not online:
-        return "offline"
-    return "busy" if agent.running else "idle"
-
-
 def _frame(event: str, data: Any) -> Frame:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
 
@@ -71,8 +70,12 @@ class StatusFeed:
     """What the status page shows beyond the board's own state; fans frames out to live viewers."""
 
     def __init__(self, view: BoardView, max_viewers: int = 100,
-                 standing: Callable[[str], dict[str, Any]] | None = None) -> None:
+                 standing: Callable[[str], dict[str, Any]] | None = None, store: Store | None = None) -> None:
         self.view = view
+        self.kinds = KindStats()                             # recent attempts per kind
+        self.day = StatusHistory(store)                      # 24 hours in 10-minute buckets, kept in the store
+        self.waiting = WaitingExplainer(view.waiting_because)
+        self._searchable: dict[str, tuple[str, str]] = {}    # agent id -> (its name, its search text)
         #: an agent's credit (validated work only), invalid results and reputation (hub/trust/)
         self.standing = standing or (lambda _agent_id: {})
         self.max_viewers = max_viewers
@@ -104,6 +107,8 @@ class StatusFeed:
                         metrics: dict[str, Any]) -> None:
         """A BoardObserver: count the attempt in its minute (credit is the trust part's: validated work only)."""
         self._changes += 1
+        self.kinds.settled(job, ok, metrics)
+        self.day.count(self.view.now(), ok)
         minute = int(self.view.now() // 60)
         self.history.setdefault(minute, Counter())["done" if ok else "failed"] += 1
         for old in [m for m in self.history if m <= minute - HISTORY_MINUTES]:
@@ -167,6 +172,10 @@ class StatusFeed:
             self._end(queue)
 
     async def start(self) -> None:
+        try:
+            await self.day.load(self.view.now())
+        except Exception:
+            log.exception("could not read the status history; it starts empty")
         self._ticker = asyncio.create_task(self._tick_forever(), name="panal-status-feed")
 
     async def stop(self) -> None:
@@ -174,6 +183,10 @@ class StatusFeed:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        try:
+            await self.day.flush(self.view.now(), force=True)
+        except Exception:
+            log.exception("could not write the status history")
 
     async def _tick_forever(self) -> None:
         while True:
@@ -224,11 +237,11 @@ class StatusFeed:
 
     async def page(self, snap: Snapshot, page: Page) -> dict[str, Any]:
         """The snapshot with the asked-for pages of the agent and job tables (rows read live)."""
-        ids, agent_page = page_of(snap.agent_ids, page.agents_offset, page.agents_limit)
+        ids, agent_page = page_of(snap.agents_matching(*page.agent_search), page.agents_offset, page.agents_limit)
         agents = self.view.agents
         online = snap.base["online_ids"]
         agent_rows = [self._agent_row(agents[i], i in online) for i in ids if i in agents]
-        ids, job_page = page_of(snap.job_ids, page.jobs_offset, page.jobs_limit)
+        ids, job_page = page_of(snap.jobs_matching(*page.job_search), page.jobs_offset, page.jobs_limit)
         job_rows, recent = [], self._recent_rows
         for job_id in ids:
             live = self.view.job(job_id)
@@ -270,8 +283,10 @@ class StatusFeed:
         base = {"agents": {"registered": len(by_agent)}, "jobs": {"active": view.active_count()},
                 "tasks": {state.value: n for state, n in view.task_totals().items()}, "stats": dict(view.stats)}
         await self._load_recent()
-        active = [job.id for job in view.active_jobs()]
+        active_jobs = view.active_jobs()
+        active = [job.id for job in active_jobs]
         active_set = set(active)
+        kinds = await self._work(active_jobs, online_ids, now)
         snap = Snapshot(base={
             **base,
             "generated_at": now,
@@ -283,10 +298,16 @@ class StatusFeed:
             "tflops_online": round(gflops / 1000.0, 6),   # to 1 MFLOPS: a CPU fleet is not 0
             "throughput": self._throughput(now),
             "events": list(self.events),
+            "kinds": kinds,
+            "history": self.day.columns(now),
             "online_ids": online_ids,
         }, agent_ids=order,
             job_ids=active + [i for i in self._recent_rows if i not in active_set],
-            fingerprint=fingerprint, built_at=asyncio.get_running_loop().time())
+            fingerprint=fingerprint, built_at=asyncio.get_running_loop().time(),
+            agent_states=by_agent, agent_text=self._search_text,
+            job_index={**{r["id"]: (f"{r['name']} {r['id']}".lower(), r["state"], r["kind"])
+                          for r in self._recent_jobs or []},
+                       **{j.id: (f"{j.name} {j.id}".lower(), j.state.value, j.kind) for j in active_jobs}})
         snap.body = await self.page(snap, Page())
         snap.json = encode_body(snap.body, JSON)
         snap.frame = b"event: status\ndata: " + snap.json + b"\n\n"
@@ -326,8 +347,8 @@ class StatusFeed:
         row["quorum"] = int(job.validation.get("quorum", 1))
         settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
         row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
-        if view.queued(job.id) and not counts.get(TaskState.LEASED.value):
-            row["waiting_because"] = view.waiting_because(job.id)
+        if view.queued(job.id) and (lines := self.waiting.job_lines(job.id)):
+            row["waiting_because"] = lines
         return row
 
     @property
@@ -352,23 +373,45 @@ class StatusFeed:
             return known
         return dict(Counter(t.state.value for t in await self.view.tasks(job.id)))
 
+    def _search_text(self, agent_id: str) -> str:
+        """What an agent search looks in: its name and id, lowercased (kept until it is renamed)."""
+        agent = self.view.agents.get(agent_id)
+        if agent is None:
+            return ""
+        known = self._searchable.get(agent_id)
+        if known is None or known[0] != agent.row.name:
+            known = self._searchable[agent.row.id] = (agent.row.name, f"{agent.row.name} {agent.row.id}".lower())
+        return known[1]
+
+    async def _work(self, active: list[JobRow], online: set[str], now: float) -> list[dict[str, Any]]:
+        """The per-kind table with why work waits (explained per group of jobs, bounded), and the history's
+        sample of the fleet and backlog."""
+        view, waiting = self.view, self.waiting
+        waiting.begin()
+        counted = [(job, view.task_counts(job.id)) for job in active]
+        for job, counts in counted:
+            if counts.get(TaskState.QUEUED):
+                waiting.add_job(job, view.requirements(job.id), counts[TaskState.QUEUED])
+        if waiting.groups:                    # nothing queued: no pass over the fleet
+            connected = view.connected_agents()
+            for start in range(0, len(connected), BUILD_CHUNK):
+                waiting.fold(connected[start:start + BUILD_CHUNK])
+                await asyncio.sleep(0)
+            waiting.explain(now)
+        kinds = set(self.kinds.kinds) | {job.kind for job, _ in counted}
+        table = self.kinds.table(counted, {kind: waiting.kind_lines(kind) for kind in kinds})
+        self.day.sample(now, len(online), sum(counts.get(TaskState.QUEUED, 0) for _, counts in counted))
+        try:
+            await self.day.flush(now)
+        except Exception:
+            log.exception("could not write the status history; will retry")
+        return table
+
     def _throughput(self, now: float) -> list[dict[str, Any]]:
         minute = int(now // 60)
         return [{"minute": m * 60, "done": self.history.get(m, Counter())["done"],
                  "failed": self.history.get(m, Counter())["failed"]}
                 for m in range(minute - HISTORY_MINUTES + 1, minute + 1)]
-
-
-def public_job(view: dict[str, Any]) -> dict[str, Any]:
-    """A job summary without free text that may quote parameters (error), private metadata (labels), or the
-    best task's parameters (its index, metric and value are shown: the submitter chose to name a metric)."""
-    out = {k: v for k, v in view.items() if k not in ("error", "labels")}
-    best = view.get("best")
-    if best:
-        out["best"] = {k: best.get(k) for k in ("unit", "metric", "mode", "value")}
-    done = view["tasks"].get("done", 0)
-    out["progress"] = done / view["n_tasks"] if view["n_tasks"] else 1.0
-    return out
 
 
 FEED_KEY = web.AppKey("status_feed", StatusFeed)

@@ -30,7 +30,7 @@ VIEWER_RETRY_AFTER_S = 30      # what a viewer refused for the cap is told (it p
 def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> None:
     """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
     view = board.view
-    feed = StatusFeed(view, config.max_status_viewers, board.trust.agent_view)
+    feed = StatusFeed(view, config.max_status_viewers, board.trust.agent_view, board.store)
     app[FEED_KEY] = feed
 
     async def start(_: web.Application) -> None:

@@ -9,23 +9,39 @@ The default view (first pages) is encoded once per snapshot and served and strea
 Paging: ``?agents_offset=&agents_limit=&jobs_offset=&jobs_limit=``; the reply says ``agent_page`` /
 ``job_page`` ``{offset, limit, total}``. Agents are listed busy (by name), then idle, quarantined and
 offline ones in registration order (the bulk of a large fleet, left unsorted).
+
+Search (server-side, over the snapshot): ``agents_q`` (part of a name or id), ``agents_state``;
+``jobs_q`` (part of a name or id), ``jobs_state``, ``jobs_kind``. A search is a plain case-insensitive
+substring test over the snapshot's index (no patterns: nothing a stranger types costs more than one pass),
+and the last ``SEARCH_CACHE`` searches of a snapshot are kept, so a page of viewers repeating one search
+costs one pass per snapshot. Every parameter is checked: an unknown one, a bad state, or text over
+``MAX_QUERY`` characters is a 400 naming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from hub.http import int_query
+from hub.records import JobState
+from security.errors import BadRequest
 
-__all__ = ["AGENT_PAGE", "JOB_PAGE", "MAX_PAGE", "Page", "Snapshot", "agent_order", "page_of"]
+__all__ = ["AGENT_PAGE", "AGENT_STATES", "JOB_PAGE", "MAX_PAGE", "MAX_QUERY", "Page", "Snapshot", "agent_order",
+           "page_of"]
 
 AGENT_PAGE = 50          # agents in the default view (the page and the live stream)
-JOB_PAGE = 120           # jobs in the default view: up to 100 active and the 20 recently finished
+JOB_PAGE = 50            # jobs in the default view (active ones first, then the 20 recently finished)
 MAX_PAGE = 500           # the most rows one request may ask for
+MAX_QUERY = 64           # the longest search text
+SEARCH_CACHE = 32        # searches remembered per snapshot
+AGENT_STATES = ("busy", "idle", "offline", "quarantined")
+JOB_STATES = tuple(s.value for s in JobState)
+_NUMBERS = ("agents_offset", "agents_limit", "jobs_offset", "jobs_limit")
+_TEXTS = ("agents_q", "agents_state", "jobs_q", "jobs_state", "jobs_kind")
 
 
 @dataclass(frozen=True)
@@ -36,17 +52,54 @@ class Page:
     agents_limit: int = AGENT_PAGE
     jobs_offset: int = 0
     jobs_limit: int = JOB_PAGE
+    agents_q: str = ""
+    agents_state: str = ""
+    jobs_q: str = ""
+    jobs_state: str = ""
+    jobs_kind: str = ""
 
     @property
     def is_default(self) -> bool:
         return self == Page()
 
+    @property
+    def agent_search(self) -> tuple[str, str]:
+        return self.agents_q, self.agents_state
+
+    @property
+    def job_search(self) -> tuple[str, str, str]:
+        return self.jobs_q, self.jobs_state, self.jobs_kind
+
     @classmethod
     def from_query(cls, request: web.Request) -> Page:
-        """The page a request names (missing parameters: the default view); limits are capped at MAX_PAGE."""
+        """The page a request names (missing parameters: the default view); limits are capped at MAX_PAGE.
+        Anything else is a 400 that names the parameter."""
+        unknown = sorted(set(request.query) - set(_NUMBERS) - set(_TEXTS))
+        if unknown:
+            raise BadRequest(f"query parameter {unknown[0][:MAX_QUERY]!r} is not known here; known: "
+                             + ", ".join(_NUMBERS + _TEXTS), code="bad_query")
+        texts = {name: _text(request, name) for name in _TEXTS}
+        for name, allowed in (("agents_state", AGENT_STATES), ("jobs_state", JOB_STATES)):
+            if texts[name] and texts[name] not in allowed:
+                raise BadRequest(f"query parameter {name}: expected one of {', '.join(allowed)}, "
+                                 f"got {texts[name]!r}", code="bad_query")
         return cls(int_query(request, "agents_offset", 0),
                    min(int_query(request, "agents_limit", AGENT_PAGE), MAX_PAGE),
-                   int_query(request, "jobs_offset", 0), min(int_query(request, "jobs_limit", JOB_PAGE), MAX_PAGE))
+                   int_query(request, "jobs_offset", 0), min(int_query(request, "jobs_limit", JOB_PAGE), MAX_PAGE),
+                   **texts)
+
+
+def _text(request: web.Request, name: str) -> str:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"query parameter {name}: given {len(values)} times, expected once", code="bad_query")
+    text = values[0].strip() if values else ""
+    if len(text) > MAX_QUERY:
+        raise BadRequest(f"query parameter {name}: at most {MAX_QUERY} characters, got {len(text)}",
+                         code="bad_query")
+    if any(not ch.isprintable() for ch in text):
+        raise BadRequest(f"query parameter {name}: control characters are not allowed", code="bad_query")
+    return text.lower()
 
 
 @dataclass
@@ -62,6 +115,33 @@ class Snapshot:
     body: dict[str, Any] = field(default_factory=dict)   # the default view, tables included
     json: bytes = b""                 # ``body`` as JSON: served as is to /v1/status
     frame: bytes = b""                # ``body`` as an SSE ``status`` frame: sent to every viewer
+    agent_states: dict[str, str] = field(default_factory=dict)          # id -> state, at the build
+    agent_text: Callable[[str], str] = lambda _agent_id: ""             # id -> lowercase "name id" (searched)
+    job_index: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # id -> ("name id", state, kind)
+    searches: dict[tuple[str, ...], list[str]] = field(default_factory=dict)  # recent searches' results
+
+    def agents_matching(self, q: str, state: str) -> list[str]:
+        """Agent ids in table order whose name or id contains ``q`` and whose state is ``state`` (if given)."""
+        if not q and not state:
+            return self.agent_ids
+        return self._cached(("a", q, state), lambda: [
+            i for i in self.agent_ids if (not state or self.agent_states.get(i) == state) and q in self.agent_text(i)])
+
+    def jobs_matching(self, q: str, state: str, kind: str) -> list[str]:
+        """Job ids in table order matching name/id text, state and kind (each if given)."""
+        if not q and not state and not kind:
+            return self.job_ids
+        return self._cached(("j", q, state, kind), lambda: [
+            i for i in self.job_ids if (entry := self.job_index.get(i)) is not None
+            and (not state or entry[1] == state) and (not kind or entry[2] == kind) and q in entry[0]])
+
+    def _cached(self, key: tuple[str, ...], compute: Callable[[], list[str]]) -> list[str]:
+        found = self.searches.get(key)
+        if found is None:
+            if len(self.searches) >= SEARCH_CACHE:
+                del self.searches[next(iter(self.searches))]
+            found = self.searches[key] = compute()
+        return found
 
 
 def agent_order(states: Mapping[str, str], busy: list[tuple[str, str]]) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
+from hub.records import AgentRow, HistoryBucket, JobRow, JobState, ResultRow, TaskRow
 from hub.tokens import AdmissionToken
 from hub.trust.records import TrustSnapshot, TrustWrite, ValidationRow
 
@@ -96,3 +96,9 @@ class Store(Protocol):
         """Every reputation row, credit total and ban (a restart's trust state)."""
     async def get_validations(self, job_id: str) -> list[ValidationRow]:
         """A job's validation records by unit."""
+    # -- the status page's history (hub/status_history.py) ------------------------------------------
+    async def save_status_history(self, buckets: Sequence[HistoryBucket], keep_since: float) -> None:
+        """Write the buckets (a bucket with the same ``start`` is replaced) and drop every bucket that
+        starts before ``keep_since``, in one commit."""
+    async def load_status_history(self, since: float) -> list[HistoryBucket]:
+        """The buckets that start at or after ``since``, oldest first."""

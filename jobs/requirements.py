@@ -7,11 +7,11 @@ fake a GPU by its report and the matching code never knows the difference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ANY_SUBMITTER", "MAX_CODE_KEYS", "Capabilities", "Gpu", "Requirements", "explain",
+__all__ = ["ANY_SUBMITTER", "MAX_CODE_KEYS", "Capabilities", "Gpu", "Requirements", "explain", "explain_counts",
            "torch_range_problem", "unmet"]
 
 #: ``code_from`` entry meaning "any submitter this board authorises"
@@ -215,16 +215,24 @@ def unmet(req: Requirements, kind: str, caps: Capabilities) -> list[str]:
 
 def explain(req: Requirements, kind: str, fleet: Iterable[Capabilities]) -> list[str]:
     """Why no agent of ``fleet`` can take the task, one line per failing clause."""
-    agents = list(fleet)
-    n = len(agents)
+    return explain_counts(req, kind, [(caps, 1) for caps in fleet])
+
+
+def explain_counts(req: Requirements, kind: str, classes: Sequence[tuple[Capabilities, int]]) -> list[str]:
+    """:func:`explain` over capability classes: (capabilities, how many agents have them). A fleet of 10k
+    agents is a few hundred classes, so the status page explains a backlog without a pass over every agent."""
+    n = sum(count for _, count in classes)
     if n == 0:
         return ["no agents are connected"]
     counts: dict[str, int] = {}
-    for caps in agents:
+    for caps, weight in classes:
         for clause in unmet(req, kind, caps):
-            counts[clause] = counts.get(clause, 0) + 1
+            counts[clause] = counts.get(clause, 0) + weight
+    agents = [caps for caps, weight in classes if weight]
     lines = []
     for clause, failing in counts.items():
+        if clause in _GPU_CLAUSES:     # an agent without a GPU fails every GPU clause (unmet names only "device")
+            failing += counts.get("device", 0)
         have = n - failing
         if clause == "code":
             lines.append(f"{have} of {n} connected agents {'accepts' if have == 1 else 'accept'} code from you "
@@ -234,6 +242,9 @@ def explain(req: Requirements, kind: str, fleet: Iterable[Capabilities]) -> list
         lines.append(f"needs {_describe(clause, req, kind)}: {have} of {n} connected agents "
                      f"{'has' if have == 1 else 'have'} it{_largest(clause, agents)}")
     return lines
+
+
+_GPU_CLAUSES = frozenset({"backends", "min_vram_gb", "min_compute_capability", "gpu"})
 
 
 def _describe(clause: str, req: Requirements, kind: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from hub.config import HubConfig
-from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow, TaskState
+from hub.records import AgentRow, HistoryBucket, JobRow, JobState, ResultRow, TaskRow, TaskState
 from hub.server import BoardServer
 from hub.sqlite_store import SqliteStore
 from hub.store import Store
@@ -557,3 +557,17 @@ async def test_a_job_stored_before_reports_existed_reads_back_with_none(tmp_path
         assert old is not None and old.report == {} and old.best is None
     finally:
         await store.close()
+
+
+async def test_status_history_buckets_are_replaced_by_start_dropped_past_keep_since_and_survive_a_restart(
+        make: Callable[[], Store]) -> None:
+    async with opened(make) as store:
+        assert await store.load_status_history(0) == []
+        await store.save_status_history([HistoryBucket(600.0, 1, 0, 2, 3), HistoryBucket(1200.0, 4, 1, 5, 6)], 0)
+        await store.save_status_history([HistoryBucket(1200.0, 9, 2, 7, 0)], 0)       # the same bucket, later
+    async with opened(make) as store:
+        assert await store.load_status_history(0) == [HistoryBucket(600.0, 1, 0, 2, 3),
+                                                       HistoryBucket(1200.0, 9, 2, 7, 0)]
+        assert await store.load_status_history(1200.0) == [HistoryBucket(1200.0, 9, 2, 7, 0)]
+        await store.save_status_history([HistoryBucket(1800.0, 1, 1, 1, 1)], keep_since=1200.0)
+        assert [b.start for b in await store.load_status_history(0)] == [1200.0, 1800.0]

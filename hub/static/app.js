@@ -72,7 +72,21 @@ function progressBar(fraction, label, name) {
 
 // -- state ----------------------------------------------------------------------------------------
 const view = { status: null, events: [], selectedJob: null, sortKey: "state", sortDir: 1,
-               agentOffset: 0, agentPage: null, agentLoading: false };
+               agentOffset: 0, agentPage: null, agentLoading: false,
+               jobOffset: 0, jobPage: null, jobLoading: false };
+
+// The searches and pages a viewer asked for; the board filters (server-side, bounded), the page only asks.
+const agentFilter = () => ({ agents_q: $("#agents-q").value.trim(), agents_state: $("#agents-state").value });
+const jobFilter = () => ({ jobs_q: $("#jobs-q").value.trim(), jobs_state: $("#jobs-state").value,
+                           jobs_kind: $("#jobs-kind").value });
+const filtered = (f) => Object.values(f).some((v) => v);
+const agentsOwnPage = () => view.agentOffset > 0 || filtered(agentFilter());
+const jobsOwnPage = () => view.jobOffset > 0 || filtered(jobFilter());
+
+function query(params) {
+  return Object.entries(params).filter(([, v]) => v !== "" && v !== null && v !== undefined)
+    .map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join("&");
+}
 
 function fill(id, value) {
   const node = document.getElementById(id);
@@ -91,10 +105,13 @@ function render(status) {
   fill("n-jobs", (status.jobs || {}).active ?? 0);
   renderGpus(status.gpus || []);
   renderMap(status.agent_table || []);
-  renderJobs(status.job_table || [], status.generated_at);
-  if (view.agentOffset) loadAgentPage(); else { view.agentPage = null; renderAgents(); }
+  renderKinds(status.kinds || []);
+  if (jobsOwnPage()) loadJobPage(); else { view.jobPage = null; renderJobsView(); }
+  if (agentsOwnPage()) loadAgentPage(); else { view.agentPage = null; renderAgents(); }
   renderEvents();
   drawChart();
+  drawHistory();
+  renderHistoryTable();
   if (view.selectedJob) loadJob(view.selectedJob);
 }
 
@@ -126,7 +143,8 @@ function bestLabel(best) {
 function renderJobs(jobs, now) {
   const body = $("#job-table tbody");
   if (!jobs.length) {
-    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "no jobs yet")));
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" },
+      filtered(jobFilter()) ? "no job matches" : "no jobs yet")));
     return;
   }
   body.replaceChildren(...jobs.map((job) => {
@@ -162,41 +180,84 @@ function sortValue(agent, key) {
 // The agent table is paged by the board (a fleet may be 100k agents): the live stream carries the first
 // page; another page is fetched from v1/status when shown, and again on each update while it is.
 async function loadAgentPage() {
-  if (view.agentLoading) return;
+  if (view.agentLoading) { view.agentAgain = true; return; }
   view.agentLoading = true;
   const limit = ((view.status && view.status.agent_page) || {}).limit || 50;
+  const want = query({ agents_offset: view.agentOffset, agents_limit: limit, jobs_limit: 0, ...agentFilter() });
   try {
-    const resp = await fetch(`v1/status?agents_offset=${view.agentOffset}&agents_limit=${limit}&jobs_limit=0`,
-      { headers: { Accept: "application/json" }, cache: "no-store" });
+    const resp = await fetch(`v1/status?${want}`, { headers: { Accept: "application/json" }, cache: "no-store" });
     if (resp.ok) {
       const page = await resp.json();
-      if (page.agent_page.offset === view.agentOffset) view.agentPage = page;
+      if (want === query({ agents_offset: view.agentOffset, agents_limit: limit, jobs_limit: 0, ...agentFilter() })) {
+        view.agentPage = page;
+      }
     }
   } finally {
     view.agentLoading = false;
   }
-  renderAgents();
+  renderAgents();   // always: a page that arrives is shown, even while updates keep asking for newer ones
+  if (view.agentAgain) { view.agentAgain = false; loadAgentPage(); }
 }
 
 function turnAgentPage(direction) {
   const page = (view.agentPage || view.status || {}).agent_page;
   if (!page) return;
   view.agentOffset = Math.max(0, Math.min(view.agentOffset + direction * page.limit, Math.max(0, page.total - 1)));
-  if (view.agentOffset) loadAgentPage(); else { view.agentPage = null; renderAgents(); }
+  if (agentsOwnPage()) loadAgentPage(); else { view.agentPage = null; renderAgents(); }
 }
 
-function renderPager(page) {
-  const pager = $("#agent-pager");
-  pager.hidden = !page || page.total <= page.limit;
+function renderPager(which, page) {
+  const pager = $(`#${which}-pager`);
+  pager.hidden = !page || (page.total <= page.limit && page.offset === 0);
   if (pager.hidden) return;
-  fill("agents-range", `${page.offset + 1}–${Math.min(page.offset + page.limit, page.total)} of ${page.total}`);
-  $("#agents-prev").disabled = page.offset === 0;
-  $("#agents-next").disabled = page.offset + page.limit >= page.total;
+  fill(`${which}s-range`, page.total ? `${page.offset + 1}–${Math.min(page.offset + page.limit, page.total)} of ${page.total}`
+    : "none match");
+  $(`#${which}s-prev`).disabled = page.offset === 0;
+  $(`#${which}s-next`).disabled = page.offset + page.limit >= page.total;
+}
+
+// Jobs: the stream's first page, or the viewer's own search/page from v1/status (again on each update).
+async function loadJobPage() {
+  if (view.jobLoading) { view.jobAgain = true; return; }
+  view.jobLoading = true;
+  const limit = 50;
+  const want = () => query({ jobs_offset: view.jobOffset, jobs_limit: limit, agents_limit: 0, ...jobFilter() });
+  const asked = want();
+  try {
+    const resp = await fetch(`v1/status?${asked}`, { headers: { Accept: "application/json" }, cache: "no-store" });
+    if (resp.ok) {
+      const page = await resp.json();
+      if (asked === want()) view.jobPage = page;
+    }
+  } finally {
+    view.jobLoading = false;
+  }
+  renderJobsView();
+  if (view.jobAgain) { view.jobAgain = false; loadJobPage(); }
+}
+
+function turnJobPage(direction) {
+  const page = (view.jobPage || view.status || {}).job_page;
+  if (!page) return;
+  view.jobOffset = Math.max(0, Math.min(view.jobOffset + direction * page.limit, Math.max(0, page.total - 1)));
+  if (jobsOwnPage()) loadJobPage(); else { view.jobPage = null; renderJobsView(); }
+}
+
+function renderJobsView() {
+  const shown = jobsOwnPage() && view.jobPage ? view.jobPage : view.status;
+  if (!shown) return;
+  renderPager("job", shown.job_page);
+  renderJobs(shown.job_table || [], shown.generated_at);
+}
+
+function searchChanged(which) {
+  if (which === "agent") { view.agentOffset = 0; view.agentPage = null; loadAgentPage(); }
+  else { view.jobOffset = 0; view.jobPage = null; loadJobPage(); }
 }
 
 function renderAgents() {
-  const shown = view.agentOffset && view.agentPage ? view.agentPage : view.status;
-  renderPager(shown && shown.agent_page);
+  const shown = agentsOwnPage() && view.agentPage ? view.agentPage : view.status;
+  renderPager("agent", shown && shown.agent_page);
   const agents = [...((shown && shown.agent_table) || [])];
   const { sortKey, sortDir } = view;
   agents.sort((x, y) => {
@@ -210,7 +271,8 @@ function renderAgents() {
   const now = view.status ? view.status.generated_at : Date.now() / 1000;
   const body = $("#agent-table tbody");
   if (!agents.length) {
-    body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "no agents registered")));
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "muted" },
+      filtered(agentFilter()) ? "no agent matches" : "no agents registered")));
     return;
   }
   body.replaceChildren(...agents.map((x) => el("tr", { "data-agent-id": x.id },
@@ -284,6 +346,94 @@ async function loadJob(jobId) {
   if (detail.truncated) {
     $("#task-table tbody").append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, `first ${detail.tasks.length} of ${job.n_tasks} tasks`)));
   }
+}
+
+// -- per kind: backlog, running, recent run times, failure rate, why work waits -------------------
+function renderKinds(kinds) {
+  const select = $("#jobs-kind"), chosen = select.value;
+  const names = [...new Set([...kinds.map((k) => k.kind), ...(chosen ? [chosen] : [])])].sort();
+  if (names.join("\n") !== [...select.options].slice(1).map((o) => o.value).join("\n")) {
+    select.replaceChildren(el("option", { value: "" }, "any"), ...names.map((k) => el("option", { value: k }, k)));
+    select.value = chosen;
+  }
+  const body = $("#kind-table tbody");
+  if (!kinds.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "no work yet")));
+    return;
+  }
+  body.replaceChildren(...kinds.map((k) => el("tr", { "data-kind": k.kind },
+    el("td", {}, el("strong", {}, k.kind), el("br"), el("span", { class: "muted" }, plural(k.jobs, "active job"))),
+    el("td", { class: "n-queued" }, k.queued),
+    el("td", { class: "n-running" }, k.running),
+    el("td", { class: "run-times" }, k.run_s_median === null ? "–" : `${duration(k.run_s_median)} / ${duration(k.run_s_p90)}`),
+    el("td", { class: "failure-rate" }, k.failure_rate === null ? "–" : `${(k.failure_rate * 100).toFixed(1)}%`),
+    el("td", {}, k.waiting_because.length ? el("ul", { class: "why" }, k.waiting_because.map((line) => el("li", {}, line)))
+      : el("span", { class: "muted" }, k.queued ? "being handed out" : "–")))));
+}
+
+// -- the last 24 hours (10-minute buckets, kept by the board across restarts) ----------------------
+function historyRows() {
+  const h = (view.status && view.status.history) || null;
+  if (!h) return [];
+  return h.done.map((done, i) => ({ start: h.start + i * h.bucket_s, done, failed: h.failed[i], agents: h.agents[i],
+                                    backlog: h.backlog[i] }));
+}
+
+function renderHistoryTable() {
+  const rows = historyRows().filter((r) => r.done || r.failed || r.agents || r.backlog).reverse();
+  $("#history-table tbody").replaceChildren(...(rows.length ? rows.map((r) => el("tr", { "data-start": r.start },
+    el("td", {}, el("time", { datetime: new Date(r.start * 1000).toISOString() }, clock(r.start).slice(0, 5))),
+    el("td", {}, r.done), el("td", {}, r.failed), el("td", {}, r.agents), el("td", {}, r.backlog)))
+    : [el("tr", {}, el("td", { colspan: 5, class: "muted" }, "nothing in the last 24 hours"))]));
+}
+
+function drawHistory() {
+  const rows = historyRows();
+  const canvas = $("#history");
+  const css = getComputedStyle(document.documentElement);
+  const color = (name) => css.getPropertyValue(name).trim();
+  const dpr = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || 300, height = canvas.clientHeight || 160;
+  canvas.width = Math.round(width * dpr);
+  canvas.height = Math.round(height * dpr);
+  const ctx = canvas.getContext("2d");
+  if (!ctx) return;
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  const pad = { left: 34, right: 8, top: 10, bottom: 20 };
+  const w = width - pad.left - pad.right, h = height - pad.top - pad.bottom;
+  const max = Math.max(1, ...rows.map((r) => r.done + r.failed));
+  const maxAgents = Math.max(1, ...rows.map((r) => r.agents));
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.fillStyle = color("--muted");
+  ctx.textAlign = "right";
+  ctx.fillText(String(max), pad.left - 4, pad.top + 8);
+  ctx.fillText("0", pad.left - 4, pad.top + h);
+  ctx.textAlign = "left";
+  ctx.fillText("-24h", pad.left, height - 5);
+  ctx.textAlign = "right";
+  ctx.fillText("now", pad.left + w, height - 5);
+  const slot = w / Math.max(rows.length, 1);
+  rows.forEach((r, i) => {
+    const x = pad.left + i * slot, bw = Math.max(1, slot - 1);
+    const hd = (r.done / max) * h, hf = (r.failed / max) * h;
+    ctx.fillStyle = color("--chart-done");
+    ctx.fillRect(x, pad.top + h - hd, bw, hd);
+    ctx.fillStyle = color("--chart-failed");
+    ctx.fillRect(x, pad.top + h - hd - hf, bw, hf);
+  });
+  ctx.strokeStyle = color("--accent");          // agents connected, scaled to their own peak
+  ctx.beginPath();
+  rows.forEach((r, i) => {
+    const x = pad.left + (i + 0.5) * slot, y = pad.top + h - (r.agents / maxAgents) * h;
+    if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+  });
+  ctx.stroke();
+  const done = rows.reduce((s, r) => s + r.done, 0), failed = rows.reduce((s, r) => s + r.failed, 0);
+  const text = `Last 24 hours: ${plural(done, "task")} done, ${plural(failed, "failed attempt")}; `
+    + `peak ${max} per 10 minutes; up to ${plural(Math.max(0, ...rows.map((r) => r.agents)), "agent")} connected (line)`;
+  canvas.setAttribute("aria-label", text);
+  $("#history-caption").textContent = text;
 }
 
 // -- throughput chart (canvas, drawn by hand) -----------------------------------------------------
@@ -436,12 +586,25 @@ function init() {
   $("#job-detail-close").addEventListener("click", () => {
     view.selectedJob = null;
     $("#job-detail").hidden = true;
-    renderJobs((view.status && view.status.job_table) || [], view.status ? view.status.generated_at : 0);
+    renderJobsView();
   });
+  $("#jobs-prev").addEventListener("click", () => turnJobPage(-1));
+  $("#jobs-next").addEventListener("click", () => turnJobPage(1));
+  for (const [which, ids] of [["agent", ["agents-q", "agents-state"]], ["job", ["jobs-q", "jobs-state", "jobs-kind"]]]) {
+    let timer = null;
+    $(`#${which}-search`).addEventListener("submit", (e) => e.preventDefault());
+    for (const id of ids) {
+      $(`#${id}`).addEventListener(id.endsWith("-q") ? "input" : "change", () => {
+        clearTimeout(timer);
+        timer = setTimeout(() => searchChanged(which), 250);
+      });
+    }
+  }
   $("#agents-prev").addEventListener("click", () => turnAgentPage(-1));
   $("#agents-next").addEventListener("click", () => turnAgentPage(1));
-  window.addEventListener("resize", drawChart);
-  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", drawChart);
+  const redraw = () => { drawChart(); drawHistory(); };
+  window.addEventListener("resize", redraw);
+  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", redraw);
   connect();
 }
 
