@@ -40,6 +40,7 @@ class HubConfig:
     #: several hubs on one postgresql:// store (hub/election.py): this hub's name in `panal hub status`
     #: ("": host:port), how soon a standby asks clients to retry, how often the active one proves its lock
     hub_id: str = ""
+    peer_urls: tuple[str, ...] = ()       # the other hubs' join URLs: carried in this hub's join URL (also=)
     standby_retry_after_s: float = 1.0
     election_check_interval_s: float = 1.0
     #: where blobs live (hub/blobs.py): "" is the hub directory's blobs/; hubs sharing one database must

@@ -27,11 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from security.errors import Unavailable
 
-__all__ = ["LOCK_KEY", "ActiveHub", "Election", "Fenced", "read_active"]
+__all__ = ["LOCK_KEY", "ActiveHub", "Election", "Fenced", "db_errors", "read_active"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +44,18 @@ CREATE TABLE IF NOT EXISTS panal_active (
     since  double precision NOT NULL,  -- when it took over (unix time, its clock)
     seen   double precision NOT NULL   -- its watchdog's last write (unix time, its clock)
 )"""
+
+
+def _asyncpg() -> Any:
+    """asyncpg, imported when a hub shares a PostgreSQL store (the optional ``postgres`` extra)."""
+    import asyncpg
+    return asyncpg
+
+
+def db_errors() -> tuple[type[BaseException], ...]:
+    """What a lost or unreachable database raises."""
+    pg = _asyncpg()
+    return OSError, TimeoutError, pg.PostgresError, pg.InterfaceError
 
 
 class Fenced(Unavailable):
@@ -99,12 +109,12 @@ class Election:
         while True:
             try:
                 if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(self.dsn, timeout=self.timeout_s)
+                    self._conn = await _asyncpg().connect(self.dsn, timeout=self.timeout_s)
                     await self._conn.execute(SCHEMA)
                 if await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
                     return await self._take_over()
                 self.last_known = await read_active(self._conn)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except db_errors() as exc:
                 log.warning("standby: database unreachable (%s); retrying", exc)
                 await self._drop()
             await asyncio.sleep(poll_s)
@@ -130,7 +140,7 @@ class Election:
                 token = await asyncio.wait_for(self._conn.fetchval(
                     "UPDATE panal_active SET seen = $2 WHERE id = 1 AND token = $1 RETURNING token",
                     self.token, self.clock()), self.timeout_s)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except db_errors() as exc:
                 self._lose(f"the database did not answer the watchdog ({exc or type(exc).__name__})")
                 return
             if token is None:
