@@ -277,7 +277,7 @@ def tokens_create(root: Path, uses: int, expires: str, label: str, owner: str) -
     if hub_home.serve_path.exists():
         address = BoardAddress.parse(hub_home.serve_path.read_text())
     else:
-        address = hub_home.address(config)
+        address = with_peers(hub_home.address(config), config)
     if config.registration_mode != "token":
         click.echo(f"note: registration on this hub is {config.registration_mode}: the token is not needed",
                    err=True)
@@ -327,7 +327,8 @@ def hub_url(root: Path) -> None:
     if hub_home.serve_path.exists():
         click.echo(hub_home.serve_path.read_text().strip())
     else:
-        click.echo(hub_home.address(hub_home.config()).join_url())
+        config = hub_home.config()
+        click.echo(with_peers(hub_home.address(config), config).join_url())
 
 
 __all__ = ["hub"]
