@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from hub.election import Election
-from hub.http import Handler, reply
+from hub.http import Handler, error_middleware, reply
 from security.errors import Unavailable
 
 __all__ = ["ActiveGate", "Standby"]
@@ -45,7 +45,7 @@ class ActiveGate:
 
     def install(self, app: web.Application) -> None:
         """Put the gate right after the error middleware (it turns :class:`Standby` into the 503)."""
-        app.middlewares.insert(1, self.middleware)
+        app.middlewares.insert(app.middlewares.index(error_middleware) + 1, self.middleware)
         app.router.add_get("/v1/active", self.describe)
 
     @web.middleware

@@ -194,7 +194,11 @@ def _alternate(scheme: str, value: str) -> BoardAddress:
     if not parts.hostname or port is None or parts.path or parts.username or (scheme == "https") != bool(at):
         raise BadRequest(f"join URL: also= names another hub as HOST:PORT@<sha256 hex> (https) or HOST:PORT "
                          f"(http), got {value!r}")
-    fingerprint = _fragment(f"sha256={pin}")["sha256"] if at else None
+    try:
+        fingerprint = _fragment(f"sha256={pin}")["sha256"] if at else None
+    except BadRequest:
+        raise BadRequest(f"join URL: also={value!r} must end in @<64 hex digits> (that hub's certificate "
+                         "fingerprint)") from None
     return BoardAddress(f"{scheme}://{netloc}", fingerprint)
 
 
