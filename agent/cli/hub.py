@@ -17,7 +17,7 @@ from agent.cli.common import PanalGroup, home, print_json, read_public_key, run,
 from hub.home import HubHome
 from hub.server import BoardServer
 from hub.store import Store
-from hub.stores import create_store
+from hub.stores import create_store, migrate_store
 from hub.tokens import AdmissionToken, new_token
 from jobs.manifest import parse_duration
 from security.errors import BadRequest, NotFound
@@ -118,6 +118,17 @@ def serve(root: Path, port: int | None, bind: str | None) -> None:
         hub_home.serve_path.unlink(missing_ok=True)
 
     run(until_signalled(main))
+
+
+@hub.command()
+@dir_option
+def migrate(root: Path) -> None:
+    """Bring the store's schema up to date now and say what was done (hubs also do it when they start)."""
+    hub_home = HubHome(root)
+    if not hub_home.initialised:
+        raise NotFound(f"{root} is not a hub directory: run `panal hub init --dir {root}` first")
+    for line in run(migrate_store(hub_home.config().store, hub_home.db_path)):
+        click.echo(line)
 
 
 @hub.group(cls=PanalGroup)
