@@ -18,7 +18,7 @@ from hub.ha import database_status, is_shared, make_election, with_peers
 from hub.home import HubHome
 from hub.server import BoardServer
 from hub.store import Store
-from hub.stores import create_store
+from hub.stores import create_store, migrate_store
 from hub.tokens import AdmissionToken, new_token
 from jobs.manifest import parse_duration
 from security.errors import BadRequest, NotFound
@@ -182,6 +182,17 @@ def _status_lines(status: dict[str, object]) -> list[str]:
               f"  since: {_when(active['since'])} (fencing token {active['token']})",
               f"  watchdog: last written {active['watchdog_age_s']} s ago"]
     return lines
+
+
+@hub.command()
+@dir_option
+def migrate(root: Path) -> None:
+    """Bring the store's schema up to date now and say what was done (hubs also do it when they start)."""
+    hub_home = HubHome(root)
+    if not hub_home.initialised:
+        raise NotFound(f"{root} is not a hub directory: run `panal hub init --dir {root}` first")
+    for line in run(migrate_store(hub_home.config().store, hub_home.db_path)):
+        click.echo(line)
 
 
 @hub.group(cls=PanalGroup)
