@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from hub.blob_refs import manifest_blobs, result_blobs
+from hub.election import Fenced
 from hub.pg_schema import describe_url, migrate
 from hub.records import AgentRow, JobRow, JobState, ResultRow, TaskRow
 from hub.store import LeaseWrite
@@ -83,6 +84,9 @@ class PgStore:
         self._writer: asyncio.Task[None] | None = None
         self.commits = 0
         self.applied: list[int] = []     # migrations this open applied (hub/pg_schema.py)
+        #: one of several hubs (hub/election.py): run first in every write transaction; it raises (and so
+        #: rolls the transaction back) unless this hub still holds the fencing token
+        self.fence: Callable[[Conn], Awaitable[None]] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _connect(self) -> Conn:
@@ -136,6 +140,9 @@ class PgStore:
                 outcomes = await self._commit(conn, batch, savepoints=True)
             assert outcomes is not None
             self.commits += 1
+        except Fenced as exc:      # another hub is active now (hub/election.py): nothing is written
+            log.warning("store commit refused: %s", exc.message)
+            outcomes = [(False, exc)] * len(batch)
         except Exception as exc:   # the connection or the COMMIT failed: nothing in the batch is written
             log.exception("store commit failed")
             outcomes = [(False, exc)] * len(batch)
@@ -156,6 +163,8 @@ class PgStore:
         if not savepoints or len(batch) == 1:
             try:
                 async with conn.transaction():
+                    if self.fence is not None:
+                        await self.fence(conn)
                     outcomes = [(True, await fn(conn)) for fn, _ in batch]
             except asyncpg.PostgresError as exc:
                 if len(batch) > 1:
@@ -163,6 +172,8 @@ class PgStore:
                 outcomes = [(False, exc)]
             return outcomes
         async with conn.transaction():
+            if self.fence is not None:
+                await self.fence(conn)
             for fn, _ in batch:
                 try:
                     async with conn.transaction():   # a savepoint

@@ -20,6 +20,7 @@ from hub.connections import ConnectionLimits, GuardedSite
 from hub.election import Election
 from hub.standby import ActiveGate
 from hub.stores import create_store
+from security.errors import BadRequest
 from security.identity import PublicKey
 
 __all__ = ["BoardServer"]
@@ -38,7 +39,10 @@ class BoardServer:
         self.blobs = create_blob_backend(config, db_path.parent)   # blobs_dir: one path all hubs mount
         store = create_store(config.store, db_path, synchronous=config.sqlite_synchronous)
         if election is not None:
-            store.fence = election.fence   # type: ignore[attr-defined]  # every commit checks the token
+            from hub.pg_store import PgStore   # (asyncpg: the postgres extra, needed only here)
+            if not isinstance(store, PgStore):
+                raise BadRequest("several hubs on one board need a shared store: store: postgresql://...")
+            store.fence = election.fence   # every commit checks the fencing token in its own transaction
         self.board = Board(store, config, blobs=self.blobs)
         self.app = create_app(self.board, config)
         self.election = election

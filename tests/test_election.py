@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
 from hub.election import Election, Fenced, read_active
-from tests.standby_pg import PrivatePostgres
+from pgserver import PgServer, PgUnavailable
+from system_needs import require_system
 
 
 @pytest.fixture
-async def pg() -> AsyncIterator[PrivatePostgres]:
-    server = PrivatePostgres().init()
-    server.start()
+def own_pg() -> Iterator[PgServer]:
+    """A server of this test's own: it is stopped and started again (the shared one must not be)."""
+    try:
+        server = PgServer().start()
+    except PgUnavailable as exc:
+        require_system(f"PostgreSQL server: {exc}")
+        raise
     yield server
     server.destroy()
 
@@ -26,9 +31,9 @@ async def _fenced_insert(election: Election, conn: asyncpg.Connection, value: st
         await conn.execute("INSERT INTO acked VALUES ($1)", value)
 
 
-async def test_one_hub_is_active_and_a_standby_takes_over_when_its_session_dies(pg: PrivatePostgres) -> None:
-    first = Election(pg.dsn, "hub-a", "https://a:1/", check_interval_s=0.1)
-    second = Election(pg.dsn, "hub-b", "https://b:1/", check_interval_s=0.1)
+async def test_one_hub_is_active_and_a_standby_takes_over_when_its_session_dies(own_pg: PgServer) -> None:
+    first = Election(own_pg.url(), "hub-a", "https://a:1/", check_interval_s=0.1)
+    second = Election(own_pg.url(), "hub-b", "https://b:1/", check_interval_s=0.1)
     assert await first.campaign(poll_s=0.05) == 1
     waiting = asyncio.create_task(second.campaign(poll_s=0.05))
     while second.last_known is None:   # the standby has looked at least once, and found hub-a active
@@ -37,7 +42,7 @@ async def test_one_hub_is_active_and_a_standby_takes_over_when_its_session_dies(
     first._conn.terminate()             # what kill -9 does to the lock session
     assert await waiting == 2
     assert first.lost.is_set() and not first.active and second.active
-    conn = await asyncpg.connect(pg.dsn)
+    conn = await asyncpg.connect(own_pg.url())
     with pytest.raises(Fenced):
         await first.fence(conn)
     active = await read_active(conn)
@@ -47,11 +52,11 @@ async def test_one_hub_is_active_and_a_standby_takes_over_when_its_session_dies(
 
 
 async def test_a_commit_in_flight_at_takeover_lands_before_it_and_later_stale_commits_fail(
-        pg: PrivatePostgres) -> None:
-    stale = Election(pg.dsn, "hub-a", "https://a:1/", check_interval_s=30)   # it has not noticed yet
-    fresh = Election(pg.dsn, "hub-b", "https://b:1/")
+        own_pg: PgServer) -> None:
+    stale = Election(own_pg.url(), "hub-a", "https://a:1/", check_interval_s=30)   # it has not noticed yet
+    fresh = Election(own_pg.url(), "hub-b", "https://b:1/")
     await stale.campaign()
-    conn = await asyncpg.connect(pg.dsn)
+    conn = await asyncpg.connect(own_pg.url())
     await conn.execute("CREATE TABLE acked (v text)")
     in_flight = conn.transaction()
     await in_flight.start()
@@ -59,7 +64,7 @@ async def test_a_commit_in_flight_at_takeover_lands_before_it_and_later_stale_co
     # ... when it loses the lock without noticing (as after a partition): only the token can stop it now
     await stale._conn.execute("SELECT pg_advisory_unlock_all()")
     takeover = asyncio.create_task(fresh.campaign(poll_s=0.05))
-    while fresh._conn is None or not await conn_holds_waiter(pg):
+    while fresh._conn is None or not await conn_holds_waiter(own_pg):
         await asyncio.sleep(0.02)
     assert not takeover.done()              # the bump waits for the share lock of the commit in flight
     await conn.execute("INSERT INTO acked VALUES ('before')")
@@ -70,11 +75,12 @@ async def test_a_commit_in_flight_at_takeover_lands_before_it_and_later_stale_co
     assert [r["v"] for r in await conn.fetch("SELECT v FROM acked")] == ["before"]
     await conn.close()
     await fresh.resign()
+    await stale.resign()
 
 
-async def conn_holds_waiter(pg: PrivatePostgres) -> bool:
+async def conn_holds_waiter(own_pg: PgServer) -> bool:
     """Whether some session waits on a lock (the takeover's UPDATE behind the share lock)."""
-    probe = await asyncpg.connect(pg.dsn)
+    probe = await asyncpg.connect(own_pg.url())
     try:
         return bool(await probe.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"))
     finally:
@@ -82,16 +88,16 @@ async def conn_holds_waiter(pg: PrivatePostgres) -> bool:
 
 
 async def test_an_active_hub_cut_off_from_the_database_stops_and_the_other_takes_over(
-        pg: PrivatePostgres) -> None:
-    first = Election(pg.dsn, "hub-a", "https://a:1/", check_interval_s=0.1, timeout_s=1.0)
-    second = Election(pg.dsn, "hub-b", "https://b:1/", check_interval_s=0.1, timeout_s=1.0)
+        own_pg: PgServer) -> None:
+    first = Election(own_pg.url(), "hub-a", "https://a:1/", check_interval_s=0.1, timeout_s=1.0)
+    second = Election(own_pg.url(), "hub-b", "https://b:1/", check_interval_s=0.1, timeout_s=1.0)
     await first.campaign()
-    pg.stop("immediate")                    # the partition: no hub reaches the database
+    own_pg.stop("immediate")                    # the partition: no hub reaches the database
     await first.lost.wait()                 # the active hub stops before anyone else can start
     assert not first.active
-    pg.start()
+    own_pg.restart()
     assert await second.campaign(poll_s=0.05) == 2
-    conn = await asyncpg.connect(pg.dsn)
+    conn = await asyncpg.connect(own_pg.url())
     await conn.execute("CREATE TABLE acked (v text)")
     with pytest.raises(Fenced):
         await _fenced_insert(first, conn, "stale")

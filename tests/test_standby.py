@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,8 +20,9 @@ from hub.server import BoardServer
 from security.errors import BadRequest
 from security.identity import Identity
 from security.tls import BoardAddress, server_context
-from tests.conftest import ROOT, panal
-from tests.standby_pg import PrivatePostgres
+from conftest import ROOT, panal
+from pgserver import PgServer, PgUnavailable
+from system_needs import require_system
 
 A_PIN, B_PIN = "a" * 64, "b" * 64
 
@@ -48,21 +49,25 @@ def test_plain_http_to_another_hub_off_loopback_is_refused() -> None:
 
 
 @pytest.fixture
-async def pg() -> AsyncIterator[PrivatePostgres]:
-    server = PrivatePostgres().init()
-    server.start()
+def own_pg() -> Iterator[PgServer]:
+    """A server of this test's own: it is stopped and started again (the shared one must not be)."""
+    try:
+        server = PgServer().start()
+    except PgUnavailable as exc:
+        require_system(f"PostgreSQL server: {exc}")
+        raise
     yield server
     server.destroy()
 
 
 class Candidate:
-    """A hub over real TLS on 127.0.0.1:0 that runs for election on ``dsn`` (its own SQLite store here:
-    this file checks the HTTP side of standby; the shared PostgreSQL store has its own tests)."""
+    """A hub over real TLS on 127.0.0.1:0 with the board's PostgreSQL store at ``dsn``, running for election."""
 
     def __init__(self, tmp: Path, name: str, dsn: str) -> None:
         self.home = HubHome(tmp / name)
         self.home.init("127.0.0.1", 0)
-        config = self.home.config(bind="127.0.0.1", port=0, hub_id=name, election_check_interval_s=0.1)
+        config = self.home.config(bind="127.0.0.1", port=0, hub_id=name, election_check_interval_s=0.1,
+                                  store=dsn, blobs_dir=str(tmp / "blobs"))
         self.election = Election(dsn, name, "", check_interval_s=0.1, timeout_s=1.0)
         self.server = BoardServer(config, self.home.db_path,
                                   server_context(self.home.cert_path, self.home.tls_key_path),
@@ -92,8 +97,8 @@ async def _raw_get(address: BoardAddress, path: str) -> tuple[int, dict[str, str
 
 
 async def test_a_standby_says_503_and_who_is_active_and_the_client_follows_the_active_hub(
-        tmp_path: Path, pg: PrivatePostgres) -> None:
-    first, second = Candidate(tmp_path, "hub-a", pg.dsn), Candidate(tmp_path, "hub-b", pg.dsn)
+        tmp_path: Path, pg: str) -> None:
+    first, second = Candidate(tmp_path, "hub-a", pg), Candidate(tmp_path, "hub-b", pg)
     await first.start()
     assert first.activating is not None
     await first.activating                      # hub-a is active
@@ -126,22 +131,22 @@ async def test_a_standby_says_503_and_who_is_active_and_the_client_follows_the_a
 
 
 async def test_hub_status_names_the_active_hub_and_how_the_database_answers(
-        tmp_path: Path, pg: PrivatePostgres) -> None:
-    election = Election(pg.dsn, "hub-a", "https://hub-a:8747/", check_interval_s=0.1)
+        tmp_path: Path, own_pg: PgServer) -> None:
+    election = Election(own_pg.url(), "hub-a", "https://hub-a:8747/", check_interval_s=0.1)
     await election.campaign()
     home = tmp_path / "user"
     panal("hub", "init", "--dir", str(tmp_path / "hub"), home=home)
     proc = await asyncio.to_thread(panal, "hub", "status", "--dir", str(tmp_path / "hub"), "--json", home=home,
-                                   PANAL_HUB_STORE=pg.dsn)
+                                   PANAL_HUB_STORE=own_pg.url())
     status = json.loads(proc.stdout)
     assert status["database"] == "reachable" and status["lock_held"] is True
     assert status["active"]["hub"] == "hub-a" and status["active"]["token"] == 1
     await election.resign()
-    pg.stop()
+    own_pg.stop()
     proc = await asyncio.to_thread(panal, "hub", "status", "--dir", str(tmp_path / "hub"), home=home,
-                                   check=False, PANAL_HUB_STORE=pg.dsn)
+                                   check=False, PANAL_HUB_STORE=own_pg.url())
     assert proc.returncode == 1 and "database: UNREACHABLE" in proc.stdout
-    pg.start()
+    own_pg.restart()
 
 
 def test_the_compose_file_runs_two_hubs_on_one_database_with_real_settings_and_commands() -> None:
