@@ -39,7 +39,7 @@ class BoardServer:
         self.blobs = create_blob_backend(config, db_path.parent)   # blobs_dir: one path all hubs mount
         store = create_store(config.store, db_path, synchronous=config.sqlite_synchronous)
         if election is not None:
-            from hub.pg_store import PgStore   # (asyncpg: the postgres extra, needed only here)
+            from hub.pg_store import PgStore  # (asyncpg: the postgres extra, needed only here)
             if not isinstance(store, PgStore):
                 raise BadRequest("several hubs on one board need a shared store: store: postgresql://...")
             store.fence = election.fence   # every commit checks the fencing token in its own transaction

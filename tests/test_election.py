@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
-
-from hub.election import Election, Fenced, read_active
 from pgserver import PgServer, PgUnavailable
 from system_needs import require_system
+
+from hub.election import Election, Fenced, read_active
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from conftest import ROOT, panal
+from pgserver import PgServer, PgUnavailable
+from system_needs import require_system
 
 from agent.client.board import BoardClient
 from hub.config import HubConfig
@@ -20,9 +23,6 @@ from hub.server import BoardServer
 from security.errors import BadRequest
 from security.identity import Identity
 from security.tls import BoardAddress, server_context
-from conftest import ROOT, panal
-from pgserver import PgServer, PgUnavailable
-from system_needs import require_system
 
 A_PIN, B_PIN = "a" * 64, "b" * 64
 
