@@ -182,3 +182,14 @@ def pg(pg_server: PgServer | str) -> Iterator[str]:
     finally:
         pg_server.drop(name)
 
+
+@pytest.fixture
+def own_pg() -> Iterator[PgServer]:
+    """A PostgreSQL server of this test's own, which it may stop and start again (a partition, a crash)."""
+    try:
+        server = PgServer().start()
+    except PgUnavailable as exc:
+        require_system(f"PostgreSQL server: {exc}")
+        raise
+    yield server
+    server.destroy()

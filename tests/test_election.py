@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from pgserver import PgServer, PgUnavailable
-from system_needs import require_system
+from pgserver import PgServer
 
 from hub.election import Election, Fenced, read_active
-
-
-@pytest.fixture
-def own_pg() -> Iterator[PgServer]:
-    """A server of this test's own: it is stopped and started again (the shared one must not be)."""
-    try:
-        server = PgServer().start()
-    except PgUnavailable as exc:
-        require_system(f"PostgreSQL server: {exc}")
-        raise
-    yield server
-    server.destroy()
 
 
 async def _fenced_insert(election: Election, conn: asyncpg.Connection, value: str) -> None:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 from conftest import ROOT, panal
-from pgserver import PgServer, PgUnavailable
-from system_needs import require_system
+from pgserver import PgServer
 
 from agent.client.board import BoardClient
 from hub.config import HubConfig
@@ -46,18 +44,6 @@ def test_a_join_url_naming_another_hub_badly_is_refused_by_name(also: str) -> No
 def test_plain_http_to_another_hub_off_loopback_is_refused() -> None:
     with pytest.raises(BadRequest, match="plain HTTP"):
         BoardAddress.parse("http://127.0.0.1:1/#also=example.org:2").check_transport()
-
-
-@pytest.fixture
-def own_pg() -> Iterator[PgServer]:
-    """A server of this test's own: it is stopped and started again (the shared one must not be)."""
-    try:
-        server = PgServer().start()
-    except PgUnavailable as exc:
-        require_system(f"PostgreSQL server: {exc}")
-        raise
-    yield server
-    server.destroy()
 
 
 class Candidate:

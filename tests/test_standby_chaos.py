@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from conftest import Procs, panal
 from helpers import AGENT_START_S, scaled, wait_for
+from pgserver import PgServer
 from test_chaos import HUB_DOWN, HUB_ENV, free_port, outbox_files, start_agent
 
 from agent.client.board import BoardClient
@@ -148,3 +149,32 @@ def test_kill_9_of_the_active_hub_mid_job_the_standby_takes_over_and_every_task_
     assert len(accepted_by) == 2
     wait_for(lambda: not outbox_files(tmp_path, "a1") + outbox_files(tmp_path, "a2"), "the outboxes to drain",
              diagnose=procs.logs_text)
+
+
+def test_an_active_hub_cut_off_from_the_database_stops_acknowledging_before_the_standby_takes_over(
+        tmp_path: Path, procs: Procs, own_pg: PgServer) -> None:
+    first, second, board = _two_hubs(tmp_path, procs, own_pg.url())
+    agents = [start_agent(procs, tmp_path, board.url, name, "--slots", "2") for name in ("a1", "a2")]
+    n = 12
+    job_id = board.submit(n, seconds=1.0)
+
+    def mid_job() -> bool:
+        states = board.states(job_id)
+        return states["done"] >= 2 and states["leased"] >= 1
+    wait_for(mid_job, "the job to be under way", timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
+    own_pg.stop("immediate")           # the partition: neither hub reaches the database
+    assert first.proc is not None
+    # hub-a notices on its own and stops (exit 75: its supervisor would restart it as a standby) ...
+    wait_for(lambda: first.proc is not None and first.proc.poll() is not None, "hub-a to step down",
+             diagnose=procs.logs_text)
+    assert first.proc.returncode == 75
+    # ... while no hub can be active: hub-b cannot take the lock of a database it cannot reach
+    assert not second.active()
+    own_pg.restart()
+    wait_for(second.active, "hub-b to take over once the database is back", diagnose=procs.logs_text)
+    wait_for(lambda: board.call("GET", f"/v1/jobs/{job_id}")["job"]["state"] == "succeeded",
+             "the job to finish on hub-b", diagnose=procs.logs_text, ignore=HUB_DOWN)
+    assert all(a.poll() is None for a in agents)
+    board.assert_done_exactly_once(job_id, n)
+    [(token, hub)] = board.rows("SELECT token, hub FROM panal_active")
+    assert (token, hub) == (2, "hub-b")
