@@ -4,6 +4,7 @@ hub, and the client moves to whichever hub is active (real TLS hubs, elections o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,12 +14,15 @@ import yaml
 from conftest import ROOT, panal
 from pgserver import PgServer
 
+from agent.client.blobcache import download_blob
 from agent.client.board import BoardClient
+from agent.client.submitting import upload_inputs
 from hub.config import HubConfig
 from hub.election import Election
 from hub.home import HubHome
 from hub.server import BoardServer
 from security.errors import BadRequest
+from security.httpsig import sign_request
 from security.identity import Identity
 from security.tls import BoardAddress, server_context
 
@@ -82,7 +86,7 @@ async def _raw_get(address: BoardAddress, path: str) -> tuple[int, dict[str, str
         return resp.status, dict(resp.headers), json.loads(await resp.read())
 
 
-async def test_a_standby_says_503_and_who_is_active_and_the_client_follows_the_active_hub(
+async def test_a_standby_says_503_and_who_is_active_and_the_client_follows_the_active_hub_blobs_too(
         tmp_path: Path, pg: str) -> None:
     first, second = Candidate(tmp_path, "hub-a", pg), Candidate(tmp_path, "hub-b", pg)
     await first.start()
@@ -97,9 +101,15 @@ async def test_a_standby_says_503_and_who_is_active_and_the_client_follows_the_a
     assert body["details"]["active_hub"] == first.address.join_url()
     # the client is given the standby first: it is sent on to the active hub, which answers
     board = BoardAddress(second.address.url, second.address.fingerprint, (first.address,))
-    async with BoardClient(board, Identity.generate(), retry_for_s=30.0) as client:
+    me = Identity.generate()
+    await first.server.add_submitter(me.public, "tester")      # (in the shared store)
+    data = tmp_path / "input.bin"
+    data.write_bytes(b"shared by both hubs" * 1000)
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    async with BoardClient(board, me, retry_for_s=30.0) as client:
         limits = await client.call("GET", "/v1/limits")
         assert isinstance(limits, dict) and client.base_url == first.address.url
+        await upload_inputs(client, [(sha, data)])              # written by hub-a into the shared blobs_dir
         # the active hub dies (its lock session ends, as with kill -9): it stops answering at once,
         # the standby takes over, and the same client's next call is answered by it
         first.election._conn.terminate()
@@ -109,6 +119,10 @@ async def test_a_standby_says_503_and_who_is_active_and_the_client_follows_the_a
         await second.activating
         assert isinstance(await client.call("GET", "/v1/limits"), dict)
         assert client.base_url == second.address.url
+        back = tmp_path / "back.bin"                            # and read back from hub-b
+        await download_blob(client.session(), client.base_url, sha, back,
+                            sign_request(me, "GET", f"/v1/blobs/{sha}", "", b""))
+        assert back.read_bytes() == data.read_bytes()
     status, _, body = await _raw_get(second.address, "/v1/active")
     assert status == 200 and isinstance(body, dict) and body["active"] is True
     assert body["active_hub"]["hub"] == "hub-b" and body["active_hub"]["token"] == 2
