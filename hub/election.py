@@ -109,7 +109,8 @@ class Election:
         while True:
             try:
                 if self._conn is None or self._conn.is_closed():
-                    self._conn = await _asyncpg().connect(self.dsn, timeout=self.timeout_s)
+                    self._conn = await _asyncpg().connect(self.dsn, timeout=self.timeout_s,
+                                                          server_settings=self._session_settings())
                     await self._conn.execute(SCHEMA)
                 if await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
                     return await self._take_over()
@@ -118,6 +119,14 @@ class Election:
                 log.warning("standby: database unreachable (%s); retrying", exc)
                 await self._drop()
             await asyncio.sleep(poll_s)
+
+    def _session_settings(self) -> dict[str, str]:
+        """The lock session ends on the server's side when this hub goes quiet (frozen, or cut off while
+        the server still sees the socket open): PostgreSQL >= 14 closes a session idle this long, which
+        releases the lock, so a standby is not kept waiting for TCP to give up. The watchdog (or a standby's
+        poll) speaks every ``check_interval_s``, well within it."""
+        idle_ms = int(1000 * (max(3 * self.check_interval_s, self.timeout_s) + 1.0))
+        return {"idle_session_timeout": str(idle_ms), "application_name": f"panal hub {self.hub_id}"[:63]}
 
     async def _take_over(self) -> int:
         now = self.clock()
@@ -140,7 +149,7 @@ class Election:
                 token = await asyncio.wait_for(self._conn.fetchval(
                     "UPDATE panal_active SET seen = $2 WHERE id = 1 AND token = $1 RETURNING token",
                     self.token, self.clock()), self.timeout_s)
-            except db_errors() as exc:
+            except Exception as exc:   # any doubt (a dead socket, a confused connection) is a loss
                 self._lose(f"the database did not answer the watchdog ({exc or type(exc).__name__})")
                 return
             if token is None:
@@ -168,7 +177,7 @@ class Election:
         self._lose("resigned")
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch
         await self._drop()
 

@@ -86,7 +86,7 @@ class BoardServer:
         await self.election.campaign()
         await self.board.start()
         self._gc = run_every(self.config.blob_gc_interval_s, self.collect_garbage, "blob gc")
-        self.gate.ready = True
+        await self.gate.open_gate()
         log.warning("active: the board loaded its state; acknowledging requests")
 
     async def listen_also(self, host: str) -> None:

@@ -38,15 +38,28 @@ class ActiveGate:
         self.election = election
         self.retry_after_s = retry_after_s
         self.ready = False      # set once the board has loaded the active state from the database
+        self._app: web.Application | None = None
+        self._deferred: list[Any] = []
 
     @property
     def open(self) -> bool:
         return self.ready and self.election.active
 
     def install(self, app: web.Application) -> None:
-        """Put the gate right after the error middleware (it turns :class:`Standby` into the 503)."""
+        """Put the gate right after the error middleware (it turns :class:`Standby` into the 503), and hold
+        the app's start-up hooks (the status feed: it reads the board) until the board is loaded."""
         app.middlewares.insert(app.middlewares.index(error_middleware) + 1, self.middleware)
         app.router.add_get("/v1/active", self.describe)
+        self._app = app
+        self._deferred = list(app.on_startup)
+        app.on_startup.clear()
+
+    async def open_gate(self) -> None:
+        """The board has loaded the active state: run the held start-up hooks, then let requests through."""
+        assert self._app is not None, "open_gate before install"
+        for hook in self._deferred:
+            await hook(self._app)
+        self.ready = True
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -77,10 +78,11 @@ class Board:
     def __init__(self, user: Path, url: str, store: str) -> None:
         self.user, self.url, self.store = user, url, store
 
-    def call(self, method: str, path: str) -> Any:
+    def call(self, method: str, path: str, at: HaHub | None = None) -> Any:
+        """A signed call through the join URL (whichever hub answers), or to one hub ``at``."""
         async def go() -> Any:
-            async with BoardClient(BoardAddress.parse(self.url), Identity.load(self.user / "user.key"),
-                                   retry_for_s=2.0) as client:
+            address = at.address if at is not None else BoardAddress.parse(self.url)
+            async with BoardClient(address, Identity.load(self.user / "user.key"), retry_for_s=2.0) as client:
                 return await client.call(method, path, timeout_s=10.0)
         return asyncio.run(go())
 
@@ -178,3 +180,32 @@ def test_an_active_hub_cut_off_from_the_database_stops_acknowledging_before_the_
     board.assert_done_exactly_once(job_id, n)
     [(token, hub)] = board.rows("SELECT token, hub FROM panal_active")
     assert (token, hub) == (2, "hub-b")
+
+
+def test_a_frozen_active_hub_is_replaced_and_once_thawed_acknowledges_nothing(
+        tmp_path: Path, procs: Procs, pg: str) -> None:
+    """A hub stopped dead (SIGSTOP: a VM pause, a long GC) still has its database socket open: the server
+    ends its idle lock session, the standby takes over, and the thawed hub steps down without
+    acknowledging anything it can no longer commit (the fencing token moved on)."""
+    first, second, board = _two_hubs(tmp_path, procs, pg)
+    agents = [start_agent(procs, tmp_path, board.url, name, "--slots", "2") for name in ("a1", "a2")]
+    n = 12
+    job_id = board.submit(n, seconds=1.0)
+
+    def mid_job() -> bool:
+        states = board.states(job_id)
+        return states["done"] >= 2 and states["leased"] >= 1
+    wait_for(mid_job, "the job to be under way", timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
+    assert first.proc is not None
+    first.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(second.active, "hub-b to take over from the frozen hub-a", diagnose=procs.logs_text)
+        wait_for(lambda: board.call("GET", f"/v1/jobs/{job_id}", at=second)["job"]["state"] == "succeeded",
+                 "the job to finish on hub-b", diagnose=procs.logs_text, ignore=HUB_DOWN)
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: first.proc is not None and first.proc.poll() is not None, "the thawed hub-a to step down",
+             diagnose=procs.logs_text)
+    assert first.proc.returncode == 75
+    assert all(a.poll() is None for a in agents)
+    board.assert_done_exactly_once(job_id, n)
