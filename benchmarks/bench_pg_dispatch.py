@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pgserver import PgServer  # noqa: E402  (the test suite's private-server helper)
+from pgserver import PgServer  # the test suite's private-server helper
 
 
 def main() -> None:
