@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from asyncpg import Record
 
@@ -49,9 +49,27 @@ def _params(columns: str) -> str:
 
 _INSERT_JOB = f"INSERT INTO jobs ({JOB_COLS}) VALUES ({_params(JOB_COLS)})"
 _INSERT_TASK = f"INSERT INTO tasks ({TASK_COLS}) VALUES ({_params(TASK_COLS)})"
-_UPDATE_TASK = ("UPDATE tasks SET state=$1, attempt=$2, lease_id=$3, agent_id=$4, lease_expires_at=$5, error=$6, "
-                "error_class=$7, progress=$8, updated_at=$9, checkpoint=$10, checkpoint_record=$11 WHERE id=$12")
-_UPDATE_JOB = "UPDATE jobs SET state=$1, finished_at=$2, error=$3, best=$4 WHERE id=$5"
+# A task batch's and its jobs' new state (and its results) as ONE statement over arrays (unnest): one round
+# trip and, alone in a batch, no BEGIN/COMMIT; data-modifying CTEs make it all-or-nothing like a transaction.
+_SET_TASKS = ("tasks_set AS (UPDATE tasks SET state=v.state, attempt=v.attempt, lease_id=v.lease_id, "
+              "agent_id=v.agent_id, lease_expires_at=v.lease_expires_at, error=v.error, error_class=v.error_class, "
+              "progress=v.progress, updated_at=v.updated_at, checkpoint=v.checkpoint, "
+              "checkpoint_record=v.checkpoint_record FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], "
+              "$5::float8[], $6::text[], $7::text[], $8::float8[], $9::float8[], $10::text[], $11::bytea[], "
+              "$12::text[]) AS v(state, attempt, lease_id, agent_id, lease_expires_at, error, error_class, progress, "
+              "updated_at, checkpoint, checkpoint_record, id) WHERE tasks.id = v.id RETURNING 1)")
+_SET_JOBS = ("UPDATE jobs SET state=w.state, finished_at=w.finished_at, error=w.error, best=w.best "
+             "FROM unnest($13::text[], $14::float8[], $15::text[], $16::text[], $17::text[]) "
+             "AS w(state, finished_at, error, best, id) WHERE jobs.id = w.id")
+_UPDATE = f"WITH {_SET_TASKS} {_SET_JOBS}"
+_ACCEPT = (f"WITH results_in AS (INSERT INTO results (task_id, job_id, attempt, agent_id, record, digest, "
+           "accepted_at) SELECT * FROM unnest($18::text[], $19::text[], $20::int[], $21::text[], $22::bytea[], "
+           f"$23::text[], $24::float8[]) RETURNING 1), {_SET_TASKS} {_SET_JOBS}")
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as per-column lists (the arrays unnest() turns back into rows)."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
 def _count(status: str) -> int:
@@ -136,18 +154,14 @@ class PgStore:
             one_statement=True)
 
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
-        async def op(c: Conn) -> None:
-            await _update(c, tasks, jobs)
-        await self._run(op)
+        args = _update_args(tasks, jobs)
+        await self._run(lambda c: c.execute(_UPDATE, *args), one_statement=True)
 
     async def accept_results(self, results: Sequence[ResultRow], tasks: Sequence[TaskRow],
                              jobs: Sequence[JobRow]) -> None:
-        async def op(c: Conn) -> None:
-            await c.executemany("INSERT INTO results VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                                [(r.task_id, r.job_id, r.attempt, r.agent_id, pack(r.record), r.digest,
-                                  r.accepted_at) for r in results])
-            await _update(c, tasks, jobs)
-        await self._run(op)
+        args = _update_args(tasks, jobs) + _columns(
+            [(r.task_id, r.job_id, r.attempt, r.agent_id, pack(r.record), r.digest, r.accepted_at) for r in results], 7)
+        await self._run(lambda c: c.execute(_ACCEPT, *args), one_statement=True)
 
     async def load_active(self) -> tuple[list[JobRow], list[TaskRow]]:
         async def op(c: Reader) -> tuple[list[JobRow], list[TaskRow]]:
@@ -330,8 +344,10 @@ async def _rows(status: Awaitable[str]) -> int:
     return _count(await status)
 
 
-async def _update(c: Conn, tasks: Sequence[TaskRow], jobs: Sequence[JobRow]) -> None:
-    if tasks:
-        await c.executemany(_UPDATE_TASK, [task_update_values(t) for t in tasks])
-    if jobs:
-        await c.executemany(_UPDATE_JOB, [job_update_values(j) for j in jobs])
+def _update_args(tasks: Sequence[TaskRow], jobs: Sequence[JobRow]) -> list[list[Any]]:
+    """The arrays of _SET_TASKS and _SET_JOBS. A row named twice is written once, as its last version
+    (one UPDATE touches a row once; executemany would have written both, the last one winning)."""
+    last_tasks = {t.id: t for t in tasks}.values()
+    last_jobs = {j.id: j for j in jobs}.values()
+    return (_columns([task_update_values(t) for t in last_tasks], 12)
+            + _columns([job_update_values(j) for j in last_jobs], 5))
