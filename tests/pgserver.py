@@ -72,10 +72,10 @@ class PgServer:
         self.bindir = bindir
         self.fsync = fsync          # off for tests (no machine crash to survive); on for benchmarks
         self.port = 0
-        self.root = Path(tempfile.mkdtemp(prefix="panal-pg-"))
+        self.user = self._run_as()
+        self.root = Path(tempfile.mkdtemp(prefix="panal-pg-"))   # in /tmp: reachable by the server's account
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self.user = self._run_as()
 
     @staticmethod
     def _run_as() -> str | None:
