@@ -107,8 +107,16 @@ class PgConnections:
             async with self._pool.acquire() as conn:
                 return await fn(conn)
         except DROPPED:
+            pass
+        try:
             async with self._pool.acquire() as conn:
                 return await fn(conn)
+        except DROPPED as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> Unavailable:
+        """What a caller gets when the server is gone: 503, retry later (not a 500)."""
+        return Unavailable(f"store: lost PostgreSQL at {describe_url(self.url)}: {type(exc).__name__}")
 
     async def _write_loop(self) -> None:
         while True:
@@ -132,9 +140,13 @@ class PgConnections:
             assert outcomes is not None
             self.commits += 1
         except Exception as exc:   # the connection, the guard or the COMMIT failed: nothing of it is written
-            if not isinstance(exc, Unavailable):
+            failure: Exception = exc
+            if isinstance(exc, DROPPED):
+                failure = self._unreachable(exc)
+                log.warning("store commit failed: %s", failure.message)
+            elif not isinstance(exc, Unavailable):
                 log.exception("store commit failed")
-            outcomes = [(False, exc)] * len(batch)
+            outcomes = [(False, failure)] * len(batch)
         for (_, fut, _), (ok, value) in zip(batch, outcomes, strict=True):
             if not fut.done():
                 fut.set_result(value) if ok else fut.set_exception(value)
