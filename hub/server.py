@@ -42,7 +42,7 @@ class BoardServer:
             from hub.pg_store import PgStore  # (asyncpg: the postgres extra, needed only here)
             if not isinstance(store, PgStore):
                 raise BadRequest("several hubs on one board need a shared store: store: postgresql://...")
-            store.fence = election.fence   # every commit checks the fencing token in its own transaction
+            store.db.guard = election.fence   # every commit checks the fencing token in its own transaction
         self.board = Board(store, config, blobs=self.blobs)
         self.app = create_app(self.board, config)
         self.election = election

@@ -72,10 +72,11 @@ class PgServer:
         self.bindir = bindir
         self.fsync = fsync          # off for tests (no machine crash to survive); on for benchmarks
         self.port = 0
-        self.root = Path(tempfile.mkdtemp(prefix="panal-pg-"))
+        self.version = 0            # server_version_num, once asked
+        self.user = self._run_as()
+        self.root = Path(tempfile.mkdtemp(prefix="panal-pg-"))   # in /tmp: reachable by the server's account
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self.user = self._run_as()
 
     @staticmethod
     def _run_as() -> str | None:
@@ -149,7 +150,11 @@ class PgServer:
     def database(self) -> str:
         """A new, empty database; its name (drop it with :meth:`drop`)."""
         name = f"t_{uuid.uuid4().hex[:16]}"
-        self.sql(f"CREATE DATABASE {name} TEMPLATE template0 STRATEGY file_copy")
+        if not self.version:
+            self.version = int(self.sql("SHOW server_version_num"))
+        # file_copy (PostgreSQL 15+) copies the tiny template's files instead of logging them all to WAL
+        strategy = " STRATEGY file_copy" if self.version >= 150000 else ""
+        self.sql(f"CREATE DATABASE {name} TEMPLATE template0{strategy}")
         return name
 
     def drop(self, name: str) -> None:

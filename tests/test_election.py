@@ -92,3 +92,35 @@ async def test_an_active_hub_cut_off_from_the_database_stops_and_the_other_takes
     await conn.close()
     await first.resign()
     await second.resign()
+
+
+async def test_a_pg_store_whose_hub_lost_the_election_commits_nothing(pg: str) -> None:
+    """The fence runs in the store's own write transaction: a hub that still believes it is active
+    (it lost the lock without noticing) gets every write refused, and none of it is in the database."""
+    from test_store_contract import job, tasks
+
+    from hub.pg_store import PgStore
+
+    stale_election = Election(pg, "hub-a", "https://a:1/", check_interval_s=30)
+    fresh_election = Election(pg, "hub-b", "https://b:1/")
+    stale, fresh = PgStore(pg), PgStore(pg)
+    stale.db.guard, fresh.db.guard = stale_election.fence, fresh_election.fence
+    await stale.open()
+    await fresh.open()
+    await stale_election.campaign()
+    row = job("jb-before")
+    await stale.create_job(row, tasks(row))                 # acknowledged while active: committed
+    await stale_election._conn.execute("SELECT pg_advisory_unlock_all()")
+    await fresh_election.campaign()
+    late = job("jb-after")
+    with pytest.raises(Fenced):
+        await stale.create_job(late, tasks(late))
+    assert stale_election.lost.is_set()                     # the refused commit told it
+    assert await fresh.get_job("jb-before") is not None and await fresh.get_job("jb-after") is None
+    ok = job("jb-fresh")
+    await fresh.create_job(ok, tasks(ok))
+    assert await fresh.get_job("jb-fresh") is not None
+    for store in (stale, fresh):
+        await store.close()
+    await stale_election.resign()
+    await fresh_election.resign()
