@@ -77,8 +77,10 @@ class ActiveHub:
 
 
 async def read_active(conn: Any) -> ActiveHub | None:
-    """The active hub as the database records it (None before any hub took over)."""
-    await conn.execute(SCHEMA)
+    """The active hub as the database records it (None before any hub took over). Reads only: it works
+    on a read-only replica, and a standby polling it takes no catalog lock."""
+    if not await conn.fetchval("SELECT to_regclass('panal_active') IS NOT NULL"):
+        return None
     row = await conn.fetchrow("SELECT hub, url, token, since, seen FROM panal_active WHERE id = 1")
     if row is None:
         return None
