@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -134,10 +134,18 @@ def serve(root: Path, port: int | None, bind: str | None) -> None:
 async def _serve_candidate(server: BoardServer, url: str, stop: asyncio.Event) -> bool:
     """Serve as one of several hubs until stopped; True if this hub lost its place as the active one."""
     assert server.election is not None
-    activating = asyncio.create_task(server.activate(url))
+    activating: asyncio.Task[None] = asyncio.create_task(server.activate(url))
     lost = asyncio.create_task(server.election.lost.wait())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Task[Any]] = {lost, stopping, activating}
+    while not (lost.done() or stopping.done()):
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if activating.done() and activating in waiting:
+            waiting.discard(activating)
+            if not activating.cancelled() and activating.exception() is not None:
+                # it won the lock but could not load the board: give the lock up rather than hold it idle
+                log.error("could not take over: %s", activating.exception())
+                server.election.lost.set()
     for task in (activating, lost, stopping):
         task.cancel()
     await asyncio.gather(activating, lost, stopping, return_exceptions=True)
