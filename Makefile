@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 4
 
 $(STAMP): pyproject.toml constraints/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt -e '.[agent,bench,dev,gpu]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt -e '.[agent,bench,dev,gpu,postgres]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,7 +47,7 @@ unit: install
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -m "not slow"
 
 bench: install
-	$(PY) -m agent bench dispatch --agents 50 --tasks 20000
+	$(PY) -m agent bench dispatch --agents 50 --tasks 10000
 
 # On a machine with a CUDA GPU (and a CUDA build of torch in the venv): the tests marked gpu,
 # `panal agent info`, `panal bench device`, one report in $$OUT or artifacts/gpu-check. A few minutes.

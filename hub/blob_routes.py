@@ -19,7 +19,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from hub.blobs import CHUNK_BYTES, BlobStore, check_sha256, digest_header_for
+from hub.blob_backend import BlobBackend
+from hub.blobs import CHUNK_BYTES, check_sha256, digest_header_for
 from hub.http import paced_body, reply
 from security.errors import BadRequest, NotFound
 from security.httpsig import content_digest
@@ -49,7 +50,7 @@ EMPTY_DIGEST = content_digest(b"")
 _CACHE_CONTROL = "private, max-age=31536000, immutable"  # a name never changes its content
 
 
-def add_blob_routes(app: web.Application, store: BlobStore, authorize: Authorize,
+def add_blob_routes(app: web.Application, store: BlobBackend, authorize: Authorize,
                     access: BlobPolicy | None = None) -> None:
     """Register the blob routes on ``app`` (GET also answers HEAD).
 

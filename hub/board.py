@@ -25,7 +25,7 @@ from typing import Any
 
 from hub.background import cancel_all, run_every
 from hub.best import BestTasks
-from hub.blobs import BlobStore
+from hub.blob_backend import BlobBackend
 from hub.config import HubConfig
 from hub.dispatch import make_policy
 from hub.dispatch.memory_hint import MemoryHint
@@ -66,7 +66,7 @@ class Board:
     """Jobs, tasks, leases and results of one board."""
 
     def __init__(self, store: Store, config: HubConfig, clock: Callable[[], float] = time.time, *,
-                 blobs: BlobStore | None = None, policy: DispatchPolicy | None = None,
+                 blobs: BlobBackend | None = None, policy: DispatchPolicy | None = None,
                  validator: ResultValidator | None = None) -> None:
         self.store, self.config, self.clock, self.blobs = store, config, clock, blobs
         self._stats: Counter[str] = Counter()

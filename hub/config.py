@@ -44,6 +44,15 @@ class HubConfig:
     #: where the board's state lives: sqlite:///PATH (relative: in the hub dir; hub/stores.py);
     #: "" is the hub dir's own database file (board.db)
     store: str = ""
+    #: several hubs on one postgresql:// store (hub/election.py): this hub's name in `panal hub status`
+    #: ("": host:port), how soon a standby asks clients to retry, how often the active one proves its lock
+    hub_id: str = ""
+    peer_urls: tuple[str, ...] = ()       # the other hubs' join URLs: carried in this hub's join URL (also=)
+    standby_retry_after_s: float = 1.0
+    election_check_interval_s: float = 1.0
+    #: where blobs live (hub/blobs.py): "" is the hub directory's blobs/; hubs sharing one database must
+    #: share this directory too (one path every hub mounts)
+    blobs_dir: str = ""
     sqlite_synchronous: str = "normal"  # normal: survives kill -9; full: also survives power loss
     #: who may register a NEW agent (hub/admission.py): token (a join URL with an admission token from
     #: `panal hub tokens create`), open (anyone with the join URL, rate-limited per source address), or

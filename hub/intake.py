@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from hub.blobs import BlobStore
+from hub.blob_backend import BlobBackend
 from hub.config import HubConfig
 from hub.records import JobRow, JobState, TaskRow
 from hub.trust.policy import ValidationPolicy
@@ -35,7 +35,8 @@ class Envelope:
         self.job_id = "j" + hashlib.sha256(record.sig).hexdigest()[:20]
 
 
-def new_job(envelope: Envelope, config: HubConfig, blobs: BlobStore | None, now: float) -> tuple[JobRow, list[TaskRow]]:
+def new_job(envelope: Envelope, config: HubConfig, blobs: BlobBackend | None,
+            now: float) -> tuple[JobRow, list[TaskRow]]:
     """The job and its queued tasks (raises on a bad manifest or a missing input)."""
     manifest = Manifest.from_dict(envelope.payload.get("manifest"), max_tasks=config.max_tasks_per_job)
     over = over_limits(manifest, config)
@@ -90,7 +91,7 @@ def over_limits(manifest: Manifest, limits: HubConfig | dict[str, Any]) -> list[
     return over
 
 
-def _check_blobs(manifest: Manifest, blobs: BlobStore | None) -> None:
+def _check_blobs(manifest: Manifest, blobs: BlobBackend | None) -> None:
     for ref in manifest.inputs.values():
         if ref.path is not None:
             raise BadRequest(f"spec.inputs.{ref.name}: a local path reached the board; submit with "

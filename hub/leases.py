@@ -20,7 +20,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 
-from hub.blobs import BlobStore
+from hub.blob_backend import BlobBackend
 from hub.config import HubConfig
 from hub.fleet import AgentState, Fleet
 from hub.protocols import LeaseGate
@@ -41,7 +41,7 @@ class LeaseTable:
     """Leases of the active tasks; their expiry, heartbeats and the gates in front of them."""
 
     def __init__(self, config: HubConfig, clock: Callable[[], float], queues: JobQueues, fleet: Fleet,
-                 blobs: BlobStore | None) -> None:
+                 blobs: BlobBackend | None) -> None:
         self.config, self.clock = config, clock
         self._queues, self._blobs = queues, blobs
         self._agents = fleet.agents

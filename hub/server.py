@@ -13,11 +13,14 @@ from aiohttp import web
 
 from hub.app import AUTH_KEY, create_app
 from hub.background import cancel_all, run_every, wait_drained
-from hub.blobs import BlobStore
+from hub.blob_backend import create_blob_backend
 from hub.board import Board
 from hub.config import HubConfig
 from hub.connections import ConnectionLimits, GuardedSite
+from hub.election import Election
+from hub.standby import ActiveGate
 from hub.stores import create_store
+from security.errors import BadRequest
 from security.identity import PublicKey
 
 __all__ = ["BoardServer"]
@@ -28,12 +31,24 @@ log = logging.getLogger(__name__)
 class BoardServer:
     """One board served on one port. ``start`` returns the bound port (config.port may be 0)."""
 
-    def __init__(self, config: HubConfig, db_path: Path, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, config: HubConfig, db_path: Path, ssl_context: ssl.SSLContext | None, *,
+                 election: Election | None = None) -> None:
+        """``election``: one of several hubs on one database (hub/election.py); ``start`` then serves 503s
+        (hub/standby.py) and :meth:`activate` waits for this hub's turn before the board loads its state."""
         self.config = config
-        self.blobs = BlobStore(db_path.parent / "blobs", config.max_blob_bytes, config.max_blobs_total_bytes or None)
-        self.board = Board(create_store(config.store, db_path, synchronous=config.sqlite_synchronous), config,
-                           blobs=self.blobs)
+        self.blobs = create_blob_backend(config, db_path.parent)   # blobs_dir: one path all hubs mount
+        store = create_store(config.store, db_path, synchronous=config.sqlite_synchronous)
+        if election is not None:
+            from hub.pg_store import PgStore  # (asyncpg: the postgres extra, needed only here)
+            if not isinstance(store, PgStore):
+                raise BadRequest("several hubs on one board need a shared store: store: postgresql://...")
+            store.db.guard = election.fence   # every commit checks the fencing token in its own transaction
+        self.board = Board(store, config, blobs=self.blobs)
         self.app = create_app(self.board, config)
+        self.election = election
+        self.gate = ActiveGate(election, config.standby_retry_after_s) if election is not None else None
+        if self.gate is not None:
+            self.gate.install(self.app)
         self.ssl_context = ssl_context
         self.limits = ConnectionLimits.from_config(config)
         self.sites: list[GuardedSite] = []
@@ -46,7 +61,8 @@ class BoardServer:
         # 5 ms switch interval added up to 5 ms to every acknowledged write under load. Every board
         # (hub, `panal up`, LAN) acknowledges through that thread.
         sys.setswitchinterval(0.0005)
-        await self.board.start()
+        if self.election is None:
+            await self.board.start()
         # Connections go through hub/connections.py (caps, time limits, TLS); aiohttp's own keep-alive
         # timer agrees with the idle limit, and the unread rest of a refused body (a 408, a 413) is read
         # for at most 2 s, so its sender sees the answer, not a reset, without holding the connection.
@@ -57,8 +73,21 @@ class BoardServer:
         await site.start()
         self.sites = [site]
         self.port = site.port
-        self._gc = run_every(self.config.blob_gc_interval_s, self.collect_garbage, "blob gc")
+        if self.election is None:
+            self._gc = run_every(self.config.blob_gc_interval_s, self.collect_garbage, "blob gc")
         return self.port
+
+    async def activate(self, url: str) -> None:
+        """With an election: wait until this hub is the active one (advertising ``url``, its join URL),
+        then load the active state from the database and open the gate. Without one: nothing to wait for."""
+        if self.election is None or self.gate is None:
+            return
+        self.election.url = url
+        await self.election.campaign()
+        await self.board.start()
+        self._gc = run_every(self.config.blob_gc_interval_s, self.collect_garbage, "blob gc")
+        await self.gate.open_gate()
+        log.warning("active: the board loaded its state; acknowledging requests")
 
     async def listen_also(self, host: str) -> None:
         """Serve on one more address, on the bound port with the same TLS (LAN mode: every allowed
@@ -110,4 +139,7 @@ class BoardServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await self.board.stop()
+        if self.election is None or self.gate is None or self.gate.ready:
+            await self.board.stop()
+        if self.election is not None:
+            await self.election.resign()

@@ -1,5 +1,6 @@
-"""The SQLite store's schema and row codecs: tables, the upgrade of databases made by earlier
-versions, and how board records become rows and back (hub/sqlite_store.py runs the statements).
+"""The SQLite store's schema and row writes: tables, the upgrade of databases made by earlier
+versions, and the batch updates (hub/sqlite_store.py runs the statements; the row codecs it re-exports
+live in hub/store_rows.py, shared with the PostgreSQL store).
 
 Kept apart from the store so its writer-thread logic reads on its own; a new table or column goes
 here (a new table in a ``CREATE TABLE IF NOT EXISTS`` block, a new column in ``_ADDED_COLUMNS`` so
@@ -8,14 +9,23 @@ an existing hub database gains it when it opens).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
 
-import msgpack
-
-from hub.records import JobRow, JobState, TaskRow, TaskState
+from hub.records import JobRow, TaskRow
+from hub.store_rows import (
+    JOB_COLS,
+    TASK_COLS,
+    job_row,
+    job_update_values,
+    job_values,
+    pack,
+    pack_optional,
+    task_row,
+    task_update_values,
+    task_values,
+    unpack,
+)
 
 __all__ = ["JOB_COLS", "TASK_COLS", "create_schema", "job_row", "job_values", "marks", "pack", "pack_optional",
            "task_row", "task_values", "unpack", "update_jobs", "update_tasks"]
@@ -81,58 +91,15 @@ CREATE TABLE IF NOT EXISTS status_history (
 """
 
 
-def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False)
-
-
-JOB_COLS = ("id, name, submitter_id, kind, priority, state, created_at, n_tasks, envelope, requires, "
-             "timeout_s, max_attempts, deadline_at, finished_at, error, labels, validation, report, best")
-TASK_COLS = ("id, job_id, idx, params, state, attempt, lease_id, agent_id, lease_expires_at, error, "
-              "error_class, progress, updated_at, checkpoint, checkpoint_record, unit")
-
-
 def marks(columns: str) -> str:
     return ",".join("?" * len(columns.split(",")))
-
-
-def job_values(j: JobRow) -> tuple[Any, ...]:
-    return (j.id, j.name, j.submitter_id, j.kind, j.priority, j.state.value, j.created_at, j.n_tasks,
-            pack(j.envelope), json.dumps(j.requires), j.timeout_s, j.max_attempts, j.deadline_at,
-            j.finished_at, j.error, json.dumps(j.labels), json.dumps(j.validation), json.dumps(j.report),
-            _json_optional(j.best))
-
-
-def job_row(r: Sequence[Any]) -> JobRow:
-    return JobRow(id=r[0], name=r[1], submitter_id=r[2], kind=r[3], priority=r[4], state=JobState(r[5]),
-                  created_at=r[6], n_tasks=r[7], envelope=unpack(r[8]), requires=json.loads(r[9]),
-                  timeout_s=r[10], max_attempts=r[11], deadline_at=r[12], finished_at=r[13], error=r[14],
-                  labels=json.loads(r[15]), validation=json.loads(r[16] or "{}"), report=json.loads(r[17] or "{}"),
-                  best=json.loads(r[18]) if r[18] else None)
-
-
-def task_values(t: TaskRow) -> tuple[Any, ...]:
-    return (t.id, t.job_id, t.idx, pack(t.params), t.state.value, t.attempt, t.lease_id, t.agent_id,
-            t.lease_expires_at, t.error, t.error_class, t.progress, t.updated_at, t.checkpoint,
-            pack_optional(t.checkpoint_record), t.unit)
-
-
-def task_row(r: Sequence[Any]) -> TaskRow:
-    return TaskRow(id=r[0], job_id=r[1], idx=r[2], params=unpack(r[3]), state=TaskState(r[4]),
-                   attempt=r[5], lease_id=r[6], agent_id=r[7], lease_expires_at=r[8], error=r[9],
-                   error_class=r[10], progress=r[11], updated_at=r[12], checkpoint=r[13],
-                   checkpoint_record=unpack(r[14]) if r[14] is not None else None, unit=r[15])
 
 
 def update_tasks(c: sqlite3.Connection, tasks: Sequence[TaskRow]) -> None:
     c.executemany(
         "UPDATE tasks SET state=?, attempt=?, lease_id=?, agent_id=?, lease_expires_at=?, error=?, "
         "error_class=?, progress=?, updated_at=?, checkpoint=?, checkpoint_record=? WHERE id=?",
-        [(t.state.value, t.attempt, t.lease_id, t.agent_id, t.lease_expires_at, t.error, t.error_class,
-          t.progress, t.updated_at, t.checkpoint, pack_optional(t.checkpoint_record), t.id) for t in tasks])
+        [task_update_values(t) for t in tasks])
 
 
 # -- provenance (checkpoint records): columns added to databases of earlier versions ----------------------
@@ -162,14 +129,6 @@ def _upgrade(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
-def pack_optional(value: Any) -> bytes | None:
-    return None if value is None else pack(value)
-
-
-def _json_optional(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
-
-
 def update_jobs(c: sqlite3.Connection, jobs: Sequence[JobRow]) -> None:
     c.executemany("UPDATE jobs SET state=?, finished_at=?, error=?, best=? WHERE id=?",
-                  [(j.state.value, j.finished_at, j.error, _json_optional(j.best), j.id) for j in jobs])
+                  [job_update_values(j) for j in jobs])

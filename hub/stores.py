@@ -2,7 +2,8 @@
 
 ``sqlite:///board.db`` is a path relative to the hub directory, ``sqlite:////var/lib/panal/board.db``
 an absolute one (SQLAlchemy's spelling). An empty URL is the hub's own default database file.
-PostgreSQL (``postgresql://...``) is the next scheme; until it exists it is refused by name.
+``postgresql://USER:PASSWORD@HOST:PORT/DATABASE`` (libpq's spelling, ``postgres://`` too) is a
+PostgreSQL database that several hubs can share (hub/pg_store.py; needs the ``postgres`` extra).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from hub.sqlite_store import SqliteStore
 from hub.store import Store
 from security.errors import BadRequest
 
-__all__ = ["SCHEMES", "create_store"]
+__all__ = ["SCHEMES", "create_store", "migrate_store"]
 
 #: every scheme ``create_store`` understands, as users write them
-SCHEMES = ("sqlite:///PATH",)
+SCHEMES = ("sqlite:///PATH", "postgresql://USER@HOST/DATABASE")
 
 
 def create_store(url: str, default_db: Path, *, synchronous: str = "normal") -> Store:
@@ -32,9 +33,20 @@ def create_store(url: str, default_db: Path, *, synchronous: str = "normal") -> 
         raise BadRequest(f"hub setting store: expected a URL such as sqlite:///board.db, got {url!r}")
     if scheme == "sqlite":
         return SqliteStore(_sqlite_path(rest, default_db.parent), synchronous)
+    if scheme in ("postgresql", "postgres"):
+        return _pg_store(url)
     # only the scheme is echoed: the rest of a database URL may hold a password
     raise BadRequest(f"hub setting store: {scheme}:// stores are not supported yet "
                      f"(supported: {', '.join(SCHEMES)})")
+
+
+def _pg_store(url: str) -> Store:
+    try:   # the driver is an optional extra: a SQLite hub never needs it
+        from hub.pg_store import PgStore
+    except ImportError as exc:
+        raise BadRequest("hub setting store: a postgresql:// store needs the asyncpg driver: "
+                         "pip install 'panal[postgres]'") from exc
+    return PgStore(url)
 
 
 def _sqlite_path(rest: str, hub_dir: Path) -> Path:
@@ -43,3 +55,18 @@ def _sqlite_path(rest: str, hub_dir: Path) -> Path:
         raise BadRequest("hub setting store: a SQLite URL names a file: sqlite:///RELATIVE/PATH (inside the "
                          "hub directory) or sqlite:////ABSOLUTE/PATH")
     return hub_dir / rest[1:]
+
+
+async def migrate_store(url: str, default_db: Path) -> list[str]:
+    """``panal hub migrate``: bring the store's schema up to date now; lines that say what was done.
+
+    Hubs do this themselves when they start; running it first lets an operator upgrade a shared
+    PostgreSQL database once, before the hubs, and see what changed."""
+    store = create_store(url, default_db)
+    if isinstance(store, SqliteStore):
+        await store.open()   # SQLite upgrades in place, column by column, when opened
+        await store.close()
+        return [f"SQLite database {store.path}: schema up to date"]
+    from hub.pg_schema import migrate_database
+    return await migrate_database(url)
+

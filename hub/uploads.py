@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hub.blobs import CHUNK_BYTES, BlobStore
+from hub.blob_backend import BlobBackend
+from hub.blobs import CHUNK_BYTES
 from hub.config import HubConfig
 from security.errors import BadRequest, Conflict, NotFound, PanalError, Unavailable
 
@@ -83,7 +84,7 @@ End = Callable[[str, int | None], None]
 class UploadSessions:
     """The board's open upload sessions, by id; bounded per key and in all, expired when idle."""
 
-    def __init__(self, store: BlobStore, *, chunk_bytes: int, ttl_s: float, per_key: int, most: int,
+    def __init__(self, store: BlobBackend, *, chunk_bytes: int, ttl_s: float, per_key: int, most: int,
                  begin: Begin | None = None, end: End | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.chunk_bytes, self.ttl_s = store, chunk_bytes, ttl_s
@@ -92,7 +93,7 @@ class UploadSessions:
         self.sessions: dict[str, UploadSession] = {}
 
     @classmethod
-    def for_board(cls, store: BlobStore, config: HubConfig, access: BlobPolicy | None) -> UploadSessions:
+    def for_board(cls, store: BlobBackend, config: HubConfig, access: BlobPolicy | None) -> UploadSessions:
         """Sessions with the board's settings, counted against its keys' quotas."""
         return cls(store, chunk_bytes=config.upload_chunk_bytes, ttl_s=config.upload_session_ttl_s,
                    per_key=config.upload_sessions_per_key, most=config.upload_sessions_max,

@@ -99,10 +99,15 @@ def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
 
 @dataclass(frozen=True)
 class BoardAddress:
-    """Where a board is and how to trust it: its base URL and, for HTTPS, the pinned fingerprint."""
+    """Where a board is and how to trust it: its base URL and, for HTTPS, the pinned fingerprint.
+
+    A board served by several hubs on one database (an active one and standbys, hub/election.py) has
+    one address per hub: ``alternates`` are the others, each pinned to its own certificate. The join
+    URL carries them as ``&also=HOST:PORT@<sha256 hex>`` (same scheme; no ``@...`` for plain HTTP)."""
 
     url: str
     fingerprint: str | None = None
+    alternates: tuple[BoardAddress, ...] = ()
 
     @property
     def is_tls(self) -> bool:
@@ -110,22 +115,33 @@ class BoardAddress:
 
     @classmethod
     def parse(cls, text: str) -> BoardAddress:
-        """Parse a join URL ``https://host:port/#sha256=<hex>`` or a plain ``http(s)://`` URL."""
+        """Parse a join URL ``https://host:port/#sha256=<hex>[&also=host2:port@<hex>...]`` or a plain
+        ``http(s)://`` URL."""
         parts = urlsplit(text.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BadRequest(f"not a board URL (expected https://HOST:PORT/#sha256=...): {text!r}")
         fingerprint = _fragment(parts.fragment).get("sha256")
         base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
-        return cls(base, fingerprint)
+        alternates = tuple(_alternate(parts.scheme, value) for value in _also(parts.fragment))
+        return cls(base, fingerprint, alternates)
+
+    def hubs(self) -> tuple[BoardAddress, ...]:
+        """Every hub of this board, this address's own first (each without alternates)."""
+        return (BoardAddress(self.url, self.fingerprint), *self.alternates)
 
     def join_url(self, token: str | None = None) -> str:
-        """``https://HOST:PORT/#sha256=<hex>`` (and ``&token=<token>`` when given)."""
+        """``https://HOST:PORT/#sha256=<hex>`` (and ``&token=<token>`` when given, then ``&also=...``)."""
         params = [f"sha256={self.fingerprint}"] if self.fingerprint else []
         params += [f"token={token}"] if token else []
+        for other in self.alternates:
+            netloc = urlsplit(other.url).netloc
+            params.append(f"also={netloc}@{other.fingerprint}" if other.fingerprint else f"also={netloc}")
         return f"{self.url}/#{'&'.join(params)}" if params else self.url
 
     def check_transport(self, insecure: bool = False) -> None:
-        """Plain HTTP is allowed only to loopback or with an explicit ``--insecure``."""
+        """Plain HTTP is allowed only to loopback or with an explicit ``--insecure`` (for every hub)."""
+        for other in self.alternates:
+            other.check_transport(insecure)
         if self.is_tls:
             if not self.fingerprint:
                 raise BadRequest(f"{self.url}: an https board needs a pinned fingerprint (#sha256=...)")
@@ -150,13 +166,40 @@ def _fragment(fragment: str) -> dict[str, str]:
             value = value.replace(":", "").lower()
             if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
                 raise BadRequest(f"join URL fragment must be #sha256=<64 hex digits>, got #{fragment}")
+        elif key == "also":
+            continue   # checked by _also
         elif key == "token":
             if not value or not all(c.isascii() and (c.isalnum() or c in "._-") for c in value):
                 raise BadRequest(f"join URL token must be the text `panal hub tokens create` printed, got {value!r}")
         else:
-            raise BadRequest(f"join URL fragment must be #sha256=<64 hex digits>[&token=...], got #{fragment}")
+            raise BadRequest(f"join URL fragment must be #sha256=<64 hex digits>[&token=...][&also=...], "
+                             f"got #{fragment}")
         values[key] = value
     return values
+
+
+def _also(fragment: str) -> list[str]:
+    """The ``also=`` values of a join URL's fragment (other hubs of the same board), in order."""
+    return [part.partition("=")[2] for part in filter(None, fragment.split("&")) if part.startswith("also=")]
+
+
+def _alternate(scheme: str, value: str) -> BoardAddress:
+    """``HOST:PORT@<sha256 hex>`` (https) or ``HOST:PORT`` (http) -> the address of another hub."""
+    netloc, at, pin = value.partition("@")
+    parts = urlsplit(f"{scheme}://{netloc}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or parts.path or parts.username or (scheme == "https") != bool(at):
+        raise BadRequest(f"join URL: also= names another hub as HOST:PORT@<sha256 hex> (https) or HOST:PORT "
+                         f"(http), got {value!r}")
+    try:
+        fingerprint = _fragment(f"sha256={pin}")["sha256"] if at else None
+    except BadRequest:
+        raise BadRequest(f"join URL: also={value!r} must end in @<64 hex digits> (that hub's certificate "
+                         "fingerprint)") from None
+    return BoardAddress(f"{scheme}://{netloc}", fingerprint)
 
 
 def _is_loopback(host: str) -> bool:

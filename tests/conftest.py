@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from system_needs import pytest_terminal_summary  # noqa: F401  (hook: the closing line on skipped system parts)
+from pgserver import PgServer, PgUnavailable
+from system_needs import pytest_terminal_summary, require_system  # noqa: F401  (hook: the closing line on skipped system parts)
 
 from hub.config import HubConfig
 from hub.home import HubHome
@@ -146,3 +147,49 @@ def user() -> Identity:
 
 
 __all__ = ["ROOT", "HubConfig", "InProcessHub", "Procs", "panal", "start_hub_proc"]
+
+
+# -- PostgreSQL (tests/pgserver.py) ----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer | str]:
+    """One private PostgreSQL cluster per test session (per xdist worker), or why none could start."""
+    try:
+        server = PgServer()
+    except PgUnavailable as exc:
+        yield str(exc)
+        return
+    try:
+        server.start()
+    except PgUnavailable as exc:
+        server.destroy()
+        yield str(exc)
+        return
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg(pg_server: PgServer | str) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database of this test's own (dropped afterwards)."""
+    if isinstance(pg_server, str):
+        require_system(f"PostgreSQL server: {pg_server}")
+        raise AssertionError("unreachable")
+    name = pg_server.database()
+    try:
+        yield pg_server.url(name)
+    finally:
+        pg_server.drop(name)
+
+
+@pytest.fixture
+def own_pg() -> Iterator[PgServer]:
+    """A PostgreSQL server of this test's own, which it may stop and start again (a partition, a crash)."""
+    try:
+        server = PgServer().start()
+    except PgUnavailable as exc:
+        require_system(f"PostgreSQL server: {exc}")
+        raise
+    yield server
+    server.destroy()

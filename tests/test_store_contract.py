@@ -1,7 +1,8 @@
 """The contract every board store keeps, run against each store the factory can build.
 
-Adding a backend (PostgreSQL) is one more entry in BACKENDS: a URL for a fresh database and the
-error its driver raises on a key conflict. Everything else here must then pass unchanged.
+Each backend is one entry in BACKENDS: a URL for a fresh database and the error its driver raises
+on a key conflict; every test here runs against each (SQLite, and PostgreSQL on a private server
+started for the session: tests/pgserver.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from hub.config import HubConfig
@@ -31,12 +33,15 @@ from security.records import SignedRecord
 
 @dataclass(frozen=True)
 class Backend:
-    url: Callable[[Path], str]        # a URL naming a fresh, empty database (given a scratch directory)
-    conflict: type[Exception]         # what a duplicate key raises (a second result for a task)
+    url: Callable[[pytest.FixtureRequest], str]   # a URL naming a fresh, empty database of this test's own
+    conflict: type[Exception]                     # what a duplicate key raises (a second result for a task)
 
 
 BACKENDS = [
-    pytest.param(Backend(lambda tmp: "sqlite:///contract.db", sqlite3.IntegrityError), id="sqlite"),
+    pytest.param(Backend(lambda request: "sqlite:///contract.db", sqlite3.IntegrityError), id="sqlite"),
+    # a database of its own on the session's private server (tests/pgserver.py; skips where none can start)
+    pytest.param(Backend(lambda request: request.getfixturevalue("pg"), asyncpg.UniqueViolationError),
+                 id="postgresql"),
 ]
 
 
@@ -46,9 +51,9 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 @pytest.fixture
-def make(backend: Backend, tmp_path: Path) -> Callable[[], Store]:
+def make(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], Store]:
     """A new store object for the same database on each call (a hub restart)."""
-    url = backend.url(tmp_path)
+    url = backend.url(request)
     return lambda: create_store(url, tmp_path / "default.db")
 
 
@@ -409,7 +414,7 @@ async def test_a_relative_url_store_lives_in_the_hub_dir(tmp_path: Path) -> None
     assert (tmp_path / "board.db").exists() and not (tmp_path / "ignored.db").exists()
 
 
-@pytest.mark.parametrize("url", ["postgresql://panal:s3cret@db.example/panal", "redis://localhost/0"])
+@pytest.mark.parametrize("url", ["mysql://panal:s3cret@db.example/panal", "redis://localhost/0"])
 def test_an_unsupported_scheme_is_refused_by_name_without_echoing_the_url(url: str, tmp_path: Path) -> None:
     with pytest.raises(BadRequest) as raised:
         create_store(url, tmp_path / "board.db")

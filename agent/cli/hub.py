@@ -9,15 +9,16 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from agent.cli.common import PanalGroup, home, print_json, read_public_key, run, until_signalled
+from hub.ha import database_status, is_shared, make_election, with_peers
 from hub.home import HubHome
 from hub.server import BoardServer
 from hub.store import Store
-from hub.stores import create_store
+from hub.stores import create_store, migrate_store
 from hub.tokens import AdmissionToken, new_token
 from jobs.manifest import parse_duration
 from security.errors import BadRequest, NotFound
@@ -105,19 +106,101 @@ def serve(root: Path, port: int | None, bind: str | None) -> None:
         raise NotFound(f"{hub_home.cert_path} is missing: run `panal hub init --dir {root}`")
     ssl_context = server_context(hub_home.cert_path, hub_home.tls_key_path) if config.tls else None
 
+    election = make_election(config)
+    lost = False
+
     async def main(stop: asyncio.Event) -> None:
-        server = BoardServer(config, hub_home.db_path, ssl_context)
+        nonlocal lost
+        server = BoardServer(config, hub_home.db_path, ssl_context, election=election)
         bound = await server.start()
-        url = hub_home.address(config, bound).join_url()
+        url = with_peers(hub_home.address(config, bound), config).join_url()
         hub_home.serve_path.write_text(url + "\n")
-        click.echo(f"panal hub serving at {url}", err=False)
+        click.echo(f"panal hub serving at {url}" + (" (a standby until it is the active hub)" if election else ""),
+                   err=False)
         sys.stdout.flush()
-        await stop.wait()
+        if election is not None:
+            lost = await _serve_candidate(server, url, stop)
+        else:
+            await stop.wait()
         log.info("shutting down: draining leases for up to %.0f s", config.drain_timeout_s)
-        await server.stop(drain=True)
+        await server.stop(drain=not lost)
         hub_home.serve_path.unlink(missing_ok=True)
 
     run(until_signalled(main))
+    if lost:   # its supervisor restarts it: a standby again, with the state the database holds
+        raise SystemExit(75)
+
+
+async def _serve_candidate(server: BoardServer, url: str, stop: asyncio.Event) -> bool:
+    """Serve as one of several hubs until stopped; True if this hub lost its place as the active one."""
+    assert server.election is not None
+    activating: asyncio.Task[None] = asyncio.create_task(server.activate(url))
+    lost = asyncio.create_task(server.election.lost.wait())
+    stopping = asyncio.create_task(stop.wait())
+    waiting: set[asyncio.Task[Any]] = {lost, stopping, activating}
+    while not (lost.done() or stopping.done()):
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if activating.done() and activating in waiting:
+            waiting.discard(activating)
+            if not activating.cancelled() and activating.exception() is not None:
+                # it won the lock but could not load the board: give the lock up rather than hold it idle
+                log.error("could not take over: %s", activating.exception())
+                server.election.lost.set()
+    for task in (activating, lost, stopping):
+        task.cancel()
+    await asyncio.gather(activating, lost, stopping, return_exceptions=True)
+    if server.election.lost.is_set() and not stop.is_set():
+        click.echo("panal hub: this hub is no longer the active one; it stops (exit 75) so that it is "
+                   "restarted as a standby", err=True)
+        return True
+    return False
+
+
+@hub.command("status")
+@dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def hub_status(root: Path, as_json: bool) -> None:
+    """Which hub of this board is active, since when, and how its database answers."""
+    config = HubHome(root).config()
+    if not is_shared(config):
+        status: dict[str, object] = {"store": "sqlite", "active": "this hub (a SQLite store has one hub)"}
+    else:
+        status = run(database_status(config.store))
+    if as_json:
+        print_json(status)
+        return
+    for line in _status_lines(status):
+        click.echo(line)
+    if status.get("database") == "unreachable":
+        raise SystemExit(1)
+
+
+def _status_lines(status: dict[str, object]) -> list[str]:
+    if status.get("store") == "sqlite":
+        return ["store: SQLite (one hub; active/standby needs store: postgresql://...)"]
+    if status["database"] == "unreachable":
+        return [f"database: UNREACHABLE ({status['error']})"]
+    lines = [f"database: reachable (connect {status['connect_ms']} ms, round trip {status['round_trip_ms']} ms"
+             + (", a read-only replica!" if status["read_only_replica"] else "") + ")"]
+    active = status.get("active")
+    if not isinstance(active, dict):
+        return [*lines, "active hub: none has taken over yet"]
+    held = "holds the lock" if status["lock_held"] else "NO hub holds the lock (a standby takes over soon)"
+    lines += [f"active hub: {active['hub']} ({held})", f"  url: {active['url']}",
+              f"  since: {_when(active['since'])} (fencing token {active['token']})",
+              f"  watchdog: last written {active['watchdog_age_s']} s ago"]
+    return lines
+
+
+@hub.command()
+@dir_option
+def migrate(root: Path) -> None:
+    """Bring the store's schema up to date now and say what was done (hubs also do it when they start)."""
+    hub_home = HubHome(root)
+    if not hub_home.initialised:
+        raise NotFound(f"{root} is not a hub directory: run `panal hub init --dir {root}` first")
+    for line in run(migrate_store(hub_home.config().store, hub_home.db_path)):
+        click.echo(line)
 
 
 @hub.group(cls=PanalGroup)
@@ -213,7 +296,7 @@ def tokens_create(root: Path, uses: int, expires: str, label: str, owner: str) -
     if hub_home.serve_path.exists():
         address = BoardAddress.parse(hub_home.serve_path.read_text())
     else:
-        address = hub_home.address(config)
+        address = with_peers(hub_home.address(config), config)
     if config.registration_mode != "token":
         click.echo(f"note: registration on this hub is {config.registration_mode}: the token is not needed",
                    err=True)
@@ -263,7 +346,8 @@ def hub_url(root: Path) -> None:
     if hub_home.serve_path.exists():
         click.echo(hub_home.serve_path.read_text().strip())
     else:
-        click.echo(hub_home.address(hub_home.config()).join_url())
+        config = hub_home.config()
+        click.echo(with_peers(hub_home.address(config), config).join_url())
 
 
 __all__ = ["hub"]

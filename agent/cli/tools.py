@@ -76,17 +76,26 @@ def bench_policies(policies: tuple[str, ...], seed: int) -> None:
 
 @bench.command("dispatch")
 @click.option("--agents", type=int, default=50, show_default=True)
-@click.option("--tasks", type=int, default=20_000, show_default=True)
+@click.option("--tasks", type=int, default=10_000, show_default=True, help="Tasks of the one job (a hub takes "
+              "at most 10,000 per job by default).")
 @click.option("--slots", type=int, default=8, show_default=True, help="Slots per simulated agent.")
 @click.option("--latency-samples", type=int, default=200, show_default=True)
 @click.option("--latency-only", is_flag=True, help="Only single-task submit-to-result latency (and its steps).")
+@click.option("--store", "stores", multiple=True, metavar="URL",
+              help="The hub's store (hub.yaml `store`), e.g. postgresql://USER@HOST/EMPTY_DB; 'sqlite': the "
+                   "default file. Repeat to compare stores in one run.  [default: sqlite]")
 @click.option("--json", "as_json", is_flag=True)
 def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, latency_only: bool,
-                   as_json: bool) -> None:
+                   stores: tuple[str, ...], as_json: bool) -> None:
     """A real hub (TLS, signatures) and N simulated agents running `sleep 0` tasks."""
-    from agent.tools.bench_dispatch import run_dispatch_bench
+    from agent.tools.bench_dispatch import compare_stores, run_dispatch_bench
 
-    _print_result(run_dispatch_bench(agents, 0 if latency_only else tasks, slots, latency_samples), as_json)
+    urls = ["" if store == "sqlite" else store for store in stores]
+    tasks = 0 if latency_only else tasks
+    if len(urls) <= 1:
+        _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples, *urls), as_json)
+    else:
+        _print_result(compare_stores(agents, tasks, slots, latency_samples, urls), as_json)
 
 
 @bench.command("fleet")
@@ -186,4 +195,9 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
         print_json(result)
         return
     for key, value in result.items():
-        click.echo(f"{key}: {value}")
+        if isinstance(value, dict):   # one run per store (bench dispatch --store ... --store ...)
+            click.echo(f"{key}:")
+            for name, figure in value.items():
+                click.echo(f"  {name}: {figure}")
+        else:
+            click.echo(f"{key}: {value}")

@@ -11,6 +11,7 @@ reply decoded into its typed record here, once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
@@ -57,9 +58,10 @@ class Encodes(Protocol):
 class RetryLater(Unavailable):
     """A 5xx/429 or a connection failure: worth another attempt, after ``retry_after_s`` if given."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None, active_hub: str | None = None) -> None:
         super().__init__(message, code="unavailable")
         self.retry_after_s = retry_after_s
+        self.active_hub = active_hub   # a standby's answer: the join URL of the active hub, as it knows
 
 
 def error_from_response(status: int, body: Any) -> PanalError:
@@ -88,17 +90,17 @@ class BoardClient:
         gives each simulated agent its own, as real agents come from their own addresses."""
         address.check_transport(insecure)
         self.address = address
+        #: every hub of the board (one active, the others standbys: hub/election.py); calls go to
+        #: ``hubs[_at]`` and move on to the next when it cannot be reached or answers 5xx
+        self.hubs = address.hubs()
+        self._at = 0
         self.identity = identity
         self.retry_for_s = retry_for_s
         self.breaker = breaker or Breaker()
         self.on_health = on_health
-        ssl_arg: aiohttp.Fingerprint | ssl.SSLContext | bool = True
-        if address.is_tls and address.fingerprint:
-            ssl_arg = aiohttp.Fingerprint(bytes.fromhex(address.fingerprint))
-        self._ssl = ssl_arg
         self._connections = connections
         self._local_addr = (local_address, 0) if local_address else None
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[int, aiohttp.ClientSession] = {}   # one per hub: each pins its own certificate
 
     async def __aenter__(self) -> BoardClient:
         self.session()
@@ -107,17 +109,43 @@ class BoardClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def base_url(self) -> str:
+        """The base URL of the hub calls go to now (blob transfers use it with :meth:`session`)."""
+        return self.hubs[self._at].url
+
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections,
-                                             local_addr=self._local_addr)
-            self._session = aiohttp.ClientSession(self.address.url, connector=connector)
-        return self._session
+        """The session of the hub calls go to now (pinned to that hub's certificate)."""
+        session = self._sessions.get(self._at)
+        if session is None:
+            hub = self.hubs[self._at]
+            ssl_arg: aiohttp.Fingerprint | ssl.SSLContext | bool = True
+            if hub.is_tls and hub.fingerprint:
+                ssl_arg = aiohttp.Fingerprint(bytes.fromhex(hub.fingerprint))
+            connector = aiohttp.TCPConnector(ssl=ssl_arg, limit=self._connections, local_addr=self._local_addr)
+            session = self._sessions[self._at] = aiohttp.ClientSession(hub.url, connector=connector)
+        return session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    def _move_on(self, exc: RetryLater) -> None:
+        """After a failed attempt, aim the next one at the hub the board said is active (only one of those
+        pinned in our address: a standby cannot point us anywhere new), else at the next hub in turn."""
+        if len(self.hubs) < 2:
+            return
+        named = exc.active_hub
+        if named:
+            with contextlib.suppress(BadRequest):
+                active = BoardAddress.parse(named)
+                for i, hub in enumerate(self.hubs):
+                    if (hub.url, hub.fingerprint) == (active.url, active.fingerprint) and i != self._at:
+                        self._at = i
+                        return
+        self._at = (self._at + 1) % len(self.hubs)
+        log.info("board %s: trying hub %s", self.address.url, self.base_url)
 
     async def call(self, method: str, path: str, body: Any = None, *, query: str = "",
                    timeout_s: float = 30.0, retry: bool = True, headers: dict[str, str] | None = None) -> Any:
@@ -127,14 +155,14 @@ class BoardClient:
                               f"{self.breaker.retry_in():.0f} s", code="breaker_open")
         try:
             if not retry:
-                result = await self._attempt(method, path, body, query, timeout_s, headers)
+                result = await self._attempt_here(method, path, body, query, timeout_s, headers)
             else:
                 result = None
                 async for attempt in AsyncRetrying(retry=retry_if_exception(lambda e: isinstance(e, RetryLater)),
                                                    wait=_wait, stop=stop_after_delay(self.retry_for_s),
                                                    reraise=True):
                     with attempt:
-                        result = await self._attempt(method, path, body, query, timeout_s, headers)
+                        result = await self._attempt_here(method, path, body, query, timeout_s, headers)
         except RetryLater:
             self._heard(answered=False)
             raise
@@ -163,8 +191,17 @@ class BoardClient:
         if self.on_health is not None:
             self.on_health(answered)
 
+    async def _attempt_here(self, method: str, path: str, body: Any, query: str, timeout_s: float,
+                            extra_headers: dict[str, str] | None) -> Any:
+        try:
+            return await self._attempt(method, path, body, query, timeout_s, extra_headers)
+        except RetryLater as exc:
+            self._move_on(exc)
+            raise
+
     async def _attempt(self, method: str, path: str, body: Any, query: str, timeout_s: float,
                        extra_headers: dict[str, str] | None = None) -> Any:
+        here = self.base_url
         data = encode_body(body) if body is not None else b""
         headers = {**(extra_headers or {}), **sign_request(self.identity, method, path, query, data)}
         headers["Content-Type"] = MSGPACK
@@ -177,22 +214,25 @@ class BoardClient:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except aiohttp.ServerFingerprintMismatch as exc:
-            raise Unauthorized(f"{self.address.url}: the board's TLS certificate does not match the pinned "
+            raise Unauthorized(f"{here}: the board's TLS certificate does not match the pinned "
                                "fingerprint (a different server, or the hub was re-initialised: get a new "
                                "join URL)", code="fingerprint_mismatch") from exc
         except aiohttp.ClientSSLError as exc:
-            raise Unauthorized(f"{self.address.url}: TLS failed: {exc}", code="tls_error") from exc
+            raise Unauthorized(f"{here}: TLS failed: {exc}", code="tls_error") from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise RetryLater(f"cannot reach board {self.address.url}: {exc or type(exc).__name__}") from exc
+            raise RetryLater(f"cannot reach board {here}: {exc or type(exc).__name__}") from exc
         try:
             value = decode_body(raw, resp.content_type or MSGPACK)
         except BadRequest as exc:
             if status == 400 and resp.content_type == "text/plain":   # e.g. plain HTTP sent to a TLS port
-                raise BadRequest(f"{self.address.url}: {raw[:300].decode(errors='replace').strip()}",
+                raise BadRequest(f"{here}: {raw[:300].decode(errors='replace').strip()}",
                                  code="wrong_protocol") from exc
-            raise RetryLater(f"board {self.address.url} sent an unreadable reply (HTTP {status})") from exc
+            raise RetryLater(f"board {here} sent an unreadable reply (HTTP {status})") from exc
         if status >= 500 or status == 429:
-            raise RetryLater(str(error_from_response(status, value)), _retry_after(retry_after))
+            error = error_from_response(status, value)
+            details = error.details if isinstance(error.details, dict) else {}
+            active = details.get("active_hub")
+            raise RetryLater(str(error), _retry_after(retry_after), active if isinstance(active, str) else None)
         if status >= 400:
             raise error_from_response(status, value)
         return value

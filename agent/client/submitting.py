@@ -75,7 +75,7 @@ async def upload_inputs(client: BoardClient, files: list[tuple[str, Path]],
         return sign_request_digest(client.identity, method, path, query, digest)
 
     for sha, path in files:
-        uploaded = await upload_file(client.session(), client.address.url, path, sign, progress)
+        uploaded = await upload_file(client.session(), client.base_url, path, sign, progress)
         if uploaded != sha:
             raise BadRequest(f"{path} changed while it was being submitted", code="input_changed")
 
@@ -114,7 +114,7 @@ async def fetch_outputs(client: BoardClient, checks: list[ResultCheck], out_dir:
             if not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 headers = sign_request(client.identity, "GET", f"/v1/blobs/{sha}", "", b"")
-                await download_blob(client.session(), client.address.url, sha, dest, headers)
+                await download_blob(client.session(), client.base_url, sha, dest, headers)
             got, _ = await asyncio.to_thread(hash_file, dest)
             if got != sha:
                 problems.setdefault(check.task_id, []).append(

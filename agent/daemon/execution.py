@@ -186,7 +186,7 @@ class Executor:
         this task (here or on another agent) resumes from it."""
         async def upload() -> None:
             try:
-                sha = await upload_file(link.client.session(), link.address.url, Path(path), self._sign_digest)
+                sha = await upload_file(link.client.session(), link.client.base_url, Path(path), self._sign_digest)
                 a = running.assignment
                 running.checkpoint_record = sign_checkpoint(self.identity, a.task_id, a.job_id, a.attempt, sha)
                 running.checkpoint = sha
@@ -204,7 +204,7 @@ class Executor:
         outputs = {}
         for name, text in files.items():
             path = Path(text)
-            sha = await upload_file(link.client.session(), link.address.url, path, self._sign_digest)
+            sha = await upload_file(link.client.session(), link.client.base_url, path, self._sign_digest)
             size = (await asyncio.to_thread(path.stat)).st_size
             outputs[name] = {"sha256": sha, "size": size, "name": path.name}
         return outputs
@@ -246,7 +246,7 @@ class Executor:
     def _blob_fetcher(self, link: BoardLink) -> Callable[[str, Path], Awaitable[None]]:
         async def fetch(sha: str, dest: Path) -> None:
             headers = sign_request(self.identity, "GET", f"/v1/blobs/{sha}", "", b"")
-            await download_blob(link.client.session(), link.address.url, sha, dest, headers)
+            await download_blob(link.client.session(), link.client.base_url, sha, dest, headers)
         return fetch
 
     def _sign_digest(self, method: str, path: str, query: str, digest: str) -> dict[str, str]:

@@ -57,7 +57,7 @@ class AgentHome:
         data = _read_yaml(self.boards_path, [])
         if not isinstance(data, list):
             raise BadRequest(f"{self.boards_path}: expected a list of boards")
-        return [BoardAddress(str(b["url"]), b.get("fingerprint")) for b in data]
+        return [BoardAddress(str(b["url"]), b.get("fingerprint"), _also(b.get("also"))) for b in data]
 
     def add_board(self, address: BoardAddress, *, allow_code: bool = False) -> None:
         """Remember a joined board; ``allow_code``: run code from its submitters (joined ``--allow-code``)."""
@@ -65,7 +65,9 @@ class AgentHome:
         boards = [b for b in self.boards() if b.url != address.url] + [address]
         self.ensure()
         self.boards_path.write_text(yaml.safe_dump(
-            [{"url": b.url, "fingerprint": b.fingerprint, **({"allow_code": True} if b.url in code else {})}
+            [{"url": b.url, "fingerprint": b.fingerprint, **({"allow_code": True} if b.url in code else {}),
+              **({"also": [{"url": o.url, "fingerprint": o.fingerprint} for o in b.alternates]}
+                 if b.alternates else {})}
              for b in boards], sort_keys=False))
 
     def code_boards(self) -> set[str]:
@@ -112,3 +114,12 @@ def _read_yaml(path: Path, default: Any) -> Any:
         return yaml.safe_load(path.read_text()) or default
     except yaml.YAMLError as exc:
         raise BadRequest(f"{path}: not valid YAML: {exc}") from exc
+
+
+def _also(value: object) -> tuple[BoardAddress, ...]:
+    """A joined board's other hubs (``also:`` in boards.yaml: the standbys of a board, each pinned)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, dict) and isinstance(v.get("url"), str) for v in value):
+        raise BadRequest("boards.yaml: also: expected a list of {url, fingerprint}")
+    return tuple(BoardAddress(str(v["url"]), v.get("fingerprint")) for v in value)

@@ -1,8 +1,12 @@
 """``panal bench dispatch``: hub throughput and submit-to-result latency, with everything real.
 
-A real ``panal hub serve`` process (TLS, signed requests, SQLite) and N simulated agents in this
+A real ``panal hub serve`` process (TLS, signed requests, its store) and N simulated agents in this
 process that use the real client, real signatures and real signed results, but answer ``sleep 0``
 tasks at once instead of starting workers: what is measured is the dispatch path, not torch.
+
+The hub's store is its default SQLite file unless ``--store URL`` names another (``postgresql://...``:
+an empty database of the bench's own); several ``--store`` run one after another in the same
+invocation, so their figures compare as ratios on one machine state.
 """
 
 from __future__ import annotations
@@ -148,10 +152,11 @@ async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, 
     return out
 
 
-def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int) -> dict[str, Any]:
+def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int, store: str = "") -> dict[str, Any]:
+    """One run against a fresh hub whose store is ``store`` (empty: its SQLite default)."""
     with tempfile.TemporaryDirectory(prefix="panal-bench-") as tmp:
         user_home = Path(tmp) / "user"
-        hub, url = start_hub(Path(tmp) / "hub", user_home)
+        hub, url = start_hub(Path(tmp) / "hub", user_home, settings={"store": store} if store else None)
         try:
             user = Identity.load(user_home / "user.key")
             return asyncio.run(_bench(url, user, agents, tasks, slots, samples, hub.pid))
@@ -159,3 +164,21 @@ def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int) -> dic
             stop([hub])
             if hub.stdout is not None:
                 hub.stdout.close()
+
+
+def compare_stores(agents: int, tasks: int, slots: int, samples: int, stores: list[str]) -> dict[str, Any]:
+    """The bench once per store, in order; each store's throughput also as a ratio to the first's."""
+    runs = {_label(store): run_dispatch_bench(agents, tasks, slots, samples, store) for store in stores}
+    base = next(iter(runs.values())).get("tasks_per_s")   # none in a latency-only run
+    for run in runs.values():
+        run["tasks_per_s_vs_first"] = round(run["tasks_per_s"] / base, 3) if base and "tasks_per_s" in run else None
+    return runs
+
+
+def _label(store: str) -> str:
+    """A store URL without its password: ``postgresql://127.0.0.1:5432/db``, ``sqlite (default)``."""
+    if not store:
+        return "sqlite (default)"
+    scheme, _, rest = store.partition("://")
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
+

@@ -52,6 +52,8 @@ def start_hub(root: Path, user_home: Path, host: str = "127.0.0.1",
     panal_cli("hub", "init", "--dir", str(root), "--host", host, home=user_home)
     if settings:
         HubHome(root).configure(**settings)
+        if settings.get("store"):   # init authorised the user in the default store: again in this one
+            panal_cli("hub", "init", "--dir", str(root), home=user_home)
     proc = subprocess.Popen([sys.executable, "-m", "agent", "hub", "serve", "--dir", str(root), "--port", "0",
                              "--bind", host],
                             env=_env(user_home), stdout=subprocess.PIPE, text=True)
