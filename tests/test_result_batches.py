@@ -102,3 +102,36 @@ async def test_large_results_reach_the_board_in_batches_and_a_too_large_one_fail
         await link.stop()
         await client.close()
         await hub.stop()
+
+
+async def test_a_board_refusing_a_batch_as_too_large_gets_smaller_batches_until_all_arrive(tmp_path: Path) -> None:
+    # As with a board that does not publish its limit: the agent assumes more than the board takes,
+    # hears 413 and halves what it sends until the results pass.
+    hub = InProcessHub(tmp_path, max_body_bytes=128 * KIB, max_poll_wait_s=0.2)
+    server = await hub.start()
+    assert hub.address is not None
+    submitter = Identity.generate()
+    await server.add_submitter(submitter.public, "user")
+    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "batch"},
+                                   "spec": {"task": "sleep", "sweep": {"seconds": [0.0] * 4}}})
+    identity = Identity.generate()
+    owner = _Owner(identity, slots=4)
+    client = BoardClient(hub.address, identity, retry_for_s=1)
+    outbox = Outbox(tmp_path / "outbox", hub.address.url)
+    link = BoardLink(owner, hub.address, client, outbox)
+    async with BoardClient(hub.address, submitter) as sub:
+        await submit(sub, make_envelope(submitter, manifest))
+    link.start()
+    try:
+        await wait_for_async(lambda: len(owner.started) == 4, "four tasks leased")
+        link.max_body_bytes = 1024 * KIB   # what it would assume of a board that says nothing
+        for a in owner.started:
+            link.queue_result(_result(identity, a, 60 * KIB), ok=True)
+        await wait_for_async(lambda: len(outbox) == 0, "every result delivered")
+        assert link.max_body_bytes <= 128 * KIB
+        tasks = await server.board.tasks_of(owner.started[0].job_id)
+        assert {t.state for t in tasks} == {TaskState.DONE}
+    finally:
+        await link.stop()
+        await client.close()
+        await hub.stop()
