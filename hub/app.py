@@ -254,7 +254,8 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     app[BODY_TIMEOUT_KEY] = config.body_timeout_s
     if board.blobs is not None:
         add_blob_routes(app, board.blobs, auth.member, access)
-        add_upload_routes(app, UploadSessions.for_board(board.blobs, config, access), auth.member, access)
+        add_upload_routes(app, UploadSessions.for_board(board.blobs, config, access), auth.member, access,
+                          auth.uploader)
     app[BOARD_KEY] = board
     app[AUTH_KEY] = auth
     app[ADMISSION_KEY] = admission

@@ -96,6 +96,17 @@ class Authenticator:
                             code="not_a_member")
         return params.keyid
 
+    async def uploader(self, request: web.Request, body_digest: str | None) -> str:
+        """Opening a resumable upload (disk and a session slot held for minutes): an authorised submitter
+        (its inputs), or an agent while it holds a lease (its outputs and checkpoints). A key that only
+        registered (free under open registration) has nothing to upload yet."""
+        key_id = await self.member(request, body_digest)
+        agent = self.board.agents.get(key_id)
+        if key_id not in self.submitters and agent is not None and not agent.running:
+            raise Forbidden(f"agent {key_id} holds no lease on this board: an agent opens uploads only for a "
+                            "task it runs", code="no_lease_for_upload")
+        return key_id
+
     async def submitter(self, request: web.Request, body: bytes,
                         body_key: Callable[[], PublicKey | None] | None = None) -> str:
         """Verify and require an authorised submitter. ``body_key`` (the key a submitted manifest

@@ -92,6 +92,9 @@ class HubConfig:
     upload_session_ttl_s: float = 10 * 60.0
     upload_sessions_per_key: int = 4
     upload_sessions_max: int = 256
+    #: open sessions from one network address, whatever keys it uses (open registration makes keys
+    #: free, so per-key caps alone would let one host fill upload_sessions_max)
+    upload_sessions_per_address: int = 16
     blob_gc_grace_s: float = 15 * 60.0
     blob_gc_interval_s: float = 60.0
     #: key ids that read every submitter's jobs, results and blobs (the hub operator's own keys)
@@ -144,9 +147,10 @@ class HubConfig:
             raise BadRequest("hub settings: validation_quorum must be >= 0 (0: auto), trust_after >= 1, "
                              "spot_check_share in [0, 1]")
         if config.upload_chunk_bytes < 64 * 1024 or config.upload_sessions_per_key < 1 \
-                or config.upload_sessions_max < 1 or config.upload_session_ttl_s <= 0:
-            raise BadRequest("hub settings: upload_chunk_bytes must be >= 65536, upload_sessions_per_key and "
-                             "upload_sessions_max >= 1, upload_session_ttl_s > 0")
+                or config.upload_sessions_max < 1 or config.upload_session_ttl_s <= 0 \
+                or config.upload_sessions_per_address < 1:
+            raise BadRequest("hub settings: upload_chunk_bytes must be >= 65536, upload_sessions_per_key, "
+                             "upload_sessions_per_address and upload_sessions_max >= 1, upload_session_ttl_s > 0")
         if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
         if config.registration not in REGISTRATION_MODES:

@@ -74,7 +74,8 @@ def hub_limits(config: HubConfig) -> dict[str, Any]:
     return {"max_task_timeout_s": config.max_task_timeout_s, "max_task_memory_gb": config.max_task_memory_gb,
             "default_task_memory_gb": DEFAULT_MEMORY_GB, "max_tasks_per_job": config.max_tasks_per_job,
             "max_result_bytes": config.max_result_bytes, "max_blob_bytes": config.max_blob_bytes,
-            "upload_chunk_bytes": config.upload_chunk_bytes}
+            "upload_chunk_bytes": config.upload_chunk_bytes,
+            "max_body_bytes": config.max_body_bytes}   # agents size their result batches under it
 
 
 def over_limits(manifest: Manifest, limits: HubConfig | dict[str, Any]) -> list[tuple[str, str]]:

@@ -91,7 +91,7 @@ SCHEMAS: dict[str, Schema] = {
                      "additionalProperties": True},
     "Limits": _obj(["max_task_timeout_s", "max_task_memory_gb"], max_task_timeout_s=N, max_task_memory_gb=N,
                    default_task_memory_gb=N, max_tasks_per_job=I, max_result_bytes=I, max_blob_bytes=I,
-                   upload_chunk_bytes=I),
+                   upload_chunk_bytes=I, max_body_bytes=I),
     "Registration": _obj(["public_key"], public_key=S, name=S, capabilities=ANY_MAP),
     "Registered": _obj(["agent_id"], agent_id=S, lease_ttl_s=N, max_poll_wait_s=N, max_tasks_per_lease=I,
                        standing=ANY_MAP),

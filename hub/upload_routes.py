@@ -42,8 +42,10 @@ def chunk_sha(header: str | None) -> str:
 
 
 def add_upload_routes(app: web.Application, sessions: UploadSessions, authorize: Authorize,
-                      access: BlobPolicy | None = None) -> None:
-    """Register the resumable upload routes (the blobs they make are stored as ``PUT /v1/blobs`` does)."""
+                      access: BlobPolicy | None = None, may_open: Authorize | None = None) -> None:
+    """Register the resumable upload routes (the blobs they make are stored as ``PUT /v1/blobs`` does).
+    ``may_open`` (default ``authorize``) says who may open a session."""
+    opener = may_open or authorize
 
     async def open_upload(request: web.Request) -> web.Response:
         sha = check_sha256(request.query.get("sha256", ""))
@@ -52,8 +54,8 @@ def add_upload_routes(app: web.Application, sessions: UploadSessions, authorize:
             raise BadRequest(f"give the blob's size in bytes as a whole number: ?size=N, not {text[:40]!r}",
                              code="bad_size")
         size = int(text)
-        key_id = await authorize(request, EMPTY_DIGEST)
-        session, new = await sessions.open(key_id, sha, size)
+        key_id = await opener(request, EMPTY_DIGEST)
+        session, new = await sessions.open(key_id, sha, size, request.remote or "?")
         return reply(request, session.view(), 201 if new else 200)
 
     async def show_upload(request: web.Request) -> web.Response:

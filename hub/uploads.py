@@ -11,8 +11,10 @@ and the file moves into the store like any upload.
 Bounds, so that a stranger cannot fill the disk with sessions it never finishes: the blob's size is
 declared up front (within ``max_blob_bytes`` and the store's free space) and counted against the key's
 quota (hub/blob_access.py) until the session ends; the store's space is held as verified chunks arrive
-(as a plain PUT holds it); a key holds at most ``upload_sessions_per_key`` sessions, the board
-``upload_sessions_max``; a session that gets no verified chunk for ``upload_session_ttl_s`` (asking
+(as a plain PUT holds it); a key holds at most ``upload_sessions_per_key`` sessions, a network
+address ``upload_sessions_per_address`` (keys are free under open registration), the board
+``upload_sessions_max``; only a submitter or an agent holding a lease opens one (hub/auth.py
+``uploader``); a session that gets no verified chunk for ``upload_session_ttl_s`` (asking
 about it does not count) is dropped with its part file. Sessions live in this process: after a hub
 restart a client starts its upload again.
 """
@@ -58,6 +60,7 @@ class UploadSession:
     received: int = 0
     touched: float = 0.0
     busy: bool = False
+    address: str = "?"     # where it was opened from (the TCP peer)
     hash: Any = field(default_factory=hashlib.sha256)
 
     @property
@@ -85,10 +88,11 @@ class UploadSessions:
     """The board's open upload sessions, by id; bounded per key and in all, expired when idle."""
 
     def __init__(self, store: BlobBackend, *, chunk_bytes: int, ttl_s: float, per_key: int, most: int,
-                 begin: Begin | None = None, end: End | None = None,
+                 per_address: int | None = None, begin: Begin | None = None, end: End | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.chunk_bytes, self.ttl_s = store, chunk_bytes, ttl_s
         self.per_key, self.most = per_key, most
+        self.per_address = per_address if per_address is not None else most
         self._begin, self._end, self._clock = begin, end, clock
         self.sessions: dict[str, UploadSession] = {}
 
@@ -97,12 +101,13 @@ class UploadSessions:
         """Sessions with the board's settings, counted against its keys' quotas."""
         return cls(store, chunk_bytes=config.upload_chunk_bytes, ttl_s=config.upload_session_ttl_s,
                    per_key=config.upload_sessions_per_key, most=config.upload_sessions_max,
+                   per_address=config.upload_sessions_per_address,
                    begin=access.begin_upload if access is not None else None,
                    end=access.end_upload if access is not None else None)
 
-    async def open(self, key_id: str, sha: str, size: int) -> tuple[UploadSession, bool]:
+    async def open(self, key_id: str, sha: str, size: int, address: str = "?") -> tuple[UploadSession, bool]:
         """The key's session for blob ``sha`` (the one it already has, to resume; else a new one) and
-        whether it is new."""
+        whether it is new; ``address`` is the network address asking."""
         self.expire()
         for s in self.sessions.values():
             if s.key_id == key_id and s.sha256 == sha:
@@ -116,13 +121,18 @@ class UploadSessions:
         if mine >= self.per_key:
             raise TooManySessions(f"key {key_id} already has {mine} unfinished uploads (upload_sessions_per_key); "
                                   f"finish them, or they expire after {self.ttl_s:.0f} s idle")
+        near = sum(1 for s in self.sessions.values() if s.address == address)
+        if near >= self.per_address:
+            raise TooManySessions(f"{address} already has {near} unfinished uploads (upload_sessions_per_address); "
+                                  f"finish them, or they expire after {self.ttl_s:.0f} s idle",
+                                  code="too_many_upload_sessions_from_address")
         if len(self.sessions) >= self.most:
             raise Unavailable("too many uploads in progress on this board; retry later", code="uploads_busy")
         await self.store.reserve(size, check_only=True)
         if self._begin is not None:
             await self._begin(key_id, size)
         session = UploadSession(secrets.token_urlsafe(16), key_id, sha, size, self.chunk_bytes,
-                                self.store.part_path(sha), touched=self._clock())
+                                self.store.part_path(sha), touched=self._clock(), address=address)
         session.part.touch()
         self.sessions[session.id] = session
         return session, True

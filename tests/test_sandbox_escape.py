@@ -311,3 +311,35 @@ async def test_a_tree_thousands_of_levels_deep_leaves_nothing_on_the_disk(agent_
         shutil.rmtree(tmp_path / "task", ignore_errors=True)
     remove_tree(tmp_path / "task")   # what the daemon does with the task's work dir now
     assert not (tmp_path / "task").exists()
+
+
+@pytest.mark.parametrize("how", ["raise", "forge"])
+@pytest.mark.parametrize("claimed", ["device_lost", "agent_lost", "made_up"])
+async def test_submitter_code_cannot_claim_a_failure_that_blames_the_agent(pool: SandboxPool, tmp_path: Path,
+                                                                           how: str, claimed: str) -> None:
+    # Raising a RetryableError whose class says device_lost, or writing its own `done` frame to the
+    # worker's pipe: either way the agent reports `crashed`, saying what the code claimed.
+    source = {"raise": f"""
+        from jobs.errors import RetryableError
+        class Lost(RetryableError):
+            failure = type('F', (), {{'value': {claimed!r}}})()
+        raise Lost('the GPU fell off the bus, honestly')
+    """, "forge": f"""
+        import time
+        from agent.engine.frames import pack_frame
+        ctx.out.write(pack_frame({{'done': {{'ok': False, 'error_class': {claimed!r}, 'error': 'forged'}}}}))
+        ctx.out.flush()
+        time.sleep(60)
+    """}[how]
+    outcome = await run_code(pool, tmp_path / "task", source, timeout_s=30)
+    assert (outcome.ok, outcome.error_class) == (False, "crashed"), (outcome.error_class, outcome.error)
+    assert claimed in (outcome.error or "") and "may not claim" in (outcome.error or "")
+
+
+async def test_submitter_code_keeps_the_failure_classes_its_own_code_can_cause(pool: SandboxPool,
+                                                                               tmp_path: Path) -> None:
+    outcome = await run_code(pool, tmp_path / "task", """
+        from jobs.errors import PermanentError
+        raise PermanentError('this input format is not supported')
+    """, timeout_s=30)
+    assert (outcome.ok, outcome.error_class) == (False, "unsupported"), outcome.error

@@ -21,7 +21,7 @@ from agent.client.blobupload import upload_file
 from agent.client.board import BoardClient
 from hub.blobs import BlobStore
 from hub.uploads import UploadSessions
-from security.errors import Unavailable
+from security.errors import PanalError, Unavailable
 from security.httpsig import content_digest, sign_request_digest
 
 CHUNK = 64 * 1024
@@ -167,3 +167,42 @@ def test_upload_settings_that_would_never_expire_or_spin_are_refused() -> None:
     for bad in ({"upload_session_ttl_s": 0}, {"upload_chunk_bytes": 1000}, {"upload_sessions_per_key": 0}):
         with pytest.raises(BadRequest, match="upload_"):
             HubConfig.load(None, env={}, **bad)
+
+
+@pytest.mark.parametrize("started", [{"upload_sessions_per_key": 2, "upload_sessions_per_address": 3}],
+                         indirect=True)
+async def test_one_address_cannot_fill_the_boards_sessions_with_many_keys_and_idle_agents_open_none(
+        started: InProcessHub, tmp_path: Path) -> None:
+    from agent.client.submitting import make_envelope, submit
+    from jobs.manifest import Manifest
+
+    hub = started
+    assert hub.server is not None
+    idle = await member(hub, "agent")
+    status, body = await call(idle, "POST", "/v1/uploads", {"sha256": "a" * 64, "size": "1"})
+    assert status == 403 and body["error"] == "no_lease_for_upload"   # registering is free; uploading is not
+    worker, sub = await member(hub, "agent"), await member(hub, "submitter")
+    await submit(sub, make_envelope(sub.identity, Manifest.from_dict({
+        "apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "up"},
+        "spec": {"task": "sleep", "sweep": {"seconds": [0.0]}}})))
+    leased = await worker.call("POST", "/v1/lease", {"slots": 1, "wait_s": 0})
+    assert len(leased["tasks"]) == 1
+    assert (await call(worker, "POST", "/v1/uploads", {"sha256": "b" * 64, "size": "1"}))[0] == 201
+    # keys are free: three more of them from the same address get only what the address has left
+    keys = [sub, await member(hub, "submitter"), await member(hub, "submitter")]
+    opened = [(await call(k, "POST", "/v1/uploads", {"sha256": f"{i:x}" * 64, "size": "1"})) for i, k in
+              enumerate(keys, start=3)]
+    assert [s for s, _ in opened] == [201, 201, 429]
+    assert opened[2][1]["error"] == "too_many_upload_sessions_from_address"
+    for client in (idle, worker, *keys):
+        await client.close()
+
+
+async def test_the_per_address_cap_counts_each_address_apart(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs", max_blob_bytes=10**6, max_total_bytes=10**6, fsync=False)
+    sessions = UploadSessions(store, chunk_bytes=CHUNK, ttl_s=60, per_key=4, most=8, per_address=2)
+    for i in range(2):
+        await sessions.open(f"key{i}", f"{i}" * 64, 10, "192.0.2.1")
+    with pytest.raises(PanalError, match="upload_sessions_per_address"):
+        await sessions.open("key9", "9" * 64, 10, "192.0.2.1")
+    await sessions.open("key9", "9" * 64, 10, "192.0.2.2")   # another host still gets its sessions

@@ -20,6 +20,7 @@ from agent.client.board import BoardClient
 from agent.client.breaker import BreakerState
 from agent.daemon.hooks import CodeConsent, HoldOff, SubmitterCheck
 from agent.daemon.outbox import Outbox
+from agent.daemon.result_batches import DEFAULT_MAX_BODY_BYTES, MIN_MAX_BODY_BYTES, encoded_size, take_batch, too_large
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from jobs.protocol import (
@@ -39,7 +40,7 @@ from jobs.protocol import (
     ResultsRequest,
 )
 from jobs.requirements import Capabilities
-from security.errors import PanalError
+from security.errors import PanalError, PayloadTooLarge
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
 
@@ -121,6 +122,7 @@ class BoardLink:
         self.flush = asyncio.Event()
         self.lease_ttl_s = 30.0
         self.max_poll_wait_s = 20.0       # the board's longest long-poll (it says so at registration)
+        self.max_body_bytes = DEFAULT_MAX_BODY_BYTES   # its largest request (GET /v1/limits, or a 413)
         self.registered = False
         self.done = 0
         self.failed = 0
@@ -221,8 +223,42 @@ class BoardLink:
             self.failed += 1
 
     def take_pending(self) -> list[SignedRecord]:
-        taken, self.pending = self.pending, []
+        """The pending results that fit in one request to the board (agent/daemon/result_batches.py);
+        the rest wait for the next. A result that can never fit is replaced by a failed one saying so."""
+        if self.pending:
+            head = self.pending[0]
+            replacement = too_large(self.client.identity, head, self.max_body_bytes)
+            if replacement is not None:
+                self.outbox.save(outbox_key(head), replacement)   # same task and lease: the same file
+                self.pending[0] = replacement
+            elif encoded_size(head) > self.max_body_bytes:   # not ours to re-sign (an outbox from elsewhere)
+                log.error("dropping result %s for %s: it is over the board's request limit of %d bytes and "
+                          "not signed by this agent", outbox_key(head), self.address.url, self.max_body_bytes)
+                self.outbox.remove(outbox_key(head))
+                self.pending.pop(0)
+                return self.take_pending()
+        taken, self.pending = take_batch(self.pending, self.max_body_bytes)
         return taken
+
+    def refused_as_too_large(self, sent: list[SignedRecord]) -> None:
+        """The board refused a request as too large (413): its limit is lower than we thought. Assume
+        half the size sent, so the batches shrink until they pass (a lone result then becomes a failure)."""
+        size = sum(encoded_size(record) for record in sent)
+        self.max_body_bytes = max(MIN_MAX_BODY_BYTES, min(self.max_body_bytes, size // 2))
+        log.warning("%s refused %d results (%d bytes) as too large: sending at most %d bytes at a time",
+                    self.address.url, len(sent), size, self.max_body_bytes)
+
+    async def learn_limits(self) -> None:
+        """The board's request size limit (``GET /v1/limits``); a board that does not say keeps the default."""
+        try:
+            limits = await self.client.call("GET", "/v1/limits", retry=False, timeout_s=10.0)
+        except PanalError as exc:
+            log.info("%s publishes no limits (%s): results go in requests of at most %d bytes",
+                     self.address.url, exc.message, self.max_body_bytes)
+            return
+        most = limits.get("max_body_bytes") if isinstance(limits, dict) else None
+        if isinstance(most, int) and not isinstance(most, bool) and most >= MIN_MAX_BODY_BYTES:
+            self.max_body_bytes = most
 
     def settle(self, sent: list[SignedRecord], outcomes: Sequence[ResultOutcome]) -> None:
         """Drop delivered results from the outbox; keep those the board did not answer for."""
@@ -246,11 +282,15 @@ class BoardLink:
                                            retry=retry, timeout_s=15.0)
         except PanalError as exc:
             self.pending[:0] = sent
+            if isinstance(exc, PayloadTooLarge) and sent:
+                self.refused_as_too_large(sent)
             log.warning("results for %s kept in the outbox: %s", self.address.url, exc.message)
             if retry and not self.owner.stopping:
                 asyncio.get_running_loop().call_later(max(1.0, self.client.breaker.retry_in()), self.flush.set)
             return
         self.settle(sent, reply.results)
+        if self.pending:
+            self.flush.set()   # the rest, in the next request
 
     # -- the loops --------------------------------------------------------------------------------
     async def register(self) -> None:
@@ -262,6 +302,7 @@ class BoardLink:
                 if registered.standing:
                     self.standing = registered.standing
                 self.max_poll_wait_s = float(registered.max_poll_wait_s)
+                await self.learn_limits()
                 self.registered = True
                 log.info("registered with %s as %s", self.address.url, self.client.identity.id)
                 return
@@ -297,10 +338,15 @@ class BoardLink:
                 if exc.code == "not_registered":
                     await self.register()
                     continue
+                if isinstance(exc, PayloadTooLarge) and sent:
+                    self.refused_as_too_large(sent)
+                    continue
                 log.warning("lease from %s failed: %s", self.address.url, exc.message)
                 await asyncio.sleep(max(1.0, self.client.breaker.retry_in()))
                 continue
             self.settle(sent, reply.results)
+            if self.pending:
+                self.flush.set()
             if reply.standing:
                 self.standing = reply.standing
             if reply.refused != self.refused:

@@ -179,7 +179,7 @@ class Worker:
                 elif "done" in frame:
                     self.tasks_run += 1
                     try:
-                        outcome = Outcome.from_reply(frame["done"])
+                        outcome = self.task_outcome(Outcome.from_reply(frame["done"]))
                     except (TypeError, ValueError, AttributeError) as exc:
                         await self.kill()
                         return Outcome.failed(FailureClass.CRASHED, f"worker sent a malformed reply ({exc})", started)
@@ -189,6 +189,11 @@ class Worker:
         finally:
             if cancelled is not None:
                 cancelled.cancel()
+
+    def task_outcome(self, outcome: Outcome) -> Outcome:
+        """The outcome the worker's reply claims, as this agent reports it: here, as claimed (the
+        built-in kinds are ours); a sandbox narrows what submitter code may claim."""
+        return outcome
 
     def _task_watch(self, pid: int, cap_gb: float | None) -> MemoryWatch | None:
         """What the run loop checks every ``WATCH_S``: the memory cap (a sandbox adds its disk cap)."""

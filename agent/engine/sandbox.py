@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,8 +34,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MAX_PROCESSES", "SandboxStatus", "bwrap_argv", "pids_cgroup", "probe", "python_paths"]
+__all__ = ["MAX_PROCESSES", "MIN_BWRAP", "SandboxStatus", "bwrap_argv", "bwrap_version", "pids_cgroup", "probe",
+           "python_paths"]
 
+#: the oldest bubblewrap the sandbox works with: 0.8 added ``--disable-userns``, which keeps the code
+#: from making user namespaces of its own (``_no_nested_userns``)
+MIN_BWRAP = (0, 8)
 #: processes (threads count too) the code may have at once; a fork bomb stops here
 MAX_PROCESSES = 256
 #: each of the private /tmp and /dev/shm (memory the RSS watch does not see until mapped)
@@ -145,6 +150,29 @@ def _no_nested_userns(bwrap: str) -> tuple[str, ...]:
     return ("--unshare-user", "--disable-userns") if "--disable-userns" in helptext else ()
 
 
+def bwrap_version(text: str) -> tuple[int, ...] | None:
+    """The version ``bwrap --version`` prints (``bubblewrap 0.8.0``) as numbers; None when it names none."""
+    match = re.search(r"\b(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return None if match is None else tuple(int(part) for part in match.groups() if part is not None)
+
+
+def _too_old(bwrap: str) -> SandboxStatus | None:
+    """Refuse a bubblewrap older than ``MIN_BWRAP`` (or one that does not say which it is)."""
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return SandboxStatus(False, f"bwrap could not be run: {exc}", "reinstall the `bubblewrap` package")
+    version = bwrap_version(out)
+    if version is not None and version >= MIN_BWRAP:
+        return None
+    least = ".".join(map(str, MIN_BWRAP))
+    said = f"bubblewrap {'.'.join(map(str, version))}" if version else \
+        f"a bubblewrap of unknown version ({out.strip()[:60]!r})"
+    return SandboxStatus(False, f"{bwrap} is {said}; the sandbox needs {least} or newer (--disable-userns)",
+                         f"upgrade bubblewrap to {least} or newer (your distribution's backports, or build it "
+                         "from https://github.com/containers/bubblewrap)")
+
+
 class PidsCgroup:
     """A ``pids`` cgroup capping one sandbox's processes, for an agent running as root (the kernel
     does not apply ``RLIMIT_NPROC`` to real uid 0). v1 (``/sys/fs/cgroup/pids``) or v2."""
@@ -218,6 +246,9 @@ def probe() -> SandboxStatus:
     if bwrap is None:
         return SandboxStatus(False, "bubblewrap (bwrap) is not installed",
                              "install the `bubblewrap` package (apt install bubblewrap / dnf install bubblewrap)")
+    old = _too_old(bwrap)
+    if old is not None:
+        return old
     limit = "rlimit"
     if _needs_cgroup():
         group = pids_cgroup()

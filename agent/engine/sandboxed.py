@@ -58,6 +58,11 @@ SANDBOX_MAX_FRAME = 32 * 2**20
 REPLY_BYTES = 1 * 2**20 + 64 * 2**10
 #: a failure's message (the code may forge one of any length)
 ERROR_CHARS = 4000
+#: the failure classes submitter code may report for itself: what its own code can cause (not the
+#: agent's or its device's trouble, which would retry it elsewhere and count against honest agents)
+CLAIMABLE = frozenset(c.value for c in (FailureClass.SANDBOX_VIOLATION, FailureClass.OOM, FailureClass.TIMEOUT,
+                                        FailureClass.CRASHED, FailureClass.INVALID_PARAMS, FailureClass.UNSUPPORTED,
+                                        FailureClass.ERROR))
 #: what a sandbox's files may take on the volunteer's disk, all together (and any one file)
 DISK_BYTES = 8 * 2**30
 #: how long the agent waits for every process of a killed sandbox to be gone before reading its files
@@ -141,6 +146,16 @@ class SandboxedWorker(Worker):
     def _exit_signal(code: int) -> int:
         """bwrap exits with 128 + N when its child was killed by signal N."""
         return -(code - 128) if 128 < code < 128 + 65 else code
+
+    def task_outcome(self, outcome: Outcome) -> Outcome:
+        """Submitter code writes its own reply frame, so it could claim a failure that blames the agent
+        or its device (``device_lost``, ``agent_lost``) to be retried elsewhere and mark honest agents;
+        only the classes its own code can cause stand, anything else is reported as ``crashed``."""
+        if outcome.ok or outcome.error_class in CLAIMABLE:
+            return outcome
+        claimed = str(outcome.error_class)[:40]
+        return Outcome.failed(FailureClass.CRASHED, f"the task's code reported failure class {claimed!r}, which "
+                              f"sandboxed code may not claim ({outcome.error or 'no message'})", outcome.started_at)
 
     def _task_watch(self, pid: int, cap_gb: float | None) -> MemoryWatch | None:
         self._watch = SandboxWatch(pid, cap_gb, self.root / "work", self.disk_bytes)
