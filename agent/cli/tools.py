@@ -54,13 +54,18 @@ def bench_sandbox(repeats: int, nsjail: str | None, as_json: bool) -> None:
 @click.option("--minutes", type=float, default=5.0, show_default=True)
 @click.option("--agents", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--store", default="sqlite", show_default=True, metavar="URL",
+              help="The hub's store (hub.yaml `store`): 'sqlite' (its default file) or postgresql://USER@HOST/"
+                   "EMPTY_DB, a database of the soak's own; the audit reads the figures from it.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_chaos(minutes: float, agents: int, seed: int | None, as_json: bool) -> None:
+def bench_chaos(minutes: float, agents: int, seed: int | None, store: str, as_json: bool) -> None:
     """A soak: random SIGKILL/SIGSTOP of agents and kill -9 of the hub under a stream of jobs; then
     checks every task was done exactly once and every signature verifies."""
     from agent.tools.bench_chaos import run_chaos_bench
 
-    _print_result(run_chaos_bench(minutes, agents, seed=seed), as_json)
+    if store != "sqlite" and not store.startswith(("postgresql://", "postgres://")):
+        raise click.BadParameter(f"expected 'sqlite' or a postgresql:// URL, got {store!r}", param_hint="--store")
+    _print_result(run_chaos_bench(minutes, agents, seed=seed, store="" if store == "sqlite" else store), as_json)
 
 
 @bench.command("policies")

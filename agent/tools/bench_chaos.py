@@ -1,12 +1,13 @@
 """``panal bench chaos``: a randomized soak of a real hub and real agents while things break.
 
 A stream of ``sleep`` jobs runs on ``agents`` real agent processes joined to a real hub (TLS, signed
-calls, SQLite). Meanwhile, every few seconds, something goes wrong at random: an agent is killed
-(``SIGKILL`` of its whole process group: the machine died) and restarted on the same home, an agent
-is frozen (``SIGSTOP`` past the lease TTL: a laptop lid closed) and thawed, or the hub is killed with
-``kill -9`` and restarted on the same directory and port. At the end the chaos stops, the queue
-drains, and the hub's own database is audited: every task of every submitted job done exactly once,
-one result row per task, every result's signature verified. ``lost`` must be 0.
+calls, its SQLite file or, with ``store``, a PostgreSQL database). Meanwhile, every few seconds,
+something goes wrong at random: an agent is killed (``SIGKILL`` of its whole process group: the
+machine died) and restarted on the same home, an agent is frozen (``SIGSTOP`` past the lease TTL: a
+laptop lid closed) and thawed, or the hub is killed with ``kill -9`` and restarted on the same
+directory and port. At the end the chaos stops, the queue drains, and the hub's store itself is
+audited (agent/tools/chaos_audit.py): every task of every submitted job done exactly once, one result
+row per task, every result's signature verified. ``lost`` must be 0.
 
 Counters of what the hub saw (duplicate deliveries answered idempotently, late results rejected)
 are read from ``/v1/status`` throughout and summed over the hub's lives (a ``kill -9`` resets them).
@@ -21,7 +22,6 @@ import os
 import random
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -33,6 +33,8 @@ from typing import IO, Any
 
 from agent.client.board import BoardClient
 from agent.client.submitting import job_id_of, make_envelope, submit, verify_results
+from agent.tools.chaos_audit import figures, read_store
+from hub.home import HubHome
 from jobs.manifest import Manifest
 from security.errors import PanalError
 from security.identity import Identity
@@ -68,6 +70,7 @@ class _Lab:
     root: Path
     agents: int
     rng: random.Random
+    store: str = ""     # hub.yaml `store`: empty for the SQLite default, else a postgresql:// URL
     port: int = field(default_factory=_free_port)
     hub: subprocess.Popen[str] | None = None
     fleet: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
@@ -106,6 +109,9 @@ class _Lab:
     def init(self) -> None:
         hub_dir = self.root / "hub"
         self._cli("hub", "init", "--dir", str(hub_dir), "--port", str(self.port), home=self.user)
+        if self.store:   # init authorised the user in the default store: again in this one
+            HubHome(hub_dir).configure(store=self.store)
+            self._cli("hub", "init", "--dir", str(hub_dir), home=self.user)
         self.url = self._cli("hub", "url", "--dir", str(hub_dir), home=self.user).strip()
         self.start_hub()
         for i in range(self.agents):
@@ -236,45 +242,18 @@ class _Submitter:
         return bad
 
 
-def _audit(db: Path, jobs: list[str]) -> dict[str, int]:
-    """Read the hub's database: tasks done, lost (not done), counted twice, retried."""
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
-        marks = ",".join("?" * len(jobs))
-        n_tasks = conn.execute(f"SELECT COALESCE(SUM(n_tasks), 0) FROM jobs WHERE id IN ({marks})", jobs).fetchone()[0]  # noqa: S608
-        done = conn.execute(f"SELECT COUNT(*) FROM tasks WHERE job_id IN ({marks}) AND state = 'done'",  # noqa: S608
-                            jobs).fetchone()[0]
-        per_task = conn.execute(f"SELECT task_id, COUNT(*) FROM results WHERE job_id IN ({marks}) GROUP BY task_id",  # noqa: S608
-                                jobs).fetchall()
-        requeues = conn.execute(f"SELECT COALESCE(SUM(attempt - 1), 0) FROM tasks WHERE job_id IN ({marks})",  # noqa: S608
-                                jobs).fetchone()[0]
-        missing_jobs = len(jobs) - conn.execute(f"SELECT COUNT(*) FROM jobs WHERE id IN ({marks})", jobs).fetchone()[0]  # noqa: S608
-    results = len(per_task)
-    return {"tasks": int(n_tasks), "done": int(done), "results": results,
-            "duplicates": sum(n - 1 for _, n in per_task if n > 1),
-            "lost": int(n_tasks) - min(int(done), results) + missing_jobs * TASKS_PER_JOB,
-            "requeues": int(requeues)}
-
-
-def _recovery(db: Path, downs: list[tuple[float, float]]) -> list[float]:
-    """Per hub kill: seconds from the kill until the first result the restarted hub accepted."""
-    out = []
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
-        for killed, back in downs:
-            (first,) = conn.execute("SELECT MIN(accepted_at) FROM results WHERE accepted_at >= ?", (back,)).fetchone()
-            if first is not None:
-                out.append(round(first - killed, 2))
-    return out
-
-
 def run_chaos_bench(minutes: float, agents: int, seed: int | None = None,
-                    workdir: Path | None = None) -> dict[str, Any]:
-    """Soak for ``minutes`` of chaos with ``agents`` agents, drain, audit; return the figures."""
+                    workdir: Path | None = None, store: str = "") -> dict[str, Any]:
+    """Soak for ``minutes`` of chaos with ``agents`` agents, drain, audit; return the figures.
+
+    ``store`` is the hub's store (hub.yaml ``store``): empty for its SQLite file, or the URL of an empty
+    PostgreSQL database of the soak's own; the audit reads the figures from that store."""
     if agents < 1 or minutes <= 0:
         raise ValueError("need at least one agent and a positive duration")
     seed = seed if seed is not None else random.randrange(2**32)
     with contextlib.ExitStack() as stack:
         root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="panal-chaos-")))
-        lab = _Lab(root, agents, random.Random(seed))
+        lab = _Lab(root, agents, random.Random(seed), store)
         stack.callback(lab.close)
         return asyncio.run(_soak(lab, minutes, seed))
     raise AssertionError("unreachable")  # pragma: no cover - the with block returns
@@ -318,19 +297,18 @@ async def _soak(lab: _Lab, minutes: float, seed: int) -> dict[str, Any]:
         status = await sub.call("GET", "/v1/status")
         lab.stats_now = {k: int(v) for k, v in status.get("stats", {}).items() if isinstance(v, int | float)}
     unverified = await sub.unverified()
-    db = lab.root / "hub" / "board.db"
-    audit = _audit(db, sub.jobs)
-    recovery = _recovery(db, lab.hub_downs)
+    held = await asyncio.to_thread(read_store, lab.store, lab.root / "hub", sub.jobs, [b for _, b in lab.hub_downs])
+    audit = figures(held, len(sub.jobs), TASKS_PER_JOB, lab.hub_downs)
     seen = lab.stats_seen + Counter(lab.stats_now)
     total_s = chaos_s + drain_s
     return {
-        "seed": seed, "minutes": minutes, "agents": lab.agents, "slots_per_agent": SLOTS, "lease_ttl_s": LEASE_TTL_S,
+        "seed": seed, "store": "postgresql" if lab.store else "sqlite",
+        "minutes": minutes, "agents": lab.agents, "slots_per_agent": SLOTS, "lease_ttl_s": LEASE_TTL_S,
         "jobs": len(sub.jobs), **audit, "unverified": unverified,
         "agent_kills": lab.counts["agent_kills"], "agent_freezes": lab.counts["agent_freezes"],
         "hub_kills": lab.counts["hub_kills"],
         "leases_expired": seen["expired"], "duplicate_deliveries": seen["results_duplicate"],
         "late_results_rejected": seen["results_rejected"],
-        "hub_recovery_s": recovery, "hub_recovery_s_max": max(recovery, default=None),
         "chaos_s": round(chaos_s, 1), "drain_s": round(drain_s, 1),
         "throughput_tasks_per_s": round(audit["done"] / total_s, 2) if total_s > 0 else 0.0,
         "ok": audit["lost"] == 0 and audit["duplicates"] == 0 and unverified == 0,
