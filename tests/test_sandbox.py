@@ -23,7 +23,8 @@ from system_needs import require_system
 from agent.engine import sandbox, sandboxed
 from agent.engine.runner import Outcome, TaskRequest, Worker
 from agent.engine.sandbox import MAX_PROCESSES, bwrap_argv, probe, python_paths
-from agent.engine.sandboxed import ERROR_TAIL_CHARS, SandboxedWorker, SandboxPool
+from agent.engine.sandbox_pool import SandboxPool
+from agent.engine.sandboxed import ERROR_TAIL_CHARS, SandboxedWorker
 
 SECRET = "not-for-submitters-0123456789"
 

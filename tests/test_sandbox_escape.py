@@ -19,7 +19,7 @@ from system_needs import require_system
 
 from agent.engine.runner import Outcome, TaskRequest
 from agent.engine.sandbox import probe
-from agent.engine.sandboxed import SandboxPool
+from agent.engine.sandbox_pool import SandboxPool
 
 SECRET = "not-for-submitters-0123456789"
 

@@ -34,7 +34,7 @@ from agent.daemon.status_summary import summary
 from agent.daemon.threads import lent_threads
 from agent.engine.runner import WorkerPool
 from agent.engine.sandbox import probe as probe_sandbox
-from agent.engine.sandboxed import SandboxPool
+from agent.engine.sandbox_pool import SandboxPool
 from agent.host import capabilities
 from agent.host.capabilities_probe import detect_capabilities
 from agent.host.home import AgentHome

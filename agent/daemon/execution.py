@@ -33,8 +33,8 @@ from agent.daemon.devices import Devices
 from agent.daemon.threads import task_threads
 from agent.engine.runner import Outcome, TaskRequest, Worker, WorkerPool
 from agent.engine.sandbox import probe as probe_sandbox
+from agent.engine.sandbox_pool import SandboxPool
 from agent.engine.sandbox_watch import remove_tree
-from agent.engine.sandboxed import SandboxPool
 from jobs.catalog import get_kind
 from jobs.checkpoints import sign_checkpoint, verify_checkpoint
 from jobs.errors import FailureClass

@@ -26,7 +26,8 @@ from typing import Any
 
 from agent.engine.runner import TaskRequest, Worker
 from agent.engine.sandbox import bwrap_argv, probe, python_paths
-from agent.engine.sandboxed import SandboxedWorker, SandboxPool
+from agent.engine.sandbox_pool import SandboxPool
+from agent.engine.sandboxed import SandboxedWorker
 
 __all__ = ["run_sandbox_bench"]
 
