@@ -101,6 +101,18 @@ def test_agent_status_shows_task_and_board_text_with_brackets_verbatim(capsys: p
     assert "k[bold]x" in out and "https://h/[red]" in out and "https://b/[1]" in out
 
 
+def test_agent_status_shows_lan_peers_and_paused_gpus_as_text_not_raw_maps(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    render_status({"state": "idle", "gpu_paused": {"0": "another program uses it (91%)"},
+                   "lan": {"board": "https://192.0.2.7:4000/#sha256=ab", "open": False, "trusted_submitters": ["k"]},
+                   "peers": [{"id": "peerid0123456789xyz", "addresses": ["192.0.2.9"], "port": 4001,
+                              "state": "alive", "breaker": "closed", "work": True}]})
+    out = capsys.readouterr().out
+    assert "LAN board: https://192.0.2.7:4000/ (1 trusted submitter(s))" in out
+    assert "192.0.2.9:4001" in out and "alive" in out and "GPU 0 paused: another program uses it (91%)" in out
+    assert "{" not in out and "sha256" not in out   # no raw maps, no fingerprints
+
+
 def test_agent_set_a_negative_value_is_refused_by_the_preference_check(tmp_path: Path) -> None:
     refused = panal("agent", "set", "daily_cap_hours", "-3", home=tmp_path, check=False)
     assert refused.returncode == 1

@@ -67,7 +67,8 @@ def render_status(status: dict[str, Any]) -> None:
     fields show up without a CLI change."""
     console = Console()
     shown = {"state", "paused", "reason", "why", "paused_until", "tasks", "boards", "name", "agent_id", "slots",
-             "free_slots", "workers", "compute_today_h", "done", "failed", "credit", "commands", "disabled_kinds"}
+             "free_slots", "workers", "compute_today_h", "done", "failed", "credit", "commands", "disabled_kinds",
+             "peers", "lan", "gpu_paused"}
     state = status.get("state") or ("paused" if status.get("paused") else "running")
     colour = "yellow" if status.get("paused") or state == "paused" else "green"
     why = status.get("why") or status.get("reason")
@@ -111,6 +112,11 @@ def render_status(status: dict[str, Any]) -> None:
                           plain(str(b.get("failed", "-"))), plain(str(standing.get("credit", "-"))),
                           plain(str(standing.get("invalid_results", "-"))), plain(b.get("refused") or ""))
         console.print(table)
+    gpu_paused = status.get("gpu_paused")
+    if isinstance(gpu_paused, dict) and gpu_paused:
+        for gpu, reason in gpu_paused.items():
+            console.print(f"GPU {gpu} paused: {reason}", highlight=False, markup=False)
+    _render_lan(console, status)
     for key, value in status.items():
         if key not in shown:
             console.print(f"{key}: {value}", highlight=False, markup=False)
@@ -119,6 +125,27 @@ def render_status(status: dict[str, Any]) -> None:
         console.print("commands:")
         for what, command in commands.items():
             console.print(f"  {what:<10} {command}", highlight=False, markup=False)
+
+
+def _render_lan(console: Console, status: dict[str, Any]) -> None:
+    """LAN mode: this agent's own board and the peers it found, as a line and a table (not raw maps)."""
+    lan = status.get("lan")
+    if isinstance(lan, dict):
+        board = str(lan.get("board", "")).split("#", 1)[0]
+        trusted = lan.get("trusted_submitters") or []
+        whose = "open to any submitter" if lan.get("open") else f"{len(trusted)} trusted submitter(s)"
+        console.print(f"LAN board: {board} ({whose})", highlight=False, markup=False)
+    peers = status.get("peers")
+    if isinstance(peers, list) and peers:
+        table = Table("peer", "address", "state", "health", "offers work", title="LAN peers")
+        for peer in peers:
+            if not isinstance(peer, dict):
+                continue
+            address = ", ".join(str(a) for a in peer.get("addresses") or [])
+            health = _HEALTH.get(str(peer.get("breaker", "")), str(peer.get("breaker", "")))
+            table.add_row(plain(str(peer.get("id", ""))[:16]), plain(f"{address}:{peer.get('port', '')}"),
+                          plain(str(peer.get("state", ""))), plain(health), "yes" if peer.get("work") else "no")
+        console.print(table)
 
 
 @click.command("pause")
