@@ -232,7 +232,7 @@ def test_mlp_train_resumes_on_another_agent_from_the_checkpoint_on_the_board(tmp
     first.wait()
     start_agent(procs, tmp_path, url, "second")
     wait_for(lambda: job_view(url, user, job["id"])["state"] == "succeeded", "the resumed run to finish",
-             timeout_s=600, diagnose=procs.logs_text)
+             timeout_s=240, diagnose=procs.logs_text)
     res = json.loads(panal("results", job["id"], "--hub", url, "--verify", "--json", home=user).stdout)
     [row] = res["results"]
     resumed = row["values"]["resumed_from"]  # where the killed agent's last checkpoint was

@@ -23,6 +23,10 @@ from conftest import InProcessHub
 from playwright.async_api import Browser, Page, async_playwright, expect
 from system_needs import require_system
 
+# Playwright's expectations wait on a condition, 5 s by default: a page that re-renders after a fetch
+# on a loaded CI machine (several browsers and hubs at once) can take longer than that.
+expect.set_options(timeout=20_000)
+
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from hub import status_page
