@@ -364,8 +364,9 @@ def test_adaptive_error_rates_flag_exactly_the_agents_above_the_limit() -> None:
 async def test_an_agent_re_registering_with_junk_reports_cannot_grow_the_hubs_memory(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     """A registered agent may re-register at will, and an unknown capability field is kept exactly in its
-    class. Each new report used to leave its whole class key (the report, up to a body's size) in the
-    per-job match cache for ever: one agent looping register + empty lease could exhaust the hub's memory."""
+    class. Each new report used to leave its whole class key (the report) in the
+    per-job match cache for ever (up to 64 KB each): one agent looping register + empty lease could exhaust
+    the hub's memory."""
     import hub.wakeups
     monkeypatch.setattr(hub.wakeups, "_MATCHES_CACHED", 10)
     identity = Identity.generate()
