@@ -359,12 +359,13 @@ class Board:
         return HeartbeatReply(self.config.lease_ttl_s, tuple(lost))
 
     async def release(self, agent_id: str, task_id: str, lease_id: str) -> None:
-        """The agent gives a lease back (shutting down): requeue at once, no attempt used."""
+        """The agent gives a lease back (a long pause, shutting down): requeued at once, with no attempt used
+        unless the task was handed back too often (hub/retries.py)."""
         task = self._queues.task(task_id)
         if task is None or not self._leases.holds(task, agent_id, lease_id):
             return
-        self._retries.requeue(task, count_attempt=False)
-        await self.store.save_tasks([task])
+        self._retries.hand_back(task)
+        await self._maybe_finish(task.job_id, [task])
 
     async def sweep(self) -> None:
         """Requeue expired leases (attempt + 1) and release retry backoffs that are due."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from hub.config import HubConfig
 from hub.election import LOCK_KEY, Election, db_errors, read_active
+from security.errors import BadRequest
 from security.tls import BoardAddress
 
 __all__ = ["database_status", "is_shared", "make_election", "with_peers"]
@@ -31,6 +32,11 @@ def make_election(config: HubConfig) -> Election | None:
     """This hub's candidacy, or None for a store only one hub uses (SQLite)."""
     if not is_shared(config):
         return None
+    if config.peer_urls and not config.blobs_dir:
+        # each hub would keep blobs in its own directory: what one acknowledged is missing after a failover
+        raise BadRequest("hubs sharing one database (peer_urls) need blobs_dir: one directory every hub "
+                         "mounts; without it each hub keeps its own blobs and a failover loses them",
+                         code="blobs_not_shared")
     hub_id = config.hub_id or f"{config.host}:{config.port}"
     return Election(config.store, hub_id, "", check_interval_s=config.election_check_interval_s,
                     timeout_s=max(1.0, 3 * config.election_check_interval_s))

@@ -30,6 +30,8 @@ __all__ = ["HANDOFFS", "Arrival", "Waiter", "WakeIndex"]
 #: nobody waiting will take, e.g. one a policy keeps for a faster agent that is not waiting)
 HANDOFFS = 32
 _JOBS_CACHED = 10_000
+#: (job, class) answers kept: a registered agent may re-register with a new report (a new class) at will
+_MATCHES_CACHED = 200_000
 
 
 @dataclass(eq=False)
@@ -67,6 +69,7 @@ class WakeIndex:
         self._classes: dict[str, CapClass] = {}
         self._by_agent: dict[str, set[Waiter]] = {}
         self._match: dict[str, dict[str, bool]] = {}   # job id -> class key -> may run
+        self._matches = 0                                # answers in _match (bounded: classes come and go)
         self._seq = itertools.count()
         self.woken = 0                   # waiters woken, all time (a figure for benchmarks)
 
@@ -93,19 +96,21 @@ class WakeIndex:
                 del self._by_agent[waiter.agent.row.id]
 
     def matches(self, job_id: str, cls: CapClass) -> bool:
+        if len(self._match) > _JOBS_CACHED or self._matches >= _MATCHES_CACHED:
+            self._match.clear()
+            self._matches = 0
         known = self._match.get(job_id)
         if known is None:
-            if len(self._match) > _JOBS_CACHED:
-                self._match.clear()
             known = self._match[job_id] = {}
         hit = known.get(cls.key)
         if hit is None:
             hit = known[cls.key] = self._may_run(job_id, cls)
+            self._matches += 1
         return hit
 
     def forget_job(self, job_id: str) -> None:
         """The job is gone: drop what was cached about it."""
-        self._match.pop(job_id, None)
+        self._matches -= len(self._match.pop(job_id, {}))
 
     def wake_for(self, arrival: Arrival, tasks: int) -> int:
         """Wake untried waiters that may run the arrival's job, oldest first, until their free slots cover

@@ -117,7 +117,11 @@ class BoardAddress:
     def parse(cls, text: str) -> BoardAddress:
         """Parse a join URL ``https://host:port/#sha256=<hex>[&also=host2:port@<hex>...]`` or a plain
         ``http(s)://`` URL."""
-        parts = urlsplit(text.strip())
+        try:
+            parts = urlsplit(text.strip())
+            _port = parts.port   # (read to check it: ValueError when out of range)
+        except ValueError:   # an unclosed "[" (IPv6), a port out of range: a clear 400, never a traceback
+            raise BadRequest(f"not a board URL (expected https://HOST:PORT/#sha256=...): {text!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BadRequest(f"not a board URL (expected https://HOST:PORT/#sha256=...): {text!r}")
         fingerprint = _fragment(parts.fragment).get("sha256")
@@ -186,12 +190,13 @@ def _also(fragment: str) -> list[str]:
 def _alternate(scheme: str, value: str) -> BoardAddress:
     """``HOST:PORT@<sha256 hex>`` (https) or ``HOST:PORT`` (http) -> the address of another hub."""
     netloc, at, pin = value.partition("@")
-    parts = urlsplit(f"{scheme}://{netloc}")
     try:
+        parts = urlsplit(f"{scheme}://{netloc}")
         port = parts.port
-    except ValueError:
-        port = None
-    if not parts.hostname or port is None or parts.path or parts.username or (scheme == "https") != bool(at):
+    except ValueError:   # an unclosed "[", a port out of range
+        parts, port = urlsplit(f"{scheme}://"), None
+    if not parts.hostname or port is None or parts.path or parts.query or parts.fragment or parts.username \
+            or (scheme == "https") != bool(at):
         raise BadRequest(f"join URL: also= names another hub as HOST:PORT@<sha256 hex> (https) or HOST:PORT "
                          f"(http), got {value!r}")
     try:

@@ -39,10 +39,18 @@ def test_a_join_url_carries_every_hub_each_pinned_to_its_own_certificate() -> No
 
 
 @pytest.mark.parametrize("also", ["h2", "h2:8748", f"user@h2:8748@{B_PIN}", f"h2:8748@{B_PIN[:10]}",
-                                  f"h2:8748/path@{B_PIN}"])
+                                  f"h2:8748/path@{B_PIN}", f"[::1:8748@{B_PIN}", f"h2:8748?x=1@{B_PIN}",
+                                  f"h2:8748#x@{B_PIN}"])
 def test_a_join_url_naming_another_hub_badly_is_refused_by_name(also: str) -> None:
     with pytest.raises(BadRequest, match="also="):
         BoardAddress.parse(f"https://h1:8747/#sha256={A_PIN}&also={also}")
+
+
+def test_a_board_url_with_a_broken_ipv6_address_is_a_clear_error_not_a_traceback() -> None:
+    """urlsplit raises ValueError on an unclosed ``[``: a client moving to the hub a standby names would
+    crash on it (only BadRequest is expected there), and ``panal agent join`` would print a traceback."""
+    with pytest.raises(BadRequest, match="not a board URL"):
+        BoardAddress.parse(f"https://[::1:8747/#sha256={A_PIN}")
 
 
 def test_plain_http_to_another_hub_off_loopback_is_refused() -> None:

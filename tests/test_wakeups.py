@@ -359,3 +359,27 @@ def test_adaptive_error_rates_flag_exactly_the_agents_above_the_limit() -> None:
         probe = now + rng.uniform(0, 3600)
         for other in agents:   # the fast path answers as the full rate would
             assert rates.high(other, "matmul", probe) == (rates.rate(other, "matmul", probe) > MAX_ERROR_RATE)
+
+
+async def test_an_agent_re_registering_with_junk_reports_cannot_grow_the_hubs_memory(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered agent may re-register at will, and an unknown capability field is kept exactly in its
+    class. Each new report used to leave its whole class key (the report) in the
+    per-job match cache for ever (up to 64 KB each): one agent looping register + empty lease could exhaust
+    the hub's memory."""
+    import hub.wakeups
+    monkeypatch.setattr(hub.wakeups, "_MATCHES_CACHED", 10)
+    identity = Identity.generate()
+    client = fleet.client(identity)
+    await fleet.submit(sleep_job(1, requires={"device": "gpu"}))   # waiting work this CPU agent cannot run
+    junk = 8_000
+    for i in range(25):
+        await client.call("POST", "/v1/agents", {"public_key": identity.public.text(), "name": "a",
+                                                 "capabilities": {"kinds": ["sleep"], "junk": f"{i}" * junk}})
+        reply = await client.call("POST", "/v1/lease", {"slots": 1, "wait_s": 0})
+        assert reply["tasks"] == []
+    cache = fleet.board._dispatcher.waiters._match
+    entries = sum(len(classes) for classes in cache.values())
+    held = sum(len(key) for classes in cache.values() for key in classes)
+    assert entries <= 10 + 1, entries
+    assert held < junk, f"{held} characters of class keys held for one agent"

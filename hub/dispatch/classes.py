@@ -15,6 +15,7 @@ classes); a new high-cardinality field that matching ignores may join :data:`_DR
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -68,7 +69,10 @@ def _normalised(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True, eq=False)
 class CapClass:
-    """A capability class: its key (equal for every member) and a representative report."""
+    """A capability class: its key (equal for every member) and a representative report.
+
+    The key is a digest of the normalised report, not the report: it is held per job in the wake index's
+    cache, and a report (unknown fields kept exactly) may be 64 KB (jobs/protocol.py)."""
 
     key: str
     representative: Capabilities
@@ -85,6 +89,7 @@ def capability_class(caps: Capabilities) -> CapClass:
         key = json.dumps(normal, sort_keys=True, default=str)
     except (TypeError, ValueError):   # a report json cannot order (mixed key types): a class of its own
         key = repr(sorted(normal.items(), key=lambda kv: str(kv[0])))
+    key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
     try:
         representative = Capabilities.from_dict(normal)
     except (TypeError, ValueError, AttributeError):   # a malformed report: what the board parsed stands
