@@ -23,10 +23,6 @@ from conftest import InProcessHub
 from playwright.async_api import Browser, Page, async_playwright, expect
 from system_needs import require_system
 
-# Playwright's expectations wait on a condition, 5 s by default: a page that re-renders after a fetch
-# on a loaded CI machine (several browsers and hubs at once) can take longer than that.
-expect.set_options(timeout=20_000)
-
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from hub import status_page
@@ -34,6 +30,10 @@ from jobs.manifest import Manifest
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
+
+# Playwright's expectations wait on a condition, 5 s by default: a page that re-renders after a fetch
+# on a loaded CI machine (several browsers and hubs at once) can take longer than that.
+expect.set_options(timeout=20_000)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
