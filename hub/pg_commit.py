@@ -20,6 +20,7 @@ place (an active/standby lease with a fencing token) raises there, and nothing o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -42,6 +43,8 @@ Op = Callable[[Conn], Awaitable[Any]]
 DROPPED = (PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 _STOP = object()
+#: how long :meth:`PgConnections.close` waits for queued writes and a clean goodbye before cutting the line
+CLOSE_S = 10.0
 
 
 class PgConnections:
@@ -56,6 +59,7 @@ class PgConnections:
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._inflight: list[tuple[Op, asyncio.Future[Any], bool]] = []
 
     async def connect(self) -> Conn:
         """A new connection; a clear :class:`Unavailable` (naming no password) if there is none to be had."""
@@ -77,18 +81,54 @@ class PgConnections:
             raise
         self._writer = asyncio.create_task(self._write_loop(), name="panal-pg-store")
 
-    async def close(self) -> None:
-        """Finish the writes already queued, then disconnect."""
+    async def close(self, timeout_s: float = CLOSE_S) -> None:
+        """Finish the writes already queued, then disconnect, within ``timeout_s``: a server that stopped
+        answering without a reset (a partition) must not keep a stopping hub from exiting (a fenced hub
+        exits for its supervisor). Past it the connections are cut and the writes still waiting fail with
+        :class:`Unavailable`: none of them was acknowledged, so nothing acknowledged is lost."""
+        cut = False
         if self._writer is not None:
             self._queue.put_nowait(_STOP)
-            await self._writer
+            done, _ = await asyncio.wait({self._writer}, timeout=timeout_s)
+            if not done:
+                cut = True
+                log.warning("store: PostgreSQL at %s did not answer for %.0f s while closing: cutting the "
+                            "connection", describe_url(self.url), timeout_s)
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._writer
+                self._fail_unfinished()
             self._writer = None
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                if cut:
+                    raise TimeoutError
+                await asyncio.wait_for(pool.close(), timeout_s)
+            except (TimeoutError, *DROPPED):
+                pool.terminate()
         if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            if cut:
+                conn.terminate()
+            else:
+                try:
+                    await conn.close(timeout=timeout_s)
+                except (TimeoutError, *DROPPED):
+                    conn.terminate()
+
+    def _fail_unfinished(self) -> None:
+        """The batch in flight and every queued write, once the writer is gone: failed, never acknowledged."""
+        waiting = list(self._inflight)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not _STOP:
+                waiting.append(item)
+        self._inflight = []
+        for _, fut, _ in waiting:
+            if not fut.done():
+                fut.set_exception(Unavailable(f"store: closed before this write was committed "
+                                              f"(PostgreSQL at {describe_url(self.url)} stopped answering)"))
 
     async def write(self, fn: Callable[[Conn], Awaitable[T]], *, one_statement: bool = False) -> T:
         """Queue a write; return its result once it is committed. ``one_statement``: ``fn`` runs exactly
@@ -131,6 +171,7 @@ class PgConnections:
     async def _run_batch(self, batch: list[tuple[Op, asyncio.Future[Any], bool]]) -> None:
         if not batch:
             return
+        self._inflight = batch   # failed by close() if the server never answers
         try:
             if self._conn is None or self._conn.is_closed():   # dropped by the server: a new one
                 self._conn = await self.connect()
@@ -147,6 +188,7 @@ class PgConnections:
             elif not isinstance(exc, Unavailable):
                 log.exception("store commit failed")
             outcomes = [(False, failure)] * len(batch)
+        self._inflight = []
         for (_, fut, _), (ok, value) in zip(batch, outcomes, strict=True):
             if not fut.done():
                 fut.set_result(value) if ok else fut.set_exception(value)

@@ -8,11 +8,14 @@ use the same private server (tests/pgserver.py) and a database of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 from conftest import InProcessHub, panal
 from pgserver import PgServer, PgUnavailable
@@ -200,5 +203,40 @@ async def test_writes_fail_while_the_server_is_down_and_work_again_after_it_rest
     await again.open()
     try:
         assert [s[0] for s in await again.list_submitters()] == ["before", "after"]
+    finally:
+        await again.close()
+
+
+
+def freeze(server: PgServer, sig: signal.Signals) -> None:
+    """Stop (or continue) every process of the cluster: its sockets stay open and nothing answers, as in
+    a network partition with no reset, where the kernel would wait many minutes before giving up."""
+    pid = int((server.data / "postmaster.pid").read_text().split()[0])
+    main = psutil.Process(pid)
+    for proc in [main, *main.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+
+
+async def test_a_store_cut_off_without_a_reset_closes_and_fails_the_unacknowledged_write(own_pg: PgServer) -> None:
+    store = PgStore(own_pg.url())
+    await store.open()
+    await store.add_submitter("before", "ed25519:x", "a")
+    freeze(own_pg, signal.SIGSTOP)                                # the partition
+    try:
+        pending = asyncio.ensure_future(store.add_submitter("during", "ed25519:x", "b"))
+        await asyncio.wait({pending}, timeout=0.5)               # waiting on a server that never answers
+        assert not pending.done()
+        await asyncio.wait_for(store.db.close(timeout_s=1.0), 60)   # before: close waited on TCP (~15 min)
+        with pytest.raises(Unavailable, match="closed before this write was committed"):
+            await pending
+    finally:
+        freeze(own_pg, signal.SIGCONT)
+    again = PgStore(own_pg.url())
+    await again.open()
+    try:
+        # the acknowledged write is there; the other was never acknowledged: whether it landed (the server
+        # may run what was already in its socket once it continues) is what a crash before the reply leaves
+        assert "before" in [s[0] for s in await again.list_submitters()]
     finally:
         await again.close()
