@@ -387,9 +387,9 @@ function renderHistoryTable() {
     : [el("tr", {}, el("td", { colspan: 5, class: "muted" }, "nothing in the last 24 hours"))]));
 }
 
-function drawHistory() {
-  const rows = historyRows();
-  const canvas = $("#history");
+// A cleared canvas at the screen's pixel density, its plot area inside the axis margins, and the theme's
+// colours (both charts are drawn by hand on one of these).
+function chartArea(canvas) {
   const css = getComputedStyle(document.documentElement);
   const color = (name) => css.getPropertyValue(name).trim();
   const dpr = window.devicePixelRatio || 1;
@@ -397,11 +397,19 @@ function drawHistory() {
   canvas.width = Math.round(width * dpr);
   canvas.height = Math.round(height * dpr);
   const ctx = canvas.getContext("2d");
-  if (!ctx) return;
+  if (!ctx) return null;
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.clearRect(0, 0, width, height);
   const pad = { left: 34, right: 8, top: 10, bottom: 20 };
-  const w = width - pad.left - pad.right, h = height - pad.top - pad.bottom;
+  return { ctx, color, width, height, pad, w: width - pad.left - pad.right, h: height - pad.top - pad.bottom };
+}
+
+function drawHistory() {
+  const rows = historyRows();
+  const canvas = $("#history");
+  const area = chartArea(canvas);
+  if (!area) return;
+  const { ctx, color, width, height, pad, w, h } = area;
   const max = Math.max(1, ...rows.map((r) => r.done + r.failed));
   const maxAgents = Math.max(1, ...rows.map((r) => r.agents));
   ctx.font = "11px system-ui, sans-serif";
@@ -440,18 +448,9 @@ function drawHistory() {
 function drawChart() {
   const canvas = $("#throughput");
   const points = (view.status && view.status.throughput) || [];
-  const css = getComputedStyle(document.documentElement);
-  const color = (name) => css.getPropertyValue(name).trim();
-  const dpr = window.devicePixelRatio || 1;
-  const width = canvas.clientWidth || 300, height = canvas.clientHeight || 160;
-  canvas.width = Math.round(width * dpr);
-  canvas.height = Math.round(height * dpr);
-  const ctx = canvas.getContext("2d");
-  if (!ctx) return;
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, width, height);
-  const pad = { left: 34, right: 8, top: 10, bottom: 20 };
-  const w = width - pad.left - pad.right, h = height - pad.top - pad.bottom;
+  const area = chartArea(canvas);
+  if (!area) return;
+  const { ctx, color, width, height, pad, w, h } = area;
   const max = Math.max(1, ...points.map((p) => p.done + p.failed));
   ctx.font = "11px system-ui, sans-serif";
   ctx.fillStyle = color("--muted");
