@@ -14,6 +14,7 @@ import pytest
 from pgserver import PgServer, PgUnavailable
 from system_needs import pytest_terminal_summary, require_system  # noqa: F401  (hook: the closing line on skipped system parts)
 
+from agent.engine.sandbox_pool import SandboxPool
 from hub.config import HubConfig
 from hub.home import HubHome
 from hub.server import BoardServer
@@ -193,3 +194,16 @@ def own_pg() -> Iterator[PgServer]:
         raise
     yield server
     server.destroy()
+
+
+# -- the sandbox's tests (tests/test_sandbox.py, tests/test_sandbox_escape.py) --------------------------------
+#: what the agent home's files hold: submitter code must never see it
+SANDBOX_SECRET = "not-for-submitters-0123456789"
+
+
+@pytest.fixture
+async def pool(agent_home: Path) -> AsyncIterator[SandboxPool]:
+    """The sandboxes of an agent whose home is the test module's ``agent_home`` (kept out of every sandbox)."""
+    sandboxes = SandboxPool(agent_home / "work", exclude=[agent_home])
+    yield sandboxes
+    await sandboxes.close()

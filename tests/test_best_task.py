@@ -87,7 +87,8 @@ async def test_best_task_follows_accepted_results_and_survives_a_restart(tmp_pat
 
     await hub.stop()   # the job is still running (one task queued): its best is in the stored job row
     await hub.start()
-    worker, sub = await agent(hub, "w1-again"), BoardClient(hub.address, user, retry_for_s=1)  # type: ignore[arg-type]
+    assert hub.address is not None
+    worker, sub = await agent(hub, "w1-again"), BoardClient(hub.address, user, retry_for_s=1)
     assert (await best_of(sub, job["id"])) == best
     await answer(worker, await lease(worker), {"val_acc": 0.95})   # the board restarted: the new best still counts
     final = (await sub.call("GET", f"/v1/jobs/{job['id']}"))["job"]
@@ -97,7 +98,8 @@ async def test_best_task_follows_accepted_results_and_survives_a_restart(tmp_pat
     await hub.stop()
 
     await hub.start()   # a finished job's best comes from its row, not from a scan of its results
-    async with BoardClient(hub.address, user, retry_for_s=1) as sub:   # type: ignore[arg-type]
+    assert hub.address is not None
+    async with BoardClient(hub.address, user, retry_for_s=1) as sub:
         assert (await best_of(sub, job["id"])) == final["best"]
     await hub.stop()
 

@@ -13,11 +13,11 @@ import asyncio
 import os
 import socket
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import SANDBOX_SECRET
 from system_needs import require_system
 
 from agent.engine import sandbox, sandboxed
@@ -25,8 +25,6 @@ from agent.engine.runner import Outcome, TaskRequest, Worker
 from agent.engine.sandbox import MAX_PROCESSES, bwrap_argv, probe, python_paths
 from agent.engine.sandbox_pool import SandboxPool
 from agent.engine.sandboxed import ERROR_TAIL_CHARS, SandboxedWorker
-
-SECRET = "not-for-submitters-0123456789"
 
 
 @pytest.fixture(autouse=True)
@@ -40,20 +38,12 @@ def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def agent_home(tmp_path: Path) -> Path:
-    """An agent home like ~/.local/share/panal with a key that must stay unreadable."""
+    """An agent home like ~/.local/share/panal with a key and state that must stay unreadable."""
     home = tmp_path / "home" / ".local" / "share" / "panal"
     (home / "work").mkdir(parents=True)
-    (home / "agent.key").write_text(SECRET)
-    (home / "state.db").write_text(SECRET)
+    (home / "agent.key").write_text(SANDBOX_SECRET)
+    (home / "state.db").write_text(SANDBOX_SECRET)
     return home
-
-
-@pytest.fixture
-async def pool(agent_home: Path) -> AsyncIterator[SandboxPool]:
-    sandboxes = SandboxPool(agent_home / "work", exclude=[agent_home])
-    yield sandboxes
-    await sandboxes.close()
-
 
 async def run_code(pool: SandboxPool, tmp: Path, source: str, *, timeout_s: float = 60,
                    memory_gb: float | None = 1.0, inputs: dict[str, str] | None = None) -> Outcome:
@@ -67,7 +57,7 @@ def assert_violation(outcome: Outcome, *words: str) -> None:
     assert (outcome.ok, outcome.error_class) == (False, "sandbox_violation"), outcome.error
     for word in words:
         assert word in (outcome.error or ""), outcome.error
-    assert SECRET not in (outcome.error or "") and SECRET not in str(outcome.values)
+    assert SANDBOX_SECRET not in (outcome.error or "") and SANDBOX_SECRET not in str(outcome.values)
 
 
 async def test_reading_the_agent_key_or_any_host_file_is_a_sandbox_violation(
@@ -207,7 +197,7 @@ async def test_a_shell_it_spawns_is_inside_the_sandbox_too(pool: SandboxPool, ag
         result['out'], result['err'] = done.stdout, done.stderr
     """)
     assert outcome.ok, outcome.error
-    assert SECRET not in outcome.values["out"]
+    assert SANDBOX_SECRET not in outcome.values["out"]
     assert "No such file" in outcome.values["err"]
 
 

@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from conftest import SANDBOX_SECRET
 from system_needs import require_system
 
 from agent.engine.runner import Outcome, TaskRequest
 from agent.engine.sandbox import probe
 from agent.engine.sandbox_pool import SandboxPool
-
-SECRET = "not-for-submitters-0123456789"
 
 
 @pytest.fixture(autouse=True)
@@ -34,18 +33,11 @@ def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def agent_home(tmp_path: Path) -> Path:
+    """An agent home whose only file holding the secret is its key (a copy anywhere else is a leak)."""
     home = tmp_path / "home" / ".local" / "share" / "panal"
     (home / "work").mkdir(parents=True)
-    (home / "agent.key").write_text(SECRET)
+    (home / "agent.key").write_text(SANDBOX_SECRET)
     return home
-
-
-@pytest.fixture
-async def pool(agent_home: Path) -> AsyncIterator[SandboxPool]:
-    sandboxes = SandboxPool(agent_home / "work", exclude=[agent_home])
-    yield sandboxes
-    await sandboxes.close()
-
 
 async def run_code(pool: SandboxPool, workdir: Path, source: str, *, timeout_s: float = 60,
                    on_checkpoint: list[str] | None = None, disk_gb: float | None = None) -> Outcome:
@@ -77,11 +69,11 @@ async def test_swapping_its_work_dir_for_a_link_to_the_agent_home_leaks_and_move
     assert (outcome.ok, outcome.error_class) == (False, "sandbox_violation"), (outcome.ok, outcome.error)
     assert "work dir" in (outcome.error or "")
     assert outcome.files == {}
-    assert (agent_home / "agent.key").read_text() == SECRET   # still there: nothing of the home was moved
+    assert (agent_home / "agent.key").read_text() == SANDBOX_SECRET   # still there: nothing of the home was moved
     assert not workdir.is_symlink()
     for path in tmp_path.rglob("*"):
         if path.is_file() and not path.is_symlink() and path != agent_home / "agent.key":
-            assert SECRET not in path.read_text(errors="replace"), path
+            assert SANDBOX_SECRET not in path.read_text(errors="replace"), path
 
 
 async def test_a_checkpoint_through_a_swapped_work_dir_is_not_read(pool: SandboxPool, agent_home: Path,
@@ -91,7 +83,7 @@ async def test_a_checkpoint_through_a_swapped_work_dir_is_not_read(pool: Sandbox
     from agent.engine.frames import pack_frame
     ctx.out.write(pack_frame({'checkpoint': str(ctx.workdir / 'agent.key')})); ctx.out.flush()
     """, on_checkpoint=stored)
-    assert all(SECRET not in Path(p).read_text(errors="replace") for p in stored), stored
+    assert all(SANDBOX_SECRET not in Path(p).read_text(errors="replace") for p in stored), stored
     assert stored == []
     assert outcome.error_class in (None, "sandbox_violation"), outcome.error
 
