@@ -10,6 +10,7 @@ bodies are :mod:`hub.http`'s.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from aiohttp import web
 
@@ -173,8 +174,21 @@ class Api:
         if self.board.blobs is not None:
             await self.access.check_inputs(body.get("envelope"), submitter)
         job, created = await self.board.submit(body.get("envelope"), submitter)
-        view = await self.board.job_view(job.id)
+        # ``?wait=S``: one request from submit to the finished job (the shorter path for one task): the job is
+        # committed above, so the wait is a long-poll like GET's; a retry of the same envelope waits again.
+        view = await self._view_after(request, job.id, self.streams.room("long_poll"))
         return reply(request, {"job": view, "created": created}, 201 if created else 200)
+
+    async def _view_after(self, request: web.Request, job_id: str, may_wait: bool = True) -> dict[str, Any]:
+        """The job's view, after waiting up to the query's ``wait`` seconds (capped) for it to finish.
+        The final view comes from memory as the job's last commit made it (Board.wait_job)."""
+        wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s) if may_wait else 0.0
+        if wait_s > 0 and self.board.is_active(job_id):
+            with self.streams.hold("long_poll"):
+                final = await self.board.wait_job(job_id, wait_s)
+            if final is not None:
+                return final
+        return await self.board.job_view(job_id)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         caller = await self.auth.submitter(request, await read_raw(request))
@@ -207,13 +221,7 @@ class Api:
 
     async def get_job(self, request: web.Request) -> web.Response:
         _, job_id = await self.own_job(request)
-        wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s)
-        view = await self.board.job_view(job_id)
-        if wait_s > 0 and view["state"] in ("queued", "running"):
-            with self.streams.hold("long_poll"):
-                final = await self.board.wait_job(job_id, wait_s)
-            view = final if final is not None else await self.board.job_view(job_id)
-        return reply(request, {"job": view})
+        return reply(request, {"job": await self._view_after(request, job_id)})
 
     async def job_tasks(self, request: web.Request) -> web.Response:
         _, job_id = await self.own_job(request)

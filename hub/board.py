@@ -202,14 +202,20 @@ class Board:
     async def submit(self, envelope: Any, signer_id: str) -> tuple[JobRow, bool]:
         """Create a job from a submitter-signed envelope; idempotent on the same envelope."""
         signed = Envelope(envelope, signer_id)
-        existing = self._queues.get_job(signed.job_id) or await self.store.get_job(signed.job_id)
+        existing = self._queues.get_job(signed.job_id)
         if existing is not None:
             return existing, False
-        job, tasks = new_job(signed, self.config, self.blobs, self.clock())
-        await self.store.create_job(job, tasks)
-        raced = self._queues.get_job(job.id)
-        if raced is not None:  # a concurrent identical submission won the race
-            return raced, False
+        try:
+            # Inserted without a read first (one store round trip on the path of every new job): a job id
+            # already stored (a finished job submitted again) fails the insert, which changes nothing; the
+            # stored job is the answer, even if its manifest would no longer pass (limits, inputs since gone).
+            job, tasks = new_job(signed, self.config, self.blobs, self.clock())
+            await self.store.create_job(job, tasks)
+        except Exception:
+            stored = await self.store.get_job(signed.job_id)
+            if stored is None:
+                raise
+            return self._queues.get_job(signed.job_id) or stored, False   # (live, if a twin submit just won)
         self._queues.add_job(job, tasks)
         self.trust.add_job(job, tasks)
         self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))   # (queued: waiters wake)
@@ -279,6 +285,10 @@ class Board:
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
+
+    def is_active(self, job_id: str) -> bool:
+        """Whether the job is still queued or running (a finished one has left memory for the store)."""
+        return job_id in self._queues
 
     async def wait_job(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
         """The job's final view when it finishes within ``timeout_s`` (None: it did not, or was not active).
