@@ -20,7 +20,14 @@ from agent.client.board import BoardClient
 from agent.client.breaker import BreakerState
 from agent.daemon.hooks import CodeConsent, HoldOff, SubmitterCheck
 from agent.daemon.outbox import Outbox
-from agent.daemon.result_batches import DEFAULT_MAX_BODY_BYTES, MIN_MAX_BODY_BYTES, encoded_size, take_batch, too_large
+from agent.daemon.result_batches import (
+    DEFAULT_MAX_BODY_BYTES,
+    MIN_MAX_BODY_BYTES,
+    batch_window_s,
+    encoded_size,
+    take_batch,
+    too_large,
+)
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from jobs.protocol import (
@@ -391,6 +398,7 @@ class BoardLink:
         while True:
             await self.flush.wait()
             self.flush.clear()
-            await asyncio.sleep(0.005)  # a lease request about to go out will carry them
+            # (a lease request about to go out carries them: it runs in the turns this yields)
+            await asyncio.sleep(batch_window_s(len(self.running)))
             if self.pending:
                 await self.deliver(retry=True)
