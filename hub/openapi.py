@@ -181,7 +181,8 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": _op("Submit a submitter-signed manifest (idempotent)",
                     {**_responses("201", _ref("Submitted"), *SIGNED_ERRORS, description="created"),
                      "200": {"description": "already submitted", "content": _content(_ref("Submitted"))}},
-                    body="Submission"),
+                    body="Submission", params=[_query("wait", N, "seconds to wait for the job to finish before "
+                                                      "answering (submit to result in one request)")]),
         "get": {**_op("List jobs", _responses("200", _ref("JobList"), *SIGNED_ERRORS)),
                 "parameters": [_query("state", {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
                                       "only jobs in this state"), _query("limit", I, "at most this many")]},
