@@ -203,6 +203,9 @@ def ray_baseline(python: str, samples: int, tasks: int) -> dict[str, Any]:
     except OSError as exc:
         raise click.ClickException(f"--ray {python}: cannot run it: {exc}") from exc
     lines = proc.stdout.strip().splitlines()
+    if "No module named 'ray'" in proc.stderr:
+        raise click.ClickException(f"--ray {python}: that interpreter has no ray; give it a venv of its own: "
+                                   "python3 -m venv /tmp/ray && /tmp/ray/bin/pip install ray")
     if proc.returncode != 0 or not lines:
         raise click.ClickException(f"--ray {python}: the Ray baseline failed (exit {proc.returncode}):\n"
                                    f"{proc.stderr.strip()[-2000:]}")
