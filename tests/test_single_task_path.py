@@ -15,6 +15,7 @@ from helpers import FakeClock
 from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
+from hub.pg_store import PgStore
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
 from jobs.requirements import Capabilities
@@ -148,3 +149,22 @@ async def test_twin_submits_of_one_envelope_make_one_job(short: Short) -> None:
                                                   short.board.submit(envelope, short.user.id))
     assert a.id == b.id and sorted([a_new, b_new]) == [False, True]
     assert len(await short.board.store.list_jobs()) == 1 and short.board.is_active(a.id)
+
+
+async def test_on_postgresql_a_finished_job_submitted_again_is_answered_from_the_store(pg: str) -> None:
+    """The failed insert of a known job id rolls back alone there too (its batch is retried in savepoints)."""
+    board = Board(PgStore(pg), HubConfig(expiry_interval_s=3600), FakeClock(1_000_000.0))
+    await board.start()
+    try:
+        user, agent = Identity.generate(), Identity.generate()
+        await board.register_agent(agent.public, "a", Capabilities.from_dict({"kinds": ["sleep"]}))
+        envelope = make_envelope(user, manifest(1))
+        job, created = await board.submit(envelope, user.id)
+        [task] = await board.lease(agent.id, 1, 0)
+        await board.accept(agent.id, [SignedRecord.sign(agent, {
+            "task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id, "attempt": task.attempt,
+            "agent_id": agent.id, "status": "ok", "values": {}})])
+        again, created_again = await board.submit(envelope, user.id)
+        assert created and not created_again and again.id == job.id and again.state.value == "succeeded"
+    finally:
+        await board.stop()
