@@ -99,7 +99,7 @@ class Api:
         asked = LeaseRequest.decode(body)
         with self.streams.hold("long_poll"):
             outcomes = await self.board.accept(agent_id, asked.results)
-            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
+            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s, asked.have)
         refused = self.board.view.agents[agent_id].refused
         standing = self.board.trust.agent_view(agent_id)
         pause = self.board.retry_after(agent_id) if not tasks and refused is None else None

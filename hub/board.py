@@ -278,6 +278,7 @@ class Board:
             self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
+            self._leases.envelopes.forget(job_id)
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
 
     async def wait_job(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
@@ -295,8 +296,10 @@ class Board:
         return None
 
     # -- leases -------------------------------------------------------------------------------------
-    async def lease(self, agent_id: str, slots: int, wait_s: float) -> list[Assignment]:
-        """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one."""
+    async def lease(self, agent_id: str, slots: int, wait_s: float,
+                    have: Mapping[str, str] | None = None) -> list[Assignment]:
+        """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one. ``have``: the
+        envelopes the agent holds (``LeaseRequest.have``), left out of the assignments (hub/envelopes.py)."""
         agent = self.agent(agent_id)
         picked = await self._dispatcher.pick(agent, slots, wait_s)
         picked, back = self.trust.screen(agent, picked)   # never two instances of one unit to one agent
@@ -322,7 +325,10 @@ class Board:
             if job.state == JobState.QUEUED:
                 job.state = JobState.RUNNING
         self._stats["leases"] += len(picked)
-        return [self._leases.assignment(task) for task in picked]
+        assignments, envelopes = self._leases.assignments(picked, have)
+        self._stats["envelopes_sent"] += envelopes.sent
+        self._stats["envelopes_omitted"] += envelopes.omitted
+        return assignments
 
     async def _save_started(self, jobs: list[JobRow]) -> None:
         """Store as running the jobs still queued now (a job cancelled meanwhile keeps its state)."""

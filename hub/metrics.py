@@ -36,6 +36,9 @@ STAT_COUNTERS = {
     "leases": ("panal_leases", "Tasks handed out to agents in leases."),
     "expired": ("panal_lease_expired", "Leases that expired (agent stopped heartbeating); the task was requeued."),
     "retries": ("panal_task_retries", "Failed or expired attempts requeued for another try."),
+    "envelopes_sent": ("panal_lease_envelopes", "Assignments sent with their job's signed manifest envelope."),
+    "envelopes_omitted": ("panal_lease_envelopes_omitted", "Assignments sent without their job's envelope: the "
+                          "agent held it already (LeaseRequest.have) or the reply carried it once before."),
 }
 RESULT_STATS = {"results_accepted": "accepted", "results_failed": "failed", "results_duplicate": "duplicate",
                 "results_rejected": "rejected"}
