@@ -40,7 +40,7 @@ from agent.client.submitting import make_envelope, submit, wait_job
 from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
 from jobs.manifest import Manifest
-from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
+from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration, envelope_digest
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.tls import BoardAddress
@@ -67,7 +67,7 @@ class FleetSize:
 class FleetAgent(SimAgent):
     """A :class:`SimAgent` on one connection, long-polling as a real agent does, recording what it leased."""
 
-    def __init__(self, address: BoardAddress, slots: int, gpu: bool) -> None:
+    def __init__(self, address: BoardAddress, slots: int, gpu: bool, have: bool = True) -> None:
         super().__init__(address, slots)
         self.client = BoardClient(address, self.identity, retry_for_s=120.0, connections=1)
         self.gpu = gpu
@@ -78,6 +78,9 @@ class FleetAgent(SimAgent):
         self.leased: list[str] = []                     # task ids, in order
         self.jobs: Counter[str] = Counter()             # tasks leased per job
         self.outcomes: Counter[str] = Counter()
+        #: the envelopes it holds, said in each lease request as a real agent does (agent/daemon/envelopes.py),
+        #: so each job's envelope comes once; None: every assignment brings its own (an agent before ``have``)
+        self.have: dict[str, str] | None = {} if have else None
 
     async def register(self) -> None:
         caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots}
@@ -92,8 +95,10 @@ class FleetAgent(SimAgent):
         results: tuple[Any, ...] = ()
         while not stop_at.is_set():
             t0 = time.perf_counter()
-            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results),
+            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results, self.have),
                                            LeaseReply.decode, timeout_s=self.poll_wait_s + 60.0)
+            if self.have is not None:
+                self.have.update((t.job_id, envelope_digest(t.envelope)) for t in reply.tasks if t.envelope)
             self.outcomes.update(o.status.value for o in reply.results)
             if reply.tasks:
                 if results:
