@@ -30,6 +30,7 @@ from hub.config import HubConfig
 from hub.dispatch import make_policy
 from hub.dispatch.memory_hint import MemoryHint
 from hub.dispatcher import Dispatcher
+from hub.envelopes import JobEnvelope
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
 from hub.leases import LeaseTable
@@ -328,7 +329,14 @@ class Board:
         assignments, envelopes = self._leases.assignments(picked, have)
         self._stats["envelopes_sent"] += envelopes.sent
         self._stats["envelopes_omitted"] += envelopes.omitted
+        self._stats["envelopes_to_fetch"] += envelopes.to_fetch
         return assignments
+
+    def leased_envelope(self, agent_id: str, job_id: str) -> JobEnvelope:
+        """A job's envelope for an agent holding a lease of one of its tasks (``GET /v1/jobs/{id}/envelope``)."""
+        entry = self._leases.leased_envelope(agent_id, job_id)
+        self._stats["envelopes_fetched"] += 1
+        return entry
 
     async def _save_started(self, jobs: list[JobRow]) -> None:
         """Store as running the jobs still queued now (a job cancelled meanwhile keeps its state)."""

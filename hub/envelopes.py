@@ -6,38 +6,64 @@ held the hub at 9.6 GB. So an envelope goes to an agent once: an agent lists wha
 (``LeaseRequest.have``: job id -> digest), and a reply carries a job's envelope only if the agent does not
 hold that very envelope, and then only in the first of that job's assignments in the reply.
 
+A big envelope (over ``inline_envelope_bytes``) is not put in a lease reply at all: the agent fetches it
+(``GET /v1/jobs/{id}/envelope``, hub/envelope_routes.py), streamed from one shared copy with back-pressure,
+a bounded number at once. Inline, 10k agents woken by a new 100k-task job would each hold a 900 KB reply
+(twice: encoded, then encrypted) until the agent read it; streamed, the hub holds one copy and a chunk per
+stream.
+
 Stateless per agent: what the agent holds comes with every request, so an agent restart (it holds nothing),
 a hub restart or a failover needs nothing remembered here. An agent that sends no ``have`` (an older one)
-gets every envelope, as before. What is kept is one decoded :class:`SignedRecord` and its digest per active
-job, built at its first lease rather than per assignment.
+gets every envelope inline, as before. What is kept is one decoded :class:`SignedRecord`, its digest and
+(once fetched) its encoded bytes per active job, built at its first lease rather than per assignment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from hub.records import JobRow
 from jobs.protocol import envelope_digest
+from jobs.wire import MSGPACK, encode_body
 from security.records import SignedRecord
 
-__all__ = ["JobEnvelopes"]
+__all__ = ["JobEnvelope", "JobEnvelopes", "ReplyEnvelopes"]
+
+
+@dataclass
+class JobEnvelope:
+    """One active job's envelope: decoded once, its digest, and (for the fetch route) its msgpack bytes."""
+
+    job: JobRow                   # the row it was built from: a job loaded anew gets a new entry
+    record: SignedRecord
+    digest: str
+    big: bool                     # over ``inline_envelope_bytes``: fetched, not put in lease replies
+    _encoded: bytes | None = field(default=None, repr=False)
+
+    @property
+    def encoded(self) -> bytes:
+        """The envelope as the fetch route sends it (msgpack), one copy for every agent that fetches it."""
+        if self._encoded is None:
+            self._encoded = encode_body(self.record.to_wire(), MSGPACK)
+        return self._encoded
 
 
 class JobEnvelopes:
-    """Active jobs' envelopes as records, with their digests; and which assignments need one."""
+    """Active jobs' envelopes by job id."""
 
-    def __init__(self) -> None:
-        # job id -> (the row it was built from, the record, its digest). The row is kept to notice a job
-        # loaded anew (a restart of the board in this process): its entry is rebuilt, never trusted stale.
-        self._jobs: dict[str, tuple[JobRow, SignedRecord, str]] = {}
+    def __init__(self, inline_bytes: int) -> None:
+        self.inline_bytes = inline_bytes
+        self._jobs: dict[str, JobEnvelope] = {}
 
-    def record(self, job: JobRow) -> tuple[SignedRecord, str]:
-        """The job's envelope as a record and its digest, decoded once per job."""
+    def of(self, job: JobRow) -> JobEnvelope:
+        """The job's envelope entry, built at its first use."""
         entry = self._jobs.get(job.id)
-        if entry is None or entry[0] is not job:
+        if entry is None or entry.job is not job:
             record = SignedRecord.from_wire(job.envelope)
-            entry = self._jobs[job.id] = (job, record, envelope_digest(record))
-        return entry[1], entry[2]
+            size = len(record.payload) + len(record.sig)
+            entry = self._jobs[job.id] = JobEnvelope(job, record, envelope_digest(record), size > self.inline_bytes)
+        return entry
 
     def forget(self, job_id: str) -> None:
         """The job finished: its envelope is not leased again."""
@@ -48,19 +74,25 @@ class JobEnvelopes:
 
 
 class ReplyEnvelopes:
-    """The envelopes of one lease reply: each job's at most once, and none the agent holds."""
+    """The envelopes of one lease reply: each job's at most once, none the agent holds, none too big to inline."""
 
     def __init__(self, envelopes: JobEnvelopes, have: Mapping[str, str] | None) -> None:
         self._envelopes, self._have = envelopes, have
-        self._sent: set[str] = set()
-        self.sent = self.omitted = 0
+        self._done: set[str] = set()
+        self.sent = self.omitted = self.to_fetch = 0
 
     def take(self, job: JobRow) -> SignedRecord | None:
         """The envelope to put in the next assignment of ``job``, or None to leave it out."""
-        record, digest = self._envelopes.record(job)
-        if self._have is not None and (job.id in self._sent or self._have.get(job.id) == digest):
+        entry = self._envelopes.of(job)
+        if self._have is None:   # an agent that predates ``have`` reads no assignment without an envelope
+            self.sent += 1
+            return entry.record
+        if job.id in self._done or self._have.get(job.id) == entry.digest:
             self.omitted += 1
             return None
-        self._sent.add(job.id)   # an agent without ``have`` reads no assignment without one: it gets each
+        self._done.add(job.id)
+        if entry.big:            # the agent fetches it: GET /v1/jobs/{id}/envelope
+            self.to_fetch += 1
+            return None
         self.sent += 1
-        return record
+        return entry.record

@@ -211,6 +211,11 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/jobs/{job_id}/results": {"get": _op("A job's signed manifest and accepted signed results",
                                              _responses("200", _ref("JobResults"), *SIGNED_ERRORS, 404),
                                              params=[JOB_ID])},
+    "/v1/jobs/{job_id}/envelope": {"get": _op(
+        "A job's signed manifest, for an agent holding a lease of one of its tasks (403 `not_leased` otherwise): "
+        "the lease reply leaves out an envelope over the board's inline_envelope_bytes; fetched once per agent, "
+        "one at a time per agent (429 `envelope_busy`)",
+        _responses("200", _ref("SignedRecord"), *SIGNED_ERRORS, 404, 429), params=[JOB_ID])},
     "/v1/jobs/{job_id}/public": {"get": _op(
         "Public task table of a job and why it waits (no parameters, no error text)",
         _responses("200", _ref("PublicJobDetail"), 404), signed=False, params=[JOB_ID])},

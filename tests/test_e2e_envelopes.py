@@ -2,9 +2,10 @@
 process (so a test can make it lie), `panal agent run` as a process.
 
 An honest board leaves a job's envelope out of every lease reply after the first that carried it to the
-agent (the agent says what it holds: ``LeaseRequest.have``); a restarted agent holds nothing and gets it again.
-A board that leaves out an envelope the agent never had from it, or names another board's job id to borrow
-that board's manifest, gets its task handed back, never run.
+agent (the agent says what it holds: ``LeaseRequest.have``); a restarted agent holds nothing and gets it again;
+a big envelope is fetched, once. A board that leaves out an envelope the agent never had from it and does not
+send it when asked, or names another board's job id to borrow that board's manifest, gets its task handed back,
+never run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hub.records import TaskState
 from hub.server import BoardServer
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
+from security.errors import NotFound
 from security.identity import Identity
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(scaled(300))]
@@ -37,8 +39,8 @@ def sleeps(name: str, seconds: Sequence[float]) -> Manifest:
                                "spec": {"task": "sleep", "sweep": {"seconds": list(seconds)}}})
 
 
-async def start_board(tmp: Path) -> tuple[InProcessHub, BoardServer, Identity]:
-    hub = InProcessHub(tmp)
+async def start_board(tmp: Path, **settings: Any) -> tuple[InProcessHub, BoardServer, Identity]:
+    hub = InProcessHub(tmp, **settings)
     server = await hub.start()
     user = Identity.generate()
     await server.add_submitter(user.public, "user")
@@ -132,12 +134,33 @@ async def test_a_jobs_envelope_goes_to_an_agent_once_across_many_leases_and_agai
         await hub.stop()
 
 
-async def test_a_board_that_leaves_out_an_envelope_the_agent_never_had_gets_the_task_handed_back_unrun(
+async def test_a_big_envelope_is_fetched_by_the_agent_once_and_its_tasks_run(tmp_path: Path, procs: Procs) -> None:
+    hub, server, user = await start_board(tmp_path, inline_envelope_bytes=1024)
+    board = server.board
+    try:
+        home = tmp_path / "agent"
+        await join(hub, home)
+        run_agent(procs, home, "--slots", "2")
+        await polling(board, home, procs)
+        job = await submit_to(hub, user, sleeps("big", [0.0] * 200))   # ~1.8 KB of envelope: fetched
+        assert await finished(board, job, procs) == "succeeded"
+        stats = board.view.stats
+        assert (stats["envelopes_sent"], stats["envelopes_to_fetch"], stats["envelopes_fetched"]) == (0, 1, 1)
+        assert stats["envelopes_omitted"] == stats["leases"] - 1
+    finally:
+        await hub.stop()
+
+
+async def test_a_board_that_leaves_out_an_envelope_and_will_not_send_it_gets_the_task_handed_back_unrun(
         tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
     hub, server, user = await start_board(tmp_path)
     board = server.board
     try:
         lie(board, monkeypatch, lambda a: dataclasses.replace(a, envelope=None))
+
+        def refuse(agent_id: str, job_id: str) -> Any:
+            raise NotFound(f"no active job {job_id}", code="no_such_job")
+        monkeypatch.setattr(board, "leased_envelope", refuse)
         home = tmp_path / "agent"
         await join(hub, home)
         run_agent(procs, home, "--slots", "1")

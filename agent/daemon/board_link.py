@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 from agent.client.board import BoardClient
 from agent.client.breaker import BreakerState
-from agent.daemon.envelopes import EnvelopeBook
+from agent.daemon.envelopes import EnvelopeBook, HeldEnvelopes
 from agent.daemon.hooks import CodeConsent, HoldOff, SubmitterCheck
 from agent.daemon.outbox import Outbox
 from agent.daemon.result_batches import DEFAULT_MAX_BODY_BYTES, MIN_MAX_BODY_BYTES, encoded_size, take_batch, too_large
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 UNTRUSTED_COOLDOWN_S = 30.0
 #: after handing back tasks a board sent without an envelope we never had from it, leave that board alone this long
 MISSING_ENVELOPE_COOLDOWN_S = 30.0
+#: how long fetching one job's envelope may take (a big one, behind other agents' at a busy board)
+ENVELOPE_FETCH_S = 120.0
+#: a job id this agent puts in a URL: a board's ids are "j" + 20 hex digits
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: the longest pause a board's ``retry_after_s`` can ask for (a board that had nothing for us, hub/pacing.py)
 MAX_BOARD_PAUSE_S = 600.0
 
@@ -195,14 +200,29 @@ class BoardLink:
         self.cooldown_until = time.monotonic() + UNTRUSTED_COOLDOWN_S
         await self.release(assignment)
 
-    async def hand_back_missing(self, missing: Sequence[Assignment]) -> None:
-        """Hand back tasks the board sent without an envelope that we never had from it (a lying or broken
-        board: an honest one leaves out only what our request said we hold), so they never run here and
-        another agent takes them; and leave the board alone for a while."""
+    async def fetch_envelopes(self, held: HeldEnvelopes, missing: Sequence[Assignment]) -> dict[str, str]:
+        """Ask this board for the envelopes its reply left out that we do not hold (one too big to inline, or
+        a board that forgot): from the board the tasks came from, never another. Why each job's failed."""
+        failed: dict[str, str] = {}
+        for job_id in dict.fromkeys(a.job_id for a in missing):
+            if not _JOB_ID.fullmatch(job_id):
+                failed[job_id] = "the board names it with a malformed job id"
+                continue
+            try:
+                value = await self.client.call("GET", f"/v1/jobs/{job_id}/envelope", retry=False,
+                                               timeout_s=ENVELOPE_FETCH_S)
+                held.add(job_id, SignedRecord.from_wire(value))
+            except PanalError as exc:
+                failed[job_id] = f"the board did not send it when asked: {exc.message}"
+        return failed
+
+    async def hand_back_missing(self, missing: Sequence[Assignment], why: dict[str, str]) -> None:
+        """Hand back tasks that came without an envelope we hold or could fetch from their board (a lying or
+        broken board), so they never run here and another agent takes them; and leave the board alone a while."""
         for assignment in missing:
             log.warning("handing back task %s from %s: it came without its job's signed manifest (job %s), and "
-                        "this agent holds none from that board", assignment.task_id, self.address.url,
-                        assignment.job_id)
+                        "this agent holds none from that board: %s", assignment.task_id, self.address.url,
+                        assignment.job_id, why.get(assignment.job_id, "not sent"))
         self.cooldown_until = time.monotonic() + MISSING_ENVELOPE_COOLDOWN_S
         await asyncio.gather(*(self.release(a) for a in missing))
 
@@ -371,9 +391,14 @@ class BoardLink:
                 if self.refused:
                     log.warning("%s gives this agent no work: %s", self.address.url, self.refused)
             tasks, missing = held.resolve(reply.tasks)
+            why: dict[str, str] = {}
+            if missing:   # a big envelope is fetched, once per job; what cannot be is handed back
+                why = await self.fetch_envelopes(held, missing)
+                fetched, missing = held.resolve(missing)
+                tasks += fetched
             if missing:
                 await owner.slots.release(len(missing))
-                await self.hand_back_missing(missing)
+                await self.hand_back_missing(missing, why)
                 n -= len(missing)
             if self.refused and not tasks:
                 await owner.slots.release(n)

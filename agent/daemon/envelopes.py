@@ -2,7 +2,8 @@
 agent holds (``LeaseRequest.have``), and where an assignment that came without its envelope finds it.
 
 A job's envelope (its submitter's whole signed manifest, 900 KB for a 100k-task sweep) crosses the wire once
-per agent: the board leaves it out of assignments whose job the agent says it holds (hub/envelopes.py).
+per agent: the board leaves it out of assignments whose job the agent says it holds (hub/envelopes.py), and
+leaves a big one out altogether: the link then fetches it from the same board (``GET /v1/jobs/{id}/envelope``).
 
 One book per board link, on purpose. Boards choose their job ids; the verified manifests
 (:class:`~agent.daemon.assignments.ManifestCache`) are keyed by the envelope itself so that one board naming
@@ -38,6 +39,10 @@ class HeldEnvelopes:
     def have(self) -> dict[str, str]:
         """The request's ``have``: job id -> envelope digest."""
         return {job_id: digest for job_id, (digest, _) in self._entries.items()}
+
+    def add(self, job_id: str, record: SignedRecord) -> None:
+        """An envelope this board sent when asked (``GET /v1/jobs/{id}/envelope``): held from now on."""
+        self._entries[job_id] = self._book.learn(job_id, record)
 
     def resolve(self, tasks: Sequence[Assignment]) -> tuple[list[Assignment], list[Assignment]]:
         """The reply's assignments, in order, each with its envelope (one that came with it, else the one this
