@@ -1,8 +1,9 @@
-"""Bytes per lease reply and hub RSS with a big job's envelope sent once per agent (``LeaseRequest.have``)
-against every assignment carrying it (agents that send no ``have``, as every agent did before).
+"""Bytes per lease reply and hub RSS with a big job's envelope sent once per agent (``LeaseRequest.have``):
+fetched (the default for a big one), or inline once; against every assignment carrying it (agents that send
+no ``have``, as every agent did before).
 
 ``PYTHONPATH=. .venv/bin/python benchmarks/bench_envelopes.py [--agents 200] [--tasks 100000] [--slots 4]
-[--seconds 30] [--modes have,none]`` runs, per mode, a real ``panal hub serve`` process (TLS, signed requests,
+[--seconds 30] [--modes fetch,inline,none]`` runs, per mode, a real ``panal hub serve`` process (TLS, signed requests,
 SQLite) and N light simulated agents (``agent/tools/bench_fleet.py`` ``FleetAgent``, spread over two load
 processes), submits one ``sleep 0`` job of ``tasks`` tasks (its envelope ~9 bytes per task) and lets the fleet
 drain it for ``seconds``. It reports the hub's RSS (idle with the fleet connected, peak while leasing, sampled
@@ -38,7 +39,7 @@ from agent.client.submitting import make_envelope, submit  # noqa: E402
 from agent.tools.bench_fleet import FleetAgent  # noqa: E402
 from agent.tools.demo import start_hub, stop  # noqa: E402
 from jobs.manifest import Manifest  # noqa: E402
-from jobs.protocol import LeaseReply, LeaseRequest, envelope_digest  # noqa: E402
+from jobs.protocol import LeaseReply, LeaseRequest  # noqa: E402
 from jobs.wire import MSGPACK, encode_body  # noqa: E402
 from security.identity import Identity  # noqa: E402
 from security.tls import BoardAddress  # noqa: E402
@@ -53,6 +54,7 @@ class CountingAgent(FleetAgent):
         super().__init__(address, slots, gpu=False, have=have)
         self.reply_bytes: list[int] = []
         self.envelopes = 0
+        self.fetched_bytes = 0
         self.done_tasks = 0
 
     async def run(self, stop_at: asyncio.Event) -> None:
@@ -63,8 +65,9 @@ class CountingAgent(FleetAgent):
             if reply.tasks:   # a decoded record encodes to the bytes it came as (jobs/protocol.py)
                 self.reply_bytes.append(len(encode_body(reply.encode(), MSGPACK)))
             self.envelopes += sum(1 for t in reply.tasks if t.envelope is not None)
-            if self.have is not None:
-                self.have.update((t.job_id, envelope_digest(t.envelope)) for t in reply.tasks if t.envelope)
+            fetched = await self.hold_envelopes(reply)
+            self.envelopes += fetched > 0
+            self.fetched_bytes += fetched
             if not reply.tasks and reply.retry_after_s:
                 await asyncio.sleep(reply.retry_after_s)
             self.done_tasks += len(results)
@@ -96,7 +99,8 @@ async def _load(url: str, count: int, slots: int, have: bool, conn: Connection) 
     for agent in agents:
         await agent.client.close()
     conn.send({"reply_bytes": [b for a in agents for b in a.reply_bytes],
-               "envelopes": [a.envelopes for a in agents], "done": sum(a.done_tasks for a in agents),
+               "envelopes": [a.envelopes for a in agents], "fetched": sum(a.fetched_bytes for a in agents),
+               "done": sum(a.done_tasks for a in agents),
                "errors": errors[:5]})
 
 
@@ -141,14 +145,21 @@ async def _drive(url: str, user: Identity, hub: psutil.Process, args: argparse.N
     return out
 
 
-def run_mode(args: argparse.Namespace, have: bool) -> dict[str, Any]:
+MODES = {"fetch": "have; a big envelope fetched (GET /v1/jobs/{id}/envelope), the default",
+         "inline": "have; every envelope inline, once per agent (inline_envelope_bytes 16 MiB)",
+         "none": "no have: every assignment carries its envelope (agents before have)"}
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    have = mode != "none"
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="panal-envelopes-") as tmp:
         user_home = Path(tmp) / "user"
         headroom = 2 * args.agents + 256
         proc, url = start_hub(Path(tmp) / "hub", user_home, settings={
             "max_tasks_per_job": max(args.tasks, 10_000), "max_connections": max(4096, headroom),
-            "max_long_polls": max(2048, headroom)})
+            "max_long_polls": max(2048, headroom),
+            **({"inline_envelope_bytes": 16 * 2**20} if mode == "inline" else {})})
         loads: list[tuple[Any, Connection]] = []
         try:
             per = [args.agents // 2 + (i < args.agents % 2) for i in range(2)]
@@ -178,7 +189,7 @@ def run_mode(args: argparse.Namespace, have: bool) -> dict[str, Any]:
                 proc.stdout.close()
     sizes = [b for r in reports for b in r["reply_bytes"]]
     envelopes = [n for r in reports for n in r["envelopes"]]
-    return out | {"mode": "have" if have else "none (every assignment carries its envelope)",
+    return out | {"mode": mode, "what": MODES[mode], "envelope_bytes_fetched": sum(r["fetched"] for r in reports),
                   "replies_with_tasks": len(sizes), "tasks_done": sum(r["done"] for r in reports),
                   "reply_bytes_median": int(statistics.median(sizes)) if sizes else None,
                   "reply_bytes_p99": _pct(sizes, 0.99),
@@ -194,10 +205,10 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rss-cap-mb", type=float, default=6000.0)
-    parser.add_argument("--modes", default="have,none", help="have, none, or both in that order")
+    parser.add_argument("--modes", default="fetch,inline,none", help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
     _raise_fd_limit()
-    runs = [run_mode(args, mode == "have") for mode in args.modes.split(",")]
+    runs = [run_mode(args, mode) for mode in args.modes.split(",")]
     print(json.dumps({"agents": args.agents, "tasks": args.tasks, "slots": args.slots, "runs": runs}, indent=2))
 
 

@@ -43,6 +43,7 @@ from jobs.manifest import Manifest
 from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration, envelope_digest
 from jobs.requirements import Capabilities
 from security.identity import Identity
+from security.records import SignedRecord
 from security.tls import BoardAddress
 
 __all__ = ["FleetSize", "run_fleet_bench"]
@@ -91,14 +92,29 @@ class FleetAgent(SimAgent):
                                             Registered.decode)
         self.poll_wait_s = min(POLL_WAIT_S, float(registered.max_poll_wait_s))
 
+    async def hold_envelopes(self, reply: LeaseReply) -> int:
+        """Keep the envelopes a reply brought and fetch each one it left out that we do not hold, once, as a
+        real agent does (agent/daemon/board_link.py); the bytes fetched."""
+        fetched = 0
+        if self.have is None:
+            return fetched
+        for task in reply.tasks:
+            if task.envelope is not None:
+                self.have[task.job_id] = envelope_digest(task.envelope)
+            elif task.job_id not in self.have:
+                raw = await self.client.call("GET", f"/v1/jobs/{task.job_id}/envelope", timeout_s=300.0)
+                record = SignedRecord.from_wire(raw)
+                fetched += len(record.payload)
+                self.have[task.job_id] = envelope_digest(record)
+        return fetched
+
     async def run(self, stop_at: asyncio.Event) -> None:
         results: tuple[Any, ...] = ()
         while not stop_at.is_set():
             t0 = time.perf_counter()
             reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results, self.have),
                                            LeaseReply.decode, timeout_s=self.poll_wait_s + 60.0)
-            if self.have is not None:
-                self.have.update((t.job_id, envelope_digest(t.envelope)) for t in reply.tasks if t.envelope)
+            await self.hold_envelopes(reply)
             self.outcomes.update(o.status.value for o in reply.results)
             if reply.tasks:
                 if results:
