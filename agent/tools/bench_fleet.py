@@ -4,7 +4,8 @@ A real ``panal hub serve`` process (TLS, signed requests, SQLite) and N light si
 over a few load processes, each agent with its own key, its own pinned TLS connection and the long-poll
 of a real agent (``poll_wait_s`` 20 s, capped by the board; a ``retry_after_s`` pause honoured, as
 ``agent/daemon/board_link.py`` does). Agents answer ``sleep 0`` tasks at once with real signed results
-riding on their next lease request. Phases, one after the other:
+riding on their next lease request; like a real agent they say which job envelopes they hold
+(``LeaseRequest.have``) and fetch a big one once (``GET /v1/jobs/{id}/envelope``). Phases, one after the other:
 
 1. idle: every agent connected, no work, for ``idle_s``: the hub's CPU share of one core and its RSS per agent;
 2. drain: one job of ``tasks`` ``sleep 0`` tasks: time to drain, lease round trip p50/p99 (of busy agents:
