@@ -105,3 +105,18 @@ async def test_a_big_envelope_is_left_out_and_only_a_lessee_of_its_job_may_fetch
         assert (stats["envelopes_to_fetch"], stats["envelopes_fetched"]) == (1, 2)
     finally:
         await hub.stop()
+
+
+async def test_the_board_decodes_a_jobs_envelope_once_not_per_assignment(hub: InProcessHub) -> None:
+    async with await submitter(hub) as user:
+        _, envelope = await a_job(user, 8)
+    client, agent = await registered(hub)
+    try:
+        assert hub.server is not None
+        board = hub.server.board
+        first = await board.lease(agent.id, 4, 0)          # an agent without ``have``: every one carries it
+        again = await board.lease(agent.id, 4, 0)
+        records = {id(t.envelope) for t in first + again}
+        assert len(records) == 1 and first[0].envelope == envelope
+    finally:
+        await client.close()
