@@ -21,6 +21,7 @@ from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
 from hub.connections import StreamCaps
+from hub.envelope_routes import add_envelope_routes
 from hub.http import BODY_TIMEOUT_KEY, decode_map, error_middleware, int_query, read_raw, reply
 from hub.intake import hub_limits
 from hub.metrics import add_metrics
@@ -100,7 +101,7 @@ class Api:
         asked = LeaseRequest.decode(body)
         with self.streams.hold("long_poll"):
             outcomes = await self.board.accept(agent_id, asked.results)
-            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
+            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s, asked.have)
         refused = self.board.view.agents[agent_id].refused
         standing = self.board.trust.agent_view(agent_id)
         pause = self.board.retry_after(agent_id) if not tasks and refused is None else None
@@ -282,6 +283,7 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}/results", api.job_results)
     app.router.add_delete("/v1/jobs/{job_id}", api.cancel)
     app.router.add_get("/v1/limits", api.limits)   # public: what a job may ask of this hub
+    add_envelope_routes(app, board, auth, config)   # GET /v1/jobs/{id}/envelope: a big manifest, to its lessees
     add_status_routes(app, board, config)   # GET /, /static, /v1/status, /v1/events, /v1/jobs/{id}/public
     add_metrics(app, board)                  # GET /metrics and the request-timing middleware
     add_openapi(app)                         # GET /v1/openapi.json

@@ -30,6 +30,7 @@ from hub.config import HubConfig
 from hub.dispatch import make_policy
 from hub.dispatch.memory_hint import MemoryHint
 from hub.dispatcher import Dispatcher
+from hub.envelopes import JobEnvelope
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
 from hub.leases import LeaseTable
@@ -284,6 +285,7 @@ class Board:
             self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
+            self._leases.envelopes.forget(job_id)
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
 
     def is_active(self, job_id: str) -> bool:
@@ -305,8 +307,10 @@ class Board:
         return None
 
     # -- leases -------------------------------------------------------------------------------------
-    async def lease(self, agent_id: str, slots: int, wait_s: float) -> list[Assignment]:
-        """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one."""
+    async def lease(self, agent_id: str, slots: int, wait_s: float,
+                    have: Mapping[str, str] | None = None) -> list[Assignment]:
+        """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one. ``have``: the
+        envelopes the agent holds (``LeaseRequest.have``), left out of the assignments (hub/envelopes.py)."""
         agent = self.agent(agent_id)
         picked = await self._dispatcher.pick(agent, slots, wait_s)
         picked, back = self.trust.screen(agent, picked)   # never two instances of one unit to one agent
@@ -332,7 +336,17 @@ class Board:
             if job.state == JobState.QUEUED:
                 job.state = JobState.RUNNING
         self._stats["leases"] += len(picked)
-        return [self._leases.assignment(task) for task in picked]
+        assignments, envelopes = self._leases.assignments(picked, have)
+        self._stats["envelopes_sent"] += envelopes.sent
+        self._stats["envelopes_omitted"] += envelopes.omitted
+        self._stats["envelopes_to_fetch"] += envelopes.to_fetch
+        return assignments
+
+    def leased_envelope(self, agent_id: str, job_id: str) -> JobEnvelope:
+        """A job's envelope for an agent holding a lease of one of its tasks (``GET /v1/jobs/{id}/envelope``)."""
+        entry = self._leases.leased_envelope(agent_id, job_id)
+        self._stats["envelopes_fetched"] += 1
+        return entry
 
     async def _save_started(self, jobs: list[JobRow]) -> None:
         """Store as running the jobs still queued now (a job cancelled meanwhile keeps its state)."""
