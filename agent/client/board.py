@@ -154,15 +154,18 @@ class BoardClient:
         log.info("board %s: trying hub %s", self.address.url, self.base_url)
 
     async def call(self, method: str, path: str, body: Any = None, *, query: str = "",
-                   timeout_s: float = 30.0, retry: bool = True, headers: dict[str, str] | None = None) -> Any:
-        """One logical call: retried while transient, refused at once while the breaker is open."""
+                   timeout_s: float = 30.0, retry: bool = True, headers: dict[str, str] | None = None,
+                   max_reply_bytes: int | None = None) -> Any:
+        """One logical call: retried while transient, refused at once while the breaker is open.
+        ``max_reply_bytes``: read no more of the reply than this (a reply whose size only the board bounds,
+        e.g. a job's envelope: a lying board's endless body must not fill this agent's memory)."""
         if not self.breaker.allow():
             raise Unavailable(f"{self.address.url} is failing; circuit breaker open for another "
                               f"{self.breaker.retry_in():.0f} s", code="breaker_open")
         try:
             started = time.monotonic()
             try:   # the first attempt without tenacity's machinery (set up per call: most calls need one try)
-                result = await self._attempt_here(method, path, body, query, timeout_s, headers)
+                result = await self._attempt_here(method, path, body, query, timeout_s, headers, max_reply_bytes)
             except RetryLater as first:
                 if not retry or time.monotonic() - started >= self.retry_for_s:
                     raise
@@ -173,7 +176,8 @@ class BoardClient:
                                                    wait=_wait_after_first, stop=stop_after_delay(left),
                                                    reraise=True):
                     with attempt:
-                        result = await self._attempt_here(method, path, body, query, timeout_s, headers)
+                        result = await self._attempt_here(method, path, body, query, timeout_s, headers,
+                                                          max_reply_bytes)
         except RetryLater:
             self._heard(answered=False)
             raise
@@ -203,15 +207,15 @@ class BoardClient:
             self.on_health(answered)
 
     async def _attempt_here(self, method: str, path: str, body: Any, query: str, timeout_s: float,
-                            extra_headers: dict[str, str] | None) -> Any:
+                            extra_headers: dict[str, str] | None, max_reply_bytes: int | None = None) -> Any:
         try:
-            return await self._attempt(method, path, body, query, timeout_s, extra_headers)
+            return await self._attempt(method, path, body, query, timeout_s, extra_headers, max_reply_bytes)
         except RetryLater as exc:
             self._move_on(exc)
             raise
 
     async def _attempt(self, method: str, path: str, body: Any, query: str, timeout_s: float,
-                       extra_headers: dict[str, str] | None = None) -> Any:
+                       extra_headers: dict[str, str] | None = None, max_reply_bytes: int | None = None) -> Any:
         here = self.base_url
         data = encode_body(body) if body is not None else b""
         headers = {**(extra_headers or {}), **sign_request(self.identity, method, path, query, data)}
@@ -221,7 +225,10 @@ class BoardClient:
         try:
             async with self.session().request(method, url, data=data, headers=headers,
                                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                raw = await resp.read()
+                if max_reply_bytes is None:
+                    raw = await resp.read()
+                else:
+                    raw = await _read_at_most(resp, max_reply_bytes, here, path)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except aiohttp.ServerFingerprintMismatch as exc:
@@ -247,6 +254,24 @@ class BoardClient:
         if status >= 400:
             raise error_from_response(status, value)
         return value
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, most: int, here: str, path: str) -> bytes:
+    """The reply's body, refused once it is (or says it will be) over ``most`` bytes, decompressed bytes
+    counted: the connection is dropped rather than read to its end."""
+    def too_large(size: str) -> Unavailable:
+        return Unavailable(f"board {here} sent a reply to {path} of {size}, over the {most} bytes this agent reads",
+                           code="reply_too_large")
+    if resp.content_length is not None and resp.content_length > most:
+        raise too_large(f"{resp.content_length} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > most:
+            raise too_large("more bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _retry_after(text: str | None) -> float | None:

@@ -53,8 +53,8 @@ from security.errors import PanalError, PayloadTooLarge
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
 
-__all__ = ["MAX_BOARD_PAUSE_S", "MISSING_ENVELOPE_COOLDOWN_S", "UNTRUSTED_COOLDOWN_S", "BoardLink", "LinkOwner",
-           "Running", "outbox_key"]
+__all__ = ["MAX_BOARD_PAUSE_S", "MAX_ENVELOPE_BYTES", "MISSING_ENVELOPE_COOLDOWN_S", "UNTRUSTED_COOLDOWN_S",
+           "BoardLink", "LinkOwner", "Running", "outbox_key"]
 
 log = logging.getLogger(__name__)
 #: after handing back a task from an untrusted submitter, leave that board alone this long
@@ -63,6 +63,10 @@ UNTRUSTED_COOLDOWN_S = 30.0
 MISSING_ENVELOPE_COOLDOWN_S = 30.0
 #: how long fetching one job's envelope may take (a big one, behind other agents' at a busy board)
 ENVELOPE_FETCH_S = 120.0
+#: the most of a fetched envelope this agent reads: a board's own default request limit is 4 MiB, and an envelope
+#: is no bigger than the submit that carried it; a lying board's endless body stops here (and the book holds at
+#: most DEFAULT_BOOK_SIZE of these per board)
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 #: a job id this agent puts in a URL: a board's ids are "j" + 20 hex digits
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: the longest pause a board's ``retry_after_s`` can ask for (a board that had nothing for us, hub/pacing.py)
@@ -217,7 +221,7 @@ class BoardLink:
                 continue
             try:
                 value = await self.client.call("GET", f"/v1/jobs/{job_id}/envelope", retry=False,
-                                               timeout_s=ENVELOPE_FETCH_S)
+                                               timeout_s=ENVELOPE_FETCH_S, max_reply_bytes=MAX_ENVELOPE_BYTES)
                 held.add(job_id, SignedRecord.from_wire(value))
             except PanalError as exc:
                 failed[job_id] = f"the board did not send it when asked: {exc.message}"
