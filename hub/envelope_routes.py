@@ -16,8 +16,8 @@ from aiohttp import web
 from hub.auth import Authenticator
 from hub.board import Board
 from hub.config import HubConfig
-from hub.http import reply, reply_type
-from jobs.wire import MSGPACK
+from hub.http import reply_type
+from jobs.wire import MSGPACK, encode_body
 from security.errors import TooManyRequests
 
 __all__ = ["CHUNK_BYTES", "add_envelope_routes"]
@@ -34,15 +34,15 @@ def add_envelope_routes(app: web.Application, board: Board, auth: Authenticator,
     async def get_envelope(request: web.Request) -> web.StreamResponse:
         agent_id = await auth.agent(request, b"")
         entry = board.leased_envelope(agent_id, request.match_info["job_id"])
-        if reply_type(request) != MSGPACK:
-            return reply(request, entry.record.to_wire())
-        if agent_id in streaming:
+        if agent_id in streaming:   # (a JSON client too: its body is no smaller, and no less slow to read)
             raise TooManyRequests("one envelope at a time per agent", retry_after_s=1.0, code="envelope_busy")
         streaming.add(agent_id)
         try:
             async with streams:   # waiting here costs a request, not a body: the body is shared
-                data = memoryview(entry.encoded)
-                response = web.StreamResponse(headers={"Content-Type": MSGPACK})
+                content_type = reply_type(request)   # a JSON client's is encoded for it, within the same bounds
+                data = memoryview(entry.encoded if content_type == MSGPACK
+                                  else encode_body(entry.record.to_wire(), content_type))
+                response = web.StreamResponse(headers={"Content-Type": content_type})
                 response.content_length = len(data)
                 await response.prepare(request)
                 try:

@@ -1,0 +1,86 @@
+"""The envelope route's bounds hold for every client of it, over a real board and TLS: while a lessee's stream of
+a big envelope is open (a slow reader: a small receive buffer, nothing read), that lessee gets no second body,
+in msgpack or in JSON (a JSON body is no smaller and was once encoded and written outside every bound: no
+per-agent cap, no stream cap, no time limit)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from conftest import InProcessHub
+from helpers import scaled
+from test_api import raw, registered, submitter
+
+from agent.client.submitting import make_envelope
+from jobs.manifest import Manifest
+from jobs.protocol import LeaseReply, LeaseRequest
+from jobs.wire import JSON, MSGPACK
+from security.httpsig import sign_request
+from security.identity import Identity
+
+MIB = 1024 * 1024
+pytestmark = [pytest.mark.timeout(scaled(240))]
+
+
+async def slow_reader(hub: InProcessHub, agent: Identity, path: str) -> asyncio.StreamWriter:
+    """Ask for ``path`` over TLS with a tiny receive buffer and never read the reply."""
+    assert hub.address is not None
+    host, port = "127.0.0.1", int(hub.address.url.rsplit(":", 1)[1])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    _, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname="localhost", limit=4096)
+    headers = {**sign_request(agent, "GET", path, "", b""), "Accept": MSGPACK, "Host": f"{host}:{port}"}
+    head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    writer.write(head.encode())
+    await writer.drain()
+    return writer
+
+
+def big_job() -> Manifest:
+    """One sleep with 12 MB of labels: an envelope bigger than every buffer between a slow reader and the board
+    (a loopback socket's send buffer grows to 4 MB)."""
+    return Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job",
+                               "metadata": {"name": "big", "labels": {"pad": "x" * 12 * MIB}},
+                               "spec": {"task": "sleep", "sweep": {"seconds": [0.0, 0.0]}}})
+
+
+async def test_a_lessee_with_an_envelope_stream_open_gets_no_second_body_in_json_either(tmp_path: Path) -> None:
+    hub = InProcessHub(tmp_path, inline_envelope_bytes=256, max_body_bytes=16 * MIB)
+    await hub.start()
+    try:
+        lessee, agent = await registered(hub)
+        user = await submitter(hub)
+        try:
+            assert hub.server is not None   # (in-process: aiohttp warns of a 12 MB request body sent as bytes)
+            job = (await hub.server.board.submit(make_envelope(user.identity, big_job()), user.identity.id))[0].id
+            reply = await lessee.post("/v1/lease", LeaseRequest(1, 0.0, (), {}), LeaseReply.decode)
+            assert [(t.job_id, t.envelope) for t in reply.tasks] == [(job, None)]   # 12 MB: to be fetched
+            path = f"/v1/jobs/{job}/envelope"
+            stream = await slow_reader(hub, agent, path)
+            try:
+                def again(accept: str) -> dict[str, str]:
+                    return {**sign_request(agent, "GET", path, "", b""), "Accept": accept}
+                deadline = time.monotonic() + scaled(60)
+                while (status := (await raw(hub, "GET", path, b"", again(MSGPACK)))[0]) != 429:
+                    assert status == 200 and time.monotonic() < deadline, "the slow stream never held its slot"
+                status, body = await raw(hub, "GET", path, b"", again(JSON))
+                assert (status, body.get("error")) == (429, "envelope_busy")   # once: a 12 MB JSON body
+            finally:
+                stream.close()
+                with contextlib.suppress(Exception):
+                    await stream.wait_closed()
+        finally:
+            for client in (lessee, user):
+                await client.close()
+    finally:
+        await hub.stop()
