@@ -139,6 +139,9 @@ class BoardLink:
         self.standing: dict[str, Any] = {}   # credit, invalid results and reputation, as the board says
         self.pending: list[SignedRecord] = outbox.load()
         self.running: dict[str, Running] = {}
+        #: leased tasks not yet running: their reply waits for an envelope fetch (heartbeated meanwhile: a fetch
+        #: behind other agents' at a busy board may outlast the lease)
+        self.fetching: dict[str, Assignment] = {}
         self.envelopes = EnvelopeBook()   # what this board sent us, by its job ids (agent/daemon/envelopes.py)
         self.flush = asyncio.Event()
         self.lease_ttl_s = 30.0
@@ -404,7 +407,11 @@ class BoardLink:
             tasks, missing = held.resolve(reply.tasks)
             why: dict[str, str] = {}
             if missing:   # a big envelope is fetched, once per job; what cannot be is handed back
-                why = await self.fetch_envelopes(held, missing)
+                self.fetching = {a.task_id: a for a in (*tasks, *missing)}
+                try:
+                    why = await self.fetch_envelopes(held, missing)
+                finally:
+                    self.fetching = {}
                 fetched, missing = held.resolve(missing)
                 tasks += fetched
             if missing:
@@ -427,11 +434,13 @@ class BoardLink:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(max(0.2, self.lease_ttl_s / 4))
-            if not self.running:
+            if not self.running and not self.fetching:
                 continue
             beat = Heartbeat(tuple(HeartbeatLease(tid, r.assignment.lease_id, r.progress, r.checkpoint or None,
                                                   r.checkpoint_record if r.checkpoint else None)
-                                   for tid, r in self.running.items()))
+                                   for tid, r in self.running.items())
+                             + tuple(HeartbeatLease(tid, a.lease_id)
+                                     for tid, a in self.fetching.items() if tid not in self.running))
             try:
                 reply = await self.client.post("/v1/heartbeat", beat, HeartbeatReply.decode, timeout_s=10.0)
             except PanalError as exc:
