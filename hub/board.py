@@ -216,11 +216,22 @@ class Board:
             stored = await self.store.get_job(signed.job_id)
             if stored is None:
                 raise
-            return self._queues.get_job(signed.job_id) or stored, False   # (live, if a twin submit just won)
+            live = self._queues.get_job(signed.job_id)   # (a twin submit that just won)
+            if live is not None or stored.state.terminal:
+                return live or stored, False
+            # Stored and active, yet not on the board: its own insert committed but was answered with an error
+            # (a connection dropped at COMMIT). Queued now, or it waits for a hub restart while its submitter
+            # is told it exists.
+            tasks = await self.store.get_tasks(stored.id)
+            if (live := self._queues.get_job(stored.id)) is not None:
+                return live, False
+            job, created = stored, False
+        else:
+            created = True
         self._queues.add_job(job, tasks)
         self.trust.add_job(job, tasks)
         self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))   # (queued: waiters wake)
-        return job, True
+        return job, created
 
     async def cancel(self, job_id: str, requester: str) -> JobRow:
         job = self._queues.get_job(job_id)
