@@ -5,6 +5,7 @@ that answers the fetch route with bytes, not an envelope)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from agent.client.board import BoardClient
+from agent.daemon import board_link
 from agent.daemon.board_link import MAX_ENVELOPE_BYTES, BoardLink
 from agent.daemon.outbox import Outbox
 from jobs.protocol import Assignment
@@ -82,3 +84,33 @@ async def test_an_agent_reads_at_most_max_envelope_bytes_of_a_lying_boards_envel
     assert "jlie" in failed and "over the" in failed["jlie"], failed
     assert not liar.finished                  # the agent hung up rather than read the rest
     assert "jlie" not in link.envelopes       # nothing of it is held, so the task is handed back, never run
+
+
+async def test_a_lying_board_that_never_answers_holds_a_replys_fetches_for_one_time_limit_not_one_per_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reply naming many jobs, each left out, each fetch answered never: the agent's slots for this board wait
+    # once for ENVELOPE_FETCH_S, not once per job (64 jobs x 120 s would be two hours of slots other boards lose).
+    monkeypatch.setattr(board_link, "ENVELOPE_FETCH_S", 1.0)
+    asked: list[str] = []
+    release = asyncio.Event()
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        asked.append(request.match_info["job_id"])
+        await release.wait()
+        return web.Response(status=503)
+    app = web.Application()
+    app.router.add_get("/v1/jobs/{job_id}/envelope", never)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    address = BoardAddress.parse(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    client = BoardClient(address, Identity.generate(), retry_for_s=1)
+    link = BoardLink(object(), address, client, Outbox(tmp_path / "outbox", address.url))  # type: ignore[arg-type]
+    try:
+        failed = await link.fetch_envelopes(link.envelopes.held(), [_envelope_less(f"j{i}") for i in range(3)])
+    finally:
+        release.set()
+        await client.close()
+        await runner.cleanup()
+    assert sorted(failed) == ["j0", "j1", "j2"]
+    assert asked == ["j0"], "asked again after the reply's time for fetches ran out"

@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 UNTRUSTED_COOLDOWN_S = 30.0
 #: after handing back tasks a board sent without an envelope we never had from it, leave that board alone this long
 MISSING_ENVELOPE_COOLDOWN_S = 30.0
-#: how long fetching one job's envelope may take (a big one, behind other agents' at a busy board)
+#: how long fetching a lease reply's envelopes may take, all together (a big one, behind other agents' at a busy
+#: board)
 ENVELOPE_FETCH_S = 120.0
 #: the most of a fetched envelope this agent reads: a board's own default request limit is 4 MiB, and an envelope
 #: is no bigger than the submit that carried it; a lying board's endless body stops here (and the book holds at
@@ -218,13 +219,19 @@ class BoardLink:
         """Ask this board for the envelopes its reply left out that we do not hold (one too big to inline, or
         a board that forgot): from the board the tasks came from, never another. Why each job's failed."""
         failed: dict[str, str] = {}
+        # one time limit for the reply's fetches, not one per job: the slots this reply holds wait meanwhile
+        # (a lying board naming 64 jobs and answering none would hold them 64 x ENVELOPE_FETCH_S)
+        deadline = time.monotonic() + ENVELOPE_FETCH_S
         for job_id in dict.fromkeys(a.job_id for a in missing):
             if not _JOB_ID.fullmatch(job_id):
                 failed[job_id] = "the board names it with a malformed job id"
                 continue
+            if (left := deadline - time.monotonic()) <= 0:
+                failed[job_id] = f"not asked: this reply's envelopes took over {ENVELOPE_FETCH_S:.0f} s already"
+                continue
             try:
                 value = await self.client.call("GET", f"/v1/jobs/{job_id}/envelope", retry=False,
-                                               timeout_s=ENVELOPE_FETCH_S, max_reply_bytes=MAX_ENVELOPE_BYTES)
+                                               timeout_s=left, max_reply_bytes=MAX_ENVELOPE_BYTES)
                 held.add(job_id, SignedRecord.from_wire(value))
             except PanalError as exc:
                 failed[job_id] = f"the board did not send it when asked: {exc.message}"
