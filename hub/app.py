@@ -171,6 +171,7 @@ class Api:
             return SignedRecord.from_wire(decode_map(request, data).get("envelope")).key
 
         submitter = await self.auth.submitter(request, data, body_key=manifest_key)
+        int_query(request, "wait", 0)   # a bad ?wait is a 400 before the job is committed (a 400 is final)
         body = decode_map(request, data)
         if self.board.blobs is not None:
             await self.access.check_inputs(body.get("envelope"), submitter)

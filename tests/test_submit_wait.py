@@ -16,9 +16,10 @@ from helpers import scaled, wait_for_async
 from test_chaos import Hub
 
 from agent.client.board import BoardClient
-from agent.client.submitting import make_envelope, run_job, submit
+from agent.client.submitting import job_id_of, make_envelope, run_job, submit
 from agent.tools.bench_dispatch import SimAgent
 from jobs.manifest import Manifest
+from security.errors import BadRequest
 from security.identity import Identity
 from security.tls import BoardAddress
 
@@ -111,3 +112,16 @@ async def test_a_waiting_submit_survives_a_hub_kill_and_its_result_another(tmp_p
     hub.kill()            # the agent's result was acknowledged: it is in the store after a kill -9
     hub.start()
     hub.assert_done_exactly_once(job_id, 1)
+
+
+async def test_a_bad_wait_is_refused_before_the_job_is_committed(hub: InProcessHub) -> None:
+    # a 400 is final to a client (it does not retry): it must mean no job was made
+    assert hub.address is not None and hub.server is not None
+    user = Identity.generate()
+    await hub.server.add_submitter(user.public, "user")
+    envelope = make_envelope(user, manifest(1, "badwait"))
+    async with BoardClient(hub.address, user, retry_for_s=1) as client:
+        with pytest.raises(BadRequest) as refused:
+            await client.call("POST", "/v1/jobs", {"envelope": envelope}, query="wait=soon")
+        assert "wait" in refused.value.message
+        assert await hub.server.board.view.find_job(job_id_of(envelope)) is None
