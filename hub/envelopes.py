@@ -14,7 +14,9 @@ stream.
 
 Stateless per agent: what the agent holds comes with every request, so an agent restart (it holds nothing),
 a hub restart or a failover needs nothing remembered here. An agent that sends no ``have`` (an older one)
-gets every envelope inline, as before. What is kept is one decoded :class:`SignedRecord`, its digest and
+gets every small envelope inline, as before, but never a big one: otherwise any agent could leave ``have``
+out and make the hub build replies of ``max_tasks_per_lease`` copies of a 900 KB envelope (an older agent
+hands such a task back, unrun). What is kept is one decoded :class:`SignedRecord`, its digest and
 (once fetched) its encoded bytes per active job, built at its first lease rather than per assignment.
 """
 
@@ -84,10 +86,11 @@ class ReplyEnvelopes:
     def take(self, job: JobRow) -> SignedRecord | None:
         """The envelope to put in the next assignment of ``job``, or None to leave it out."""
         entry = self._envelopes.of(job)
-        if self._have is None:   # an agent that predates ``have`` reads no assignment without an envelope
+        if self._have is None and not entry.big:   # an agent that predates ``have`` expects one in each
             self.sent += 1
             return entry.record
-        if job.id in self._done or self._have.get(job.id) == entry.digest:
+        have = self._have or {}
+        if job.id in self._done or have.get(job.id) == entry.digest:
             self.omitted += 1
             return None
         self._done.add(job.id)

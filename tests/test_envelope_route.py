@@ -95,14 +95,16 @@ async def test_a_big_envelope_is_left_out_and_only_a_lessee_of_its_job_may_fetch
             headers = {**sign_request(lessee.identity, "GET", path, "", b""), "Accept": JSON}
             status, body = await raw(hub, "GET", path, b"", headers)
             assert status == 200 and SignedRecord.from_wire(body) == envelope
-            # an agent that predates ``have`` still gets it inline, big or not
-            assert [t.envelope for t in (await lease(old, 1, None)).tasks] == [envelope]
+            # an agent that predates ``have`` still gets a small one in every assignment, but never a big one: a
+            # volunteer leaving ``have`` out must not make the board build replies of many 90 KB copies
+            assert [t.envelope for t in (await lease(old, 3, None)).tasks] == [None] * 3
         finally:
             for client in (lessee, stranger, old, user):
                 await client.close()
         assert hub.server is not None
         stats = hub.server.board.view.stats
-        assert (stats["envelopes_to_fetch"], stats["envelopes_fetched"]) == (1, 2)
+        # to fetch: the lessee's reply, then the one without ``have``; fetched: as msgpack, then as JSON
+        assert (stats["envelopes_to_fetch"], stats["envelopes_fetched"]) == (2, 2)
     finally:
         await hub.stop()
 
