@@ -36,6 +36,7 @@ from jobs.protocol import (
     Registration,
     ResultsReply,
     ResultsRequest,
+    envelope_digest,
 )
 from jobs.requirements import Capabilities
 from security.identity import Identity
@@ -52,10 +53,11 @@ def _manifest(n_tasks: int, name: str) -> Manifest:
 
 
 class SimAgent:
-    """An agent that completes every task it leases immediately, with a real signed result."""
+    """An agent that completes every task it leases immediately, with a real signed result. Like a real
+    agent it says which job envelopes it holds (``LeaseRequest.have``) and fetches a big one once."""
 
     def __init__(self, address: BoardAddress, slots: int, *, local_address: str | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, have: bool = True) -> None:
         self.identity = Identity.generate()
         self.client = BoardClient(address, self.identity, retry_for_s=30.0, connections=2,
                                   local_address=local_address)
@@ -63,6 +65,9 @@ class SimAgent:
         self.token = token      # the admission token `panal agent join` would send (a token-registration hub)
         self.done = 0
         self.leased_at = 0.0    # perf_counter() when a lease last brought work (the latency steps)
+        #: the envelopes it holds, as a real agent says them (agent/daemon/envelopes.py); None: it says nothing,
+        #: as an agent before ``have`` (every small envelope in every assignment, a big one never)
+        self.have: dict[str, str] | None = {} if have else None
 
     async def register(self) -> None:
         caps = Capabilities.from_dict({"kinds": ["sleep"]})
@@ -76,11 +81,28 @@ class SimAgent:
             "attempt": task.attempt, "agent_id": self.identity.id, "status": "ok", "values": {"slept": 0.0},
             "metrics": {"wall_s": 0.0}, "notes": [], "started_at": now, "finished_at": now})
 
+    async def hold_envelopes(self, reply: LeaseReply) -> int:
+        """Keep the envelopes a reply brought and fetch each one it left out that we do not hold, once, as a
+        real agent does (agent/daemon/board_link.py); the bytes fetched."""
+        fetched = 0
+        if self.have is None:
+            return fetched
+        for task in reply.tasks:
+            if task.envelope is not None:
+                self.have[task.job_id] = envelope_digest(task.envelope)
+            elif task.job_id not in self.have:
+                raw = await self.client.call("GET", f"/v1/jobs/{task.job_id}/envelope", timeout_s=300.0)
+                record = SignedRecord.from_wire(raw)
+                fetched += len(record.payload)
+                self.have[task.job_id] = envelope_digest(record)
+        return fetched
+
     async def run(self, stop_at: asyncio.Event) -> None:
         results: tuple[SignedRecord, ...] = ()
         while not stop_at.is_set():
-            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, 1.0, results), LeaseReply.decode,
-                                           timeout_s=30.0)
+            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, 1.0, results, self.have),
+                                           LeaseReply.decode, timeout_s=30.0)
+            await self.hold_envelopes(reply)
             if reply.tasks:
                 self.leased_at = time.perf_counter()
             results = tuple(self._result(t) for t in reply.tasks)
