@@ -19,7 +19,9 @@ def test_fleet_bench_runs_every_phase_and_does_each_task_once() -> None:
     for field in ("hub_cpu_share_of_core", "hub_rss_mb", "hub_rss_kb_per_agent"):
         assert isinstance(report["idle"][field], float | int), field
     for phase in ("drain", "mixed"):
-        for field in ("seconds", "tasks_per_s", "hub_cpu_ms_per_task", "wakeups_per_task", "lease_ms_p50",
-                      "lease_ms_p99"):
+        for field in ("seconds", "tasks_per_s", "hub_cpu_ms_per_task", "wakeups_per_task",
+                      "agent_lease_round_trip_ms_p50", "agent_lease_round_trip_ms_p99",
+                      "hub_lease_service_ms_p50", "hub_lease_service_ms_p99"):
             assert isinstance(report[phase][field], float | int), (phase, field)
-    assert {"load_before", "load_after", "hub_rss_mb_no_agents", "hub_rss_mb_end", "register_seconds"} <= set(report)
+        assert report[phase]["hub_leases_served"] > 0, phase
+    assert {"notes", "load_before", "load_after", "hub_rss_mb_no_agents", "hub_rss_mb_end", "register_seconds"} <= set(report)

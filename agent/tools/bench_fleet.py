@@ -27,6 +27,7 @@ import resource
 import statistics
 import tempfile
 import time
+from asyncio.sslproto import SSLProtocol
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -39,6 +40,7 @@ from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, wait_job
 from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
+from hub.connections import TLS_READ_CHUNK
 from jobs.manifest import Manifest
 from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
 from jobs.requirements import Capabilities
@@ -47,6 +49,16 @@ from security.tls import BoardAddress
 
 __all__ = ["FleetSize", "run_fleet_bench"]
 
+SERVICE = "panal_lease_service_seconds"   # hub/metrics.py: a lease's time in the hub, its long-poll wait left out
+NOTES = {
+    "hub_lease_service_ms_p50/p99": "HUB side, from /metrics panal_lease_service_seconds: a lease request's time "
+                                    "in the hub's handler less its long-poll wait (every lease in the phase); "
+                                    "interpolated within histogram buckets",
+    "agent_lease_round_trip_ms_p50/p99": "CLIENT side, seen by the simulated agents: round trips of busy agents' "
+                                         "leases (they carried results and brought work), including TLS, the "
+                                         "network stack and queueing in the load processes, which on a small "
+                                         "machine share its cores with the hub",
+}
 POLL_WAIT_S = 20.0     # agent/daemon/settings.py DaemonSettings.poll_wait_s: a real agent's long-poll
 FAKE_GPU = {"name": "Simulated RTX 3060", "backend": "cuda", "vram_gb": 12.0, "gflops_fp32": 12_000.0}
 
@@ -136,6 +148,9 @@ async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection) -
 def _load_process(url: str, count: int, gpus: int, slots: int, conn: Connection) -> None:
     """A load process: ``count`` agents (the first ``gpus`` with a GPU) until the main process says stop."""
     _raise_fd_limit()
+    # asyncio gives each TLS connection a 256 KiB receive buffer (the hub's side uses LeanSSLProtocol): 5,000
+    # simulated agents in one process would hold 1.3 GB of them. This process only runs simulated agents.
+    SSLProtocol.max_size = TLS_READ_CHUNK
     asyncio.run(_load(url, count, gpus, slots, conn))
 
 
@@ -174,13 +189,45 @@ class Hub:
     def rss_mb(self) -> float:
         return round(self.proc.memory_info().rss / 2**20, 1)
 
-    async def counter(self, name: str) -> float:
+    async def scrape(self) -> list[str]:
         async with self.client.session().get(self.client.address.url + "/metrics") as response:
-            text = await response.text()
-        for line in text.splitlines():
+            return (await response.text()).splitlines()
+
+    @staticmethod
+    def counter(lines: list[str], name: str) -> float:
+        for line in lines:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise RuntimeError(f"{name} is not in the hub's /metrics")
+
+    @staticmethod
+    def buckets(lines: list[str], name: str) -> list[tuple[float, float]]:
+        """A histogram's cumulative buckets, (upper bound, count) in order, ``+Inf`` last."""
+        prefix = name + '_bucket{le="'
+        out = [(float(line[len(prefix):].split('"', 1)[0]), float(line.split()[-1]))
+               for line in lines if line.startswith(prefix)]
+        if not out:
+            raise RuntimeError(f"{name} is not in the hub's /metrics")
+        return out
+
+
+def _quantile_ms(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of what a histogram observed between two scrapes, interpolated within its bucket (as
+    Prometheus' ``histogram_quantile``): as fine as the buckets (hub/metrics.py ``SERVICE_BUCKETS``)."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, cumulative in counts:
+        if cumulative >= rank:
+            if le == float("inf"):
+                return round(lower * 1000, 2)
+            inside = cumulative - below
+            share = (rank - below) / inside if inside else 1.0
+            return round((lower + (le - lower) * share) * 1000, 2)
+        lower, below = le, cumulative
+    return None
 
 
 @dataclass
@@ -191,25 +238,33 @@ class Window:
     t0: float = 0.0
     cpu: float = 0.0
     wakeups: float = 0.0
+    service: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     @classmethod
     async def start(cls, hub: Hub) -> Window:
-        return cls(time.time(), time.perf_counter(), hub.cpu_s(), await hub.counter("panal_lease_wakeups_total"))
+        lines = await hub.scrape()
+        return cls(time.time(), time.perf_counter(), hub.cpu_s(), hub.counter(lines, "panal_lease_wakeups_total"),
+                   hub.buckets(lines, SERVICE))
 
     async def figures(self, hub: Hub, tasks: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.t0
         cpu = hub.cpu_s() - self.cpu
-        wakeups = await hub.counter("panal_lease_wakeups_total") - self.wakeups
+        lines = await hub.scrape()
+        wakeups = hub.counter(lines, "panal_lease_wakeups_total") - self.wakeups
+        service = hub.buckets(lines, SERVICE)
         return {"seconds": round(elapsed, 2), "tasks_per_s": round(tasks / elapsed, 1) if tasks else None,
                 "hub_cpu_share_of_core": round(cpu / elapsed, 3),
                 "hub_cpu_ms_per_task": round(cpu * 1000 / tasks, 3) if tasks else None,
                 "wakeups_per_task": round(wakeups / tasks, 3) if tasks else None, "wakeups": int(wakeups),
+                "hub_lease_service_ms_p50": _quantile_ms(self.service, service, 0.5),
+                "hub_lease_service_ms_p99": _quantile_ms(self.service, service, 0.99),
+                "hub_leases_served": int(service[-1][1] - self.service[-1][1]),
                 "window": (self.wall, time.time())}
 
 
 async def _phases(url: str, user: Identity, hub_pid: int, rss0: float, size: FleetSize,
                   loads: list[Connection]) -> dict[str, Any]:
-    out: dict[str, Any] = {"size": dataclasses.asdict(size), "load_before": os.getloadavg()}
+    out: dict[str, Any] = {"size": dataclasses.asdict(size), "notes": NOTES, "load_before": os.getloadavg()}
     async with BoardClient(BoardAddress.parse(url), user, retry_for_s=120.0) as submitter:
         hub = Hub(hub_pid, submitter)
         out["hub_rss_mb_no_agents"] = rss0
@@ -252,8 +307,8 @@ def _combine(out: dict[str, Any], reports: list[dict[str, Any]], gpu_job: str) -
     for phase in ("drain", "mixed"):
         lo, hi = out[phase].pop("window")
         times = [ms for r in reports for at, ms in r["leases"] if lo <= at <= hi]
-        out[phase]["lease_ms_p50"] = round(statistics.median(times), 2) if times else None
-        out[phase]["lease_ms_p99"] = _pct(times, 0.99)
+        out[phase]["agent_lease_round_trip_ms_p50"] = round(statistics.median(times), 2) if times else None
+        out[phase]["agent_lease_round_trip_ms_p99"] = _pct(times, 0.99)
     out["idle"].pop("window")
     return out
 
