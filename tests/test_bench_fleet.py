@@ -24,4 +24,5 @@ def test_fleet_bench_runs_every_phase_and_does_each_task_once() -> None:
                       "hub_lease_service_ms_p50", "hub_lease_service_ms_p99"):
             assert isinstance(report[phase][field], float | int), (phase, field)
         assert report[phase]["hub_leases_served"] > 0, phase
-    assert {"notes", "load_before", "load_after", "hub_rss_mb_no_agents", "hub_rss_mb_end", "register_seconds"} <= set(report)
+    assert {"notes", "load_before", "load_after", "hub_rss_mb_no_agents", "hub_rss_mb_end",
+            "register_seconds"} <= set(report)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import ssl
+from asyncio.sslproto import SSLProtocol
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,11 @@ import pytest
 from conftest import InProcessHub
 from helpers import scaled, wait_for_async
 from test_api import raw, registered
+from test_blob_access import blob_request, member
 
 from hub.app import STREAMS_KEY
 from hub.blobs import digest_header_for
+from hub.connections import TLS_READ_CHUNK
 from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
 
@@ -263,3 +267,21 @@ async def test_a_tls12_cbc_suite_handshake_is_refused(tmp_path: Path, cipher: st
                                                   ssl=client_tls("ECDHE-ECDSA-AES128-GCM-SHA256"))
         assert writer.get_extra_info("cipher")[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
         writer.close()
+
+
+async def test_tls_connections_take_bytes_in_a_small_buffer_and_big_bodies_still_arrive(tmp_path: Path) -> None:
+    """Each TLS connection's receive buffer is one TLS record (16 KiB), not asyncio's 256 KiB, which 10,000
+    long-polling agents held for nothing (2.5 GB); a 900 KB blob, many buffers long, still arrives intact."""
+    async with started(tmp_path) as hub:
+        assert hub.server is not None
+        client = await member(hub, "submitter")
+        data = os.urandom(900_000)   # aiohttp warns (an error here) from 1 MB of raw bytes
+        sha = hashlib.sha256(data).hexdigest()
+        status, _ = await blob_request(client, "PUT", sha, data)
+        assert status in (200, 201)
+        status, back = await blob_request(client, "GET", sha)
+        assert status == 200 and back == data
+        tls = [conn.inner for site in hub.server.sites if site.guard is not None for conn in site.guard.open]
+        assert tls and all(isinstance(p, SSLProtocol) for p in tls)
+        assert all(len(p._ssl_buffer) <= TLS_READ_CHUNK for p in tls)   # type: ignore[union-attr]
+        await client.close()

@@ -176,3 +176,26 @@ async def test_lease_wakeups_count_parked_requests_woken_by_new_work(hub: InProc
     assert value(await scrape(hub), "panal_lease_wakeups_total") == 1
     await agent.close()
     await sub.close()
+
+
+async def test_lease_service_time_counts_each_lease_and_leaves_its_long_poll_wait_out(hub: InProcessHub) -> None:
+    """``panal_lease_service_seconds`` (the hub-side lease time ``panal bench fleet`` reports): one observation
+    per lease request; a request parked 3 s for work that never came is timed without those 3 s, while the
+    request latency histogram, which times the whole request, has them."""
+    assert hub.address is not None and hub.server is not None
+    ident = Identity.generate()
+    agent = BoardClient(hub.address, ident, retry_for_s=1)
+    await agent.call("POST", "/v1/agents", {"public_key": ident.public.text(), "name": "s",
+                                            "capabilities": {"kinds": ["sleep"]}})
+    before = await scrape(hub)
+    assert value(before, "panal_lease_service_seconds_count") == 0
+    assert (await agent.call("POST", "/v1/lease", {"slots": 1, "wait_s": 3}))["tasks"] == []   # parked 3 s
+    after = await scrape(hub)
+    assert value(after, "panal_lease_service_seconds_count") == 1
+    whole = value(after, "panal_http_request_duration_seconds_sum", method="POST", route="/v1/lease")
+    served = value(after, "panal_lease_service_seconds_sum")
+    assert whole >= 3.0
+    assert 0 < served <= whole - 2.5     # its wait (3 s less what came before it parked) is left out
+    await agent.call("POST", "/v1/lease", {"slots": 1, "wait_s": 0})
+    assert value(await scrape(hub), "panal_lease_service_seconds_count") == 2
+    await agent.close()

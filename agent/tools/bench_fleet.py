@@ -53,7 +53,11 @@ SERVICE = "panal_lease_service_seconds"   # hub/metrics.py: a lease's time in th
 NOTES = {
     "hub_lease_service_ms_p50/p99": "HUB side, from /metrics panal_lease_service_seconds: a lease request's time "
                                     "in the hub's handler less its long-poll wait (every lease in the phase); "
-                                    "interpolated within histogram buckets",
+                                    "interpolated within histogram buckets. It includes waiting for the hub's "
+                                    "one event loop behind other requests: with every agent asking again at "
+                                    "once (sleep-0 tasks) it is about agents in flight / leases per second",
+    "hub_cpu_ms_per_lease": "HUB side: the hub process's CPU time in the phase over the lease requests it served: "
+                            "what one lease costs it, free of queueing (results riding on leases included)",
     "agent_lease_round_trip_ms_p50/p99": "CLIENT side, seen by the simulated agents: round trips of busy agents' "
                                          "leases (they carried results and brought work), including TLS, the "
                                          "network stack and queueing in the load processes, which on a small "
@@ -252,13 +256,15 @@ class Window:
         lines = await hub.scrape()
         wakeups = hub.counter(lines, "panal_lease_wakeups_total") - self.wakeups
         service = hub.buckets(lines, SERVICE)
+        leases = int(service[-1][1] - self.service[-1][1])
         return {"seconds": round(elapsed, 2), "tasks_per_s": round(tasks / elapsed, 1) if tasks else None,
                 "hub_cpu_share_of_core": round(cpu / elapsed, 3),
                 "hub_cpu_ms_per_task": round(cpu * 1000 / tasks, 3) if tasks else None,
                 "wakeups_per_task": round(wakeups / tasks, 3) if tasks else None, "wakeups": int(wakeups),
                 "hub_lease_service_ms_p50": _quantile_ms(self.service, service, 0.5),
                 "hub_lease_service_ms_p99": _quantile_ms(self.service, service, 0.99),
-                "hub_leases_served": int(service[-1][1] - self.service[-1][1]),
+                "hub_leases_served": leases,
+                "hub_cpu_ms_per_lease": round(cpu * 1000 / leases, 3) if leases else None,
                 "window": (self.wall, time.time())}
 
 
