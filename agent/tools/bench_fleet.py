@@ -78,13 +78,18 @@ class FleetSize:
     gpu_share: float = 0.25          # agents that report a GPU
     slots: int = 4                   # per agent
     procs: int = 2                   # load processes the agents are spread over
+    #: seconds a simulated agent "runs" its leased tasks before it reports them (0: sleep-0 tasks, every agent
+    #: asks again at once and the hub is saturated; > 0: the fleet offers about agents * slots / task_s tasks a
+    #: second, so lease times show the hub below saturation). Below the hub's lease_ttl_s (no heartbeats here).
+    task_s: float = 0.0
 
 
 class FleetAgent(SimAgent):
     """A :class:`SimAgent` on one connection, long-polling as a real agent does, recording what it leased."""
 
-    def __init__(self, address: BoardAddress, slots: int, gpu: bool) -> None:
+    def __init__(self, address: BoardAddress, slots: int, gpu: bool, task_s: float = 0.0) -> None:
         super().__init__(address, slots)
+        self.task_s = task_s
         self.client = BoardClient(address, self.identity, retry_for_s=120.0, connections=1)
         self.gpu = gpu
         self.poll_wait_s = POLL_WAIT_S
@@ -116,14 +121,16 @@ class FleetAgent(SimAgent):
                     self.leases.append((time.time(), (time.perf_counter() - t0) * 1000))
                 self.leased.extend(t.task_id for t in reply.tasks)
                 self.jobs.update(t.job_id for t in reply.tasks)
+                if self.task_s:
+                    await asyncio.sleep(self.task_s)
             elif reply.retry_after_s:
                 await asyncio.sleep(reply.retry_after_s)
             results = tuple(self._result(t) for t in reply.tasks)
 
 
-async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection) -> None:
+async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, task_s: float = 0.0) -> None:
     address = BoardAddress.parse(url)
-    agents = [FleetAgent(address, slots, gpu=i < gpus) for i in range(count)]
+    agents = [FleetAgent(address, slots, gpu=i < gpus, task_s=task_s) for i in range(count)]
     gate = asyncio.Semaphore(64)    # registrations in flight from this process
 
     async def register(agent: FleetAgent) -> None:
@@ -149,13 +156,13 @@ async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection) -
               + [{"error": f"{type(e).__name__}: {e}"} for e in failed])
 
 
-def _load_process(url: str, count: int, gpus: int, slots: int, conn: Connection) -> None:
+def _load_process(url: str, count: int, gpus: int, slots: int, conn: Connection, task_s: float = 0.0) -> None:
     """A load process: ``count`` agents (the first ``gpus`` with a GPU) until the main process says stop."""
     _raise_fd_limit()
     # asyncio gives each TLS connection a 256 KiB receive buffer (the hub's side uses LeanSSLProtocol): 5,000
     # simulated agents in one process would hold 1.3 GB of them. This process only runs simulated agents.
     SSLProtocol.max_size = TLS_READ_CHUNK
-    asyncio.run(_load(url, count, gpus, slots, conn))
+    asyncio.run(_load(url, count, gpus, slots, conn, task_s))
 
 
 def _raise_fd_limit() -> None:
@@ -320,8 +327,8 @@ def _combine(out: dict[str, Any], reports: list[dict[str, Any]], gpu_job: str) -
 
 
 def run_fleet_bench(size: FleetSize) -> dict[str, Any]:
-    if size.agents < 1 or size.procs < 1 or size.tasks < 1:
-        raise ValueError("agents, procs and tasks must be at least 1")
+    if size.agents < 1 or size.procs < 1 or size.tasks < 1 or size.task_s < 0:
+        raise ValueError("agents, procs and tasks must be at least 1, task_s at least 0")
     _raise_fd_limit()
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="panal-fleet-") as tmp:
@@ -339,7 +346,8 @@ def run_fleet_bench(size: FleetSize) -> dict[str, Any]:
             for i, count in enumerate(per):
                 mine, theirs = ctx.Pipe()
                 share = min(count, max(0, gpus - sum(per[:i])))
-                proc = ctx.Process(target=_load_process, args=(url, count, share, size.slots, theirs), daemon=True)
+                proc = ctx.Process(target=_load_process, args=(url, count, share, size.slots, theirs, size.task_s),
+                                   daemon=True)
                 proc.start()
                 theirs.close()      # a load process that dies then ends our recv with EOFError, not a hang
                 procs.append(proc)
