@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import threading
 from asyncio.sslproto import SSLProtocol
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -57,14 +58,25 @@ TLS_READ_CHUNK = 16 * 1024
 
 
 class LeanSSLProtocol(SSLProtocol):
-    """asyncio's ``SSLProtocol`` with a 16 KiB receive buffer instead of 256 KiB.
+    """asyncio's ``SSLProtocol`` taking bytes in through one 16 KiB buffer per thread, not 256 KiB per connection.
 
-    asyncio gives every TLS connection a zero-filled ``bytearray(max_size)`` for the bytes it receives, resident
-    for the connection's whole life: 256 KiB times 10,000 long-polling agents is 2.5 GB of a hub's memory for
-    buffers that are idle between requests. A TLS record carries at most 16 KiB, so taking bytes in 16 KiB steps
-    changes nothing but the number of steps for a big body (:func:`_feed` loops)."""
+    asyncio gives every TLS connection a zero-filled ``bytearray(256 KiB)`` for the bytes it receives, resident
+    for the connection's whole life: times 10,000 long-polling agents, 2.5 GB of a hub's memory for buffers that
+    are idle between requests. The buffer is only a landing area: :func:`_feed` fills it (``get_buffer``) and
+    ``buffer_updated`` at once copies the bytes into the connection's own ``MemoryBIO`` before anything else
+    runs, so the connections of one event loop (one thread) can share one. A TLS record carries at most 16 KiB,
+    so 16 KiB steps change nothing but the number of steps for a big body (:func:`_feed` loops)."""
 
     max_size = TLS_READ_CHUNK
+    _landing = threading.local()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        landing = self._landing
+        if not hasattr(landing, "buffer"):
+            landing.buffer = bytearray(TLS_READ_CHUNK)
+            landing.view = memoryview(landing.buffer)
+        self._ssl_buffer, self._ssl_buffer_view = landing.buffer, landing.view
 
 
 @dataclass(frozen=True)
@@ -177,7 +189,7 @@ class GuardedConnection(asyncio.Protocol):
         waiter = self.loop.create_future()   # a failed handshake's error lands here: read, never raised
         waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         tls = LeanSSLProtocol(self.loop, self.handler, self.guard.ssl_context, waiter, server_side=True,
-                          ssl_handshake_timeout=self.guard.limits.head_timeout_s)  # type: ignore[arg-type]
+                          ssl_handshake_timeout=self.guard.limits.head_timeout_s)
         self.inner = tls
         tls.connection_made(self.transport)
         self.handed_over = True

@@ -269,19 +269,26 @@ async def test_a_tls12_cbc_suite_handshake_is_refused(tmp_path: Path, cipher: st
         writer.close()
 
 
-async def test_tls_connections_take_bytes_in_a_small_buffer_and_big_bodies_still_arrive(tmp_path: Path) -> None:
-    """Each TLS connection's receive buffer is one TLS record (16 KiB), not asyncio's 256 KiB, which 10,000
-    long-polling agents held for nothing (2.5 GB); a 900 KB blob, many buffers long, still arrives intact."""
+async def test_tls_connections_share_one_small_landing_buffer_and_concurrent_big_bodies_arrive(
+        tmp_path: Path) -> None:
+    """Every TLS connection takes its bytes in through one shared 16 KiB buffer (one TLS record), not a 256 KiB
+    buffer of its own, which 10,000 long-polling agents held for nothing (2.5 GB). Two 900 KB blobs uploaded at
+    once on two connections, each many buffers long and interleaved, arrive intact (the hub checks each
+    upload's SHA-256) and read back byte for byte."""
     async with started(tmp_path) as hub:
         assert hub.server is not None
-        client = await member(hub, "submitter")
-        data = os.urandom(900_000)   # aiohttp warns (an error here) from 1 MB of raw bytes
-        sha = hashlib.sha256(data).hexdigest()
-        status, _ = await blob_request(client, "PUT", sha, data)
-        assert status in (200, 201)
-        status, back = await blob_request(client, "GET", sha)
-        assert status == 200 and back == data
+        clients = [await member(hub, "submitter") for _ in range(2)]
+        blobs = [os.urandom(900_000) for _ in clients]   # aiohttp warns (an error here) from 1 MB of raw bytes
+        shas = [hashlib.sha256(data).hexdigest() for data in blobs]
+        puts = await asyncio.gather(*(blob_request(client, "PUT", sha, data)
+                                      for client, sha, data in zip(clients, shas, blobs, strict=True)))
+        assert all(status in (200, 201) for status, _ in puts), puts
         tls = [conn.inner for site in hub.server.sites if site.guard is not None for conn in site.guard.open]
-        assert tls and all(isinstance(p, SSLProtocol) for p in tls)
+        assert len(tls) >= 2 and all(isinstance(p, SSLProtocol) for p in tls)
+        buffers = {id(p._ssl_buffer) for p in tls}   # type: ignore[union-attr]
+        assert len(buffers) == 1
         assert all(len(p._ssl_buffer) <= TLS_READ_CHUNK for p in tls)   # type: ignore[union-attr]
-        await client.close()
+        for client, sha, data in zip(clients, shas, blobs, strict=True):
+            status, back = await blob_request(client, "GET", sha)
+            assert status == 200 and back == data
+            await client.close()
