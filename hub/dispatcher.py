@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from hub import parked
+from hub import waits
 from hub.config import HubConfig
 from hub.dispatch.capable import CapableIndex
 from hub.dispatch.classes import CapClass, capability_class
@@ -171,7 +171,7 @@ class Dispatcher:
                 except TimeoutError:
                     return []
                 finally:
-                    parked.add(time.perf_counter() - parked_at)   # the lease's service time leaves it out
+                    waits.add(time.perf_counter() - parked_at)   # the lease's service time leaves it out
                     self.waiters.unpark(waiter)
                     if waiter.woken.is_set():
                         woken = waiter

@@ -4,9 +4,9 @@ Gauges and counters are read from the board's read model at scrape time (agents 
 its ``stats`` counters, quarantines seen by the status feed); request latency is timed by a middleware, labelled by
 route template (never by raw path: ids would explode the series); dispatch latency is the time the
 dispatch policy takes to pick tasks for one lease request; lease wake-ups count waiting lease requests woken.
-A lease request's service time is its time in the handler less its long-poll waits (``hub/parked.py``): what the
-hub spends serving it (body, signature, results committed, the pick, the reply encoded), which the request
-latency of a long-poll hides.
+A lease request's service time is its time in the handler less its waits for the client's body and in long-polls
+(``hub/waits.py``): what the hub takes to serve it (signature, results committed, the pick, the reply encoded,
+and waiting for its one event loop behind other requests), which the request latency of a long-poll hides.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from hub import parked
+from hub import waits
 from hub.board import Board
 from hub.http import Handler
 from hub.readmodel import BoardView
@@ -126,9 +126,10 @@ class BoardMetrics:
                                 ["method", "route", "status"], registry=self.registry)
         self.dispatch = Histogram("panal_dispatch_seconds", "Time the dispatch policy takes to pick tasks "
                                   "for one lease request.", buckets=DISPATCH_BUCKETS, registry=self.registry)
-        self.lease_service = Histogram("panal_lease_service_seconds", "Time the hub spends serving a lease "
-                                       "request: from the handler's start to its reply, less the long-poll "
-                                       "wait.", buckets=SERVICE_BUCKETS, registry=self.registry)
+        self.lease_service = Histogram("panal_lease_service_seconds", "Time the hub takes to serve a lease "
+                                       "request: from the handler's start to its reply, less waiting for the "
+                                       "client's body and the long-poll wait.", buckets=SERVICE_BUCKETS,
+                                       registry=self.registry)
         self.registry.register(_BoardCollector(board.view, app, board.trust))
         self.registry.register(_WakeupCollector(board))
         board.time_dispatch(self.dispatch.observe)
@@ -151,7 +152,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = _route(request)
     start = time.perf_counter()
     status = "500"
-    with parked.tally() as waited:
+    with waits.tally() as waited:
         try:
             response = await handler(request)
             status = str(response.status)
