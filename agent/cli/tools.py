@@ -117,8 +117,8 @@ def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, la
 @click.option("--procs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Load processes the agents are spread over.")
 @click.option("--task-s", type=click.FloatRange(0, 25), default=0.0, show_default=True,
-              help="Seconds each simulated task runs (0: sleep-0 tasks saturate the hub; N: the fleet offers "
-                   "about agents*slots/N tasks a second, for lease times below saturation).")
+              help="Seconds each simulated task runs, +-50% at random (0: sleep-0 tasks saturate the hub; N: the "
+                   "fleet offers about agents*slots/N tasks a second, for lease times below saturation).")
 @click.option("--json", "as_json", is_flag=True)
 def bench_fleet(agents: int, idle_s: float, tasks: int, mixed_tasks: int, gpu_share: float, slots: int,
                 procs: int, task_s: float, as_json: bool) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import random
 import resource
 import statistics
 import tempfile
@@ -78,9 +79,10 @@ class FleetSize:
     gpu_share: float = 0.25          # agents that report a GPU
     slots: int = 4                   # per agent
     procs: int = 2                   # load processes the agents are spread over
-    #: seconds a simulated agent "runs" its leased tasks before it reports them (0: sleep-0 tasks, every agent
-    #: asks again at once and the hub is saturated; > 0: the fleet offers about agents * slots / task_s tasks a
-    #: second, so lease times show the hub below saturation). Below the hub's lease_ttl_s (no heartbeats here).
+    #: seconds a simulated agent "runs" its leased tasks before it reports them, +-50% at random (0: sleep-0
+    #: tasks, every agent asks again at once and the hub is saturated; > 0: the fleet offers about agents * slots
+    #: / task_s tasks a second, so lease times show the hub below saturation). Below the hub's lease_ttl_s (no
+    #: heartbeats here).
     task_s: float = 0.0
 
 
@@ -121,8 +123,8 @@ class FleetAgent(SimAgent):
                     self.leases.append((time.time(), (time.perf_counter() - t0) * 1000))
                 self.leased.extend(t.task_id for t in reply.tasks)
                 self.jobs.update(t.job_id for t in reply.tasks)
-                if self.task_s:
-                    await asyncio.sleep(self.task_s)
+                if self.task_s:   # run times vary (+-50%), or a fleet woken together would ask together forever
+                    await asyncio.sleep(self.task_s * random.uniform(0.5, 1.5))
             elif reply.retry_after_s:
                 await asyncio.sleep(reply.retry_after_s)
             results = tuple(self._result(t) for t in reply.tasks)
