@@ -53,28 +53,25 @@ log = logging.getLogger(__name__)
 _TLS_HANDSHAKE = 0x16   # the first byte of a TLS record carrying a ClientHello
 _PLAIN_HTTP_REPLY = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
                      b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
-#: bytes a connection's TLS layer takes in (and decrypts) per step: one TLS record's most plaintext (RFC 8446)
-TLS_READ_CHUNK = 16 * 1024
 
 
 class LeanSSLProtocol(SSLProtocol):
-    """asyncio's ``SSLProtocol`` taking bytes in through one 16 KiB buffer per thread, not 256 KiB per connection.
+    """asyncio's ``SSLProtocol`` taking bytes in through one buffer per thread, not one per connection.
 
-    asyncio gives every TLS connection a zero-filled ``bytearray(256 KiB)`` for the bytes it receives, resident
+    asyncio gives every TLS connection a zero-filled 256 KiB ``bytearray`` for the bytes it receives, resident
     for the connection's whole life: times 10,000 long-polling agents, 2.5 GB of a hub's memory for buffers that
-    are idle between requests. The buffer is only a landing area: :func:`_feed` fills it (``get_buffer``) and
-    ``buffer_updated`` at once copies the bytes into the connection's own ``MemoryBIO`` before anything else
-    runs, so the connections of one event loop (one thread) can share one. A TLS record carries at most 16 KiB,
-    so 16 KiB steps change nothing but the number of steps for a big body (:func:`_feed` loops)."""
+    are idle between requests. The buffer is only a landing area: whoever feeds the protocol fills it
+    (``get_buffer``: :func:`_feed` here, a socket's ``recv_into`` in an asyncio transport) and ``buffer_updated``
+    at once copies the bytes into the connection's own ``MemoryBIO`` before anything else runs, so the
+    connections of one event loop (one thread) can share one, of the same size: no more steps per byte."""
 
-    max_size = TLS_READ_CHUNK
     _landing = threading.local()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         landing = self._landing
         if not hasattr(landing, "buffer"):
-            landing.buffer = bytearray(TLS_READ_CHUNK)
+            landing.buffer = bytearray(self.max_size)
             landing.view = memoryview(landing.buffer)
         self._ssl_buffer, self._ssl_buffer_view = landing.buffer, landing.view
 

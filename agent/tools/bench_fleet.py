@@ -28,7 +28,7 @@ import resource
 import statistics
 import tempfile
 import time
-from asyncio.sslproto import SSLProtocol
+from asyncio import sslproto
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -41,7 +41,7 @@ from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, wait_job
 from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
-from hub.connections import TLS_READ_CHUNK
+from hub.connections import LeanSSLProtocol
 from jobs.manifest import Manifest
 from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
 from jobs.requirements import Capabilities
@@ -161,9 +161,9 @@ async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, t
 def _load_process(url: str, count: int, gpus: int, slots: int, conn: Connection, task_s: float = 0.0) -> None:
     """A load process: ``count`` agents (the first ``gpus`` with a GPU) until the main process says stop."""
     _raise_fd_limit()
-    # asyncio gives each TLS connection a 256 KiB receive buffer (the hub's side uses LeanSSLProtocol): 5,000
-    # simulated agents in one process would hold 1.3 GB of them. This process only runs simulated agents.
-    SSLProtocol.max_size = TLS_READ_CHUNK
+    # asyncio gives each TLS connection a 256 KiB receive buffer: 5,000 simulated agents in one process would hold
+    # 1.3 GB of them. Their connections share one, as the hub's do (LeanSSLProtocol); this process runs only them.
+    sslproto.SSLProtocol = LeanSSLProtocol  # type: ignore[misc]
     asyncio.run(_load(url, count, gpus, slots, conn, task_s))
 
 
