@@ -10,6 +10,7 @@ bodies are :mod:`hub.http`'s.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from hub.blob_routes import add_blob_routes
 from hub.board import Board
 from hub.config import HubConfig
 from hub.connections import StreamCaps
+from hub.envelope_routes import add_envelope_routes
 from hub.http import BODY_TIMEOUT_KEY, decode_map, error_middleware, int_query, read_raw, reply
 from hub.intake import hub_limits
 from hub.metrics import add_metrics
@@ -99,7 +101,7 @@ class Api:
         asked = LeaseRequest.decode(body)
         with self.streams.hold("long_poll"):
             outcomes = await self.board.accept(agent_id, asked.results)
-            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s)
+            tasks = await self.board.lease(agent_id, asked.slots, asked.wait_s, asked.have)
         refused = self.board.view.agents[agent_id].refused
         standing = self.board.trust.agent_view(agent_id)
         pause = self.board.retry_after(agent_id) if not tasks and refused is None else None
@@ -173,8 +175,21 @@ class Api:
         if self.board.blobs is not None:
             await self.access.check_inputs(body.get("envelope"), submitter)
         job, created = await self.board.submit(body.get("envelope"), submitter)
-        view = await self.board.job_view(job.id)
+        # ``?wait=S``: one request from submit to the finished job (the shorter path for one task): the job is
+        # committed above, so the wait is a long-poll like GET's; a retry of the same envelope waits again.
+        view = await self._view_after(request, job.id, self.streams.room("long_poll"))
         return reply(request, {"job": view, "created": created}, 201 if created else 200)
+
+    async def _view_after(self, request: web.Request, job_id: str, may_wait: bool = True) -> dict[str, Any]:
+        """The job's view, after waiting up to the query's ``wait`` seconds (capped) for it to finish.
+        The final view comes from memory as the job's last commit made it (Board.wait_job)."""
+        wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s) if may_wait else 0.0
+        if wait_s > 0 and self.board.is_active(job_id):
+            with self.streams.hold("long_poll"):
+                final = await self.board.wait_job(job_id, wait_s)
+            if final is not None:
+                return final
+        return await self.board.job_view(job_id)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         caller = await self.auth.submitter(request, await read_raw(request))
@@ -207,13 +222,7 @@ class Api:
 
     async def get_job(self, request: web.Request) -> web.Response:
         _, job_id = await self.own_job(request)
-        wait_s = min(float(int_query(request, "wait", 0)), self.config.max_poll_wait_s)
-        view = await self.board.job_view(job_id)
-        if wait_s > 0 and view["state"] in ("queued", "running"):
-            with self.streams.hold("long_poll"):
-                final = await self.board.wait_job(job_id, wait_s)
-            view = final if final is not None else await self.board.job_view(job_id)
-        return reply(request, {"job": view})
+        return reply(request, {"job": await self._view_after(request, job_id)})
 
     async def job_tasks(self, request: web.Request) -> web.Response:
         _, job_id = await self.own_job(request)
@@ -274,6 +283,7 @@ def create_app(board: Board, config: HubConfig) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}/results", api.job_results)
     app.router.add_delete("/v1/jobs/{job_id}", api.cancel)
     app.router.add_get("/v1/limits", api.limits)   # public: what a job may ask of this hub
+    add_envelope_routes(app, board, auth, config)   # GET /v1/jobs/{id}/envelope: a big manifest, to its lessees
     add_status_routes(app, board, config)   # GET /, /static, /v1/status, /v1/events, /v1/jobs/{id}/public
     add_metrics(app, board)                  # GET /metrics and the request-timing middleware
     add_openapi(app)                         # GET /v1/openapi.json

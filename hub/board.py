@@ -30,6 +30,7 @@ from hub.config import HubConfig
 from hub.dispatch import make_policy
 from hub.dispatch.memory_hint import MemoryHint
 from hub.dispatcher import Dispatcher
+from hub.envelopes import JobEnvelope
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
 from hub.leases import LeaseTable
@@ -202,14 +203,20 @@ class Board:
     async def submit(self, envelope: Any, signer_id: str) -> tuple[JobRow, bool]:
         """Create a job from a submitter-signed envelope; idempotent on the same envelope."""
         signed = Envelope(envelope, signer_id)
-        existing = self._queues.get_job(signed.job_id) or await self.store.get_job(signed.job_id)
+        existing = self._queues.get_job(signed.job_id)
         if existing is not None:
             return existing, False
-        job, tasks = new_job(signed, self.config, self.blobs, self.clock())
-        await self.store.create_job(job, tasks)
-        raced = self._queues.get_job(job.id)
-        if raced is not None:  # a concurrent identical submission won the race
-            return raced, False
+        try:
+            # Inserted without a read first (one store round trip on the path of every new job): a job id
+            # already stored (a finished job submitted again) fails the insert, which changes nothing; the
+            # stored job is the answer, even if its manifest would no longer pass (limits, inputs since gone).
+            job, tasks = new_job(signed, self.config, self.blobs, self.clock())
+            await self.store.create_job(job, tasks)
+        except Exception:
+            stored = await self.store.get_job(signed.job_id)
+            if stored is None:
+                raise
+            return self._queues.get_job(signed.job_id) or stored, False   # (live, if a twin submit just won)
         self._queues.add_job(job, tasks)
         self.trust.add_job(job, tasks)
         self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))   # (queued: waiters wake)
@@ -278,7 +285,12 @@ class Board:
             self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
+            self._leases.envelopes.forget(job_id)
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
+
+    def is_active(self, job_id: str) -> bool:
+        """Whether the job is still queued or running (a finished one has left memory for the store)."""
+        return job_id in self._queues
 
     async def wait_job(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
         """The job's final view when it finishes within ``timeout_s`` (None: it did not, or was not active).
@@ -295,8 +307,10 @@ class Board:
         return None
 
     # -- leases -------------------------------------------------------------------------------------
-    async def lease(self, agent_id: str, slots: int, wait_s: float) -> list[Assignment]:
-        """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one."""
+    async def lease(self, agent_id: str, slots: int, wait_s: float,
+                    have: Mapping[str, str] | None = None) -> list[Assignment]:
+        """Hand out up to ``slots`` tasks, long-polling up to ``wait_s`` for the first one. ``have``: the
+        envelopes the agent holds (``LeaseRequest.have``), left out of the assignments (hub/envelopes.py)."""
         agent = self.agent(agent_id)
         picked = await self._dispatcher.pick(agent, slots, wait_s)
         picked, back = self.trust.screen(agent, picked)   # never two instances of one unit to one agent
@@ -322,7 +336,17 @@ class Board:
             if job.state == JobState.QUEUED:
                 job.state = JobState.RUNNING
         self._stats["leases"] += len(picked)
-        return [self._leases.assignment(task) for task in picked]
+        assignments, envelopes = self._leases.assignments(picked, have)
+        self._stats["envelopes_sent"] += envelopes.sent
+        self._stats["envelopes_omitted"] += envelopes.omitted
+        self._stats["envelopes_to_fetch"] += envelopes.to_fetch
+        return assignments
+
+    def leased_envelope(self, agent_id: str, job_id: str) -> JobEnvelope:
+        """A job's envelope for an agent holding a lease of one of its tasks (``GET /v1/jobs/{id}/envelope``)."""
+        entry = self._leases.leased_envelope(agent_id, job_id)
+        self._stats["envelopes_fetched"] += 1
+        return entry
 
     async def _save_started(self, jobs: list[JobRow]) -> None:
         """Store as running the jobs still queued now (a job cancelled meanwhile keeps its state)."""

@@ -38,6 +38,12 @@ class HubConfig:
     max_poll_interval_s: float = 300.0
     min_poll_interval_s: float = 0.0
     max_tasks_per_lease: int = 64
+    #: a job's signed manifest (envelope) up to this size rides in the lease reply, once per agent; a bigger
+    #: one (a 100k-task sweep's is 900 KB) is fetched once per agent (GET /v1/jobs/{id}/envelope), streamed
+    #: from one shared copy, at most ``max_envelope_streams`` at once: 10k agents waking to a big job must not
+    #: each hold a reply of it in memory (hub/envelopes.py)
+    inline_envelope_bytes: int = 64 * 1024
+    max_envelope_streams: int = 32
     max_body_bytes: int = 4 * 1024 * 1024
     max_tasks_per_job: int = 10_000
     signature_skew_s: float = 300.0    # how far a signature's created time may be from ours

@@ -302,6 +302,11 @@ class StreamCaps:
         finally:
             self.counts[kind] -= 1
 
+    def room(self, kind: str) -> bool:
+        """Whether one more of ``kind`` would be let in now (a submit that may wait asks before it waits:
+        its job is committed already, so it answers at once rather than with a 503)."""
+        return self.counts[kind] < self.caps[kind]
+
     def middleware(self) -> Any:
         """Event streams (``GET /v1/events``, public) are counted here, around the handler."""
         @web.middleware

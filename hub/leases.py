@@ -18,10 +18,11 @@ from __future__ import annotations
 import heapq
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from hub.blob_backend import BlobBackend
 from hub.config import HubConfig
+from hub.envelopes import JobEnvelope, JobEnvelopes, ReplyEnvelopes
 from hub.fleet import AgentState, Fleet
 from hub.protocols import LeaseGate
 from hub.queues import JobQueues
@@ -29,7 +30,7 @@ from hub.records import TaskRow, TaskState
 from hub.store import LeaseWrite
 from jobs.checkpoints import verify_checkpoint
 from jobs.protocol import Assignment, HeartbeatLease, LossReason, LostLease
-from security.errors import PanalError
+from security.errors import Forbidden, NotFound, PanalError
 from security.records import SignedRecord
 
 __all__ = ["LeaseTable"]
@@ -48,6 +49,7 @@ class LeaseTable:
         self._expiry: list[tuple[float, str, str]] = []     # (expires at, task id, lease id)
         self._gates: list[LeaseGate] = []
         self._hard_end: dict[str, float] = {}               # task id -> its lease ends then, heartbeats or not
+        self.envelopes = JobEnvelopes(config.inline_envelope_bytes)   # each active job's envelope, decoded once
 
     # -- who may have work --------------------------------------------------------------------------
     def add_gate(self, gate: LeaseGate) -> None:
@@ -142,15 +144,35 @@ class LeaseTable:
         task.lease_id = task.lease_expires_at = None
         task.progress = 1.0   # its agent finished it
 
-    def assignment(self, task: TaskRow) -> Assignment:
-        """What the agent is told of a lease it got."""
+    def assignments(self, tasks: Sequence[TaskRow], have: Mapping[str, str] | None = None
+                    ) -> tuple[list[Assignment], ReplyEnvelopes]:
+        """What the agent is told of the leases it got: each job's envelope only where it needs it
+        (hub/envelopes.py; ``have`` is what its request said it holds), and how many went or were left out."""
+        envelopes = ReplyEnvelopes(self.envelopes, have)
+        return [self.assignment(task, envelopes) for task in tasks], envelopes
+
+    def assignment(self, task: TaskRow, envelopes: ReplyEnvelopes | None = None) -> Assignment:
+        """What the agent is told of one lease it got (with its job's envelope unless ``envelopes`` says not)."""
         job = self._queues.job(task.job_id)
         assert task.lease_id is not None
+        envelope = envelopes.take(job) if envelopes is not None else self.envelopes.of(job).record
         # the unit's index: an agent checks the params against that point of the signed manifest
         record = SignedRecord.from_wire(task.checkpoint_record) if task.checkpoint_record else None
         return Assignment(task.id, job.id, task.unit_idx, task.lease_id, task.attempt, job.kind, task.params,
-                          job.timeout_s, self.config.lease_ttl_s, SignedRecord.from_wire(job.envelope),
-                          task.checkpoint, record)
+                          job.timeout_s, self.config.lease_ttl_s, envelope, task.checkpoint, record)
+
+    def leased_envelope(self, agent_id: str, job_id: str) -> JobEnvelope:
+        """A job's envelope for an agent holding a lease of one of its tasks (it fetches what its lease reply
+        left out); nobody else: a job's manifest is its submitter's business and its lessees'."""
+        job = self._queues.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no active job {job_id}", code="no_such_job")
+        agent = self._agents.get(agent_id)
+        if agent is None or not any(self.holds(t, agent_id, t.lease_id) and t.job_id == job_id
+                                    for t in map(self._queues.task, agent.running) if t is not None):
+            raise Forbidden(f"job {job_id}: an agent may read a job's manifest only while it holds a lease of one "
+                            "of its tasks", code="not_leased")
+        return self.envelopes.of(job)
 
     def holds(self, task: TaskRow | None, agent_id: str, lease_id: object) -> bool:
         return task is not None and task.state == TaskState.LEASED and task.lease_id == lease_id \

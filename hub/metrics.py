@@ -44,6 +44,12 @@ STAT_COUNTERS = {
     "leases": ("panal_leases", "Tasks handed out to agents in leases."),
     "expired": ("panal_lease_expired", "Leases that expired (agent stopped heartbeating); the task was requeued."),
     "retries": ("panal_task_retries", "Failed or expired attempts requeued for another try."),
+    "envelopes_sent": ("panal_lease_envelopes", "Assignments sent with their job's signed manifest envelope."),
+    "envelopes_omitted": ("panal_lease_envelopes_omitted", "Assignments sent without their job's envelope: the "
+                          "agent held it already (LeaseRequest.have) or the reply carried it once before."),
+    "envelopes_to_fetch": ("panal_lease_envelopes_to_fetch", "Assignments sent without their job's envelope because "
+                           "it is too big to inline: the agent fetches it once (GET /v1/jobs/{id}/envelope)."),
+    "envelopes_fetched": ("panal_envelopes_fetched", "Job envelopes fetched by their lessees."),
 }
 RESULT_STATS = {"results_accepted": "accepted", "results_failed": "failed", "results_duplicate": "duplicate",
                 "results_rejected": "rejected"}

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from jobs.protocol import LossReason, Outcome
+from jobs.protocol import ENVELOPE_DIGEST_CHARS, MAX_HAVE, MAX_HAVE_JOB_ID, LossReason, Outcome
 from jobs.wire import JSON, MSGPACK
 
 __all__ = ["SPEC", "add_openapi"]
@@ -42,6 +42,15 @@ BEST: Schema = {**_obj(["unit", "metric", "mode", "value"], task_id=S, unit=I, i
                 "type": ["object", "null"]}
 REPORT: Schema = {**_obj(["metric", "mode"], metric=S, mode={"enum": ["max", "min"]}), "type": ["object", "null"]}
 DETAILS: Schema = {"description": 'more about the error, e.g. {"field": "leases[2].lease_id"} for a malformed field'}
+#: LeaseRequest.have: the envelopes an agent holds for this board (jobs/protocol.py, hub/envelopes.py)
+HAVE: Schema = {"type": "object", "maxProperties": MAX_HAVE,
+                "propertyNames": {"minLength": 1, "maxLength": MAX_HAVE_JOB_ID},
+                "additionalProperties": {"type": "string", "pattern": f"^[0-9a-f]{{{ENVELOPE_DIGEST_CHARS}}}$"},
+                "description": "job id -> the first 16 hex digits of sha256(key text + sig + payload) of that job's "
+                               "envelope, for envelopes the agent holds from this board: the board leaves them out "
+                               "of the assignments, and sends each other job's envelope once per reply. Absent: "
+                               "every assignment carries its envelope (agents that predate it). A malformed map, or "
+                               f"one of more than {MAX_HAVE} jobs, is a 400 naming the field."}
 
 
 def _content(schema: Schema) -> dict[str, Any]:
@@ -95,9 +104,12 @@ SCHEMAS: dict[str, Schema] = {
     "Registration": _obj(["public_key"], public_key=S, name=S, capabilities=ANY_MAP),
     "Registered": _obj(["agent_id"], agent_id=S, lease_ttl_s=N, max_poll_wait_s=N, max_tasks_per_lease=I,
                        standing=ANY_MAP),
-    "LeaseRequest": _obj(slots=I, wait_s=N, results=_arr(_ref("SignedRecord"))),
+    "LeaseRequest": _obj(slots=I, wait_s=N, results=_arr(_ref("SignedRecord")), have=HAVE),
     "Assignment": _obj(["task_id", "job_id", "lease_id"], task_id=S, job_id=S, idx=I, lease_id=S, attempt=I,
-                       kind=S, params=ANY_MAP, timeout_s=N, lease_ttl_s=N, envelope=_ref("SignedRecord"),
+                       kind=S, params=ANY_MAP, timeout_s=N, lease_ttl_s=N,
+                       envelope={**_ref("SignedRecord"),
+                                 "description": "the submitter's signed manifest; absent when the request's `have` "
+                                                "names it or an earlier assignment of the reply carried it"},
                        checkpoint=NULLABLE_S, checkpoint_record=_ref("SignedRecord")),
     "ResultOutcome": _obj(["task_id", "status"], task_id=S, status={"enum": [o.value for o in Outcome]},
                           error=S, message=S, details=DETAILS),
@@ -165,7 +177,8 @@ PATHS: dict[str, dict[str, Any]] = {
                                "with token registration sends the join URL's token in Panal-Admission-Token; "
                                "open registration is rate-limited per address (429)",
                                _responses("200", _ref("Registered"), *SIGNED_ERRORS, 429), body="Registration")},
-    "/v1/lease": {"post": _op("Long-poll for task assignments; may carry results",
+    "/v1/lease": {"post": _op("Long-poll for task assignments; may carry results. A job's signed manifest "
+                              "(envelope) comes once per agent: not for jobs the request's `have` names",
                               _responses("200", _ref("LeaseReply"), *SIGNED_ERRORS, 413, 503), body="LeaseRequest")},
     "/v1/results": {"post": _op("Deliver signed results (each gets its own outcome)",
                                 _responses("200", _ref("ResultOutcomes"), *SIGNED_ERRORS, 413, 503), body="Results")},
@@ -181,7 +194,8 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": _op("Submit a submitter-signed manifest (idempotent)",
                     {**_responses("201", _ref("Submitted"), *SIGNED_ERRORS, description="created"),
                      "200": {"description": "already submitted", "content": _content(_ref("Submitted"))}},
-                    body="Submission"),
+                    body="Submission", params=[_query("wait", N, "seconds to wait for the job to finish before "
+                                                      "answering (submit to result in one request)")]),
         "get": {**_op("List jobs", _responses("200", _ref("JobList"), *SIGNED_ERRORS)),
                 "parameters": [_query("state", {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
                                       "only jobs in this state"), _query("limit", I, "at most this many")]},
@@ -198,6 +212,11 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/jobs/{job_id}/results": {"get": _op("A job's signed manifest and accepted signed results",
                                              _responses("200", _ref("JobResults"), *SIGNED_ERRORS, 404),
                                              params=[JOB_ID])},
+    "/v1/jobs/{job_id}/envelope": {"get": _op(
+        "A job's signed manifest, for an agent holding a lease of one of its tasks (403 `not_leased` otherwise): "
+        "the lease reply leaves out an envelope over the board's inline_envelope_bytes; fetched once per agent, "
+        "one at a time per agent (429 `envelope_busy`)",
+        _responses("200", _ref("SignedRecord"), *SIGNED_ERRORS, 404, 429), params=[JOB_ID])},
     "/v1/jobs/{job_id}/public": {"get": _op(
         "Public task table of a job and why it waits (no parameters, no error text)",
         _responses("200", _ref("PublicJobDetail"), 404), signed=False, params=[JOB_ID])},

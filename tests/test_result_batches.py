@@ -8,14 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import InProcessHub
 from helpers import wait_for_async
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
-from agent.daemon.board_link import BoardLink
+from agent.daemon import board_link
+from agent.daemon.board_link import BoardLink, Running
 from agent.daemon.outbox import Outbox
-from agent.daemon.result_batches import encoded_size, take_batch
+from agent.daemon.result_batches import BATCH_WINDOW_S, batch_window_s, encoded_size, take_batch
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from hub.records import TaskState
@@ -131,6 +133,48 @@ async def test_a_board_refusing_a_batch_as_too_large_gets_smaller_batches_until_
         assert link.max_body_bytes <= 128 * KIB
         tasks = await server.board.tasks_of(owner.started[0].job_id)
         assert {t.state for t in tasks} == {TaskState.DONE}
+    finally:
+        await link.stop()
+        await client.close()
+        await hub.stop()
+
+
+async def test_a_result_waits_for_company_only_while_other_tasks_run(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush loop's batching window (5 ms) is for results finishing together; a result with nothing
+    else running goes at once (a one-task job's submitter would only wait), and both reach the board."""
+    windows: list[tuple[int, float]] = []
+
+    def recorded(still_running: int) -> float:
+        windows.append((still_running, batch_window_s(still_running)))
+        return windows[-1][1]
+    monkeypatch.setattr(board_link, "batch_window_s", recorded)
+    hub = InProcessHub(tmp_path, max_poll_wait_s=30)   # the free slot's lease request stays parked meanwhile
+    server = await hub.start()
+    assert hub.address is not None
+    submitter = Identity.generate()
+    await server.add_submitter(submitter.public, "user")
+    identity = Identity.generate()
+    owner = _Owner(identity, slots=3)
+    client = BoardClient(hub.address, identity, retry_for_s=1)
+    outbox = Outbox(tmp_path / "outbox", hub.address.url)
+    link = BoardLink(owner, hub.address, client, outbox)
+    async with BoardClient(hub.address, submitter) as sub:
+        await submit(sub, make_envelope(submitter, Manifest.from_dict({
+            "apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "two"},
+            "spec": {"task": "sleep", "sweep": {"seconds": [0.0, 0.0]}}})))
+    link.start()
+    try:
+        await wait_for_async(lambda: len(owner.started) == 2, "both tasks leased")
+        first, second = sorted(owner.started, key=lambda a: a.idx)
+        link.running[second.task_id] = Running(second)        # still running: the first result waits for it
+        link.queue_result(_result(identity, first, 0), ok=True)
+        await wait_for_async(lambda: len(outbox) == 0, "the first result delivered")
+        del link.running[second.task_id]                      # nothing else runs: no window
+        link.queue_result(_result(identity, second, 0), ok=True)
+        await wait_for_async(lambda: len(outbox) == 0, "the second result delivered")
+        assert windows[0] == (1, BATCH_WINDOW_S) and windows[-1] == (0, 0.0)
+        assert {t.state for t in await server.board.tasks_of(first.job_id)} == {TaskState.DONE}
     finally:
         await link.stop()
         await client.close()

@@ -15,9 +15,11 @@ from helpers import FakeClock
 from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
+from hub.pg_store import PgStore
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
 from jobs.requirements import Capabilities
+from security.errors import BadRequest
 from security.identity import Identity
 from security.records import SignedRecord
 
@@ -101,3 +103,68 @@ async def test_a_jobs_first_lease_commits_the_lease_and_the_jobs_start_together(
     await short.board.start()
     assert (await short.board.job_view(job_id))["state"] == "running"
     assert (await short.board.store.get_tasks(job_id))[task.idx].lease_id == task.lease_id
+
+
+async def test_a_new_job_costs_one_store_round_trip(short: Short) -> None:
+    store = short.board.store
+    assert isinstance(store, SqliteStore)
+    before = store.commits
+    job_id = await short.submit(2)
+    assert store.commits == before + 1          # the insert only: no read of the job id first
+    assert [t.job_id for t in await store.get_tasks(job_id)] == [job_id, job_id]
+
+
+async def test_a_finished_job_submitted_again_is_answered_from_the_store(short: Short) -> None:
+    envelope = make_envelope(short.user, manifest(2))
+    job, created = await short.board.submit(envelope, short.user.id)
+    await short.run_all()
+    assert created and not short.board.is_active(job.id)      # finished: out of memory, in the store
+    again, created_again = await short.board.submit(envelope, short.user.id)
+    assert not created_again and again.id == job.id and again.state.value == "succeeded"
+    # even where its manifest would no longer pass (here: the hub's limit on tasks per job went down)
+    await short.board.stop()
+    short.board = Board(SqliteStore(short.tmp / "b.db"), HubConfig(expiry_interval_s=3600, max_tasks_per_job=1),
+                        short.clock)
+    await short.board.start()
+    third, created_third = await short.board.submit(envelope, short.user.id)
+    assert not created_third and third.id == job.id and third.state.value == "succeeded"
+    assert len(await short.board.store.list_jobs()) == 1
+
+
+async def test_a_new_job_over_the_hubs_limits_is_still_refused(tmp_path: Path) -> None:
+    board = Board(SqliteStore(tmp_path / "b.db"), HubConfig(expiry_interval_s=3600, max_tasks_per_job=1))
+    await board.start()
+    try:
+        user = Identity.generate()
+        with pytest.raises(BadRequest, match="tasks"):
+            await board.submit(make_envelope(user, manifest(2)), user.id)
+        assert await board.store.list_jobs() == []
+    finally:
+        await board.stop()
+
+
+async def test_twin_submits_of_one_envelope_make_one_job(short: Short) -> None:
+    envelope = make_envelope(short.user, manifest(1))
+    (a, a_new), (b, b_new) = await asyncio.gather(short.board.submit(envelope, short.user.id),
+                                                  short.board.submit(envelope, short.user.id))
+    assert a.id == b.id and sorted([a_new, b_new]) == [False, True]
+    assert len(await short.board.store.list_jobs()) == 1 and short.board.is_active(a.id)
+
+
+async def test_on_postgresql_a_finished_job_submitted_again_is_answered_from_the_store(pg: str) -> None:
+    """The failed insert of a known job id rolls back alone there too (its batch is retried in savepoints)."""
+    board = Board(PgStore(pg), HubConfig(expiry_interval_s=3600), FakeClock(1_000_000.0))
+    await board.start()
+    try:
+        user, agent = Identity.generate(), Identity.generate()
+        await board.register_agent(agent.public, "a", Capabilities.from_dict({"kinds": ["sleep"]}))
+        envelope = make_envelope(user, manifest(1))
+        job, created = await board.submit(envelope, user.id)
+        [task] = await board.lease(agent.id, 1, 0)
+        await board.accept(agent.id, [SignedRecord.sign(agent, {
+            "task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id, "attempt": task.attempt,
+            "agent_id": agent.id, "status": "ok", "values": {}})])
+        again, created_again = await board.submit(envelope, user.id)
+        assert created and not created_again and again.id == job.id and again.state.value == "succeeded"
+    finally:
+        await board.stop()

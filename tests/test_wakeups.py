@@ -266,9 +266,9 @@ async def test_the_agent_keeps_the_pause_its_board_names(tmp_path: Path, monkeyp
     told: list[tuple[float, float | None]] = []
     real_lease, real_pause = board.lease, board.retry_after
 
-    async def lease(agent_id: str, slots: int, wait_s: float) -> list[Assignment]:
+    async def lease(agent_id: str, slots: int, wait_s: float, have: Any = None) -> list[Assignment]:
         asked.append(time.monotonic())
-        return await real_lease(agent_id, slots, wait_s)
+        return await real_lease(agent_id, slots, wait_s, have)
 
     def retry_after(agent_id: str) -> float | None:
         pause = real_pause(agent_id)

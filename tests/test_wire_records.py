@@ -38,6 +38,7 @@ from jobs.protocol import (
     ResultsRequest,
     TaskResult,
     UnreadableResult,
+    envelope_digest,
 )
 from jobs.requirements import Capabilities
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
@@ -54,12 +55,18 @@ RESULT = SignedRecord.sign(AGENT, {"task_id": "j1.0", "lease_id": "l1", "status"
 CAPS = {"kinds": ["sleep"], "memory_gb": 16, "cpu": {"cores": 8, "gflops_fp32": 120.5},
         "gpus": [{"name": "A100", "backend": "cuda", "vram_gb": 40}]}
 ASSIGNMENT = Assignment("j1.0", "j1", 0, "l1", 2, "sleep", {"seconds": 0.5}, 60, 30.0, ENVELOPE, "ab" * 32)
+#: the same job's next task, its envelope left out (the agent holds it: LeaseRequest.have)
+BARE = Assignment("j1.1", "j1", 1, "l2", 1, "sleep", {"seconds": 0.5}, 60, 30.0, None)
+HAVE = {"j1": envelope_digest(ENVELOPE), "j" + "0" * 20: "0123456789abcdef"}
 
 #: (record, its OpenAPI schema): one of every record of jobs.protocol
 RECORDS: list[tuple[Any, str]] = [
     (Registration(AGENT.public, "laptop", Capabilities.from_dict(CAPS)), "Registration"),
     (Registered(AGENT.id, 30.0, 20.0, 64), "Registered"),
     (LeaseRequest(4, 2.0, (RESULT,)), "LeaseRequest"),
+    (LeaseRequest(4, 2.0, (), HAVE), "LeaseRequest"),
+    (LeaseRequest(1, 0.0, (), {}), "LeaseRequest"),
+    (LeaseReply((ASSIGNMENT, BARE)), "LeaseReply"),
     (LeaseReply((ASSIGNMENT, ASSIGNMENT), (ResultOutcome("j1.0", Outcome.ACCEPTED),
                                            ResultOutcome("j1.1", Outcome.PENDING)), "on a break"), "LeaseReply"),
     (LeaseReply(), "LeaseReply"),
@@ -159,6 +166,15 @@ def test_a_decoded_body_keeps_what_the_previous_version_left_out() -> None:
     (LeaseRequest.decode, {"slots": "many"}, "slots: expected a number, got 'many'"),
     (LeaseRequest.decode, {"wait_s": float("inf")}, "wait_s: expected a number, got inf"),
     (LeaseRequest.decode, {"slots": True}, "slots: expected a number, got True"),
+    (LeaseRequest.decode, {"have": ["j1"]}, "have: expected a map of job id to envelope digest, got a list"),
+    (LeaseRequest.decode, {"have": {f"j{i}": "0" * 16 for i in range(65)}}, "have: at most 64 jobs, got 65"),
+    (LeaseRequest.decode, {"have": {"j1": "0" * 64}},
+     "have.j1: expected an envelope digest of 16 lowercase hex digits, got '0000000000"),
+    (LeaseRequest.decode, {"have": {"j1": "ABCDEF0123456789"}},
+     "have.j1: expected an envelope digest of 16 lowercase hex digits, got 'ABCDEF0123456789'"),
+    (LeaseRequest.decode, {"have": {"j1": 5}}, "have.j1: expected an envelope digest of 16 lowercase hex digits"),
+    (LeaseRequest.decode, {"have": {"x" * 65: "0" * 16}}, "have: a job id is text of 1 to 64 characters"),
+    (LeaseRequest.decode, {"have": {"": "0" * 16}}, "have: a job id is text of 1 to 64 characters, got ''"),
     (LeaseReply.decode, {"tasks": [{**ASSIGNMENT.encode(), "idx": 1.5}]}, "tasks[0].idx: expected an integer, got 1.5"),
     (LeaseReply.decode, {"tasks": [{**ASSIGNMENT.encode(), "envelope": 7}]}, "tasks[0].envelope: a signed record"),
     (LeaseReply.decode, {"results": [{"task_id": "t", "status": "maybe"}]},
@@ -218,6 +234,10 @@ MALFORMED: list[tuple[str, Any, str, str, str]] = [
     ("/v1/lease", {"wait_s": [1]}, JSON, "wait_s", "bad_field"),
     ("/v1/lease", {"slots": float("inf")}, JSON, "slots", "bad_field"),      # was an OverflowError: a 500
     ("/v1/lease", {"results": 5}, MSGPACK, "results", "bad_field"),
+    ("/v1/lease", {"have": "everything"}, JSON, "have", "bad_field"),
+    ("/v1/lease", {"have": {f"j{i}": "0" * 16 for i in range(1000)}}, MSGPACK, "have", "bad_field"),
+    ("/v1/lease", {"have": {"j1": "not a digest"}}, JSON, "have.j1", "bad_field"),
+    ("/v1/lease", {"have": {"j1": None}}, MSGPACK, "have.j1", "bad_field"),
     ("/v1/results", {"results": {"a": 1}}, JSON, "results", "bad_field"),
     ("/v1/heartbeat", {"leases": [GOOD_LEASE, GOOD_LEASE, {"task_id": "j0.0", "lease_id": 5}]}, MSGPACK,
      "leases[2].lease_id", "bad_field"),
@@ -288,3 +308,11 @@ async def test_a_malformed_reply_is_the_boards_fault_and_names_the_field(odd_boa
             await client.post("/v1/lease", LeaseRequest(), LeaseReply.decode)
     assert exc.value.code == "malformed_reply"
     assert "tasks[0].lease_id: expected text, got null" in exc.value.message
+
+
+def test_an_envelope_the_agent_holds_is_left_out_and_only_an_agent_that_knows_have_sends_it() -> None:
+    assert "envelope" not in BARE.encode() and Assignment.decode(BARE.encode()).envelope is None
+    assert list(BARE.encode()) == [k for k in ASSIGNMENT.encode() if k != "envelope"]
+    assert "have" not in LeaseRequest(2, 1.0).encode()                  # an older agent's map, unchanged
+    assert LeaseRequest.decode(LeaseRequest(2, 1.0, (), {}).encode()).have == {}   # holds none, reads bare ones
+    assert LeaseRequest.decode({"have": HAVE}).have == HAVE

@@ -89,18 +89,29 @@ def bench_policies(policies: tuple[str, ...], seed: int) -> None:
 @click.option("--store", "stores", multiple=True, metavar="URL",
               help="The hub's store (hub.yaml `store`), e.g. postgresql://USER@HOST/EMPTY_DB; 'sqlite': the "
                    "default file. Repeat to compare stores in one run.  [default: sqlite]")
+@click.option("--ray", "ray_python", metavar="PYTHON",
+              help="Also measure Ray in the same run (benchmarks/ray_baseline.py, run by PYTHON: an interpreter "
+                   "that has ray; dev-only, from a checkout) and report panal's figures as ratios to Ray's.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, latency_only: bool,
-                   stores: tuple[str, ...], as_json: bool) -> None:
+                   stores: tuple[str, ...], ray_python: str | None, as_json: bool) -> None:
     """A real hub (TLS, signatures) and N simulated agents running `sleep 0` tasks."""
-    from agent.tools.bench_dispatch import compare_stores, run_dispatch_bench
+    from agent.tools.bench_dispatch import compare_stores, ray_baseline, run_dispatch_bench, versus_ray
 
     urls = ["" if store == "sqlite" else store for store in stores]
     tasks = 0 if latency_only else tasks
+    ray = ray_baseline(ray_python, latency_samples, tasks) if ray_python else None
     if len(urls) <= 1:
-        _print_result(run_dispatch_bench(agents, tasks, slots, latency_samples, *urls), as_json)
+        result = run_dispatch_bench(agents, tasks, slots, latency_samples, *urls)
+        if ray is not None:
+            result.update(ray=ray, vs_ray=versus_ray(result, ray))
     else:
-        _print_result(compare_stores(agents, tasks, slots, latency_samples, urls), as_json)
+        result = compare_stores(agents, tasks, slots, latency_samples, urls)
+        if ray is not None:
+            for run in list(result.values()):
+                run["vs_ray"] = versus_ray(run, ray)
+            result["ray"] = ray
+    _print_result(result, as_json)
 
 
 @bench.command("fleet")

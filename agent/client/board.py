@@ -11,10 +11,12 @@ reply decoded into its typed record here, once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -72,12 +74,16 @@ def error_from_response(status: int, body: Any) -> PanalError:
                details=body.get("details") if isinstance(body, dict) else None)
 
 
-def _wait(state: RetryCallState) -> float:
-    """Full jitter exponential backoff, unless the board said when to come back."""
-    exc = state.outcome.exception() if state.outcome else None
+def _backoff(exc: BaseException | None, attempts: int) -> float:
+    """Full jitter exponential backoff after ``attempts`` failed attempts, unless the board said when to come back."""
     if isinstance(exc, RetryLater) and exc.retry_after_s is not None:
         return min(exc.retry_after_s, 30.0)
-    return random.uniform(0, min(10.0, 0.1 * 2 ** state.attempt_number))
+    return random.uniform(0, min(10.0, 0.1 * 2 ** attempts))
+
+
+def _wait_after_first(state: RetryCallState) -> float:
+    """tenacity's wait in :meth:`BoardClient.call`, whose first attempt ran before tenacity's loop."""
+    return _backoff(state.outcome.exception() if state.outcome else None, state.attempt_number + 1)
 
 
 class BoardClient:
@@ -154,12 +160,17 @@ class BoardClient:
             raise Unavailable(f"{self.address.url} is failing; circuit breaker open for another "
                               f"{self.breaker.retry_in():.0f} s", code="breaker_open")
         try:
-            if not retry:
+            started = time.monotonic()
+            try:   # the first attempt without tenacity's machinery (set up per call: most calls need one try)
                 result = await self._attempt_here(method, path, body, query, timeout_s, headers)
-            else:
+            except RetryLater as first:
+                if not retry or time.monotonic() - started >= self.retry_for_s:
+                    raise
+                await asyncio.sleep(_backoff(first, 1))
                 result = None
+                left = max(0.0, self.retry_for_s - (time.monotonic() - started))
                 async for attempt in AsyncRetrying(retry=retry_if_exception(lambda e: isinstance(e, RetryLater)),
-                                                   wait=_wait, stop=stop_after_delay(self.retry_for_s),
+                                                   wait=_wait_after_first, stop=stop_after_delay(left),
                                                    reraise=True):
                     with attempt:
                         result = await self._attempt_here(method, path, body, query, timeout_s, headers)

@@ -25,7 +25,7 @@ from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
 from security.records import SignedRecord
 
-__all__ = ["ResultCheck", "job_id_of", "make_envelope", "output_file_name", "prepare_inputs", "submit",
+__all__ = ["ResultCheck", "job_id_of", "make_envelope", "output_file_name", "prepare_inputs", "run_job", "submit",
            "upload_inputs", "verify_results", "wait_job"]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -80,10 +80,25 @@ async def upload_inputs(client: BoardClient, files: list[tuple[str, Path]],
             raise BadRequest(f"{path} changed while it was being submitted", code="input_changed")
 
 
-async def submit(client: BoardClient, envelope: dict[str, Any]) -> dict[str, Any]:
-    reply = await client.call("POST", "/v1/jobs", {"envelope": envelope})
+async def submit(client: BoardClient, envelope: dict[str, Any], wait_s: int = 0) -> dict[str, Any]:
+    """Submit a signed envelope; the job's view. ``wait_s``: the board holds the reply until the job
+    finishes (at most that long, and its own ``max_poll_wait_s``): submit to result in one request. A retry
+    of the same envelope is idempotent, so a reply lost while waiting costs nothing but the wait."""
+    reply = await client.call("POST", "/v1/jobs", {"envelope": envelope}, query=f"wait={wait_s}" if wait_s else "",
+                              timeout_s=wait_s + 30.0)
     job: dict[str, Any] = reply["job"]
     return job
+
+
+async def run_job(client: BoardClient, envelope: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Submit and follow the job until it finishes or ``timeout_s`` passes: the last view. The first
+    wait rides in the submit itself (no second request for a job that is done within it)."""
+    deadline = time.monotonic() + timeout_s
+    job = await submit(client, envelope, wait_s=max(0, min(int(timeout_s), 15)))
+    left = deadline - time.monotonic()
+    if job["state"] in TERMINAL or left <= 0:
+        return job
+    return await wait_job(client, job["id"], left)
 
 
 async def wait_job(client: BoardClient, job_id: str, timeout_s: float,

@@ -28,13 +28,16 @@ class ManifestCache:
     def check(self, assignment: Assignment, trusted: set[str] | None = None) -> tuple[str, Manifest]:
         """Raise if the task is not what its submitter signed; return the submitter's id and manifest."""
         job_id = assignment.job_id
+        record = assignment.envelope
+        if record is None:   # the link resolves a left-out envelope before a task runs (agent/daemon/envelopes.py)
+            raise Forbidden(f"job {job_id}: the task came without its submitter's signed manifest",
+                            code="no_manifest")
         # keyed by the envelope itself, not the job id a board names: boards choose their ids, and
         # one board naming another's job id must not get its own (or that board's) manifest reused
-        key = hashlib.sha256(assignment.envelope.sig + assignment.envelope.payload).hexdigest()
+        key = hashlib.sha256(record.sig + record.payload).hexdigest()
         entry = self._cache.get(key)
         if entry is None:
             try:
-                record = assignment.envelope
                 payload = record.verify()
                 manifest = Manifest.from_dict(payload.get("manifest"))
                 entry = (record.key.id, manifest, manifest.points())

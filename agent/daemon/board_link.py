@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,9 +19,17 @@ from typing import Any, Protocol
 
 from agent.client.board import BoardClient
 from agent.client.breaker import BreakerState
+from agent.daemon.envelopes import EnvelopeBook, HeldEnvelopes
 from agent.daemon.hooks import CodeConsent, HoldOff, SubmitterCheck
 from agent.daemon.outbox import Outbox
-from agent.daemon.result_batches import DEFAULT_MAX_BODY_BYTES, MIN_MAX_BODY_BYTES, encoded_size, take_batch, too_large
+from agent.daemon.result_batches import (
+    DEFAULT_MAX_BODY_BYTES,
+    MIN_MAX_BODY_BYTES,
+    batch_window_s,
+    encoded_size,
+    take_batch,
+    too_large,
+)
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from jobs.protocol import (
@@ -44,11 +53,18 @@ from security.errors import PanalError, PayloadTooLarge
 from security.records import SignedRecord, decode
 from security.tls import BoardAddress
 
-__all__ = ["MAX_BOARD_PAUSE_S", "UNTRUSTED_COOLDOWN_S", "BoardLink", "LinkOwner", "Running", "outbox_key"]
+__all__ = ["MAX_BOARD_PAUSE_S", "MISSING_ENVELOPE_COOLDOWN_S", "UNTRUSTED_COOLDOWN_S", "BoardLink", "LinkOwner",
+           "Running", "outbox_key"]
 
 log = logging.getLogger(__name__)
 #: after handing back a task from an untrusted submitter, leave that board alone this long
 UNTRUSTED_COOLDOWN_S = 30.0
+#: after handing back tasks a board sent without an envelope we never had from it, leave that board alone this long
+MISSING_ENVELOPE_COOLDOWN_S = 30.0
+#: how long fetching one job's envelope may take (a big one, behind other agents' at a busy board)
+ENVELOPE_FETCH_S = 120.0
+#: a job id this agent puts in a URL: a board's ids are "j" + 20 hex digits
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: the longest pause a board's ``retry_after_s`` can ask for (a board that had nothing for us, hub/pacing.py)
 MAX_BOARD_PAUSE_S = 600.0
 
@@ -119,6 +135,7 @@ class BoardLink:
         self.standing: dict[str, Any] = {}   # credit, invalid results and reputation, as the board says
         self.pending: list[SignedRecord] = outbox.load()
         self.running: dict[str, Running] = {}
+        self.envelopes = EnvelopeBook()   # what this board sent us, by its job ids (agent/daemon/envelopes.py)
         self.flush = asyncio.Event()
         self.lease_ttl_s = 30.0
         self.max_poll_wait_s = 20.0       # the board's longest long-poll (it says so at registration)
@@ -189,6 +206,32 @@ class BoardLink:
                     assignment.job_id, self.address.url, submitter)
         self.cooldown_until = time.monotonic() + UNTRUSTED_COOLDOWN_S
         await self.release(assignment)
+
+    async def fetch_envelopes(self, held: HeldEnvelopes, missing: Sequence[Assignment]) -> dict[str, str]:
+        """Ask this board for the envelopes its reply left out that we do not hold (one too big to inline, or
+        a board that forgot): from the board the tasks came from, never another. Why each job's failed."""
+        failed: dict[str, str] = {}
+        for job_id in dict.fromkeys(a.job_id for a in missing):
+            if not _JOB_ID.fullmatch(job_id):
+                failed[job_id] = "the board names it with a malformed job id"
+                continue
+            try:
+                value = await self.client.call("GET", f"/v1/jobs/{job_id}/envelope", retry=False,
+                                               timeout_s=ENVELOPE_FETCH_S)
+                held.add(job_id, SignedRecord.from_wire(value))
+            except PanalError as exc:
+                failed[job_id] = f"the board did not send it when asked: {exc.message}"
+        return failed
+
+    async def hand_back_missing(self, missing: Sequence[Assignment], why: dict[str, str]) -> None:
+        """Hand back tasks that came without an envelope we hold or could fetch from their board (a lying or
+        broken board), so they never run here and another agent takes them; and leave the board alone a while."""
+        for assignment in missing:
+            log.warning("handing back task %s from %s: it came without its job's signed manifest (job %s), and "
+                        "this agent holds none from that board: %s", assignment.task_id, self.address.url,
+                        assignment.job_id, why.get(assignment.job_id, "not sent"))
+        self.cooldown_until = time.monotonic() + MISSING_ENVELOPE_COOLDOWN_S
+        await asyncio.gather(*(self.release(a) for a in missing))
 
     async def hand_back_running(self) -> None:
         """Stop every running task and hand it back with its latest checkpoint (a drain ran out of time)."""
@@ -321,13 +364,14 @@ class BoardLink:
                 await asyncio.sleep(wait)
             n = await owner.slots.reserve(owner.board_count)
             sent = self.take_pending()
+            held = self.envelopes.held()   # pinned until this request's reply is resolved
             try:
                 # With several boards, shorter polls: a slot held by an idle board's long-poll is a slot
                 # a busy board cannot use.
                 poll_wait_s = min(owner.settings.poll_wait_s, self.max_poll_wait_s)
                 wait_s = poll_wait_s if owner.board_count <= 1 else min(poll_wait_s, 2.0)
-                reply = await self.client.post("/v1/lease", LeaseRequest(n, wait_s, tuple(sent)), LeaseReply.decode,
-                                               timeout_s=wait_s + 15.0)
+                reply = await self.client.post("/v1/lease", LeaseRequest(n, wait_s, tuple(sent), held.have),
+                                               LeaseReply.decode, timeout_s=wait_s + 15.0)
             except asyncio.CancelledError:
                 self.pending[:0] = sent
                 await owner.slots.release(n)
@@ -353,7 +397,16 @@ class BoardLink:
                 self.refused = reply.refused
                 if self.refused:
                     log.warning("%s gives this agent no work: %s", self.address.url, self.refused)
-            tasks = reply.tasks
+            tasks, missing = held.resolve(reply.tasks)
+            why: dict[str, str] = {}
+            if missing:   # a big envelope is fetched, once per job; what cannot be is handed back
+                why = await self.fetch_envelopes(held, missing)
+                fetched, missing = held.resolve(missing)
+                tasks += fetched
+            if missing:
+                await owner.slots.release(len(missing))
+                await self.hand_back_missing(missing, why)
+                n -= len(missing)
             if self.refused and not tasks:
                 await owner.slots.release(n)
                 await asyncio.sleep(min(owner.settings.poll_wait_s, 10.0))  # quarantined: don't spin
@@ -391,6 +444,7 @@ class BoardLink:
         while True:
             await self.flush.wait()
             self.flush.clear()
-            await asyncio.sleep(0.005)  # a lease request about to go out will carry them
+            # (a lease request about to go out carries them: it runs in the turns this yields)
+            await asyncio.sleep(batch_window_s(len(self.running)))
             if self.pending:
                 await self.deliver(retry=True)

@@ -17,8 +17,8 @@ from security.errors import PanalError
 from security.identity import Identity
 from security.records import SignedRecord, decode
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ENVELOPE_BYTES", "MIN_MAX_BODY_BYTES", "encoded_size", "take_batch",
-           "too_large"]
+__all__ = ["BATCH_WINDOW_S", "DEFAULT_MAX_BODY_BYTES", "ENVELOPE_BYTES", "MIN_MAX_BODY_BYTES", "batch_window_s",
+           "encoded_size", "take_batch", "too_large"]
 
 log = logging.getLogger(__name__)
 #: assumed for a board that does not publish its limit (``GET /v1/limits``): a quarter of the hub's
@@ -28,6 +28,14 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 ENVELOPE_BYTES = 4096
 #: never assume a limit below this after a 413 (a failed result itself must always fit)
 MIN_MAX_BODY_BYTES = 64 * 1024
+#: how long a finished result waits for others (still running tasks ending about now) to share its request
+BATCH_WINDOW_S = 0.005
+
+
+def batch_window_s(still_running: int) -> float:
+    """How long the results pending now wait before they go: a moment for company while other tasks run;
+    none when nothing else runs (no result is coming: it would only wait, e.g. a one-task job's submitter)."""
+    return BATCH_WINDOW_S if still_running else 0.0
 #: the payload fields a too-large result keeps: which attempt of what it was, and when
 _KEPT = ("task_id", "job_id", "lease_id", "attempt", "agent_id", "started_at", "finished_at", "environment",
          "unit", "params")

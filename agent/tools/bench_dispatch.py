@@ -12,16 +12,19 @@ invocation, so their figures compare as ratios on one machine state.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import click
 import psutil
 
 from agent.client.board import BoardClient
-from agent.client.submitting import make_envelope, submit, wait_job
+from agent.client.submitting import make_envelope, run_job, submit, wait_job
 from agent.tools.demo import start_hub, stop
 from hub.admission import TOKEN_HEADER
 from jobs.manifest import Manifest
@@ -86,6 +89,26 @@ class SimAgent:
             await self.client.post("/v1/results", ResultsRequest(results), ResultsReply.decode)
 
 
+class _Path:
+    """One way from submit to result: its latencies and their steps (ms)."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.steps: dict[str, list[float]] = {}
+
+    def add(self, t0: float, t1: float, leased_at: float, t3: float, one_request: bool) -> None:
+        self.latencies.append((t3 - t0) * 1000)
+        steps = (("to_lease", leased_at - t0),) if one_request else (("submit", t1 - t0), ("to_lease", leased_at - t1))
+        for name, s in (*steps, ("to_done", t3 - leased_at)):
+            self.steps.setdefault(name, []).append(s * 1000)
+
+    def summary(self, label: str) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        return {f"{label}latency_ms_p50": round(statistics.median(ordered), 2),
+                f"{label}latency_ms_p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
+                f"{label}latency_steps_ms_p50": {k: round(statistics.median(v), 2) for k, v in self.steps.items()}}
+
+
 async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, samples: int,
                  hub_pid: int | None = None) -> dict[str, Any]:
     address = BoardAddress.parse(url)
@@ -97,29 +120,31 @@ async def _bench(url: str, user: Identity, agents: int, tasks: int, slots: int, 
         stop_solo = asyncio.Event()
         solo_task = asyncio.create_task(solo.run(stop_solo))
         await asyncio.sleep(0.2)
-        latencies = []
-        steps: dict[str, list[float]] = {"submit": [], "to_lease": [], "to_done": []}
-        for i in range(samples):
+        # Two ways, sample by sample in turn (the machine's noise falls on both alike): one request (the
+        # submit waits for the job: run_job), and the submit's reply at once, then a waiting GET.
+        paths = {"": _Path(), "two_requests_": _Path()}
+        for i in range(2 * samples):
+            one_request = i % 2 == 0
             envelope = make_envelope(user, _manifest(1, f"lat-{i}"))
             t0 = time.perf_counter()
-            job = await submit(submitter, envelope)
-            t1 = time.perf_counter()
-            final = await wait_job(submitter, job["id"], 30.0)
+            if one_request:
+                final = await run_job(submitter, envelope, 30.0)
+                t1 = t0
+            else:
+                job = await submit(submitter, envelope)
+                t1 = time.perf_counter()
+                final = await wait_job(submitter, job["id"], 30.0)
             t3 = time.perf_counter()
-            latencies.append((t3 - t0) * 1000)
             assert final["state"] == "succeeded", final
-            # where the time went: the submit round trip; its reply -> the agent holds the task (wake-up,
-            # pick, lease commit, reply); the agent holds it -> the submitter sees the job done (signed
-            # result on the next lease request, its commit, the job's end, the waiting GET's reply)
-            for name, ms in (("submit", t1 - t0), ("to_lease", solo.leased_at - t1), ("to_done", t3 - solo.leased_at)):
-                steps[name].append(ms * 1000)
+            # where the time went: the submit round trip (two requests); its reply (or its start) -> the agent
+            # holds the task (wake-up, pick, lease commit, reply); the agent holds it -> the submitter sees the
+            # job done (signed result on the next lease request, its commit, the job's end, the waiting reply)
+            paths["" if one_request else "two_requests_"].add(t0, t1, solo.leased_at, t3, one_request)
         stop_solo.set()
         await solo_task
         await solo.client.close()
-        latencies.sort()
-        out["latency_ms_p50"] = round(statistics.median(latencies), 2)
-        out["latency_ms_p99"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)
-        out["latency_steps_ms_p50"] = {name: round(statistics.median(v), 2) for name, v in steps.items()}
+        for label, path in paths.items():
+            out.update(path.summary(label))
         if tasks <= 0:      # --latency-only
             return out
 
@@ -164,6 +189,37 @@ def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int, store:
             stop([hub])
             if hub.stdout is not None:
                 hub.stdout.close()
+
+
+def ray_baseline(python: str, samples: int, tasks: int) -> dict[str, Any]:
+    """Ray's figures for the same measurement (``benchmarks/ray_baseline.py`` run by ``python``, an interpreter
+    that has ray: a dev-only comparison, ray is no dependency of panal). Needs a checkout (benchmarks/)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "ray_baseline.py"
+    if not script.exists():
+        raise click.ClickException(f"--ray needs panal's source checkout: {script} is missing")
+    try:
+        proc = subprocess.run([python, str(script), "--samples", str(samples), "--tasks", str(tasks)],
+                              capture_output=True, text=True, timeout=1800, check=False)
+    except OSError as exc:
+        raise click.ClickException(f"--ray {python}: cannot run it: {exc}") from exc
+    lines = proc.stdout.strip().splitlines()
+    if "No module named 'ray'" in proc.stderr:
+        raise click.ClickException(f"--ray {python}: that interpreter has no ray; give it a venv of its own: "
+                                   "python3 -m venv /tmp/ray && /tmp/ray/bin/pip install ray")
+    if proc.returncode != 0 or not lines:
+        raise click.ClickException(f"--ray {python}: the Ray baseline failed (exit {proc.returncode}):\n"
+                                   f"{proc.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def versus_ray(panal: dict[str, Any], ray: dict[str, Any]) -> dict[str, Any]:
+    """panal's figures as ratios to Ray's from the same run: latency panal/Ray (lower is better), throughput
+    panal/Ray (higher is better). The goals: latency <= 1.5, throughput >= 1.5."""
+    out = {"latency_p50_x_ray": round(panal["latency_ms_p50"] / ray["latency_ms_p50"], 2)}
+    if "tasks_per_s" in panal and "tasks_per_s" in ray:
+        out["tasks_per_s_x_ray"] = round(panal["tasks_per_s"] / ray["tasks_per_s"], 2)
+    return out
 
 
 def compare_stores(agents: int, tasks: int, slots: int, samples: int, stores: list[str]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A real ``panal hub serve`` process (TLS, signed requests, SQLite) and N light si
 over a few load processes, each agent with its own key, its own pinned TLS connection and the long-poll
 of a real agent (``poll_wait_s`` 20 s, capped by the board; a ``retry_after_s`` pause honoured, as
 ``agent/daemon/board_link.py`` does). Agents answer ``sleep 0`` tasks at once with real signed results
-riding on their next lease request. Phases, one after the other:
+riding on their next lease request; like a real agent they say which job envelopes they hold
+(``LeaseRequest.have``) and fetch a big one once (``GET /v1/jobs/{id}/envelope``). Phases, one after the other:
 
 1. idle: every agent connected, no work, for ``idle_s``: the hub's CPU share of one core and its RSS per agent;
 2. drain: one job of ``tasks`` ``sleep 0`` tasks: time to drain, lease round trip p50/p99 (of busy agents:
@@ -43,9 +44,10 @@ from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
 from hub.connections import LeanSSLProtocol
 from jobs.manifest import Manifest
-from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
+from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration, envelope_digest
 from jobs.requirements import Capabilities
 from security.identity import Identity
+from security.records import SignedRecord
 from security.tls import BoardAddress
 
 __all__ = ["FleetSize", "run_fleet_bench"]
@@ -89,7 +91,8 @@ class FleetSize:
 class FleetAgent(SimAgent):
     """A :class:`SimAgent` on one connection, long-polling as a real agent does, recording what it leased."""
 
-    def __init__(self, address: BoardAddress, slots: int, gpu: bool, task_s: float = 0.0) -> None:
+    def __init__(self, address: BoardAddress, slots: int, gpu: bool, have: bool = True,
+                 task_s: float = 0.0) -> None:
         super().__init__(address, slots)
         self.task_s = task_s
         self.client = BoardClient(address, self.identity, retry_for_s=120.0, connections=1)
@@ -101,6 +104,9 @@ class FleetAgent(SimAgent):
         self.leased: list[str] = []                     # task ids, in order
         self.jobs: Counter[str] = Counter()             # tasks leased per job
         self.outcomes: Counter[str] = Counter()
+        #: the envelopes it holds, said in each lease request as a real agent does (agent/daemon/envelopes.py),
+        #: so each job's envelope comes once; None: every assignment brings its own (an agent before ``have``)
+        self.have: dict[str, str] | None = {} if have else None
 
     async def register(self) -> None:
         caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots}
@@ -111,12 +117,29 @@ class FleetAgent(SimAgent):
                                             Registered.decode)
         self.poll_wait_s = min(POLL_WAIT_S, float(registered.max_poll_wait_s))
 
+    async def hold_envelopes(self, reply: LeaseReply) -> int:
+        """Keep the envelopes a reply brought and fetch each one it left out that we do not hold, once, as a
+        real agent does (agent/daemon/board_link.py); the bytes fetched."""
+        fetched = 0
+        if self.have is None:
+            return fetched
+        for task in reply.tasks:
+            if task.envelope is not None:
+                self.have[task.job_id] = envelope_digest(task.envelope)
+            elif task.job_id not in self.have:
+                raw = await self.client.call("GET", f"/v1/jobs/{task.job_id}/envelope", timeout_s=300.0)
+                record = SignedRecord.from_wire(raw)
+                fetched += len(record.payload)
+                self.have[task.job_id] = envelope_digest(record)
+        return fetched
+
     async def run(self, stop_at: asyncio.Event) -> None:
         results: tuple[Any, ...] = ()
         while not stop_at.is_set():
             t0 = time.perf_counter()
-            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results),
+            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results, self.have),
                                            LeaseReply.decode, timeout_s=self.poll_wait_s + 60.0)
+            await self.hold_envelopes(reply)
             self.outcomes.update(o.status.value for o in reply.results)
             if reply.tasks:
                 if results:

@@ -1,0 +1,98 @@
+"""Which assignments of a lease reply carry their job's signed manifest envelope, and each envelope decoded once.
+
+A job's envelope is the submitter's whole signed manifest: about 9 bytes per sweep point, 900 KB for a
+100k-task job. Sent with every assignment, a reply of N slots carried N copies and 1,000 agents on such a job
+held the hub at 9.6 GB. So an envelope goes to an agent once: an agent lists what it holds for this board
+(``LeaseRequest.have``: job id -> digest), and a reply carries a job's envelope only if the agent does not
+hold that very envelope, and then only in the first of that job's assignments in the reply.
+
+A big envelope (over ``inline_envelope_bytes``) is not put in a lease reply at all: the agent fetches it
+(``GET /v1/jobs/{id}/envelope``, hub/envelope_routes.py), streamed from one shared copy with back-pressure,
+a bounded number at once. Inline, 10k agents woken by a new 100k-task job would each hold a 900 KB reply
+(twice: encoded, then encrypted) until the agent read it; streamed, the hub holds one copy and a chunk per
+stream.
+
+Stateless per agent: what the agent holds comes with every request, so an agent restart (it holds nothing),
+a hub restart or a failover needs nothing remembered here. An agent that sends no ``have`` (an older one)
+gets every envelope inline, as before. What is kept is one decoded :class:`SignedRecord`, its digest and
+(once fetched) its encoded bytes per active job, built at its first lease rather than per assignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from hub.records import JobRow
+from jobs.protocol import envelope_digest
+from jobs.wire import MSGPACK, encode_body
+from security.records import SignedRecord
+
+__all__ = ["JobEnvelope", "JobEnvelopes", "ReplyEnvelopes"]
+
+
+@dataclass
+class JobEnvelope:
+    """One active job's envelope: decoded once, its digest, and (for the fetch route) its msgpack bytes."""
+
+    job: JobRow                   # the row it was built from: a job loaded anew gets a new entry
+    record: SignedRecord
+    digest: str
+    big: bool                     # over ``inline_envelope_bytes``: fetched, not put in lease replies
+    _encoded: bytes | None = field(default=None, repr=False)
+
+    @property
+    def encoded(self) -> bytes:
+        """The envelope as the fetch route sends it (msgpack), one copy for every agent that fetches it."""
+        if self._encoded is None:
+            self._encoded = encode_body(self.record.to_wire(), MSGPACK)
+        return self._encoded
+
+
+class JobEnvelopes:
+    """Active jobs' envelopes by job id."""
+
+    def __init__(self, inline_bytes: int) -> None:
+        self.inline_bytes = inline_bytes
+        self._jobs: dict[str, JobEnvelope] = {}
+
+    def of(self, job: JobRow) -> JobEnvelope:
+        """The job's envelope entry, built at its first use."""
+        entry = self._jobs.get(job.id)
+        if entry is None or entry.job is not job:
+            record = SignedRecord.from_wire(job.envelope)
+            size = len(record.payload) + len(record.sig)
+            entry = self._jobs[job.id] = JobEnvelope(job, record, envelope_digest(record), size > self.inline_bytes)
+        return entry
+
+    def forget(self, job_id: str) -> None:
+        """The job finished: its envelope is not leased again."""
+        self._jobs.pop(job_id, None)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+
+class ReplyEnvelopes:
+    """The envelopes of one lease reply: each job's at most once, none the agent holds, none too big to inline."""
+
+    def __init__(self, envelopes: JobEnvelopes, have: Mapping[str, str] | None) -> None:
+        self._envelopes, self._have = envelopes, have
+        self._done: set[str] = set()
+        self.sent = self.omitted = self.to_fetch = 0
+
+    def take(self, job: JobRow) -> SignedRecord | None:
+        """The envelope to put in the next assignment of ``job``, or None to leave it out."""
+        entry = self._envelopes.of(job)
+        if self._have is None:   # an agent that predates ``have`` reads no assignment without an envelope
+            self.sent += 1
+            return entry.record
+        if job.id in self._done or self._have.get(job.id) == entry.digest:
+            self.omitted += 1
+            return None
+        self._done.add(job.id)
+        if entry.big:            # the agent fetches it: GET /v1/jobs/{id}/envelope
+            self.to_fetch += 1
+            return None
+        self.sent += 1
+        return entry.record
