@@ -83,8 +83,8 @@ class FleetSize:
     procs: int = 2                   # load processes the agents are spread over
     #: seconds a simulated agent "runs" its leased tasks before it reports them, +-50% at random (0: sleep-0
     #: tasks, every agent asks again at once and the hub is saturated; > 0: the fleet offers about agents * slots
-    #: / task_s tasks a second, so lease times show the hub below saturation). Below the hub's lease_ttl_s (no
-    #: heartbeats here).
+    #: / task_s tasks a second, so lease times show the hub below saturation). 1.5 * task_s must stay below the
+    #: hub's lease_ttl_s (30 s): these agents send no heartbeats.
     task_s: float = 0.0
 
 
