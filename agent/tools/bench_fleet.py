@@ -8,9 +8,11 @@ riding on their next lease request; like a real agent they say which job envelop
 (``LeaseRequest.have``) and fetch a big one once (``GET /v1/jobs/{id}/envelope``). Phases, one after the other:
 
 1. idle: every agent connected, no work, for ``idle_s``: the hub's CPU share of one core and its RSS per agent;
-2. drain: one job of ``tasks`` ``sleep 0`` tasks: time to drain, lease round trip p50/p99 (of busy agents:
-   requests that carried results and brought work), hub CPU per task, lease wake-ups per dispatched task
-   (``panal_lease_wakeups_total``);
+2. drain: one job of ``tasks`` ``sleep 0`` tasks (``task_s``: held a while): time to drain, hub CPU per task
+   and per lease, lease wake-ups per dispatched task (``panal_lease_wakeups_total``), and lease times seen
+   from both ends: the hub's own service time p50/p99 (``panal_lease_service_seconds``: its long-poll wait
+   and a slow client's body left out) and the agents' round trip p50/p99 (of busy agents: requests that
+   carried results and brought work; on a small machine mostly queueing in the load processes);
 3. mixed: a share of the agents report a (fake) GPU; a job that needs one and a job any agent can run are
    submitted together: the same figures, and how many GPU tasks went to an agent without one.
 
