@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from hub import waits
 from hub.config import HubConfig
 from hub.dispatch.capable import CapableIndex
 from hub.dispatch.classes import CapClass, capability_class
@@ -164,11 +165,13 @@ class Dispatcher:
                 if left <= 0:
                     return []
                 waiter = self.waiters.park(agent, allowed, self.class_of(agent))
+                parked_at = time.perf_counter()
                 try:
                     await asyncio.wait_for(waiter.woken.wait(), left)
                 except TimeoutError:
                     return []
                 finally:
+                    waits.add(time.perf_counter() - parked_at)   # the lease's service time leaves it out
                     self.waiters.unpark(waiter)
                     if waiter.woken.is_set():
                         woken = waiter

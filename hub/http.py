@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from hub import waits
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, PanalError, PayloadTooLarge, RequestTimeout
 from security.httpsig import require_signature_headers
@@ -88,12 +90,15 @@ async def read_raw(request: web.Request) -> bytes:
     authenticates the body, so a request without signature headers is a 401 before a byte of it is read."""
     require_signature_headers(request.headers)
     timeout_s = request.config_dict.get(BODY_TIMEOUT_KEY)
+    started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError as exc:
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s",
                              code="body_timeout") from exc
+    finally:
+        waits.add(time.perf_counter() - started)   # the client's pace, not the hub's (hub/metrics.py)
 
 
 async def paced_body(request: web.Request, chunk_bytes: int) -> AsyncIterator[bytes]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agent.tools.bench_fleet import FleetSize, run_fleet_bench
 
 
@@ -19,7 +21,25 @@ def test_fleet_bench_runs_every_phase_and_does_each_task_once() -> None:
     for field in ("hub_cpu_share_of_core", "hub_rss_mb", "hub_rss_kb_per_agent"):
         assert isinstance(report["idle"][field], float | int), field
     for phase in ("drain", "mixed"):
-        for field in ("seconds", "tasks_per_s", "hub_cpu_ms_per_task", "wakeups_per_task", "lease_ms_p50",
-                      "lease_ms_p99"):
+        for field in ("seconds", "tasks_per_s", "hub_cpu_ms_per_task", "wakeups_per_task",
+                      "agent_lease_round_trip_ms_p50", "agent_lease_round_trip_ms_p99",
+                      "hub_lease_service_ms_p50", "hub_lease_service_ms_p99"):
             assert isinstance(report[phase][field], float | int), (phase, field)
-    assert {"load_before", "load_after", "hub_rss_mb_no_agents", "hub_rss_mb_end", "register_seconds"} <= set(report)
+        assert report[phase]["hub_leases_served"] > 0, phase
+    assert {"notes", "load_before", "load_after", "hub_rss_mb_no_agents", "hub_rss_mb_end",
+            "register_seconds"} <= set(report)
+
+
+def test_fleet_bench_with_a_task_run_time_still_does_each_task_once() -> None:
+    """``--task-s``: agents hold their tasks a while (a load below saturation); every task still runs once."""
+    size = FleetSize(agents=4, idle_s=0.1, tasks=40, mixed_tasks=8, slots=2, procs=1, task_s=0.05)
+    report = run_fleet_bench(size)
+    assert report["agent_errors"] == []
+    assert report["tasks_leased"] == size.tasks + 2 * size.mixed_tasks
+    assert report["tasks_leased_twice"] == 0
+    assert report["drain"]["hub_leases_served"] > 0
+
+
+def test_fleet_bench_refuses_a_negative_task_run_time() -> None:
+    with pytest.raises(ValueError, match="task_s"):
+        run_fleet_bench(FleetSize(agents=1, task_s=-1.0))

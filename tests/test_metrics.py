@@ -7,15 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 import pytest
 from conftest import InProcessHub
+from helpers import wait_for_async
 from prometheus_client.parser import text_string_to_metric_families
+from test_connections import client_tls
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from hub.board import AgentState
 from jobs.manifest import Manifest
 from security.errors import Conflict
+from security.httpsig import sign_request
 from security.identity import Identity
 from security.records import SignedRecord
 
@@ -176,3 +180,56 @@ async def test_lease_wakeups_count_parked_requests_woken_by_new_work(hub: InProc
     assert value(await scrape(hub), "panal_lease_wakeups_total") == 1
     await agent.close()
     await sub.close()
+
+
+async def test_lease_service_time_counts_each_lease_and_leaves_its_long_poll_wait_out(hub: InProcessHub) -> None:
+    """``panal_lease_service_seconds`` (the hub-side lease time ``panal bench fleet`` reports): one observation
+    per lease request; a request parked 3 s for work that never came is timed without those 3 s, while the
+    request latency histogram, which times the whole request, has them."""
+    assert hub.address is not None and hub.server is not None
+    ident = Identity.generate()
+    agent = BoardClient(hub.address, ident, retry_for_s=1)
+    await agent.call("POST", "/v1/agents", {"public_key": ident.public.text(), "name": "s",
+                                            "capabilities": {"kinds": ["sleep"]}})
+    before = await scrape(hub)
+    assert value(before, "panal_lease_service_seconds_count") == 0
+    assert (await agent.call("POST", "/v1/lease", {"slots": 1, "wait_s": 3}))["tasks"] == []   # parked 3 s
+    after = await scrape(hub)
+    assert value(after, "panal_lease_service_seconds_count") == 1
+    whole = value(after, "panal_http_request_duration_seconds_sum", method="POST", route="/v1/lease")
+    served = value(after, "panal_lease_service_seconds_sum")
+    assert whole >= 3.0
+    assert 0 < served <= whole - 2.5     # its wait (3 s less what came before it parked) is left out
+    await agent.call("POST", "/v1/lease", {"slots": 1, "wait_s": 0})
+    assert value(await scrape(hub), "panal_lease_service_seconds_count") == 2
+    await agent.close()
+
+
+async def test_lease_service_time_leaves_out_waiting_for_a_slow_clients_body(hub: InProcessHub) -> None:
+    """A client that sends a lease request's head, then its body 1.5 s later: the request latency has the 1.5 s,
+    the hub's lease service time does not (what it measures is the hub, not a busy client's pace)."""
+    assert hub.address is not None and hub.server is not None
+    ident = Identity.generate()
+    agent = BoardClient(hub.address, ident, retry_for_s=1)
+    await agent.call("POST", "/v1/agents", {"public_key": ident.public.text(), "name": "slow",
+                                            "capabilities": {"kinds": ["sleep"]}})
+    body = msgpack.packb({"slots": 1, "wait_s": 0})
+    signed = sign_request(ident, "POST", "/v1/lease", "", body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in signed.items())
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.server.port, ssl=client_tls())
+    writer.write(f"POST /v1/lease HTTP/1.1\r\nHost: hub\r\nContent-Type: application/msgpack\r\n"
+                 f"Accept: application/json\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode())
+    guard = hub.server.sites[0].guard
+    assert guard is not None
+    await wait_for_async(lambda: any(conn._busy() for conn in guard.open), "the hub to be handling the request")
+    await asyncio.sleep(1.5)     # the slow client
+    writer.write(body)
+    status = await asyncio.wait_for(reader.readuntil(b"\r\n"), 20)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    writer.close()
+    samples = await scrape(hub)
+    whole = value(samples, "panal_http_request_duration_seconds_sum", method="POST", route="/v1/lease")
+    assert value(samples, "panal_lease_service_seconds_count") == 1
+    assert whole >= 1.5
+    assert value(samples, "panal_lease_service_seconds_sum") <= whole - 1.0
+    await agent.close()

@@ -127,13 +127,18 @@ def bench_dispatch(agents: int, tasks: int, slots: int, latency_samples: int, la
 @click.option("--slots", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--procs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Load processes the agents are spread over.")
+@click.option("--task-s", type=click.FloatRange(0, 15), default=0.0, show_default=True,
+              help="Seconds each simulated task runs, +-50% at random, so at most 22.5 s: within the hub's 30 s "
+                   "lease_ttl_s, as these agents send no heartbeats (0: sleep-0 tasks saturate the hub; N: the "
+                   "fleet offers about agents*slots/N tasks a second, for lease times below saturation).")
 @click.option("--json", "as_json", is_flag=True)
 def bench_fleet(agents: int, idle_s: float, tasks: int, mixed_tasks: int, gpu_share: float, slots: int,
-                procs: int, as_json: bool) -> None:
+                procs: int, task_s: float, as_json: bool) -> None:
     """A real hub and N light simulated agents (real TLS, signatures, long-polls): idle, a big job, a mixed fleet."""
     from agent.tools.bench_fleet import FleetSize, run_fleet_bench
 
-    _print_result(run_fleet_bench(FleetSize(agents, idle_s, tasks, mixed_tasks, gpu_share, slots, procs)), as_json)
+    _print_result(run_fleet_bench(FleetSize(agents, idle_s, tasks, mixed_tasks, gpu_share, slots, procs, task_s)),
+                  as_json)
 
 
 @bench.command("abuse")

@@ -8,9 +8,11 @@ riding on their next lease request; like a real agent they say which job envelop
 (``LeaseRequest.have``) and fetch a big one once (``GET /v1/jobs/{id}/envelope``). Phases, one after the other:
 
 1. idle: every agent connected, no work, for ``idle_s``: the hub's CPU share of one core and its RSS per agent;
-2. drain: one job of ``tasks`` ``sleep 0`` tasks: time to drain, lease round trip p50/p99 (of busy agents:
-   requests that carried results and brought work), hub CPU per task, lease wake-ups per dispatched task
-   (``panal_lease_wakeups_total``);
+2. drain: one job of ``tasks`` ``sleep 0`` tasks (``task_s``: held a while): time to drain, hub CPU per task
+   and per lease, lease wake-ups per dispatched task (``panal_lease_wakeups_total``), and lease times seen
+   from both ends: the hub's own service time p50/p99 (``panal_lease_service_seconds``: its long-poll wait
+   and a slow client's body left out) and the agents' round trip p50/p99 (of busy agents: requests that
+   carried results and brought work; on a small machine mostly queueing in the load processes);
 3. mixed: a share of the agents report a (fake) GPU; a job that needs one and a job any agent can run are
    submitted together: the same figures, and how many GPU tasks went to an agent without one.
 
@@ -24,10 +26,12 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import random
 import resource
 import statistics
 import tempfile
 import time
+from asyncio import sslproto
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -40,6 +44,7 @@ from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, wait_job
 from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
+from hub.connections import LeanSSLProtocol
 from jobs.manifest import Manifest
 from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration, envelope_digest
 from jobs.requirements import Capabilities
@@ -49,6 +54,20 @@ from security.tls import BoardAddress
 
 __all__ = ["FleetSize", "run_fleet_bench"]
 
+SERVICE = "panal_lease_service_seconds"   # hub/metrics.py: a lease's time in the hub, its long-poll wait left out
+NOTES = {
+    "hub_lease_service_ms_p50/p99": "HUB side, from /metrics panal_lease_service_seconds: a lease request's time "
+                                    "in the hub's handler less its long-poll wait (every lease in the phase); "
+                                    "interpolated within histogram buckets. It includes waiting for the hub's "
+                                    "one event loop behind other requests: with every agent asking again at "
+                                    "once (sleep-0 tasks) it is about agents in flight / leases per second",
+    "hub_cpu_ms_per_lease": "HUB side: the hub process's CPU time in the phase over the lease requests it served: "
+                            "what one lease costs it, free of queueing (results riding on leases included)",
+    "agent_lease_round_trip_ms_p50/p99": "CLIENT side, seen by the simulated agents: round trips of busy agents' "
+                                         "leases (they carried results and brought work), including TLS, the "
+                                         "network stack and queueing in the load processes, which on a small "
+                                         "machine share its cores with the hub",
+}
 POLL_WAIT_S = 20.0     # agent/daemon/settings.py DaemonSettings.poll_wait_s: a real agent's long-poll
 FAKE_GPU = {"name": "Simulated RTX 3060", "backend": "cuda", "vram_gb": 12.0, "gflops_fp32": 12_000.0}
 
@@ -64,13 +83,20 @@ class FleetSize:
     gpu_share: float = 0.25          # agents that report a GPU
     slots: int = 4                   # per agent
     procs: int = 2                   # load processes the agents are spread over
+    #: seconds a simulated agent "runs" its leased tasks before it reports them, +-50% at random (0: sleep-0
+    #: tasks, every agent asks again at once and the hub is saturated; > 0: the fleet offers about agents * slots
+    #: / task_s tasks a second, so lease times show the hub below saturation). 1.5 * task_s must stay below the
+    #: hub's lease_ttl_s (30 s): these agents send no heartbeats.
+    task_s: float = 0.0
 
 
 class FleetAgent(SimAgent):
     """A :class:`SimAgent` on one connection, long-polling as a real agent does, recording what it leased."""
 
-    def __init__(self, address: BoardAddress, slots: int, gpu: bool, have: bool = True) -> None:
+    def __init__(self, address: BoardAddress, slots: int, gpu: bool, have: bool = True,
+                 task_s: float = 0.0) -> None:
         super().__init__(address, slots)
+        self.task_s = task_s
         self.client = BoardClient(address, self.identity, retry_for_s=120.0, connections=1)
         self.gpu = gpu
         self.poll_wait_s = POLL_WAIT_S
@@ -122,14 +148,16 @@ class FleetAgent(SimAgent):
                     self.leases.append((time.time(), (time.perf_counter() - t0) * 1000))
                 self.leased.extend(t.task_id for t in reply.tasks)
                 self.jobs.update(t.job_id for t in reply.tasks)
+                if self.task_s:   # run times vary (+-50%), or a fleet woken together would ask together forever
+                    await asyncio.sleep(self.task_s * random.uniform(0.5, 1.5))
             elif reply.retry_after_s:
                 await asyncio.sleep(reply.retry_after_s)
             results = tuple(self._result(t) for t in reply.tasks)
 
 
-async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection) -> None:
+async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, task_s: float = 0.0) -> None:
     address = BoardAddress.parse(url)
-    agents = [FleetAgent(address, slots, gpu=i < gpus) for i in range(count)]
+    agents = [FleetAgent(address, slots, gpu=i < gpus, task_s=task_s) for i in range(count)]
     gate = asyncio.Semaphore(64)    # registrations in flight from this process
 
     async def register(agent: FleetAgent) -> None:
@@ -155,10 +183,13 @@ async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection) -
               + [{"error": f"{type(e).__name__}: {e}"} for e in failed])
 
 
-def _load_process(url: str, count: int, gpus: int, slots: int, conn: Connection) -> None:
+def _load_process(url: str, count: int, gpus: int, slots: int, conn: Connection, task_s: float = 0.0) -> None:
     """A load process: ``count`` agents (the first ``gpus`` with a GPU) until the main process says stop."""
     _raise_fd_limit()
-    asyncio.run(_load(url, count, gpus, slots, conn))
+    # asyncio gives each TLS connection a 256 KiB receive buffer: 5,000 simulated agents in one process would hold
+    # 1.3 GB of them. Their connections share one, as the hub's do (LeanSSLProtocol); this process runs only them.
+    sslproto.SSLProtocol = LeanSSLProtocol  # type: ignore[misc]
+    asyncio.run(_load(url, count, gpus, slots, conn, task_s))
 
 
 def _raise_fd_limit() -> None:
@@ -196,13 +227,45 @@ class Hub:
     def rss_mb(self) -> float:
         return round(self.proc.memory_info().rss / 2**20, 1)
 
-    async def counter(self, name: str) -> float:
+    async def scrape(self) -> list[str]:
         async with self.client.session().get(self.client.address.url + "/metrics") as response:
-            text = await response.text()
-        for line in text.splitlines():
+            return (await response.text()).splitlines()
+
+    @staticmethod
+    def counter(lines: list[str], name: str) -> float:
+        for line in lines:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise RuntimeError(f"{name} is not in the hub's /metrics")
+
+    @staticmethod
+    def buckets(lines: list[str], name: str) -> list[tuple[float, float]]:
+        """A histogram's cumulative buckets, (upper bound, count) in order, ``+Inf`` last."""
+        prefix = name + '_bucket{le="'
+        out = [(float(line[len(prefix):].split('"', 1)[0]), float(line.split()[-1]))
+               for line in lines if line.startswith(prefix)]
+        if not out:
+            raise RuntimeError(f"{name} is not in the hub's /metrics")
+        return out
+
+
+def _quantile_ms(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of what a histogram observed between two scrapes, interpolated within its bucket (as
+    Prometheus' ``histogram_quantile``): as fine as the buckets (hub/metrics.py ``SERVICE_BUCKETS``)."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, cumulative in counts:
+        if cumulative >= rank:
+            if le == float("inf"):
+                return round(lower * 1000, 2)
+            inside = cumulative - below
+            share = (rank - below) / inside if inside else 1.0
+            return round((lower + (le - lower) * share) * 1000, 2)
+        lower, below = le, cumulative
+    return None
 
 
 @dataclass
@@ -213,25 +276,35 @@ class Window:
     t0: float = 0.0
     cpu: float = 0.0
     wakeups: float = 0.0
+    service: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     @classmethod
     async def start(cls, hub: Hub) -> Window:
-        return cls(time.time(), time.perf_counter(), hub.cpu_s(), await hub.counter("panal_lease_wakeups_total"))
+        lines = await hub.scrape()
+        return cls(time.time(), time.perf_counter(), hub.cpu_s(), hub.counter(lines, "panal_lease_wakeups_total"),
+                   hub.buckets(lines, SERVICE))
 
     async def figures(self, hub: Hub, tasks: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.t0
         cpu = hub.cpu_s() - self.cpu
-        wakeups = await hub.counter("panal_lease_wakeups_total") - self.wakeups
+        lines = await hub.scrape()
+        wakeups = hub.counter(lines, "panal_lease_wakeups_total") - self.wakeups
+        service = hub.buckets(lines, SERVICE)
+        leases = int(service[-1][1] - self.service[-1][1])
         return {"seconds": round(elapsed, 2), "tasks_per_s": round(tasks / elapsed, 1) if tasks else None,
                 "hub_cpu_share_of_core": round(cpu / elapsed, 3),
                 "hub_cpu_ms_per_task": round(cpu * 1000 / tasks, 3) if tasks else None,
                 "wakeups_per_task": round(wakeups / tasks, 3) if tasks else None, "wakeups": int(wakeups),
+                "hub_lease_service_ms_p50": _quantile_ms(self.service, service, 0.5),
+                "hub_lease_service_ms_p99": _quantile_ms(self.service, service, 0.99),
+                "hub_leases_served": leases,
+                "hub_cpu_ms_per_lease": round(cpu * 1000 / leases, 3) if leases else None,
                 "window": (self.wall, time.time())}
 
 
 async def _phases(url: str, user: Identity, hub_pid: int, rss0: float, size: FleetSize,
                   loads: list[Connection]) -> dict[str, Any]:
-    out: dict[str, Any] = {"size": dataclasses.asdict(size), "load_before": os.getloadavg()}
+    out: dict[str, Any] = {"size": dataclasses.asdict(size), "notes": NOTES, "load_before": os.getloadavg()}
     async with BoardClient(BoardAddress.parse(url), user, retry_for_s=120.0) as submitter:
         hub = Hub(hub_pid, submitter)
         out["hub_rss_mb_no_agents"] = rss0
@@ -274,15 +347,15 @@ def _combine(out: dict[str, Any], reports: list[dict[str, Any]], gpu_job: str) -
     for phase in ("drain", "mixed"):
         lo, hi = out[phase].pop("window")
         times = [ms for r in reports for at, ms in r["leases"] if lo <= at <= hi]
-        out[phase]["lease_ms_p50"] = round(statistics.median(times), 2) if times else None
-        out[phase]["lease_ms_p99"] = _pct(times, 0.99)
+        out[phase]["agent_lease_round_trip_ms_p50"] = round(statistics.median(times), 2) if times else None
+        out[phase]["agent_lease_round_trip_ms_p99"] = _pct(times, 0.99)
     out["idle"].pop("window")
     return out
 
 
 def run_fleet_bench(size: FleetSize) -> dict[str, Any]:
-    if size.agents < 1 or size.procs < 1 or size.tasks < 1:
-        raise ValueError("agents, procs and tasks must be at least 1")
+    if size.agents < 1 or size.procs < 1 or size.tasks < 1 or size.task_s < 0:
+        raise ValueError("agents, procs and tasks must be at least 1, task_s at least 0")
     _raise_fd_limit()
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="panal-fleet-") as tmp:
@@ -300,7 +373,8 @@ def run_fleet_bench(size: FleetSize) -> dict[str, Any]:
             for i, count in enumerate(per):
                 mine, theirs = ctx.Pipe()
                 share = min(count, max(0, gpus - sum(per[:i])))
-                proc = ctx.Process(target=_load_process, args=(url, count, share, size.slots, theirs), daemon=True)
+                proc = ctx.Process(target=_load_process, args=(url, count, share, size.slots, theirs, size.task_s),
+                                   daemon=True)
                 proc.start()
                 theirs.close()      # a load process that dies then ends our recv with EOFError, not a hang
                 procs.append(proc)
