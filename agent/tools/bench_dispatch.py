@@ -25,6 +25,7 @@ import psutil
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, run_job, submit, wait_job
+from agent.daemon.envelopes import DEFAULT_BOOK_SIZE
 from agent.tools.demo import start_hub, stop
 from hub.admission import TOKEN_HEADER
 from jobs.manifest import Manifest
@@ -85,16 +86,19 @@ class SimAgent:
         """Keep the envelopes a reply brought and fetch each one it left out that we do not hold, once, as a
         real agent does (agent/daemon/board_link.py); the bytes fetched."""
         fetched = 0
-        if self.have is None:
+        have = self.have
+        if have is None:
             return fetched
         for task in reply.tasks:
             if task.envelope is not None:
-                self.have[task.job_id] = envelope_digest(task.envelope)
-            elif task.job_id not in self.have:
+                have[task.job_id] = envelope_digest(task.envelope)
+            elif task.job_id not in have:
                 raw = await self.client.call("GET", f"/v1/jobs/{task.job_id}/envelope", timeout_s=300.0)
                 record = SignedRecord.from_wire(raw)
                 fetched += len(record.payload)
-                self.have[task.job_id] = envelope_digest(record)
+                have[task.job_id] = envelope_digest(record)
+        while len(have) > DEFAULT_BOOK_SIZE:   # as the agent's book: the oldest go (``have`` is bounded on the wire)
+            del have[next(iter(have))]
         return fetched
 
     async def run(self, stop_at: asyncio.Event) -> None:

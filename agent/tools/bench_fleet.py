@@ -46,10 +46,9 @@ from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
 from hub.connections import LeanSSLProtocol
 from jobs.manifest import Manifest
-from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration, envelope_digest
+from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
 from jobs.requirements import Capabilities
 from security.identity import Identity
-from security.records import SignedRecord
 from security.tls import BoardAddress
 
 __all__ = ["FleetSize", "run_fleet_bench"]
@@ -95,7 +94,7 @@ class FleetAgent(SimAgent):
 
     def __init__(self, address: BoardAddress, slots: int, gpu: bool, have: bool = True,
                  task_s: float = 0.0) -> None:
-        super().__init__(address, slots)
+        super().__init__(address, slots, have=have)
         self.task_s = task_s
         self.client = BoardClient(address, self.identity, retry_for_s=120.0, connections=1)
         self.gpu = gpu
@@ -106,9 +105,6 @@ class FleetAgent(SimAgent):
         self.leased: list[str] = []                     # task ids, in order
         self.jobs: Counter[str] = Counter()             # tasks leased per job
         self.outcomes: Counter[str] = Counter()
-        #: the envelopes it holds, said in each lease request as a real agent does (agent/daemon/envelopes.py),
-        #: so each job's envelope comes once; None: every assignment brings its own (an agent before ``have``)
-        self.have: dict[str, str] | None = {} if have else None
 
     async def register(self) -> None:
         caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots}
@@ -118,22 +114,6 @@ class FleetAgent(SimAgent):
                                                                        Capabilities.from_dict(caps)),
                                             Registered.decode)
         self.poll_wait_s = min(POLL_WAIT_S, float(registered.max_poll_wait_s))
-
-    async def hold_envelopes(self, reply: LeaseReply) -> int:
-        """Keep the envelopes a reply brought and fetch each one it left out that we do not hold, once, as a
-        real agent does (agent/daemon/board_link.py); the bytes fetched."""
-        fetched = 0
-        if self.have is None:
-            return fetched
-        for task in reply.tasks:
-            if task.envelope is not None:
-                self.have[task.job_id] = envelope_digest(task.envelope)
-            elif task.job_id not in self.have:
-                raw = await self.client.call("GET", f"/v1/jobs/{task.job_id}/envelope", timeout_s=300.0)
-                record = SignedRecord.from_wire(raw)
-                fetched += len(record.payload)
-                self.have[task.job_id] = envelope_digest(record)
-        return fetched
 
     async def run(self, stop_at: asyncio.Event) -> None:
         results: tuple[Any, ...] = ()
