@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from hub.config import HubConfig
 from hub.dispatch.capable import CapableIndex
@@ -33,7 +33,9 @@ class DispatchContext:
 
     def __init__(self, queues: JobQueues, fleet: Fleet, config: HubConfig, clock: Callable[[], float]) -> None:
         self._queues, self._fleet, self._config, self._clock = queues, fleet, config, clock
-        self._capable = CapableIndex(queues, lambda: fleet.agents)
+        self._capable = CapableIndex(queues, fleet)
+        #: job id -> (presence version, capable version, how many connected agents are capable)
+        self._counts: dict[str, tuple[int, int, int]] = {}
 
     @property
     def queues(self) -> JobQueues:
@@ -47,12 +49,51 @@ class DispatchContext:
         return self._clock()
 
     def connected(self) -> list[AgentState]:
-        agents = self._fleet.connected(self._clock())
-        self._capable.sync(agents)
-        return agents
+        return self._fleet.connected(self._clock())
+
+    def is_connected(self, agent: AgentState) -> bool:
+        return self._fleet.is_connected(agent, self._clock())
+
+    def idle(self) -> Iterable[AgentState]:
+        presence = self._fleet.presence
+        presence.refresh(self._clock())
+        return presence.idle.values()
+
+    def agents(self) -> Mapping[str, AgentState]:
+        return self._fleet.agents
+
+    def reports_version(self) -> int:
+        return self._fleet.reports_version
+
+    def reports_since(self, version: int) -> list[AgentState] | None:
+        return self._fleet.reports_since(version)
 
     def capable(self, job_id: str) -> set[str]:
         return self._capable.capable(job_id)
+
+    def capable_connected(self, job_id: str) -> int:
+        """Connected agents meeting the job's requirements, counted once and then kept by the presence log."""
+        capable = self._capable.capable(job_id)
+        presence = self._fleet.presence
+        presence.refresh(self._clock())
+        version, reports = presence.version, self._capable.version
+        cached = self._counts.get(job_id)
+        if cached is not None and cached[1] == reports:
+            changes = presence.changes_since(cached[0])
+            if changes is not None:
+                count = cached[2]
+                for agent_id, joined in changes:
+                    if agent_id in capable:
+                        count += 1 if joined else -1
+                self._counts[job_id] = (version, reports, count)
+                return count
+        if len(self._counts) > 64 and len(self._counts) > 2 * len(self._queues):   # finished jobs: forget
+            self._counts = {j: c for j, c in self._counts.items() if j in self._queues}
+        members = presence.members
+        count = len(capable.intersection(members)) if len(capable) < len(members) else sum(
+            1 for agent_id in members if agent_id in capable)
+        self._counts[job_id] = (version, reports, count)
+        return count
 
 
 class Dispatcher:

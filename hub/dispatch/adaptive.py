@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hub.dispatch.fair_share import Usage, fair_pick, record_usage
 from hub.dispatch.fastest import SoonestGate
 from hub.dispatch.predict import Predictor
+from hub.dispatch.roster import Roster
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
@@ -70,6 +71,7 @@ class Adaptive:
         self.predictor = Predictor()
         self.usage = Usage()
         self.errors = ErrorRates()
+        self.roster = Roster()
         self._now = 0.0
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
@@ -78,13 +80,13 @@ class Adaptive:
         def avoid(b: AgentState, kind: str) -> bool:
             return self.errors.high(b.row.id, kind, now)
 
-        gate = SoonestGate(view, agent, self.predictor, now, avoid)
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster, avoid)
 
         def take(job_id: str, limit: int) -> list[TaskRow]:
             if avoid(agent, view.queues.job(job_id).kind) and gate.has_rival(job_id):
                 return []
-            share = gate.share(job_id)
-            return self.predictor.take(view.queues, agent, job_id, min(share, limit), now) if share else []
+            share = gate.share(job_id, limit)
+            return self.predictor.take(view.queues, agent, job_id, share, now) if share else []
 
         return fair_pick(view, agent, slots, self.usage, now, take)
 

@@ -5,6 +5,13 @@ them earlier: another agent, counted from when it is predicted to have a free sl
 ``ceil((my_end - its_free_at) / its_runtime) - 1`` of them strictly before this agent would finish
 one. A slow host therefore waits while faster ones can absorb the queue, and joins in when the
 queue is longer than they can clear. Predictions learn from observed wall times (``predict``).
+
+With 10,000 agents the rivals are not all looked at: they are visited fastest device first from a kept
+order (``roster.py``), and the walk stops as soon as the answer is known: the rivals so far cover the
+queue (take none), or even if every capable agent not yet visited finished as many as its device could at
+best (:meth:`SoonestGate.share`: an upper bound per remaining agent), enough would be left for this one.
+Agents that have run faster than measured (``Predictor.quick``) are visited first, exactly, so the bound
+holds for the rest. The answer is the full sum's.
 """
 
 from __future__ import annotations
@@ -13,73 +20,104 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.predict import Predictor, candidate_jobs
-from hub.fleet import available_until, derived
+from hub.dispatch.predict import FLOOR, Predictor, candidate_jobs
+from hub.dispatch.roster import Roster
+from hub.fleet import available_until
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
     from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
-    from jobs.requirements import Capabilities
+    from jobs.requirements import Requirements
 
 __all__ = ["Fastest", "SoonestGate"]
 
 #: an agent skipped for a job kind (e.g. by ``adaptive`` for its error rate)
 Avoid = Callable[["AgentState", str], bool]
-
-
-def _speed(caps: Capabilities) -> float:
-    return max([caps.cpu_gflops, *(g.gflops_fp32 for g in caps.gpus)])
+#: a bound computed in floating point is loosened by this much (a runtime is a product of rounded figures)
+_SLACK = 1 - 1e-9
 
 
 class SoonestGate:
     """How many of a job's queued tasks one asking agent should take under earliest-finish-first."""
 
     def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
-                 avoid: Avoid | None = None) -> None:
+                 roster: Roster, avoid: Avoid | None = None) -> None:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
-        self.avoid = avoid
-        free_at = predictor.free_at
-        # Fastest devices first: ``share`` adds what each rival finishes first and stops once they cover the
-        # queue; the sum does not depend on the order, only how soon it stops does.
-        self.others = sorted(((b, free_at(b, now)) for b in view.connected() if b is not agent and b.refused is None),
-                             key=lambda item: -derived(item[0], "speed", _speed))
+        self.avoid, self.roster = avoid, roster
+        roster.update(view.agents(), view.reports_version(), view.reports_since)
+        self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
 
-    def _rivals(self, job_id: str) -> Iterator[tuple[AgentState, float]]:
-        """Lazily: ``share`` usually stops long before the last of 10,000 agents."""
-        kind, capable, avoid = self.queues.job(job_id).kind, self.view.capable(job_id), self.avoid
-        return ((b, free) for b, free in self.others if b.row.id in capable and not (avoid and avoid(b, kind)))
+    def _rival(self, b: AgentState | None, kind: str) -> bool:
+        """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
+        return (b is not None and b is not self.agent and b.refused is None
+                and not (self.avoid is not None and self.avoid(b, kind)) and self.view.is_connected(b))
 
     def has_rival(self, job_id: str) -> bool:
         """Whether another connected agent could run the job at all."""
-        return next(self._rivals(job_id), None) is not None
+        kind, agents = self.queues.job(job_id).kind, self.view.agents()
+        return any(self._rival(agents.get(b_id), kind) for b_id in self.view.capable(job_id))
 
-    def share(self, job_id: str) -> int:
+    def _ahead(self, b: AgentState, job: JobRow, task: TaskRow, req: Requirements, my_end: float) -> int:
+        """How many of the job's tasks rival ``b`` finishes strictly before this agent would finish one."""
+        free = self._free.get(b.row.id)
+        if free is None:
+            free = self._free[b.row.id] = self.predictor.free_at(b, self.now)
+        if free >= my_end:
+            return 0
+        runtime = self.predictor.predict(b, job, task, req)
+        if runtime <= 0:
+            return 0
+        n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+        if n <= 0:
+            return 0   # finishes none before this agent would: whether it fits does not matter
+        # Predictor.misfit, with the runtime already known: must finish by the deadline and its window
+        end, until, deadline = free + runtime, available_until(b), job.deadline_at
+        if (deadline is not None and end > deadline) or (until is not None and end > until):
+            return 0
+        return n
+
+    def _visit(self, job_id: str) -> Iterator[tuple[float | None, str]]:
+        """Capable agents to visit: the quick ones first (no bound: None), then by top speed."""
+        capable, quick = self.view.capable(job_id), self.predictor.quick
+        for b_id in quick:
+            if b_id in capable:
+                yield None, b_id
+        for speed, b_id in self.roster.fastest_first():
+            if b_id in capable and b_id not in quick:
+                yield speed, b_id
+
+    def share(self, job_id: str, need: int) -> int:
+        """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
         job, req = self.queues.job(job_id), self.queues.requirements(job_id)
         task = self.predictor.head(self.queues, self.agent, job_id, self.now)
-        if task is None:
+        if task is None or need <= 0:
             return 0
         queued = self.queues.queued(job_id)
         my_end = self.now + self.predictor.predict(self.agent, job, task, req)
+        horizon = my_end - self.now
+        cost = self.predictor.cost(job, task)
+        agents, kind = self.view.agents(), job.kind
+        left = len(self.view.capable(job_id))   # capable agents not visited yet: at least the rivals among them
         ahead = 0
-        predict, deadline = self.predictor.predict, job.deadline_at
-        for b, free in self._rivals(job_id):
-            if free >= my_end:
+        for speed, b_id in self._visit(job_id):
+            if speed is not None:
+                # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
+                fastest = FLOOR * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
+                most = math.ceil(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
+                if most is not None:
+                    if most <= 0:
+                        break   # none of the rest finishes one before this agent would
+                    if queued - (ahead + left * most) >= need:
+                        return need   # even at best the rest leave ``need`` for this agent
+            left -= 1
+            b = agents.get(b_id)
+            if b is None or not self._rival(b, kind):
                 continue
-            runtime = predict(b, job, task, req)
-            if runtime <= 0:
-                continue
-            n = math.ceil((my_end - free) / runtime - 1e-9) - 1
-            if n <= 0:
-                continue   # finishes none before this agent would: whether it fits does not matter
-            # Predictor.misfit, with the runtime already known: must finish by the deadline and its window
-            end, until = free + runtime, available_until(b)
-            if (deadline is not None and end > deadline) or (until is not None and end > until):
-                continue
-            ahead += n
+            ahead += self._ahead(b, job, task, req, my_end)
             if ahead >= queued:
                 return 0
-        return queued - ahead
+        return min(queued - ahead, need)
 
 
 class Fastest:
@@ -87,15 +125,16 @@ class Fastest:
 
     def __init__(self) -> None:
         self.predictor = Predictor()
+        self.roster = Roster()
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now = view.now()
-        gate = SoonestGate(view, agent, self.predictor, now)
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster)
         picked: list[TaskRow] = []
         for job_id in candidate_jobs(view.queues, agent):
-            share = gate.share(job_id)
+            share = gate.share(job_id, slots - len(picked))
             if share:
-                picked += self.predictor.take(view.queues, agent, job_id, min(share, slots - len(picked)), now)
+                picked += self.predictor.take(view.queues, agent, job_id, share, now)
             if len(picked) >= slots:
                 break
         return picked

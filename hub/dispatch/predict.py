@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from hub.fleet import available_until, derived
+from hub.fleet import available_until, slots_of
 from jobs.catalog import get_kind
 from jobs.kinds.base import Cost
 from jobs.requirements import Capabilities, Gpu, Requirements, unmet
@@ -37,6 +37,10 @@ DEFAULT_GPU_BANDWIDTH_GBPS = 200.0
 ALPHA = 0.3
 #: how many queued tasks of one job a policy looks at for one that fits (deadlines differ by cost)
 SCAN = 16
+#: an agent with a correction below this (faster than measured) is one of ``Predictor.quick``: bounds that
+#: assume every other agent runs no faster than FLOOR x its measured speed look at these apart
+FLOOR = 0.5
+_LOG_FLOOR = math.log(FLOOR)
 _HALF = ("float16", "bfloat16")
 _CACHE_MAX = 200_000
 
@@ -67,15 +71,6 @@ def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapp
     return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
 
 
-def _slots(caps: Capabilities) -> int:
-    value = caps.raw.get("slots")
-    return max(int(value), 1) if isinstance(value, int | float) else 1
-
-
-def slots_of(agent: AgentState) -> int:
-    return derived(agent, "slots", _slots)
-
-
 def candidate_jobs(queues: QueueView, agent: AgentState) -> list[str]:
     """Active jobs with queued tasks whose requirements ``agent`` meets: highest priority first,
     then the earliest deadline (a job without one comes after those with one), then the oldest."""
@@ -99,6 +94,9 @@ class Predictor:
         self.leased: dict[str, tuple[str, float, float, float]] = {}  # task -> (agent, base s, at, end)
         self._costs: dict[str, Cost] = {}
         self._bases: dict[tuple[str, str], tuple[Capabilities, float]] = {}
+        #: agent id -> how many of its corrections (per kind and overall) are below :data:`FLOOR`; an agent is
+        #: here while it has one. Kept as they are learned: the corrections change only in ``attempt_settled``.
+        self.quick: dict[str, int] = {}
 
     # -- prediction -----------------------------------------------------------------------------
     def cost(self, job: JobRow, task: TaskRow) -> Cost:
@@ -185,7 +183,19 @@ class Predictor:
         observed = math.log(min(max(wall / base, 1e-3), 1e3))
         key = (agent_id, job.kind)
         old = self.log_ratio.get(key)
-        self.log_ratio[key] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
+        new = self.log_ratio[key] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
+        self._note_quick(agent_id, old, new)
         self.samples[key] = self.samples.get(key, 0) + 1
         old = self.agent_log_ratio.get(agent_id)
-        self.agent_log_ratio[agent_id] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
+        new = self.agent_log_ratio[agent_id] = observed if old is None else (
+            (1 - self.alpha) * old + self.alpha * observed)
+        self._note_quick(agent_id, old, new)
+
+    def _note_quick(self, agent_id: str, old: float | None, new: float) -> None:
+        change = (new < _LOG_FLOOR) - (old is not None and old < _LOG_FLOOR)
+        if change:
+            count = self.quick.get(agent_id, 0) + change
+            if count > 0:
+                self.quick[agent_id] = count
+            else:
+                self.quick.pop(agent_id, None)
