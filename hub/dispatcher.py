@@ -36,6 +36,10 @@ class DispatchContext:
         self._capable = CapableIndex(queues, fleet)
         #: job id -> (presence version, capable version, how many connected agents are capable)
         self._counts: dict[str, tuple[int, int, int]] = {}
+        #: agents whose standing changed outside their own pick (a gate began refusing one; one was told to
+        #: pause): versions ``_noted_base`` .. ``noted_version``
+        self._noted: list[str] = []
+        self._noted_base = 0
 
     @property
     def queues(self) -> JobQueues:
@@ -53,6 +57,22 @@ class DispatchContext:
 
     def is_connected(self, agent: AgentState) -> bool:
         return self._fleet.is_connected(agent, self._clock())
+
+    def stays_until(self, agent: AgentState) -> float | None:
+        return self._fleet.presence.stays_until(agent, self._clock())
+
+    def note(self, agent: AgentState) -> None:
+        """The agent's standing changed outside a pick of its own (see :meth:`noted_since`)."""
+        self._noted.append(agent.row.id)
+        if len(self._noted) > 8192:
+            del self._noted[:4096]
+            self._noted_base += 4096
+
+    def noted_since(self, version: int) -> tuple[int, list[str] | None]:
+        end = self._noted_base + len(self._noted)
+        if version < self._noted_base:
+            return end, None
+        return end, self._noted[version - self._noted_base:]
 
     def idle(self) -> Iterable[AgentState]:
         presence = self._fleet.presence
@@ -124,6 +144,7 @@ class Dispatcher:
         pause = self.pacing.retry_after()
         if pause is not None:
             agent.quiet_until = self.clock() + pause
+            self.context.note(agent)   # it is free later than a policy may have counted
         return pause
 
     def add_holdback(self, holdback: Holdback) -> None:
@@ -192,7 +213,12 @@ class Dispatcher:
             while True:
                 # Asked again after each wait: a concurrent request of the same agent may have filled it.
                 allowed = self._leases.allowance(agent, slots)
-                if not self.leasing or allowed == 0 or self._leases.refusal(agent):
+                if not self.leasing or allowed == 0:
+                    return []
+                was_refused = agent.refused is not None
+                if self._leases.refusal(agent):
+                    if not was_refused:
+                        self.context.note(agent)   # policies that keep facts about other agents look again
                     return []
                 picked = self._pick_now(agent, allowed)
                 self._hand_on(woken, picked)

@@ -77,6 +77,15 @@ class Presence:
         """Around without a running task: seen recently, or told to pause and not yet overdue."""
         return agent.last_seen >= now - self.seen_s or agent.quiet_until >= now - self.quiet_s
 
+    def stays_until(self, agent: AgentState, now: float) -> float | None:
+        """Until when the agent stays connected without asking again (None: only while it holds a lease, or
+        not at all)."""
+        if not self._by_time(agent, now):
+            return None
+        stay = max(agent.last_seen + self.seen_s, agent.quiet_until + self.quiet_s)
+        until = self._until(agent)
+        return stay if until is None else min(stay, until)
+
     def is_connected(self, agent: AgentState, now: float) -> bool:
         """Seen recently or holding a lease, and not past its availability window."""
         until = self._until(agent)

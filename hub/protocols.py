@@ -96,6 +96,14 @@ class DispatchView(Protocol):
     def is_connected(self, agent: AgentState) -> bool:
         """Whether :meth:`connected` would list this agent (no list built: for policies that visit a few)."""
 
+    def stays_until(self, agent: AgentState) -> float | None:
+        """Until when the agent stays connected without asking again (None: only while it holds a lease)."""
+
+    def noted_since(self, version: int) -> tuple[int, list[str] | None]:
+        """The current version, and the ids of agents whose standing changed outside a pick of their own after
+        ``version`` (a gate began refusing one, one was told to pause; None: too far back): what a policy keeps
+        about other agents must be redone for them."""
+
     def idle(self) -> Iterable[AgentState]:
         """The connected agents with a free slot (kept as leases come and go, not filtered per call)."""
 

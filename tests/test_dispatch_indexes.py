@@ -133,12 +133,17 @@ class Fleet:
             assert context.capable(job_id) == capable
             assert context.capable_connected(job_id) == len(capable & connected)
         for agent in self.board.agents.values():
-            gate = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid)
+            # as a pick does: covers kept from earlier picks first hear what changed and forget the asker
+            policy.covers.begin(context.reports_version(), context.noted_since)
+            policy.covers.forget(agent.row.id)
+            kept = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid, policy.covers)
+            walked = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid)
             for job_id in candidate_jobs(context.queues, agent):
                 exact = self.share(agent, job_id, avoid)
                 for need in (1, 3, 10**9):
-                    assert gate.share(job_id, need) == min(exact, need), (agent.row.name, job_id, need)
-                    compared += 1
+                    for gate in (walked, kept, kept):   # kept twice: the second may answer from a new cover
+                        assert gate.share(job_id, need) == min(exact, need), (agent.row.name, job_id, need)
+                        compared += 1
         return compared
 
 
@@ -250,3 +255,39 @@ async def test_a_speed_claim_capped_by_the_board_leaves_the_capable_set(fleets: 
     f.check()
     assert liar.id not in f.board._dispatcher.context.capable(job_id)
     assert await f.lease(liar) == []
+
+
+async def covered_laptop(f: Fleet, a100_caps: dict[str, Any]) -> tuple[Identity, Identity]:
+    """A laptop (~69 s a task) told to take none of 50 tasks because an idle A100 (~0.7 s) finishes ~97 of them
+    first: the proof is kept as a cover for the next ask."""
+    laptop, a100 = await f.agent("laptop", cpu_caps()), await f.agent("a100", a100_caps)
+    await f.submit(50)
+    assert await f.lease(laptop) == []
+    policy = f.board.policy
+    assert isinstance(policy, Fastest) and len(policy.covers) == 1
+    return laptop, a100
+
+
+async def test_a_kept_cover_drops_a_rival_a_gate_starts_refusing(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, a100 = await covered_laptop(f, A100)
+    f.gate.ids.add(a100.id)
+    assert await f.lease(a100) == []                   # refused before any policy looks at it
+    f.check()
+    assert len(await f.lease(laptop)) == 1             # no rival left: the laptop takes one
+
+
+async def test_a_kept_cover_drops_a_rival_that_went_silent(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, _ = await covered_laptop(f, A100)
+    f.clock.now += 700                                 # past the A100's seen horizon (605 s): not connected
+    f.check()
+    assert len(await f.lease(laptop)) == 1
+
+
+async def test_a_kept_cover_drops_a_rival_whose_window_ends_before_its_task(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, _ = await covered_laptop(f, {**A100, "available_until": 1_000_000.0 + 200})
+    f.clock.now += 199.5                               # still connected, but a task would outlast its window
+    f.check()
+    assert len(await f.lease(laptop)) == 1

@@ -20,7 +20,8 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.predict import FLOOR, Predictor, candidate_jobs
+from hub.dispatch.covers import MARGIN_S, Cover, Covers
+from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
 
@@ -36,15 +37,17 @@ __all__ = ["Fastest", "SoonestGate"]
 Avoid = Callable[["AgentState", str], bool]
 #: a bound computed in floating point is loosened by this much (a runtime is a product of rounded figures)
 _SLACK = 1 - 1e-9
+#: a rival counts in a cover only if its part holds at least this long (one leaving soon would end it early)
+COVER_MIN_S = 60.0
 
 
 class SoonestGate:
     """How many of a job's queued tasks one asking agent should take under earliest-finish-first."""
 
     def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
-                 roster: Roster, avoid: Avoid | None = None) -> None:
+                 roster: Roster, avoid: Avoid | None = None, covers: Covers | None = None) -> None:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
-        self.avoid, self.roster = avoid, roster
+        self.avoid, self.roster, self.covers = avoid, roster, covers
         roster.update(view.agents(), view.reports_version(), view.reports_since)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
 
@@ -58,24 +61,38 @@ class SoonestGate:
         kind, agents = self.queues.job(job_id).kind, self.view.agents()
         return any(self._rival(agents.get(b_id), kind) for b_id in self.view.capable(job_id))
 
-    def _ahead(self, b: AgentState, job: JobRow, task: TaskRow, req: Requirements, my_end: float) -> int:
-        """How many of the job's tasks rival ``b`` finishes strictly before this agent would finish one."""
+    def _ahead(self, b: AgentState, job: JobRow, task: TaskRow, req: Requirements,
+               my_end: float) -> tuple[int, float, float]:
+        """How many of the job's tasks rival ``b`` finishes strictly before this agent would finish one (with
+        when it is free and its runtime, when it finishes any)."""
         free = self._free.get(b.row.id)
         if free is None:
             free = self._free[b.row.id] = self.predictor.free_at(b, self.now)
         if free >= my_end:
-            return 0
+            return 0, free, 0.0
         runtime = self.predictor.predict(b, job, task, req)
         if runtime <= 0:
-            return 0
+            return 0, free, runtime
         n = math.ceil((my_end - free) / runtime - 1e-9) - 1
         if n <= 0:
-            return 0   # finishes none before this agent would: whether it fits does not matter
+            return 0, free, runtime   # finishes none before this agent would: whether it fits does not matter
         # Predictor.misfit, with the runtime already known: must finish by the deadline and its window
         end, until, deadline = free + runtime, available_until(b), job.deadline_at
         if (deadline is not None and end > deadline) or (until is not None and end > until):
-            return 0
-        return n
+            return 0, free, runtime
+        return n, free, runtime
+
+    def _part(self, b: AgentState, job: JobRow, free: float, runtime: float, my_end: float) -> tuple[int, float]:
+        """What rival ``b`` may stand for in a cover (covers.py): its count with the margin, and until when."""
+        stay = self.view.stays_until(b)
+        if stay is None:
+            return 0, self.now   # connected only by a lease: it may leave unheard
+        n = math.ceil((my_end - free - MARGIN_S) / runtime - 1e-9) - 1
+        until, end = stay - MARGIN_S, free + runtime
+        for limit in (job.deadline_at, available_until(b)):
+            if limit is not None:
+                until = min(until, self.now + (limit - end) - MARGIN_S)
+        return n, until
 
     def _visit(self, job_id: str) -> Iterator[tuple[float | None, str]]:
         """Capable agents to visit: the quick ones first (no bound: None), then by top speed."""
@@ -93,13 +110,18 @@ class SoonestGate:
         task = self.predictor.head(self.queues, self.agent, job_id, self.now)
         if task is None or need <= 0:
             return 0
-        queued = self.queues.queued(job_id)
-        my_end = self.now + self.predictor.predict(self.agent, job, task, req)
-        horizon = my_end - self.now
+        queued, now = self.queues.queued(job_id), self.now
+        my_end = now + self.predictor.predict(self.agent, job, task, req)
+        horizon = my_end - now
         cost = self.predictor.cost(job, task)
+        key = (cost, task.params.get("dtype") in HALF)
+        if self.covers is not None and self.covers.covered(job_id, key, horizon, queued, now):
+            return 0
         agents, kind = self.view.agents(), job.kind
         left = len(self.view.capable(job_id))   # capable agents not visited yet: at least the rivals among them
         ahead = 0
+        cover = Cover(key, horizon, now, math.inf) if self.covers is not None else None
+        extra = -1   # once the queue is covered: how many more agents to visit for a cover with room to spare
         for speed, b_id in self._visit(job_id):
             if speed is not None:
                 # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
@@ -108,16 +130,35 @@ class SoonestGate:
                 if most is not None:
                     if most <= 0:
                         break   # none of the rest finishes one before this agent would
-                    if queued - (ahead + left * most) >= need:
+                    if extra < 0 and queued - (ahead + left * most) >= need:
                         return need   # even at best the rest leave ``need`` for this agent
+            if extra >= 0:
+                extra -= 1
+                if extra < 0 or (cover is not None and cover.total >= queued + queued // 2 + 8):
+                    break
             left -= 1
             b = agents.get(b_id)
             if b is None or not self._rival(b, kind):
                 continue
-            ahead += self._ahead(b, job, task, req, my_end)
-            if ahead >= queued:
-                return 0
-        return min(queued - ahead, need)
+            n, free, runtime = self._ahead(b, job, task, req, my_end)
+            if n <= 0:
+                continue
+            ahead += n
+            if cover is not None:
+                part, until = self._part(b, job, free, runtime, my_end)
+                if part > 0 and until >= now + COVER_MIN_S:
+                    cover.parts[b_id] = part
+                    cover.total += part
+                    cover.until = min(cover.until, until)
+            if extra < 0 and ahead >= queued:
+                if cover is None:
+                    return 0
+                extra = 2 * (len(self.view.capable(job_id)) - left) + 16
+        if extra < 0:
+            return min(queued - ahead, need)
+        if self.covers is not None and cover is not None:
+            self.covers.keep(job_id, cover)
+        return 0
 
 
 class Fastest:
@@ -126,10 +167,13 @@ class Fastest:
     def __init__(self) -> None:
         self.predictor = Predictor()
         self.roster = Roster()
+        self.covers = Covers()
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now = view.now()
-        gate = SoonestGate(view, agent, self.predictor, now, self.roster)
+        self.covers.begin(view.reports_version(), view.noted_since)
+        self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster, covers=self.covers)
         picked: list[TaskRow] = []
         for job_id in candidate_jobs(view.queues, agent):
             share = gate.share(job_id, slots - len(picked))
@@ -141,4 +185,5 @@ class Fastest:
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
+        self.covers.forget(agent_id)
         self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)

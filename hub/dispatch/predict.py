@@ -41,7 +41,8 @@ SCAN = 16
 #: assume every other agent runs no faster than FLOOR x its measured speed look at these apart
 FLOOR = 0.5
 _LOG_FLOOR = math.log(FLOOR)
-_HALF = ("float16", "bfloat16")
+#: dtypes whose tasks run at a GPU's fp16 speed
+HALF = ("float16", "bfloat16")
 _CACHE_MAX = 200_000
 
 
@@ -57,7 +58,7 @@ def _gpu_speed(gpu: Gpu, half: bool) -> float:
 
 def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapping[str, Any]) -> float:
     """Uncorrected runtime of ``cost`` on the device of ``caps`` that the task would use."""
-    half = params.get("dtype") in _HALF
+    half = params.get("dtype") in HALF
     raw_gpus = caps.raw.get("gpus") or ()
     gflops, bandwidth = 0.0, 0.0
     if req.device != "cpu":
