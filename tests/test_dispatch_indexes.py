@@ -291,3 +291,16 @@ async def test_a_kept_cover_drops_a_rival_whose_window_ends_before_its_task(flee
     f.clock.now += 199.5                               # still connected, but a task would outlast its window
     f.check()
     assert len(await f.lease(laptop)) == 1
+
+
+async def test_a_cover_built_from_a_deep_fleet_answers_as_the_walk(fleets: Callable[..., Any]) -> None:
+    """Forty idle A100s: the first covers the queue, the walk goes on a while for parts quicker askers need,
+    and the answer stays the walk's (none for the laptop, with or without the cover)."""
+    f: Fleet = await fleets("fastest")
+    laptop = await f.agent("laptop", cpu_caps())
+    for i in range(40):
+        await f.agent(f"a100-{i}", A100)
+    await f.submit(50)
+    assert await f.lease(laptop) == []
+    assert f.check() > 0
+    assert await f.lease(laptop) == []

@@ -92,7 +92,7 @@ class Adaptive:
             share = gate.share(job_id, limit)
             return self.predictor.take(view.queues, agent, job_id, share, now) if share else []
 
-        return fair_pick(view, agent, slots, self.usage, now, take)
+        return fair_pick(view, agent, slots, self.usage, now, take, kept_capable=True)
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ class BestFit:
         smaller = [b for b in view.idle() if b is not agent and b.refused is None and b.quiet_until <= now
                    and derived(b, "capability", capability) < mine]
         ranked = []
-        for position, job_id in enumerate(candidate_jobs(queues, agent)):
+        for position, job_id in enumerate(candidate_jobs(queues, agent, view.capable)):
             job = queues.job(job_id)
             ranked.append((-job.priority, view.capable_connected(job_id), position, job_id))
         ranked.sort()

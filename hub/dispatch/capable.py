@@ -41,6 +41,8 @@ class CapableIndex:
     def sync(self) -> None:
         """Take in the agents whose report changed since the last look."""
         fleet = self._fleet
+        if fleet.reports_version == self._read:
+            return
         changed = fleet.reports_since(self._read)
         self._read = fleet.reports_version
         if changed is None or len(self._log) + len(changed) > max(4096, 2 * len(fleet.agents)):

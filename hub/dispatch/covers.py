@@ -2,44 +2,70 @@
 
 Under ``fastest`` most asks end in "take none": the asking agent is slower than enough of the others. Proving
 that means walking the rivals until they finish as many tasks as are queued, for each job the agent could
-run: ~100 jobs x ~40 rivals on every ask. A :class:`Cover` keeps one such proof: the rivals that finish
-``parts[b]`` of the job's tasks before an agent needing ``horizon`` seconds would finish one, counted at time
-``at``. It stays a proof for a later agent needing at least ``horizon`` seconds, while nothing that could
-lower a part has happened:
+run: ~100 jobs x ~40 rivals on every ask. A :class:`Cover` keeps, per job, the rivals such a walk counted:
+for each, when it was free relative to the count (``offset``) and its runtime for the job's head task. For a
+later agent needing ``horizon`` seconds, a rival then finishes at least
+``ceil((horizon - offset - MARGIN_S) / runtime) - 1`` tasks before that agent would finish one, while
+nothing that could lower it has happened:
 
-- time passing lowers no part: a rival's free time moves forward at most as fast as the clock, and so does
-  the asking agent's end (``my_end - free`` does not shrink); parts are counted with a millisecond to spare
-  against rounding;
+- time passing lowers nothing: a rival's free time moves forward at most as fast as the clock, and so does
+  the asking agent's end; a millisecond is kept in hand against rounding;
 - a rival's own events can: when it asks (it may be told to pause: a later free time), takes tasks or has an
-  attempt settled (a new speed correction, a new error rate), its parts are taken out (:meth:`Covers.forget`);
-- leaving: each part counts only until the rival would drop out of the connected fleet without asking again
-  and while its predicted end still fits the job's deadline and its own window (``Cover.until``);
-- a gate refusing a rival or a pause told to it (``DispatchView.noted_since``) takes its parts out too;
+  attempt settled (a new speed correction, a new error rate), its part is taken out (:meth:`Covers.forget`);
+  so is it when a gate begins refusing it or it is told to pause outside a pick (``DispatchView.noted_since``);
+- leaving: a part holds only until the rival would drop out of the connected fleet without asking again, and
+  while its predicted end still fits the job's deadline and its own window (``until``);
 - a changed report (capable sets, speeds) drops every cover (``epoch``).
 
-The answer is then the walk's: the rivals in the cover alone finish at least as many tasks as are queued
-now, so the full sum would too, and the agent takes none.
+When the parts alone reach the queued count, the full sum would too: the agent takes none, as the walk says.
+Otherwise the walk runs (and keeps a new cover). The parts are first asked all at once: each is at least
+``(horizon - offset - MARGIN_S) / runtime - 1 - 1e-9``, so their sum is at least ``rate x horizon - lag``
+with ``rate`` and ``lag`` summed over the parts (kept as parts are taken out): one multiplication answers
+most questions; a part-by-part sum (at most :data:`LOOK` parts) answers the rest.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-__all__ = ["MARGIN_S", "Cover", "Covers"]
+__all__ = ["LOOK", "MARGIN_S", "Cover", "Covers"]
 
 #: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
 MARGIN_S = 1e-3
+#: parts looked at per question at most
+LOOK = 128
+#: a part that holds for less than this after the count is left out of the all-at-once sum
+LINEAR_MIN_S = 60.0
 
 
 @dataclass
 class Cover:
     key: Hashable            # what the rivals' runtimes depend on: the head task's cost (and dtype)
-    horizon: float           # good for an agent needing at least this long for one task
     at: float                # counted at this time
-    until: float             # no part holds past this
-    parts: dict[str, int] = field(default_factory=dict)
-    total: int = 0
+    #: rival id -> (its free time - ``at``, its runtime, until when its part holds)
+    parts: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    rate: float = 0.0        # sum of 1 / runtime over the parts held at least until ``until``
+    lag: float = 0.0         # sum of (offset + MARGIN_S) / runtime + 1 + 1e-9 over the same parts
+    until: float = math.inf  # the earliest end of those parts
+    linear: set[str] = field(default_factory=set)   # those parts
+
+    def add(self, agent_id: str, offset: float, runtime: float, until: float) -> None:
+        self.parts[agent_id] = (offset, runtime, until)
+        if until >= self.at + LINEAR_MIN_S:
+            self.linear.add(agent_id)
+            self.rate += 1 / runtime
+            self.lag += (offset + MARGIN_S) / runtime + 1 + 1e-9
+            self.until = min(self.until, until)
+
+    def remove(self, agent_id: str) -> None:
+        part = self.parts.pop(agent_id, None)
+        if part is not None and agent_id in self.linear:
+            self.linear.discard(agent_id)
+            offset, runtime, _ = part
+            self.rate -= 1 / runtime
+            self.lag -= (offset + MARGIN_S) / runtime + 1 + 1e-9
 
 
 class Covers:
@@ -64,20 +90,30 @@ class Covers:
             self.forget(agent_id)
 
     def covered(self, job_id: str, key: Hashable, horizon: float, queued: int, now: float) -> bool:
-        """Whether a kept cover proves that an agent needing ``horizon`` s should take none of the job."""
+        """Whether the kept parts prove that an agent needing ``horizon`` s should take none of the job (looking
+        at no more than :data:`LOOK` parts: past that a walk is as quick)."""
         cover = self._jobs.get(job_id)
-        if cover is None or cover.key != key or horizon < cover.horizon or not cover.at <= now < cover.until:
+        if cover is None or cover.key != key or now < cover.at:
             return False
-        if cover.total >= queued:
+        if now < cover.until and cover.rate * horizon - cover.lag >= queued + 1:   # + 1: rounding in the sums
             return True
-        if cover.total <= 0 or now >= cover.until:
-            self._drop(job_id)
+        total = 0
+        for looked, (offset, runtime, until) in enumerate(cover.parts.values()):
+            if looked >= LOOK:
+                return False
+            if now >= until:
+                continue
+            n = math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
+            if n > 0:
+                total += n
+                if total >= queued:
+                    return True
         return False
 
     def keep(self, job_id: str, cover: Cover) -> None:
         """Keep ``cover`` for the job (replacing the one it had)."""
         self._drop(job_id)
-        if not cover.parts or cover.until <= cover.at:
+        if not cover.parts:
             return
         self._jobs[job_id] = cover
         for agent_id in cover.parts:
@@ -91,7 +127,7 @@ class Covers:
         for job_id in self._by_agent.pop(agent_id, ()):
             cover = self._jobs.get(job_id)
             if cover is not None:
-                cover.total -= cover.parts.pop(agent_id, 0)
+                cover.remove(agent_id)
 
     def _drop(self, job_id: str) -> None:
         cover = self._jobs.pop(job_id, None)

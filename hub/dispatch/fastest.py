@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.covers import MARGIN_S, Cover, Covers
+from hub.dispatch.covers import LOOK, MARGIN_S, Cover, Covers
 from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
@@ -37,8 +37,6 @@ __all__ = ["Fastest", "SoonestGate"]
 Avoid = Callable[["AgentState", str], bool]
 #: a bound computed in floating point is loosened by this much (a runtime is a product of rounded figures)
 _SLACK = 1 - 1e-9
-#: a rival counts in a cover only if its part holds at least this long (one leaving soon would end it early)
-COVER_MIN_S = 60.0
 
 
 class SoonestGate:
@@ -82,17 +80,17 @@ class SoonestGate:
             return 0, free, runtime
         return n, free, runtime
 
-    def _part(self, b: AgentState, job: JobRow, free: float, runtime: float, my_end: float) -> tuple[int, float]:
-        """What rival ``b`` may stand for in a cover (covers.py): its count with the margin, and until when."""
+    def _holds_until(self, b: AgentState, job: JobRow, end: float) -> float:
+        """Until when rival ``b``'s part in a cover (covers.py) holds: while it stays connected without asking
+        again, and its predicted ``end`` fits the job's deadline and its own window (both move with the clock)."""
         stay = self.view.stays_until(b)
         if stay is None:
-            return 0, self.now   # connected only by a lease: it may leave unheard
-        n = math.ceil((my_end - free - MARGIN_S) / runtime - 1e-9) - 1
-        until, end = stay - MARGIN_S, free + runtime
+            return self.now   # connected only by a lease: it may leave unheard
+        until = stay - MARGIN_S
         for limit in (job.deadline_at, available_until(b)):
             if limit is not None:
                 until = min(until, self.now + (limit - end) - MARGIN_S)
-        return n, until
+        return until
 
     def _visit(self, job_id: str) -> Iterator[tuple[float | None, str]]:
         """Capable agents to visit: the quick ones first (no bound: None), then by top speed."""
@@ -120,8 +118,8 @@ class SoonestGate:
         agents, kind = self.view.agents(), job.kind
         left = len(self.view.capable(job_id))   # capable agents not visited yet: at least the rivals among them
         ahead = 0
-        cover = Cover(key, horizon, now, math.inf) if self.covers is not None else None
-        extra = -1   # once the queue is covered: how many more agents to visit for a cover with room to spare
+        cover = Cover(key, now) if self.covers is not None else None
+        covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
         for speed, b_id in self._visit(job_id):
             if speed is not None:
                 # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
@@ -130,11 +128,11 @@ class SoonestGate:
                 if most is not None:
                     if most <= 0:
                         break   # none of the rest finishes one before this agent would
-                    if extra < 0 and queued - (ahead + left * most) >= need:
+                    if not covered and queued - (ahead + left * most) >= need:
                         return need   # even at best the rest leave ``need`` for this agent
-            if extra >= 0:
+            if covered:
                 extra -= 1
-                if extra < 0 or (cover is not None and cover.total >= queued + queued // 2 + 8):
+                if extra < 0 or (cover is not None and len(cover.parts) >= LOOK):
                     break
             left -= 1
             b = agents.get(b_id)
@@ -144,17 +142,15 @@ class SoonestGate:
             if n <= 0:
                 continue
             ahead += n
-            if cover is not None:
-                part, until = self._part(b, job, free, runtime, my_end)
-                if part > 0 and until >= now + COVER_MIN_S:
-                    cover.parts[b_id] = part
-                    cover.total += part
-                    cover.until = min(cover.until, until)
-            if extra < 0 and ahead >= queued:
+            if cover is not None and len(cover.parts) < LOOK:
+                until = self._holds_until(b, job, free + runtime)
+                if until > now:
+                    cover.add(b_id, free - now, runtime, until)
+            if not covered and ahead >= queued:
                 if cover is None:
                     return 0
-                extra = 2 * (len(self.view.capable(job_id)) - left) + 16
-        if extra < 0:
+                covered, extra = True, len(self.view.capable(job_id)) - left + 16   # as many again, and some
+        if not covered:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:
             self.covers.keep(job_id, cover)
@@ -175,7 +171,7 @@ class Fastest:
         self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
         gate = SoonestGate(view, agent, self.predictor, now, self.roster, covers=self.covers)
         picked: list[TaskRow] = []
-        for job_id in candidate_jobs(view.queues, agent):
+        for job_id in candidate_jobs(view.queues, agent, view.capable):
             share = gate.share(job_id, slots - len(picked))
             if share:
                 picked += self.predictor.take(view.queues, agent, job_id, share, now)

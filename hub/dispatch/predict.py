@@ -12,7 +12,7 @@ agent's availability window (``available_until`` in its capability report, epoch
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hub.fleet import available_until, slots_of
@@ -72,13 +72,18 @@ def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapp
     return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
 
 
-def candidate_jobs(queues: QueueView, agent: AgentState) -> list[str]:
+def candidate_jobs(queues: QueueView, agent: AgentState,
+                   capable: Callable[[str], Container[str]] | None = None) -> list[str]:
     """Active jobs with queued tasks whose requirements ``agent`` meets: highest priority first,
-    then the earliest deadline (a job without one comes after those with one), then the oldest."""
+    then the earliest deadline (a job without one comes after those with one), then the oldest.
+    ``capable(job_id)``, when given, is the job's capable agent ids (``DispatchView.capable``: the same
+    answer as ``unmet``, kept instead of asked per job)."""
     jobs = []
+    agent_id = agent.row.id
     for position, job_id in enumerate(queues.waiting()):
         job = queues.job(job_id)
-        if not unmet(queues.requirements(job_id), job.kind, agent.caps):
+        if (agent_id in capable(job_id)) if capable is not None else not unmet(
+                queues.requirements(job_id), job.kind, agent.caps):
             jobs.append((-job.priority, job.deadline_at or math.inf, position, job_id))
     jobs.sort()
     return [job_id for *_, job_id in jobs]
@@ -154,6 +159,9 @@ class Predictor:
     def head(self, queues: QueueView, agent: AgentState, job_id: str, now: float) -> TaskRow | None:
         """The first of the job's queued tasks (among the next :data:`SCAN`) that fits the agent."""
         job, req = queues.job(job_id), queues.requirements(job_id)
+        if job.deadline_at is None and available_until(agent) is None:   # every task fits: the first one
+            first = queues.peek(job_id, 1)
+            return first[0] if first else None
         return next((t for t in queues.peek(job_id, SCAN) if self.misfit(agent, job, t, req, now) is None), None)
 
     def take(self, queues: QueueView, agent: AgentState, job_id: str, limit: int, now: float) -> list[TaskRow]:
