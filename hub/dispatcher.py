@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 
 from hub.config import HubConfig
 from hub.dispatch.capable import CapableIndex
@@ -57,6 +57,11 @@ class DispatchContext:
 
     def is_connected(self, agent: AgentState) -> bool:
         return self._fleet.is_connected(agent, self._clock())
+
+    def connected_ids(self) -> Container[str]:
+        presence = self._fleet.presence
+        presence.refresh(self._clock())
+        return presence.members.keys()
 
     def stays_until(self, agent: AgentState) -> float | None:
         return self._fleet.presence.stays_until(agent, self._clock())

@@ -14,7 +14,7 @@ Everything here is registered on a board explicitly (constructor arguments, ``Bo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -95,6 +95,9 @@ class DispatchView(Protocol):
 
     def is_connected(self, agent: AgentState) -> bool:
         """Whether :meth:`connected` would list this agent (no list built: for policies that visit a few)."""
+
+    def connected_ids(self) -> Container[str]:
+        """The ids of the agents :meth:`connected` would list (a live view: read it within one pick)."""
 
     def stays_until(self, agent: AgentState) -> float | None:
         """Until when the agent stays connected without asking again (None: only while it holds a lease)."""

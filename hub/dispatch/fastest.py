@@ -37,6 +37,8 @@ __all__ = ["Fastest", "SoonestGate"]
 Avoid = Callable[["AgentState", str], bool]
 #: a bound computed in floating point is loosened by this much (a runtime is a product of rounded figures)
 _SLACK = 1 - 1e-9
+#: once rivals cover the queue, agents visited further for a cover that quicker askers can use too
+EXTRA_VISITS = 16
 
 
 class SoonestGate:
@@ -48,11 +50,12 @@ class SoonestGate:
         self.avoid, self.roster, self.covers = avoid, roster, covers
         roster.update(view.agents(), view.reports_version(), view.reports_since)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
+        self._connected = view.connected_ids()
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
         """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
-        return (b is not None and b is not self.agent and b.refused is None
-                and not (self.avoid is not None and self.avoid(b, kind)) and self.view.is_connected(b))
+        return (b is not None and b is not self.agent and b.refused is None and b.row.id in self._connected
+                and not (self.avoid is not None and self.avoid(b, kind)))
 
     def has_rival(self, job_id: str) -> bool:
         """Whether another connected agent could run the job at all."""
@@ -149,7 +152,7 @@ class SoonestGate:
             if not covered and ahead >= queued:
                 if cover is None:
                     return 0
-                covered, extra = True, len(self.view.capable(job_id)) - left + 16   # as many again, and some
+                covered, extra = True, EXTRA_VISITS
         if not covered:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:
