@@ -50,6 +50,7 @@ class Cover:
     lag: float = 0.0         # sum of (offset + MARGIN_S) / runtime + 1 + 1e-9 over the same parts
     until: float = math.inf  # the earliest end of those parts
     linear: set[str] = field(default_factory=set)   # those parts
+    resume: int = 0          # the roster position after the last rival visited for it (a repair goes on there)
 
     def add(self, agent_id: str, offset: float, runtime: float, until: float) -> None:
         self.parts[agent_id] = (offset, runtime, until)
@@ -89,26 +90,41 @@ class Covers:
         for agent_id in changed:
             self.forget(agent_id)
 
-    def covered(self, job_id: str, key: Hashable, horizon: float, queued: int, now: float) -> bool:
-        """Whether the kept parts prove that an agent needing ``horizon`` s should take none of the job (looking
-        at no more than :data:`LOOK` parts: past that a walk is as quick)."""
+    def get(self, job_id: str, key: Hashable, now: float) -> Cover | None:
+        """The job's cover, if it was counted for the same head task cost and not in the future."""
         cover = self._jobs.get(job_id)
-        if cover is None or cover.key != key or now < cover.at:
-            return False
+        return cover if cover is not None and cover.key == key and cover.at <= now else None
+
+    @staticmethod
+    def count(cover: Cover, horizon: float, queued: int, now: float) -> int:
+        """At least how many tasks the cover's rivals finish before an agent needing ``horizon`` s finishes one
+        (counting stops at ``queued``; at most :data:`LOOK` parts are looked at one by one)."""
         if now < cover.until and cover.rate * horizon - cover.lag >= queued + 1:   # + 1: rounding in the sums
-            return True
+            return queued
         total = 0
         for looked, (offset, runtime, until) in enumerate(cover.parts.values()):
             if looked >= LOOK:
-                return False
+                break
             if now >= until:
                 continue
             n = math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
             if n > 0:
                 total += n
                 if total >= queued:
-                    return True
-        return False
+                    break
+        return total
+
+    def covered(self, job_id: str, key: Hashable, horizon: float, queued: int, now: float) -> bool:
+        """Whether the kept parts prove that an agent needing ``horizon`` s should take none of the job."""
+        cover = self.get(job_id, key, now)
+        return cover is not None and self.count(cover, horizon, queued, now) >= queued
+
+    def add(self, job_id: str, cover: Cover, agent_id: str, free: float, runtime: float, until: float) -> None:
+        """Add a rival counted now to the job's kept cover (its free time taken relative to ``cover.at``: a
+        later count only understates what it finishes)."""
+        if self._jobs.get(job_id) is cover and agent_id not in cover.parts:
+            cover.add(agent_id, free - cover.at, runtime, until)
+            self._by_agent.setdefault(agent_id, set()).add(job_id)
 
     def keep(self, job_id: str, cover: Cover) -> None:
         """Keep ``cover`` for the job (replacing the one it had)."""

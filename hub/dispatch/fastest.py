@@ -39,6 +39,8 @@ Avoid = Callable[["AgentState", str], bool]
 _SLACK = 1 - 1e-9
 #: once rivals cover the queue, agents visited further for a cover that quicker askers can use too
 EXTRA_VISITS = 16
+#: capable agents a repair visits past a kept cover's last one before a new walk is cheaper
+REPAIR_VISITS = 32
 
 
 class SoonestGate:
@@ -95,15 +97,44 @@ class SoonestGate:
                 until = min(until, self.now + (limit - end) - MARGIN_S)
         return until
 
-    def _visit(self, job_id: str) -> Iterator[tuple[float | None, str]]:
-        """Capable agents to visit: the quick ones first (no bound: None), then by top speed."""
+    def _visit(self, job_id: str) -> Iterator[tuple[int, float | None, str]]:
+        """Capable agents to visit: the quick ones first (no bound: None), then by top speed (with their
+        roster positions; -1 for the quick ones)."""
         capable, quick = self.view.capable(job_id), self.predictor.quick
         for b_id in quick:
             if b_id in capable:
-                yield None, b_id
-        for speed, b_id in self.roster.fastest_first():
+                yield -1, None, b_id
+        for position, speed, b_id in self.roster.fastest_first():
             if b_id in capable and b_id not in quick:
-                yield speed, b_id
+                yield position, speed, b_id
+
+    def _repair(self, job_id: str, cover: Cover, job: JobRow, task: TaskRow, req: Requirements, my_end: float,
+                total: int, queued: int) -> bool:
+        """Whether rivals after the cover's last one, with its parts (at least ``total``), still cover the
+        queue: a few more visits instead of a new walk when a part was taken out (its rival asked or settled)."""
+        assert self.covers is not None
+        capable, agents, kind = self.view.capable(job_id), self.view.agents(), job.kind
+        visits = 0
+        for position, _, b_id in self.roster.fastest_first(cover.resume):
+            if visits >= REPAIR_VISITS:
+                return False
+            cover.resume = position + 1
+            if b_id not in capable or b_id in cover.parts:
+                continue
+            visits += 1
+            b = agents.get(b_id)
+            if b is None or not self._rival(b, kind):
+                continue
+            n, free, runtime = self._ahead(b, job, task, req, my_end)
+            if n <= 0:
+                continue
+            total += n
+            until = self._holds_until(b, job, free + runtime)
+            if until > self.now:
+                self.covers.add(job_id, cover, b_id, free, runtime, until)
+            if total >= queued:
+                return True
+        return False
 
     def share(self, job_id: str, need: int) -> int:
         """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
@@ -116,14 +147,18 @@ class SoonestGate:
         horizon = my_end - now
         cost = self.predictor.cost(job, task)
         key = (cost, task.params.get("dtype") in HALF)
-        if self.covers is not None and self.covers.covered(job_id, key, horizon, queued, now):
-            return 0
+        kept = self.covers.get(job_id, key, now) if self.covers is not None else None
+        if kept is not None:
+            total = self.covers.count(kept, horizon, queued, now) if self.covers is not None else 0
+            if total >= queued or self._repair(job_id, kept, job, task, req, my_end, total, queued):
+                return 0
         agents, kind = self.view.agents(), job.kind
         left = len(self.view.capable(job_id))   # capable agents not visited yet: at least the rivals among them
         ahead = 0
         cover = Cover(key, now) if self.covers is not None else None
         covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
-        for speed, b_id in self._visit(job_id):
+        resume = 0
+        for position, speed, b_id in self._visit(job_id):
             if speed is not None:
                 # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
                 fastest = FLOOR * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
@@ -138,6 +173,7 @@ class SoonestGate:
                 if extra < 0 or (cover is not None and len(cover.parts) >= LOOK):
                     break
             left -= 1
+            resume = max(resume, position + 1)
             b = agents.get(b_id)
             if b is None or not self._rival(b, kind):
                 continue
@@ -156,6 +192,7 @@ class SoonestGate:
         if not covered:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:
+            cover.resume = resume
             self.covers.keep(job_id, cover)
         return 0
 

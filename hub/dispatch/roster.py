@@ -61,9 +61,11 @@ class Roster:
                 self._key[agent_id] = key
         self._read = version
 
-    def fastest_first(self) -> Iterator[tuple[float, str]]:
-        """(top speed, agent id), fastest first."""
-        return ((-key, agent_id) for key, agent_id in self._order)
+    def fastest_first(self, start: int = 0) -> Iterator[tuple[int, float, str]]:
+        """(position, top speed, agent id), fastest first, from ``start`` on (positions hold until the next
+        :meth:`update` that changes something)."""
+        order = self._order
+        return ((i, -order[i][0], order[i][1]) for i in range(start, len(order)))
 
     def __len__(self) -> int:
         return len(self._order)
