@@ -304,3 +304,29 @@ async def test_a_cover_built_from_a_deep_fleet_answers_as_the_walk(fleets: Calla
     assert await f.lease(laptop) == []
     assert f.check() > 0
     assert await f.lease(laptop) == []
+
+
+async def test_a_restarted_board_counts_a_silent_lessee_as_connected_until_its_lease_ends(tmp_path: Path) -> None:
+    """After a restart the agents come from the store and their leases are restored: one last seen long ago
+    but holding a lease is connected (as the scan says) until that lease expires."""
+    first = Fleet(tmp_path, "fastest")
+    await first.board.start()
+    busy, idle = await first.agent("busy", GTX1060), await first.agent("idle", GTX1060)
+    await first.submit(4)
+    assert len(await first.lease(busy)) == 1
+    await first.board.stop()
+    again = Fleet(tmp_path, "fastest")
+    again.clock.now = first.clock.now + 2000           # both silent for longer than the seen horizon
+    await again.board.start()
+    try:
+        assert again.connected() == {busy.id}
+        again.check()
+        again.clock.now += 700                         # the restored lease (one TTL) expires
+        await again.board.sweep()
+        assert again.connected() == set()
+        again.check()
+        await again.lease(idle)
+        assert again.connected() == {idle.id}
+        again.check()
+    finally:
+        await again.board.stop()
