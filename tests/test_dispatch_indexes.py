@@ -134,7 +134,7 @@ class Fleet:
             assert context.capable_connected(job_id) == len(capable & connected)
         for agent in self.board.agents.values():
             # as a pick does: covers kept from earlier picks first hear what changed and forget the asker
-            policy.covers.begin(context.reports_version(), context.noted_since)
+            policy.covers.begin(context)
             policy.covers.forget(agent.row.id)
             kept = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid, policy.covers)
             walked = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid)
@@ -330,3 +330,11 @@ async def test_a_restarted_board_counts_a_silent_lessee_as_connected_until_its_l
         again.check()
     finally:
         await again.board.stop()
+
+
+async def test_a_kept_cover_drops_a_rival_that_registers_again_slower(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, a100 = await covered_laptop(f, A100)
+    await f.agent("a100", cpu_caps(), identity=a100)   # the same key, now a laptop: no faster than the asker
+    f.check()
+    assert len(await f.lease(laptop)) == 1

@@ -82,7 +82,7 @@ class Adaptive:
         def avoid(b: AgentState, kind: str) -> bool:
             return self.errors.high(b.row.id, kind, now)
 
-        self.covers.begin(view.reports_version(), view.noted_since)
+        self.covers.begin(view)
         self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
         gate = SoonestGate(view, agent, self.predictor, now, self.roster, avoid, self.covers)
 

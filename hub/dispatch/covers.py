@@ -12,10 +12,10 @@ nothing that could lower it has happened:
   the asking agent's end; a millisecond is kept in hand against rounding;
 - a rival's own events can: when it asks (it may be told to pause: a later free time), takes tasks or has an
   attempt settled (a new speed correction, a new error rate), its part is taken out (:meth:`Covers.forget`);
-  so is it when a gate begins refusing it or it is told to pause outside a pick (``DispatchView.noted_since``);
+  so is it when its report changes (registering again, the speed check: capability, speed, slots, window)
+  and when a gate begins refusing it or it is told to pause outside a pick (``DispatchView.noted_since``);
 - leaving: a part holds only until the rival would drop out of the connected fleet without asking again, and
-  while its predicted end still fits the job's deadline and its own window (``until``);
-- a changed report (capable sets, speeds) drops every cover (``epoch``).
+  while its predicted end still fits the job's deadline and its own window (``until``).
 
 When the parts alone reach the queued count, the full sum would too: the agent takes none, as the walk says.
 Otherwise the walk runs (and keeps a new cover). The parts are first asked all at once: each is at least
@@ -27,8 +27,12 @@ most questions; a part-by-part sum (at most :data:`LOOK` parts) answers the rest
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hub.protocols import DispatchView
 
 __all__ = ["LOOK", "MARGIN_S", "Cover", "Covers"]
 
@@ -75,18 +79,22 @@ class Covers:
     def __init__(self) -> None:
         self._jobs: dict[str, Cover] = {}
         self._by_agent: dict[str, set[str]] = {}
-        self._epoch: Hashable = None
+        self._reports = 0
         self._noted = 0
 
-    def begin(self, epoch: Hashable, noted: Callable[[int], tuple[int, list[str] | None]]) -> None:
-        """A pick starts: ``epoch`` changes with reports (every cover is dropped then); ``noted(v)`` gives the
-        agents whose standing changed since v (their parts are taken out)."""
-        self._noted, changed = noted(self._noted)
-        if epoch != self._epoch or changed is None:
-            self._epoch = epoch
+    def begin(self, view: DispatchView) -> None:
+        """A pick starts: the parts of agents whose report changed (a registration, the speed check) or whose
+        standing changed outside a pick of their own (a refusal, a pause) are taken out."""
+        version = view.reports_version()
+        changed_reports = view.reports_since(self._reports) if version != self._reports else []
+        self._reports = version
+        self._noted, changed = view.noted_since(self._noted)
+        if changed is None or changed_reports is None:   # too far behind to say who: start over
             self._jobs.clear()
             self._by_agent.clear()
             return
+        for agent in changed_reports:
+            self.forget(agent.row.id)
         for agent_id in changed:
             self.forget(agent_id)
 

@@ -207,7 +207,7 @@ class Fastest:
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now = view.now()
-        self.covers.begin(view.reports_version(), view.noted_since)
+        self.covers.begin(view)
         self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
         gate = SoonestGate(view, agent, self.predictor, now, self.roster, covers=self.covers)
         picked: list[TaskRow] = []
