@@ -80,6 +80,7 @@ class Board:
         self.quarantine = Quarantine(config, clock)
         # Results you can trust: instances, quorum, reputation, credit (the default validator, a holdback).
         self.trust = Trust(config, clock, store, self._queues, lambda: dict(self._fleet.agents), self.quarantine)
+        self.trust.speed.on_report = self._fleet.note_report
         self._ledger = ResultLedger(store, self._queues, validator or self.trust, self._stats, clock)
         self._dispatcher = Dispatcher(self.policy, self._queues, self._fleet, self._leases, config, clock)
         self.view = BoardView(store, clock, self._queues, self._fleet, self._stats, self._dispatcher.context,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable, Mapping
 
 from hub import waits
 from hub.config import HubConfig
@@ -34,7 +34,13 @@ class DispatchContext:
 
     def __init__(self, queues: JobQueues, fleet: Fleet, config: HubConfig, clock: Callable[[], float]) -> None:
         self._queues, self._fleet, self._config, self._clock = queues, fleet, config, clock
-        self._capable = CapableIndex(queues, lambda: fleet.agents)
+        self._capable = CapableIndex(queues, fleet)
+        #: job id -> (presence version, capable version, how many connected agents are capable)
+        self._counts: dict[str, tuple[int, int, int]] = {}
+        #: agents whose standing changed outside their own pick (a gate began refusing one; one was told to
+        #: pause): versions ``_noted_base`` .. ``noted_version``
+        self._noted: list[str] = []
+        self._noted_base = 0
 
     @property
     def queues(self) -> JobQueues:
@@ -48,12 +54,72 @@ class DispatchContext:
         return self._clock()
 
     def connected(self) -> list[AgentState]:
-        agents = self._fleet.connected(self._clock())
-        self._capable.sync(agents)
-        return agents
+        return self._fleet.connected(self._clock())
+
+    def is_connected(self, agent: AgentState) -> bool:
+        return self._fleet.is_connected(agent, self._clock())
+
+    def connected_ids(self) -> Container[str]:
+        presence = self._fleet.presence
+        presence.refresh(self._clock())
+        return presence.members.keys()
+
+    def stays_until(self, agent: AgentState) -> float | None:
+        return self._fleet.presence.stays_until(agent, self._clock())
+
+    def note(self, agent: AgentState) -> None:
+        """The agent's standing changed outside a pick of its own (see :meth:`noted_since`)."""
+        self._noted.append(agent.row.id)
+        if len(self._noted) > 8192:
+            del self._noted[:4096]
+            self._noted_base += 4096
+
+    def noted_since(self, version: int) -> tuple[int, list[str] | None]:
+        end = self._noted_base + len(self._noted)
+        if version < self._noted_base:
+            return end, None
+        return end, self._noted[version - self._noted_base:]
+
+    def idle(self) -> Iterable[AgentState]:
+        presence = self._fleet.presence
+        presence.refresh(self._clock())
+        return presence.idle.values()
+
+    def agents(self) -> Mapping[str, AgentState]:
+        return self._fleet.agents
+
+    def reports_version(self) -> int:
+        return self._fleet.reports_version
+
+    def reports_since(self, version: int) -> list[AgentState] | None:
+        return self._fleet.reports_since(version)
 
     def capable(self, job_id: str) -> set[str]:
         return self._capable.capable(job_id)
+
+    def capable_connected(self, job_id: str) -> int:
+        """Connected agents meeting the job's requirements, counted once and then kept by the presence log."""
+        capable = self._capable.capable(job_id)
+        presence = self._fleet.presence
+        presence.refresh(self._clock())
+        version, reports = presence.version, self._capable.version
+        cached = self._counts.get(job_id)
+        if cached is not None and cached[1] == reports:
+            changes = presence.changes_since(cached[0])
+            if changes is not None:
+                count = cached[2]
+                for agent_id, joined in changes:
+                    if agent_id in capable:
+                        count += 1 if joined else -1
+                self._counts[job_id] = (version, reports, count)
+                return count
+        if len(self._counts) > 64 and len(self._counts) > 2 * len(self._queues):   # finished jobs: forget
+            self._counts = {j: c for j, c in self._counts.items() if j in self._queues}
+        members = presence.members
+        count = len(capable.intersection(members)) if len(capable) < len(members) else sum(
+            1 for agent_id in members if agent_id in capable)
+        self._counts[job_id] = (version, reports, count)
+        return count
 
 
 class Dispatcher:
@@ -84,6 +150,7 @@ class Dispatcher:
         pause = self.pacing.retry_after()
         if pause is not None:
             agent.quiet_until = self.clock() + pause
+            self.context.note(agent)   # it is free later than a policy may have counted
         return pause
 
     def add_holdback(self, holdback: Holdback) -> None:
@@ -152,7 +219,12 @@ class Dispatcher:
             while True:
                 # Asked again after each wait: a concurrent request of the same agent may have filled it.
                 allowed = self._leases.allowance(agent, slots)
-                if not self.leasing or allowed == 0 or self._leases.refusal(agent):
+                if not self.leasing or allowed == 0:
+                    return []
+                was_refused = agent.refused is not None
+                if self._leases.refusal(agent):
+                    if not was_refused:
+                        self.context.note(agent)   # policies that keep facts about other agents look again
                     return []
                 picked = self._pick_now(agent, allowed)
                 self._hand_on(woken, picked)

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from hub.config import HubConfig
+from hub.presence import Presence, Running
 from hub.records import AgentRow
 from jobs.requirements import Capabilities
 from security.errors import Forbidden
 from security.identity import PublicKey
 
-__all__ = ["AgentState", "Fleet", "available_until", "derived"]
+__all__ = ["AgentState", "Fleet", "available_until", "derived", "slots_of"]
 
 T = TypeVar("T")
 
@@ -25,7 +26,7 @@ class AgentState:
     key: PublicKey
     caps: Capabilities
     last_seen: float = 0.0
-    running: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=Running)   # a Running in a fleet: it tells the fleet of changes
     done: int = 0
     failed: int = 0
     refused: str | None = None          # why a lease gate currently gives it no work
@@ -56,12 +57,63 @@ def available_until(agent: AgentState) -> float | None:
     return derived(agent, "available_until", _until)
 
 
+def _slots(caps: Capabilities) -> int:
+    value = caps.raw.get("slots")
+    return max(int(value), 1) if isinstance(value, int | float) else 1
+
+
+def slots_of(agent: AgentState) -> int:
+    """The slots the agent advertises (at least one)."""
+    return derived(agent, "slots", _slots)
+
+
+#: report changes kept for :meth:`Fleet.reports_since` (an index further behind rebuilds)
+REPORTS_KEPT = 4096
+
+
 class Fleet:
-    """The registered agents by id; ``online`` and ``connected`` say who is around now."""
+    """The registered agents by id; ``online`` and ``connected`` say who is around now.
+
+    Indexes over the agents follow two logs instead of scanning: :attr:`presence` (who is connected, who has
+    a free slot) and the report log (:meth:`reports_since`: agents whose capability report changed, by
+    registering again or by the speed check through :meth:`note_report`; the only ways a report changes)."""
 
     def __init__(self, config: HubConfig, clock: Callable[[], float]) -> None:
         self.config, self.clock = config, clock
         self._agents: dict[str, AgentState] = {}
+        self.presence = Presence(max(2 * config.max_poll_wait_s, config.lease_ttl_s) + 5, config.max_poll_wait_s,
+                                 available_until, slots_of)
+        self._reports: list[AgentState] = []
+        self._reports_base = 0
+
+    @property
+    def reports_version(self) -> int:
+        """Counts registrations and report changes."""
+        return self._reports_base + len(self._reports)
+
+    def reports_since(self, version: int) -> list[AgentState] | None:
+        """Agents registered or with a new report after ``version`` (None: no longer kept; rebuild)."""
+        if version < self._reports_base:
+            return None
+        return self._reports[version - self._reports_base:]
+
+    def note_report(self, agent: AgentState) -> None:
+        """The agent's report changed (a new ``Capabilities`` object): indexes look at it again."""
+        self._reports.append(agent)
+        if len(self._reports) > 2 * REPORTS_KEPT:
+            drop = len(self._reports) - REPORTS_KEPT
+            del self._reports[:drop]
+            self._reports_base += drop
+        self.presence.touch(agent, self.clock())
+
+    def _attach(self, state: AgentState) -> AgentState:
+        running = state.running if isinstance(state.running, Running) else Running(state.running)
+        state.running = running
+        presence, clock = self.presence, self.clock
+        running.on_change = lambda: presence.running_changed(state, clock())
+        self._agents[state.row.id] = state
+        self.note_report(state)
+        return state
 
     @property
     def agents(self) -> Mapping[str, AgentState]:
@@ -70,8 +122,8 @@ class Fleet:
     def load(self, rows: list[AgentRow]) -> None:
         """The agents in the store at start."""
         for row in rows:
-            self._agents[row.id] = AgentState(row, PublicKey.parse(row.public_key),
-                                              Capabilities.from_dict(row.capabilities), row.last_seen)
+            self._attach(AgentState(row, PublicKey.parse(row.public_key), Capabilities.from_dict(row.capabilities),
+                                    row.last_seen))
 
     def admission(self, key: PublicKey, name: str, capabilities: Capabilities, owner: str | None = None) -> AgentRow:
         """The row to store for a (re-)registration (the report as the agent sent it; a known agent keeps
@@ -85,17 +137,22 @@ class Fleet:
         """Register (or update) the agent once its row is stored; whether it is new."""
         known = self._agents.get(key.id)
         if known is not None:
+            changed = known.caps is not caps
             known.row, known.caps, known.last_seen = row, caps, row.last_seen
+            if changed:
+                self.note_report(known)
+            else:
+                self.presence.touch(known, self.clock())
             return known, False
-        state = self._agents[key.id] = AgentState(row, key, caps, row.last_seen)
-        return state, True
+        return self._attach(AgentState(row, key, caps, row.last_seen)), True
 
     def seen(self, agent_id: str) -> AgentState:
         """The registered agent, noted as seen now."""
         state = self._agents.get(agent_id)
         if state is None:
             raise Forbidden(f"agent {agent_id} is not registered on this board", code="not_registered")
-        state.last_seen = self.clock()
+        state.last_seen = now = self.clock()
+        self.presence.touch(state, now)
         return state
 
     def _horizon(self, now: float) -> float:
@@ -109,13 +166,11 @@ class Fleet:
         return [a for a in self._agents.values() if a.last_seen >= horizon or a.quiet_until >= back]
 
     def connected(self, now: float) -> list[AgentState]:
-        """Agents that can take work now: seen recently or holding a lease, and not past their window."""
-        horizon = self._horizon(now)
-        back = now - self.config.max_poll_wait_s   # a paused agent asks again by quiet_until, then long-polls
-        out = []
-        for agent in self._agents.values():
-            until = available_until(agent)
-            if (agent.running or agent.last_seen >= horizon or agent.quiet_until >= back) and (
-                    until is None or until > now):
-                out.append(agent)
-        return out
+        """Agents that can take work now: seen recently or holding a lease, and not past their window (a paused
+        agent asks again by ``quiet_until``, then long-polls)."""
+        self.presence.refresh(now)
+        return list(self.presence.members.values())
+
+    def is_connected(self, agent: AgentState, now: float) -> bool:
+        """Whether :meth:`connected` would list the agent (one agent, no list built)."""
+        return self.presence.is_connected(agent, now)

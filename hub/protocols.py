@@ -14,7 +14,7 @@ Everything here is registered on a board explicitly (constructor arguments, ``Bo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -93,9 +93,38 @@ class DispatchView(Protocol):
     def connected(self) -> list[AgentState]:
         """Agents that can take work now: seen recently or holding a lease, and not past their window."""
 
+    def is_connected(self, agent: AgentState) -> bool:
+        """Whether :meth:`connected` would list this agent (no list built: for policies that visit a few)."""
+
+    def connected_ids(self) -> Container[str]:
+        """The ids of the agents :meth:`connected` would list (a live view: read it within one pick)."""
+
+    def stays_until(self, agent: AgentState) -> float | None:
+        """Until when the agent stays connected without asking again (None: only while it holds a lease)."""
+
+    def noted_since(self, version: int) -> tuple[int, list[str] | None]:
+        """The current version, and the ids of agents whose standing changed outside a pick of their own after
+        ``version`` (a gate began refusing one, one was told to pause; None: too far back): what a policy keeps
+        about other agents must be redone for them."""
+
+    def idle(self) -> Iterable[AgentState]:
+        """The connected agents with a free slot (kept as leases come and go, not filtered per call)."""
+
+    def agents(self) -> Mapping[str, AgentState]:
+        """Every registered agent by id, connected or not."""
+
+    def reports_version(self) -> int:
+        """Counts registrations and changed capability reports (an index over reports follows it)."""
+
+    def reports_since(self, version: int) -> list[AgentState] | None:
+        """The agents registered or with a changed report after ``version`` (None: too far back; rebuild)."""
+
     def capable(self, job_id: str) -> set[str]:
         """Ids of the registered agents meeting the active job's requirements (``unmet`` is empty), kept up to
-        date for the agents :meth:`connected` returned; read it, do not change it."""
+        date as reports change; read it, do not change it."""
+
+    def capable_connected(self, job_id: str) -> int:
+        """How many connected agents meet the active job's requirements."""
 
 
 class DispatchPolicy(BoardObserver, Protocol):

@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from hub.dispatch.covers import Covers
 from hub.dispatch.fair_share import Usage, fair_pick, record_usage
 from hub.dispatch.fastest import SoonestGate
 from hub.dispatch.predict import Predictor
+from hub.dispatch.roster import Roster
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
@@ -70,6 +72,8 @@ class Adaptive:
         self.predictor = Predictor()
         self.usage = Usage()
         self.errors = ErrorRates()
+        self.roster = Roster()
+        self.covers = Covers()
         self._now = 0.0
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
@@ -78,19 +82,22 @@ class Adaptive:
         def avoid(b: AgentState, kind: str) -> bool:
             return self.errors.high(b.row.id, kind, now)
 
-        gate = SoonestGate(view, agent, self.predictor, now, avoid)
+        self.covers.begin(view)
+        self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster, avoid, self.covers)
 
         def take(job_id: str, limit: int) -> list[TaskRow]:
             if avoid(agent, view.queues.job(job_id).kind) and gate.has_rival(job_id):
                 return []
-            share = gate.share(job_id)
-            return self.predictor.take(view.queues, agent, job_id, min(share, limit), now) if share else []
+            share = gate.share(job_id, limit)
+            return self.predictor.take(view.queues, agent, job_id, share, now) if share else []
 
-        return fair_pick(view, agent, slots, self.usage, now, take)
+        return fair_pick(view, agent, slots, self.usage, now, take, kept_capable=True)
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
         now = max(task.updated_at, self._now)
+        self.covers.forget(agent_id)   # a new speed correction and error rate
         record_usage(self.usage, self.predictor, job, task, metrics, self._now)
         self.errors.record(agent_id, job.kind, not ok and failure not in _NOT_THE_AGENT, now)
         self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.predict import Predictor, candidate_jobs, slots_of
-from hub.fleet import derived
+from hub.dispatch.predict import Predictor, candidate_jobs
+from hub.fleet import derived, slots_of
 from jobs.requirements import Capabilities
 
 if TYPE_CHECKING:
@@ -44,20 +44,19 @@ class BestFit:
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now, queues = view.now(), view.queues
-        fleet = view.connected()
         mine = derived(agent, "capability", capability)
-        smaller = [b for b in fleet if b is not agent and b.refused is None and b.quiet_until <= now
-                   and len(b.running) < slots_of(b) and derived(b, "capability", capability) < mine]
+        # Only agents with a free slot can absorb anything: the fleet keeps them apart (``view.idle``).
+        smaller = [b for b in view.idle() if b is not agent and b.refused is None and b.quiet_until <= now
+                   and derived(b, "capability", capability) < mine]
         ranked = []
-        around = {b.row.id for b in fleet}
-        for position, job_id in enumerate(candidate_jobs(queues, agent)):
+        for position, job_id in enumerate(candidate_jobs(queues, agent, view.capable)):
             job = queues.job(job_id)
-            scarcity = len(around.intersection(view.capable(job_id)))
-            ranked.append((-job.priority, scarcity, position, job_id))
+            ranked.append((-job.priority, view.capable_connected(job_id), position, job_id))
         ranked.sort()
         picked: list[TaskRow] = []
         for *_, job_id in ranked:
-            want = queues.queued(job_id) - self._absorbed(view, agent, job_id, smaller, now)
+            queued = queues.queued(job_id)
+            want = queued - self._absorbed(view, agent, job_id, smaller, queued, now)
             if want > 0:
                 picked += self.predictor.take(queues, agent, job_id, min(want, slots - len(picked)), now)
             if len(picked) >= slots:
@@ -65,8 +64,9 @@ class BestFit:
         return picked
 
     def _absorbed(self, view: DispatchView, agent: AgentState, job_id: str, smaller: list[AgentState],
-                  now: float) -> int:
-        """Tasks of the job that idle, less capable agents can take now and run well."""
+                  queued: int, now: float) -> int:
+        """Tasks of the job that idle, less capable agents can take now and run well (counted until they
+        cover the ``queued`` tasks: past that the asking agent takes none either way)."""
         if not smaller:
             return 0
         job, req = view.queues.job(job_id), view.queues.requirements(job_id)
@@ -75,9 +75,14 @@ class BestFit:
             return 0
         well = max(WELL_FACTOR * self.predictor.predict(agent, job, task, req), WELL_S)
         capable = view.capable(job_id)
-        return sum(slots_of(b) - len(b.running) for b in smaller
-                   if b.row.id in capable and self.predictor.misfit(b, job, task, req, now) is None
-                   and self.predictor.predict(b, job, task, req) <= well)
+        absorbed = 0
+        for b in smaller:
+            if b.row.id in capable and self.predictor.misfit(b, job, task, req, now) is None \
+                    and self.predictor.predict(b, job, task, req) <= well:
+                absorbed += slots_of(b) - len(b.running)
+                if absorbed >= queued:
+                    break
+        return absorbed
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:

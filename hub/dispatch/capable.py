@@ -5,21 +5,20 @@ smaller ones absorb a job; ``fastest`` and ``adaptive``: who else could finish i
 ``unmet`` for every connected agent, for every candidate job, on every pick: 10,000 agents x 40 jobs is
 400,000 calls a pick. Here each job's capable set is built once (one ``unmet`` per agent) and then follows
 the fleet: an agent that registers or re-registers with a new report is checked against the jobs already
-indexed (one ``unmet`` per indexed job). A changed report is noticed by identity: registering again and
-the speed check (hub/trust/speed.py) both put a new ``Capabilities`` on the agent, and :meth:`sync` (run on
-the connected agents each time a policy asks who is connected) replays those agents. The answer is exactly
-``unmet``'s, so a policy's choices do not change.
+indexed (one ``unmet`` per indexed job). Changed reports come from the fleet's report log
+(``Fleet.reports_since``: registering again and the speed check, hub/trust/speed.py, are the only ways a
+report changes), so no pick walks the fleet to notice them. The answer is exactly ``unmet``'s, so a
+policy's choices do not change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from jobs.requirements import Capabilities, unmet
+from jobs.requirements import unmet
 
 if TYPE_CHECKING:
-    from hub.fleet import AgentState
+    from hub.fleet import AgentState, Fleet
     from hub.queues import JobQueues
 
 __all__ = ["CapableIndex"]
@@ -28,26 +27,33 @@ __all__ = ["CapableIndex"]
 class CapableIndex:
     """Per active job, the ids of registered agents that meet its requirements."""
 
-    def __init__(self, queues: JobQueues, agents: Callable[[], Mapping[str, AgentState]]) -> None:
-        self._queues, self._agents = queues, agents
+    def __init__(self, queues: JobQueues, fleet: Fleet) -> None:
+        self._queues, self._fleet = queues, fleet
         self._jobs: dict[str, tuple[int, set[str]]] = {}   # job id -> (log entries applied, capable ids)
         self._log: list[AgentState] = []                   # agents whose report changed since the sets were built
-        self._seen: dict[str, Capabilities] = {}           # agent id -> the report the sets hold it by
+        self._read = fleet.reports_version                 # the fleet's report log, read up to here
 
-    def sync(self, agents: Iterable[AgentState]) -> None:
-        """Notice agents whose report changed (a new ``Capabilities`` object) since they were indexed."""
-        seen = self._seen
-        for agent in agents:
-            if seen.get(agent.row.id) is not agent.caps:
-                seen[agent.row.id] = agent.caps
-                if self._jobs:
-                    self._log.append(agent)
-        if len(self._log) > max(4096, 2 * len(seen)):   # cheaper to rebuild than to replay
-            self._jobs.clear()
+    @property
+    def version(self) -> int:
+        """Changes whenever some job's capable set may have changed (a report changed)."""
+        return self._fleet.reports_version
+
+    def sync(self) -> None:
+        """Take in the agents whose report changed since the last look."""
+        fleet = self._fleet
+        if fleet.reports_version == self._read:
+            return
+        changed = fleet.reports_since(self._read)
+        self._read = fleet.reports_version
+        if changed is None or len(self._log) + len(changed) > max(4096, 2 * len(fleet.agents)):
+            self._jobs.clear()   # cheaper (or, the log being gone, only possible) to rebuild than to replay
             self._log.clear()
+        elif self._jobs:
+            self._log.extend(changed)
 
     def capable(self, job_id: str) -> set[str]:
         """The ids of registered agents meeting the job's requirements (the caller must not change it)."""
+        self.sync()
         req, kind = self._queues.requirements(job_id), self._queues.job(job_id).kind
         entry = self._jobs.get(job_id)
         if entry is None:
@@ -55,9 +61,7 @@ class CapableIndex:
                 self._jobs = {j: e for j, e in self._jobs.items() if j in self._queues}
             if not self._jobs:
                 self._log.clear()
-            agents = self._agents().values()
-            self.sync(agents)
-            ids = {a.row.id for a in agents if not unmet(req, kind, a.caps)}
+            ids = {a.row.id for a in self._fleet.agents.values() if not unmet(req, kind, a.caps)}
             self._jobs[job_id] = (len(self._log), ids)
             return ids
         applied, ids = entry

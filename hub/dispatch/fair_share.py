@@ -50,16 +50,17 @@ def weight(config: HubConfig, submitter: str) -> float:
 
 
 def fair_pick(view: DispatchView, agent: AgentState, slots: int, usage: Usage, now: float,
-              take: Take) -> list[TaskRow]:
+              take: Take, kept_capable: bool = False) -> list[TaskRow]:
     """Fill ``slots`` one task at a time, each from the submitter furthest below its share.
 
     ``take(job_id, limit)`` removes up to ``limit`` tasks of a job the agent may run (it applies
     the caller's eligibility rule) and returns them; a job that gives none is passed over.
+    ``kept_capable``: match jobs through ``view.capable`` (for a policy that has the capable sets built anyway).
     """
     queues = view.queues
     by_submitter: dict[str, list[str]] = {}     # submitter -> candidate jobs, priority-fifo order
     first: dict[str, int] = {}
-    for position, job_id in enumerate(candidate_jobs(queues, agent)):
+    for position, job_id in enumerate(candidate_jobs(queues, agent, view.capable if kept_capable else None)):
         submitter = queues.job(job_id).submitter_id
         by_submitter.setdefault(submitter, []).append(job_id)
         first.setdefault(submitter, position)

@@ -5,6 +5,13 @@ them earlier: another agent, counted from when it is predicted to have a free sl
 ``ceil((my_end - its_free_at) / its_runtime) - 1`` of them strictly before this agent would finish
 one. A slow host therefore waits while faster ones can absorb the queue, and joins in when the
 queue is longer than they can clear. Predictions learn from observed wall times (``predict``).
+
+With 10,000 agents the rivals are not all looked at: they are visited fastest device first from a kept
+order (``roster.py``), and the walk stops as soon as the answer is known: the rivals so far cover the
+queue (take none), or even if every capable agent not yet visited finished as many as its device could at
+best (:meth:`SoonestGate.share`: an upper bound per remaining agent), enough would be left for this one.
+Agents that have run faster than measured (``Predictor.quick``) are visited first, exactly, so the bound
+holds for the rest. The answer is the full sum's.
 """
 
 from __future__ import annotations
@@ -13,73 +20,181 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.predict import Predictor, candidate_jobs
-from hub.fleet import available_until, derived
+from hub.dispatch.covers import LOOK, MARGIN_S, Cover, Covers
+from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
+from hub.dispatch.roster import Roster
+from hub.fleet import available_until
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
     from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
-    from jobs.requirements import Capabilities
+    from jobs.requirements import Requirements
 
 __all__ = ["Fastest", "SoonestGate"]
 
 #: an agent skipped for a job kind (e.g. by ``adaptive`` for its error rate)
 Avoid = Callable[["AgentState", str], bool]
-
-
-def _speed(caps: Capabilities) -> float:
-    return max([caps.cpu_gflops, *(g.gflops_fp32 for g in caps.gpus)])
+#: a bound computed in floating point is loosened by this much (a runtime is a product of rounded figures)
+_SLACK = 1 - 1e-9
+#: once rivals cover the queue, agents visited further for a cover that quicker askers can use too
+EXTRA_VISITS = 16
+#: capable agents a repair visits past a kept cover's last one before a new walk is cheaper
+REPAIR_VISITS = 32
 
 
 class SoonestGate:
     """How many of a job's queued tasks one asking agent should take under earliest-finish-first."""
 
     def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
-                 avoid: Avoid | None = None) -> None:
+                 roster: Roster, avoid: Avoid | None = None, covers: Covers | None = None) -> None:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
-        self.avoid = avoid
-        free_at = predictor.free_at
-        # Fastest devices first: ``share`` adds what each rival finishes first and stops once they cover the
-        # queue; the sum does not depend on the order, only how soon it stops does.
-        self.others = sorted(((b, free_at(b, now)) for b in view.connected() if b is not agent and b.refused is None),
-                             key=lambda item: -derived(item[0], "speed", _speed))
+        self.avoid, self.roster, self.covers = avoid, roster, covers
+        roster.update(view.agents(), view.reports_version(), view.reports_since)
+        self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
+        self._connected = view.connected_ids()
 
-    def _rivals(self, job_id: str) -> Iterator[tuple[AgentState, float]]:
-        """Lazily: ``share`` usually stops long before the last of 10,000 agents."""
-        kind, capable, avoid = self.queues.job(job_id).kind, self.view.capable(job_id), self.avoid
-        return ((b, free) for b, free in self.others if b.row.id in capable and not (avoid and avoid(b, kind)))
+    def _rival(self, b: AgentState | None, kind: str) -> bool:
+        """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
+        return (b is not None and b is not self.agent and b.refused is None and b.row.id in self._connected
+                and not (self.avoid is not None and self.avoid(b, kind)))
 
     def has_rival(self, job_id: str) -> bool:
         """Whether another connected agent could run the job at all."""
-        return next(self._rivals(job_id), None) is not None
+        kind, agents = self.queues.job(job_id).kind, self.view.agents()
+        return any(self._rival(agents.get(b_id), kind) for b_id in self.view.capable(job_id))
 
-    def share(self, job_id: str) -> int:
+    def _ahead(self, b: AgentState, job: JobRow, task: TaskRow, req: Requirements,
+               my_end: float) -> tuple[int, float, float]:
+        """How many of the job's tasks rival ``b`` finishes strictly before this agent would finish one (with
+        when it is free and its runtime, when it finishes any)."""
+        free = self._free.get(b.row.id)
+        if free is None:
+            free = self._free[b.row.id] = self.predictor.free_at(b, self.now)
+        if free >= my_end:
+            return 0, free, 0.0
+        runtime = self.predictor.predict(b, job, task, req)
+        if runtime <= 0:
+            return 0, free, runtime
+        n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+        if n <= 0:
+            return 0, free, runtime   # finishes none before this agent would: whether it fits does not matter
+        # Predictor.misfit, with the runtime already known: must finish by the deadline and its window
+        end, until, deadline = free + runtime, available_until(b), job.deadline_at
+        if (deadline is not None and end > deadline) or (until is not None and end > until):
+            return 0, free, runtime
+        return n, free, runtime
+
+    def _holds_until(self, b: AgentState, job: JobRow, end: float) -> float:
+        """Until when rival ``b``'s part in a cover (covers.py) holds: while it stays connected without asking
+        again, and its predicted ``end`` fits the job's deadline and its own window (both move with the clock)."""
+        stay = self.view.stays_until(b)
+        if stay is None:
+            return self.now   # connected only by a lease: it may leave unheard
+        until = stay - MARGIN_S
+        for limit in (job.deadline_at, available_until(b)):
+            if limit is not None:
+                until = min(until, self.now + (limit - end) - MARGIN_S)
+        return until
+
+    def _visit(self, job_id: str) -> Iterator[tuple[int, float | None, str]]:
+        """Capable agents to visit: the quick ones first (no bound: None), then by top speed (with their
+        roster positions; -1 for the quick ones)."""
+        capable, quick = self.view.capable(job_id), self.predictor.quick
+        for b_id in quick:
+            if b_id in capable:
+                yield -1, None, b_id
+        for position, speed, b_id in self.roster.fastest_first():
+            if b_id in capable and b_id not in quick:
+                yield position, speed, b_id
+
+    def _repair(self, job_id: str, cover: Cover, job: JobRow, task: TaskRow, req: Requirements, my_end: float,
+                total: int, queued: int) -> bool:
+        """Whether rivals after the cover's last one, with its parts (at least ``total``), still cover the
+        queue: a few more visits instead of a new walk when a part was taken out (its rival asked or settled)."""
+        assert self.covers is not None
+        capable, agents, kind = self.view.capable(job_id), self.view.agents(), job.kind
+        visits = 0
+        for position, _, b_id in self.roster.fastest_first(cover.resume):
+            if visits >= REPAIR_VISITS:
+                return False
+            cover.resume = position + 1
+            if b_id not in capable or b_id in cover.parts:
+                continue
+            visits += 1
+            b = agents.get(b_id)
+            if b is None or not self._rival(b, kind):
+                continue
+            n, free, runtime = self._ahead(b, job, task, req, my_end)
+            if n <= 0:
+                continue
+            total += n
+            until = self._holds_until(b, job, free + runtime)
+            if until > self.now:
+                self.covers.add(job_id, cover, b_id, free, runtime, until)
+            if total >= queued:
+                return True
+        return False
+
+    def share(self, job_id: str, need: int) -> int:
+        """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
         job, req = self.queues.job(job_id), self.queues.requirements(job_id)
         task = self.predictor.head(self.queues, self.agent, job_id, self.now)
-        if task is None:
+        if task is None or need <= 0:
             return 0
-        queued = self.queues.queued(job_id)
-        my_end = self.now + self.predictor.predict(self.agent, job, task, req)
+        queued, now = self.queues.queued(job_id), self.now
+        my_end = now + self.predictor.predict(self.agent, job, task, req)
+        horizon = my_end - now
+        cost = self.predictor.cost(job, task)
+        key = (cost, task.params.get("dtype") in HALF)
+        kept = self.covers.get(job_id, key, now) if self.covers is not None else None
+        if kept is not None:
+            total = self.covers.count(kept, horizon, queued, now) if self.covers is not None else 0
+            if total >= queued or self._repair(job_id, kept, job, task, req, my_end, total, queued):
+                return 0
+        agents, kind = self.view.agents(), job.kind
+        left = len(self.view.capable(job_id))   # capable agents not visited yet: at least the rivals among them
         ahead = 0
-        predict, deadline = self.predictor.predict, job.deadline_at
-        for b, free in self._rivals(job_id):
-            if free >= my_end:
+        cover = Cover(key, now) if self.covers is not None else None
+        covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
+        resume = 0
+        for position, speed, b_id in self._visit(job_id):
+            if speed is not None:
+                # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
+                fastest = FLOOR * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
+                most = math.ceil(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
+                if most is not None:
+                    if most <= 0:
+                        break   # none of the rest finishes one before this agent would
+                    if not covered and queued - (ahead + left * most) >= need:
+                        return need   # even at best the rest leave ``need`` for this agent
+            if covered:
+                extra -= 1
+                if extra < 0 or (cover is not None and len(cover.parts) >= LOOK):
+                    break
+            left -= 1
+            resume = max(resume, position + 1)
+            b = agents.get(b_id)
+            if b is None or not self._rival(b, kind):
                 continue
-            runtime = predict(b, job, task, req)
-            if runtime <= 0:
-                continue
-            n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+            n, free, runtime = self._ahead(b, job, task, req, my_end)
             if n <= 0:
-                continue   # finishes none before this agent would: whether it fits does not matter
-            # Predictor.misfit, with the runtime already known: must finish by the deadline and its window
-            end, until = free + runtime, available_until(b)
-            if (deadline is not None and end > deadline) or (until is not None and end > until):
                 continue
             ahead += n
-            if ahead >= queued:
-                return 0
-        return queued - ahead
+            if cover is not None and len(cover.parts) < LOOK:
+                until = self._holds_until(b, job, free + runtime)
+                if until > now:
+                    cover.add(b_id, free - now, runtime, until)
+            if not covered and ahead >= queued:
+                if cover is None:
+                    return 0
+                covered, extra = True, EXTRA_VISITS
+        if not covered:
+            return min(queued - ahead, need)
+        if self.covers is not None and cover is not None:
+            cover.resume = resume
+            self.covers.keep(job_id, cover)
+        return 0
 
 
 class Fastest:
@@ -87,19 +202,24 @@ class Fastest:
 
     def __init__(self) -> None:
         self.predictor = Predictor()
+        self.roster = Roster()
+        self.covers = Covers()
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now = view.now()
-        gate = SoonestGate(view, agent, self.predictor, now)
+        self.covers.begin(view)
+        self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster, covers=self.covers)
         picked: list[TaskRow] = []
-        for job_id in candidate_jobs(view.queues, agent):
-            share = gate.share(job_id)
+        for job_id in candidate_jobs(view.queues, agent, view.capable):
+            share = gate.share(job_id, slots - len(picked))
             if share:
-                picked += self.predictor.take(view.queues, agent, job_id, min(share, slots - len(picked)), now)
+                picked += self.predictor.take(view.queues, agent, job_id, share, now)
             if len(picked) >= slots:
                 break
         return picked
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
+        self.covers.forget(agent_id)
         self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)

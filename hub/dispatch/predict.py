@@ -12,10 +12,10 @@ agent's availability window (``available_until`` in its capability report, epoch
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING, Any
 
-from hub.fleet import available_until, derived
+from hub.fleet import available_until, slots_of
 from jobs.catalog import get_kind
 from jobs.kinds.base import Cost
 from jobs.requirements import Capabilities, Gpu, Requirements, unmet
@@ -37,7 +37,12 @@ DEFAULT_GPU_BANDWIDTH_GBPS = 200.0
 ALPHA = 0.3
 #: how many queued tasks of one job a policy looks at for one that fits (deadlines differ by cost)
 SCAN = 16
-_HALF = ("float16", "bfloat16")
+#: an agent with a correction below this (faster than measured) is one of ``Predictor.quick``: bounds that
+#: assume every other agent runs no faster than FLOOR x its measured speed look at these apart
+FLOOR = 0.5
+_LOG_FLOOR = math.log(FLOOR)
+#: dtypes whose tasks run at a GPU's fp16 speed
+HALF = ("float16", "bfloat16")
 _CACHE_MAX = 200_000
 
 
@@ -53,7 +58,7 @@ def _gpu_speed(gpu: Gpu, half: bool) -> float:
 
 def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapping[str, Any]) -> float:
     """Uncorrected runtime of ``cost`` on the device of ``caps`` that the task would use."""
-    half = params.get("dtype") in _HALF
+    half = params.get("dtype") in HALF
     raw_gpus = caps.raw.get("gpus") or ()
     gflops, bandwidth = 0.0, 0.0
     if req.device != "cpu":
@@ -67,22 +72,18 @@ def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapp
     return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
 
 
-def _slots(caps: Capabilities) -> int:
-    value = caps.raw.get("slots")
-    return max(int(value), 1) if isinstance(value, int | float) else 1
-
-
-def slots_of(agent: AgentState) -> int:
-    return derived(agent, "slots", _slots)
-
-
-def candidate_jobs(queues: QueueView, agent: AgentState) -> list[str]:
+def candidate_jobs(queues: QueueView, agent: AgentState,
+                   capable: Callable[[str], Container[str]] | None = None) -> list[str]:
     """Active jobs with queued tasks whose requirements ``agent`` meets: highest priority first,
-    then the earliest deadline (a job without one comes after those with one), then the oldest."""
+    then the earliest deadline (a job without one comes after those with one), then the oldest.
+    ``capable(job_id)``, when given, is the job's capable agent ids (``DispatchView.capable``: the same
+    answer as ``unmet``, kept instead of asked per job)."""
     jobs = []
+    agent_id = agent.row.id
     for position, job_id in enumerate(queues.waiting()):
         job = queues.job(job_id)
-        if not unmet(queues.requirements(job_id), job.kind, agent.caps):
+        if (agent_id in capable(job_id)) if capable is not None else not unmet(
+                queues.requirements(job_id), job.kind, agent.caps):
             jobs.append((-job.priority, job.deadline_at or math.inf, position, job_id))
     jobs.sort()
     return [job_id for *_, job_id in jobs]
@@ -99,6 +100,9 @@ class Predictor:
         self.leased: dict[str, tuple[str, float, float, float]] = {}  # task -> (agent, base s, at, end)
         self._costs: dict[str, Cost] = {}
         self._bases: dict[tuple[str, str], tuple[Capabilities, float]] = {}
+        #: agent id -> how many of its corrections (per kind and overall) are below :data:`FLOOR`; an agent is
+        #: here while it has one. Kept as they are learned: the corrections change only in ``attempt_settled``.
+        self.quick: dict[str, int] = {}
 
     # -- prediction -----------------------------------------------------------------------------
     def cost(self, job: JobRow, task: TaskRow) -> Cost:
@@ -155,6 +159,9 @@ class Predictor:
     def head(self, queues: QueueView, agent: AgentState, job_id: str, now: float) -> TaskRow | None:
         """The first of the job's queued tasks (among the next :data:`SCAN`) that fits the agent."""
         job, req = queues.job(job_id), queues.requirements(job_id)
+        if job.deadline_at is None and available_until(agent) is None:   # every task fits: the first one
+            first = queues.peek(job_id, 1)
+            return first[0] if first else None
         return next((t for t in queues.peek(job_id, SCAN) if self.misfit(agent, job, t, req, now) is None), None)
 
     def take(self, queues: QueueView, agent: AgentState, job_id: str, limit: int, now: float) -> list[TaskRow]:
@@ -185,7 +192,19 @@ class Predictor:
         observed = math.log(min(max(wall / base, 1e-3), 1e3))
         key = (agent_id, job.kind)
         old = self.log_ratio.get(key)
-        self.log_ratio[key] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
+        new = self.log_ratio[key] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
+        self._note_quick(agent_id, old, new)
         self.samples[key] = self.samples.get(key, 0) + 1
         old = self.agent_log_ratio.get(agent_id)
-        self.agent_log_ratio[agent_id] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
+        new = self.agent_log_ratio[agent_id] = observed if old is None else (
+            (1 - self.alpha) * old + self.alpha * observed)
+        self._note_quick(agent_id, old, new)
+
+    def _note_quick(self, agent_id: str, old: float | None, new: float) -> None:
+        change = (new < _LOG_FLOOR) - (old is not None and old < _LOG_FLOOR)
+        if change:
+            count = self.quick.get(agent_id, 0) + change
+            if count > 0:
+                self.quick[agent_id] = count
+            else:
+                self.quick.pop(agent_id, None)

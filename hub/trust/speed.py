@@ -37,6 +37,8 @@ class SpeedCheck:
         self._leased_at: dict[str, float] = {}
         self._seen: dict[str, deque[float]] = {}
         self.flags: dict[str, str] = {}               # agent id -> why its claim is not believed
+        #: told of each agent whose report this check replaced (the board's fleet: its indexes look again)
+        self.on_report: Callable[[AgentState], None] = lambda agent: None
 
     def leased(self, task_id: str) -> None:
         self._leased_at[task_id] = self.clock()
@@ -71,3 +73,4 @@ class SpeedCheck:
         agent.caps = dataclasses.replace(
             caps, cpu_gflops=min(caps.cpu_gflops, best),
             gpus=tuple(dataclasses.replace(g, gflops_fp32=min(g.gflops_fp32, best)) for g in caps.gpus))
+        self.on_report(agent)

@@ -1,0 +1,167 @@
+"""Kept proofs that faster agents cover a job's queue, so a slow agent is told "none" without a walk.
+
+Under ``fastest`` most asks end in "take none": the asking agent is slower than enough of the others. Proving
+that means walking the rivals until they finish as many tasks as are queued, for each job the agent could
+run: ~100 jobs x ~40 rivals on every ask. A :class:`Cover` keeps, per job, the rivals such a walk counted:
+for each, when it was free relative to the count (``offset``) and its runtime for the job's head task. For a
+later agent needing ``horizon`` seconds, a rival then finishes at least
+``ceil((horizon - offset - MARGIN_S) / runtime) - 1`` tasks before that agent would finish one, while
+nothing that could lower it has happened:
+
+- time passing lowers nothing: a rival's free time moves forward at most as fast as the clock, and so does
+  the asking agent's end; a millisecond is kept in hand against rounding;
+- a rival's own events can: when it asks (it may be told to pause: a later free time), takes tasks or has an
+  attempt settled (a new speed correction, a new error rate), its part is taken out (:meth:`Covers.forget`);
+  so is it when its report changes (registering again, the speed check: capability, speed, slots, window)
+  and when a gate begins refusing it or it is told to pause outside a pick (``DispatchView.noted_since``);
+- leaving: a part holds only until the rival would drop out of the connected fleet without asking again, and
+  while its predicted end still fits the job's deadline and its own window (``until``).
+
+When the parts alone reach the queued count, the full sum would too: the agent takes none, as the walk says.
+Otherwise the walk runs (and keeps a new cover). The parts are first asked all at once: each is at least
+``(horizon - offset - MARGIN_S) / runtime - 1 - 1e-9``, so their sum is at least ``rate x horizon - lag``
+with ``rate`` and ``lag`` summed over the parts (kept as parts are taken out): one multiplication answers
+most questions; a part-by-part sum (at most :data:`LOOK` parts) answers the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hub.protocols import DispatchView
+
+__all__ = ["LOOK", "MARGIN_S", "Cover", "Covers"]
+
+#: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
+MARGIN_S = 1e-3
+#: parts looked at per question at most
+LOOK = 128
+#: a part that holds for less than this after the count is left out of the all-at-once sum
+LINEAR_MIN_S = 60.0
+
+
+@dataclass
+class Cover:
+    key: Hashable            # what the rivals' runtimes depend on: the head task's cost (and dtype)
+    at: float                # counted at this time
+    #: rival id -> (its free time - ``at``, its runtime, until when its part holds)
+    parts: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    rate: float = 0.0        # sum of 1 / runtime over the parts held at least until ``until``
+    lag: float = 0.0         # sum of (offset + MARGIN_S) / runtime + 1 + 1e-9 over the same parts
+    until: float = math.inf  # the earliest end of those parts
+    linear: set[str] = field(default_factory=set)   # those parts
+    resume: int = 0          # the roster position after the last rival visited for it (a repair goes on there)
+
+    def add(self, agent_id: str, offset: float, runtime: float, until: float) -> None:
+        self.parts[agent_id] = (offset, runtime, until)
+        if until >= self.at + LINEAR_MIN_S:
+            self.linear.add(agent_id)
+            self.rate += 1 / runtime
+            self.lag += (offset + MARGIN_S) / runtime + 1 + 1e-9
+            self.until = min(self.until, until)
+
+    def remove(self, agent_id: str) -> None:
+        part = self.parts.pop(agent_id, None)
+        if part is not None and agent_id in self.linear:
+            self.linear.discard(agent_id)
+            offset, runtime, _ = part
+            self.rate -= 1 / runtime
+            self.lag -= (offset + MARGIN_S) / runtime + 1 + 1e-9
+
+
+class Covers:
+    """Per job, at most one :class:`Cover`; per agent, the jobs whose cover counts it."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Cover] = {}
+        self._by_agent: dict[str, set[str]] = {}
+        self._reports = 0
+        self._noted = 0
+
+    def begin(self, view: DispatchView) -> None:
+        """A pick starts: the parts of agents whose report changed (a registration, the speed check) or whose
+        standing changed outside a pick of their own (a refusal, a pause) are taken out."""
+        version = view.reports_version()
+        changed_reports = view.reports_since(self._reports) if version != self._reports else []
+        self._reports = version
+        self._noted, changed = view.noted_since(self._noted)
+        if changed is None or changed_reports is None:   # too far behind to say who: start over
+            self._jobs.clear()
+            self._by_agent.clear()
+            return
+        for agent in changed_reports:
+            self.forget(agent.row.id)
+        for agent_id in changed:
+            self.forget(agent_id)
+
+    def get(self, job_id: str, key: Hashable, now: float) -> Cover | None:
+        """The job's cover, if it was counted for the same head task cost and not in the future."""
+        cover = self._jobs.get(job_id)
+        return cover if cover is not None and cover.key == key and cover.at <= now else None
+
+    @staticmethod
+    def count(cover: Cover, horizon: float, queued: int, now: float) -> int:
+        """At least how many tasks the cover's rivals finish before an agent needing ``horizon`` s finishes one
+        (counting stops at ``queued``; at most :data:`LOOK` parts are looked at one by one)."""
+        if now < cover.until and cover.rate * horizon - cover.lag >= queued + 1:   # + 1: rounding in the sums
+            return queued
+        total = 0
+        for looked, (offset, runtime, until) in enumerate(cover.parts.values()):
+            if looked >= LOOK:
+                break
+            if now >= until:
+                continue
+            n = math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
+            if n > 0:
+                total += n
+                if total >= queued:
+                    break
+        return total
+
+    def covered(self, job_id: str, key: Hashable, horizon: float, queued: int, now: float) -> bool:
+        """Whether the kept parts prove that an agent needing ``horizon`` s should take none of the job."""
+        cover = self.get(job_id, key, now)
+        return cover is not None and self.count(cover, horizon, queued, now) >= queued
+
+    def add(self, job_id: str, cover: Cover, agent_id: str, free: float, runtime: float, until: float) -> None:
+        """Add a rival counted now to the job's kept cover (its free time taken relative to ``cover.at``: a
+        later count only understates what it finishes)."""
+        if self._jobs.get(job_id) is cover and agent_id not in cover.parts:
+            cover.add(agent_id, free - cover.at, runtime, until)
+            self._by_agent.setdefault(agent_id, set()).add(job_id)
+
+    def keep(self, job_id: str, cover: Cover) -> None:
+        """Keep ``cover`` for the job (replacing the one it had)."""
+        self._drop(job_id)
+        if not cover.parts:
+            return
+        self._jobs[job_id] = cover
+        for agent_id in cover.parts:
+            self._by_agent.setdefault(agent_id, set()).add(job_id)
+        if len(self._jobs) > 4096:   # jobs long finished: start over (a cover is only ever a shortcut)
+            self._jobs.clear()
+            self._by_agent.clear()
+
+    def forget(self, agent_id: str) -> None:
+        """Something happened to this agent: its parts no longer prove anything."""
+        for job_id in self._by_agent.pop(agent_id, ()):
+            cover = self._jobs.get(job_id)
+            if cover is not None:
+                cover.remove(agent_id)
+
+    def _drop(self, job_id: str) -> None:
+        cover = self._jobs.pop(job_id, None)
+        if cover is not None:
+            for agent_id in cover.parts:
+                jobs = self._by_agent.get(agent_id)
+                if jobs is not None:
+                    jobs.discard(job_id)
+                    if not jobs:
+                        del self._by_agent[agent_id]
+
+    def __len__(self) -> int:
+        return len(self._jobs)

@@ -1,0 +1,71 @@
+"""The registered agents in order of their fastest device, kept across picks (``fastest``, ``adaptive``).
+
+``fastest`` used to sort every connected agent by speed on every pick. Here the order is kept and follows the
+fleet's report log (a registration or a changed report moves one agent: a bisect, not a sort). The key is an
+upper bound of the GFLOPS any task's prediction may use on the agent (:func:`top_speed`: fp16 included, the
+defaults assumed for a device that reported none), so every agent after a position runs a task no faster than
+that position's figure allows (up to its learned correction; see ``Predictor.quick``).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from hub.dispatch.predict import DEFAULT_CPU_GFLOPS, DEFAULT_GPU_GFLOPS
+from hub.fleet import derived
+
+if TYPE_CHECKING:
+    from hub.fleet import AgentState
+    from jobs.requirements import Capabilities
+
+__all__ = ["Roster", "top_speed"]
+
+
+def top_speed(caps: Capabilities) -> float:
+    """The most GFLOPS ``predict.base_seconds`` may credit the agent with, whatever the task."""
+    best = caps.cpu_gflops if caps.cpu_gflops > 0 else DEFAULT_CPU_GFLOPS
+    for gpu in caps.gpus:
+        best = max(best, gpu.gflops_fp32 if gpu.gflops_fp32 > 0 else DEFAULT_GPU_GFLOPS, gpu.gflops_fp16,
+                   DEFAULT_GPU_GFLOPS if max(gpu.gflops_fp32, gpu.gflops_fp16) <= 0 else 0.0)
+    return best
+
+
+class Roster:
+    """Agent ids by :func:`top_speed`, fastest first."""
+
+    def __init__(self) -> None:
+        self._order: list[tuple[float, str]] = []   # (-top speed, agent id), sorted
+        self._key: dict[str, float] = {}            # agent id -> its -top speed in the order
+        self._read = -1                             # the fleet's report log, applied up to here
+
+    def update(self, agents: Mapping[str, AgentState], version: int,
+               since: Callable[[int], list[AgentState] | None]) -> None:
+        """Follow the fleet to report log ``version``; ``since(v)`` gives the agents changed after v."""
+        if version == self._read:
+            return
+        changed = since(self._read) if self._read >= 0 else None
+        if changed is None or len(changed) > len(self._order) // 8 + 64:
+            self._key = {a.row.id: -derived(a, "top_speed", top_speed) for a in agents.values()}
+            self._order = sorted((k, i) for i, k in self._key.items())
+        else:
+            for agent in changed:
+                agent_id, key = agent.row.id, -derived(agent, "top_speed", top_speed)
+                old = self._key.get(agent_id)
+                if old == key:
+                    continue
+                if old is not None:
+                    del self._order[bisect.bisect_left(self._order, (old, agent_id))]
+                bisect.insort(self._order, (key, agent_id))
+                self._key[agent_id] = key
+        self._read = version
+
+    def fastest_first(self, start: int = 0) -> Iterator[tuple[int, float, str]]:
+        """(position, top speed, agent id), fastest first, from ``start`` on (positions hold until the next
+        :meth:`update` that changes something)."""
+        order = self._order
+        return ((i, -order[i][0], order[i][1]) for i in range(start, len(order)))
+
+    def __len__(self) -> int:
+        return len(self._order)

@@ -1,0 +1,178 @@
+"""Who is connected now, and which of them have a free slot: kept as agents come and go, not filtered per ask.
+
+``Fleet.connected`` used to test every registered agent on every call; policies that look at other agents
+asked it on every pick (10,000 agents: milliseconds before a policy did anything). Here membership follows
+the events that change it, and the answer is the same predicate's (:func:`is_connected`):
+
+- an agent joins when it is seen (``Fleet.seen``, ``Fleet.enrol``) or gets a running task (restored leases);
+- it leaves when its seen horizon passes (a heap of times to look again, checked lazily on each ask: a time
+  found extended by later requests is pushed again), when its availability window ends, or, once the horizon
+  has passed, when its last running task ends (its ``running`` set says so: :class:`Running`).
+
+``last_seen`` and ``quiet_until`` only ever move forward while an agent is a member (a request, a pause), so
+a member's scheduled time is never later than the true one: it is looked at no later than it would drop out.
+:attr:`version` counts membership changes, and :attr:`log` says which (for indexes that keep counts per job).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hub.fleet import AgentState
+
+__all__ = ["Presence", "Running"]
+
+#: membership changes kept for :meth:`Presence.changes_since` (an index further behind counts afresh)
+LOG_KEPT = 8192
+
+
+class Running(set[str]):
+    """An agent's running task ids that tell its fleet when they change (leases are granted and vacated
+    elsewhere; the presence index must hear of both)."""
+
+    on_change: Callable[[], None] | None = None
+
+    def add(self, element: str) -> None:
+        super().add(element)
+        if self.on_change is not None:
+            self.on_change()
+
+    def discard(self, element: object) -> None:
+        super().discard(element)
+        if self.on_change is not None:
+            self.on_change()
+
+    def remove(self, element: str) -> None:
+        super().remove(element)
+        if self.on_change is not None:
+            self.on_change()
+
+    def clear(self) -> None:
+        super().clear()
+        if self.on_change is not None:
+            self.on_change()
+
+
+class Presence:
+    """The connected agents (``members``) and those of them with a free slot (``idle``)."""
+
+    def __init__(self, seen_s: float, quiet_s: float, until: Callable[[AgentState], float | None],
+                 slots: Callable[[AgentState], int]) -> None:
+        #: seen within ``seen_s`` or told to pause until less than ``quiet_s`` ago counts as around
+        self.seen_s, self.quiet_s, self._until, self._slots = seen_s, quiet_s, until, slots
+        self.members: dict[str, AgentState] = {}
+        self.idle: dict[str, AgentState] = {}
+        self.version = 0
+        self.log: list[tuple[str, bool]] = []   # (agent id, joined) for versions log_base .. version
+        self.log_base = 0
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}          # member id -> its live heap entry's time
+
+    # -- the predicate ----------------------------------------------------------------------------
+    def _by_time(self, agent: AgentState, now: float) -> bool:
+        """Around without a running task: seen recently, or told to pause and not yet overdue."""
+        return agent.last_seen >= now - self.seen_s or agent.quiet_until >= now - self.quiet_s
+
+    def stays_until(self, agent: AgentState, now: float) -> float | None:
+        """Until when the agent stays connected without asking again (None: only while it holds a lease, or
+        not at all)."""
+        if not self._by_time(agent, now):
+            return None
+        stay = max(agent.last_seen + self.seen_s, agent.quiet_until + self.quiet_s)
+        until = self._until(agent)
+        return stay if until is None else min(stay, until)
+
+    def is_connected(self, agent: AgentState, now: float) -> bool:
+        """Seen recently or holding a lease, and not past its availability window."""
+        until = self._until(agent)
+        return (bool(agent.running) or self._by_time(agent, now)) and (until is None or until > now)
+
+    # -- events -----------------------------------------------------------------------------------
+    def touch(self, agent: AgentState, now: float) -> None:
+        """The agent was seen, registered or given a task: it may have joined; its free slots may differ."""
+        member = agent.row.id in self.members
+        if not member and self.is_connected(agent, now):
+            self._join(agent)
+            member = True
+        if member:
+            self._schedule(agent, now)
+            self._note_idle(agent)
+
+    def running_changed(self, agent: AgentState, now: float) -> None:
+        if agent.row.id in self.members:
+            if not agent.running and not self.is_connected(agent, now):
+                self._leave(agent)
+                return
+            self._note_idle(agent)
+        elif agent.running:
+            self.touch(agent, now)
+
+    def refresh(self, now: float) -> None:
+        """Drop the members whose time has come (looked at again: a later request may have extended it)."""
+        heap, due = self._heap, self._due
+        while heap and heap[0][0] <= now:
+            at, agent_id = heapq.heappop(heap)
+            if due.get(agent_id) != at:
+                continue
+            del due[agent_id]
+            agent = self.members[agent_id]
+            if self.is_connected(agent, now):
+                self._schedule(agent, now)
+            else:
+                self._leave(agent)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _schedule(self, agent: AgentState, now: float) -> None:
+        """When to look at the member again: its seen horizon if that is ahead, else its window's end
+        (a member held only by running tasks leaves through :meth:`running_changed`)."""
+        until = self._until(agent)
+        at = math.inf
+        if self._by_time(agent, now):   # just past the horizon (never at or before now: the loop must end)
+            seen = max(agent.last_seen + self.seen_s, agent.quiet_until + self.quiet_s)
+            at = max(math.nextafter(seen, math.inf), math.nextafter(now, math.inf))
+        if until is not None:
+            at = min(at, until)
+        agent_id = agent.row.id
+        if at != self._due.get(agent_id) and at != math.inf:
+            self._due[agent_id] = at
+            heapq.heappush(self._heap, (at, agent_id))
+        elif at == math.inf:
+            self._due.pop(agent_id, None)
+        if len(self._heap) > 4 * len(self._due) + 1024:   # stale entries: rebuild from the live ones
+            self._heap = [(t, i) for i, t in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def _note_idle(self, agent: AgentState) -> None:
+        if len(agent.running) < self._slots(agent):
+            self.idle[agent.row.id] = agent
+        else:
+            self.idle.pop(agent.row.id, None)
+
+    def _join(self, agent: AgentState) -> None:
+        self.members[agent.row.id] = agent
+        self._logged(agent.row.id, True)
+
+    def _leave(self, agent: AgentState) -> None:
+        agent_id = agent.row.id
+        del self.members[agent_id]
+        self.idle.pop(agent_id, None)
+        self._due.pop(agent_id, None)
+        self._logged(agent_id, False)
+
+    def _logged(self, agent_id: str, joined: bool) -> None:
+        self.version += 1
+        self.log.append((agent_id, joined))
+        if len(self.log) > 2 * LOG_KEPT:
+            drop = len(self.log) - LOG_KEPT
+            del self.log[:drop]
+            self.log_base += drop
+
+    def changes_since(self, version: int) -> list[tuple[str, bool]] | None:
+        """Membership changes after ``version`` (None: no longer kept; count afresh)."""
+        if version < self.log_base:
+            return None
+        return self.log[version - self.log_base:]

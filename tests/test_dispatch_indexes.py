@@ -1,0 +1,340 @@
+"""The indexes that let policies pick without scanning the fleet give the answers a scan from scratch gives.
+
+Each test drives a real board (SQLite store, signed manifests and results) through the events that could
+leave an index stale: agents that register again with another report, disconnect, hold a lease while silent,
+leave at the end of their window, are told to pause, are refused by a gate, finish tasks (and so teach the
+predictor how fast they really are). After each event the kept answers (who is connected, who has a free
+slot, how many connected agents can run each job, how many of a job's tasks an agent should take under
+``fastest``/``adaptive``) are compared with the same rule applied to every agent from scratch, the way the
+policies computed them before the indexes existed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import FakeClock
+from test_dispatch import A100, GTX1060, WORK, cpu_caps, gpu_caps
+
+from agent.client.submitting import make_envelope
+from hub.board import Board
+from hub.config import HubConfig
+from hub.dispatch.adaptive import Adaptive
+from hub.dispatch.fastest import Fastest, SoonestGate
+from hub.dispatch.predict import candidate_jobs
+from hub.fleet import AgentState, available_until, slots_of
+from hub.sqlite_store import SqliteStore
+from jobs.manifest import Manifest
+from jobs.protocol import Assignment
+from jobs.requirements import Capabilities, unmet
+from security.identity import Identity
+from security.records import SignedRecord
+
+Avoid = Callable[[AgentState, str], bool] | None
+
+
+class Refuse:
+    """A lease gate that refuses the agents named in ``ids`` (a quarantine, say)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def refuse(self, agent: AgentState) -> str | None:
+        return "quarantined" if agent.row.id in self.ids else None
+
+
+class Fleet:
+    def __init__(self, tmp: Path, policy: str) -> None:
+        self.clock = FakeClock(1_000_000.0)
+        self.board = Board(SqliteStore(tmp / "b.db"),
+                           HubConfig(dispatch_policy=policy, retry_backoff_s=0, expiry_interval_s=3600,
+                                     lease_ttl_s=600, max_poll_wait_s=30), self.clock)
+        self.gate = Refuse()
+        self.board.add_gate(self.gate)
+        self.user = Identity.generate()
+
+    async def agent(self, name: str, caps: dict[str, Any], identity: Identity | None = None) -> Identity:
+        identity = identity or Identity.generate()
+        await self.board.register_agent(identity.public, name, Capabilities.from_dict(caps))
+        return identity
+
+    async def submit(self, n: int, **spec: Any) -> str:
+        m = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "t"},
+                                "spec": {"task": "matmul", "params": WORK, "sweep": {"seed": list(range(n))},
+                                         **spec}})
+        job, _ = await self.board.submit(make_envelope(self.user, m), self.user.id)
+        return job.id
+
+    async def lease(self, agent: Identity, slots: int = 1) -> list[Assignment]:
+        return await self.board.lease(agent.id, slots, 0)
+
+    async def finish(self, agent: Identity, task: Assignment, wall_s: float) -> None:
+        payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+                   "attempt": task.attempt, "agent_id": agent.id, "status": "ok", "metrics": {"wall_s": wall_s}}
+        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
+        assert outcome.status == "accepted"
+
+    # -- from scratch: the rules as the policies applied them to every agent ------------------------------
+    def connected(self) -> set[str]:
+        now, config = self.clock.now, self.board.config
+        horizon = now - max(2 * config.max_poll_wait_s, config.lease_ttl_s) - 5
+        back = now - config.max_poll_wait_s
+        return {a.row.id for a in self.board.agents.values()
+                if (a.running or a.last_seen >= horizon or a.quiet_until >= back)
+                and ((until := available_until(a)) is None or until > now)}
+
+    def share(self, agent: AgentState, job_id: str, avoid: Avoid) -> int:
+        """SoonestGate.share as it was: every connected rival, no order, no bound."""
+        context = self.board._dispatcher.context
+        queues, predictor, now = context.queues, self.board.policy.predictor, self.clock.now
+        assert predictor is not None
+        job, req = queues.job(job_id), queues.requirements(job_id)
+        task = predictor.head(queues, agent, job_id, now)
+        if task is None:
+            return 0
+        my_end = now + predictor.predict(agent, job, task, req)
+        ahead = 0
+        for b_id in self.connected():
+            b = self.board.agents[b_id]
+            if b is agent or b.refused is not None or unmet(req, job.kind, b.caps) or (avoid and avoid(b, job.kind)):
+                continue
+            free = predictor.free_at(b, now)
+            runtime = predictor.predict(b, job, task, req)
+            if free >= my_end or runtime <= 0:
+                continue
+            n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+            end, until = free + runtime, available_until(b)
+            if n <= 0 or (job.deadline_at is not None and end > job.deadline_at) or (until is not None and end > until):
+                continue
+            ahead += n
+        return max(queues.queued(job_id) - ahead, 0)
+
+    def check(self) -> int:
+        """Every kept answer equals its scratch computation; returns how many shares were compared."""
+        context, now = self.board._dispatcher.context, self.clock.now
+        connected = self.connected()
+        assert {a.row.id for a in context.connected()} == connected
+        assert {a.row.id for a in context.idle()} == {
+            i for i in connected if len(self.board.agents[i].running) < slots_of(self.board.agents[i])}
+        policy = self.board.policy
+        avoid: Avoid = None
+        if isinstance(policy, Adaptive):
+            errors = policy.errors
+            avoid = lambda b, kind: errors.high(b.row.id, kind, now)   # noqa: E731
+        assert isinstance(policy, Fastest | Adaptive)
+        compared = 0
+        for job_id in list(context.queues.waiting()):
+            req, kind = context.queues.requirements(job_id), context.queues.job(job_id).kind
+            capable = {a.row.id for a in self.board.agents.values() if not unmet(req, kind, a.caps)}
+            assert context.capable(job_id) == capable
+            assert context.capable_connected(job_id) == len(capable & connected)
+        for agent in self.board.agents.values():
+            # as a pick does: covers kept from earlier picks first hear what changed and forget the asker
+            policy.covers.begin(context)
+            policy.covers.forget(agent.row.id)
+            kept = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid, policy.covers)
+            walked = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid)
+            for job_id in candidate_jobs(context.queues, agent):
+                exact = self.share(agent, job_id, avoid)
+                for need in (1, 3, 10**9):
+                    for gate in (walked, kept, kept):   # kept twice: the second may answer from a new cover
+                        assert gate.share(job_id, need) == min(exact, need), (agent.row.name, job_id, need)
+                        compared += 1
+        return compared
+
+
+@pytest.fixture
+async def fleets(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Fleet] = []
+
+    async def make(policy: str) -> Fleet:
+        directory = tmp_path / f"f{len(started)}"
+        directory.mkdir()
+        fleet = Fleet(directory, policy)
+        await fleet.board.start()
+        started.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in started:
+        await fleet.board.stop()
+
+
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_kept_indexes_match_a_scan_from_scratch_through_fleet_events(fleets: Callable[..., Any],
+                                                                           policy: str) -> None:
+    f: Fleet = await fleets(policy)
+    a100 = await f.agent("a100", A100)
+    gtx = [await f.agent(f"gtx{i}", GTX1060) for i in range(3)]
+    laptops = [await f.agent(f"laptop{i}", cpu_caps()) for i in range(2)]
+    leaving = await f.agent("leaving", cpu_caps(available_until=f.clock.now + 900, slots=2))
+    await f.submit(60)
+    await f.submit(8, requires={"device": "gpu"})
+    await f.submit(4, policy={"deadline": "20m"})
+    f.check()
+    held: dict[str, tuple[Identity, Assignment]] = {}
+    for ident in [a100, *gtx, *laptops, leaving]:       # the fleet asks; some get work
+        for task in await f.lease(ident, 2):
+            held[task.task_id] = (ident, task)
+    f.check()
+    # results teach the predictor: the A100 turns out slow, a laptop far faster than it measured (quick)
+    for ident, task in list(held.values()):
+        if ident in (a100, laptops[0]):
+            f.clock.now += 1
+            await f.finish(ident, task, wall_s=500.0 if ident is a100 else 0.05)
+            del held[task.task_id]
+    f.check()
+    # a GTX registers again as an A100-class card (a faster report), another loses its GPU
+    await f.agent("gtx0", gpu_caps("A100", 40, 19_500), identity=gtx[0])
+    await f.agent("gtx1", cpu_caps(), identity=gtx[1])
+    assert f.check() > 0
+    # a gate starts refusing a GTX (noted when it asks); another agent is told to pause
+    f.gate.ids.add(gtx[2].id)
+    assert await f.lease(gtx[2]) == []
+    f.board.agent(laptops[1].id).quiet_until = f.clock.now + 120
+    f.check()
+    # time passes: the leaving agent's window ends; silent idle agents drop out, silent lessees stay
+    f.clock.now += 700
+    for ident in (a100, laptops[0]):
+        await f.lease(ident)
+    f.check()
+    assert leaving.id not in f.connected()
+    # the silent lessees' leases expire: they drop out; one comes back
+    f.clock.now += 700
+    await f.board.sweep()
+    f.check()
+    for task in await f.lease(gtx[0]):
+        f.clock.now += 1
+        await f.finish(gtx[0], task, wall_s=2.0)
+    assert f.check() > 0
+
+
+async def test_a_rival_faster_than_its_report_still_counts(fleets: Callable[..., Any]) -> None:
+    """The early answer bounds the rivals not yet visited by their reported speed; one that has run far faster
+    than that (a learned correction below FLOOR) is visited first, so a GTX 1060 still leaves the queue to it."""
+    f: Fleet = await fleets("fastest")
+    laptop = await f.agent("laptop", cpu_caps())
+    await f.submit(1)
+    [task] = await f.lease(laptop)                     # alone: it takes the task (~69 s predicted)
+    await f.finish(laptop, task, wall_s=0.05)          # ... and ran it in 0.05 s
+    gtx = await f.agent("gtx", GTX1060)
+    await f.submit(30)
+    f.check()
+    assert await f.lease(gtx) == []                    # the laptop finishes ~44 of them before the GTX one
+    assert len(await f.lease(laptop)) == 1
+
+
+async def test_a_rival_that_registers_again_faster_moves_up_the_order(fleets: Callable[..., Any]) -> None:
+    """A laptop that re-registers with an A100 report is visited as an A100: a slow asker then waits."""
+    f: Fleet = await fleets("fastest")
+    asker = await f.agent("asker", cpu_caps())
+    upgraded = await f.agent("upgraded", cpu_caps())
+    await f.submit(50)
+    f.check()
+    await f.agent("upgraded", A100, identity=upgraded)
+    f.check()
+    assert await f.lease(asker) == []                  # the A100 finishes ~98 before the laptop finishes one
+    assert len(await f.lease(upgraded)) == 1
+
+
+async def test_a_speed_claim_capped_by_the_board_leaves_the_capable_set(fleets: Callable[..., Any]) -> None:
+    """The speed check replaces an over-claiming agent's report without a registration: the kept capable sets
+    (and so ``fastest``'s rivals) must follow it."""
+    f: Fleet = await fleets("fastest")
+    liar = await f.agent("liar", A100)                 # claims 19,500 GFLOPS
+    job_id = await f.submit(10, requires={"device": "gpu", "min_gflops": 10_000})
+    assert liar.id in f.board._dispatcher.context.capable(job_id)
+    for _ in range(3):
+        [task] = await f.lease(liar)
+        f.clock.now += 500                             # 1.4e13 FLOPs in 500 s: ~27 GFLOPS observed
+        await f.finish(liar, task, wall_s=1.0)
+    f.check()
+    assert liar.id not in f.board._dispatcher.context.capable(job_id)
+    assert await f.lease(liar) == []
+
+
+async def covered_laptop(f: Fleet, a100_caps: dict[str, Any]) -> tuple[Identity, Identity]:
+    """A laptop (~69 s a task) told to take none of 50 tasks because an idle A100 (~0.7 s) finishes ~97 of them
+    first: the proof is kept as a cover for the next ask."""
+    laptop, a100 = await f.agent("laptop", cpu_caps()), await f.agent("a100", a100_caps)
+    await f.submit(50)
+    assert await f.lease(laptop) == []
+    policy = f.board.policy
+    assert isinstance(policy, Fastest) and len(policy.covers) == 1
+    return laptop, a100
+
+
+async def test_a_kept_cover_drops_a_rival_a_gate_starts_refusing(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, a100 = await covered_laptop(f, A100)
+    f.gate.ids.add(a100.id)
+    assert await f.lease(a100) == []                   # refused before any policy looks at it
+    f.check()
+    assert len(await f.lease(laptop)) == 1             # no rival left: the laptop takes one
+
+
+async def test_a_kept_cover_drops_a_rival_that_went_silent(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, _ = await covered_laptop(f, A100)
+    f.clock.now += 700                                 # past the A100's seen horizon (605 s): not connected
+    f.check()
+    assert len(await f.lease(laptop)) == 1
+
+
+async def test_a_kept_cover_drops_a_rival_whose_window_ends_before_its_task(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, _ = await covered_laptop(f, {**A100, "available_until": 1_000_000.0 + 200})
+    f.clock.now += 199.5                               # still connected, but a task would outlast its window
+    f.check()
+    assert len(await f.lease(laptop)) == 1
+
+
+async def test_a_cover_built_from_a_deep_fleet_answers_as_the_walk(fleets: Callable[..., Any]) -> None:
+    """Forty idle A100s: the first covers the queue, the walk goes on a while for parts quicker askers need,
+    and the answer stays the walk's (none for the laptop, with or without the cover)."""
+    f: Fleet = await fleets("fastest")
+    laptop = await f.agent("laptop", cpu_caps())
+    for i in range(40):
+        await f.agent(f"a100-{i}", A100)
+    await f.submit(50)
+    assert await f.lease(laptop) == []
+    assert f.check() > 0
+    assert await f.lease(laptop) == []
+
+
+async def test_a_restarted_board_counts_a_silent_lessee_as_connected_until_its_lease_ends(tmp_path: Path) -> None:
+    """After a restart the agents come from the store and their leases are restored: one last seen long ago
+    but holding a lease is connected (as the scan says) until that lease expires."""
+    first = Fleet(tmp_path, "fastest")
+    await first.board.start()
+    busy, idle = await first.agent("busy", GTX1060), await first.agent("idle", GTX1060)
+    await first.submit(4)
+    assert len(await first.lease(busy)) == 1
+    await first.board.stop()
+    again = Fleet(tmp_path, "fastest")
+    again.clock.now = first.clock.now + 2000           # both silent for longer than the seen horizon
+    await again.board.start()
+    try:
+        assert again.connected() == {busy.id}
+        again.check()
+        again.clock.now += 700                         # the restored lease (one TTL) expires
+        await again.board.sweep()
+        assert again.connected() == set()
+        again.check()
+        await again.lease(idle)
+        assert again.connected() == {idle.id}
+        again.check()
+    finally:
+        await again.board.stop()
+
+
+async def test_a_kept_cover_drops_a_rival_that_registers_again_slower(fleets: Callable[..., Any]) -> None:
+    f: Fleet = await fleets("fastest")
+    laptop, a100 = await covered_laptop(f, A100)
+    await f.agent("a100", cpu_caps(), identity=a100)   # the same key, now a laptop: no faster than the asker
+    f.check()
+    assert len(await f.lease(laptop)) == 1
