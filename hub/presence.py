@@ -107,6 +107,9 @@ class Presence:
             if not agent.running and not self.is_connected(agent, now):
                 self._leave(agent)
                 return
+            # Looked at again: a member kept only by its leases has no time to look at it (see _schedule), and
+            # its seen time may have moved meanwhile (a long poll woken past its horizon); it stays by time now.
+            self._schedule(agent, now)
             self._note_idle(agent)
         elif agent.running:
             self.touch(agent, now)

@@ -338,3 +338,32 @@ async def test_a_kept_cover_drops_a_rival_that_registers_again_slower(fleets: Ca
     await f.agent("a100", cpu_caps(), identity=a100)   # the same key, now a laptop: no faster than the asker
     f.check()
     assert len(await f.lease(laptop)) == 1
+
+
+async def test_a_long_poll_that_outlives_the_seen_horizon_does_not_leave_a_ghost_member(
+        fleets: Callable[..., Any]) -> None:
+    """A lessee parked in a long poll while the clock steps past its seen horizon (an NTP step; the board's
+    clock is wall time) is kept only by its lease; woken, it is seen again without a word to the presence
+    index. Once its lease ends and it falls silent it must drop out: a member kept for ever would be a rival
+    ``fastest`` counts to cover the queue, and a laptop would never be given the work (liveness)."""
+    import asyncio
+
+    f: Fleet = await fleets("fastest")
+    ghost = await f.agent("ghost", {**A100, "slots": 2})
+    await f.submit(1)
+    assert len(await f.lease(ghost)) == 1
+    poll = asyncio.create_task(f.board.lease(ghost.id, 1, 30))
+    waiters = f.board._dispatcher.waiters
+    while not len(waiters):
+        await asyncio.sleep(0.01)
+    f.clock.now += 700                                 # the clock steps past the ghost's horizon (605 s)
+    laptop = await f.agent("laptop", cpu_caps())
+    assert await f.lease(laptop) == []                 # a pick looks at the fleet: the ghost is kept by its lease
+    await f.submit(1)                                  # wakes the ghost: it takes the task, seen now
+    assert len(await poll) == 1
+    f.clock.now += 601                                 # both leases expire; the ghost says nothing more
+    await f.board.sweep()
+    f.clock.now += 1000                                # long past its horizon: gone
+    await f.submit(5)
+    assert len(await f.lease(laptop)) == 1     # the ghost does not cover the queue
+    f.check()
