@@ -94,6 +94,12 @@ class DispatchContext:
     def reports_since(self, version: int) -> list[AgentState] | None:
         return self._fleet.reports_since(version)
 
+    def presence_version(self) -> int:
+        return self._fleet.presence.version
+
+    def presence_since(self, version: int) -> list[tuple[str, bool]] | None:
+        return self._fleet.presence.changes_since(version)
+
     def capable(self, job_id: str) -> set[str]:
         return self._capable.capable(job_id)
 

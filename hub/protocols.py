@@ -119,6 +119,12 @@ class DispatchView(Protocol):
     def reports_since(self, version: int) -> list[AgentState] | None:
         """The agents registered or with a changed report after ``version`` (None: too far back; rebuild)."""
 
+    def presence_version(self) -> int:
+        """Counts changes to who is connected (an index over connected agents follows it)."""
+
+    def presence_since(self, version: int) -> list[tuple[str, bool]] | None:
+        """(agent id, joined) for each change to who is connected after ``version`` (None: too far back)."""
+
     def capable(self, job_id: str) -> set[str]:
         """Ids of the registered agents meeting the active job's requirements (``unmet`` is empty), kept up to
         date as reports change; read it, do not change it."""

@@ -367,3 +367,25 @@ async def test_a_long_poll_that_outlives_the_seen_horizon_does_not_leave_a_ghost
     await f.submit(5)
     assert len(await f.lease(laptop)) == 1     # the ghost does not cover the queue
     f.check()
+
+
+async def test_agents_that_never_ask_again_leave_the_fastest_order(fleets: Callable[..., Any]) -> None:
+    """Every key ever registered stays in the fleet (a stranger's thousand keys under open registration, or a
+    hub's history). The order ``fastest`` walks must hold only connected agents: with the gone ones in it, a
+    laptop's every ask walked all of them (20,000 gone A100 keys: ~13 ms a pick, from 0.05 ms; hub/dispatch
+    POLICIES.md). The answers stay the scan's as they leave, and as one of them comes back."""
+    f: Fleet = await fleets("fastest")
+    gone = [await f.agent(f"gone{i}", A100) for i in range(30)]
+    f.clock.now += 700                                 # they never ask again
+    laptop, a100 = await f.agent("laptop", cpu_caps()), await f.agent("a100", A100)
+    await f.submit(50)
+    assert await f.lease(laptop) == []                 # the A100 covers the queue
+    policy = f.board.policy
+    assert isinstance(policy, Fastest)
+    assert {b_id for _, _, b_id in policy.roster.fastest_first()} == {laptop.id, a100.id}
+    assert f.check() > 0
+    await f.lease(gone[0])                             # one comes back, as a GTX: it joins the order again
+    await f.agent("gone0", GTX1060, identity=gone[0])
+    assert await f.lease(laptop) == []
+    assert {b_id for _, _, b_id in policy.roster.fastest_first()} == {laptop.id, a100.id, gone[0].id}
+    assert f.check() > 0

@@ -50,7 +50,7 @@ class SoonestGate:
                  roster: Roster, avoid: Avoid | None = None, covers: Covers | None = None) -> None:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
         self.avoid, self.roster, self.covers = avoid, roster, covers
-        roster.update(view.agents(), view.reports_version(), view.reports_since)
+        roster.update(view)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
         self._connected = view.connected_ids()
 
@@ -153,7 +153,8 @@ class SoonestGate:
             if total >= queued or self._repair(job_id, kept, job, task, req, my_end, total, queued):
                 return 0
         agents, kind = self.view.agents(), job.kind
-        left = len(self.view.capable(job_id))   # capable agents not visited yet: at least the rivals among them
+        # connected capable agents not visited yet: at least the rivals among them (the roster holds no others)
+        left = self.view.capable_connected(job_id)
         ahead = 0
         cover = Cover(key, now) if self.covers is not None else None
         covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
@@ -172,7 +173,8 @@ class SoonestGate:
                 extra -= 1
                 if extra < 0 or (cover is not None and len(cover.parts) >= LOOK):
                     break
-            left -= 1
+            if b_id in self._connected:
+                left -= 1
             resume = max(resume, position + 1)
             b = agents.get(b_id)
             if b is None or not self._rival(b, kind):

@@ -1,7 +1,8 @@
-"""The registered agents in order of their fastest device, kept across picks (``fastest``, ``adaptive``).
+"""The connected agents in order of their fastest device, kept across picks (``fastest``, ``adaptive``).
 
 ``fastest`` used to sort every connected agent by speed on every pick. Here the order is kept and follows the
-fleet's report log (a registration or a changed report moves one agent: a bisect, not a sort). The key is an
+fleet's report and presence logs (a registration, a changed report, a join or a leave moves one agent: a
+bisect, not a sort). The key is an
 upper bound of the GFLOPS any task's prediction may use on the agent (:func:`top_speed`: fp16 included, the
 defaults assumed for a device that reported none), so every agent after a position runs a task no faster than
 that position's figure allows (up to its learned correction; see ``Predictor.quick``).
@@ -10,14 +11,14 @@ that position's figure allows (up to its learned correction; see ``Predictor.qui
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from hub.dispatch.predict import DEFAULT_CPU_GFLOPS, DEFAULT_GPU_GFLOPS
 from hub.fleet import derived
 
 if TYPE_CHECKING:
-    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
     from jobs.requirements import Capabilities
 
 __all__ = ["Roster", "top_speed"]
@@ -33,33 +34,43 @@ def top_speed(caps: Capabilities) -> float:
 
 
 class Roster:
-    """Agent ids by :func:`top_speed`, fastest first."""
+    """Connected agent ids by :func:`top_speed`, fastest first.
+
+    Only connected agents: every key ever registered stays in the fleet (a hub's history, a stranger's keys
+    under open registration), and a walk through the gone ones cost a pick O(registered), not O(connected).
+    The order follows both logs: the report log (a new key) and the presence log (joins and leaves)."""
 
     def __init__(self) -> None:
         self._order: list[tuple[float, str]] = []   # (-top speed, agent id), sorted
         self._key: dict[str, float] = {}            # agent id -> its -top speed in the order
-        self._read = -1                             # the fleet's report log, applied up to here
+        self._read: tuple[int, int] | None = None   # (report log, presence log) applied up to here
 
-    def update(self, agents: Mapping[str, AgentState], version: int,
-               since: Callable[[int], list[AgentState] | None]) -> None:
-        """Follow the fleet to report log ``version``; ``since(v)`` gives the agents changed after v."""
+    def update(self, view: DispatchView) -> None:
+        """Follow the view's connected agents and their reports (``view.connected_ids`` refreshes presence)."""
+        members = view.connected_ids()
+        agents = view.agents()
+        version = (view.reports_version(), view.presence_version())
         if version == self._read:
             return
-        changed = since(self._read) if self._read >= 0 else None
-        if changed is None or len(changed) > len(self._order) // 8 + 64:
-            self._key = {a.row.id: -derived(a, "top_speed", top_speed) for a in agents.values()}
+        reports = view.reports_since(self._read[0]) if self._read is not None else None
+        moves = view.presence_since(self._read[1]) if self._read is not None else None
+        self._read = version
+        if reports is None or moves is None or len(reports) + len(moves) > len(self._order) // 8 + 64:
+            self._key = {i: -derived(agents[i], "top_speed", top_speed) for i in members if i in agents}
             self._order = sorted((k, i) for i, k in self._key.items())
-        else:
-            for agent in changed:
-                agent_id, key = agent.row.id, -derived(agent, "top_speed", top_speed)
-                old = self._key.get(agent_id)
-                if old == key:
-                    continue
-                if old is not None:
-                    del self._order[bisect.bisect_left(self._order, (old, agent_id))]
+            return
+        for agent_id in {a.row.id for a in reports} | {i for i, _ in moves}:
+            old = self._key.get(agent_id)
+            agent = agents.get(agent_id)
+            key = -derived(agent, "top_speed", top_speed) if agent is not None and agent_id in members else None
+            if old == key:
+                continue
+            if old is not None:
+                del self._order[bisect.bisect_left(self._order, (old, agent_id))]
+                del self._key[agent_id]
+            if key is not None:
                 bisect.insort(self._order, (key, agent_id))
                 self._key[agent_id] = key
-        self._read = version
 
     def fastest_first(self, start: int = 0) -> Iterator[tuple[int, float, str]]:
         """(position, top speed, agent id), fastest first, from ``start`` on (positions hold until the next
