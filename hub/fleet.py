@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -58,8 +59,8 @@ def available_until(agent: AgentState) -> float | None:
 
 
 def _slots(caps: Capabilities) -> int:
-    value = caps.raw.get("slots")
-    return max(int(value), 1) if isinstance(value, int | float) else 1
+    value = caps.raw.get("slots")   # Infinity or NaN (JSON has both) count as no figure: int() cannot take them
+    return max(int(value), 1) if isinstance(value, int | float) and math.isfinite(value) else 1
 
 
 def slots_of(agent: AgentState) -> int:

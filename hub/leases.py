@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 
@@ -63,7 +64,7 @@ class LeaseTable:
         """How many tasks the agent may hold at once: its advertised slots, within the hub's cap."""
         cap = max(self.config.max_slots_per_agent, 1)
         value = agent.caps.raw.get("slots")
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return max(1, min(int(value), cap))
         return cap
 

@@ -23,6 +23,7 @@ that sends no ``have`` (an older one) gets every envelope, as before.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -141,6 +142,10 @@ class Registration:
         report = f.mapping("capabilities")
         if len(encode_body(report, MSGPACK)) > MAX_CAPABILITIES_BYTES:   # stored, re-sent with every re-registration
             raise BadRequest(f"{f.at('capabilities')}: a capability report is at most {MAX_CAPABILITIES_BYTES} bytes",
+                             code="bad_capabilities", details={"field": f.at("capabilities")})
+        slots = report.get("slots")
+        if isinstance(slots, float) and not math.isfinite(slots):   # JSON's Infinity, NaN, 1e400
+            raise BadRequest(f"{f.at('capabilities')}: slots: expected a finite number, got {slots}",
                              code="bad_capabilities", details={"field": f.at("capabilities")})
         try:
             caps = Capabilities.from_dict(report)

@@ -389,3 +389,14 @@ async def test_agents_that_never_ask_again_leave_the_fastest_order(fleets: Calla
     assert await f.lease(laptop) == []
     assert {b_id for _, _, b_id in policy.roster.fastest_first()} == {laptop.id, a100.id, gone[0].id}
     assert f.check() > 0
+
+
+async def test_a_stored_report_with_infinite_slots_does_not_break_its_agents_asks(fleets: Callable[..., Any]) -> None:
+    """A report stored before registration refused it (``slots: Infinity``) comes back at a restart: the
+    free-slot index and the lease table read it as a report without slots, not as an OverflowError on every ask."""
+    f: Fleet = await fleets("best-fit")
+    odd = await f.agent("odd", {**cpu_caps(), "slots": float("inf")})
+    await f.submit(2)
+    assert len(await f.lease(odd, 2)) == 2
+    assert await f.lease(odd) == []                    # asked again (seen: its free slots are looked at again)
+    assert {a.row.id for a in f.board._dispatcher.context.connected()} == {odd.id}

@@ -316,3 +316,13 @@ def test_an_envelope_the_agent_holds_is_left_out_and_only_an_agent_that_knows_ha
     assert "have" not in LeaseRequest(2, 1.0).encode()                  # an older agent's map, unchanged
     assert LeaseRequest.decode(LeaseRequest(2, 1.0, (), {}).encode()).have == {}   # holds none, reads bare ones
     assert LeaseRequest.decode({"have": HAVE}).have == HAVE
+
+
+@pytest.mark.parametrize("slots", [float("inf"), float("nan"), -float("inf")])
+def test_a_capability_report_with_slots_that_are_not_a_finite_number_is_a_bad_capabilities_400(
+        slots: float) -> None:
+    """JSON's ``Infinity``/``NaN`` (and ``1e400``) decode to floats that ``int()`` cannot take: the fleet's
+    free-slot index reads the slots on registration, so such a report was a 500 to a stranger."""
+    with pytest.raises(BadRequest) as exc:
+        Registration.decode({"public_key": AGENT.public.text(), "capabilities": {"slots": slots}})
+    assert exc.value.code == "bad_capabilities" and "slots" in exc.value.message

@@ -56,7 +56,7 @@ class Roster:
         moves = view.presence_since(self._read[1]) if self._read is not None else None
         self._read = version
         if reports is None or moves is None or len(reports) + len(moves) > len(self._order) // 8 + 64:
-            self._key = {i: -derived(agents[i], "top_speed", top_speed) for i in members if i in agents}
+            self._key = {a.row.id: -derived(a, "top_speed", top_speed) for a in view.connected()}
             self._order = sorted((k, i) for i, k in self._key.items())
             return
         for agent_id in {a.row.id for a in reports} | {i for i, _ in moves}:
