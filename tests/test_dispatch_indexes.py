@@ -400,3 +400,21 @@ async def test_a_stored_report_with_infinite_slots_does_not_break_its_agents_ask
     assert len(await f.lease(odd, 2)) == 2
     assert await f.lease(odd) == []                    # asked again (seen: its free slots are looked at again)
     assert {a.row.id for a in f.board._dispatcher.context.connected()} == {odd.id}
+
+
+async def test_jobs_that_ask_the_same_share_one_capable_set(fleets: Callable[..., Any]) -> None:
+    """A submitter's many small jobs: one kept set of capable agents per distinct requirements, not per job
+    (300 one-task jobs x 10,000 registered agents were 300 sets, ~150 MiB and a 17 s first pick). The sets
+    still follow reports that change."""
+    f: Fleet = await fleets("adaptive")
+    gtx, laptop = await f.agent("gtx", GTX1060), await f.agent("laptop", cpu_caps())
+    cpu_jobs = [await f.submit(1) for _ in range(3)]
+    gpu_jobs = [await f.submit(1, requires={"device": "gpu"}) for _ in range(2)]
+    context = f.board._dispatcher.context
+    assert context.capable(cpu_jobs[0]) is context.capable(cpu_jobs[2])
+    assert context.capable(gpu_jobs[0]) is context.capable(gpu_jobs[1]) != context.capable(cpu_jobs[0])
+    f.check()
+    await f.agent("laptop", GTX1060, identity=laptop)  # the laptop gets a GPU: both GPU jobs see it
+    await f.agent("gtx", cpu_caps(), identity=gtx)     # the GTX loses its own
+    assert context.capable(gpu_jobs[1]) == {laptop.id}
+    f.check()

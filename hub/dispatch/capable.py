@@ -20,16 +20,20 @@ from jobs.requirements import unmet
 if TYPE_CHECKING:
     from hub.fleet import AgentState, Fleet
     from hub.queues import JobQueues
+    from jobs.requirements import Requirements
 
 __all__ = ["CapableIndex"]
 
 
 class CapableIndex:
-    """Per active job, the ids of registered agents that meet its requirements."""
+    """Per active job, the ids of registered agents that meet its requirements (one set per distinct
+    requirements and kind)."""
 
     def __init__(self, queues: JobQueues, fleet: Fleet) -> None:
         self._queues, self._fleet = queues, fleet
-        self._jobs: dict[str, tuple[int, set[str]]] = {}   # job id -> (log entries applied, capable ids)
+        #: (requirements, kind) -> (log entries applied, capable ids): jobs that ask the same share one set (a
+        #: submitter's thousand one-task jobs were a thousand sets of every registered agent, each built anew)
+        self._jobs: dict[tuple[Requirements, str], tuple[int, set[str]]] = {}
         self._log: list[AgentState] = []                   # agents whose report changed since the sets were built
         self._read = fleet.reports_version                 # the fleet's report log, read up to here
 
@@ -55,14 +59,16 @@ class CapableIndex:
         """The ids of registered agents meeting the job's requirements (the caller must not change it)."""
         self.sync()
         req, kind = self._queues.requirements(job_id), self._queues.job(job_id).kind
-        entry = self._jobs.get(job_id)
+        key = (req, kind)
+        entry = self._jobs.get(key)
         if entry is None:
             if len(self._jobs) > 64 and len(self._jobs) > 2 * len(self._queues):   # finished jobs: forget
-                self._jobs = {j: e for j, e in self._jobs.items() if j in self._queues}
+                live = {(self._queues.requirements(j.id), j.kind) for j in self._queues.jobs()}
+                self._jobs = {k: e for k, e in self._jobs.items() if k in live}
             if not self._jobs:
                 self._log.clear()
             ids = {a.row.id for a in self._fleet.agents.values() if not unmet(req, kind, a.caps)}
-            self._jobs[job_id] = (len(self._log), ids)
+            self._jobs[key] = (len(self._log), ids)
             return ids
         applied, ids = entry
         if applied < len(self._log):
@@ -71,5 +77,5 @@ class CapableIndex:
                     ids.discard(agent.row.id)
                 else:
                     ids.add(agent.row.id)
-            self._jobs[job_id] = (len(self._log), ids)
+            self._jobs[key] = (len(self._log), ids)
         return ids
