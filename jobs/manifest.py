@@ -207,6 +207,25 @@ class Manifest:
                 out.append(params)
         return out
 
+    def point(self, unit: int, shards: list[dict[str, int]] | None = None) -> dict[str, Any]:
+        """The parameters of one unit: ``points()[unit]``, without expanding the others. An agent checks every
+        assignment against its submitter's manifest, and a 100k-task sweep expanded per job would cost it
+        100k dicts; ``shards`` is :func:`~jobs.inputs.shard_points` of the inputs, if the caller keeps it."""
+        shards = shard_points(self.inputs) if shards is None else shards
+        keys = list(self.sweep)
+        units = len(shards)
+        for key in keys:
+            units *= len(self.sweep[key])
+        if not 0 <= unit < units:
+            raise IndexError(f"unit {unit} is outside this manifest's {units} units")
+        rest, shard = divmod(unit, len(shards))
+        combo: list[Any] = []
+        for key in reversed(keys):   # itertools.product's order: the last key varies fastest
+            rest, at = divmod(rest, len(self.sweep[key]))
+            combo.append(self.sweep[key][at])
+        combo.reverse()
+        return get_kind(self.kind).validate({**self.params, **dict(zip(keys, combo, strict=True)), **shards[shard]})
+
     @classmethod
     def from_dict(cls, source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> Manifest:
         """Validate a manifest dict; raise :class:`ManifestError` listing every problem."""

@@ -51,3 +51,14 @@ def test_the_book_never_holds_more_than_have_may_name() -> None:
     for i in range(MAX_HAVE + 5):
         book.learn(f"j{i}", envelope("x"))
     assert len(book.held().have) == MAX_HAVE
+
+
+def test_the_book_keeps_at_most_its_bytes_and_always_the_newest() -> None:
+    a, b, c = (envelope(n) for n in "abc")
+    book = EnvelopeBook(size=32, max_bytes=len(a.payload) + len(b.payload) + 1)
+    for job_id, record in (("ja", a), ("jb", b), ("jc", c)):
+        book.learn(job_id, record)
+    assert set(book.held().have) == {"jb", "jc"}
+    tiny = EnvelopeBook(size=32, max_bytes=1)
+    tiny.learn("ja", a)
+    assert "ja" in tiny

@@ -42,3 +42,39 @@ def test_an_envelope_under_another_boards_job_id_is_checked_as_itself() -> None:
     # and an envelope named under a job id it was cached with cannot stand for a different one
     with pytest.raises(PanalError):
         cache.check(assignment("jshared", theirs, "result['x'] = 2"))
+
+
+def sweep_envelope(user: Identity, n: int) -> SignedRecord:
+    return SignedRecord.from_wire(make_envelope(user, Manifest.from_dict(
+        {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "big"},
+         "spec": {"task": "sleep", "sweep": {"seconds": [i / 1e9 for i in range(n)]}}}, max_tasks=n)))
+
+
+def sleep_task(envelope: SignedRecord, idx: int, seconds: float) -> Assignment:
+    return Assignment(f"jbig.{idx}", "jbig", idx, "L", 1, "sleep", {"seconds": seconds}, 60.0, 30.0, envelope)
+
+
+def test_a_sweep_over_the_default_job_limit_is_checked_unit_by_unit() -> None:
+    """A board may allow 100,000 tasks a job (``max_tasks_per_job``): the agent runs them, checking each task
+    against its own unit of the signed sweep, and still refuses one whose params or index were changed."""
+    envelope = sweep_envelope(Identity.generate(), 100_000)
+    cache = ManifestCache()
+    submitter, manifest = cache.check(sleep_task(envelope, 99_999, 99_999 / 1e9))
+    assert manifest.n_tasks == 100_000 and submitter == envelope.key.id
+    assert cache.check(sleep_task(envelope, 12_345, 12_345 / 1e9))[0] == submitter
+    for idx, seconds in ((12_345, 12_346 / 1e9), (100_000, 0.0), (-1, 0.0)):
+        with pytest.raises(PanalError) as refused:
+            cache.check(sleep_task(envelope, idx, seconds))
+        assert refused.value.code == "tampered_task"
+
+
+def test_the_cache_keeps_at_most_its_bytes_of_envelopes_and_always_the_newest() -> None:
+    user = Identity.generate()
+    envelopes = [sweep_envelope(user, 2_000 + i) for i in range(3)]   # ~18 KB of sweep each
+    cache = ManifestCache(size=64, max_bytes=len(envelopes[0].payload) * 2 + 100)
+    for e in envelopes:
+        cache.check(sleep_task(e, 0, 0.0))
+    assert len(cache._cache) == 2 and cache._bytes <= cache.max_bytes
+    small = ManifestCache(size=64, max_bytes=10)   # smaller than any envelope: the newest stays
+    small.check(sleep_task(envelopes[0], 1, 1 / 1e9))
+    assert len(small._cache) == 1

@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any
 
+from jobs.inputs import shard_points
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
 from security.errors import BadRequest, Forbidden, PanalError
 
-__all__ = ["ManifestCache"]
+__all__ = ["AGENT_MAX_TASKS", "ManifestCache"]
+
+#: the most tasks a manifest may expand to for this agent to run it: a board sets its own cap
+#: (``max_tasks_per_job``, 10,000 by default; a fleet raises it), and the agent never expands a manifest,
+#: it computes the one unit an assignment names (``Manifest.point``), so its bound can be generous
+AGENT_MAX_TASKS = 100_000_000
+#: the envelope bytes the cache keeps at most (besides at most ``size`` entries): a lying board sending
+#: 16 MiB manifests must not make the agent hold 64 of them
+MAX_CACHED_BYTES = 64 * 1024 * 1024
 
 
 class ManifestCache:
-    """Verified manifests (and their expanded task parameters) by job id, bounded."""
+    """Verified manifests (and their shards) by envelope, bounded in entries and in bytes."""
 
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._cache: OrderedDict[str, tuple[str, Manifest, list[dict[str, Any]]]] = OrderedDict()
+    def __init__(self, size: int = 64, max_bytes: int = MAX_CACHED_BYTES) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self._cache: OrderedDict[str, tuple[str, Manifest, list[dict[str, int]], int]] = OrderedDict()
+        self._bytes = 0
 
     def check(self, assignment: Assignment, trusted: set[str] | None = None) -> tuple[str, Manifest]:
         """Raise if the task is not what its submitter signed; return the submitter's id and manifest."""
@@ -39,21 +48,25 @@ class ManifestCache:
         if entry is None:
             try:
                 payload = record.verify()
-                manifest = Manifest.from_dict(payload.get("manifest"))
-                entry = (record.key.id, manifest, manifest.points())
+                manifest = Manifest.from_dict(payload.get("manifest"), max_tasks=AGENT_MAX_TASKS)
+                entry = (record.key.id, manifest, shard_points(manifest.inputs), len(record.payload))
             except PanalError as exc:
                 raise Forbidden(f"job {job_id}: the submitter's manifest does not check out: {exc.message}",
                                 code="bad_manifest") from exc
             self._cache[key] = entry
-            if len(self._cache) > self.size:
-                self._cache.popitem(last=False)
+            self._bytes += entry[3]
+            while len(self._cache) > 1 and (len(self._cache) > self.size or self._bytes > self.max_bytes):
+                self._bytes -= self._cache.popitem(last=False)[1][3]
         self._cache.move_to_end(key)
-        submitter, manifest, points = entry
+        submitter, manifest, shards, _ = entry
         if trusted is not None and submitter not in trusted:
             raise Forbidden(f"job {job_id} is from submitter {submitter}, who is not in this agent's trust store",
                             code="untrusted_submitter")
-        idx = assignment.idx
-        if manifest.kind != assignment.kind or not 0 <= idx < len(points) or points[idx] != assignment.params:
+        try:
+            signed = manifest.point(assignment.idx, shards)
+        except (IndexError, PanalError):   # no such unit, or a unit its kind refuses: not what was signed
+            signed = None
+        if manifest.kind != assignment.kind or signed != assignment.params:
             raise BadRequest(f"task {assignment.task_id} differs from what its submitter signed",
                              code="tampered_task")
         return submitter, manifest

@@ -23,10 +23,13 @@ from collections.abc import Sequence
 from jobs.protocol import MAX_HAVE, Assignment, envelope_digest
 from security.records import SignedRecord
 
-__all__ = ["DEFAULT_BOOK_SIZE", "EnvelopeBook", "HeldEnvelopes"]
+__all__ = ["DEFAULT_BOOK_SIZE", "MAX_BOOK_BYTES", "EnvelopeBook", "HeldEnvelopes"]
 
 #: envelopes kept per board: jobs this agent works on at once from one board are far fewer
 DEFAULT_BOOK_SIZE = 32
+#: and their bytes at most (the newest is always kept): a lying board's 16 MiB envelopes must not make the
+#: agent hold 32 of them
+MAX_BOOK_BYTES = 64 * 1024 * 1024
 
 
 class HeldEnvelopes:
@@ -65,11 +68,13 @@ class HeldEnvelopes:
 
 
 class EnvelopeBook:
-    """One board's envelopes by its job ids, the most recently used kept (at most ``size``)."""
+    """One board's envelopes by its job ids, the most recently used kept (at most ``size``, ``max_bytes``)."""
 
-    def __init__(self, size: int = DEFAULT_BOOK_SIZE) -> None:
+    def __init__(self, size: int = DEFAULT_BOOK_SIZE, max_bytes: int = MAX_BOOK_BYTES) -> None:
         self.size = max(1, min(size, MAX_HAVE))   # ``have`` names every entry: within the wire's bound
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[str, SignedRecord]] = OrderedDict()
+        self._bytes = 0
 
     def held(self) -> HeldEnvelopes:
         """A snapshot for the next lease request: its ``have``, and the entries to resolve its reply with."""
@@ -84,10 +89,14 @@ class EnvelopeBook:
         return entry
 
     def touch(self, job_id: str, entry: tuple[str, SignedRecord]) -> None:
+        old = self._entries.get(job_id)
+        if old is not None:
+            self._bytes -= len(old[1].payload)
         self._entries[job_id] = entry
+        self._bytes += len(entry[1].payload)
         self._entries.move_to_end(job_id)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        while len(self._entries) > 1 and (len(self._entries) > self.size or self._bytes > self.max_bytes):
+            self._bytes -= len(self._entries.popitem(last=False)[1][1].payload)
 
     def __len__(self) -> int:
         return len(self._entries)
