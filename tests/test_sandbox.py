@@ -333,7 +333,10 @@ def test_agent_info_says_why_code_is_not_advertised_and_how_to_enable_it(tmp_pat
 async def test_a_sandbox_started_ahead_is_closed_when_no_task_takes_it_for_the_idle_period(pool: SandboxPool) -> None:
     pool.prewarm()
     await pool.ready()
-    started = [p.pid for p in psutil.Process().children(recursive=True)]
+    # the sandbox's processes: bwrap and what runs under it (not this test worker's other children, e.g. the
+    # warm workers or resource tracker another test left with this xdist worker)
+    sandboxes = [p for p in psutil.Process().children(recursive=True) if p.name() == "bwrap"]
+    started = [p.pid for root in sandboxes for p in (root, *root.children(recursive=True))]
     assert started, "the sandbox started ahead has processes"
     assert await pool.retire_idle(3600) == 0   # not idle long enough: kept for the next task
     assert await pool.retire_idle(0) == 1
