@@ -89,13 +89,11 @@ async def test_a_job_still_running_at_the_deadline_gives_its_waiter_nothing(shor
     assert (await short.board.job_view(job_id))["state"] == "succeeded"
 
 
-async def test_a_jobs_first_lease_commits_the_lease_and_the_jobs_start_together(short: Short) -> None:
+async def test_a_jobs_first_lease_makes_the_lease_and_the_jobs_start_durable(short: Short) -> None:
+    # Both writes are queued in one turn so that they usually share a group commit; whether they do depends on
+    # when the store's writer thread wakes (a busy machine: two commits), so that is measured, not asserted here.
     job_id = await short.submit(2)
-    store = short.board.store
-    assert isinstance(store, SqliteStore)
-    before = store.commits
     [task] = await short.board.lease(short.agent.id, 1, 0)
-    assert store.commits == before + 1          # one group commit: the lease and the job's start
     assert (await short.board.job_view(job_id))["state"] == "running"
     # both are durable: a fresh board reads them back
     await short.board.stop()
