@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from agent.client.board import BoardClient  # noqa: E402
 from agent.client.submitting import make_envelope, submit  # noqa: E402
-from agent.tools.bench_fleet import FleetAgent  # noqa: E402
+from agent.tools.bench_fleet import FleetAgent, run_until_told  # noqa: E402
 from agent.tools.demo import start_hub, stop  # noqa: E402
 from jobs.manifest import Manifest  # noqa: E402
 from jobs.protocol import LeaseReply, LeaseRequest  # noqa: E402
@@ -77,27 +77,7 @@ class CountingAgent(FleetAgent):
 async def _load(url: str, count: int, slots: int, have: bool, conn: Connection) -> None:
     address = BoardAddress.parse(url)
     agents = [CountingAgent(address, slots, have) for _ in range(count)]
-    gate = asyncio.Semaphore(32)
-
-    async def register(agent: CountingAgent) -> None:
-        async with gate:
-            await agent.register()
-
-    await asyncio.gather(*(register(a) for a in agents))
-    stop_at = asyncio.Event()
-    runners = [asyncio.create_task(a.run(stop_at)) for a in agents]
-    conn.send("registered")
-    told = asyncio.Event()
-    asyncio.get_running_loop().add_reader(conn.fileno(), told.set)
-    await told.wait()
-    stop_at.set()
-    errors = [f"{type(r.exception()).__name__}: {r.exception()}" for r in runners
-              if r.done() and not r.cancelled() and r.exception()]
-    for runner in runners:
-        runner.cancel()
-    await asyncio.gather(*runners, return_exceptions=True)
-    for agent in agents:
-        await agent.client.close()
+    errors = [f"{type(e).__name__}: {e}" for e in await run_until_told(agents, conn, gate=32)]
     conn.send({"reply_bytes": [b for a in agents for b in a.reply_bytes],
                "envelopes": [a.envelopes for a in agents], "fetched": sum(a.fetched_bytes for a in agents),
                "done": sum(a.done_tasks for a in agents),
@@ -147,7 +127,7 @@ async def _drive(url: str, user: Identity, hub: psutil.Process, args: argparse.N
 
 MODES = {"fetch": "have; a big envelope fetched (GET /v1/jobs/{id}/envelope), the default",
          "inline": "have; every envelope inline, once per agent (inline_envelope_bytes 16 MiB)",
-         "none": "no have: every assignment carries its envelope (agents before have)"}
+         "none": "no have: every assignment carries its envelope (agents and boards before have)"}
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -159,7 +139,9 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         proc, url = start_hub(Path(tmp) / "hub", user_home, settings={
             "max_tasks_per_job": max(args.tasks, 10_000), "max_connections": max(4096, headroom),
             "max_long_polls": max(2048, headroom),
-            **({"inline_envelope_bytes": 16 * 2**20} if mode == "inline" else {})})
+            # "none": as before ``have``, when the board inlined every envelope (it no longer inlines a big one for
+            # an agent that sends no ``have``, so the old behaviour needs the inline limit raised too)
+            **({"inline_envelope_bytes": 16 * 2**20} if mode in ("inline", "none") else {})})
         loads: list[tuple[Any, Connection]] = []
         try:
             per = [args.agents // 2 + (i < args.agents % 2) for i in range(2)]

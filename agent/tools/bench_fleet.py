@@ -33,6 +33,7 @@ import tempfile
 import time
 from asyncio import sslproto
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -51,7 +52,7 @@ from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.tls import BoardAddress
 
-__all__ = ["FleetSize", "run_fleet_bench"]
+__all__ = ["FleetSize", "run_fleet_bench", "run_until_told"]
 
 SERVICE = "panal_lease_service_seconds"   # hub/metrics.py: a lease's time in the hub, its long-poll wait left out
 NOTES = {
@@ -135,13 +136,13 @@ class FleetAgent(SimAgent):
             results = tuple(self._result(t) for t in reply.tasks)
 
 
-async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, task_s: float = 0.0) -> None:
-    address = BoardAddress.parse(url)
-    agents = [FleetAgent(address, slots, gpu=i < gpus, task_s=task_s) for i in range(count)]
-    gate = asyncio.Semaphore(64)    # registrations in flight from this process
+async def run_until_told(agents: Sequence[SimAgent], conn: Connection, gate: int = 64) -> list[BaseException]:
+    """Register the agents (``gate`` at a time), run them until the main process writes to ``conn``, close their
+    clients; what stopped a runner early. A load process's life, shared with benchmarks/bench_envelopes.py."""
+    limit = asyncio.Semaphore(gate)
 
-    async def register(agent: FleetAgent) -> None:
-        async with gate:
+    async def register(agent: SimAgent) -> None:
+        async with limit:
             await agent.register()
 
     await asyncio.gather(*(register(a) for a in agents))
@@ -152,12 +153,19 @@ async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, t
     asyncio.get_running_loop().add_reader(conn.fileno(), told.set)
     await told.wait()               # the main process says stop once every job is done
     stop_at.set()
-    failed = [r.exception() for r in runners if r.done() and not r.cancelled() and r.exception()]
+    failed = [e for r in runners if r.done() and not r.cancelled() and (e := r.exception()) is not None]
     for runner in runners:
         runner.cancel()
     await asyncio.gather(*runners, return_exceptions=True)
     for agent in agents:
         await agent.client.close()
+    return failed
+
+
+async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, task_s: float = 0.0) -> None:
+    address = BoardAddress.parse(url)
+    agents = [FleetAgent(address, slots, gpu=i < gpus, task_s=task_s) for i in range(count)]
+    failed = await run_until_told(agents, conn)
     conn.send([{"gpu": a.gpu, "leases": a.leases, "leased": a.leased, "jobs": dict(a.jobs),
                 "outcomes": dict(a.outcomes)} for a in agents]
               + [{"error": f"{type(e).__name__}: {e}"} for e in failed])
