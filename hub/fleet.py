@@ -14,7 +14,7 @@ from jobs.requirements import Capabilities
 from security.errors import Forbidden
 from security.identity import PublicKey
 
-__all__ = ["AgentState", "Fleet", "available_until", "derived", "slots_of"]
+__all__ = ["AgentState", "Fleet", "available_until", "derived", "reported_slots", "slots_of"]
 
 T = TypeVar("T")
 
@@ -32,6 +32,7 @@ class AgentState:
     failed: int = 0
     refused: str | None = None          # why a lease gate currently gives it no work
     quiet_until: float = 0.0            # told not to ask again before then (hub/pacing.py): around, not free
+    slot_cap: int = 0                   # the board's ``max_slots_per_agent`` (set by its fleet; 0: none)
     #: facts computed from the current report (``derived``): name -> (the report they were computed from, value)
     memo: dict[str, tuple[Capabilities, Any]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -58,14 +59,27 @@ def available_until(agent: AgentState) -> float | None:
     return derived(agent, "available_until", _until)
 
 
-def _slots(caps: Capabilities) -> int:
+def _reported_slots(caps: Capabilities) -> int | None:
     value = caps.raw.get("slots")   # Infinity or NaN (JSON has both) count as no figure: int() cannot take them
-    return max(int(value), 1) if isinstance(value, int | float) and math.isfinite(value) else 1
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return max(int(value), 1)
+    return None
+
+
+def reported_slots(agent: AgentState) -> int | None:
+    """The slots the agent advertises, if it gives a usable figure."""
+    return derived(agent, "slots", _reported_slots)
 
 
 def slots_of(agent: AgentState) -> int:
-    """The slots the agent advertises (at least one)."""
-    return derived(agent, "slots", _slots)
+    """The slots a policy counts the agent for: its advertised slots within the board's cap, as leasing gives
+    them (``Leases.capacity``): one advertising 1,000 slots must not count as free, or as absorbing a queue,
+    past the 64 it can be given. One that advertises none counts as one (leasing lets it ask for up to the
+    cap, but a policy must not count on slots nobody promised)."""
+    reported, cap = reported_slots(agent), agent.slot_cap
+    if reported is None:
+        return 1
+    return min(reported, cap) if cap > 0 else reported
 
 
 #: report changes kept for :meth:`Fleet.reports_since` (an index further behind rebuilds)
@@ -108,6 +122,7 @@ class Fleet:
         self.presence.touch(agent, self.clock())
 
     def _attach(self, state: AgentState) -> AgentState:
+        state.slot_cap = max(self.config.max_slots_per_agent, 1)
         running = state.running if isinstance(state.running, Running) else Running(state.running)
         state.running = running
         presence, clock = self.presence, self.clock

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 
 from hub.blob_backend import BlobBackend
 from hub.config import HubConfig
 from hub.envelopes import JobEnvelope, JobEnvelopes, ReplyEnvelopes
-from hub.fleet import AgentState, Fleet
+from hub.fleet import AgentState, Fleet, reported_slots, slots_of
 from hub.protocols import LeaseGate
 from hub.queues import JobQueues
 from hub.records import TaskRow, TaskState
@@ -63,10 +62,7 @@ class LeaseTable:
     def capacity(self, agent: AgentState) -> int:
         """How many tasks the agent may hold at once: its advertised slots, within the hub's cap."""
         cap = max(self.config.max_slots_per_agent, 1)
-        value = agent.caps.raw.get("slots")
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return max(1, min(int(value), cap))
-        return cap
+        return cap if reported_slots(agent) is None else min(slots_of(agent), cap)
 
     def allowance(self, agent: AgentState, slots: int) -> int:
         """How many tasks the agent may get in one lease request: what it asked, within one request's

@@ -418,3 +418,27 @@ async def test_jobs_that_ask_the_same_share_one_capable_set(fleets: Callable[...
     await f.agent("gtx", cpu_caps(), identity=gtx)     # the GTX loses its own
     assert context.capable(gpu_jobs[1]) == {laptop.id}
     f.check()
+
+
+async def test_an_agent_advertising_more_slots_than_the_board_gives_absorbs_no_more_than_it_can_hold(
+        tmp_path: Path) -> None:
+    """best-fit leaves work to smaller idle agents; one advertising 1,000 slots on a board that leases at most 2
+    to an agent is full at 2, so it must not count as absorbing the queue while the A100 waits (a lying
+    volunteer could otherwise keep the big GPUs off every job it can run)."""
+    clock = FakeClock(1_000_000.0)
+    board = Board(SqliteStore(tmp_path / "b.db"),
+                  HubConfig(dispatch_policy="best-fit", retry_backoff_s=0, expiry_interval_s=3600,
+                            max_slots_per_agent=2), clock)
+    await board.start()
+    try:
+        user, small, big = Identity.generate(), Identity.generate(), Identity.generate()
+        await board.register_agent(small.public, "small", Capabilities.from_dict({**GTX1060, "slots": 1000}))
+        await board.register_agent(big.public, "big", Capabilities.from_dict({**A100, "slots": 1}))
+        m = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "t"},
+                                "spec": {"task": "matmul", "params": WORK, "sweep": {"seed": list(range(6))}}})
+        await board.submit(make_envelope(user, m), user.id)
+        assert len(await board.lease(small.id, 1000, 0)) == 2          # the board's cap, not its claim
+        assert len(await board.lease(big.id, 1, 0)) == 1               # the small one is full: nobody absorbs
+        assert slots_of(board.agents[small.id]) == 2
+    finally:
+        await board.stop()
