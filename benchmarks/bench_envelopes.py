@@ -60,7 +60,8 @@ class CountingAgent(FleetAgent):
     async def run(self, stop_at: asyncio.Event) -> None:
         results: tuple[Any, ...] = ()
         while not stop_at.is_set():
-            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results, self.have),
+            request = LeaseRequest(self.slots, self.poll_wait_s, results, self.holding())
+            reply = await self.client.post("/v1/lease", request,
                                            LeaseReply.decode, timeout_s=self.poll_wait_s + 120.0)
             if reply.tasks:   # a decoded record encodes to the bytes it came as (jobs/protocol.py)
                 self.reply_bytes.append(len(encode_body(reply.encode(), MSGPACK)))

@@ -25,7 +25,7 @@ import psutil
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, run_job, submit, wait_job
-from agent.daemon.envelopes import DEFAULT_BOOK_SIZE
+from agent.daemon.envelopes import EnvelopeBook, HeldEnvelopes
 from agent.tools.demo import start_hub, stop
 from hub.admission import TOKEN_HEADER
 from jobs.manifest import Manifest
@@ -37,7 +37,6 @@ from jobs.protocol import (
     Registration,
     ResultsReply,
     ResultsRequest,
-    envelope_digest,
 )
 from jobs.requirements import Capabilities
 from security.identity import Identity
@@ -66,9 +65,10 @@ class SimAgent:
         self.token = token      # the admission token `panal agent join` would send (a token-registration hub)
         self.done = 0
         self.leased_at = 0.0    # perf_counter() when a lease last brought work (the latency steps)
-        #: the envelopes it holds, as a real agent says them (agent/daemon/envelopes.py); None: it says nothing,
-        #: as an agent before ``have`` (every small envelope in every assignment, a big one never)
-        self.have: dict[str, str] | None = {} if have else None
+        #: the envelopes it holds, in a real agent's book (agent/daemon/envelopes.py); None: it says nothing, as an
+        #: agent before ``have`` (every small envelope in every assignment, a big one never)
+        self.book = EnvelopeBook() if have else None
+        self._held: HeldEnvelopes | None = None
 
     async def register(self) -> None:
         caps = Capabilities.from_dict({"kinds": ["sleep"]})
@@ -82,29 +82,31 @@ class SimAgent:
             "attempt": task.attempt, "agent_id": self.identity.id, "status": "ok", "values": {"slept": 0.0},
             "metrics": {"wall_s": 0.0}, "notes": [], "started_at": now, "finished_at": now})
 
+    def holding(self) -> dict[str, str] | None:
+        """The next lease request's ``have``; its entries are kept until :meth:`hold_envelopes` reads the reply."""
+        if self.book is None:
+            return None
+        self._held = self.book.held()
+        return self._held.have
+
     async def hold_envelopes(self, reply: LeaseReply) -> int:
         """Keep the envelopes a reply brought and fetch each one it left out that we do not hold, once, as a
         real agent does (agent/daemon/board_link.py); the bytes fetched."""
-        fetched = 0
-        have = self.have
-        if have is None:
+        held, fetched = self._held, 0
+        if held is None:
             return fetched
-        for task in reply.tasks:
-            if task.envelope is not None:
-                have[task.job_id] = envelope_digest(task.envelope)
-            elif task.job_id not in have:
-                raw = await self.client.call("GET", f"/v1/jobs/{task.job_id}/envelope", timeout_s=300.0)
-                record = SignedRecord.from_wire(raw)
-                fetched += len(record.payload)
-                have[task.job_id] = envelope_digest(record)
-        while len(have) > DEFAULT_BOOK_SIZE:   # as the agent's book: the oldest go (``have`` is bounded on the wire)
-            del have[next(iter(have))]
+        _, missing = held.resolve(reply.tasks)
+        for job_id in dict.fromkeys(task.job_id for task in missing):
+            record = SignedRecord.from_wire(await self.client.call("GET", f"/v1/jobs/{job_id}/envelope",
+                                                                   timeout_s=300.0))
+            fetched += len(record.payload)
+            held.add(job_id, record)
         return fetched
 
     async def run(self, stop_at: asyncio.Event) -> None:
         results: tuple[SignedRecord, ...] = ()
         while not stop_at.is_set():
-            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, 1.0, results, self.have),
+            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, 1.0, results, self.holding()),
                                            LeaseReply.decode, timeout_s=30.0)
             await self.hold_envelopes(reply)
             if reply.tasks:

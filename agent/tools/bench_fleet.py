@@ -120,7 +120,8 @@ class FleetAgent(SimAgent):
         results: tuple[Any, ...] = ()
         while not stop_at.is_set():
             t0 = time.perf_counter()
-            reply = await self.client.post("/v1/lease", LeaseRequest(self.slots, self.poll_wait_s, results, self.have),
+            request = LeaseRequest(self.slots, self.poll_wait_s, results, self.holding())
+            reply = await self.client.post("/v1/lease", request,
                                            LeaseReply.decode, timeout_s=self.poll_wait_s + 60.0)
             await self.hold_envelopes(reply)
             self.outcomes.update(o.status.value for o in reply.results)
