@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from hub.blob_backend import BlobBackend
 from hub.config import HubConfig
 from hub.envelopes import JobEnvelope, JobEnvelopes, ReplyEnvelopes
-from hub.fleet import AgentState, Fleet, reported_slots, slots_of
+from hub.fleet import AgentState, Fleet, reported_slots
 from hub.protocols import LeaseGate
 from hub.queues import JobQueues
 from hub.records import TaskRow, TaskState
@@ -61,8 +61,8 @@ class LeaseTable:
 
     def capacity(self, agent: AgentState) -> int:
         """How many tasks the agent may hold at once: its advertised slots, within the hub's cap."""
-        cap = max(self.config.max_slots_per_agent, 1)
-        return cap if reported_slots(agent) is None else min(slots_of(agent), cap)
+        cap, reported = max(self.config.max_slots_per_agent, 1), reported_slots(agent)
+        return cap if reported is None else min(reported, cap)
 
     def allowance(self, agent: AgentState, slots: int) -> int:
         """How many tasks the agent may get in one lease request: what it asked, within one request's

@@ -85,6 +85,15 @@ class SoonestGate:
             return 0, free, runtime
         return n, free, runtime
 
+    def _part(self, b: AgentState | None, kind: str, job: JobRow, task: TaskRow, req: Requirements,
+              my_end: float) -> tuple[AgentState, int, float, float] | None:
+        """A visited agent's part, if it is a rival finishing any of the job's tasks before this agent would:
+        (the rival, how many, when it is free, its runtime)."""
+        if b is None or not self._rival(b, kind):
+            return None
+        n, free, runtime = self._ahead(b, job, task, req, my_end)
+        return (b, n, free, runtime) if n > 0 else None
+
     def _holds_until(self, b: AgentState, job: JobRow, end: float) -> float:
         """Until when rival ``b``'s part in a cover (covers.py) holds: while it stays connected without asking
         again, and its predicted ``end`` fits the job's deadline and its own window (both move with the clock)."""
@@ -122,12 +131,9 @@ class SoonestGate:
             if b_id not in capable or b_id in cover.parts:
                 continue
             visits += 1
-            b = agents.get(b_id)
-            if b is None or not self._rival(b, kind):
+            if (part := self._part(agents.get(b_id), kind, job, task, req, my_end)) is None:
                 continue
-            n, free, runtime = self._ahead(b, job, task, req, my_end)
-            if n <= 0:
-                continue
+            b, n, free, runtime = part
             total += n
             until = self._holds_until(b, job, free + runtime)
             if until > self.now:
@@ -176,12 +182,9 @@ class SoonestGate:
             if b_id in self._connected:
                 left -= 1
             resume = max(resume, position + 1)
-            b = agents.get(b_id)
-            if b is None or not self._rival(b, kind):
+            if (part := self._part(agents.get(b_id), kind, job, task, req, my_end)) is None:
                 continue
-            n, free, runtime = self._ahead(b, job, task, req, my_end)
-            if n <= 0:
-                continue
+            b, n, free, runtime = part
             ahead += n
             if cover is not None and len(cover.parts) < LOOK:
                 until = self._holds_until(b, job, free + runtime)
