@@ -143,6 +143,49 @@ async def hub(tmp_path: Path) -> AsyncIterator[InProcessHub]:
 
 
 @pytest.fixture
+async def busy(daemon: Any, hub: InProcessHub, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """The test module's ``daemon`` (a real ``agent.daemon.Daemon``) running a real hour-long ``sleep`` task,
+    in its warm worker, that it leased from a real board."""
+    from helpers import wait_for_async
+
+    from agent.client.board import BoardClient
+    from agent.client.submitting import make_envelope, submit
+    from jobs.manifest import Manifest
+
+    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")  # a sleep worker needs no torch
+    assert hub.server is not None and hub.address is not None
+    user = Identity.generate()
+    await hub.server.add_submitter(user.public, "user")
+    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "long"},
+                                   "spec": {"task": "sleep", "params": {"seconds": 3600}}})
+    async with BoardClient(hub.address, user) as client:
+        await submit(client, make_envelope(user, manifest))
+    daemon.add_board(hub.address)
+    try:
+        await wait_for_async(lambda: [t for t in daemon.status()["tasks"] if t["progress"] > 0],
+                             "the daemon to lease the task and run it")
+        yield daemon
+    finally:
+        await daemon.shutdown()
+
+
+def require_sandbox() -> None:
+    """Skip (outside CI) where bubblewrap cannot start a sandbox here, saying why and how to fix it."""
+    from agent.engine.sandbox import probe
+
+    status = probe()
+    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
+
+
+@pytest.fixture
+def sandbox_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A working sandbox, whose worker knows the test-only kinds and skips torch's import (a fast start)."""
+    require_sandbox()
+    monkeypatch.setenv("PANAL_TEST_KINDS", "1")
+    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")
+
+
+@pytest.fixture
 def user() -> Identity:
     return Identity.generate()
 

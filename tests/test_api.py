@@ -13,6 +13,7 @@ import msgpack
 import pytest
 from conftest import InProcessHub
 from helpers import wait_for_async
+from hub_clients import submitter
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
@@ -48,13 +49,6 @@ async def registered(hub: InProcessHub, **caps: Any) -> tuple[BoardClient, Ident
     await client.call("POST", "/v1/agents", {"public_key": agent.public.text(), "name": "a",
                                              "capabilities": {"kinds": ["sleep"], **caps}})
     return client, agent
-
-
-async def submitter(hub: InProcessHub) -> BoardClient:
-    assert hub.address is not None and hub.server is not None
-    user = Identity.generate()
-    await hub.server.add_submitter(user.public, "user")
-    return BoardClient(hub.address, user, retry_for_s=1)
 
 
 def result(agent: Identity, task: dict[str, Any], **values: Any) -> dict[str, Any]:

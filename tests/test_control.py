@@ -8,7 +8,6 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,11 @@ import click
 import pytest
 from click.testing import CliRunner
 from conftest import InProcessHub
-from helpers import wait_for_async
 
 from agent.cli.control import parse_duration, pause_command, resume_command, status_command
-from agent.client.board import BoardClient
-from agent.client.submitting import make_envelope, submit
 from agent.daemon import Daemon, DaemonSettings
 from agent.host.home import AgentHome
 from agent.volunteer.control import AgentNotRunning, ControlError, ControlServer, control_request, default_socket_path
-from jobs.manifest import Manifest
-from security.identity import Identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,26 +32,6 @@ def daemon(tmp_path: Path) -> Daemon:
     home.ensure()
     (home.root / "prefs.yaml").write_text("pause_on_battery: false\n")  # this machine's power must not pause it
     return Daemon(home, [], DaemonSettings(drain_s=0), allow_no_board=True)
-
-
-@pytest.fixture
-async def busy(daemon: Daemon, hub: InProcessHub, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Daemon]:
-    """The daemon running a real ``sleep`` task (in its warm worker) that it leased from a real board."""
-    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")  # a sleep worker needs no torch
-    assert hub.server is not None and hub.address is not None
-    user = Identity.generate()
-    await hub.server.add_submitter(user.public, "user")
-    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "long"},
-                                   "spec": {"task": "sleep", "params": {"seconds": 3600}}})
-    async with BoardClient(hub.address, user) as client:
-        await submit(client, make_envelope(user, manifest))
-    daemon.add_board(hub.address)
-    try:
-        await wait_for_async(lambda: [t for t in daemon.status()["tasks"] if t["progress"] > 0],
-                             "the daemon to lease the task and run it")
-        yield daemon
-    finally:
-        await daemon.shutdown()
 
 
 def sock_path(tmp_path: Path) -> Path:

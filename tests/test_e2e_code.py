@@ -16,14 +16,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import InProcessHub, Procs, panal, start_hub_proc
+from conftest import InProcessHub, Procs, panal, require_sandbox, start_hub_proc
 from helpers import AGENT_START_S, scaled, wait_for, wait_for_async
-from system_needs import require_system
 from test_e2e import polling, start_agent
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
-from agent.engine.sandbox import probe
 from jobs.manifest import Manifest
 from jobs.requirements import Capabilities
 from security.identity import Identity
@@ -79,8 +77,7 @@ def tasks(url: str, user_home: Path, job_id: str) -> tuple[dict[str, Any], list[
 
 
 def test_code_goes_only_to_a_consenting_agent_and_hostile_code_is_contained(tmp_path: Path, procs: Procs) -> None:
-    status = probe()
-    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
+    require_sandbox()
     user = tmp_path / "user"
     _, url = start_hub_proc(procs, tmp_path, user)
     port = urlsplit(url).port
@@ -130,8 +127,7 @@ def test_code_goes_only_to_a_consenting_agent_and_hostile_code_is_contained(tmp_
 
 async def test_the_agent_hands_back_code_a_lying_hub_sends_without_its_consent(
         tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
-    status = probe()
-    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
+    require_sandbox()
     monkeypatch.setenv("PANAL_TEST_KINDS", "1")   # the board (in this process) knows the sandboxed test kind
     hub = InProcessHub(tmp_path)
     server = await hub.start()
@@ -171,8 +167,7 @@ async def test_the_agent_hands_back_code_a_lying_hub_sends_without_its_consent(
 
 
 def test_panal_up_runs_its_owners_own_code_in_the_sandbox(tmp_path: Path, procs: Procs) -> None:
-    status = probe()
-    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
+    require_sandbox()
     home = tmp_path / "me"
     up = procs.start("up", "--port", "0", home=home, PANAL_WORKER_PRELOAD="0")
     assert up.stdout is not None and "board at http://127.0.0.1:" in up.stdout.readline(), procs.logs_text()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,6 @@ from conftest import InProcessHub
 from helpers import wait_for, wait_for_async
 from test_preferences import MONDAY, FakeClock, FakeLoad
 
-from agent.client.board import BoardClient
-from agent.client.submitting import make_envelope, submit
 from agent.daemon import Daemon, DaemonSettings
 from agent.daemon.devices import Devices
 from agent.daemon.pausing import PauseTracker
@@ -29,9 +27,7 @@ from agent.volunteer.exclusive_apps import running_exclusive
 from agent.volunteer.gpu_use import GpuReading
 from agent.volunteer.pause_rules import PauseRules
 from agent.volunteer.preferences import PreferenceError, Preferences, load_preferences, set_preference
-from jobs.manifest import Manifest
 from jobs.requirements import Requirements
-from security.identity import Identity
 
 UUID0 = "8c3e1a52-1111-2222-3333-444455556666"
 UUID1 = "9d4f2b63-aaaa-bbbb-cccc-ddddeeeeffff"
@@ -203,26 +199,6 @@ async def test_boards_are_told_only_of_lent_gpus_and_never_their_uuids(daemon: D
 
 
 # -- the real daemon: hand back on a long pause, keep on a short one, no compute while paused ----------
-@pytest.fixture
-async def busy(daemon: Daemon, hub: InProcessHub, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Daemon]:
-    """The daemon running a real ``sleep`` task (in its warm worker) that it leased from a real board."""
-    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")
-    assert hub.server is not None and hub.address is not None
-    user = Identity.generate()
-    await hub.server.add_submitter(user.public, "user")
-    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "long"},
-                                   "spec": {"task": "sleep", "params": {"seconds": 3600}}})
-    async with BoardClient(hub.address, user) as client:
-        await submit(client, make_envelope(user, manifest))
-    daemon.add_board(hub.address)
-    try:
-        await wait_for_async(lambda: [t for t in daemon.status()["tasks"] if t["progress"] > 0],
-                             "the daemon to lease the task and run it")
-        yield daemon
-    finally:
-        await daemon.shutdown()
-
-
 async def _lessee(hub: InProcessHub) -> str | None:
     """Who holds the one task's lease on the board now (None: nobody, it waits in the queue)."""
     assert hub.server is not None

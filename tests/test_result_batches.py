@@ -5,6 +5,9 @@ instead of wedging the outbox."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,42 @@ def _result(identity: Identity, a: Assignment, pad_bytes: int) -> SignedRecord:
     return SignedRecord.sign(identity, payload)
 
 
+@dataclass
+class _Rig:
+    """A real in-process board with one submitted ``sleep`` job and a started link of one agent to it."""
+
+    server: Any
+    owner: _Owner
+    link: BoardLink
+    outbox: Outbox
+    identity: Identity
+
+
+@asynccontextmanager
+async def _rig(tmp_path: Path, seconds: list[float], slots: int, **hub_settings: Any) -> AsyncIterator[_Rig]:
+    hub = InProcessHub(tmp_path, **hub_settings)
+    server = await hub.start()
+    assert hub.address is not None
+    submitter = Identity.generate()
+    await server.add_submitter(submitter.public, "user")
+    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "batch"},
+                                   "spec": {"task": "sleep", "sweep": {"seconds": seconds}}})
+    identity = Identity.generate()
+    owner = _Owner(identity, slots=slots)
+    client = BoardClient(hub.address, identity, retry_for_s=1)
+    outbox = Outbox(tmp_path / "outbox", hub.address.url)
+    link = BoardLink(owner, hub.address, client, outbox)
+    async with BoardClient(hub.address, submitter) as sub:
+        await submit(sub, make_envelope(submitter, manifest))
+    link.start()
+    try:
+        yield _Rig(server, owner, link, outbox, identity)
+    finally:
+        await link.stop()
+        await client.close()
+        await hub.stop()
+
+
 def test_a_batch_takes_what_fits_and_a_lone_oversized_result_travels_alone() -> None:
     me = Identity.generate()
     small, big = SignedRecord.sign(me, {"pad": "x" * 40 * KIB}), SignedRecord.sign(me, {"pad": "x" * 300 * KIB})
@@ -70,73 +109,36 @@ def test_a_batch_takes_what_fits_and_a_lone_oversized_result_travels_alone() -> 
 async def test_large_results_reach_the_board_in_batches_and_a_too_large_one_fails_signed(tmp_path: Path) -> None:
     # Four ~100 KiB results (over the 256 KiB body limit together) and one of ~400 KiB (over it alone),
     # with max_result_bytes above both, so only the request size stands in the way.
-    hub = InProcessHub(tmp_path, max_body_bytes=256 * KIB, max_result_bytes=1024 * KIB, max_poll_wait_s=0.2)
-    server = await hub.start()
-    assert hub.address is not None
-    submitter = Identity.generate()
-    await server.add_submitter(submitter.public, "user")
-    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "big"},
-                                   "spec": {"task": "sleep", "sweep": {"seconds": [0.0] * 5}}})
-    identity = Identity.generate()
-    owner = _Owner(identity, slots=5)
-    client = BoardClient(hub.address, identity, retry_for_s=1)
-    outbox = Outbox(tmp_path / "outbox", hub.address.url)
-    link = BoardLink(owner, hub.address, client, outbox)
-    async with BoardClient(hub.address, submitter) as sub:
-        await submit(sub, make_envelope(submitter, manifest))
-    link.start()
-    try:
-        await wait_for_async(lambda: len(owner.started) == 5, "five tasks leased")
-        assert link.max_body_bytes == 256 * KIB   # as GET /v1/limits says
-        *small, big = sorted(owner.started, key=lambda a: a.idx)
+    async with _rig(tmp_path, [0.0] * 5, slots=5, max_body_bytes=256 * KIB, max_result_bytes=1024 * KIB,
+                    max_poll_wait_s=0.2) as rig:
+        await wait_for_async(lambda: len(rig.owner.started) == 5, "five tasks leased")
+        assert rig.link.max_body_bytes == 256 * KIB   # as GET /v1/limits says
+        *small, big = sorted(rig.owner.started, key=lambda a: a.idx)
         for a in small:
-            link.queue_result(_result(identity, a, 100 * KIB), ok=True)
-        link.queue_result(_result(identity, big, 400 * KIB), ok=True)
+            rig.link.queue_result(_result(rig.identity, a, 100 * KIB), ok=True)
+        rig.link.queue_result(_result(rig.identity, big, 400 * KIB), ok=True)
 
-        await wait_for_async(lambda: len(outbox) == 0, "every result delivered")
-        by_id = {t.id: t for t in await server.board.tasks_of(big.job_id)}   # settled as the board answered
+        await wait_for_async(lambda: len(rig.outbox) == 0, "every result delivered")
+        by_id = {t.id: t for t in await rig.server.board.tasks_of(big.job_id)}   # settled as the board answered
         assert {by_id[a.task_id].state for a in small} == {TaskState.DONE}
         failed = by_id[big.task_id]
         assert failed.state == TaskState.FAILED
         assert failed.error is not None and "max_body_bytes" in failed.error
-        assert not link.pending
-    finally:
-        await link.stop()
-        await client.close()
-        await hub.stop()
+        assert not rig.link.pending
 
 
 async def test_a_board_refusing_a_batch_as_too_large_gets_smaller_batches_until_all_arrive(tmp_path: Path) -> None:
     # As with a board that does not publish its limit: the agent assumes more than the board takes,
     # hears 413 and halves what it sends until the results pass.
-    hub = InProcessHub(tmp_path, max_body_bytes=128 * KIB, max_poll_wait_s=0.2)
-    server = await hub.start()
-    assert hub.address is not None
-    submitter = Identity.generate()
-    await server.add_submitter(submitter.public, "user")
-    manifest = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "batch"},
-                                   "spec": {"task": "sleep", "sweep": {"seconds": [0.0] * 4}}})
-    identity = Identity.generate()
-    owner = _Owner(identity, slots=4)
-    client = BoardClient(hub.address, identity, retry_for_s=1)
-    outbox = Outbox(tmp_path / "outbox", hub.address.url)
-    link = BoardLink(owner, hub.address, client, outbox)
-    async with BoardClient(hub.address, submitter) as sub:
-        await submit(sub, make_envelope(submitter, manifest))
-    link.start()
-    try:
-        await wait_for_async(lambda: len(owner.started) == 4, "four tasks leased")
-        link.max_body_bytes = 1024 * KIB   # what it would assume of a board that says nothing
-        for a in owner.started:
-            link.queue_result(_result(identity, a, 60 * KIB), ok=True)
-        await wait_for_async(lambda: len(outbox) == 0, "every result delivered")
-        assert link.max_body_bytes <= 128 * KIB
-        tasks = await server.board.tasks_of(owner.started[0].job_id)
+    async with _rig(tmp_path, [0.0] * 4, slots=4, max_body_bytes=128 * KIB, max_poll_wait_s=0.2) as rig:
+        await wait_for_async(lambda: len(rig.owner.started) == 4, "four tasks leased")
+        rig.link.max_body_bytes = 1024 * KIB   # what it would assume of a board that says nothing
+        for a in rig.owner.started:
+            rig.link.queue_result(_result(rig.identity, a, 60 * KIB), ok=True)
+        await wait_for_async(lambda: len(rig.outbox) == 0, "every result delivered")
+        assert rig.link.max_body_bytes <= 128 * KIB
+        tasks = await rig.server.board.tasks_of(rig.owner.started[0].job_id)
         assert {t.state for t in tasks} == {TaskState.DONE}
-    finally:
-        await link.stop()
-        await client.close()
-        await hub.stop()
 
 
 async def test_a_result_waits_for_company_only_while_other_tasks_run(tmp_path: Path,
@@ -149,33 +151,16 @@ async def test_a_result_waits_for_company_only_while_other_tasks_run(tmp_path: P
         windows.append((still_running, batch_window_s(still_running)))
         return windows[-1][1]
     monkeypatch.setattr(board_link, "batch_window_s", recorded)
-    hub = InProcessHub(tmp_path, max_poll_wait_s=30)   # the free slot's lease request stays parked meanwhile
-    server = await hub.start()
-    assert hub.address is not None
-    submitter = Identity.generate()
-    await server.add_submitter(submitter.public, "user")
-    identity = Identity.generate()
-    owner = _Owner(identity, slots=3)
-    client = BoardClient(hub.address, identity, retry_for_s=1)
-    outbox = Outbox(tmp_path / "outbox", hub.address.url)
-    link = BoardLink(owner, hub.address, client, outbox)
-    async with BoardClient(hub.address, submitter) as sub:
-        await submit(sub, make_envelope(submitter, Manifest.from_dict({
-            "apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "two"},
-            "spec": {"task": "sleep", "sweep": {"seconds": [0.0, 0.0]}}})))
-    link.start()
-    try:
-        await wait_for_async(lambda: len(owner.started) == 2, "both tasks leased")
-        first, second = sorted(owner.started, key=lambda a: a.idx)
+    # max_poll_wait_s=30: the free slot's lease request stays parked meanwhile
+    async with _rig(tmp_path, [0.0, 0.0], slots=3, max_poll_wait_s=30) as rig:
+        link, outbox = rig.link, rig.outbox
+        await wait_for_async(lambda: len(rig.owner.started) == 2, "both tasks leased")
+        first, second = sorted(rig.owner.started, key=lambda a: a.idx)
         link.running[second.task_id] = Running(second)        # still running: the first result waits for it
-        link.queue_result(_result(identity, first, 0), ok=True)
+        link.queue_result(_result(rig.identity, first, 0), ok=True)
         await wait_for_async(lambda: len(outbox) == 0, "the first result delivered")
         del link.running[second.task_id]                      # nothing else runs: no window
-        link.queue_result(_result(identity, second, 0), ok=True)
+        link.queue_result(_result(rig.identity, second, 0), ok=True)
         await wait_for_async(lambda: len(outbox) == 0, "the second result delivered")
         assert windows[0] == (1, BATCH_WINDOW_S) and windows[-1] == (0, 0.0)
-        assert {t.state for t in await server.board.tasks_of(first.job_id)} == {TaskState.DONE}
-    finally:
-        await link.stop()
-        await client.close()
-        await hub.stop()
+        assert {t.state for t in await rig.server.board.tasks_of(first.job_id)} == {TaskState.DONE}

@@ -18,7 +18,6 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import SANDBOX_SECRET
-from system_needs import require_system
 
 from agent.engine import sandbox, sandboxed
 from agent.engine.runner import Outcome, TaskRequest, Worker
@@ -26,14 +25,7 @@ from agent.engine.sandbox import MAX_PROCESSES, bwrap_argv, probe, python_paths
 from agent.engine.sandbox_pool import SandboxPool
 from agent.engine.sandboxed import ERROR_TAIL_CHARS, SandboxedWorker
 
-
-@pytest.fixture(autouse=True)
-def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    status = probe()
-    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
-    # the worker in the sandbox knows the test-only kind and skips torch's import (a fast start)
-    monkeypatch.setenv("PANAL_TEST_KINDS", "1")
-    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")
+pytestmark = pytest.mark.usefixtures("sandbox_env")
 
 
 @pytest.fixture

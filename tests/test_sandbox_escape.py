@@ -16,19 +16,11 @@ from pathlib import Path
 
 import pytest
 from conftest import SANDBOX_SECRET
-from system_needs import require_system
 
 from agent.engine.runner import Outcome, TaskRequest
-from agent.engine.sandbox import probe
 from agent.engine.sandbox_pool import SandboxPool
 
-
-@pytest.fixture(autouse=True)
-def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    status = probe()
-    require_system(None if status.available else f"sandbox ({status.reason}): {status.fix}")
-    monkeypatch.setenv("PANAL_TEST_KINDS", "1")
-    monkeypatch.setenv("PANAL_WORKER_PRELOAD", "0")
+pytestmark = pytest.mark.usefixtures("sandbox_env")
 
 
 @pytest.fixture

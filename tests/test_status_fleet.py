@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from conftest import InProcessHub
 from helpers import wait_for_async
+from hub_clients import agent, submitter
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
@@ -62,21 +63,6 @@ async def refused(session: aiohttp.ClientSession, query: str) -> str:
         body = await resp.json()
         assert body["error"] == "bad_request" or body.get("code") or body["error"]
         return str(body["message"])
-
-
-async def agent(hub: InProcessHub, name: str, caps: dict[str, Any]) -> tuple[BoardClient, Identity]:
-    assert hub.address is not None
-    ident = Identity.generate()
-    client = BoardClient(hub.address, ident, retry_for_s=1)
-    await client.call("POST", "/v1/agents", {"public_key": ident.public.text(), "name": name, "capabilities": caps})
-    return client, ident
-
-
-async def submitter(hub: InProcessHub) -> BoardClient:
-    assert hub.address is not None and hub.server is not None
-    user = Identity.generate()
-    await hub.server.add_submitter(user.public, "user")
-    return BoardClient(hub.address, user, retry_for_s=1)
 
 
 def job(n: int, name: str, **spec: Any) -> Manifest:

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import InProcessHub
+from hub_clients import agent, submitter
 from playwright.async_api import Browser, Page, async_playwright, expect
 from system_needs import require_system
 
@@ -79,21 +80,6 @@ async def open_page(browser: Browser, hub: InProcessHub, width: int = 1280, heig
     await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
     page.js_errors = errors  # type: ignore[attr-defined]
     return page
-
-
-async def agent(hub: InProcessHub, name: str, caps: dict[str, Any]) -> tuple[BoardClient, Identity]:
-    assert hub.address is not None
-    ident = Identity.generate()
-    client = BoardClient(hub.address, ident, retry_for_s=1)
-    await client.call("POST", "/v1/agents", {"public_key": ident.public.text(), "name": name, "capabilities": caps})
-    return client, ident
-
-
-async def submitter(hub: InProcessHub) -> BoardClient:
-    assert hub.address is not None and hub.server is not None
-    user = Identity.generate()
-    await hub.server.add_submitter(user.public, "user")
-    return BoardClient(hub.address, user, retry_for_s=1)
 
 
 def sleep_job(n: int, name: str = "sweep", **spec: Any) -> Manifest:
