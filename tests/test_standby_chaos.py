@@ -127,17 +127,23 @@ def _two_hubs(tmp: Path, procs: Procs, store: str) -> tuple[HaHub, HaHub, Board]
     return first, second, Board(user, url, store)
 
 
-def test_kill_9_of_the_active_hub_mid_job_the_standby_takes_over_and_every_task_is_done_once(
-        tmp_path: Path, procs: Procs, pg: str) -> None:
-    first, second, board = _two_hubs(tmp_path, procs, pg)
+def _job_under_way(tmp_path: Path, procs: Procs, board: Board, n: int) -> tuple[list[subprocess.Popen[str]], str]:
+    """Two agents of two slots each, and a job of ``n`` one-second tasks some done and some leased."""
     agents = [start_agent(procs, tmp_path, board.url, name, "--slots", "2") for name in ("a1", "a2")]
-    n = 16
     job_id = board.submit(n, seconds=1.0)
 
     def mid_job() -> bool:
         states = board.states(job_id)
         return states["done"] >= 2 and states["leased"] >= 1
     wait_for(mid_job, "the job to be under way", timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
+    return agents, job_id
+
+
+def test_kill_9_of_the_active_hub_mid_job_the_standby_takes_over_and_every_task_is_done_once(
+        tmp_path: Path, procs: Procs, pg: str) -> None:
+    first, second, board = _two_hubs(tmp_path, procs, pg)
+    n = 16
+    agents, job_id = _job_under_way(tmp_path, procs, board, n)
     assert not second.active()
     assert first.proc is not None
     first.proc.kill()                  # kill -9, with leases out and results in flight
@@ -156,14 +162,8 @@ def test_kill_9_of_the_active_hub_mid_job_the_standby_takes_over_and_every_task_
 def test_an_active_hub_cut_off_from_the_database_stops_acknowledging_before_the_standby_takes_over(
         tmp_path: Path, procs: Procs, own_pg: PgServer) -> None:
     first, second, board = _two_hubs(tmp_path, procs, own_pg.url())
-    agents = [start_agent(procs, tmp_path, board.url, name, "--slots", "2") for name in ("a1", "a2")]
     n = 12
-    job_id = board.submit(n, seconds=1.0)
-
-    def mid_job() -> bool:
-        states = board.states(job_id)
-        return states["done"] >= 2 and states["leased"] >= 1
-    wait_for(mid_job, "the job to be under way", timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
+    agents, job_id = _job_under_way(tmp_path, procs, board, n)
     own_pg.stop("immediate")           # the partition: neither hub reaches the database
     assert first.proc is not None
     # hub-a notices on its own and stops (exit 75: its supervisor would restart it as a standby) ...
@@ -188,14 +188,8 @@ def test_a_frozen_active_hub_is_replaced_and_once_thawed_acknowledges_nothing(
     ends its idle lock session, the standby takes over, and the thawed hub steps down without
     acknowledging anything it can no longer commit (the fencing token moved on)."""
     first, second, board = _two_hubs(tmp_path, procs, pg)
-    agents = [start_agent(procs, tmp_path, board.url, name, "--slots", "2") for name in ("a1", "a2")]
     n = 12
-    job_id = board.submit(n, seconds=1.0)
-
-    def mid_job() -> bool:
-        states = board.states(job_id)
-        return states["done"] >= 2 and states["leased"] >= 1
-    wait_for(mid_job, "the job to be under way", timeout_s=AGENT_START_S, diagnose=procs.logs_text, ignore=HUB_DOWN)
+    agents, job_id = _job_under_way(tmp_path, procs, board, n)
     assert first.proc is not None
     first.proc.send_signal(signal.SIGSTOP)
     try:
