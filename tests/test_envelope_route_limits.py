@@ -33,12 +33,14 @@ MIB = 1024 * 1024
 pytestmark = [pytest.mark.timeout(scaled(240))]
 
 
-async def slow_reader(hub: InProcessHub, agent: Identity, path: str) -> asyncio.StreamWriter:
-    """Ask for ``path`` over TLS with a tiny receive buffer and never read the reply."""
+async def slow_reader(hub: InProcessHub, agent: Identity, path: str,
+                      source: str = "127.0.0.1") -> asyncio.StreamWriter:
+    """Ask for ``path`` over TLS from ``source`` with a tiny receive buffer and never read the reply."""
     assert hub.address is not None
     host, port = "127.0.0.1", int(hub.address.url.rsplit(":", 1)[1])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((source, 0))
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, port))
     context = ssl.create_default_context()
