@@ -115,6 +115,11 @@ class HubConfig:
     admins: tuple[str, ...] = ()
     #: live viewers of the status page (SSE streams) at once; one more gets 503 + Retry-After
     max_status_viewers: int = 100
+    #: status searches the snapshot's cache can't answer (each a pass over the fleet: ~10 ms at 10k agents), per
+    #: source address: a viewer's live search re-asks once a snapshot (~2 s) per table; 0: no limit; off on a
+    #: hub only this machine reaches (behind a reverse proxy on loopback every viewer shares one address)
+    status_searches_per_min: float = 120.0
+    status_search_burst: int = 30
     status_interval_s: float = 2.0           # the status snapshot is rebuilt this often (and on events, debounced)
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
     #: fair-share / adaptive: submitter id -> weight (a missing submitter weighs 1.0)

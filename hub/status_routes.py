@@ -6,16 +6,20 @@ see there for what is public and why, and :mod:`hub.status_snapshot` for paging.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from aiohttp import web
 
 from hub.board import Board
 from hub.config import HubConfig
+from hub.fleet import AgentState
 from hub.http import reply, reply_type
+from hub.ratelimit import RateLimiter
 from hub.status_page import FEED_KEY, StatusFeed, public_job
 from hub.status_snapshot import Page
 from jobs.wire import JSON
+from security.errors import TooManyRequests
 
 __all__ = ["add_status_routes"]
 
@@ -30,6 +34,10 @@ VIEWER_RETRY_AFTER_S = 30      # what a viewer refused for the cap is told (it p
 def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> None:
     """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
     view = board.view
+    # searches the snapshot's cache can't answer, per source address: each is a pass over the fleet; off on a
+    # hub only this machine's processes reach (hub/config.py ``loopback_only``)
+    searches_limit = None if config.loopback_only or config.status_searches_per_min <= 0 else \
+        RateLimiter(config.status_searches_per_min, config.status_search_burst)
     feed = StatusFeed(view, config.max_status_viewers, board.trust.agent_view, board.store)
     app[FEED_KEY] = feed
 
@@ -63,6 +71,16 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         page = Page.from_query(request)
         snap = await feed.current()
         if not page.is_default:
+            if (searches := snap.uncached(page)) and searches_limit is not None:
+                address = request.remote or "?"
+                if (wait_s := searches_limit.retry_after(address)) > 0:
+                    raise TooManyRequests(
+                        f"too many different searches from {address}: this board runs at most "
+                        f"{config.status_searches_per_min:g} a minute per address (each is a pass over its whole "
+                        f"fleet); retry in {math.ceil(wait_s)} s. Repeating a search, or paging through one, "
+                        f"is not counted", retry_after_s=wait_s, code="too_many_searches")
+                for _ in range(searches):
+                    searches_limit.take(address)
             return reply(request, await feed.page(snap, page))
         if reply_type(request) == JSON:
             return web.Response(body=snap.json, content_type=JSON)   # the bytes every reader shares
@@ -94,12 +112,12 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         job_id = request.match_info["job_id"]
         summary = await view.job_view(job_id)  # NotFound -> 404
         tasks = await view.tasks(job_id, MAX_PUBLIC_TASKS)
-        names = {a.row.id: a.row.name for a in view.agents.values()}
+        agents = view.agents   # the tasks' own agents, not a map of the whole fleet per request
         return reply(request, {
             "job": public_job(summary),
             "waiting_because": summary.get("waiting_because", []),
             "tasks": [{"idx": t.idx, "state": t.shown_state, "attempt": t.attempt, "agent": t.agent_id,
-                       "agent_name": names.get(t.agent_id or ""), "progress": t.progress,
+                       "agent_name": _name(agents.get(t.agent_id or "")), "progress": t.progress,
                        "error_class": t.error_class, "updated_at": t.updated_at} for t in tasks],
             "truncated": summary["n_tasks"] > len(tasks),
         })
@@ -109,6 +127,10 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/events", events)
     app.router.add_get("/v1/jobs/{job_id}/public", public_job_view)
+
+
+def _name(agent: AgentState | None) -> str | None:
+    return agent.row.name if agent is not None else None
 
 
 _ASSET_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",

@@ -14,7 +14,9 @@ Search (server-side, over the snapshot): ``agents_q`` (part of a name or id), ``
 ``jobs_q`` (part of a name or id), ``jobs_state``, ``jobs_kind``. A search is a plain case-insensitive
 substring test over the snapshot's index (no patterns: nothing a stranger types costs more than one pass),
 and the last ``SEARCH_CACHE`` searches of a snapshot are kept, so a page of viewers repeating one search
-costs one pass per snapshot. Every parameter is checked: an unknown one, a bad state, or text over
+costs one pass per snapshot. A pass is not free (about 10 ms at 10k agents, benchmarks/status_search.py), so
+the searches a source address makes that the cache can't answer are rate-limited (hub/status_routes.py,
+``status_searches_per_min``): a stranger's stream of distinct texts gets a 429, a viewer's search does not. Every parameter is checked: an unknown one, a bad state, or text over
 ``MAX_QUERY`` characters is a 400 naming it.
 """
 
@@ -134,6 +136,16 @@ class Snapshot:
         return self._cached(("j", q, state, kind), lambda: [
             i for i in self.job_ids if (entry := self.job_index.get(i)) is not None
             and (not state or entry[1] == state) and (not kind or entry[2] == kind) and q in entry[0]])
+
+    def uncached(self, page: Page) -> int:
+        """How many searches ``page`` would run on this snapshot (0, 1 or 2: each a pass over its table);
+        a repeated search, or another page of one, is served from this snapshot's cache."""
+        agents_q, agents_state = page.agent_search
+        jobs_q, jobs_state, jobs_kind = page.job_search
+        asked = [("a", agents_q, agents_state)] if agents_q or agents_state else []
+        if jobs_q or jobs_state or jobs_kind:
+            asked.append(("j", jobs_q, jobs_state, jobs_kind))
+        return sum(key not in self.searches for key in asked)
 
     def _cached(self, key: tuple[str, ...], compute: Callable[[], list[str]]) -> list[str]:
         found = self.searches.get(key)

@@ -1,0 +1,87 @@
+"""Status searches the snapshot's cache can't answer (each a pass over the whole fleet) are rate-limited per source
+address on a board strangers reach, over real TLS from real source addresses (127.0.0.x): a stream of distinct
+texts from one address gets a 429 that says why and when, while that address's default view and paging, and
+another address's searches, are served. A repeated search or another page of one is not counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import InProcessHub
+from helpers import scaled
+
+from hub.status_snapshot import Page, Snapshot
+from jobs.requirements import Capabilities
+from security.identity import Identity
+
+pytestmark = [pytest.mark.timeout(scaled(120))]
+
+STRANGER = "127.0.0.3"
+OTHER = "127.0.0.4"
+
+
+def session_from(hub: InProcessHub, source: str) -> aiohttp.ClientSession:
+    assert hub.address is not None and hub.address.fingerprint
+    connector = aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(bytes.fromhex(hub.address.fingerprint)),
+                                     local_addr=(source, 0))
+    return aiohttp.ClientSession(hub.address.url, connector=connector)
+
+
+async def get(session: aiohttp.ClientSession, query: str) -> tuple[int, dict[str, str], dict[str, object]]:
+    async with session.get("/v1/status" + query, headers={"Accept": "application/json"}) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def fleet(hub: InProcessHub, n: int) -> None:
+    assert hub.server is not None
+    caps = Capabilities.from_dict({"kinds": ["sleep"], "memory_gb": 4})
+    for i in range(n):
+        await hub.server.board.register_agent(Identity.generate().public, f"lab-{i:03d}", caps)
+
+
+async def test_distinct_searches_from_one_address_get_a_429_while_others_are_served(tmp_path: Path) -> None:
+    hub = InProcessHub(tmp_path, bind="0.0.0.0", registration="open", status_searches_per_min=1.0,
+                       status_search_burst=3)
+    await hub.start()
+    try:
+        await fleet(hub, 20)
+        async with session_from(hub, STRANGER) as stranger, session_from(hub, OTHER) as other:
+            for i in range(3):
+                assert (await get(stranger, f"?agents_q=nothing-{i}"))[0] == 200
+            status, headers, body = await get(stranger, "?agents_q=nothing-3")
+            assert (status, body["error"]) == (429, "too_many_searches")
+            assert int(headers["Retry-After"]) >= 1 and "searches from 127.0.0.3" in str(body["message"])
+            assert (await get(stranger, "?jobs_kind=sleep"))[0] == 429          # a job search is one too
+            assert (await get(stranger, ""))[0] == 200                          # the default view
+            status, _, page = await get(stranger, "?agents_offset=10&agents_limit=5")   # paging, no search
+            assert status == 200 and page["agent_page"] == {"offset": 10, "limit": 5, "total": 20}
+            status, _, found = await get(other, "?agents_q=lab-01")             # another address
+            assert status == 200 and found["agent_page"]["total"] == 10
+    finally:
+        await hub.stop()
+
+
+async def test_a_hub_only_this_machine_reaches_does_not_limit_its_searches(tmp_path: Path) -> None:
+    hub = InProcessHub(tmp_path, status_searches_per_min=1.0, status_search_burst=1)
+    await hub.start()
+    try:
+        await fleet(hub, 3)
+        async with session_from(hub, "127.0.0.1") as session:
+            for i in range(5):
+                assert (await get(session, f"?agents_q=nothing-{i}"))[0] == 200
+    finally:
+        await hub.stop()
+
+
+def test_a_repeated_search_or_another_page_of_it_is_answered_from_the_snapshot_cache() -> None:
+    snap = Snapshot(base={}, agent_ids=["a1", "b2"], job_ids=[], fingerprint=(), built_at=0.0,
+                    agent_text=lambda agent_id: agent_id)
+    assert snap.uncached(Page()) == 0 and snap.uncached(Page(agents_offset=50)) == 0   # no search at all
+    assert snap.uncached(Page(agents_q="a")) == 1
+    assert snap.agents_matching("a", "") == ["a1"]
+    assert snap.uncached(Page(agents_q="a")) == 0
+    assert snap.uncached(Page(agents_q="a", agents_offset=50, agents_limit=10)) == 0
+    assert snap.uncached(Page(agents_q="a", jobs_kind="sleep")) == 1
+    assert snap.uncached(Page(agents_q="a", agents_state="idle", jobs_q="x")) == 2
