@@ -4,7 +4,9 @@
 builds the fleet of benchmarks/bench_status.py (a real board in this process, real TLS on 127.0.0.1), then:
 
 - **in the loop**: each of ``--queries`` distinct texts searched over the snapshot (``Snapshot.agents_matching``
-  / ``jobs_matching``: what a cache miss costs the event loop), median and p90 in ms;
+  / ``jobs_matching``: what a cache miss costs the event loop), median and p90 in ms: texts that match no agent
+  and texts that match every agent, beside the walk the search was before its index (a Python step per agent),
+  and the snapshot's first text search (it builds the index);
 - **over TLS**: ``GET /v1/status?agents_q=<new text>`` from one client, one after another, median ms per
   request and requests a second, against the same request repeated (a cache hit), and how many of the distinct
   ones the board refused (429: the per-address limit of distinct searches, ``status_searches_per_min``).
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from bench_status import _caps, _manifest   # the same fleet and jobs as the status bench
+from bench_status import _caps, _manifest  # the same fleet and jobs as the status bench
 
 from agent.client.submitting import make_envelope
 from hub.home import HubHome
@@ -75,11 +77,23 @@ async def run(agents: int, jobs: int, queries: int, **settings: Any) -> dict[str
                 await board.submit(make_envelope(user, _manifest(i)), user.id)
             snap = await server.app[FEED_KEY].refresh()
             texts = [f"q{i}z" for i in range(queries)]   # distinct (never one search twice), matching nothing
+            every = sorted({"bench-"[a:b] for a in range(6) for b in range(a + 1, 7)})   # each matches every agent
             loop: dict[str, Any] = {}
-            for name, search in (("agents", lambda q: snap.agents_matching(q, "")),
-                                 ("jobs", lambda q: snap.jobs_matching(q, "", ""))):
+            t0 = time.perf_counter()
+            snap.agents_matching("first", "")
+            loop["agents_first_search_of_a_snapshot_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+
+            def walk(q: str) -> list[str]:   # the search before the index: a Python step per agent
+                return [i for i in snap.agent_ids if q in snap.agent_text(i)]
+
+            for name, search, asked in (
+                    ("agents_matching_none", lambda q: snap.agents_matching(q, ""), texts),
+                    ("agents_matching_none_walk", walk, texts),
+                    ("agents_matching_all", lambda q: snap.agents_matching(q, ""), every),
+                    ("agents_matching_all_walk", walk, every),
+                    ("jobs", lambda q: snap.jobs_matching(q, "", ""), texts)):
                 times = []
-                for q in texts:
+                for q in asked:
                     t0 = time.perf_counter()
                     search(q)
                     times.append(time.perf_counter() - t0)

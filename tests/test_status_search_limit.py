@@ -85,3 +85,19 @@ def test_a_repeated_search_or_another_page_of_it_is_answered_from_the_snapshot_c
     assert snap.uncached(Page(agents_q="a", agents_offset=50, agents_limit=10)) == 0
     assert snap.uncached(Page(agents_q="a", jobs_kind="sleep")) == 1
     assert snap.uncached(Page(agents_q="a", agents_state="idle", jobs_q="x")) == 2
+
+
+def test_the_search_index_finds_exactly_what_a_walk_of_the_fleet_finds() -> None:
+    # names with a line break (the index's separator), repeats, matches at a text's end and across a boundary
+    names = ["lab-1", "lab\nx", "", "aa", "aaa", "b a", "LAB-2", "x", "a\n", "ba"]
+    ids = [f"id{i}" for i in range(len(names))]
+    texts = {i: f"{name} {i}".lower() for i, name in zip(ids, names, strict=True)}
+    states = {i: ("idle", "busy", "offline")[n % 3] for n, i in enumerate(ids)}
+    snap = Snapshot(base={}, agent_ids=ids, job_ids=[], fingerprint=(), built_at=0.0, agent_states=states,
+                    agent_text=texts.__getitem__)
+    alphabet = "abl-x 1id9"
+    queries = {a + b for a in alphabet for b in ["", *alphabet]} | {"aaa", "a id3", "x id", "1 id0"}
+    for q in sorted(queries):
+        for state in ("", "busy"):
+            walk = [i for i in ids if (not state or states[i] == state) and q in texts[i]]
+            assert snap.agents_matching(q, state) == walk, (q, state)
