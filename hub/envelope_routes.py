@@ -19,6 +19,7 @@ from hub.auth import Authenticator
 from hub.board import Board
 from hub.config import HubConfig
 from hub.http import reply_type
+from hub.ratelimit import source_key
 from hub.stream_slots import ReadPace, StreamSlots
 from jobs.wire import MSGPACK, encode_body
 from security.errors import TooManyRequests
@@ -42,7 +43,7 @@ def add_envelope_routes(app: web.Application, board: Board, auth: Authenticator,
             raise TooManyRequests("one envelope at a time per agent", retry_after_s=1.0, code="envelope_busy")
         streaming.add(agent_id)
         try:
-            async with slots.slot(request.remote or "?"):   # waiting costs a request, not a body: it is shared
+            async with slots.slot(source_key(request.remote)):   # waiting costs a request, not a body: it is shared
                 content_type = reply_type(request)   # a JSON client's is encoded for it, within the same bounds
                 data = memoryview(entry.encoded if content_type == MSGPACK
                                   else encode_body(entry.record.to_wire(), content_type))

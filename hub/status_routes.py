@@ -15,7 +15,7 @@ from hub.board import Board
 from hub.config import HubConfig
 from hub.fleet import AgentState
 from hub.http import reply, reply_type
-from hub.ratelimit import RateLimiter
+from hub.ratelimit import RateLimiter, source_key
 from hub.status_page import FEED_KEY, StatusFeed, public_job
 from hub.status_snapshot import Page
 from jobs.wire import JSON
@@ -72,7 +72,7 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         snap = await feed.current()
         if not page.is_default:
             if (searches := snap.uncached(page)) and searches_limit is not None:
-                address = request.remote or "?"
+                address = source_key(request.remote)
                 if (wait_s := searches_limit.retry_after(address)) > 0:
                     raise TooManyRequests(
                         f"too many different searches from {address}: this board runs at most "

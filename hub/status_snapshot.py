@@ -125,8 +125,8 @@ class Snapshot:
     job_index: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # id -> ("name id", state, kind)
     searches: dict[tuple[str, ...], list[str]] = field(default_factory=dict)  # recent searches' results
 
-    _haystack: str = ""                                # every agent's text, one line each, in table order
-    _line_starts: list[int] = field(default_factory=list)
+    _haystack: str = field(default="", init=False, repr=False)   # every agent's text, one line each, table order
+    _line_starts: list[int] = field(default_factory=list, init=False, repr=False)   # where each agent's line starts
 
     def agents_matching(self, q: str, state: str) -> list[str]:
         """Agent ids in table order whose name or id contains ``q`` and whose state is ``state`` (if given)."""

@@ -12,6 +12,7 @@ import pytest
 from conftest import InProcessHub
 from helpers import scaled
 
+from hub.ratelimit import source_key
 from hub.status_snapshot import Page, Snapshot
 from jobs.requirements import Capabilities
 from security.identity import Identity
@@ -101,3 +102,10 @@ def test_the_search_index_finds_exactly_what_a_walk_of_the_fleet_finds() -> None
         for state in ("", "busy"):
             walk = [i for i in ids if (not state or states[i] == state) and q in texts[i]]
             assert snap.agents_matching(q, state) == walk, (q, state)
+
+
+def test_an_ipv6_caller_is_counted_by_its_64_as_one_host_holds_a_whole_64() -> None:
+    assert source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("::ffff:192.0.2.7") == "192.0.2.7" and source_key("192.0.2.7") == "192.0.2.7"
+    assert source_key("fe80::1%eth0") == "fe80::/64" and source_key(None) == "?" and source_key("sock") == "sock"
