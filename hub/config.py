@@ -115,9 +115,10 @@ class HubConfig:
     admins: tuple[str, ...] = ()
     #: live viewers of the status page (SSE streams) at once; one more gets 503 + Retry-After
     max_status_viewers: int = 100
-    #: status searches the snapshot's cache can't answer (each a pass over the fleet: ~10 ms at 10k agents), per
-    #: source address: a viewer's live search re-asks once a snapshot (~2 s) per table; 0: no limit; off on a
-    #: hub only this machine reaches (behind a reverse proxy on loopback every viewer shares one address)
+    #: status searches the snapshot's cache can't answer, over a table of over 1,000 rows (each a pass over it:
+    #: up to ~10 ms at 10k agents), per source address (IPv6: per /64): a viewer's live search asks again once a
+    #: snapshot per table (2 s, or ~1 s on a busy 10k fleet); 0: no limit; off on a hub only this machine
+    #: reaches (loopback bind and host). Behind a reverse proxy every viewer shares the proxy's address
     status_searches_per_min: float = 120.0
     status_search_burst: int = 30
     status_interval_s: float = 2.0           # the status snapshot is rebuilt this often (and on events, debounced)

@@ -71,7 +71,7 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         page = Page.from_query(request)
         snap = await feed.current()
         if not page.is_default:
-            if (searches := snap.uncached(page)) and searches_limit is not None:
+            if (searches := snap.costly_searches(page)) and searches_limit is not None:
                 address = source_key(request.remote)
                 if (wait_s := searches_limit.retry_after(address)) > 0:
                     raise TooManyRequests(

@@ -17,8 +17,9 @@ searches of a snapshot are kept, so a page of viewers repeating one search costs
 agent text search runs over one text of the whole fleet built at the snapshot's first one (``str.find``: a
 text that matches few agents costs 0.2 ms at 10k agents instead of a 7 ms walk; one matching every agent is
 still ~10 ms, a step per match: benchmarks/status_search.py). So the searches a source address makes that the
-cache can't answer are also rate-limited (hub/status_routes.py, ``status_searches_per_min``): a stranger's
-stream of distinct texts gets a 429, a viewer's live search does not. Every parameter is checked: an unknown
+cache can't answer, over a table of more than ``FREE_SEARCH_ROWS`` rows, are also rate-limited
+(hub/status_routes.py, ``status_searches_per_min``): a stranger's stream of distinct texts gets a 429, a
+viewer's live search (asked again once a snapshot) does not. Every parameter is checked: an unknown
 one, a bad state, or text over ``MAX_QUERY`` characters is a 400 naming it.
 """
 
@@ -35,14 +36,15 @@ from hub.http import int_query
 from hub.records import JobState
 from security.errors import BadRequest
 
-__all__ = ["AGENT_PAGE", "AGENT_STATES", "JOB_PAGE", "MAX_PAGE", "MAX_QUERY", "Page", "Snapshot", "agent_order",
-           "page_of"]
+__all__ = ["AGENT_PAGE", "AGENT_STATES", "FREE_SEARCH_ROWS", "JOB_PAGE", "MAX_PAGE", "MAX_QUERY", "Page", "Snapshot",
+           "agent_order", "page_of"]
 
 AGENT_PAGE = 50          # agents in the default view (the page and the live stream)
 JOB_PAGE = 50            # jobs in the default view (active ones first, then the 20 recently finished)
 MAX_PAGE = 500           # the most rows one request may ask for
 MAX_QUERY = 64           # the longest search text
 SEARCH_CACHE = 32        # searches remembered per snapshot
+FREE_SEARCH_ROWS = 1000  # a search over a table this small costs no more than a request: never rate-limited
 AGENT_STATES = ("busy", "idle", "offline", "quarantined")
 JOB_STATES = tuple(s.value for s in JobState)
 _NUMBERS = ("agents_offset", "agents_limit", "jobs_offset", "jobs_limit")
@@ -167,15 +169,18 @@ class Snapshot:
             i for i in self.job_ids if (entry := self.job_index.get(i)) is not None
             and (not state or entry[1] == state) and (not kind or entry[2] == kind) and q in entry[0]])
 
-    def uncached(self, page: Page) -> int:
-        """How many searches ``page`` would run on this snapshot (0, 1 or 2: each a pass over its table);
-        a repeated search, or another page of one, is served from this snapshot's cache."""
+    def costly_searches(self, page: Page) -> int:
+        """How many passes ``page`` would make over a table of more than ``FREE_SEARCH_ROWS`` rows (0, 1 or 2):
+        a repeated search, or another page of one, is served from this snapshot's cache, and a pass over a
+        smaller table costs no more than any request (what a per-address limit counts, hub/status_routes.py)."""
         agents_q, agents_state = page.agent_search
         jobs_q, jobs_state, jobs_kind = page.job_search
-        asked: list[tuple[str, ...]] = [("a", agents_q, agents_state)] if agents_q or agents_state else []
+        asked: list[tuple[tuple[str, ...], int]] = []
+        if agents_q or agents_state:
+            asked.append((("a", agents_q, agents_state), len(self.agent_ids)))
         if jobs_q or jobs_state or jobs_kind:
-            asked.append(("j", jobs_q, jobs_state, jobs_kind))
-        return sum(key not in self.searches for key in asked)
+            asked.append((("j", jobs_q, jobs_state, jobs_kind), len(self.job_ids)))
+        return sum(key not in self.searches and rows > FREE_SEARCH_ROWS for key, rows in asked)
 
     def _cached(self, key: tuple[str, ...], compute: Callable[[], list[str]]) -> list[str]:
         found = self.searches.get(key)

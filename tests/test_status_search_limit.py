@@ -5,6 +5,7 @@ another address's searches, are served. A repeated search or another page of one
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +14,7 @@ from conftest import InProcessHub
 from helpers import scaled
 
 from hub.ratelimit import source_key
-from hub.status_snapshot import Page, Snapshot
+from hub.status_snapshot import FREE_SEARCH_ROWS, Page, Snapshot
 from jobs.requirements import Capabilities
 from security.identity import Identity
 
@@ -37,9 +38,10 @@ async def get(session: aiohttp.ClientSession, query: str) -> tuple[int, dict[str
 
 async def fleet(hub: InProcessHub, n: int) -> None:
     assert hub.server is not None
-    caps = Capabilities.from_dict({"kinds": ["sleep"], "memory_gb": 4})
-    for i in range(n):
-        await hub.server.board.register_agent(Identity.generate().public, f"lab-{i:03d}", caps)
+    board, caps = hub.server.board, Capabilities.from_dict({"kinds": ["sleep"], "memory_gb": 4})
+    for start in range(0, n, 250):
+        await asyncio.gather(*(board.register_agent(Identity.generate().public, f"lab-{i:04d}", caps)
+                               for i in range(start, min(n, start + 250))))
 
 
 async def test_distinct_searches_from_one_address_get_a_429_while_others_are_served(tmp_path: Path) -> None:
@@ -47,18 +49,19 @@ async def test_distinct_searches_from_one_address_get_a_429_while_others_are_ser
                        status_search_burst=3)
     await hub.start()
     try:
-        await fleet(hub, 20)
+        await fleet(hub, FREE_SEARCH_ROWS + 1)   # a search of this fleet is a pass worth limiting
         async with session_from(hub, STRANGER) as stranger, session_from(hub, OTHER) as other:
             for i in range(3):
                 assert (await get(stranger, f"?agents_q=nothing-{i}"))[0] == 200
             status, headers, body = await get(stranger, "?agents_q=nothing-3")
             assert (status, body["error"]) == (429, "too_many_searches")
             assert int(headers["Retry-After"]) >= 1 and "searches from 127.0.0.3" in str(body["message"])
-            assert (await get(stranger, "?jobs_kind=sleep"))[0] == 429          # a job search is one too
+            assert (await get(stranger, "?agents_state=busy"))[0] == 429        # a state filter is a pass too
+            assert (await get(stranger, "?jobs_kind=sleep"))[0] == 200          # a small table's: free
             assert (await get(stranger, ""))[0] == 200                          # the default view
             status, _, page = await get(stranger, "?agents_offset=10&agents_limit=5")   # paging, no search
-            assert status == 200 and page["agent_page"] == {"offset": 10, "limit": 5, "total": 20}
-            status, _, found = await get(other, "?agents_q=lab-01")             # another address
+            assert status == 200 and page["agent_page"] == {"offset": 10, "limit": 5, "total": 1001}
+            status, _, found = await get(other, "?agents_q=lab-001")            # another address
             assert status == 200 and found["agent_page"]["total"] == 10
     finally:
         await hub.stop()
@@ -68,7 +71,7 @@ async def test_a_hub_only_this_machine_reaches_does_not_limit_its_searches(tmp_p
     hub = InProcessHub(tmp_path, status_searches_per_min=1.0, status_search_burst=1)
     await hub.start()
     try:
-        await fleet(hub, 3)
+        await fleet(hub, FREE_SEARCH_ROWS + 1)
         async with session_from(hub, "127.0.0.1") as session:
             for i in range(5):
                 assert (await get(session, f"?agents_q=nothing-{i}"))[0] == 200
@@ -76,16 +79,19 @@ async def test_a_hub_only_this_machine_reaches_does_not_limit_its_searches(tmp_p
         await hub.stop()
 
 
-def test_a_repeated_search_or_another_page_of_it_is_answered_from_the_snapshot_cache() -> None:
-    snap = Snapshot(base={}, agent_ids=["a1", "b2"], job_ids=[], fingerprint=(), built_at=0.0,
+def test_a_repeated_search_another_page_of_it_or_a_small_table_s_costs_no_pass_worth_limiting() -> None:
+    ids = [f"a{i}" for i in range(FREE_SEARCH_ROWS + 1)]
+    snap = Snapshot(base={}, agent_ids=ids, job_ids=["j1"], fingerprint=(), built_at=0.0,
                     agent_text=lambda agent_id: agent_id)
-    assert snap.uncached(Page()) == 0 and snap.uncached(Page(agents_offset=50)) == 0   # no search at all
-    assert snap.uncached(Page(agents_q="a")) == 1
-    assert snap.agents_matching("a", "") == ["a1"]
-    assert snap.uncached(Page(agents_q="a")) == 0
-    assert snap.uncached(Page(agents_q="a", agents_offset=50, agents_limit=10)) == 0
-    assert snap.uncached(Page(agents_q="a", jobs_kind="sleep")) == 1
-    assert snap.uncached(Page(agents_q="a", agents_state="idle", jobs_q="x")) == 2
+    assert snap.costly_searches(Page()) == 0 and snap.costly_searches(Page(agents_offset=50)) == 0   # no search
+    assert snap.costly_searches(Page(agents_q="a1")) == 1
+    assert len(snap.agents_matching("a1", "")) == 112   # a1, a10-a19, a100-a199, a1000
+    assert snap.costly_searches(Page(agents_q="a1")) == 0
+    assert snap.costly_searches(Page(agents_q="a1", agents_offset=50, agents_limit=10)) == 0
+    assert snap.costly_searches(Page(agents_q="a1", jobs_kind="sleep")) == 0   # one job: a cheap table
+    assert snap.costly_searches(Page(agents_q="a2", agents_state="idle", jobs_q="x")) == 1
+    small = Snapshot(base={}, agent_ids=ids[:FREE_SEARCH_ROWS], job_ids=[], fingerprint=(), built_at=0.0)
+    assert small.costly_searches(Page(agents_q="zz")) == 0
 
 
 def test_the_search_index_finds_exactly_what_a_walk_of_the_fleet_finds() -> None:
