@@ -1,6 +1,6 @@
 """What one distinct status search costs the board: ``?agents_q=`` / ``?jobs_q=`` text nobody asked before.
 
-``PYTHONPATH=. .venv/bin/python benchmarks/status_search.py [--agents 10000] [--jobs 2000] [--queries 200]``
+``PYTHONPATH=. .venv/bin/python benchmarks/status_search.py [--agents 10000] [--jobs 2000] [--queries 200] [--wan]``
 builds the fleet of benchmarks/bench_status.py (a real board in this process, real TLS on 127.0.0.1), then:
 
 - **in the loop**: each of ``--queries`` distinct texts searched over the snapshot (``Snapshot.agents_matching``
@@ -57,11 +57,12 @@ async def _gets(session: aiohttp.ClientSession, paths: list[str]) -> dict[str, A
     return {**_ms(times), "per_s": round(len(paths) / (time.perf_counter() - started), 1), "refused": refused}
 
 
-async def run(agents: int, jobs: int, queries: int, **settings: Any) -> dict[str, Any]:
+async def run(agents: int, jobs: int, queries: int, wan: bool, **settings: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         home = HubHome(Path(tmp) / "hub")
         home.init("127.0.0.1", 0)
-        config = home.config(bind="127.0.0.1", port=0, **settings)
+        # --wan: bound to every address, as a hub strangers reach (its per-address search limit applies)
+        config = home.config(bind="0.0.0.0" if wan else "127.0.0.1", port=0, **settings)
         server = BoardServer(config, home.db_path, server_context(home.cert_path, home.tls_key_path))
         port = await server.start()
         address = home.address(config, port)
@@ -101,9 +102,9 @@ async def run(agents: int, jobs: int, queries: int, **settings: Any) -> dict[str
             assert address.fingerprint
             connector = aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(bytes.fromhex(address.fingerprint)))
             async with aiohttp.ClientSession(address.url, connector=connector) as session:
-                distinct = await _gets(session, [f"/v1/status?agents_q=x{q}&jobs_limit=0" for q in texts])
                 repeated = await _gets(session, ["/v1/status?agents_q=bench-0999&jobs_limit=0"] * queries)
-            return {"agents": agents, "jobs": jobs, "queries": queries, "one_search_in_the_loop": loop,
+                distinct = await _gets(session, [f"/v1/status?agents_q=x{q}&jobs_limit=0" for q in texts])
+            return {"agents": agents, "limited": not config.loopback_only, "jobs": jobs, "queries": queries, "one_search_in_the_loop": loop,
                     "http_distinct": distinct, "http_repeated": repeated}
         finally:
             await server.stop(drain=False)
@@ -114,11 +115,13 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=2_000)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--wan", action="store_true",
+                        help="bind 0.0.0.0 as a hub strangers reach, so the per-address search limit applies")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
                         help="a hub setting for the run (e.g. status_searches_per_min=0 to lift the limit)")
     args = parser.parse_args()
     settings = {name: float(value) for name, value in (item.split("=", 1) for item in args.set)}
-    print(json.dumps(asyncio.run(run(args.agents, args.jobs, args.queries, **settings)), indent=1))
+    print(json.dumps(asyncio.run(run(args.agents, args.jobs, args.queries, args.wan, **settings)), indent=1))
 
 
 if __name__ == "__main__":

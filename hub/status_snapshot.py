@@ -15,8 +15,8 @@ Search (server-side, over the snapshot): ``agents_q`` (part of a name or id), ``
 substring test (no patterns: nothing a stranger types costs more than one pass), and the last ``SEARCH_CACHE``
 searches of a snapshot are kept, so a page of viewers repeating one search costs one pass per snapshot. An
 agent text search runs over one text of the whole fleet built at the snapshot's first one (``str.find``: a
-text that matches few agents costs 0.2 ms at 10k agents instead of a 7 ms walk; one matching every agent is
-still ~10 ms, a step per match: benchmarks/status_search.py). So the searches a source address makes that the
+text that matches few agents costs 0.2 ms at 10k agents instead of a 7 ms walk, one matching all of them a
+comprehension over the gathered texts: benchmarks/status_search.py). So the searches a source address makes that the
 cache can't answer, over a table of more than ``FREE_SEARCH_ROWS`` rows, are also rate-limited
 (hub/status_routes.py, ``status_searches_per_min``): a stranger's stream of distinct texts gets a 429, a
 viewer's live search (asked again once a snapshot) does not. Every parameter is checked: an unknown
@@ -45,6 +45,7 @@ MAX_PAGE = 500           # the most rows one request may ask for
 MAX_QUERY = 64           # the longest search text
 SEARCH_CACHE = 32        # searches remembered per snapshot
 FREE_SEARCH_ROWS = 1000  # a search over a table this small costs no more than a request: never rate-limited
+DENSE_MATCH_SHARE = 20   # a text in more than 1/20 of the agents' texts: test each text, not find each match
 AGENT_STATES = ("busy", "idle", "offline", "quarantined")
 JOB_STATES = tuple(s.value for s in JobState)
 _NUMBERS = ("agents_offset", "agents_limit", "jobs_offset", "jobs_limit")
@@ -127,7 +128,8 @@ class Snapshot:
     job_index: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # id -> ("name id", state, kind)
     searches: dict[tuple[str, ...], list[str]] = field(default_factory=dict)  # recent searches' results
 
-    _haystack: str = field(default="", init=False, repr=False)   # every agent's text, one line each, table order
+    _texts: list[str] = field(default_factory=list, init=False, repr=False)   # agent_text of each, table order
+    _haystack: str = field(default="", init=False, repr=False)   # the same, one line each
     _line_starts: list[int] = field(default_factory=list, init=False, repr=False)   # where each agent's line starts
 
     def agents_matching(self, q: str, state: str) -> list[str]:
@@ -141,20 +143,23 @@ class Snapshot:
             i for i in self._agents_containing(q) if not state or self.agent_states.get(i) == state])
 
     def _agents_containing(self, q: str) -> list[str]:
-        """One ``str.find`` per matching agent over one text of the whole fleet (built at this snapshot's first
-        text search): a search that matches few agents costs a pass in C, not a Python step per agent."""
-        if not self._line_starts and self.agent_ids:
-            texts = [self.agent_text(i) for i in self.agent_ids]   # lowercase
-            self._haystack = "\n".join(texts) + "\n"
+        """Agents whose text contains ``q``, over their texts gathered at this snapshot's first text search (one
+        lookup per agent, once): a text found in few of them costs a ``str.find`` in C per match over one text of
+        the whole fleet, one found in many a comprehension with no call per agent (``str.count`` tells which)."""
+        if len(self._texts) != len(self.agent_ids):
+            self._texts = [self.agent_text(i) for i in self.agent_ids]   # lowercase
+            self._haystack = "\n".join(self._texts) + "\n"
             starts, at = [], 0
-            for text in texts:
+            for text in self._texts:
                 starts.append(at)
                 at += len(text) + 1
             self._line_starts = starts
-        hay, starts, found = self._haystack, self._line_starts, []
+        hay, starts = self._haystack, self._line_starts
+        if hay.count(q) > len(starts) // DENSE_MATCH_SHARE:
+            return [i for i, text in zip(self.agent_ids, self._texts, strict=True) if q in text]
         # q has no line break (control characters are refused), so no match spans two agents' texts (a line
         # break inside a name is harmless: rows are found by offset, not by splitting)
-        at = hay.find(q)
+        found, at = [], hay.find(q)
         while at >= 0:
             row = bisect.bisect_right(starts, at) - 1
             found.append(self.agent_ids[row])
