@@ -104,8 +104,8 @@ async def run(agents: int, jobs: int, queries: int, wan: bool, **settings: Any) 
             async with aiohttp.ClientSession(address.url, connector=connector) as session:
                 repeated = await _gets(session, ["/v1/status?agents_q=bench-0999&jobs_limit=0"] * queries)
                 distinct = await _gets(session, [f"/v1/status?agents_q=x{q}&jobs_limit=0" for q in texts])
-            return {"agents": agents, "limited": not config.loopback_only, "jobs": jobs, "queries": queries, "one_search_in_the_loop": loop,
-                    "http_distinct": distinct, "http_repeated": repeated}
+            return {"agents": agents, "jobs": jobs, "queries": queries, "limited": not config.loopback_only,
+                    "one_search_in_the_loop": loop, "http_distinct": distinct, "http_repeated": repeated}
         finally:
             await server.stop(drain=False)
 
