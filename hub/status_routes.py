@@ -1,7 +1,10 @@
 """The status page's HTTP routes: ``GET /``, its assets, ``/v1/status``, ``/v1/events`` and public job views.
 
 Everything they serve comes from the one :class:`hub.status_page.StatusFeed` (its snapshot, its frames);
-see there for what is public and why, and :mod:`hub.status_snapshot` for paging.
+see there for what is public and why, and :mod:`hub.status_snapshot` for paging. A search the snapshot has
+not answered yet is a pass over a table (up to the whole fleet), so on a hub strangers reach each source
+address gets ``status_searches_per_min`` of them (a 429 with ``Retry-After`` past that): anyone can type
+new texts faster than the board should walk 10k agents.
 """
 
 from __future__ import annotations
