@@ -63,7 +63,10 @@ def add_envelope_routes(app: web.Application, board: Board, auth: Authenticator,
                     log.warning("agent %s (%s) took job %s's envelope too slowly (under %d of %d bytes by %.0f s): "
                                 "connection closed", agent_id, request.remote, entry.job.id, sent, len(data),
                                 pace.due_s(sent))
-                    raise ConnectionResetError("envelope not read in time") from None
+                    # the rest of the body can't follow: drop the connection and return (raising here would
+                    # have aiohttp log a traceback per slow reader: a stranger's way to fill the hub's log)
+                    if request.transport is not None:
+                        request.transport.abort()
                 return response
         finally:
             streaming.discard(agent_id)

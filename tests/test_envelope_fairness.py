@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 from conftest import InProcessHub
 from helpers import scaled
 from test_api import registered, submitter
-from test_envelope_route_limits import MIB, holding, slow_reader
+from test_envelope_route_limits import MIB, holding, slow_reader, slow_stream
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope
@@ -70,6 +72,16 @@ async def honest_fetch(hub: InProcessHub, agent: Identity, job: str, source: str
                                  max_reply_bytes=16 * MIB, headers={"Accept": MSGPACK})
 
 
+async def bytes_until_closed(reader: asyncio.StreamReader) -> int:
+    """How much of its reply a stream got before the board closed it (read now, as fast as it comes)."""
+    got = 0
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        async with asyncio.timeout(scaled(60)):
+            while chunk := await reader.read(1 << 20):
+                got += len(chunk)
+    return got
+
+
 async def close_all(streams: list[asyncio.StreamWriter], clients: list[BoardClient]) -> None:
     for stream in streams:
         stream.close()
@@ -102,7 +114,7 @@ async def test_slow_readers_on_one_address_leave_slots_for_an_honest_lessee_else
 
 
 async def test_a_stream_read_below_the_pace_is_closed_and_its_slot_goes_to_the_lessee_waiting(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # One slot, held by a lessee that reads nothing; the body limit is 10 minutes. The pace (1 MiB/s after 1 s)
     # closes it once the socket buffers are full, and the honest lessee waiting for the slot gets its envelope.
     hub = InProcessHub(tmp_path, inline_envelope_bytes=256, max_body_bytes=16 * MIB, max_envelope_streams=1,
@@ -112,11 +124,16 @@ async def test_a_stream_read_below_the_pace_is_closed_and_its_slot_goes_to_the_l
     job, agents = await lessees(hub, 2)
     (_, sybil), (_, honest) = agents
     path = f"/v1/jobs/{job}/envelope"
-    stream = await slow_reader(hub, sybil, path)
+    stream_reader, stream = await slow_stream(hub, sybil, path)
     try:
         await holding(hub, sybil, path)
         manifest = SignedRecord.from_wire(await honest_fetch(hub, honest, job, "127.0.0.1")).verify()["manifest"]
         assert len(manifest["metadata"]["labels"]["pad"]) == 12 * MIB
+        # the slow stream was cut short, with one warning line and no traceback (a stranger's log filler)
+        assert await bytes_until_closed(stream_reader) < 12 * MIB
+        closed = [r for r in caplog.records if "too slowly" in r.getMessage()]
+        assert closed and closed[0].levelno == logging.WARNING
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a slow reader logged an error"
     finally:
         await close_all([stream], [c for c, _ in agents])
         await hub.stop()
