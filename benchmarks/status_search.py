@@ -9,7 +9,7 @@ builds the fleet of benchmarks/bench_status.py (a real board in this process, re
   and the snapshot's first text search (it builds the index);
 - **over TLS**: ``GET /v1/status?agents_q=<new text>`` from one client, one after another, median ms per
   request and requests a second, against the same request repeated (a cache hit), and how many of the distinct
-  ones the board refused (429: the per-address limit of distinct searches, ``status_searches_per_min``).
+  ones the board refused (429: the per-address limit of distinct searches, ``status_queries_per_min``).
 
 Output: one JSON object. Compare runs on one machine.
 """
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--wan", action="store_true",
                         help="bind 0.0.0.0 as a hub strangers reach, so the per-address search limit applies")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
-                        help="a hub setting for the run (e.g. status_searches_per_min=0 to lift the limit)")
+                        help="a hub setting for the run (e.g. status_queries_per_min=0 to lift the limit)")
     args = parser.parse_args()
     settings = {name: float(value) for name, value in (item.split("=", 1) for item in args.set)}
     print(json.dumps(asyncio.run(run(args.agents, args.jobs, args.queries, args.wan, **settings)), indent=1))

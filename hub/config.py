@@ -115,12 +115,13 @@ class HubConfig:
     admins: tuple[str, ...] = ()
     #: live viewers of the status page (SSE streams) at once; one more gets 503 + Retry-After
     max_status_viewers: int = 100
-    #: status searches the snapshot's cache can't answer, over a table of over 1,000 rows (each a pass over it:
-    #: up to ~10 ms at 10k agents), per source address (IPv6: per /64): a viewer's live search asks again once a
-    #: snapshot per table (2 s, or ~1 s on a busy 10k fleet); 0: no limit; off on a hub only this machine
-    #: reaches (loopback bind and host). Behind a reverse proxy every viewer shares the proxy's address
-    status_searches_per_min: float = 120.0
-    status_search_burst: int = 30
+    #: costly status queries per source address (IPv6: per /64): a search the snapshot's cache can't answer over
+    #: a table of over 1,000 rows (a pass over it: up to ~10 ms at 10k agents), a page of over 100 rows (500
+    #: agent rows: ~8 ms). A viewer's live search asks again once a snapshot per table (2 s, or ~1 s on a busy
+    #: 10k fleet); 0: no limit; off on a hub only this machine reaches (loopback bind and host). Behind a
+    #: reverse proxy every viewer shares the proxy's address, so one limit
+    status_queries_per_min: float = 120.0
+    status_query_burst: int = 30
     status_interval_s: float = 2.0           # the status snapshot is rebuilt this often (and on events, debounced)
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
     #: fair-share / adaptive: submitter id -> weight (a missing submitter weighs 1.0)

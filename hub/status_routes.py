@@ -2,9 +2,9 @@
 
 Everything they serve comes from the one :class:`hub.status_page.StatusFeed` (its snapshot, its frames);
 see there for what is public and why, and :mod:`hub.status_snapshot` for paging. A search the snapshot has
-not answered yet is a pass over a table (up to the whole fleet), so on a hub strangers reach each source
-address gets ``status_searches_per_min`` of them (a 429 with ``Retry-After`` past that): anyone can type
-new texts faster than the board should walk 10k agents.
+not answered yet is a pass over a table (up to the whole fleet), and a page of 500 rows reads them all live,
+so on a hub strangers reach each source address gets ``status_queries_per_min`` of those (a 429 with
+``Retry-After`` past that): anyone can type new texts faster than the board should walk 10k agents.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hub.fleet import AgentState
 from hub.http import reply, reply_type
 from hub.ratelimit import RateLimiter, source_key
 from hub.status_page import FEED_KEY, StatusFeed, public_job
-from hub.status_snapshot import Page
+from hub.status_snapshot import FREE_PAGE_ROWS, Page
 from jobs.wire import JSON
 from security.errors import TooManyRequests
 
@@ -37,10 +37,10 @@ VIEWER_RETRY_AFTER_S = 30      # what a viewer refused for the cap is told (it p
 def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> None:
     """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
     view = board.view
-    # searches the snapshot's cache can't answer, per source address: each is a pass over the fleet; off on a
-    # hub only this machine's processes reach (hub/config.py ``loopback_only``)
-    searches_limit = None if config.loopback_only or config.status_searches_per_min <= 0 else \
-        RateLimiter(config.status_searches_per_min, config.status_search_burst)
+    # searches the snapshot's cache can't answer and big pages, per source address (Snapshot.costly); off on
+    # a hub only this machine's processes reach (hub/config.py ``loopback_only``)
+    queries_limit = None if config.loopback_only or config.status_queries_per_min <= 0 else \
+        RateLimiter(config.status_queries_per_min, config.status_query_burst)
     feed = StatusFeed(view, config.max_status_viewers, board.trust.agent_view, board.store)
     app[FEED_KEY] = feed
 
@@ -74,16 +74,17 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         page = Page.from_query(request)
         snap = await feed.current()
         if not page.is_default:
-            if (searches := snap.costly_searches(page)) and searches_limit is not None:
+            if (cost := snap.costly(page)) and queries_limit is not None:
                 address = source_key(request.remote)
-                if (wait_s := searches_limit.retry_after(address)) > 0:
+                if (wait_s := queries_limit.retry_after(address)) > 0:
                     raise TooManyRequests(
-                        f"too many different searches from {address}: this board runs at most "
-                        f"{config.status_searches_per_min:g} a minute per address (each is a pass over its whole "
-                        f"fleet); retry in {math.ceil(wait_s)} s. Repeating a search, or paging through one, "
-                        f"is not counted", retry_after_s=wait_s, code="too_many_searches")
-                for _ in range(searches):
-                    searches_limit.take(address)
+                        f"too many new searches or big pages from {address}: this board serves at most "
+                        f"{config.status_queries_per_min:g} a minute per address (a search is a pass over its "
+                        f"whole fleet); retry in {math.ceil(wait_s)} s. Repeating a search, paging through one "
+                        f"{FREE_PAGE_ROWS // 2} rows at a time, and the default view are not counted",
+                        retry_after_s=wait_s, code="too_many_queries")
+                for _ in range(cost):
+                    queries_limit.take(address)
             return reply(request, await feed.page(snap, page))
         if reply_type(request) == JSON:
             return web.Response(body=snap.json, content_type=JSON)   # the bytes every reader shares

@@ -17,9 +17,10 @@ searches of a snapshot are kept, so a page of viewers repeating one search costs
 agent text search runs over one text of the whole fleet built at the snapshot's first one (``str.find``: a
 text that matches few agents costs 0.2 ms at 10k agents instead of a 7 ms walk, one matching all of them a
 comprehension over the gathered texts: benchmarks/status_search.py). So the searches a source address makes that the
-cache can't answer, over a table of more than ``FREE_SEARCH_ROWS`` rows, are also rate-limited
-(hub/status_routes.py, ``status_searches_per_min``): a stranger's stream of distinct texts gets a 429, a
-viewer's live search (asked again once a snapshot) does not. Every parameter is checked: an unknown
+cache can't answer, over a table of more than ``FREE_SEARCH_ROWS`` rows, and its pages of more than
+``FREE_PAGE_ROWS`` rows are also rate-limited (hub/status_routes.py, ``status_queries_per_min``): a stranger's
+stream of distinct texts or 500-row pages gets a 429, a viewer's live search (asked again once a snapshot)
+does not. Every parameter is checked: an unknown
 one, a bad state, or text over ``MAX_QUERY`` characters is a 400 naming it.
 """
 
@@ -36,8 +37,8 @@ from hub.http import int_query
 from hub.records import JobState
 from security.errors import BadRequest
 
-__all__ = ["AGENT_PAGE", "AGENT_STATES", "FREE_SEARCH_ROWS", "JOB_PAGE", "MAX_PAGE", "MAX_QUERY", "Page", "Snapshot",
-           "agent_order", "page_of"]
+__all__ = ["AGENT_PAGE", "AGENT_STATES", "FREE_PAGE_ROWS", "FREE_SEARCH_ROWS", "JOB_PAGE", "MAX_PAGE", "MAX_QUERY",
+           "Page", "Snapshot", "agent_order", "page_of"]
 
 AGENT_PAGE = 50          # agents in the default view (the page and the live stream)
 JOB_PAGE = 50            # jobs in the default view (active ones first, then the 20 recently finished)
@@ -45,6 +46,7 @@ MAX_PAGE = 500           # the most rows one request may ask for
 MAX_QUERY = 64           # the longest search text
 SEARCH_CACHE = 32        # searches remembered per snapshot
 FREE_SEARCH_ROWS = 1000  # a search over a table this small costs no more than a request: never rate-limited
+FREE_PAGE_ROWS = 100     # rows one request may have read without counting (the page's own: 50 agents, 50 jobs)
 DENSE_MATCH_SHARE = 20   # a text in more than 1/20 of the agents' texts: test each text, not find each match
 AGENT_STATES = ("busy", "idle", "offline", "quarantined")
 JOB_STATES = tuple(s.value for s in JobState)
@@ -174,10 +176,11 @@ class Snapshot:
             i for i in self.job_ids if (entry := self.job_index.get(i)) is not None
             and (not state or entry[1] == state) and (not kind or entry[2] == kind) and q in entry[0]])
 
-    def costly_searches(self, page: Page) -> int:
-        """How many passes ``page`` would make over a table of more than ``FREE_SEARCH_ROWS`` rows (0, 1 or 2):
-        a repeated search, or another page of one, is served from this snapshot's cache, and a pass over a
-        smaller table costs no more than any request (what a per-address limit counts, hub/status_routes.py)."""
+    def costly(self, page: Page) -> int:
+        """What ``page`` costs beyond an ordinary request, in the units a per-address limit counts
+        (hub/status_routes.py): one per pass it would make over a table of more than ``FREE_SEARCH_ROWS`` rows
+        (a repeated search, or another page of one, is served from this snapshot's cache), and one if it asks
+        for more than ``FREE_PAGE_ROWS`` rows (each is read live: 500 agent rows take ~8 ms at 10k agents)."""
         agents_q, agents_state = page.agent_search
         jobs_q, jobs_state, jobs_kind = page.job_search
         asked: list[tuple[tuple[str, ...], int]] = []
@@ -185,7 +188,9 @@ class Snapshot:
             asked.append((("a", agents_q, agents_state), len(self.agent_ids)))
         if jobs_q or jobs_state or jobs_kind:
             asked.append((("j", jobs_q, jobs_state, jobs_kind), len(self.job_ids)))
-        return sum(key not in self.searches and rows > FREE_SEARCH_ROWS for key, rows in asked)
+        passes = sum(key not in self.searches and rows > FREE_SEARCH_ROWS for key, rows in asked)
+        rows = min(page.agents_limit, len(self.agent_ids)) + min(page.jobs_limit, len(self.job_ids))
+        return passes + (rows > FREE_PAGE_ROWS)
 
     def _cached(self, key: tuple[str, ...], compute: Callable[[], list[str]]) -> list[str]:
         found = self.searches.get(key)
