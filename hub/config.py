@@ -44,6 +44,14 @@ class HubConfig:
     #: each hold a reply of it in memory (hub/envelopes.py)
     inline_envelope_bytes: int = 64 * 1024
     max_envelope_streams: int = 32
+    #: fairness of those streams (hub/stream_slots.py): at most this many from one source address (more wait
+    #: behind their own; 0: no cap; off on a hub bound to loopback). 4: a volunteer with many keys on one
+    #: address holds 4 of the 32, and a lab behind one NAT still fetches 4 at a time over its shared uplink
+    max_envelope_streams_per_address: int = 4
+    #: ... and a stream that, after the grace, has taken its bytes slower than this on average is closed, so
+    #: slots turn over (64 KiB/s: 512 kbit/s; a 900 KB envelope in 14 s; 0: no pace, body_timeout_s alone)
+    min_envelope_read_bytes_per_s: float = 64 * 1024
+    envelope_read_grace_s: float = 10.0
     max_body_bytes: int = 4 * 1024 * 1024
     max_tasks_per_job: int = 10_000
     signature_skew_s: float = 300.0    # how far a signature's created time may be from ours
@@ -107,6 +115,13 @@ class HubConfig:
     admins: tuple[str, ...] = ()
     #: live viewers of the status page (SSE streams) at once; one more gets 503 + Retry-After
     max_status_viewers: int = 100
+    #: costly status queries per source address (IPv6: per /64): a search the snapshot's cache can't answer over
+    #: a table of over 1,000 rows (a pass over it: up to ~10 ms at 10k agents), a page of over 100 rows (500
+    #: agent rows: ~8 ms). A viewer's live search asks again once a snapshot per table (2 s, or ~1 s on a busy
+    #: 10k fleet); 0: no limit; off on a hub only this machine reaches (loopback bind and host). Behind a
+    #: reverse proxy every viewer shares the proxy's address, so one limit
+    status_queries_per_min: float = 120.0
+    status_query_burst: int = 30
     status_interval_s: float = 2.0           # the status snapshot is rebuilt this often (and on events, debounced)
     dispatch_policy: str = "priority-fifo"   # priority-fifo | fair-share | best-fit | fastest | adaptive
     #: fair-share / adaptive: submitter id -> weight (a missing submitter weighs 1.0)
@@ -157,6 +172,10 @@ class HubConfig:
                 or config.upload_sessions_per_address < 1:
             raise BadRequest("hub settings: upload_chunk_bytes must be >= 65536, upload_sessions_per_key, "
                              "upload_sessions_per_address and upload_sessions_max >= 1, upload_session_ttl_s > 0")
+        if config.max_envelope_streams < 1 or config.max_envelope_streams_per_address < 0 \
+                or config.min_envelope_read_bytes_per_s < 0 or config.envelope_read_grace_s < 0:
+            raise BadRequest("hub settings: max_envelope_streams must be >= 1, max_envelope_streams_per_address "
+                             ">= 0 (0: no cap), min_envelope_read_bytes_per_s and envelope_read_grace_s >= 0")
         if config.sqlite_synchronous not in ("normal", "full"):
             raise BadRequest("hub setting sqlite_synchronous: expected normal or full")
         if config.registration not in REGISTRATION_MODES:

@@ -1,11 +1,28 @@
-"""Per-source-address token buckets: how often one address may do something costly (register)."""
+"""Per-source-address token buckets: how often one address may do something costly (register, search)."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "source_key"]
+
+
+def source_key(remote: str | None) -> str:
+    """What a per-address bound counts a caller by: its IPv4 address, or its IPv6 /64 (one host commonly holds a
+    whole /64: counted per address, it would be 2^64 callers). Anything else (a Unix socket) is itself."""
+    if not remote:
+        return "?"
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return remote
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class RateLimiter:

@@ -1,21 +1,28 @@
 """The status page's HTTP routes: ``GET /``, its assets, ``/v1/status``, ``/v1/events`` and public job views.
 
 Everything they serve comes from the one :class:`hub.status_page.StatusFeed` (its snapshot, its frames);
-see there for what is public and why, and :mod:`hub.status_snapshot` for paging.
+see there for what is public and why, and :mod:`hub.status_snapshot` for paging. A search the snapshot has
+not answered yet is a pass over a table (up to the whole fleet), and a page of 500 rows reads them all live,
+so on a hub strangers reach each source address gets ``status_queries_per_min`` of those (a 429 with
+``Retry-After`` past that): anyone can type new texts faster than the board should walk 10k agents.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from aiohttp import web
 
 from hub.board import Board
 from hub.config import HubConfig
+from hub.fleet import AgentState
 from hub.http import reply, reply_type
+from hub.ratelimit import RateLimiter, source_key
 from hub.status_page import FEED_KEY, StatusFeed, public_job
-from hub.status_snapshot import Page
+from hub.status_snapshot import FREE_PAGE_ROWS, Page
 from jobs.wire import JSON
+from security.errors import TooManyRequests
 
 __all__ = ["add_status_routes"]
 
@@ -30,6 +37,10 @@ VIEWER_RETRY_AFTER_S = 30      # what a viewer refused for the cap is told (it p
 def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> None:
     """Register the page, its assets, /v1/status, /v1/events and /v1/jobs/{job_id}/public."""
     view = board.view
+    # searches the snapshot's cache can't answer and big pages, per source address (Snapshot.costly); off on
+    # a hub only this machine's processes reach (hub/config.py ``loopback_only``)
+    queries_limit = None if config.loopback_only or config.status_queries_per_min <= 0 else \
+        RateLimiter(config.status_queries_per_min, config.status_query_burst)
     feed = StatusFeed(view, config.max_status_viewers, board.trust.agent_view, board.store)
     app[FEED_KEY] = feed
 
@@ -63,6 +74,17 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         page = Page.from_query(request)
         snap = await feed.current()
         if not page.is_default:
+            if (cost := snap.costly(page)) and queries_limit is not None:
+                address = source_key(request.remote)
+                if (wait_s := queries_limit.retry_after(address)) > 0:
+                    raise TooManyRequests(
+                        f"too many new searches or big pages from {address}: this board serves at most "
+                        f"{config.status_queries_per_min:g} a minute per address (a search is a pass over its "
+                        f"whole fleet); retry in {math.ceil(wait_s)} s. Repeating a search, paging through one "
+                        f"{FREE_PAGE_ROWS // 2} rows at a time, and the default view are not counted",
+                        retry_after_s=wait_s, code="too_many_queries")
+                for _ in range(cost):
+                    queries_limit.take(address)
             return reply(request, await feed.page(snap, page))
         if reply_type(request) == JSON:
             return web.Response(body=snap.json, content_type=JSON)   # the bytes every reader shares
@@ -94,12 +116,12 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
         job_id = request.match_info["job_id"]
         summary = await view.job_view(job_id)  # NotFound -> 404
         tasks = await view.tasks(job_id, MAX_PUBLIC_TASKS)
-        names = {a.row.id: a.row.name for a in view.agents.values()}
+        agents = view.agents   # the tasks' own agents, not a map of the whole fleet per request
         return reply(request, {
             "job": public_job(summary),
             "waiting_because": summary.get("waiting_because", []),
             "tasks": [{"idx": t.idx, "state": t.shown_state, "attempt": t.attempt, "agent": t.agent_id,
-                       "agent_name": names.get(t.agent_id or ""), "progress": t.progress,
+                       "agent_name": _name(agents.get(t.agent_id or "")), "progress": t.progress,
                        "error_class": t.error_class, "updated_at": t.updated_at} for t in tasks],
             "truncated": summary["n_tasks"] > len(tasks),
         })
@@ -109,6 +131,10 @@ def add_status_routes(app: web.Application, board: Board, config: HubConfig) -> 
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/events", events)
     app.router.add_get("/v1/jobs/{job_id}/public", public_job_view)
+
+
+def _name(agent: AgentState | None) -> str | None:
+    return agent.row.name if agent is not None else None
 
 
 _ASSET_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",

@@ -33,22 +33,30 @@ MIB = 1024 * 1024
 pytestmark = [pytest.mark.timeout(scaled(240))]
 
 
-async def slow_reader(hub: InProcessHub, agent: Identity, path: str) -> asyncio.StreamWriter:
-    """Ask for ``path`` over TLS with a tiny receive buffer and never read the reply."""
+async def slow_reader(hub: InProcessHub, agent: Identity, path: str,
+                      source: str = "127.0.0.1") -> asyncio.StreamWriter:
+    """Ask for ``path`` over TLS from ``source`` with a tiny receive buffer and never read the reply."""
+    return (await slow_stream(hub, agent, path, source))[1]
+
+
+async def slow_stream(hub: InProcessHub, agent: Identity, path: str,
+                      source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """:func:`slow_reader`, with the reader of its reply (to read what the board sent, later)."""
     assert hub.address is not None
     host, port = "127.0.0.1", int(hub.address.url.rsplit(":", 1)[1])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((source, 0))
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, port))
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    _, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname="localhost", limit=4096)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname="localhost", limit=4096)
     headers = {**sign_request(agent, "GET", path, "", b""), "Accept": MSGPACK, "Host": f"{host}:{port}"}
     head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     writer.write(head.encode())
     await writer.drain()
-    return writer
+    return reader, writer
 
 
 def big_job() -> Manifest:
