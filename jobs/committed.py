@@ -19,6 +19,7 @@ A manifest under the threshold is signed exactly as before (no ``units``): older
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import re
@@ -33,8 +34,21 @@ from jobs.merkle import HASH_BYTES, MAX_DEPTH, MerkleTree, leaf_hash, verify
 from security.errors import BadRequest, Unauthorized
 from security.records import SignedRecord, canonical, decode
 
-__all__ = ["COMMIT_BYTES", "CommittedHead", "UnitProof", "at_unit", "commit", "committed_units", "join", "open_lists",
-           "UnitProofs", "signed_manifest", "split", "unit_leaf", "unit_tree"]
+__all__ = [
+    "COMMIT_BYTES",
+    "CommittedHead",
+    "UnitProof",
+    "UnitProofs",
+    "at_unit",
+    "commit",
+    "committed_units",
+    "join",
+    "open_lists",
+    "signed_manifest",
+    "split",
+    "unit_leaf",
+    "unit_tree",
+]
 
 #: a manifest whose canonical bytes are over this is committed (the hub's ``inline_envelope_bytes`` default:
 #: under it, an envelope rides in lease replies whole, as before)
@@ -198,10 +212,8 @@ def signed_manifest(wire: Any, max_tasks: int = 100_000_000) -> dict[str, Any]:
 # -- the proof an assignment carries ------------------------------------------------------------------------
 def _hash(value: Any, at: str) -> bytes:
     if isinstance(value, str):   # a JSON body carries bytes as base64
-        try:
+        with contextlib.suppress(ValueError):
             value = base64.b64decode(value, validate=True)
-        except ValueError:
-            pass
     if not isinstance(value, bytes) or len(value) != HASH_BYTES:
         raise field_error(at, f"expected a {HASH_BYTES}-byte hash, got {shown(value)}")
     return value

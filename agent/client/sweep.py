@@ -20,10 +20,10 @@ from dataclasses import replace
 from typing import Any
 
 from agent.client.submitting import ResultCheck
+from jobs.committed import signed_manifest
 from jobs.manifest import Manifest
 from jobs.report import ReportSpec
 from security.errors import PanalError
-from security.records import SignedRecord
 
 __all__ = ["Sweep", "check_params", "sweep_of", "sweep_rows"]
 
@@ -49,8 +49,8 @@ class Sweep:
 def sweep_of(reply: dict[str, Any]) -> Sweep:
     """Expand the job's signed manifest (its signature verifies: the board cannot have changed it)."""
     try:
-        payload = SignedRecord.from_wire(reply["envelope"]).verify()
-        manifest = Manifest.from_dict(payload.get("manifest"))
+        # a committed job's lists are checked against its signed root (jobs/committed.py)
+        manifest = Manifest.from_dict(signed_manifest(reply["envelope"]))
         return Sweep(manifest.points(), [*manifest.sweep, *_shard_keys(manifest)], manifest.report)
     except PanalError as exc:
         log.debug("manifest not expanded here: %s", exc.message)

@@ -88,15 +88,15 @@ class ManifestCache:
                             "store", code="untrusted_submitter")
         if entry.head is not None:
             return entry.submitter, self._unit(entry, entry.head, assignment)
-        manifest = entry.manifest
-        assert manifest is not None
+        whole = entry.manifest
+        assert whole is not None
         try:
-            signed = manifest.point(assignment.idx, entry.shards)
+            signed = whole.point(assignment.idx, entry.shards)
         except (IndexError, PanalError):   # no such unit, or a unit its kind refuses: not what was signed
             signed = None
-        if manifest.kind != assignment.kind or signed != assignment.params:
+        if whole.kind != assignment.kind or signed != assignment.params:
             raise _tampered(assignment)
-        return entry.submitter, manifest
+        return entry.submitter, whole
 
     @staticmethod
     def _unit(entry: _Entry, head: CommittedHead, assignment: Assignment) -> Manifest:
