@@ -250,7 +250,8 @@ class UnitProof:
         """Strictly: at most :data:`~jobs.merkle.MAX_DEPTH` hashes of 32 bytes, at most 16 inputs' shards."""
         if not isinstance(value, dict) or set(value) - {"path", "shards"}:
             raise field_error(at, f"expected a map of path and shards, got {shown(value)}")
-        path, shards = value.get("path"), value.get("shards") or {}
+        path, shards = value.get("path"), value.get("shards", {})
+        shards = {} if shards is None else shards
         if not isinstance(path, list) or len(path) > MAX_DEPTH:
             raise field_error(f"{at}.path", f"expected a list of at most {MAX_DEPTH} hashes, got {shown(path)}")
         if not isinstance(shards, dict) or len(shards) > _MAX_INPUTS:
