@@ -83,7 +83,7 @@ def test_a_big_job_signs_a_small_head_and_its_lists_ride_beside_bound_by_the_roo
     assert len(wire["payload"]) < 1024 and "sweep" not in payload["manifest"]["spec"]
     assert payload["units"]["count"] == 100_000 and payload["units"]["sweep"] == ["seconds"]
     assert len(wire["units"]["sweep"]["seconds"]) == 100_000
-    manifest, points, proofs = open_lists(payload, wire["units"], 100_000)
+    _, points, proofs = open_lists(payload, wire["units"], 100_000)
     assert points == big.points() and len(proofs.proof(0).path) == 17
     assert signed_manifest(wire)["spec"]["sweep"] == big.source["spec"]["sweep"]   # the submitter's own view
 
