@@ -21,6 +21,7 @@ from test_e2e_envelopes import finished, join, lie, polling, run_agent, sleeps, 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, verify_results
 from agent.client.sweep import sweep_of
+from agent.tools.bench_shards import run_shard_bench
 from agent.daemon.assignments import ManifestCache
 from jobs.committed import UnitProofs, open_lists
 from jobs.protocol import Assignment, LeaseReply, LeaseRequest
@@ -134,3 +135,14 @@ async def test_a_restarted_board_proves_a_committed_jobs_units_from_its_stored_l
             assert cache.check(dataclasses.replace(task, envelope=record))[0] == user.identity.id
     finally:
         await hub.stop()
+
+
+@pytest.mark.timeout(scaled(400))
+async def test_each_agent_of_a_committed_sharded_job_downloads_only_its_proven_shards(tmp_path: Path) -> None:
+    """Two real agents, a job whose shard digests are not in its signed head but proven per task."""
+    figures = await run_shard_bench(tmp_path, data_mb=1, shards=4, agents=2, timeout_s=scaled(300), commit_bytes=0)
+    assert figures["state"] == "succeeded"
+    ran = [a for a in figures["per_agent"].values() if a["tasks"]]
+    assert sum(a["tasks"] for a in ran) == 4
+    for agent in figures["per_agent"].values():
+        assert agent["fetched"] == agent["needed"]            # its shards and the model, each once, nothing else
