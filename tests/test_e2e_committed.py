@@ -21,8 +21,8 @@ from test_e2e_envelopes import finished, join, lie, polling, run_agent, sleeps, 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, verify_results
 from agent.client.sweep import sweep_of
-from agent.tools.bench_shards import run_shard_bench
 from agent.daemon.assignments import ManifestCache
+from agent.tools.bench_shards import run_shard_bench
 from jobs.committed import UnitProofs, open_lists
 from jobs.protocol import Assignment, LeaseReply, LeaseRequest
 from security.errors import PanalError

@@ -105,7 +105,8 @@ def _panal(home: Path, *args: str, popen: bool = False, log: Path | None = None)
 
 
 async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int, timeout_s: float = 1800,
-                          batch_size: int = 65536, chunk_mb: int = 0, commit_bytes: int | None = None) -> dict[str, Any]:
+                          batch_size: int = 65536, chunk_mb: int = 0,
+                          commit_bytes: int | None = None) -> dict[str, Any]:
     """Run one sharded inference job over ``data_mb`` MiB on ``agents`` agents; return the figures.
     ``commit_bytes``: sign the manifest committed over this many bytes (jobs/committed.py; 0: always)."""
     from agent.client.board import BoardClient
