@@ -20,7 +20,7 @@ from test_e2e_envelopes import finished, join, lie, polling, run_agent, sleeps, 
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, verify_results
-from agent.client.sweep import sweep_of
+from agent.client.sweep import check_params, sweep_of
 from agent.daemon.assignments import ManifestCache
 from agent.tools.bench_shards import run_shard_bench
 from jobs.committed import UnitProofs, open_lists
@@ -63,7 +63,9 @@ async def test_a_committed_job_runs_on_a_real_agent_without_a_fetch_and_its_subm
         # the results view carries the lists beside the signed head: a board that swaps them is caught
         swapped = {**reply, "envelope": {**reply["envelope"], "units": {"sweep": {"seconds": seconds[::-1]},
                                                                         "shards": {}}}}
-        assert sweep_of(swapped).points is None and "not what its submitter signed" in sweep_of(swapped).why_not
+        forged = sweep_of(swapped)
+        assert forged.points is None and "not what its submitter signed" in forged.why_not
+        assert not any(c.ok for c in check_params(verify_results(swapped), swapped, forged))
     finally:
         await hub.stop()
 
