@@ -113,7 +113,7 @@ class FleetAgent(SimAgent):
         self.jobs: Counter[str] = Counter()             # tasks leased per job
         self.outcomes: Counter[str] = Counter()
         self.manifests = ManifestCache()                # the real agent's check of each task
-        self.refused = self.proofs = self.proof_bytes = self.fetched_bytes = 0
+        self.refused = self.proofs = self.proof_bytes = self.envelope_bytes = 0
 
     async def register(self) -> None:
         caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots}
@@ -128,7 +128,7 @@ class FleetAgent(SimAgent):
         """Envelopes held and a big one fetched (:class:`SimAgent`), then every task checked as the agent checks it
         before running it: against its submitter's signed manifest, a committed job's unit by its proof."""
         fetched = await super().hold_envelopes(reply)
-        self.fetched_bytes += fetched
+        self.envelope_bytes += fetched
         if self._held is not None:
             resolved, _ = self._held.resolve(reply.tasks)   # after the fetch: each task with its envelope
             for task in resolved:
@@ -194,7 +194,7 @@ async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, t
     failed = await run_until_told(agents, conn)
     conn.send([{"gpu": a.gpu, "leases": a.leases, "leased": a.leased, "jobs": dict(a.jobs),
                 "outcomes": dict(a.outcomes), "refused": a.refused, "proofs": a.proofs, "proof_bytes": a.proof_bytes,
-                "fetched_bytes": a.fetched_bytes} for a in agents]
+                "envelope_bytes": a.envelope_bytes} for a in agents]
               + [{"error": f"{type(e).__name__}: {e}"} for e in failed])
 
 
@@ -362,7 +362,7 @@ def _combine(out: dict[str, Any], reports: list[dict[str, Any]], gpu_job: str) -
     out["tasks_refused_by_agents"] = sum(r["refused"] for r in reports)   # the agent's own check: 0 on an honest hub
     proofs = sum(r["proofs"] for r in reports)
     out["proof_bytes_per_assignment"] = round(sum(r["proof_bytes"] for r in reports) / proofs, 1) if proofs else None
-    out["envelope_bytes_fetched"] = sum(r["fetched_bytes"] for r in reports)
+    out["envelope_bytes_fetched"] = sum(r["envelope_bytes"] for r in reports)
     for phase in ("drain", "mixed"):
         lo, hi = out[phase].pop("window")
         times = [ms for r in reports for at, ms in r["leases"] if lo <= at <= hi]
