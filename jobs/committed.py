@@ -87,9 +87,13 @@ def join(head: Any, lists: Any) -> dict[str, Any]:
     if sweep:
         spec["sweep"] = {key: sweep[key] for key in sorted(sweep)}
     inputs = spec.get("inputs", {})
+    for name, ref in (inputs.items() if isinstance(inputs, dict) else ()):
+        if isinstance(ref, dict) and "shards" in ref:   # what the agent proves a unit's shard against: units only
+            raise field_error(f"envelope.payload.manifest.spec.inputs.{name}.shards",
+                              "a committed head carries no shard list: it is in units")
     for name, values in shards.items():
         ref = inputs.get(name) if isinstance(inputs, dict) else None
-        if not isinstance(ref, dict) or "shards" in ref:
+        if not isinstance(ref, dict):
             raise field_error(f"envelope.units.shards.{name}", "no input of the head takes these shards")
         ref["shards"] = values
     return source

@@ -102,6 +102,11 @@ def test_lists_that_are_not_the_signed_ones_are_refused_with_their_own_code() ->
         with pytest.raises(BadRequest) as caught:
             open_lists(payload, garbage, 10_000)
         assert caught.value.code == "bad_field" and caught.value.details == {"field": where}
+    inline = {**payload, "manifest": {**payload["manifest"], "spec": {
+        **payload["manifest"]["spec"], "inputs": {"data": {"name": "d", "shards": []}}}}}
+    with pytest.raises(BadRequest) as caught:   # a head's shard list would be what no proof is checked against
+        open_lists(inline, wire["units"], 10_000)
+    assert caught.value.details == {"field": "envelope.payload.manifest.spec.inputs.data.shards"}
     with pytest.raises(PanalError) as mismatch:   # the submitter's results view catches a board that swapped them
         signed_manifest({**wire, "units": changed})
     assert mismatch.value.code == "units_root_mismatch"
