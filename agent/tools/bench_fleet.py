@@ -5,8 +5,8 @@ over a few load processes, each agent with its own key, its own pinned TLS conne
 of a real agent (``poll_wait_s`` 20 s, capped by the board; a ``retry_after_s`` pause honoured, as
 ``agent/daemon/board_link.py`` does). Agents answer ``sleep 0`` tasks at once with real signed results
 riding on their next lease request; like a real agent they say which job envelopes they hold
-(``LeaseRequest.have``), fetch a big one once (``GET /v1/jobs/{id}/envelope``) and check every task with the
-agent's own :class:`~agent.daemon.assignments.ManifestCache` (the 100k-task job is signed committed, through
+(``LeaseRequest.have``), fetch a big one once (``GET /v1/jobs/{id}/envelope``) and check every committed task with
+the agent's own :class:`~agent.daemon.assignments.ManifestCache` (the 100k-task job is signed committed, through
 ``make_envelope`` as ``panal submit`` signs it: each task proves its unit against the signed Merkle root,
 jobs/committed.py). Phases, one after the other:
 
@@ -125,16 +125,19 @@ class FleetAgent(SimAgent):
         self.poll_wait_s = min(POLL_WAIT_S, float(registered.max_poll_wait_s))
 
     async def hold_envelopes(self, reply: LeaseReply) -> int:
-        """Envelopes held and a big one fetched (:class:`SimAgent`), then every task checked as the agent checks it
-        before running it: against its submitter's signed manifest, a committed job's unit by its proof."""
+        """Envelopes held and a big one fetched (:class:`SimAgent`), then each task of a committed job checked as the
+        agent checks it before running it (its unit proven against the signed root). A task of a manifest signed
+        whole is not: its check (expanding the manifest once per agent and envelope) is unchanged, and would put
+        2,000 agents' worth of it on the load processes that share the hub's machine."""
         fetched = await super().hold_envelopes(reply)
         self.envelope_bytes += fetched
         if self._held is not None:
             resolved, _ = self._held.resolve(reply.tasks)   # after the fetch: each task with its envelope
             for task in resolved:
-                if task.proof is not None:
-                    self.proofs += 1
-                    self.proof_bytes += len(encode_body(task.proof.encode(), MSGPACK))
+                if task.proof is None:
+                    continue
+                self.proofs += 1
+                self.proof_bytes += len(encode_body(task.proof.encode(), MSGPACK))
                 try:
                     self.manifests.check(task)
                 except PanalError:
