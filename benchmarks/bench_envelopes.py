@@ -3,15 +3,18 @@ fetched (the default for a big one), or inline once; against every assignment ca
 no ``have``, as every agent did before).
 
 ``PYTHONPATH=. .venv/bin/python benchmarks/bench_envelopes.py [--agents 200] [--tasks 100000] [--slots 4]
-[--seconds 30] [--modes fetch,inline,none]`` runs, per mode, a real ``panal hub serve`` process (TLS, signed requests,
-SQLite) and N light simulated agents (``agent/tools/bench_fleet.py`` ``FleetAgent``, spread over two load
-processes), submits one ``sleep 0`` job of ``tasks`` tasks (its envelope ~9 bytes per task) and lets the fleet
+[--seconds 30] [--modes committed,fetch,inline,none]`` runs, per mode, a real ``panal hub serve`` process (TLS,
+signed requests, SQLite) and N light simulated agents (``agent/tools/bench_fleet.py`` ``FleetAgent``, spread over
+two load processes), submits one ``sleep 0`` job of ``tasks`` tasks (its envelope ~9 bytes per task) and lets the fleet
 drain it for ``seconds``. It reports the hub's RSS (idle with the fleet connected, peak while leasing, sampled
 every 0.2 s), the lease replies' body sizes (msgpack, as sent; replies that brought tasks), envelopes received
 per agent and tasks done. A run whose hub passes ``--rss-cap-mb`` is stopped there (and says so): the
 every-envelope mode on a big fleet can take the machine's memory.
 
-Compare the modes of one run (same machine, same load); the figures move with the machine's load.
+``committed`` signs the job as ``panal submit`` does now (jobs/committed.py: a head and the Merkle root of its units,
+each assignment with its unit's proof); the other modes sign it whole, as clients did before. Every agent checks
+every task with the agent's own ManifestCache. Compare the modes of one run (same machine, same load); the figures
+move with the machine's load.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ async def _load(url: str, count: int, slots: int, have: bool, conn: Connection) 
     errors = [f"{type(e).__name__}: {e}" for e in await run_until_told(agents, conn, gate=32)]
     conn.send({"reply_bytes": [b for a in agents for b in a.reply_bytes],
                "envelopes": [a.envelopes for a in agents], "fetched": sum(a.fetched_bytes for a in agents),
-               "done": sum(a.done_tasks for a in agents),
+               "done": sum(a.done_tasks for a in agents), "refused": sum(a.refused for a in agents),
+               "proofs": sum(a.proofs for a in agents), "proof_bytes": sum(a.proof_bytes for a in agents),
                "errors": errors[:5]})
 
 
@@ -109,7 +113,8 @@ def _pct(values: list[int], q: float) -> int | None:
 async def _drive(url: str, user: Identity, hub: psutil.Process, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"hub_rss_mb_idle": round(hub.memory_info().rss / 2**20, 1)}
     async with BoardClient(BoardAddress.parse(url), user, retry_for_s=120.0) as client:
-        envelope = make_envelope(user, _manifest(args.tasks))
+        envelope = make_envelope(user, _manifest(args.tasks), **({} if args.mode == "committed"
+                                                                  else {"commit_bytes": 1 << 40}))
         out["envelope_bytes"] = len(encode_body(envelope, MSGPACK))
         await submit(client, envelope)
     peak, t0, capped = 0, time.perf_counter(), False
@@ -126,7 +131,8 @@ async def _drive(url: str, user: Identity, hub: psutil.Process, args: argparse.N
     return out
 
 
-MODES = {"fetch": "have; a big envelope fetched (GET /v1/jobs/{id}/envelope), the default",
+MODES = {"committed": "have; the manifest signed committed (head + units root), a proof in each assignment",
+         "fetch": "have; a big envelope fetched (GET /v1/jobs/{id}/envelope), the default",
          "inline": "have; every envelope inline, once per agent (inline_envelope_bytes 16 MiB)",
          "none": "no have: every assignment carries its envelope (agents and boards before have)"}
 
@@ -155,7 +161,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             for _, conn in loads:
                 conn.recv()
             user = Identity.load(user_home / "user.key")
-            out = asyncio.run(_drive(url, user, psutil.Process(proc.pid), args))
+            out = asyncio.run(_drive(url, user, psutil.Process(proc.pid), argparse.Namespace(**vars(args), mode=mode)))
             reports = []
             for _, conn in loads:
                 conn.send("stop")
@@ -178,7 +184,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                   "reply_bytes_p99": _pct(sizes, 0.99),
                   "reply_bytes_mean": int(statistics.fmean(sizes)) if sizes else None,
                   "envelopes_per_agent_max": max(envelopes, default=0),
-                  "envelopes_total": sum(envelopes), "agent_errors": [e for r in reports for e in r["errors"]][:5]}
+                  "envelopes_total": sum(envelopes), "tasks_refused": sum(r["refused"] for r in reports),
+                  "proof_bytes_per_assignment": round(sum(r["proof_bytes"] for r in reports) / proofs, 1)
+                  if (proofs := sum(r["proofs"] for r in reports)) else None,
+                  "agent_errors": [e for r in reports for e in r["errors"]][:5]}
 
 
 def main() -> None:
@@ -188,7 +197,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rss-cap-mb", type=float, default=6000.0)
-    parser.add_argument("--modes", default="fetch,inline,none", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--modes", default="committed,fetch,inline,none",
+                        help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
     _raise_fd_limit()
     runs = [run_mode(args, mode) for mode in args.modes.split(",")]

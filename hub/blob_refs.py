@@ -2,7 +2,8 @@
 
 A blob is kept while a job still names it as an input, a result names it as an output, or a task
 resumes from it (its checkpoint column). Records are read as stored (the signed wire form); an
-unreadable one refers to nothing rather than failing the whole collection.
+unreadable one refers to nothing rather than failing the whole collection. A committed job's shard blobs
+(jobs/committed.py) are in the lists stored beside its signature (the envelope's ``units``), bound by its root.
 """
 
 from __future__ import annotations
@@ -14,15 +15,28 @@ import msgpack
 __all__ = ["manifest_blobs", "result_blobs", "task_blobs"]
 
 
+def _split_inputs(envelope: Any) -> list[tuple[dict[str, Any], list[Any]]]:
+    """Each input of a stored envelope with the list of its shards: in the signed manifest, or of a committed
+    job in the lists stored beside it."""
+    inputs = _unpack(envelope["payload"])["manifest"]["spec"].get("inputs", {})
+    lists = envelope.get("units") or {}
+    stored = lists.get("shards") or {} if isinstance(lists, dict) else {}
+    out = []
+    for name, ref in inputs.items():
+        if isinstance(ref, dict):
+            shards = ref.get("shards") if "shards" in ref else stored.get(name) if isinstance(stored, dict) else None
+            out.append((ref, shards if isinstance(shards, list) else []))
+    return out
+
+
 def manifest_blobs(envelope: Any) -> set[str]:
     """The sha256 of every ``{blob: ...}`` input and every shard blob in a signed manifest envelope."""
     try:
-        manifest = _unpack(envelope["payload"])["manifest"]
-        inputs = manifest["spec"].get("inputs", {})
-        found = {ref["blob"] for ref in inputs.values() if isinstance(ref, dict) and ref.get("blob")}
-        for ref in inputs.values():   # an input split in shard blobs (jobs/inputs.py) names each shard
-            if isinstance(ref, dict) and isinstance(ref.get("shards"), list):
-                found |= {s["blob"] for s in ref["shards"] if isinstance(s, dict) and isinstance(s.get("blob"), str)}
+        found: set[str] = set()
+        for ref, shards in _split_inputs(envelope):   # an input split in shard blobs (jobs/inputs.py) names each
+            if ref.get("blob"):
+                found.add(ref["blob"])
+            found |= {s["blob"] for s in shards if isinstance(s, dict) and isinstance(s.get("blob"), str)}
         return found
     except (KeyError, TypeError, AttributeError, ValueError):
         return set()
@@ -32,16 +46,13 @@ def task_blobs(envelope: Any, params: Any) -> set[str]:
     """The blobs one task of a job reads: every input's, but of an input split in shard blobs only the
     shard whose rows are the task's ``row_start``..``row_end`` (what an agent leasing it may download)."""
     try:
-        inputs = _unpack(envelope["payload"])["manifest"]["spec"].get("inputs", {})
         rows = (params.get("row_start"), params.get("row_end"))
         found: set[str] = set()
-        for ref in inputs.values():
-            if not isinstance(ref, dict):
-                continue
+        for ref, shards in _split_inputs(envelope):
             if ref.get("blob"):
                 found.add(ref["blob"])
             start = 0
-            for shard in ref.get("shards") or ():
+            for shard in shards:
                 end = start + int(shard["rows"])
                 if (start, end) == rows:
                     found.add(shard["blob"])

@@ -230,6 +230,8 @@ class Board:
         else:
             created = True
         self._queues.add_job(job, tasks)
+        if signed.proofs is not None and created:   # a committed job's tree, built at intake (else at its first lease)
+            self._leases.envelopes.adopt(job, signed.proofs)
         self.trust.add_job(job, tasks)
         self._emit("job_submitted", job=job.id, name=job.name, tasks=len(tasks))   # (queued: waiters wake)
         return job, created

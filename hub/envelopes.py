@@ -18,6 +18,11 @@ gets every small envelope inline, as before, but never a big one: otherwise any 
 out and make the hub build replies of ``max_tasks_per_lease`` copies of a 900 KB envelope (an older agent
 hands such a task back, unrun). What is kept is one decoded :class:`SignedRecord`, its digest and
 (once fetched) its encoded bytes per active job, built at its first lease rather than per assignment.
+
+A committed job (jobs/committed.py) has a small envelope (its head and the Merkle root of its units), inlined
+once per agent like any small one; each of its assignments carries its unit's proof instead
+(:meth:`JobEnvelope.proof`), from the tree built at intake or, after a restart, from the stored lists at the
+job's first lease. No agent fetches the lists.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hub.records import JobRow
+from jobs.committed import UnitProof, UnitProofs
 from jobs.protocol import envelope_digest
 from jobs.wire import MSGPACK, encode_body
 from security.records import SignedRecord
@@ -42,6 +48,11 @@ class JobEnvelope:
     digest: str
     big: bool                     # over ``inline_envelope_bytes``: fetched, not put in lease replies
     _encoded: bytes | None = field(default=None, repr=False)
+    proofs: UnitProofs | None = field(default=None, repr=False)   # of a committed job
+
+    def proof(self, unit: int) -> UnitProof | None:
+        """What an assignment of unit ``unit`` carries to prove it against the signed root (None: signed whole)."""
+        return self.proofs.proof(unit) if self.proofs is not None else None
 
     @property
     def encoded(self) -> bytes:
@@ -58,14 +69,23 @@ class JobEnvelopes:
         self.inline_bytes = inline_bytes
         self._jobs: dict[str, JobEnvelope] = {}
 
-    def of(self, job: JobRow) -> JobEnvelope:
-        """The job's envelope entry, built at its first use."""
+    def of(self, job: JobRow, proofs: UnitProofs | None = None) -> JobEnvelope:
+        """The job's envelope entry, built at its first use (a committed job's proofs from its stored lists,
+        unless ``proofs`` were built at intake)."""
         entry = self._jobs.get(job.id)
         if entry is None or entry.job is not job:
             record = SignedRecord.from_wire(job.envelope)
             size = len(record.payload) + len(record.sig)
-            entry = self._jobs[job.id] = JobEnvelope(job, record, envelope_digest(record), size > self.inline_bytes)
+            lists = job.envelope.get("units") if isinstance(job.envelope, dict) else None
+            if proofs is None and lists is not None:
+                proofs = UnitProofs.stored(record, lists)
+            entry = self._jobs[job.id] = JobEnvelope(job, record, envelope_digest(record), size > self.inline_bytes,
+                                                     proofs=proofs)
         return entry
+
+    def adopt(self, job: JobRow, proofs: UnitProofs) -> None:
+        """A committed job just submitted: its proofs as intake built them (no second build at its first lease)."""
+        self.of(job, proofs)
 
     def forget(self, job_id: str) -> None:
         """The job finished: its envelope is not leased again."""

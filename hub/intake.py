@@ -3,6 +3,11 @@
 The job id is a digest of the submitter's signature, so submitting the same envelope twice names
 the same job (the board answers the first one). Inputs are uploaded before the manifest: a job
 never exists with a missing input.
+
+A committed envelope (jobs/committed.py: a big job's head and the Merkle root of its units) comes with its
+sweep and shard lists beside the signature (the envelope map's ``units``): the full manifest is rebuilt from
+both and validated as any other, its tree must be the signed one (else ``units_root_mismatch``), and the
+lists are stored with the envelope, so a restarted board proves units again.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from hub.config import HubConfig
 from hub.records import JobRow, JobState, TaskRow
 from hub.trust.policy import ValidationPolicy
 from jobs.catalog import get_kind
+from jobs.committed import UnitProofs, committed_units, open_lists
 from jobs.manifest import DEFAULT_MEMORY_GB, Manifest
 from security.errors import BadRequest, Forbidden
 from security.records import SignedRecord
@@ -33,12 +39,21 @@ class Envelope:
         self.payload = record.verify()
         self.record, self.signer_id = record, signer_id
         self.job_id = "j" + hashlib.sha256(record.sig).hexdigest()[:20]
+        #: a committed manifest's lists (unsigned, bound by the signed root), and once checked its proofs
+        self.lists: Any = wire.get("units") if isinstance(wire, dict) else None
+        self.proofs: UnitProofs | None = None
 
 
 def new_job(envelope: Envelope, config: HubConfig, blobs: BlobBackend | None,
             now: float) -> tuple[JobRow, list[TaskRow]]:
     """The job and its queued tasks (raises on a bad manifest or a missing input)."""
-    manifest = Manifest.from_dict(envelope.payload.get("manifest"), max_tasks=config.max_tasks_per_job)
+    stored = envelope.record.to_wire()
+    if committed_units(envelope.payload) is None:
+        manifest = Manifest.from_dict(envelope.payload.get("manifest"), max_tasks=config.max_tasks_per_job)
+        points = None
+    else:
+        manifest, points, envelope.proofs = open_lists(envelope.payload, envelope.lists, config.max_tasks_per_job)
+        stored["units"] = envelope.lists
     over = over_limits(manifest, config)
     if over:
         raise BadRequest("; ".join(f"{path}: {message}" for path, message in over), code="over_hub_limit",
@@ -49,7 +64,7 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobBackend | None,
                                       config.validation_quorum)
     job = JobRow(id=job_id, name=manifest.name, submitter_id=envelope.signer_id, kind=manifest.kind,
                  priority=manifest.priority, state=JobState.QUEUED, created_at=now,
-                 n_tasks=manifest.n_tasks, envelope=envelope.record.to_wire(),
+                 n_tasks=manifest.n_tasks, envelope=stored,
                  requires={**manifest.requires.to_dict(), "task_memory_gb": manifest.memory_cap_gb,
                            **({"code_from": envelope.signer_id} if get_kind(manifest.kind).sandboxed else {})},
                  timeout_s=manifest.timeout_s,
@@ -58,7 +73,7 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobBackend | None,
                  labels=manifest.labels)
     job.validation = policy.to_dict()
     job.report = manifest.report.to_dict() if manifest.report else {}
-    points = manifest.points()
+    points = manifest.points() if points is None else points
     tasks = [TaskRow(id=f"{job_id}.{i}", job_id=job_id, idx=i, params=params, updated_at=now)
              for i, params in enumerate(points)]
     for _ in range(policy.initial_instances() - 1):   # a fixed quorum: every instance from the start

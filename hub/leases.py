@@ -153,10 +153,12 @@ class LeaseTable:
         job = self._queues.job(task.job_id)
         assert task.lease_id is not None
         envelope = envelopes.take(job) if envelopes is not None else self.envelopes.of(job).record
-        # the unit's index: an agent checks the params against that point of the signed manifest
+        # the unit's index: an agent checks the params against that point of the signed manifest (of a committed
+        # job, against the signed root with the unit's proof: hub/envelopes.py)
         record = SignedRecord.from_wire(task.checkpoint_record) if task.checkpoint_record else None
         return Assignment(task.id, job.id, task.unit_idx, task.lease_id, task.attempt, job.kind, task.params,
-                          job.timeout_s, self.config.lease_ttl_s, envelope, task.checkpoint, record)
+                          job.timeout_s, self.config.lease_ttl_s, envelope, task.checkpoint, record,
+                          self.envelopes.of(job).proof(task.unit_idx))
 
     def leased_envelope(self, agent_id: str, job_id: str) -> JobEnvelope:
         """A job's envelope for an agent holding a lease of one of its tasks (it fetches what its lease reply

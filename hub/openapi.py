@@ -110,7 +110,12 @@ SCHEMAS: dict[str, Schema] = {
                        envelope={**_ref("SignedRecord"),
                                  "description": "the submitter's signed manifest; absent when the request's `have` "
                                                 "names it or an earlier assignment of the reply carried it"},
-                       checkpoint=NULLABLE_S, checkpoint_record=_ref("SignedRecord")),
+                       checkpoint=NULLABLE_S, checkpoint_record=_ref("SignedRecord"),
+                       proof={**_obj(["path"], path={**_arr({"description": "32 bytes"}), "maxItems": 48},
+                                     shards=ANY_MAP),
+                              "description": "of a committed job (its envelope signs a head and the Merkle root "
+                                             "of its units: jobs/committed.py): the unit's shards (input -> blob, "
+                                             "size, rows, start) and the sibling hashes from its leaf to the root"}),
     "ResultOutcome": _obj(["task_id", "status"], task_id=S, status={"enum": [o.value for o in Outcome]},
                           error=S, message=S, details=DETAILS),
     "LeaseReply": _obj(["tasks"], tasks=_arr(_ref("Assignment")), results=_arr(_ref("ResultOutcome")),
@@ -124,7 +129,10 @@ SCHEMAS: dict[str, Schema] = {
                                                          reason={"enum": [r.value for r in LossReason]}))),
     "Release": _obj(["lease_id"], lease_id=S),
     "Released": _obj(released=S),
-    "Submission": _obj(["envelope"], envelope=_ref("SignedRecord")),
+    "Submission": _obj(["envelope"], envelope={
+        **_ref("SignedRecord"), "description": "a committed manifest's envelope also carries `units`: its sweep and "
+                                               "shard lists ({sweep: {key: [...]}, shards: {input: [...]}}), "
+                                               "unsigned but bound by the signed root (400 units_root_mismatch)"}),
     "JobView": _obj(["id", "state"], id=S, name=S, kind=S, state=S, submitter=S, priority=I, created_at=N,
                     finished_at=NULLABLE_N, n_tasks=I, tasks=COUNTS, error=NULLABLE_S, labels=ANY_MAP,
                     waiting_because=_arr(S), report=REPORT, best=BEST),

@@ -80,6 +80,9 @@ class InputRef:
     paths: tuple[str, ...] | None = None     # before upload: files (globs) that are the shards
     shards: tuple[ShardRef, ...] | None = None   # after upload: one blob per shard, in row order
     label: str | None = None       # after upload: the file's name as the submitter knew it
+    #: the row ``shards[0]`` starts at: 0, but for one unit of a committed job (jobs/committed.py), whose
+    #: one proven shard is somewhere in the middle of the input
+    first_row: int = 0
 
     def to_source(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.label or self.path or self.name}
@@ -94,7 +97,7 @@ class InputRef:
 
     def shard_bounds(self) -> list[tuple[int, int]]:
         """Rows ``[start, end)`` of each uploaded shard (empty when the input is not split in blobs)."""
-        bounds, start = [], 0
+        bounds, start = [], self.first_row
         for s in self.shards or ():
             bounds.append((start, start + s.rows))
             start += s.rows

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from jobs.committed import UnitProof
 from jobs.fields import Fields, field_error, shown
 from jobs.requirements import Capabilities
 from jobs.wire import MSGPACK, encode_body
@@ -255,7 +256,10 @@ class Assignment:
 
     ``envelope`` is None (absent on the wire) when the agent holds it: it said so in its request's ``have``,
     or an earlier assignment of the same reply carried it. The agent then takes it from what *this board*
-    sent it before, and hands the task back if it holds none (agent/daemon/envelopes.py)."""
+    sent it before, and hands the task back if it holds none (agent/daemon/envelopes.py).
+
+    ``proof``: of a committed job (jobs/committed.py, whose envelope signs a Merkle root instead of every unit),
+    this unit's shard data and the sibling hashes that prove ``idx`` and ``params`` against the signed root."""
 
     task_id: str
     job_id: str
@@ -270,6 +274,7 @@ class Assignment:
     checkpoint: str | None = None      # sha256 of a previous attempt's checkpoint blob, to resume from
     #: its writer's signed record (jobs/checkpoints.py): the agent verifies it before resuming
     checkpoint_record: SignedRecord | None = None
+    proof: UnitProof | None = None
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_id": self.task_id, "job_id": self.job_id, "idx": self.idx,
@@ -280,17 +285,20 @@ class Assignment:
         out["checkpoint"] = self.checkpoint
         if self.checkpoint_record is not None:
             out["checkpoint_record"] = self.checkpoint_record.to_wire()
+        if self.proof is not None:   # absent: a job signed whole (an older agent reads the same map)
+            out["proof"] = self.proof.encode()
         return out
 
     @classmethod
     def decode(cls, value: Any, path: str = "") -> Assignment:
         f = Fields(value, path)
-        raw, envelope = f.raw("checkpoint_record"), f.raw("envelope")
+        raw, envelope, proof = f.raw("checkpoint_record"), f.raw("envelope"), f.raw("proof")
         return cls(f.text("task_id"), f.text("job_id"), f.integer("idx"), f.text("lease_id"), f.integer("attempt"),
                    f.text("kind"), f.mapping("params", required=True), f.number("timeout_s"),
                    f.number("lease_ttl_s"), _signed(envelope, f.at("envelope")) if envelope is not None else None,
                    f.optional_text("checkpoint"),
-                   _signed(raw, f.at("checkpoint_record")) if raw is not None else None)
+                   _signed(raw, f.at("checkpoint_record")) if raw is not None else None,
+                   UnitProof.decode(proof, f.at("proof")) if proof is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +413,7 @@ class HeartbeatLease:
     checkpoint: str | None = None
     #: the lessee's signature over (task, attempt, checkpoint digest): jobs/checkpoints.py
     checkpoint_record: SignedRecord | None = None
+    proof: UnitProof | None = None
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_id": self.task_id, "lease_id": self.lease_id}

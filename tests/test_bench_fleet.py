@@ -43,3 +43,14 @@ def test_fleet_bench_with_a_task_run_time_still_does_each_task_once() -> None:
 def test_fleet_bench_refuses_a_negative_task_run_time() -> None:
     with pytest.raises(ValueError, match="task_s"):
         run_fleet_bench(FleetSize(agents=1, task_s=-1.0))
+
+
+def test_fleet_bench_signs_a_big_drain_job_committed_and_its_agents_check_every_proof() -> None:
+    """8,000 tasks (~72 KB of sweep, over the commit threshold): signed as ``panal submit`` signs it (a head and a
+    Merkle root), no envelope fetched, every task proven and checked by the agent's own ManifestCache."""
+    size = FleetSize(agents=4, idle_s=0.1, tasks=8_000, mixed_tasks=8, slots=4, procs=1)
+    report = run_fleet_bench(size)
+    assert report["agent_errors"] == [] and report["drain"]["state"] == "succeeded"
+    assert report["tasks_leased"] == size.tasks + 2 * size.mixed_tasks and report["tasks_leased_twice"] == 0
+    assert report["tasks_refused_by_agents"] == 0
+    assert report["envelope_bytes_fetched"] == 0 and report["proof_bytes_per_assignment"] > 0

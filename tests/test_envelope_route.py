@@ -25,7 +25,9 @@ async def lease(client: BoardClient, slots: int, have: dict[str, str] | None) ->
 
 
 async def a_job(user: BoardClient, tasks: int) -> tuple[str, SignedRecord]:
-    envelope = make_envelope(user.identity, sleep_manifest(tasks))
+    """Signed whole however big, as a client before committed manifests (jobs/committed.py) signed it: the
+    fetch route is how its agents get it."""
+    envelope = make_envelope(user.identity, sleep_manifest(tasks), commit_bytes=1 << 40)
     job = await submit(user, envelope)
     return str(job["id"]), SignedRecord.from_wire(envelope)
 

@@ -45,9 +45,11 @@ def test_an_envelope_under_another_boards_job_id_is_checked_as_itself() -> None:
 
 
 def sweep_envelope(user: Identity, n: int) -> SignedRecord:
+    """Signed whole, however big (as a client before committed manifests signed it: agents still run those)."""
     return SignedRecord.from_wire(make_envelope(user, Manifest.from_dict(
         {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "big"},
-         "spec": {"task": "sleep", "sweep": {"seconds": [i / 1e9 for i in range(n)]}}}, max_tasks=n)))
+         "spec": {"task": "sleep", "sweep": {"seconds": [i / 1e9 for i in range(n)]}}}, max_tasks=n),
+        commit_bytes=1 << 40))
 
 
 def sleep_task(envelope: SignedRecord, idx: int, seconds: float) -> Assignment:

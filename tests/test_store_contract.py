@@ -576,3 +576,19 @@ async def test_status_history_buckets_are_replaced_by_start_dropped_past_keep_si
         assert await store.load_status_history(1200.0) == [HistoryBucket(1200.0, 9, 2, 7, 0)]
         await store.save_status_history([HistoryBucket(1800.0, 1, 1, 1, 1)], keep_since=1200.0)
         assert [b.start for b in await store.load_status_history(0)] == [1200.0, 1800.0]
+
+
+async def test_a_committed_jobs_lists_are_stored_with_its_envelope_and_its_shards_stay_referenced(
+        make: Callable[[], Store]) -> None:
+    """A committed job (jobs/committed.py) stores the lists sent beside its signature: a restarted board proves its
+    units from them, and blob GC and reading rights see every shard blob they name."""
+    shards = [{"blob": sha(f"shard{i}"), "size": 10, "rows": 2} for i in range(3)]
+    row = job("jc", inputs={"data": {"name": "d", "rows": 6, "shard": {"by": "rows", "count": 3}}})
+    row.envelope = {**row.envelope, "units": {"sweep": {"seconds": [0.0, 1.0]}, "shards": {"data": shards}}}
+    async with opened(make) as store:
+        await store.create_job(row, tasks(row))
+    async with opened(make) as store:
+        stored = await store.get_job("jc")
+        assert stored is not None and stored.envelope == row.envelope
+        assert await store.referenced_blobs() == {s["blob"] for s in shards}
+        assert await store.submitter_references_blob(shards[1]["blob"], SIGNER.id)

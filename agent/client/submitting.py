@@ -19,11 +19,12 @@ from agent.client.blobupload import upload_file
 from agent.client.board import BoardClient
 from agent.client.sharding import shard_input
 from jobs.checkpoints import checkpoint_problem
+from jobs.committed import COMMIT_BYTES, commit
 from jobs.manifest import Manifest
 from security.errors import BadRequest, PanalError, Unauthorized
 from security.httpsig import sign_request, sign_request_digest
 from security.identity import Identity
-from security.records import SignedRecord
+from security.records import SignedRecord, canonical
 
 __all__ = ["ResultCheck", "job_id_of", "make_envelope", "output_file_name", "prepare_inputs", "run_job", "submit",
            "upload_inputs", "verify_results", "wait_job"]
@@ -34,10 +35,17 @@ _OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{1,9}$")   # "<job id>.<index>" (hub/intake.py)
 
 
-def make_envelope(identity: Identity, manifest: Manifest) -> dict[str, Any]:
-    """The submitter-signed record of a manifest: what boards store and agents re-check."""
-    value = {"manifest": manifest.source, "created": time.time(), "nonce": secrets.token_hex(8)}
-    return SignedRecord.sign(identity, value).to_wire()
+def make_envelope(identity: Identity, manifest: Manifest, commit_bytes: int = COMMIT_BYTES) -> dict[str, Any]:
+    """The submitter-signed record of a manifest: what boards store and agents re-check. A big one (over
+    ``commit_bytes`` of canonical bytes) is committed (jobs/committed.py): the head and the Merkle root of its
+    units are signed, and its sweep and shard lists ride beside the signature (``units``), bound by the root."""
+    if len(canonical({"manifest": manifest.source})) <= commit_bytes:
+        value = {"manifest": manifest.source, "created": time.time(), "nonce": secrets.token_hex(8)}
+        return SignedRecord.sign(identity, value).to_wire()
+    signed, lists = commit(manifest.source)
+    wire = SignedRecord.sign(identity, {**signed, "created": time.time(), "nonce": secrets.token_hex(8)}).to_wire()
+    wire["units"] = lists
+    return wire
 
 
 def job_id_of(envelope: dict[str, Any]) -> str:

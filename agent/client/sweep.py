@@ -20,10 +20,10 @@ from dataclasses import replace
 from typing import Any
 
 from agent.client.submitting import ResultCheck
+from jobs.committed import signed_manifest
 from jobs.manifest import Manifest
 from jobs.report import ReportSpec
 from security.errors import PanalError
-from security.records import SignedRecord
 
 __all__ = ["Sweep", "check_params", "sweep_of", "sweep_rows"]
 
@@ -37,8 +37,9 @@ class Sweep:
     """The signed manifest's view of a job: each unit's params, the swept keys, the report spec."""
 
     def __init__(self, points: list[dict[str, Any]] | None, swept: list[str], report: ReportSpec | None,
-                 why_not: str = "") -> None:
+                 why_not: str = "", forged: bool = False) -> None:
         self.points, self.swept, self.report, self.why_not = points, swept, report, why_not
+        self.forged = forged   # the board's copy of a committed job's lists is not what its submitter signed
 
     def params(self, unit: int) -> dict[str, Any] | None:
         if self.points is None or not 0 <= unit < len(self.points):
@@ -49,10 +50,12 @@ class Sweep:
 def sweep_of(reply: dict[str, Any]) -> Sweep:
     """Expand the job's signed manifest (its signature verifies: the board cannot have changed it)."""
     try:
-        payload = SignedRecord.from_wire(reply["envelope"]).verify()
-        manifest = Manifest.from_dict(payload.get("manifest"))
+        # a committed job's lists are checked against its signed root (jobs/committed.py)
+        manifest = Manifest.from_dict(signed_manifest(reply["envelope"]))
         return Sweep(manifest.points(), [*manifest.sweep, *_shard_keys(manifest)], manifest.report)
     except PanalError as exc:
+        if exc.code == "units_root_mismatch":   # a board that swapped a committed job's lists: every row says so
+            return Sweep(None, [], None, exc.message, forged=True)
         log.debug("manifest not expanded here: %s", exc.message)
         return Sweep(None, [], None, exc.message)
 
@@ -69,7 +72,7 @@ def check_params(checks: Sequence[ResultCheck], reply: dict[str, Any], sweep: Sw
         signed = check.payload.get("params")
         unit = row.get("unit")
         expected = sweep.params(int(unit)) if unit is not None else None
-        problem = ""
+        problem = sweep.why_not if sweep.forged else ""
         if check.payload and signed is not None and expected is not None:
             if check.payload.get("unit") != unit:
                 problem = f"the agent signed unit {check.payload.get('unit')}, the board says unit {unit}"

@@ -5,7 +5,10 @@ over a few load processes, each agent with its own key, its own pinned TLS conne
 of a real agent (``poll_wait_s`` 20 s, capped by the board; a ``retry_after_s`` pause honoured, as
 ``agent/daemon/board_link.py`` does). Agents answer ``sleep 0`` tasks at once with real signed results
 riding on their next lease request; like a real agent they say which job envelopes they hold
-(``LeaseRequest.have``) and fetch a big one once (``GET /v1/jobs/{id}/envelope``). Phases, one after the other:
+(``LeaseRequest.have``), fetch a big one once (``GET /v1/jobs/{id}/envelope``) and check every committed task with
+the agent's own :class:`~agent.daemon.assignments.ManifestCache` (the 100k-task job is signed committed, through
+``make_envelope`` as ``panal submit`` signs it: each task proves its unit against the signed Merkle root,
+jobs/committed.py). Phases, one after the other:
 
 1. idle: every agent connected, no work, for ``idle_s``: the hub's CPU share of one core and its RSS per agent;
 2. drain: one job of ``tasks`` ``sleep 0`` tasks (``task_s``: held a while): time to drain, hub CPU per task
@@ -43,12 +46,15 @@ import psutil
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, wait_job
+from agent.daemon.assignments import ManifestCache
 from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
 from hub.connections import LeanSSLProtocol
 from jobs.manifest import Manifest
 from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
 from jobs.requirements import Capabilities
+from jobs.wire import MSGPACK, encode_body
+from security.errors import PanalError
 from security.identity import Identity
 from security.tls import BoardAddress
 
@@ -106,6 +112,8 @@ class FleetAgent(SimAgent):
         self.leased: list[str] = []                     # task ids, in order
         self.jobs: Counter[str] = Counter()             # tasks leased per job
         self.outcomes: Counter[str] = Counter()
+        self.manifests = ManifestCache()                # the real agent's check of each task
+        self.refused = self.proofs = self.proof_bytes = self.envelope_bytes = 0
 
     async def register(self) -> None:
         caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots}
@@ -115,6 +123,26 @@ class FleetAgent(SimAgent):
                                                                        Capabilities.from_dict(caps)),
                                             Registered.decode)
         self.poll_wait_s = min(POLL_WAIT_S, float(registered.max_poll_wait_s))
+
+    async def hold_envelopes(self, reply: LeaseReply) -> int:
+        """Envelopes held and a big one fetched (:class:`SimAgent`), then each task of a committed job checked as the
+        agent checks it before running it (its unit proven against the signed root). A task of a manifest signed
+        whole is not: its check (expanding the manifest once per agent and envelope) is unchanged, and would put
+        2,000 agents' worth of it on the load processes that share the hub's machine."""
+        fetched = await super().hold_envelopes(reply)
+        self.envelope_bytes += fetched
+        if self._held is not None:
+            resolved, _ = self._held.resolve(reply.tasks)   # after the fetch: each task with its envelope
+            for task in resolved:
+                if task.proof is None:
+                    continue
+                self.proofs += 1
+                self.proof_bytes += len(encode_body(task.proof.encode(), MSGPACK))
+                try:
+                    self.manifests.check(task)
+                except PanalError:
+                    self.refused += 1
+        return fetched
 
     async def run(self, stop_at: asyncio.Event) -> None:
         results: tuple[Any, ...] = ()
@@ -168,7 +196,8 @@ async def _load(url: str, count: int, gpus: int, slots: int, conn: Connection, t
     agents = [FleetAgent(address, slots, gpu=i < gpus, task_s=task_s) for i in range(count)]
     failed = await run_until_told(agents, conn)
     conn.send([{"gpu": a.gpu, "leases": a.leases, "leased": a.leased, "jobs": dict(a.jobs),
-                "outcomes": dict(a.outcomes)} for a in agents]
+                "outcomes": dict(a.outcomes), "refused": a.refused, "proofs": a.proofs, "proof_bytes": a.proof_bytes,
+                "envelope_bytes": a.envelope_bytes} for a in agents]
               + [{"error": f"{type(e).__name__}: {e}"} for e in failed])
 
 
@@ -333,6 +362,10 @@ def _combine(out: dict[str, Any], reports: list[dict[str, Any]], gpu_job: str) -
     out["tasks_leased_twice"] = sum(1 for n in leased.values() if n > 1)
     out["outcomes"] = dict(sum((Counter(r["outcomes"]) for r in reports), Counter()))
     out["gpu_tasks_on_cpu_agents"] = sum(r["jobs"].get(gpu_job, 0) for r in reports if not r["gpu"])
+    out["tasks_refused_by_agents"] = sum(r["refused"] for r in reports)   # the agent's own check: 0 on an honest hub
+    proofs = sum(r["proofs"] for r in reports)
+    out["proof_bytes_per_assignment"] = round(sum(r["proof_bytes"] for r in reports) / proofs, 1) if proofs else None
+    out["envelope_bytes_fetched"] = sum(r["envelope_bytes"] for r in reports)
     for phase in ("drain", "mixed"):
         lo, hi = out[phase].pop("window")
         times = [ms for r in reports for at, ms in r["leases"] if lo <= at <= hi]

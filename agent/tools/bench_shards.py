@@ -105,8 +105,10 @@ def _panal(home: Path, *args: str, popen: bool = False, log: Path | None = None)
 
 
 async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int, timeout_s: float = 1800,
-                          batch_size: int = 65536, chunk_mb: int = 0) -> dict[str, Any]:
-    """Run one sharded inference job over ``data_mb`` MiB on ``agents`` agents; return the figures."""
+                          batch_size: int = 65536, chunk_mb: int = 0,
+                          commit_bytes: int | None = None) -> dict[str, Any]:
+    """Run one sharded inference job over ``data_mb`` MiB on ``agents`` agents; return the figures.
+    ``commit_bytes``: sign the manifest committed over this many bytes (jobs/committed.py; 0: always)."""
     from agent.client.board import BoardClient
     from agent.client.submitting import make_envelope, prepare_inputs, submit, upload_inputs, wait_job
     from hub.home import HubHome
@@ -157,7 +159,9 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
             await upload_inputs(client, files)
             t_submit = time.perf_counter() - t0
             submit_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # hub included: same process
-            job = await submit(client, make_envelope(user, prepared))
+            envelope = make_envelope(user, prepared) if commit_bytes is None \
+                else make_envelope(user, prepared, commit_bytes=commit_bytes)
+            job = await submit(client, envelope)
             t1 = time.perf_counter()
             view = await wait_job(client, job["id"], timeout_s)
             t_run = time.perf_counter() - t1
