@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from hub.background import cancel_all, run_every
@@ -353,12 +353,11 @@ class Board:
                     if job.state == JobState.QUEUED]
         for job in starting:   # (as its tasks are leased in memory: views show both at once)
             job.state = JobState.RUNNING
-        # Queued in the same turn, a job's start rides in the leases' group commit: one commit, not two in a row.
-        # The reply does not wait for them (hub/lease_writes.py: what waits for them instead, what a crash costs).
-        lease_write = asyncio.ensure_future(self.store.save_leases(writes))
-        start_write = asyncio.ensure_future(self.store.save_tasks(
-            [], [dataclasses.replace(job) for job in starting])) if starting else None   # (as of now)
-        self._lease_writes.track((task.id for task in picked), self._lease_landed(lease_write, start_write, granted))
+        # One write with the jobs it starts, queued now (before the reply is written, so the store's writer commits
+        # while the reply travels); the reply does not wait for it (hub/lease_writes.py: what waits for it instead,
+        # what a crash costs).
+        lease_write = self.store.save_leases(writes, [dataclasses.replace(job) for job in starting])
+        self._lease_writes.track((task.id for task in picked), self._lease_landed(lease_write, granted))
         self._leases.commit(picked)
         await self.trust.leased(agent, picked)   # may queue a second instance to run in parallel
         self._stats["leases"] += len(picked)
@@ -374,21 +373,16 @@ class Board:
         self._stats["envelopes_fetched"] += 1
         return entry
 
-    async def _lease_landed(self, lease_write: asyncio.Future[None], start_write: asyncio.Future[None] | None,
-                            granted: list[tuple[TaskRow, str | None]]) -> None:
+    async def _lease_landed(self, lease_write: Awaitable[None], granted: list[tuple[TaskRow, str | None]]) -> None:
         """After a lease reply: its commit landed, or it failed and the leases still current are taken back
-        (their agent's results will be refused as expired leases)."""
+        (their agent's results will be refused as expired leases; a job's start is written again with its next
+        change)."""
         try:
             await lease_write
         except Exception:
             log.exception("a lease commit failed: %d leases taken back", len(granted))
             self._leases.undo([task for task, lease_id in granted
                                if task.state == TaskState.LEASED and task.lease_id == lease_id])
-        if start_write is not None:
-            try:
-                await start_write
-            except Exception:   # the job's state is written again with its next change (at the latest, its end)
-                log.exception("storing a job's start failed")
 
     def retry_after(self, agent_id: str) -> float | None:
         """How long an agent a lease request found nothing for should wait before asking again (hub/pacing.py)."""
