@@ -4,7 +4,7 @@
 and the CLI on uvloop, a libuv loop written in Cython: less Python per socket event and per callback. It is opt-in
 because panal must not need it (it has no Windows build, and a loop is a large piece of machinery to swap under a
 running board); everything is tested on asyncio's loop, and the hub's own TLS and connection guard
-(hub/connections.py) work the same on both. Measured on the one-task path: README, "Speed".
+(hub/connections.py) work the same on both (tests/test_uvloop.py).
 """
 
 from __future__ import annotations
