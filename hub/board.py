@@ -310,6 +310,8 @@ class Board:
             self._ledger.forget(self._queues.drop_job(job_id))
             self._leases.envelopes.forget(job_id)
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
+            if waiting:   # their replies go out first, before what follows this commit (trust records, the next pick)
+                await asyncio.sleep(0)
 
     def is_active(self, job_id: str) -> bool:
         """Whether the job is still queued or running (a finished one has left memory for the store)."""
