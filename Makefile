@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 4
 
 $(STAMP): pyproject.toml constraints/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt -e '.[agent,bench,dev,gpu,postgres]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt -e '.[agent,bench,dev,gpu,postgres,uvloop]'
 	touch $(STAMP)
 
 install: $(STAMP)

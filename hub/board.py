@@ -15,12 +15,11 @@ in what order), :class:`~hub.leases.LeaseTable` (who holds what until when), the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from hub.background import cancel_all, run_every
@@ -33,6 +32,7 @@ from hub.dispatcher import Dispatcher
 from hub.envelopes import JobEnvelope
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
+from hub.lease_writes import LeaseWrites
 from hub.leases import LeaseTable
 from hub.ledger import ResultLedger, Staged
 from hub.protocols import (
@@ -100,9 +100,11 @@ class Board:
         self.best = BestTasks()   # each job's best task by its manifest's spec.report, written with the job row
         self._settlement = Settlement(config, clock, self._queues, self._leases, self._ledger, self._retries,
                                       self.trust, self.submitter_faults, self._fleet, self._observers, self.best)
-        #: active job id -> its final view, set when it finishes (for waiters: no store read behind the next commit)
-        self._finished: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        #: active job id -> its waiters, each handed the job's final view when it finishes (no store read behind the
+        #: next commit; one future per waiter, set directly: its request goes on in the loop's next turn)
+        self._finished: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._lease_writes = LeaseWrites()   # lease commits in flight: a lease reply does not wait for its commit
 
     # -- registration -------------------------------------------------------------------------------
     def add_observer(self, observer: BoardObserver) -> None:
@@ -158,7 +160,12 @@ class Board:
         self._dispatcher.wake()
         if self._sweeper is not None:
             await cancel_all([self._sweeper])
+        await self.leases_stored()
         await self.store.close()
+
+    async def leases_stored(self) -> None:
+        """Wait until every lease handed out so far has its commit landed (or taken back, hub/lease_writes.py)."""
+        await self._lease_writes.drain()
 
     def _emit(self, kind: str, **data: Any) -> None:
         event = {"type": kind, "at": self.clock(), **data}
@@ -259,6 +266,7 @@ class Board:
     async def _maybe_finish(self, job_id: str, changed: Sequence[TaskRow], cancelled: bool = False,
                             results: Sequence[ResultRow] = ()) -> None:
         """Persist ``changed`` tasks (and results), finishing the job if every task is terminal."""
+        await self._lease_writes.settled(task.id for task in changed)   # a task's lease lands before its next row
         job = self._queues.get_job(job_id)
         if job is None or job.state.terminal:  # finished by a concurrent call: just persist
             if results:
@@ -294,13 +302,18 @@ class Board:
             await self.store.save_tasks(changed, jobs)
         if finishing:
             waiting = self._finished.pop(job_id, None)
-            if waiting is not None and not waiting.done():
-                waiting.set_result(job_summary(job, self.view.counts(job_id)))   # as committed just above
+            if waiting:
+                final = job_summary(job, self.view.counts(job_id))   # as committed just above
+                for waiter in waiting:
+                    if not waiter.done():
+                        waiter.set_result(final)
             self.submitter_faults.forget(t.id for t in self._queues.job_tasks(job_id))
             self.trust.forget(job)
             self._ledger.forget(self._queues.drop_job(job_id))
             self._leases.envelopes.forget(job_id)
             self._emit("job_finished", job=job_id, name=job.name, state=job.state.value)
+            if waiting:   # their replies go out first, before what follows this commit (trust records, the next pick)
+                await asyncio.sleep(0)
 
     def is_active(self, job_id: str) -> bool:
         """Whether the job is still queued or running (a finished one has left memory for the store)."""
@@ -313,12 +326,18 @@ class Board:
         from the store instead would queue behind the commits that follow (trust records, the next job)."""
         if job_id not in self._queues or timeout_s <= 0:
             return None
-        final = self._finished.get(job_id)
-        if final is None:
-            final = self._finished[job_id] = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(asyncio.shield(final), timeout_s)
-        return None
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        waiting = self._finished.setdefault(job_id, set())
+        waiting.add(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            waiting.discard(waiter)
+            if not waiting and self._finished.get(job_id) is waiting:
+                del self._finished[job_id]
 
     # -- leases -------------------------------------------------------------------------------------
     async def lease(self, agent_id: str, slots: int, wait_s: float,
@@ -333,22 +352,18 @@ class Board:
         if not picked:
             return []
         writes = self._leases.grant(agent, picked, self.clock())
-        starting = list({task.job_id: self._queues.job(task.job_id) for task in picked}.values())
-        # Queued in the same turn, a job's start rides in the leases' group commit: one commit, not two in a row.
-        lease_write = asyncio.ensure_future(self.store.save_leases(writes))
-        start_write = asyncio.ensure_future(self._save_started(starting))
-        try:
-            await lease_write
-        except Exception:
-            self._leases.undo(picked)  # nothing was acknowledged: put them back as they were
-            await asyncio.gather(start_write, return_exceptions=True)
-            raise
+        granted = [(task, task.lease_id) for task in picked]
+        starting = [job for job in {task.job_id: self._queues.job(task.job_id) for task in picked}.values()
+                    if job.state == JobState.QUEUED]
+        for job in starting:   # (as its tasks are leased in memory: views show both at once)
+            job.state = JobState.RUNNING
+        # One write with the jobs it starts, queued now (before the reply is written, so the store's writer commits
+        # while the reply travels); the reply does not wait for it (hub/lease_writes.py: what waits for it instead,
+        # what a crash costs).
+        lease_write = self.store.save_leases(writes, [dataclasses.replace(job) for job in starting])
+        self._lease_writes.track((task.id for task in picked), self._lease_landed(lease_write, granted))
         self._leases.commit(picked)
         await self.trust.leased(agent, picked)   # may queue a second instance to run in parallel
-        await start_write
-        for job in starting:
-            if job.state == JobState.QUEUED:
-                job.state = JobState.RUNNING
         self._stats["leases"] += len(picked)
         assignments, envelopes = self._leases.assignments(picked, have)
         self._stats["envelopes_sent"] += envelopes.sent
@@ -362,11 +377,16 @@ class Board:
         self._stats["envelopes_fetched"] += 1
         return entry
 
-    async def _save_started(self, jobs: list[JobRow]) -> None:
-        """Store as running the jobs still queued now (a job cancelled meanwhile keeps its state)."""
-        rows = [dataclasses.replace(job, state=JobState.RUNNING) for job in jobs if job.state == JobState.QUEUED]
-        if rows:
-            await self.store.save_tasks([], rows)
+    async def _lease_landed(self, lease_write: Awaitable[None], granted: list[tuple[TaskRow, str | None]]) -> None:
+        """After a lease reply: its commit landed, or it failed and the leases still current are taken back
+        (their agent's results will be refused as expired leases; a job's start is written again with its next
+        change)."""
+        try:
+            await lease_write
+        except Exception:
+            log.exception("a lease commit failed: %d leases taken back", len(granted))
+            self._leases.undo([task for task, lease_id in granted
+                               if task.state == TaskState.LEASED and task.lease_id == lease_id])
 
     def retry_after(self, agent_id: str) -> float | None:
         """How long an agent a lease request found nothing for should wait before asking again (hub/pacing.py)."""
@@ -393,6 +413,7 @@ class Board:
         self.agent(agent_id)
         lost, checkpoints = self._leases.heartbeat(agent_id, leases)
         if checkpoints:  # a checkpoint is worth a commit: it is what a retry resumes from
+            await self._lease_writes.settled(task.id for task in checkpoints)
             await self.store.save_tasks(checkpoints)
         return HeartbeatReply(self.config.lease_ttl_s, tuple(lost))
 

@@ -39,7 +39,7 @@ from asyncio.sslproto import SSLProtocol
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -131,8 +131,8 @@ class GuardedConnection(asyncio.Protocol):
 
     # -- accept ----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # asyncio's socket transport, or uvloop's (PANAL_EVENT_LOOP=uvloop: the same methods, not a subclass)
+        self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         guard, limits = self.guard, self.guard.limits

@@ -133,11 +133,15 @@ class PgConnections:
     async def write(self, fn: Callable[[Conn], Awaitable[T]], *, one_statement: bool = False) -> T:
         """Queue a write; return its result once it is committed. ``one_statement``: ``fn`` runs exactly
         one statement (an ``executemany`` counts: asyncpg makes it atomic), so alone it needs no BEGIN."""
+        return await self.queue(fn, one_statement=one_statement)
+
+    def queue(self, fn: Callable[[Conn], Awaitable[T]], *, one_statement: bool = False) -> asyncio.Future[T]:
+        """:meth:`write`, queued now (its place in the commit order is taken here, not when awaited)."""
         if self._writer is None:
             raise RuntimeError("store is not open")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((fn, fut, one_statement))
-        return await fut
+        return fut
 
     async def read(self, fn: Callable[[Reader], Awaitable[T]]) -> T:
         """Run ``fn`` on a pooled connection; once more on a fresh one if the server dropped the first."""

@@ -8,6 +8,7 @@ Methods mirror hub/sqlite_store.py statement for statement, in PostgreSQL's dial
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -147,13 +148,19 @@ class PgStore:
         args = [*job_values(job), *_columns([task_values(t) for t in tasks], 16)]
         await self._run(lambda c: c.execute(_CREATE_JOB, *args), one_statement=True)
 
-    async def save_leases(self, leases: Sequence[LeaseWrite]) -> None:
+    def save_leases(self, leases: Sequence[LeaseWrite], started: Sequence[JobRow] = ()) -> asyncio.Future[None]:
         now = time.time()
-        await self._run(lambda c: c.executemany(
-            "UPDATE tasks SET state='leased', lease_id=$1, agent_id=$2, attempt=$3, lease_expires_at=$4, "
-            "updated_at=$5 WHERE id=$6",
-            [(lease, agent, attempt, expires, now, task) for task, lease, agent, attempt, expires in leases]),
-            one_statement=True)
+        rows = [(lease, agent, attempt, expires, now, task) for task, lease, agent, attempt, expires in leases]
+        sql = ("UPDATE tasks SET state='leased', lease_id=$1, agent_id=$2, attempt=$3, lease_expires_at=$4, "
+               "updated_at=$5 WHERE id=$6")
+        if not started:
+            return self.db.queue(lambda c: c.executemany(sql, rows), one_statement=True)
+        jobs = _update_args([], started)
+
+        async def op(c: Conn) -> None:
+            await c.executemany(sql, rows)
+            await c.execute(_UPDATE, *jobs)
+        return self.db.queue(op)
 
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
         args = _update_args(tasks, jobs)

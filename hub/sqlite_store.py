@@ -131,11 +131,16 @@ class SqliteStore:
             self._loop.call_soon_threadsafe(_settle, fut, ok, value)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._queue_write(fn)
+
+    def _queue_write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``fn`` for the writer now (its place in the commit order is taken here); its future resolves
+        after COMMIT."""
         if self._thread is None:
             raise RuntimeError("store is not open")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put((fn, fut))
-        return await fut
+        return fut
 
     # -- agents and submitters ------------------------------------------------------------------
     async def upsert_agent(self, agent: AgentRow) -> None:
@@ -176,12 +181,15 @@ class SqliteStore:
                           [task_values(t) for t in tasks])
         await self._run(op)
 
-    async def save_leases(self, leases: Sequence[LeaseWrite]) -> None:
+    def save_leases(self, leases: Sequence[LeaseWrite], started: Sequence[JobRow] = ()) -> asyncio.Future[None]:
         now = time.time()
-        await self._run(lambda c: c.executemany(
-            "UPDATE tasks SET state='leased', lease_id=?, agent_id=?, attempt=?, lease_expires_at=?, "
-            "updated_at=? WHERE id=?",
-            [(lease, agent, attempt, expires, now, task) for task, lease, agent, attempt, expires in leases]))
+        rows = [(lease, agent, attempt, expires, now, task) for task, lease, agent, attempt, expires in leases]
+
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany("UPDATE tasks SET state='leased', lease_id=?, agent_id=?, attempt=?, lease_expires_at=?, "
+                          "updated_at=? WHERE id=?", rows)
+            update_jobs(c, started)
+        return self._queue_write(op)
 
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
         def op(c: sqlite3.Connection) -> None:

@@ -8,7 +8,7 @@ suite (tests/test_store_contract.py); every write below is atomic: all of it or 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from hub.records import AgentRow, HistoryBucket, JobRow, JobState, ResultRow, TaskRow
@@ -39,8 +39,10 @@ class Store(Protocol):
 
     async def create_job(self, job: JobRow, tasks: Sequence[TaskRow]) -> None:
         """Insert a job with all its tasks; an existing job id is an error and changes nothing."""
-    async def save_leases(self, leases: Sequence[LeaseWrite]) -> None:
-        """Mark tasks leased to an agent until lease_expires_at."""
+    def save_leases(self, leases: Sequence[LeaseWrite], started: Sequence[JobRow] = ()) -> Awaitable[None]:
+        """Mark tasks leased to an agent until lease_expires_at, and the jobs they start as ``started`` says
+        (their state), in one write. Queued when called, not when awaited: a lease reply sent before it lands
+        still comes after it in the store's order, before any write queued later (hub/lease_writes.py)."""
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
         """Write tasks' mutable fields (state, attempt, lease, error, progress, checkpoint) and jobs'
         state, finished_at, error and best task (hub/best.py)."""

@@ -94,6 +94,7 @@ async def test_a_jobs_first_lease_makes_the_lease_and_the_jobs_start_durable(sho
     # when the store's writer thread wakes (a busy machine: two commits), so that is measured, not asserted here.
     job_id = await short.submit(2)
     [task] = await short.board.lease(short.agent.id, 1, 0)
+    await short.board.leases_stored()   # the reply went out with the commits in flight (hub/lease_writes.py)
     assert (await short.board.job_view(job_id))["state"] == "running"
     # both are durable: a fresh board reads them back
     await short.board.stop()

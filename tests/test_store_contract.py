@@ -166,6 +166,20 @@ async def test_leases_tasks_and_job_states_are_saved(make: Callable[[], Store]) 
         assert (await store.get_tasks("j1"))[1].progress == 0.75
 
 
+async def test_a_lease_write_carries_the_jobs_it_starts_and_takes_its_place_when_called(
+        make: Callable[[], Store]) -> None:
+    row = job("j1")
+    t0, t1 = tasks(row)
+    async with opened(make) as store:
+        await store.create_job(row, [t0, t1])
+        leasing = store.save_leases([(t0.id, "L1", "agent-1", 0, 5000.0)], [replace(row, state=JobState.RUNNING)])
+        # queued when called: a write asked for after it, awaited first, still lands after it
+        await store.save_tasks([replace(t0, state=TaskState.DONE, lease_id="L1", agent_id="agent-1")])
+        await leasing
+        assert (await store.get_tasks("j1"))[0].state == TaskState.DONE
+        assert (await store.get_job("j1")) == replace(row, state=JobState.RUNNING)
+
+
 async def test_results_are_accepted_with_their_tasks_and_job(make: Callable[[], Store]) -> None:
     row = job("j1")
     t0, t1 = tasks(row)

@@ -20,6 +20,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from agent import eventloop
 from agent.client.board import BoardClient
 from agent.host.home import AgentHome
 from security.errors import BadRequest, PanalError
@@ -109,7 +110,8 @@ def _is_file(path: Path) -> bool:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run a command's coroutine on the event loop ``PANAL_EVENT_LOOP`` names (agent/eventloop.py)."""
+    return eventloop.run(coro)
 
 
 def home() -> AgentHome:

@@ -113,6 +113,7 @@ def serve(root: Path, port: int | None, bind: str | None) -> None:
         nonlocal lost
         server = BoardServer(config, hub_home.db_path, ssl_context, election=election)
         bound = await server.start()
+        log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.partition(".")[0])
         url = with_peers(hub_home.address(config, bound), config).join_url()
         hub_home.serve_path.write_text(url + "\n")
         click.echo(f"panal hub serving at {url}" + (" (a standby until it is the active hub)" if election else ""),

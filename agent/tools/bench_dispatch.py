@@ -23,6 +23,7 @@ from typing import Any
 import click
 import psutil
 
+from agent import eventloop
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, run_job, submit, wait_job
 from agent.daemon.envelopes import EnvelopeBook, HeldEnvelopes
@@ -212,7 +213,7 @@ def run_dispatch_bench(agents: int, tasks: int, slots: int, samples: int, store:
         hub, url = start_hub(Path(tmp) / "hub", user_home, settings={"store": store} if store else None)
         try:
             user = Identity.load(user_home / "user.key")
-            return asyncio.run(_bench(url, user, agents, tasks, slots, samples, hub.pid))
+            return eventloop.run(_bench(url, user, agents, tasks, slots, samples, hub.pid))   # (the hub's loop too)
         finally:
             stop([hub])
             if hub.stdout is not None:

@@ -62,7 +62,7 @@ def start_hub(root: Path, user_home: Path, host: str = "127.0.0.1",
     if "serving at" not in line:
         proc.kill()
         raise click.ClickException(f"hub did not start: {line!r}")
-    return proc, line.split("serving at", 1)[1].strip()
+    return proc, line.split("serving at", 1)[1].split(" (")[0].strip()   # (" (a standby until ...)": a HA hub)
 
 
 def start_agent(home: Path, url: str, name: str) -> subprocess.Popen[str]:
