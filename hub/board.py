@@ -364,6 +364,9 @@ class Board:
         self._lease_writes.track((task.id for task in picked), self._lease_landed(lease_write, granted))
         self._leases.commit(picked)
         await self.trust.leased(agent, picked)   # may queue a second instance to run in parallel
+        # Only leases still this agent's: while trust's records were written, the job may have been cancelled or
+        # the agent's leases released (quarantine, a lost agent), and those tasks are no longer its to run.
+        picked = [task for task, lease_id in granted if self._leases.holds(task, agent.row.id, lease_id)]
         self._stats["leases"] += len(picked)
         assignments, envelopes = self._leases.assignments(picked, have)
         self._stats["envelopes_sent"] += envelopes.sent

@@ -171,3 +171,32 @@ async def test_a_lease_whose_commit_fails_is_taken_back_and_its_result_refused(t
         blocker.close()
         await short.board.stop()
 
+
+
+async def test_a_job_cancelled_while_its_lease_is_being_written_leaves_it_out_of_the_reply(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease reply is built after trust's records are written; a job cancelled meanwhile (its submitter's
+    cancel, between the pick and the reply) is not handed to the agent, and the request is answered, not a 500."""
+    short = Short(tmp_path)
+    await short.board.start()
+    gate, flushing = asyncio.Event(), asyncio.Event()
+    try:
+        await short.board.register_agent(short.agent.public, "a", Capabilities.from_dict({"kinds": ["sleep"]}))
+        job_id = await short.submit(1)
+        trust = short.board.trust
+        flush = trust.flush
+
+        async def held_flush() -> None:
+            flushing.set()
+            await gate.wait()
+            await flush()
+        monkeypatch.setattr(trust, "flush", held_flush)
+        leasing = asyncio.create_task(short.board.lease(short.agent.id, 1, 0))
+        await flushing.wait()                          # the lease is granted; its reply is not built yet
+        await short.board.cancel(job_id, short.user.id)
+        gate.set()
+        assert await leasing == []
+        assert (await short.board.job_view(job_id))["state"] == "cancelled"
+    finally:
+        gate.set()
+        await short.board.stop()
