@@ -29,7 +29,7 @@ from hub.config import HubConfig
 from hub.dispatch import make_policy
 from hub.dispatch.memory_hint import MemoryHint
 from hub.dispatcher import Dispatcher
-from hub.envelopes import JobEnvelope
+from hub.envelopes import JobEnvelope, stored_proofs
 from hub.fleet import AgentState, Fleet
 from hub.intake import Envelope, new_job
 from hub.lease_writes import LeaseWrites
@@ -143,6 +143,9 @@ class Board:
         self._queues.add_tasks(tasks)
         self._leases.restore(tasks, now)
         await self.trust.start(jobs, tasks)   # (who ran which instance, from the rows, before the loop below)
+        for job in jobs:   # a committed job's proofs, rebuilt in a thread (~2 s for 100k units), not at a lease
+            if isinstance(job.envelope, dict) and job.envelope.get("units") is not None:
+                self._leases.envelopes.adopt(job, await asyncio.to_thread(stored_proofs, job))
         # A result held for validation lives in memory only; its row stays stored as leased, so the restored
         # lease expires and the instance runs again. A row stored while held (no lease) is requeued here.
         for task in tasks:
@@ -218,7 +221,12 @@ class Board:
             # Inserted without a read first (one store round trip on the path of every new job): a job id
             # already stored (a finished job submitted again) fails the insert, which changes nothing; the
             # stored job is the answer, even if its manifest would no longer pass (limits, inputs since gone).
-            job, tasks = new_job(signed, self.config, self.blobs, self.clock())
+            if signed.lists is not None or len(signed.record.payload) > self.config.inline_envelope_bytes:
+                # A big job (100k units: validated, expanded and, if committed, its tree built: ~1-2 s) is
+                # made in a thread, so the board goes on answering leases and heartbeats meanwhile.
+                job, tasks = await asyncio.to_thread(new_job, signed, self.config, self.blobs, self.clock())
+            else:
+                job, tasks = new_job(signed, self.config, self.blobs, self.clock())
             await self.store.create_job(job, tasks)
         except Exception:
             stored = await self.store.get_job(signed.job_id)

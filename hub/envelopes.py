@@ -36,7 +36,7 @@ from jobs.protocol import envelope_digest
 from jobs.wire import MSGPACK, encode_body
 from security.records import SignedRecord
 
-__all__ = ["JobEnvelope", "JobEnvelopes", "ReplyEnvelopes"]
+__all__ = ["JobEnvelope", "JobEnvelopes", "ReplyEnvelopes", "stored_proofs"]
 
 
 @dataclass
@@ -62,6 +62,12 @@ class JobEnvelope:
         return self._encoded
 
 
+def stored_proofs(job: JobRow) -> UnitProofs | None:
+    """A stored committed job's proofs, rebuilt from the lists kept in its envelope column (None: signed whole)."""
+    lists = job.envelope.get("units") if isinstance(job.envelope, dict) else None
+    return None if lists is None else UnitProofs.stored(SignedRecord.from_wire(job.envelope), lists)
+
+
 class JobEnvelopes:
     """Active jobs' envelopes by job id."""
 
@@ -76,15 +82,15 @@ class JobEnvelopes:
         if entry is None or entry.job is not job:
             record = SignedRecord.from_wire(job.envelope)
             size = len(record.payload) + len(record.sig)
-            lists = job.envelope.get("units") if isinstance(job.envelope, dict) else None
-            if proofs is None and lists is not None:
-                proofs = UnitProofs.stored(record, lists)
+            if proofs is None:
+                proofs = stored_proofs(job)
             entry = self._jobs[job.id] = JobEnvelope(job, record, envelope_digest(record), size > self.inline_bytes,
                                                      proofs=proofs)
         return entry
 
-    def adopt(self, job: JobRow, proofs: UnitProofs) -> None:
-        """A committed job just submitted: its proofs as intake built them (no second build at its first lease)."""
+    def adopt(self, job: JobRow, proofs: UnitProofs | None) -> None:
+        """A committed job's proofs as intake built them, or as a starting board rebuilt them (in a thread): no
+        build at its first lease."""
         self.of(job, proofs)
 
     def forget(self, job_id: str) -> None:
