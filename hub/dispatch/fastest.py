@@ -17,7 +17,7 @@ holds for the rest. The answer is the full sum's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.covers import LOOK, MARGIN_S, Cover, Covers
@@ -117,8 +117,8 @@ class SoonestGate:
             if b_id in capable and b_id not in quick:
                 yield position, speed, b_id
 
-    def _repair(self, job_id: str, cover: Cover, job: JobRow, task: TaskRow, req: Requirements, my_end: float,
-                total: int, queued: int) -> bool:
+    def _repair(self, job_id: str, group: Hashable, cover: Cover, job: JobRow, task: TaskRow, req: Requirements,
+                my_end: float, total: int, queued: int) -> bool:
         """Whether rivals after the cover's last one, with its parts (at least ``total``), still cover the
         queue: a few more visits instead of a new walk when a part was taken out (its rival asked or settled)."""
         assert self.covers is not None
@@ -137,7 +137,7 @@ class SoonestGate:
             total += n
             until = self._holds_until(b, job, free + runtime)
             if until > self.now:
-                self.covers.add(job_id, cover, b_id, free, runtime, until)
+                self.covers.add(group, cover, b_id, free, runtime, until)
             if total >= queued:
                 return True
         return False
@@ -152,17 +152,19 @@ class SoonestGate:
         my_end = now + self.predictor.predict(self.agent, job, task, req)
         horizon = my_end - now
         cost = self.predictor.cost(job, task)
-        key = (cost, task.params.get("dtype") in HALF)
-        kept = self.covers.get(job_id, key, now) if self.covers is not None else None
+        # the jobs whose rivals' parts are these numbers (covers.py): same capable agents and corrections (the
+        # requirements and kind), the same deadline, and a head task that costs the same on every device
+        group = (req, job.kind, job.deadline_at, cost, task.params.get("dtype") in HALF)
+        kept = self.covers.get(group, now) if self.covers is not None else None
         if kept is not None:
             total = self.covers.count(kept, horizon, queued, now) if self.covers is not None else 0
-            if total >= queued or self._repair(job_id, kept, job, task, req, my_end, total, queued):
+            if total >= queued or self._repair(job_id, group, kept, job, task, req, my_end, total, queued):
                 return 0
         agents, kind = self.view.agents(), job.kind
         # connected capable agents not visited yet: at least the rivals among them (the roster holds no others)
         left = self.view.capable_connected(job_id)
         ahead = 0
-        cover = Cover(key, now) if self.covers is not None else None
+        cover = Cover(group, now) if self.covers is not None else None
         covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
         resume = 0
         for position, speed, b_id in self._visit(job_id):
@@ -198,7 +200,7 @@ class SoonestGate:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:
             cover.resume = resume
-            self.covers.keep(job_id, cover)
+            self.covers.keep(group, cover)
         return 0
 
 
