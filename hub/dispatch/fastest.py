@@ -53,6 +53,9 @@ class SoonestGate:
         roster.update(view)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
         self._connected = view.connected_ids()
+        #: per group of like jobs (see ``share``): this agent's runtime, and how many tasks rivals are proven to
+        #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
+        self._groups: dict[Hashable, list[float]] = {}
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
         """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
@@ -149,16 +152,23 @@ class SoonestGate:
         if task is None or need <= 0:
             return 0
         queued, now = self.queues.queued(job_id), self.now
-        my_end = now + self.predictor.predict(self.agent, job, task, req)
-        horizon = my_end - now
         cost = self.predictor.cost(job, task)
         # the jobs whose rivals' parts are these numbers (covers.py): same capable agents and corrections (the
         # requirements and kind), the same deadline, and a head task that costs the same on every device
         group = (req, job.kind, job.deadline_at, cost, task.params.get("dtype") in HALF)
+        seen = self._groups.get(group)
+        if seen is None:   # this agent's runtime is the same for every job of the group
+            seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0]
+        mine, proven = seen
+        if queued <= proven:
+            return 0   # rivals counted for another job of the group this pick finish at least this many first
+        my_end = now + mine
+        horizon = my_end - now
         kept = self.covers.get(group, now) if self.covers is not None else None
         if kept is not None:
             total = self.covers.count(kept, horizon, queued, now) if self.covers is not None else 0
             if total >= queued or self._repair(job_id, group, kept, job, task, req, my_end, total, queued):
+                seen[1] = max(proven, queued)
                 return 0
         agents, kind = self.view.agents(), job.kind
         # connected capable agents not visited yet: at least the rivals among them (the roster holds no others)
@@ -194,8 +204,10 @@ class SoonestGate:
                     cover.add(b_id, free - now, runtime, until)
             if not covered and ahead >= queued:
                 if cover is None:
+                    seen[1] = max(proven, ahead)
                     return 0
                 covered, extra = True, EXTRA_VISITS
+        seen[1] = max(proven, ahead)
         if not covered:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:
