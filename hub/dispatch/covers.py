@@ -21,7 +21,11 @@ When the parts alone reach the queued count, the full sum would too: the agent t
 Otherwise the walk runs (and keeps a new cover). The parts are first asked all at once: each is at least
 ``(horizon - offset - MARGIN_S) / runtime - 1 - 1e-9``, so their sum is at least ``rate x horizon - lag``
 with ``rate`` and ``lag`` summed over the parts (kept as parts are taken out): one multiplication answers
-most questions; a part-by-part sum (at most :data:`LOOK` parts) answers the rest.
+most questions. That sum loses up to one task per part, so it fails an agent nearly as quick as the rivals
+(each finishing one or two tasks first: a proof of hundreds of parts). For those a cover keeps a few *proofs*:
+for a horizon ``h0`` once asked, a lower bound of the parts' sum at ``h0``, adjusted as parts come and go (a
+part adds or takes away exactly what it counts at ``h0``). The sum only grows with the horizon, so a proof
+answers every agent needing ``h0`` or more. A part-by-part sum (at most :data:`LOOK` parts) answers the rest.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hub.protocols import DispatchView
 
-__all__ = ["LOOK", "MARGIN_S", "Cover", "Covers"]
+__all__ = ["KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "finishes"]
 
 #: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
 MARGIN_S = 1e-3
@@ -42,6 +46,17 @@ MARGIN_S = 1e-3
 LOOK = 128
 #: a part that holds for less than this after the count is left out of the all-at-once sum
 LINEAR_MIN_S = 60.0
+#: parts one walk keeps at most (an agent nearly as quick as the rivals needs hundreds)
+KEEP = 1024
+#: proofs a cover keeps at most (the quickest horizons)
+PROOFS = 4
+#: parts all covers hold together at most before they start over (memory: ~200 bytes a part)
+PARTS_MAX = 1 << 19
+
+
+def finishes(horizon: float, offset: float, runtime: float) -> int:
+    """How many tasks a part finishes at least before an agent needing ``horizon`` s finishes one."""
+    return math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
 
 
 @dataclass
@@ -55,9 +70,18 @@ class Cover:
     until: float = math.inf  # the earliest end of those parts
     linear: set[str] = field(default_factory=set)   # those parts
     resume: int = 0          # the roster position after the last rival visited for it (a repair goes on there)
+    #: [horizon, at least how many tasks the parts finish first at it, until when every counted part holds]
+    proofs: list[list[float]] = field(default_factory=list)
+    #: rivals whose parts were taken out, oldest first (a repair counts them afresh before visiting new ones)
+    gone: list[str] = field(default_factory=list)
 
     def add(self, agent_id: str, offset: float, runtime: float, until: float) -> None:
         self.parts[agent_id] = (offset, runtime, until)
+        for proof in self.proofs:
+            n = finishes(proof[0], offset, runtime)
+            if n > 0:
+                proof[1] += n
+                proof[2] = min(proof[2], until)
         if until >= self.at + LINEAR_MIN_S:
             self.linear.add(agent_id)
             self.rate += 1 / runtime
@@ -66,11 +90,28 @@ class Cover:
 
     def remove(self, agent_id: str) -> None:
         part = self.parts.pop(agent_id, None)
+        if part is not None:
+            self.gone.append(agent_id)
+            if len(self.gone) > KEEP:
+                del self.gone[:len(self.gone) - KEEP]
+            for proof in self.proofs:
+                proof[1] -= max(finishes(proof[0], part[0], part[1]), 0)
         if part is not None and agent_id in self.linear:
             self.linear.discard(agent_id)
             offset, runtime, _ = part
             self.rate -= 1 / runtime
             self.lag -= (offset + MARGIN_S) / runtime + 1 + 1e-9
+
+    def prove(self, horizon: float, now: float) -> None:
+        """Keep the parts' sum at ``horizon`` (parts that still hold at ``now``) as a proof (one pass)."""
+        total, holds = 0, math.inf
+        for offset, runtime, until in self.parts.values():
+            if now < until and (n := finishes(horizon, offset, runtime)) > 0:
+                total += n
+                holds = min(holds, until)
+        self.proofs.append([horizon, total, holds])
+        if len(self.proofs) > PROOFS:   # the slowest horizon answers the fewest agents
+            self.proofs.remove(max(self.proofs, key=lambda proof: proof[0]))
 
 
 class Covers:
@@ -85,6 +126,7 @@ class Covers:
     def __init__(self) -> None:
         self._groups: dict[Hashable, Cover] = {}              # group -> its cover
         self._by_agent: dict[str, set[Hashable]] = {}       # agent id -> the groups whose cover counts it
+        self._parts = 0                                     # parts held by all covers
         self._reports = 0
         self._noted = 0
 
@@ -96,8 +138,7 @@ class Covers:
         self._reports = version
         self._noted, changed = view.noted_since(self._noted)
         if changed is None or changed_reports is None:   # too far behind to say who: start over
-            self._groups.clear()
-            self._by_agent.clear()
+            self._clear()
             return
         for agent in changed_reports:
             self.forget(agent.row.id)
@@ -115,18 +156,23 @@ class Covers:
         (counting stops at ``queued``; at most :data:`LOOK` parts are looked at one by one)."""
         if now < cover.until and cover.rate * horizon - cover.lag >= queued + 1:   # + 1: rounding in the sums
             return queued
+        for at, total, holds in cover.proofs:
+            if at <= horizon and total >= queued and now < holds:
+                return queued
+        total = max((int(total) for at, total, holds in cover.proofs if at <= horizon and now < holds), default=0)
+        looking = total
         total = 0
         for looked, (offset, runtime, until) in enumerate(cover.parts.values()):
             if looked >= LOOK:
                 break
             if now >= until:
                 continue
-            n = math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
+            n = finishes(horizon, offset, runtime)
             if n > 0:
                 total += n
                 if total >= queued:
                     break
-        return total
+        return max(total, looking)
 
     def covered(self, group: Hashable, horizon: float, queued: int, now: float) -> bool:
         """Whether the kept parts prove that an agent needing ``horizon`` s should take none of a job of the
@@ -137,9 +183,10 @@ class Covers:
     def add(self, group: Hashable, cover: Cover, agent_id: str, free: float, runtime: float, until: float) -> None:
         """Add a rival counted now to the group's kept cover (its free time taken relative to ``cover.at``: a
         later count only understates what it finishes)."""
-        if self._groups.get(group) is cover and agent_id not in cover.parts:
+        if self._groups.get(group) is cover and agent_id not in cover.parts and self._parts < PARTS_MAX:
             cover.add(agent_id, free - cover.at, runtime, until)
             self._by_agent.setdefault(agent_id, set()).add(group)
+            self._parts += 1
 
     def keep(self, group: Hashable, cover: Cover) -> None:
         """Keep ``cover`` for the group (replacing the one it had)."""
@@ -147,28 +194,36 @@ class Covers:
         if not cover.parts:
             return
         self._groups[group] = cover
+        self._parts += len(cover.parts)
         for agent_id in cover.parts:
             self._by_agent.setdefault(agent_id, set()).add(group)
-        if len(self._groups) > 4096:   # groups of jobs long finished: start over (a cover is only ever a shortcut)
-            self._groups.clear()
-            self._by_agent.clear()
+        # groups of jobs long finished, or more parts than memory allows: start over (a cover is only a shortcut)
+        if len(self._groups) > 4096 or self._parts > PARTS_MAX:
+            self._clear()
 
     def forget(self, agent_id: str) -> None:
         """Something happened to this agent: its parts no longer prove anything."""
         for group in self._by_agent.pop(agent_id, ()):
             cover = self._groups.get(group)
-            if cover is not None:
+            if cover is not None and agent_id in cover.parts:
                 cover.remove(agent_id)
+                self._parts -= 1
 
     def _drop(self, group: Hashable) -> None:
         cover = self._groups.pop(group, None)
         if cover is not None:
+            self._parts -= len(cover.parts)
             for agent_id in cover.parts:
                 groups = self._by_agent.get(agent_id)
                 if groups is not None:
                     groups.discard(group)
                     if not groups:
                         del self._by_agent[agent_id]
+
+    def _clear(self) -> None:
+        self._groups.clear()
+        self._by_agent.clear()
+        self._parts = 0
 
     def __len__(self) -> int:
         return len(self._groups)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.covers import LOOK, MARGIN_S, Cover, Covers
+from hub.dispatch.covers import KEEP, LOOK, MARGIN_S, Cover, Covers
 from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
@@ -56,6 +56,7 @@ class SoonestGate:
         #: per group of like jobs (see ``share``): this agent's runtime, and how many tasks rivals are proven to
         #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
         self._groups: dict[Hashable, list[float]] = {}
+        self._last = 0   # the task count of the last part :meth:`_counted`
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
         """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
@@ -122,10 +123,26 @@ class SoonestGate:
 
     def _repair(self, job_id: str, group: Hashable, cover: Cover, job: JobRow, task: TaskRow, req: Requirements,
                 my_end: float, total: int, queued: int) -> bool:
-        """Whether rivals after the cover's last one, with its parts (at least ``total``), still cover the
-        queue: a few more visits instead of a new walk when a part was taken out (its rival asked or settled)."""
+        """Whether more rivals, with the cover's parts (at least ``total``), still cover the queue: a few visits
+        instead of a new walk when parts were taken out. First the rivals whose parts were taken out (an agent
+        that asked and was told none is most often a rival again, now counted afresh), then those after the
+        cover's last one in the order."""
         assert self.covers is not None
         capable, agents, kind = self.view.capable(job_id), self.view.agents(), job.kind
+        visits = 0
+        gone, cover.gone = cover.gone, []
+        for i, b_id in enumerate(gone):
+            if visits >= REPAIR_VISITS:
+                cover.gone = gone[i:]
+                break
+            if b_id not in capable or b_id in cover.parts:
+                continue
+            visits += 1
+            if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
+                total += self._last
+                if total >= queued:
+                    cover.gone = gone[i + 1:]
+                    return True
         visits = 0
         for position, _, b_id in self.roster.fastest_first(cover.resume):
             if visits >= REPAIR_VISITS:
@@ -134,16 +151,23 @@ class SoonestGate:
             if b_id not in capable or b_id in cover.parts:
                 continue
             visits += 1
-            if (part := self._part(agents.get(b_id), kind, job, task, req, my_end)) is None:
-                continue
-            b, n, free, runtime = part
-            total += n
-            until = self._holds_until(b, job, free + runtime)
-            if until > self.now:
-                self.covers.add(group, cover, b_id, free, runtime, until)
-            if total >= queued:
-                return True
+            if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
+                total += self._last
+                if total >= queued:
+                    return True
         return False
+
+    def _counted(self, group: Hashable, cover: Cover, b_id: str, b: AgentState | None, kind: str, job: JobRow,
+                 task: TaskRow, req: Requirements, my_end: float) -> AgentState | None:
+        """A visited agent's part added to the kept cover, if it is a rival (its task count in ``_last``)."""
+        assert self.covers is not None
+        if (part := self._part(b, kind, job, task, req, my_end)) is None:
+            return None
+        rival, self._last, free, runtime = part
+        until = self._holds_until(rival, job, free + runtime)
+        if until > self.now:
+            self.covers.add(group, cover, b_id, free, runtime, until)
+        return rival
 
     def share(self, job_id: str, need: int) -> int:
         """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
@@ -198,7 +222,7 @@ class SoonestGate:
                 continue
             b, n, free, runtime = part
             ahead += n
-            if cover is not None and len(cover.parts) < LOOK:
+            if cover is not None and len(cover.parts) < KEEP:
                 until = self._holds_until(b, job, free + runtime)
                 if until > now:
                     cover.add(b_id, free - now, runtime, until)
@@ -212,6 +236,7 @@ class SoonestGate:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:
             cover.resume = resume
+            cover.prove(horizon, now)   # this agent's question, answered again from the kept parts alone
             self.covers.keep(group, cover)
         return 0
 
