@@ -191,15 +191,15 @@ class Covers:
     def keep(self, group: Hashable, cover: Cover) -> None:
         """Keep ``cover`` for the group (replacing the one it had)."""
         self._drop(group)
-        if not cover.parts:
+        if not cover.parts or len(cover.parts) > PARTS_MAX:
             return
+        # groups of jobs long finished, or more parts than memory allows: start over (a cover is only a shortcut)
+        if len(self._groups) >= 4096 or self._parts + len(cover.parts) > PARTS_MAX:
+            self._clear()
         self._groups[group] = cover
         self._parts += len(cover.parts)
         for agent_id in cover.parts:
             self._by_agent.setdefault(agent_id, set()).add(group)
-        # groups of jobs long finished, or more parts than memory allows: start over (a cover is only a shortcut)
-        if len(self._groups) > 4096 or self._parts > PARTS_MAX:
-            self._clear()
 
     def forget(self, agent_id: str) -> None:
         """Something happened to this agent: its parts no longer prove anything."""

@@ -133,15 +133,18 @@ class SoonestGate:
         gone, cover.gone = cover.gone, []
         for i, b_id in enumerate(gone):
             if visits >= REPAIR_VISITS:
-                cover.gone = gone[i:]
+                cover.gone += gone[i:]
                 break
+            if b_id == self.agent.row.id:
+                cover.gone.append(b_id)   # the asker (its own ask took it out): a rival for the next one
+                continue
             if b_id not in capable or b_id in cover.parts:
                 continue
             visits += 1
             if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
                 total += self._last
                 if total >= queued:
-                    cover.gone = gone[i + 1:]
+                    cover.gone += gone[i + 1:]
                     return True
         visits = 0
         for position, _, b_id in self.roster.fastest_first(cover.resume):
