@@ -2,8 +2,8 @@
 
 Under ``fastest`` most asks end in "take none": the asking agent is slower than enough of the others. Proving
 that means walking the rivals until they finish as many tasks as are queued, for each job the agent could
-run: ~100 jobs x ~40 rivals on every ask. A :class:`Cover` keeps, per group of like jobs, the rivals such a walk counted:
-for each, when it was free relative to the count (``offset``) and its runtime for the job's head task. For a
+run: ~100 jobs x ~40 rivals on every ask. A :class:`Cover` keeps, per group of like jobs, the rivals such a
+walk counted: for each, when it was free relative to the count (``offset``) and its runtime for the head task. For a
 later agent needing ``horizon`` seconds, a rival then finishes at least
 ``ceil((horizon - offset - MARGIN_S) / runtime) - 1`` tasks before that agent would finish one, while
 nothing that could lower it has happened:
