@@ -52,6 +52,8 @@ KEEP = 1024
 PROOFS = 4
 #: parts all covers hold together at most before they start over (memory: ~200 bytes a part)
 PARTS_MAX = 1 << 19
+#: rivals taken out that a cover remembers for its repair, the latest (the repair looks at 32 a time)
+GONE = 256
 
 
 def finishes(horizon: float, offset: float, runtime: float) -> int:
@@ -92,8 +94,8 @@ class Cover:
         part = self.parts.pop(agent_id, None)
         if part is not None:
             self.gone.append(agent_id)
-            if len(self.gone) > KEEP:
-                del self.gone[:len(self.gone) - KEEP]
+            if len(self.gone) > GONE:
+                del self.gone[:len(self.gone) - GONE]
             for proof in self.proofs:
                 proof[1] -= max(finishes(proof[0], part[0], part[1]), 0)
         if part is not None and agent_id in self.linear:
