@@ -23,6 +23,7 @@ from test_dispatch import A100, GTX1060, WORK, cpu_caps, gpu_caps
 from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
+from hub.dispatch import covers
 from hub.dispatch.adaptive import Adaptive
 from hub.dispatch.fastest import Fastest, SoonestGate
 from hub.dispatch.predict import candidate_jobs
@@ -442,3 +443,96 @@ async def test_an_agent_advertising_more_slots_than_the_board_gives_absorbs_no_m
         assert slots_of(board.agents[small.id]) == 2
     finally:
         await board.stop()
+
+
+def kept_covers(f: Fleet) -> list[Any]:
+    """The covers the policy keeps now (one per group of like jobs)."""
+    policy = f.board.policy
+    assert isinstance(policy, Fastest | Adaptive)
+    return list(policy.covers._groups.values())
+
+
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_like_jobs_share_one_cover_and_unlike_ones_do_not(fleets: Callable[..., Any], policy: str) -> None:
+    """A rival that asks breaks one cover per group of like jobs, not one per job (200 jobs of ~50 kinds of
+    work: 140 covers rebuilt in one pick before). Jobs are alike when their rivals' parts are the same numbers:
+    the same requirements and kind, deadline and head-task cost. A deadline or another cost is another group."""
+    f: Fleet = await fleets(policy)
+    laptop, a100 = await f.agent("laptop", cpu_caps()), await f.agent("a100", A100)
+    for _ in range(3):
+        await f.submit(30)
+    assert await f.lease(laptop) == []
+    assert len(kept_covers(f)) == 1                    # three jobs, one proof
+    await f.submit(30, params={**WORK, "iterations": 150})
+    await f.submit(30, policy={"deadline": "2h"})
+    assert await f.lease(laptop) == []
+    assert len(kept_covers(f)) == 3
+    assert f.check() > 0
+    await f.lease(a100)                                # the rival takes work: every group's cover loses it
+    assert f.check() > 0
+
+
+async def test_a_proof_for_a_quick_asker_follows_the_rivals_that_take_work(fleets: Callable[..., Any]) -> None:
+    """An asker nearly as quick as its rivals: each finishes one task first, so saying "none" takes 140 parts,
+    more than a question looks at one by one. The walk keeps the sum as a proof for that horizon and the next
+    ask is answered from it; as rivals take work, their parts leave the proof, and once the rest no longer
+    cover the queue the asker takes its share, as the scan says."""
+    f: Fleet = await fleets("fastest")
+    asker = await f.agent("asker", gpu_caps("A100", 40, 12_000))
+    rivals = [await f.agent(f"r{i}", A100) for i in range(150)]
+    await f.submit(140)
+    assert await f.lease(asker) == []
+    [cover] = kept_covers(f)
+    assert len(cover.parts) > 128 and cover.proofs and cover.proofs[0][1] >= 140
+    assert await f.lease(asker) == []                  # from the proof
+    assert kept_covers(f) == [cover]                   # not walked again
+    for rival in rivals[:15]:                          # 15 take a task each (the walk visited 140 of them)
+        assert len(await f.lease(rival)) == 1
+    assert cover.proofs[0][1] == len(cover.parts) < 140   # one task each, less those that left
+    f.check()
+    for rival in rivals[15:30]:                        # 15 more: 110 queued, 120 free rivals, then fewer
+        assert len(await f.lease(rival)) == 1
+    assert await f.lease(asker) == []
+    for i in range(30, 41):                            # 11 lose their GPU: 109 rivals for 110 tasks
+        await f.agent(f"r{i}", cpu_caps(), identity=rivals[i])
+    assert f.check() > 0
+    assert len(await f.lease(asker)) == 1
+
+
+async def test_a_repair_counts_again_a_rival_whose_part_was_taken_out(fleets: Callable[..., Any]) -> None:
+    """An agent's parts leave every cover when it asks and when an attempt of its settles. Free again, it is most
+    often a rival still: the next repair counts it afresh first, so the cover holds without a new walk."""
+    f: Fleet = await fleets("fastest")
+    laptop, a100 = await f.agent("laptop", cpu_caps()), await f.agent("a100", A100)
+    gtx = await f.agent("gtx", GTX1060)
+    await f.submit(110)
+    assert await f.lease(laptop) == []                 # ~69 s a task: the A100 (~97 first) and the GTX (~21)
+    [cover] = kept_covers(f)
+    assert set(cover.parts) == {a100.id, gtx.id}
+    [task] = await f.lease(gtx)                        # the GTX asks and takes one: it leaves the cover
+    assert set(cover.parts) == {a100.id}
+    f.clock.now += 3
+    await f.finish(gtx, task, wall_s=3.1)
+    assert await f.lease(laptop) == []                 # the A100 alone is short: the GTX is counted again
+    assert kept_covers(f) == [cover] and set(cover.parts) == {a100.id, gtx.id}
+    assert f.check() > 0
+
+
+async def test_covers_hold_a_bounded_number_of_parts(fleets: Callable[..., Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walks keep up to a thousand parts each for quick askers; all covers together hold at most ``PARTS_MAX``
+    (a submitter's hundreds of unlike jobs on a fleet of thousands would otherwise keep jobs x agents parts):
+    past it they start over, and the answers stay the scan's."""
+    monkeypatch.setattr(covers, "PARTS_MAX", 20)
+    f: Fleet = await fleets("fastest")
+    laptop = await f.agent("laptop", cpu_caps())
+    for i in range(12):
+        await f.agent(f"a100-{i}", A100)
+    for i in range(4):
+        await f.submit(400, params={**WORK, "iterations": 100 + i})
+    assert await f.lease(laptop) == []
+    policy = f.board.policy
+    assert isinstance(policy, Fastest)
+    assert 0 < policy.covers._parts <= 20
+    assert sum(len(cover.parts) for cover in kept_covers(f)) == policy.covers._parts
+    assert f.check() > 0

@@ -2,8 +2,8 @@
 
 Under ``fastest`` most asks end in "take none": the asking agent is slower than enough of the others. Proving
 that means walking the rivals until they finish as many tasks as are queued, for each job the agent could
-run: ~100 jobs x ~40 rivals on every ask. A :class:`Cover` keeps, per job, the rivals such a walk counted:
-for each, when it was free relative to the count (``offset``) and its runtime for the job's head task. For a
+run: ~100 jobs x ~40 rivals on every ask. A :class:`Cover` keeps, per group of like jobs, the rivals such a
+walk counted: for each, when it was free relative to the count (``offset``) and its runtime for the head task. For a
 later agent needing ``horizon`` seconds, a rival then finishes at least
 ``ceil((horizon - offset - MARGIN_S) / runtime) - 1`` tasks before that agent would finish one, while
 nothing that could lower it has happened:
@@ -21,7 +21,11 @@ When the parts alone reach the queued count, the full sum would too: the agent t
 Otherwise the walk runs (and keeps a new cover). The parts are first asked all at once: each is at least
 ``(horizon - offset - MARGIN_S) / runtime - 1 - 1e-9``, so their sum is at least ``rate x horizon - lag``
 with ``rate`` and ``lag`` summed over the parts (kept as parts are taken out): one multiplication answers
-most questions; a part-by-part sum (at most :data:`LOOK` parts) answers the rest.
+most questions. That sum loses up to one task per part, so it fails an agent nearly as quick as the rivals
+(each finishing one or two tasks first: a proof of hundreds of parts). For those a cover keeps a few *proofs*:
+for a horizon ``h0`` once asked, a lower bound of the parts' sum at ``h0``, adjusted as parts come and go (a
+part adds or takes away exactly what it counts at ``h0``). The sum only grows with the horizon, so a proof
+answers every agent needing ``h0`` or more. A part-by-part sum (at most :data:`LOOK` parts) answers the rest.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hub.protocols import DispatchView
 
-__all__ = ["LOOK", "MARGIN_S", "Cover", "Covers"]
+__all__ = ["KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "finishes"]
 
 #: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
 MARGIN_S = 1e-3
@@ -42,11 +46,24 @@ MARGIN_S = 1e-3
 LOOK = 128
 #: a part that holds for less than this after the count is left out of the all-at-once sum
 LINEAR_MIN_S = 60.0
+#: parts one walk keeps at most (an agent nearly as quick as the rivals needs hundreds)
+KEEP = 1024
+#: proofs a cover keeps at most (the quickest horizons)
+PROOFS = 4
+#: parts all covers hold together at most before they start over (memory: ~200 bytes a part)
+PARTS_MAX = 1 << 19
+#: rivals taken out that a cover remembers for its repair, the latest (the repair looks at 32 a time)
+GONE = 256
+
+
+def finishes(horizon: float, offset: float, runtime: float) -> int:
+    """How many tasks a part finishes at least before an agent needing ``horizon`` s finishes one."""
+    return math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
 
 
 @dataclass
 class Cover:
-    key: Hashable            # what the rivals' runtimes depend on: the head task's cost (and dtype)
+    key: Hashable            # the group it was counted for (:meth:`Covers.get`)
     at: float                # counted at this time
     #: rival id -> (its free time - ``at``, its runtime, until when its part holds)
     parts: dict[str, tuple[float, float, float]] = field(default_factory=dict)
@@ -55,9 +72,18 @@ class Cover:
     until: float = math.inf  # the earliest end of those parts
     linear: set[str] = field(default_factory=set)   # those parts
     resume: int = 0          # the roster position after the last rival visited for it (a repair goes on there)
+    #: [horizon, at least how many tasks the parts finish first at it, until when every counted part holds]
+    proofs: list[list[float]] = field(default_factory=list)
+    #: rivals whose parts were taken out, oldest first (a repair counts them afresh before visiting new ones)
+    gone: list[str] = field(default_factory=list)
 
     def add(self, agent_id: str, offset: float, runtime: float, until: float) -> None:
         self.parts[agent_id] = (offset, runtime, until)
+        for proof in self.proofs:
+            n = finishes(proof[0], offset, runtime)
+            if n > 0:
+                proof[1] += n
+                proof[2] = min(proof[2], until)
         if until >= self.at + LINEAR_MIN_S:
             self.linear.add(agent_id)
             self.rate += 1 / runtime
@@ -66,19 +92,43 @@ class Cover:
 
     def remove(self, agent_id: str) -> None:
         part = self.parts.pop(agent_id, None)
+        if part is not None:
+            self.gone.append(agent_id)
+            if len(self.gone) > GONE:
+                del self.gone[:len(self.gone) - GONE]
+            for proof in self.proofs:
+                proof[1] -= max(finishes(proof[0], part[0], part[1]), 0)
         if part is not None and agent_id in self.linear:
             self.linear.discard(agent_id)
             offset, runtime, _ = part
             self.rate -= 1 / runtime
             self.lag -= (offset + MARGIN_S) / runtime + 1 + 1e-9
 
+    def prove(self, horizon: float, now: float) -> None:
+        """Keep the parts' sum at ``horizon`` (parts that still hold at ``now``) as a proof (one pass)."""
+        total, holds = 0, math.inf
+        for offset, runtime, until in self.parts.values():
+            if now < until and (n := finishes(horizon, offset, runtime)) > 0:
+                total += n
+                holds = min(holds, until)
+        self.proofs.append([horizon, total, holds])
+        if len(self.proofs) > PROOFS:   # the slowest horizon answers the fewest agents
+            self.proofs.remove(max(self.proofs, key=lambda proof: proof[0]))
+
 
 class Covers:
-    """Per job, at most one :class:`Cover`; per agent, the jobs whose cover counts it."""
+    """Per group of jobs, at most one :class:`Cover`; per agent, the groups whose cover counts it.
+
+    A group is every job whose rivals' parts are the same numbers (``SoonestGate.group``: the same requirements
+    and kind, so the same capable agents and corrections; the same deadline; a head task of the same cost and
+    dtype, so the same runtimes). Jobs of a group differ only in how many tasks they have queued, which each
+    question brings along: one cover answers them all, and one rival that asks breaks one cover per group, not
+    one per job (a sweep split into 200 jobs of ~50 kinds of work rebuilt 140 covers in one pick)."""
 
     def __init__(self) -> None:
-        self._jobs: dict[str, Cover] = {}
-        self._by_agent: dict[str, set[str]] = {}
+        self._groups: dict[Hashable, Cover] = {}              # group -> its cover
+        self._by_agent: dict[str, set[Hashable]] = {}       # agent id -> the groups whose cover counts it
+        self._parts = 0                                     # parts held by all covers
         self._reports = 0
         self._noted = 0
 
@@ -90,18 +140,17 @@ class Covers:
         self._reports = version
         self._noted, changed = view.noted_since(self._noted)
         if changed is None or changed_reports is None:   # too far behind to say who: start over
-            self._jobs.clear()
-            self._by_agent.clear()
+            self._clear()
             return
         for agent in changed_reports:
             self.forget(agent.row.id)
         for agent_id in changed:
             self.forget(agent_id)
 
-    def get(self, job_id: str, key: Hashable, now: float) -> Cover | None:
-        """The job's cover, if it was counted for the same head task cost and not in the future."""
-        cover = self._jobs.get(job_id)
-        return cover if cover is not None and cover.key == key and cover.at <= now else None
+    def get(self, group: Hashable, now: float) -> Cover | None:
+        """The group's cover, if it was not counted in the future."""
+        cover = self._groups.get(group)
+        return cover if cover is not None and cover.at <= now else None
 
     @staticmethod
     def count(cover: Cover, horizon: float, queued: int, now: float) -> int:
@@ -109,59 +158,74 @@ class Covers:
         (counting stops at ``queued``; at most :data:`LOOK` parts are looked at one by one)."""
         if now < cover.until and cover.rate * horizon - cover.lag >= queued + 1:   # + 1: rounding in the sums
             return queued
+        for at, total, holds in cover.proofs:
+            if at <= horizon and total >= queued and now < holds:
+                return queued
+        total = max((int(total) for at, total, holds in cover.proofs if at <= horizon and now < holds), default=0)
+        looking = total
         total = 0
         for looked, (offset, runtime, until) in enumerate(cover.parts.values()):
             if looked >= LOOK:
                 break
             if now >= until:
                 continue
-            n = math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
+            n = finishes(horizon, offset, runtime)
             if n > 0:
                 total += n
                 if total >= queued:
                     break
-        return total
+        return max(total, looking)
 
-    def covered(self, job_id: str, key: Hashable, horizon: float, queued: int, now: float) -> bool:
-        """Whether the kept parts prove that an agent needing ``horizon`` s should take none of the job."""
-        cover = self.get(job_id, key, now)
+    def covered(self, group: Hashable, horizon: float, queued: int, now: float) -> bool:
+        """Whether the kept parts prove that an agent needing ``horizon`` s should take none of a job of the
+        group with ``queued`` tasks."""
+        cover = self.get(group, now)
         return cover is not None and self.count(cover, horizon, queued, now) >= queued
 
-    def add(self, job_id: str, cover: Cover, agent_id: str, free: float, runtime: float, until: float) -> None:
-        """Add a rival counted now to the job's kept cover (its free time taken relative to ``cover.at``: a
+    def add(self, group: Hashable, cover: Cover, agent_id: str, free: float, runtime: float, until: float) -> None:
+        """Add a rival counted now to the group's kept cover (its free time taken relative to ``cover.at``: a
         later count only understates what it finishes)."""
-        if self._jobs.get(job_id) is cover and agent_id not in cover.parts:
+        if self._groups.get(group) is cover and agent_id not in cover.parts and self._parts < PARTS_MAX:
             cover.add(agent_id, free - cover.at, runtime, until)
-            self._by_agent.setdefault(agent_id, set()).add(job_id)
+            self._by_agent.setdefault(agent_id, set()).add(group)
+            self._parts += 1
 
-    def keep(self, job_id: str, cover: Cover) -> None:
-        """Keep ``cover`` for the job (replacing the one it had)."""
-        self._drop(job_id)
-        if not cover.parts:
+    def keep(self, group: Hashable, cover: Cover) -> None:
+        """Keep ``cover`` for the group (replacing the one it had)."""
+        self._drop(group)
+        if not cover.parts or len(cover.parts) > PARTS_MAX:
             return
-        self._jobs[job_id] = cover
+        # groups of jobs long finished, or more parts than memory allows: start over (a cover is only a shortcut)
+        if len(self._groups) >= 4096 or self._parts + len(cover.parts) > PARTS_MAX:
+            self._clear()
+        self._groups[group] = cover
+        self._parts += len(cover.parts)
         for agent_id in cover.parts:
-            self._by_agent.setdefault(agent_id, set()).add(job_id)
-        if len(self._jobs) > 4096:   # jobs long finished: start over (a cover is only ever a shortcut)
-            self._jobs.clear()
-            self._by_agent.clear()
+            self._by_agent.setdefault(agent_id, set()).add(group)
 
     def forget(self, agent_id: str) -> None:
         """Something happened to this agent: its parts no longer prove anything."""
-        for job_id in self._by_agent.pop(agent_id, ()):
-            cover = self._jobs.get(job_id)
-            if cover is not None:
+        for group in self._by_agent.pop(agent_id, ()):
+            cover = self._groups.get(group)
+            if cover is not None and agent_id in cover.parts:
                 cover.remove(agent_id)
+                self._parts -= 1
 
-    def _drop(self, job_id: str) -> None:
-        cover = self._jobs.pop(job_id, None)
+    def _drop(self, group: Hashable) -> None:
+        cover = self._groups.pop(group, None)
         if cover is not None:
+            self._parts -= len(cover.parts)
             for agent_id in cover.parts:
-                jobs = self._by_agent.get(agent_id)
-                if jobs is not None:
-                    jobs.discard(job_id)
-                    if not jobs:
+                groups = self._by_agent.get(agent_id)
+                if groups is not None:
+                    groups.discard(group)
+                    if not groups:
                         del self._by_agent[agent_id]
 
+    def _clear(self) -> None:
+        self._groups.clear()
+        self._by_agent.clear()
+        self._parts = 0
+
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self._groups)

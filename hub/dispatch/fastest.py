@@ -17,10 +17,10 @@ holds for the rest. The answer is the full sum's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.covers import LOOK, MARGIN_S, Cover, Covers
+from hub.dispatch.covers import KEEP, LOOK, MARGIN_S, Cover, Covers
 from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
@@ -53,6 +53,10 @@ class SoonestGate:
         roster.update(view)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
         self._connected = view.connected_ids()
+        #: per group of like jobs (see ``share``): this agent's runtime, and how many tasks rivals are proven to
+        #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
+        self._groups: dict[Hashable, list[float]] = {}
+        self._last = 0   # the task count of the last part :meth:`_counted`
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
         """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
@@ -117,12 +121,31 @@ class SoonestGate:
             if b_id in capable and b_id not in quick:
                 yield position, speed, b_id
 
-    def _repair(self, job_id: str, cover: Cover, job: JobRow, task: TaskRow, req: Requirements, my_end: float,
-                total: int, queued: int) -> bool:
-        """Whether rivals after the cover's last one, with its parts (at least ``total``), still cover the
-        queue: a few more visits instead of a new walk when a part was taken out (its rival asked or settled)."""
+    def _repair(self, job_id: str, group: Hashable, cover: Cover, job: JobRow, task: TaskRow, req: Requirements,
+                my_end: float, total: int, queued: int) -> bool:
+        """Whether more rivals, with the cover's parts (at least ``total``), still cover the queue: a few visits
+        instead of a new walk when parts were taken out. First the rivals whose parts were taken out (an agent
+        that asked and was told none is most often a rival again, now counted afresh), then those after the
+        cover's last one in the order."""
         assert self.covers is not None
         capable, agents, kind = self.view.capable(job_id), self.view.agents(), job.kind
+        visits = 0
+        gone, cover.gone = cover.gone, []
+        for i, b_id in enumerate(gone):
+            if visits >= REPAIR_VISITS:
+                cover.gone += gone[i:]
+                break
+            if b_id == self.agent.row.id:
+                cover.gone.append(b_id)   # the asker (its own ask took it out): a rival for the next one
+                continue
+            if b_id not in capable or b_id in cover.parts:
+                continue
+            visits += 1
+            if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
+                total += self._last
+                if total >= queued:
+                    cover.gone += gone[i + 1:]
+                    return True
         visits = 0
         for position, _, b_id in self.roster.fastest_first(cover.resume):
             if visits >= REPAIR_VISITS:
@@ -131,16 +154,23 @@ class SoonestGate:
             if b_id not in capable or b_id in cover.parts:
                 continue
             visits += 1
-            if (part := self._part(agents.get(b_id), kind, job, task, req, my_end)) is None:
-                continue
-            b, n, free, runtime = part
-            total += n
-            until = self._holds_until(b, job, free + runtime)
-            if until > self.now:
-                self.covers.add(job_id, cover, b_id, free, runtime, until)
-            if total >= queued:
-                return True
+            if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
+                total += self._last
+                if total >= queued:
+                    return True
         return False
+
+    def _counted(self, group: Hashable, cover: Cover, b_id: str, b: AgentState | None, kind: str, job: JobRow,
+                 task: TaskRow, req: Requirements, my_end: float) -> AgentState | None:
+        """A visited agent's part added to the kept cover, if it is a rival (its task count in ``_last``)."""
+        assert self.covers is not None
+        if (part := self._part(b, kind, job, task, req, my_end)) is None:
+            return None
+        rival, self._last, free, runtime = part
+        until = self._holds_until(rival, job, free + runtime)
+        if until > self.now:
+            self.covers.add(group, cover, b_id, free, runtime, until)
+        return rival
 
     def share(self, job_id: str, need: int) -> int:
         """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
@@ -149,20 +179,29 @@ class SoonestGate:
         if task is None or need <= 0:
             return 0
         queued, now = self.queues.queued(job_id), self.now
-        my_end = now + self.predictor.predict(self.agent, job, task, req)
-        horizon = my_end - now
         cost = self.predictor.cost(job, task)
-        key = (cost, task.params.get("dtype") in HALF)
-        kept = self.covers.get(job_id, key, now) if self.covers is not None else None
+        # the jobs whose rivals' parts are these numbers (covers.py): same capable agents and corrections (the
+        # requirements and kind), the same deadline, and a head task that costs the same on every device
+        group = (req, job.kind, job.deadline_at, cost, task.params.get("dtype") in HALF)
+        seen = self._groups.get(group)
+        if seen is None:   # this agent's runtime is the same for every job of the group
+            seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0]
+        mine, proven = seen
+        if queued <= proven:
+            return 0   # rivals counted for another job of the group this pick finish at least this many first
+        my_end = now + mine
+        horizon = my_end - now
+        kept = self.covers.get(group, now) if self.covers is not None else None
         if kept is not None:
             total = self.covers.count(kept, horizon, queued, now) if self.covers is not None else 0
-            if total >= queued or self._repair(job_id, kept, job, task, req, my_end, total, queued):
+            if total >= queued or self._repair(job_id, group, kept, job, task, req, my_end, total, queued):
+                seen[1] = max(proven, queued)
                 return 0
         agents, kind = self.view.agents(), job.kind
         # connected capable agents not visited yet: at least the rivals among them (the roster holds no others)
         left = self.view.capable_connected(job_id)
         ahead = 0
-        cover = Cover(key, now) if self.covers is not None else None
+        cover = Cover(group, now) if self.covers is not None else None
         covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
         resume = 0
         for position, speed, b_id in self._visit(job_id):
@@ -186,19 +225,22 @@ class SoonestGate:
                 continue
             b, n, free, runtime = part
             ahead += n
-            if cover is not None and len(cover.parts) < LOOK:
+            if cover is not None and len(cover.parts) < KEEP:
                 until = self._holds_until(b, job, free + runtime)
                 if until > now:
                     cover.add(b_id, free - now, runtime, until)
             if not covered and ahead >= queued:
                 if cover is None:
+                    seen[1] = max(proven, ahead)
                     return 0
                 covered, extra = True, EXTRA_VISITS
+        seen[1] = max(proven, ahead)
         if not covered:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:
             cover.resume = resume
-            self.covers.keep(job_id, cover)
+            cover.prove(horizon, now)   # this agent's question, answered again from the kept parts alone
+            self.covers.keep(group, cover)
         return 0
 
 
