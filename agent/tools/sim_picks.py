@@ -7,6 +7,12 @@ deadline), fills every agent through the policy itself, then measures: one agent
 signed result), and asks for the next; the board's dispatch timer gives the policy's time for that pick
 (holdbacks included). Picks are reported as p50/p99/max in milliseconds.
 
+What a finished task reports as its run time (``--walls``): ``measured`` (the default) is what the agent's own
+speed gives for the task (the board's base prediction, +-25%), so the board's learned speeds stay near the
+claims; ``slow`` is 5-60 s whatever the task, 100-1000x what the fast GPUs claim: a fleet that over-claims its
+speed, where every finished agent is learned to be far slower than reported and ``fastest``/``adaptive`` must
+prove many rivals for an asker almost as slow as they are (their worst case).
+
 Only the Board's public calls are used, so the same file measures an older checkout too (run it with that
 checkout first on ``PYTHONPATH``): before/after figures from one run.
 """
@@ -28,8 +34,10 @@ import yaml
 
 from hub.board import Board
 from hub.config import HubConfig
+from hub.dispatch.predict import base_seconds
 from hub.sqlite_store import SqliteStore
-from jobs.requirements import Capabilities
+from jobs.catalog import get_kind
+from jobs.requirements import Capabilities, Requirements
 from security.identity import Identity
 from security.records import SignedRecord
 
@@ -78,7 +86,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, fleet_file: Path, seed: int,
-                   directory: Path, fill: float = 1.0) -> dict[str, Any]:
+                   directory: Path, fill: float = 1.0, walls: str = "measured") -> dict[str, Any]:
     rng = random.Random(seed)
     clock = _Clock()
     per_job = math.ceil(tasks / jobs)
@@ -92,6 +100,8 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
     try:
         idents = [Identity.generate() for _ in range(agents)]
         reports = _reports(fleet_file, agents, rng)
+        caps_of = {ident.id: Capabilities.from_dict(caps) for ident, caps in zip(idents, reports, strict=True)}
+        requires_of: dict[str, Requirements] = {}
         for i in range(0, agents, 500):
             await asyncio.gather(*(board.register_agent(ident.public, f"a{j}", Capabilities.from_dict(caps))
                                    for j, (ident, caps) in enumerate(zip(idents[i:i + 500], reports[i:i + 500],
@@ -108,7 +118,8 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
             manifest = {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": f"j{j}"}, "spec": spec}
             envelope = SignedRecord.sign(who, {"manifest": manifest, "created": clock.now,
                                                "nonce": secrets.token_hex(8)}).to_wire()
-            await board.submit(envelope, who.id)
+            job, _ = await board.submit(envelope, who.id)
+            requires_of[job.id] = Requirements.from_dict(requires)
             clock.now += 0.001
         setup_s = time.perf_counter() - started
         timings: list[float] = []
@@ -124,6 +135,14 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
         timings.clear()
         busy = len(held)
         by_id = {ident.id: ident for ident in idents}
+        matmul = get_kind("matmul")
+
+        def wall_s(agent_id: str, task: Any) -> float:
+            if walls == "slow":
+                return rng.uniform(5, 60)
+            base = base_seconds(matmul.estimate(task.params), caps_of[agent_id], requires_of[task.job_id],
+                                task.params)
+            return base * rng.uniform(0.8, 1.25)
         measured = taken = 0
         while measured < picks:
             clock.now += 0.05
@@ -132,7 +151,7 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
                 task = held.pop(agent_id)
                 payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
                            "attempt": task.attempt, "agent_id": agent_id, "status": "ok",
-                           "metrics": {"wall_s": rng.uniform(5, 60)}}
+                           "metrics": {"wall_s": wall_s(agent_id, task)}}
                 await board.accept(agent_id, [SignedRecord.sign(by_id[agent_id], payload)])
             else:                             # sometimes: an idle agent asks again
                 agent_id = idents[rng.randrange(agents)].id
@@ -147,18 +166,18 @@ async def _measure(policy: str, agents: int, tasks: int, jobs: int, picks: int, 
                 "fill_busy": busy, "fill_p50_ms": 1000 * _pct(filled, 0.5),
                 "fill_p99_ms": 1000 * _pct(filled, 0.99), "picks": len(timings), "taken": taken,
                 "p50_ms": 1000 * _pct(timings, 0.5), "p99_ms": 1000 * _pct(timings, 0.99),
-                "max_ms": 1000 * max(timings, default=0.0)}
+                "max_ms": 1000 * max(timings, default=0.0), "walls": walls}
     finally:
         await board.stop()
 
 
 def measure_picks(policies: list[str], agents: int, tasks: int, jobs: int, picks: int, fleet_file: Path,
-                  seed: int = 1, fill: float = 1.0) -> list[dict[str, Any]]:
+                  seed: int = 1, fill: float = 1.0, walls: str = "measured") -> list[dict[str, Any]]:
     """One row per policy: fill-phase and steady-state pick times (ms); ``fill``: the share of agents given
     work (through the policy) before measuring."""
     async def all_of() -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="panal-picks-") as directory:
-            return [await _measure(p, agents, tasks, jobs, picks, fleet_file, seed, Path(directory), fill)
+            return [await _measure(p, agents, tasks, jobs, picks, fleet_file, seed, Path(directory), fill, walls)
                     for p in policies]
     return asyncio.run(all_of())
 
@@ -173,12 +192,14 @@ def main() -> None:
     parser.add_argument("--fleet", type=Path, default=Path("configs/sim/gaming-community.yaml"))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fill", type=float, default=1.0, help="share of agents given work before measuring")
+    parser.add_argument("--walls", choices=("measured", "slow"), default="measured",
+                        help="what finished tasks report as their run time (see the module's docstring)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     from hub.dispatch import POLICIES
     for policy in args.policy or list(POLICIES):   # one at a time: each row is out as soon as it is measured
         [row] = measure_picks([policy], args.agents, args.tasks, args.jobs, args.picks, args.fleet, args.seed,
-                              args.fill)
+                              args.fill, args.walls)
         print(json.dumps({"label": args.label, **{k: round(v, 3) if isinstance(v, float) else v
                                                    for k, v in row.items()}}), flush=True)
 
