@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.fit_index import FitIndex, capability
-from hub.dispatch.predict import Predictor, candidate_jobs
+from hub.dispatch.fit_index import FitIndex, asker_order, capability
+from hub.dispatch.predict import HALF, Predictor, candidate_jobs
 from hub.fleet import derived, slots_of
 
 if TYPE_CHECKING:
@@ -73,7 +73,17 @@ class BestFit:
         tree = self.index.tree(view, job_id, capable, walk.trees, now)
         if tree is not None:
             walk.trees.add(id(tree))
-            return self.index.absorbed(tree, agent, job, task, req, well, queued, now, view.idle_ids(), capable)
+            # jobs alike (same tree, task cost, dtype, deadline and "well") count alike: asked once a pick
+            cost = self.predictor.cost(job, task)
+            key = (id(tree), cost.seconds, cost.flops, cost.bytes, task.params.get("dtype") in HALF,
+                   job.deadline_at, well)
+            known = walk.counted.get(key)
+            if known is not None and (known[1] or known[0] >= queued):
+                return known[0]
+            absorbed = self.index.absorbed(tree, agent, job, task, req, well, queued, now, walk.idle, capable,
+                                           walk.mine, walk.order)
+            walk.counted[key] = (absorbed, absorbed < queued)   # below the queue: the whole sum
+            return absorbed
         return self.walk(walk.smaller(), agent, job, task, req, well, capable, queued, now)
 
     def walk(self, smaller: list[AgentState], agent: AgentState, job: JobRow, task: TaskRow, req: Requirements,
@@ -101,6 +111,10 @@ class _Walk:
         self._view, self._agent, self._now = view, agent, now
         self._smaller: list[AgentState] | None = None
         self.trees: set[int] = set()   # the trees this pick uses (not dropped to make room for another)
+        self.counted: dict[tuple[object, ...], tuple[int, bool]] = {}   # see BestFit._absorbed
+        self.idle = view.idle_ids()
+        self.mine = derived(agent, "capability", capability)
+        self.order = asker_order(self.mine)
 
     def smaller(self) -> list[AgentState]:
         if self._smaller is None:

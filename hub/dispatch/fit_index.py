@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from hub.protocols import DispatchView as FitView
     from hub.records import JobRow, TaskRow
 
-__all__ = ["FitIndex", "capability"]
+__all__ = ["FitIndex", "asker_order", "capability"]
 
 #: a node's runtime bound is stretched by this much before it proves anything (rounding in the products)
 MARGIN = 1.0 + 1e-9
@@ -73,6 +73,11 @@ def _ordered(key: tuple[float, ...], fill: float) -> tuple[float, ...]:
     return key
 
 
+def asker_order(mine: tuple[float, ...]) -> tuple[float, ...]:
+    """Where an asker of capability ``mine`` cuts a tree's order: the agents before it are its smaller ones."""
+    return _ordered(mine, -math.inf)
+
+
 class _Tree:
     """The capable connected agents of one (requirements, kind), in capability order, with node bounds."""
 
@@ -97,10 +102,16 @@ class _Tree:
         self.until = [math.inf] * (2 * size)         # earliest window end
         self.unplaced: dict[str, AgentState] = {}    # capable connected agents without a place
         self.reported: set[str] = set()              # agents with a new report since the build (see _apply)
+        self.live = True                             # False once dropped from its index
 
     @property
     def leaves(self) -> int:
         return len(self.keys)
+
+    @property
+    def limit(self) -> int:
+        """Unplaced (or re-reported) agents judged one by one before a rebuild pays."""
+        return max(UNPLACED_MAX, len(self.keys) // 64)
 
     def set_leaf(self, i: int, free: int, factor: float, until: float) -> None:
         """One leaf's values, and its ancestors' sums and bounds (bounds stop where they no longer change)."""
@@ -142,6 +153,7 @@ class FitIndex:
         self._quiet: list[tuple[float, str]] = []              # (pause end, agent id): free again then
         self._quiet_at: dict[str, float] = {}
         self._now = -math.inf
+        self._by_job: dict[str, _Tree] = {}                  # job id -> its tree (hashing requirements is slow)
 
     # -- following the board ----------------------------------------------------------------------
     def learned(self, agent_id: str) -> None:
@@ -224,6 +236,9 @@ class FitIndex:
         tree.set_leaf(i, free, self.predictor.factor(agent_id, tree.kind), until)
 
     def clear(self) -> None:
+        for tree in self._trees.values():
+            tree.live = False
+        self._by_job.clear()
         self._trees.clear()
         self._quiet.clear()
         self._quiet_at.clear()
@@ -233,16 +248,21 @@ class FitIndex:
     # -- trees ------------------------------------------------------------------------------------
     def tree(self, view: FitView, job_id: str, capable: set[str], in_use: set[int], now: float) -> _Tree | None:
         """The job's tree, built if needed (None: over the leaf budget; the caller walks instead)."""
+        tree = self._by_job.get(job_id)
+        if tree is not None and tree.live and tree.capable is capable \
+                and len(tree.unplaced) <= tree.limit and len(tree.reported) <= tree.limit:
+            return tree
         queues = view.queues
         key = (queues.requirements(job_id), queues.job(job_id).kind)
         tree = self._trees.get(key)
-        limit = max(UNPLACED_MAX, tree.leaves // 64) if tree is not None else 0
-        if tree is not None and tree.capable is capable and len(tree.unplaced) <= limit \
-                and len(tree.reported) <= limit:
+        if tree is not None and tree.capable is capable and len(tree.unplaced) <= tree.limit \
+                and len(tree.reported) <= tree.limit:
             self._trees.move_to_end(key)
+            self._remember(job_id, tree)
             return tree
         if tree is not None:
             del self._trees[key]
+            tree.live = False
         members = view.connected_ids()
         agents = view.agents()
         if len(capable) < len(members):
@@ -255,7 +275,9 @@ class FitIndex:
             if used + len(chosen) <= budget:
                 break
             if id(self._trees[old_key]) not in in_use:
-                used -= self._trees.pop(old_key).leaves
+                dropped = self._trees.pop(old_key)
+                dropped.live = False
+                used -= dropped.leaves
         if used + len(chosen) > budget:
             return None
         tree = _Tree(chosen, capable, key[0], key[1])
@@ -264,14 +286,20 @@ class FitIndex:
             if a is not None:
                 self._judge(tree, i, a, idle, now)
         self._trees[key] = tree
+        self._remember(job_id, tree)
         return tree
+
+    def _remember(self, job_id: str, tree: _Tree) -> None:
+        if len(self._by_job) > 4096:
+            self._by_job.clear()
+        self._by_job[job_id] = tree
 
     # -- counting ---------------------------------------------------------------------------------
     def absorbed(self, tree: _Tree, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements,
-                 well: float, queued: int, now: float, idle: Container[str], capable: Container[str]) -> int:
+                 well: float, queued: int, now: float, idle: Container[str], capable: Container[str],
+                 mine: tuple[float, ...], ordered: tuple[float, ...]) -> int:
         """Free slots of the tree's idle agents less capable than ``agent`` that run ``task`` well: exact
         below ``queued``, and at least ``queued`` when they cover it (the walk's answer, as it used it)."""
-        mine = derived(agent, "capability", capability)
         absorbed = 0
         predictor = self.predictor
         for b in tree.unplaced.values():   # judged one by one, as the walk did
@@ -283,8 +311,8 @@ class FitIndex:
                     return absorbed
         cost = predictor.cost(job, task)
         seconds, flops, size = cost.seconds, cost.flops / 1e9, cost.bytes / 1e9
-        end = bisect.bisect_left(tree.keys, (_ordered(mine, -math.inf),))
-        bounded = all(math.isfinite(v) for v in (seconds, flops, size))
+        end = bisect.bisect_left(tree.keys, (ordered,))
+        bounded = math.isfinite(seconds + flops + size)   # no NaN, no infinity (or too big a sum: walk)
         deadline = job.deadline_at
         fr, fa, fl, by, un, agents = tree.free, tree.factor, tree.flop, tree.byte, tree.until, tree.agents
         stack = [(1, 0, tree.size)]
