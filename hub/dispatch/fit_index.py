@@ -45,8 +45,9 @@ __all__ = ["FitIndex", "asker_order", "capability"]
 MARGIN = 1.0 + 1e-9
 #: agents judged one by one (joined or re-registered since the tree was built) before the tree is rebuilt
 UNPLACED_MAX = 64
-#: leaves kept over all trees, beyond eight per connected agent (a tree per distinct requirements: a
-#: submitter's thousand different ``requires`` must not cost a thousand fleet-sized trees)
+#: leaves kept over all trees: this many per connected agent, and a spare (a tree per distinct requirements:
+#: a submitter's thousand different ``requires`` must not cost a thousand fleet-sized trees)
+LEAVES_PER_AGENT = 8
 LEAVES_SPARE = 1 << 16
 _PER_FLOP = Cost(flops=1e9)
 _PER_BYTE = Cost(bytes=1e9)
@@ -269,7 +270,7 @@ class FitIndex:
             chosen = [agents[i] for i in capable if i in members]
         else:
             chosen = [a for i in members if i in capable and (a := agents.get(i)) is not None]
-        budget = 8 * len(members) + LEAVES_SPARE
+        budget = LEAVES_PER_AGENT * len(members) + LEAVES_SPARE
         used = sum(t.leaves for t in self._trees.values())
         for old_key in list(self._trees):
             if used + len(chosen) <= budget:
