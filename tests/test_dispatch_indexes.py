@@ -570,7 +570,7 @@ async def test_best_fit_counts_a_paused_agent_only_once_its_pause_ends(fleets: C
     f.clock.now = gtx_state.quiet_until                              # the pause ends: it counts again
     assert fit_check(f) > 0
     f.clock.now += 1
-    await f.finish(laptop, task, wall_s=10.0)
+    await f.finish(laptop, task, wall_s=100.0)                       # idle again, and too slow to run it well
     assert fit_check(f) > 0
     assert len(await f.lease(a100, 5)) == 4                          # one of five left to the idle GTX ...
     assert len(await f.lease(gtx)) == 1                              # ... which takes it
