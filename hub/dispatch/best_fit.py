@@ -14,10 +14,11 @@ The walk below stays as the rule the index answers for, and runs where the index
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.fit_index import FitIndex, asker_order, capability
-from hub.dispatch.predict import HALF, Predictor, candidate_jobs
+from hub.dispatch.predict import HALF, Predictor
 from hub.fleet import derived, slots_of
 
 if TYPE_CHECKING:
@@ -43,48 +44,85 @@ class BestFit:
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now, queues = view.now(), view.queues
+        # The jobs it may run (``candidate_jobs``), ranked by priority, then scarcity (connected agents able to
+        # run it: counted once per capable set, jobs asking the same share it), then the candidates' own order
+        # (the earliest deadline, then the queue's order) - one sort where two were (the same order).
         ranked = []
-        for position, job_id in enumerate(candidate_jobs(queues, agent, view.capable)):
+        counts: dict[int, int] = {}
+        sets: dict[str, set[str]] = {}
+        agent_id = agent.row.id
+        for position, job_id in enumerate(queues.waiting()):
+            capable = view.capable(job_id)
+            if agent_id not in capable:
+                continue
             job = queues.job(job_id)
-            ranked.append((-job.priority, view.capable_connected(job_id), position, job_id))
+            scarcity = counts.get(id(capable))
+            if scarcity is None:
+                scarcity = counts[id(capable)] = view.capable_connected(job_id)
+            ranked.append((-job.priority, scarcity, job.deadline_at or math.inf, position, job_id))
+            sets[job_id] = capable
         ranked.sort()
         self.index.sync(view, agent, now)   # after the capable sets took in new reports (candidate_jobs)
         picked: list[TaskRow] = []
         walk = _Walk(view, agent, now)
         for *_, job_id in ranked:
             queued = queues.queued(job_id)
-            want = queued - self._absorbed(view, agent, job_id, walk, queued, now)
+            want = queued - self._absorbed(view, agent, job_id, sets[job_id], walk, queued, now)
             if want > 0:
                 picked += self.predictor.take(queues, agent, job_id, min(want, slots - len(picked)), now)
             if len(picked) >= slots:
                 break
         return picked
 
-    def _absorbed(self, view: DispatchView, agent: AgentState, job_id: str, walk: _Walk, queued: int,
-                  now: float) -> int:
+    def _absorbed(self, view: DispatchView, agent: AgentState, job_id: str, capable: set[str], walk: _Walk,
+                  queued: int, now: float) -> int:
         """Tasks of the job that idle, less capable agents can take now and run well (counted until they
         cover the ``queued`` tasks: past that the asking agent takes none either way)."""
-        job, req = view.queues.job(job_id), view.queues.requirements(job_id)
-        task = self.predictor.head(view.queues, agent, job_id, now)
+        queues, predictor = view.queues, self.predictor
+        job, req = queues.job(job_id), queues.requirements(job_id)
+        first = queues.peek(job_id, 1)
+        if not first:
+            return 0
+        tree = self.index.tree(view, job_id, capable, walk.trees, now)
+        if tree is None:   # over the trees' budget: the walk
+            task = predictor.head(queues, agent, job_id, now)
+            if task is None:
+                return 0
+            well = max(WELL_FACTOR * predictor.predict(agent, job, task, req), WELL_S)
+            return self.walk(walk.smaller(), agent, job, task, req, well, capable, queued, now)
+        walk.trees.add(id(tree))
+        count = self._count(walk, tree, agent, job, first[0], req, capable, queued, now)
+        if count is not None:
+            return count
+        task = predictor.head(queues, agent, job_id, now)   # the first task does not fit the asker
         if task is None:
             return 0
-        well = max(WELL_FACTOR * self.predictor.predict(agent, job, task, req), WELL_S)
-        capable = view.capable(job_id)
-        tree = self.index.tree(view, job_id, capable, walk.trees, now)
-        if tree is not None:
-            walk.trees.add(id(tree))
-            # jobs alike (same tree, task cost, dtype, deadline and "well") count alike: asked once a pick
-            cost = self.predictor.cost(job, task)
-            key = (id(tree), cost.seconds, cost.flops, cost.bytes, task.params.get("dtype") in HALF,
-                   job.deadline_at, well)
-            known = walk.counted.get(key)
-            if known is not None and (known[1] or known[0] >= queued):
-                return known[0]
-            absorbed = self.index.absorbed(tree, agent, job, task, req, well, queued, now, walk.idle, capable,
-                                           walk.mine, walk.order)
-            walk.counted[key] = (absorbed, absorbed < queued)   # below the queue: the whole sum
-            return absorbed
-        return self.walk(walk.smaller(), agent, job, task, req, well, capable, queued, now)
+        count = self._count(walk, tree, agent, job, task, req, capable, queued, now)
+        assert count is not None   # ``head`` gave a task that fits
+        return count
+
+    def _count(self, walk: _Walk, tree: Any, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements,
+               capable: set[str], queued: int, now: float) -> int | None:
+        """The absorbed count for ``task`` as the job's head (None: it does not fit the asker). Jobs alike
+        count alike: the tree (requirements, kind), the task's cost and dtype and the deadline decide whether
+        it fits the asker, "well" (the asker's runtime) and each smaller agent's verdict, so a pick asks once."""
+        predictor = self.predictor
+        cost = predictor.cost(job, task)
+        key = (id(tree), cost.seconds, cost.flops, cost.bytes, task.params.get("dtype") in HALF, job.deadline_at)
+        known = walk.counted.get(key)
+        if known is None:
+            fits = predictor.misfit(agent, job, task, req, now) is None
+            well = max(WELL_FACTOR * predictor.predict(agent, job, task, req), WELL_S) if fits else 0.0
+            known = walk.counted[key] = [fits, well, -1, False]
+        fits, well, absorbed, whole = known
+        if not fits:
+            return None
+        if whole or absorbed >= queued:
+            return int(absorbed)
+        absorbed = self.index.absorbed(tree, agent, job, task, req, well, queued, now, walk.idle, capable,
+                                       walk.mine, walk.order)
+        known[2], known[3] = absorbed, absorbed < queued   # below the queue: the whole sum
+        return absorbed
 
     def walk(self, smaller: list[AgentState], agent: AgentState, job: JobRow, task: TaskRow, req: Requirements,
              well: float, capable: set[str], queued: int, now: float) -> int:
@@ -111,7 +149,8 @@ class _Walk:
         self._view, self._agent, self._now = view, agent, now
         self._smaller: list[AgentState] | None = None
         self.trees: set[int] = set()   # the trees this pick uses (not dropped to make room for another)
-        self.counted: dict[tuple[object, ...], tuple[int, bool]] = {}   # see BestFit._absorbed
+        #: (tree, task cost, dtype, deadline) -> [fits the asker, "well", absorbed so far, the whole sum]
+        self.counted: dict[tuple[object, ...], list[Any]] = {}
         self.idle = view.idle_ids()
         self.mine = derived(agent, "capability", capability)
         self.order = asker_order(self.mine)

@@ -104,15 +104,12 @@ class _Tree:
         self.unplaced: dict[str, AgentState] = {}    # capable connected agents without a place
         self.reported: set[str] = set()              # agents with a new report since the build (see _apply)
         self.live = True                             # False once dropped from its index
+        self.limit = max(UNPLACED_MAX, len(placed) // 64)   # judged one by one before a rebuild pays
 
     @property
     def leaves(self) -> int:
         return len(self.keys)
 
-    @property
-    def limit(self) -> int:
-        """Unplaced (or re-reported) agents judged one by one before a rebuild pays."""
-        return max(UNPLACED_MAX, len(self.keys) // 64)
 
     def set_leaf(self, i: int, free: int, factor: float, until: float) -> None:
         """One leaf's values, and its ancestors' sums and bounds (bounds stop where they no longer change)."""
