@@ -49,7 +49,7 @@ class BestFit:
         # (the earliest deadline, then the queue's order) - one sort where two were (the same order).
         ranked = []
         counts: dict[int, int] = {}
-        sets: dict[str, set[str]] = {}
+        found: dict[str, tuple[JobRow, set[str]]] = {}
         agent_id = agent.row.id
         for position, job_id in enumerate(queues.waiting()):
             capable = view.capable(job_id)
@@ -60,26 +60,39 @@ class BestFit:
             if scarcity is None:
                 scarcity = counts[id(capable)] = view.capable_connected(job_id)
             ranked.append((-job.priority, scarcity, job.deadline_at or math.inf, position, job_id))
-            sets[job_id] = capable
+            found[job_id] = (job, capable)
         ranked.sort()
-        self.index.sync(view, agent, now)   # after the capable sets took in new reports (candidate_jobs)
+        self.index.sync(view, agent, now)   # after the capable sets took in new reports (above)
         picked: list[TaskRow] = []
         walk = _Walk(view, agent, now)
+        counted, cost_of = walk.counted, self.predictor.cost
         for *_, job_id in ranked:
             queued = queues.queued(job_id)
-            want = queued - self._absorbed(view, agent, job_id, sets[job_id], walk, queued, now)
+            job, capable = found[job_id]
+            first = queues.peek(job_id, 1)
+            if not first:
+                continue
+            # most jobs a pick looks at are counted already (see _count): answered here, without calls
+            task = first[0]
+            cost = cost_of(job, task)
+            known = counted.get((id(capable), cost.seconds, cost.flops, cost.bytes, task.params.get("dtype") in HALF,
+                                 job.deadline_at))
+            if known is not None and known[0] and (known[3] or known[2] >= queued):
+                absorbed = known[2]
+            else:
+                absorbed = self._absorbed(view, agent, job, capable, walk, queued, now)
+            want = queued - absorbed
             if want > 0:
                 picked += self.predictor.take(queues, agent, job_id, min(want, slots - len(picked)), now)
             if len(picked) >= slots:
                 break
         return picked
 
-    def _absorbed(self, view: DispatchView, agent: AgentState, job_id: str, capable: set[str], walk: _Walk,
+    def _absorbed(self, view: DispatchView, agent: AgentState, job: JobRow, capable: set[str], walk: _Walk,
                   queued: int, now: float) -> int:
         """Tasks of the job that idle, less capable agents can take now and run well (counted until they
         cover the ``queued`` tasks: past that the asking agent takes none either way)."""
-        queues, predictor = view.queues, self.predictor
-        job, req = queues.job(job_id), queues.requirements(job_id)
+        queues, predictor, job_id = view.queues, self.predictor, job.id
         first = queues.peek(job_id, 1)
         if not first:
             return 0
@@ -88,39 +101,42 @@ class BestFit:
             task = predictor.head(queues, agent, job_id, now)
             if task is None:
                 return 0
+            req = queues.requirements(job_id)
             well = max(WELL_FACTOR * predictor.predict(agent, job, task, req), WELL_S)
             return self.walk(walk.smaller(), agent, job, task, req, well, capable, queued, now)
         walk.trees.add(id(tree))
-        count = self._count(walk, tree, agent, job, first[0], req, capable, queued, now)
+        count = self._count(view, walk, tree, agent, job, first[0], capable, queued, now)
         if count is not None:
             return count
         task = predictor.head(queues, agent, job_id, now)   # the first task does not fit the asker
         if task is None:
             return 0
-        count = self._count(walk, tree, agent, job, task, req, capable, queued, now)
+        count = self._count(view, walk, tree, agent, job, task, capable, queued, now)
         assert count is not None   # ``head`` gave a task that fits
         return count
 
-    def _count(self, walk: _Walk, tree: Any, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements,
+    def _count(self, view: DispatchView, walk: _Walk, tree: Any, agent: AgentState, job: JobRow, task: TaskRow,
                capable: set[str], queued: int, now: float) -> int | None:
         """The absorbed count for ``task`` as the job's head (None: it does not fit the asker). Jobs alike
         count alike: the tree (requirements, kind), the task's cost and dtype and the deadline decide whether
         it fits the asker, "well" (the asker's runtime) and each smaller agent's verdict, so a pick asks once."""
         predictor = self.predictor
         cost = predictor.cost(job, task)
-        key = (id(tree), cost.seconds, cost.flops, cost.bytes, task.params.get("dtype") in HALF, job.deadline_at)
+        key = (id(capable), cost.seconds, cost.flops, cost.bytes, task.params.get("dtype") in HALF, job.deadline_at)
         known = walk.counted.get(key)
+        req = None
         if known is None:
+            req = view.queues.requirements(job.id)
             fits = predictor.misfit(agent, job, task, req, now) is None
             well = max(WELL_FACTOR * predictor.predict(agent, job, task, req), WELL_S) if fits else 0.0
             known = walk.counted[key] = [fits, well, -1, False]
-        fits, well, absorbed, whole = known
-        if not fits:
+        if not known[0]:
             return None
-        if whole or absorbed >= queued:
-            return int(absorbed)
-        absorbed = self.index.absorbed(tree, agent, job, task, req, well, queued, now, walk.idle, capable,
-                                       walk.mine, walk.order)
+        absorbed: int = known[2]
+        if known[3] or absorbed >= queued:
+            return absorbed
+        absorbed = self.index.absorbed(tree, agent, job, task, req or view.queues.requirements(job.id), known[1],
+                                       queued, now, walk.idle, capable, walk.mine, walk.order)
         known[2], known[3] = absorbed, absorbed < queued   # below the queue: the whole sum
         return absorbed
 
@@ -149,7 +165,8 @@ class _Walk:
         self._view, self._agent, self._now = view, agent, now
         self._smaller: list[AgentState] | None = None
         self.trees: set[int] = set()   # the trees this pick uses (not dropped to make room for another)
-        #: (tree, task cost, dtype, deadline) -> [fits the asker, "well", absorbed so far, the whole sum]
+        #: (capable set: one per requirements and kind, so one per tree; task cost, dtype, deadline) ->
+        #: [fits the asker, "well", absorbed so far, the whole sum]
         self.counted: dict[tuple[object, ...], list[Any]] = {}
         self.idle = view.idle_ids()
         self.mine = derived(agent, "capability", capability)
