@@ -12,8 +12,8 @@ policies computed them before the indexes existed.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -41,6 +41,8 @@ class BestFit:
     def __init__(self) -> None:
         self.predictor = Predictor()
         self.index = FitIndex(self.predictor)
+        self._sets_kept: dict[str, set[str]] = {}
+        self._sets_read = -1
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now, queues = view.now(), view.queues
@@ -51,8 +53,12 @@ class BestFit:
         counts: dict[int, int] = {}
         found: dict[str, tuple[JobRow, set[str]]] = {}
         agent_id = agent.row.id
+        sets = self._sets(view)
+        position = -1
         for position, job_id in enumerate(queues.waiting()):
-            capable = view.capable(job_id)
+            capable = sets.get(job_id)
+            if capable is None:
+                capable = sets[job_id] = view.capable(job_id)
             if agent_id not in capable:
                 continue
             job = queues.job(job_id)
@@ -61,6 +67,8 @@ class BestFit:
                 scarcity = counts[id(capable)] = view.capable_connected(job_id)
             ranked.append((-job.priority, scarcity, job.deadline_at or math.inf, position, job_id))
             found[job_id] = (job, capable)
+        if len(sets) > 2 * (position + 1) + 64:   # finished jobs: forget
+            self._sets_kept = {}
         ranked.sort()
         self.index.sync(view, agent, now)   # after the capable sets took in new reports (above)
         picked: list[TaskRow] = []
@@ -87,6 +95,15 @@ class BestFit:
             if len(picked) >= slots:
                 break
         return picked
+
+    def _sets(self, view: DispatchView) -> dict[str, set[str]]:
+        """Job id -> its kept capable set, as ``view.capable`` gives it: while no report changes, each job's
+        answer is the same set object, unchanged (sets change only as reports do), so a pick need not ask
+        ~200 times again."""
+        version = view.reports_version()
+        if version != self._sets_read:
+            self._sets_kept, self._sets_read = {}, version
+        return self._sets_kept
 
     def _absorbed(self, view: DispatchView, agent: AgentState, job: JobRow, capable: set[str], walk: _Walk,
                   queued: int, now: float) -> int:

@@ -84,7 +84,8 @@ class CapableIndex:
                 else:
                     ids.add(agent.row.id)
             entry[0] = len(self._log)
-        return entry[1]
+        ids_now: set[str] = entry[1]
+        return ids_now
 
     def _build(self, key: tuple[Requirements, str]) -> list[Any]:
         if len(self._jobs) > 64 and len(self._jobs) > 2 * len(self._queues):   # finished jobs: forget
@@ -94,6 +95,7 @@ class CapableIndex:
         if not self._jobs:
             self._log.clear()
         req, kind = key
-        entry: list[Any] = [len(self._log), {a.row.id for a in self._fleet.agents.values() if not unmet(req, kind, a.caps)}]
+        ids = {a.row.id for a in self._fleet.agents.values() if not unmet(req, kind, a.caps)}
+        entry: list[Any] = [len(self._log), ids]
         self._jobs[key] = entry
         return entry

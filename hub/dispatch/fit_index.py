@@ -261,13 +261,9 @@ class FitIndex:
         if tree is not None:
             del self._trees[key]
             tree.live = False
-        members = view.connected_ids()
-        agents = view.agents()
-        if len(capable) < len(members):
-            chosen = [agents[i] for i in capable if i in members]
-        else:
-            chosen = [a for i in members if i in capable and (a := agents.get(i)) is not None]
-        budget = LEAVES_PER_AGENT * len(members) + LEAVES_SPARE
+        connected = view.connected()
+        chosen = [a for a in connected if a.row.id in capable]
+        budget = LEAVES_PER_AGENT * len(connected) + LEAVES_SPARE
         used = sum(t.leaves for t in self._trees.values())
         for old_key in list(self._trees):
             if used + len(chosen) <= budget:
@@ -327,9 +323,9 @@ class FitIndex:
                         return absorbed
                     continue
             if hi - lo == 1:
-                b = agents[lo]
-                if b is not None and b is not agent and predictor.misfit(b, job, task, req, now) is None \
-                        and predictor.predict(b, job, task, req) <= well:
+                leaf = agents[lo]
+                if leaf is not None and leaf is not agent and predictor.misfit(leaf, job, task, req, now) is None \
+                        and predictor.predict(leaf, job, task, req) <= well:
                     absorbed += fr[node]
                     if absorbed >= queued:
                         return absorbed
