@@ -46,9 +46,11 @@ MARGIN = 1.0 + 1e-9
 #: agents judged one by one (joined or re-registered since the tree was built) before the tree is rebuilt
 UNPLACED_MAX = 64
 #: leaves kept over all trees: this many per connected agent, and a spare (a tree per distinct requirements:
-#: a submitter's thousand different ``requires`` must not cost a thousand fleet-sized trees)
-LEAVES_PER_AGENT = 8
-LEAVES_SPARE = 1 << 16
+#: a submitter's thousand different ``requires`` must not cost a thousand fleet-sized trees). A leaf is ~425
+#: bytes (10,000 agents: 4.2 MB a tree), so 10,000 connected agents cost at most ~24 MB; past the budget the
+#: least recently used trees go, and a job whose tree does not fit is counted by the walk.
+LEAVES_PER_AGENT = 4
+LEAVES_SPARE = 1 << 14
 _PER_FLOP = Cost(flops=1e9)
 _PER_BYTE = Cost(bytes=1e9)
 _FP32: dict[str, str] = {}
@@ -306,7 +308,9 @@ class FitIndex:
         cost = predictor.cost(job, task)
         seconds, flops, size = cost.seconds, cost.flops / 1e9, cost.bytes / 1e9
         end = bisect.bisect_left(tree.keys, (ordered,))
-        bounded = math.isfinite(seconds + flops + size)   # no NaN, no infinity (or too big a sum: walk)
+        # the bound is a maximum over products: only for finite, non-negative costs (a kind's estimate from a
+        # hostile job's parameters may be neither; then every leaf is judged as the walk judged it)
+        bounded = math.isfinite(seconds + flops + size) and min(seconds, flops, size) >= 0
         deadline = job.deadline_at
         fr, fa, fl, by, un, agents = tree.free, tree.factor, tree.flop, tree.byte, tree.until, tree.agents
         stack = [(1, 0, tree.size)]
