@@ -450,7 +450,7 @@ async def test_an_agent_advertising_more_slots_than_the_board_gives_absorbs_no_m
 
 
 # -- best-fit's absorbed counts (hub/dispatch/fit_index.py) ----------------------------------------------------
-def fit_check(f: Fleet) -> int:
+def fit_check(f: Fleet, walked: list[str] | None = None) -> int:
     """For every agent as the asker and every job it may run: the count ``best-fit`` reads from its kept trees
     equals the walk over every registered agent from scratch (the rule as the policy applied it before the
     index), for a short, a middling and an endless queue; returns how many counts were compared."""
@@ -459,6 +459,7 @@ def fit_check(f: Fleet) -> int:
     assert isinstance(policy, BestFit)
     predictor, queues, connected = policy.predictor, context.queues, f.connected()
     compared = 0
+    walked = [] if walked is None else walked
     # the most capable ask first: each sync judges its asker again (as a pick does), which must not be what
     # brings an agent's place up to date before a bigger asker counts it
     for agent in sorted(f.board.agents.values(), key=lambda a: asker_order(capability(a.caps)), reverse=True):
@@ -478,10 +479,15 @@ def fit_check(f: Fleet) -> int:
                         and predictor.predict(b, job, task, req) <= well)
             capable = context.capable(job_id)
             tree = policy.index.tree(context, job_id, capable, set(), now)
-            assert tree is not None
+            smaller = [b for b in context.idle() if b is not agent and b.refused is None and b.quiet_until <= now
+                       and capability(b.caps) < mine]
             for need in (1, 3, 10**9):
-                kept = policy.index.absorbed(tree, agent, job, task, req, well, need, now, context.idle_ids(),
-                                             capable, mine, asker_order(mine))
+                if tree is None:   # over the leaf budget: the policy walks the idle set
+                    kept = policy.walk(smaller, agent, job, task, req, well, capable, need, now)
+                    walked.append(job_id)
+                else:
+                    kept = policy.index.absorbed(tree, agent, job, task, req, well, need, now, context.idle_ids(),
+                                                 capable, mine, asker_order(mine))
                 assert min(kept, need) == min(exact, need), (agent.row.name, job_id, need, kept, exact)
                 compared += 1
     return compared
@@ -608,6 +614,8 @@ async def test_best_fit_walks_where_the_tree_budget_is_spent(fleets: Callable[..
     taken = [len(await f.lease(a, 1)) for a in agents]
     assert sum(taken) > 0
     assert sum(t.leaves for t in policy.index._trees.values()) <= 4
+    walked: list[str] = []
+    assert fit_check(f, walked) > 0 and walked                      # the walk's counts, where no tree fits
 
 
 async def test_best_fit_forgets_pauses_when_the_clock_goes_back(fleets: Callable[..., Any]) -> None:
