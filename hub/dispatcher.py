@@ -85,6 +85,17 @@ class DispatchContext:
         presence.refresh(self._clock())
         return presence.idle.values()
 
+    def idle_ids(self) -> Container[str]:
+        presence = self._fleet.presence
+        presence.refresh(self._clock())
+        return presence.idle.keys()
+
+    def slots_version(self) -> int:
+        return self._fleet.presence.slots_version
+
+    def slots_since(self, version: int) -> list[str] | None:
+        return self._fleet.presence.slots_since(version)
+
     def agents(self) -> Mapping[str, AgentState]:
         return self._fleet.agents
 

@@ -11,7 +11,9 @@ the events that change it, and the answer is the same predicate's (:func:`is_con
 
 ``last_seen`` and ``quiet_until`` only ever move forward while an agent is a member (a request, a pause), so
 a member's scheduled time is never later than the true one: it is looked at no later than it would drop out.
-:attr:`version` counts membership changes, and :attr:`log` says which (for indexes that keep counts per job).
+:attr:`version` counts membership changes, and :attr:`log` says which (for indexes that keep counts per job);
+:attr:`slots_version` and :meth:`slots_since` do the same for changes to a member's free slots (``best-fit``
+keeps sums of them: hub/dispatch/fit_index.py). Both logs are trimmed to :data:`LOG_KEPT` entries.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class Presence:
         self.log_base = 0
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}          # member id -> its live heap entry's time
+        self._free: dict[str, int] = {}           # idle member id -> its free slots, as last logged
+        self.slots_log: list[str] = []            # ids whose free slots changed: versions slots_base ..
+        self.slots_base = 0
 
     # -- the predicate ----------------------------------------------------------------------------
     def _by_time(self, agent: AgentState, now: float) -> bool:
@@ -150,10 +155,17 @@ class Presence:
             heapq.heapify(self._heap)
 
     def _note_idle(self, agent: AgentState) -> None:
-        if len(agent.running) < self._slots(agent):
-            self.idle[agent.row.id] = agent
+        agent_id = agent.row.id
+        free = self._slots(agent) - len(agent.running)
+        if free > 0:
+            self.idle[agent_id] = agent
+            if self._free.get(agent_id) != free:
+                self._free[agent_id] = free
+                self._slots_logged(agent_id)
         else:
-            self.idle.pop(agent.row.id, None)
+            self.idle.pop(agent_id, None)
+            if self._free.pop(agent_id, None) is not None:
+                self._slots_logged(agent_id)
 
     def _join(self, agent: AgentState) -> None:
         self.members[agent.row.id] = agent
@@ -164,6 +176,8 @@ class Presence:
         del self.members[agent_id]
         self.idle.pop(agent_id, None)
         self._due.pop(agent_id, None)
+        if self._free.pop(agent_id, None) is not None:
+            self._slots_logged(agent_id)
         self._logged(agent_id, False)
 
     def _logged(self, agent_id: str, joined: bool) -> None:
@@ -173,6 +187,24 @@ class Presence:
             drop = len(self.log) - LOG_KEPT
             del self.log[:drop]
             self.log_base += drop
+
+    def _slots_logged(self, agent_id: str) -> None:
+        self.slots_log.append(agent_id)
+        if len(self.slots_log) > 2 * LOG_KEPT:
+            drop = len(self.slots_log) - LOG_KEPT
+            del self.slots_log[:drop]
+            self.slots_base += drop
+
+    @property
+    def slots_version(self) -> int:
+        """Counts changes to members' free slots (joining or leaving ``idle`` included)."""
+        return self.slots_base + len(self.slots_log)
+
+    def slots_since(self, version: int) -> list[str] | None:
+        """Ids of members whose free slots changed after ``version`` (None: no longer kept)."""
+        if version < self.slots_base:
+            return None
+        return self.slots_log[version - self.slots_base:]
 
     def changes_since(self, version: int) -> list[tuple[str, bool]] | None:
         """Membership changes after ``version`` (None: no longer kept; count afresh)."""

@@ -110,6 +110,15 @@ class DispatchView(Protocol):
     def idle(self) -> Iterable[AgentState]:
         """The connected agents with a free slot (kept as leases come and go, not filtered per call)."""
 
+    def idle_ids(self) -> Container[str]:
+        """The ids of the agents :meth:`idle` would list (a live view: read it within one pick)."""
+
+    def slots_version(self) -> int:
+        """Counts changes to connected agents' free slots (an index over free slots follows it)."""
+
+    def slots_since(self, version: int) -> list[str] | None:
+        """Ids of connected agents whose free slots changed after ``version`` (None: too far back)."""
+
     def agents(self) -> Mapping[str, AgentState]:
         """Every registered agent by id, connected or not."""
 

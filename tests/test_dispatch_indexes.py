@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ from test_dispatch import A100, GTX1060, WORK, cpu_caps, gpu_caps
 from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
-from hub.dispatch import covers
+from hub.dispatch import covers, fit_index
 from hub.dispatch.adaptive import Adaptive
+from hub.dispatch.best_fit import WELL_FACTOR, WELL_S, BestFit
 from hub.dispatch.fastest import Fastest, SoonestGate
+from hub.dispatch.fit_index import asker_order, capability
 from hub.dispatch.predict import candidate_jobs
 from hub.fleet import AgentState, available_until, slots_of
+from hub.pacing import PollPacing
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
@@ -536,3 +540,188 @@ async def test_covers_hold_a_bounded_number_of_parts(fleets: Callable[..., Any],
     assert 0 < policy.covers._parts <= 20
     assert sum(len(cover.parts) for cover in kept_covers(f)) == policy.covers._parts
     assert f.check() > 0
+
+
+# -- best-fit's absorbed counts (hub/dispatch/fit_index.py) ----------------------------------------------------
+def fit_check(f: Fleet, walked: list[str] | None = None) -> int:
+    """For every agent as the asker and every job it may run: the count ``best-fit`` reads from its kept trees
+    equals the walk over every registered agent from scratch (the rule as the policy applied it before the
+    index), for a short, a middling and an endless queue; returns how many counts were compared."""
+    context, now = f.board._dispatcher.context, f.clock.now
+    policy = f.board.policy
+    assert isinstance(policy, BestFit)
+    predictor, queues, connected = policy.predictor, context.queues, f.connected()
+    compared = 0
+    walked = [] if walked is None else walked
+    # the most capable ask first: each sync judges its asker again (as a pick does), which must not be what
+    # brings an agent's place up to date before a bigger asker counts it
+    for agent in sorted(f.board.agents.values(), key=lambda a: asker_order(capability(a.caps)), reverse=True):
+        jobs = candidate_jobs(queues, agent, context.capable)   # as a pick: the capable sets first, then sync
+        policy.index.sync(context, agent, now)
+        mine = capability(agent.caps)
+        for job_id in jobs:
+            job, req = queues.job(job_id), queues.requirements(job_id)
+            task = predictor.head(queues, agent, job_id, now)
+            if task is None:
+                continue
+            well = max(WELL_FACTOR * predictor.predict(agent, job, task, req), WELL_S)
+            exact = sum(slots_of(b) - len(b.running) for b in f.board.agents.values()
+                        if b.row.id in connected and len(b.running) < slots_of(b) and b is not agent
+                        and b.refused is None and b.quiet_until <= now and capability(b.caps) < mine
+                        and not unmet(req, job.kind, b.caps) and predictor.misfit(b, job, task, req, now) is None
+                        and predictor.predict(b, job, task, req) <= well)
+            capable = context.capable(job_id)
+            tree = policy.index.tree(context, job_id, capable, set(), now)
+            smaller = [b for b in context.idle() if b is not agent and b.refused is None and b.quiet_until <= now
+                       and capability(b.caps) < mine]
+            for need in (1, 3, 10**9):
+                if tree is None:   # over the leaf budget: the policy walks the idle set
+                    kept = policy.walk(smaller, agent, job, task, req, well, capable, need, now)
+                    walked.append(job_id)
+                else:
+                    kept = policy.index.absorbed(tree, agent, job, task, req, well, need, now, context.idle_ids(),
+                                                 capable, mine, asker_order(mine))
+                assert min(kept, need) == min(exact, need), (agent.row.name, job_id, need, kept, exact)
+                compared += 1
+    return compared
+
+
+def mid_gpu(i: int, **extra: Any) -> dict[str, Any]:
+    """A spread of mid-range cards: no two alike in VRAM or speed (the tree's order and bounds differ)."""
+    return gpu_caps(f"card{i}", 6 + i % 5 * 2, 3_000 + 700 * i, **extra)
+
+
+async def fit_fleet(f: Fleet) -> dict[str, Identity]:
+    agents = {"a100": await f.agent("a100", A100)}
+    for i in range(10):
+        agents[f"gpu{i}"] = await f.agent(f"gpu{i}", mid_gpu(i))
+    for i in range(4):
+        agents[f"cpu{i}"] = await f.agent(f"cpu{i}", cpu_caps(slots=1 + i % 2))
+    agents["leaving"] = await f.agent("leaving", mid_gpu(11, available_until=f.clock.now + 900, slots=2))
+    agents["short"] = await f.agent("short", mid_gpu(12, available_until=f.clock.now + 30))
+    await f.submit(60)
+    await f.submit(8, requires={"device": "gpu"})
+    await f.submit(4, policy={"deadline": "20m"})
+    await f.submit(6, requires={"device": "gpu", "min_vram_gb": 12})
+    return agents
+
+
+async def test_best_fit_kept_counts_match_the_walk_through_fleet_events(fleets: Callable[..., Any]) -> None:
+    """Each event that changes who absorbs a job: agents becoming busy and idle again, learned speeds (slow
+    enough to stop running a task "well"), a new report (bigger, smaller, no GPU), a gate's refusal and its end,
+    a silent agent leaving and coming back, a window ending; the kept counts stay the walk's."""
+    f: Fleet = await fleets("best-fit")
+    agents = await fit_fleet(f)
+    assert fit_check(f) > 0
+    f.clock.now += 29.5                                              # "short" has 0.5 s left: too little
+    assert fit_check(f) > 0
+    held: dict[str, tuple[Identity, Assignment]] = {}
+    for name in ("cpu0", "gpu3", "gpu7", "leaving", "a100"):        # some become busy (idle set shrinks)
+        for task in await f.lease(agents[name], 2):
+            held[task.task_id] = (agents[name], task)
+    assert fit_check(f) > 0
+    for ident, task in list(held.values()):                          # they finish: idle again; gpu3 learns
+        f.clock.now += 1                                             # it is 100x slower than it measured
+        await f.finish(ident, task, wall_s=400.0 if ident is agents["gpu3"] else 1.0)
+        del held[task.task_id]
+    assert fit_check(f) > 0
+    await f.agent("gpu1", A100, identity=agents["gpu1"])            # registers again, bigger
+    await f.agent("gpu8", cpu_caps(), identity=agents["gpu8"])      # loses its GPU
+    await f.agent("cpu2", mid_gpu(2), identity=agents["cpu2"])      # gains one
+    assert fit_check(f) > 0
+    f.gate.ids.add(agents["gpu5"].id)                                # refused (noted when it asks)
+    assert await f.lease(agents["gpu5"]) == []
+    assert fit_check(f) > 0
+    f.gate.ids.discard(agents["gpu5"].id)                            # no longer: it takes work in its own pick
+    for task in await f.lease(agents["gpu5"]):
+        held[task.task_id] = (agents["gpu5"], task)
+    assert fit_check(f) > 0
+    f.clock.now += 700                                               # silent ones drop out; the window ends
+    for name in ("a100", "gpu0", "gpu2", "cpu1"):
+        await f.lease(agents[name], 0)
+    assert fit_check(f) > 0
+    assert agents["leaving"].id not in f.connected()
+    f.clock.now += 700
+    await f.board.sweep()                                            # gpu5's lease expires: it drops out
+    assert fit_check(f) > 0
+    for task in await f.lease(agents["gpu5"]):                       # and comes back
+        f.clock.now += 1
+        await f.finish(agents["gpu5"], task, wall_s=2.0)
+    assert fit_check(f) > 0
+
+
+async def test_best_fit_counts_a_paused_agent_only_once_its_pause_ends(fleets: Callable[..., Any]) -> None:
+    """An agent the board told to pause (nothing queued it can run) is around but not free: it absorbs nothing
+    until its pause ends, then counts again without asking (the index puts it back from a heap of ends)."""
+    f: Fleet = await fleets("best-fit")
+    f.board._dispatcher.pacing = PollPacing(replace(f.board.config, min_poll_interval_s=60.0),
+                                            lambda: len(f.board.agents), f.clock)
+    a100, gtx, laptop = await f.agent("a100", A100), await f.agent("gtx", GTX1060), await f.agent("laptop", cpu_caps())
+    await f.submit(1)
+    assert fit_check(f) > 0                                          # the tree exists before the pause
+    [task] = await f.lease(laptop)                                   # the only task: nothing left
+    assert await f.lease(gtx) == []
+    assert f.board.retry_after(gtx.id)                               # told to pause (as the lease endpoint asks)
+    gtx_state = f.board.agents[gtx.id]
+    assert gtx_state.quiet_until > f.clock.now
+    await f.submit(5)                                                # work it could run arrives meanwhile
+    assert fit_check(f) > 0
+    f.clock.now = gtx_state.quiet_until                              # the pause ends: it counts again
+    assert fit_check(f) > 0
+    f.clock.now += 1
+    await f.finish(laptop, task, wall_s=100.0)                       # idle again, and too slow to run it well
+    assert fit_check(f) > 0
+    assert len(await f.lease(a100, 5)) == 4                          # one of five left to the idle GTX ...
+    assert len(await f.lease(gtx)) == 1                              # ... which takes it
+
+
+async def test_best_fit_orders_reports_with_nan_as_the_walk_compared_them(fleets: Callable[..., Any]) -> None:
+    """A report with NaN memory (JSON allows it) orders nothing: tuple comparison decides on the fields before
+    the NaN. The tree places such agents (and cuts for such an asker) so that each count is still the walk's."""
+    f: Fleet = await fleets("best-fit")
+    for i in range(6):
+        await f.agent(f"gpu{i}", mid_gpu(i))
+        await f.agent(f"nan-vram{i}", gpu_caps("odd", float("nan"), 3_000 + 900 * i))
+        await f.agent(f"cpu{i}", {"memory_gb": 16 + i, "cpu": {"cores": 64, "gflops_fp32": 1_500.0 + i}})
+    await f.agent("nan-ram", {**mid_gpu(3), "memory_gb": float("nan")})
+    await f.agent("nan-ram-tie", {**mid_gpu(3), "memory_gb": float("nan")})
+    await f.agent("nan-cpu", {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": float("nan")}})
+    await f.agent("nan-cpu-ram", {"memory_gb": float("nan"), "cpu": {"cores": 64, "gflops_fp32": 1_502.0}})
+    await f.submit(40)
+    await f.submit(10, requires={"device": "gpu"})
+    assert fit_check(f) > 0
+
+
+async def test_best_fit_walks_where_the_tree_budget_is_spent(fleets: Callable[..., Any],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trees are capped in leaves (a thousand distinct ``requires`` must not cost a thousand fleet-sized trees):
+    past the cap a job's count is the walk's, and picks go on."""
+    monkeypatch.setattr(fit_index, "LEAVES_PER_AGENT", 0)
+    monkeypatch.setattr(fit_index, "LEAVES_SPARE", 4)
+    f: Fleet = await fleets("best-fit")
+    agents = [await f.agent(f"gpu{i}", mid_gpu(i)) for i in range(6)]
+    await f.submit(3)
+    await f.submit(3, requires={"device": "gpu"})
+    policy = f.board.policy
+    assert isinstance(policy, BestFit)
+    taken = [len(await f.lease(a, 1)) for a in agents]
+    assert sum(taken) > 0
+    assert sum(t.leaves for t in policy.index._trees.values()) <= 4
+    walked: list[str] = []
+    assert fit_check(f, walked) > 0 and walked                      # the walk's counts, where no tree fits
+
+
+async def test_best_fit_forgets_pauses_when_the_clock_goes_back(fleets: Callable[..., Any]) -> None:
+    """A wall clock stepped back (NTP) would make a pause judged over a pause again: the index starts over."""
+    f: Fleet = await fleets("best-fit")
+    for i in range(5):
+        await f.agent(f"gpu{i}", mid_gpu(i))
+    await f.submit(20)
+    assert fit_check(f) > 0
+    state = next(iter(f.board.agents.values()))
+    state.quiet_until = f.clock.now + 5
+    f.board._dispatcher.context.note(state)                         # as ``Dispatcher.retry_after`` does
+    f.clock.now += 10
+    assert fit_check(f) > 0
+    f.clock.now -= 8                                                 # back inside the pause
+    assert fit_check(f) > 0

@@ -13,7 +13,7 @@ policy's choices do not change.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jobs.requirements import unmet
 
@@ -31,10 +31,14 @@ class CapableIndex:
 
     def __init__(self, queues: JobQueues, fleet: Fleet) -> None:
         self._queues, self._fleet = queues, fleet
-        #: (requirements, kind) -> (log entries applied, capable ids): jobs that ask the same share one set (a
+        #: (requirements, kind) -> [log entries applied, capable ids]: jobs that ask the same share one set (a
         #: submitter's thousand one-task jobs were a thousand sets of every registered agent, each built anew)
-        self._jobs: dict[tuple[Requirements, str], tuple[int, set[str]]] = {}
+        self._jobs: dict[tuple[Requirements, str], list[Any]] = {}
         self._log: list[AgentState] = []                   # agents whose report changed since the sets were built
+        #: job id -> (generation, its key): a pick asks for ~200 jobs' sets several times, and hashing their
+        #: requirements was most of ``best-fit``'s pick once its absorbed counts were kept (hub/dispatch/fit_index.py)
+        self._by_job: dict[str, tuple[int, tuple[Requirements, str], list[Any]]] = {}
+        self._generation = 0                               # bumped whenever keys may leave ``_jobs``
         self._read = fleet.reports_version                 # the fleet's report log, read up to here
 
     @property
@@ -52,30 +56,46 @@ class CapableIndex:
         if changed is None or len(self._log) + len(changed) > max(4096, 2 * len(fleet.agents)):
             self._jobs.clear()   # cheaper (or, the log being gone, only possible) to rebuild than to replay
             self._log.clear()
+            self._generation += 1
         elif self._jobs:
             self._log.extend(changed)
 
     def capable(self, job_id: str) -> set[str]:
         """The ids of registered agents meeting the job's requirements (the caller must not change it)."""
         self.sync()
-        req, kind = self._queues.requirements(job_id), self._queues.job(job_id).kind
-        key = (req, kind)
-        entry = self._jobs.get(key)
-        if entry is None:
-            if len(self._jobs) > 64 and len(self._jobs) > 2 * len(self._queues):   # finished jobs: forget
-                live = {(self._queues.requirements(j.id), j.kind) for j in self._queues.jobs()}
-                self._jobs = {k: e for k, e in self._jobs.items() if k in live}
-            if not self._jobs:
-                self._log.clear()
-            ids = {a.row.id for a in self._fleet.agents.values() if not unmet(req, kind, a.caps)}
-            self._jobs[key] = (len(self._log), ids)
-            return ids
-        applied, ids = entry
-        if applied < len(self._log):
-            for agent in self._log[applied:]:
+        known = self._by_job.get(job_id)
+        if known is not None and known[0] == self._generation:
+            key, entry = known[1], known[2]
+        else:
+            key = (self._queues.requirements(job_id), self._queues.job(job_id).kind)
+            found = self._jobs.get(key)
+            if found is None:
+                found = self._build(key)
+            entry = found
+            if len(self._by_job) > 2 * len(self._queues) + 64:
+                self._by_job.clear()
+            self._by_job[job_id] = (self._generation, key, entry)
+        if entry[0] < len(self._log):
+            req, kind = key
+            ids = entry[1]
+            for agent in self._log[entry[0]:]:
                 if unmet(req, kind, agent.caps):
                     ids.discard(agent.row.id)
                 else:
                     ids.add(agent.row.id)
-            self._jobs[key] = (len(self._log), ids)
-        return ids
+            entry[0] = len(self._log)
+        ids_now: set[str] = entry[1]
+        return ids_now
+
+    def _build(self, key: tuple[Requirements, str]) -> list[Any]:
+        if len(self._jobs) > 64 and len(self._jobs) > 2 * len(self._queues):   # finished jobs: forget
+            live = {(self._queues.requirements(j.id), j.kind) for j in self._queues.jobs()}
+            self._jobs = {k: e for k, e in self._jobs.items() if k in live}
+            self._generation += 1
+        if not self._jobs:
+            self._log.clear()
+        req, kind = key
+        ids = {a.row.id for a in self._fleet.agents.values() if not unmet(req, kind, a.caps)}
+        entry: list[Any] = [len(self._log), ids]
+        self._jobs[key] = entry
+        return entry
