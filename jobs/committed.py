@@ -51,8 +51,8 @@ __all__ = [
     "unit_tree",
 ]
 
-#: a manifest whose canonical bytes are over this is committed (the hub's ``inline_envelope_bytes`` default:
-#: under it, an envelope rides in lease replies whole, as before)
+#: a manifest whose signed record (payload and signature) would be over this is committed (the hub's
+#: ``inline_envelope_bytes`` default: under it, an envelope rides in lease replies whole, as before)
 COMMIT_BYTES = 64 * 1024
 #: the most tasks a submitter's own views (results, merge) expand a job it signed to: bounded by what it signed
 #: (a committed job's lists are held to the signed count before they are expanded, :func:`open_lists`)

@@ -15,7 +15,8 @@ from test_shards import sharded_manifest
 from agent.client.submitting import ResultCheck, job_id_of, make_envelope, prepare_inputs
 from agent.client.sweep import check_params, sweep_of
 from agent.daemon.assignments import ManifestCache
-from jobs.committed import UnitProof, open_lists, signed_manifest, unit_leaf
+from hub.config import HubConfig
+from jobs.committed import COMMIT_BYTES, UnitProof, open_lists, signed_manifest, unit_leaf
 from jobs.inputs import input_blob
 from jobs.manifest import Manifest
 from jobs.merkle import MerkleTree, leaf_hash, proof_length, verify
@@ -23,7 +24,7 @@ from jobs.protocol import Assignment, LeaseReply
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, PanalError
 from security.identity import Identity
-from security.records import SignedRecord, decode
+from security.records import SignedRecord, canonical, decode
 
 
 def sweep(n: int, name: str = "big", base: float = 0.0) -> Manifest:
@@ -225,3 +226,16 @@ def test_the_results_view_checks_the_params_of_a_job_of_more_than_ten_thousand_u
     lying = ResultCheck(f"{job_id}.5", "agent", True, "", {"unit": 5, "params": {"seconds": 99.0}})
     [checked] = check_params([lying], reply, view)
     assert not checked.ok and "the manifest gives" in checked.problem
+
+
+def test_a_manifest_a_few_bytes_under_the_threshold_is_signed_so_that_a_default_board_inlines_it() -> None:
+    """Found in review: the client compared the bare manifest's bytes with the threshold, a board the signed record's
+    (with its time, nonce and signature): a manifest up to ~110 bytes under it was signed whole yet too big to
+    inline (``inline_envelope_bytes``, the same 64 KiB), so every agent of the job fetched it."""
+    n = next(n for n in range(7000, 7400) if COMMIT_BYTES - 60 < len(canonical({"manifest": sweep(n).source}))
+             <= COMMIT_BYTES)
+    wire = make_envelope(Identity.generate(), sweep(n))
+    record = SignedRecord.from_wire(wire)
+    inline = len(record.payload) + len(record.sig) <= HubConfig().inline_envelope_bytes
+    assert inline or "units" in record.verify(), "signed whole, but a board would not inline it"
+    assert "units" in record.verify() and signed_manifest(wire)["spec"]["sweep"] == sweep(n).source["spec"]["sweep"]
