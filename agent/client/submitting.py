@@ -37,8 +37,9 @@ _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{1,9}$")   # "<job
 
 def make_envelope(identity: Identity, manifest: Manifest, commit_bytes: int = COMMIT_BYTES) -> dict[str, Any]:
     """The submitter-signed record of a manifest: what boards store and agents re-check. A big one (signed
-    whole, over ``commit_bytes`` of payload and signature) is committed (jobs/committed.py): the head and the Merkle root of its
-    units are signed, and its sweep and shard lists ride beside the signature (``units``), bound by the root."""
+    whole, over ``commit_bytes`` of payload and signature) is committed (jobs/committed.py): the head and the
+    Merkle root of its units are signed, and its sweep and shard lists ride beside the signature (``units``),
+    bound by the root."""
     if len(canonical({"manifest": manifest.source})) <= commit_bytes:
         value = {"manifest": manifest.source, "created": time.time(), "nonce": secrets.token_hex(8)}
         whole = SignedRecord.sign(identity, value)
