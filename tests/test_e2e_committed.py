@@ -24,6 +24,7 @@ from agent.client.sweep import check_params, sweep_of
 from agent.daemon.assignments import ManifestCache
 from agent.tools.bench_shards import run_shard_bench
 from jobs.committed import UnitProofs, open_lists
+from jobs.manifest import Manifest
 from jobs.protocol import Assignment, LeaseReply, LeaseRequest
 from security.errors import PanalError
 from security.identity import Identity
@@ -155,3 +156,31 @@ async def test_each_agent_of_a_committed_sharded_job_downloads_only_its_proven_s
     assert sum(a["tasks"] for a in ran) == 4
     for agent in figures["per_agent"].values():
         assert agent["fetched"] == agent["needed"]            # its shards and the model, each once, nothing else
+
+
+async def test_a_board_restarted_without_a_committed_jobs_kind_still_starts_and_leases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a board rebuilds each committed job's proofs at start, and a job whose lists no longer open
+    there (its kind is not enabled any more: test kinds off) raised out of ``Board.start``: one stored job kept the
+    whole hub from starting. A job signed whole of that kind never did."""
+    monkeypatch.setenv("PANAL_TEST_KINDS", "1")
+    hub = InProcessHub(tmp_path)
+    await hub.start()
+    chaos = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "chaos"},
+                                "spec": {"task": "chaos", "sweep": {"seconds": [0.0, 0.1, 0.2]}}})
+    async with await submitter(hub) as user:
+        job = (await submit(user, make_envelope(user.identity, chaos, commit_bytes=0)))["id"]
+    await hub.stop()
+    monkeypatch.delenv("PANAL_TEST_KINDS")
+    hub = InProcessHub(tmp_path)
+    server = await hub.start()
+    try:
+        assert (await server.board.job_view(job))["state"] == "queued"
+        async with await submitter(hub) as user:
+            other = (await submit(user, make_envelope(user.identity, sleep_manifest(2), commit_bytes=0)))["id"]
+        agent, _ = await registered(hub)
+        async with agent:
+            reply = await agent.post("/v1/lease", LeaseRequest(2, 2.0, (), {}), LeaseReply.decode)
+        assert {t.job_id for t in reply.tasks} == {other} and all(t.proof is not None for t in reply.tasks)
+    finally:
+        await hub.stop()
