@@ -116,13 +116,19 @@ async def test_a_submit_whose_lists_are_not_the_signed_ones_is_a_400_of_its_own(
             await submit(user, {k: v for k, v in envelope.items() if k != "units"})
         assert missing.value.status == 400
         assert (await submit(user, envelope))["n_tasks"] == 20   # the signed lists are taken
-        # a head that claims 10^8 units, with lists over the hub's max_tasks_per_job: refused before any tree
+        # lists over the hub's max_tasks_per_job, as many as the head claims: refused before any tree
         head = {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "huge"}, "spec": {"task": "sleep"}}
         huge = SignedRecord.sign(user.identity, {"manifest": head, "units": {
-            "count": 10**8, "root": bytes(32), "sweep": ["seconds"]}}).to_wire()
+            "count": 20_000, "root": bytes(32), "sweep": ["seconds"]}}).to_wire()
         with pytest.raises(PanalError) as over:
             await submit(user, {**huge, "units": {"sweep": {"seconds": [0.0] * 20_000}, "shards": {}}})
         assert over.value.code == "invalid_manifest" and "more than the limit" in over.value.message
+        # a head that claims 10^8 units, with lists of fewer: not the signed job, refused before they are expanded
+        claims = SignedRecord.sign(user.identity, {"manifest": head, "units": {
+            "count": 10**8, "root": bytes(32), "sweep": ["seconds"]}}).to_wire()
+        with pytest.raises(PanalError) as fewer:
+            await submit(user, {**claims, "units": {"sweep": {"seconds": [0.0] * 20_000}, "shards": {}}})
+        assert fewer.value.code == "units_root_mismatch" and fewer.value.status == 400
 
 
 async def test_a_restarted_board_proves_a_committed_jobs_units_from_its_stored_lists(tmp_path: Path) -> None:
