@@ -163,8 +163,10 @@ class Board:
         self._dispatcher.wake()
         if self._sweeper is not None:
             await cancel_all([self._sweeper])
-        await self.leases_stored()
+        # The store first: its close commits what is queued (lease commits in flight included) or, on a server
+        # that stopped answering, fails it after its timeout; waiting for those commits before it could be forever.
         await self.store.close()
+        await self.leases_stored()
 
     async def leases_stored(self) -> None:
         """Wait until every lease handed out so far has its commit landed (or taken back, hub/lease_writes.py)."""

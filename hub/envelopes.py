@@ -27,6 +27,7 @@ job's first lease. No agent fetches the lists.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,9 +35,12 @@ from hub.records import JobRow
 from jobs.committed import UnitProof, UnitProofs
 from jobs.protocol import envelope_digest
 from jobs.wire import MSGPACK, encode_body
+from security.errors import PanalError
 from security.records import SignedRecord
 
 __all__ = ["JobEnvelope", "JobEnvelopes", "ReplyEnvelopes", "stored_proofs"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,9 +67,18 @@ class JobEnvelope:
 
 
 def stored_proofs(job: JobRow) -> UnitProofs | None:
-    """A stored committed job's proofs, rebuilt from the lists kept in its envelope column (None: signed whole)."""
+    """A stored committed job's proofs, rebuilt from the lists kept in its envelope column (None: signed whole, or
+    lists this hub cannot open: a kind it no longer enables; its tasks then go out unproven and agents refuse
+    them, where a raise here kept the whole board from starting)."""
     lists = job.envelope.get("units") if isinstance(job.envelope, dict) else None
-    return None if lists is None else UnitProofs.stored(SignedRecord.from_wire(job.envelope), lists)
+    if lists is None:
+        return None
+    try:
+        return UnitProofs.stored(SignedRecord.from_wire(job.envelope), lists)
+    except (PanalError, LookupError, TypeError, ValueError) as exc:
+        log.error("job %s: its committed units cannot be proven on this hub (%s): agents will refuse its tasks",
+                  job.id, getattr(exc, "message", exc))
+        return None
 
 
 class JobEnvelopes:

@@ -63,6 +63,7 @@ class LeaseWrites:
             await asyncio.shield(asyncio.gather(*waits, return_exceptions=True))
 
     async def drain(self) -> None:
-        """Wait for every lease commit in flight (a board stopping: before its store closes)."""
+        """Wait for every lease commit in flight to land or fail (a board stopping: once its store has closed, which
+        settles every queued write, so this never waits on a server that stopped answering)."""
         while self._pending:
             await asyncio.gather(*set(self._pending.values()), return_exceptions=True)

@@ -36,6 +36,7 @@ from security.records import SignedRecord, canonical, decode
 
 __all__ = [
     "COMMIT_BYTES",
+    "VIEW_MAX_TASKS",
     "CommittedHead",
     "UnitProof",
     "UnitProofs",
@@ -50,9 +51,12 @@ __all__ = [
     "unit_tree",
 ]
 
-#: a manifest whose canonical bytes are over this is committed (the hub's ``inline_envelope_bytes`` default:
-#: under it, an envelope rides in lease replies whole, as before)
+#: a manifest whose signed record (payload and signature) would be over this is committed (the hub's
+#: ``inline_envelope_bytes`` default: under it, an envelope rides in lease replies whole, as before)
 COMMIT_BYTES = 64 * 1024
+#: the most tasks a submitter's own views (results, merge) expand a job it signed to: bounded by what it signed
+#: (a committed job's lists are held to the signed count before they are expanded, :func:`open_lists`)
+VIEW_MAX_TASKS = 100_000_000
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _INPUT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MAX_INPUTS = 16   # spec.inputs' maxProperties
@@ -185,6 +189,10 @@ def open_lists(payload: Mapping[str, Any], lists: Any, max_tasks: int) -> tuple[
     units = committed_units(payload)
     assert units is not None
     source = join(payload.get("manifest"), lists)
+    listed = _listed_units(source)
+    if listed != units["count"]:   # before any expansion: lists of 10^4 x 10^4 values must not cost 10^8 dicts
+        raise BadRequest(f"the sweep and shard lists sent make {listed} units, the submitter signed "
+                         f"{units['count']}: they are not the signed job", code="units_root_mismatch")
     manifest = Manifest.from_dict(source, max_tasks=max_tasks)
     if sorted(manifest.sweep) != units["sweep"]:
         raise BadRequest(f"the lists sweep {sorted(manifest.sweep)}, the signed head {units['sweep']}",
@@ -199,7 +207,26 @@ def open_lists(payload: Mapping[str, Any], lists: Any, max_tasks: int) -> tuple[
     return manifest, points, proofs
 
 
-def signed_manifest(wire: Any, max_tasks: int = 100_000_000) -> dict[str, Any]:
+def _listed_units(source: dict[str, Any]) -> int:
+    """How many units a joined manifest's lists make (sweep points x shards, as ``Manifest.n_units`` counts
+    them once valid), read without validating or expanding anything."""
+    spec = source["spec"]
+    n = 1
+    for values in (spec.get("sweep") or {}).values():
+        n *= len(values)
+    shards = 1
+    inputs = spec.get("inputs")
+    for ref in (inputs.values() if isinstance(inputs, dict) else ()):
+        if isinstance(ref, dict):
+            count = ref.get("shard", {}).get("count") if isinstance(ref.get("shard"), dict) else None
+            if isinstance(count, int) and not isinstance(count, bool):
+                shards = max(shards, count)
+            if isinstance(ref.get("shards"), list):
+                shards = max(shards, len(ref["shards"]))
+    return n * shards
+
+
+def signed_manifest(wire: Any, max_tasks: int = VIEW_MAX_TASKS) -> dict[str, Any]:
     """A job's envelope as its submitter's views read it (results, merge): the signature verified, and of a
     committed one the full manifest rebuilt from the lists beside it and checked against the signed root."""
     payload = SignedRecord.from_wire(wire).verify()

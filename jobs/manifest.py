@@ -227,9 +227,10 @@ class Manifest:
         return get_kind(self.kind).validate({**self.params, **dict(zip(keys, combo, strict=True)), **shards[shard]})
 
     @classmethod
-    def from_dict(cls, source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> Manifest:
-        """Validate a manifest dict; raise :class:`ManifestError` listing every problem."""
-        errors = validate(source, max_tasks)
+    def from_dict(cls, source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = True) -> Manifest:
+        """Validate a manifest dict; raise :class:`ManifestError` listing every problem (``expand``:
+        :func:`validate`'s)."""
+        errors = validate(source, max_tasks, expand)
         if errors:
             raise ManifestError([(None, path, msg) for path, msg in errors])
         return cls._build(source)
@@ -310,8 +311,9 @@ def _expected(error: jsonschema.ValidationError) -> str:
 _VALIDATOR = jsonschema.Draft202012Validator(_BASE_SCHEMA)
 
 
-def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str, str]]:
-    """All problems of a manifest dict as (field path, message), empty if it is valid."""
+def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = True) -> list[tuple[str, str]]:
+    """All problems of a manifest dict as (field path, message), empty if it is valid. ``expand``: also check that
+    every unit validates (each expanded); an agent, which checks the one unit it runs, passes False."""
     if not isinstance(source, dict):
         return [("", f"a manifest must be a map, got {json.dumps(source, default=str)[:60]}")]
     errors: list[tuple[str, str]] = []
@@ -375,7 +377,7 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS) -> list[tuple[str,
     if n > max_tasks:
         errors.append(("spec.sweep", f"expands to {n:,} tasks, more than the limit of {max_tasks:,} per job; "
                                      "split it into several jobs"))
-    elif base:
+    elif base and expand:
         try:
             Manifest._build(source).points()
         except InvalidParams as exc:

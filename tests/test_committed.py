@@ -5,15 +5,18 @@ units; each assignment proves its one unit, and an agent checks it with the agen
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_shards import sharded_manifest
 
-from agent.client.submitting import make_envelope, prepare_inputs
+from agent.client.submitting import ResultCheck, job_id_of, make_envelope, prepare_inputs
+from agent.client.sweep import check_params, sweep_of
 from agent.daemon.assignments import ManifestCache
-from jobs.committed import UnitProof, open_lists, signed_manifest, unit_leaf
+from hub.config import HubConfig
+from jobs.committed import COMMIT_BYTES, UnitProof, open_lists, signed_manifest, unit_leaf
 from jobs.inputs import input_blob
 from jobs.manifest import Manifest
 from jobs.merkle import MerkleTree, leaf_hash, proof_length, verify
@@ -21,7 +24,7 @@ from jobs.protocol import Assignment, LeaseReply
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, PanalError
 from security.identity import Identity
-from security.records import SignedRecord, decode
+from security.records import SignedRecord, canonical, decode
 
 
 def sweep(n: int, name: str = "big", base: float = 0.0) -> Manifest:
@@ -189,3 +192,50 @@ def test_garbage_proofs_on_the_wire_are_a_400_naming_the_field() -> None:
             with pytest.raises(BadRequest) as caught:
                 LeaseReply.decode({"tasks": [{**good, "proof": proof}]})
             assert caught.value.details == {"field": field}, proof
+
+
+def test_a_board_listing_far_more_units_than_signed_is_refused_before_they_are_expanded() -> None:
+    """Found in review: the submitter's results view (``signed_manifest``, up to 10^8 tasks) expanded a lying
+    board's lists before it compared them with the signed count; two swept keys of 700 values each made 490k
+    dicts (and a tree) in the submitter's client, 10^4 x 10^4 would make 10^8."""
+    head = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "two"}, "spec": {
+        "task": "matmul", "sweep": {"size": [1, 2, 3], "iterations": [1, 2, 3]}}})
+    wire = make_envelope(Identity.generate(), head, commit_bytes=0)
+    many = {"sweep": {"size": list(range(1, 701)), "iterations": list(range(1, 701))}, "shards": {}}
+    tracemalloc.start()
+    try:
+        with pytest.raises(PanalError) as caught:
+            signed_manifest({**wire, "units": many})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.code == "units_root_mismatch" and "490000 units" in caught.value.message
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB spent on lists the signed count rules out"
+    assert signed_manifest(wire)["spec"]["sweep"] == head.source["spec"]["sweep"]   # the signed lists still open
+
+
+def test_the_results_view_checks_the_params_of_a_job_of_more_than_ten_thousand_units() -> None:
+    """Found in review: ``sweep_of`` validated the submitter's own manifest with the 10,000-task default, so the
+    view of any bigger job (the jobs committed manifests are for) expanded nothing and showed whatever params an
+    agent signed as verified."""
+    wire = make_envelope(Identity.generate(), sweep(10_001))
+    job_id = job_id_of(wire)
+    reply = {"job": {"id": job_id}, "envelope": wire, "results": [{"task_id": f"{job_id}.5", "unit": 5}]}
+    view = sweep_of(reply)
+    assert view.points is not None and len(view.points) == 10_001 and view.params(5) == {"seconds": 5 / 1e9}
+    lying = ResultCheck(f"{job_id}.5", "agent", True, "", {"unit": 5, "params": {"seconds": 99.0}})
+    [checked] = check_params([lying], reply, view)
+    assert not checked.ok and "the manifest gives" in checked.problem
+
+
+def test_a_manifest_a_few_bytes_under_the_threshold_is_signed_so_that_a_default_board_inlines_it() -> None:
+    """Found in review: the client compared the bare manifest's bytes with the threshold, a board the signed record's
+    (with its time, nonce and signature): a manifest up to ~110 bytes under it was signed whole yet too big to
+    inline (``inline_envelope_bytes``, the same 64 KiB), so every agent of the job fetched it."""
+    n = next(n for n in range(7000, 7400) if COMMIT_BYTES - 60 < len(canonical({"manifest": sweep(n).source}))
+             <= COMMIT_BYTES)
+    wire = make_envelope(Identity.generate(), sweep(n))
+    record = SignedRecord.from_wire(wire)
+    inline = len(record.payload) + len(record.sig) <= HubConfig().inline_envelope_bytes
+    assert inline or "units" in record.verify(), "signed whole, but a board would not inline it"
+    assert "units" in record.verify() and signed_manifest(wire)["spec"]["sweep"] == sweep(n).source["spec"]["sweep"]

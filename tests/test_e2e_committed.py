@@ -24,6 +24,7 @@ from agent.client.sweep import check_params, sweep_of
 from agent.daemon.assignments import ManifestCache
 from agent.tools.bench_shards import run_shard_bench
 from jobs.committed import UnitProofs, open_lists
+from jobs.manifest import Manifest
 from jobs.protocol import Assignment, LeaseReply, LeaseRequest
 from security.errors import PanalError
 from security.identity import Identity
@@ -115,13 +116,19 @@ async def test_a_submit_whose_lists_are_not_the_signed_ones_is_a_400_of_its_own(
             await submit(user, {k: v for k, v in envelope.items() if k != "units"})
         assert missing.value.status == 400
         assert (await submit(user, envelope))["n_tasks"] == 20   # the signed lists are taken
-        # a head that claims 10^8 units, with lists over the hub's max_tasks_per_job: refused before any tree
+        # lists over the hub's max_tasks_per_job, as many as the head claims: refused before any tree
         head = {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "huge"}, "spec": {"task": "sleep"}}
         huge = SignedRecord.sign(user.identity, {"manifest": head, "units": {
-            "count": 10**8, "root": bytes(32), "sweep": ["seconds"]}}).to_wire()
+            "count": 20_000, "root": bytes(32), "sweep": ["seconds"]}}).to_wire()
         with pytest.raises(PanalError) as over:
             await submit(user, {**huge, "units": {"sweep": {"seconds": [0.0] * 20_000}, "shards": {}}})
         assert over.value.code == "invalid_manifest" and "more than the limit" in over.value.message
+        # a head that claims 10^8 units, with lists of fewer: not the signed job, refused before they are expanded
+        claims = SignedRecord.sign(user.identity, {"manifest": head, "units": {
+            "count": 10**8, "root": bytes(32), "sweep": ["seconds"]}}).to_wire()
+        with pytest.raises(PanalError) as fewer:
+            await submit(user, {**claims, "units": {"sweep": {"seconds": [0.0] * 20_000}, "shards": {}}})
+        assert fewer.value.code == "units_root_mismatch" and fewer.value.status == 400
 
 
 async def test_a_restarted_board_proves_a_committed_jobs_units_from_its_stored_lists(tmp_path: Path) -> None:
@@ -155,3 +162,31 @@ async def test_each_agent_of_a_committed_sharded_job_downloads_only_its_proven_s
     assert sum(a["tasks"] for a in ran) == 4
     for agent in figures["per_agent"].values():
         assert agent["fetched"] == agent["needed"]            # its shards and the model, each once, nothing else
+
+
+async def test_a_board_restarted_without_a_committed_jobs_kind_still_starts_and_leases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a board rebuilds each committed job's proofs at start, and a job whose lists no longer open
+    there (its kind is not enabled any more: test kinds off) raised out of ``Board.start``: one stored job kept the
+    whole hub from starting. A job signed whole of that kind never did."""
+    monkeypatch.setenv("PANAL_TEST_KINDS", "1")
+    hub = InProcessHub(tmp_path)
+    await hub.start()
+    chaos = Manifest.from_dict({"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "chaos"},
+                                "spec": {"task": "chaos", "sweep": {"seconds": [0.0, 0.1, 0.2]}}})
+    async with await submitter(hub) as user:
+        job = (await submit(user, make_envelope(user.identity, chaos, commit_bytes=0)))["id"]
+    await hub.stop()
+    monkeypatch.delenv("PANAL_TEST_KINDS")
+    hub = InProcessHub(tmp_path)
+    server = await hub.start()
+    try:
+        assert (await server.board.job_view(job))["state"] == "queued"
+        async with await submitter(hub) as user:
+            other = (await submit(user, make_envelope(user.identity, sleep_manifest(2), commit_bytes=0)))["id"]
+        agent, _ = await registered(hub)
+        async with agent:
+            reply = await agent.post("/v1/lease", LeaseRequest(2, 2.0, (), {}), LeaseReply.decode)
+        assert {t.job_id for t in reply.tasks} == {other} and all(t.proof is not None for t in reply.tasks)
+    finally:
+        await hub.stop()

@@ -12,17 +12,24 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Procs, start_hub_proc
+from pgserver import PgServer
+from test_pg_store import freeze
 from test_single_task_path import Short, manifest
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
+from hub.board import Board
+from hub.config import HubConfig
 from hub.home import HubHome
+from hub.pg_store import PgStore
+from hub.records import TaskState
 from hub.sqlite_store import SqliteStore
 from jobs.protocol import Assignment, LeaseReply, LeaseRequest, Registered, Registration, ResultsReply, ResultsRequest
 from jobs.requirements import Capabilities
@@ -200,3 +207,30 @@ async def test_a_job_cancelled_while_its_lease_is_being_written_leaves_it_out_of
     finally:
         gate.set()
         await short.board.stop()
+
+
+async def test_a_board_stopping_while_a_replied_lease_commit_hangs_on_a_partitioned_server_still_stops(
+        own_pg: PgServer) -> None:
+    """Found in review: ``Board.stop`` waited for every lease commit in flight *before* it closed the store, and
+    on a PostgreSQL server that stopped answering without a reset (a partition; a fenced hub must exit for its
+    supervisor) such a commit never ends: the store's close, which cuts the line after its timeout and fails the
+    unacknowledged writes, was never reached. Closed first, the store settles every queued write either way."""
+    board = Board(PgStore(own_pg.url()), HubConfig(lease_ttl_s=10, expiry_interval_s=3600))
+    await board.start()
+    user, agent = Identity.generate(), Identity.generate()
+    await board.submit(make_envelope(user, manifest(2)), user.id)
+    await board.register_agent(agent.public, "a", Capabilities.from_dict({"kinds": ["sleep"]}))
+    freeze(own_pg, signal.SIGSTOP)   # the partition: nothing answers, no socket is reset
+    try:
+        [task] = await asyncio.wait_for(board.lease(agent.id, 1, 0.0), 60)   # answered: its commit is in flight
+        assert task.lease_id is not None
+        await asyncio.wait_for(board.stop(), 60)   # before: waited on the commit for as long as TCP does (minutes)
+    finally:
+        freeze(own_pg, signal.SIGCONT)
+    store = PgStore(own_pg.url())
+    await store.open()
+    try:   # what was never acknowledged as stored either landed or not; the board's state is the store's
+        jobs, tasks = await store.load_active()
+        assert len(jobs) == 1 and {t.state for t in tasks} <= {TaskState.QUEUED, TaskState.LEASED}
+    finally:
+        await store.close()

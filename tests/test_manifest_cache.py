@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tracemalloc
+
 import pytest
 
 from agent.client.submitting import make_envelope
@@ -80,3 +83,27 @@ def test_the_cache_keeps_at_most_its_bytes_of_envelopes_and_always_the_newest() 
     small = ManifestCache(size=64, max_bytes=10)   # smaller than any envelope: the newest stays
     small.check(sleep_task(envelopes[0], 1, 1 / 1e9))
     assert len(small._cache) == 1
+
+
+def test_a_few_kb_manifest_sweeping_many_units_is_checked_without_expanding_them() -> None:
+    """Found in review: the agent validated a whole-signed manifest with its 10^8-task bound, and validation
+    expands every unit; a lying board (any key: trust is checked after) signing matmul over 100 sizes x 100
+    iterations x 30 seeds (300k units, under 2 KB) made the agent hold 300k dicts; 1000 x 1000 x 100 would be 10^8."""
+    source = {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "wide"}, "spec": {
+        "task": "matmul", "sweep": {"size": list(range(1, 101)), "iterations": list(range(1, 101)),
+                                    "seed": list(range(30))}}}
+    envelope = SignedRecord.sign(Identity.generate(), {"manifest": source, "created": 0.0, "nonce": "n"})
+    assert len(envelope.payload) < 2048
+    unit = 123_457   # the signed (sorted) keys iterations, seed, size, the last varying fastest: 42, 4, 58
+    params = {"size": 58, "dtype": "float32", "iterations": 42, "seed": 4}
+    task = Assignment(f"j.{unit}", "j", unit, "L", 1, "matmul", params, 60.0, 30.0, envelope)
+    tracemalloc.start()
+    try:
+        ManifestCache().check(task)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB to check one task"
+    with pytest.raises(PanalError) as caught:   # still held to the one unit it names
+        ManifestCache().check(dataclasses.replace(task, params={**params, "seed": 8}))
+    assert caught.value.code == "tampered_task"

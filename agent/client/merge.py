@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.client.submitting import ResultCheck, output_file_name, task_dir_name
-from jobs.committed import signed_manifest
+from jobs.committed import VIEW_MAX_TASKS, signed_manifest
 from jobs.manifest import Manifest
 from jobs.safeload import UnsafeInput, check_safetensors, read_metadata
 from security.errors import BadRequest
@@ -73,7 +73,8 @@ def plan_shards(reply: dict[str, Any], checks: Sequence[ResultCheck], units: Seq
                 out_dir: Path) -> list[Shard]:
     """The result to merge for each shard, in input order; :class:`MergeError` names every shard missing."""
     job_id = str(reply["job"]["id"])
-    manifest = Manifest.from_dict(signed_manifest(reply["envelope"]))   # (a committed one: its lists checked)
+    # (a committed one: its lists checked against its signed root)
+    manifest = Manifest.from_dict(signed_manifest(reply["envelope"]), max_tasks=VIEW_MAX_TASKS)
     if not any(ref.shard_count for ref in manifest.inputs.values()):
         raise MergeError(f"job {job_id} is not sharded by rows: there is nothing to merge (its outputs are in "
                          f"{out_dir}/<task>/)")

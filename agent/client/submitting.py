@@ -36,12 +36,17 @@ _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{1,9}$")   # "<job
 
 
 def make_envelope(identity: Identity, manifest: Manifest, commit_bytes: int = COMMIT_BYTES) -> dict[str, Any]:
-    """The submitter-signed record of a manifest: what boards store and agents re-check. A big one (over
-    ``commit_bytes`` of canonical bytes) is committed (jobs/committed.py): the head and the Merkle root of its
-    units are signed, and its sweep and shard lists ride beside the signature (``units``), bound by the root."""
+    """The submitter-signed record of a manifest: what boards store and agents re-check. A big one (signed
+    whole, over ``commit_bytes`` of payload and signature) is committed (jobs/committed.py): the head and the
+    Merkle root of its units are signed, and its sweep and shard lists ride beside the signature (``units``),
+    bound by the root."""
     if len(canonical({"manifest": manifest.source})) <= commit_bytes:
         value = {"manifest": manifest.source, "created": time.time(), "nonce": secrets.token_hex(8)}
-        return SignedRecord.sign(identity, value).to_wire()
+        whole = SignedRecord.sign(identity, value)
+        # the record as a board sizes it (hub/envelopes.py: payload and signature), not the bare manifest: one
+        # ~100 bytes under the threshold would be signed whole yet too big to inline, and fetched by every agent
+        if len(whole.payload) + len(whole.sig) <= commit_bytes:
+            return whole.to_wire()
     signed, lists = commit(manifest.source)
     wire = SignedRecord.sign(identity, {**signed, "created": time.time(), "nonce": secrets.token_hex(8)}).to_wire()
     wire["units"] = lists

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from agent.client.submitting import ResultCheck
-from jobs.committed import signed_manifest
+from jobs.committed import VIEW_MAX_TASKS, signed_manifest
 from jobs.manifest import Manifest
 from jobs.report import ReportSpec
 from security.errors import PanalError
@@ -51,7 +51,7 @@ def sweep_of(reply: dict[str, Any]) -> Sweep:
     """Expand the job's signed manifest (its signature verifies: the board cannot have changed it)."""
     try:
         # a committed job's lists are checked against its signed root (jobs/committed.py)
-        manifest = Manifest.from_dict(signed_manifest(reply["envelope"]))
+        manifest = Manifest.from_dict(signed_manifest(reply["envelope"]), max_tasks=VIEW_MAX_TASKS)
         return Sweep(manifest.points(), [*manifest.sweep, *_shard_keys(manifest)], manifest.report)
     except PanalError as exc:
         if exc.code == "units_root_mismatch":   # a board that swapped a committed job's lists: every row says so
