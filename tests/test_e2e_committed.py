@@ -16,7 +16,7 @@ import pytest
 from conftest import InProcessHub, Procs
 from helpers import scaled, wait_for_async
 from test_api import registered, sleep_manifest, submitter
-from test_e2e_envelopes import finished, join, lie, polling, run_agent, sleeps, start_board
+from test_e2e_envelopes import agent_running, finished, lie, sleeps, start_board
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit, verify_results
@@ -47,10 +47,7 @@ async def test_a_committed_job_runs_on_a_real_agent_without_a_fetch_and_its_subm
     hub, server, user = await start_board(tmp_path)
     board = server.board
     try:
-        home = tmp_path / "agent"
-        await join(hub, home)
-        run_agent(procs, home, "--slots", "2")
-        await polling(board, home, procs)
+        await agent_running(hub, board, tmp_path, procs, 2)
         seconds = [i / 1000 for i in range(6)]
         job, _ = await submit_committed(hub, user, seconds)
         assert await finished(board, job, procs) == "succeeded"
@@ -85,10 +82,7 @@ async def test_a_board_that_swaps_a_committed_tasks_params_index_or_proof_gets_i
         return dataclasses.replace(a, proof=proofs[0].proof(0))   # unit 0's proof for unit 2
     try:
         lie(board, monkeypatch, swap)
-        home = tmp_path / "agent"
-        await join(hub, home)
-        run_agent(procs, home, "--slots", "1")
-        await polling(board, home, procs)
+        await agent_running(hub, board, tmp_path, procs, 1)
         job, built = await submit_committed(hub, user, [0.0, 0.001, 0.002])
         proofs.append(built)
         for idx in range(3):

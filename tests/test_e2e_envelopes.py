@@ -70,6 +70,15 @@ async def polling(board: Board, home: Path, procs: Procs) -> None:
                          "the running agent to register", timeout_s=AGENT_START_S, diagnose=procs.logs_text)
 
 
+async def agent_running(hub: InProcessHub, board: Board, tmp_path: Path, procs: Procs, slots: int) -> Any:
+    """A real ``panal agent run`` joined to ``hub`` with ``slots`` slots, registered and polling."""
+    home = tmp_path / "agent"
+    await join(hub, home)
+    agent = run_agent(procs, home, "--slots", str(slots))
+    await polling(board, home, procs)
+    return agent
+
+
 async def finished(board: Board, job_id: str, procs: Procs) -> str:
     await wait_for_async(lambda: board.view.job(job_id) is None, f"job {job_id} to finish", timeout_s=scaled(120),
                          diagnose=procs.logs_text)
@@ -104,10 +113,7 @@ async def test_a_jobs_envelope_goes_to_an_agent_once_across_many_leases_and_agai
     hub, server, user = await start_board(tmp_path)
     board = server.board
     try:
-        home = tmp_path / "agent"
-        await join(hub, home)
-        agent = run_agent(procs, home, "--slots", "1")   # one task per lease: 20 leases of one job
-        await polling(board, home, procs)
+        agent = await agent_running(hub, board, tmp_path, procs, 1)   # one task per lease: 20 leases of one job
         job = await submit_to(hub, user, sleeps("many", [0.0] * 20))
         assert await finished(board, job, procs) == "succeeded"
         stats = board.view.stats
@@ -122,7 +128,8 @@ async def test_a_jobs_envelope_goes_to_an_agent_once_across_many_leases_and_agai
         assert stats["envelopes_sent"] == 2
         agent.kill()
         await asyncio.to_thread(agent.wait)
-        run_agent(procs, home, "--slots", "2")     # one slot is still the killed process's long task's, on the board
+        # one slot is still the killed process's long task's, on the board
+        run_agent(procs, tmp_path / "agent", "--slots", "2")
         before = stats["leases"]
         await wait_for_async(lambda: all(state(board, f"{second}.{i}") == TaskState.DONE for i in range(1, 7))
                              and replied(board, before),
@@ -138,10 +145,7 @@ async def test_a_big_envelope_is_fetched_by_the_agent_once_and_its_tasks_run(tmp
     hub, server, user = await start_board(tmp_path, inline_envelope_bytes=1024)
     board = server.board
     try:
-        home = tmp_path / "agent"
-        await join(hub, home)
-        run_agent(procs, home, "--slots", "2")
-        await polling(board, home, procs)
+        await agent_running(hub, board, tmp_path, procs, 2)
         job = await submit_to(hub, user, sleeps("big", [0.0] * 200))   # ~1.8 KB of envelope: fetched
         assert await finished(board, job, procs) == "succeeded"
         stats = board.view.stats
@@ -161,10 +165,7 @@ async def test_a_board_that_leaves_out_an_envelope_and_will_not_send_it_gets_the
         def refuse(agent_id: str, job_id: str) -> Any:
             raise NotFound(f"no active job {job_id}", code="no_such_job")
         monkeypatch.setattr(board, "leased_envelope", refuse)
-        home = tmp_path / "agent"
-        await join(hub, home)
-        run_agent(procs, home, "--slots", "1")
-        await polling(board, home, procs)
+        await agent_running(hub, board, tmp_path, procs, 1)
         job = await submit_to(hub, user, sleeps("bare", [0.0]))
         said = f"handing back task {job}.0 from {hub.address.url if hub.address else ''}: it came without"
         await wait_for_async(lambda: said in procs.logs_text(), "the agent to hand the task back",
