@@ -1,0 +1,47 @@
+"""Hostile capability reports and fleet churn against the dispatch indexes: a pick never raises.
+
+A volunteer's report is its word: numbers at the edge of what a float holds (a speed of 1e-320 GFLOPS that
+makes every runtime infinite, a memory of 1.7e308 GB) are accepted at registration. The policies' kept
+indexes (best-fit's trees, fastest's covers, the wake index's capability classes) must answer such agents,
+and everyone else, without an exception escaping the pick (a 500 to the agent, and for a rival a broken
+pick for the whole fleet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_dispatch import A100, GTX1060, cpu_caps
+from test_dispatch_indexes import Fleet, fleets  # noqa: F401  (the fixture)
+
+SLOW = {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": 1e-320}}   # every runtime: infinite
+
+
+@pytest.mark.parametrize("policy", ["fastest", "adaptive", "best-fit"])
+async def test_an_agent_claiming_a_near_zero_speed_is_answered_not_crashed(fleets: Callable[..., Any],
+                                                                           policy: str) -> None:
+    """1e-320 GFLOPS: its predicted runtime overflows to infinity; the earliest-finish count of rivals ahead of
+    it (a ceil of infinity) raised OverflowError out of the pick. It gets nothing while a rival can run the
+    work, and the rivals' own picks go on."""
+    f: Fleet = await fleets(policy)
+    gtx = await f.agent("gtx", GTX1060)
+    slow = await f.agent("slow", SLOW)
+    await f.submit(3)
+    assert await f.lease(slow) == [] or policy == "best-fit"
+    assert len(await f.lease(gtx, 3)) >= 1
+    await f.submit(3)
+    await f.lease(slow)   # again, with a kept cover of the GTX
+    assert len(await f.lease(gtx, 3)) >= 1
+
+
+async def test_a_report_with_a_memory_near_the_float_limit_gets_a_capability_class(fleets: Callable[..., Any]) -> None:
+    """Rounding 1.7e308 GB up to its bucket overflowed (1.25 ** 3182): the agent's every lease request raised
+    while the board classed it for the wake index."""
+    f: Fleet = await fleets("priority-fifo")
+    huge = await f.agent("huge", cpu_caps(memory_gb=1.7e308))
+    assert await f.lease(huge) == []
+    await f.submit(2)
+    assert f.board.retry_after(huge.id) is None               # work its class may run: ask again at once
+    assert len(await f.lease(huge, 2)) == 2
