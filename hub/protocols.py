@@ -56,6 +56,9 @@ class QueueView(Protocol):
     def jobs(self) -> Iterable[JobRow]:
         """Every active job, with queued tasks or not."""
 
+    def __len__(self) -> int:
+        """How many jobs are active (indexes kept per job forget finished ones as this falls)."""
+
     def job(self, job_id: str) -> JobRow: ...
 
     def requirements(self, job_id: str) -> Requirements: ...

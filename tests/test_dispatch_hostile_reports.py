@@ -45,3 +45,30 @@ async def test_a_report_with_a_memory_near_the_float_limit_gets_a_capability_cla
     await f.submit(2)
     assert f.board.retry_after(huge.id) is None               # work its class may run: ask again at once
     assert len(await f.lease(huge, 2)) == 2
+
+
+async def test_best_fit_forgets_the_trees_of_finished_jobs(fleets: Callable[..., Any]) -> None:
+    """A submitter's many one-task jobs, each with its own ``requires``: a tree each while they wait. Once they
+    are done their trees must go (every pick's sync walked every kept tree for each changed agent, forever,
+    and the leaf budget never dropped them while the fleet was large enough)."""
+    f: Fleet = await fleets("best-fit")
+    a100 = await f.agent("a100", A100)
+    gtx = await f.agent("gtx", GTX1060)
+    laptop = await f.agent("laptop", cpu_caps(slots=4))
+    jobs = 120
+    for i in range(jobs):
+        await f.submit(1, requires={"min_memory_gb": 1 + i / 1000})
+    policy = f.board.policy
+    done = 0
+    while done < jobs:
+        got = 0
+        for ident in (laptop, gtx, a100):
+            for task in await f.lease(ident, 4):
+                f.clock.now += 0.01
+                await f.finish(ident, task, wall_s=1.0)
+                got += 1
+        done += got
+        assert got, "no agent took the remaining work"
+    await f.submit(2, requires={"min_memory_gb": 2.5})   # the next job's pick: the finished ones' trees go
+    assert len(await f.lease(a100, 2)) + len(await f.lease(gtx, 2)) + len(await f.lease(laptop, 2)) == 2
+    assert len(policy.index._trees) <= 2 * len(f.board._dispatcher.context.queues) + 64

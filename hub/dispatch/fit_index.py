@@ -193,6 +193,7 @@ class FitIndex:
             if self._quiet_at.get(agent_id) == at:
                 del self._quiet_at[agent_id]
                 changed.add(agent_id)
+        self._forget_finished(view)
         agents, idle = view.agents(), view.idle_ids()
         for tree in self._trees.values():
             for agent_id in changed:
@@ -234,6 +235,19 @@ class FitIndex:
         if until is None or math.isnan(until):   # NaN: ``misfit`` never finds the window short
             until = math.inf
         tree.set_leaf(i, free, self.predictor.factor(agent_id, tree.kind), until)
+
+    def _forget_finished(self, view: FitView) -> None:
+        """Drop the trees no active job asks for. Each sync walks every kept tree for each changed agent, and
+        the leaf budget drops nothing while a fleet is large: a submitter's thousands of finished one-task jobs,
+        each with its own ``requires``, cost every pick thousands of trees' updates, for good. Looked at once
+        the trees outnumber twice the active jobs (each look leaves at most one per active job: amortized)."""
+        queues = view.queues
+        if len(self._trees) <= 2 * len(queues) + 64:
+            return
+        live = {(queues.requirements(job.id), job.kind) for job in queues.jobs()}
+        for key in [key for key in self._trees if key not in live]:
+            self._trees.pop(key).live = False
+        self._by_job = {job_id: tree for job_id, tree in self._by_job.items() if tree.live}
 
     def clear(self) -> None:
         for tree in self._trees.values():
