@@ -72,3 +72,25 @@ async def test_best_fit_forgets_the_trees_of_finished_jobs(fleets: Callable[...,
     await f.submit(2, requires={"min_memory_gb": 2.5})   # the next job's pick: the finished ones' trees go
     assert len(await f.lease(a100, 2)) + len(await f.lease(gtx, 2)) + len(await f.lease(laptop, 2)) == 2
     assert len(policy.index._trees) <= 2 * len(f.board._dispatcher.context.queues) + 64
+
+
+async def test_best_fit_keeps_its_tree_while_strangers_who_cannot_run_the_job_register(
+        fleets: Callable[..., Any]) -> None:
+    """Open registration: a stranger registers hundreds of CPU-only keys. None can run a GPU job, yet each one
+    counted towards its tree's "judged one by one" limit, so every 64 registrations rebuilt every tree (a scan of
+    the connected fleet each). The tree stays; its counts stay the walk's."""
+    from test_dispatch_indexes import fit_check
+
+    f: Fleet = await fleets("best-fit")
+    gpus = [await f.agent(f"gpu{i}", GTX1060) for i in range(3)]
+    a100 = await f.agent("a100", A100)
+    job = await f.submit(40, requires={"device": "gpu"})
+    assert len(await f.lease(gpus[0])) == 1
+    policy = f.board.policy
+    tree = policy.index._by_job[job]
+    for i in range(200):
+        await f.agent(f"stranger{i}", cpu_caps(memory_gb=1 + i))
+    assert len(await f.lease(gpus[1])) == 1
+    assert len(await f.lease(a100)) == 1                              # one idle GTX cannot absorb 38
+    assert policy.index._by_job[job] is tree and tree.live
+    assert fit_check(f) > 0
