@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import test_dispatch_indexes
 from test_dispatch import A100, GTX1060, cpu_caps
-from test_dispatch_indexes import Fleet, fleets  # noqa: F401  (the fixture)
+from test_dispatch_indexes import Fleet, fit_check
+
+fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
 
 SLOW = {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": 1e-320}}   # every runtime: infinite
 
@@ -79,8 +82,6 @@ async def test_best_fit_keeps_its_tree_while_strangers_who_cannot_run_the_job_re
     """Open registration: a stranger registers hundreds of CPU-only keys. None can run a GPU job, yet each one
     counted towards its tree's "judged one by one" limit, so every 64 registrations rebuilt every tree (a scan of
     the connected fleet each). The tree stays; its counts stay the walk's."""
-    from test_dispatch_indexes import fit_check
-
     f: Fleet = await fleets("best-fit")
     gpus = [await f.agent(f"gpu{i}", GTX1060) for i in range(3)]
     a100 = await f.agent("a100", A100)

@@ -16,7 +16,6 @@ holds for the rest. The answer is the full sum's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
