@@ -69,6 +69,9 @@ class QueueView(Protocol):
     def leased(self, job_id: str) -> int:
         """How many of the job's tasks are out on lease."""
 
+    def task(self, task_id: str) -> TaskRow | None:
+        """An active job's task by id (None: its job is over)."""
+
     def is_queued(self, task_id: str) -> bool:
         """Whether the task waits in a queue now (not leased, settled, or in retry backoff)."""
 

@@ -17,6 +17,8 @@ import test_dispatch_indexes
 from test_dispatch import A100, GTX1060, cpu_caps
 from test_dispatch_indexes import Fleet, fit_check
 
+from hub.dispatch import predict
+
 fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
 
 SLOW = {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": 1e-320}}   # every runtime: infinite
@@ -95,3 +97,24 @@ async def test_best_fit_keeps_its_tree_while_strangers_who_cannot_run_the_job_re
     assert len(await f.lease(a100)) == 1                              # one idle GTX cannot absorb 38
     assert policy.index._by_job[job] is tree and tree.live
     assert fit_check(f) > 0
+
+
+@pytest.mark.parametrize("policy", ["fastest", "best-fit"])
+async def test_cancelled_jobs_leave_nothing_in_the_predictors_leases(fleets: Callable[..., Any], policy: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submitter who cancels jobs while their tasks are out on lease: the predictor noted each leased task
+    (for when its agent is free) and heard of none of them again, so every cancelled lease stayed for good. Its
+    looks (here without the usual floor of entries) keep them to twice those still out."""
+    monkeypatch.setattr(predict, "LEASED_CHECK", 0)
+    f: Fleet = await fleets(policy)
+    gtx = await f.agent("gtx", GTX1060)
+    predictor = f.board.policy.predictor
+    for _ in range(30):
+        job = await f.submit(4)
+        assert len(await f.lease(gtx, 4)) == 4
+        await f.board.cancel(job, f.user.id)
+    await f.submit(2)
+    out = await f.lease(gtx, 4)                                        # its slots are free again
+    assert len(out) == 2
+    assert {task.task_id for task in out} <= set(predictor.leased)
+    assert len(predictor.leased) <= 2 * 4                              # not 122
