@@ -118,3 +118,51 @@ async def test_cancelled_jobs_leave_nothing_in_the_predictors_leases(fleets: Cal
     assert len(out) == 2
     assert {task.task_id for task in out} <= set(predictor.leased)
     assert len(predictor.leased) <= 2 * 4                              # not 122
+
+
+ODD_REPORTS: list[dict[str, Any]] = [
+    GTX1060, A100, cpu_caps(), cpu_caps(slots=10**6), cpu_caps(slots=-5), SLOW,
+    cpu_caps(memory_gb=float("nan")), cpu_caps(memory_gb=-1.0), cpu_caps(memory_gb=1.7e308),
+    {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": float("inf")}},
+    {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": -3.0, "memory_bandwidth_gbps": 1e-320}},
+    {**GTX1060, "gpus": [{**GTX1060["gpus"][0], "gflops_fp32": 1e-320, "gflops_fp16": float("nan")}]},
+    {**A100, "gpus": [{**A100["gpus"][0], "vram_gb": float("inf"), "gflops_fp32": 1e300}]},
+    cpu_caps(available_until=float("nan")), cpu_caps(available_until=-1.0),
+]
+
+
+@pytest.mark.parametrize("policy", ["best-fit", "fastest", "adaptive"])
+async def test_a_fleet_of_lying_volunteers_churning_never_breaks_a_pick(fleets: Callable[..., Any],
+                                                                        policy: str) -> None:
+    """Volunteers re-register every few seconds with odd reports (NaN, infinities, negatives, 10^6 slots, a
+    window already over), are told to pause, finish work or go silent, while a submitter adds and cancels
+    jobs: every pick answers, and best-fit's kept counts stay the walk's."""
+    import random
+
+    rng = random.Random(7)
+    f: Fleet = await fleets(policy)
+    agents = [await f.agent(f"v{i}", ODD_REPORTS[i % len(ODD_REPORTS)]) for i in range(len(ODD_REPORTS))]
+    jobs = [await f.submit(6), await f.submit(4, requires={"device": "gpu"})]
+    held: list[tuple[Any, Any]] = []
+    for step in range(60):
+        ident = rng.choice(agents)
+        event = rng.randrange(6)
+        if event == 0:
+            await f.agent(f"v{step}", rng.choice(ODD_REPORTS), identity=ident)
+        elif event == 1:
+            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 4)))]
+            f.board.retry_after(ident.id)
+        elif event == 2 and held:
+            who, task = held.pop(rng.randrange(len(held)))
+            f.clock.now += 1
+            await f.finish(who, task, wall_s=rng.choice((0.01, 5.0, 900.0)))
+        elif event == 3:
+            jobs.append(await f.submit(rng.randint(1, 5), policy={"deadline": f"{rng.randint(1, 60)}m"}))
+        elif event == 4 and len(jobs) > 2:
+            job = jobs.pop(rng.randrange(2, len(jobs)))
+            await f.board.cancel(job, f.user.id)
+            held = [(who, task) for who, task in held if task.job_id != job]
+        else:
+            f.clock.now += rng.choice((0.5, 30.0, 400.0))
+        if policy == "best-fit" and step % 10 == 9:
+            assert fit_check(f) > 0
