@@ -111,7 +111,7 @@ class Fleet:
             runtime = predictor.predict(b, job, task, req)
             if free >= my_end or runtime <= 0:
                 continue
-            n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+            n = covers.ceil_count((my_end - free) / runtime - 1e-9) - 1   # math.ceil, endless past a float
             end, until = free + runtime, available_until(b)
             if n <= 0 or (job.deadline_at is not None and end > job.deadline_at) or (until is not None and end > until):
                 continue
