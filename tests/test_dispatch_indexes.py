@@ -11,7 +11,6 @@ policies computed them before the indexes existed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
