@@ -18,6 +18,9 @@ from test_dispatch import A100, GTX1060, cpu_caps
 from test_dispatch_indexes import Fleet, fit_check
 
 from hub.dispatch import predict
+from jobs.protocol import Registration
+from security.errors import BadRequest
+from security.identity import Identity
 
 fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
 
@@ -190,3 +193,12 @@ async def test_a_window_end_of_nan_means_no_window_everywhere(fleets: Callable[.
         assert fit_check(f) > 0
     else:
         assert f.check() > 0
+
+
+@pytest.mark.parametrize("report", [{"cpu": {"cores": float("inf")}}, {"gpus": [{"index": float("-inf")}]}])
+def test_a_registration_with_an_infinite_count_is_a_bad_request(report: dict[str, Any]) -> None:
+    """``cores: Infinity`` made ``int()`` raise OverflowError out of the registration's decoding: a stranger's
+    500, where NaN was already a clear 400."""
+    with pytest.raises(BadRequest) as caught:
+        Registration.decode({"public_key": Identity.generate().public.text(), "name": "x", "capabilities": report})
+    assert caught.value.code == "bad_capabilities"

@@ -95,6 +95,6 @@ def capability_class(caps: Capabilities) -> CapClass:
     key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
     try:
         representative = Capabilities.from_dict(normal)
-    except (TypeError, ValueError, AttributeError):   # a malformed report: what the board parsed stands
+    except (TypeError, ValueError, AttributeError, OverflowError):   # malformed: what the board parsed stands
         representative = caps
     return CapClass(key, representative)
