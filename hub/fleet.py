@@ -50,8 +50,12 @@ def derived(agent: AgentState, name: str, compute: Callable[[Capabilities], T]) 
 
 
 def _until(caps: Capabilities) -> float | None:
+    """NaN (JSON allows it) is no window: presence read it as "past its window" for a new agent but kept one
+    that re-registered with it, while the predictor and best-fit read it as no limit."""
     value = caps.raw.get("available_until")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
+        return float(value)
+    return None
 
 
 def available_until(agent: AgentState) -> float | None:

@@ -56,6 +56,9 @@ class QueueView(Protocol):
     def jobs(self) -> Iterable[JobRow]:
         """Every active job, with queued tasks or not."""
 
+    def __len__(self) -> int:
+        """How many jobs are active (indexes kept per job forget finished ones as this falls)."""
+
     def job(self, job_id: str) -> JobRow: ...
 
     def requirements(self, job_id: str) -> Requirements: ...
@@ -65,6 +68,9 @@ class QueueView(Protocol):
 
     def leased(self, job_id: str) -> int:
         """How many of the job's tasks are out on lease."""
+
+    def task(self, task_id: str) -> TaskRow | None:
+        """An active job's task by id (None: its job is over)."""
 
     def is_queued(self, task_id: str) -> bool:
         """Whether the task waits in a queue now (not leased, settled, or in retry backoff)."""

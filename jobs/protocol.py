@@ -150,7 +150,7 @@ class Registration:
                              code="bad_capabilities", details={"field": f.at("capabilities")})
         try:
             caps = Capabilities.from_dict(report)
-        except (TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:   # int(inf): cores, a GPU's index
             raise BadRequest(f"{f.at('capabilities')}: malformed capability report: {exc}",
                              code="bad_capabilities", details={"field": f.at("capabilities")}) from exc
         name = f.optional_text("name") or ""

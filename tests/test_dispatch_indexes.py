@@ -11,7 +11,6 @@ policies computed them before the indexes existed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -111,7 +110,7 @@ class Fleet:
             runtime = predictor.predict(b, job, task, req)
             if free >= my_end or runtime <= 0:
                 continue
-            n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+            n = covers.ceil_count((my_end - free) / runtime - 1e-9) - 1   # math.ceil, endless past a float
             end, until = free + runtime, available_until(b)
             if n <= 0 or (job.deadline_at is not None and end > job.deadline_at) or (until is not None and end > until):
                 continue

@@ -46,7 +46,10 @@ def _up(value: Any) -> Any:
     """The top of ``value``'s geometric bucket (0 and negative values and non-numbers stay as they are)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or math.isinf(value):
         return value
-    return BUCKET ** math.ceil(math.log(value, BUCKET) - 1e-9)
+    try:
+        return BUCKET ** math.ceil(math.log(value, BUCKET) - 1e-9)
+    except OverflowError:   # within a bucket of the float limit (1.7e308 GB): the top is past it
+        return math.inf
 
 
 def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -92,6 +95,6 @@ def capability_class(caps: Capabilities) -> CapClass:
     key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
     try:
         representative = Capabilities.from_dict(normal)
-    except (TypeError, ValueError, AttributeError):   # a malformed report: what the board parsed stands
+    except (TypeError, ValueError, AttributeError, OverflowError):   # malformed: what the board parsed stands
         representative = caps
     return CapClass(key, representative)

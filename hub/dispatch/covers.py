@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hub.protocols import DispatchView
 
-__all__ = ["KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "finishes"]
+__all__ = ["KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "ceil_count", "finishes"]
 
 #: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
 MARGIN_S = 1e-3
@@ -54,11 +54,22 @@ PROOFS = 4
 PARTS_MAX = 1 << 19
 #: rivals taken out that a cover remembers for its repair, the latest (the repair looks at 32 a time)
 GONE = 256
+#: what an endless quotient counts as: more tasks than any queue holds
+ENDLESS = 1 << 62
+
+
+def ceil_count(x: float) -> int:
+    """``math.ceil(x)`` for a quotient of times that a report may make infinite or NaN: a volunteer claiming
+    1e-320 GFLOPS has an infinite runtime (its rivals finish endlessly many first: ``ceil`` raised
+    OverflowError out of the pick), and infinity over infinity is NaN (counted as none)."""
+    if x != x:
+        return 0
+    return math.ceil(min(max(x, -ENDLESS), ENDLESS))
 
 
 def finishes(horizon: float, offset: float, runtime: float) -> int:
     """How many tasks a part finishes at least before an agent needing ``horizon`` s finishes one."""
-    return math.ceil((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
+    return ceil_count((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
 
 
 @dataclass
@@ -84,7 +95,8 @@ class Cover:
             if n > 0:
                 proof[1] += n
                 proof[2] = min(proof[2], until)
-        if until >= self.at + LINEAR_MIN_S:
+        # a runtime so short that its rate overflows (a report's 1e300 GFLOPS) would leave NaN in the sums for good
+        if until >= self.at + LINEAR_MIN_S and math.isfinite((abs(offset) + MARGIN_S) / runtime):
             self.linear.add(agent_id)
             self.rate += 1 / runtime
             self.lag += (offset + MARGIN_S) / runtime + 1 + 1e-9

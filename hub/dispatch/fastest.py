@@ -16,11 +16,10 @@ holds for the rest. The answer is the full sum's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.covers import KEEP, LOOK, MARGIN_S, Cover, Covers
+from hub.dispatch.covers import KEEP, LOOK, MARGIN_S, Cover, Covers, ceil_count
 from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
@@ -80,7 +79,7 @@ class SoonestGate:
         runtime = self.predictor.predict(b, job, task, req)
         if runtime <= 0:
             return 0, free, runtime
-        n = math.ceil((my_end - free) / runtime - 1e-9) - 1
+        n = ceil_count((my_end - free) / runtime - 1e-9) - 1
         if n <= 0:
             return 0, free, runtime   # finishes none before this agent would: whether it fits does not matter
         # Predictor.misfit, with the runtime already known: must finish by the deadline and its window
@@ -208,7 +207,7 @@ class SoonestGate:
             if speed is not None:
                 # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
                 fastest = FLOOR * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
-                most = math.ceil(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
+                most = ceil_count(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
                 if most is not None:
                     if most <= 0:
                         break   # none of the rest finishes one before this agent would

@@ -193,6 +193,7 @@ class FitIndex:
             if self._quiet_at.get(agent_id) == at:
                 del self._quiet_at[agent_id]
                 changed.add(agent_id)
+        self._forget_finished(view)
         agents, idle = view.agents(), view.idle_ids()
         for tree in self._trees.values():
             for agent_id in changed:
@@ -235,6 +236,19 @@ class FitIndex:
             until = math.inf
         tree.set_leaf(i, free, self.predictor.factor(agent_id, tree.kind), until)
 
+    def _forget_finished(self, view: FitView) -> None:
+        """Drop the trees no active job asks for. Each sync walks every kept tree for each changed agent, and
+        the leaf budget drops nothing while a fleet is large: a submitter's thousands of finished one-task jobs,
+        each with its own ``requires``, cost every pick thousands of trees' updates, for good. Looked at once
+        the trees outnumber twice the active jobs (each look leaves at most one per active job: amortized)."""
+        queues = view.queues
+        if len(self._trees) <= 2 * len(queues) + 64:
+            return
+        live = {(queues.requirements(job.id), job.kind) for job in queues.jobs()}
+        for key in [key for key in self._trees if key not in live]:
+            self._trees.pop(key).live = False
+        self._by_job = {job_id: tree for job_id, tree in self._by_job.items() if tree.live}
+
     def clear(self) -> None:
         for tree in self._trees.values():
             tree.live = False
@@ -249,14 +263,12 @@ class FitIndex:
     def tree(self, view: FitView, job_id: str, capable: set[str], in_use: set[int], now: float) -> _Tree | None:
         """The job's tree, built if needed (None: over the leaf budget; the caller walks instead)."""
         tree = self._by_job.get(job_id)
-        if tree is not None and tree.live and tree.capable is capable \
-                and len(tree.unplaced) <= tree.limit and len(tree.reported) <= tree.limit:
+        if tree is not None and tree.live and tree.capable is capable and self._fits(tree):
             return tree
         queues = view.queues
         key = (queues.requirements(job_id), queues.job(job_id).kind)
         tree = self._trees.get(key)
-        if tree is not None and tree.capable is capable and len(tree.unplaced) <= tree.limit \
-                and len(tree.reported) <= tree.limit:
+        if tree is not None and tree.capable is capable and self._fits(tree):
             self._trees.move_to_end(key)
             self._remember(job_id, tree)
             return tree
@@ -284,6 +296,19 @@ class FitIndex:
         self._trees[key] = tree
         self._remember(job_id, tree)
         return tree
+
+    @staticmethod
+    def _fits(tree: _Tree) -> bool:
+        """Whether the tree answers without a rebuild: few agents are judged one by one. Past the limit, those
+        the job's capable set leaves out go first (the set is current: the pick asked for it before the tree):
+        a stranger's hundreds of registrations of agents that cannot run the job rebuilt every tree each 64."""
+        if len(tree.unplaced) <= tree.limit and len(tree.reported) <= tree.limit:
+            return True
+        capable = tree.capable
+        tree.reported = {i for i in tree.reported if i in capable}   # type: ignore[operator]
+        for agent_id in [i for i in tree.unplaced if i not in capable]:   # type: ignore[operator]
+            del tree.unplaced[agent_id]
+        return len(tree.unplaced) <= tree.limit and len(tree.reported) <= tree.limit
 
     def _remember(self, job_id: str, tree: _Tree) -> None:
         if len(self._by_job) > 4096:

@@ -44,6 +44,8 @@ _LOG_FLOOR = math.log(FLOOR)
 #: dtypes whose tasks run at a GPU's fp16 speed
 HALF = ("float16", "bfloat16")
 _CACHE_MAX = 200_000
+#: leases noted before those of tasks no longer out are looked for (a cancelled job's leases settle no attempt)
+LEASED_CHECK = 4096
 
 
 def _bandwidth(raw: Any, default: float) -> float:
@@ -103,6 +105,7 @@ class Predictor:
         #: agent id -> how many of its corrections (per kind and overall) are below :data:`FLOOR`; an agent is
         #: here while it has one. Kept as they are learned: the corrections change only in ``attempt_settled``.
         self.quick: dict[str, int] = {}
+        self._leased_live = 0   # leases found still out at the last look
 
     # -- prediction -----------------------------------------------------------------------------
     def cost(self, job: JobRow, task: TaskRow) -> Cost:
@@ -177,7 +180,18 @@ class Predictor:
                 if len(picked) >= limit:
                     break
         queues.take(job_id, picked)
+        if len(self.leased) > max(LEASED_CHECK, 2 * self._leased_live):
+            self._forget_ended(queues)
         return picked
+
+    def _forget_ended(self, queues: QueueView) -> None:
+        """Forget the leases of tasks settled or gone (not those just taken: still queued until the board leases
+        them). A job cancelled while its tasks are leased settles no attempt: a submitter who cancels mid-lease
+        again and again left an entry per task for good. Looked for once the entries double (amortized)."""
+        leased = self.leased
+        for task_id in [t for t in leased if (row := queues.task(t)) is None or row.state.terminal]:
+            del leased[task_id]
+        self._leased_live = len(leased)
 
     # -- learning -------------------------------------------------------------------------------
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
