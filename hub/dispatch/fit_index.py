@@ -84,7 +84,7 @@ def asker_order(mine: tuple[float, ...]) -> tuple[float, ...]:
 class _Tree:
     """The capable connected agents of one (requirements, kind), in capability order, with node bounds."""
 
-    def __init__(self, agents: list[AgentState], capable: object, req: Requirements, kind: str) -> None:
+    def __init__(self, agents: list[AgentState], capable: set[str], req: Requirements, kind: str) -> None:
         self.kind = kind
         placed = sorted(((_ordered(derived(a, "capability", capability), math.inf), a.row.id), a) for a in agents)
         self.capable = capable                       # the kept capable set it follows (a new set: rebuild)
@@ -215,7 +215,7 @@ class FitIndex:
         if i is not None and agent is not None:
             self._judge(tree, i, agent, idle, now)
         elif agent is not None and agent_id in members and (agent_id in tree.reported or
-                                                            agent_id in tree.capable):   # type: ignore[operator]
+                                                            agent_id in tree.capable):
             tree.unplaced[agent_id] = agent
         else:
             tree.unplaced.pop(agent_id, None)
@@ -305,8 +305,8 @@ class FitIndex:
         if len(tree.unplaced) <= tree.limit and len(tree.reported) <= tree.limit:
             return True
         capable = tree.capable
-        tree.reported = {i for i in tree.reported if i in capable}   # type: ignore[operator]
-        for agent_id in [i for i in tree.unplaced if i not in capable]:   # type: ignore[operator]
+        tree.reported = {i for i in tree.reported if i in capable}
+        for agent_id in [i for i in tree.unplaced if i not in capable]:
             del tree.unplaced[agent_id]
         return len(tree.unplaced) <= tree.limit and len(tree.reported) <= tree.limit
 
