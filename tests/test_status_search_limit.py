@@ -13,7 +13,6 @@ import aiohttp
 import pytest
 from conftest import InProcessHub
 from helpers import scaled
-
 from playwright.async_api import Browser, expect
 from status_browser import open_page
 
