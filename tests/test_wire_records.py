@@ -205,6 +205,9 @@ def test_a_bad_capability_report_is_a_bad_capabilities_400() -> None:
     with pytest.raises(BadRequest) as exc:
         Registration.decode({"public_key": AGENT.public.text(), "capabilities": {"cpu": {"cores": "many"}}})
     assert exc.value.code == "bad_capabilities" and exc.value.message.startswith("capabilities: malformed")
+    with pytest.raises(BadRequest) as exc:
+        Registration.decode({"public_key": AGENT.public.text(), "capabilities": {"features": "unit-proofs"}})
+    assert exc.value.code == "bad_capabilities" and "features: expected a list" in exc.value.message
 
 
 def test_an_unreadable_result_is_refused_alone_not_with_its_batch() -> None:

@@ -29,6 +29,7 @@ from agent.client.submitting import make_envelope, run_job, submit, wait_job
 from agent.daemon.envelopes import EnvelopeBook, HeldEnvelopes
 from agent.tools.demo import start_hub, stop
 from hub.admission import TOKEN_HEADER
+from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
 from jobs.protocol import (
     Assignment,
@@ -72,7 +73,7 @@ class SimAgent:
         self._held: HeldEnvelopes | None = None
 
     async def register(self) -> None:
-        caps = Capabilities.from_dict({"kinds": ["sleep"]})
+        caps = Capabilities.from_dict({"kinds": ["sleep"], "features": [UNIT_PROOFS]})
         await self.client.post("/v1/agents", Registration(self.identity.public, "sim", caps), Registered.decode,
                                headers={TOKEN_HEADER: self.token} if self.token else None)
 
