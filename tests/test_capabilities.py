@@ -116,7 +116,8 @@ def test_a_report_without_the_feature_a_requirement_names_fails_only_that_clause
     assert unmet(needs, "matmul", older) == ["features"]
     assert explain(needs, "matmul", [older]) == [
         "needs agents that implement unit-proofs (a newer panal agent): 0 of 1 connected agents have it"]
-    assert unmet(needs, "matmul", Capabilities.from_dict({"kinds": ["matmul"], "features": ["other", UNIT_PROOFS]})) == []
+    newer = Capabilities.from_dict({"kinds": ["matmul"], "features": ["other", UNIT_PROOFS]})
+    assert unmet(needs, "matmul", newer) == []
 
 
 @pytest.mark.parametrize("features", ["unit-proofs", [1], [""], ["x" * 65], ["f"] * 33])

@@ -201,7 +201,8 @@ async def test_an_older_agent_is_not_sent_a_committed_jobs_tasks_and_the_job_say
             reply = await older.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
             assert {t.job_id for t in reply.tasks} == {whole} and len(reply.tasks) == 2
             view = await older.call("GET", f"/v1/jobs/{committed}/public")
-        assert any("unit-proofs" in line and "0 of 1 connected agents" in line for line in view["waiting_because"]), view
+        why = view["waiting_because"]
+        assert any("unit-proofs" in line and "0 of 1 connected agents" in line for line in why), why
         newer, _ = await registered(hub, features=[UNIT_PROOFS])
         async with newer:
             reply = await newer.post("/v1/lease", LeaseRequest(8, 2.0, (), {}), LeaseReply.decode)
