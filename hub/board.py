@@ -58,7 +58,9 @@ from hub.store import Store
 from hub.submitter_faults import SubmitterFaults
 from hub.trust.trust import Trust
 from jobs.errors import FailureClass
-from jobs.protocol import Assignment, HeartbeatLease, HeartbeatReply, ResultItem, ResultOutcome
+from jobs.protocol import Assignment
+from jobs.protocol_results import ResultItem, ResultOutcome
+from jobs.protocol_upkeep import HeartbeatLease, HeartbeatReply
 from jobs.requirements import Capabilities
 from security.errors import Forbidden, NotFound, PanalError
 from security.identity import PublicKey

@@ -23,7 +23,7 @@ from hub.retries import Retries
 from hub.settlement import Settlement
 from hub.store import Store
 from jobs.errors import FailureClass
-from jobs.protocol import HeartbeatLease, HeartbeatReply
+from jobs.protocol_upkeep import HeartbeatLease, HeartbeatReply
 
 __all__ = ["LeaseUpkeep"]
 

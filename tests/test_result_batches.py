@@ -25,7 +25,8 @@ from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from hub.records import TaskState
 from jobs.manifest import Manifest
-from jobs.protocol import Assignment, Registration
+from jobs.protocol import Assignment
+from jobs.protocol_registration import Registration
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord

@@ -32,22 +32,10 @@ from agent.daemon.result_batches import (
 )
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
-from jobs.protocol import (
-    Assignment,
-    Heartbeat,
-    HeartbeatLease,
-    HeartbeatReply,
-    LeaseReply,
-    LeaseRequest,
-    Outcome,
-    Registered,
-    Registration,
-    Release,
-    Released,
-    ResultOutcome,
-    ResultsReply,
-    ResultsRequest,
-)
+from jobs.protocol import Assignment, LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
+from jobs.protocol_results import Outcome, ResultOutcome, ResultsReply, ResultsRequest
+from jobs.protocol_upkeep import Heartbeat, HeartbeatLease, HeartbeatReply, Release, Released
 from jobs.requirements import Capabilities
 from security.errors import PanalError, PayloadTooLarge
 from security.records import SignedRecord, decode

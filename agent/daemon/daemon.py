@@ -44,7 +44,8 @@ from agent.volunteer.naming import agent_name
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
-from jobs.protocol import Assignment, Registration
+from jobs.protocol import Assignment
+from jobs.protocol_registration import Registration
 from jobs.requirements import Capabilities
 from security.errors import Forbidden, PanalError
 from security.identity import Identity

@@ -30,15 +30,9 @@ from agent.daemon.envelopes import EnvelopeBook, HeldEnvelopes
 from agent.tools.demo import start_hub, stop
 from hub.admission import TOKEN_HEADER
 from jobs.manifest import Manifest
-from jobs.protocol import (
-    Assignment,
-    LeaseReply,
-    LeaseRequest,
-    Registered,
-    Registration,
-    ResultsReply,
-    ResultsRequest,
-)
+from jobs.protocol import Assignment, LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
+from jobs.protocol_results import ResultsReply, ResultsRequest
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
