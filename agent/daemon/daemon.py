@@ -185,8 +185,8 @@ class Daemon:
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
         for link in self.links:
-            if link.pending:
-                await link.deliver(retry=False)
+            if link.results.pending:
+                await link.results.deliver(retry=False)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, *(link.stop() for link in self.links), return_exceptions=True)
