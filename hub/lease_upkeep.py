@@ -2,10 +2,10 @@
 
 Why its own part: a lease ends in one of three ways the agent does not control alike (it heartbeats, it hands the
 task back, or it goes silent and the sweep ends the lease), and each must leave the task where a retry finds it:
-a checkpoint committed after the lease's own commit, a hand-back requeued (no attempt used unless it is handed
-back too often), an expired or
-timed-out lease failed as ``agent_lost``/``timeout`` and retried. The sweep also fails the queued tasks whose job
-deadline passed. The board commits what changed through its job life cycle (``finish``, hub/completion.py).
+a checkpoint committed after the lease's own commit, a hand-back requeued (no attempt used unless the task is
+handed back too often), an expired or timed-out lease failed as ``agent_lost``/``timeout`` and retried. The sweep
+also fails the queued tasks whose job deadline passed. The board commits what changed through its job life cycle
+(``finish``, hub/completion.py).
 """
 
 from __future__ import annotations
