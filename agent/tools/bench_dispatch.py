@@ -31,15 +31,9 @@ from agent.tools.demo import start_hub, stop
 from hub.admission import TOKEN_HEADER
 from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
-from jobs.protocol import (
-    Assignment,
-    LeaseReply,
-    LeaseRequest,
-    Registered,
-    Registration,
-    ResultsReply,
-    ResultsRequest,
-)
+from jobs.protocol import Assignment, LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
+from jobs.protocol_results import ResultsReply, ResultsRequest
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord

@@ -52,7 +52,8 @@ from agent.tools.demo import start_hub, stop
 from hub.connections import LeanSSLProtocol
 from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
-from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
+from jobs.protocol import LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
 from jobs.requirements import Capabilities
 from jobs.wire import MSGPACK, encode_body
 from security.errors import PanalError
