@@ -23,7 +23,7 @@ from agent.client.submitting import make_envelope, submit, verify_results
 from agent.client.sweep import check_params, sweep_of
 from agent.daemon.assignments import ManifestCache
 from agent.tools.bench_shards import run_shard_bench
-from jobs.committed import UNIT_PROOFS, UnitProofs, open_lists
+from jobs.committed import UnitProofs, open_lists
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment, LeaseReply, LeaseRequest
 from security.errors import PanalError
@@ -135,7 +135,7 @@ async def test_a_restarted_board_proves_a_committed_jobs_units_from_its_stored_l
     hub = InProcessHub(tmp_path)
     await hub.start()
     try:
-        agent, _ = await registered(hub, features=[UNIT_PROOFS])
+        agent, _ = await registered(hub)
         async with agent:
             reply = await agent.post("/v1/lease", LeaseRequest(8, 2.0, (), {}), LeaseReply.decode)
         assert len(reply.tasks) == 8 and all(t.job_id == job and t.proof is not None for t in reply.tasks)
@@ -178,7 +178,7 @@ async def test_a_board_restarted_without_a_committed_jobs_kind_still_starts_and_
         assert (await server.board.job_view(job))["state"] == "queued"
         async with await submitter(hub) as user:
             other = (await submit(user, make_envelope(user.identity, sleep_manifest(2), commit_bytes=0)))["id"]
-        agent, _ = await registered(hub, features=[UNIT_PROOFS])
+        agent, _ = await registered(hub)
         async with agent:
             reply = await agent.post("/v1/lease", LeaseRequest(2, 2.0, (), {}), LeaseReply.decode)
         assert {t.job_id for t in reply.tasks} == {other} and all(t.proof is not None for t in reply.tasks)
@@ -196,14 +196,14 @@ async def test_an_older_agent_is_not_sent_a_committed_jobs_tasks_and_the_job_say
         async with await submitter(hub) as user:
             committed = (await submit(user, make_envelope(user.identity, sleep_manifest(3), commit_bytes=0)))["id"]
             whole = (await submit(user, make_envelope(user.identity, sleep_manifest(2))))["id"]
-        older, _ = await registered(hub)
+        older, _ = await registered(hub, features=[])
         async with older:
             reply = await older.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
             assert {t.job_id for t in reply.tasks} == {whole} and len(reply.tasks) == 2
             view = await older.call("GET", f"/v1/jobs/{committed}/public")
         why = view["waiting_because"]
         assert any("unit-proofs" in line and "0 of 1 connected agents" in line for line in why), why
-        newer, _ = await registered(hub, features=[UNIT_PROOFS])
+        newer, _ = await registered(hub)
         async with newer:
             reply = await newer.post("/v1/lease", LeaseRequest(8, 2.0, (), {}), LeaseReply.decode)
         assert {t.job_id for t in reply.tasks} == {committed} and len(reply.tasks) == 3

@@ -24,6 +24,7 @@ from agent.daemon.result_batches import BATCH_WINDOW_S, batch_window_s, encoded_
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from hub.records import TaskState
+from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
 from jobs.protocol_registration import Registration
@@ -46,7 +47,8 @@ class _Owner:
         self.started: list[Assignment] = []
 
     def registration(self) -> Registration:
-        return Registration(self.identity.public, "big", Capabilities.from_dict({"kinds": ["sleep"]}))
+        caps = Capabilities.from_dict({"kinds": ["sleep"], "features": [UNIT_PROOFS]})   # as a real agent reports
+        return Registration(self.identity.public, "big", caps)
 
     def start_task(self, link: BoardLink, assignment: Assignment) -> None:
         self.started.append(assignment)
