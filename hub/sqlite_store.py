@@ -1,34 +1,16 @@
-"""SQLite (WAL) store with group commit.
-
-One writer thread owns the connection. Writes queue up while a commit is in progress and are then
-committed together in one transaction (one fsync for many requests), each inside its own
-savepoint so one bad write cannot undo its neighbours. Callers await a future that resolves only
-after COMMIT returned: that is the moment a board may acknowledge.
-
-A small write (``inline=True``: one job of a few tasks, a batch of results) that finds the writer idle (no
-write queued or unsettled) commits at once on the event loop's thread, the same BEGIN/SAVEPOINT/COMMIT:
-the two thread hops (~0.1 ms on a busy 2-core machine) are most of a tiny commit's cost on the one-task
-path, and with nothing in flight there is no group to wait for nor any order to keep. Under load the
-writer is never idle, so writes group as before; a big write always goes to the thread.
-
-A lease write takes its place in the order when queued, but is committed only at the end of the event
-loop's step (before any write queued after it): the writer thread's wake-up would otherwise take the GIL
-from the lease reply being encrypted and written in that very step. With the writer idle it commits on the
-loop's thread then, as an inline write does; else the writer thread takes it.
-"""
+"""SQLite (WAL) store with group commit: its rows here, its one writer (a thread; small writes inline when it
+is idle; lease writes at the end of the loop's step) in hub/sqlite_writer.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from hub.blob_refs import manifest_blobs, result_blobs
 from hub.records import AgentRow, HistoryBucket, JobRow, JobState, ResultRow, TaskRow
@@ -46,6 +28,7 @@ from hub.sqlite_rows import (
     update_jobs,
     update_tasks,
 )
+from hub.sqlite_writer import INLINE_ROWS, SqliteWriter
 from hub.store import LeaseWrite
 from hub.tokens import AdmissionToken
 from hub.trust.records import Ban, ReputationRow, TrustSnapshot, TrustWrite, ValidationRow
@@ -55,26 +38,17 @@ __all__ = ["SqliteStore"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_STOP = object()
-#: a write of at most this many rows may commit inline when the writer is idle (a tiny transaction: ~0.1 ms)
-INLINE_ROWS = 16
-
-
 class SqliteStore:
     """The embedded default store. ``path`` is the database file (created if missing)."""
 
     def __init__(self, path: Path, synchronous: str = "normal") -> None:
         self.path = path
         self.synchronous = synchronous.upper()
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.commits = 0
-        #: writes handed to the writer thread and not yet settled (event loop thread only): 0 = idle writer
-        self._pending = 0
-        #: writes whose turn is taken but which reach the writer at the end of this loop step (lease writes)
-        self._deferred: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._writer = SqliteWriter()
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
 
     # -- plumbing -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -83,123 +57,23 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA wal_autocheckpoint=0")   # the writer thread checkpoints (hub/sqlite_writer.py)
         create_schema(conn)
         return conn
 
     async def open(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
-        self._conn = conn
-        self._thread = threading.Thread(target=self._writer, args=(conn,), name="panal-store", daemon=True)
-        self._thread.start()
+        self._writer.start(self._connect())
 
     async def close(self) -> None:
-        if self._thread is not None:
-            self._conn = None   # the writer closes it: no more inline writes
-            self._hand_deferred()
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-
-    def _writer(self, conn: sqlite3.Connection) -> None:
-        try:
-            while True:
-                batch = [self._queue.get()]
-                while True:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stop = any(item is _STOP for item in batch)
-                self._run_batch(conn, [item for item in batch if item is not _STOP])
-                if stop:
-                    return
-        finally:
-            conn.close()
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
-                                                                        asyncio.Future[Any]]]) -> None:
-        if not batch:
-            return
-        outcomes = self._commit(conn, [fn for fn, _ in batch])
-        assert self._loop is not None
-        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            self._loop.call_soon_threadsafe(self._settle_queued, fut, ok, value)
-
-    def _settle_queued(self, fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-        self._pending -= 1
-        _settle(fut, ok, value)
-
-    def _commit(self, conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
-        """One transaction of ``fns``, each in its own savepoint: (ok, result or exception) per fn."""
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn in fns:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = fn(conn)
-                    if isinstance(result, sqlite3.Cursor):
-                        # A cursor must not escape to the event loop thread: finalising it there while
-                        # this thread uses the connection is "API misuse" in SQLite.
-                        result.close()
-                        result = None
-                    outcomes.append((True, result))
-                    conn.execute("RELEASE op")
-                except Exception as exc:  # one failing write must not undo the others
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-            conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
-            log.exception("store commit failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(fns)
-        return outcomes
+        await self._writer.stop()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], inline: bool = False) -> T:
-        return await self._queue_write(fn, inline)
+        return await self._writer.write(fn, inline)
 
     def _queue_write(self, fn: Callable[[sqlite3.Connection], T], inline: bool = False,
                      end_of_step: bool = False) -> asyncio.Future[T]:
-        """Queue ``fn`` for the writer now (its place in the commit order is taken here); its future resolves
-        after COMMIT. ``inline`` (a small write): committed here and now if the writer is idle. ``end_of_step``:
-        handed to the writer thread once this loop step ends (or before the next write, whichever is first)."""
-        if self._thread is None:
-            raise RuntimeError("store is not open")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        if end_of_step:
-            self._pending += 1
-            if not self._deferred:
-                loop.call_soon(self._hand_deferred, True)
-            self._deferred.append((fn, fut))
-            return fut
-        self._hand_deferred()   # earlier writes keep their place
-        if inline and self._pending == 0 and self._conn is not None:
-            # Idle: the writer thread waits in get() and touches the connection only after a put (the loop
-            # thread's, like this call), so this transaction is the only one; every earlier write has settled.
-            [(ok, value)] = self._commit(self._conn, [fn])
-            _settle(fut, ok, value)
-            return fut
-        self._pending += 1
-        self._queue.put((fn, fut))
-        return fut
-
-    def _hand_deferred(self, end_of_step: bool = False) -> None:
-        """Hand the deferred writes to the writer; at the end of the step, with nothing else in flight and a
-        connection, commit them here instead (the reply is out: nothing waits on this thread for them)."""
-        batch, self._deferred = self._deferred, []
-        if end_of_step and batch and self._pending == len(batch) and self._conn is not None:
-            self._pending -= len(batch)
-            for (_, fut), (ok, value) in zip(batch, self._commit(self._conn, [fn for fn, _ in batch]), strict=True):
-                _settle(fut, ok, value)
-            return
-        for item in batch:
-            self._queue.put(item)
+        return self._writer.write(fn, inline, end_of_step)
 
     # -- agents and submitters ------------------------------------------------------------------
     async def upsert_agent(self, agent: AgentRow) -> None:
@@ -454,12 +328,3 @@ class SqliteStore:
         return await self._run(lambda c: [HistoryBucket(*r) for r in c.execute(
             "SELECT start, done, failed, agents, backlog FROM status_history WHERE start>=? ORDER BY start",
             (since,)).fetchall()])
-
-
-def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.done():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
