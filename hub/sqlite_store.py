@@ -122,7 +122,7 @@ class SqliteStore:
             c.executemany("UPDATE tasks SET state='leased', lease_id=?, agent_id=?, attempt=?, lease_expires_at=?, "
                           "updated_at=? WHERE id=?", rows)
             update_jobs(c, started)
-        return self._queue_write(op, end_of_step=True)
+        return self._queue_write(op, inline=len(rows) + len(started) <= INLINE_ROWS, end_of_step=True)
 
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
         def op(c: sqlite3.Connection) -> None:
@@ -299,7 +299,9 @@ class SqliteStore:
                 "INSERT INTO trust_bans VALUES (?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
                 "reason=excluded.reason, since=excluded.since, until=excluded.until",
                 [(b.agent_id, b.reason, b.since, b.until) for b in write.bans])
-        await self._run(op)
+        rows = len(write.validations) + len(write.reputation) + len(write.credit) + len(write.bans)
+        # after a result's commit, while its submitter's reply goes out: committed as that step ends
+        await self._queue_write(op, inline=rows <= INLINE_ROWS, end_of_step=True)
 
     async def load_trust(self) -> TrustSnapshot:
         def op(c: sqlite3.Connection) -> TrustSnapshot:

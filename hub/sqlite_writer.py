@@ -13,10 +13,10 @@ so writes group as before; a big write always goes to the thread, and so does on
 process's write lock (busy: the thread waits for it, never the event loop). WAL checkpoints (an fsync) are
 the writer thread's too: SQLite's automatic one, which runs inside a COMMIT, is off.
 
-A lease write (``end_of_step``) takes its place in the order when queued, but is committed only at the end of
-the event loop's step (before any write queued after it): the thread's wake-up would otherwise take the GIL
-from the lease reply being encrypted and written in that very step. Idle, it commits on the loop's thread
-then; else the writer thread takes it.
+A lease write or trust records (``end_of_step``) take their place in the order when queued, but are committed
+only at the end of the event loop's step (before any write queued after them): the thread's wake-up would
+otherwise take the GIL from the reply being encrypted and written in that very step. Small and idle, they
+commit on the loop's thread then; else the writer thread takes them.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ class SqliteWriter:
         #: writes in the writer thread's hands, not yet settled (event loop thread only): 0 = idle
         self._pending = 0
         self._since_checkpoint = 0
-        #: writes whose turn is taken, committed at the end of this loop step (lease writes)
+        #: writes whose turn is taken, committed at the end of this loop step (lease writes), and whether
+        #: each is small enough to commit inline
         self._deferred: list[tuple[Write, asyncio.Future[Any]]] = []
+        self._deferred_small = True
 
     @property
     def running(self) -> bool:
@@ -83,7 +85,8 @@ class SqliteWriter:
               end_of_step: bool = False) -> asyncio.Future[T]:
         """Queue ``fn`` now (its place in the commit order is taken here); its future resolves after COMMIT.
         ``inline`` (a small write): committed here and now if the writer is idle. ``end_of_step``: committed
-        once this loop step ends (or handed on before the next write, whichever is first)."""
+        once this loop step ends (or handed on before the next write, whichever is first); then ``inline``
+        says whether it may commit on the loop's thread."""
         if self._thread is None:
             raise RuntimeError("store is not open")
         loop = asyncio.get_running_loop()
@@ -93,6 +96,7 @@ class SqliteWriter:
             if not self._deferred:
                 loop.call_soon(self._hand_deferred, True)
             self._deferred.append((fn, fut))
+            self._deferred_small = self._deferred_small and inline
             return fut
         self._hand_deferred()   # earlier writes keep their place
         if inline and (outcomes := self._inline([fn])) is not None:
@@ -108,7 +112,8 @@ class SqliteWriter:
         """The deferred writes to the writer thread; at the end of the step with nothing else in flight,
         committed here instead (the reply is out: nothing on this thread waits for them)."""
         batch, self._deferred = self._deferred, []
-        if end_of_step and batch and self._pending == len(batch):
+        small, self._deferred_small = self._deferred_small, True
+        if end_of_step and small and batch and self._pending == len(batch):
             self._pending -= len(batch)
             outcomes = self._inline([fn for fn, _ in batch])
             if outcomes is not None:

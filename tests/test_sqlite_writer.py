@@ -85,9 +85,14 @@ async def test_a_lease_write_commits_at_the_end_of_the_step_and_before_any_later
     later = store._queue_write(put("result"), inline=True)
     await asyncio.gather(lease, later)
     assert logged(store.path) == ["lease", "result"]
-    alone = store._queue_write(put("alone"), end_of_step=True)
-    await asyncio.sleep(0)            # the step ends: an idle writer commits it on the loop's thread
+    alone = store._queue_write(put("alone"), inline=True, end_of_step=True)
+    await asyncio.sleep(0)            # the step ends: an idle writer commits a small one on the loop's thread
     assert alone.done() and logged(store.path)[-1] == "alone"
+    big = store._queue_write(put("big"), inline=False, end_of_step=True)
+    await asyncio.sleep(0)            # a big one goes to the writer thread: the loop is not held for it
+    assert not big.done()
+    await big
+    assert logged(store.path)[-1] == "big"
 
 
 async def test_a_failing_inline_write_fails_alone_and_changes_nothing(store: SqliteStore) -> None:
