@@ -2,7 +2,7 @@
 
 A handler reads the raw body (:func:`hub.http.read_raw`), authenticates the caller over those bytes
 (hub/auth.py; a new agent's registration: admission first, hub/admission.py), and only then decodes the
-body (:func:`hub.http.decode_map`, bounded) into its typed record (:mod:`jobs.protocol`) once: a
+body (:func:`hub.http.decode_map`, bounded) into its typed record (:mod:`jobs.protocol`, ``protocol_*``) once: a
 malformed one is a 400 naming the field, and everything past that line is typed. Replies, errors and
 bodies are :mod:`hub.http`'s.
 """
@@ -30,19 +30,10 @@ from hub.records import JobState
 from hub.status_routes import add_status_routes
 from hub.upload_routes import add_upload_routes
 from hub.uploads import UploadSessions
-from jobs.protocol import (
-    Heartbeat,
-    HeartbeatLease,
-    LeaseReply,
-    LeaseRequest,
-    Registered,
-    Registration,
-    Release,
-    Released,
-    ResultsReply,
-    ResultsRequest,
-    TaskResult,
-)
+from jobs.protocol import LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
+from jobs.protocol_results import ResultsReply, ResultsRequest, TaskResult
+from jobs.protocol_upkeep import Heartbeat, HeartbeatLease, Release, Released
 from security.errors import BadRequest, NotFound, Unauthorized
 from security.identity import PublicKey
 from security.records import SignedRecord

@@ -20,7 +20,7 @@ from hub.config import HubConfig
 from hub.records import JobRow, JobState, TaskRow
 from hub.trust.policy import ValidationPolicy
 from jobs.catalog import get_kind
-from jobs.committed import UnitProofs, committed_units, open_lists
+from jobs.committed import UNIT_PROOFS, UnitProofs, committed_units, open_lists
 from jobs.manifest import DEFAULT_MEMORY_GB, Manifest
 from security.errors import BadRequest, Forbidden
 from security.records import SignedRecord
@@ -66,7 +66,8 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobBackend | None,
                  priority=manifest.priority, state=JobState.QUEUED, created_at=now,
                  n_tasks=manifest.n_tasks, envelope=stored,
                  requires={**manifest.requires.to_dict(), "task_memory_gb": manifest.memory_cap_gb,
-                           **({"code_from": envelope.signer_id} if get_kind(manifest.kind).sandboxed else {})},
+                           **({"code_from": envelope.signer_id} if get_kind(manifest.kind).sandboxed else {}),
+                           **({"features": [UNIT_PROOFS]} if "units" in stored else {})},
                  timeout_s=manifest.timeout_s,
                  max_attempts=manifest.retries + 1,
                  deadline_at=now + manifest.deadline_s if manifest.deadline_s else None,

@@ -9,9 +9,9 @@ lease is still there, so the agent's result for it can be accepted.
 What this keeps, and what it gives up:
 
 - **Order.** Every later write about a leased task (its result, a release, an expiry, a cancel: all through
-  ``Board._maybe_finish``; a checkpoint through the heartbeat) first waits for the lease's commit
-  (:meth:`LeaseWrites.settled`), so the store never gets a task's later state before its lease. Such a write is
-  a whole task row, so it is right even if the lease's own commit failed.
+  ``JobCompletion.maybe_finish``, hub/completion.py; a checkpoint through the heartbeat) first waits for the
+  lease's commit (:meth:`LeaseWrites.settled`), so the store never gets a task's later state before its lease.
+  Such a write is a whole task row, so it is right even if the lease's own commit failed.
 - **A lease commit that fails** (disk full, a fenced PostgreSQL hub) takes the lease back if it is still current:
   the task is queued again, the agent's heartbeat is told the lease is lost, its result is refused
   (``lease_expired``). Nothing stored refers to a lease the store does not hold.

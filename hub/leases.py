@@ -29,7 +29,8 @@ from hub.queues import JobQueues
 from hub.records import TaskRow, TaskState
 from hub.store import LeaseWrite
 from jobs.checkpoints import verify_checkpoint
-from jobs.protocol import Assignment, HeartbeatLease, LossReason, LostLease
+from jobs.protocol import Assignment
+from jobs.protocol_upkeep import HeartbeatLease, LossReason, LostLease
 from security.errors import Forbidden, NotFound, PanalError
 from security.records import SignedRecord
 

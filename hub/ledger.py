@@ -24,7 +24,7 @@ from hub.queues import JobQueues
 from hub.records import JobRow, ResultRow, TaskRow, TaskState
 from hub.store import Store
 from jobs.errors import FailureClass
-from jobs.protocol import Outcome, ResultItem, ResultOutcome, UnreadableResult
+from jobs.protocol_results import Outcome, ResultItem, ResultOutcome, UnreadableResult
 from security.errors import BadRequest, Conflict, Forbidden, PanalError, Unavailable
 from security.records import SignedRecord, decode
 

@@ -11,7 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from jobs.protocol import ENVELOPE_DIGEST_CHARS, MAX_HAVE, MAX_HAVE_JOB_ID, LossReason, Outcome
+from jobs.protocol import ENVELOPE_DIGEST_CHARS, MAX_HAVE, MAX_HAVE_JOB_ID
+from jobs.protocol_results import Outcome
+from jobs.protocol_upkeep import LossReason
 from jobs.wire import JSON, MSGPACK
 
 __all__ = ["SPEC", "add_openapi"]

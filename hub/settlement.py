@@ -28,7 +28,7 @@ from hub.retries import Retries
 from hub.submitter_faults import SubmitterFaults, is_submitter_fault
 from hub.trust.trust import Trust
 from jobs.errors import FailureClass
-from jobs.protocol import Outcome, ResultOutcome
+from jobs.protocol_results import Outcome, ResultOutcome
 from security.errors import PayloadTooLarge
 
 __all__ = ["Settlement"]

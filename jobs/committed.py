@@ -36,6 +36,7 @@ from security.records import SignedRecord, canonical, decode
 
 __all__ = [
     "COMMIT_BYTES",
+    "UNIT_PROOFS",
     "VIEW_MAX_TASKS",
     "CommittedHead",
     "UnitProof",
@@ -50,6 +51,10 @@ __all__ = [
     "unit_leaf",
     "unit_tree",
 ]
+
+#: the protocol feature (``features`` in a capability report) of an agent that checks unit proofs: the board sends
+#: a committed job's tasks only to agents reporting it, as an older agent would refuse each one as tampered
+UNIT_PROOFS = "unit-proofs"
 
 #: a manifest whose signed record (payload and signature) would be over this is committed (the hub's
 #: ``inline_envelope_bytes`` default: under it, an envelope rides in lease replies whole, as before)

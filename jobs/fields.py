@@ -15,8 +15,9 @@ from enum import StrEnum
 from typing import Any, TypeGuard, TypeVar
 
 from security.errors import BadRequest
+from security.records import SignedRecord
 
-__all__ = ["Fields", "field_error", "shown"]
+__all__ = ["Fields", "field_error", "shown", "signed_field"]
 
 T = TypeVar("T")
 E = TypeVar("E", bound=StrEnum)
@@ -46,6 +47,15 @@ def field_error(path: str, message: str) -> BadRequest:
     """The 400 for the field at ``path`` (the whole body when empty)."""
     where = path or "body"
     return BadRequest(f"{where}: {message}", code="bad_field", details={"field": where})
+
+
+def signed_field(value: Any, path: str) -> SignedRecord:
+    """A field that holds a signed record (an envelope, a result, a checkpoint's record): a malformed one is an
+    error naming the field's path."""
+    try:
+        return SignedRecord.from_wire(value)
+    except BadRequest as exc:
+        raise field_error(path, exc.message) from exc
 
 
 def _text(value: Any) -> TypeGuard[str]:

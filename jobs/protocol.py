@@ -7,11 +7,12 @@ is one 400 naming the field (``leases[2].lease_id: expected text, got 5``). Past
 with these records only. Signed records stay :class:`~security.records.SignedRecord`; capability
 reports are :class:`~jobs.requirements.Capabilities`.
 
-The routes, with their request and reply records: ``POST /v1/agents`` (:class:`Registration`,
-:class:`Registered`), ``POST /v1/lease`` (:class:`LeaseRequest`, :class:`LeaseReply`), ``POST /v1/results``
-(:class:`ResultsRequest`, :class:`ResultsReply`), ``POST /v1/tasks/{task_id}/result`` (:class:`TaskResult`,
-:class:`ResultOutcome`), ``POST /v1/heartbeat`` (:class:`Heartbeat`, :class:`HeartbeatReply`) and
-``POST /v1/tasks/{task_id}/release`` (:class:`Release`, :class:`Released`).
+The routes, with their request and reply records: ``POST /v1/lease`` (:class:`LeaseRequest`, :class:`LeaseReply`,
+here); ``POST /v1/agents`` (``Registration``, ``Registered``: :mod:`jobs.protocol_registration`); ``POST
+/v1/results`` (``ResultsRequest``, ``ResultsReply``) and ``POST /v1/tasks/{task_id}/result`` (``TaskResult``,
+``ResultOutcome``): :mod:`jobs.protocol_results`; ``POST /v1/heartbeat`` (``Heartbeat``, ``HeartbeatReply``) and
+``POST /v1/tasks/{task_id}/release`` (``Release``, ``Released``): :mod:`jobs.protocol_upkeep`. This module is
+the lease exchange, the board's hottest route.
 
 A job's signed manifest (its *envelope*: ~9 bytes per sweep point, 900 KB for 100k tasks) crosses the wire once
 per agent, not once per task: a lease request lists the envelopes the agent holds for this board
@@ -23,19 +24,14 @@ that sends no ``have`` (an older one) gets every envelope, as before.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from jobs.committed import UnitProof
-from jobs.fields import Fields, field_error, shown
-from jobs.requirements import Capabilities
-from jobs.wire import MSGPACK, encode_body
-from security.errors import BadRequest, PanalError
-from security.identity import PublicKey
+from jobs.fields import Fields, field_error, shown, signed_field
+from jobs.protocol_results import ResultItem, ResultOutcome, decode_outcomes, decode_results
 from security.records import SignedRecord
 
 __all__ = [
@@ -43,148 +39,12 @@ __all__ = [
     "MAX_HAVE",
     "MAX_HAVE_JOB_ID",
     "Assignment",
-    "Heartbeat",
-    "HeartbeatLease",
-    "HeartbeatReply",
     "LeaseReply",
     "LeaseRequest",
-    "LossReason",
-    "LostLease",
-    "Outcome",
-    "Registered",
-    "Registration",
-    "Release",
-    "Released",
-    "ResultItem",
-    "ResultOutcome",
-    "ResultsReply",
-    "ResultsRequest",
-    "TaskResult",
-    "UnreadableResult",
     "envelope_digest",
 ]
 
 
-class Outcome(StrEnum):
-    """What the board made of a delivered result."""
-
-    ACCEPTED = "accepted"      # the attempt is settled (an ok result is the answer, or a failure report)
-    DUPLICATE = "duplicate"    # the same result was settled before: nothing changed
-    PENDING = "pending"        # received and held until more replicas arrive
-    REJECTED = "rejected"      # refused: see the error
-
-
-class LossReason(StrEnum):
-    """Why a heartbeat's lease is no longer the agent's."""
-
-    LOST = "lost"              # it expired, or another agent holds the task now
-    CANCELLED = "cancelled"    # the job was cancelled
-
-
-def _signed(value: Any, path: str) -> SignedRecord:
-    try:
-        return SignedRecord.from_wire(value)
-    except BadRequest as exc:
-        raise field_error(path, exc.message) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class UnreadableResult:
-    """A delivered result that is no signed record: refused on its own, so one bad item of a batch
-    never costs the agent the batch's other results."""
-
-    raw: Any
-    error: BadRequest
-
-    def to_wire(self) -> Any:
-        return self.raw
-
-
-#: one item of a batch of delivered results
-ResultItem = SignedRecord | UnreadableResult
-
-
-def _results(fields: Fields, name: str) -> tuple[ResultItem, ...]:
-    items: list[ResultItem] = []
-    for path, raw in fields.items(name):
-        try:
-            items.append(_signed(raw, path))
-        except BadRequest as exc:
-            items.append(UnreadableResult(raw, exc))
-    return tuple(items)
-
-
-# -- registration -------------------------------------------------------------------------------------
-#: bounds on what a registration stores (a name is shown on the status page; the report is kept per agent)
-MAX_AGENT_NAME = 128
-MAX_CAPABILITIES_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """An agent's key (the request is signed with it), its name and its capability report."""
-
-    public_key: PublicKey
-    name: str = ""
-    capabilities: Capabilities = field(default_factory=Capabilities)
-
-    def encode(self) -> dict[str, Any]:
-        return {"public_key": self.public_key.text(), "name": self.name,
-                "capabilities": dict(self.capabilities.raw)}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> Registration:
-        f = Fields(value, path)
-        key_text = f.text("public_key")
-        try:
-            key = PublicKey.parse(key_text)
-        except BadRequest as exc:
-            raise field_error(f.at("public_key"), exc.message) from exc
-        report = f.mapping("capabilities")
-        if len(encode_body(report, MSGPACK)) > MAX_CAPABILITIES_BYTES:   # stored, re-sent with every re-registration
-            raise BadRequest(f"{f.at('capabilities')}: a capability report is at most {MAX_CAPABILITIES_BYTES} bytes",
-                             code="bad_capabilities", details={"field": f.at("capabilities")})
-        slots = report.get("slots")
-        if isinstance(slots, float) and not math.isfinite(slots):   # JSON's Infinity, NaN, 1e400
-            raise BadRequest(f"{f.at('capabilities')}: slots: expected a finite number, got {slots}",
-                             code="bad_capabilities", details={"field": f.at("capabilities")})
-        try:
-            caps = Capabilities.from_dict(report)
-        except (TypeError, ValueError, AttributeError, OverflowError) as exc:   # int(inf): cores, a GPU's index
-            raise BadRequest(f"{f.at('capabilities')}: malformed capability report: {exc}",
-                             code="bad_capabilities", details={"field": f.at("capabilities")}) from exc
-        name = f.optional_text("name") or ""
-        if len(name) > MAX_AGENT_NAME:
-            raise field_error(f.at("name"), f"an agent name is at most {MAX_AGENT_NAME} characters")
-        return cls(key, name, caps)
-
-
-@dataclass(frozen=True, slots=True)
-class Registered:
-    """The board's answer to a registration: the agent's id and the board's pacing, and the agent's
-    standing (as in :class:`LeaseReply`), so an agent that starts paused still knows its credit."""
-
-    agent_id: str
-    lease_ttl_s: float = 30.0
-    max_poll_wait_s: float = 20.0
-    max_tasks_per_lease: int = 64
-    standing: dict[str, Any] = field(default_factory=dict)
-
-    def encode(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"agent_id": self.agent_id, "lease_ttl_s": self.lease_ttl_s,
-                               "max_poll_wait_s": self.max_poll_wait_s, "max_tasks_per_lease": self.max_tasks_per_lease}
-        if self.standing:   # absent when empty, as in LeaseReply
-            out["standing"] = self.standing
-        return out
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> Registered:
-        f = Fields(value, path)
-        return cls(f.text("agent_id"), f.number("lease_ttl_s", 30.0), f.number("max_poll_wait_s", 20.0),
-                   f.integer("max_tasks_per_lease", 64), f.mapping("standing"))
-
-
-# -- leases -------------------------------------------------------------------------------------------
 #: the most jobs a lease request may say it holds the envelope of (an agent keeps fewer per board)
 MAX_HAVE = 64
 #: the longest job id ``have`` may name (a board's ids are "j" + 20 hex digits)
@@ -246,7 +106,7 @@ class LeaseRequest:
     @classmethod
     def decode(cls, value: Any, path: str = "") -> LeaseRequest:
         f = Fields(value, path)
-        return cls(int(f.number("slots", 1)), f.number("wait_s", 0.0), _results(f, "results"), _have(f))
+        return cls(int(f.number("slots", 1)), f.number("wait_s", 0.0), decode_results(f, "results"), _have(f))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,38 +155,10 @@ class Assignment:
         raw, envelope, proof = f.raw("checkpoint_record"), f.raw("envelope"), f.raw("proof")
         return cls(f.text("task_id"), f.text("job_id"), f.integer("idx"), f.text("lease_id"), f.integer("attempt"),
                    f.text("kind"), f.mapping("params", required=True), f.number("timeout_s"),
-                   f.number("lease_ttl_s"), _signed(envelope, f.at("envelope")) if envelope is not None else None,
+                   f.number("lease_ttl_s"), signed_field(envelope, f.at("envelope")) if envelope is not None else None,
                    f.optional_text("checkpoint"),
-                   _signed(raw, f.at("checkpoint_record")) if raw is not None else None,
+                   signed_field(raw, f.at("checkpoint_record")) if raw is not None else None,
                    UnitProof.decode(proof, f.at("proof")) if proof is not None else None)
-
-
-@dataclass(frozen=True, slots=True)
-class ResultOutcome:
-    """What the board made of one delivered result. A rejected one carries the board's error; on the
-    agent's side that is a plain :class:`PanalError` with the board's code and message (the wire
-    carries no error class)."""
-
-    task_id: str
-    status: Outcome
-    error: PanalError | None = None
-
-    def encode(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"task_id": self.task_id, "status": self.status.value}
-        if self.error is not None:
-            out.update(self.error.to_body())
-        return out
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> ResultOutcome:
-        f = Fields(value, path)
-        code, message = f.optional_text("error"), f.optional_text("message")
-        error = None if code is None else PanalError(message or code, code=code, details=f.raw("details"))
-        return cls(f.text("task_id"), f.choice("status", Outcome), error)
-
-
-def _outcomes(f: Fields, name: str) -> tuple[ResultOutcome, ...]:
-    return tuple(ResultOutcome.decode(item, path) for path, item in f.items(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,153 +186,5 @@ class LeaseReply:
     @classmethod
     def decode(cls, value: Any, path: str = "") -> LeaseReply:
         f = Fields(value, path)
-        return cls(tuple(Assignment.decode(item, at) for at, item in f.items("tasks")), _outcomes(f, "results"),
+        return cls(tuple(Assignment.decode(item, at) for at, item in f.items("tasks")), decode_outcomes(f, "results"),
                    f.optional_text("refused"), f.mapping("standing"), f.optional_number("retry_after_s"))
-
-
-# -- results ------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ResultsRequest:
-    """Signed results delivered without asking for work."""
-
-    results: tuple[ResultItem, ...] = ()
-
-    def encode(self) -> dict[str, Any]:
-        return {"results": [r.to_wire() for r in self.results]}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> ResultsRequest:
-        return cls(_results(Fields(value, path), "results"))
-
-
-@dataclass(frozen=True, slots=True)
-class ResultsReply:
-    """An outcome per delivered result, in order."""
-
-    results: tuple[ResultOutcome, ...] = ()
-
-    def encode(self) -> dict[str, Any]:
-        return {"results": [o.encode() for o in self.results]}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> ResultsReply:
-        return cls(_outcomes(Fields(value, path), "results"))
-
-
-@dataclass(frozen=True, slots=True)
-class TaskResult:
-    """One task's signed result (the route names the task)."""
-
-    result: SignedRecord
-
-    def encode(self) -> dict[str, Any]:
-        return {"result": self.result.to_wire()}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> TaskResult:
-        f = Fields(value, path)
-        return cls(_signed(f.raw("result"), f.at("result")))
-
-
-# -- heartbeats and releases --------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class HeartbeatLease:
-    """A lease the agent still holds, with its task's progress and latest checkpoint blob."""
-
-    task_id: str
-    lease_id: str
-    progress: float | None = None
-    checkpoint: str | None = None
-    #: the lessee's signature over (task, attempt, checkpoint digest): jobs/checkpoints.py
-    checkpoint_record: SignedRecord | None = None
-    proof: UnitProof | None = None
-
-    def encode(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"task_id": self.task_id, "lease_id": self.lease_id}
-        if self.progress is not None:
-            out["progress"] = self.progress
-        if self.checkpoint is not None:
-            out["checkpoint"] = self.checkpoint
-        if self.checkpoint_record is not None:
-            out["checkpoint_record"] = self.checkpoint_record.to_wire()
-        return out
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> HeartbeatLease:
-        f = Fields(value, path)
-        raw = f.raw("checkpoint_record")
-        record = _signed(raw, f.at("checkpoint_record")) if raw is not None else None
-        return cls(f.text("task_id"), f.text("lease_id"), f.optional_number("progress"), f.optional_text("checkpoint"),
-                   record)
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """Extend these leases."""
-
-    leases: tuple[HeartbeatLease, ...] = ()
-
-    def encode(self) -> dict[str, Any]:
-        return {"leases": [lease.encode() for lease in self.leases]}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> Heartbeat:
-        return cls(tuple(HeartbeatLease.decode(item, at) for at, item in Fields(value, path).items("leases")))
-
-
-@dataclass(frozen=True, slots=True)
-class LostLease:
-    """A lease of a heartbeat that is not the agent's any more: it should stop the task."""
-
-    task_id: str
-    reason: LossReason
-
-    def encode(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "reason": self.reason.value}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> LostLease:
-        f = Fields(value, path)
-        return cls(f.text("task_id"), f.choice("reason", LossReason))
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatReply:
-    """The board's lease TTL (the next heartbeat is due well before it) and the leases lost."""
-
-    lease_ttl_s: float = 30.0
-    lost: tuple[LostLease, ...] = ()
-
-    def encode(self) -> dict[str, Any]:
-        return {"lease_ttl_s": self.lease_ttl_s, "lost": [lost.encode() for lost in self.lost]}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> HeartbeatReply:
-        f = Fields(value, path)
-        return cls(f.number("lease_ttl_s", 30.0), tuple(LostLease.decode(item, at) for at, item in f.items("lost")))
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """Give a lease back (the agent is shutting down): the task is requeued, no attempt used."""
-
-    lease_id: str
-
-    def encode(self) -> dict[str, Any]:
-        return {"lease_id": self.lease_id}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> Release:
-        return cls(Fields(value, path).text("lease_id"))
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    released: str      # the task id
-
-    def encode(self) -> dict[str, Any]:
-        return {"released": self.released}
-
-    @classmethod
-    def decode(cls, value: Any, path: str = "") -> Released:
-        return cls(Fields(value, path).text("released"))

@@ -18,6 +18,8 @@ __all__ = ["ANY_SUBMITTER", "MAX_CODE_KEYS", "Capabilities", "Gpu", "Requirement
 ANY_SUBMITTER = "*"
 #: at most this many submitter keys in one report's ``code_from``
 MAX_CODE_KEYS = 256
+#: at most this many names in one report's ``features``
+MAX_FEATURES = 32
 
 
 def torch_range_problem(text: Any) -> str | None:
@@ -88,6 +90,9 @@ class Capabilities:
     #: whose code (sandboxed kinds) this agent runs from this board: submitter key ids, or ``*`` for
     #: any submitter the board authorises (joined with ``--allow-code``); empty: nobody's
     code_from: frozenset[str] = frozenset()
+    #: protocol features the agent implements (``unit-proofs``: it checks a committed job's unit proofs,
+    #: jobs/committed.py); an older agent reports none, and is not sent the work that needs one
+    features: frozenset[str] = frozenset()
     raw: Mapping[str, Any] = field(default_factory=dict)
 
     def accepts_code(self, submitter: str) -> bool:
@@ -100,6 +105,10 @@ class Capabilities:
         if not isinstance(code_from, list) or len(code_from) > MAX_CODE_KEYS or not all(
                 isinstance(k, str) and 0 < len(k) <= 128 for k in code_from):
             raise ValueError(f"code_from: expected a list of at most {MAX_CODE_KEYS} key ids")
+        features = d.get("features") or []
+        if not isinstance(features, list) or len(features) > MAX_FEATURES or not all(
+                isinstance(f, str) and 0 < len(f) <= 64 for f in features):
+            raise ValueError(f"features: expected a list of at most {MAX_FEATURES} feature names")
         return cls(
             memory_gb=float(d.get("memory_gb", 0.0)),
             cpu_cores=int(cpu.get("cores", 1)),
@@ -108,6 +117,7 @@ class Capabilities:
             kinds=frozenset(d.get("kinds") or ()),
             labels=dict(d.get("labels") or {}),
             code_from=frozenset(code_from),
+            features=frozenset(features),
             raw=d,
         )
 
@@ -129,6 +139,8 @@ class Requirements:
     #: the submitter whose code the task runs (set by the board for a sandboxed kind such as
     #: ``python``): only an agent that accepts code from it is sent the task
     code_from: str | None = None
+    #: protocol features the agent must report (set by the board: ``unit-proofs`` for a job signed committed)
+    features: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Requirements:
@@ -143,6 +155,7 @@ class Requirements:
             task_memory_gb=float(d.get("task_memory_gb", 0.0)),
             code_from=d.get("code_from") or None,
             torch=str(d["torch"]) if d.get("torch") else None,
+            features=tuple(sorted(str(f) for f in d.get("features") or ())),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +173,8 @@ class Requirements:
             out["code_from"] = self.code_from
         if self.torch:
             out["torch"] = self.torch
+        if self.features:
+            out["features"] = list(self.features)
         return out
 
     def gpu_fits(self, gpu: Gpu) -> bool:
@@ -191,6 +206,8 @@ def unmet(req: Requirements, kind: str, caps: Capabilities) -> list[str]:
         failed.append("code")
     if req.torch and not _torch_fits(req.torch, caps):
         failed.append("torch")
+    if req.features and not caps.features.issuperset(req.features):
+        failed.append("features")
     if req.device == "gpu" or req.min_vram_gb or req.min_compute_capability or (
             req.backends and "cpu" not in req.backends):
         if req.device == "cpu":
@@ -261,6 +278,7 @@ def _describe(clause: str, req: Requirements, kind: str) -> str:
         "gpu": "one GPU meeting every GPU clause",
         "min_gflops": f"min_gflops {req.min_gflops:g}",
         "code": "an agent that accepts code from this submitter",
+        "features": "agents that implement " + ", ".join(req.features) + " (a newer panal agent)",
     }[clause]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,3 +251,21 @@ async def pool(agent_home: Path) -> AsyncIterator[SandboxPool]:
     sandboxes = SandboxPool(agent_home / "work", exclude=[agent_home])
     yield sandboxes
     await sandboxes.close()
+
+
+# -- the status page's browser (tests/status_browser.py) --------------------------------------------------------
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """The system's Chromium, headless, through Playwright (imported here only when a test asks for it)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    require_system(None if chromium else "Chromium (Debian package chromium) for the status page tests")
+    assert chromium is not None
+    from playwright.async_api import async_playwright
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()

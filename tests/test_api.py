@@ -18,6 +18,7 @@ from hub_clients import submitter
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from hub.metrics import METRICS_KEY
+from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
 from security.errors import BadRequest, Conflict, Forbidden, PanalError, PayloadTooLarge, Unauthorized
 from security.httpsig import sign_request
@@ -42,12 +43,14 @@ async def raw(hub: InProcessHub, method: str, path: str, body: bytes, headers: d
 
 
 async def registered(hub: InProcessHub, **caps: Any) -> tuple[BoardClient, Identity]:
-    """A new agent registered over TLS (a sleep runner; ``caps`` add to its capability report)."""
+    """A new agent registered over TLS (a sleep runner that checks committed jobs' unit proofs, as this repository's
+    agent does; ``caps`` add to its capability report, ``features=[]`` for an agent from before them)."""
     assert hub.address is not None
     agent = Identity.generate()
     client = BoardClient(hub.address, agent, retry_for_s=1)
     await client.call("POST", "/v1/agents", {"public_key": agent.public.text(), "name": "a",
-                                             "capabilities": {"kinds": ["sleep"], **caps}})
+                                             "capabilities": {"kinds": ["sleep"], "features": [UNIT_PROOFS],
+                                                              **caps}})
     return client, agent
 
 

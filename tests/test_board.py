@@ -15,7 +15,8 @@ from hub.config import HubConfig
 from hub.records import JobState, TaskRow, TaskState
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
-from jobs.protocol import Assignment, HeartbeatLease, LossReason, LostLease
+from jobs.protocol import Assignment
+from jobs.protocol_upkeep import HeartbeatLease, LossReason, LostLease
 from jobs.requirements import Capabilities
 from security.errors import Conflict, Forbidden
 from security.identity import Identity

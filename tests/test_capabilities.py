@@ -15,7 +15,8 @@ import torch
 
 from agent.host.capabilities import ENV_FAKE_CAPS, deep_merge, detect
 from jobs.catalog import all_kinds
-from jobs.requirements import Capabilities, Requirements, unmet
+from jobs.committed import UNIT_PROOFS
+from jobs.requirements import Capabilities, Requirements, explain, unmet
 from security.errors import BadRequest
 
 FAKE_GPU = {"index": 0, "name": "Radeon RX 580", "backend": "rocm", "vendor": "AMD", "vram_gb": 8.0,
@@ -45,6 +46,8 @@ def test_real_detection_on_this_machine() -> None:
     parsed = Capabilities.from_dict(caps)
     assert parsed.cpu_cores == caps["cpu"]["cores"]
     assert unmet(Requirements(device="cpu"), "matmul", parsed) == []
+    assert parsed.features == {UNIT_PROOFS}   # this agent checks committed jobs' unit proofs
+    assert unmet(Requirements(features=(UNIT_PROOFS,)), "matmul", parsed) == []
 
 
 def test_measured_gflops_are_cached_and_rebench_measures_again(tmp_path: Path) -> None:
@@ -104,3 +107,20 @@ def test_module_prints_the_report_as_json(tmp_path: Path) -> None:
     caps = json.loads(out.stdout)
     assert caps["gpus"] == [FAKE_GPU]
     assert caps["kinds"] == sorted(all_kinds())
+
+
+def test_a_report_without_the_feature_a_requirement_names_fails_only_that_clause() -> None:
+    needs = Requirements.from_dict({"device": "cpu", "features": [UNIT_PROOFS]})
+    assert needs.features == (UNIT_PROOFS,) and Requirements.from_dict(needs.to_dict()) == needs
+    older = Capabilities.from_dict({"kinds": ["matmul"], "memory_gb": 8})
+    assert unmet(needs, "matmul", older) == ["features"]
+    assert explain(needs, "matmul", [older]) == [
+        "needs agents that implement unit-proofs (a newer panal agent): 0 of 1 connected agents have it"]
+    newer = Capabilities.from_dict({"kinds": ["matmul"], "features": ["other", UNIT_PROOFS]})
+    assert unmet(needs, "matmul", newer) == []
+
+
+@pytest.mark.parametrize("features", ["unit-proofs", [1], [""], ["x" * 65], ["f"] * 33])
+def test_a_malformed_features_list_is_refused_with_its_field_named(features: object) -> None:
+    with pytest.raises(ValueError, match="features: expected a list of at most 32 feature names"):
+        Capabilities.from_dict({"features": features})

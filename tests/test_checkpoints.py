@@ -20,7 +20,8 @@ from hub.config import HubConfig
 from hub.sqlite_store import SqliteStore
 from jobs.checkpoints import resumed_from, sign_checkpoint
 from jobs.manifest import Manifest
-from jobs.protocol import Assignment, HeartbeatLease
+from jobs.protocol import Assignment
+from jobs.protocol_upkeep import HeartbeatLease
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord

@@ -18,7 +18,7 @@ from test_dispatch import A100, GTX1060, cpu_caps
 from test_dispatch_indexes import Fleet, fit_check
 
 from hub.dispatch import predict
-from jobs.protocol import Registration
+from jobs.protocol_registration import Registration
 from security.errors import BadRequest
 from security.identity import Identity
 

@@ -1,5 +1,5 @@
 """A lying board cannot fill an agent's memory through ``GET /v1/jobs/{id}/envelope``: the agent reads at most
-:data:`~agent.daemon.board_link.MAX_ENVELOPE_BYTES` of a fetched envelope, whether the board sends an endless
+:data:`~agent.daemon.envelope_fetch.MAX_ENVELOPE_BYTES` of a fetched envelope, whether the board sends an endless
 body or declares a huge one, and hands the task back (the lying board here is a real HTTP server on loopback
 that answers the fetch route with bytes, not an envelope)."""
 
@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 
 from agent.client.board import BoardClient
-from agent.daemon import board_link
-from agent.daemon.board_link import MAX_ENVELOPE_BYTES, BoardLink
+from agent.daemon import envelope_fetch
+from agent.daemon.board_link import BoardLink
+from agent.daemon.envelope_fetch import MAX_ENVELOPE_BYTES, fetch_envelopes
 from agent.daemon.outbox import Outbox
 from jobs.protocol import Assignment
 from security.identity import Identity
@@ -78,7 +79,7 @@ async def test_an_agent_reads_at_most_max_envelope_bytes_of_a_lying_boards_envel
     link = BoardLink(object(), address, client, Outbox(tmp_path / "outbox", address.url))  # type: ignore[arg-type]
     try:
         held = link.envelopes.held()
-        failed = await link.fetch_envelopes(held, [_envelope_less("jlie")])
+        failed = await fetch_envelopes(link.client, held, [_envelope_less("jlie")])
     finally:
         await client.close()
     assert "jlie" in failed and "over the" in failed["jlie"], failed
@@ -90,7 +91,7 @@ async def test_a_lying_board_that_never_answers_holds_a_replys_fetches_for_one_t
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A reply naming many jobs, each left out, each fetch answered never: the agent's slots for this board wait
     # once for ENVELOPE_FETCH_S, not once per job (64 jobs x 120 s would be two hours of slots other boards lose).
-    monkeypatch.setattr(board_link, "ENVELOPE_FETCH_S", 1.0)
+    monkeypatch.setattr(envelope_fetch, "ENVELOPE_FETCH_S", 1.0)
     asked: list[str] = []
     release = asyncio.Event()
 
@@ -107,7 +108,7 @@ async def test_a_lying_board_that_never_answers_holds_a_replys_fetches_for_one_t
     client = BoardClient(address, Identity.generate(), retry_for_s=1)
     link = BoardLink(object(), address, client, Outbox(tmp_path / "outbox", address.url))  # type: ignore[arg-type]
     try:
-        failed = await link.fetch_envelopes(link.envelopes.held(), [_envelope_less(f"j{i}") for i in range(3)])
+        failed = await fetch_envelopes(link.client, link.envelopes.held(), [_envelope_less(f"j{i}") for i in range(3)])
     finally:
         release.set()
         await client.close()

@@ -31,7 +31,9 @@ from hub.home import HubHome
 from hub.pg_store import PgStore
 from hub.records import TaskState
 from hub.sqlite_store import SqliteStore
-from jobs.protocol import Assignment, LeaseReply, LeaseRequest, Registered, Registration, ResultsReply, ResultsRequest
+from jobs.protocol import Assignment, LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
+from jobs.protocol_results import ResultsReply, ResultsRequest
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord

@@ -17,15 +17,17 @@ from helpers import wait_for_async
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
-from agent.daemon import board_link
+from agent.daemon import delivery
 from agent.daemon.board_link import BoardLink, Running
 from agent.daemon.outbox import Outbox
 from agent.daemon.result_batches import BATCH_WINDOW_S, batch_window_s, encoded_size, take_batch
 from agent.daemon.settings import DaemonSettings
 from agent.daemon.slots import Slots
 from hub.records import TaskState
+from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
-from jobs.protocol import Assignment, Registration
+from jobs.protocol import Assignment
+from jobs.protocol_registration import Registration
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
@@ -45,7 +47,8 @@ class _Owner:
         self.started: list[Assignment] = []
 
     def registration(self) -> Registration:
-        return Registration(self.identity.public, "big", Capabilities.from_dict({"kinds": ["sleep"]}))
+        caps = Capabilities.from_dict({"kinds": ["sleep"], "features": [UNIT_PROOFS]})   # as a real agent reports
+        return Registration(self.identity.public, "big", caps)
 
     def start_task(self, link: BoardLink, assignment: Assignment) -> None:
         self.started.append(assignment)
@@ -112,11 +115,11 @@ async def test_large_results_reach_the_board_in_batches_and_a_too_large_one_fail
     async with _rig(tmp_path, [0.0] * 5, slots=5, max_body_bytes=256 * KIB, max_result_bytes=1024 * KIB,
                     max_poll_wait_s=0.2) as rig:
         await wait_for_async(lambda: len(rig.owner.started) == 5, "five tasks leased")
-        assert rig.link.max_body_bytes == 256 * KIB   # as GET /v1/limits says
+        assert rig.link.results.max_body_bytes == 256 * KIB   # as GET /v1/limits says
         *small, big = sorted(rig.owner.started, key=lambda a: a.idx)
         for a in small:
-            rig.link.queue_result(_result(rig.identity, a, 100 * KIB), ok=True)
-        rig.link.queue_result(_result(rig.identity, big, 400 * KIB), ok=True)
+            rig.link.results.queue_result(_result(rig.identity, a, 100 * KIB), ok=True)
+        rig.link.results.queue_result(_result(rig.identity, big, 400 * KIB), ok=True)
 
         await wait_for_async(lambda: len(rig.outbox) == 0, "every result delivered")
         by_id = {t.id: t for t in await rig.server.board.tasks_of(big.job_id)}   # settled as the board answered
@@ -124,7 +127,7 @@ async def test_large_results_reach_the_board_in_batches_and_a_too_large_one_fail
         failed = by_id[big.task_id]
         assert failed.state == TaskState.FAILED
         assert failed.error is not None and "max_body_bytes" in failed.error
-        assert not rig.link.pending
+        assert not rig.link.results.pending
 
 
 async def test_a_board_refusing_a_batch_as_too_large_gets_smaller_batches_until_all_arrive(tmp_path: Path) -> None:
@@ -132,11 +135,11 @@ async def test_a_board_refusing_a_batch_as_too_large_gets_smaller_batches_until_
     # hears 413 and halves what it sends until the results pass.
     async with _rig(tmp_path, [0.0] * 4, slots=4, max_body_bytes=128 * KIB, max_poll_wait_s=0.2) as rig:
         await wait_for_async(lambda: len(rig.owner.started) == 4, "four tasks leased")
-        rig.link.max_body_bytes = 1024 * KIB   # what it would assume of a board that says nothing
+        rig.link.results.max_body_bytes = 1024 * KIB   # what it would assume of a board that says nothing
         for a in rig.owner.started:
-            rig.link.queue_result(_result(rig.identity, a, 60 * KIB), ok=True)
+            rig.link.results.queue_result(_result(rig.identity, a, 60 * KIB), ok=True)
         await wait_for_async(lambda: len(rig.outbox) == 0, "every result delivered")
-        assert rig.link.max_body_bytes <= 128 * KIB
+        assert rig.link.results.max_body_bytes <= 128 * KIB
         tasks = await rig.server.board.tasks_of(rig.owner.started[0].job_id)
         assert {t.state for t in tasks} == {TaskState.DONE}
 
@@ -150,17 +153,17 @@ async def test_a_result_waits_for_company_only_while_other_tasks_run(tmp_path: P
     def recorded(still_running: int) -> float:
         windows.append((still_running, batch_window_s(still_running)))
         return windows[-1][1]
-    monkeypatch.setattr(board_link, "batch_window_s", recorded)
+    monkeypatch.setattr(delivery, "batch_window_s", recorded)
     # max_poll_wait_s=30: the free slot's lease request stays parked meanwhile
     async with _rig(tmp_path, [0.0, 0.0], slots=3, max_poll_wait_s=30) as rig:
         link, outbox = rig.link, rig.outbox
         await wait_for_async(lambda: len(rig.owner.started) == 2, "both tasks leased")
         first, second = sorted(rig.owner.started, key=lambda a: a.idx)
         link.running[second.task_id] = Running(second)        # still running: the first result waits for it
-        link.queue_result(_result(rig.identity, first, 0), ok=True)
+        link.results.queue_result(_result(rig.identity, first, 0), ok=True)
         await wait_for_async(lambda: len(outbox) == 0, "the first result delivered")
         del link.running[second.task_id]                      # nothing else runs: no window
-        link.queue_result(_result(rig.identity, second, 0), ok=True)
+        link.results.queue_result(_result(rig.identity, second, 0), ok=True)
         await wait_for_async(lambda: len(outbox) == 0, "the second result delivered")
         assert windows[0] == (1, BATCH_WINDOW_S) and windows[-1] == (0, 0.0)
         assert {t.state for t in await rig.server.board.tasks_of(first.job_id)} == {TaskState.DONE}

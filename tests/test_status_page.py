@@ -1,19 +1,12 @@
-"""The status page in real headless Chromium against a real board over TLS, and its live APIs.
-
-Chromium comes from the system (``apt-get install -y chromium``), driven by Playwright's Python
-package with ``executable_path`` (never ``playwright install``: it downloads). Screenshots go to
-``$PANAL_ARTIFACTS`` when set (CI keeps them), else to the test's tmp_path.
-"""
+"""The status page in real headless Chromium (``tests/status_browser.py``) against a real board over TLS, and
+its live APIs."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +14,8 @@ import aiohttp
 import pytest
 from conftest import InProcessHub
 from hub_clients import agent, submitter
-from playwright.async_api import Browser, Page, async_playwright, expect
-from system_needs import require_system
+from playwright.async_api import Browser, expect
+from status_browser import artifacts, open_page
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
@@ -32,12 +25,6 @@ from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
 
-# Playwright's expectations wait on a condition, 5 s by default: a page that re-renders after a fetch
-# on a loaded CI machine (several browsers and hubs at once) can take longer than that.
-expect.set_options(timeout=20_000)
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SECRET_PARAM = 0.0123457   # a manifest parameter the public page must never show
 GTX = {"name": "NVIDIA GeForce GTX 1060 6GB", "backend": "cuda", "vram_gb": 6.0, "vendor": "nvidia",
        "compute_capability": "6.1", "gflops_fp32": 3800.0, "gflops_fp16": 60.0}
@@ -45,41 +32,9 @@ CPU_CAPS = {"kinds": ["sleep"], "memory_gb": 16, "cpu": {"cores": 4, "model": "T
 GPU_CAPS = {**CPU_CAPS, "gpus": [GTX]}
 
 
-def artifacts(tmp_path: Path) -> Path:
-    root = Path(os.environ.get("PANAL_ARTIFACTS") or tmp_path)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 @pytest.fixture(autouse=True)
 def fast_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(status_page, "SNAPSHOT_INTERVAL_S", 0.5)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    require_system(None if chromium else "Chromium (Debian package chromium) for the status page tests")
-    assert chromium is not None
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        yield b
-        await b.close()
-
-
-async def open_page(browser: Browser, hub: InProcessHub, width: int = 1280, height: int = 900,
-                    color_scheme: Any = "light") -> Page:
-    assert hub.address is not None
-    context = await browser.new_context(ignore_https_errors=True, viewport={"width": width, "height": height},
-                                        color_scheme=color_scheme)
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and "v1/" not in msg.text else None)
-    await page.goto(hub.address.url + "/")
-    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
-    page.js_errors = errors  # type: ignore[attr-defined]
-    return page
 
 
 def sleep_job(n: int, name: str = "sweep", **spec: Any) -> Manifest:

@@ -13,6 +13,8 @@ import aiohttp
 import pytest
 from conftest import InProcessHub
 from helpers import scaled
+from playwright.async_api import Browser, expect
+from status_browser import open_page
 
 from hub.ratelimit import source_key
 from hub.status_snapshot import FREE_SEARCH_ROWS, Page, Snapshot
@@ -80,6 +82,34 @@ async def test_distinct_searches_from_one_address_get_a_429_while_others_are_ser
             assert status == 200 and found["agent_page"]["total"] == 10
             status, _, big = await get(other, "?agents_limit=500")
             assert status == 200 and len(big["agent_table"]) == 500
+    finally:
+        await hub.stop()
+
+
+async def test_the_page_says_why_a_search_was_refused_and_shows_it_once_the_board_allows(tmp_path: Path,
+                                                                                        browser: Browser) -> None:
+    # one new search every 10 s: the page's second, typed right after its first, is refused with a Retry-After
+    hub = InProcessHub(tmp_path, bind="0.0.0.0", registration="open", status_queries_per_min=6.0,
+                       status_query_burst=1)
+    await hub.start()
+    try:
+        await fleet(hub, FREE_SEARCH_ROWS + 1)
+        async with session_from(hub, OTHER) as other:
+            await whole_fleet_shown(other, FREE_SEARCH_ROWS + 1)
+        page = await open_page(browser, hub)
+        rows, note = page.locator("#agent-table tbody tr"), page.locator("#agents-note")
+        await page.locator("#agents-q").fill("lab-0001")
+        await expect(rows).to_have_count(1)
+        await expect(note).to_be_hidden()
+        await page.locator("#agents-q").fill("lab-0002")
+        await expect(note).to_be_visible()
+        await expect(note).to_contain_text("too many new searches")
+        await expect(note).to_contain_text("retry in")
+        # asked again when the board said: the note goes and the search that was refused is shown
+        await expect(note).to_be_hidden(timeout=30_000)
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_contain_text("lab-0002")
+        assert page.js_errors == []  # type: ignore[attr-defined]
     finally:
         await hub.stop()
 

@@ -16,7 +16,7 @@ from test_single_task_path import manifest
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, run_job
 from agent.eventloop import loop_factory
-from jobs.protocol import Registered, Registration
+from jobs.protocol_registration import Registered, Registration
 from jobs.requirements import Capabilities
 from security.errors import BadRequest
 from security.identity import Identity

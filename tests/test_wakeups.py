@@ -27,7 +27,8 @@ from hub.dispatch.classes import capability_class
 from hub.pacing import PollPacing
 from hub.sqlite_store import SqliteStore
 from jobs.manifest import Manifest
-from jobs.protocol import Assignment, Registration
+from jobs.protocol import Assignment
+from jobs.protocol_registration import Registration
 from jobs.requirements import Capabilities, Requirements, unmet
 from security.identity import Identity
 

@@ -19,27 +19,10 @@ from test_api import raw, registered
 from agent.client.board import BoardClient
 from hub.openapi import SPEC
 from jobs.fields import Fields
-from jobs.protocol import (
-    Assignment,
-    Heartbeat,
-    HeartbeatLease,
-    HeartbeatReply,
-    LeaseReply,
-    LeaseRequest,
-    LossReason,
-    LostLease,
-    Outcome,
-    Registered,
-    Registration,
-    Release,
-    Released,
-    ResultOutcome,
-    ResultsReply,
-    ResultsRequest,
-    TaskResult,
-    UnreadableResult,
-    envelope_digest,
-)
+from jobs.protocol import Assignment, LeaseReply, LeaseRequest, envelope_digest
+from jobs.protocol_registration import Registered, Registration
+from jobs.protocol_results import Outcome, ResultOutcome, ResultsReply, ResultsRequest, TaskResult, UnreadableResult
+from jobs.protocol_upkeep import Heartbeat, HeartbeatLease, HeartbeatReply, LossReason, LostLease, Release, Released
 from jobs.requirements import Capabilities
 from jobs.wire import JSON, MSGPACK, decode_body, encode_body
 from security.errors import BadRequest, Conflict, PanalError, Unavailable
@@ -59,7 +42,7 @@ ASSIGNMENT = Assignment("j1.0", "j1", 0, "l1", 2, "sleep", {"seconds": 0.5}, 60,
 BARE = Assignment("j1.1", "j1", 1, "l2", 1, "sleep", {"seconds": 0.5}, 60, 30.0, None)
 HAVE = {"j1": envelope_digest(ENVELOPE), "j" + "0" * 20: "0123456789abcdef"}
 
-#: (record, its OpenAPI schema): one of every record of jobs.protocol
+#: (record, its OpenAPI schema): one of every record of jobs.protocol and jobs.protocol_*
 RECORDS: list[tuple[Any, str]] = [
     (Registration(AGENT.public, "laptop", Capabilities.from_dict(CAPS)), "Registration"),
     (Registered(AGENT.id, 30.0, 20.0, 64), "Registered"),
@@ -205,6 +188,9 @@ def test_a_bad_capability_report_is_a_bad_capabilities_400() -> None:
     with pytest.raises(BadRequest) as exc:
         Registration.decode({"public_key": AGENT.public.text(), "capabilities": {"cpu": {"cores": "many"}}})
     assert exc.value.code == "bad_capabilities" and exc.value.message.startswith("capabilities: malformed")
+    with pytest.raises(BadRequest) as exc:
+        Registration.decode({"public_key": AGENT.public.text(), "capabilities": {"features": "unit-proofs"}})
+    assert exc.value.code == "bad_capabilities" and "features: expected a list" in exc.value.message
 
 
 def test_an_unreadable_result_is_refused_alone_not_with_its_batch() -> None:

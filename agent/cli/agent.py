@@ -17,7 +17,7 @@ from agent.volunteer.naming import agent_name, save_name
 from hub.admission import TOKEN_HEADER
 from hub.config import HubConfig
 from hub.server import BoardServer
-from jobs.protocol import Registered, Registration
+from jobs.protocol_registration import Registered, Registration
 from jobs.requirements import Capabilities
 from security.errors import PanalError
 from security.tls import BoardAddress, join_token

@@ -365,8 +365,10 @@ __all__ = ["hub"]
 def sim(fleet_file: Path | None, scale: float, policies: tuple[str, ...], seed: int, as_json: bool) -> None:
     """Simulate the dispatch policies on a fleet (the real board and store, virtual time): makespan,
     deadline misses, Jain fairness, and how long each pick took."""
+    from agent.tools.sim_figures import format_table
     from agent.tools.sim_fleets import FleetFileError, load_scenario
-    from agent.tools.simulate import BUILTIN, describe, format_table, run_simulation
+    from agent.tools.sim_scenario import BUILTIN, describe
+    from agent.tools.simulate import run_simulation
     from hub.dispatch import POLICIES
 
     unknown = sorted(set(policies) - set(POLICIES))

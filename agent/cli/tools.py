@@ -73,7 +73,8 @@ def bench_chaos(minutes: float, agents: int, seed: int | None, store: str, as_js
 @click.option("--seed", type=int, default=1, show_default=True)
 def bench_policies(policies: tuple[str, ...], seed: int) -> None:
     """Simulate a mixed fleet (A100s, RX 580s, GTX 1060s, laptops) under each dispatch policy."""
-    from agent.tools.simulate import format_table, run_simulation
+    from agent.tools.sim_figures import format_table
+    from agent.tools.simulate import run_simulation
     from hub.dispatch import POLICIES
 
     click.echo(format_table(run_simulation(list(policies) or sorted(POLICIES), seed)))

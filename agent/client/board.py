@@ -5,8 +5,8 @@ board's certificate fingerprint (or plain HTTP to loopback), is retried by tenac
 errors, 5xx and 429 (exponential backoff with full jitter, ``Retry-After`` honoured, capped total
 time), and passes through the board's circuit breaker. Errors come back as :class:`PanalError`
 leaves rebuilt from the board's error body, so callers and the CLI see the board's own message.
-:meth:`BoardClient.post` speaks the agent protocol (:mod:`jobs.protocol`): a typed record out, the
-reply decoded into its typed record here, once.
+:meth:`BoardClient.post` speaks the agent protocol (:mod:`jobs.protocol` and its ``protocol_*`` siblings): a
+typed record out, the reply decoded into its typed record here, once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ HealthListener = Callable[[bool], None]
 
 
 class Encodes(Protocol):
-    """A request record of :mod:`jobs.protocol`."""
+    """A request record of the agent protocol (:mod:`jobs.protocol`, ``jobs.protocol_*``)."""
 
     def encode(self) -> dict[str, Any]: ...
 

@@ -44,7 +44,8 @@ from agent.volunteer.naming import agent_name
 from agent.volunteer.pause_rules import PauseRules, SystemLoad
 from agent.volunteer.preferences import PreferencesFile
 from hub.background import run_every
-from jobs.protocol import Assignment, Registration
+from jobs.protocol import Assignment
+from jobs.protocol_registration import Registration
 from jobs.requirements import Capabilities
 from security.errors import Forbidden, PanalError
 from security.identity import Identity
@@ -184,8 +185,8 @@ class Daemon:
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
         for link in self.links:
-            if link.pending:
-                await link.deliver(retry=False)
+            if link.results.pending:
+                await link.results.deliver(retry=False)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, *(link.stop() for link in self.links), return_exceptions=True)

@@ -109,7 +109,7 @@ class Executor:
             await asyncio.to_thread(remove_tree, workdir)   # as deep as a sandboxed task made it
         if running.lost:
             return None
-        link.queue_result(self.sign(assignment, outcome, outputs, resume), outcome.ok)
+        link.results.queue_result(self.sign(assignment, outcome, outputs, resume), outcome.ok)
         if not outcome.ok:
             log.warning("task %s failed (%s): %s", task_id, outcome.error_class, outcome.error)
         return outcome

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from agent.client.breaker import BreakerState
 
-__all__ = ["COMMANDS", "HEALTH", "LinkView", "summary"]
+__all__ = ["COMMANDS", "HEALTH", "LinkView", "ResultCounts", "summary"]
 
 #: how to control the agent, shown with every status so nobody has to look it up
 COMMANDS = {
@@ -27,14 +27,22 @@ HEALTH = {BreakerState.CLOSED.value: "ok", BreakerState.HALF_OPEN.value: "recove
           BreakerState.OPEN.value: "unreachable"}
 
 
-class LinkView(Protocol):
-    """What the summary reads of a board link."""
+class ResultCounts(Protocol):
+    """A board link's results since start (agent/daemon/delivery.py)."""
 
     done: int
     failed: int
+
+
+class LinkView(Protocol):
+    """What the summary reads of a board link."""
+
     refused: str | None
     registered: bool
     standing: dict[str, Any]
+
+    @property
+    def results(self) -> ResultCounts: ...
 
     @property
     def breaker_state(self) -> BreakerState: ...
@@ -68,8 +76,8 @@ def summary(links: Sequence[LinkView], *, running: int, paused_reason: str | Non
     return {
         "name": name,
         "why": _why(links, running, paused_reason),
-        "done": sum(link.done for link in links),
-        "failed": sum(link.failed for link in links),
+        "done": sum(link.results.done for link in links),
+        "failed": sum(link.results.failed for link in links),
         "credit": round(sum(_credit(link.standing) for link in links), 3),
         "commands": dict(COMMANDS),
     }

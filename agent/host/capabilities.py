@@ -31,6 +31,7 @@ import psutil
 
 from agent.engine.sandbox import probe as probe_sandbox
 from jobs.catalog import all_kinds
+from jobs.committed import UNIT_PROOFS
 from security.errors import BadRequest
 
 __all__ = ["ENV_FAKE_CAPS", "cpu_model", "deep_merge", "detect"]
@@ -56,6 +57,7 @@ def base_report() -> dict[str, Any]:
                 "threads": os.cpu_count() or 1, "model": cpu_model(), "gflops_fp32": 0.0},
         "torch": None, "cuda": None, "rocm": None,
         "gpus": [], "gpu_errors": [], "kinds": advertised_kinds(), "labels": {},
+        "features": [UNIT_PROOFS],
         "sandbox": sandbox_report(), "packages": package_versions(),
     }
 

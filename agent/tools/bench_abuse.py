@@ -41,7 +41,9 @@ from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
 from agent.tools.bench_dispatch import SimAgent, _manifest
 from agent.tools.demo import panal_cli, start_hub, stop
-from jobs.protocol import LeaseReply, LeaseRequest, Registration, ResultsReply, ResultsRequest
+from jobs.protocol import LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registration
+from jobs.protocol_results import ResultsReply, ResultsRequest
 from jobs.requirements import Capabilities
 from jobs.wire import MSGPACK, encode_body
 from security.httpsig import sign_request

@@ -29,16 +29,11 @@ from agent.client.submitting import make_envelope, run_job, submit, wait_job
 from agent.daemon.envelopes import EnvelopeBook, HeldEnvelopes
 from agent.tools.demo import start_hub, stop
 from hub.admission import TOKEN_HEADER
+from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
-from jobs.protocol import (
-    Assignment,
-    LeaseReply,
-    LeaseRequest,
-    Registered,
-    Registration,
-    ResultsReply,
-    ResultsRequest,
-)
+from jobs.protocol import Assignment, LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
+from jobs.protocol_results import ResultsReply, ResultsRequest
 from jobs.requirements import Capabilities
 from security.identity import Identity
 from security.records import SignedRecord
@@ -72,7 +67,7 @@ class SimAgent:
         self._held: HeldEnvelopes | None = None
 
     async def register(self) -> None:
-        caps = Capabilities.from_dict({"kinds": ["sleep"]})
+        caps = Capabilities.from_dict({"kinds": ["sleep"], "features": [UNIT_PROOFS]})
         await self.client.post("/v1/agents", Registration(self.identity.public, "sim", caps), Registered.decode,
                                headers={TOKEN_HEADER: self.token} if self.token else None)
 

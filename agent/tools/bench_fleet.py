@@ -50,8 +50,10 @@ from agent.daemon.assignments import ManifestCache
 from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
 from hub.connections import LeanSSLProtocol
+from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
-from jobs.protocol import LeaseReply, LeaseRequest, Registered, Registration
+from jobs.protocol import LeaseReply, LeaseRequest
+from jobs.protocol_registration import Registered, Registration
 from jobs.requirements import Capabilities
 from jobs.wire import MSGPACK, encode_body
 from security.errors import PanalError
@@ -116,7 +118,7 @@ class FleetAgent(SimAgent):
         self.refused = self.proofs = self.proof_bytes = self.envelope_bytes = 0
 
     async def register(self) -> None:
-        caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots}
+        caps: dict[str, Any] = {"kinds": ["sleep"], "cpu_cores": self.slots, "features": [UNIT_PROOFS]}
         if self.gpu:
             caps["gpus"] = [FAKE_GPU]
         registered = await self.client.post("/v1/agents", Registration(self.identity.public, "sim",

@@ -34,6 +34,7 @@ from agent.client.submitting import make_envelope
 from hub.board import Board
 from hub.config import HubConfig
 from hub.sqlite_store import SqliteStore
+from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
 from jobs.protocol import Assignment
 from jobs.requirements import Capabilities
@@ -99,7 +100,7 @@ class Run:
         self.results = 0
 
     async def join(self, sim: Sim, n: int) -> None:
-        caps = {"kinds": ["matmul"], "cpu": {"cores": 4, "gflops_fp32": 100.0}}
+        caps = {"kinds": ["matmul"], "cpu": {"cores": 4, "gflops_fp32": 100.0}, "features": [UNIT_PROOFS]}
         await self.board.register_agent(sim.identity.public, f"{sim.name}-{n}", Capabilities.from_dict(caps),
                                         owner=f"owner-{sim.name}-{n}")   # as an admission token would set it
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from agent.tools.simulate import Host, Scenario, Workload
+from agent.tools.sim_scenario import Host, Scenario, Workload
 
 __all__ = ["FleetFileError", "load_scenario"]
 

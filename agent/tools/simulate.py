@@ -12,7 +12,9 @@ submitter's share of devices while two or more submitters had queued work, and J
 index of each submitter's received / entitled device-time, entitled being a weighted max-min fair
 split of the fleet capped by its demand (1.0: everyone got its fair share); how much A100 time sat idle while
 work was queued; utilisation per device class; how long each dispatch decision took (pick p50/p99).
-Other fleets and workloads come from fleet files (``agent/tools/sim_fleets.py``, ``configs/sim/``).
+What it runs is a scenario (``agent/tools/sim_scenario.py``: the built-in fleet; other fleets and workloads come
+from fleet files, ``agent/tools/sim_fleets.py``, ``configs/sim/``); fair shares, quantiles and the table are in
+``agent/tools/sim_figures.py``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import tempfile
 import time
 from bisect import bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.tools.sim_figures import format_table, mean, pct, water_fill
+from agent.tools.sim_scenario import BUILTIN, T0, WEIGHTS, Host, Scenario, Workload, describe
 from hub.board import Board
 from hub.config import HubConfig
 from hub.dispatch import POLICIES
@@ -45,90 +49,7 @@ from jobs.requirements import Capabilities, Requirements
 from security.identity import Identity
 from security.records import SignedRecord
 
-__all__ = ["FLEET", "WEIGHTS", "Host", "Scenario", "Workload", "builtin_workload", "format_table", "run_simulation"]
-
-T0 = 1_700_000_000.0
-WEIGHTS = {"lab": 1.0, "infer": 1.0, "bigmodel": 2.0}
-#: (arrival s after the start, submitter, manifest)
-Workload = list[tuple[float, str, dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class Host:
-    kind: str                       # device class, for utilisation figures
-    count: int
-    caps: dict[str, Any]
-    true_speed: float = 1.0         # actual / advertised speed (a card that throttles when hot: < 1)
-    error_rate: float = 0.0         # chance an attempt fails (device lost)
-    window_h: float | None = None   # leaves for the day after this long
-
-
-def _gpu(name: str, backend: str, vram_gb: float, cc: str | None, fp32: float, fp16: float,
-         bandwidth: float) -> dict[str, Any]:
-    return {"name": name, "backend": backend, "vram_gb": vram_gb, "compute_capability": cc,
-            "gflops_fp32": fp32, "gflops_fp16": fp16, "memory_bandwidth_gbps": bandwidth}
-
-
-def _caps(gpus: Sequence[dict[str, Any]] = (), cpu_gflops: float = 200.0, memory_gb: float = 16.0) -> dict[str, Any]:
-    return {"memory_gb": memory_gb, "kinds": ["matmul"], "gpus": list(gpus),
-            "cpu": {"cores": 4, "gflops_fp32": cpu_gflops, "memory_bandwidth_gbps": 25.0}}
-
-
-_A100 = _gpu("NVIDIA A100-SXM4-40GB", "cuda", 40, "8.0", 19_500, 78_000, 1555)
-_RX580 = _gpu("Radeon RX 580", "rocm", 8, None, 6_100, 6_100, 256)
-_GTX1060 = _gpu("GeForce GTX 1060 6GB", "cuda", 6, "6.1", 4_400, 70, 192)
-
-#: a university lab, a few A100s, and volunteers' laptops - some flaky, some leaving early
-FLEET: tuple[Host, ...] = (
-    Host("A100", 2, _caps([_A100], 800, 256)),
-    Host("RX 580", 4, _caps([_RX580], 150)),
-    Host("RX 580", 2, _caps([_RX580], 150), window_h=1.5),
-    Host("GTX 1060", 5, _caps([_GTX1060], 150)),
-    Host("GTX 1060", 1, _caps([_GTX1060], 150), true_speed=0.35),
-    Host("laptop CPU", 5, _caps()),
-    Host("laptop CPU", 2, _caps(), error_rate=0.5),
-    Host("RX 580", 1, _caps([_RX580], 150), error_rate=0.6),
-)
-
-
-def builtin_workload(rng: random.Random) -> Workload:
-    """(arrival, submitter, manifest): bulk training sweeps, deadline inference, a few 40 GB jobs."""
-    out: list[tuple[float, str, dict[str, Any]]] = []
-
-    def job(at: float, who: str, name: str, params: dict[str, Any], n: int, requires: dict[str, Any] | None = None,
-            deadline_s: float | None = None) -> None:
-        spec: dict[str, Any] = {"task": "matmul", "params": params, "sweep": {"seed": list(range(n))}}
-        if requires:
-            spec["requires"] = requires
-        if deadline_s:
-            spec["policy"] = {"deadline": deadline_s}
-        out.append((at, who, {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": name}, "spec": spec}))
-
-    for i in range(15):   # a big backlog at once: ~5 min per task on a GTX 1060, ~1.8 h on a laptop
-        job(rng.uniform(0, 600), "lab", f"train-{i}", {"size": 8192, "iterations": 1200}, 20)
-    for i in range(20):   # ~1 min per task on a mid GPU; must be done within 15 minutes of submission
-        job(rng.uniform(0, 7200), "infer", f"infer-{i}", {"size": 4096, "iterations": 2000, "dtype": "float16"}, 8,
-            deadline_s=900)
-    for i in range(3):    # only an A100 has the memory
-        job(rng.uniform(0, 7200), "bigmodel", f"big-{i}", {"size": 16384, "iterations": 1000, "dtype": "float16"},
-            6, requires={"device": "gpu", "min_vram_gb": 32})
-    for i in range(2):
-        job(rng.uniform(0, 7200), "bigmodel", f"probe-{i}", {"size": 4096, "iterations": 200}, 8)
-    return sorted(out, key=lambda item: item[0])
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A fleet, its submitters' weights and the work they send (a fleet file: ``agent/tools/sim_fleets.py``)."""
-
-    name: str
-    hosts: tuple[Host, ...]
-    weights: Mapping[str, float]
-    workload: Callable[[random.Random], Workload]
-    watch: str | None = None          # a device class whose idle time (while work waits) is reported
-
-
-BUILTIN = Scenario("built-in mixed fleet", FLEET, WEIGHTS, builtin_workload, "A100")
+__all__ = ["run_simulation"]
 
 
 class _Clock:
@@ -150,35 +71,6 @@ class _Agent:
     @property
     def id(self) -> str:
         return self.identity.id
-
-
-def _water_fill(demand: dict[str, int], devices: int, weights: Mapping[str, float] = WEIGHTS) -> dict[str, float]:
-    """Weighted max-min fair split of ``devices`` among submitters, none above its demand."""
-    fair: dict[str, float] = {}
-    left, open_ = float(devices), dict(demand)
-    while open_ and left > 1e-9:
-        total_w = sum(weights[w] for w in open_)
-        capped = {w: d for w, d in open_.items() if d - fair.get(w, 0.0) <= left * weights[w] / total_w}
-        if not capped:
-            for w in open_:
-                fair[w] = fair.get(w, 0.0) + left * weights[w] / total_w
-            break
-        for w, d in capped.items():
-            left -= d - fair.get(w, 0.0)
-            fair[w] = float(d)
-            del open_[w]
-    return fair
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 async def _simulate(policy: str, seed: int, directory: Path, scenario: Scenario = BUILTIN) -> dict[str, Any]:
@@ -312,7 +204,7 @@ async def _run(board: Board, clock: _Clock, rng: random.Random, workload: Worklo
         demand = {who: queued[who] + running[who] for who in weights if queued[who] + running[who]}
         if len(demand) >= 2 and queued:
             present = stay + len(departures) - bisect_right(departures, last)
-            for who, fair in _water_fill(demand, present, weights).items():
+            for who, fair in water_fill(demand, present, weights).items():
                 entitled[who] += dt * fair
                 received[who] += dt * running[who]
         for kind, n in busy_kinds.items():
@@ -375,22 +267,22 @@ async def _run(board: Board, clock: _Clock, rng: random.Random, workload: Worklo
         "unfinished": total_tasks - len(finished),
         "failed_attempts": failed_attempts,
         "makespan_h": (end - T0) / 3600,
-        "p50_min": _pct(turnaround, 0.50),
-        "p95_min": _pct(turnaround, 0.95),
-        "p99_min": _pct(turnaround, 0.99),
+        "p50_min": pct(turnaround, 0.50),
+        "p95_min": pct(turnaround, 0.95),
+        "p99_min": pct(turnaround, 0.99),
         "deadline_tasks": len(deadlines),
         "deadline_misses": misses,
         "share": {who: received[who] / total_dev for who in weights},
         "fair_ratio": {who: received[who] / entitled[who] if entitled[who] else math.nan for who in weights},
         "jain": jain,
-        "job_mean_min": {who: _mean(job_times[who]) for who in weights},
+        "job_mean_min": {who: mean(job_times[who]) for who in weights},
         "watch": scenario.watch,
         "a100_idle_pct": 100 * watch_idle / watch_time if watch_time else 0.0,
         "utilisation_pct": {kind: 100 * busy_time[kind] / ((end - T0) * n) if end > T0 else 0.0
                             for kind, n in per_class.items()},
         "picks": len(picks),
-        "pick_p50_ms": 1000 * _pct(picks, 0.50),
-        "pick_p99_ms": 1000 * _pct(picks, 0.99),
+        "pick_p50_ms": 1000 * pct(picks, 0.50),
+        "pick_p99_ms": 1000 * pct(picks, 0.99),
     }
 
 
@@ -425,31 +317,6 @@ def run_simulation(policies: list[str], seed: int, scenario: Scenario = BUILTIN)
             return out
 
     return asyncio.run(all_of())
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the figures (what ``python -m agent.tools.simulate`` prints)."""
-    who = list(rows[0]["share"]) if rows else list(WEIGHTS)
-    short = "/".join(w[:5] for w in who)
-    watch = rows[0].get("watch") if rows else "A100"
-    head = ["policy", "makespan h", "p50 min", "p95 min", "p99 min", "deadline misses", "failed attempts",
-            "Jain", f"share {short} %", f"job mean min {short}", f"{watch or '-'} idle %", "pick p50/p99 ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        share = "/".join(f"{100 * r['share'][w]:.0f}" for w in who)
-        jobs = "/".join(f"{r['job_mean_min'][w]:.0f}" for w in who)
-        lines.append(f"| {r['policy']} | {r['makespan_h']:.2f} | {r['p50_min']:.1f} | {r['p95_min']:.1f} | "
-                     f"{r['p99_min']:.1f} | {r['deadline_misses']}/{r['deadline_tasks']} | "
-                     f"{r['failed_attempts']} | {r['jain']:.3f} | {share} | {jobs} | {r['a100_idle_pct']:.0f} | "
-                     f"{r['pick_p50_ms']:.2f}/{r['pick_p99_ms']:.2f} |")
-    return "\n".join(lines)
-
-
-def describe(scenario: Scenario) -> str:
-    """The fleet in one line: count x class, with how its hosts misbehave."""
-    return ", ".join(f"{h.count} x {h.kind}" + (" (throttled)" if h.true_speed < 1 else "")
-                     + (" (flaky)" if h.error_rate else "") + (f" (leaves at {h.window_h:g} h)" if h.window_h else "")
-                     for h in scenario.hosts if h.count)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -75,7 +75,7 @@ class CapClass:
     """A capability class: its key (equal for every member) and a representative report.
 
     The key is a digest of the normalised report, not the report: it is held per job in the wake index's
-    cache, and a report (unknown fields kept exactly) may be 64 KB (jobs/protocol.py)."""
+    cache, and a report (unknown fields kept exactly) may be 64 KB (jobs/protocol_registration.py)."""
 
     key: str
     representative: Capabilities

@@ -177,6 +177,23 @@ function sortValue(agent, key) {
   return agent[key];
 }
 
+// A search the board refuses (429: this address asked for too many new searches; any other error) is said
+// beside its form instead of silently keeping the last results, and a 429 is asked again when the board says.
+const refusedRetry = {};
+async function pageReply(which, resp, again) {
+  const note = $(`#${which}s-note`);
+  if (resp.ok) { note.hidden = true; note.textContent = ""; return resp.json(); }
+  let message = `the board did not answer this search (HTTP ${resp.status})`;
+  try { const body = await resp.json(); if (body && body.message) message = String(body.message); } catch (err) { /* not JSON */ }
+  note.textContent = message;
+  note.hidden = false;
+  if (resp.status === 429 && !refusedRetry[which]) {
+    const wait = Math.min(Math.max(Number(resp.headers.get("Retry-After")) || 5, 1), 300);
+    refusedRetry[which] = setTimeout(() => { refusedRetry[which] = null; again(); }, wait * 1000);
+  }
+  return null;
+}
+
 // The agent table is paged by the board (a fleet may be 100k agents): the live stream carries the first
 // page; another page is fetched from v1/status when shown, and again on each update while it is.
 async function loadAgentPage() {
@@ -186,11 +203,9 @@ async function loadAgentPage() {
   const want = query({ agents_offset: view.agentOffset, agents_limit: limit, jobs_limit: 0, ...agentFilter() });
   try {
     const resp = await fetch(`v1/status?${want}`, { headers: { Accept: "application/json" }, cache: "no-store" });
-    if (resp.ok) {
-      const page = await resp.json();
-      if (want === query({ agents_offset: view.agentOffset, agents_limit: limit, jobs_limit: 0, ...agentFilter() })) {
-        view.agentPage = page;
-      }
+    const page = await pageReply("agent", resp, loadAgentPage);
+    if (page && want === query({ agents_offset: view.agentOffset, agents_limit: limit, jobs_limit: 0, ...agentFilter() })) {
+      view.agentPage = page;
     }
   } finally {
     view.agentLoading = false;
@@ -225,10 +240,8 @@ async function loadJobPage() {
   const asked = want();
   try {
     const resp = await fetch(`v1/status?${asked}`, { headers: { Accept: "application/json" }, cache: "no-store" });
-    if (resp.ok) {
-      const page = await resp.json();
-      if (asked === want()) view.jobPage = page;
-    }
+    const page = await pageReply("job", resp, loadJobPage);
+    if (page && asked === want()) view.jobPage = page;
   } finally {
     view.jobLoading = false;
   }
