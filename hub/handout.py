@@ -59,9 +59,9 @@ class Handout:
                     if job.state == JobState.QUEUED]
         for job in starting:   # (as its tasks are leased in memory: views show both at once)
             job.state = JobState.RUNNING
-        # One write with the jobs it starts, queued now (before the reply is written, so the store's writer commits
-        # while the reply travels); the reply does not wait for it (hub/lease_writes.py: what waits for it instead,
-        # what a crash costs).
+        # One write with the jobs it starts, queued now (its place in the store's order; committed while the reply
+        # travels, on SQLite as the step that writes it ends: hub/sqlite_writer.py); the reply does not wait for it
+        # (hub/lease_writes.py: what waits for it instead, what a crash costs).
         lease_write = self.store.save_leases(writes, [dataclasses.replace(job) for job in starting])
         self._lease_writes.track((task.id for task in picked), self._lease_landed(lease_write, granted))
         self._leases.commit(picked)

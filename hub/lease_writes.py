@@ -18,7 +18,8 @@ What this keeps, and what it gives up:
 - **The hub dies after the reply, before the commit lands.** After the restart the task is queued with the
   attempt it had (a lease uses no attempt), the agent's result for the lost lease is refused as an expired lease
   (``lease_expired``), and the task runs again. The agent's work on it is lost: the one cost, in a window of a
-  commit's length. The trust rules hold: a refused result counts for nothing, so no agent gets two counted
+  commit's length (on SQLite the commit starts as the loop step that writes the reply ends). The trust rules
+  hold: a refused result counts for nothing, so no agent gets two counted
   instances of one unit, and a held-back agent is still held back by what the store's rows say.
 """
 

@@ -1,23 +1,16 @@
-"""SQLite (WAL) store with group commit.
-
-One writer thread owns the connection. Writes queue up while a commit is in progress and are then
-committed together in one transaction (one fsync for many requests), each inside its own
-savepoint so one bad write cannot undo its neighbours. Callers await a future that resolves only
-after COMMIT returned: that is the moment a board may acknowledge.
-"""
+"""SQLite (WAL) store with group commit: its rows here, its one writer (a thread; small writes inline when it
+is idle; lease writes at the end of the loop's step) in hub/sqlite_writer.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from hub.blob_refs import manifest_blobs, result_blobs
 from hub.records import AgentRow, HistoryBucket, JobRow, JobState, ResultRow, TaskRow
@@ -35,6 +28,7 @@ from hub.sqlite_rows import (
     update_jobs,
     update_tasks,
 )
+from hub.sqlite_writer import INLINE_ROWS, SqliteWriter
 from hub.store import LeaseWrite
 from hub.tokens import AdmissionToken
 from hub.trust.records import Ban, ReputationRow, TrustSnapshot, TrustWrite, ValidationRow
@@ -44,19 +38,17 @@ __all__ = ["SqliteStore"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_STOP = object()
-
-
 class SqliteStore:
     """The embedded default store. ``path`` is the database file (created if missing)."""
 
     def __init__(self, path: Path, synchronous: str = "normal") -> None:
         self.path = path
         self.synchronous = synchronous.upper()
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.commits = 0
+        self._writer = SqliteWriter()
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
 
     # -- plumbing -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -65,82 +57,23 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA wal_autocheckpoint=0")   # the writer thread checkpoints (hub/sqlite_writer.py)
         create_schema(conn)
         return conn
 
     async def open(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
-        self._thread = threading.Thread(target=self._writer, args=(conn,), name="panal-store", daemon=True)
-        self._thread.start()
+        self._writer.start(self._connect())
 
     async def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        await self._writer.stop()
 
-    def _writer(self, conn: sqlite3.Connection) -> None:
-        try:
-            while True:
-                batch = [self._queue.get()]
-                while True:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stop = any(item is _STOP for item in batch)
-                self._run_batch(conn, [item for item in batch if item is not _STOP])
-                if stop:
-                    return
-        finally:
-            conn.close()
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], inline: bool = False) -> T:
+        return await self._writer.write(fn, inline)
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
-                                                                        asyncio.Future[Any]]]) -> None:
-        if not batch:
-            return
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = fn(conn)
-                    if isinstance(result, sqlite3.Cursor):
-                        # A cursor must not escape to the event loop thread: finalising it there while
-                        # this thread uses the connection is "API misuse" in SQLite.
-                        result.close()
-                        result = None
-                    outcomes.append((True, result))
-                    conn.execute("RELEASE op")
-                except Exception as exc:  # one failing write must not undo the others
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-            conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
-            log.exception("store commit failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(batch)
-        assert self._loop is not None
-        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            self._loop.call_soon_threadsafe(_settle, fut, ok, value)
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._queue_write(fn)
-
-    def _queue_write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue ``fn`` for the writer now (its place in the commit order is taken here); its future resolves
-        after COMMIT."""
-        if self._thread is None:
-            raise RuntimeError("store is not open")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((fn, fut))
-        return fut
+    def _queue_write(self, fn: Callable[[sqlite3.Connection], T], inline: bool = False,
+                     end_of_step: bool = False) -> asyncio.Future[T]:
+        return self._writer.write(fn, inline, end_of_step)
 
     # -- agents and submitters ------------------------------------------------------------------
     async def upsert_agent(self, agent: AgentRow) -> None:
@@ -179,7 +112,7 @@ class SqliteStore:
             c.execute(f"INSERT INTO jobs ({JOB_COLS}) VALUES ({marks(JOB_COLS)})", job_values(job))
             c.executemany(f"INSERT INTO tasks ({TASK_COLS}) VALUES ({marks(TASK_COLS)})",
                           [task_values(t) for t in tasks])
-        await self._run(op)
+        await self._run(op, inline=len(tasks) <= INLINE_ROWS)
 
     def save_leases(self, leases: Sequence[LeaseWrite], started: Sequence[JobRow] = ()) -> asyncio.Future[None]:
         now = time.time()
@@ -189,7 +122,7 @@ class SqliteStore:
             c.executemany("UPDATE tasks SET state='leased', lease_id=?, agent_id=?, attempt=?, lease_expires_at=?, "
                           "updated_at=? WHERE id=?", rows)
             update_jobs(c, started)
-        return self._queue_write(op)
+        return self._queue_write(op, inline=len(rows) + len(started) <= INLINE_ROWS, end_of_step=True)
 
     async def save_tasks(self, tasks: Sequence[TaskRow], jobs: Sequence[JobRow] = ()) -> None:
         def op(c: sqlite3.Connection) -> None:
@@ -205,7 +138,7 @@ class SqliteStore:
                             r.accepted_at) for r in results])
             update_tasks(c, tasks)
             update_jobs(c, jobs)
-        await self._run(op)
+        await self._run(op, inline=len(results) + len(tasks) <= INLINE_ROWS)
 
     async def load_active(self) -> tuple[list[JobRow], list[TaskRow]]:
         def op(c: sqlite3.Connection) -> tuple[list[JobRow], list[TaskRow]]:
@@ -366,7 +299,9 @@ class SqliteStore:
                 "INSERT INTO trust_bans VALUES (?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
                 "reason=excluded.reason, since=excluded.since, until=excluded.until",
                 [(b.agent_id, b.reason, b.since, b.until) for b in write.bans])
-        await self._run(op)
+        rows = len(write.validations) + len(write.reputation) + len(write.credit) + len(write.bans)
+        # after a result's commit, while its submitter's reply goes out: committed as that step ends
+        await self._queue_write(op, inline=rows <= INLINE_ROWS, end_of_step=True)
 
     async def load_trust(self) -> TrustSnapshot:
         def op(c: sqlite3.Connection) -> TrustSnapshot:
@@ -395,12 +330,3 @@ class SqliteStore:
         return await self._run(lambda c: [HistoryBucket(*r) for r in c.execute(
             "SELECT start, done, failed, agents, backlog FROM status_history WHERE start>=? ORDER BY start",
             (since,)).fetchall()])
-
-
-def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.done():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)

@@ -100,7 +100,8 @@ class StatusFeed:
         self._changes += 1
         if event.get("type") == "job_finished":
             self._recent_jobs = None
-        self._broadcast(_frame("board", event))
+        if self.subscribers:   # (framed only for live viewers: a JSON encode per board event otherwise)
+            self._broadcast(_frame("board", event))
         self._kick.set()
 
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
@@ -143,7 +144,8 @@ class StatusFeed:
     def _note(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         self._changes += 1
-        self._broadcast(_frame("board", event))
+        if self.subscribers:
+            self._broadcast(_frame("board", event))
 
     # -- live viewers ---------------------------------------------------------------------------
     def subscribe(self) -> asyncio.Queue[Frame | None]:

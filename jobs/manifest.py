@@ -24,6 +24,7 @@ from jobs.errors import InvalidParams
 from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, missing_paths, parse_inputs, shard_points
 from jobs.report import REPORT_SCHEMA, ReportSpec
 from jobs.requirements import Requirements, torch_range_problem
+from jobs.schema_check import SchemaCheck
 from jobs.yamlpos import Document, load_documents, path_text
 from security.errors import BadRequest
 
@@ -308,7 +309,7 @@ def _expected(error: jsonschema.ValidationError) -> str:
     return str(error.message)
 
 
-_VALIDATOR = jsonschema.Draft202012Validator(_BASE_SCHEMA)
+_VALIDATOR = SchemaCheck(_BASE_SCHEMA)   # compiled first, jsonschema's messages (jobs/schema_check.py)
 
 
 def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = True) -> list[tuple[str, str]]:
@@ -317,7 +318,7 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = Tru
     if not isinstance(source, dict):
         return [("", f"a manifest must be a map, got {json.dumps(source, default=str)[:60]}")]
     errors: list[tuple[str, str]] = []
-    for error in sorted(_VALIDATOR.iter_errors(source), key=lambda e: list(map(str, e.absolute_path))):
+    for error in sorted(_VALIDATOR.errors(source), key=lambda e: list(map(str, e.absolute_path))):
         path = ""
         for part in error.absolute_path:
             path = path_text(path, part)

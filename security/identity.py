@@ -6,6 +6,7 @@ import base64
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -35,8 +36,9 @@ class PublicKey:
         if len(self.raw) != 32:
             raise BadRequest(f"an Ed25519 public key is 32 bytes, got {len(self.raw)}")
 
-    @property
+    @cached_property
     def id(self) -> str:
+        # asked for several times per request (signer checks, lookups, log lines): a SHA-256 and a base32 each
         return key_id(self.raw)
 
     def text(self) -> str:

@@ -1,0 +1,118 @@
+"""The SQLite store's writer (hub/sqlite_writer.py): a small write that finds it idle commits before the call
+returns, never out of turn, never holding the event loop behind another process's lock; a lease write commits at
+the end of the loop's step and before anything queued after it; the WAL is still checkpointed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hub.sqlite_store import SqliteStore
+from hub.sqlite_writer import CHECKPOINT_COMMITS
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "w.db")
+    await s.open()
+    await s._run(lambda c: c.execute("CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, what TEXT)"))
+    yield s
+    await s.close()
+
+
+def put(what: str):   # type: ignore[no-untyped-def]
+    return lambda c: c.execute("INSERT INTO log (what) VALUES (?)", (what,))
+
+
+def logged(path: Path) -> list[str]:
+    with sqlite3.connect(path) as other:   # another connection: what is committed, not what one sees
+        return [r[0] for r in other.execute("SELECT what FROM log ORDER BY seq")]
+
+
+async def test_a_small_write_to_an_idle_writer_is_committed_when_the_call_returns(store: SqliteStore) -> None:
+    fut = store._queue_write(put("a"), inline=True)
+    assert fut.done() and fut.exception() is None
+    assert logged(store.path) == ["a"]
+
+
+async def test_a_small_write_behind_one_in_the_writers_hands_waits_its_turn(store: SqliteStore) -> None:
+    gate = threading.Event()
+
+    def slow(c: sqlite3.Connection) -> None:
+        gate.wait(30)
+        c.execute("INSERT INTO log (what) VALUES ('first')")
+    first = store._queue_write(slow)
+    second = store._queue_write(put("second"), inline=True)
+    assert not second.done()          # not committed inline ahead of the write queued before it
+    gate.set()
+    await asyncio.gather(first, second)
+    assert logged(store.path) == ["first", "second"]
+
+
+async def test_a_small_write_meeting_another_processs_lock_waits_on_the_thread_not_the_event_loop(
+        store: SqliteStore) -> None:
+    await store._run(lambda c: c.execute("PRAGMA busy_timeout=600000"))   # the writer waits as long as it takes
+    blocker = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    loop_ran = threading.Event()
+    held_loop: list[bool] = []
+
+    def release() -> None:   # the other process lets go once the event loop has run again (or gives up)
+        held_loop.append(not loop_ran.wait(20))
+        blocker.execute("ROLLBACK")
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    try:
+        fut = store._queue_write(put("late"), inline=True)
+        asyncio.get_running_loop().call_soon(loop_ran.set)
+        await asyncio.wait_for(asyncio.shield(fut), 60)
+    finally:
+        loop_ran.set()
+        await asyncio.to_thread(releaser.join)
+        blocker.close()
+    assert held_loop == [False]     # the loop went on while the lock was held elsewhere
+    assert logged(store.path) == ["late"]
+
+
+async def test_a_lease_write_commits_at_the_end_of_the_step_and_before_any_later_write(store: SqliteStore) -> None:
+    lease = store._queue_write(put("lease"), end_of_step=True)
+    assert not lease.done()           # the reply of this step goes out first
+    later = store._queue_write(put("result"), inline=True)
+    await asyncio.gather(lease, later)
+    assert logged(store.path) == ["lease", "result"]
+    alone = store._queue_write(put("alone"), inline=True, end_of_step=True)
+    await asyncio.sleep(0)            # the step ends: an idle writer commits a small one on the loop's thread
+    assert alone.done() and logged(store.path)[-1] == "alone"
+    big = store._queue_write(put("big"), inline=False, end_of_step=True)
+    await asyncio.sleep(0)            # a big one goes to the writer thread: the loop is not held for it
+    assert not big.done()
+    await big
+    assert logged(store.path)[-1] == "big"
+
+
+async def test_a_failing_inline_write_fails_alone_and_changes_nothing(store: SqliteStore) -> None:
+    def bad(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO log (what) VALUES ('half')")
+        raise ValueError("refused")
+    fut = store._queue_write(bad, inline=True)
+    assert isinstance(fut.exception(), ValueError)
+    await store._run(put("next"), inline=True)
+    assert logged(store.path) == ["next"]
+
+
+async def test_inline_commits_still_checkpoint_the_wal(store: SqliteStore) -> None:
+    wal = Path(f"{store.path}-wal")
+
+    async def commits(n: int) -> None:
+        for i in range(n):
+            await store._run(put(f"row {i}"), inline=True)
+        await store._run(put("through the thread"))   # the writer thread's turn: a checkpoint it owes is done
+    await commits(CHECKPOINT_COMMITS)
+    size = wal.stat().st_size
+    await commits(4 * CHECKPOINT_COMMITS)
+    assert wal.stat().st_size < 2 * size    # reused from its start after each checkpoint, not grown
