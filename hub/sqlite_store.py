@@ -44,7 +44,9 @@ class SqliteStore:
     def __init__(self, path: Path, synchronous: str = "normal") -> None:
         self.path = path
         self.synchronous = synchronous.upper()
-        self._writer = SqliteWriter()
+        # in WAL mode a NORMAL commit writes the log without an fsync (checkpoints fsync, on the writer thread);
+        # FULL and EXTRA fsync at every COMMIT, which the event loop must never wait on
+        self._writer = SqliteWriter(inline=self.synchronous not in ("FULL", "EXTRA", "2", "3"))
 
     @property
     def commits(self) -> int:

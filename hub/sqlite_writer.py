@@ -49,7 +49,10 @@ def _nothing(conn: sqlite3.Connection) -> None:
 class SqliteWriter:
     """The writer of one open connection (``PRAGMA wal_autocheckpoint=0`` set by whoever opened it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inline: bool = True) -> None:
+        #: whether small writes may commit on the event loop's thread at all: not where each COMMIT fsyncs
+        #: (``synchronous=full``), which would hold every request behind the disk
+        self.inline = inline
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -128,7 +131,7 @@ class SqliteWriter:
         """Commit ``fns`` on this (the loop's) thread if the writer is idle; None: it is not, or another
         process holds the database's write lock."""
         conn = self._conn
-        if self._pending or conn is None or self._loop is None:
+        if self._pending or conn is None or self._loop is None or not self.inline:
             return None
         # Idle: the writer thread waits in get() and touches the connection only after a put (the loop
         # thread's, like this call), so this transaction is the only one; every earlier write has settled.

@@ -40,6 +40,20 @@ async def test_a_small_write_to_an_idle_writer_is_committed_when_the_call_return
     assert logged(store.path) == ["a"]
 
 
+async def test_a_store_that_fsyncs_each_commit_never_commits_on_the_event_loop(tmp_path: Path) -> None:
+    """``synchronous: full`` fsyncs at every COMMIT: a write inline would hold the event loop behind the disk."""
+    full = SqliteStore(tmp_path / "full.db", synchronous="full")
+    await full.open()
+    try:
+        await full._run(lambda c: c.execute("CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, what TEXT)"))
+        fut = full._queue_write(put("a"), inline=True)
+        assert not fut.done()          # handed to the writer thread
+        await fut
+        assert logged(full.path) == ["a"]
+    finally:
+        await full.close()
+
+
 async def test_a_small_write_behind_one_in_the_writers_hands_waits_its_turn(store: SqliteStore) -> None:
     gate = threading.Event()
 
