@@ -1,14 +1,19 @@
-"""Capability reports a hub stored before it checked a field: a hub restart (an upgrade) must not fail on them.
+"""Rows a hub stored before an upgrade added a check or a clause: the upgraded hub must start over them and apply
+its rules to them.
 
-A board keeps each agent's report as the agent sent it (unknown fields exactly), and reads it again at start
-(``Fleet.load``). When a release starts checking a field it used to keep as unknown (``features``, ``code_from``),
-a report an older hub took from a stranger may fail the new check: that must cost the agent what the field would
-grant (never more), not the hub its start. A real board over TLS in this process, its real SQLite store.
+Capability reports: a board keeps each agent's report as the agent sent it (unknown fields exactly) and reads it
+again at start (``Fleet.load``). When a release starts checking a field it kept as unknown (``features``,
+``code_from``), a report an older hub took from a stranger may fail the check: that must cost the agent what the
+field would grant (never more), not the hub its start. Jobs: a committed job stored before its ``requires`` named
+``unit-proofs`` must still go only to agents that check unit proofs. A real board over TLS in this process, its
+real SQLite store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -87,5 +92,36 @@ async def test_a_stored_report_past_reading_leaves_its_agent_registered_but_sent
         async with BoardClient(hub.address, identity, retry_for_s=1) as again:
             reply = await again.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
             assert reply.tasks == ()
+    finally:
+        await hub.stop()
+
+
+async def test_a_committed_job_stored_before_it_required_unit_proofs_still_goes_only_to_agents_that_check_them(
+        tmp_path: Path) -> None:
+    """A hub before the ``features`` clause stored a committed job's ``requires`` without it: after the upgrade an
+    older agent (no ``unit-proofs``) must not be sent its tasks (it refuses each as tampered, an attempt spent)."""
+    hub = InProcessHub(tmp_path)
+    await hub.start()
+    async with await submitter(hub) as user:
+        committed = (await submit(user, make_envelope(user.identity, sleep_manifest(3), commit_bytes=0)))["id"]
+    await hub.stop()
+    with sqlite3.connect(hub.home.db_path) as db:   # the job's requires as that hub wrote them
+        (stored,) = db.execute("SELECT requires FROM jobs WHERE id = ?", (committed,)).fetchone()
+        requires = json.loads(stored)
+        assert requires.pop("features") == ["unit-proofs"]
+        db.execute("UPDATE jobs SET requires = ? WHERE id = ?", (json.dumps(requires), committed))
+    db.close()
+    await hub.start()
+    try:
+        older, _ = await registered(hub, features=[])
+        async with older:
+            reply = await older.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
+            assert reply.tasks == ()
+            view = await older.call("GET", f"/v1/jobs/{committed}/public")
+        assert any("unit-proofs" in line for line in view["waiting_because"]), view
+        newer, _ = await registered(hub)
+        async with newer:
+            reply = await newer.post("/v1/lease", LeaseRequest(8, 2.0, (), {}), LeaseReply.decode)
+        assert {t.job_id for t in reply.tasks} == {committed} and len(reply.tasks) == 3
     finally:
         await hub.stop()
