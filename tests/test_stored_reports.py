@@ -69,7 +69,9 @@ async def test_a_hub_restarts_over_an_agents_stored_report_its_features_check_wo
             reply = await again.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
             assert {t.job_id for t in reply.tasks} == {whole} and len(reply.tasks) == 2
             view = await again.call("GET", f"/v1/jobs/{committed}/public")
+            status = await again.call("GET", "/v1/status")   # the status page reads the agent as loaded
         assert any("unit-proofs" in line for line in view["waiting_because"]), view
+        assert status["agents"]["online"] == 1
     finally:
         await hub.stop()
 
@@ -92,6 +94,8 @@ async def test_a_stored_report_past_reading_leaves_its_agent_registered_but_sent
         async with BoardClient(hub.address, identity, retry_for_s=1) as again:
             reply = await again.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
             assert reply.tasks == ()
+            status = await again.call("GET", "/v1/status")
+        assert status["agents"]["online"] == 1
     finally:
         await hub.stop()
 
