@@ -26,6 +26,8 @@ _GRANTING = ("features", "code_from")
 #: the kind a stored report past reading is given: no catalog kind has this name, so the agent matches no job until
 #: it registers again (an empty report would match every kind)
 UNREADABLE_KIND = "(unreadable capability report)"
+#: what ``Capabilities.from_dict`` raises on a report it cannot read (``int(inf)``: cores, a GPU's index)
+_UNREADABLE = (TypeError, ValueError, AttributeError, OverflowError)
 
 
 @dataclass
@@ -67,18 +69,25 @@ def stored_capabilities(row: AgentRow) -> Capabilities:
     row raising here kept every agent and job from being served)."""
     try:
         return Capabilities.from_dict(row.capabilities)
-    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
-        problem = exc
-    kept = {k: v for k, v in row.capabilities.items() if k not in _GRANTING}
-    try:
-        caps = Capabilities.from_dict(kept)
+    except _UNREADABLE as exc:
+        problem = str(exc)[:200]
+    dropped = [k for k in _GRANTING if k in row.capabilities and not _reads({k: row.capabilities[k]})]
+    kept = {k: v for k, v in row.capabilities.items() if k not in dropped}
+    if dropped and _reads(kept):
         log.warning("agent %s: its stored capability report does not read (%s): read without %s until it "
-                    "registers again", row.id, str(problem)[:200], ", ".join(_GRANTING))
-        return caps
-    except (TypeError, ValueError, AttributeError, OverflowError):
-        log.warning("agent %s: its stored capability report does not read (%s): sent no work until it registers "
-                    "again", row.id, str(problem)[:200])
-        return Capabilities.from_dict({"kinds": [UNREADABLE_KIND]})
+                    "registers again", row.id, problem, ", ".join(dropped))
+        return Capabilities.from_dict(kept)
+    log.warning("agent %s: its stored capability report does not read (%s): sent no work until it registers again",
+                row.id, problem)
+    return Capabilities.from_dict({"kinds": [UNREADABLE_KIND]})
+
+
+def _reads(report: dict[str, Any]) -> bool:
+    try:
+        Capabilities.from_dict(report)
+    except _UNREADABLE:
+        return False
+    return True
 
 
 def _until(caps: Capabilities) -> float | None:

@@ -57,10 +57,11 @@ async def test_a_hub_restarts_over_an_agents_stored_report_its_features_check_wo
     agent, identity = await registered(hub)
     await agent.close()
     await hub.stop()
-    await rewrite_report(hub, identity.id, features=features)
+    await rewrite_report(hub, identity.id, features=features, code_from=["*"])
     server = await hub.start()   # raised ValueError out of Fleet.load: the hub did not start
     try:
-        assert server.board.agents[identity.id].caps.features == frozenset()
+        caps = server.board.agents[identity.id].caps
+        assert caps.features == frozenset() and caps.code_from == {"*"}   # a field that reads is kept
         async with await submitter(hub) as user:
             committed = (await submit(user, make_envelope(user.identity, sleep_manifest(3), commit_bytes=0)))["id"]
             whole = (await submit(user, make_envelope(user.identity, sleep_manifest(2))))["id"]
