@@ -35,7 +35,7 @@ from hub.dispatcher import Dispatcher
 from hub.envelopes import JobEnvelope, stored_proofs
 from hub.fleet import AgentState, Fleet
 from hub.handout import Handout
-from hub.intake import Envelope, new_job
+from hub.intake import Envelope, new_job, stored_job_requires
 from hub.lease_upkeep import LeaseUpkeep
 from hub.lease_writes import LeaseWrites
 from hub.leases import LeaseTable
@@ -150,6 +150,7 @@ class Board:
         self._fleet.load(await self.store.list_agents())
         jobs, tasks = await self.store.load_active()
         for job in jobs:
+            stored_job_requires(job)   # a clause added since the job was stored (unit-proofs for a committed one)
             self._queues.add_job(job)
         self._queues.add_tasks(tasks)
         self._leases.restore(tasks, now)

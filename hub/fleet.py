@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,9 +15,19 @@ from jobs.requirements import Capabilities
 from security.errors import Forbidden
 from security.identity import PublicKey
 
-__all__ = ["AgentState", "Fleet", "available_until", "derived", "reported_slots", "slots_of"]
+__all__ = ["AgentState", "Fleet", "available_until", "derived", "reported_slots", "slots_of", "stored_capabilities"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: report fields that only ever grant (protocol features, whose code the agent runs): dropped from a stored report
+#: whose value of one a check added since it was stored refuses, so the agent loses what the field would grant
+_GRANTING = ("features", "code_from")
+#: the kind a stored report past reading is given: no catalog kind has this name, so the agent matches no job until
+#: it registers again (an empty report would match every kind)
+UNREADABLE_KIND = "(unreadable capability report)"
+#: what ``Capabilities.from_dict`` raises on a report it cannot read (``int(inf)``: cores, a GPU's index)
+_UNREADABLE = (TypeError, ValueError, AttributeError, OverflowError)
 
 
 @dataclass
@@ -47,6 +58,36 @@ def derived(agent: AgentState, name: str, compute: Callable[[Capabilities], T]) 
     value = compute(agent.caps)
     agent.memo[name] = (agent.caps, value)
     return value
+
+
+def stored_capabilities(row: AgentRow) -> Capabilities:
+    """An agent's report as stored, read again at start.
+
+    Registration refuses a report ``Capabilities.from_dict`` cannot read (a 400), but a report stored by an older
+    hub was checked by that hub's rules: a field it kept as unknown (``features`` before unit proofs) may hold
+    anything a stranger sent. Such a report must cost its agent what the field grants, never the hub its start (one
+    row raising here kept every agent and job from being served)."""
+    try:
+        return Capabilities.from_dict(row.capabilities)
+    except _UNREADABLE as exc:
+        problem = str(exc)[:200]
+    dropped = [k for k in _GRANTING if k in row.capabilities and not _reads({k: row.capabilities[k]})]
+    kept = {k: v for k, v in row.capabilities.items() if k not in dropped}
+    if dropped and _reads(kept):
+        log.warning("agent %s: its stored capability report does not read (%s): read without %s until it "
+                    "registers again", row.id, problem, ", ".join(dropped))
+        return Capabilities.from_dict(kept)
+    log.warning("agent %s: its stored capability report does not read (%s): sent no work until it registers again",
+                row.id, problem)
+    return Capabilities.from_dict({"kinds": [UNREADABLE_KIND]})
+
+
+def _reads(report: dict[str, Any]) -> bool:
+    try:
+        Capabilities.from_dict(report)
+    except _UNREADABLE:
+        return False
+    return True
 
 
 def _until(caps: Capabilities) -> float | None:
@@ -142,8 +183,7 @@ class Fleet:
     def load(self, rows: list[AgentRow]) -> None:
         """The agents in the store at start."""
         for row in rows:
-            self._attach(AgentState(row, PublicKey.parse(row.public_key), Capabilities.from_dict(row.capabilities),
-                                    row.last_seen))
+            self._attach(AgentState(row, PublicKey.parse(row.public_key), stored_capabilities(row), row.last_seen))
 
     def admission(self, key: PublicKey, name: str, capabilities: Capabilities, owner: str | None = None) -> AgentRow:
         """The row to store for a (re-)registration (the report as the agent sent it; a known agent keeps

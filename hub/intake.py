@@ -25,7 +25,7 @@ from jobs.manifest import DEFAULT_MEMORY_GB, Manifest
 from security.errors import BadRequest, Forbidden
 from security.records import SignedRecord
 
-__all__ = ["Envelope", "hub_limits", "new_job", "over_limits"]
+__all__ = ["Envelope", "hub_limits", "new_job", "over_limits", "required_features", "stored_job_requires"]
 
 
 class Envelope:
@@ -42,6 +42,23 @@ class Envelope:
         #: a committed manifest's lists (unsigned, bound by the signed root), and once checked its proofs
         self.lists: Any = wire.get("units") if isinstance(wire, dict) else None
         self.proofs: UnitProofs | None = None
+
+
+def required_features(stored: Any) -> list[str]:
+    """The protocol features an agent must report to be sent a job stored as ``stored`` (its envelope): a committed
+    job's tasks go only to agents that check unit proofs (an older agent refuses each one as tampered)."""
+    return [UNIT_PROOFS] if isinstance(stored, dict) and stored.get("units") is not None else []
+
+
+def stored_job_requires(job: JobRow) -> None:
+    """Add to a job read from the store the clauses intake adds today that a hub before them did not write
+    (``features`` before unit proofs), so the job goes where it would if submitted now (in memory; written with
+    the job's next change)."""
+    features = job.requires.get("features")
+    have = set(features) if isinstance(features, list) else set()
+    needed = required_features(job.envelope)
+    if not have.issuperset(needed):
+        job.requires = {**job.requires, "features": sorted(have.union(needed))}
 
 
 def new_job(envelope: Envelope, config: HubConfig, blobs: BlobBackend | None,
@@ -67,7 +84,7 @@ def new_job(envelope: Envelope, config: HubConfig, blobs: BlobBackend | None,
                  n_tasks=manifest.n_tasks, envelope=stored,
                  requires={**manifest.requires.to_dict(), "task_memory_gb": manifest.memory_cap_gb,
                            **({"code_from": envelope.signer_id} if get_kind(manifest.kind).sandboxed else {}),
-                           **({"features": [UNIT_PROOFS]} if "units" in stored else {})},
+                           **({"features": features} if (features := required_features(stored)) else {})},
                  timeout_s=manifest.timeout_s,
                  max_attempts=manifest.retries + 1,
                  deadline_at=now + manifest.deadline_s if manifest.deadline_s else None,

@@ -215,13 +215,14 @@ def unmet(req: Requirements, kind: str, caps: Capabilities) -> list[str]:
         if not caps.gpus:
             failed.append("device")
             return failed
+        before = len(failed)   # the clauses failed so far are not GPU ones: they say nothing of "gpu" below
         if not any(g for g in caps.gpus if not req.backends or g.backend in req.backends):
             failed.append("backends")
         if not any(g.vram_gb >= req.min_vram_gb for g in caps.gpus):
             failed.append("min_vram_gb")
         if not any(_cc(g.compute_capability) >= _cc(req.min_compute_capability) for g in caps.gpus):
             failed.append("min_compute_capability")
-        if not failed and not any(req.gpu_fits(g) for g in caps.gpus):
+        if len(failed) == before and not any(req.gpu_fits(g) for g in caps.gpus):
             failed.append("gpu")  # each clause holds on some GPU, but no single GPU has them all
         if req.min_gflops and not any(g.gflops_fp32 >= req.min_gflops for g in caps.gpus):
             failed.append("min_gflops")

@@ -124,3 +124,20 @@ def test_a_report_without_the_feature_a_requirement_names_fails_only_that_clause
 def test_a_malformed_features_list_is_refused_with_its_field_named(features: object) -> None:
     with pytest.raises(ValueError, match="features: expected a list of at most 32 feature names"):
         Capabilities.from_dict({"features": features})
+
+
+def test_a_missing_feature_does_not_hide_that_no_single_gpu_meets_every_gpu_clause() -> None:
+    """Found in review: ``gpu`` (each GPU clause holds on some GPU, none on one GPU) was named only when no clause
+    had failed at all, so an older agent's missing ``unit-proofs`` hid it: a committed GPU job's waiting line named
+    only the upgrade, and after it the job still waited, for the GPU."""
+    needs = Requirements.from_dict({"device": "gpu", "min_vram_gb": 16, "min_compute_capability": "8.0",
+                                    "features": [UNIT_PROOFS]})
+    split = Capabilities.from_dict({"kinds": ["matmul"], "gpus": [
+        {"index": 0, "backend": "cuda", "vram_gb": 24, "compute_capability": "7.5"},
+        {"index": 1, "backend": "cuda", "vram_gb": 8, "compute_capability": "8.6"}]})
+    assert unmet(needs, "matmul", split) == ["features", "gpu"]
+    assert explain(needs, "matmul", [split]) == [
+        "needs agents that implement unit-proofs (a newer panal agent): 0 of 1 connected agents have it",
+        "needs one GPU meeting every GPU clause: 0 of 1 connected agents have it"]
+    newer = Capabilities.from_dict({**split.raw, "features": [UNIT_PROOFS]})
+    assert unmet(needs, "matmul", newer) == ["gpu"]
