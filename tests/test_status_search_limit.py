@@ -88,8 +88,8 @@ async def test_distinct_searches_from_one_address_get_a_429_while_others_are_ser
 
 async def test_the_page_says_why_a_search_was_refused_and_shows_it_once_the_board_allows(tmp_path: Path,
                                                                                         browser: Browser) -> None:
-    # one new search every 10 s: the page's second, typed right after its first, is refused with a Retry-After
-    hub = InProcessHub(tmp_path, bind="0.0.0.0", registration="open", status_queries_per_min=6.0,
+    # one new search every 20 s: the page's second, typed right after its first, is refused with a Retry-After
+    hub = InProcessHub(tmp_path, bind="0.0.0.0", registration="open", status_queries_per_min=3.0,
                        status_query_burst=1)
     await hub.start()
     try:
@@ -105,8 +105,12 @@ async def test_the_page_says_why_a_search_was_refused_and_shows_it_once_the_boar
         await expect(note).to_be_visible()
         await expect(note).to_contain_text("too many new searches")
         await expect(note).to_contain_text("retry in")
+        await page.locator("#agents-q").fill("")                  # back to the stream's page: nothing refused
+        await expect(note).to_be_hidden()
+        await page.locator("#agents-q").fill("lab-0002")           # the same refusal again, until the board allows
+        await expect(note).to_be_visible()
         # asked again when the board said: the note goes and the search that was refused is shown
-        await expect(note).to_be_hidden(timeout=30_000)
+        await expect(note).to_be_hidden(timeout=45_000)
         await expect(rows).to_have_count(1)
         await expect(rows.first).to_contain_text("lab-0002")
         assert page.js_errors == []  # type: ignore[attr-defined]

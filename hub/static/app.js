@@ -257,6 +257,7 @@ function turnJobPage(direction) {
 }
 
 function renderJobsView() {
+  if (!jobsOwnPage()) $("#jobs-note").hidden = true;   // back on the stream's page: no search of its own to refuse
   const shown = jobsOwnPage() && view.jobPage ? view.jobPage : view.status;
   if (!shown) return;
   renderPager("job", shown.job_page);
@@ -269,6 +270,7 @@ function searchChanged(which) {
 }
 
 function renderAgents() {
+  if (!agentsOwnPage()) $("#agents-note").hidden = true;
   const shown = agentsOwnPage() && view.agentPage ? view.agentPage : view.status;
   renderPager("agent", shown && shown.agent_page);
   const agents = [...((shown && shown.agent_table) || [])];
