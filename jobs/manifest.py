@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -328,6 +329,7 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = Tru
                     errors.append((path_text(path, key), _unknown(path, key, error.schema)))
             continue
         errors.append((path, _expected(error)))
+    errors.extend(p for p in _non_finite(source) if p[0] not in {path for path, _ in errors})
     structural = bool(errors)
     # Keep going where the structure allows, so every problem is reported at once.
     spec = source.get("spec")
@@ -384,6 +386,28 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = Tru
         except InvalidParams as exc:
             errors.extend(exc.errors)
     return errors
+
+
+def _non_finite(source: dict[str, Any]) -> list[tuple[str, str]]:
+    """NaN and infinities where the manifest's own fields hold numbers (JSON Schema cannot refuse them: NaN passes
+    every ``minimum`` and ``maximum``, so ``timeout: NaN`` slipped under the 30-day bound and every hub's
+    ``max_task_timeout_s``, and its lease never timed out). A kind's params and sweep values are the kind's to
+    check (jobs/fields.py)."""
+    spec = source.get("spec")
+    fields = {"metadata": source.get("metadata")}
+    if isinstance(spec, dict):
+        fields |= {f"spec.{key}": value for key, value in spec.items() if key not in ("params", "sweep")}
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = list(fields.items())
+    while stack:   # the schema bounds these fields' depth and size: a plain walk
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((path, f"expected a finite number, got {json.dumps(value)}"))
+        elif isinstance(value, dict):
+            stack.extend((path_text(path, key), inner) for key, inner in value.items())
+        elif isinstance(value, list):
+            stack.extend((path_text(path, i), inner) for i, inner in enumerate(value))
+    return found
 
 
 def _unknown(path: str, key: str, schema: Mapping[str, Any]) -> str:
