@@ -28,7 +28,7 @@ from hub.sqlite_rows import (
     update_jobs,
     update_tasks,
 )
-from hub.sqlite_writer import INLINE_ROWS, SqliteWriter
+from hub.sqlite_writer import CHECKPOINT_WAL_BYTES, INLINE_ROWS, SqliteWriter
 from hub.store import LeaseWrite
 from hub.tokens import AdmissionToken
 from hub.trust.records import Ban, ReputationRow, TrustSnapshot, TrustWrite, ValidationRow
@@ -59,7 +59,8 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
-        conn.execute("PRAGMA wal_autocheckpoint=0")   # the writer thread checkpoints (hub/sqlite_writer.py)
+        conn.execute("PRAGMA wal_autocheckpoint=0")   # the writer thread checkpoints (hub/sqlite_writer.py) ...
+        conn.execute(f"PRAGMA journal_size_limit={CHECKPOINT_WAL_BYTES}")   # ... when the log grows past this
         create_schema(conn)
         return conn
 

@@ -11,7 +11,11 @@ thread hops (~0.1 ms on a busy 2-core machine) are most of a tiny commit's cost 
 nothing in flight there is no group to wait for nor any order to keep. Under load the writer is rarely idle,
 so writes group as before; a big write always goes to the thread, and so does one that meets another
 process's write lock (busy: the thread waits for it, never the event loop). WAL checkpoints (an fsync) are
-the writer thread's too: SQLite's automatic one, which runs inside a COMMIT, is off.
+the writer thread's too: SQLite's automatic one, which runs inside a COMMIT, is off. One is due after
+CHECKPOINT_COMMITS commits or once the WAL holds CHECKPOINT_WAL_BYTES, whichever comes first: counting commits
+alone let a run of big ones (a 10k-task job each) grow the log to hundreds of MiB, and the file kept that size
+for good. ``journal_size_limit`` (set by whoever opened the connection, to CHECKPOINT_WAL_BYTES) trims the file
+back when the log restarts after a checkpoint, so its size is what was written since.
 
 A lease write or trust records (``end_of_step``) take their place in the order when queued, but are committed
 only at the end of the event loop's step (before any write queued after them): the thread's wake-up would
@@ -23,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["CHECKPOINT_COMMITS", "INLINE_ROWS", "SqliteWriter"]
+__all__ = ["CHECKPOINT_COMMITS", "CHECKPOINT_WAL_BYTES", "INLINE_ROWS", "SqliteWriter"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +45,8 @@ _STOP = object()
 INLINE_ROWS = 16
 #: commits between WAL checkpoints (SQLite's automatic one, off here, is at 1,000 pages: a few per commit)
 CHECKPOINT_COMMITS = 256
+#: WAL bytes after which a checkpoint is due whatever the count (SQLite's own default: 1,000 pages, ~4 MiB)
+CHECKPOINT_WAL_BYTES = 4 << 20
 
 
 def _nothing(conn: sqlite3.Connection) -> None:
@@ -47,7 +54,8 @@ def _nothing(conn: sqlite3.Connection) -> None:
 
 
 class SqliteWriter:
-    """The writer of one open connection (``PRAGMA wal_autocheckpoint=0`` set by whoever opened it)."""
+    """The writer of one open connection (``PRAGMA wal_autocheckpoint=0`` and ``journal_size_limit`` set to
+    CHECKPOINT_WAL_BYTES by whoever opened it)."""
 
     def __init__(self, inline: bool = True) -> None:
         #: whether small writes may commit on the event loop's thread at all: not where each COMMIT fsyncs
@@ -61,6 +69,7 @@ class SqliteWriter:
         #: writes in the writer thread's hands, not yet settled (event loop thread only): 0 = idle
         self._pending = 0
         self._since_checkpoint = 0
+        self._wal = ""   # the WAL file's path ("": none, an in-memory database)
         #: writes whose turn is taken, committed at the end of this loop step (lease writes), and whether
         #: each is small enough to commit inline
         self._deferred: list[tuple[Write, asyncio.Future[Any]]] = []
@@ -73,6 +82,8 @@ class SqliteWriter:
     def start(self, conn: sqlite3.Connection) -> None:
         self._loop = asyncio.get_running_loop()
         self._conn = conn
+        main = [row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"]
+        self._wal = f"{main[0]}-wal" if main and main[0] else ""
         self._thread = threading.Thread(target=self._writer, args=(conn,), name="panal-store", daemon=True)
         self._thread.start()
 
@@ -144,7 +155,7 @@ class SqliteWriter:
         finally:
             conn.execute(f"PRAGMA busy_timeout={int(patience)}")
         outcomes = self._commit(conn, fns, begun=True)
-        if self._since_checkpoint >= CHECKPOINT_COMMITS:   # the thread checkpoints after an empty commit
+        if self._checkpoint_due():   # the thread checkpoints after an empty commit
             self._pending += 1
             self._queue.put((_nothing, self._loop.create_future()))
         return outcomes
@@ -174,7 +185,7 @@ class SqliteWriter:
         if not batch:
             return
         outcomes = self._commit(conn, [fn for fn, _ in batch])
-        if self._since_checkpoint >= CHECKPOINT_COMMITS:   # before the futures settle: no inline commit meanwhile
+        if self._checkpoint_due():   # before the futures settle: no inline commit meanwhile
             self._since_checkpoint = 0
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -183,6 +194,15 @@ class SqliteWriter:
         assert self._loop is not None
         for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
             self._loop.call_soon_threadsafe(self._settle_queued, fut, ok, value)
+
+    def _checkpoint_due(self) -> bool:
+        """After a commit, on whichever thread made it (one stat: ~1 us)."""
+        if self._since_checkpoint >= CHECKPOINT_COMMITS:
+            return True
+        try:
+            return bool(self._wal) and os.stat(self._wal).st_size > CHECKPOINT_WAL_BYTES
+        except OSError:
+            return False
 
     def _commit(self, conn: sqlite3.Connection, fns: list[Write], begun: bool = False) -> list[tuple[bool, Any]]:
         """One transaction of ``fns``, each in its own savepoint: (ok, result or exception) per fn. Never on

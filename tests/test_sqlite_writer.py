@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hub.sqlite_store import SqliteStore
-from hub.sqlite_writer import CHECKPOINT_COMMITS
+from hub.sqlite_writer import CHECKPOINT_COMMITS, CHECKPOINT_WAL_BYTES
 
 
 @pytest.fixture
@@ -130,3 +130,19 @@ async def test_inline_commits_still_checkpoint_the_wal(store: SqliteStore) -> No
     size = wal.stat().st_size
     await commits(4 * CHECKPOINT_COMMITS)
     assert wal.stat().st_size < 2 * size    # reused from its start after each checkpoint, not grown
+
+
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_run_of_big_commits_is_checkpointed_before_the_wal_grows_past_a_few_mib(
+        store: SqliteStore, inline: bool) -> None:
+    """Counting commits alone let 200 commits of 1 MiB (a big job each) grow the log, and its file for good, to
+    200 MiB; a one-row write may be big too (a job's signed envelope), and commits inline."""
+    wal = Path(f"{store.path}-wal")
+    payload = b"x" * (1 << 20)
+    largest = 0
+    for _ in range(3 * CHECKPOINT_WAL_BYTES // len(payload) + 8):
+        await store._run(lambda c: c.execute("INSERT INTO log (what) VALUES (?)", (payload,)), inline=inline)
+        largest = max(largest, wal.stat().st_size)
+    await store._run(put("through the thread"))   # a checkpoint the inline commits owe is the thread's
+    assert largest < CHECKPOINT_WAL_BYTES + 3 * len(payload), largest
+    assert store.path.stat().st_size > 2 * CHECKPOINT_WAL_BYTES   # the rows went on into the database file
