@@ -74,6 +74,8 @@ class SqliteWriter:
         #: each is small enough to commit inline
         self._deferred: list[tuple[Write, asyncio.Future[Any]]] = []
         self._deferred_small = True
+        #: stop() has begun: the thread takes no write after its last batch, so a later one fails at once
+        self._closing = False
 
     @property
     def running(self) -> bool:
@@ -89,11 +91,13 @@ class SqliteWriter:
 
     async def stop(self) -> None:
         if self._thread is not None:
+            self._closing = True
             self._conn = None   # the writer closes it: no more inline writes
             self._hand_deferred()
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+            self._closing = False
 
     def write(self, fn: Callable[[sqlite3.Connection], T], inline: bool = False,
               end_of_step: bool = False) -> asyncio.Future[T]:
@@ -105,6 +109,9 @@ class SqliteWriter:
             raise RuntimeError("store is not open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        if self._closing:   # queued behind the writer's stop, it would wait for ever (a shutdown, hung)
+            fut.set_exception(RuntimeError("store is closing"))
+            return fut
         if end_of_step:
             self._pending += 1
             if not self._deferred:

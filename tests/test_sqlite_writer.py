@@ -146,3 +146,23 @@ async def test_a_run_of_big_commits_is_checkpointed_before_the_wal_grows_past_a_
     await store._run(put("through the thread"))   # a checkpoint the inline commits owe is the thread's
     assert largest < CHECKPOINT_WAL_BYTES + 3 * len(payload), largest
     assert store.path.stat().st_size > 2 * CHECKPOINT_WAL_BYTES   # the rows went on into the database file
+
+
+async def test_a_write_issued_while_the_store_closes_fails_at_once_instead_of_hanging(store: SqliteStore) -> None:
+    """Queued behind the writer thread's stop, it was never taken: its caller (a lease's bookkeeping, the board's
+    stop waiting for it) waited for ever."""
+    gate = threading.Event()
+
+    def slow(c: sqlite3.Connection) -> None:
+        gate.wait(30)
+        c.execute("INSERT INTO log (what) VALUES ('before the close')")
+    first = store._queue_write(slow)
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)                    # close() has begun: it waits for the writer thread
+    late = [store._queue_write(put("inline"), inline=True), store._queue_write(put("queued")),
+            store._queue_write(put("end of step"), inline=True, end_of_step=True)]
+    gate.set()
+    await closing
+    await first
+    assert all(f.done() and isinstance(f.exception(), RuntimeError) for f in late)
+    assert logged(store.path) == ["before the close"]
