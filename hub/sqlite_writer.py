@@ -15,7 +15,9 @@ the writer thread's too: SQLite's automatic one, which runs inside a COMMIT, is 
 CHECKPOINT_COMMITS commits or once the WAL holds CHECKPOINT_WAL_BYTES, whichever comes first: counting commits
 alone let a run of big ones (a 10k-task job each) grow the log to hundreds of MiB, and the file kept that size
 for good. ``journal_size_limit`` (set by whoever opened the connection, to CHECKPOINT_WAL_BYTES) trims the file
-back when the log restarts after a checkpoint, so its size is what was written since.
+back when the log restarts after a checkpoint, so its size is what was written since. That restart (SQLite
+fsyncs the new log header then, even at ``synchronous=normal``) is the thread's too: after a complete
+checkpoint it makes the first write.
 
 A lease write or trust records (``end_of_step``) take their place in the order when queued, but are committed
 only at the end of the event loop's step (before any write queued after them): the thread's wake-up would
@@ -194,13 +196,32 @@ class SqliteWriter:
         outcomes = self._commit(conn, [fn for fn, _ in batch])
         if self._checkpoint_due():   # before the futures settle: no inline commit meanwhile
             self._since_checkpoint = 0
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                log.exception("WAL checkpoint failed")
+            self._checkpoint(conn)
         assert self._loop is not None
         for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
             self._loop.call_soon_threadsafe(self._settle_queued, fut, ok, value)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """A PASSIVE checkpoint and, when it copied the whole log, the write that restarts the log from its start.
+        SQLite syncs the new WAL header at that restart even at ``synchronous=normal``: left to the next write,
+        that fsync fell to an inline commit, on the event loop. The write rewrites the header's user_version
+        with its own value (one page), and never waits for another process's lock (that one restarts it then)."""
+        try:
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            log.exception("WAL checkpoint failed")
+            return
+        if busy or frames <= 0 or copied != frames:
+            return
+        (patience,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        try:
+            conn.execute("PRAGMA busy_timeout=0")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version={int(version)}")
+        except sqlite3.Error:   # busy: whoever holds the lock restarts the log
+            pass
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={int(patience)}")
 
     def _checkpoint_due(self) -> bool:
         """After a commit, on whichever thread made it (one stat: ~1 us)."""

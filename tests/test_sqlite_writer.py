@@ -166,3 +166,18 @@ async def test_a_write_issued_while_the_store_closes_fails_at_once_instead_of_ha
     await first
     assert all(f.done() and isinstance(f.exception(), RuntimeError) for f in late)
     assert logged(store.path) == ["before the close"]
+
+
+async def test_the_wal_restart_after_a_checkpoint_is_the_writer_threads_never_an_inline_commits(
+        store: SqliteStore) -> None:
+    """The first write after a complete checkpoint restarts the log and SQLite fsyncs its new header then (even at
+    synchronous=normal). An inline commit made that write, and the event loop waited on the disk. The header
+    (its first 32 bytes: checkpoint sequence, salts) changes only at a restart."""
+    wal = Path(f"{store.path}-wal")
+    for i in range(CHECKPOINT_COMMITS):
+        await store._run(put(f"row {i}"), inline=True)
+    await store._run(lambda c: None)   # the writer's turn (writing nothing): the checkpoint it owes is done
+    before = wal.read_bytes()[:32]
+    fut = store._queue_write(put("inline"), inline=True)
+    assert fut.done() and fut.exception() is None   # committed inline ...
+    assert wal.read_bytes()[:32] == before           # ... appended to a log the writer thread had restarted
