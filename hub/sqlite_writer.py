@@ -262,6 +262,10 @@ class SqliteWriter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(fns)
+        except BaseException:   # an interrupt (Ctrl-C lands on the loop's thread) mid-transaction: none left open,
+            if conn.in_transaction:   # holding the write lock and failing the next BEGIN
+                conn.execute("ROLLBACK")
+            raise
         return outcomes
 
 

@@ -181,3 +181,15 @@ async def test_the_wal_restart_after_a_checkpoint_is_the_writer_threads_never_an
     fut = store._queue_write(put("inline"), inline=True)
     assert fut.done() and fut.exception() is None   # committed inline ...
     assert wal.read_bytes()[:32] == before           # ... appended to a log the writer thread had restarted
+
+
+async def test_an_interrupt_inside_an_inline_write_leaves_no_transaction_open(store: SqliteStore) -> None:
+    """Ctrl-C lands on the event loop's thread, where an inline write runs: its transaction stayed open (holding
+    the database's write lock), and the next write failed with 'cannot start a transaction within a transaction'."""
+    def interrupted(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO log (what) VALUES ('half')")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        store._queue_write(interrupted, inline=True)
+    await store._run(put("next"))
+    assert logged(store.path) == ["next"]
