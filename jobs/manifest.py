@@ -253,7 +253,7 @@ class Manifest:
             requires=Requirements.from_dict(spec.get("requires", {})),
             timeout_s=parse_duration(resources.get("timeout", 3600)),
             max_memory_gb=resources.get("max_memory_gb"),
-            threads=resources.get("threads"),
+            threads=int(resources["threads"]) if "threads" in resources else None,   # 2.0 is an integer in JSON Schema
             priority=int(policy.get("priority", 0)),
             retries=int(policy.get("retries", 3)),
             deadline_s=parse_duration(policy["deadline"]) if "deadline" in policy else None,

@@ -75,3 +75,21 @@ async def test_a_hub_refuses_a_signed_submission_whose_timeout_is_nan(hub: InPro
         assert await hub.server.board.store.list_jobs() == []
     finally:
         await sub.close()
+
+
+def test_a_whole_float_thread_count_reaches_the_worker_as_an_integer() -> None:
+    """JSON Schema counts 2.0 as an integer, so ``threads: 2.0`` passes; the worker's torch.set_num_threads(2.0)
+    then raised TypeError on every agent that ran the task."""
+    import torch
+
+    from agent.daemon.threads import task_threads
+
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["resources"] = {"threads": 2.0}
+    threads = task_threads(Manifest.from_dict(doc).threads, 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
