@@ -55,7 +55,12 @@ class SqliteStore:
     # -- plumbing -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        if str(mode).lower() != "wal":   # a filesystem without shared memory, an in-memory database
+            # outside WAL every COMMIT writes (and at synchronous=normal may sync) the database itself
+            log.warning("store %s: journal mode is %s, not WAL: every write commits on the writer thread",
+                        self.path, mode)
+            self._writer.inline = False
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")

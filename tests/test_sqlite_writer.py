@@ -54,6 +54,23 @@ async def test_a_store_that_fsyncs_each_commit_never_commits_on_the_event_loop(t
         await full.close()
 
 
+async def test_a_store_whose_journal_is_not_wal_never_commits_on_the_event_loop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Outside WAL every COMMIT writes the database file itself (an in-memory database here; a filesystem without
+    shared memory in the field): the writer thread takes every write, and the log says why."""
+    memory = SqliteStore(Path(":memory:"))
+    await memory.open()
+    try:
+        await memory._run(lambda c: c.execute("CREATE TABLE log (what TEXT)"))
+        fut = memory._queue_write(lambda c: c.execute("INSERT INTO log VALUES ('a')"), inline=True)
+        assert not fut.done()          # handed to the writer thread
+        await fut
+        assert await memory._run(lambda c: c.execute("SELECT what FROM log").fetchall()) == [("a",)]
+    finally:
+        await memory.close()
+    assert "journal mode is memory, not WAL" in caplog.text
+
+
 async def test_a_small_write_behind_one_in_the_writers_hands_waits_its_turn(store: SqliteStore) -> None:
     gate = threading.Event()
 
