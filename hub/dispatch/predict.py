@@ -101,7 +101,12 @@ class Predictor:
         self.samples: dict[tuple[str, str], int] = {}
         self.leased: dict[str, tuple[str, float, float, float]] = {}  # task -> (agent, base s, at, end)
         self._costs: dict[str, Cost] = {}
-        self._bases: dict[tuple[str, str], tuple[Capabilities, float]] = {}
+        #: task id -> its *shape*: a small number per distinct (cost, requirements, half precision), the inputs of
+        #: ``base_seconds`` besides the agent's report. Runtimes are kept per (agent, shape), not per task: the
+        #: head of a sweep changes on every take, and keyed by task the walk recomputed every rival's runtime
+        self._shapes: dict[str, int] = {}
+        self._shape_ids: dict[tuple[Cost, Requirements, bool], int] = {}
+        self._bases: dict[tuple[str, int], tuple[Capabilities, float]] = {}
         #: agent id -> how many of its corrections (per kind and overall) are below :data:`FLOOR`; an agent is
         #: here while it has one. Kept as they are learned: the corrections change only in ``attempt_settled``.
         self.quick: dict[str, int] = {}
@@ -120,8 +125,25 @@ class Predictor:
             self._costs[task.id] = cost
         return cost
 
+    def shape(self, job: JobRow, task: TaskRow, req: Requirements) -> int:
+        """The task's shape (see ``_shapes``): tasks of one shape take the same base time on any one agent."""
+        shape = self._shapes.get(task.id)
+        if shape is None:
+            key = (self.cost(job, task), req, task.params.get("dtype") in HALF)
+            shape = self._shape_ids.get(key)
+            if shape is None:
+                if len(self._shape_ids) > _CACHE_MAX:   # numbers are reused from here on: forget what they meant
+                    self._shape_ids.clear()
+                    self._shapes.clear()
+                    self._bases.clear()
+                shape = self._shape_ids[key] = len(self._shape_ids)
+            if len(self._shapes) > _CACHE_MAX:
+                self._shapes.clear()
+            self._shapes[task.id] = shape
+        return shape
+
     def base(self, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements) -> float:
-        key = (agent.row.id, task.id)
+        key = (agent.row.id, self.shape(job, task, req))
         cached = self._bases.get(key)
         if cached is not None and cached[0] is agent.caps:
             return cached[1]
@@ -198,6 +220,7 @@ class Predictor:
                         metrics: dict[str, Any]) -> None:
         entry = self.leased.pop(task.id, None)
         self._costs.pop(task.id, None)
+        self._shapes.pop(task.id, None)
         if entry is None or entry[0] != agent_id or not ok:
             return
         wall, base = metrics.get("wall_s"), entry[1]
