@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.covers import KEEP, MARGIN_S, Cover, Covers, ceil_count
-from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
+from hub.dispatch.predict import HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
 
@@ -59,6 +59,7 @@ class SoonestGate:
         #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
         self._groups: dict[Hashable, list[float]] = {}
         self._last = 0   # the task count of the last part :meth:`_counted`
+        self._floor = predictor.floor()   # no agent visited by its top speed runs faster than this x its cost
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
         """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
@@ -225,8 +226,9 @@ class SoonestGate:
         resume = 0
         for position, speed, b_id in self._visit(job_id):
             if speed is not None:
-                # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
-                fastest = FLOOR * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
+                # Every agent from here on is not quick: its runtime is at least its correction (``floor``: at
+                # least FLOOR) x the cost at ``speed``.
+                fastest = self._floor * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
                 most = ceil_count(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
                 if most is not None:
                     if most <= 0:
