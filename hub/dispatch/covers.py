@@ -172,6 +172,7 @@ class Reach:
         self.busy: list[float] = []     # marks of the others, at their offsets
         self.pending: list[tuple[float, str]] = []   # (offset, agent id) of the busy ones, earliest first
         self.aged: set[str] = set()     # the parts whose marks are in ``idle``
+        self.aged_to = 0.0              # the latest ``now - at`` parts were aged to
 
     def add(self, agent_id: str, offset: float, runtime: float) -> None:
         if offset <= 0:
@@ -199,6 +200,9 @@ class Reach:
     def count(self, horizon: float, now: float, parts: dict[str, tuple[float, float, float]],
               members: set[str]) -> int:
         pending, elapsed = self.pending, now - self.at
+        if elapsed < self.aged_to:
+            return 0   # the clock went back: parts aged since may be busy again at this time (no bound)
+        self.aged_to = elapsed
         while pending and pending[0][0] <= elapsed:
             offset, agent_id = heapq.heappop(pending)
             part = parts.get(agent_id)
