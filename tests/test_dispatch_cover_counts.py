@@ -128,3 +128,16 @@ def test_runtimes_kept_per_shape_tell_half_precision_and_reports_apart() -> None
     assert math.isclose(predictor.base(agent, job, half, req), first / 2, rel_tol=1e-9)
     agent.caps = Capabilities.from_dict({**caps.raw, "gpus": [{**gpu, "gflops_fp32": 12900}]})
     assert math.isclose(predictor.base(agent, job, fp32[1], req), first / 2, rel_tol=1e-9)
+
+
+def test_rivals_that_leave_and_are_counted_again_at_the_same_offset_age_once() -> None:
+    """A busy rival taken out and counted again with the same free time has two entries waiting to age; with a
+    walk's worth of rivals coming due at once the marks are sorted again, each rival's once."""
+    cover = Cover("g", 1_700_000_000.0)
+    for i in range(40):
+        cover.add(f"r{i}", 0.06, 0.01, math.inf)
+    assert cover.reach(0.05, cover.at) == 0
+    for i in range(3):
+        cover.remove(f"r{i}")
+        cover.add(f"r{i}", 0.06, 0.01, math.inf)
+    assert cover.reach(0.05, cover.at + 0.1) == _lower(cover, 0.05, cover.at + 0.1) == 160

@@ -37,10 +37,10 @@ Avoid = Callable[["AgentState", str], bool]
 #: a bound computed in floating point is loosened by this much (a runtime is a product of rounded figures)
 _SLACK = 1 - 1e-9
 #: once rivals cover the queue, agents visited further for a cover that quicker askers can use too
-EXTRA_VISITS = 64
+EXTRA_VISITS = 128
 #: once rivals cover the queue, a walk goes on until they finish this share more (up to EXTRA_VISITS agents): each
 #: rival that asks takes its part out of the cover, and a cover with nothing to spare sent the next asker walking
-SPARE = 8
+SPARE = 4
 #: capable agents a repair visits past a kept cover's last one before a new walk is cheaper
 REPAIR_VISITS = 32
 
