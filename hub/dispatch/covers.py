@@ -25,7 +25,9 @@ most questions. That sum loses up to one task per part, so it fails an agent nea
 (each finishing one or two tasks first: a proof of hundreds of parts). For those a cover keeps a few *proofs*:
 for a horizon ``h0`` once asked, a lower bound of the parts' sum at ``h0``, adjusted as parts come and go (a
 part adds or takes away exactly what it counts at ``h0``). The sum only grows with the horizon, so a proof
-answers every agent needing ``h0`` or more. A part-by-part sum (at most :data:`LOOK` parts) answers the rest.
+answers every agent needing ``h0`` or more. For quicker agents every part is counted at once by bisection
+(:class:`Reach`: each part's first :data:`MARKS` task counts as sorted horizons, aged as the rivals' tasks end);
+a part-by-part sum (at most :data:`LOOK` parts) answers the rest.
 """
 
 from __future__ import annotations
