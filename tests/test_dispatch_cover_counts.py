@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 
-from hub.dispatch.covers import MARKS, Cover, Covers, finishes
+from hub.dispatch.covers import MARGIN_S, MARKS, Cover, Covers, finishes
 from hub.dispatch.predict import FLOOR, Predictor
 from hub.records import JobRow, TaskRow
 from jobs.requirements import Capabilities, Requirements
@@ -48,7 +48,7 @@ def test_a_mark_on_the_edge_is_not_counted() -> None:
     """Right at the horizon where ``finishes`` reaches one task, the mark does not count it yet."""
     cover = Cover("g", 1_700_000_000.0)
     cover.add("r", 0.0, 0.01, math.inf)
-    edge = 1e-3 + 0.01 * (1 + 1e-9)   # finishes(edge) == 0; a little above, 1
+    edge = MARGIN_S + 0.01 * (1 + 1e-9)   # finishes(edge) == 0; a little above, 1
     assert finishes(edge, 0.0, 0.01) <= 0 and cover.reach(edge, cover.at) == 0
     assert finishes(edge * 1.01, 0.0, 0.01) == 1 and cover.reach(edge * 1.01, cover.at) == 1
 
