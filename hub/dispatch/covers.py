@@ -25,11 +25,15 @@ most questions. That sum loses up to one task per part, so it fails an agent nea
 (each finishing one or two tasks first: a proof of hundreds of parts). For those a cover keeps a few *proofs*:
 for a horizon ``h0`` once asked, a lower bound of the parts' sum at ``h0``, adjusted as parts come and go (a
 part adds or takes away exactly what it counts at ``h0``). The sum only grows with the horizon, so a proof
-answers every agent needing ``h0`` or more. A part-by-part sum (at most :data:`LOOK` parts) answers the rest.
+answers every agent needing ``h0`` or more. For quicker agents every part is counted at once by bisection
+(:class:`Reach`: each part's first :data:`MARKS` task counts as sorted horizons, aged as the rivals' tasks end);
+a part-by-part sum (at most :data:`LOOK` parts) answers the rest.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -54,6 +58,11 @@ PROOFS = 4
 PARTS_MAX = 1 << 19
 #: rivals taken out that a cover remembers for its repair, the latest (the repair looks at 32 a time)
 GONE = 256
+#: tasks per part the sorted marks count (:meth:`Cover.reach`): an asker nearly as quick as its rivals sees each
+#: finish one to three first; slower askers are answered by the all-at-once sum
+MARKS = 4
+#: parts coming due at once past which the marks are sorted again rather than moved one by one
+REBUILD = 16
 #: what an endless quotient counts as: more tasks than any queue holds
 ENDLESS = 1 << 62
 
@@ -72,6 +81,15 @@ def finishes(horizon: float, offset: float, runtime: float) -> int:
     return ceil_count((horizon - offset - MARGIN_S) / runtime - 1e-9) - 1
 
 
+def marks(offset: float, runtime: float) -> list[float]:
+    """Horizons above which a part finishes at least 1, 2, ... :data:`MARKS` tasks first: ``finishes`` is at
+    least ``k`` once ``horizon > offset + MARGIN_S + runtime * (k + 1e-9)``; each mark is a billionth of its
+    terms' size later, far beyond what rounding in either sum can move (~1e-16 of it), so a mark never counts a
+    task that ``finishes`` (and the walk) would not."""
+    base, slack = offset + MARGIN_S, 1e-9 * (abs(offset) + MARGIN_S)
+    return [base + runtime * (k + 1e-9) + slack + 1e-9 * runtime * (k + 1) for k in range(1, MARKS + 1)]
+
+
 @dataclass
 class Cover:
     key: Hashable            # the group it was counted for (:meth:`Covers.get`)
@@ -87,6 +105,8 @@ class Cover:
     proofs: list[list[float]] = field(default_factory=list)
     #: rivals whose parts were taken out, oldest first (a repair counts them afresh before visiting new ones)
     gone: list[str] = field(default_factory=list)
+    #: the ``linear`` parts' marks (built when first asked, then kept as parts come and go)
+    reached: Reach | None = None
 
     def add(self, agent_id: str, offset: float, runtime: float, until: float) -> None:
         self.parts[agent_id] = (offset, runtime, until)
@@ -101,6 +121,8 @@ class Cover:
             self.rate += 1 / runtime
             self.lag += (offset + MARGIN_S) / runtime + 1 + 1e-9
             self.until = min(self.until, until)
+            if self.reached is not None:
+                self.reached.add(agent_id, offset, runtime)
 
     def remove(self, agent_id: str) -> None:
         part = self.parts.pop(agent_id, None)
@@ -115,6 +137,15 @@ class Cover:
             offset, runtime, _ = part
             self.rate -= 1 / runtime
             self.lag -= (offset + MARGIN_S) / runtime + 1 + 1e-9
+            if self.reached is not None:
+                self.reached.remove(agent_id, offset, runtime)
+
+    def reach(self, horizon: float, now: float) -> int:
+        """At least how many tasks the ``linear`` parts finish before an agent needing ``horizon`` s finishes one
+        at ``now`` (each counted up to :data:`MARKS`; valid while ``now < until``): two bisections."""
+        if self.reached is None:
+            self.reached = Reach.build(self.at, self.parts, self.linear)
+        return self.reached.count(horizon, now, self.parts, self.linear)
 
     def prove(self, horizon: float, now: float) -> None:
         """Keep the parts' sum at ``horizon`` (parts that still hold at ``now``) as a proof (one pass)."""
@@ -126,6 +157,91 @@ class Cover:
         self.proofs.append([horizon, total, holds])
         if len(self.proofs) > PROOFS:   # the slowest horizon answers the fewest agents
             self.proofs.remove(max(self.proofs, key=lambda proof: proof[0]))
+
+
+class Reach:
+    """A cover's parts as sorted :func:`marks`, so that any horizon's count is a bisection, and aged: a part counted
+    while its rival was busy (free ``offset`` s after the count) is counted as free from the moment the clock
+    passes that offset. Between the rival's own events (each takes its part out) its free time is its last lease's
+    predicted end or its pause's end, fixed, or the clock when that has passed: a rival busy at the count is, once
+    that time has passed, free at every later moment, and finishes as many as an idle one. Walks in a busy fleet
+    count many rivals mid-task; a few picks later the same rivals, idle, finish twice as many (measured in
+    ``sim_picks``), and without this the cover fell short of the queue and the walk ran again."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.idle: list[float] = []     # marks of parts free at the count or since: as if free now (offset <= 0)
+        self.busy: list[float] = []     # marks of the others, at their offsets
+        self.pending: list[tuple[float, str]] = []   # (offset, agent id) of the busy ones, earliest first
+        self.aged: set[str] = set()     # the parts whose marks are in ``idle``
+        self.aged_to = 0.0              # the latest ``now - at`` parts were aged to
+
+    @classmethod
+    def build(cls, at: float, parts: dict[str, tuple[float, float, float]], members: set[str]) -> Reach:
+        """The marks of ``parts[members]``, sorted once (inserted one by one, a thousand parts cost milliseconds)."""
+        reach = cls(at)
+        for agent_id in members:
+            offset, runtime, _ = parts[agent_id]
+            if offset <= 0:
+                reach.aged.add(agent_id)
+                reach.idle += marks(offset, runtime)
+            else:
+                reach.busy += marks(offset, runtime)
+                reach.pending.append((offset, agent_id))
+        reach.idle.sort()
+        reach.busy.sort()
+        heapq.heapify(reach.pending)
+        return reach
+
+    def add(self, agent_id: str, offset: float, runtime: float) -> None:
+        if offset <= 0:
+            self.aged.add(agent_id)
+            for mark in marks(offset, runtime):
+                bisect.insort(self.idle, mark)
+        else:
+            for mark in marks(offset, runtime):
+                bisect.insort(self.busy, mark)
+            heapq.heappush(self.pending, (offset, agent_id))
+
+    def remove(self, agent_id: str, offset: float, runtime: float) -> None:
+        """Take out a part added with these figures (the same marks are computed again: found exactly)."""
+        if agent_id in self.aged:
+            self.aged.discard(agent_id)
+            self._drop(self.idle, marks(min(offset, 0.0), runtime))
+        else:
+            self._drop(self.busy, marks(offset, runtime))
+
+    @staticmethod
+    def _drop(sorted_marks: list[float], gone: list[float]) -> None:
+        for mark in gone:
+            del sorted_marks[bisect.bisect_left(sorted_marks, mark)]
+
+    def count(self, horizon: float, now: float, parts: dict[str, tuple[float, float, float]],
+              members: set[str]) -> int:
+        pending, elapsed = self.pending, now - self.at
+        if elapsed < self.aged_to:
+            return 0   # the clock went back: parts aged since may be busy again at this time (no bound)
+        self.aged_to = elapsed
+        due: dict[str, None] = {}
+        while pending and pending[0][0] <= elapsed:
+            offset, agent_id = heapq.heappop(pending)
+            part = parts.get(agent_id)
+            if part is None or part[0] != offset or agent_id in self.aged or agent_id not in members:
+                continue   # taken out since (and perhaps counted again, with its own entry)
+            due[agent_id] = None   # (once: taken out and counted again at the same offset, it has two entries)
+        if len(due) > REBUILD:   # a walk's busy rivals all come due a pick later: sort once, not insert each
+            self.aged.update(due)
+            self.idle += [m for agent_id in due for m in marks(0.0, parts[agent_id][1])]
+            self.idle.sort()
+            aged = self.aged
+            self.busy = sorted(m for agent_id in members if agent_id not in aged for m in marks(*parts[agent_id][:2]))
+        else:
+            for agent_id in due:
+                self._drop(self.busy, marks(*parts[agent_id][:2]))
+                self.aged.add(agent_id)
+                for mark in marks(0.0, parts[agent_id][1]):
+                    bisect.insort(self.idle, mark)
+        return bisect.bisect_left(self.idle, horizon) + bisect.bisect_left(self.busy, horizon)
 
 
 class Covers:
@@ -168,8 +284,12 @@ class Covers:
     def count(cover: Cover, horizon: float, queued: int, now: float) -> int:
         """At least how many tasks the cover's rivals finish before an agent needing ``horizon`` s finishes one
         (counting stops at ``queued``; at most :data:`LOOK` parts are looked at one by one)."""
-        if now < cover.until and cover.rate * horizon - cover.lag >= queued + 1:   # + 1: rounding in the sums
-            return queued
+        reached = 0
+        if now < cover.until:
+            if cover.rate * horizon - cover.lag >= queued + 1:   # + 1: rounding in the sums
+                return queued
+            if cover.linear and (reached := cover.reach(horizon, now)) >= queued:
+                return queued
         for at, total, holds in cover.proofs:
             if at <= horizon and total >= queued and now < holds:
                 return queued
@@ -186,7 +306,7 @@ class Covers:
                 total += n
                 if total >= queued:
                     break
-        return max(total, looking)
+        return max(total, looking, reached)
 
     def covered(self, group: Hashable, horizon: float, queued: int, now: float) -> bool:
         """Whether the kept parts prove that an agent needing ``horizon`` s should take none of a job of the

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.covers import KEEP, LOOK, MARGIN_S, Cover, Covers, ceil_count
-from hub.dispatch.predict import FLOOR, HALF, Predictor, candidate_jobs
+from hub.dispatch.covers import KEEP, MARGIN_S, Cover, Covers, ceil_count
+from hub.dispatch.predict import HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
 
@@ -37,7 +37,10 @@ Avoid = Callable[["AgentState", str], bool]
 #: a bound computed in floating point is loosened by this much (a runtime is a product of rounded figures)
 _SLACK = 1 - 1e-9
 #: once rivals cover the queue, agents visited further for a cover that quicker askers can use too
-EXTRA_VISITS = 16
+EXTRA_VISITS = 128
+#: once rivals cover the queue, a walk goes on until they finish this share more (up to EXTRA_VISITS agents): each
+#: rival that asks takes its part out of the cover, and a cover with nothing to spare sent the next asker walking
+SPARE = 4
 #: capable agents a repair visits past a kept cover's last one before a new walk is cheaper
 REPAIR_VISITS = 32
 
@@ -56,6 +59,7 @@ class SoonestGate:
         #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
         self._groups: dict[Hashable, list[float]] = {}
         self._last = 0   # the task count of the last part :meth:`_counted`
+        self._floor = predictor.floor()   # no agent visited by its top speed runs faster than this x its cost
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
         """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
@@ -96,6 +100,23 @@ class SoonestGate:
             return None
         n, free, runtime = self._ahead(b, job, task, req, my_end)
         return (b, n, free, runtime) if n > 0 else None
+
+    def _late(self, b: AgentState | None, job: JobRow, task: TaskRow, req: Requirements) -> tuple[float, float] | None:
+        """A visited rival that finishes none before this agent would (busy past its end, or slower), as a part a
+        cover keeps all the same: (its runtime, until when it holds), if it fits the deadline and its window.
+        Once the clock passes its free time it counts as free (``covers.Reach``), and a few picks later a walk
+        would find it finishing one or two first: kept, it spares that walk."""
+        free = self._free.get(b.row.id) if b is not None else None
+        if b is None or free is None:
+            return None   # not a rival (``_ahead`` notes the free time of each one it is asked about)
+        runtime = self.predictor.predict(b, job, task, req)
+        if not runtime > 0:
+            return None
+        end, until, deadline = free + runtime, available_until(b), job.deadline_at
+        if (deadline is not None and end > deadline) or (until is not None and end > until):
+            return None
+        holds = self._holds_until(b, job, end)
+        return (runtime, holds) if holds > self.now else None
 
     def _holds_until(self, b: AgentState, job: JobRow, end: float) -> float:
         """Until when rival ``b``'s part in a cover (covers.py) holds: while it stays connected without asking
@@ -205,8 +226,9 @@ class SoonestGate:
         resume = 0
         for position, speed, b_id in self._visit(job_id):
             if speed is not None:
-                # Every agent from here on is not quick: its runtime is at least FLOOR x the cost at ``speed``.
-                fastest = FLOOR * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
+                # Every agent from here on is not quick: its runtime is at least its correction (``floor``: at
+                # least FLOOR) x the cost at ``speed``.
+                fastest = self._floor * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
                 most = ceil_count(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
                 if most is not None:
                     if most <= 0:
@@ -215,12 +237,14 @@ class SoonestGate:
                         return need   # even at best the rest leave ``need`` for this agent
             if covered:
                 extra -= 1
-                if extra < 0 or (cover is not None and len(cover.parts) >= LOOK):
+                if extra < 0 or ahead >= queued + queued // SPARE:
                     break
             if b_id in self._connected:
                 left -= 1
             resume = max(resume, position + 1)
-            if (part := self._part(agents.get(b_id), kind, job, task, req, my_end)) is None:
+            if (part := self._part(b := agents.get(b_id), kind, job, task, req, my_end)) is None:
+                if cover is not None and len(cover.parts) < KEEP and (late := self._late(b, job, task, req)):
+                    cover.add(b_id, self._free[b_id] - now, *late)
                 continue
             b, n, free, runtime = part
             ahead += n

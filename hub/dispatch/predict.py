@@ -11,6 +11,7 @@ agent's availability window (``available_until`` in its capability report, epoch
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING, Any
@@ -101,11 +102,19 @@ class Predictor:
         self.samples: dict[tuple[str, str], int] = {}
         self.leased: dict[str, tuple[str, float, float, float]] = {}  # task -> (agent, base s, at, end)
         self._costs: dict[str, Cost] = {}
-        self._bases: dict[tuple[str, str], tuple[Capabilities, float]] = {}
+        #: task id -> its *shape*: a small number per distinct (cost, requirements, half precision), the inputs of
+        #: ``base_seconds`` besides the agent's report. Runtimes are kept per (agent, shape), not per task: the
+        #: head of a sweep changes on every take, and keyed by task the walk recomputed every rival's runtime
+        self._shapes: dict[str, int] = {}
+        self._shape_ids: dict[tuple[Cost, Requirements, bool], int] = {}
+        self._bases: dict[tuple[str, int], tuple[Capabilities, float]] = {}
         #: agent id -> how many of its corrections (per kind and overall) are below :data:`FLOOR`; an agent is
         #: here while it has one. Kept as they are learned: the corrections change only in ``attempt_settled``.
         self.quick: dict[str, int] = {}
         self._leased_live = 0   # leases found still out at the last look
+        #: every correction as (log ratio, key): (agent, kind) or (agent,) for its overall one; a heap with stale
+        #: entries (an entry holds while the correction still has its value), for :meth:`floor`
+        self._lows: list[tuple[float, tuple[str, ...]]] = []
 
     # -- prediction -----------------------------------------------------------------------------
     def cost(self, job: JobRow, task: TaskRow) -> Cost:
@@ -120,8 +129,25 @@ class Predictor:
             self._costs[task.id] = cost
         return cost
 
+    def shape(self, job: JobRow, task: TaskRow, req: Requirements) -> int:
+        """The task's shape (see ``_shapes``): tasks of one shape take the same base time on any one agent."""
+        shape = self._shapes.get(task.id)
+        if shape is None:
+            key = (self.cost(job, task), req, task.params.get("dtype") in HALF)
+            shape = self._shape_ids.get(key)
+            if shape is None:
+                if len(self._shape_ids) > _CACHE_MAX:   # numbers are reused from here on: forget what they meant
+                    self._shape_ids.clear()
+                    self._shapes.clear()
+                    self._bases.clear()
+                shape = self._shape_ids[key] = len(self._shape_ids)
+            if len(self._shapes) > _CACHE_MAX:
+                self._shapes.clear()
+            self._shapes[task.id] = shape
+        return shape
+
     def base(self, agent: AgentState, job: JobRow, task: TaskRow, req: Requirements) -> float:
-        key = (agent.row.id, task.id)
+        key = (agent.row.id, self.shape(job, task, req))
         cached = self._bases.get(key)
         if cached is not None and cached[0] is agent.caps:
             return cached[1]
@@ -198,6 +224,7 @@ class Predictor:
                         metrics: dict[str, Any]) -> None:
         entry = self.leased.pop(task.id, None)
         self._costs.pop(task.id, None)
+        self._shapes.pop(task.id, None)
         if entry is None or entry[0] != agent_id or not ok:
             return
         wall, base = metrics.get("wall_s"), entry[1]
@@ -208,11 +235,34 @@ class Predictor:
         old = self.log_ratio.get(key)
         new = self.log_ratio[key] = observed if old is None else (1 - self.alpha) * old + self.alpha * observed
         self._note_quick(agent_id, old, new)
+        self._note_low(key, new)
         self.samples[key] = self.samples.get(key, 0) + 1
         old = self.agent_log_ratio.get(agent_id)
         new = self.agent_log_ratio[agent_id] = observed if old is None else (
             (1 - self.alpha) * old + self.alpha * observed)
         self._note_quick(agent_id, old, new)
+        self._note_low((agent_id,), new)
+
+    def floor(self) -> float:
+        """The smallest correction an agent that is not ``quick`` may have: at least :data:`FLOOR`, and with a
+        fleet learned to run as measured (+-25%) ~0.8. A walk bounds the agents it has not visited by their top
+        speed over this; with :data:`FLOOR` alone it visited every agent at least half as fast as the asker."""
+        lows = self._lows
+        while lows:
+            value, key = lows[0]
+            now = self.log_ratio.get((key[0], key[1])) if len(key) == 2 else self.agent_log_ratio.get(key[0])
+            if now == value and value >= _LOG_FLOOR:
+                break
+            heapq.heappop(lows)   # changed since, or a quick agent's (those are visited apart)
+        return math.exp(min(lows[0][0], 0.0)) if lows else 1.0   # an agent never observed: as measured (1.0)
+
+    def _note_low(self, key: tuple[str, ...], value: float) -> None:
+        lows = self._lows
+        heapq.heappush(lows, (value, key))
+        if len(lows) > 2 * (len(self.log_ratio) + len(self.agent_log_ratio)) + 64:   # mostly stale: rebuild
+            lows[:] = [(v, (a, k)) for (a, k), v in self.log_ratio.items()]
+            lows += [(v, (a,)) for a, v in self.agent_log_ratio.items()]
+            heapq.heapify(lows)
 
     def _note_quick(self, agent_id: str, old: float | None, new: float) -> None:
         change = (new < _LOG_FLOOR) - (old is not None and old < _LOG_FLOOR)
