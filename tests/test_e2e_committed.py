@@ -186,6 +186,23 @@ async def test_a_board_restarted_without_a_committed_jobs_kind_still_starts_and_
         await hub.stop()
 
 
+async def only_a_newer_agent_gets(hub: InProcessHub, committed: str, n: int) -> tuple[Assignment, ...]:
+    """An agent without ``unit-proofs`` is leased none of the committed job's tasks (what it is leased is returned)
+    and the job's waiting line names the missing feature; then an agent with it is leased all ``n``."""
+    older, _ = await registered(hub, features=[])
+    async with older:
+        got = (await older.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)).tasks
+        view = await older.call("GET", f"/v1/jobs/{committed}/public")
+    assert all(t.job_id != committed for t in got)
+    why = view["waiting_because"]
+    assert any("unit-proofs" in line and " 0 of " in line for line in why), why
+    newer, _ = await registered(hub)
+    async with newer:
+        reply = await newer.post("/v1/lease", LeaseRequest(8, 2.0, (), {}), LeaseReply.decode)
+    assert {t.job_id for t in reply.tasks} == {committed} and len(reply.tasks) == n
+    return got
+
+
 async def test_an_older_agent_is_not_sent_a_committed_jobs_tasks_and_the_job_says_why(tmp_path: Path) -> None:
     """An agent that does not report ``unit-proofs`` predates committed manifests: it would refuse each task as
     tampered (an attempt spent, the task sent on). The board sends it a job signed whole, never a committed one, and
@@ -196,16 +213,7 @@ async def test_an_older_agent_is_not_sent_a_committed_jobs_tasks_and_the_job_say
         async with await submitter(hub) as user:
             committed = (await submit(user, make_envelope(user.identity, sleep_manifest(3), commit_bytes=0)))["id"]
             whole = (await submit(user, make_envelope(user.identity, sleep_manifest(2))))["id"]
-        older, _ = await registered(hub, features=[])
-        async with older:
-            reply = await older.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
-            assert {t.job_id for t in reply.tasks} == {whole} and len(reply.tasks) == 2
-            view = await older.call("GET", f"/v1/jobs/{committed}/public")
-        why = view["waiting_because"]
-        assert any("unit-proofs" in line and "0 of 1 connected agents" in line for line in why), why
-        newer, _ = await registered(hub)
-        async with newer:
-            reply = await newer.post("/v1/lease", LeaseRequest(8, 2.0, (), {}), LeaseReply.decode)
-        assert {t.job_id for t in reply.tasks} == {committed} and len(reply.tasks) == 3
+        older_got = await only_a_newer_agent_gets(hub, committed, 3)
+        assert [t.job_id for t in older_got] == [whole, whole]
     finally:
         await hub.stop()

@@ -21,6 +21,7 @@ import pytest
 from conftest import InProcessHub
 from hub_clients import submitter
 from test_api import registered, sleep_manifest
+from test_e2e_committed import only_a_newer_agent_gets
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
@@ -118,15 +119,6 @@ async def test_a_committed_job_stored_before_it_required_unit_proofs_still_goes_
     db.close()
     await hub.start()
     try:
-        older, _ = await registered(hub, features=[])
-        async with older:
-            reply = await older.post("/v1/lease", LeaseRequest(8, 0.5, (), {}), LeaseReply.decode)
-            assert reply.tasks == ()
-            view = await older.call("GET", f"/v1/jobs/{committed}/public")
-        assert any("unit-proofs" in line for line in view["waiting_because"]), view
-        newer, _ = await registered(hub)
-        async with newer:
-            reply = await newer.post("/v1/lease", LeaseRequest(8, 2.0, (), {}), LeaseReply.decode)
-        assert {t.job_id for t in reply.tasks} == {committed} and len(reply.tasks) == 3
+        assert await only_a_newer_agent_gets(hub, committed, 3) == ()
     finally:
         await hub.stop()
