@@ -7,7 +7,6 @@ positions) and on the board (on the signed manifest, with field paths only).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -20,17 +19,17 @@ from typing import Any
 import jsonschema
 
 from jobs.catalog import all_kinds, get_kind
-from jobs.code_spec import CODE_SCHEMA, code_problems, with_code
+from jobs.code_spec import CODE_SCHEMA, with_code
 from jobs.errors import InvalidParams
-from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, missing_paths, parse_inputs, shard_points
+from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, parse_inputs, shard_points
 from jobs.report import REPORT_SCHEMA, ReportSpec
 from jobs.requirements import Requirements, torch_range_problem
 from jobs.schema_check import SchemaCheck
-from jobs.yamlpos import Document, load_documents, path_text
+from jobs.yamlpos import path_text
 from security.errors import BadRequest
 
 __all__ = ["DEFAULT_MAX_TASKS", "DEFAULT_MEMORY_GB", "MAX_MEMORY_GB", "MAX_TIMEOUT_S", "Manifest", "ManifestError",
-           "load_manifests", "manifest_schema", "parse_duration"]
+           "manifest_schema", "parse_duration", "validate"]
 
 DEFAULT_MAX_TASKS = 10_000
 #: Absolute bounds of ``spec.resources`` (a hub may set lower ones, hub.yaml): no machine a volunteer runs
@@ -424,46 +423,3 @@ def _check_duration(value: Any, path: str, errors: list[tuple[str, str]], most_s
         return
     if most_s is not None and seconds > most_s:
         errors.append((path, f"{json.dumps(value)} is longer than the most any hub allows ({most_s / 86400:g}d)"))
-
-
-def load_manifests(path: Path, max_tasks: int = DEFAULT_MAX_TASKS) -> list[Manifest]:
-    """Read a YAML file of one or more manifests; raise :class:`ManifestError` with positions."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError([(None, "", f"{path}: cannot read: {exc}")]) from exc
-    docs, yaml_errors = load_documents(text)
-    name = str(path)
-    problems: list[tuple[tuple[str, int, int] | None, str, str]] = [
-        ((name, e.line, e.column), "", e.message) for e in yaml_errors
-    ]
-    if not problems and not docs:
-        problems.append(((name, 1, 1), "", "file holds no manifest"))
-    manifests = []
-    for doc in docs:
-        errs = validate(doc.value, max_tasks)
-        if not errs:
-            manifest = dataclasses.replace(Manifest._build(doc.value), base_dir=path.parent)
-            errs = _missing_files(manifest) + code_problems(manifest)
-            if not errs:
-                manifests.append(manifest)
-        problems.extend(sorted(((name, *_pos(doc, p)), p, m) for p, m in errs))
-    if problems:
-        raise ManifestError(problems)
-    return manifests
-
-
-def _missing_files(manifest: Manifest) -> list[tuple[str, str]]:
-    errors = []
-    for ref in manifest.inputs.values():
-        errors += missing_paths(ref, manifest.base_dir or Path("."))
-        if ref.path is not None:
-            full = (manifest.base_dir or Path(".")) / ref.path
-            if not full.is_file():
-                where = f"spec.inputs.{ref.name}" + (".path" if ref.shard_count else "")
-                errors.append((where, f"file not found: {ref.path} (looked in {full.parent})"))
-    return errors
-
-
-def _pos(doc: Document, path: str) -> tuple[int, int]:
-    return doc.where(path)

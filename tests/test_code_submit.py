@@ -13,7 +13,8 @@ import pytest
 from conftest import panal
 
 from jobs.code_bundle import ENTRY_FILE, pack
-from jobs.manifest import ManifestError, load_manifests
+from jobs.manifest import ManifestError
+from jobs.manifest_files import load_manifests
 from jobs.requirements import Capabilities, Requirements, explain, unmet
 from security.errors import BadRequest
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from jobs.catalog import all_kinds, get_kind
 from jobs.code_spec import bundle_manifest
 from jobs.kinds.inference import shard_rows
-from jobs.manifest import load_manifests
+from jobs.manifest_files import load_manifests
 from jobs.report import metric_value
 from jobs.safeload import check_safetensors, load_pt2
 

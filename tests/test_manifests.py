@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, panal
 
-from jobs.manifest import ManifestError, load_manifests, manifest_schema
+from jobs.manifest import ManifestError, manifest_schema
+from jobs.manifest_files import load_manifests
 
 HEAD = "apiVersion: panal/v1\nkind: Job\nmetadata: {name: t}\n"
 

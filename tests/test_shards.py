@@ -18,7 +18,8 @@ from agent.client.submitting import prepare_inputs
 from agent.tools.bench_shards import make_data, make_model, run_shard_bench
 from jobs.inputs import input_blob
 from jobs.kinds.inference import shard_rows
-from jobs.manifest import Manifest, ManifestError, load_manifests
+from jobs.manifest import Manifest, ManifestError
+from jobs.manifest_files import load_manifests
 from jobs.safeload import UnsafeInput
 from jobs.shardfiles import read_rows, split_rows
 from security.errors import BadRequest

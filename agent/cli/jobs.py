@@ -31,7 +31,8 @@ from agent.client.submitting import (
     wait_job,
 )
 from jobs.code_spec import bundle_manifest
-from jobs.manifest import ManifestError, load_manifests
+from jobs.manifest import ManifestError
+from jobs.manifest_files import load_manifests
 from jobs.precheck import check_local_inputs
 
 hub_option = click.option("--hub", "hub_url", default=None, metavar="URL",

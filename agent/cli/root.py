@@ -22,7 +22,8 @@ from agent.cli.runlocal import run_local_cmd
 from agent.cli.tools import bench, demo
 from agent.client.board import BoardClient
 from hub.intake import over_limits
-from jobs.manifest import load_manifests, manifest_schema
+from jobs.manifest import manifest_schema
+from jobs.manifest_files import load_manifests
 from jobs.precheck import check_local_inputs
 from security.errors import PanalError
 from security.tls import BoardAddress

@@ -14,7 +14,7 @@ from rich.table import Table
 from agent.cli.common import EXIT_FAILED, console, plain, print_json, run
 from agent.daemon.threads import lent_threads, task_threads
 from agent.engine.local import LocalTask, run_local
-from jobs.manifest import load_manifests
+from jobs.manifest_files import load_manifests
 
 __all__ = ["run_local_cmd"]
 

@@ -113,7 +113,7 @@ async def run_shard_bench(workdir: Path, data_mb: int, shards: int, agents: int,
     from agent.client.submitting import make_envelope, prepare_inputs, submit, upload_inputs, wait_job
     from hub.home import HubHome
     from hub.server import BoardServer
-    from jobs.manifest import load_manifests
+    from jobs.manifest_files import load_manifests
     from security.identity import Identity
     from security.tls import BoardAddress, server_context
 
