@@ -9,6 +9,7 @@ pick for the whole fleet).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -243,7 +244,7 @@ async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_
             f.clock.now += rng.choice((0.0, 0.3, 1.0))
             base = f.board.policy.predictor.leased.get(task.task_id)
             wall = (base[1] if base else 1.0) * rng.choice((0.49, 0.5, 0.51, 1.0, 1e-6, 1e6))
-            await f.finish(who, task, wall_s=rng.choice((wall, 1e-320, 0.01)))
+            await f.finish(who, task, wall_s=rng.choice((wall, wall, 1e-320, 0.01, float("nan"), float("inf"))))
         elif event == 4:
             jobs.append(await f.submit(rng.randint(1, 8), policy={"deadline": f"{rng.randint(1, 60)}m"}))
         elif event == 5 and len(jobs) > 1:
@@ -301,3 +302,23 @@ async def test_a_cancel_that_leaves_an_overfull_rival_busy_longer_is_heard_by_th
     assert f.check(untouched=True) > 0
     f.clock.now += 0.2 * runtime                             # past the sooner end: its marks age
     assert f.check(untouched=True) > 0
+
+
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_a_wall_time_of_nan_teaches_the_predictor_nothing(fleets: Callable[..., Any], policy: str) -> None:
+    """``wall_s: NaN`` (JSON allows it in a signed result) passed the ``<= 0`` guard and became a NaN
+    correction: the agent's every predicted runtime NaN, and a NaN in ``floor()``'s heap, which orders
+    nothing, so a lower correction pushed below it stayed buried and the walk's bound over the unvisited
+    agents could be looser than their quickest real correction. A non-finite wall time is ignored."""
+    f: Fleet = await fleets(policy)
+    names = ["steady", "liar", "quicker", "quickest"]
+    agents = {name: await f.agent(name, cpu_caps()) for name in names}
+    predictor = f.board.policy.predictor
+    await f.submit(8)
+    for name, ratio in zip(names, (1.0, float("nan"), 0.9, 0.7), strict=True):
+        [task] = await f.lease(agents[name])
+        f.clock.now += 1
+        await f.finish(agents[name], task, wall_s=predictor.leased[task.task_id][1] * ratio)
+    assert all(math.isfinite(v) for v in [*predictor.log_ratio.values(), *predictor.agent_log_ratio.values()])
+    assert predictor.factor(agents["liar"].id, "matmul") == 1.0       # as measured: nothing learned
+    assert predictor.floor() == pytest.approx(0.7)
