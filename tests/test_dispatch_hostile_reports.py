@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -215,26 +216,34 @@ SLOT_LIES: list[dict[str, Any]] = [
 ]
 
 
+def pace(f: Fleet, pause_s: float) -> None:
+    """Idle agents of this small fleet are told to pause ``pause_s`` s or more (a small fleet gets none)."""
+    pacing = f.board._dispatcher.pacing
+    pacing.config = replace(pacing.config, min_poll_interval_s=pause_s)
+
+
+@pytest.mark.parametrize("back", [False, True])
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("policy", ["fastest", "adaptive"])
 async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_the_scans_answers(
-        fleets: Callable[..., Any], policy: str, seed: int) -> None:
+        fleets: Callable[..., Any], policy: str, seed: int, back: bool) -> None:
     """The kept covers (sorted marks aged as rivals' free times pass, runtimes per task shape, the floor of the
     learned corrections) against a scan from scratch, after every event a lying volunteer or the board can
     bring: re-registrations that change slots and speeds while leases are held, wall times that make
     corrections swing around FLOOR, pauses told outside a pick, cancels of jobs whose tasks are out, lease
-    expiries, heartbeats, releases and long and short waits."""
+    expiries, heartbeats, releases, long and short waits and (``back``) a clock set back."""
     import random
 
     rng = random.Random(seed)
     f: Fleet = await fleets(policy)
+    pace(f, 20.0)
     agents = [await f.agent(f"v{i}", SLOT_LIES[i % len(SLOT_LIES)]) for i in range(8)]
     jobs = [await f.submit(30), await f.submit(12, requires={"device": "gpu"})]
     held: list[tuple[Any, Any]] = []
     compared = 0
     for step in range(120):
         ident = rng.choice(agents)
-        event = rng.randrange(11)
+        event = rng.randrange(12)
         if event == 0:
             await f.agent(f"v{step}", rng.choice(SLOT_LIES), identity=ident)
         elif event in (1, 2):
@@ -252,7 +261,8 @@ async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_
             await f.board.cancel(job, f.user.id)
             held = [(who, task) for who, task in held if task.job_id != job]
         elif event == 6:
-            f.board.retry_after(ident.id)   # a pause, told outside a pick
+            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2)))]
+            f.board.retry_after(ident.id)   # told after its ask: a pause if nothing is queued for its class
         elif event == 7 and held:
             who, task = rng.choice(held)
             await f.board.heartbeat(who.id, [HeartbeatLease(task.task_id, task.lease_id)])
@@ -264,6 +274,8 @@ async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_
         elif event == 9 and held:
             who, task = held.pop(rng.randrange(len(held)))
             await f.board.release(who.id, task.task_id, task.lease_id)
+        elif event == 10 and back:
+            f.clock.now -= rng.choice((0.3, 3.0, 30.0))   # the host's clock is set back
         else:
             f.clock.now += rng.choice((0.2, 0.7, 5.0, 40.0))
         compared += f.check(untouched=True)
@@ -322,3 +334,23 @@ async def test_a_wall_time_of_nan_teaches_the_predictor_nothing(fleets: Callable
     assert all(math.isfinite(v) for v in [*predictor.log_ratio.values(), *predictor.agent_log_ratio.values()])
     assert predictor.factor(agents["liar"].id, "matmul") == 1.0       # as measured: nothing learned
     assert predictor.floor() == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_a_cancel_that_leaves_an_early_asker_paused_is_heard_by_the_covers(
+        fleets: Callable[..., Any], policy: str) -> None:
+    """A volunteer told to pause asks again at once all the same and takes a task: its free time is that
+    task's end. Its job is cancelled: it is idle but paused, free only when its pause ends, later than a cover
+    counted it; the cancel is neither a pick nor a settled attempt of its own."""
+    f: Fleet = await fleets(policy)
+    pace(f, 60.0)
+    liar = await f.agent("liar", GTX1060)
+    laptop = await f.agent("laptop", cpu_caps())
+    assert await f.lease(liar) == [] and f.board.retry_after(liar.id) is not None   # nothing for it: paused
+    soon = await f.submit(1)
+    assert len(await f.lease(liar)) == 1                      # it asks early, and is given the task
+    await f.submit(10)
+    assert await f.lease(laptop, 1) == []                    # the GTX finishes ~20 first: a cover is kept
+    assert f.check(untouched=True) > 0
+    await f.board.cancel(soon, f.user.id)
+    assert f.check(untouched=True) > 0
