@@ -146,6 +146,7 @@ class Dispatcher:
                  config: HubConfig, clock: Callable[[], float]) -> None:
         self.policy, self.config, self.clock = policy, config, clock
         self.context = DispatchContext(queues, fleet, config, clock)
+        leases.on_later = self.context.note   # a task left an agent outside its pick: policies look again
         self._queues, self._leases = queues, leases
         self._holdbacks: list[Holdback] = []
         self._timers: list[DispatchTimer] = []

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from hub.blob_backend import BlobBackend
 from hub.config import HubConfig
 from hub.envelopes import JobEnvelope, JobEnvelopes, ReplyEnvelopes
-from hub.fleet import AgentState, Fleet, reported_slots
+from hub.fleet import AgentState, Fleet, reported_slots, slots_of
 from hub.protocols import LeaseGate
 from hub.queues import JobQueues
 from hub.records import TaskRow, TaskState
@@ -51,6 +51,8 @@ class LeaseTable:
         self._gates: list[LeaseGate] = []
         self._hard_end: dict[str, float] = {}               # task id -> its lease ends then, heartbeats or not
         self.envelopes = JobEnvelopes(config.inline_envelope_bytes)   # each active job's envelope, decoded once
+        #: told of an agent a task left that may now be free *later* than a policy counted (see :meth:`_vacate`)
+        self.on_later: Callable[[AgentState], None] = lambda agent: None
 
     # -- who may have work --------------------------------------------------------------------------
     def add_gate(self, gate: LeaseGate) -> None:
@@ -135,6 +137,13 @@ class LeaseTable:
         agent = self._agents.get(task.agent_id or "")
         if agent is not None:
             agent.running.discard(task.id)
+            # An agent's free time (``Predictor.free_at``) is its soonest task's end while it is full, else the
+            # end of its pause. A task leaving an agent that stays full (it registered again with fewer slots) or
+            # is told to pause past now moves that time later: by a cancel of its job, another instance's
+            # verdict, its own result awaiting replicas, none of them a pick or settled attempt of its own.
+            # Policies that kept its earlier free time (fastest's covers) must hear it (``DispatchView.note``).
+            if len(agent.running) >= slots_of(agent) or agent.quiet_until > self.clock():
+                self.on_later(agent)
 
     def settle(self, task: TaskRow) -> None:
         """The agent is done with the task but its result awaits validation: end the lease, keep the task."""

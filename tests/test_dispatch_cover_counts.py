@@ -141,3 +141,18 @@ def test_rivals_that_leave_and_are_counted_again_at_the_same_offset_age_once() -
         cover.remove(f"r{i}")
         cover.add(f"r{i}", 0.06, 0.01, math.inf)
     assert cover.reach(0.05, cover.at + 0.1) == _lower(cover, 0.05, cover.at + 0.1) == 160
+
+
+def test_a_busy_part_taken_out_and_counted_again_leaves_a_bounded_number_of_entries() -> None:
+    """A rival free only a day from now, taken out and counted again 10,000 times (each registration of a liar
+    that repeats its report): each time its part left an entry for its aging until the clock passed a day.
+    The entries stay within twice the parts, and the counts stay those of the parts."""
+    cover = Cover("g", 1_700_000_000.0)
+    cover.add("steady", 0.0, 0.01, math.inf)
+    assert cover.reach(1.0, cover.at) == MARKS          # the marks are kept from here on
+    for i in range(10_000):
+        cover.remove("far")
+        cover.add("far", 86_400.0 + i * 1e-3, 0.01, math.inf)
+    assert cover.reached is not None and len(cover.reached.pending) <= 2 * len(cover.parts) + 64
+    assert cover.reach(1.0, cover.at + 1.0) == MARKS == _lower(cover, 1.0, cover.at + 1.0)
+    assert cover.reach(1.0, cover.at + 86_500.0) == 2 * MARKS == _lower(cover, 1.0, cover.at + 86_500.0)

@@ -9,7 +9,9 @@ pick for the whole fleet).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from test_dispatch_indexes import Fleet, fit_check
 
 from hub.dispatch import predict
 from jobs.protocol_registration import Registration
+from jobs.protocol_upkeep import HeartbeatLease
 from security.errors import BadRequest
 from security.identity import Identity
 
@@ -202,3 +205,152 @@ def test_a_registration_with_an_infinite_count_is_a_bad_request(report: dict[str
     with pytest.raises(BadRequest) as caught:
         Registration.decode({"public_key": Identity.generate().public.text(), "name": "x", "capabilities": report})
     assert caught.value.code == "bad_capabilities"
+
+
+#: reports a liar switches between while it holds leases: fewer slots than it holds, speeds at a float's edges
+SLOT_LIES: list[dict[str, Any]] = [
+    cpu_caps(slots=1), cpu_caps(slots=2), cpu_caps(slots=4), {**A100, "slots": 1}, {**A100, "slots": 3},
+    {**GTX1060, "slots": 2}, {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": 1e308}, "slots": 2},
+    {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": 1e-320}, "slots": 2}, SLOW,
+    {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": float("nan")}, "slots": 2},
+]
+
+
+def pace(f: Fleet, pause_s: float) -> None:
+    """Idle agents of this small fleet are told to pause ``pause_s`` s or more (a small fleet gets none)."""
+    pacing = f.board._dispatcher.pacing
+    pacing.config = replace(pacing.config, min_poll_interval_s=pause_s)
+
+
+@pytest.mark.parametrize("back", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_the_scans_answers(
+        fleets: Callable[..., Any], policy: str, seed: int, back: bool) -> None:
+    """The kept covers (sorted marks aged as rivals' free times pass, runtimes per task shape, the floor of the
+    learned corrections) against a scan from scratch, after every event a lying volunteer or the board can
+    bring: re-registrations that change slots and speeds while leases are held, wall times that make
+    corrections swing around FLOOR, pauses told outside a pick, cancels of jobs whose tasks are out, lease
+    expiries, heartbeats, releases, long and short waits and (``back``) a clock set back."""
+    import random
+
+    rng = random.Random(seed)
+    f: Fleet = await fleets(policy)
+    pace(f, 20.0)
+    agents = [await f.agent(f"v{i}", SLOT_LIES[i % len(SLOT_LIES)]) for i in range(8)]
+    jobs = [await f.submit(30), await f.submit(12, requires={"device": "gpu"})]
+    held: list[tuple[Any, Any]] = []
+    compared = 0
+    for step in range(120):
+        ident = rng.choice(agents)
+        event = rng.randrange(12)
+        if event == 0:
+            await f.agent(f"v{step}", rng.choice(SLOT_LIES), identity=ident)
+        elif event in (1, 2):
+            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2, 4)))]
+        elif event == 3 and held:
+            who, task = held.pop(rng.randrange(len(held)))
+            f.clock.now += rng.choice((0.0, 0.3, 1.0))
+            base = f.board.policy.predictor.leased.get(task.task_id)
+            wall = (base[1] if base else 1.0) * rng.choice((0.49, 0.5, 0.51, 1.0, 1e-6, 1e6))
+            await f.finish(who, task, wall_s=rng.choice((wall, wall, 1e-320, 0.01, float("nan"), float("inf"))))
+        elif event == 4:
+            jobs.append(await f.submit(rng.randint(1, 8), policy={"deadline": f"{rng.randint(1, 60)}m"}))
+        elif event == 5 and len(jobs) > 1:
+            job = jobs.pop(rng.randrange(len(jobs)))
+            await f.board.cancel(job, f.user.id)
+            held = [(who, task) for who, task in held if task.job_id != job]
+        elif event == 6:
+            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2)))]
+            f.board.retry_after(ident.id)   # told after its ask: a pause if nothing is queued for its class
+        elif event == 7 and held:
+            who, task = rng.choice(held)
+            await f.board.heartbeat(who.id, [HeartbeatLease(task.task_id, task.lease_id)])
+        elif event == 8:
+            f.clock.now += rng.choice((650.0, 1300.0))
+            await f.board.sweep()
+            held = [(who, t) for who, t in held if f.board._queues.task(t.task_id) is not None
+                    and f.board._queues.task(t.task_id).lease_id == t.lease_id]
+        elif event == 9 and held:
+            who, task = held.pop(rng.randrange(len(held)))
+            await f.board.release(who.id, task.task_id, task.lease_id)
+        elif event == 10 and back:
+            f.clock.now -= rng.choice((0.3, 3.0, 30.0))   # the host's clock is set back
+        else:
+            f.clock.now += rng.choice((0.2, 0.7, 5.0, 40.0))
+        compared += f.check(untouched=True)
+    assert compared > 0
+
+
+@pytest.mark.parametrize("slower", [7, 11, 15, 19])
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_a_cancel_that_leaves_an_overfull_rival_busy_longer_is_heard_by_the_covers(
+        fleets: Callable[..., Any], policy: str, slower: int) -> None:
+    """A volunteer holds two leases, then registers again with one slot: it stays full, free when the sooner of
+    its two tasks ends. A cancel of that task's job takes it away without a pick or a settled attempt of the
+    volunteer's, and it is now free only when the later one ends: a cover (and its marks, aged as that sooner
+    end passed) that still counted it free early said rivals finish more than they do, and a slower asker was
+    told to take none of work the scan gives it."""
+    f: Fleet = await fleets(policy)
+    liar = await f.agent("liar", {**A100, "slots": 2})
+    laptop = await f.agent("laptop", cpu_caps())
+    predictor = f.board.policy.predictor
+    await f.submit(1)
+    [warm] = await f.lease(liar)
+    f.clock.now += 1
+    await f.finish(liar, warm, wall_s=predictor.leased[warm.task_id][1] * slower)   # ~5-13 s a task
+    soon = await f.submit(1)
+    [first] = await f.lease(liar)
+    runtime = predictor.leased[first.task_id][3] - f.clock.now
+    f.clock.now += 0.9 * runtime
+    await f.submit(1)
+    assert len(await f.lease(liar)) == 1                     # its second slot, busy a full runtime longer
+    await f.agent("liar", {**A100, "slots": 1}, identity=liar)   # full now, until the sooner task ends
+    for n in range(1, 16):
+        await f.submit(n)
+    await f.lease(laptop, 1)                                 # the laptop asks: its walks' covers are kept
+    assert f.check(untouched=True) > 0
+    await f.board.cancel(soon, f.user.id)
+    assert f.check(untouched=True) > 0
+    f.clock.now += 0.2 * runtime                             # past the sooner end: its marks age
+    assert f.check(untouched=True) > 0
+
+
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_a_wall_time_of_nan_teaches_the_predictor_nothing(fleets: Callable[..., Any], policy: str) -> None:
+    """``wall_s: NaN`` (JSON allows it in a signed result) passed the ``<= 0`` guard and became a NaN
+    correction: the agent's every predicted runtime NaN, and a NaN in ``floor()``'s heap, which orders
+    nothing, so a lower correction pushed below it stayed buried and the walk's bound over the unvisited
+    agents could be looser than their quickest real correction. A non-finite wall time is ignored."""
+    f: Fleet = await fleets(policy)
+    names = ["steady", "liar", "quicker", "quickest"]
+    agents = {name: await f.agent(name, cpu_caps()) for name in names}
+    predictor = f.board.policy.predictor
+    await f.submit(8)
+    for name, ratio in zip(names, (1.0, float("nan"), 0.9, 0.7), strict=True):
+        [task] = await f.lease(agents[name])
+        f.clock.now += 1
+        await f.finish(agents[name], task, wall_s=predictor.leased[task.task_id][1] * ratio)
+    assert all(math.isfinite(v) for v in [*predictor.log_ratio.values(), *predictor.agent_log_ratio.values()])
+    assert predictor.factor(agents["liar"].id, "matmul") == 1.0       # as measured: nothing learned
+    assert predictor.floor() == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_a_cancel_that_leaves_an_early_asker_paused_is_heard_by_the_covers(
+        fleets: Callable[..., Any], policy: str) -> None:
+    """A volunteer told to pause asks again at once all the same and takes a task: its free time is that
+    task's end. Its job is cancelled: it is idle but paused, free only when its pause ends, later than a cover
+    counted it; the cancel is neither a pick nor a settled attempt of its own."""
+    f: Fleet = await fleets(policy)
+    pace(f, 60.0)
+    liar = await f.agent("liar", GTX1060)
+    laptop = await f.agent("laptop", cpu_caps())
+    assert await f.lease(liar) == [] and f.board.retry_after(liar.id) is not None   # nothing for it: paused
+    soon = await f.submit(1)
+    assert len(await f.lease(liar)) == 1                      # it asks early, and is given the task
+    await f.submit(10)
+    assert await f.lease(laptop, 1) == []                    # the GTX finishes ~20 first: a cover is kept
+    assert f.check(untouched=True) > 0
+    await f.board.cancel(soon, f.user.id)
+    assert f.check(untouched=True) > 0

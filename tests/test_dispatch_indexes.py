@@ -11,6 +11,7 @@ policies computed them before the indexes existed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -117,8 +118,12 @@ class Fleet:
             ahead += n
         return max(queues.queued(job_id) - ahead, 0)
 
-    def check(self) -> int:
-        """Every kept answer equals its scratch computation; returns how many shares were compared."""
+    def check(self, untouched: bool = False) -> int:
+        """Every kept answer equals its scratch computation; returns how many shares were compared.
+
+        ``untouched``: each agent is asked of a copy of the kept covers, as they stand after the last event. Asked
+        of the covers themselves, each agent checked takes its parts out (as its pick would) and the gates build
+        covers afresh at this moment, so a part made stale by an event was mostly gone before an asker used it."""
         context, now = self.board._dispatcher.context, self.clock.now
         connected = self.connected()
         assert {a.row.id for a in context.connected()} == connected
@@ -138,9 +143,10 @@ class Fleet:
             assert context.capable_connected(job_id) == len(capable & connected)
         for agent in self.board.agents.values():
             # as a pick does: covers kept from earlier picks first hear what changed and forget the asker
-            policy.covers.begin(context)
-            policy.covers.forget(agent.row.id)
-            kept = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid, policy.covers)
+            covers_now = copy.deepcopy(policy.covers) if untouched else policy.covers
+            covers_now.begin(context)
+            covers_now.forget(agent.row.id)
+            kept = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid, covers_now)
             walked = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid)
             for job_id in candidate_jobs(context.queues, agent):
                 exact = self.share(agent, job_id, avoid)

@@ -123,6 +123,8 @@ class Cover:
             self.until = min(self.until, until)
             if self.reached is not None:
                 self.reached.add(agent_id, offset, runtime)
+                if len(self.reached.pending) > 2 * len(self.linear) + 64:   # mostly entries of parts gone since
+                    self.reached.compact(self.parts, self.linear)
 
     def remove(self, agent_id: str) -> None:
         part = self.parts.pop(agent_id, None)
@@ -210,6 +212,13 @@ class Reach:
             self._drop(self.idle, marks(min(offset, 0.0), runtime))
         else:
             self._drop(self.busy, marks(offset, runtime))
+
+    def compact(self, parts: dict[str, tuple[float, float, float]], members: set[str]) -> None:
+        """Keep only the busy parts' entries in ``pending``. A part taken out leaves its entry until the clock
+        passes its offset; a rival busy far ahead (a kept late part) that registers again and again is taken out
+        and counted again each time, an entry each, for as long as the cover is repaired rather than rebuilt."""
+        self.pending = [(parts[a][0], a) for a in members if a not in self.aged]
+        heapq.heapify(self.pending)
 
     @staticmethod
     def _drop(sorted_marks: list[float], gone: list[float]) -> None:

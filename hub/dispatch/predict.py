@@ -228,7 +228,9 @@ class Predictor:
         if entry is None or entry[0] != agent_id or not ok:
             return
         wall, base = metrics.get("wall_s"), entry[1]
-        if not isinstance(wall, int | float) or isinstance(wall, bool) or wall <= 0 or base <= 0:
+        # not ``wall <= 0`` alone: a NaN passes it, and a NaN correction makes every runtime NaN and orders
+        # nothing in ``_lows`` (a lower correction pushed below it stays buried: ``floor`` too high)
+        if not isinstance(wall, int | float) or isinstance(wall, bool) or not 0 < wall < math.inf or not base > 0:
             return
         observed = math.log(min(max(wall / base, 1e-3), 1e3))
         key = (agent_id, job.kind)
