@@ -28,12 +28,13 @@ commit on the loop's thread then; else the writer thread takes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 __all__ = ["CHECKPOINT_COMMITS", "CHECKPOINT_WAL_BYTES", "INLINE_ROWS", "SqliteWriter"]
@@ -72,6 +73,7 @@ class SqliteWriter:
         self._pending = 0
         self._since_checkpoint = 0
         self._wal = ""   # the WAL file's path ("": none, an in-memory database)
+        self._patience_ms = 0   # the connection's busy_timeout, restored after each impatient statement
         #: writes whose turn is taken, committed at the end of this loop step (lease writes), and whether
         #: each is small enough to commit inline
         self._deferred: list[tuple[Write, asyncio.Future[Any]]] = []
@@ -88,6 +90,7 @@ class SqliteWriter:
         self._conn = conn
         main = [row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"]
         self._wal = f"{main[0]}-wal" if main and main[0] else ""
+        (self._patience_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()   # as whoever opened it set it
         self._thread = threading.Thread(target=self._writer, args=(conn,), name="panal-store", daemon=True)
         self._thread.start()
 
@@ -155,14 +158,11 @@ class SqliteWriter:
             return None
         # Idle: the writer thread waits in get() and touches the connection only after a put (the loop
         # thread's, like this call), so this transaction is the only one; every earlier write has settled.
-        (patience,) = conn.execute("PRAGMA busy_timeout").fetchone()
-        conn.execute("PRAGMA busy_timeout=0")
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            with self._impatient(conn):
+                conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             return None
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={int(patience)}")
         outcomes = self._commit(conn, fns, begun=True)
         if self._checkpoint_due():   # the thread checkpoints after an empty commit
             self._pending += 1
@@ -213,15 +213,21 @@ class SqliteWriter:
             return
         if busy or frames <= 0 or copied != frames:
             return
-        (patience,) = conn.execute("PRAGMA busy_timeout").fetchone()
         try:
-            conn.execute("PRAGMA busy_timeout=0")
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-            conn.execute(f"PRAGMA user_version={int(version)}")
+            with self._impatient(conn):
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                conn.execute(f"PRAGMA user_version={int(version)}")
         except sqlite3.Error:   # busy: whoever holds the lock restarts the log
             pass
+
+    @contextlib.contextmanager
+    def _impatient(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """Statements that give up at once on another process's write lock, instead of waiting it out."""
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            yield
         finally:
-            conn.execute(f"PRAGMA busy_timeout={int(patience)}")
+            conn.execute(f"PRAGMA busy_timeout={int(self._patience_ms)}")
 
     def _checkpoint_due(self) -> bool:
         """After a commit, on whichever thread made it (one stat: ~1 us)."""
