@@ -14,7 +14,7 @@ import random
 
 from hub.dispatch.covers import MARGIN_S, MARKS, Cover, Covers, finishes
 from hub.dispatch.predict import FLOOR, Predictor
-from hub.records import JobRow, TaskRow
+from hub.records import JobRow, JobState, TaskRow
 from jobs.requirements import Capabilities, Requirements
 
 
@@ -82,7 +82,7 @@ def test_a_rival_counted_mid_task_counts_as_free_once_its_task_should_have_ended
 
 
 def _job(kind: str = "matmul") -> JobRow:
-    return JobRow(id="j", name="j", submitter_id="s", kind=kind, priority=0, state="active",  # type: ignore[arg-type]
+    return JobRow(id="j", name="j", submitter_id="s", kind=kind, priority=0, state=JobState.RUNNING,
                   created_at=0.0, n_tasks=1, envelope={}, requires={}, timeout_s=60.0, max_attempts=3)
 
 
