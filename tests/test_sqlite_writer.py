@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await s.close()
 
 
-def put(what: str):   # type: ignore[no-untyped-def]
+def put(what: str) -> Callable[[sqlite3.Connection], sqlite3.Cursor]:
     return lambda c: c.execute("INSERT INTO log (what) VALUES (?)", (what,))
 
 
