@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "ceil_count", "finishes"]
 
 #: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
-MARGIN_S = 1e-3
+MARGIN_S = 1e-6
 #: parts looked at per question at most
 LOOK = 128
 #: a part that holds for less than this after the count is left out of the all-at-once sum
@@ -250,7 +250,7 @@ class Reach:
                 self.aged.add(agent_id)
                 for mark in marks(0.0, parts[agent_id][1]):
                     bisect.insort(self.idle, mark)
-        return bisect.bisect_left(self.idle, horizon) + bisect.bisect_left(self.busy, horizon)
+        return bisect.bisect_left(self.idle, horizon) + bisect.bisect_left(self.busy, horizon + elapsed)
 
 
 class Covers:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.covers import KEEP, MARGIN_S, Cover, Covers, ceil_count
+from hub.dispatch.covers import KEEP, Cover, Covers, ceil_count
 from hub.dispatch.predict import HALF, Predictor, candidate_jobs
 from hub.dispatch.roster import Roster
 from hub.fleet import available_until
@@ -43,6 +43,12 @@ EXTRA_VISITS = 128
 SPARE = 4
 #: capable agents a repair visits past a kept cover's last one before a new walk is cheaper
 REPAIR_VISITS = 32
+#: visits between two bounds of the unvisited agents from the roster (a few bisections each)
+BOUND_EVERY = 64
+#: rivals taken out of a kept cover that a repair counts afresh at most
+GONE_VISITS = 256
+#: a part holds this long less than its rival stays, fits the deadline or its window (epoch-time rounding)
+HOLD_MARGIN_S = 1e-3
 
 
 class SoonestGate:
@@ -124,10 +130,10 @@ class SoonestGate:
         stay = self.view.stays_until(b)
         if stay is None:
             return self.now   # connected only by a lease: it may leave unheard
-        until = stay - MARGIN_S
+        until = stay - HOLD_MARGIN_S
         for limit in (job.deadline_at, available_until(b)):
             if limit is not None:
-                until = min(until, self.now + (limit - end) - MARGIN_S)
+                until = min(until, self.now + (limit - end) - HOLD_MARGIN_S)
         return until
 
     def _visit(self, job_id: str) -> Iterator[tuple[int, float | None, str]]:
@@ -152,7 +158,7 @@ class SoonestGate:
         visits = 0
         gone, cover.gone = cover.gone, []
         for i, b_id in enumerate(gone):
-            if visits >= REPAIR_VISITS:
+            if visits >= GONE_VISITS:
                 cover.gone += gone[i:]
                 break
             if b_id == self.agent.row.id:
@@ -224,17 +230,29 @@ class SoonestGate:
         cover = Cover(group, now) if self.covers is not None else None
         covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
         resume = 0
+        check = 0   # visits until the rest are bounded from the roster again (:meth:`Roster.most_after`)
+
+        def at_most(speed: float) -> int | None:
+            # Every agent from here on is not quick: its runtime is at least its correction (``floor``: at least
+            # FLOOR) x the cost at ``speed``, its top speed.
+            fastest = self._floor * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
+            return ceil_count(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
+
         for position, speed, b_id in self._visit(job_id):
             if speed is not None:
-                # Every agent from here on is not quick: its runtime is at least its correction (``floor``: at
-                # least FLOOR) x the cost at ``speed``.
-                fastest = self._floor * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
-                most = ceil_count(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
+                most = at_most(speed)
                 if most is not None:
                     if most <= 0:
                         break   # none of the rest finishes one before this agent would
                     if not covered and queued - (ahead + left * most) >= need:
                         return need   # even at best the rest leave ``need`` for this agent
+                    if not covered and check <= 0:
+                        # the same bound agent by agent: most of the rest are slower than ``speed``
+                        rest = self.roster.most_after(position, at_most, queued - ahead - need)
+                        if rest is not None:
+                            return need   # even at best the rest leave ``need`` for this agent
+                        check = BOUND_EVERY
+                    check -= 1
             if covered:
                 extra -= 1
                 if extra < 0 or ahead >= queued + queued // SPARE:

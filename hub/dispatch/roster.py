@@ -11,7 +11,7 @@ that position's figure allows (up to its learned correction; see ``Predictor.qui
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from hub.dispatch.predict import DEFAULT_CPU_GFLOPS, DEFAULT_GPU_GFLOPS
@@ -21,7 +21,10 @@ if TYPE_CHECKING:
     from hub.protocols import DispatchView
     from jobs.requirements import Capabilities
 
-__all__ = ["Roster", "top_speed"]
+__all__ = ["BOUND_ROUNDS", "Roster", "top_speed"]
+
+#: task counts a :meth:`Roster.most_after` bound looks at (one bisection each) before it gives up
+BOUND_ROUNDS = 16
 
 
 def top_speed(caps: Capabilities) -> float:
@@ -77,6 +80,28 @@ class Roster:
         :meth:`update` that changes something)."""
         order = self._order
         return ((i, -order[i][0], order[i][1]) for i in range(start, len(order)))
+
+    def most_after(self, start: int, most: Callable[[float], int | None], limit: int) -> int | None:
+        """``sum(max(most(speed), 0))`` over the agents from position ``start`` on, if it is at most ``limit``
+        (else None), where ``most(speed)`` is an upper bound of the tasks an agent of that top speed finishes
+        first, non-decreasing in the speed (None: no bound). The order is by speed, so the agents counting at
+        least ``k`` are a prefix: one bisection per ``k`` (at most :data:`BOUND_ROUNDS`), not a visit per agent."""
+        order, total, end = self._order, 0, len(self._order)
+        for k in range(1, BOUND_ROUNDS + 1):
+            lo = start   # the first position from ``start`` on where ``most`` is below ``k`` (it only falls)
+            while lo < end:
+                mid = (lo + end) // 2
+                bound = most(-order[mid][0])
+                if bound is None or bound >= k:
+                    lo = mid + 1
+                else:
+                    end = mid
+            total += end - start
+            if end == start:
+                return total
+            if total > limit:
+                return None
+        return None
 
     def __len__(self) -> int:
         return len(self._order)
