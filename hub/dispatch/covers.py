@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hub.protocols import DispatchView
 
-__all__ = ["KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "ceil_count", "finishes"]
+__all__ = ["GONE", "KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "ceil_count", "finishes"]
 
 #: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
 MARGIN_S = 1e-6
@@ -63,6 +63,8 @@ GONE = 256
 MARKS = 4
 #: parts coming due at once past which the marks are sorted again rather than moved one by one
 REBUILD = 16
+#: agents :meth:`Covers.forget` keeps in its log at most (then the older half goes)
+ASKED_MAX = 8192
 #: what an endless quotient counts as: more tasks than any queue holds
 ENDLESS = 1 << 62
 
@@ -105,6 +107,8 @@ class Cover:
     proofs: list[list[float]] = field(default_factory=list)
     #: rivals whose parts were taken out, oldest first (a repair counts them afresh before visiting new ones)
     gone: list[str] = field(default_factory=list)
+    #: the position in :meth:`Covers.asked_since`'s log up to which the repair has looked at the agents in it
+    asked: int = 0
     #: the ``linear`` parts' marks (built when first asked, then kept as parts come and go)
     reached: Reach | None = None
 
@@ -268,10 +272,18 @@ class Covers:
         self._parts = 0                                     # parts held by all covers
         self._reports = 0
         self._noted = 0
+        #: agents something happened to (:meth:`forget`), in turn; the first is number ``_asked_base``. A walk
+        #: passes agents that are no rival then and keeps no part of them (busy past the asker's end and connected
+        #: only by their lease, or the asker itself); most become rivals after an event of their own (a result,
+        #: an ask that is told none), and a repair counts the agents in this log since the cover was made first.
+        self._asked: list[str] = []
+        self._asked_base = 0
+        self._pick_start = 0
 
     def begin(self, view: DispatchView) -> None:
         """A pick starts: the parts of agents whose report changed (a registration, the speed check) or whose
         standing changed outside a pick of their own (a refusal, a pause) are taken out."""
+        self._pick_start = self.asked_version()
         version = view.reports_version()
         changed_reports = view.reports_since(self._reports) if version != self._reports else []
         self._reports = version
@@ -336,6 +348,7 @@ class Covers:
         self._drop(group)
         if not cover.parts or len(cover.parts) > PARTS_MAX:
             return
+        cover.asked = self._pick_start   # (the asker of this pick included: told none, it is a rival again)
         # groups of jobs long finished, or more parts than memory allows: start over (a cover is only a shortcut)
         if len(self._groups) >= 4096 or self._parts + len(cover.parts) > PARTS_MAX:
             self._clear()
@@ -344,8 +357,21 @@ class Covers:
         for agent_id in cover.parts:
             self._by_agent.setdefault(agent_id, set()).add(group)
 
+    def asked_version(self) -> int:
+        return self._asked_base + len(self._asked)
+
+    def asked_since(self, version: int, most: int) -> list[str]:
+        """The last ``most`` agents :meth:`forget` was told of since ``version``, oldest first."""
+        start = max(version - self._asked_base, len(self._asked) - most, 0)
+        return self._asked[start:]
+
     def forget(self, agent_id: str) -> None:
         """Something happened to this agent: its parts no longer prove anything."""
+        asked = self._asked
+        asked.append(agent_id)
+        if len(asked) > ASKED_MAX:
+            del asked[:ASKED_MAX // 2]
+            self._asked_base += ASKED_MAX // 2
         for group in self._by_agent.pop(agent_id, ()):
             cover = self._groups.get(group)
             if cover is not None and agent_id in cover.parts:

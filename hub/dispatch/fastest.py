@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hub.dispatch.covers import KEEP, Cover, Covers, ceil_count
-from hub.dispatch.predict import HALF, Predictor, candidate_jobs
-from hub.dispatch.roster import Roster
+from hub.dispatch.covers import GONE, KEEP, Cover, Covers, ceil_count
+from hub.dispatch.predict import Predictor, candidate_jobs
+from hub.dispatch.roster import KindOrder, Roster
 from hub.fleet import available_until
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class SoonestGate:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
         self.avoid, self.roster, self.covers = avoid, roster, covers
         roster.update(view)
+        self._orders: dict[str, KindOrder] = {}   # per kind: the connected agents by predicted speed (once a pick)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
         self._connected = view.connected_ids()
         #: per group of like jobs (see ``share``): this agent's runtime, and how many tasks rivals are proven to
@@ -136,30 +137,38 @@ class SoonestGate:
                 until = min(until, self.now + (limit - end) - HOLD_MARGIN_S)
         return until
 
-    def _visit(self, job_id: str) -> Iterator[tuple[int, float | None, str]]:
-        """Capable agents to visit: the quick ones first (no bound: None), then by top speed (with their
-        roster positions; -1 for the quick ones)."""
+    def _order(self, kind: str) -> KindOrder:
+        order = self._orders.get(kind)
+        if order is None:
+            order = self._orders[kind] = self.roster.for_kind(self.view, kind, self.predictor)
+        return order
+
+    def _visit(self, job_id: str, order: KindOrder) -> Iterator[tuple[int, float | None, str]]:
+        """Capable agents to visit: the quick ones first (no bound: None), then quickest first for the kind (with
+        their keys, correction / top speed, and positions in the order; -1 for the quick ones)."""
         capable, quick = self.view.capable(job_id), self.predictor.quick
         for b_id in quick:
             if b_id in capable:
                 yield -1, None, b_id
-        for position, speed, b_id in self.roster.fastest_first():
+        for position, key, b_id in order.fastest_first():
             if b_id in capable and b_id not in quick:
-                yield position, speed, b_id
+                yield position, key, b_id
 
     def _repair(self, job_id: str, group: Hashable, cover: Cover, job: JobRow, task: TaskRow, req: Requirements,
                 my_end: float, total: int, queued: int) -> bool:
         """Whether more rivals, with the cover's parts (at least ``total``), still cover the queue: a few visits
-        instead of a new walk when parts were taken out. First the rivals whose parts were taken out (an agent
-        that asked and was told none is most often a rival again, now counted afresh), then those after the
-        cover's last one in the order."""
+        instead of a new walk when parts were taken out. First the rivals whose parts were taken out and the agents
+        something happened to since (an agent that asked and was told none is most often a rival again, now
+        counted afresh; an agent busy when the walk passed it has finished since), then those after the cover's
+        last one in the order."""
         assert self.covers is not None
         capable, agents, kind = self.view.capable(job_id), self.view.agents(), job.kind
         visits = 0
-        gone, cover.gone = cover.gone, []
+        gone = list(dict.fromkeys(cover.gone + self.covers.asked_since(cover.asked, GONE_VISITS)))
+        cover.gone, cover.asked = [], self.covers.asked_version()
         for i, b_id in enumerate(gone):
             if visits >= GONE_VISITS:
-                cover.gone += gone[i:]
+                cover.gone = (cover.gone + gone[i:])[-GONE:]
                 break
             if b_id == self.agent.row.id:
                 cover.gone.append(b_id)   # the asker (its own ask took it out): a rival for the next one
@@ -170,10 +179,10 @@ class SoonestGate:
             if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
                 total += self._last
                 if total >= queued:
-                    cover.gone += gone[i + 1:]
+                    cover.gone = (cover.gone + gone[i + 1:])[-GONE:]
                     return True
         visits = 0
-        for position, _, b_id in self.roster.fastest_first(cover.resume):
+        for position, _, b_id in self._order(kind).fastest_first(cover.resume):
             if visits >= REPAIR_VISITS:
                 return False
             cover.resume = position + 1
@@ -205,10 +214,13 @@ class SoonestGate:
         if task is None or need <= 0:
             return 0
         queued, now = self.queues.queued(job_id), self.now
-        cost = self.predictor.cost(job, task)
+        predictor = self.predictor
+        cost = predictor.cost(job, task)
         # the jobs whose rivals' parts are these numbers (covers.py): same capable agents and corrections (the
-        # requirements and kind), the same deadline, and a head task that costs the same on every device
-        group = (req, job.kind, job.deadline_at, cost, task.params.get("dtype") in HALF)
+        # requirements and kind), the same deadline, and a head task that costs the same on every device (its
+        # shape: the cost, requirements and precision, as a number, quicker to hash than they are)
+        shape = predictor.shape(job, task, req)   # (first: it may start the numbers over)
+        group = (predictor.shape_epoch, shape, job.kind, job.deadline_at)
         seen = self._groups.get(group)
         if seen is None:   # this agent's runtime is the same for every job of the group
             seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0]
@@ -230,17 +242,19 @@ class SoonestGate:
         cover = Cover(group, now) if self.covers is not None else None
         covered, extra = False, 0   # once covered: how many more agents to visit for parts quicker askers need
         resume = 0
-        check = 0   # visits until the rest are bounded from the roster again (:meth:`Roster.most_after`)
+        check = 0   # visits until the rest are bounded from the order again (:meth:`Roster.most_after`)
+        order = self._order(kind)
 
-        def at_most(speed: float) -> int | None:
-            # Every agent from here on is not quick: its runtime is at least its correction (``floor``: at least
-            # FLOOR) x the cost at ``speed``, its top speed.
-            fastest = self._floor * (cost.seconds + cost.flops / (speed * 1e9)) * _SLACK
+        def at_most(key: float) -> int | None:
+            # Every agent from here on is not quick: its runtime is at least its correction (at least ``floor``)
+            # x the cost at its top speed, so at least ``floor x cost.seconds + cost.flops x key`` (key: its
+            # correction / top speed, in GFLOPS)
+            fastest = (self._floor * cost.seconds + cost.flops * key / 1e9) * _SLACK
             return ceil_count(horizon / fastest - 1e-9) - 1 if fastest > 0 else None
 
-        for position, speed, b_id in self._visit(job_id):
-            if speed is not None:
-                most = at_most(speed)
+        for position, key, b_id in self._visit(job_id, order):
+            if key is not None:
+                most = at_most(key)
                 if most is not None:
                     if most <= 0:
                         break   # none of the rest finishes one before this agent would
@@ -248,7 +262,7 @@ class SoonestGate:
                         return need   # even at best the rest leave ``need`` for this agent
                     if not covered and check <= 0:
                         # the same bound agent by agent: most of the rest are slower than ``speed``
-                        rest = self.roster.most_after(position, at_most, queued - ahead - need)
+                        rest = order.most_after(position, at_most, queued - ahead - need)
                         if rest is not None:
                             return need   # even at best the rest leave ``need`` for this agent
                         check = BOUND_EVERY

@@ -108,6 +108,11 @@ class Predictor:
         self._shapes: dict[str, int] = {}
         self._shape_ids: dict[tuple[Cost, Requirements, bool], int] = {}
         self._bases: dict[tuple[str, int], tuple[Capabilities, float]] = {}
+        #: how many times the shape numbers started over (a shape is told apart by (epoch, number))
+        self.shape_epoch = 0
+        #: agents whose corrections changed, in turn (``roster.KindOrder`` follows it); the first is number _base
+        self._corrected: list[str] = []
+        self._corrected_base = 0
         #: agent id -> how many of its corrections (per kind and overall) are below :data:`FLOOR`; an agent is
         #: here while it has one. Kept as they are learned: the corrections change only in ``attempt_settled``.
         self.quick: dict[str, int] = {}
@@ -140,6 +145,7 @@ class Predictor:
                     self._shape_ids.clear()
                     self._shapes.clear()
                     self._bases.clear()
+                    self.shape_epoch += 1
                 shape = self._shape_ids[key] = len(self._shape_ids)
             if len(self._shapes) > _CACHE_MAX:
                 self._shapes.clear()
@@ -244,6 +250,20 @@ class Predictor:
             (1 - self.alpha) * old + self.alpha * observed)
         self._note_quick(agent_id, old, new)
         self._note_low((agent_id,), new)
+        self._corrected.append(agent_id)
+        if len(self._corrected) > LEASED_CHECK:
+            del self._corrected[:LEASED_CHECK // 2]
+            self._corrected_base += LEASED_CHECK // 2
+
+    def corrections_version(self) -> int:
+        """How many corrections changed so far (with :meth:`corrected_since`)."""
+        return self._corrected_base + len(self._corrected)
+
+    def corrected_since(self, version: int) -> list[str] | None:
+        """The agents whose corrections changed since ``version`` (None: too long ago to say)."""
+        if version < self._corrected_base:
+            return None
+        return self._corrected[version - self._corrected_base:]
 
     def floor(self) -> float:
         """The smallest correction an agent that is not ``quick`` may have: at least :data:`FLOOR`, and with a
