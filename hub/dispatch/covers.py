@@ -73,9 +73,11 @@ def ceil_count(x: float) -> int:
     """``math.ceil(x)`` for a quotient of times that a report may make infinite or NaN: a volunteer claiming
     1e-320 GFLOPS has an infinite runtime (its rivals finish endlessly many first: ``ceil`` raised
     OverflowError out of the pick), and infinity over infinity is NaN (counted as none)."""
+    if -ENDLESS < x < ENDLESS:   # (a NaN fails both comparisons)
+        return math.ceil(x)
     if x != x:
         return 0
-    return math.ceil(min(max(x, -ENDLESS), ENDLESS))
+    return ENDLESS if x > 0 else -ENDLESS
 
 
 def finishes(horizon: float, offset: float, runtime: float) -> int:

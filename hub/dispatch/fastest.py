@@ -66,6 +66,7 @@ class SoonestGate:
         #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
         self._groups: dict[Hashable, list[float]] = {}
         self._last = 0   # the task count of the last part :meth:`_counted`
+        self._until = available_until(agent)   # the asker's window (from its report: fixed within a pick)
         self._floor = predictor.floor()   # no agent visited by its top speed runs faster than this x its cost
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
@@ -209,13 +210,16 @@ class SoonestGate:
 
     def share(self, job_id: str, need: int) -> int:
         """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
-        job, req = self.queues.job(job_id), self.queues.requirements(job_id)
-        task = self.predictor.head(self.queues, self.agent, job_id, self.now)
+        queues, predictor, now = self.queues, self.predictor, self.now
+        job = queues.job(job_id)
+        if job.deadline_at is None and self._until is None:   # every task fits: the first (``Predictor.head``)
+            first = queues.peek(job_id, 1)
+            task = first[0] if first else None
+        else:
+            task = predictor.head(queues, self.agent, job_id, now)
         if task is None or need <= 0:
             return 0
-        queued, now = self.queues.queued(job_id), self.now
-        predictor = self.predictor
-        cost = predictor.cost(job, task)
+        req, queued = queues.requirements(job_id), queues.queued(job_id)
         # the jobs whose rivals' parts are these numbers (covers.py): same capable agents and corrections (the
         # requirements and kind), the same deadline, and a head task that costs the same on every device (its
         # shape: the cost, requirements and precision, as a number, quicker to hash than they are)
@@ -227,6 +231,7 @@ class SoonestGate:
         mine, proven = seen
         if queued <= proven:
             return 0   # rivals counted for another job of the group this pick finish at least this many first
+        cost = predictor.cost(job, task)
         my_end = now + mine
         horizon = my_end - now
         kept = self.covers.get(group, now) if self.covers is not None else None
