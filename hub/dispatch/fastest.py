@@ -165,6 +165,7 @@ class SoonestGate:
         assert self.covers is not None
         capable, agents, kind = self.view.capable(job_id), self.view.agents(), job.kind
         visits = 0
+        spare = queued + queued // SPARE   # counted on to this, as a walk: the next rival to ask takes its part out
         gone = list(dict.fromkeys(cover.gone + self.covers.asked_since(cover.asked, GONE_VISITS)))
         cover.gone, cover.asked = [], self.covers.asked_version()
         for i, b_id in enumerate(gone):
@@ -179,22 +180,24 @@ class SoonestGate:
             visits += 1
             if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
                 total += self._last
-                if total >= queued:
+                if total >= spare:
                     cover.gone = (cover.gone + gone[i + 1:])[-GONE:]
                     return True
+        if total >= queued:
+            return True
         visits = 0
         for position, _, b_id in self._order(kind).fastest_first(cover.resume):
             if visits >= REPAIR_VISITS:
-                return False
+                return total >= queued
             cover.resume = position + 1
             if b_id not in capable or b_id in cover.parts:
                 continue
             visits += 1
             if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
                 total += self._last
-                if total >= queued:
+                if total >= spare:
                     return True
-        return False
+        return total >= queued
 
     def _counted(self, group: Hashable, cover: Cover, b_id: str, b: AgentState | None, kind: str, job: JobRow,
                  task: TaskRow, req: Requirements, my_end: float) -> AgentState | None:
