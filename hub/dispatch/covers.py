@@ -9,7 +9,7 @@ later agent needing ``horizon`` seconds, a rival then finishes at least
 nothing that could lower it has happened:
 
 - time passing lowers nothing: a rival's free time moves forward at most as fast as the clock, and so does
-  the asking agent's end; a millisecond is kept in hand against rounding;
+  the asking agent's end; a microsecond is kept in hand against rounding (:data:`MARGIN_S`);
 - a rival's own events can: when it asks (it may be told to pause: a later free time), takes tasks or has an
   attempt settled (a new speed correction, a new error rate), its part is taken out (:meth:`Covers.forget`);
   so is it when its report changes (registering again, the speed check: capability, speed, slots, window)
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["GONE", "KEEP", "LOOK", "MARGIN_S", "Cover", "Covers", "ceil_count", "finishes"]
 
-#: parts are counted as if each rival had this much less time (rounding of epoch-second differences)
+#: parts are counted as if each rival had this much less time: time differences round within an ulp of the span
+#: (~1e-11 s for days), not of the epoch; a millisecond was a task in ten of 20-50 ms ones (the walk ran again)
 MARGIN_S = 1e-6
 #: parts looked at per question at most
 LOOK = 128

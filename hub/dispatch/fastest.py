@@ -6,12 +6,13 @@ them earlier: another agent, counted from when it is predicted to have a free sl
 one. A slow host therefore waits while faster ones can absorb the queue, and joins in when the
 queue is longer than they can clear. Predictions learn from observed wall times (``predict``).
 
-With 10,000 agents the rivals are not all looked at: they are visited fastest device first from a kept
-order (``roster.py``), and the walk stops as soon as the answer is known: the rivals so far cover the
-queue (take none), or even if every capable agent not yet visited finished as many as its device could at
-best (:meth:`SoonestGate.share`: an upper bound per remaining agent), enough would be left for this one.
-Agents that have run faster than measured (``Predictor.quick``) are visited first, exactly, so the bound
-holds for the rest. The answer is the full sum's.
+With 10,000 agents the rivals are not all looked at: they are visited quickest first by their predicted speed
+for the task's kind, from a kept order (``roster.KindOrder``), and the walk stops as soon as the answer is known:
+the rivals so far cover the queue (take none), or even if every capable agent not yet visited finished as many
+as its key allows (:meth:`SoonestGate.share`: an upper bound per remaining agent, summed over the rest of the
+order by bisection, :meth:`~hub.dispatch.roster.Roster.most_after`), enough would be left for this one. Agents
+that have run faster than measured (``Predictor.quick``) are visited first, exactly, so the bound holds for the
+rest. The answer is the full sum's.
 """
 
 from __future__ import annotations
