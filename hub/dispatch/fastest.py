@@ -181,11 +181,9 @@ class SoonestGate:
             visits += 1
             if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
                 total += self._last
-                if total >= spare:
+                if total >= queued:
                     cover.gone = (cover.gone + gone[i + 1:])[-GONE:]
                     return True
-        if total >= queued:
-            return True
         visits = 0
         for position, _, b_id in self._order(kind).fastest_first(cover.resume):
             if visits >= REPAIR_VISITS:
