@@ -28,6 +28,7 @@ __all__ = ["Identity", "PublicKey", "key_id"]
 
 PUBLIC_KEY_PREFIX = "ed25519:"
 SIGNATURE_BYTES = 64
+_BYTES = (bytes, bytearray, memoryview)
 
 
 def key_id(raw_public_key: bytes) -> str:
@@ -66,10 +67,10 @@ class PublicKey:
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         """Whether ``signature`` is this key's over ``data`` (libsodium's rules: see the module's docstring)."""
-        if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES or not isinstance(data, bytes):
+        if not isinstance(signature, _BYTES) or len(signature) != SIGNATURE_BYTES or not isinstance(data, _BYTES):
             return False   # libsodium takes signature + message as one string: a wrong length would shift the split
         try:
-            crypto_sign_open(signature + data, self.raw)
+            crypto_sign_open(bytes(signature) + bytes(data), self.raw)
         except (CryptoError, ValueError, TypeError):
             return False
         return True

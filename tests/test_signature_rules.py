@@ -74,6 +74,13 @@ def test_a_non_canonical_scalar_is_refused_by_both() -> None:
     assert not ident.public.verify(twisted, data) and not openssl_accepts(ident.public.raw, twisted, data)
 
 
+def test_bytes_like_signatures_and_messages_are_checked_as_bytes() -> None:
+    ident = Identity.generate()
+    signature = ident.sign(b"data")
+    assert ident.public.verify(bytearray(signature), memoryview(b"data"))
+    assert not ident.public.verify(memoryview(signature), bytearray(b"date"))
+
+
 @pytest.mark.parametrize("signature", [b"", bytes(63), bytes(65), "not bytes", None, bytes(128)])
 def test_a_malformed_signature_is_refused_without_an_exception(signature: object) -> None:
     ident = Identity.generate()
