@@ -65,7 +65,7 @@ class PublicKey:
             raise BadRequest(f"not a public key (expected ed25519:<base64>): {text[:60]!r}") from exc
         return cls(raw)
 
-    def verify(self, signature: bytes, data: bytes) -> bool:
+    def verify(self, signature: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview) -> bool:
         """Whether ``signature`` is this key's over ``data`` (libsodium's rules: see the module's docstring)."""
         if not isinstance(signature, _BYTES) or len(signature) != SIGNATURE_BYTES or not isinstance(data, _BYTES):
             return False   # libsodium takes signature + message as one string: a wrong length would shift the split
