@@ -19,6 +19,7 @@ their horizon or window had passed may count as connected again, and nothing els
 are silent: that is why they were dropped). :meth:`Presence.refresh` notices ``now`` earlier than the last
 ``now`` it saw and rebuilds membership from the rule over the whole fleet: a scan, but only on a rare clock
 step, never on the pick path of a clock that moves forward.
+
 :attr:`version` counts membership changes, and :attr:`log` says which (for indexes that keep counts per job);
 :attr:`slots_version` and :meth:`slots_since` do the same for changes to a member's free slots (``best-fit``
 keeps sums of them: hub/dispatch/fit_index.py). Both logs are trimmed to :data:`LOG_KEPT` entries.
