@@ -147,7 +147,7 @@ class Dispatcher:
         self.policy, self.config, self.clock = policy, config, clock
         self.context = DispatchContext(queues, fleet, config, clock)
         leases.on_later = self.context.note   # a task left an agent outside its pick: policies look again
-        self._queues, self._leases = queues, leases
+        self._queues, self._leases, self._fleet = queues, leases, fleet
         self._holdbacks: list[Holdback] = []
         self._timers: list[DispatchTimer] = []
         self.waiters = WakeIndex(self._may_run)
@@ -167,7 +167,7 @@ class Dispatcher:
             return None
         pause = self.pacing.retry_after()
         if pause is not None:
-            agent.quiet_until = self.clock() + pause
+            self._fleet.pause(agent, pause)
             self.context.note(agent)   # it is free later than a policy may have counted
         return pause
 
@@ -265,7 +265,7 @@ class Dispatcher:
                     self.waiters.unpark(waiter)
                     if waiter.woken.is_set():
                         woken = waiter
-                agent.last_seen = self.clock()
+                self._fleet.saw(agent)
         finally:
             self._hand_on(woken, [])   # cancelled, stopped or refused after a wake-up: its share goes on
 

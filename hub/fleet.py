@@ -142,7 +142,7 @@ class Fleet:
         self.config, self.clock = config, clock
         self._agents: dict[str, AgentState] = {}
         self.presence = Presence(max(2 * config.max_poll_wait_s, config.lease_ttl_s) + 5, config.max_poll_wait_s,
-                                 available_until, slots_of)
+                                 available_until, slots_of, self._agents)
         self._reports: list[AgentState] = []
         self._reports_base = 0
 
@@ -214,6 +214,19 @@ class Fleet:
         state.last_seen = now = self.clock()
         self.presence.touch(state, now)
         return state
+
+    def saw(self, agent: AgentState) -> None:
+        """The agent is still asking (a long poll woken): seen now. Through presence, as every change to
+        ``last_seen`` must be: after a clock step back "now" is earlier than the seen time it replaces."""
+        agent.last_seen = now = self.clock()
+        self.presence.touch(agent, now)
+
+    def pause(self, agent: AgentState, seconds: float) -> None:
+        """The agent was told to ask again in ``seconds``: it counts as around until that pause is overdue.
+        Through presence: a pause shorter than the last one told (jitter, a smaller fleet) ends earlier."""
+        now = self.clock()
+        agent.quiet_until = now + seconds
+        self.presence.touch(agent, now)
 
     def _horizon(self, now: float) -> float:
         """Seen since then: an agent in a long poll asks again within ``max_poll_wait_s``."""

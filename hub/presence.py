@@ -9,8 +9,17 @@ the events that change it, and the answer is the same predicate's (:func:`is_con
   found extended by later requests is pushed again), when its availability window ends, or, once the horizon
   has passed, when its last running task ends (its ``running`` set says so: :class:`Running`).
 
-``last_seen`` and ``quiet_until`` only ever move forward while an agent is a member (a request, a pause), so
-a member's scheduled time is never later than the true one: it is looked at no later than it would drop out.
+Every change to ``last_seen`` or ``quiet_until`` reaches :meth:`Presence.touch` (``Fleet.seen``, ``Fleet.saw``,
+``Fleet.pause``), which schedules the member again from the new values, so a member's scheduled time is never
+later than the true one: it is looked at no later than it would drop out (a shorter pause, or one told after
+the clock went back, moves it earlier).
+
+The board's clock is wall time, and a wall clock can be set back (an NTP step). Then agents dropped because
+their horizon or window had passed may count as connected again, and nothing else would bring them back (they
+are silent: that is why they were dropped). :meth:`Presence.refresh` notices ``now`` earlier than the last
+``now`` it saw and rebuilds membership from the rule over the whole fleet: a scan, but only on a rare clock
+step, never on the pick path of a clock that moves forward.
+
 :attr:`version` counts membership changes, and :attr:`log` says which (for indexes that keep counts per job);
 :attr:`slots_version` and :meth:`slots_since` do the same for changes to a member's free slots (``best-fit``
 keeps sums of them: hub/dispatch/fit_index.py). Both logs are trimmed to :data:`LOG_KEPT` entries.
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -63,9 +72,11 @@ class Presence:
     """The connected agents (``members``) and those of them with a free slot (``idle``)."""
 
     def __init__(self, seen_s: float, quiet_s: float, until: Callable[[AgentState], float | None],
-                 slots: Callable[[AgentState], int]) -> None:
+                 slots: Callable[[AgentState], int], fleet: Mapping[str, AgentState]) -> None:
         #: seen within ``seen_s`` or told to pause until less than ``quiet_s`` ago counts as around
         self.seen_s, self.quiet_s, self._until, self._slots = seen_s, quiet_s, until, slots
+        self._fleet = fleet                       # every registered agent: read only when the clock goes back
+        self._last_now = -math.inf                # the latest ``now`` refresh saw (an earlier one: rebuild)
         self.members: dict[str, AgentState] = {}
         self.idle: dict[str, AgentState] = {}
         self.version = 0
@@ -121,6 +132,9 @@ class Presence:
 
     def refresh(self, now: float) -> None:
         """Drop the members whose time has come (looked at again: a later request may have extended it)."""
+        if now < self._last_now:
+            self._rebuild(now)
+        self._last_now = now
         heap, due = self._heap, self._due
         while heap and heap[0][0] <= now:
             at, agent_id = heapq.heappop(heap)
@@ -131,6 +145,20 @@ class Presence:
             if self.is_connected(agent, now):
                 self._schedule(agent, now)
             else:
+                self._leave(agent)
+
+    def _rebuild(self, now: float) -> None:
+        """The clock went back: membership from the rule over every registered agent, and every member's time
+        to look again from its values now (agents dropped at a later time may be around again at this one)."""
+        self._heap, self._due = [], {}
+        for agent_id, agent in self._fleet.items():
+            member = agent_id in self.members
+            if self.is_connected(agent, now):
+                if not member:
+                    self._join(agent)
+                self._schedule(agent, now)
+                self._note_idle(agent)
+            elif member:
                 self._leave(agent)
 
     # -- bookkeeping ------------------------------------------------------------------------------

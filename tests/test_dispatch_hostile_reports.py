@@ -223,7 +223,8 @@ def pace(f: Fleet, pause_s: float) -> None:
 
 
 @pytest.mark.parametrize("back", [False, True])
-@pytest.mark.parametrize("seed", range(12))
+#: seeds 37, 43, 50-52 with the clock set back once left a dropped agent out of presence (hub/presence.py)
+@pytest.mark.parametrize("seed", [*range(12), 37, 43, 50, 51, 52])
 @pytest.mark.parametrize("policy", ["fastest", "adaptive"])
 async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_the_scans_answers(
         fleets: Callable[..., Any], policy: str, seed: int, back: bool) -> None:
