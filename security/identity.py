@@ -67,10 +67,16 @@ class PublicKey:
 
     def verify(self, signature: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview) -> bool:
         """Whether ``signature`` is this key's over ``data`` (libsodium's rules: see the module's docstring)."""
-        if not isinstance(signature, _BYTES) or len(signature) != SIGNATURE_BYTES or not isinstance(data, _BYTES):
-            return False   # libsodium takes signature + message as one string: a wrong length would shift the split
+        if not isinstance(signature, _BYTES) or not isinstance(data, _BYTES):
+            return False
+        # libsodium takes signature + message as one string, so the signature's length in BYTES fixes the split:
+        # len() of a memoryview counts items (a 'H' or 2-D view of 128 bytes has len 64), which let a signature
+        # over P + Q pass as one over Q. Measured after the copy to bytes, which is what is concatenated.
+        sig = bytes(signature)
+        if len(sig) != SIGNATURE_BYTES:
+            return False
         try:
-            crypto_sign_open(bytes(signature) + bytes(data), self.raw)
+            crypto_sign_open(sig + bytes(data), self.raw)
         except (CryptoError, ValueError, TypeError):
             return False
         return True
@@ -94,8 +100,9 @@ class Identity:
     def generate(cls) -> Identity:
         return cls(Ed25519PrivateKey.generate())
 
-    def sign(self, data: bytes) -> bytes:
-        return crypto_sign(data, self._secret)[:SIGNATURE_BYTES]
+    def sign(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The signature over ``data``; bytes-like as OpenSSL took it (libsodium's binding takes only bytes)."""
+        return crypto_sign(data if type(data) is bytes else bytes(data), self._secret)[:SIGNATURE_BYTES]
 
     def save(self, path: Path) -> None:
         """Write the private key; the file is created 0600 so no other user ever sees it."""
