@@ -13,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import tests.ed25519_points as ed
+from security import identity
 from security.identity import Identity, PublicKey
 
 #: the group order L; S + L is the same scalar as S, written non-canonically
@@ -224,6 +225,14 @@ def _hostile_cases() -> list[tuple[str, bytes, bytes, bytes, bool]]:
                 cases.append((f"small-order key {key.hex()[:8]}..{key.hex()[-2:]}", key, r + bytes(32), message,
                               False))
                 break
+        for i in range(64):   # and R of mixed order, [S]B - [h]A for a random S: the key's own rule refuses it
+            message = b"small-order key, mixed R %d" % i
+            s = rng.randrange(1, ed.L)
+            r = ed.encode(ed.add(ed.mul(s, ed.B), ed.T8[rng.randrange(8)]))
+            if ed.cofactorless_holds(r, key, s, message):
+                cases.append((f"small-order key {key.hex()[:8]}..{key.hex()[-2:]} mixed R", key,
+                              r + s.to_bytes(32, "little"), message, False))
+                break
     # an honest key and a small-order R: R = identity, S = h * a ("valid" to OpenSSL, made only by the key holder)
     ident = Identity.generate()
     a = _scalar(ident)
@@ -289,3 +298,58 @@ def test_the_hostile_cases_cover_each_family() -> None:
                    "non-canonical R"):
         assert family in names
     assert sum(c[0].startswith("small-order key") for c in HOSTILE) >= 10   # every encoding, not just the 8 points
+
+
+# -- the long path: OpenSSL's check after libsodium's rules (security/identity.py OPENSSL_FROM_BYTES) ----------------
+
+def _both_paths(monkeypatch: pytest.MonkeyPatch, key: bytes, signature: bytes, message: bytes) -> tuple[bool, bool]:
+    """(libsodium's verdict, the long path's) on the same input: the threshold moved, nothing else."""
+    monkeypatch.setattr(identity, "OPENSSL_FROM_BYTES", 1 << 62)
+    sodium = PublicKey(key).verify(signature, message)
+    monkeypatch.setattr(identity, "OPENSSL_FROM_BYTES", 0)
+    return sodium, PublicKey(key).verify(signature, message)
+
+
+def _every_case() -> list[tuple[str, bytes, bytes, bytes]]:
+    cases = [(name, key, sig, message) for name, key, sig, message, _ in HOSTILE]
+    cases += [(f"speccheck {i}", bytes.fromhex(k), bytes.fromhex(s), bytes.fromhex(m))
+              for i, (m, k, s) in enumerate(SPECCHECK)]
+    # small-order R and S = 0 under every small-order key encoding, and off-curve keys (y = 2 is not a point)
+    for key in {ed.encode(t) for t in ed.T8} | {(2).to_bytes(32, "little"), bytes(31) + b"\x80"}:
+        cases += [(f"S = 0 key {key.hex()[:8]} R {ed.encode(t).hex()[:8]}", key, ed.encode(t) + bytes(32), b"m")
+                  for t in ed.T8]
+    ident = Identity.generate()
+    good = ident.sign(b"m")
+    cases += [("good", ident.public.raw, good, b"m"), ("other message", ident.public.raw, good, b"n")]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "key", "signature", "message"), _every_case(), ids=[c[0] for c in _every_case()])
+def test_the_long_path_gives_libsodiums_verdict_on_every_edge_case(
+        monkeypatch: pytest.MonkeyPatch, name: str, key: bytes, signature: bytes, message: bytes) -> None:
+    sodium, long_path = _both_paths(monkeypatch, key, signature, message)
+    assert long_path is sodium
+
+
+def test_the_long_path_agrees_on_random_flips_of_good_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(23)
+    ident = Identity.generate()
+    good = ident.sign(b"a result record")
+    for _ in range(300):
+        signature, key = bytearray(good), bytearray(ident.public.raw)
+        target = rng.choice((signature, key))
+        target[rng.randrange(len(target))] ^= 1 << rng.randrange(8)
+        sodium, long_path = _both_paths(monkeypatch, bytes(key), bytes(signature), b"a result record")
+        assert long_path is sodium
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_a_4_mib_message_verifies_and_one_flipped_bit_does_not(kind: type) -> None:
+    ident = Identity.generate()
+    data = bytearray(random.Random(4).randbytes(4 << 20))
+    signature = ident.sign(bytes(data))
+    assert ident.public.verify(signature, kind(bytes(data)))
+    data[len(data) // 2] ^= 1
+    assert not ident.public.verify(signature, kind(bytes(data)))
+    small_order_key = PublicKey(bytes.fromhex("0100000000000000000000000000000000000000000000000000000000000000"))
+    assert not small_order_key.verify(small_order_key.raw + bytes(32), kind(bytes(data)))   # OpenSSL alone: True
