@@ -145,8 +145,13 @@ class Identity:
         return cls(Ed25519PrivateKey.generate())
 
     def sign(self, data: bytes | bytearray | memoryview) -> bytes:
-        """The signature over ``data``; bytes-like as OpenSSL took it (libsodium's binding takes only bytes)."""
-        return crypto_sign(data if type(data) is bytes else bytes(data), self._secret)[:SIGNATURE_BYTES]
+        """The signature over ``data``; bytes-like as OpenSSL took it (libsodium's binding takes only bytes). The same
+        bytes from either library (deterministic): a long message is OpenSSL's (4 MiB: 10 ms against libsodium's 30,
+        which hashes it twice with its portable SHA-512 and copies it twice more)."""
+        message = data if type(data) is bytes else bytes(data)
+        if len(message) >= OPENSSL_FROM_BYTES:
+            return self._key.sign(message)
+        return crypto_sign(message, self._secret)[:SIGNATURE_BYTES]
 
     def save(self, path: Path) -> None:
         """Write the private key; the file is created 0600 so no other user ever sees it."""

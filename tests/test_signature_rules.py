@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.bindings import crypto_sign
 
 import tests.ed25519_points as ed
 from security import identity
@@ -353,3 +354,12 @@ def test_a_4_mib_message_verifies_and_one_flipped_bit_does_not(kind: type) -> No
     assert not ident.public.verify(signature, kind(bytes(data)))
     small_order_key = PublicKey(bytes.fromhex("0100000000000000000000000000000000000000000000000000000000000000"))
     assert not small_order_key.verify(small_order_key.raw + bytes(32), kind(bytes(data)))   # OpenSSL alone: True
+
+
+@pytest.mark.parametrize("size", [(64 << 10) - 1, 64 << 10, 4 << 20])
+def test_a_long_message_is_signed_to_the_bytes_libsodium_makes(size: int) -> None:
+    ident = Identity.generate()
+    data = random.Random(size).randbytes(size)
+    signature = ident.sign(data)
+    assert signature == crypto_sign(data, ident._secret)[:64] == ident._key.sign(data)
+    assert ident.public.verify(signature, data)
