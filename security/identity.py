@@ -88,13 +88,16 @@ class PublicKey:
         # libsodium takes signature + message as one string, so the signature's length in BYTES fixes the split:
         # len() of a memoryview counts items (a 'H' or 2-D view of 128 bytes has len 64), which let a signature
         # over P + Q pass as one over Q. Measured after the copy to bytes, which is what is concatenated.
-        sig = bytes(signature)
+        try:
+            sig, message = bytes(signature), data if type(data) is bytes else bytes(data)
+        except (ValueError, TypeError, BufferError):   # a released view: nothing to check, not a server error
+            return False
         if len(sig) != SIGNATURE_BYTES:
             return False
-        if (data.nbytes if isinstance(data, memoryview) else len(data)) >= OPENSSL_FROM_BYTES:
-            return self._verify_long(sig, data if type(data) is bytes else bytes(data))
+        if len(message) >= OPENSSL_FROM_BYTES:
+            return self._verify_long(sig, message)
         try:
-            crypto_sign_open(sig + bytes(data), self.raw)
+            crypto_sign_open(sig + message, self.raw)
         except (CryptoError, ValueError, TypeError):
             return False
         return True

@@ -128,17 +128,42 @@ def test_bytes_like_data_is_signed_as_openssl_signed_it(kind: type) -> None:
     assert ident.sign(kind(data)) == ident._key.sign(data)
 
 
-def test_a_key_file_written_before_loads_and_signs_the_rfc_8032_bytes(tmp_path: Path) -> None:
-    """RFC 8032, 7.1, test 2: a key saved as before (PKCS#8 PEM through ``cryptography``) signs the published bytes."""
-    seed = bytes.fromhex("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
-    public = bytes.fromhex("3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c")
-    expected = bytes.fromhex("92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
-                             "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00")
+#: RFC 8032, 7.1, tests 1 (the empty message) and 2: seed, public key, message, signature
+RFC_8032 = [
+    ("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+     "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a", "",
+     "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+     "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"),
+    ("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+     "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c", "72",
+     "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+     "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"),
+]
+
+
+@pytest.mark.parametrize(("seed", "public", "message", "expected"), RFC_8032, ids=["empty message", "one byte"])
+def test_a_key_file_written_before_loads_and_signs_the_rfc_8032_bytes(
+        tmp_path: Path, seed: str, public: str, message: str, expected: str) -> None:
+    """A key saved as before (PKCS#8 PEM through ``cryptography``) loads to the same key and signs the published
+    bytes, an empty message included (libsodium's signed message is then the 64 bytes of the signature alone)."""
     path = tmp_path / "agent.key"
-    Identity(Ed25519PrivateKey.from_private_bytes(seed)).save(path)
+    Identity(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed))).save(path)
     loaded = Identity.load(path)
-    assert loaded.public.raw == public
-    assert loaded.sign(b"\x72") == expected and loaded.public.verify(expected, b"\x72")
+    assert loaded.public.raw == bytes.fromhex(public)
+    signature, data = bytes.fromhex(expected), bytes.fromhex(message)
+    assert loaded.sign(data) == signature and loaded.public.verify(signature, data)
+    assert not loaded.public.verify(signature, b"\x00")
+
+
+def test_a_released_view_is_refused_without_an_exception() -> None:
+    ident = Identity.generate()
+    signature, data = memoryview(ident.sign(b"x")), memoryview(b"x")
+    assert ident.public.verify(signature, data)
+    signature.release()
+    assert not ident.public.verify(signature, b"x")
+    live = memoryview(ident.sign(b"x"))
+    data.release()
+    assert not ident.public.verify(live, data)
 
 
 #: novifinancial/ed25519-speccheck cases.json, cases 0-9 (message, key, signature); of these libsodium accepts only
@@ -235,7 +260,7 @@ def _hostile_cases() -> list[tuple[str, bytes, bytes, bytes, bool]]:
                               r + s.to_bytes(32, "little"), message, False))
                 break
     # an honest key and a small-order R: R = identity, S = h * a ("valid" to OpenSSL, made only by the key holder)
-    ident = Identity.generate()
+    ident = Identity(Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)))   # the same cases in every process
     a = _scalar(ident)
     for r_point in ed.T8[:1] + ed.T8[4:5]:
         message = b"small-order R"
@@ -269,7 +294,7 @@ def _hostile_cases() -> list[tuple[str, bytes, bytes, bytes, bool]]:
     r = bytes(ed.non_canonical(ed.encode(ed.IDENTITY)) or b"")
     s = ed.challenge(r, ident.public.raw, message) * a % ed.L
     cases.append(("non-canonical R", ident.public.raw, r + s.to_bytes(32, "little"), message, False))
-    return cases
+    return sorted(cases)   # one order in every process (pytest-xdist compares the collections)
 
 
 def _scalar(ident: Identity) -> int:
@@ -316,10 +341,10 @@ def _every_case() -> list[tuple[str, bytes, bytes, bytes]]:
     cases += [(f"speccheck {i}", bytes.fromhex(k), bytes.fromhex(s), bytes.fromhex(m))
               for i, (m, k, s) in enumerate(SPECCHECK)]
     # small-order R and S = 0 under every small-order key encoding, and off-curve keys (y = 2 is not a point)
-    for key in {ed.encode(t) for t in ed.T8} | {(2).to_bytes(32, "little"), bytes(31) + b"\x80"}:
-        cases += [(f"S = 0 key {key.hex()[:8]} R {ed.encode(t).hex()[:8]}", key, ed.encode(t) + bytes(32), b"m")
-                  for t in ed.T8]
-    ident = Identity.generate()
+    for key in sorted({ed.encode(t) for t in ed.T8} | {(2).to_bytes(32, "little"), bytes(31) + b"\x80"}):
+        cases += [(f"S = 0 key {key.hex()[:8]}..{key.hex()[-2:]} R {ed.encode(t).hex()[:8]}..{ed.encode(t).hex()[-2:]}",
+                   key, ed.encode(t) + bytes(32), b"m") for t in ed.T8]
+    ident = Identity(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
     good = ident.sign(b"m")
     cases += [("good", ident.public.raw, good, b"m"), ("other message", ident.public.raw, good, b"n")]
     return cases
