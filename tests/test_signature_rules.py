@@ -141,13 +141,24 @@ RFC_8032 = [
 ]
 
 
+#: the key files of those seeds, as ``Identity.save`` wrote them before libsodium (PKCS#8 PEM)
+KEY_FILES = {
+    "9d61b19d": b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ1hsZ3v/VpguoRK9JLsLMREScVpezJpGXA7rAMcrn9g\n"
+                b"-----END PRIVATE KEY-----\n",
+    "4ccd089b": b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEzNCJso/5banbbDRuwRTg9bijGfNaumJNqM9u1PuKb7\n"
+                b"-----END PRIVATE KEY-----\n",
+}
+
+
 @pytest.mark.parametrize(("seed", "public", "message", "expected"), RFC_8032, ids=["empty message", "one byte"])
 def test_a_key_file_written_before_loads_and_signs_the_rfc_8032_bytes(
         tmp_path: Path, seed: str, public: str, message: str, expected: str) -> None:
     """A key saved as before (PKCS#8 PEM through ``cryptography``) loads to the same key and signs the published
     bytes, an empty message included (libsodium's signed message is then the 64 bytes of the signature alone)."""
     path = tmp_path / "agent.key"
-    Identity(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed))).save(path)
+    path.write_bytes(KEY_FILES[seed[:8]])   # as the agent wrote it before (PKCS#8 PEM, byte for byte)
+    Identity(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed))).save(tmp_path / "now.key")
+    assert (tmp_path / "now.key").read_bytes() == path.read_bytes()   # and as it writes it now
     loaded = Identity.load(path)
     assert loaded.public.raw == bytes.fromhex(public)
     signature, data = bytes.fromhex(expected), bytes.fromhex(message)
