@@ -73,10 +73,11 @@ async def hubs(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         await hub.board.stop()
 
 
-async def test_an_agent_dropped_past_its_horizon_is_connected_again_when_the_clock_goes_back(
+async def test_an_agent_dropped_past_its_horizon_stays_dropped_when_the_clock_goes_back(
         hubs: Callable[..., Any]) -> None:
-    """Dropped once its seen horizon passed; the clock is set back to before that horizon: it counts again
-    (nothing else would bring it back: it is silent, that is why it was dropped)."""
+    """Dropped once its seen horizon passed; the clock is then set back to before that horizon. The agent has
+    been silent for longer than the horizon all the same (the clock moved, not the agent): it stays dropped.
+    Read in the clock's new time, its seen time lies 150 s earlier than it was noted."""
     h: Hub = await hubs(lease_ttl_s=600, max_poll_wait_s=30)            # seen horizon: 605 s
     quiet, busy = await h.agent("quiet"), await h.agent("busy")
     assert h.agree() == {quiet.id, busy.id}
@@ -84,10 +85,42 @@ async def test_an_agent_dropped_past_its_horizon_is_connected_again_when_the_clo
     assert await h.board.lease(busy.id, 1, 0) == []                     # busy asks again; quiet says nothing
     h.clock.now += 200                                                  # past quiet's horizon
     assert h.agree() == {busy.id}
-    h.clock.now -= 150                                                  # an NTP step back: inside it again
-    assert h.agree() == {quiet.id, busy.id}
-    h.clock.now += 100                                                  # and past it once more
+    h.clock.now -= 150                                                  # an NTP step back
     assert h.agree() == {busy.id}
+    h.clock.now += 100
+    assert h.agree() == {busy.id}
+
+
+async def test_an_agent_silent_since_a_clock_step_back_leaves_a_horizon_after_it_not_a_step_later(
+        hubs: Callable[..., Any]) -> None:
+    """The hub's clock ran an hour fast and NTP sets it back. An agent seen just before the step and silent
+    since counted as seen an hour "ahead": connected (a rival policies counted on, never given the work) for an
+    hour and its horizon. Read in the clock's new time it leaves a horizon after it was last seen."""
+    h: Hub = await hubs()                                               # seen horizon: 45 s
+    gone, other = await h.agent("gone"), await h.agent("other")
+    assert await h.board.lease(gone.id, 1, 0) == []
+    h.clock.now -= 3600                                                 # the step
+    assert h.agree() == {gone.id, other.id}
+    h.clock.now += 60                                                   # a minute later, in any clock
+    assert await h.board.lease(other.id, 1, 0) == []
+    assert h.agree() == {other.id}
+
+
+async def test_a_pause_told_before_a_clock_step_back_ends_when_it_was_told_to(hubs: Callable[..., Any]) -> None:
+    """Told to ask again in 300 s, then the clock is set back an hour: the agent asks again 300 s later by its
+    own clock (it counts its pause, not the hub's time), so it is overdue 300 + 20 s after it was told, not an
+    hour later (when the pause would end by the numbers the hub kept)."""
+    h: Hub = await hubs()
+    paused = await h.agent("paused")
+    tell_pauses(h, 300.0)
+    assert await h.board.lease(paused.id, 1, 0) == []
+    assert h.board.retry_after(paused.id) == 300.0
+    h.clock.now -= 3600
+    assert h.agree() == {paused.id}
+    h.clock.now += 310
+    assert h.agree() == {paused.id}                                     # within 300 s + 20 s
+    h.clock.now += 20
+    assert h.agree() == set()                                           # overdue
 
 
 async def test_an_agent_dropped_at_the_end_of_its_window_is_connected_again_when_the_clock_goes_back(
@@ -141,3 +174,43 @@ async def test_a_long_poll_woken_after_the_clock_went_back_is_seen_at_the_earlie
     assert await poll == []
     h.clock.now += 650                                                  # past the new horizon, not the old
     assert h.agree() == set()
+
+
+async def test_an_agent_registered_while_the_clock_steps_back_is_seen_at_the_new_time(
+        hubs: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registration's seen time is taken before its row is written; the clock is set back an hour during the
+    write. The agent, silent after registering, leaves a horizon later, not an hour and a horizon later."""
+    h: Hub = await hubs()                                               # seen horizon: 45 s
+    store, write = h.board.store, h.board.store.upsert_agent
+
+    async def stepped(row: Any) -> None:
+        h.clock.now -= 3600                                             # NTP steps the clock meanwhile
+        await write(row)
+
+    monkeypatch.setattr(store, "upsert_agent", stepped)
+    late = await h.agent("late")
+    monkeypatch.setattr(store, "upsert_agent", write)
+    assert h.agree() == {late.id}
+    h.clock.now += 60
+    assert h.agree() == set()
+
+
+async def test_an_agent_stored_by_a_clock_since_set_back_is_not_connected_a_horizon_after_a_restart(
+        tmp_path: Path) -> None:
+    """The hub's clock ran an hour fast while an agent registered (its row says so); the hub restarts with the
+    clock set right. The agent, silent since, is not connected for the hour its row is ahead."""
+    fast = Hub(tmp_path)
+    fast.clock.now += 3600
+    await fast.board.start()
+    try:
+        silent = await fast.agent("silent")
+    finally:
+        await fast.board.stop()
+    h = Hub(tmp_path)                                                   # the same database, the right time
+    await h.board.start()
+    try:
+        assert silent.id in h.board.agents
+        h.clock.now += 60
+        assert h.agree() == set()
+    finally:
+        await h.board.stop()
