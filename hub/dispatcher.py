@@ -65,7 +65,9 @@ class DispatchContext:
         return presence.members.keys()
 
     def stays_until(self, agent: AgentState) -> float | None:
-        return self._fleet.presence.stays_until(agent, self._clock())
+        presence, now = self._fleet.presence, self._clock()
+        presence.observe(now)
+        return presence.stays_until(agent, now)
 
     def note(self, agent: AgentState) -> None:
         """The agent's standing changed outside a pick of its own (see :meth:`noted_since`)."""
@@ -147,7 +149,8 @@ class Dispatcher:
         self.policy, self.config, self.clock = policy, config, clock
         self.context = DispatchContext(queues, fleet, config, clock)
         leases.on_later = self.context.note   # a task left an agent outside its pick: policies look again
-        self._queues, self._leases = queues, leases
+        fleet.presence.on_moved = self.context.note   # a clock step back moved its seen or pause time
+        self._queues, self._leases, self._fleet = queues, leases, fleet
         self._holdbacks: list[Holdback] = []
         self._timers: list[DispatchTimer] = []
         self.waiters = WakeIndex(self._may_run)
@@ -167,7 +170,7 @@ class Dispatcher:
             return None
         pause = self.pacing.retry_after()
         if pause is not None:
-            agent.quiet_until = self.clock() + pause
+            self._fleet.pause(agent, pause)
             self.context.note(agent)   # it is free later than a policy may have counted
         return pause
 
@@ -265,7 +268,7 @@ class Dispatcher:
                     self.waiters.unpark(waiter)
                     if waiter.woken.is_set():
                         woken = waiter
-                agent.last_seen = self.clock()
+                self._fleet.saw(agent)
         finally:
             self._hand_on(woken, [])   # cancelled, stopped or refused after a wake-up: its share goes on
 

@@ -142,7 +142,7 @@ class Fleet:
         self.config, self.clock = config, clock
         self._agents: dict[str, AgentState] = {}
         self.presence = Presence(max(2 * config.max_poll_wait_s, config.lease_ttl_s) + 5, config.max_poll_wait_s,
-                                 available_until, slots_of)
+                                 available_until, slots_of, self._agents)
         self._reports: list[AgentState] = []
         self._reports_base = 0
 
@@ -182,8 +182,10 @@ class Fleet:
 
     def load(self, rows: list[AgentRow]) -> None:
         """The agents in the store at start."""
-        for row in rows:
-            self._attach(AgentState(row, PublicKey.parse(row.public_key), stored_capabilities(row), row.last_seen))
+        now = self.clock()
+        for row in rows:   # seen no later than now: a row noted by a clock since set back (a restart, another hub)
+            self._attach(AgentState(row, PublicKey.parse(row.public_key), stored_capabilities(row),
+                                    min(row.last_seen, now)))
 
     def admission(self, key: PublicKey, name: str, capabilities: Capabilities, owner: str | None = None) -> AgentRow:
         """The row to store for a (re-)registration (the report as the agent sent it; a known agent keeps
@@ -195,25 +197,46 @@ class Fleet:
 
     def enrol(self, key: PublicKey, row: AgentRow, caps: Capabilities) -> tuple[AgentState, bool]:
         """Register (or update) the agent once its row is stored; whether it is new."""
+        now = self.clock()
+        self.presence.observe(now)
+        seen = min(row.last_seen, now)   # the row's time was taken before its store write: the clock may have stepped
         known = self._agents.get(key.id)
         if known is not None:
             changed = known.caps is not caps
-            known.row, known.caps, known.last_seen = row, caps, row.last_seen
+            known.row, known.caps, known.last_seen = row, caps, seen
             if changed:
                 self.note_report(known)
             else:
                 self.presence.touch(known, self.clock())
             return known, False
-        return self._attach(AgentState(row, key, caps, row.last_seen)), True
+        return self._attach(AgentState(row, key, caps, seen)), True
 
     def seen(self, agent_id: str) -> AgentState:
         """The registered agent, noted as seen now."""
         state = self._agents.get(agent_id)
         if state is None:
             raise Forbidden(f"agent {agent_id} is not registered on this board", code="not_registered")
-        state.last_seen = now = self.clock()
+        now = self.clock()
+        self.presence.observe(now)   # a clock set back moves the kept times first (hub/presence.py)
+        state.last_seen = now
         self.presence.touch(state, now)
         return state
+
+    def saw(self, agent: AgentState) -> None:
+        """The agent is still asking (a long poll woken): seen now. Through presence, as every change to
+        ``last_seen`` must be: after a clock step back "now" is earlier than the seen time it replaces."""
+        now = self.clock()
+        self.presence.observe(now)
+        agent.last_seen = now
+        self.presence.touch(agent, now)
+
+    def pause(self, agent: AgentState, seconds: float) -> None:
+        """The agent was told to ask again in ``seconds``: it counts as around until that pause is overdue.
+        Through presence: a pause shorter than the last one told (jitter, a smaller fleet) ends earlier."""
+        now = self.clock()
+        self.presence.observe(now)
+        agent.quiet_until = now + seconds
+        self.presence.touch(agent, now)
 
     def _horizon(self, now: float) -> float:
         """Seen since then: an agent in a long poll asks again within ``max_poll_wait_s``."""
@@ -221,6 +244,7 @@ class Fleet:
 
     def online(self) -> list[AgentState]:
         now = self.clock()
+        self.presence.observe(now)
         horizon = self._horizon(now)
         back = now - self.config.max_poll_wait_s
         return [a for a in self._agents.values() if a.last_seen >= horizon or a.quiet_until >= back]
@@ -233,4 +257,5 @@ class Fleet:
 
     def is_connected(self, agent: AgentState, now: float) -> bool:
         """Whether :meth:`connected` would list the agent (one agent, no list built)."""
+        self.presence.observe(now)
         return self.presence.is_connected(agent, now)

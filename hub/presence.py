@@ -9,8 +9,22 @@ the events that change it, and the answer is the same predicate's (:func:`is_con
   found extended by later requests is pushed again), when its availability window ends, or, once the horizon
   has passed, when its last running task ends (its ``running`` set says so: :class:`Running`).
 
-``last_seen`` and ``quiet_until`` only ever move forward while an agent is a member (a request, a pause), so
-a member's scheduled time is never later than the true one: it is looked at no later than it would drop out.
+Every change to ``last_seen`` or ``quiet_until`` reaches :meth:`Presence.touch` (``Fleet.seen``, ``Fleet.saw``,
+``Fleet.pause``), which schedules the member again from the new values, so a member's scheduled time is never
+later than the true one: it is looked at no later than it would drop out (a shorter pause, or one told after
+the clock went back, moves it earlier).
+
+The board's clock is wall time, and a wall clock can be set back (an NTP step). The seen and pause times
+noted before the step are then in the clock's old time: read as they are, an agent seen just before a step of an
+hour, and silent since, would count as connected for that hour (a rival policies count on, never given the
+work), and one told to pause 300 s as around an hour after its pause. :meth:`Presence.observe` notices a
+``now`` earlier than the last one it saw (every event and ask passes it, before a new time is noted) and
+moves those times into the new time by the step it saw, then rebuilds membership from the rule over the whole
+fleet: a scan, but only on a rare clock step, never on the pick path of a clock that moves forward. Agents
+whose times moved are told to :attr:`Presence.on_moved` (indexes that kept a rival's stay or free time:
+hub/dispatch/covers.py, fit_index.py). The step seen is a lower bound of the real one (the clock may have
+stepped a while after the last time seen): times stay late by at most that while.
+
 :attr:`version` counts membership changes, and :attr:`log` says which (for indexes that keep counts per job);
 :attr:`slots_version` and :meth:`slots_since` do the same for changes to a member's free slots (``best-fit``
 keeps sums of them: hub/dispatch/fit_index.py). Both logs are trimmed to :data:`LOG_KEPT` entries.
@@ -20,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -63,9 +77,13 @@ class Presence:
     """The connected agents (``members``) and those of them with a free slot (``idle``)."""
 
     def __init__(self, seen_s: float, quiet_s: float, until: Callable[[AgentState], float | None],
-                 slots: Callable[[AgentState], int]) -> None:
+                 slots: Callable[[AgentState], int], fleet: Mapping[str, AgentState]) -> None:
         #: seen within ``seen_s`` or told to pause until less than ``quiet_s`` ago counts as around
         self.seen_s, self.quiet_s, self._until, self._slots = seen_s, quiet_s, until, slots
+        self._fleet = fleet                       # every registered agent: read only when the clock goes back
+        self._last_now = -math.inf                # the latest ``now`` seen (an earlier one: the clock stepped back)
+        #: told of each agent whose seen or pause time a clock step back moved (the dispatcher notes it)
+        self.on_moved: Callable[[AgentState], None] | None = None
         self.members: dict[str, AgentState] = {}
         self.idle: dict[str, AgentState] = {}
         self.version = 0
@@ -97,8 +115,16 @@ class Presence:
         return (bool(agent.running) or self._by_time(agent, now)) and (until is None or until > now)
 
     # -- events -----------------------------------------------------------------------------------
+    def observe(self, now: float) -> None:
+        """The clock reads ``now``: if that is earlier than the last time seen, it was set back (see the module's
+        docstring). Called before a new seen or pause time is noted, so every time kept is in the old time."""
+        if now < self._last_now:
+            self._stepped_back(now, self._last_now - now)
+        self._last_now = now
+
     def touch(self, agent: AgentState, now: float) -> None:
         """The agent was seen, registered or given a task: it may have joined; its free slots may differ."""
+        self.observe(now)
         member = agent.row.id in self.members
         if not member and self.is_connected(agent, now):
             self._join(agent)
@@ -108,6 +134,7 @@ class Presence:
             self._note_idle(agent)
 
     def running_changed(self, agent: AgentState, now: float) -> None:
+        self.observe(now)
         if agent.row.id in self.members:
             if not agent.running and not self.is_connected(agent, now):
                 self._leave(agent)
@@ -121,6 +148,7 @@ class Presence:
 
     def refresh(self, now: float) -> None:
         """Drop the members whose time has come (looked at again: a later request may have extended it)."""
+        self.observe(now)
         heap, due = self._heap, self._due
         while heap and heap[0][0] <= now:
             at, agent_id = heapq.heappop(heap)
@@ -131,6 +159,27 @@ class Presence:
             if self.is_connected(agent, now):
                 self._schedule(agent, now)
             else:
+                self._leave(agent)
+
+    def _stepped_back(self, now: float, step: float) -> None:
+        """The clock went back by ``step`` (at least): the seen and pause times that still count move back by it
+        (older ones count for nothing either way), then membership from the rule over every registered agent,
+        and every member's time to look again from its values now."""
+        self._heap, self._due = [], {}
+        moved = self.on_moved
+        for agent_id, agent in self._fleet.items():
+            if agent.last_seen >= now - self.seen_s or agent.quiet_until >= now - self.quiet_s:
+                agent.last_seen = min(agent.last_seen - step, now)
+                agent.quiet_until -= step
+                if moved is not None:
+                    moved(agent)
+            member = agent_id in self.members
+            if self.is_connected(agent, now):
+                if not member:
+                    self._join(agent)
+                self._schedule(agent, now)
+                self._note_idle(agent)
+            elif member:
                 self._leave(agent)
 
     # -- bookkeeping ------------------------------------------------------------------------------

@@ -28,13 +28,12 @@ commit on the loop's thread then; else the writer thread takes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 __all__ = ["CHECKPOINT_COMMITS", "CHECKPOINT_WAL_BYTES", "INLINE_ROWS", "SqliteWriter"]
@@ -73,7 +72,8 @@ class SqliteWriter:
         self._pending = 0
         self._since_checkpoint = 0
         self._wal = ""   # the WAL file's path ("": none, an in-memory database)
-        self._patience_ms = 0   # the connection's busy_timeout, restored after each impatient statement
+        self._patience_ms = 0   # the connection's busy_timeout as opened: the writer thread's BEGIN waits that long
+        self._busy_ms = 0       # its busy_timeout now: set only when it must change (inline commits run at 0)
         #: writes whose turn is taken, committed at the end of this loop step (lease writes), and whether
         #: each is small enough to commit inline
         self._deferred: list[tuple[Write, asyncio.Future[Any]]] = []
@@ -91,6 +91,7 @@ class SqliteWriter:
         main = [row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"]
         self._wal = f"{main[0]}-wal" if main and main[0] else ""
         (self._patience_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()   # as whoever opened it set it
+        self._busy_ms = self._patience_ms
         self._thread = threading.Thread(target=self._writer, args=(conn,), name="panal-store", daemon=True)
         self._thread.start()
 
@@ -159,8 +160,8 @@ class SqliteWriter:
         # Idle: the writer thread waits in get() and touches the connection only after a put (the loop
         # thread's, like this call), so this transaction is the only one; every earlier write has settled.
         try:
-            with self._impatient(conn):
-                conn.execute("BEGIN IMMEDIATE")
+            self._busy_timeout(conn, 0)
+            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             return None
         outcomes = self._commit(conn, fns, begun=True)
@@ -214,20 +215,19 @@ class SqliteWriter:
         if busy or frames <= 0 or copied != frames:
             return
         try:
-            with self._impatient(conn):
-                (version,) = conn.execute("PRAGMA user_version").fetchone()
-                conn.execute(f"PRAGMA user_version={int(version)}")
+            self._busy_timeout(conn, 0)
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version={int(version)}")
         except sqlite3.Error:   # busy: whoever holds the lock restarts the log
             pass
 
-    @contextlib.contextmanager
-    def _impatient(self, conn: sqlite3.Connection) -> Iterator[None]:
-        """Statements that give up at once on another process's write lock, instead of waiting it out."""
-        conn.execute("PRAGMA busy_timeout=0")
-        try:
-            yield
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={int(self._patience_ms)}")
+    def _busy_timeout(self, conn: sqlite3.Connection, ms: int) -> None:
+        """How long the next statement waits for another process's write lock: 0 on the event loop (an inline BEGIN
+        and the log's restart give up at once instead), the opened value for the writer thread's BEGIN. Set only
+        when it changes: a pragma each way around every inline commit was four statements a submitted task."""
+        if self._busy_ms != ms:
+            conn.execute(f"PRAGMA busy_timeout={int(ms)}")
+            self._busy_ms = ms
 
     def _checkpoint_due(self) -> bool:
         """After a commit, on whichever thread made it (one stat: ~1 us)."""
@@ -243,7 +243,8 @@ class SqliteWriter:
         two threads at once: inline only while no write is in the writer thread's hands."""
         outcomes: list[tuple[bool, Any]] = []
         try:
-            if not begun:
+            if not begun:   # the writer thread's: it may wait for another process's lock
+                self._busy_timeout(conn, self._patience_ms)
                 conn.execute("BEGIN IMMEDIATE")
             for fn in fns:
                 conn.execute("SAVEPOINT op")

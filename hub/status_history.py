@@ -84,8 +84,10 @@ class StatusHistory:
                 **{key: [r[key] for r in rows] for key in ("done", "failed", "agents", "backlog")}}
 
     async def flush(self, now: float, force: bool = False) -> None:
-        """Write the changed buckets, at most once per FLUSH_S unless forced (a clean stop)."""
-        if self.store is None or not self._dirty or (not force and now - self._flushed_at < FLUSH_S):
+        """Write the changed buckets, at most once per FLUSH_S unless forced (a clean stop). ``now`` is the
+        board's wall clock: one set back (an NTP step) writes at once, or nothing would be written until the
+        clock came back to the last write (an hour back: an hour a crash could lose, not ``FLUSH_S``)."""
+        if self.store is None or not self._dirty or (not force and 0.0 <= now - self._flushed_at < FLUSH_S):
             return
         dirty, self._dirty = self._dirty, set()
         self._flushed_at = now

@@ -34,11 +34,12 @@ from typing import Any
 from aiohttp import web
 
 from hub.fleet import AgentState
-from hub.readmodel import BoardView, job_summary
-from hub.records import JobRow, JobState, TaskRow, TaskState
+from hub.readmodel import BoardView
+from hub.records import JobRow, TaskRow, TaskState
 from hub.status_history import StatusHistory
 from hub.status_kinds import KindStats
-from hub.status_rows import agent_state, public_job
+from hub.status_recent import RecentJobs
+from hub.status_rows import active_job_row, agent_row, agent_state, public_job
 from hub.status_snapshot import Page, Snapshot, agent_order, page_of
 from hub.status_waiting import WaitingExplainer
 from hub.store import Store
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL_S = 2.0      # a status snapshot to live viewers at least this often (also their keepalive)
 EVENT_DEBOUNCE_S = 0.2         # a burst of board events gives one snapshot
 RECENT_EVENTS = 50
-RECENT_JOBS = 20               # finished jobs listed beside the active ones
 HISTORY_MINUTES = 60
 SUBSCRIBER_QUEUE = 64          # frames a slow viewer may lag behind before it is dropped (it reconnects)
 #: a board with at most this many agents and active jobs together rebuilds a stale snapshot for the request
@@ -88,8 +88,7 @@ class StatusFeed:
         self.subscribers: set[asyncio.Queue[Frame | None]] = set()
         self._online: set[str] | None = None
         self._refused: dict[str, str | None] = {}
-        self._recent_jobs: list[dict[str, Any]] | None = None   # finished jobs from the store; None: reload
-        self._final_counts: dict[str, dict[str, int]] = {}      # job id -> its tasks by state, once finished
+        self.recent = RecentJobs(view)                       # finished jobs, from the store once per finish
         self._kick = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
 
@@ -99,7 +98,7 @@ class StatusFeed:
         self.events.append(event)
         self._changes += 1
         if event.get("type") == "job_finished":
-            self._recent_jobs = None
+            self.recent.forget()
         if self.subscribers:   # (framed only for live viewers: a JSON encode per board event otherwise)
             self._broadcast(_frame("board", event))
         self._kick.set()
@@ -242,13 +241,13 @@ class StatusFeed:
         ids, agent_page = page_of(snap.agents_matching(*page.agent_search), page.agents_offset, page.agents_limit)
         agents = self.view.agents
         online = snap.base["online_ids"]
-        agent_rows = [self._agent_row(agents[i], i in online) for i in ids if i in agents]
+        agent_rows = [agent_row(self.view, agents[i], i in online, self.standing(i)) for i in ids if i in agents]
         ids, job_page = page_of(snap.jobs_matching(*page.job_search), page.jobs_offset, page.jobs_limit)
-        job_rows, recent = [], self._recent_rows
+        job_rows, recent = [], self.recent.rows
         for job_id in ids:
             live = self.view.job(job_id)
-            row = self._active_row(live, snap.base["generated_at"]) if live is not None \
-                else recent.get(job_id)
+            row = recent.get(job_id) if live is None else \
+                active_job_row(self.view, live, snap.base["generated_at"], self.waiting.job_lines)
             if row is not None:
                 job_rows.append(row)
         body = {k: v for k, v in snap.base.items() if k != "online_ids"}
@@ -284,7 +283,7 @@ class StatusFeed:
         order = agent_order(by_agent, busy)
         base = {"agents": {"registered": len(by_agent)}, "jobs": {"active": view.active_count()},
                 "tasks": {state.value: n for state, n in view.task_totals().items()}, "stats": dict(view.stats)}
-        await self._load_recent()
+        await self.recent.load()
         active_jobs = view.active_jobs()
         active = [job.id for job in active_jobs]
         active_set = set(active)
@@ -304,76 +303,17 @@ class StatusFeed:
             "history": self.day.columns(now),
             "online_ids": online_ids,
         }, agent_ids=order,
-            job_ids=active + [i for i in self._recent_rows if i not in active_set],
+            job_ids=active + [i for i in self.recent.rows if i not in active_set],
             fingerprint=fingerprint, built_at=asyncio.get_running_loop().time(),
             agent_states=by_agent, agent_text=self._search_text,
             job_index={**{r["id"]: (f"{r['name']} {r['id']}".lower(), r["state"], r["kind"])
-                          for r in self._recent_jobs or []},
+                          for r in self.recent.rows.values()},
                        **{j.id: (f"{j.name} {j.id}".lower(), j.state.value, j.kind) for j in active_jobs}})
         snap.body = await self.page(snap, Page())
         snap.json = encode_body(snap.body, JSON)
         snap.frame = b"event: status\ndata: " + snap.json + b"\n\n"
         snap.build_s = time.perf_counter() - started
         return snap
-
-    def _agent_row(self, agent: AgentState, online: bool) -> dict[str, Any]:
-        caps = agent.caps
-        found = caps.raw.get("cpu")
-        cpu: dict[str, Any] = found if isinstance(found, dict) else {}
-        running = []
-        for task_id in sorted(agent.running):
-            task = self.view.task(task_id)
-            job = self.view.job(task.job_id) if task is not None else None
-            if task is not None and job is not None:
-                running.append({"task": task_id, "job": job.id, "job_name": job.name, "idx": task.idx,
-                                "progress": task.progress})
-        settled = agent.done + agent.failed
-        standing = self.standing(agent.row.id)
-        return {
-            "id": agent.row.id, "name": agent.row.name, "state": agent_state(agent, online),
-            "gpus": [{"name": g.name, "backend": g.backend, "vram_gb": g.vram_gb, "gflops_fp32": g.gflops_fp32}
-                     for g in caps.gpus],
-            "cpu": {"model": str(cpu.get("model") or ""), "cores": caps.cpu_cores, "gflops_fp32": caps.cpu_gflops},
-            "memory_gb": caps.memory_gb, "running": running, "done": agent.done, "failed": agent.failed,
-            "error_rate": round(agent.failed / settled, 4) if settled else 0.0,
-            "credit": round(float(standing.get("credit", 0.0)), 3),
-            "invalid_results": int(standing.get("invalid_results", 0)),
-            "speed_flag": standing.get("speed_flag"),
-            "last_seen": agent.last_seen, "registered_at": agent.row.registered_at, "quarantine": agent.refused,
-        }
-
-    def _active_row(self, job: JobRow, now: float) -> dict[str, Any]:
-        view = self.view
-        counts = view.counts(job.id)
-        row = public_job(job_summary(job, counts))
-        row["quorum"] = int(job.validation.get("quorum", 1))
-        settled = sum(counts.get(s.value, 0) for s in TaskState if s.terminal)
-        row["eta_s"] = (now - job.created_at) / settled * (job.n_tasks - settled) if settled else None
-        if view.queued(job.id) and (lines := self.waiting.job_lines(job.id)):
-            row["waiting_because"] = lines
-        return row
-
-    @property
-    def _recent_rows(self) -> dict[str, dict[str, Any]]:
-        return {row["id"]: row for row in self._recent_jobs or []}
-
-    async def _load_recent(self) -> None:
-        """The recently finished jobs' rows, from the store once per finished job (not per snapshot)."""
-        if self._recent_jobs is None:
-            finished = [job for job in await self.view.list_jobs(None, RECENT_JOBS) if job.state.terminal]
-            self._final_counts = {job.id: await self._counts_of_finished(job) for job in finished}
-            self._recent_jobs = [{**public_job(job_summary(job, self._final_counts[job.id])), "eta_s": None,
-                                  "quorum": int(job.validation.get("quorum", 1))}
-                                 for job in finished]
-
-    async def _counts_of_finished(self, job: JobRow) -> dict[str, int]:
-        """A finished job's tasks by state: they no longer change, so the store is asked once per job."""
-        if job.state == JobState.SUCCEEDED:
-            return {TaskState.DONE.value: job.n_tasks}
-        known = self._final_counts.get(job.id)
-        if known is not None:
-            return known
-        return dict(Counter(t.state.value for t in await self.view.tasks(job.id)))
 
     def _search_text(self, agent_id: str) -> str:
         """What an agent search looks in: its name and id, lowercased (kept until it is renamed)."""

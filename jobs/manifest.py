@@ -2,7 +2,8 @@
 
 Validation is strict (unknown keys are errors) and reports every problem at once, each as
 ``file:line:col: field.path: expected ..., got ...``. The same checks run in the CLI (with
-positions) and on the board (on the signed manifest, with field paths only).
+positions) and on the board (on the signed manifest, with field paths only). The schema itself, its bounds
+and durations are in :mod:`jobs.manifest_schema` (re-exported here: ``manifest_schema``, ``parse_duration``).
 """
 
 from __future__ import annotations
@@ -10,19 +11,24 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
-from jobs.catalog import all_kinds, get_kind
-from jobs.code_spec import CODE_SCHEMA, with_code
+from jobs.catalog import get_kind
+from jobs.code_spec import with_code
 from jobs.errors import InvalidParams
-from jobs.inputs import INPUT_SCHEMA, InputRef, check_inputs, parse_inputs, shard_points
-from jobs.report import REPORT_SCHEMA, ReportSpec
+from jobs.inputs import InputRef, check_inputs, parse_inputs, shard_points
+from jobs.manifest_schema import (
+    BASE_SCHEMA,
+    MAX_MEMORY_GB,
+    MAX_TIMEOUT_S,
+    expected,
+    manifest_schema,
+    parse_duration,
+    unknown,
+)
+from jobs.report import ReportSpec
 from jobs.requirements import Requirements, torch_range_problem
 from jobs.schema_check import SchemaCheck
 from jobs.yamlpos import path_text
@@ -32,127 +38,10 @@ __all__ = ["DEFAULT_MAX_TASKS", "DEFAULT_MEMORY_GB", "MAX_MEMORY_GB", "MAX_TIMEO
            "manifest_schema", "parse_duration", "validate"]
 
 DEFAULT_MAX_TASKS = 10_000
-#: Absolute bounds of ``spec.resources`` (a hub may set lower ones, hub.yaml): no machine a volunteer runs
-#: has 4 TiB of RAM, and no single task should hold a lease for more than 30 days (checkpoint and split it).
-MAX_MEMORY_GB = 4096.0
-MAX_TIMEOUT_S = 30 * 86400.0
-MAX_THREADS = 1024   # ``spec.resources.threads``: more than any volunteer's machine has cores
 #: The memory cap of a task whose manifest names none: half of an 8 GB laptop, a quarter of a 16 GB
 #: desktop, so an undeclared task cannot take a volunteer's machine down (a matmul 32768 fp64 would grow
 #: to ~17 GB), yet enough for the kinds' default parameters. A task that needs more says so.
 DEFAULT_MEMORY_GB = 4.0
-#: the unit's trailing blanks belong to it: ``\s*(unit)?\s*$`` split a run of blanks between two ``\s*`` every way
-#: before failing (quadratic: "1", 16k spaces and "x" took 0.9 s, a 4 MiB body hours of the hub's event loop)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:(ms|s|m|h|d)\s*)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_DURATION_SCHEMA = {"type": ["number", "string"], "pattern": _DURATION.pattern, "minimum": 0}
-
-_BASE_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "panal job manifest",
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "panal/v1"},
-        "kind": {"const": "Job"},
-        "metadata": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["name"],
-            "properties": {
-                "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
-                "labels": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": 64},
-            },
-        },
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["task"],
-            "properties": {
-                "task": {"type": "string", "description": "a catalog kind"},
-                "params": {"type": "object"},
-                "inputs": INPUT_SCHEMA,
-                "report": REPORT_SCHEMA,   # jobs/report.py: which metric ranks the tasks (the best task)
-                "code": CODE_SCHEMA,
-                "sweep": {
-                    "type": "object",
-                    "description": "cartesian product of values: one task per point",
-                    "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 100_000},
-                },
-                "requires": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "device": {"enum": ["any", "cpu", "gpu"]},
-                        "backends": {"type": "array", "items": {"enum": ["cpu", "cuda", "rocm", "mps"]}},
-                        "min_vram_gb": {"type": "number", "minimum": 0},
-                        "min_compute_capability": {"type": "string", "pattern": r"^\d+\.\d+$"},
-                        "min_memory_gb": {"type": "number", "minimum": 0},
-                        "min_gflops": {"type": "number", "minimum": 0},
-                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "torch": {"type": "string", "description": "a version range, e.g. \">=2.1,<3\""},
-                    },
-                },
-                "resources": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "timeout": _DURATION_SCHEMA,
-                        "max_memory_gb": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_MEMORY_GB},
-                        "threads": {"type": "integer", "minimum": 1, "maximum": MAX_THREADS},
-                    },
-                },
-                "policy": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "priority": {"type": "integer", "minimum": -100, "maximum": 100},
-                        "retries": {"type": "integer", "minimum": 0, "maximum": 100},
-                        "deadline": _DURATION_SCHEMA,
-                        "replicas": {"type": "integer", "minimum": 1, "maximum": 16,
-                                     "description": "shorthand for validation: {quorum: N, adaptive: false}"},
-                        "validation": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "description": "instances of each task that must agree (hub/trust/)",
-                            "properties": {
-                                "quorum": {"type": "integer", "minimum": 1, "maximum": 16},
-                                "max_instances": {"type": "integer", "minimum": 1, "maximum": 32},
-                                "adaptive": {"type": "boolean"},
-                                "compare": {"enum": ["auto", "exact", "tolerant", "none"]},
-                                "tolerance": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-
-
-def manifest_schema() -> dict[str, Any]:
-    """The JSON Schema of a manifest, with each kind's parameters (what `panal schema` prints)."""
-    schema = json.loads(json.dumps(_BASE_SCHEMA))
-    spec = schema["properties"]["spec"]
-    spec["properties"]["task"]["enum"] = sorted(all_kinds())
-    spec["allOf"] = [
-        {"if": {"properties": {"task": {"const": name}}},
-         "then": {"properties": {"params": kind.schema()}}}
-        for name, kind in sorted(all_kinds().items())
-    ]
-    return dict(schema)
-
-
-def parse_duration(value: Any) -> float:
-    """``90``, ``"90s"``, ``"10m"``, ``"6h"``, ``"1d"`` -> seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    m = _DURATION.match(str(value))
-    if not m:
-        raise BadRequest(f"not a duration (expected e.g. 90s, 10m, 6h): {value!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 @dataclass(frozen=True)
@@ -278,40 +167,7 @@ class ManifestError(BadRequest):
         super().__init__("\n".join(lines), details=[{"path": p, "message": m} for _, p, m in problems])
 
 
-def _expected(error: jsonschema.ValidationError) -> str:
-    v, got = error.validator, json.dumps(error.instance, default=str)[:80]
-    value: Any = error.validator_value
-    instance: Any = error.instance
-    schema: Any = error.schema
-    names = {"number": "a number", "integer": "an integer", "string": "a string", "object": "a map",
-             "array": "a list", "boolean": "true or false"}
-    if v == "type":
-        types = value if isinstance(value, list) else [value]
-        return f"expected {' or '.join(names.get(t, str(t)) for t in types)}, got {got}"
-    if v == "minimum":
-        return f"expected a number >= {value}, got {got}"
-    if v == "exclusiveMinimum":
-        return f"expected a number > {value}, got {got}"
-    if v == "maximum":
-        return f"expected a number <= {value}, got {got}"
-    if v == "enum":
-        return f"expected one of {', '.join(map(str, value))}, got {got}"
-    if v == "const":
-        return f"expected {json.dumps(value)}, got {got}"
-    if v == "pattern":
-        return f"unexpected format {got}"
-    if v == "required":
-        missing = [k for k in value if k not in instance]
-        return f"missing required field {', '.join(missing)}"
-    if v == "additionalProperties":
-        extra = [k for k in instance if k not in schema.get("properties", {})]
-        return f"unknown field {', '.join(map(repr, extra))}"
-    if v in ("minItems", "maxItems", "maxProperties"):
-        return str(error.message)
-    return str(error.message)
-
-
-_VALIDATOR = SchemaCheck(_BASE_SCHEMA)   # compiled first, jsonschema's messages (jobs/schema_check.py)
+_VALIDATOR = SchemaCheck(BASE_SCHEMA)   # compiled first, jsonschema's messages (jobs/schema_check.py)
 
 
 def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = True) -> list[tuple[str, str]]:
@@ -327,9 +183,9 @@ def validate(source: Any, max_tasks: int = DEFAULT_MAX_TASKS, expand: bool = Tru
         if error.validator == "additionalProperties":
             for key in error.instance:
                 if key not in error.schema.get("properties", {}):
-                    errors.append((path_text(path, key), _unknown(path, key, error.schema)))
+                    errors.append((path_text(path, key), unknown(path, key, error.schema)))
             continue
-        errors.append((path, _expected(error)))
+        errors.append((path, expected(error)))
     errors.extend(p for p in _non_finite(source) if p[0] not in {path for path, _ in errors})
     structural = bool(errors)
     # Keep going where the structure allows, so every problem is reported at once.
@@ -408,11 +264,6 @@ def _non_finite(source: dict[str, Any]) -> list[tuple[str, str]]:
         elif isinstance(value, list):
             stack.extend((path_text(path, i), inner) for i, inner in enumerate(value))
     return found
-
-
-def _unknown(path: str, key: str, schema: Mapping[str, Any]) -> str:
-    known = ", ".join(sorted(schema.get("properties", {})))
-    return f"unknown field {key!r}" + (f" (expected one of: {known})" if known else "")
 
 
 def _check_duration(value: Any, path: str, errors: list[tuple[str, str]], most_s: float | None = None) -> None:

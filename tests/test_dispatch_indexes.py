@@ -86,6 +86,7 @@ class Fleet:
     # -- from scratch: the rules as the policies applied them to every agent ------------------------------
     def connected(self) -> set[str]:
         now, config = self.clock.now, self.board.config
+        self.board._fleet.presence.observe(now)   # as the board does before it answers: a step back moves the times
         horizon = now - max(2 * config.max_poll_wait_s, config.lease_ttl_s) - 5
         back = now - config.max_poll_wait_s
         return {a.row.id for a in self.board.agents.values()

@@ -1,4 +1,5 @@
-"""A manifest's duration pattern costs time in proportion to the text, not its square (jobs/manifest.py ``_DURATION``).
+"""A manifest's duration pattern costs time in proportion to the text, not its square
+(jobs/manifest_schema.py ``_DURATION``).
 
 ``\\s*(ms|s|m|h|d)?\\s*$`` tried every split of a run of blanks between its two ``\\s*`` before failing: a
 ``timeout`` of "1", 16k spaces and "x" took 0.9 s of the checks every hub and agent make, one filling a 4 MiB body
@@ -17,7 +18,8 @@ from conftest import InProcessHub
 from hub_clients import submitter
 
 from agent.client.submitting import make_envelope, submit
-from jobs.manifest import _DURATION, Manifest, parse_duration, validate
+from jobs.manifest import Manifest, parse_duration, validate
+from jobs.manifest_schema import _DURATION
 from security.errors import BadRequest
 
 BASE: dict[str, Any] = {"apiVersion": "panal/v1", "kind": "Job", "metadata": {"name": "patterns"},

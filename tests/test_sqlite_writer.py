@@ -87,13 +87,12 @@ async def test_a_small_write_behind_one_in_the_writers_hands_waits_its_turn(stor
 
 async def test_a_small_write_meeting_another_processs_lock_waits_on_the_thread_not_the_event_loop(
         store: SqliteStore) -> None:
-    await store._run(lambda c: c.execute("PRAGMA busy_timeout=600000"))   # the writer waits as long as it takes
     blocker = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
     blocker.execute("BEGIN IMMEDIATE")
     loop_ran = threading.Event()
     held_loop: list[bool] = []
 
-    def release() -> None:   # the other process lets go once the event loop has run again (or gives up)
+    def release() -> None:   # the other process lets go once the event loop has run again (the writer waits 10 s)
         held_loop.append(not loop_ran.wait(20))
         blocker.execute("ROLLBACK")
     releaser = threading.Thread(target=release)

@@ -225,6 +225,27 @@ async def test_status_history_is_kept_for_a_day_and_merges_with_counts_since_sta
     await store.close()
 
 
+async def test_status_history_is_written_again_soon_after_the_clock_goes_back(tmp_path: Path) -> None:
+    """Written at most once per FLUSH_S, judged on the board's wall clock: set back an hour, the next flush
+    writes (or an hour of counts would wait in memory for the clock to come back, lost to a crash)."""
+    store = SqliteStore(tmp_path / "h.db")
+    await store.open()
+    now = 1_000 * BUCKET_S + 30.0
+    history = StatusHistory(store)
+    history.count(now, True)
+    await history.flush(now)
+    history.count(now + 1, True)
+    await history.flush(now + 1)                             # within FLUSH_S: not yet written
+    assert [b.done for b in await store.load_status_history(0)] == [1]
+    back = now - 3600.0                                      # an NTP step back by an hour
+    history.count(back, False)
+    await history.flush(back)
+    stored = {b.start: b for b in await store.load_status_history(0)}
+    assert stored[StatusHistory.bucket_of(now)].done == 2
+    assert stored[StatusHistory.bucket_of(back)].failed == 1
+    await store.close()
+
+
 async def test_a_database_from_before_the_history_gains_its_table_at_open(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     store = SqliteStore(path)

@@ -13,7 +13,8 @@ dir) and ``root/inputs`` (read-only inside; the task's inputs are hard-linked in
 file systems, when the task arrives). What comes back out is confined: a checkpoint or output file
 must be a regular file directly written by the task under ``root/work`` (a symlink to the agent's
 key is refused), read only after the sandbox is dead. The worker's stdout/stderr keep a bounded
-tail, reported with a failure, so printing megabytes cannot flood the volunteer's log or disk.
+tail, reported with a failure, so printing megabytes cannot flood the volunteer's log or disk. What of the
+task's reply the agent believes (failure classes, size) is :mod:`agent.engine.sandbox_reply`'s.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import psutil
 
 from agent.engine.memwatch import MemoryWatch
 from agent.engine.runner import Outcome, TaskRequest, Worker
 from agent.engine.sandbox import FSIZE_ENV, MAX_PROCESSES, NPROC_ENV, PidsCgroup, bwrap_argv, pids_cgroup, probe
+from agent.engine.sandbox_reply import bounded, claimed
 from agent.engine.sandbox_watch import SandboxWatch, remove_tree
 from jobs.errors import FailureClass
 from security.errors import PanalError
@@ -52,17 +53,6 @@ TAIL_BYTES = 8 * 1024
 ERROR_TAIL_CHARS = 1000
 #: a sandboxed task's reply frame (values, metrics) is bounded far below a trusted worker's
 SANDBOX_MAX_FRAME = 32 * 2**20
-#: what of a sandboxed task's reply goes into its signed result (values, metrics, notes, error): the
-#: code can forge the reply frame past the python kind's own 1 MiB check, and a result over the
-#: board's body limit (4 MiB by default) would be refused with every result batched with it, for ever
-REPLY_BYTES = 1 * 2**20 + 64 * 2**10
-#: a failure's message (the code may forge one of any length)
-ERROR_CHARS = 4000
-#: the failure classes submitter code may report for itself: what its own code can cause (not the
-#: agent's or its device's trouble, which would retry it elsewhere and count against honest agents)
-CLAIMABLE = frozenset(c.value for c in (FailureClass.SANDBOX_VIOLATION, FailureClass.OOM, FailureClass.TIMEOUT,
-                                        FailureClass.CRASHED, FailureClass.INVALID_PARAMS, FailureClass.UNSUPPORTED,
-                                        FailureClass.ERROR))
 #: what a sandbox's files may take on the volunteer's disk, all together (and any one file)
 DISK_BYTES = 8 * 2**30
 #: how long the agent waits for every process of a killed sandbox to be gone before reading its files
@@ -151,11 +141,7 @@ class SandboxedWorker(Worker):
         """Submitter code writes its own reply frame, so it could claim a failure that blames the agent
         or its device (``device_lost``, ``agent_lost``) to be retried elsewhere and mark honest agents;
         only the classes its own code can cause stand, anything else is reported as ``crashed``."""
-        if outcome.ok or outcome.error_class in CLAIMABLE:
-            return outcome
-        claimed = str(outcome.error_class)[:40]
-        return Outcome.failed(FailureClass.CRASHED, f"the task's code reported failure class {claimed!r}, which "
-                              f"sandboxed code may not claim ({outcome.error or 'no message'})", outcome.started_at)
+        return claimed(outcome)
 
     def _task_watch(self, pid: int, cap_gb: float | None) -> MemoryWatch | None:
         self._watch = SandboxWatch(pid, cap_gb, self.root / "work", self.disk_bytes)
@@ -180,7 +166,7 @@ class SandboxedWorker(Worker):
             self._kill_now()   # nothing of the task may run on once it has answered
             if self._ck_task is not None:
                 await asyncio.gather(self._ck_task, return_exceptions=True)
-        outcome = _bounded(outcome)
+        outcome = bounded(outcome)
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.disk_violation:
             outcome = Outcome.failed(FailureClass.SANDBOX_VIOLATION, self._watch.disk_violation, outcome.started_at)
         if outcome.error_class == FailureClass.OOM.value and self._watch is not None and self._watch.crowded:
@@ -375,24 +361,6 @@ def _regular_inside(path: Path, workdir: Path) -> bool:
         return real.is_relative_to(os.path.realpath(workdir)) and stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-def _bounded(outcome: Outcome) -> Outcome:
-    """The outcome, if what it would put in the signed result is within ``REPLY_BYTES``; else a
-    violation naming its size. A failure's message is cut to ``ERROR_CHARS``."""
-    if outcome.error is not None and len(outcome.error) > ERROR_CHARS:
-        outcome.error = outcome.error[:ERROR_CHARS] + " [cut]"
-    try:
-        size = len(msgpack.packb([outcome.values, outcome.metrics, outcome.notes, outcome.error_class,
-                                  outcome.error], use_bin_type=True))
-    except (TypeError, ValueError, OverflowError) as exc:
-        return Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"the task's reply is not plain data ({exc})",
-                              outcome.started_at)
-    if size > REPLY_BYTES:
-        return Outcome.failed(FailureClass.SANDBOX_VIOLATION, f"the task's reply (values, metrics, notes) is "
-                              f"{size / 2**20:.1f} MiB; at most {REPLY_BYTES // 2**10} KiB goes back to the "
-                              f"submitter: write large results with ctx.output", outcome.started_at)
-    return outcome
 
 
 def _zombie(proc: psutil.Process) -> bool:

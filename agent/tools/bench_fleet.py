@@ -49,6 +49,7 @@ from agent.client.submitting import make_envelope, submit, wait_job
 from agent.daemon.assignments import ManifestCache
 from agent.tools.bench_dispatch import SimAgent
 from agent.tools.demo import start_hub, stop
+from agent.tools.hub_probe import HubProcess, pct, quantile_ms
 from hub.connections import LeanSSLProtocol
 from jobs.committed import UNIT_PROOFS
 from jobs.manifest import Manifest
@@ -227,67 +228,6 @@ def _manifest(n_tasks: int, name: str, gpu: bool = False) -> Manifest:
                               max_tasks=max(n_tasks, 1))
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 2)
-
-
-class Hub:
-    """The hub process as this machine sees it: CPU seconds, RSS and its ``/metrics`` counters."""
-
-    def __init__(self, pid: int, client: BoardClient) -> None:
-        self.proc, self.client = psutil.Process(pid), client
-
-    def cpu_s(self) -> float:
-        times = self.proc.cpu_times()
-        return float(times.user + times.system)
-
-    def rss_mb(self) -> float:
-        return round(self.proc.memory_info().rss / 2**20, 1)
-
-    async def scrape(self) -> list[str]:
-        async with self.client.session().get(self.client.address.url + "/metrics") as response:
-            return (await response.text()).splitlines()
-
-    @staticmethod
-    def counter(lines: list[str], name: str) -> float:
-        for line in lines:
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise RuntimeError(f"{name} is not in the hub's /metrics")
-
-    @staticmethod
-    def buckets(lines: list[str], name: str) -> list[tuple[float, float]]:
-        """A histogram's cumulative buckets, (upper bound, count) in order, ``+Inf`` last."""
-        prefix = name + '_bucket{le="'
-        out = [(float(line[len(prefix):].split('"', 1)[0]), float(line.split()[-1]))
-               for line in lines if line.startswith(prefix)]
-        if not out:
-            raise RuntimeError(f"{name} is not in the hub's /metrics")
-        return out
-
-
-def _quantile_ms(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float | None:
-    """The q-quantile of what a histogram observed between two scrapes, interpolated within its bucket (as
-    Prometheus' ``histogram_quantile``): as fine as the buckets (hub/metrics.py ``SERVICE_BUCKETS``)."""
-    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
-    total = counts[-1][1]
-    if total <= 0:
-        return None
-    rank, lower, below = q * total, 0.0, 0.0
-    for le, cumulative in counts:
-        if cumulative >= rank:
-            if le == float("inf"):
-                return round(lower * 1000, 2)
-            inside = cumulative - below
-            share = (rank - below) / inside if inside else 1.0
-            return round((lower + (le - lower) * share) * 1000, 2)
-        lower, below = le, cumulative
-    return None
-
-
 @dataclass
 class Window:
     """One phase's clocks and counters, read at its start and its end."""
@@ -299,12 +239,12 @@ class Window:
     service: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    async def start(cls, hub: Hub) -> Window:
+    async def start(cls, hub: HubProcess) -> Window:
         lines = await hub.scrape()
         return cls(time.time(), time.perf_counter(), hub.cpu_s(), hub.counter(lines, "panal_lease_wakeups_total"),
                    hub.buckets(lines, SERVICE))
 
-    async def figures(self, hub: Hub, tasks: int) -> dict[str, Any]:
+    async def figures(self, hub: HubProcess, tasks: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.t0
         cpu = hub.cpu_s() - self.cpu
         lines = await hub.scrape()
@@ -315,8 +255,8 @@ class Window:
                 "hub_cpu_share_of_core": round(cpu / elapsed, 3),
                 "hub_cpu_ms_per_task": round(cpu * 1000 / tasks, 3) if tasks else None,
                 "wakeups_per_task": round(wakeups / tasks, 3) if tasks else None, "wakeups": int(wakeups),
-                "hub_lease_service_ms_p50": _quantile_ms(self.service, service, 0.5),
-                "hub_lease_service_ms_p99": _quantile_ms(self.service, service, 0.99),
+                "hub_lease_service_ms_p50": quantile_ms(self.service, service, 0.5),
+                "hub_lease_service_ms_p99": quantile_ms(self.service, service, 0.99),
                 "hub_leases_served": leases,
                 "hub_cpu_ms_per_lease": round(cpu * 1000 / leases, 3) if leases else None,
                 "window": (self.wall, time.time())}
@@ -326,7 +266,7 @@ async def _phases(url: str, user: Identity, hub_pid: int, rss0: float, size: Fle
                   loads: list[Connection]) -> dict[str, Any]:
     out: dict[str, Any] = {"size": dataclasses.asdict(size), "notes": NOTES, "load_before": os.getloadavg()}
     async with BoardClient(BoardAddress.parse(url), user, retry_for_s=120.0) as submitter:
-        hub = Hub(hub_pid, submitter)
+        hub = HubProcess(hub_pid, submitter)
         out["hub_rss_mb_no_agents"] = rss0
         t0 = time.perf_counter()
         for conn in loads:
@@ -372,7 +312,7 @@ def _combine(out: dict[str, Any], reports: list[dict[str, Any]], gpu_job: str) -
         lo, hi = out[phase].pop("window")
         times = [ms for r in reports for at, ms in r["leases"] if lo <= at <= hi]
         out[phase]["agent_lease_round_trip_ms_p50"] = round(statistics.median(times), 2) if times else None
-        out[phase]["agent_lease_round_trip_ms_p99"] = _pct(times, 0.99)
+        out[phase]["agent_lease_round_trip_ms_p99"] = pct(times, 0.99)
     out["idle"].pop("window")
     return out
 

@@ -1,7 +1,7 @@
 """The board's trust part: instances of units, quorum validation, adaptive replication, spot checks,
-reputation, consequences and credit. It is the board's :class:`~hub.protocols.ResultValidator`
-(``judge``) and a :class:`~hub.protocols.Holdback` (an agent, and its owner, never gets two
-instances of one unit), and the board tells it of leases and asks it for spot checks.
+reputation, consequences and credit (an agent's standing: :mod:`hub.trust.standing`). It is the board's
+:class:`~hub.protocols.ResultValidator` (``judge``) and a :class:`~hub.protocols.Holdback` (an agent, and its
+owner, never gets two instances of one unit), and the board tells it of leases and asks it for spot checks.
 
 Replication is decided when a unit's first instance is leased (hub/trust/reputation.py), and the
 extra instance is queued at once, so it runs in parallel with the first: no sequential latency.
@@ -12,18 +12,16 @@ which the board awaits before it answers the request that caused them.
 
 from __future__ import annotations
 
-import logging
 import random
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hub.protocols import ACCEPT, PENDING, Decision, Verdict
 from hub.records import JobRow, ResultRow, TaskRow
 from hub.trust.policy import ValidationPolicy
-from hub.trust.records import Ban, TrustWrite, ValidationRow
-from hub.trust.reputation import CreditBook, Reputation, cost_units
-from hub.trust.speed import SpeedCheck
+from hub.trust.records import TrustWrite, ValidationRow
+from hub.trust.reputation import cost_units
+from hub.trust.standing import Standing
 from hub.trust.units import Answer, Outcome, Unit
 from jobs.requirements import unmet
 from security.records import SignedRecord, decode
@@ -37,11 +35,6 @@ if TYPE_CHECKING:
     from hub.store import Store
 
 __all__ = ["Trust", "owner_of"]
-
-log = logging.getLogger(__name__)
-
-#: the last judged results of an agent that count towards a quarantine for invalid results
-_RECENT = 20
 
 
 def owner_of(agent: AgentState | None) -> str | None:
@@ -57,9 +50,11 @@ class Trust:
         self.config, self.clock, self.store, self.queues = config, clock, store, queues
         self._agents, self.quarantine = agents, quarantine
         self.rng = rng or random.Random()
-        self.reputation = Reputation(config.trust_after, self.rng)
-        self.speed = SpeedCheck(config.speed_claim_ratio, clock)
-        self.credit = CreditBook()
+        self.stats: dict[str, int] = {"validated": 0, "no_consensus": 0, "invalid": 0, "spot_checks": 0,
+                                      "instances_added": 0, "unreplicated": 0}
+        self.standing = Standing(config, clock, queues, quarantine, self.rng, self.stats)
+        self.reputation, self.speed = self.standing.reputation, self.standing.speed
+        self.credit, self.invalid_counts = self.standing.credit, self.standing.invalid_counts
         self.units: dict[tuple[str, int], Unit] = {}
         self._unit_of: dict[str, Unit] = {}                  # task id -> its unit
         self._contested: set[str] = set()                    # rows of units with several instances
@@ -68,22 +63,10 @@ class Trust:
         self._cancels: list[str] = []                        # instances no longer needed
         self._more: list[Unit] = []                          # units that need one more instance
         self._write = TrustWrite()
-        self._recent: dict[str, deque[bool]] = {}            # agent -> last judged results (True: invalid)
-        self.invalid_counts: dict[str, int] = {}             # agent -> invalid results (all kinds)
-        self.stats: dict[str, int] = {"validated": 0, "no_consensus": 0, "invalid": 0, "spot_checks": 0,
-                                      "instances_added": 0, "unreplicated": 0}
 
     # -- life cycle -----------------------------------------------------------------------------------
     async def start(self, jobs: Iterable[JobRow], tasks: Iterable[TaskRow]) -> None:
-        snapshot = await self.store.load_trust()
-        self.reputation.load(snapshot.reputation)
-        self.credit.load(snapshot)
-        for row in snapshot.reputation:
-            self.invalid_counts[row.agent_id] = self.invalid_counts.get(row.agent_id, 0) + row.invalid
-        now = self.clock()
-        for ban in snapshot.bans:
-            if ban.until > now:
-                self.quarantine.impose(ban.agent_id, ban.reason, ban.since, ban.until)
+        self.standing.load(await self.store.load_trust())
         by_job: dict[str, list[TaskRow]] = {}
         for task in tasks:
             by_job.setdefault(task.job_id, []).append(task)
@@ -295,9 +278,9 @@ class Trust:
         why = unit.agrees(unit.canonical, answer)
         self.stats["spot_checks"] += 1
         if why is None:
-            self._valid(unit, answer, credit=True)
+            self.standing.valid(self._write, unit, answer, credit=True)
             return ACCEPT
-        self._invalid(unit, answer, why)
+        self.standing.invalid(self._write, unit, answer, why)
         return Verdict(Decision.INVALID, f"disagrees with the validated answer: {why}")
 
     def _settle(self, unit: Unit, outcome: Outcome, group: list[Answer], why: str) -> dict[str, Verdict]:
@@ -311,11 +294,11 @@ class Trust:
             for answer in unit.answers:
                 if answer.task_id in members:
                     verdicts[answer.task_id] = ACCEPT
-                    self._valid(unit, answer, credit=True, counts=checked)
+                    self.standing.valid(self._write, unit, answer, credit=True, counts=checked)
                 else:
                     reason = unit.agrees(group[0], answer) or "disagrees with the quorum"
                     verdicts[answer.task_id] = Verdict(Decision.INVALID, f"disagrees with the quorum: {reason}")
-                    self._invalid(unit, answer, reason)
+                    self.standing.invalid(self._write, unit, answer, reason)
             self._validated.setdefault(unit.job_id, []).append(unit)
             answered = {a.task_id for a in unit.answers}
             self._cancels += [t for t in unit.instances if t not in answered and not self._terminal(t)]
@@ -334,35 +317,6 @@ class Trust:
                 unit.job_id, unit.idx, "no_consensus", unit.needed, None, [],
                 {"answers": [_brief(a) for a in unit.answers], "reason": reason}, now))
         return verdicts
-
-    def _valid(self, unit: Unit, answer: Answer, *, credit: bool, counts: bool = True) -> None:
-        now = self.clock()
-        if unit.policy.compare.mode == "none":   # nothing was checked: no credit, no reputation from it
-            credit = counts = False
-        if counts:
-            self._write.reputation.append(self.reputation.valid(answer.agent_id, unit.kind, now))
-        self._recent.setdefault(answer.agent_id, deque(maxlen=_RECENT)).append(False)
-        if credit:
-            task = self.queues.task(answer.task_id)
-            units = cost_units(unit.kind, task.params) if task is not None else 0.0
-            self._write.credit += self.credit.grant(answer.agent_id, answer.owner, units)
-
-    def _invalid(self, unit: Unit, answer: Answer, why: str) -> None:
-        now = self.clock()
-        self.stats["invalid"] += 1
-        self.invalid_counts[answer.agent_id] = self.invalid_counts.get(answer.agent_id, 0) + 1
-        self._write.reputation.append(self.reputation.invalid(answer.agent_id, unit.kind, now))
-        recent = self._recent.setdefault(answer.agent_id, deque(maxlen=_RECENT))
-        recent.append(True)
-        log.warning("agent %s returned an invalid result for task %s: %s", answer.agent_id, answer.task_id, why)
-        limit = self.config.invalid_quarantine_after
-        if limit and sum(recent) >= limit:
-            reason = (f"quarantined: {sum(recent)} of its last {len(recent)} checked results were invalid "
-                      f"(they disagreed with other agents' answers)")
-            ban = Ban(answer.agent_id, reason, now, now + self.config.invalid_quarantine_s)
-            self.quarantine.impose(ban.agent_id, ban.reason, ban.since, ban.until)
-            self._write.bans.append(ban)
-            recent.clear()
 
     def closed(self, task: TaskRow) -> None:
         """An instance ended without an answer (failed for good, cancelled)."""
@@ -391,8 +345,7 @@ class Trust:
 
     # -- views ------------------------------------------------------------------------------------------
     def agent_view(self, agent_id: str) -> dict[str, Any]:
-        return {"credit": self.credit.of_agent(agent_id), "invalid_results": self.invalid_counts.get(agent_id, 0),
-                "reputation": self.reputation.of_agent(agent_id), "speed_flag": self.speed.flags.get(agent_id)}
+        return self.standing.view(agent_id)
 
     def job_units(self, job_id: str) -> list[dict[str, Any]]:
         """The live validation state of an active job's units."""
