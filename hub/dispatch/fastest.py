@@ -169,6 +169,9 @@ class SoonestGate:
         spare = queued + queued // SPARE   # counted on to this, as a walk: the next rival to ask takes its part out
         gone = list(dict.fromkeys(cover.gone + self.covers.asked_since(cover.asked, GONE_VISITS)))
         cover.gone, cover.asked = [], self.covers.asked_version()
+        # the rivals counted here: a part that cannot be kept (it holds for less than the margin) is not in
+        # ``cover.parts`` afterwards, and one standing past ``cover.resume`` was counted again below (twice)
+        counted: set[str] = set()
         for i, b_id in enumerate(gone):
             if visits >= GONE_VISITS:
                 cover.gone = (cover.gone + gone[i:])[-GONE:]
@@ -179,6 +182,7 @@ class SoonestGate:
             if b_id not in capable or b_id in cover.parts:
                 continue
             visits += 1
+            counted.add(b_id)
             if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
                 total += self._last
                 if total >= queued:
@@ -189,7 +193,7 @@ class SoonestGate:
             if visits >= REPAIR_VISITS:
                 return total >= queued
             cover.resume = position + 1
-            if b_id not in capable or b_id in cover.parts:
+            if b_id not in capable or b_id in cover.parts or b_id in counted:
                 continue
             visits += 1
             if self._counted(group, cover, b_id, agents.get(b_id), kind, job, task, req, my_end) is not None:
