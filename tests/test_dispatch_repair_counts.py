@@ -9,16 +9,21 @@ and the doubled sum told a slower asker to take none where the scan gives it wor
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_dispatch import A100, GTX1060
+from test_dispatch import A100, GTX1060, cpu_caps
+from test_dispatch_hostile_reports import SLOT_LIES, pace
 from test_dispatch_indexes import Fleet
 
 from hub.dispatch.adaptive import Adaptive
 from hub.dispatch.fastest import Fastest
+from jobs.protocol import Assignment
+from jobs.protocol_upkeep import HeartbeatLease
+from security.identity import Identity
 
 
 @pytest.fixture
@@ -63,3 +68,111 @@ async def test_a_repair_counts_a_rival_whose_part_it_cannot_keep_only_once(fleet
     f.check(untouched=True)
     taken = await f.lease(asker)
     assert len(taken) == 1                      # the scan: 97 + ~21 < 130, the asker takes one
+
+
+#: reports agents switch between: SLOT_LIES's float-edge speeds and slot lies, and plain cards
+MIX: list[dict[str, Any]] = [*SLOT_LIES, A100, GTX1060, cpu_caps(), {**A100, "slots": 2}]
+
+
+async def _window_at_the_margin(f: Fleet, ident: Identity, rng: random.Random, step: int) -> None:
+    """The agent registers again with a window that ends at (or within a few milliseconds of) its predicted end
+    for a queued job's head task: a part that fits the window but holds for less than the hold margin."""
+    context, predictor = f.board._dispatcher.context, f.board.policy.predictor
+    assert predictor is not None
+    waiting = list(context.queues.waiting())
+    if not waiting:
+        return
+    job_id = rng.choice(waiting)
+    head = context.queues.peek(job_id, 1)
+    if not head:
+        return
+    caps = dict(rng.choice(MIX))
+    await f.agent(f"w{step}", caps, identity=ident)
+    agent = f.board.agents[ident.id]
+    runtime = predictor.predict(agent, context.queues.job(job_id), head[0], context.queues.requirements(job_id))
+    if runtime < 1e6:
+        until = f.clock.now + runtime + rng.choice((0.0, 0.0004, 0.0009, 0.001, 0.0011, 0.002, 5.0))
+        await f.agent(f"w{step}", {**caps, "available_until": until}, identity=ident)
+
+
+def _to_a_deadline_margin(f: Fleet, ident: Identity, rng: random.Random) -> None:
+    """The clock moves to a millisecond or less before the moment the agent's head task would miss a deadline."""
+    context, predictor = f.board._dispatcher.context, f.board.policy.predictor
+    assert predictor is not None
+    queues = context.queues
+    waiting = [j for j in queues.waiting() if queues.job(j).deadline_at is not None]
+    agent = f.board.agents.get(ident.id)
+    if not waiting or agent is None:
+        return
+    job_id = rng.choice(waiting)
+    head, deadline = queues.peek(job_id, 1), queues.job(job_id).deadline_at
+    if head and deadline is not None:
+        runtime = predictor.predict(agent, queues.job(job_id), head[0], queues.requirements(job_id))
+        moment = deadline - runtime - rng.choice((0.0, 0.0004, 0.0009, 0.0011))
+        if moment > f.clock.now:
+            f.clock.now = moment
+
+
+#: seeds whose churn told an asker none from a repair that counted a rival twice (before the fix)
+@pytest.mark.parametrize("seed", [11, 28, 43, 44, 53, 58])
+@pytest.mark.parametrize("policy", ["fastest", "adaptive"])
+async def test_rivals_at_window_and_deadline_margins_keep_the_scans_answers_through_churn(
+        fleets: Callable[..., Any], policy: str, seed: int) -> None:
+    """Agents join, take and finish work, register again with windows ending at their predicted end (to the
+    millisecond), the clock stops a millisecond short of deadlines and steps back a little; after every event
+    each agent's kept share (from a copy of the covers) equals the scan's."""
+    rng = random.Random(seed)
+    f: Fleet = await fleets(policy)
+    pace(f, rng.choice((0.0, 20.0)))
+    agents = [await f.agent(f"v{i}", rng.choice(MIX)) for i in range(rng.randint(3, 10))]
+    jobs = [await f.submit(rng.randint(5, 150)), await f.submit(rng.randint(3, 30), requires={"device": "gpu"})]
+    held: list[tuple[Identity, Assignment]] = []
+    compared = 0
+    for step in range(150):
+        ident = rng.choice(agents)
+        event = rng.randrange(16)
+        if event == 0:
+            await f.agent(f"v{step}", rng.choice(MIX), identity=ident)
+        elif event in (1, 2):
+            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2, 4)))]
+        elif event == 3 and held:
+            who, task = held.pop(rng.randrange(len(held)))
+            f.clock.now += rng.choice((0.0, 0.3, 1.0))
+            predictor = f.board.policy.predictor
+            assert predictor is not None
+            base = predictor.leased.get(task.task_id)
+            wall = (base[1] if base else 1.0) * rng.choice((0.49, 0.5, 0.51, 1.0, 0.2, 3.0))
+            await f.finish(who, task, wall_s=rng.choice((wall, wall, 0.01)))
+        elif event == 4:
+            deadline = {"policy": {"deadline": f"{rng.randint(1, 60)}m"}} if rng.random() < 0.5 else {}
+            jobs.append(await f.submit(rng.randint(1, 150), **deadline))
+        elif event == 5 and len(jobs) > 1:
+            job = jobs.pop(rng.randrange(len(jobs)))
+            await f.board.cancel(job, f.user.id)
+            held = [(who, task) for who, task in held if task.job_id != job]
+        elif event == 6:
+            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2)))]
+            f.board.retry_after(ident.id)
+        elif event == 7 and held:
+            who, task = rng.choice(held)
+            await f.board.heartbeat(who.id, [HeartbeatLease(task.task_id, task.lease_id)])
+        elif event == 8:
+            f.clock.now += rng.choice((650.0, 1300.0))
+            await f.board.sweep()
+            held = [(who, t) for who, t in held if (row := f.board._queues.task(t.task_id)) is not None
+                    and row.lease_id == t.lease_id]
+        elif event == 9 and held:
+            who, task = held.pop(rng.randrange(len(held)))
+            await f.board.release(who.id, task.task_id, task.lease_id)
+        elif event == 10 and rng.random() < 0.3:
+            f.clock.now -= rng.choice((0.3, 3.0, 30.0))
+        elif event in (11, 12):
+            await _window_at_the_margin(f, ident, rng, step)
+        elif event == 13:
+            agents.append(await f.agent(f"n{step}", rng.choice(MIX)))
+        elif event == 14:
+            _to_a_deadline_margin(f, ident, rng)
+        else:
+            f.clock.now += rng.choice((0.2, 0.7, 5.0, 40.0))
+        compared += f.check(untouched=True)
+    assert compared > 0
