@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
+import test_dispatch_indexes
 from test_dispatch import A100, GTX1060, cpu_caps, gpu_caps
 from test_dispatch_indexes import Fleet
 
@@ -24,22 +23,7 @@ from hub.dispatch.fastest import Fastest
 from hub.dispatch.roster import BOUND_ROUNDS, top_speed
 from hub.fleet import derived
 
-
-@pytest.fixture
-async def fleets(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Fleet] = []
-
-    async def make(policy: str) -> Fleet:
-        directory = tmp_path / f"f{len(started)}"
-        directory.mkdir()
-        fleet = Fleet(directory, policy)
-        await fleet.board.start()
-        started.append(fleet)
-        return fleet
-
-    yield make
-    for fleet in started:
-        await fleet.board.stop()
+fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
 
 
 def _order_from_scratch(f: Fleet, kind: str) -> list[tuple[float, str]]:

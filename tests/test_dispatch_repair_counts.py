@@ -10,11 +10,11 @@ and the doubled sum told a slower asker to take none where the scan gives it wor
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+import test_dispatch_indexes
 from test_dispatch import A100, GTX1060, cpu_caps
 from test_dispatch_hostile_reports import SLOT_LIES, pace
 from test_dispatch_indexes import Fleet
@@ -25,22 +25,7 @@ from jobs.protocol import Assignment
 from jobs.protocol_upkeep import HeartbeatLease
 from security.identity import Identity
 
-
-@pytest.fixture
-async def fleets(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Fleet] = []
-
-    async def make(policy: str) -> Fleet:
-        directory = tmp_path / f"f{len(started)}"
-        directory.mkdir()
-        fleet = Fleet(directory, policy)
-        await fleet.board.start()
-        started.append(fleet)
-        return fleet
-
-    yield make
-    for fleet in started:
-        await fleet.board.stop()
+fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
 
 
 @pytest.mark.parametrize("policy", ["fastest", "adaptive"])
