@@ -10,6 +10,7 @@ pick for the whole fleet).
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -145,8 +146,6 @@ async def test_a_fleet_of_lying_volunteers_churning_never_breaks_a_pick(fleets: 
     window already over), are told to pause, finish work or go silent, while a submitter adds and cancels
     jobs: every pick answers, and the kept answers (best-fit's counts, fastest's and adaptive's shares, who is
     connected and idle) stay those of a scan from scratch."""
-    import random
-
     rng = random.Random(seed)
     f: Fleet = await fleets(policy)
     agents = [await f.agent(f"v{i}", ODD_REPORTS[i % len(ODD_REPORTS)]) for i in range(len(ODD_REPORTS))]
@@ -222,6 +221,52 @@ def pace(f: Fleet, pause_s: float) -> None:
     pacing.config = replace(pacing.config, min_poll_interval_s=pause_s)
 
 
+class LeaseChurn:
+    """The fleet events the lease-holding churn tests draw (here and in test_dispatch_repair_counts.py): each
+    makes its random draws in one fixed order, so a seed names the same sequence wherever it runs."""
+
+    def __init__(self, f: Fleet, rng: random.Random) -> None:
+        self.f, self.rng = f, rng
+        self.held: list[tuple[Identity, Any]] = []   # (agent, assignment) leases out
+
+    async def lease(self, ident: Identity, sizes: tuple[int, ...], pause: bool = False) -> None:
+        self.held += [(ident, task) for task in await self.f.lease(ident, self.rng.choice(sizes))]
+        if pause:
+            self.f.board.retry_after(ident.id)   # told after its ask: a pause if nothing is queued for its class
+
+    async def finish(self, factors: tuple[float, ...], odd_walls: tuple[float, ...]) -> None:
+        """A held task ends, its wall time its prediction x one of ``factors``, or one of ``odd_walls``."""
+        f, rng = self.f, self.rng
+        who, task = self.held.pop(rng.randrange(len(self.held)))
+        f.clock.now += rng.choice((0.0, 0.3, 1.0))
+        predictor = f.board.policy.predictor
+        assert predictor is not None
+        base = predictor.leased.get(task.task_id)
+        wall = (base[1] if base else 1.0) * rng.choice(factors)
+        await f.finish(who, task, wall_s=rng.choice((wall, wall, *odd_walls)))
+
+    async def cancel(self, jobs: list[str]) -> None:
+        job = jobs.pop(self.rng.randrange(len(jobs)))
+        await self.f.board.cancel(job, self.f.user.id)
+        self.held = [(who, task) for who, task in self.held if task.job_id != job]
+
+    async def heartbeat(self) -> None:
+        who, task = self.rng.choice(self.held)
+        await self.f.board.heartbeat(who.id, [HeartbeatLease(task.task_id, task.lease_id)])
+
+    async def expire(self) -> None:
+        """Past the lease time: the sweep takes back what was not heard of."""
+        f = self.f
+        f.clock.now += self.rng.choice((650.0, 1300.0))
+        await f.board.sweep()
+        self.held = [(who, t) for who, t in self.held if (row := f.board._queues.task(t.task_id)) is not None
+                     and row.lease_id == t.lease_id]
+
+    async def release(self) -> None:
+        who, task = self.held.pop(self.rng.randrange(len(self.held)))
+        await self.f.board.release(who.id, task.task_id, task.lease_id)
+
+
 #: how far the host's clock is set back, when it is: a few seconds (drift), or an hour (a clock that ran fast)
 BACK_STEPS: dict[str, tuple[float, ...]] = {"none": (), "seconds": (0.3, 3.0, 30.0),
                                             "hours": (0.3, 3.0, 30.0, 700.0, 3600.0)}
@@ -239,14 +284,12 @@ async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_
     bring: re-registrations that change slots and speeds while leases are held, wall times that make
     corrections swing around FLOOR, pauses told outside a pick, cancels of jobs whose tasks are out, lease
     expiries, heartbeats, releases, long and short waits and (``back``) a clock set back by seconds or hours."""
-    import random
-
     rng = random.Random(seed)
     f: Fleet = await fleets(policy)
     pace(f, 20.0)
     agents = [await f.agent(f"v{i}", SLOT_LIES[i % len(SLOT_LIES)]) for i in range(8)]
     jobs = [await f.submit(30), await f.submit(12, requires={"device": "gpu"})]
-    held: list[tuple[Any, Any]] = []
+    churn = LeaseChurn(f, rng)
     compared = 0
     for step in range(120):
         ident = rng.choice(agents)
@@ -254,33 +297,21 @@ async def test_lying_volunteers_that_hold_leases_through_every_fleet_event_keep_
         if event == 0:
             await f.agent(f"v{step}", rng.choice(SLOT_LIES), identity=ident)
         elif event in (1, 2):
-            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2, 4)))]
-        elif event == 3 and held:
-            who, task = held.pop(rng.randrange(len(held)))
-            f.clock.now += rng.choice((0.0, 0.3, 1.0))
-            base = f.board.policy.predictor.leased.get(task.task_id)
-            wall = (base[1] if base else 1.0) * rng.choice((0.49, 0.5, 0.51, 1.0, 1e-6, 1e6))
-            await f.finish(who, task, wall_s=rng.choice((wall, wall, 1e-320, 0.01, float("nan"), float("inf"))))
+            await churn.lease(ident, (1, 2, 4))
+        elif event == 3 and churn.held:
+            await churn.finish((0.49, 0.5, 0.51, 1.0, 1e-6, 1e6), (1e-320, 0.01, float("nan"), float("inf")))
         elif event == 4:
             jobs.append(await f.submit(rng.randint(1, 8), policy={"deadline": f"{rng.randint(1, 60)}m"}))
         elif event == 5 and len(jobs) > 1:
-            job = jobs.pop(rng.randrange(len(jobs)))
-            await f.board.cancel(job, f.user.id)
-            held = [(who, task) for who, task in held if task.job_id != job]
+            await churn.cancel(jobs)
         elif event == 6:
-            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2)))]
-            f.board.retry_after(ident.id)   # told after its ask: a pause if nothing is queued for its class
-        elif event == 7 and held:
-            who, task = rng.choice(held)
-            await f.board.heartbeat(who.id, [HeartbeatLease(task.task_id, task.lease_id)])
+            await churn.lease(ident, (1, 2), pause=True)
+        elif event == 7 and churn.held:
+            await churn.heartbeat()
         elif event == 8:
-            f.clock.now += rng.choice((650.0, 1300.0))
-            await f.board.sweep()
-            held = [(who, t) for who, t in held if f.board._queues.task(t.task_id) is not None
-                    and f.board._queues.task(t.task_id).lease_id == t.lease_id]
-        elif event == 9 and held:
-            who, task = held.pop(rng.randrange(len(held)))
-            await f.board.release(who.id, task.task_id, task.lease_id)
+            await churn.expire()
+        elif event == 9 and churn.held:
+            await churn.release()
         elif event == 10 and BACK_STEPS[back]:
             f.clock.now -= rng.choice(BACK_STEPS[back])   # the host's clock is set back
         else:

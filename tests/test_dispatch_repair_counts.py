@@ -16,13 +16,11 @@ from typing import Any
 import pytest
 import test_dispatch_indexes
 from test_dispatch import A100, GTX1060, cpu_caps
-from test_dispatch_hostile_reports import SLOT_LIES, pace
+from test_dispatch_hostile_reports import SLOT_LIES, LeaseChurn, pace
 from test_dispatch_indexes import Fleet
 
 from hub.dispatch.adaptive import Adaptive
 from hub.dispatch.fastest import Fastest
-from jobs.protocol import Assignment
-from jobs.protocol_upkeep import HeartbeatLease
 from security.identity import Identity
 
 fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
@@ -111,7 +109,7 @@ async def test_rivals_at_window_and_deadline_margins_keep_the_scans_answers_thro
     pace(f, rng.choice((0.0, 20.0)))
     agents = [await f.agent(f"v{i}", rng.choice(MIX)) for i in range(rng.randint(3, 10))]
     jobs = [await f.submit(rng.randint(5, 150)), await f.submit(rng.randint(3, 30), requires={"device": "gpu"})]
-    held: list[tuple[Identity, Assignment]] = []
+    churn = LeaseChurn(f, rng)
     compared = 0
     for step in range(150):
         ident = rng.choice(agents)
@@ -119,36 +117,22 @@ async def test_rivals_at_window_and_deadline_margins_keep_the_scans_answers_thro
         if event == 0:
             await f.agent(f"v{step}", rng.choice(MIX), identity=ident)
         elif event in (1, 2):
-            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2, 4)))]
-        elif event == 3 and held:
-            who, task = held.pop(rng.randrange(len(held)))
-            f.clock.now += rng.choice((0.0, 0.3, 1.0))
-            predictor = f.board.policy.predictor
-            assert predictor is not None
-            base = predictor.leased.get(task.task_id)
-            wall = (base[1] if base else 1.0) * rng.choice((0.49, 0.5, 0.51, 1.0, 0.2, 3.0))
-            await f.finish(who, task, wall_s=rng.choice((wall, wall, 0.01)))
+            await churn.lease(ident, (1, 2, 4))
+        elif event == 3 and churn.held:
+            await churn.finish((0.49, 0.5, 0.51, 1.0, 0.2, 3.0), (0.01,))
         elif event == 4:
             deadline = {"policy": {"deadline": f"{rng.randint(1, 60)}m"}} if rng.random() < 0.5 else {}
             jobs.append(await f.submit(rng.randint(1, 150), **deadline))
         elif event == 5 and len(jobs) > 1:
-            job = jobs.pop(rng.randrange(len(jobs)))
-            await f.board.cancel(job, f.user.id)
-            held = [(who, task) for who, task in held if task.job_id != job]
+            await churn.cancel(jobs)
         elif event == 6:
-            held += [(ident, task) for task in await f.lease(ident, rng.choice((1, 2)))]
-            f.board.retry_after(ident.id)
-        elif event == 7 and held:
-            who, task = rng.choice(held)
-            await f.board.heartbeat(who.id, [HeartbeatLease(task.task_id, task.lease_id)])
+            await churn.lease(ident, (1, 2), pause=True)
+        elif event == 7 and churn.held:
+            await churn.heartbeat()
         elif event == 8:
-            f.clock.now += rng.choice((650.0, 1300.0))
-            await f.board.sweep()
-            held = [(who, t) for who, t in held if (row := f.board._queues.task(t.task_id)) is not None
-                    and row.lease_id == t.lease_id]
-        elif event == 9 and held:
-            who, task = held.pop(rng.randrange(len(held)))
-            await f.board.release(who.id, task.task_id, task.lease_id)
+            await churn.expire()
+        elif event == 9 and churn.held:
+            await churn.release()
         elif event == 10 and rng.random() < 0.3:
             f.clock.now -= rng.choice((0.3, 3.0, 30.0))
         elif event in (11, 12):
