@@ -10,7 +10,7 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -58,8 +58,8 @@ async def _after_the_logs_restart(store: SqliteStore) -> None:
 
 @pytest.mark.parametrize("before", [_after_inline_commit, _after_the_logs_restart], ids=["inline", "restart"])
 async def test_the_writer_thread_waits_out_another_processs_lock_after_the_loop_left_the_timeout_at_zero(
-        store: SqliteStore, before: object) -> None:
-    await before(store)   # type: ignore[operator]
+        store: SqliteStore, before: Callable[[SqliteStore], Awaitable[None]]) -> None:
+    await before(store)
     holder = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _HOLDER, str(store.path), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
