@@ -8,17 +8,27 @@ set (CI keeps them), else to the test's tmp_path. The ``browser`` fixture itself
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 from conftest import InProcessHub
 from playwright.async_api import Browser, Page, expect
 
-__all__ = ["artifacts", "open_page"]
+__all__ = ["artifacts", "js_errors", "open_page"]
 
 # Playwright's expectations wait on a condition, 5 s by default: a page that re-renders after a fetch
 # on a loaded CI machine (several browsers and hubs at once) can take longer than that.
 expect.set_options(timeout=20_000)
+
+
+#: each open page's script errors, as :func:`open_page` collects them
+_ERRORS: weakref.WeakKeyDictionary[Page, list[str]] = weakref.WeakKeyDictionary()
+
+
+def js_errors(page: Page) -> list[str]:
+    """The script errors of a page :func:`open_page` opened (not the board's refusals of v1/)."""
+    return _ERRORS[page]
 
 
 def _refusal(text: str) -> bool:
@@ -35,15 +45,14 @@ def artifacts(tmp_path: Path) -> Path:
 
 async def open_page(browser: Browser, hub: InProcessHub, width: int = 1280, height: int = 900,
                     color_scheme: Any = "light") -> Page:
-    """The status page, live; ``page.js_errors`` collects its script errors (not the board's refusals of v1/)."""
+    """The status page, live; :func:`js_errors` says its script errors."""
     assert hub.address is not None
     context = await browser.new_context(ignore_https_errors=True, viewport={"width": width, "height": height},
                                         color_scheme=color_scheme)
     page = await context.new_page()
-    errors: list[str] = []
+    errors = _ERRORS[page] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and not _refusal(msg.text) else None)
     await page.goto(hub.address.url + "/")
     await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
-    page.js_errors = errors  # type: ignore[attr-defined]
     return page

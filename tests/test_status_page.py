@@ -16,7 +16,7 @@ import pytest
 from conftest import InProcessHub
 from hub_clients import agent, submitter
 from playwright.async_api import Browser, expect
-from status_browser import artifacts, open_page
+from status_browser import artifacts, js_errors, open_page
 
 from agent.client.board import BoardClient
 from agent.client.submitting import make_envelope, submit
@@ -117,7 +117,7 @@ async def test_page_shows_fleet_and_follows_a_job_live(hub: InProcessHub, browse
     await page.set_viewport_size({"width": 390, "height": 844})
     await page.screenshot(path=str(out / "status-phone.png"), full_page=True)
     assert (out / "status-phone.png").stat().st_size > 10_000
-    assert page.js_errors == []  # type: ignore[attr-defined]
+    assert js_errors(page) == []
     for c in (a0, a1, sub):
         await c.close()
 
@@ -349,6 +349,6 @@ async def test_a_jobs_best_task_shows_in_its_row_and_detail_without_its_params(h
         assert '"best":{"unit":1,"metric":"val_acc","mode":"max","value":0.875}' in text.replace(" ", "")
         assert "params" not in text and str(SECRET_PARAM) not in text
     await page.screenshot(path=str(artifacts(tmp_path) / "status-best-task.png"), full_page=True)
-    assert page.js_errors == []  # type: ignore[attr-defined]
+    assert js_errors(page) == []
     await a0.close()
     await sub.close()

@@ -10,7 +10,7 @@ import pytest
 from conftest import InProcessHub
 from hub_clients import agent, submitter
 from playwright.async_api import Browser, expect
-from status_browser import artifacts, open_page
+from status_browser import artifacts, js_errors, open_page
 from test_status_page import CPU_CAPS, GPU_CAPS, SECRET_PARAM, run_one, sleep_job
 
 from agent.client.submitting import make_envelope, submit
@@ -47,7 +47,7 @@ async def test_agent_table_pages_through_a_large_fleet(hub: InProcessHub, browse
     await page.locator("#agents-prev").click()
     await expect(page.locator("#agents-range")).to_have_text("1–50 of 120")
     await expect(page.locator("#agent-table tbody tr").first).to_contain_text("box-000")
-    assert page.js_errors == []  # type: ignore[attr-defined]
+    assert js_errors(page) == []
 
 
 async def test_agents_and_jobs_are_found_by_search_and_paged_by_the_board(hub: InProcessHub, browser: Browser) -> None:
@@ -102,7 +102,7 @@ async def test_agents_and_jobs_are_found_by_search_and_paged_by_the_board(hub: I
     await submit(sub, make_envelope(sub.identity, sleep_job(1, "unrelated")))
     await expect(page.locator("#n-jobs")).to_have_text("55")
     await expect(page.locator("#job-table tbody tr")).to_have_count(2)
-    assert page.js_errors == []  # type: ignore[attr-defined]
+    assert js_errors(page) == []
     await sub.close()
 
 
@@ -137,6 +137,6 @@ async def test_kind_table_says_why_work_waits_with_run_times_and_a_day_of_histor
     html = await page.content()
     assert str(SECRET_PARAM) not in html and id0.public.text() not in html and "127.0.0.1" not in html
     await page.screenshot(path=str(artifacts(tmp_path) / "status-kinds-history.png"), full_page=True)
-    assert page.js_errors == []  # type: ignore[attr-defined]
+    assert js_errors(page) == []
     await a0.close()
     await sub.close()

@@ -14,7 +14,7 @@ import pytest
 from conftest import InProcessHub
 from helpers import scaled
 from playwright.async_api import Browser, expect
-from status_browser import open_page
+from status_browser import js_errors, open_page
 
 from hub.ratelimit import source_key
 from hub.status_snapshot import FREE_SEARCH_ROWS, Page, Snapshot
@@ -113,7 +113,7 @@ async def test_the_page_says_why_a_search_was_refused_and_shows_it_once_the_boar
         await expect(note).to_be_hidden(timeout=45_000)
         await expect(rows).to_have_count(1)
         await expect(rows.first).to_contain_text("lab-0002")
-        assert page.js_errors == []  # type: ignore[attr-defined]
+        assert js_errors(page) == []
     finally:
         await hub.stop()
 
