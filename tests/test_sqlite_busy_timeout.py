@@ -7,16 +7,18 @@ result lost. The other process here is a real one, holding a real write lock."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import pytest
+import test_sqlite_writer
+from test_sqlite_writer import logged
 
 from hub.sqlite_store import SqliteStore
 from hub.sqlite_writer import CHECKPOINT_COMMITS
+
+store = test_sqlite_writer.store   # the fixture: an open store with a log table
 
 #: another process: takes the database's write lock, says so, holds it until told (a line on stdin), then commits
 _HOLDER = """
@@ -29,20 +31,6 @@ sys.stdin.readline()
 conn.execute("COMMIT")
 conn.close()
 """
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "b.db")
-    await s.open()
-    await s._run(lambda c: c.execute("CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, what TEXT)"))
-    yield s
-    await s.close()
-
-
-def _logged(path: Path) -> list[str]:
-    with sqlite3.connect(path) as other:
-        return [r[0] for r in other.execute("SELECT what FROM log ORDER BY seq")]
 
 
 async def _after_inline_commit(store: SqliteStore) -> None:
@@ -76,5 +64,5 @@ async def test_the_writer_thread_waits_out_another_processs_lock_after_the_loop_
         if holder.returncode is None:
             holder.kill()
             await holder.wait()
-    assert _logged(store.path)[-2:] == ["other process", "queued"]
+    assert logged(store.path)[-2:] == ["other process", "queued"]
 
