@@ -67,7 +67,6 @@ class SoonestGate:
         #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
         self._groups: dict[Hashable, list[float]] = {}
         self._last = 0   # the task count of the last part :meth:`_counted`
-        self._until = available_until(agent)   # the asker's window (from its report: fixed within a pick)
         self._floor = predictor.floor()   # no agent visited by its top speed runs faster than this x its cost
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
@@ -218,11 +217,7 @@ class SoonestGate:
         """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
         queues, predictor, now = self.queues, self.predictor, self.now
         job = queues.job(job_id)
-        if job.deadline_at is None and self._until is None:   # every task fits: the first (``Predictor.head``)
-            first = queues.peek(job_id, 1)
-            task = first[0] if first else None
-        else:
-            task = predictor.head(queues, self.agent, job_id, now)
+        task = predictor.head(queues, self.agent, job_id, now, job)
         if task is None or need <= 0:
             return 0
         req, queued = queues.requirements(job_id), queues.queued(job_id)

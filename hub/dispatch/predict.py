@@ -191,12 +191,16 @@ class Predictor:
         return max(min(ends), now) if ends else now
 
     # -- taking tasks ---------------------------------------------------------------------------
-    def head(self, queues: QueueView, agent: AgentState, job_id: str, now: float) -> TaskRow | None:
-        """The first of the job's queued tasks (among the next :data:`SCAN`) that fits the agent."""
-        job, req = queues.job(job_id), queues.requirements(job_id)
+    def head(self, queues: QueueView, agent: AgentState, job_id: str, now: float,
+             job: JobRow | None = None) -> TaskRow | None:
+        """The first of the job's queued tasks (among the next :data:`SCAN`) that fits the agent (``job``: the
+        job's row, where the caller has it: this runs for every candidate job of a pick)."""
+        if job is None:
+            job = queues.job(job_id)
         if job.deadline_at is None and available_until(agent) is None:   # every task fits: the first one
             first = queues.peek(job_id, 1)
             return first[0] if first else None
+        req = queues.requirements(job_id)
         return next((t for t in queues.peek(job_id, SCAN) if self.misfit(agent, job, t, req, now) is None), None)
 
     def take(self, queues: QueueView, agent: AgentState, job_id: str, limit: int, now: float) -> list[TaskRow]:
