@@ -122,13 +122,22 @@ class Election:
                 await self._drop()
             await asyncio.sleep(poll_s)
 
+    def _idle_ms(self) -> int:
+        return int(1000 * (max(3 * self.check_interval_s, self.timeout_s) + 1.0))
+
     def _session_settings(self) -> dict[str, str]:
         """The lock session ends on the server's side when this hub goes quiet (frozen, or cut off while
         the server still sees the socket open): PostgreSQL >= 14 closes a session idle this long, which
         releases the lock, so a standby is not kept waiting for TCP to give up. The watchdog (or a standby's
         poll) speaks every ``check_interval_s``, well within it."""
-        idle_ms = int(1000 * (max(3 * self.check_interval_s, self.timeout_s) + 1.0))
-        return {"idle_session_timeout": str(idle_ms), "application_name": f"panal hub {self.hub_id}"[:63]}
+        return {"idle_session_timeout": str(self._idle_ms()), "application_name": f"panal hub {self.hub_id}"[:63]}
+
+    def store_settings(self) -> dict[str, str]:
+        """For the store's connections: a transaction left idle as long as the lock session may be is ended by the
+        server. A hub frozen between a commit's :meth:`fence` and its COMMIT holds a share lock on the token row,
+        and a standby's takeover (which bumps the token) would wait on it until the frozen hub thawed: for ever.
+        A hub idle that long inside its own transaction has lost its lock session anyway."""
+        return {"idle_in_transaction_session_timeout": str(self._idle_ms())}
 
     async def _take_over(self) -> int:
         now = self.clock()

@@ -55,6 +55,8 @@ class PgConnections:
         self.readers = readers
         self.commits = 0
         self.guard: Callable[[Conn], Awaitable[None]] | None = None
+        #: PostgreSQL settings for every connection (a hub of several: :meth:`hub.election.Election.store_settings`)
+        self.server_settings: dict[str, str] = {}
         self._conn: Conn | None = None
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -64,7 +66,7 @@ class PgConnections:
     async def connect(self) -> Conn:
         """A new connection; a clear :class:`Unavailable` (naming no password) if there is none to be had."""
         try:
-            return await asyncpg.connect(self.url)
+            return await asyncpg.connect(self.url, server_settings=self.server_settings or None)
         except (*DROPPED, asyncpg.PostgresError, TimeoutError) as exc:
             raise Unavailable(f"store: cannot reach PostgreSQL at {describe_url(self.url)}: "
                               f"{type(exc).__name__}: {exc}") from None
@@ -75,7 +77,8 @@ class PgConnections:
         self._conn = await self.connect()
         try:
             await prepare(self._conn)
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.readers)
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.readers,
+                                                   server_settings=self.server_settings or None)
         except BaseException:
             await self._conn.close()
             raise

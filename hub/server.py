@@ -43,6 +43,7 @@ class BoardServer:
             if not isinstance(store, PgStore):
                 raise BadRequest("several hubs on one board need a shared store: store: postgresql://...")
             store.db.guard = election.fence   # every commit checks the fencing token in its own transaction
+            store.db.server_settings = election.store_settings()   # ... and a frozen one's does not hold it for ever
         self.board = Board(store, config, blobs=self.blobs)
         self.app = create_app(self.board, config)
         self.election = election

@@ -9,6 +9,7 @@ import pytest
 from pgserver import PgServer
 
 from hub.election import Election, Fenced, read_active
+from security.errors import Unavailable
 
 
 async def _fenced_insert(election: Election, conn: asyncpg.Connection, value: str) -> None:
@@ -124,3 +125,34 @@ async def test_a_pg_store_whose_hub_lost_the_election_commits_nothing(pg: str) -
         await store.close()
     await stale_election.resign()
     await fresh_election.resign()
+
+
+async def test_a_hub_frozen_inside_a_commit_does_not_hold_the_standbys_takeover_for_ever(pg: str) -> None:
+    """SIGSTOP between a commit's fence and its COMMIT (a VM pause): the transaction sits idle holding its share
+    lock on the token row, and the standby's takeover, which bumps the token, waited on it until the frozen hub
+    thawed. The store's connections carry ``Election.store_settings``: the server ends that transaction."""
+    from hub.pg_store import PgStore
+
+    frozen = Election(pg, "hub-a", "https://a:1/", check_interval_s=0.1, timeout_s=1.0)
+    standby = Election(pg, "hub-b", "https://b:1/", check_interval_s=0.1, timeout_s=1.0)
+    store = PgStore(pg)
+    store.db.guard, store.db.server_settings = frozen.fence, frozen.store_settings()
+    await store.open()
+    await frozen.campaign()
+    fenced, thaw = asyncio.Event(), asyncio.Event()
+
+    async def stuck(conn: asyncpg.Connection) -> None:   # after the fence, inside the open transaction
+        fenced.set()
+        await thaw.wait()
+
+    commit = asyncio.ensure_future(store.db.write(stuck))
+    await fenced.wait()
+    assert frozen._watch is not None
+    frozen._watch.cancel()   # frozen: its lock session goes quiet too, and the server ends it
+    assert await asyncio.wait_for(standby.campaign(poll_s=0.05), 60) == 2
+    thaw.set()
+    with pytest.raises(Unavailable):   # the frozen hub's commit is not acknowledged: the server ended it
+        await asyncio.wait_for(commit, 30)
+    await standby.resign()
+    await frozen.resign()
+    await store.close()
