@@ -132,9 +132,11 @@ class Fleet:
             i for i in connected if len(self.board.agents[i].running) < slots_of(self.board.agents[i])}
         policy = self.board.policy
         avoid: Avoid = None
+        avoided = None
         if isinstance(policy, Adaptive):
             errors = policy.errors
             avoid = lambda b, kind: errors.high(b.row.id, kind, now)   # noqa: E731
+            avoided = errors.flagged
         assert isinstance(policy, Fastest | Adaptive)
         compared = 0
         for job_id in list(context.queues.waiting()):
@@ -149,10 +151,17 @@ class Fleet:
             covers_now.forget(agent.row.id)
             kept = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid, covers_now)
             walked = SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid)
+            gates = [walked, kept, kept]   # kept twice: the second may answer from a new cover
+            if policy.tally is not None:   # the sorted runtimes, as they stand (a copy when untouched), then the walk
+                tally_now = copy.deepcopy(policy.tally, {id(policy.predictor): policy.predictor}) if untouched \
+                    else policy.tally
+                tally_now.begin(agent)
+                gates.append(SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid,
+                                         tally=tally_now, avoided=avoided))
             for job_id in candidate_jobs(context.queues, agent):
                 exact = self.share(agent, job_id, avoid)
                 for need in (1, 3, 10**9):
-                    for gate in (walked, kept, kept):   # kept twice: the second may answer from a new cover
+                    for gate in gates:
                         assert gate.share(job_id, need) == min(exact, need), (agent.row.name, job_id, need)
                         compared += 1
         return compared
@@ -173,6 +182,14 @@ async def fleets(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for fleet in started:
         await fleet.board.stop()
+
+
+def covers_only(f: Fleet) -> None:
+    """The policy without its sorted runtimes (``tally.py``), which answer most questions before a cover is kept:
+    the tests of covers and repairs (the tally's fallback) look at those."""
+    policy = f.board.policy
+    assert isinstance(policy, Fastest | Adaptive)
+    policy.tally = None
 
 
 @pytest.mark.parametrize("policy", ["fastest", "adaptive"])
@@ -281,6 +298,7 @@ async def covered_laptop(f: Fleet, a100_caps: dict[str, Any]) -> tuple[Identity,
 
 async def test_a_kept_cover_drops_a_rival_a_gate_starts_refusing(fleets: Callable[..., Any]) -> None:
     f: Fleet = await fleets("fastest")
+    covers_only(f)
     laptop, a100 = await covered_laptop(f, A100)
     f.gate.ids.add(a100.id)
     assert await f.lease(a100) == []                   # refused before any policy looks at it
@@ -290,6 +308,7 @@ async def test_a_kept_cover_drops_a_rival_a_gate_starts_refusing(fleets: Callabl
 
 async def test_a_kept_cover_drops_a_rival_that_went_silent(fleets: Callable[..., Any]) -> None:
     f: Fleet = await fleets("fastest")
+    covers_only(f)
     laptop, _ = await covered_laptop(f, A100)
     f.clock.now += 700                                 # past the A100's seen horizon (605 s): not connected
     f.check()
@@ -298,6 +317,7 @@ async def test_a_kept_cover_drops_a_rival_that_went_silent(fleets: Callable[...,
 
 async def test_a_kept_cover_drops_a_rival_whose_window_ends_before_its_task(fleets: Callable[..., Any]) -> None:
     f: Fleet = await fleets("fastest")
+    covers_only(f)
     laptop, _ = await covered_laptop(f, {**A100, "available_until": 1_000_000.0 + 200})
     f.clock.now += 199.5                               # still connected, but a task would outlast its window
     f.check()
@@ -345,6 +365,7 @@ async def test_a_restarted_board_counts_a_silent_lessee_as_connected_until_its_l
 
 async def test_a_kept_cover_drops_a_rival_that_registers_again_slower(fleets: Callable[..., Any]) -> None:
     f: Fleet = await fleets("fastest")
+    covers_only(f)
     laptop, a100 = await covered_laptop(f, A100)
     await f.agent("a100", cpu_caps(), identity=a100)   # the same key, now a laptop: no faster than the asker
     f.check()
@@ -468,6 +489,7 @@ async def test_like_jobs_share_one_cover_and_unlike_ones_do_not(fleets: Callable
     work: 140 covers rebuilt in one pick before). Jobs are alike when their rivals' parts are the same numbers:
     the same requirements and kind, deadline and head-task cost. A deadline or another cost is another group."""
     f: Fleet = await fleets(policy)
+    covers_only(f)
     laptop, a100 = await f.agent("laptop", cpu_caps()), await f.agent("a100", A100)
     for _ in range(3):
         await f.submit(30)
@@ -488,6 +510,7 @@ async def test_a_proof_for_a_quick_asker_follows_the_rivals_that_take_work(fleet
     ask is answered from it; as rivals take work, their parts leave the proof, and once the rest no longer
     cover the queue the asker takes its share, as the scan says."""
     f: Fleet = await fleets("fastest")
+    covers_only(f)
     asker = await f.agent("asker", gpu_caps("A100", 40, 12_000))
     rivals = [await f.agent(f"r{i}", A100) for i in range(150)]
     await f.submit(140)
@@ -513,6 +536,7 @@ async def test_a_repair_counts_again_a_rival_whose_part_was_taken_out(fleets: Ca
     """An agent's parts leave every cover when it asks and when an attempt of its settles. Free again, it is most
     often a rival still: the next repair counts it afresh first, so the cover holds without a new walk."""
     f: Fleet = await fleets("fastest")
+    covers_only(f)
     laptop, a100 = await f.agent("laptop", cpu_caps()), await f.agent("a100", A100)
     gtx = await f.agent("gtx", GTX1060)
     await f.submit(110)
@@ -535,6 +559,7 @@ async def test_covers_hold_a_bounded_number_of_parts(fleets: Callable[..., Any],
     past it they start over, and the answers stay the scan's."""
     monkeypatch.setattr(covers, "PARTS_MAX", 20)
     f: Fleet = await fleets("fastest")
+    covers_only(f)
     laptop = await f.agent("laptop", cpu_caps())
     for i in range(12):
         await f.agent(f"a100-{i}", A100)

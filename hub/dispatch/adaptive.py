@@ -18,6 +18,7 @@ from hub.dispatch.fair_share import Usage, fair_pick, record_usage
 from hub.dispatch.fastest import SoonestGate
 from hub.dispatch.predict import Predictor
 from hub.dispatch.roster import Roster
+from hub.dispatch.tally import Tally
 
 if TYPE_CHECKING:
     from hub.fleet import AgentState
@@ -60,6 +61,10 @@ class ErrorRates:
         else:
             self._flagged.get(kind, set()).discard(agent_id)
 
+    def flagged(self, kind: str) -> set[str]:
+        """Every agent :meth:`high` may be true of for ``kind`` (those above the limit when last recorded)."""
+        return self._flagged.get(kind, set())
+
     def high(self, agent_id: str, kind: str, now: float) -> bool:
         flagged = self._flagged.get(kind)
         return flagged is not None and agent_id in flagged and self.rate(agent_id, kind, now) > MAX_ERROR_RATE
@@ -74,6 +79,7 @@ class Adaptive:
         self.errors = ErrorRates()
         self.roster = Roster()
         self.covers = Covers()
+        self.tally: Tally | None = Tally(self.predictor)   # (None: covers and walks alone)
         self._now = 0.0
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
@@ -84,7 +90,10 @@ class Adaptive:
 
         self.covers.begin(view)
         self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
-        gate = SoonestGate(view, agent, self.predictor, now, self.roster, avoid, self.covers)
+        if self.tally is not None:
+            self.tally.begin(agent)
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster, avoid, self.covers, self.tally,
+                           self.errors.flagged)
 
         def take(job_id: str, limit: int) -> list[TaskRow]:
             if avoid(agent, view.queues.job(job_id).kind) and gate.has_rival(job_id):
@@ -98,6 +107,8 @@ class Adaptive:
                         metrics: dict[str, Any]) -> None:
         now = max(task.updated_at, self._now)
         self.covers.forget(agent_id)   # a new speed correction and error rate
+        if self.tally is not None:
+            self.tally.touch(agent_id)
         record_usage(self.usage, self.predictor, job, task, metrics, self._now)
         self.errors.record(agent_id, job.kind, not ok and failure not in _NOT_THE_AGENT, now)
         self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)

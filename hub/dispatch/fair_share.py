@@ -58,7 +58,7 @@ def fair_pick(view: DispatchView, agent: AgentState, slots: int, usage: Usage, n
     ``kept_capable``: match jobs through ``view.capable`` (for a policy that has the capable sets built anyway).
     """
     queues = view.queues
-    by_submitter: dict[str, list[str]] = {}     # submitter -> candidate jobs, priority-fifo order
+    by_submitter: dict[str, list[str]] = {}     # submitter -> candidate jobs, priority-fifo order (then reversed)
     first: dict[str, int] = {}
     for position, job_id in enumerate(candidate_jobs(queues, agent, view.capable if kept_capable else None)):
         submitter = queues.job(job_id).submitter_id
@@ -66,29 +66,33 @@ def fair_pick(view: DispatchView, agent: AgentState, slots: int, usage: Usage, n
         first.setdefault(submitter, position)
     if not by_submitter:
         return []
+    for jobs in by_submitter.values():
+        jobs.reverse()   # the next job last (popped when passed over)
     running: dict[str, int] = {}
     for job in queues.jobs():
         leased = queues.leased(job.id)
         if leased:
             running[job.submitter_id] = running.get(job.submitter_id, 0) + leased
     weights = {s: weight(view.config, s) for s in by_submitter}
+    used = {s: usage.value(s, now) / weights[s] for s in by_submitter}   # (once: this is asked per job passed over)
 
     def key(submitter: str) -> tuple[float, float, int]:
-        w = weights[submitter]
-        return running.get(submitter, 0) / w, usage.value(submitter, now) / w, first[submitter]
+        return running.get(submitter, 0) / weights[submitter], used[submitter], first[submitter]
 
     picked: list[TaskRow] = []
     while by_submitter and len(picked) < slots:
         submitter = min(by_submitter, key=key)
         jobs = by_submitter[submitter]
-        got = take(jobs[0], 1)
-        if got:
-            picked.extend(got)
-            running[submitter] = running.get(submitter, 0) + 1
-        else:
-            jobs.pop(0)
-            if not jobs:
-                del by_submitter[submitter]
+        # its jobs in turn until one gives a task: a job passed over changes no key, so it stays furthest below
+        while jobs:
+            got = take(jobs[-1], 1)
+            if got:
+                picked.extend(got)
+                running[submitter] = running.get(submitter, 0) + 1
+                break
+            jobs.pop()
+        if not jobs:
+            del by_submitter[submitter]
     return picked
 
 

@@ -17,12 +17,13 @@ rest. The answer is the full sum's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.covers import GONE, KEEP, Cover, Covers, ceil_count
 from hub.dispatch.predict import Predictor, candidate_jobs
 from hub.dispatch.roster import KindOrder, Roster
+from hub.dispatch.tally import Tally
 from hub.fleet import available_until
 
 if TYPE_CHECKING:
@@ -56,18 +57,23 @@ class SoonestGate:
     """How many of a job's queued tasks one asking agent should take under earliest-finish-first."""
 
     def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
-                 roster: Roster, avoid: Avoid | None = None, covers: Covers | None = None) -> None:
+                 roster: Roster, avoid: Avoid | None = None, covers: Covers | None = None,
+                 tally: Tally | None = None, avoided: Callable[[str], Collection[str]] | None = None) -> None:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
-        self.avoid, self.roster, self.covers = avoid, roster, covers
+        self.avoid, self.roster, self.covers, self.tally = avoid, roster, covers, tally
+        #: per kind, every agent ``avoid`` may skip (a superset; the tally judges them one by one)
+        self.avoided = avoided
         roster.update(view)
         self._orders: dict[str, KindOrder] = {}   # per kind: the connected agents by predicted speed (once a pick)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
         self._connected = view.connected_ids()
-        #: per group of like jobs (see ``share``): this agent's runtime, and how many tasks rivals are proven to
-        #: finish before it would finish one (0: none yet); the rivals' parts do not change within a pick
-        self._groups: dict[Hashable, list[float]] = {}
+        #: per group of like jobs (see ``share``): this agent's runtime, how many tasks rivals are proven to
+        #: finish before it would finish one (0: none yet), at most how many (None: not known), and the queue
+        #: length the tally last counted to; the rivals' parts do not change within a pick
+        self._groups: dict[Hashable, list[Any]] = {}
         self._last = 0   # the task count of the last part :meth:`_counted`
         self._floor = predictor.floor()   # no agent visited by its top speed runs faster than this x its cost
+        self._asking: tuple[JobRow, TaskRow, Requirements, float]   # the question :meth:`_count` answers for
 
     def _rival(self, b: AgentState | None, kind: str) -> bool:
         """Whether ``b`` is another connected agent that may get work now (capability checked by the caller)."""
@@ -213,6 +219,32 @@ class SoonestGate:
             self.covers.add(group, cover, b_id, free, runtime, until)
         return rival
 
+    def _tallied(self, seen: list[Any], job_id: str, job: JobRow, task: TaskRow, req: Requirements, queued: int,
+                 need: int) -> int | None:
+        """The answer from the sorted runtimes (``tally.py``), where its bounds settle it (None: they do not)."""
+        assert self.tally is not None
+        if seen[2] is None and seen[3] < queued:
+            self._asking = (job, task, req, self.now + seen[0])
+            counted = self.tally.count(self.view, job_id, job, task, req, self.agent, seen[0], queued, self._count,
+                                       self.avoided(job.kind) if self.avoided is not None else ())
+            if counted is None:
+                seen[3] = 1 << 62   # not countable this pick
+                return None
+            seen[1], seen[2], seen[3] = max(seen[1], counted[0]), counted[1], queued
+        proven, most = seen[1], seen[2]
+        if queued <= proven:
+            return 0
+        if most is not None and (most <= queued - need or most == proven):
+            return min(queued - proven, need) if most == proven else need
+        return None
+
+    def _count(self, b: AgentState) -> int:
+        """The walk's count for one agent: how many tasks it finishes first if it is a rival, else 0 (the job's
+        head task and this agent's end as in the question being answered)."""
+        job, task, req, my_end = self._asking
+        part = self._part(b, job.kind, job, task, req, my_end)
+        return part[1] if part is not None else 0
+
     def share(self, job_id: str, need: int) -> int:
         """``min(share, need)``: how many of the job's queued tasks this agent should take, at most ``need``."""
         queues, predictor, now = self.queues, self.predictor, self.now
@@ -228,10 +260,12 @@ class SoonestGate:
         group = (predictor.shape_epoch, shape, job.kind, job.deadline_at)
         seen = self._groups.get(group)
         if seen is None:   # this agent's runtime is the same for every job of the group
-            seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0]
-        mine, proven = seen
+            seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0, None, -1]
+        mine, proven = seen[0], seen[1]
         if queued <= proven:
             return 0   # rivals counted for another job of the group this pick finish at least this many first
+        if self.tally is not None and (told := self._tallied(seen, job_id, job, task, req, queued, need)) is not None:
+            return told
         cost = predictor.cost(job, task)
         my_end = now + mine
         horizon = my_end - now
@@ -312,12 +346,16 @@ class Fastest:
         self.predictor = Predictor()
         self.roster = Roster()
         self.covers = Covers()
+        #: the sorted runtimes (None: covers and walks alone, as the tests of those run them)
+        self.tally: Tally | None = Tally(self.predictor)
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
         now = view.now()
         self.covers.begin(view)
         self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
-        gate = SoonestGate(view, agent, self.predictor, now, self.roster, covers=self.covers)
+        if self.tally is not None:
+            self.tally.begin(agent)
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster, covers=self.covers, tally=self.tally)
         picked: list[TaskRow] = []
         for job_id in candidate_jobs(view.queues, agent, view.capable):
             share = gate.share(job_id, slots - len(picked))
@@ -330,4 +368,6 @@ class Fastest:
     def attempt_settled(self, agent_id: str, job: JobRow, task: TaskRow, ok: bool, failure: str | None,
                         metrics: dict[str, Any]) -> None:
         self.covers.forget(agent_id)
+        if self.tally is not None:
+            self.tally.touch(agent_id)
         self.predictor.attempt_settled(agent_id, job, task, ok, failure, metrics)

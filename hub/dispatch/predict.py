@@ -201,7 +201,10 @@ class Predictor:
             first = queues.peek(job_id, 1)
             return first[0] if first else None
         req = queues.requirements(job_id)
-        return next((t for t in queues.peek(job_id, SCAN) if self.misfit(agent, job, t, req, now) is None), None)
+        first = queues.peek(job_id, 1)   # most often it fits: the next ones are not copied out for nothing
+        if not first or self.misfit(agent, job, first[0], req, now) is None:
+            return first[0] if first else None
+        return next((t for t in queues.peek(job_id, SCAN)[1:] if self.misfit(agent, job, t, req, now) is None), None)
 
     def take(self, queues: QueueView, agent: AgentState, job_id: str, limit: int, now: float) -> list[TaskRow]:
         """Take up to ``limit`` of the job's next :data:`SCAN` queued tasks that fit the agent, and note

@@ -1,0 +1,407 @@
+"""``fastest``'s rival count from sorted runtimes: a few bisections, whatever the asker's speed.
+
+An asker needing ``h`` seconds for a task is told to take none while the other capable connected agents finish
+the queue first; an idle rival with runtime ``r`` finishes ``ceil(h / r - 1e-9) - 1`` tasks before it
+(``SoonestGate._ahead``). That is at least ``k`` exactly when ``r < h / (k + 1e-9)``, so the idle rivals together
+finish ``sum over k of #{r < h / (k + 1e-9)}``: with their runtimes sorted, one bisection per ``k``. The walk,
+covers and repairs (``fastest.py``, ``covers.py``) visit rivals one by one instead; their slowest picks were an
+asker nearly as quick as the rivals whose kept covers fell short, and ~500 visits to prove the answer again.
+
+Runtimes differ per task shape, but for most work they are one number per agent times one per task: a task
+costing only FLOPs (or only bytes, or only fixed seconds) runs ``cost x key`` on an agent, where ``key`` is its
+seconds per unit on the device it would use (for the job's requirements and precision) times its learned
+correction for the kind. So one :class:`_Members` per (requirements, kind, precision, unit) keeps every capable
+connected agent's key, sorted, and serves every shape of that unit (a task costing both FLOPs and bytes uses
+the FLOP keys when its bytes never set any member's runtime, and the other way round).
+
+The count is computed twice, as bounds: a lower one with ``h`` shortened and an upper one with ``h`` lengthened by
+the rounding the walk's arithmetic may add (the epoch's ulp, a relative 1e-12), and a deadline cuts the keys the
+same way. When the lower bound reaches the queue the answer is "none"; when the upper bound leaves ``need`` it is
+``need``; when they agree the count is exact; otherwise (a runtime within rounding of a task boundary) the walk
+answers. Agents whose part is not this formula are judged one by one by the walk's own rule (``_ahead``) and
+their keys taken out of the sums: the asker, agents ``adaptive`` may avoid, agents whose window ends within the
+asker's task, agents busy or paused until before the asker would finish (a few; the others finish nothing first),
+and agents with keys outside the range where products keep their precision. With more of them than
+:data:`LOOK`, busy ones count in the upper bound as if idle, and the rest go to the walk.
+
+Members follow the board's logs between picks: registrations and changed reports, joins and leaves, free-slot
+changes, standing noted outside a pick (a refusal, a pause, a task leaving a full agent), learned corrections, the
+asker itself (its own pick ends refusals) and settled attempts; a busy member becomes idle when its predicted
+free time passes. The clock going back, or a log no longer kept, starts them over.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Collection, Container
+from typing import TYPE_CHECKING
+
+from hub.dispatch.covers import ceil_count
+from hub.dispatch.predict import HALF, base_seconds
+from hub.fleet import available_until
+from jobs.kinds.base import Cost
+
+if TYPE_CHECKING:
+    from hub.dispatch.predict import Predictor
+    from hub.fleet import AgentState
+    from hub.protocols import DispatchView
+    from hub.records import JobRow, TaskRow
+    from jobs.requirements import Requirements
+
+__all__ = ["LOOK", "Tally"]
+
+#: per unit: the cost that measures it (base_seconds of it is the agent's seconds per unit)
+_UNITS = {"flops": Cost(flops=1.0), "bytes": Cost(bytes=1.0), "seconds": Cost(seconds=1.0)}
+_HALF_PARAMS = {"dtype": "float16"}
+_FULL_PARAMS: dict[str, str] = {}
+#: relative slack of both bounds (each rounding in the walk's arithmetic is ~1e-16 of its value)
+EPS = 1e-12
+#: agents judged one by one per question at most before the question goes to the walk
+LOOK = 64
+#: once this few keys still finish another task, the rest are summed key by key instead of per task count
+FEW = 16
+#: task counts summed by bisection at most (a job of 100,000 tasks and a few dozen very quick rivals)
+ROUNDS = 256
+#: member lists kept at most (the least recently asked goes)
+LISTS_MAX = 16
+#: keys judged one by one: products near under- or overflow lose the precision the bounds rely on
+KEY_MIN, KEY_MAX = 1e-200, 1e200
+#: a window ending this long after the asker would finish cannot cut an idle rival's part (it ends sooner)
+WINDOW_SLACK_S = 1.0
+
+
+def entry(key: float, a: float, cut: float) -> int:
+    """How many ``k >= 1`` satisfy ``key < min(a / (k + 1e-9), cut)``: one key's share of :func:`sums`."""
+    if not key < cut or not key < a / (1 + 1e-9):
+        return 0
+    m = min(max(ceil_count(a / key - 1e-9) - 1, 1), 1 << 60)
+    for _ in range(4):   # the estimate is within rounding of the boundary: move it onto the exact rule
+        if not key < a / (m + 1e-9):
+            m -= 1
+        elif key < a / (m + 1 + 1e-9):
+            m += 1
+        else:
+            break
+    return max(m, 0)
+
+
+def sums(keys: list[float], a_lo: float, a_hi: float, cut_lo: float, cut_hi: float,
+         stop: float) -> tuple[int, int, bool]:
+    """``sum over k of #{key < min(a / (k + 1e-9), cut)}`` for both bounds' ``a`` and ``cut`` (sorted ``keys``),
+    and whether both are complete: the count stops once the lower one reaches ``stop``, or after :data:`ROUNDS`."""
+    lo = hi = 0
+    for k in range(1, ROUNDS + 1):
+        d = k + 1e-9
+        c_hi = bisect.bisect_left(keys, min(a_hi / d, cut_hi))
+        if c_hi == 0:
+            return lo, hi, True
+        if c_hi <= FEW:   # the last few keys: each one's remaining count at once
+            for key in keys[:c_hi]:
+                hi += entry(key, a_hi, cut_hi) - (k - 1)
+                lo += max(entry(key, a_lo, cut_lo) - (k - 1), 0)
+            return lo, hi, True
+        lo += bisect.bisect_left(keys, min(a_lo / d, cut_lo), 0, c_hi)
+        hi += c_hi
+        if lo >= stop:
+            return lo, hi, False
+    return lo, hi, False
+
+
+class _Members:
+    """The capable connected agents of one (requirements, kind, precision, unit) by their keys."""
+
+    def __init__(self, req: Requirements, kind: str, half: bool, unit: str, capable: set[str]) -> None:
+        self.req, self.kind, self.unit, self.capable = req, kind, unit, capable
+        self.key = (req, kind, half, unit)
+        self.live = True                             # False once dropped from its tally
+        self.used = 0                                # the tally's question count when last asked
+        self.params = _HALF_PARAMS if half else _FULL_PARAMS
+        self.other = "bytes" if unit == "flops" else "flops"
+        self.idle: list[float] = []                  # keys of members free now, sorted
+        self.waits: list[tuple[float, str]] = []      # (free at, id) of members free later, sorted
+        self.wait_keys: list[float] = []              # their keys, sorted
+        self.windows: list[tuple[float, str]] = []    # (window end, id) of members with a window, sorted
+        self.odd: set[str] = set()                    # members whose keys are judged one by one
+        self.placed: dict[str, tuple[float, float, float]] = {}   # id -> (key, free at or -inf, window end or inf)
+        self.units: dict[str, tuple[object, float, float]] = {}    # id -> (its caps, seconds per unit, per other)
+        #: the largest ratio over members of seconds per ``other`` unit to seconds per unit: a task's ``other``
+        #: cost sets no member's runtime while ``other_cost x ratio <= cost`` (members that left included)
+        self.ratio = 0.0
+        self.reports = -1                            # the report log, applied up to here
+
+    def per_unit(self, agent: AgentState) -> float:
+        kept = self.units.get(agent.row.id)
+        if kept is not None and kept[0] is agent.caps:
+            return kept[1]
+        mine = base_seconds(_UNITS[self.unit], agent.caps, self.req, self.params)
+        other = base_seconds(_UNITS[self.other], agent.caps, self.req, self.params) if self.unit != "seconds" else 0.0
+        self.units[agent.row.id] = (agent.caps, mine, other)
+        if other > 0 and mine > 0:
+            self.ratio = max(self.ratio, other / mine)
+        elif other > 0:
+            self.ratio = math.inf
+        return mine
+
+    def unplace(self, agent_id: str) -> None:
+        placed = self.placed.pop(agent_id, None)
+        if placed is None:
+            return
+        key, free, until = placed
+        if agent_id in self.odd:
+            self.odd.discard(agent_id)
+        elif free == -math.inf:
+            del self.idle[bisect.bisect_left(self.idle, key)]
+        else:
+            del self.waits[bisect.bisect_left(self.waits, (free, agent_id))]
+            del self.wait_keys[bisect.bisect_left(self.wait_keys, key)]
+        if until != math.inf:
+            del self.windows[bisect.bisect_left(self.windows, (until, agent_id))]
+
+    def place(self, agent: AgentState, predictor: Predictor, now: float) -> None:
+        """(Re)place a capable connected agent that is not refused."""
+        agent_id = agent.row.id
+        key = self.per_unit(agent) * predictor.factor(agent_id, self.kind)
+        free = predictor.free_at(agent, now)
+        free = -math.inf if free <= now else free
+        until = available_until(agent)
+        until = until if until is not None and until < math.inf else math.inf   # (NaN: never cuts, as misfit)
+        self.placed[agent_id] = (key, free, until)
+        if until != math.inf:
+            bisect.insort(self.windows, (until, agent_id))
+        if not KEY_MIN < key < KEY_MAX:
+            self.odd.add(agent_id)
+        elif free == -math.inf:
+            bisect.insort(self.idle, key)
+        else:
+            bisect.insort(self.waits, (free, agent_id))
+            bisect.insort(self.wait_keys, key)
+
+    def build(self, agents: list[AgentState], predictor: Predictor, now: float) -> None:
+        """Place ``agents`` (capable, connected, not refused) afresh, sorted once (their seconds per unit kept)."""
+        self.idle, self.waits, self.wait_keys, self.windows = [], [], [], []
+        self.odd, self.placed = set(), {}
+        for agent in agents:
+            agent_id = agent.row.id
+            key = self.per_unit(agent) * predictor.factor(agent_id, self.kind)
+            free = predictor.free_at(agent, now)
+            free = -math.inf if free <= now else free
+            until = available_until(agent)
+            until = until if until is not None and until < math.inf else math.inf
+            self.placed[agent_id] = (key, free, until)
+            if until != math.inf:
+                self.windows.append((until, agent_id))
+            if not KEY_MIN < key < KEY_MAX:
+                self.odd.add(agent_id)
+            elif free == -math.inf:
+                self.idle.append(key)
+            else:
+                self.waits.append((free, agent_id))
+                self.wait_keys.append(key)
+        for sorted_list in (self.idle, self.waits, self.wait_keys, self.windows):
+            sorted_list.sort()
+
+    def due(self, now: float) -> list[str]:
+        """Members whose predicted free time has passed (free now: judged again)."""
+        waits = self.waits
+        end = bisect.bisect_right(waits, (now, "\uffff"))
+        return [agent_id for _, agent_id in waits[:end]]
+
+
+class Tally:
+    """The member lists of one ``fastest`` or ``adaptive`` policy, and the logs they follow."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self._lists: dict[tuple[Requirements, str, bool, str], _Members] = {}
+        self._read: tuple[int, int, int, int] | None = None   # presence, slots, noted, corrections
+        self._dirty: set[str] = set()
+        self._now = -math.inf
+        self._pending: AgentState | None = None   # the asker of a pick whose logs are not applied yet
+        self._by_job: dict[tuple[str, bool, str], _Members] = {}   # (job id, precision, unit) -> its list
+        self._uses = 0                                                # questions asked so far
+
+    def touch(self, agent_id: str) -> None:
+        """Something happened to the agent (a settled attempt): judge it again."""
+        if self._lists:
+            self._dirty.add(agent_id)
+
+    def begin(self, asker: AgentState) -> None:
+        """A pick starts; the logs are applied at its first question (after the pick has asked for its jobs'
+        capable sets, which take in changed reports)."""
+        self._pending = asker
+
+    def clear(self) -> None:
+        for members_of in self._lists.values():
+            members_of.live = False
+        self._lists.clear()
+        self._by_job.clear()
+        self._dirty.clear()
+        self._read = None
+
+    def _sync(self, view: DispatchView, now: float) -> None:
+        asker, self._pending = self._pending, None
+        if now < self._now:   # the clock went back: free times judged passed may be ahead again
+            self.clear()
+        self._now = now
+        members = view.connected_ids()   # refreshes presence first: leaves by time are in its log
+        predictor = self.predictor
+        read = self._read
+        noted_at, noted = view.noted_since(read[2] if read is not None else 1 << 62)
+        version = (view.presence_version(), view.slots_version(), noted_at, predictor.corrections_version())
+        self._read = version
+        if not self._lists:
+            self._dirty.clear()
+            return
+        changed, self._dirty = self._dirty, set()
+        if asker is not None:
+            changed.add(asker.row.id)
+        if read is not None and read != version:
+            moves, slots = view.presence_since(read[0]), view.slots_since(read[1])
+            corrected = predictor.corrected_since(read[3])
+            if moves is None or slots is None or noted is None or corrected is None:
+                self.clear()
+                self._read = version
+                return
+            changed.update((i for i, _ in moves), slots, noted, corrected)
+        agents = view.agents()
+        connected: list[AgentState] | None = None
+        for members_of in self._lists.values():
+            if len(changed) > len(members_of.placed) // 8 + 64:   # sorting afresh is cheaper than moving each
+                connected = view.connected() if connected is None else connected
+                members_of.build([a for a in connected if a.row.id in members_of.capable and a.refused is None],
+                                 predictor, now)
+                continue
+            due = members_of.due(now) if members_of.waits and members_of.waits[0][0] <= now else ()
+            for agent_id in changed.union(due) if due else changed:
+                self._judge(members_of, agent_id, agents.get(agent_id), members, now)
+
+    def _judge(self, members_of: _Members, agent_id: str, agent: AgentState | None,
+               members: Container[str], now: float) -> None:
+        members_of.unplace(agent_id)
+        if agent is not None and agent_id in members and agent_id in members_of.capable and agent.refused is None:
+            members_of.place(agent, self.predictor, now)
+
+    def _members(self, view: DispatchView, job_id: str, req: Requirements, kind: str, half: bool, unit: str,
+                 now: float) -> _Members:
+        if self._pending is not None:
+            self._sync(view, now)
+        capable = view.capable(job_id)
+        self._uses += 1
+        members_of = self._by_job.get((job_id, half, unit))   # (hashing requirements costs more than the count)
+        if members_of is None or not members_of.live:
+            members_of = self._lists.get((req, kind, half, unit))
+        if members_of is not None and members_of.capable is capable:
+            members_of.used = self._uses
+            if members_of.reports != view.reports_version():   # judged now: the capable set has taken them in
+                reported = view.reports_since(members_of.reports)
+                members_of.reports = view.reports_version()
+                if reported is None:
+                    members_of = None
+                else:
+                    members, agents = view.connected_ids(), view.agents()
+                    for agent in reported:
+                        self._judge(members_of, agent.row.id, agents.get(agent.row.id), members, now)
+            if members_of is not None:
+                self._remember(job_id, half, unit, members_of)
+                return members_of
+        if self._read is None:
+            self._sync(view, now)   # (the first list: versions from here on)
+        members_of = _Members(req, kind, half, unit, capable)
+        members_of.reports = view.reports_version()
+        members_of.build([a for a in view.connected() if a.row.id in capable and a.refused is None],
+                         self.predictor, now)
+        key = members_of.key
+        members_of.used = self._uses
+        old = self._lists.pop(key, None)
+        if old is not None:
+            old.live = False
+        if len(self._lists) >= LISTS_MAX:   # the least recently asked goes
+            self._lists.pop(min(self._lists, key=lambda k: self._lists[k].used)).live = False
+        self._lists[key] = members_of
+        self._remember(job_id, half, unit, members_of)
+        return members_of
+
+    def _remember(self, job_id: str, half: bool, unit: str, members_of: _Members) -> None:
+        if len(self._by_job) > 4096:
+            self._by_job.clear()
+        self._by_job[(job_id, half, unit)] = members_of
+
+    def count(self, view: DispatchView, job_id: str, job: JobRow, task: TaskRow, req: Requirements, asker: AgentState,
+              mine: float, queued: int, ahead: Callable[[AgentState], int],
+              avoided: Collection[str]) -> tuple[int, int | None] | None:
+        """(at least, at most) how many of the job's tasks the rivals finish before ``asker``, needing ``mine`` s
+        from now, would finish one; the second is None where not worked out (the first reached ``queued``, or the
+        sums ran long). None: not countable here (the walk answers). ``ahead(b)`` is the walk's count for one
+        agent (0 for no rival); ``avoided``: agents besides the asker that may be no rivals (``adaptive``)."""
+        now = view.now()
+        choice = _unit(self.predictor.cost(job, task))
+        if choice is None or not 0 < mine < math.inf:
+            return None
+        unit, scale, other = choice
+        members_of = self._members(view, job_id, req, job.kind, task.params.get("dtype") in HALF, unit, now)
+        if other > 0 and not other * members_of.ratio <= scale * (1 - 1e-9):
+            return None   # the other cost may set some member's runtime
+        my_end, slack = now + mine, 2 * math.ulp(now)
+        a_lo, a_hi = (mine - slack) * (1 - EPS) / scale, (mine + slack) * (1 + EPS) / scale
+        cut_lo = cut_hi = math.inf
+        if job.deadline_at is not None:
+            left_lo, left_hi = job.deadline_at - now - slack, job.deadline_at - now + slack
+            cut_lo = left_lo * (1 - EPS) / scale if left_lo > 0 else 0.0
+            cut_hi = left_hi * (1 + EPS) / scale if left_hi > 0 else 0.0
+        placed, odd, waits = members_of.placed, members_of.odd, members_of.waits
+        # most questions: the idle members finishing one task first, less every member judged one by one, cover it
+        first = bisect.bisect_left(members_of.idle, min(a_lo / (1 + 1e-9), cut_lo)) - 1 - \
+            bisect.bisect_left(members_of.windows, (my_end + WINDOW_SLACK_S, "")) - len(avoided)
+        if first >= queued:
+            return first, None
+        # judged one by one: the asker, avoided agents, windows ending within the asker's task, odd keys ...
+        alone = dict.fromkeys(a for a in (asker.row.id, *avoided) if a in placed)
+        for until, agent_id in members_of.windows:
+            if until >= my_end + WINDOW_SLACK_S or len(alone) > LOOK:
+                break
+            alone[agent_id] = None
+        alone.update(dict.fromkeys(odd))
+        if len(alone) > LOOK:
+            return None
+        lo = hi = fixed = 0
+        for agent_id in alone:
+            key, free, _ = placed[agent_id]
+            if free == -math.inf and agent_id not in odd:   # an idle member: its key out of the sums
+                lo -= entry(key, a_lo, cut_lo)
+                hi -= entry(key, a_hi, cut_hi)
+            fixed += _ahead(ahead, view, agent_id, asker)
+        lo += fixed
+        listed_lo, listed_hi, complete = sums(members_of.idle, a_lo, a_hi, cut_lo, cut_hi, queued - lo)
+        lo += listed_lo
+        if lo >= queued or not complete:
+            return lo, None
+        # ... and members busy or paused until before the asker would finish (the others finish none first)
+        early = bisect.bisect_left(waits, (my_end, ""))
+        busy = sum(_ahead(ahead, view, agent_id, asker) for _, agent_id in waits[:min(early, LOOK)]
+                   if agent_id not in alone)
+        lo += busy
+        if lo >= queued:
+            return lo, None
+        hi += fixed + listed_hi
+        if early <= LOOK:
+            return lo, hi + busy
+        _, busy_hi, complete = sums(members_of.wait_keys, a_lo, a_hi, cut_lo, cut_hi, math.inf)
+        return (lo, hi + busy_hi) if complete else (lo, None)   # the busy ones as if idle: no fewer than that
+
+
+def _ahead(ahead: Callable[[AgentState], int], view: DispatchView, agent_id: str, asker: AgentState) -> int:
+    b = view.agents().get(agent_id)
+    return ahead(b) if b is not None and b is not asker else 0
+
+
+def _unit(cost: Cost) -> tuple[str, float, float] | None:
+    """(unit, the cost in it, the other cost) when a runtime is ``cost x key`` on every agent with one key."""
+    seconds, flops, size = cost.seconds, cost.flops, cost.bytes
+    if not (math.isfinite(seconds + flops + size) and min(seconds, flops, size) >= 0):
+        return None
+    if flops == 0 and size == 0:
+        return ("seconds", seconds, 0.0) if seconds > 0 else None
+    if seconds != 0:
+        return None
+    return ("flops", flops, size) if flops >= size else ("bytes", size, flops)
