@@ -377,17 +377,20 @@ class Tally:
         if lo >= queued or not complete:
             return lo, None
         # ... and members busy or paused until before the asker would finish (the others finish none first)
-        early = bisect.bisect_left(waits, (my_end, ""))
-        busy = sum(_ahead(ahead, view, agent_id, asker) for _, agent_id in waits[:min(early, LOOK)]
-                   if agent_id not in alone)
-        lo += busy
-        if lo >= queued:
-            return lo, None
         hi += fixed + listed_hi
+        early = bisect.bisect_left(waits, (my_end, ""))
         if early <= LOOK:
-            return lo, hi + busy
+            busy = sum(_ahead(ahead, view, agent_id, asker) for _, agent_id in waits[:early] if agent_id not in alone)
+            lo += busy
+            return (lo, None) if lo >= queued else (lo, hi + busy)
+        # too many to judge: as if idle they finish no fewer (enough to show the asker should take) ...
         _, busy_hi, complete = sums(members_of.wait_keys, a_lo, a_hi, cut_lo, cut_hi, math.inf)
-        return (lo, hi + busy_hi) if complete else (lo, None)   # the busy ones as if idle: no fewer than that
+        most = hi + busy_hi if complete else None
+        if most is not None and most < queued:
+            return lo, most
+        # ... and the earliest of them, judged, may show it should not
+        lo += sum(_ahead(ahead, view, agent_id, asker) for _, agent_id in waits[:LOOK] if agent_id not in alone)
+        return (lo, None) if lo >= queued else (lo, most)
 
 
 def _ahead(ahead: Callable[[AgentState], int], view: DispatchView, agent_id: str, asker: AgentState) -> int:
