@@ -80,7 +80,8 @@ async def test_a_window_ending_within_the_askers_task_is_judged_by_the_walks_rul
     assert len(await f.lease(laptop)) == 1
 
 
-async def test_tasks_that_cost_fixed_seconds_are_counted_by_their_agents_corrections(fleets: Callable[..., Any]) -> None:
+async def test_tasks_that_cost_fixed_seconds_are_counted_by_their_agents_corrections(
+        fleets: Callable[..., Any]) -> None:
     f: Fleet = await fleets("fastest")
     quick, slow = await f.agent("quick", cpu_caps()), await f.agent("slow", cpu_caps())
     await f.submit(1, task="sleep", params={}, sweep={"seconds": [10]})
