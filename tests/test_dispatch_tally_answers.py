@@ -108,3 +108,23 @@ async def test_a_clock_step_back_starts_the_sorted_runtimes_over(fleets: Callabl
     f.clock.now -= 3590                       # ... and are ahead again after the step back
     assert f.check() > 0
     assert await f.lease(laptop) == []
+
+
+async def test_a_submitters_many_distinct_requirements_build_one_list_a_pick_and_keep_at_most_the_cap(
+        fleets: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each list holds every capable connected agent: building one is a visit to each. A pick builds one at most,
+    never in place of a list it uses, and questions without a list go to the walk (same answers)."""
+    monkeypatch.setattr(tally, "LISTS_MAX", 3)
+    f: Fleet = await fleets("fastest")
+    for i in range(4):
+        await f.agent(f"gtx-{i}", GTX1060)
+    laptop = await f.agent("laptop", cpu_caps())
+    for i in range(6):   # six requirements every agent here meets: six lists
+        await f.submit(50, requires={"min_memory_gb": 1 + i / 10})
+    kept = policy_of(f).tally
+    assert kept is not None
+    for built in (1, 2, 3, 3, 3):   # the GPUs finish each queue first: the laptop is told none for all six
+        assert await f.lease(laptop) == []
+        assert len(kept._lists) == built
+    assert f.check() > 0
+    assert len(kept._lists) == 3

@@ -116,6 +116,7 @@ class _Members:
         self.key = (req, kind, half, unit)
         self.live = True                             # False once dropped from its tally
         self.used = 0                                # the tally's question count when last asked
+        self.picked = -1                             # the tally's pick count when last asked
         self.params = _HALF_PARAMS if half else _FULL_PARAMS
         self.other = "bytes" if unit == "flops" else "flops"
         self.idle: list[float] = []                  # keys of members free now, sorted
@@ -179,6 +180,9 @@ class _Members:
 
     def build(self, agents: list[AgentState], predictor: Predictor, now: float) -> None:
         """Place ``agents`` (capable, connected, not refused) afresh, sorted once (their seconds per unit kept)."""
+        if len(self.units) > 2 * len(agents) + 1024:   # agents gone since (a stranger's thousand registrations)
+            kept = {a.row.id for a in agents}
+            self.units = {i: u for i, u in self.units.items() if i in kept}
         self.idle, self.waits, self.wait_keys, self.windows = [], [], [], []
         self.odd, self.placed = set(), {}
         for agent in agents:
@@ -220,6 +224,8 @@ class Tally:
         self._pending: AgentState | None = None   # the asker of a pick whose logs are not applied yet
         self._by_job: dict[tuple[str, bool, str], _Members] = {}   # (job id, precision, unit) -> its list
         self._uses = 0                                                # questions asked so far
+        self._picks = 0                                               # picks begun so far
+        self._built = -1                                              # the pick that last built a list
 
     def touch(self, agent_id: str) -> None:
         """Something happened to the agent (a settled attempt): judge it again."""
@@ -230,6 +236,7 @@ class Tally:
         """A pick starts; the logs are applied at its first question (after the pick has asked for its jobs'
         capable sets, which take in changed reports)."""
         self._pending = asker
+        self._picks += 1
 
     def clear(self) -> None:
         for members_of in self._lists.values():
@@ -283,7 +290,8 @@ class Tally:
             members_of.place(agent, self.predictor, now)
 
     def _members(self, view: DispatchView, job_id: str, req: Requirements, kind: str, half: bool, unit: str,
-                 now: float) -> _Members:
+                 now: float) -> _Members | None:
+        """The job's member list, up to date (None: none kept, and none built this pick: the walk answers)."""
         if self._pending is not None:
             self._sync(view, now)
         capable = view.capable(job_id)
@@ -292,7 +300,7 @@ class Tally:
         if members_of is None or not members_of.live:
             members_of = self._lists.get((req, kind, half, unit))
         if members_of is not None and members_of.capable is capable:
-            members_of.used = self._uses
+            members_of.used, members_of.picked = self._uses, self._picks
             if members_of.reports != view.reports_version():   # judged now: the capable set has taken them in
                 reported = view.reports_since(members_of.reports)
                 members_of.reports = view.reports_version()
@@ -305,19 +313,27 @@ class Tally:
             if members_of is not None:
                 self._remember(job_id, half, unit, members_of)
                 return members_of
+        # a build visits every capable connected agent (~10 ms at 10,000): one a pick at most, and never in place
+        # of a list this pick uses (a submitter's dozens of distinct requirements would rebuild lists on every pick)
+        key = (req, kind, half, unit)
+        if self._built == self._picks:
+            return None
+        if key not in self._lists and len(self._lists) >= LISTS_MAX:
+            oldest = min(self._lists, key=lambda k: self._lists[k].used)
+            if self._lists[oldest].picked == self._picks:
+                return None
+            self._lists.pop(oldest).live = False
+        self._built = self._picks
         if self._read is None:
             self._sync(view, now)   # (the first list: versions from here on)
         members_of = _Members(req, kind, half, unit, capable)
         members_of.reports = view.reports_version()
         members_of.build([a for a in view.connected() if a.row.id in capable and a.refused is None],
                          self.predictor, now)
-        key = members_of.key
-        members_of.used = self._uses
+        members_of.used, members_of.picked = self._uses, self._picks
         old = self._lists.pop(key, None)
         if old is not None:
             old.live = False
-        if len(self._lists) >= LISTS_MAX:   # the least recently asked goes
-            self._lists.pop(min(self._lists, key=lambda k: self._lists[k].used)).live = False
         self._lists[key] = members_of
         self._remember(job_id, half, unit, members_of)
         return members_of
@@ -340,6 +356,8 @@ class Tally:
             return None
         unit, scale, other = choice
         members_of = self._members(view, job_id, req, job.kind, task.params.get("dtype") in HALF, unit, now)
+        if members_of is None:
+            return None
         if other > 0 and not other * members_of.ratio <= scale * (1 - 1e-9):
             return None   # the other cost may set some member's runtime
         my_end, slack = now + mine, 2 * math.ulp(now)
