@@ -68,8 +68,8 @@ class SoonestGate:
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
         self._connected = view.connected_ids()
         #: per group of like jobs (see ``share``): this agent's runtime, how many tasks rivals are proven to
-        #: finish before it would finish one (0: none yet), at most how many (None: not known), and the queue
-        #: length the tally last counted to; the rivals' parts do not change within a pick
+        #: finish before it would finish one (0: none yet), at most how many (None: not known), the queue length
+        #: the tally last counted to, and the head task's shape; the rivals' parts do not change within a pick
         self._groups: dict[Hashable, list[Any]] = {}
         self._last = 0   # the task count of the last part :meth:`_counted`
         self._floor = predictor.floor()   # no agent visited by its top speed runs faster than this x its cost
@@ -226,7 +226,7 @@ class SoonestGate:
         if seen[2] is None and seen[3] < queued:
             self._asking = (job, task, req, self.now + seen[0])
             counted = self.tally.count(self.view, job_id, job, task, req, self.agent, seen[0], queued, self._count,
-                                       self.avoided(job.kind) if self.avoided is not None else ())
+                                       self.avoided(job.kind) if self.avoided is not None else (), seen[4])
             if counted is None:
                 seen[3] = 1 << 62   # not countable this pick
                 return None
@@ -260,7 +260,7 @@ class SoonestGate:
         group = (predictor.shape_epoch, shape, job.kind, job.deadline_at)
         seen = self._groups.get(group)
         if seen is None:   # this agent's runtime is the same for every job of the group
-            seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0, None, -1]
+            seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0, None, -1, group[:2]]
         mine, proven = seen[0], seen[1]
         if queued <= proven:
             return 0   # rivals counted for another job of the group this pick finish at least this many first

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Collection, Container
+from collections.abc import Callable, Collection, Container, Hashable
 from typing import TYPE_CHECKING
 
 from hub.dispatch.covers import ceil_count
@@ -159,15 +159,22 @@ class _Members:
         if until != math.inf:
             del self.windows[bisect.bisect_left(self.windows, (until, agent_id))]
 
-    def place(self, agent: AgentState, predictor: Predictor, now: float) -> None:
-        """(Re)place a capable connected agent that is not refused."""
-        agent_id = agent.row.id
-        key = self.per_unit(agent) * predictor.factor(agent_id, self.kind)
+    def placement(self, agent: AgentState, predictor: Predictor, now: float) -> tuple[float, float, float]:
+        """(key, when it is free: -inf for now, window end or inf) of a capable connected agent not refused."""
+        key = self.per_unit(agent) * predictor.factor(agent.row.id, self.kind)
         free = predictor.free_at(agent, now)
-        free = -math.inf if free <= now else free
         until = available_until(agent)
-        until = until if until is not None and until < math.inf else math.inf   # (NaN: never cuts, as misfit)
-        self.placed[agent_id] = (key, free, until)
+        return (key, -math.inf if free <= now else free,
+                until if until is not None and until < math.inf else math.inf)   # (NaN: never cuts, as misfit)
+
+    def judge(self, agent_id: str, placed: tuple[float, float, float] | None) -> None:
+        """Move an agent to ``placed`` (None: out), where it is not there already."""
+        if self.placed.get(agent_id) == placed:
+            return
+        self.unplace(agent_id)
+        if placed is None:
+            return
+        key, free, until = self.placed[agent_id] = placed
         if until != math.inf:
             bisect.insort(self.windows, (until, agent_id))
         if not KEY_MIN < key < KEY_MAX:
@@ -187,12 +194,7 @@ class _Members:
         self.odd, self.placed = set(), {}
         for agent in agents:
             agent_id = agent.row.id
-            key = self.per_unit(agent) * predictor.factor(agent_id, self.kind)
-            free = predictor.free_at(agent, now)
-            free = -math.inf if free <= now else free
-            until = available_until(agent)
-            until = until if until is not None and until < math.inf else math.inf
-            self.placed[agent_id] = (key, free, until)
+            key, free, until = self.placed[agent_id] = self.placement(agent, predictor, now)
             if until != math.inf:
                 self.windows.append((until, agent_id))
             if not KEY_MIN < key < KEY_MAX:
@@ -225,6 +227,7 @@ class Tally:
         self._by_job: dict[tuple[str, bool, str], _Members] = {}   # (job id, precision, unit) -> its list
         self._uses = 0                                                # questions asked so far
         self._picks = 0                                               # picks begun so far
+        self._units: dict[Hashable, tuple[str, float, float, bool] | None] = {}   # task shape -> :func:`_unit`
         self._built = -1                                              # the pick that last built a list
 
     def touch(self, agent_id: str) -> None:
@@ -285,18 +288,21 @@ class Tally:
 
     def _judge(self, members_of: _Members, agent_id: str, agent: AgentState | None,
                members: Container[str], now: float) -> None:
-        members_of.unplace(agent_id)
-        if agent is not None and agent_id in members and agent_id in members_of.capable and agent.refused is None:
-            members_of.place(agent, self.predictor, now)
+        member = agent is not None and agent_id in members and agent_id in members_of.capable and agent.refused is None
+        members_of.judge(agent_id, members_of.placement(agent, self.predictor, now) if member and agent else None)
 
     def _members(self, view: DispatchView, job_id: str, req: Requirements, kind: str, half: bool, unit: str,
                  now: float) -> _Members | None:
         """The job's member list, up to date (None: none kept, and none built this pick: the walk answers)."""
         if self._pending is not None:
             self._sync(view, now)
-        capable = view.capable(job_id)
         self._uses += 1
         members_of = self._by_job.get((job_id, half, unit))   # (hashing requirements costs more than the count)
+        if members_of is not None and members_of.live and members_of.reports == view.reports_version():
+            # no report changed since its capable set was last the job's: the job's set now has the same members
+            members_of.used, members_of.picked = self._uses, self._picks
+            return members_of
+        capable = view.capable(job_id)
         if members_of is None or not members_of.live:
             members_of = self._lists.get((req, kind, half, unit))
         if members_of is not None and members_of.capable is capable:
@@ -344,18 +350,23 @@ class Tally:
         self._by_job[(job_id, half, unit)] = members_of
 
     def count(self, view: DispatchView, job_id: str, job: JobRow, task: TaskRow, req: Requirements, asker: AgentState,
-              mine: float, queued: int, ahead: Callable[[AgentState], int],
-              avoided: Collection[str]) -> tuple[int, int | None] | None:
+              mine: float, queued: int, ahead: Callable[[AgentState], int], avoided: Collection[str],
+              shape: Hashable) -> tuple[int, int | None] | None:
         """(at least, at most) how many of the job's tasks the rivals finish before ``asker``, needing ``mine`` s
         from now, would finish one; the second is None where not worked out (the first reached ``queued``, or the
         sums ran long). None: not countable here (the walk answers). ``ahead(b)`` is the walk's count for one
-        agent (0 for no rival); ``avoided``: agents besides the asker that may be no rivals (``adaptive``)."""
+        agent (0 for no rival); ``avoided``: agents besides the asker that may be no rivals (``adaptive``);
+        ``shape``: the task's shape (``Predictor.shape``, with its epoch): its cost and precision."""
         now = view.now()
-        choice = _unit(self.predictor.cost(job, task))
+        choice = self._units.get(shape)
+        if choice is None:
+            if len(self._units) > 4096:
+                self._units.clear()
+            choice = self._units[shape] = _unit(self.predictor.cost(job, task), task.params.get("dtype") in HALF)
         if choice is None or not 0 < mine < math.inf:
             return None
-        unit, scale, other = choice
-        members_of = self._members(view, job_id, req, job.kind, task.params.get("dtype") in HALF, unit, now)
+        unit, scale, other, half = choice
+        members_of = self._members(view, job_id, req, job.kind, half, unit, now)
         if members_of is None:
             return None
         if other > 0 and not other * members_of.ratio <= scale * (1 - 1e-9):
@@ -416,13 +427,13 @@ def _ahead(ahead: Callable[[AgentState], int], view: DispatchView, agent_id: str
     return ahead(b) if b is not None and b is not asker else 0
 
 
-def _unit(cost: Cost) -> tuple[str, float, float] | None:
-    """(unit, the cost in it, the other cost) when a runtime is ``cost x key`` on every agent with one key."""
+def _unit(cost: Cost, half: bool) -> tuple[str, float, float, bool] | None:
+    """(unit, the cost in it, the other cost, ``half``) when a runtime is ``cost x key`` on every agent."""
     seconds, flops, size = cost.seconds, cost.flops, cost.bytes
     if not (math.isfinite(seconds + flops + size) and min(seconds, flops, size) >= 0):
         return None
     if flops == 0 and size == 0:
-        return ("seconds", seconds, 0.0) if seconds > 0 else None
+        return ("seconds", seconds, 0.0, half) if seconds > 0 else None
     if seconds != 0:
         return None
-    return ("flops", flops, size) if flops >= size else ("bytes", size, flops)
+    return ("flops", flops, size, half) if flops >= size else ("bytes", size, flops, half)
