@@ -75,6 +75,8 @@ def entry(key: float, a: float, cut: float) -> int:
     """How many ``k >= 1`` satisfy ``key < min(a / (k + 1e-9), cut)``: one key's share of :func:`sums`."""
     if not key < cut or not key < a / (1 + 1e-9):
         return 0
+    if not key < a / (2 + 1e-9):
+        return 1   # (most often: a rival about as quick as the asker)
     m = min(max(ceil_count(a / key - 1e-9) - 1, 1), 1 << 60)
     for _ in range(4):   # the estimate is within rounding of the boundary: move it onto the exact rule
         if not key < a / (m + 1e-9):
@@ -385,21 +387,22 @@ class Tally:
         if first >= queued:
             return first, None
         # judged one by one: the asker, avoided agents, windows ending within the asker's task, odd keys ...
-        alone = dict.fromkeys(a for a in (asker.row.id, *avoided) if a in placed)
-        for until, agent_id in members_of.windows:
-            if until >= my_end + WINDOW_SLACK_S or len(alone) > LOOK:
-                break
-            alone[agent_id] = None
-        alone.update(dict.fromkeys(odd))
-        if len(alone) > LOOK:
-            return None
+        asker_id = asker.row.id
+        alone = [asker_id] if asker_id in placed else []
+        near = bisect.bisect_left(members_of.windows, (my_end + WINDOW_SLACK_S, ""))
+        if avoided or near or odd:
+            if near + len(avoided) + len(odd) > LOOK:
+                return None
+            alone = list(dict.fromkeys([*alone, *(a for a in avoided if a in placed),
+                                        *(agent_id for _, agent_id in members_of.windows[:near]), *odd]))
         lo = hi = fixed = 0
         for agent_id in alone:
             key, free, _ = placed[agent_id]
             if free == -math.inf and agent_id not in odd:   # an idle member: its key out of the sums
                 lo -= entry(key, a_lo, cut_lo)
                 hi -= entry(key, a_hi, cut_hi)
-            fixed += _ahead(ahead, view, agent_id, asker)
+            if agent_id != asker_id:
+                fixed += _ahead(ahead, view, agent_id, asker)
         lo += fixed
         listed_lo, listed_hi, complete = sums(members_of.idle, a_lo, a_hi, cut_lo, cut_hi, queued - lo)
         lo += listed_lo
