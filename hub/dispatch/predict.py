@@ -61,7 +61,12 @@ def _gpu_speed(gpu: Gpu, half: bool) -> float:
 
 def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapping[str, Any]) -> float:
     """Uncorrected runtime of ``cost`` on the device of ``caps`` that the task would use."""
-    half = params.get("dtype") in HALF
+    gflops, bandwidth = device_speeds(caps, req, params.get("dtype") in HALF)
+    return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
+
+
+def device_speeds(caps: Capabilities, req: Requirements, half: bool) -> tuple[float, float]:
+    """(GFLOPS, memory bandwidth GB/s) of the device of ``caps`` that a task of ``req`` and precision would use."""
     raw_gpus = caps.raw.get("gpus") or ()
     gflops, bandwidth = 0.0, 0.0
     if req.device != "cpu":
@@ -72,7 +77,7 @@ def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapp
     if gflops == 0.0:  # no usable GPU: the task runs on the CPU
         gflops = caps.cpu_gflops if caps.cpu_gflops > 0 else DEFAULT_CPU_GFLOPS
         bandwidth = _bandwidth(caps.raw.get("cpu"), DEFAULT_CPU_BANDWIDTH_GBPS)
-    return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
+    return gflops, bandwidth
 
 
 def candidate_jobs(queues: QueueView, agent: AgentState,
@@ -108,6 +113,11 @@ class Predictor:
         self._shapes: dict[str, int] = {}
         self._shape_ids: dict[tuple[Cost, Requirements, bool], int] = {}
         self._bases: dict[tuple[str, int], tuple[Capabilities, float]] = {}
+        #: shape -> a small number per distinct (requirements, half precision): which device of an agent it runs on
+        self._device_of: list[int] = []
+        self._device_ids: dict[tuple[Requirements, bool], int] = {}
+        #: (agent, that number) -> (its report, the device's GFLOPS and bandwidth), for ``base``
+        self._devices: dict[tuple[str, int], tuple[Capabilities, float, float]] = {}
         #: how many times the shape numbers started over (a shape is told apart by (epoch, number))
         self.shape_epoch = 0
         #: agents whose corrections changed, in turn (``roster.KindOrder`` follows it); the first is number _base
@@ -145,8 +155,12 @@ class Predictor:
                     self._shape_ids.clear()
                     self._shapes.clear()
                     self._bases.clear()
+                    self._device_of.clear()
+                    self._device_ids.clear()
+                    self._devices.clear()
                     self.shape_epoch += 1
                 shape = self._shape_ids[key] = len(self._shape_ids)
+                self._device_of.append(self._device_ids.setdefault(key[1:], len(self._device_ids)))
             if len(self._shapes) > _CACHE_MAX:
                 self._shapes.clear()
             self._shapes[task.id] = shape
@@ -157,7 +171,14 @@ class Predictor:
         cached = self._bases.get(key)
         if cached is not None and cached[0] is agent.caps:
             return cached[1]
-        value = base_seconds(self.cost(job, task), agent.caps, req, task.params)
+        device = self._devices.get((agent.row.id, self._device_of[key[1]]))   # (a new asker: ~60 shapes, 6 devices)
+        if device is None or device[0] is not agent.caps:
+            device = (agent.caps, *device_speeds(agent.caps, req, task.params.get("dtype") in HALF))
+            if len(self._devices) > _CACHE_MAX:
+                self._devices.clear()
+            self._devices[(agent.row.id, self._device_of[key[1]])] = device
+        cost, gflops, bandwidth = self.cost(job, task), device[1], device[2]
+        value = cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))   # base_seconds
         if len(self._bases) > _CACHE_MAX:
             self._bases.clear()
         self._bases[key] = (agent.caps, value)
