@@ -10,7 +10,7 @@ asker nearly as quick as the rivals whose kept covers fell short, and ~500 visit
 Runtimes differ per task shape, but for most work they are one number per agent times one per task: a task
 costing only FLOPs (or only bytes, or only fixed seconds) runs ``cost x key`` on an agent, where ``key`` is its
 seconds per unit on the device it would use (for the job's requirements and precision) times its learned
-correction for the kind. So one :class:`_Members` per (requirements, kind, precision, unit) keeps every capable
+correction for the kind. So one :class:`Members` per (requirements, kind, precision, unit) keeps every capable
 connected agent's key, sorted, and serves every shape of that unit (a task costing both FLOPs and bytes uses
 the FLOP keys when its bytes never set any member's runtime, and the other way round).
 
@@ -37,183 +37,27 @@ import math
 from collections.abc import Callable, Collection, Container, Hashable
 from typing import TYPE_CHECKING
 
-from hub.dispatch.covers import ceil_count
-from hub.dispatch.predict import HALF, base_seconds
-from hub.fleet import available_until
-from jobs.kinds.base import Cost
+from hub.dispatch.members import Members, entry, sums
+from hub.dispatch.predict import HALF
 
 if TYPE_CHECKING:
     from hub.dispatch.predict import Predictor
     from hub.fleet import AgentState
     from hub.protocols import DispatchView
     from hub.records import JobRow, TaskRow
+    from jobs.kinds.base import Cost
     from jobs.requirements import Requirements
 
 __all__ = ["LOOK", "Tally"]
 
-#: per unit: the cost that measures it (base_seconds of it is the agent's seconds per unit)
-_UNITS = {"flops": Cost(flops=1.0), "bytes": Cost(bytes=1.0), "seconds": Cost(seconds=1.0)}
-_HALF_PARAMS = {"dtype": "float16"}
-_FULL_PARAMS: dict[str, str] = {}
 #: relative slack of both bounds (each rounding in the walk's arithmetic is ~1e-16 of its value)
 EPS = 1e-12
 #: agents judged one by one per question at most before the question goes to the walk
 LOOK = 64
-#: once this few keys still finish another task, the rest are summed key by key instead of per task count
-FEW = 16
-#: task counts summed by bisection at most (a job of 100,000 tasks and a few dozen very quick rivals)
-ROUNDS = 256
 #: member lists kept at most (the least recently asked goes)
 LISTS_MAX = 16
-#: keys judged one by one: products near under- or overflow lose the precision the bounds rely on
-KEY_MIN, KEY_MAX = 1e-200, 1e200
 #: a window ending this long after the asker would finish cannot cut an idle rival's part (it ends sooner)
 WINDOW_SLACK_S = 1.0
-
-
-def entry(key: float, a: float, cut: float) -> int:
-    """How many ``k >= 1`` satisfy ``key < min(a / (k + 1e-9), cut)``: one key's share of :func:`sums`."""
-    if not key < cut or not key < a / (1 + 1e-9):
-        return 0
-    if not key < a / (2 + 1e-9):
-        return 1   # (most often: a rival about as quick as the asker)
-    m = min(max(ceil_count(a / key - 1e-9) - 1, 1), 1 << 60)
-    for _ in range(4):   # the estimate is within rounding of the boundary: move it onto the exact rule
-        if not key < a / (m + 1e-9):
-            m -= 1
-        elif key < a / (m + 1 + 1e-9):
-            m += 1
-        else:
-            break
-    return max(m, 0)
-
-
-def sums(keys: list[float], a_lo: float, a_hi: float, cut_lo: float, cut_hi: float,
-         stop: float) -> tuple[int, int, bool]:
-    """``sum over k of #{key < min(a / (k + 1e-9), cut)}`` for both bounds' ``a`` and ``cut`` (sorted ``keys``),
-    and whether both are complete: the count stops once the lower one reaches ``stop``, or after :data:`ROUNDS`."""
-    lo = hi = 0
-    for k in range(1, ROUNDS + 1):
-        d = k + 1e-9
-        c_hi = bisect.bisect_left(keys, min(a_hi / d, cut_hi))
-        if c_hi == 0:
-            return lo, hi, True
-        if c_hi <= FEW:   # the last few keys: each one's remaining count at once
-            for key in keys[:c_hi]:
-                hi += entry(key, a_hi, cut_hi) - (k - 1)
-                lo += max(entry(key, a_lo, cut_lo) - (k - 1), 0)
-            return lo, hi, True
-        lo += bisect.bisect_left(keys, min(a_lo / d, cut_lo), 0, c_hi)
-        hi += c_hi
-        if lo >= stop:
-            return lo, hi, False
-    return lo, hi, False
-
-
-class _Members:
-    """The capable connected agents of one (requirements, kind, precision, unit) by their keys."""
-
-    def __init__(self, req: Requirements, kind: str, half: bool, unit: str, capable: set[str]) -> None:
-        self.req, self.kind, self.unit, self.capable = req, kind, unit, capable
-        self.key = (req, kind, half, unit)
-        self.live = True                             # False once dropped from its tally
-        self.used = 0                                # the tally's question count when last asked
-        self.picked = -1                             # the tally's pick count when last asked
-        self.params = _HALF_PARAMS if half else _FULL_PARAMS
-        self.other = "bytes" if unit == "flops" else "flops"
-        self.idle: list[float] = []                  # keys of members free now, sorted
-        self.waits: list[tuple[float, str]] = []      # (free at, id) of members free later, sorted
-        self.wait_keys: list[float] = []              # their keys, sorted
-        self.windows: list[tuple[float, str]] = []    # (window end, id) of members with a window, sorted
-        self.odd: set[str] = set()                    # members whose keys are judged one by one
-        self.placed: dict[str, tuple[float, float, float]] = {}   # id -> (key, free at or -inf, window end or inf)
-        self.units: dict[str, tuple[object, float, float]] = {}    # id -> (its caps, seconds per unit, per other)
-        #: the largest ratio over members of seconds per ``other`` unit to seconds per unit: a task's ``other``
-        #: cost sets no member's runtime while ``other_cost x ratio <= cost`` (members that left included)
-        self.ratio = 0.0
-        self.reports = -1                            # the report log, applied up to here
-
-    def per_unit(self, agent: AgentState) -> float:
-        kept = self.units.get(agent.row.id)
-        if kept is not None and kept[0] is agent.caps:
-            return kept[1]
-        mine = base_seconds(_UNITS[self.unit], agent.caps, self.req, self.params)
-        other = base_seconds(_UNITS[self.other], agent.caps, self.req, self.params) if self.unit != "seconds" else 0.0
-        self.units[agent.row.id] = (agent.caps, mine, other)
-        if other > 0 and mine > 0:
-            self.ratio = max(self.ratio, other / mine)
-        elif other > 0:
-            self.ratio = math.inf
-        return mine
-
-    def unplace(self, agent_id: str) -> None:
-        placed = self.placed.pop(agent_id, None)
-        if placed is None:
-            return
-        key, free, until = placed
-        if agent_id in self.odd:
-            self.odd.discard(agent_id)
-        elif free == -math.inf:
-            del self.idle[bisect.bisect_left(self.idle, key)]
-        else:
-            del self.waits[bisect.bisect_left(self.waits, (free, agent_id))]
-            del self.wait_keys[bisect.bisect_left(self.wait_keys, key)]
-        if until != math.inf:
-            del self.windows[bisect.bisect_left(self.windows, (until, agent_id))]
-
-    def placement(self, agent: AgentState, predictor: Predictor, now: float) -> tuple[float, float, float]:
-        """(key, when it is free: -inf for now, window end or inf) of a capable connected agent not refused."""
-        key = self.per_unit(agent) * predictor.factor(agent.row.id, self.kind)
-        free = predictor.free_at(agent, now)
-        until = available_until(agent)
-        return (key, -math.inf if free <= now else free,
-                until if until is not None and until < math.inf else math.inf)   # (NaN: never cuts, as misfit)
-
-    def judge(self, agent_id: str, placed: tuple[float, float, float] | None) -> None:
-        """Move an agent to ``placed`` (None: out), where it is not there already."""
-        if self.placed.get(agent_id) == placed:
-            return
-        self.unplace(agent_id)
-        if placed is None:
-            return
-        key, free, until = self.placed[agent_id] = placed
-        if until != math.inf:
-            bisect.insort(self.windows, (until, agent_id))
-        if not KEY_MIN < key < KEY_MAX:
-            self.odd.add(agent_id)
-        elif free == -math.inf:
-            bisect.insort(self.idle, key)
-        else:
-            bisect.insort(self.waits, (free, agent_id))
-            bisect.insort(self.wait_keys, key)
-
-    def build(self, agents: list[AgentState], predictor: Predictor, now: float) -> None:
-        """Place ``agents`` (capable, connected, not refused) afresh, sorted once (their seconds per unit kept)."""
-        if len(self.units) > 2 * len(agents) + 1024:   # agents gone since (a stranger's thousand registrations)
-            kept = {a.row.id for a in agents}
-            self.units = {i: u for i, u in self.units.items() if i in kept}
-        self.idle, self.waits, self.wait_keys, self.windows = [], [], [], []
-        self.odd, self.placed = set(), {}
-        for agent in agents:
-            agent_id = agent.row.id
-            key, free, until = self.placed[agent_id] = self.placement(agent, predictor, now)
-            if until != math.inf:
-                self.windows.append((until, agent_id))
-            if not KEY_MIN < key < KEY_MAX:
-                self.odd.add(agent_id)
-            elif free == -math.inf:
-                self.idle.append(key)
-            else:
-                self.waits.append((free, agent_id))
-                self.wait_keys.append(key)
-        for sorted_list in (self.idle, self.waits, self.wait_keys, self.windows):
-            sorted_list.sort()
-
-    def due(self, now: float) -> list[str]:
-        """Members whose predicted free time has passed (free now: judged again)."""
-        waits = self.waits
-        end = bisect.bisect_right(waits, (now, "\uffff"))
-        return [agent_id for _, agent_id in waits[:end]]
 
 
 class Tally:
@@ -221,12 +65,12 @@ class Tally:
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self._lists: dict[tuple[Requirements, str, bool, str], _Members] = {}
+        self._lists: dict[tuple[Requirements, str, bool, str], Members] = {}
         self._read: tuple[int, int, int, int] | None = None   # presence, slots, noted, corrections
         self._dirty: set[str] = set()
         self._now = -math.inf
         self._pending: AgentState | None = None   # the asker of a pick whose logs are not applied yet
-        self._by_job: dict[tuple[str, bool, str], _Members] = {}   # (job id, precision, unit) -> its list
+        self._by_job: dict[tuple[str, bool, str], Members] = {}   # (job id, precision, unit) -> its list
         self._uses = 0                                                # questions asked so far
         self._picks = 0                                               # picks begun so far
         self._units: dict[Hashable, tuple[str, float, float, bool] | None] = {}   # task shape -> :func:`_unit`
@@ -288,13 +132,13 @@ class Tally:
             for agent_id in changed.union(due) if due else changed:
                 self._judge(members_of, agent_id, agents.get(agent_id), members, now)
 
-    def _judge(self, members_of: _Members, agent_id: str, agent: AgentState | None,
+    def _judge(self, members_of: Members, agent_id: str, agent: AgentState | None,
                members: Container[str], now: float) -> None:
         member = agent is not None and agent_id in members and agent_id in members_of.capable and agent.refused is None
         members_of.judge(agent_id, members_of.placement(agent, self.predictor, now) if member and agent else None)
 
     def _members(self, view: DispatchView, job_id: str, req: Requirements, kind: str, half: bool, unit: str,
-                 now: float) -> _Members | None:
+                 now: float) -> Members | None:
         """The job's member list, up to date (None: none kept, and none built this pick: the walk answers)."""
         if self._pending is not None:
             self._sync(view, now)
@@ -334,7 +178,7 @@ class Tally:
         self._built = self._picks
         if self._read is None:
             self._sync(view, now)   # (the first list: versions from here on)
-        members_of = _Members(req, kind, half, unit, capable)
+        members_of = Members(req, kind, half, unit, capable)
         members_of.reports = view.reports_version()
         members_of.build([a for a in view.connected() if a.row.id in capable and a.refused is None],
                          self.predictor, now)
@@ -346,7 +190,7 @@ class Tally:
         self._remember(job_id, half, unit, members_of)
         return members_of
 
-    def _remember(self, job_id: str, half: bool, unit: str, members_of: _Members) -> None:
+    def _remember(self, job_id: str, half: bool, unit: str, members_of: Members) -> None:
         if len(self._by_job) > 4096:
             self._by_job.clear()
         self._by_job[(job_id, half, unit)] = members_of
