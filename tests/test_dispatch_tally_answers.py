@@ -128,3 +128,19 @@ async def test_a_submitters_many_distinct_requirements_build_one_list_a_pick_and
         assert len(kept._lists) == built
     assert f.check() > 0
     assert len(kept._lists) == 3
+
+
+async def test_agents_claiming_no_speed_at_all_do_not_turn_the_tally_off(fleets: Callable[..., Any]) -> None:
+    """A report of ~0 GFLOPS gives an infinite runtime (it finishes nothing first) and a report of no device speed
+    at all a default: kept out of the sorted lists, such keys are not judged one by one, so a stranger's hundred
+    of them leave the tally answering (more than ``LOOK`` judged one by one would send every ask to the walk)."""
+    f: Fleet = await fleets("fastest")
+    laptop = await f.agent("laptop", cpu_caps())
+    for i in range(tally.LOOK + 6):
+        await f.agent(f"liar-{i}", {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": 1e-320}})
+    for i in range(12):
+        await f.agent(f"a100-{i}", A100)
+    await f.submit(400)
+    assert await f.lease(laptop) == []
+    assert len(policy_of(f).covers) == 0   # answered without a walk
+    assert f.check() > 0

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from hub.fleet import AgentState
     from jobs.requirements import Requirements
 
-__all__ = ["FEW", "KEY_MAX", "KEY_MIN", "ROUNDS", "Members", "entry", "sums"]
+__all__ = ["FEW", "KEY_MAX", "KEY_MIN", "ROUNDS", "Members", "entry", "listed", "sums"]
 
 #: per unit: the cost that measures it (base_seconds of it is the agent's seconds per unit)
 _UNITS = {"flops": Cost(flops=1.0), "bytes": Cost(bytes=1.0), "seconds": Cost(seconds=1.0)}
@@ -75,6 +75,13 @@ def sums(keys: list[float], a_lo: float, a_hi: float, cut_lo: float, cut_hi: flo
     return lo, hi, False
 
 
+def listed(key: float) -> bool:
+    """Whether a key goes into the sorted lists. Outside them: 0, NaN, and keys from KEY_MAX up finish nothing
+    first (a runtime of 0 or NaN counts none in the walk; the tally asks no horizon that long); a positive key up
+    to KEY_MIN finishes endlessly many and is judged one by one (``odd``)."""
+    return KEY_MIN < key < KEY_MAX
+
+
 class Members:
     """The capable connected agents of one (requirements, kind, precision, unit) by their keys."""
 
@@ -90,7 +97,7 @@ class Members:
         self.waits: list[tuple[float, str]] = []      # (free at, id) of members free later, sorted
         self.wait_keys: list[float] = []              # their keys, sorted
         self.windows: list[tuple[float, str]] = []    # (window end, id) of members with a window, sorted
-        self.odd: set[str] = set()                    # members whose keys are judged one by one
+        self.odd: set[str] = set()                    # members whose keys are judged one by one (see listed)
         self.placed: dict[str, tuple[float, float, float]] = {}   # id -> (key, free at or -inf, window end or inf)
         self.units: dict[str, tuple[object, float, float]] = {}    # id -> (its caps, seconds per unit, per other)
         #: the largest ratio over members of seconds per ``other`` unit to seconds per unit: a task's ``other``
@@ -118,6 +125,8 @@ class Members:
         key, free, until = placed
         if agent_id in self.odd:
             self.odd.discard(agent_id)
+        elif not listed(key):
+            pass
         elif free == -math.inf:
             del self.idle[bisect.bisect_left(self.idle, key)]
         else:
@@ -144,8 +153,10 @@ class Members:
         key, free, until = self.placed[agent_id] = placed
         if until != math.inf:
             bisect.insort(self.windows, (until, agent_id))
-        if not KEY_MIN < key < KEY_MAX:
+        if 0 < key <= KEY_MIN:
             self.odd.add(agent_id)
+        elif not listed(key):
+            pass
         elif free == -math.inf:
             bisect.insort(self.idle, key)
         else:
@@ -164,8 +175,10 @@ class Members:
             key, free, until = self.placed[agent_id] = self.placement(agent, predictor, now)
             if until != math.inf:
                 self.windows.append((until, agent_id))
-            if not KEY_MIN < key < KEY_MAX:
+            if 0 < key <= KEY_MIN:
                 self.odd.add(agent_id)
+            elif not listed(key):
+                pass
             elif free == -math.inf:
                 self.idle.append(key)
             else:

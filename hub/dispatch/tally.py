@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable, Collection, Container, Hashable
 from typing import TYPE_CHECKING
 
-from hub.dispatch.members import Members, entry, sums
+from hub.dispatch.members import KEY_MAX, Members, entry, listed, sums
 from hub.dispatch.predict import HALF
 
 if TYPE_CHECKING:
@@ -219,6 +219,8 @@ class Tally:
             return None   # the other cost may set some member's runtime
         my_end, slack = now + mine, 2 * math.ulp(now)
         a_lo, a_hi = (mine - slack) * (1 - EPS) / scale, (mine + slack) * (1 + EPS) / scale
+        if not a_hi < KEY_MAX:
+            return None   # a horizon so long that members kept out of the lists as finishing nothing might
         cut_lo = cut_hi = math.inf
         if job.deadline_at is not None:
             left_lo, left_hi = job.deadline_at - now - slack, job.deadline_at - now + slack
@@ -242,7 +244,7 @@ class Tally:
         lo = hi = fixed = 0
         for agent_id in alone:
             key, free, _ = placed[agent_id]
-            if free == -math.inf and agent_id not in odd:   # an idle member: its key out of the sums
+            if free == -math.inf and listed(key):   # an idle member in the sums: its key out of them
                 lo -= entry(key, a_lo, cut_lo)
                 hi -= entry(key, a_hi, cut_hi)
             if agent_id != asker_id:
