@@ -83,7 +83,10 @@ class Tally:
 
     def begin(self, asker: AgentState) -> None:
         """A pick starts; the logs are applied at its first question (after the pick has asked for its jobs'
-        capable sets, which take in changed reports)."""
+        capable sets, which take in changed reports). The last pick's asker, where that pick asked nothing, is
+        judged at the next sync all the same: its own ask may have ended a refusal, which no log says."""
+        if self._pending is not None and self._lists:
+            self._dirty.add(self._pending.row.id)
         self._pending = asker
         self._picks += 1
 
