@@ -48,10 +48,12 @@ if TYPE_CHECKING:
     from jobs.kinds.base import Cost
     from jobs.requirements import Requirements
 
-__all__ = ["LOOK", "Tally"]
+__all__ = ["LOOK", "Tally", "bounds"]
 
 #: relative slack of both bounds (each rounding in the walk's arithmetic is ~1e-16 of its value)
 EPS = 1e-12
+#: ulps of the epoch both bounds allow for the asker's end (``now + mine`` rounds to the epoch's precision)
+ULPS = 2.0
 #: agents judged one by one per question at most before the question goes to the walk
 LOOK = 64
 #: member lists kept at most (the least recently asked goes)
@@ -83,7 +85,10 @@ class Tally:
 
     def begin(self, asker: AgentState) -> None:
         """A pick starts; the logs are applied at its first question (after the pick has asked for its jobs'
-        capable sets, which take in changed reports)."""
+        capable sets, which take in changed reports). The last pick's asker, where that pick asked nothing, is
+        judged at the next sync all the same: its own ask may have ended a refusal, which no log says."""
+        if self._pending is not None and self._lists:
+            self._dirty.add(self._pending.row.id)
         self._pending = asker
         self._picks += 1
 
@@ -217,15 +222,10 @@ class Tally:
             return None
         if other > 0 and not other * members_of.ratio <= scale * (1 - 1e-9):
             return None   # the other cost may set some member's runtime
-        my_end, slack = now + mine, 2 * math.ulp(now)
-        a_lo, a_hi = (mine - slack) * (1 - EPS) / scale, (mine + slack) * (1 + EPS) / scale
+        my_end = now + mine
+        a_lo, a_hi, cut_lo, cut_hi = bounds(now, mine, scale, job.deadline_at)
         if not a_hi < KEY_MAX:
             return None   # a horizon so long that members kept out of the lists as finishing nothing might
-        cut_lo = cut_hi = math.inf
-        if job.deadline_at is not None:
-            left_lo, left_hi = job.deadline_at - now - slack, job.deadline_at - now + slack
-            cut_lo = left_lo * (1 - EPS) / scale if left_lo > 0 else 0.0
-            cut_hi = left_hi * (1 + EPS) / scale if left_hi > 0 else 0.0
         placed, odd, waits = members_of.placed, members_of.odd, members_of.waits
         # most questions: the idle members finishing one task first, less every member judged one by one, cover it
         first = bisect.bisect_left(members_of.idle, min(a_lo / (1 + 1e-9), cut_lo)) - 1 - \
@@ -269,6 +269,22 @@ class Tally:
         # ... and the earliest of them, judged, may show it should not
         lo += sum(_ahead(ahead, view, agent_id, asker) for _, agent_id in waits[:LOOK] if agent_id not in alone)
         return (lo, None) if lo >= queued else (lo, most)
+
+
+def bounds(now: float, mine: float, scale: float, deadline_at: float | None) -> tuple[float, float, float, float]:
+    """(a_lo, a_hi, cut_lo, cut_hi) for :func:`~hub.dispatch.members.sums`: an idle rival with key ``key`` finishes
+    at least ``entry(key, a_lo, cut_lo)`` and at most ``entry(key, a_hi, cut_hi)`` tasks before an asker needing
+    ``mine`` s from ``now`` would finish one, where the walk computes ``ceil((now + mine - now) / (key x scale) -
+    1e-9) - 1`` and cuts a part ending past ``deadline_at``: the sum ``now + mine`` rounds within an ulp of it
+    (:data:`ULPS` of ``now``), the rest within a relative :data:`EPS`."""
+    slack = ULPS * math.ulp(now)
+    a_lo, a_hi = (mine - slack) * (1 - EPS) / scale, (mine + slack) * (1 + EPS) / scale
+    cut_lo = cut_hi = math.inf
+    if deadline_at is not None:
+        left_lo, left_hi = deadline_at - now - slack, deadline_at - now + slack
+        cut_lo = left_lo * (1 - EPS) / scale if left_lo > 0 else 0.0
+        cut_hi = left_hi * (1 + EPS) / scale if left_hi > 0 else 0.0
+    return a_lo, a_hi, cut_lo, cut_hi
 
 
 def _ahead(ahead: Callable[[AgentState], int], view: DispatchView, agent_id: str, asker: AgentState) -> int:
