@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Container
 from typing import TYPE_CHECKING
 
 from hub.dispatch.covers import ceil_count
@@ -98,6 +99,10 @@ class Members:
         self.wait_keys: list[float] = []              # their keys, sorted
         self.windows: list[tuple[float, str]] = []    # (window end, id) of members with a window, sorted
         self.odd: set[str] = set()                    # members whose keys are judged one by one (see listed)
+        #: members ``adaptive`` may avoid for the kind (its error rates): in no sum but their own, counted as if
+        #: idle in the upper bound only (so a fleet's hundreds of flaky agents are not judged one by one)
+        self.flagged: set[str] = set()
+        self.flag_keys: list[float] = []
         self.placed: dict[str, tuple[float, float, float]] = {}   # id -> (key, free at or -inf, window end or inf)
         self.units: dict[str, tuple[object, float, float]] = {}    # id -> (its caps, seconds per unit, per other)
         #: the largest ratio over members of seconds per ``other`` unit to seconds per unit: a task's ``other``
@@ -125,6 +130,9 @@ class Members:
         key, free, until = placed
         if agent_id in self.odd:
             self.odd.discard(agent_id)
+        elif agent_id in self.flagged:
+            self.flagged.discard(agent_id)
+            del self.flag_keys[bisect.bisect_left(self.flag_keys, key)]
         elif not listed(key):
             pass
         elif free == -math.inf:
@@ -143,9 +151,9 @@ class Members:
         return (key, -math.inf if free <= now else free,
                 until if until is not None and until < math.inf else math.inf)   # (NaN: never cuts, as misfit)
 
-    def judge(self, agent_id: str, placed: tuple[float, float, float] | None) -> None:
-        """Move an agent to ``placed`` (None: out), where it is not there already."""
-        if self.placed.get(agent_id) == placed:
+    def judge(self, agent_id: str, placed: tuple[float, float, float] | None, flagged: bool = False) -> None:
+        """Move an agent to ``placed`` (None: out; ``flagged``: one ``adaptive`` may avoid), unless it is there."""
+        if self.placed.get(agent_id) == placed and (agent_id in self.flagged) == flagged:
             return
         self.unplace(agent_id)
         if placed is None:
@@ -157,19 +165,22 @@ class Members:
             self.odd.add(agent_id)
         elif not listed(key):
             pass
+        elif flagged:
+            self.flagged.add(agent_id)
+            bisect.insort(self.flag_keys, key)
         elif free == -math.inf:
             bisect.insort(self.idle, key)
         else:
             bisect.insort(self.waits, (free, agent_id))
             bisect.insort(self.wait_keys, key)
 
-    def build(self, agents: list[AgentState], predictor: Predictor, now: float) -> None:
+    def build(self, agents: list[AgentState], predictor: Predictor, now: float, flagged: Container[str] = ()) -> None:
         """Place ``agents`` (capable, connected, not refused) afresh, sorted once (their seconds per unit kept)."""
         if len(self.units) > 2 * len(agents) + 1024:   # agents gone since (a stranger's thousand registrations)
             kept = {a.row.id for a in agents}
             self.units = {i: u for i, u in self.units.items() if i in kept}
         self.idle, self.waits, self.wait_keys, self.windows = [], [], [], []
-        self.odd, self.placed = set(), {}
+        self.odd, self.placed, self.flagged, self.flag_keys = set(), {}, set(), []
         for agent in agents:
             agent_id = agent.row.id
             key, free, until = self.placed[agent_id] = self.placement(agent, predictor, now)
@@ -179,12 +190,15 @@ class Members:
                 self.odd.add(agent_id)
             elif not listed(key):
                 pass
+            elif agent_id in flagged:
+                self.flagged.add(agent_id)
+                self.flag_keys.append(key)
             elif free == -math.inf:
                 self.idle.append(key)
             else:
                 self.waits.append((free, agent_id))
                 self.wait_keys.append(key)
-        for sorted_list in (self.idle, self.waits, self.wait_keys, self.windows):
+        for sorted_list in (self.idle, self.waits, self.wait_keys, self.windows, self.flag_keys):
             sorted_list.sort()
 
     def due(self, now: float) -> list[str]:
