@@ -132,11 +132,9 @@ class Fleet:
             i for i in connected if len(self.board.agents[i].running) < slots_of(self.board.agents[i])}
         policy = self.board.policy
         avoid: Avoid = None
-        avoided = None
         if isinstance(policy, Adaptive):
             errors = policy.errors
             avoid = lambda b, kind: errors.high(b.row.id, kind, now)   # noqa: E731
-            avoided = errors.flagged
         assert isinstance(policy, Fastest | Adaptive)
         compared = 0
         for job_id in list(context.queues.waiting()):
@@ -157,7 +155,7 @@ class Fleet:
                     else policy.tally
                 tally_now.begin(agent)
                 gates.append(SoonestGate(context, agent, policy.predictor, now, policy.roster, avoid,
-                                         tally=tally_now, avoided=avoided))
+                                         tally=tally_now))
             for job_id in candidate_jobs(context.queues, agent):
                 exact = self.share(agent, job_id, avoid)
                 for need in (1, 3, 10**9):

@@ -20,8 +20,20 @@ from test_dispatch_indexes import Fleet
 from hub.dispatch import tally
 from hub.dispatch.adaptive import Adaptive
 from hub.dispatch.fastest import Fastest
+from jobs.protocol import Assignment
+from security.identity import Identity
+from security.records import SignedRecord
 
 fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
+
+
+async def fail(f: Fleet, agent: Identity, task: Assignment) -> None:
+    """The agent reports the task failed (its device lost: the agent's fault, counted in its error rate)."""
+    payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id, "attempt": task.attempt,
+               "agent_id": agent.id, "status": "failed", "metrics": {"wall_s": 1.0}, "error_class": "device_lost",
+               "error": "gone"}
+    [outcome] = await f.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
+    assert outcome.status == "accepted"
 
 
 def policy_of(f: Fleet) -> Fastest | Adaptive:
@@ -128,3 +140,42 @@ async def test_a_submitters_many_distinct_requirements_build_one_list_a_pick_and
         assert len(kept._lists) == built
     assert f.check() > 0
     assert len(kept._lists) == 3
+
+
+async def test_agents_claiming_no_speed_at_all_do_not_turn_the_tally_off(fleets: Callable[..., Any]) -> None:
+    """A report of ~0 GFLOPS gives an infinite runtime (it finishes nothing first) and a report of no device speed
+    at all a default: kept out of the sorted lists, such keys are not judged one by one, so a stranger's hundred
+    of them leave the tally answering (more than ``LOOK`` judged one by one would send every ask to the walk)."""
+    f: Fleet = await fleets("fastest")
+    laptop = await f.agent("laptop", cpu_caps())
+    for i in range(tally.LOOK + 6):
+        await f.agent(f"liar-{i}", {"memory_gb": 16, "cpu": {"cores": 4, "gflops_fp32": 1e-320}})
+    for i in range(12):
+        await f.agent(f"a100-{i}", A100)
+    await f.submit(400)
+    assert await f.lease(laptop) == []
+    assert len(policy_of(f).covers) == 0   # answered without a walk
+    assert f.check() > 0
+
+
+async def test_adaptives_flaky_agents_are_not_judged_one_by_one(fleets: Callable[..., Any],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents ``adaptive`` may avoid (error rate above its limit) are rivals in the upper bound only: a volunteer
+    fleet with more of them than ``LOOK`` still has its asks answered by the tally, as the scan answers them."""
+    monkeypatch.setattr(tally, "LOOK", 2)
+    f: Fleet = await fleets("adaptive")
+    flaky = [await f.agent(f"flaky-{i}", GTX1060) for i in range(4)]
+    await f.submit(12, policy={"retries": 5})
+    for _ in range(3):
+        for agent in flaky:
+            [task] = await f.lease(agent)
+            await fail(f, agent, task)
+    policy = policy_of(f)
+    assert isinstance(policy, Adaptive) and len(policy.errors.flagged("matmul")) == 4
+    laptop = await f.agent("laptop", cpu_caps())
+    for i in range(12):
+        await f.agent(f"a100-{i}", A100)
+    await f.submit(400)
+    assert await f.lease(laptop) == []
+    assert len(policy.covers) == 0   # answered without a walk
+    assert f.check() > 0

@@ -79,7 +79,7 @@ class Adaptive:
         self.errors = ErrorRates()
         self.roster = Roster()
         self.covers = Covers()
-        self.tally: Tally | None = Tally(self.predictor)   # (None: covers and walks alone)
+        self.tally: Tally | None = Tally(self.predictor, self.errors.flagged)   # (None: covers and walks alone)
         self._now = 0.0
 
     def pick(self, view: DispatchView, agent: AgentState, slots: int) -> list[TaskRow]:
@@ -92,8 +92,7 @@ class Adaptive:
         self.covers.forget(agent.row.id)   # it asks: it may be told to pause, and it may take tasks
         if self.tally is not None:
             self.tally.begin(agent)
-        gate = SoonestGate(view, agent, self.predictor, now, self.roster, avoid, self.covers, self.tally,
-                           self.errors.flagged)
+        gate = SoonestGate(view, agent, self.predictor, now, self.roster, avoid, self.covers, self.tally)
 
         def take(job_id: str, limit: int) -> list[TaskRow]:
             if avoid(agent, view.queues.job(job_id).kind) and gate.has_rival(job_id):

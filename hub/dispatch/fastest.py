@@ -17,7 +17,7 @@ rest. The answer is the full sum's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.covers import GONE, KEEP, Cover, Covers, ceil_count
@@ -58,11 +58,9 @@ class SoonestGate:
 
     def __init__(self, view: DispatchView, agent: AgentState, predictor: Predictor, now: float,
                  roster: Roster, avoid: Avoid | None = None, covers: Covers | None = None,
-                 tally: Tally | None = None, avoided: Callable[[str], Collection[str]] | None = None) -> None:
+                 tally: Tally | None = None) -> None:
         self.view, self.queues, self.agent, self.predictor, self.now = view, view.queues, agent, predictor, now
         self.avoid, self.roster, self.covers, self.tally = avoid, roster, covers, tally
-        #: per kind, every agent ``avoid`` may skip (a superset; the tally judges them one by one)
-        self.avoided = avoided
         roster.update(view)
         self._orders: dict[str, KindOrder] = {}   # per kind: the connected agents by predicted speed (once a pick)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
@@ -226,7 +224,7 @@ class SoonestGate:
         if seen[2] is None and seen[3] < queued:
             self._asking = (job, task, req, self.now + seen[0])
             counted = self.tally.count(self.view, job_id, job, task, req, self.agent, seen[0], queued, self._count,
-                                       self.avoided(job.kind) if self.avoided is not None else (), seen[4])
+                                       seen[4])
             if counted is None:
                 seen[3] = 1 << 62   # not countable this pick
                 return None

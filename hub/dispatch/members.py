@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Container
 from typing import TYPE_CHECKING
 
 from hub.dispatch.covers import ceil_count
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from hub.fleet import AgentState
     from jobs.requirements import Requirements
 
-__all__ = ["FEW", "KEY_MAX", "KEY_MIN", "ROUNDS", "Members", "entry", "sums"]
+__all__ = ["FEW", "KEY_MAX", "KEY_MIN", "ROUNDS", "Members", "entry", "listed", "sums"]
 
 #: per unit: the cost that measures it (base_seconds of it is the agent's seconds per unit)
 _UNITS = {"flops": Cost(flops=1.0), "bytes": Cost(bytes=1.0), "seconds": Cost(seconds=1.0)}
@@ -75,6 +76,13 @@ def sums(keys: list[float], a_lo: float, a_hi: float, cut_lo: float, cut_hi: flo
     return lo, hi, False
 
 
+def listed(key: float) -> bool:
+    """Whether a key goes into the sorted lists. Outside them: 0, NaN, and keys from KEY_MAX up finish nothing
+    first (a runtime of 0 or NaN counts none in the walk; the tally asks no horizon that long); a positive key up
+    to KEY_MIN finishes endlessly many and is judged one by one (``odd``)."""
+    return KEY_MIN < key < KEY_MAX
+
+
 class Members:
     """The capable connected agents of one (requirements, kind, precision, unit) by their keys."""
 
@@ -90,7 +98,11 @@ class Members:
         self.waits: list[tuple[float, str]] = []      # (free at, id) of members free later, sorted
         self.wait_keys: list[float] = []              # their keys, sorted
         self.windows: list[tuple[float, str]] = []    # (window end, id) of members with a window, sorted
-        self.odd: set[str] = set()                    # members whose keys are judged one by one
+        self.odd: set[str] = set()                    # members whose keys are judged one by one (see listed)
+        #: members ``adaptive`` may avoid for the kind (its error rates): in no sum but their own, counted as if
+        #: idle in the upper bound only (so a fleet's hundreds of flaky agents are not judged one by one)
+        self.flagged: set[str] = set()
+        self.flag_keys: list[float] = []
         self.placed: dict[str, tuple[float, float, float]] = {}   # id -> (key, free at or -inf, window end or inf)
         self.units: dict[str, tuple[object, float, float]] = {}    # id -> (its caps, seconds per unit, per other)
         #: the largest ratio over members of seconds per ``other`` unit to seconds per unit: a task's ``other``
@@ -118,6 +130,11 @@ class Members:
         key, free, until = placed
         if agent_id in self.odd:
             self.odd.discard(agent_id)
+        elif agent_id in self.flagged:
+            self.flagged.discard(agent_id)
+            del self.flag_keys[bisect.bisect_left(self.flag_keys, key)]
+        elif not listed(key):
+            pass
         elif free == -math.inf:
             del self.idle[bisect.bisect_left(self.idle, key)]
         else:
@@ -134,9 +151,9 @@ class Members:
         return (key, -math.inf if free <= now else free,
                 until if until is not None and until < math.inf else math.inf)   # (NaN: never cuts, as misfit)
 
-    def judge(self, agent_id: str, placed: tuple[float, float, float] | None) -> None:
-        """Move an agent to ``placed`` (None: out), where it is not there already."""
-        if self.placed.get(agent_id) == placed:
+    def judge(self, agent_id: str, placed: tuple[float, float, float] | None, flagged: bool = False) -> None:
+        """Move an agent to ``placed`` (None: out; ``flagged``: one ``adaptive`` may avoid), unless it is there."""
+        if self.placed.get(agent_id) == placed and (agent_id in self.flagged) == flagged:
             return
         self.unplace(agent_id)
         if placed is None:
@@ -144,34 +161,44 @@ class Members:
         key, free, until = self.placed[agent_id] = placed
         if until != math.inf:
             bisect.insort(self.windows, (until, agent_id))
-        if not KEY_MIN < key < KEY_MAX:
+        if 0 < key <= KEY_MIN:
             self.odd.add(agent_id)
+        elif not listed(key):
+            pass
+        elif flagged:
+            self.flagged.add(agent_id)
+            bisect.insort(self.flag_keys, key)
         elif free == -math.inf:
             bisect.insort(self.idle, key)
         else:
             bisect.insort(self.waits, (free, agent_id))
             bisect.insort(self.wait_keys, key)
 
-    def build(self, agents: list[AgentState], predictor: Predictor, now: float) -> None:
+    def build(self, agents: list[AgentState], predictor: Predictor, now: float, flagged: Container[str] = ()) -> None:
         """Place ``agents`` (capable, connected, not refused) afresh, sorted once (their seconds per unit kept)."""
         if len(self.units) > 2 * len(agents) + 1024:   # agents gone since (a stranger's thousand registrations)
             kept = {a.row.id for a in agents}
             self.units = {i: u for i, u in self.units.items() if i in kept}
         self.idle, self.waits, self.wait_keys, self.windows = [], [], [], []
-        self.odd, self.placed = set(), {}
+        self.odd, self.placed, self.flagged, self.flag_keys = set(), {}, set(), []
         for agent in agents:
             agent_id = agent.row.id
             key, free, until = self.placed[agent_id] = self.placement(agent, predictor, now)
             if until != math.inf:
                 self.windows.append((until, agent_id))
-            if not KEY_MIN < key < KEY_MAX:
+            if 0 < key <= KEY_MIN:
                 self.odd.add(agent_id)
+            elif not listed(key):
+                pass
+            elif agent_id in flagged:
+                self.flagged.add(agent_id)
+                self.flag_keys.append(key)
             elif free == -math.inf:
                 self.idle.append(key)
             else:
                 self.waits.append((free, agent_id))
                 self.wait_keys.append(key)
-        for sorted_list in (self.idle, self.waits, self.wait_keys, self.windows):
+        for sorted_list in (self.idle, self.waits, self.wait_keys, self.windows, self.flag_keys):
             sorted_list.sort()
 
     def due(self, now: float) -> list[str]:

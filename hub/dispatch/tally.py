@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Collection, Container, Hashable
+from collections.abc import Callable, Container, Hashable
 from typing import TYPE_CHECKING
 
-from hub.dispatch.members import Members, entry, sums
+from hub.dispatch.members import KEY_MAX, Members, entry, listed, sums
 from hub.dispatch.predict import HALF
 
 if TYPE_CHECKING:
@@ -65,8 +65,11 @@ WINDOW_SLACK_S = 1.0
 class Tally:
     """The member lists of one ``fastest`` or ``adaptive`` policy, and the logs they follow."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor, flagged: Callable[[str], Container[str]] | None = None) -> None:
         self.predictor = predictor
+        #: per kind, every agent ``adaptive`` may avoid (a superset: those above its error limit when last recorded;
+        #: the set changes only as attempts settle, and each settled attempt's agent is judged again)
+        self.flagged = flagged
         self._lists: dict[tuple[Requirements, str, bool, str], Members] = {}
         self._read: tuple[int, int, int, int] | None = None   # presence, slots, noted, corrections
         self._dirty: set[str] = set()
@@ -134,7 +137,7 @@ class Tally:
             if len(changed) > len(members_of.placed) // 8 + 64:   # sorting afresh is cheaper than moving each
                 connected = view.connected() if connected is None else connected
                 members_of.build([a for a in connected if a.row.id in members_of.capable and a.refused is None],
-                                 predictor, now)
+                                 predictor, now, self._flagged_of(members_of.kind))
                 continue
             due = members_of.due(now) if members_of.waits and members_of.waits[0][0] <= now else ()
             for agent_id in changed.union(due) if due else changed:
@@ -143,7 +146,11 @@ class Tally:
     def _judge(self, members_of: Members, agent_id: str, agent: AgentState | None,
                members: Container[str], now: float) -> None:
         member = agent is not None and agent_id in members and agent_id in members_of.capable and agent.refused is None
-        members_of.judge(agent_id, members_of.placement(agent, self.predictor, now) if member and agent else None)
+        members_of.judge(agent_id, members_of.placement(agent, self.predictor, now) if member and agent else None,
+                         self.flagged is not None and agent_id in self.flagged(members_of.kind))
+
+    def _flagged_of(self, kind: str) -> Container[str]:
+        return self.flagged(kind) if self.flagged is not None else ()
 
     def _members(self, view: DispatchView, job_id: str, req: Requirements, kind: str, half: bool, unit: str,
                  now: float) -> Members | None:
@@ -189,7 +196,7 @@ class Tally:
         members_of = Members(req, kind, half, unit, capable)
         members_of.reports = view.reports_version()
         members_of.build([a for a in view.connected() if a.row.id in capable and a.refused is None],
-                         self.predictor, now)
+                         self.predictor, now, self._flagged_of(kind))
         members_of.used, members_of.picked = self._uses, self._picks
         old = self._lists.pop(key, None)
         if old is not None:
@@ -204,13 +211,13 @@ class Tally:
         self._by_job[(job_id, half, unit)] = members_of
 
     def count(self, view: DispatchView, job_id: str, job: JobRow, task: TaskRow, req: Requirements, asker: AgentState,
-              mine: float, queued: int, ahead: Callable[[AgentState], int], avoided: Collection[str],
+              mine: float, queued: int, ahead: Callable[[AgentState], int],
               shape: Hashable) -> tuple[int, int | None] | None:
         """(at least, at most) how many of the job's tasks the rivals finish before ``asker``, needing ``mine`` s
         from now, would finish one; the second is None where not worked out (the first reached ``queued``, or the
         sums ran long). None: not countable here (the walk answers). ``ahead(b)`` is the walk's count for one
-        agent (0 for no rival); ``avoided``: agents besides the asker that may be no rivals (``adaptive``);
-        ``shape``: the task's shape (``Predictor.shape``, with its epoch): its cost and precision."""
+        agent (0 for no rival); ``shape``: the task's shape (``Predictor.shape``, with its epoch): its cost and
+        precision."""
         now = view.now()
         choice = self._units.get(shape)
         if choice is None:
@@ -227,25 +234,27 @@ class Tally:
             return None   # the other cost may set some member's runtime
         my_end = now + mine
         a_lo, a_hi, cut_lo, cut_hi = bounds(now, mine, scale, job.deadline_at)
+        if not a_hi < KEY_MAX:
+            return None   # a horizon so long that members kept out of the lists as finishing nothing might
         placed, odd, waits = members_of.placed, members_of.odd, members_of.waits
         # most questions: the idle members finishing one task first, less every member judged one by one, cover it
         first = bisect.bisect_left(members_of.idle, min(a_lo / (1 + 1e-9), cut_lo)) - 1 - \
-            bisect.bisect_left(members_of.windows, (my_end + WINDOW_SLACK_S, "")) - len(avoided)
+            bisect.bisect_left(members_of.windows, (my_end + WINDOW_SLACK_S, ""))
         if first >= queued:
             return first, None
-        # judged one by one: the asker, avoided agents, windows ending within the asker's task, odd keys ...
+        # judged one by one: the asker, windows ending within the asker's task, odd keys ...
         asker_id = asker.row.id
         alone = [asker_id] if asker_id in placed else []
         near = bisect.bisect_left(members_of.windows, (my_end + WINDOW_SLACK_S, ""))
-        if avoided or near or odd:
-            if near + len(avoided) + len(odd) > LOOK:
+        if near or odd:
+            if near + len(odd) > LOOK:
                 return None
-            alone = list(dict.fromkeys([*alone, *(a for a in avoided if a in placed),
-                                        *(agent_id for _, agent_id in members_of.windows[:near]), *odd]))
+            alone = list(dict.fromkeys([*alone, *(agent_id for _, agent_id in members_of.windows[:near]), *odd]))
+        flagged = members_of.flagged
         lo = hi = fixed = 0
         for agent_id in alone:
             key, free, _ = placed[agent_id]
-            if free == -math.inf and agent_id not in odd:   # an idle member: its key out of the sums
+            if free == -math.inf and listed(key) and agent_id not in flagged:   # in the idle sums: taken out
                 lo -= entry(key, a_lo, cut_lo)
                 hi -= entry(key, a_hi, cut_hi)
             if agent_id != asker_id:
@@ -257,6 +266,11 @@ class Tally:
             return lo, None
         # ... and members busy or paused until before the asker would finish (the others finish none first)
         hi += fixed + listed_hi
+        if members_of.flag_keys:   # agents ``adaptive`` may avoid: rivals in the upper bound only
+            _, flagged_hi, complete = sums(members_of.flag_keys, a_lo, a_hi, cut_lo, cut_hi, math.inf)
+            if not complete:
+                return lo, None
+            hi += flagged_hi
         early = bisect.bisect_left(waits, (my_end, ""))
         if early <= LOOK:
             busy = sum(_ahead(ahead, view, agent_id, asker) for _, agent_id in waits[:early] if agent_id not in alone)
