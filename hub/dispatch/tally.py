@@ -75,6 +75,7 @@ class Tally:
         self._dirty: set[str] = set()
         self._now = -math.inf
         self._pending: AgentState | None = None   # the asker of a pick whose logs are not applied yet
+        self._asker: str | None = None             # the last pick's asker (judged again at the next pick)
         self._by_job: dict[tuple[str, bool, str], Members] = {}   # (job id, precision, unit) -> its list
         self._uses = 0                                                # questions asked so far
         self._picks = 0                                               # picks begun so far
@@ -88,11 +89,13 @@ class Tally:
 
     def begin(self, asker: AgentState) -> None:
         """A pick starts; the logs are applied at its first question (after the pick has asked for its jobs'
-        capable sets, which take in changed reports). The last pick's asker, where that pick asked nothing, is
-        judged at the next sync all the same: its own ask may have ended a refusal, which no log says."""
-        if self._pending is not None and self._lists:
-            self._dirty.add(self._pending.row.id)
-        self._pending = asker
+        capable sets, which take in changed reports). The last pick's asker is judged again at the next one: its
+        pick may have asked nothing (its ask ended a refusal, which no log says), and what it took after its first
+        question may move its free time with no free-slot change logged (an agent counted as one slot, holding
+        more: a quicker task makes it free sooner)."""
+        if self._asker is not None and self._lists:
+            self._dirty.add(self._asker)
+        self._pending, self._asker = asker, asker.row.id
         self._picks += 1
 
     def clear(self) -> None:
