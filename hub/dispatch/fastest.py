@@ -119,8 +119,10 @@ class SoonestGate:
         Once the clock passes its free time it counts as free (``covers.Reach``), and a few picks later a walk
         would find it finishing one or two first: kept, it spares that walk."""
         free = self._free.get(b.row.id) if b is not None else None
-        if b is None or free is None:
-            return None   # not a rival (``_ahead`` notes the free time of each one it is asked about)
+        if b is None or free is None or not self._rival(b, job.kind):
+            # not a rival (``_ahead`` notes the free time of each one it is asked about, but for any kind: an agent
+            # ``adaptive`` avoids for this kind was kept as a late part, counted by later askers as a rival)
+            return None
         runtime = self.predictor.predict(b, job, task, req)
         if not runtime > 0:
             return None
