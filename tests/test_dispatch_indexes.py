@@ -83,6 +83,18 @@ class Fleet:
         [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
         assert outcome.status == "accepted"
 
+    async def fail(self, agent: Identity, task: Assignment, error_class: str = "device_lost",
+                   wall_s: float | None = 1.0) -> str:
+        """The agent reports the task failed, its own fault (``adaptive``'s error rate for the kind rises); the
+        board's verdict on the result (a lease taken back since is not accepted)."""
+        payload: dict[str, Any] = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
+                                   "attempt": task.attempt, "agent_id": agent.id, "status": "failed",
+                                   "error_class": error_class, "error": "x"}
+        if wall_s is not None:
+            payload["metrics"] = {"wall_s": wall_s}
+        [outcome] = await self.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
+        return outcome.status
+
     # -- from scratch: the rules as the policies applied them to every agent ------------------------------
     def connected(self) -> set[str]:
         now, config = self.clock.now, self.board.config

@@ -116,23 +116,11 @@ async def test_rivals_at_window_and_deadline_margins_keep_the_scans_answers_thro
         event = rng.randrange(16)
         if event == 0:
             await f.agent(f"v{step}", rng.choice(MIX), identity=ident)
-        elif event in (1, 2):
-            await churn.lease(ident, (1, 2, 4))
-        elif event == 3 and churn.held:
-            await churn.finish((0.49, 0.5, 0.51, 1.0, 0.2, 3.0), (0.01,))
         elif event == 4:
             deadline = {"policy": {"deadline": f"{rng.randint(1, 60)}m"}} if rng.random() < 0.5 else {}
             jobs.append(await f.submit(rng.randint(1, 150), **deadline))
-        elif event == 5 and len(jobs) > 1:
-            await churn.cancel(jobs)
-        elif event == 6:
-            await churn.lease(ident, (1, 2), pause=True)
-        elif event == 7 and churn.held:
-            await churn.heartbeat()
-        elif event == 8:
-            await churn.expire()
-        elif event == 9 and churn.held:
-            await churn.release()
+        elif await churn.event(event, ident, jobs, (0.49, 0.5, 0.51, 1.0, 0.2, 3.0), (0.01,)):
+            pass
         elif event == 10 and rng.random() < 0.3:
             f.clock.now -= rng.choice((0.3, 3.0, 30.0))
         elif event in (11, 12):

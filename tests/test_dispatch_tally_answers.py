@@ -20,20 +20,8 @@ from test_dispatch_indexes import Fleet
 from hub.dispatch import tally
 from hub.dispatch.adaptive import Adaptive
 from hub.dispatch.fastest import Fastest
-from jobs.protocol import Assignment
-from security.identity import Identity
-from security.records import SignedRecord
 
 fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
-
-
-async def fail(f: Fleet, agent: Identity, task: Assignment) -> None:
-    """The agent reports the task failed (its device lost: the agent's fault, counted in its error rate)."""
-    payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id, "attempt": task.attempt,
-               "agent_id": agent.id, "status": "failed", "metrics": {"wall_s": 1.0}, "error_class": "device_lost",
-               "error": "gone"}
-    [outcome] = await f.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
-    assert outcome.status == "accepted"
 
 
 def policy_of(f: Fleet) -> Fastest | Adaptive:
@@ -169,7 +157,7 @@ async def test_adaptives_flaky_agents_are_not_judged_one_by_one(fleets: Callable
     for _ in range(3):
         for agent in flaky:
             [task] = await f.lease(agent)
-            await fail(f, agent, task)
+            assert await f.fail(agent, task) == "accepted"
     policy = policy_of(f)
     assert isinstance(policy, Adaptive) and len(policy.errors.flagged("matmul")) == 4
     laptop = await f.agent("laptop", cpu_caps())

@@ -17,7 +17,6 @@ from test_dispatch import A100, GTX1060, WORK, cpu_caps, gpu_caps
 from test_dispatch_indexes import Fleet
 
 from hub.dispatch import members, tally
-from security.records import SignedRecord
 
 fleets = test_dispatch_indexes.fleets   # the fixture: a real board per policy
 
@@ -65,14 +64,6 @@ async def test_an_asker_already_counted_full_that_takes_a_quicker_task_is_judged
 REPORTS = [cpu_caps(), cpu_caps(slots=2), A100, {**A100, "slots": 2}, GTX1060, {**GTX1060, "slots": 3},
            gpu_caps("mid", 12, 9000), {**cpu_caps(), "cpu": {"cores": 8, "gflops_fp32": 400.0}},
            gpu_caps("h", 80, 60000, slots=4)]
-
-
-async def fail(f: Fleet, agent: Any, task: Any) -> None:
-    """The agent reports the task failed (its fault: ``adaptive``'s error rate for the kind rises)."""
-    payload = {"task_id": task.task_id, "job_id": task.job_id, "lease_id": task.lease_id,
-               "attempt": task.attempt, "agent_id": agent.id, "status": "failed", "error_class": "oom",
-               "error": "x"}
-    await f.board.accept(agent.id, [SignedRecord.sign(agent, payload)])
 
 
 #: seed 11 (fastest) found an asker holding more tasks than its counted slot judged before its quicker take; 226
@@ -135,7 +126,7 @@ async def test_flaky_volunteers_of_mixed_kinds_keep_the_scans_answers(
             who, t = held.pop(rng.randrange(len(held)))
             f.clock.now += rng.choice((0.0, 0.5, 3.0))
             if rng.random() < 0.3:
-                await fail(f, who, t)
+                await f.fail(who, t, error_class="oom", wall_s=None)
             else:
                 predictor = f.board.policy.predictor
                 assert predictor is not None

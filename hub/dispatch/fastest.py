@@ -18,6 +18,7 @@ rest. The answer is the full sum's.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.covers import GONE, KEEP, Cover, Covers, ceil_count
@@ -53,6 +54,17 @@ GONE_VISITS = 256
 HOLD_MARGIN_S = 1e-3
 
 
+@dataclass
+class _Group:
+    """What one pick knows of a group of like jobs (``SoonestGate.share``)."""
+
+    mine: float                      # this agent's runtime for the group's head task
+    shape: Hashable                  # that task's shape, with its epoch (``Predictor.shape``)
+    proven: int = 0                  # the rivals finish at least this many tasks before this agent finishes one
+    most: int | None = None          # ... and at most this many (None: not known)
+    tallied_to: int = -1             # the queue length the tally last counted to
+
+
 class SoonestGate:
     """How many of a job's queued tasks one asking agent should take under earliest-finish-first."""
 
@@ -65,10 +77,8 @@ class SoonestGate:
         self._orders: dict[str, KindOrder] = {}   # per kind: the connected agents by predicted speed (once a pick)
         self._free: dict[str, float] = {}   # rival id -> when it has a free slot (once per pick)
         self._connected = view.connected_ids()
-        #: per group of like jobs (see ``share``): this agent's runtime, how many tasks rivals are proven to
-        #: finish before it would finish one (0: none yet), at most how many (None: not known), the queue length
-        #: the tally last counted to, and the head task's shape; the rivals' parts do not change within a pick
-        self._groups: dict[Hashable, list[Any]] = {}
+        #: per group of like jobs (see ``share``): the rivals' parts do not change within a pick
+        self._groups: dict[Hashable, _Group] = {}
         self._last = 0   # the task count of the last part :meth:`_counted`
         self._floor = predictor.floor()   # no agent visited by its top speed runs faster than this x its cost
         self._asking: tuple[JobRow, TaskRow, Requirements, float]   # the question :meth:`_count` answers for
@@ -219,19 +229,19 @@ class SoonestGate:
             self.covers.add(group, cover, b_id, free, runtime, until)
         return rival
 
-    def _tallied(self, seen: list[Any], job_id: str, job: JobRow, task: TaskRow, req: Requirements, queued: int,
+    def _tallied(self, seen: _Group, job_id: str, job: JobRow, task: TaskRow, req: Requirements, queued: int,
                  need: int) -> int | None:
         """The answer from the sorted runtimes (``tally.py``), where its bounds settle it (None: they do not)."""
         assert self.tally is not None
-        if seen[2] is None and seen[3] < queued:
-            self._asking = (job, task, req, self.now + seen[0])
-            counted = self.tally.count(self.view, job_id, job, task, req, self.agent, seen[0], queued, self._count,
-                                       seen[4])
+        if seen.most is None and seen.tallied_to < queued:
+            self._asking = (job, task, req, self.now + seen.mine)
+            counted = self.tally.count(self.view, job_id, job, task, req, self.agent, seen.mine, queued, self._count,
+                                       seen.shape)
             if counted is None:
-                seen[3] = 1 << 62   # not countable this pick
+                seen.tallied_to = 1 << 62   # not countable this pick
                 return None
-            seen[1], seen[2], seen[3] = max(seen[1], counted[0]), counted[1], queued
-        proven, most = seen[1], seen[2]
+            seen.proven, seen.most, seen.tallied_to = max(seen.proven, counted[0]), counted[1], queued
+        proven, most = seen.proven, seen.most
         if queued <= proven:
             return 0
         if most is not None and (most <= queued - need or most == proven):
@@ -260,8 +270,8 @@ class SoonestGate:
         group = (predictor.shape_epoch, shape, job.kind, job.deadline_at)
         seen = self._groups.get(group)
         if seen is None:   # this agent's runtime is the same for every job of the group
-            seen = self._groups[group] = [self.predictor.predict(self.agent, job, task, req), 0, None, -1, group[:2]]
-        mine, proven = seen[0], seen[1]
+            seen = self._groups[group] = _Group(self.predictor.predict(self.agent, job, task, req), group[:2])
+        mine, proven = seen.mine, seen.proven
         if queued <= proven:
             return 0   # rivals counted for another job of the group this pick finish at least this many first
         if self.tally is not None and (told := self._tallied(seen, job_id, job, task, req, queued, need)) is not None:
@@ -273,7 +283,7 @@ class SoonestGate:
         if kept is not None:
             total = self.covers.count(kept, horizon, queued, now) if self.covers is not None else 0
             if total >= queued or self._repair(job_id, group, kept, job, task, req, my_end, total, queued):
-                seen[1] = max(proven, queued)
+                seen.proven = max(proven, queued)
                 return 0
         agents, kind = self.view.agents(), job.kind
         # connected capable agents not visited yet: at least the rivals among them (the roster holds no others)
@@ -326,10 +336,10 @@ class SoonestGate:
                     cover.add(b_id, free - now, runtime, until)
             if not covered and ahead >= queued:
                 if cover is None:
-                    seen[1] = max(proven, ahead)
+                    seen.proven = max(proven, ahead)
                     return 0
                 covered, extra = True, EXTRA_VISITS
-        seen[1] = max(proven, ahead)
+        seen.proven = max(proven, ahead)
         if not covered:
             return min(queued - ahead, need)
         if self.covers is not None and cover is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Container
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hub.dispatch.covers import ceil_count
 from hub.dispatch.predict import base_seconds
@@ -123,25 +123,34 @@ class Members:
             self.ratio = math.inf
         return mine
 
+    def _entries(self, agent_id: str, placed: tuple[float, float, float], flagged: bool) -> list[tuple[list[Any], Any]]:
+        """The sorted lists a placement goes into, with its item in each (``odd`` and ``flagged`` apart)."""
+        key, free, until = placed
+        entries: list[tuple[list[Any], Any]] = [(self.windows, (until, agent_id))] if until != math.inf else []
+        if not listed(key):
+            pass
+        elif flagged:
+            entries.append((self.flag_keys, key))
+        elif free == -math.inf:
+            entries.append((self.idle, key))
+        else:
+            entries += [(self.waits, (free, agent_id)), (self.wait_keys, key)]
+        return entries
+
+    def _mark(self, agent_id: str, key: float, flagged: bool) -> None:
+        if 0 < key <= KEY_MIN:
+            self.odd.add(agent_id)
+        elif flagged and listed(key):
+            self.flagged.add(agent_id)
+
     def unplace(self, agent_id: str) -> None:
         placed = self.placed.pop(agent_id, None)
         if placed is None:
             return
-        key, free, until = placed
-        if agent_id in self.odd:
-            self.odd.discard(agent_id)
-        elif agent_id in self.flagged:
-            self.flagged.discard(agent_id)
-            del self.flag_keys[bisect.bisect_left(self.flag_keys, key)]
-        elif not listed(key):
-            pass
-        elif free == -math.inf:
-            del self.idle[bisect.bisect_left(self.idle, key)]
-        else:
-            del self.waits[bisect.bisect_left(self.waits, (free, agent_id))]
-            del self.wait_keys[bisect.bisect_left(self.wait_keys, key)]
-        if until != math.inf:
-            del self.windows[bisect.bisect_left(self.windows, (until, agent_id))]
+        for sorted_list, item in self._entries(agent_id, placed, agent_id in self.flagged):
+            del sorted_list[bisect.bisect_left(sorted_list, item)]
+        self.odd.discard(agent_id)
+        self.flagged.discard(agent_id)
 
     def placement(self, agent: AgentState, predictor: Predictor, now: float) -> tuple[float, float, float]:
         """(key, when it is free: -inf for now, window end or inf) of a capable connected agent not refused."""
@@ -158,21 +167,10 @@ class Members:
         self.unplace(agent_id)
         if placed is None:
             return
-        key, free, until = self.placed[agent_id] = placed
-        if until != math.inf:
-            bisect.insort(self.windows, (until, agent_id))
-        if 0 < key <= KEY_MIN:
-            self.odd.add(agent_id)
-        elif not listed(key):
-            pass
-        elif flagged:
-            self.flagged.add(agent_id)
-            bisect.insort(self.flag_keys, key)
-        elif free == -math.inf:
-            bisect.insort(self.idle, key)
-        else:
-            bisect.insort(self.waits, (free, agent_id))
-            bisect.insort(self.wait_keys, key)
+        self.placed[agent_id] = placed
+        self._mark(agent_id, placed[0], flagged)
+        for sorted_list, item in self._entries(agent_id, placed, flagged):
+            bisect.insort(sorted_list, item)
 
     def build(self, agents: list[AgentState], predictor: Predictor, now: float, flagged: Container[str] = ()) -> None:
         """Place ``agents`` (capable, connected, not refused) afresh, sorted once (their seconds per unit kept)."""
@@ -183,21 +181,10 @@ class Members:
         self.odd, self.placed, self.flagged, self.flag_keys = set(), {}, set(), []
         for agent in agents:
             agent_id = agent.row.id
-            key, free, until = self.placed[agent_id] = self.placement(agent, predictor, now)
-            if until != math.inf:
-                self.windows.append((until, agent_id))
-            if 0 < key <= KEY_MIN:
-                self.odd.add(agent_id)
-            elif not listed(key):
-                pass
-            elif agent_id in flagged:
-                self.flagged.add(agent_id)
-                self.flag_keys.append(key)
-            elif free == -math.inf:
-                self.idle.append(key)
-            else:
-                self.waits.append((free, agent_id))
-                self.wait_keys.append(key)
+            placed = self.placed[agent_id] = self.placement(agent, predictor, now)
+            self._mark(agent_id, placed[0], agent_id in flagged)
+            for sorted_list, item in self._entries(agent_id, placed, agent_id in flagged):
+                sorted_list.append(item)
         for sorted_list in (self.idle, self.waits, self.wait_keys, self.windows, self.flag_keys):
             sorted_list.sort()
 

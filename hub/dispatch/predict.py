@@ -61,7 +61,11 @@ def _gpu_speed(gpu: Gpu, half: bool) -> float:
 
 def base_seconds(cost: Cost, caps: Capabilities, req: Requirements, params: Mapping[str, Any]) -> float:
     """Uncorrected runtime of ``cost`` on the device of ``caps`` that the task would use."""
-    gflops, bandwidth = device_speeds(caps, req, params.get("dtype") in HALF)
+    return seconds_at(cost, *device_speeds(caps, req, params.get("dtype") in HALF))
+
+
+def seconds_at(cost: Cost, gflops: float, bandwidth: float) -> float:
+    """Uncorrected runtime of ``cost`` on a device of ``gflops`` and ``bandwidth`` (GB/s): the roofline."""
     return cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))
 
 
@@ -177,8 +181,7 @@ class Predictor:
             if len(self._devices) > _CACHE_MAX:
                 self._devices.clear()
             self._devices[(agent.row.id, self._device_of[key[1]])] = device
-        cost, gflops, bandwidth = self.cost(job, task), device[1], device[2]
-        value = cost.seconds + max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth * 1e9))   # base_seconds
+        value = seconds_at(self.cost(job, task), device[1], device[2])
         if len(self._bases) > _CACHE_MAX:
             self._bases.clear()
         self._bases[key] = (agent.caps, value)

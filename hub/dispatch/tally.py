@@ -136,8 +136,7 @@ class Tally:
         for members_of in self._lists.values():
             if len(changed) > len(members_of.placed) // 8 + 64:   # sorting afresh is cheaper than moving each
                 connected = view.connected() if connected is None else connected
-                members_of.build([a for a in connected if a.row.id in members_of.capable and a.refused is None],
-                                 predictor, now, self._flagged_of(members_of.kind))
+                self._build(members_of, connected, now)
                 continue
             due = members_of.due(now) if members_of.waits and members_of.waits[0][0] <= now else ()
             for agent_id in changed.union(due) if due else changed:
@@ -147,7 +146,13 @@ class Tally:
                members: Container[str], now: float) -> None:
         member = agent is not None and agent_id in members and agent_id in members_of.capable and agent.refused is None
         members_of.judge(agent_id, members_of.placement(agent, self.predictor, now) if member and agent else None,
-                         self.flagged is not None and agent_id in self.flagged(members_of.kind))
+                         agent_id in self._flagged_of(members_of.kind))
+
+    def _build(self, members_of: Members, connected: list[AgentState], now: float) -> None:
+        """Place every member afresh: the capable connected agents not refused (as :meth:`_judge` has them)."""
+        capable = members_of.capable
+        members_of.build([a for a in connected if a.row.id in capable and a.refused is None], self.predictor, now,
+                         self._flagged_of(members_of.kind))
 
     def _flagged_of(self, kind: str) -> Container[str]:
         return self.flagged(kind) if self.flagged is not None else ()
@@ -195,8 +200,7 @@ class Tally:
             self._sync(view, now)   # (the first list: versions from here on)
         members_of = Members(req, kind, half, unit, capable)
         members_of.reports = view.reports_version()
-        members_of.build([a for a in view.connected() if a.row.id in capable and a.refused is None],
-                         self.predictor, now, self._flagged_of(kind))
+        self._build(members_of, view.connected(), now)
         members_of.used, members_of.picked = self._uses, self._picks
         old = self._lists.pop(key, None)
         if old is not None:
